@@ -1,0 +1,50 @@
+"""lmfleet: run and load-balance a fleet of LMDeploy api_server nodes from Python."""
+
+from lmfleet.config import FleetOptions, HealthOptions, RoutingOptions
+from lmfleet.errors import (
+    ConfigError,
+    FleetClosedError,
+    LaunchError,
+    LMFleetError,
+    NodeCommandError,
+    NodeUnavailableError,
+    NoHealthyNodeError,
+    NotReadyError,
+    RoutingError,
+    StreamInterruptedError,
+    UnknownModelError,
+    UnknownNodeError,
+)
+from lmfleet.fleet import LMFleet
+from lmfleet.routing.base import RequestInfo, Strategy
+from lmfleet.state import NodeRole, NodeState, NodeStatus
+from lmfleet.status import FleetStatus, NodeSnapshot
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "FleetClosedError",
+    "FleetOptions",
+    "FleetStatus",
+    "HealthOptions",
+    "LMFleet",
+    "LMFleetError",
+    "LaunchError",
+    "NoHealthyNodeError",
+    "NodeCommandError",
+    "NodeRole",
+    "NodeSnapshot",
+    "NodeState",
+    "NodeStatus",
+    "NodeUnavailableError",
+    "NotReadyError",
+    "RequestInfo",
+    "RoutingError",
+    "RoutingOptions",
+    "Strategy",
+    "StreamInterruptedError",
+    "UnknownModelError",
+    "UnknownNodeError",
+    "__version__",
+]

@@ -1,0 +1,71 @@
+"""The fleet's own event loop, in a daemon thread, reached through an anyio portal.
+
+Why not `anyio.from_thread.start_blocking_portal()`: its worker thread is not a
+daemon, so an interpreter whose fleet was never closed would hang at exit before
+any `atexit` hook could close it. A daemon thread lets the fleet's `atexit` hook
+run and end the node processes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+from anyio.from_thread import BlockingPortal
+
+T = TypeVar("T")
+
+
+class BackgroundLoop:
+    """One event loop thread; `portal` runs coroutines and callables in it."""
+
+    def __init__(self, name: str = "lmfleet") -> None:
+        self._ready = threading.Event()
+        self._portal: BlockingPortal | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout=30)
+        if self._portal is None:
+            raise RuntimeError(f"the background event loop did not start: {self._error!r}")
+
+    @property
+    def portal(self) -> BlockingPortal:
+        assert self._portal is not None
+        return self._portal
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def in_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def run(self, func: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Run a coroutine function in the loop and wait for its result."""
+        return self.portal.call(func, *args)
+
+    def call(self, func: Callable[..., T], *args: object) -> T:
+        """Run a plain function in the loop thread and wait for its result."""
+        return self.portal.call(func, *args)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._portal is not None and self._thread.is_alive():
+            self._portal.call(self._portal.stop, True)
+        self._thread.join(timeout=timeout)
+
+    def _main(self) -> None:
+        async def serve() -> None:
+            async with BlockingPortal() as portal:
+                self._portal = portal
+                self._ready.set()
+                await portal.sleep_until_stopped()
+
+        try:
+            anyio.run(serve)
+        except Exception as exc:  # reported to the constructor, never lost
+            self._error = exc
+        finally:
+            self._ready.set()

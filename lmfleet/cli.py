@@ -1,0 +1,34 @@
+"""The `lmfleet` command. Settings come from arguments (and the environment) here only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmfleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from lmfleet.sim import cli as sim_cli
+
+    sim = sub.add_parser("sim", help="run one emulated LMDeploy api_server")
+    sim_cli.add_arguments(sim)
+    sim.set_defaults(run=sim_cli.run)
+
+    from lmfleet import demo
+
+    demo_parser = sub.add_parser("demo", help="simulated nodes + a routed workload")
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(run=demo.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Drop-in `openai.OpenAI` / `openai.AsyncOpenAI` clients whose transport routes each request.
+
+The base URL is a placeholder that never resolves: the transport rewrites every
+request to the node it picks, so a request that bypassed the router would fail
+loudly instead of silently going somewhere.
+"""
+
+from __future__ import annotations
+
+import httpx2
+import openai
+
+from lmfleet.transport import AsyncFleetTransport, FleetTransport, Router
+
+PLACEHOLDER_BASE_URL = "http://lmfleet.invalid/v1"
+PLACEHOLDER_API_KEY = "lmfleet"
+"""openai requires a key; each node's own key (if any) replaces it per request."""
+
+
+def _limits(router: Router) -> httpx2.Limits:
+    size = router.options.max_connections
+    return httpx2.Limits(max_connections=size, max_keepalive_connections=size)
+
+
+def sync_client(router: Router, *, timeout: float | None, max_retries: int) -> openai.OpenAI:
+    inner = httpx2.HTTPTransport(limits=_limits(router))
+    http_client = httpx2.Client(transport=FleetTransport(router, inner))
+    return openai.OpenAI(
+        base_url=PLACEHOLDER_BASE_URL,
+        api_key=PLACEHOLDER_API_KEY,
+        http_client=http_client,
+        max_retries=max_retries,
+        timeout=timeout if timeout is not None else openai.DEFAULT_TIMEOUT,
+    )
+
+
+def async_client(router: Router, *, timeout: float | None, max_retries: int) -> openai.AsyncOpenAI:
+    inner = httpx2.AsyncHTTPTransport(limits=_limits(router))
+    http_client = httpx2.AsyncClient(transport=AsyncFleetTransport(router, inner))
+    return openai.AsyncOpenAI(
+        base_url=PLACEHOLDER_BASE_URL,
+        api_key=PLACEHOLDER_API_KEY,
+        http_client=http_client,
+        max_retries=max_retries,
+        timeout=timeout if timeout is not None else openai.DEFAULT_TIMEOUT,
+    )

@@ -1,0 +1,56 @@
+"""Typed options, passed explicitly. Nothing here reads the environment."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HealthOptions(_Options):
+    """Active health checking (DESIGN.md, "Node states and routing rules")."""
+
+    interval: float = Field(default=2.0, gt=0, description="seconds between probes of one node")
+    jitter: float = Field(
+        default=0.1, ge=0, le=1, description="fraction of interval added at random"
+    )
+    timeout: float = Field(default=2.0, gt=0, description="seconds one probe may take")
+    unhealthy_after: int = Field(
+        default=2, ge=1, description="consecutive failures before unhealthy"
+    )
+
+
+class RoutingOptions(_Options):
+    """What the transports do when a node fails or none is eligible."""
+
+    wait_for_node: float = Field(
+        default=30.0, ge=0, description="seconds to wait for an eligible node"
+    )
+    wake_on_demand: bool = Field(
+        default=False, description="wake a sleeping node when none is eligible"
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="nodes tried per request before giving up"
+    )
+    backoff: float = Field(default=0.05, ge=0, description="first pause between failover attempts")
+    max_backoff: float = Field(default=1.0, ge=0)
+    connect_timeout: float = Field(
+        default=5.0, gt=0, description="seconds to open a connection to a node"
+    )
+    max_connections: int = Field(
+        default=1024, ge=1, description="connection pool size per transport"
+    )
+
+
+class FleetOptions(_Options):
+    """Everything an `LMFleet` is configured with."""
+
+    health: HealthOptions = HealthOptions()
+    routing: RoutingOptions = RoutingOptions()
+    min_ready: int = Field(default=1, ge=1, description="healthy nodes that wait_ready waits for")
+    drain_timeout: float = Field(
+        default=30.0, ge=0, description="seconds to let in-flight requests end"
+    )
+    admin_timeout: float = Field(default=30.0, gt=0, description="seconds for sleep/wakeup calls")

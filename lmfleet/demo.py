@@ -1,0 +1,103 @@
+"""`lmfleet demo`: the main job on the embedded default, with no GPU.
+
+Starts simulated LMDeploy nodes (one of them 3x slower), routes a batch of chat
+requests over them through a real `openai.AsyncOpenAI`, then puts a node to sleep
+and shows the traffic moving, printing what went where at each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+import anyio
+from openai.types.chat import ChatCompletionMessageParam
+
+from lmfleet.fleet import LMFleet
+from lmfleet.status import FleetStatus
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=3, help="simulated nodes (default 3)")
+    parser.add_argument("--requests", type=int, default=120, help="requests per phase")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--strategy", default="least_connections")
+
+
+async def _burst(fleet: LMFleet, requests: int, concurrency: int) -> tuple[int, float]:
+    """Send `requests` chat completions (every other one streamed); return (ok, seconds)."""
+    client = fleet.async_client()
+    limiter = anyio.Semaphore(concurrency)
+    ok = 0
+
+    async def one(i: int) -> None:
+        nonlocal ok
+        async with limiter:
+            messages: list[ChatCompletionMessageParam] = [
+                {"role": "user", "content": f"Question {i}: what is {i} + {i}?"}
+            ]
+            if i % 2:
+                stream = await client.chat.completions.create(
+                    model=fleet.model, messages=messages, max_tokens=16, stream=True
+                )
+                async for _ in stream:
+                    pass
+            else:
+                await client.chat.completions.create(
+                    model=fleet.model, messages=messages, max_tokens=16
+                )
+            ok += 1
+
+    started = time.perf_counter()
+    async with client, anyio.create_task_group() as tg:
+        for i in range(requests):
+            tg.start_soon(one, i)
+    return ok, time.perf_counter() - started
+
+
+def _served(status: FleetStatus) -> Counter[str]:
+    return Counter({n.url: n.served for n in status.nodes})
+
+
+def _report(title: str, before: Counter[str], after: FleetStatus) -> None:
+    print(f"\n{title}")
+    for node in after.nodes:
+        got = node.served - before[node.url]
+        print(f"  {node.url:<24} {node.state.value:<9} +{got:<4} requests  {'#' * (got // 2)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    nodes = max(2, args.nodes)
+    speeds = [1.0] * (nodes - 1) + [1 / 3]
+    print(f"Starting {nodes} simulated LMDeploy nodes (the last one 3x slower)...")
+    with LMFleet.simulate(
+        nodes, speed=speeds, strategy=args.strategy, health_interval=0.5
+    ) as fleet:
+        fleet.wait_ready(timeout=60)
+        print(fleet)
+
+        before = _served(fleet.status())
+        ok, took = anyio.run(_burst, fleet, args.requests, args.concurrency)
+        _report(
+            f"{ok}/{args.requests} requests in {took:.1f} s with {args.strategy} "
+            "(the slow node gets less):",
+            before,
+            fleet.status(),
+        )
+
+        sleeper = fleet.nodes[0].url
+        print(f"\nPutting {sleeper} to sleep (drained first, then POST /sleep)...")
+        fleet.sleep(level=1, nodes=[sleeper])
+        before = _served(fleet.status())
+        ok, took = anyio.run(_burst, fleet, args.requests // 2, args.concurrency)
+        _report(f"{ok}/{args.requests // 2} requests while it sleeps:", before, fleet.status())
+
+        fleet.wakeup(nodes=[sleeper])
+        before = _served(fleet.status())
+        ok, took = anyio.run(_burst, fleet, args.requests // 2, args.concurrency)
+        _report(f"{ok}/{args.requests // 2} requests after wakeup:", before, fleet.status())
+        print()
+        print(fleet)
+    print("\nAll nodes stopped.")
+    return 0

@@ -1,0 +1,78 @@
+"""Every error lmfleet raises, in one tree.
+
+    LMFleetError
+     +-- ConfigError (ValueError)          bad option, unknown strategy name
+     +-- UnknownModelError (LookupError)    no node serves the requested model
+     +-- UnknownNodeError (LookupError)     a URL that is not in the fleet
+     +-- FleetClosedError (RuntimeError)    the fleet was closed
+     +-- NotReadyError (TimeoutError)       wait_ready ran out of time
+     +-- LaunchError (RuntimeError)         a launched node exited or failed to start
+     +-- NodeCommandError (RuntimeError)    a node refused sleep / wakeup / ...
+     +-- RoutingError (httpx2.TransportError)
+          +-- NoHealthyNodeError            nothing eligible within wait_for_node
+          +-- NodeUnavailableError          every failover attempt failed to connect
+          +-- StreamInterruptedError        the node failed after the stream started
+
+Routing errors are raised inside the HTTP transport, so they subclass httpx2's
+`TransportError`: openai wraps them in `APIConnectionError` (the original is its
+`__cause__`) and its own `max_retries` re-enters the router, which is the single
+retry owner on the client side.
+"""
+
+from __future__ import annotations
+
+import httpx2
+
+
+class LMFleetError(Exception):
+    """Base of every error raised by lmfleet."""
+
+
+class ConfigError(LMFleetError, ValueError):
+    """An option or argument is invalid."""
+
+
+class UnknownModelError(LMFleetError, LookupError):
+    """No node of the fleet serves the requested model."""
+
+    def __init__(self, model: str, served: list[str]) -> None:
+        self.model = model
+        self.served = served
+        listed = ", ".join(served) if served else "none yet"
+        super().__init__(f"model {model!r} is not served by this fleet; served models: {listed}")
+
+
+class UnknownNodeError(LMFleetError, LookupError):
+    """The URL names no node of this fleet."""
+
+
+class FleetClosedError(LMFleetError, RuntimeError):
+    """The fleet has been closed."""
+
+
+class NotReadyError(LMFleetError, TimeoutError):
+    """Fewer nodes than required became healthy in time."""
+
+
+class LaunchError(LMFleetError, RuntimeError):
+    """A launched node failed to start or exited; the message carries its log tail."""
+
+
+class NodeCommandError(LMFleetError, RuntimeError):
+    """A node answered an admin command (sleep, wakeup, ...) with an error."""
+
+
+class RoutingError(LMFleetError, httpx2.TransportError):
+    """Raised by the fleet transports while routing a request."""
+
+
+class NoHealthyNodeError(RoutingError):
+    """No healthy node serving the model appeared within `wait_for_node` seconds."""
+
+
+class NodeUnavailableError(RoutingError):
+    """Every failover attempt failed before the node answered."""
+
+
+class StreamInterruptedError(RoutingError):
+    """The node failed after response bytes reached the caller: never replayed."""

@@ -1,0 +1,1 @@
+"""Starting node processes: locally as subprocesses (and, later, on Ray)."""

@@ -1,0 +1,71 @@
+"""Node states as pure data: no I/O, no locks.
+
+`NodeState` is the immutable snapshot the router and the strategies read. The
+registry replaces a node's snapshot on every change instead of mutating it, so a
+strategy always sees one consistent view without holding any lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+
+
+class NodeStatus(str, Enum):
+    """Where a node is in its life cycle (DESIGN.md, "Node states").
+
+    starting -> healthy <-> sleeping, healthy -> unhealthy -> healthy,
+    any -> draining -> stopped. Only `healthy` nodes receive requests.
+    """
+
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    SLEEPING = "sleeping"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class NodeRole(IntEnum):
+    """LMDeploy's `EngineRole` as sent in `/nodes/add` (`status.role`)."""
+
+    HYBRID = 1
+    PREFILL = 2
+    DECODE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """One node as the router sees it at one instant.
+
+    Latencies are seconds, smoothed by an exponentially weighted moving average;
+    `None` means never measured (strategies give such nodes an optimistic prior so
+    that new nodes get traffic).
+    """
+
+    url: str
+    status: NodeStatus = NodeStatus.STARTING
+    models: tuple[str, ...] = ()
+    role: NodeRole = NodeRole.HYBRID
+    inflight: int = 0
+    served: int = 0
+    errors: int = 0
+    latency: float | None = None
+    ttft: float | None = None
+    message: str = ""
+    failures: int = 0
+    launched: bool = False
+    api_key: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def routable(self) -> bool:
+        return self.status is NodeStatus.HEALTHY
+
+    def serves(self, model: str | None) -> bool:
+        """True when the node serves `model`; `None` (model unknown) matches any node."""
+        return model is None or model in self.models
+
+    def evolve(self, **changes: object) -> NodeState:
+        """A copy with `changes` applied (the only way a snapshot "changes")."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

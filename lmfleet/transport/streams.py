@@ -1,0 +1,113 @@
+"""Response bodies that hold a node's lease until they are closed.
+
+As in httpcore's pool, a request's slot is released when the response *stream*
+closes, not when headers arrive: with SSE most of a request lives after the
+headers, and least-connections must see it. The sync and async wrappers are thin
+twins over one `Accounting` object, so the bookkeeping exists once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx2
+
+from lmfleet.errors import StreamInterruptedError
+from lmfleet.registry import NodeRegistry
+
+
+class Accounting:
+    """One request's lease on one node: ends exactly once, recording latency and TTFT."""
+
+    __slots__ = ("_done", "_first", "_registry", "started", "url")
+
+    def __init__(self, registry: NodeRegistry, url: str) -> None:
+        self._registry = registry
+        self.url = url
+        self.started = time.monotonic()
+        self._first: float | None = None
+        self._done = False
+
+    def chunk(self) -> None:
+        if self._first is None:
+            self._first = time.monotonic()
+
+    def finish(self, *, ok: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        now = time.monotonic()
+        ttft = None if self._first is None else self._first - self.started
+        self._registry.release(self.url, ok=ok, latency=now - self.started, ttft=ttft)
+
+    def interrupted(self, exc: Exception) -> Exception:
+        """Account the failure and say what the caller gets instead of `exc`."""
+        self.finish(ok=False)
+        if isinstance(exc, httpx2.TimeoutException):
+            return exc  # the caller's own timeout: keep its type
+        return StreamInterruptedError(
+            f"node {self.url} failed after the response had started; "
+            f"a started response is never replayed: {exc!r}"
+        )
+
+
+class LeasedStream(httpx2.SyncByteStream):
+    def __init__(self, inner: httpx2.SyncByteStream, accounting: Accounting) -> None:
+        self._inner = inner
+        self._acct = accounting
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for chunk in self._inner:
+                self._acct.chunk()
+                yield chunk
+        except httpx2.TransportError as exc:
+            error = self._acct.interrupted(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._acct.finish(ok=True)
+
+
+class AsyncLeasedStream(httpx2.AsyncByteStream):
+    def __init__(self, inner: httpx2.AsyncByteStream, accounting: Accounting) -> None:
+        self._inner = inner
+        self._acct = accounting
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                self._acct.chunk()
+                yield chunk
+        except httpx2.TransportError as exc:
+            error = self._acct.interrupted(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._acct.finish(ok=True)
+
+
+def lease_response(response: httpx2.Response, accounting: Accounting) -> httpx2.Response:
+    """Make `response`'s body hold the lease; a body already read ends it at once."""
+    if response.is_closed:
+        accounting.chunk()
+        accounting.finish(ok=True)
+    elif isinstance(response.stream, httpx2.AsyncByteStream) and not isinstance(
+        response.stream, httpx2.SyncByteStream
+    ):
+        response.stream = AsyncLeasedStream(response.stream, accounting)
+    else:
+        assert isinstance(response.stream, httpx2.SyncByteStream)
+        response.stream = LeasedStream(response.stream, accounting)
+    return response

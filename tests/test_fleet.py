@@ -1,0 +1,309 @@
+"""LMFleet end to end: real `lmfleet sim` processes, real openai clients (issue 3 acceptance)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import anyio
+import httpx2
+import openai
+import psutil
+import pytest
+from support import StartSim, chat, sim_served
+
+from lmfleet import LMFleet, NodeStatus, StreamInterruptedError
+from lmfleet.routing import RandomStrategy
+
+MODEL = "internlm/internlm2_5-7b-chat"
+FAST = ("--health-poll-interval", "0.5", "--ttft-ms", "5", "--tpot-ms", "2")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def three_nodes(start_sim: StartSim) -> list[str]:
+    return [start_sim(*FAST).url for _ in range(3)]
+
+
+@pytest.fixture
+def fleet_of(three_nodes: list[str]) -> Iterator[Callable[..., LMFleet]]:
+    fleets: list[LMFleet] = []
+
+    def make(strategy: object = "least_connections", **kwargs: object) -> LMFleet:
+        fleet = LMFleet.attach(three_nodes, strategy=strategy, health_interval=0.2, **kwargs)  # type: ignore[arg-type]
+        fleets.append(fleet)
+        fleet.wait_ready(timeout=30, min_ready=3)
+        return fleet
+
+    yield make
+    for fleet in fleets:
+        fleet.close()
+
+
+def test_round_robin_is_exact(fleet_of: Callable[..., LMFleet], three_nodes: list[str]) -> None:
+    fleet = fleet_of("round_robin")
+    client = fleet.client()
+    for i in range(300):
+        chat(client, fleet.model, f"hello {i}", max_tokens=1)
+    assert {n.url: n.served for n in fleet.nodes} == {url: 100 for url in three_nodes}
+    assert [sim_served(url) for url in three_nodes] == [100, 100, 100]
+    assert all(n.inflight == 0 for n in fleet.nodes)
+
+
+def test_least_connections_spreads_concurrent_requests(fleet_of: Callable[..., LMFleet]) -> None:
+    fleet = fleet_of("least_connections")
+    client = fleet.async_client()
+    peak: list[list[int]] = []
+
+    async def main() -> None:
+        async def one(i: int) -> None:
+            await client.chat.completions.create(
+                model=fleet.model,
+                messages=[{"role": "user", "content": f"q{i}"}],
+                max_tokens=200,
+            )
+
+        async with anyio.create_task_group() as tg:
+            for i in range(31):
+                tg.start_soon(one, i)
+            await anyio.sleep(0.3)  # every request leased, none finished (200 tokens >= 0.4 s)
+            peak.append(sorted(n.inflight for n in fleet.nodes))
+
+    anyio.run(main)
+    assert peak == [[10, 10, 11]]
+    assert all(n.inflight == 0 for n in fleet.nodes)
+
+
+@pytest.mark.parametrize("strategy", ["least_connections", "min_observed_latency", "power_of_two"])
+def test_slow_node_gets_less_than_random(start_sim: StartSim, strategy: str) -> None:
+    slow = start_sim(*FAST, "--speed", "0.333").url
+    fast = [start_sim(*FAST).url for _ in range(2)]
+
+    def slow_share(spec: object) -> float:
+        with LMFleet.attach([slow, *fast], strategy=spec, health_interval=0.5) as fleet:  # type: ignore[arg-type]
+            fleet.wait_ready(timeout=30, min_ready=3)
+            client = fleet.async_client()
+
+            async def main() -> None:
+                limiter = anyio.Semaphore(9)
+
+                async def one(i: int) -> None:
+                    async with limiter:
+                        await client.chat.completions.create(
+                            model=fleet.model,
+                            messages=[{"role": "user", "content": f"q{i}"}],
+                            max_tokens=20,
+                        )
+
+                async with anyio.create_task_group() as tg:
+                    for i in range(120):
+                        tg.start_soon(one, i)
+
+            anyio.run(main)
+            served = {n.url: n.served for n in fleet.nodes}
+        return served[slow] / sum(served.values())
+
+    baseline = slow_share(RandomStrategy(rng=random.Random(7)))
+    share = slow_share(strategy)
+    assert baseline > 0.25
+    assert share < baseline - 0.08, (strategy, share, baseline)
+
+
+def test_sleeping_node_gets_nothing_until_woken(
+    fleet_of: Callable[..., LMFleet], three_nodes: list[str]
+) -> None:
+    fleet = fleet_of("round_robin")
+    client = fleet.client()
+    sleeper = three_nodes[0]
+    fleet.sleep(level=1, nodes=[sleeper])
+    assert httpx2.get(sleeper + "/is_sleeping").json() == {"is_sleeping": True}
+    before = sim_served(sleeper)
+    for i in range(30):
+        chat(client, fleet.model, f"while asleep {i}", max_tokens=1)
+    time.sleep(1.0)  # several health polls, while /health may still lag and say "healthy"
+    for i in range(10):
+        chat(client, fleet.model, f"still asleep {i}", max_tokens=1)
+    assert sim_served(sleeper) == before
+    assert {n.url: n.state for n in fleet.nodes}[sleeper] is NodeStatus.SLEEPING
+
+    fleet.wakeup(nodes=[sleeper])
+    assert {n.url: n.state for n in fleet.nodes}[sleeper] is NodeStatus.HEALTHY
+    for i in range(9):
+        chat(client, fleet.model, f"awake {i}", max_tokens=1)
+    assert sim_served(sleeper) == before + 3
+
+
+def test_all_asleep_wake_on_demand(fleet_of: Callable[..., LMFleet]) -> None:
+    fleet = fleet_of("least_connections", wake_on_demand=True)
+    fleet.sleep()
+    assert all(n.state is NodeStatus.SLEEPING for n in fleet.nodes)
+    reply = chat(fleet.client(), fleet.model, "wake up, someone", max_tokens=2)
+    assert reply.choices[0].message.content
+    assert sum(n.state is NodeStatus.HEALTHY for n in fleet.nodes) == 1
+
+
+def test_sigkill_under_load(start_sim: StartSim) -> None:
+    nodes = [start_sim(*FAST) for _ in range(3)]
+    victim = nodes[0]
+    with LMFleet.attach([n.url for n in nodes], health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=30, min_ready=3)
+        client = fleet.async_client(max_retries=0)
+        outcomes: Counter[str] = Counter()
+
+        async def plain(i: int) -> None:
+            await client.chat.completions.create(
+                model=fleet.model, messages=[{"role": "user", "content": f"p{i}"}], max_tokens=40
+            )
+            outcomes["plain ok"] += 1
+
+        async def streamed(i: int) -> None:
+            stream = await client.chat.completions.create(
+                model=fleet.model,
+                messages=[{"role": "user", "content": f"s{i}"}],
+                max_tokens=60,
+                stream=True,
+            )
+            try:
+                async for _ in stream:
+                    pass
+                outcomes["stream ok"] += 1
+            except StreamInterruptedError:
+                outcomes["stream interrupted"] += 1
+
+        async def main() -> None:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    for i in range(30):
+                        tg.start_soon(plain, i)
+                        tg.start_soon(streamed, i)
+                    await anyio.sleep(0.1)
+                    victim.process.kill()
+
+        anyio.run(main)
+        assert outcomes["plain ok"] == 30, outcomes
+        assert outcomes["stream ok"] + outcomes["stream interrupted"] == 30
+        assert outcomes["stream interrupted"] >= 1
+        wait_until(
+            lambda: {n.url: n.state for n in fleet.nodes}[victim.url] is NodeStatus.UNHEALTHY
+        )
+        assert all(n.inflight == 0 for n in fleet.nodes)
+
+        revived = start_sim(*FAST, port=victim.port)
+        wait_until(lambda: {n.url: n.state for n in fleet.nodes}[revived.url] is NodeStatus.HEALTHY)
+        before = sim_served(revived.url)
+        sync_client = fleet.client()
+        for i in range(9):
+            chat(sync_client, fleet.model, f"after {i}", max_tokens=1)
+        assert sim_served(revived.url) > before
+
+
+def test_models_routing_and_unknown_model(start_sim: StartSim) -> None:
+    a = start_sim(*FAST, "--model", "model-a").url
+    b = start_sim(*FAST, "--model", "model-b").url
+    with LMFleet.attach([a, b], health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=30, min_ready=2)
+        assert fleet.models == ["model-a", "model-b"]
+        client = fleet.client()
+        for i in range(6):
+            chat(client, "model-b", f"q{i}", max_tokens=1)
+        assert (sim_served(a), sim_served(b)) == (0, 6)
+        with pytest.raises(openai.NotFoundError, match="model-a, model-b"):
+            chat(client, "model-c", "q", max_tokens=1)
+
+
+def test_unreachable_url_at_attach(start_sim: StartSim) -> None:
+    good = start_sim(*FAST).url
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    with LMFleet.attach([good, dead], health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=30, min_ready=1)
+        wait_until(lambda: {n.url: n.state for n in fleet.nodes}[dead] is NodeStatus.UNHEALTHY)
+        node = {n.url: n for n in fleet.nodes}[dead]
+        assert "unreachable" in node.message
+        assert "unhealthy" in repr(fleet)
+        chat(fleet.client(), fleet.model, "hi", max_tokens=1)
+
+
+def test_client_features(fleet_of: Callable[..., LMFleet]) -> None:
+    fleet = fleet_of()
+    client = fleet.client()
+    raw = client.chat.completions.with_raw_response.create(
+        model=fleet.model, messages=[{"role": "user", "content": "raw"}], max_tokens=3
+    )
+    assert raw.http_request.url.host == "127.0.0.1"
+    assert raw.parse().usage is not None
+    quick = client.with_options(timeout=5.0).chat.completions.create(
+        model=fleet.model,
+        messages=[{"role": "user", "content": "quick"}],
+        max_tokens=2,
+        extra_body={"top_k": 5, "session_id": 7},
+    )
+    assert quick.choices[0].finish_reason == "length"
+    chunks = list(
+        client.chat.completions.create(
+            model=fleet.model,
+            messages=[{"role": "user", "content": "stream"}],
+            max_tokens=4,
+            stream=True,
+        )
+    )
+    assert chunks and chunks[-1].choices[0].finish_reason == "length"
+    assert all(n.inflight == 0 for n in fleet.nodes)
+
+
+@pytest.mark.anyio
+async def test_async_client_in_a_running_loop(fleet_of: Callable[..., LMFleet]) -> None:
+    fleet = await anyio.to_thread.run_sync(fleet_of)
+    async with fleet.async_client() as client:
+        reply = await client.chat.completions.create(
+            model=fleet.model, messages=[{"role": "user", "content": "loop"}], max_tokens=2
+        )
+    assert reply.choices[0].message.content
+
+
+def test_drain_add_remove(fleet_of: Callable[..., LMFleet], three_nodes: list[str]) -> None:
+    fleet = fleet_of("round_robin")
+    client = fleet.client()
+    assert fleet.drain(three_nodes[0], timeout=5) is True
+    fleet.remove_node(three_nodes[1])
+    before = sim_served(three_nodes[0])
+    for i in range(4):
+        chat(client, fleet.model, f"q{i}", max_tokens=1)
+    assert sim_served(three_nodes[0]) == before
+    assert [n.url for n in fleet.nodes] == [three_nodes[0], three_nodes[2]]
+    fleet.add_node(three_nodes[0])
+    wait_until(lambda: fleet.nodes[0].state is NodeStatus.HEALTHY)
+
+
+def test_simulate_and_close_leave_nothing_behind() -> None:
+    threads_before = set(threading.enumerate())
+    with LMFleet.simulate(nodes=2, sim_args=FAST, health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=30)
+        pids = [proc.pid for proc in fleet._processes.values()]
+        assert all(psutil.pid_exists(pid) for pid in pids)
+        chat(fleet.client(), fleet.model, "hi", max_tokens=1)
+        assert "internlm" in fleet.logs(fleet.nodes[0].url) or fleet.logs(fleet.nodes[0].url) == ""
+    fleet.close()  # idempotent
+    assert not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids
+    )
+    wait_until(lambda: set(threading.enumerate()) <= threads_before, timeout=5)
+
+
+def test_close_after_an_exception_inside_with() -> None:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        LMFleet.simulate(nodes=1, sim_args=FAST) as fleet,
+    ):
+        pids = [proc.pid for proc in fleet._processes.values()]
+        raise RuntimeError("boom")
+    wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), timeout=10)

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+
+from lmfleet.errors import ConfigError, UnknownNodeError
+from lmfleet.registry import NodeRegistry, normalize_url
+from lmfleet.routing import resolve_strategy
+from lmfleet.routing.base import RequestInfo
+from lmfleet.state import NodeStatus
+
+
+def healthy(registry: NodeRegistry, url: str, models: tuple[str, ...] = ("m",)) -> None:
+    registry.add(url, models=models)
+    registry.modify(url, lambda s: s.evolve(status=NodeStatus.HEALTHY))
+
+
+def test_normalize_url() -> None:
+    assert normalize_url("127.0.0.1:23333/") == "http://127.0.0.1:23333"
+    assert normalize_url(" https://gpu1:8000 ") == "https://gpu1:8000"
+    assert normalize_url("http://gpu1:8000/v1/") == "http://gpu1:8000"
+    bad_urls = ("ftp://x:1", "http://", "http://h:notaport", "file:///etc/passwd", "http://h:1/x")
+    for bad in bad_urls:
+        with pytest.raises(ConfigError):
+            normalize_url(bad)
+
+
+def test_lease_counts_inflight_and_release_records_latency() -> None:
+    registry = NodeRegistry()
+    healthy(registry, "http://a:1")
+    strategy = resolve_strategy("least_connections")
+    first = registry.lease(strategy, RequestInfo())
+    assert first is not None and first.inflight == 1
+    registry.release(first.url, ok=True, latency=0.5, ttft=0.1)
+    registry.release(first.url, ok=False)  # an extra release never goes below zero
+    state = registry.get("http://a:1/")
+    assert (state.inflight, state.served, state.errors) == (0, 1, 1)
+    assert state.latency == 0.5 and state.ttft == 0.1
+    registry.release(first.url, ok=True, latency=1.5)
+    assert registry.get("http://a:1").latency == pytest.approx(0.5 + 0.2 * (1.5 - 0.5))
+
+
+def test_only_healthy_nodes_serving_the_model_are_eligible() -> None:
+    registry = NodeRegistry()
+    healthy(registry, "http://a:1", ("m1",))
+    healthy(registry, "http://b:1", ("m2",))
+    registry.add("http://c:1", models=("m1",))  # starting
+    strategy = resolve_strategy("round_robin")
+    picks = {registry.lease(strategy, RequestInfo(model="m1")).url for _ in range(6)}  # type: ignore[union-attr]
+    assert picks == {"http://a:1"}
+    assert registry.lease(strategy, RequestInfo(model="other")) is None
+    assert registry.models() == ["m1", "m2"]
+
+
+def test_avoid_is_a_preference_not_a_ban() -> None:
+    registry = NodeRegistry()
+    healthy(registry, "http://a:1")
+    healthy(registry, "http://b:1")
+    strategy = resolve_strategy("least_connections")
+    got = registry.lease(strategy, RequestInfo(), avoid=["http://a:1"])
+    assert got is not None and got.url == "http://b:1"
+    only = registry.lease(strategy, RequestInfo(), avoid=["http://a:1", "http://b:1"])
+    assert only is not None
+
+
+def test_mark_failed_opens_the_circuit_only_for_healthy_nodes() -> None:
+    registry = NodeRegistry()
+    healthy(registry, "http://a:1")
+    registry.mark_failed("http://a:1", "connect refused")
+    state = registry.get("http://a:1")
+    assert state.status is NodeStatus.UNHEALTHY and state.message == "connect refused"
+    registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.SLEEPING))
+    registry.mark_failed("http://a:1", "503")
+    assert registry.get("http://a:1").status is NodeStatus.SLEEPING
+
+
+def test_remove_and_unknown_nodes() -> None:
+    registry = NodeRegistry()
+    healthy(registry, "http://a:1")
+    assert registry.remove("http://a:1").status is NodeStatus.STOPPED
+    assert registry.models() == []
+    with pytest.raises(UnknownNodeError):
+        registry.get("http://a:1")
+    with pytest.raises(UnknownNodeError):
+        registry.remove("http://a:1")
+    assert registry.modify("http://a:1", lambda s: s) is None
+
+
+def test_re_adding_keeps_counters_and_restarts_checks() -> None:
+    registry = NodeRegistry()
+    healthy(registry, "http://a:1")
+    registry.release("http://a:1", ok=True, latency=0.1)
+    registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.STOPPED))
+    state = registry.add("http://a:1", api_key="k")
+    assert state.status is NodeStatus.STARTING and state.served == 1 and state.api_key == "k"
+    assert "k" not in repr(state)
