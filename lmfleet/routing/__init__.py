@@ -1,0 +1,91 @@
+"""Client-side load balancing: which node gets the next request.
+
+Each strategy is a small pure chooser in its own module (see `base.Strategy`).
+`resolve_strategy` turns a name from options, the CLI or LMDeploy's
+`--routing-strategy` into one.
+
+Note: `random` in this package's namespace is the `random` strategy *module*
+(importing a submodule binds its name here), hence stdlib `random as _random`.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+from lmfleet.errors import ConfigError
+from lmfleet.routing.affinity import affinity_key
+from lmfleet.routing.base import RequestInfo, Strategy, wants_affinity_key
+from lmfleet.routing.least_connections import LeastConnections
+from lmfleet.routing.min_expected_latency import MinExpectedLatency
+from lmfleet.routing.min_observed_latency import MinObservedLatency
+from lmfleet.routing.power_of_two import PowerOfTwo
+from lmfleet.routing.prefix_affinity import PrefixAffinity
+from lmfleet.routing.random import RandomStrategy
+from lmfleet.routing.round_robin import RoundRobin
+
+__all__ = [
+    "STRATEGIES",
+    "LeastConnections",
+    "MinExpectedLatency",
+    "MinObservedLatency",
+    "PowerOfTwo",
+    "PrefixAffinity",
+    "RandomStrategy",
+    "RequestInfo",
+    "RoundRobin",
+    "Strategy",
+    "affinity_key",
+    "resolve_strategy",
+    "wants_affinity_key",
+]
+
+StrategyFactory = Callable[[_random.Random | None], Strategy]
+
+
+def _factory(cls: Callable[..., Strategy]) -> StrategyFactory:
+    return lambda rng: cls(rng=rng)
+
+
+STRATEGIES: Mapping[str, StrategyFactory] = MappingProxyType(
+    {
+        cls.name: _factory(cls)
+        for cls in (
+            RandomStrategy,
+            RoundRobin,
+            LeastConnections,
+            MinObservedLatency,
+            MinExpectedLatency,
+            PowerOfTwo,
+            PrefixAffinity,
+        )
+    }
+)
+"""Canonical name -> factory taking an optional RNG. LMDeploy's three names
+(`random`, `min_expected_latency`, `min_observed_latency`) are canonical too."""
+
+
+def _canonical(name: str) -> str:
+    """`Round-Robin`, `ROUND_ROBIN`, `RoutingStrategy.MIN_EXPECTED_LATENCY` -> snake case."""
+    text = name.strip().lower().replace("-", "_").replace(" ", "_")
+    return text.removeprefix("routingstrategy.")
+
+
+def resolve_strategy(spec: str | Strategy, *, rng: _random.Random | None = None) -> Strategy:
+    """A strategy from its name, or `spec` itself when it already has a `pick`.
+
+    Names are case-insensitive and accept hyphens, and LMDeploy's
+    `RoutingStrategy` enum spellings. Unknown names raise `ConfigError`.
+    """
+    if isinstance(spec, str):
+        factory = STRATEGIES.get(_canonical(spec))
+        if factory is None:
+            valid = ", ".join(sorted(STRATEGIES))
+            raise ConfigError(f"unknown routing strategy {spec!r}; valid names: {valid}")
+        return factory(rng)
+    if callable(getattr(spec, "pick", None)):
+        return spec
+    raise ConfigError(
+        f"routing strategy must be a name or an object with a pick() method, got {spec!r}"
+    )

@@ -1,0 +1,22 @@
+"""Uniform random choice: no state, no feedback, the baseline every other beats."""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Sequence
+from typing import ClassVar
+
+from lmfleet.routing.base import RequestInfo
+from lmfleet.state import NodeState
+
+
+class RandomStrategy:
+    """Pick any eligible node with equal probability (LMDeploy's `random`)."""
+
+    name: ClassVar[str] = "random"
+
+    def __init__(self, *, rng: _random.Random | None = None) -> None:
+        self._rng = rng or _random.Random()
+
+    def pick(self, nodes: Sequence[NodeState], request: RequestInfo) -> NodeState | None:
+        return self._rng.choice(nodes)
