@@ -8,6 +8,7 @@ run and end the node processes.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -16,6 +17,11 @@ import anyio
 from anyio.from_thread import BlockingPortal
 
 T = TypeVar("T")
+
+
+def _has_uvloop() -> bool:
+    """uvloop (installed with `lmfleet[serve]`) makes the proxy and the monitor cheaper."""
+    return importlib.util.find_spec("uvloop") is not None
 
 
 class BackgroundLoop:
@@ -44,11 +50,19 @@ class BackgroundLoop:
         return threading.current_thread() is self._thread
 
     def run(self, func: Callable[..., Awaitable[T]], *args: object) -> T:
-        """Run a coroutine function in the loop and wait for its result."""
+        """Run a coroutine function in the loop and wait for its result.
+
+        Code already running in the loop (the proxy's handlers) must await the
+        coroutine instead: blocking here would deadlock the loop.
+        """
+        if self.in_loop_thread():
+            raise RuntimeError("blocking call from the fleet's own event loop; await it instead")
         return self.portal.call(func, *args)
 
     def call(self, func: Callable[..., T], *args: object) -> T:
-        """Run a plain function in the loop thread and wait for its result."""
+        """Run a plain function in the loop thread and return its result."""
+        if self.in_loop_thread():
+            return func(*args)
         return self.portal.call(func, *args)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -64,8 +78,8 @@ class BackgroundLoop:
                 await portal.sleep_until_stopped()
 
         try:
-            anyio.run(serve)
-        except Exception as exc:  # reported to the constructor, never lost
+            anyio.run(serve, backend_options={"use_uvloop": _has_uvloop()})
+        except Exception as exc:  # noqa: BLE001 - handed to the constructor, which raises it
             self._error = exc
         finally:
             self._ready.set()

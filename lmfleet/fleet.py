@@ -39,7 +39,7 @@ from lmfleet.launch.sim import DEFAULT_SIM_MODEL, sim_command
 from lmfleet.registry import NodeRegistry, normalize_url
 from lmfleet.routing import affinity_key, resolve_strategy
 from lmfleet.routing.base import Strategy
-from lmfleet.state import NodeState, NodeStatus
+from lmfleet.state import NodeRole, NodeState, NodeStatus
 from lmfleet.status import FleetStatus, NodeSnapshot
 from lmfleet.transport import Router
 
@@ -287,10 +287,29 @@ class LMFleet:
         if self._monitor is not None:
             self._monitor.poke()
 
-    def add_node(self, url: str, *, api_key: str | None = None) -> NodeSnapshot:
-        """Attach one more running server; it joins once its health check passes."""
+    def add_node(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        models: Sequence[str] = (),
+        role: NodeRole = NodeRole.HYBRID,
+        registered: bool = False,
+    ) -> NodeSnapshot:
+        """Attach one more server; it joins once its health check passes.
+
+        `registered` marks a node that announced itself (LMDeploy's `--proxy-url`
+        registers *before* its port opens): like a launched node it stays
+        `starting`, never `unhealthy`, until it first answers.
+        """
         self._check_open()
-        state = self.registry.add(url, api_key=api_key or self._api_key)
+        state = self.registry.add(
+            url,
+            api_key=api_key or self._api_key,
+            models=tuple(models),
+            role=role,
+            launched=registered,
+        )
         self._loop.call(self._poke)
         return NodeSnapshot.of(state)
 
@@ -309,9 +328,13 @@ class LMFleet:
         requests were still in flight at the timeout.
         """
         self._check_open()
+        return self._loop.run(self._drain, url, timeout)
+
+    async def _drain(self, url: str, timeout: float | None = None) -> bool:
+        """`drain` for code running in the fleet's loop (the proxy)."""
         url = self.registry.get(url).url
         limit = self.options.drain_timeout if timeout is None else timeout
-        return self._loop.run(admin.drain_node, self.registry, url, limit)
+        return await admin.drain_node(self.registry, url, limit)
 
     def logs(self, url: str, lines: int = 40) -> str:
         """The tail of a launched node's log."""
@@ -324,17 +347,25 @@ class LMFleet:
 
     def sleep(self, level: int = 1, *, nodes: Sequence[str] | None = None) -> None:
         """Drain, then put nodes to sleep (all, or `nodes`). LMDeploy level 1 or 2."""
+        self._check_open()
+        self._loop.run(self._sleep_nodes, level, nodes)
+
+    async def _sleep_nodes(self, level: int, nodes: Sequence[str] | None) -> None:
+        """`sleep` for code running in the fleet's loop (the proxy)."""
         if level not in (1, 2):
             raise ConfigError(f"sleep level must be 1 or 2, got {level}")
-        self._check_open()
-        self._loop.run(self._for_each, self._sleep_one, self._targets(nodes), level)
+        await self._for_each(self._sleep_one, self._targets(nodes), level)
 
     def wakeup(
         self, tags: Sequence[str] | None = None, *, nodes: Sequence[str] | None = None
     ) -> None:
         """Wake nodes (all, or `nodes`); `tags` ("weights", "kv_cache") for RL weight updates."""
         self._check_open()
-        self._loop.run(self._for_each, self._wake_one, self._targets(nodes), tags)
+        self._loop.run(self._wake_nodes, tags, nodes)
+
+    async def _wake_nodes(self, tags: Sequence[str] | None, nodes: Sequence[str] | None) -> None:
+        """`wakeup` for code running in the fleet's loop (the proxy)."""
+        await self._for_each(self._wake_one, self._targets(nodes), tags)
 
     def _targets(self, nodes: Sequence[str] | None) -> list[str]:
         if nodes is None:

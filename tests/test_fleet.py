@@ -20,6 +20,7 @@ from lmfleet.routing import RandomStrategy
 
 MODEL = "internlm/internlm2_5-7b-chat"
 FAST = ("--health-poll-interval", "0.5", "--ttft-ms", "5", "--tpot-ms", "2")
+LONG = (*FAST, "--output-tokens", "400")  # about a second per request
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -60,8 +61,10 @@ def test_round_robin_is_exact(fleet_of: Callable[..., LMFleet], three_nodes: lis
     assert all(n.inflight == 0 for n in fleet.nodes)
 
 
-def test_least_connections_spreads_concurrent_requests(fleet_of: Callable[..., LMFleet]) -> None:
-    fleet = fleet_of("least_connections")
+def test_least_connections_spreads_concurrent_requests(start_sim: StartSim) -> None:
+    urls = [start_sim(*LONG).url for _ in range(3)]
+    fleet = LMFleet.attach(urls, strategy="least_connections", health_interval=0.2)
+    fleet.wait_ready(timeout=30, min_ready=3)
     client = fleet.async_client()
     peak: list[list[int]] = []
 
@@ -79,9 +82,10 @@ def test_least_connections_spreads_concurrent_requests(fleet_of: Callable[..., L
             await anyio.sleep(0.3)  # every request leased, none finished (200 tokens >= 0.4 s)
             peak.append(sorted(n.inflight for n in fleet.nodes))
 
-    anyio.run(main)
-    assert peak == [[10, 10, 11]]
-    assert all(n.inflight == 0 for n in fleet.nodes)
+    with fleet:
+        anyio.run(main)
+        assert peak == [[10, 10, 11]]
+        assert all(n.inflight == 0 for n in fleet.nodes)
 
 
 @pytest.mark.parametrize("strategy", ["least_connections", "min_observed_latency", "power_of_two"])
@@ -153,7 +157,7 @@ def test_all_asleep_wake_on_demand(fleet_of: Callable[..., LMFleet]) -> None:
 
 
 def test_sigkill_under_load(start_sim: StartSim) -> None:
-    nodes = [start_sim(*FAST) for _ in range(3)]
+    nodes = [start_sim(*LONG) for _ in range(3)]
     victim = nodes[0]
     with LMFleet.attach([n.url for n in nodes], health_interval=0.2) as fleet:
         fleet.wait_ready(timeout=30, min_ready=3)
@@ -162,7 +166,7 @@ def test_sigkill_under_load(start_sim: StartSim) -> None:
 
         async def plain(i: int) -> None:
             await client.chat.completions.create(
-                model=fleet.model, messages=[{"role": "user", "content": f"p{i}"}], max_tokens=40
+                model=fleet.model, messages=[{"role": "user", "content": f"p{i}"}], max_tokens=100
             )
             outcomes["plain ok"] += 1
 
@@ -170,14 +174,16 @@ def test_sigkill_under_load(start_sim: StartSim) -> None:
             stream = await client.chat.completions.create(
                 model=fleet.model,
                 messages=[{"role": "user", "content": f"s{i}"}],
-                max_tokens=60,
+                max_tokens=400,
                 stream=True,
             )
             try:
                 async for _ in stream:
                     pass
                 outcomes["stream ok"] += 1
-            except StreamInterruptedError:
+            except openai.APIConnectionError as exc:  # openai wraps what the transport raised
+                assert isinstance(exc.__cause__, StreamInterruptedError)
+                assert victim.url in str(exc.__cause__)
                 outcomes["stream interrupted"] += 1
 
         async def main() -> None:
@@ -186,7 +192,7 @@ def test_sigkill_under_load(start_sim: StartSim) -> None:
                     for i in range(30):
                         tg.start_soon(plain, i)
                         tg.start_soon(streamed, i)
-                    await anyio.sleep(0.1)
+                    await anyio.sleep(0.15)  # plain ones need 0.2 s, streams 0.8 s
                     victim.process.kill()
 
         anyio.run(main)
