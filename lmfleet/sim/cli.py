@@ -1,0 +1,166 @@
+"""`lmfleet sim` / `python -m lmfleet.sim`: one emulated LMDeploy api_server.
+
+Arguments (and LMDEPLOY_HEALTH_POLL_INTERVAL, as LMDeploy reads it) are read
+here only; everything below works from a `SimOptions`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+
+import pydantic
+
+from lmfleet.sim.options import DEFAULT_MODEL, DEFAULT_PORT, SimOptions
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every `lmfleet sim` option; LMDeploy's spellings are accepted where they exist."""
+    add = parser.add_argument
+    add("--host", "--server-name", default="127.0.0.1", help="bind address")
+    add("--port", "--server-port", type=int, default=DEFAULT_PORT, help="bind port (23333)")
+    add("--model", default=DEFAULT_MODEL, help="model path/name the node serves")
+    add("--served-model-name", "--model-name", default=None, help="name clients send")
+    add("--api-keys", nargs="+", default=[], metavar="KEY", help="require Bearer KEY")
+    add("--proxy-url", default=None, help="register at PROXY/nodes/add on start-up (once)")
+    add("--role", choices=["hybrid", "prefill", "decode"], default="hybrid", type=str.lower)
+    add("--allow-terminate-by-client", action="store_true")
+    add("--enable-abort-handling", action="store_true")
+    add("--enable-metrics", action="store_true", help="serve /metrics")
+    add(
+        "--health-poll-interval",
+        type=float,
+        default=_env_float("LMDEPLOY_HEALTH_POLL_INTERVAL", 12.0),
+        help="seconds /health may lag the engine (LMDeploy: 12); 0 = live",
+    )
+    add("--log-level", default="warning", type=str.lower)
+
+    cost = parser.add_argument_group("cost model (ms on a speed-1 node)")
+    cost.add_argument("--fast", action="store_true", help="no sleeps, no scheduler")
+    cost.add_argument("--speed", type=float, default=1.0, help="0.333 = 3x slower")
+    cost.add_argument("--ttft-ms", type=float, default=40.0)
+    cost.add_argument("--prefill-ms-per-token", type=float, default=0.1)
+    cost.add_argument("--tpot-ms", type=float, default=20.0)
+    cost.add_argument(
+        "--batch-slowdown",
+        type=float,
+        default=0.02,
+        help="per-token time grows by this fraction per extra running sequence",
+    )
+    cost.add_argument("--max-batch", type=int, default=64)
+    cost.add_argument("--prefix-cache-blocks", type=int, default=4096)
+    cost.add_argument("--seed", type=int, default=0)
+    cost.add_argument(
+        "--output-tokens",
+        type=int,
+        default=16,
+        help="natural output length when max_tokens allows it",
+    )
+    cost.add_argument(
+        "--output-tokens-max",
+        type=int,
+        default=None,
+        help="vary the natural length in [output-tokens, this] by prompt hash",
+    )
+
+    faults = parser.add_argument_group("fault injection (also POST /sim/faults)")
+    faults.add_argument(
+        "--startup-delay", type=float, default=0.0, help="seconds before the port opens"
+    )
+    faults.add_argument(
+        "--initializing-for",
+        type=float,
+        default=0.0,
+        help="seconds /health says initializing (503) after start",
+    )
+    faults.add_argument("--error-rate", type=float, default=0.0)
+    faults.add_argument("--error-status", type=int, default=500, choices=[500, 502, 503, 504])
+    faults.add_argument("--hang", action="store_true", help="inference never answers")
+    faults.add_argument("--hang-health", action="store_true", help="/health never answers")
+    faults.add_argument(
+        "--crash-after",
+        type=int,
+        default=None,
+        help="serve N inference requests, then exit hard on the next",
+    )
+    faults.add_argument(
+        "--drop-stream-after",
+        type=int,
+        default=None,
+        help="cut streams after K chunks, without [DONE]",
+    )
+    faults.add_argument("--unhealthy", action="store_true", help="/health says unhealthy")
+
+
+def options_from_args(args: argparse.Namespace) -> SimOptions:
+    return SimOptions(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        served_model_name=args.served_model_name,
+        api_keys=tuple(args.api_keys),
+        proxy_url=args.proxy_url,
+        role=args.role,
+        allow_terminate_by_client=args.allow_terminate_by_client,
+        enable_abort_handling=args.enable_abort_handling,
+        enable_metrics=args.enable_metrics,
+        health_poll_interval=args.health_poll_interval,
+        log_level=args.log_level,
+        fast=args.fast,
+        speed=args.speed,
+        ttft_ms=args.ttft_ms,
+        prefill_ms_per_token=args.prefill_ms_per_token,
+        tpot_ms=args.tpot_ms,
+        batch_slowdown=args.batch_slowdown,
+        max_batch=args.max_batch,
+        prefix_cache_blocks=args.prefix_cache_blocks,
+        seed=args.seed,
+        output_tokens=args.output_tokens,
+        output_tokens_max=args.output_tokens_max,
+        startup_delay=args.startup_delay,
+        initializing_for=args.initializing_for,
+        error_rate=args.error_rate,
+        error_status=args.error_status,
+        hang=args.hang,
+        hang_health=args.hang_health,
+        crash_after=args.crash_after,
+        drop_stream_after=args.drop_stream_after,
+        health_fault="unhealthy" if args.unhealthy else None,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT (uvicorn's clean shutdown)."""
+    import uvicorn
+
+    from lmfleet.sim.app import create_app
+
+    try:
+        options = options_from_args(args)
+    except pydantic.ValidationError as exc:
+        print(f"lmfleet sim: invalid options:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=options.log_level.upper(), format="%(levelname)s %(message)s")
+    config = uvicorn.Config(
+        create_app(options),
+        host=options.host,
+        port=options.port,
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        lifespan="on",
+        access_log=False,
+        log_level=options.log_level,
+        timeout_graceful_shutdown=2,
+    )
+    uvicorn.Server(config).run()
+    return 0

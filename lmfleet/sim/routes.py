@@ -1,0 +1,263 @@
+"""Handlers of every non-inference route: LMDeploy's management and auxiliary
+endpoints, and the simulator-only admin routes under /sim.
+
+Each handler is `async (rt, scope, receive, send) -> None`; the app maps
+(method, path) to them with one dict lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+from lmfleet.sim import asgi
+from lmfleet.sim.engine import count_tokens
+from lmfleet.sim.protocol import dumps, model_list, new_id, usage
+from lmfleet.sim.runtime import NodeRuntime
+
+Handler = Callable[[NodeRuntime, asgi.Scope, asgi.Receive, asgi.Send], Awaitable[None]]
+
+NOT_JSON = "Unsupported Media Type: Only 'application/json' is allowed"
+TERMINATE_REFUSED = (
+    "The server can not be terminated. Please add --allow-terminate-by-client when start the "
+    "server."
+)
+ABORT_DISABLED = (
+    b"This server does not support abort requests. Enable with --enable-abort-handling flag."
+)
+
+
+class BadRequest(Exception):
+    """A body LMDeploy's request validation would refuse (rendered as a 400)."""
+
+
+async def json_body(scope: asgi.Scope, receive: asgi.Receive) -> Any:
+    """The decoded body of a route that requires `Content-Type: application/json`."""
+    if not asgi.is_json(scope):
+        raise BadRequest(NOT_JSON)
+    raw = await asgi.read_body(receive)
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError as exc:
+        raise BadRequest(f"JSON decode error: {exc}") from exc
+
+
+def query(scope: asgi.Scope) -> dict[str, list[str]]:
+    return parse_qs(scope.get("query_string", b"").decode("latin-1"))
+
+
+class Hung(Exception):
+    """The client gave up on a request the node was told to hang on."""
+
+
+async def hang_forever(receive: asgi.Receive) -> None:
+    """Accept and never answer (fault injection) until the client disconnects.
+
+    Waiting on `receive()` rather than forever lets the server shut down at once
+    once the client has gone, instead of waiting out its graceful timeout.
+    """
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    raise Hung
+
+
+async def health(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    if rt.faults.hang_health:
+        await hang_forever(receive)
+    snapshot = rt.health()
+    code = 200 if snapshot["status"] in ("healthy", "sleeping") else 503
+    await asgi.send_json(send, code, snapshot)
+
+
+async def models(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    await asgi.send_json(send, 200, model_list(rt.model_name, rt.created))
+
+
+async def sleep(rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+    await json_body(scope, receive)
+    raw = query(scope).get("level", ["1"])[-1]
+    try:
+        level = int(raw)
+    except ValueError:
+        await asgi.send_error(send, 400, 'The "level" query parameter must be an integer.')
+        return
+    if level not in (1, 2):
+        await asgi.send_error(send, 400, 'The "level" query parameter must be 1 or 2.')
+        return
+    rt.sleep(level)
+    await asgi.send_bytes(send, 200, b"", None)
+
+
+async def wakeup(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    await json_body(scope, receive)
+    rt.wakeup(query(scope).get("tags", []))
+    await asgi.send_bytes(send, 200, b"", None)
+
+
+async def is_sleeping(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    await asgi.send_json(send, 200, {"is_sleeping": rt.is_sleeping})
+
+
+async def abort_request(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    if not rt.options.enable_abort_handling:
+        await asgi.send_bytes(send, 501, ABORT_DISABLED, b"text/plain; charset=utf-8")
+        return
+    body = json.loads(await asgi.read_body(receive) or b"{}")
+    if not isinstance(body, dict):
+        raise BadRequest("body: Input should be a valid dictionary")
+    if body.get("abort_all"):
+        rt.abort_all()
+    else:
+        session_id = body.get("session_id", -1)
+        if not rt.abort_session(session_id):
+            await asgi.send_error(send, 400, f"Session {session_id} not found.")
+            return
+    await asgi.send_bytes(send, 200, b"", None)
+
+
+async def terminate(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    if not rt.options.allow_terminate_by_client:
+        await asgi.send_error(send, 400, TERMINATE_REFUSED)
+        return
+    await asgi.send_bytes(send, 200, b"", None)
+    # After the answer is out: uvicorn turns SIGTERM into a clean shutdown.
+    asyncio.get_running_loop().call_soon(os.kill, os.getpid(), signal.SIGTERM)
+
+
+async def update_weights(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    body = await json_body(scope, receive)
+    if not isinstance(body, dict) or "serialized_named_tensors" not in body:
+        raise BadRequest("serialized_named_tensors: Field required")
+    await asgi.send_json(send, 200, None)
+
+
+def _fake_ids(text: str, add_bos: bool) -> list[int]:
+    """One id per 4 characters (the simulator's token rule), plus BOS (id 1)."""
+    ids = [zlib.crc32(text[i : i + 4].encode()) % 32000 + 3 for i in range(0, len(text), 4)]
+    return [1, *ids] if add_bos else ids
+
+
+async def encode(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    body = await json_body(scope, receive)
+    if not isinstance(body, dict):
+        raise BadRequest("body: Input should be a valid dictionary")
+    text = body.get("input")
+    add_bos = bool(body.get("add_bos", True))
+    if isinstance(text, str):
+        ids = _fake_ids(text, add_bos)
+        await asgi.send_json(send, 200, {"input_ids": ids, "length": len(ids)})
+    elif isinstance(text, list) and all(isinstance(t, str) for t in text):
+        batch = [_fake_ids(t, add_bos) for t in text]
+        await asgi.send_json(send, 200, {"input_ids": batch, "length": [len(b) for b in batch]})
+    else:
+        raise BadRequest("input: Input should be a valid string or list of strings")
+
+
+async def pooling(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    body = await json_body(scope, receive)
+    if not isinstance(body, dict):
+        raise BadRequest("body: Input should be a valid dictionary")
+    data = body.get("input")
+    if isinstance(data, str):
+        inputs: list[Any] = [data]
+    elif isinstance(data, list):
+        if not data:
+            await asgi.send_error(send, 400, "Input list cannot be empty.")
+            return
+        inputs = [data] if isinstance(data[0], int) else data
+    else:
+        await asgi.send_error(send, 400, "Input must be a string or a list.")
+        return
+    texts = [x if isinstance(x, str) else " ".join(map(str, x)) for x in inputs]
+    prompt_tokens = sum(count_tokens(x) if isinstance(x, str) else len(x) for x in inputs)
+    scores = [(zlib.crc32(t.encode()) % 20001) / 10000.0 - 1.0 for t in texts]
+    await asgi.send_json(
+        send,
+        200,
+        {
+            "id": new_id("pool"),
+            "object": "list",
+            "created": rt.created,
+            "model": body.get("model") or rt.model_name,
+            "data": [{"index": i, "object": "pooling", "data": s} for i, s in enumerate(scores)],
+            "usage": usage(prompt_tokens, 0),
+        },
+    )
+
+
+async def embeddings(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    await asgi.send_error(send, 400, "Unsupported by turbomind.")
+
+
+async def metrics(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    """The two gauges a load-aware router reads, in Prometheus text format."""
+    lines = [
+        "# TYPE lmdeploy:num_requests_running gauge",
+        f'lmdeploy:num_requests_running{{model_name="{rt.model_name}"}} {rt.stats.inflight}',
+        "# TYPE lmdeploy:num_requests_waiting gauge",
+        f'lmdeploy:num_requests_waiting{{model_name="{rt.model_name}"}} {rt.scheduler.waiting}',
+    ]
+    body = ("\n".join(lines) + "\n").encode()
+    await asgi.send_bytes(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8")
+
+
+# -- simulator-only admin routes -------------------------------------------------
+
+
+async def sim_stats(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    await asgi.send_json(send, 200, rt.stats_json())
+
+
+async def sim_stats_reset(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    rt.stats.reset()
+    await asgi.send_json(send, 200, rt.stats_json())
+
+
+async def sim_faults_get(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    await asgi.send_json(send, 200, rt.faults.to_json())
+
+
+async def sim_faults_set(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    body = json.loads(await asgi.read_body(receive) or b"{}")
+    try:
+        rt.faults.update(body)
+    except ValueError as exc:
+        await asgi.send_error(send, 400, str(exc))
+        return
+    await asgi.send_bytes(send, 200, dumps(rt.faults.to_json()))
