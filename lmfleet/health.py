@@ -10,9 +10,8 @@ and sleeping (or back into rotation) the monitor asks `/is_sleeping` first.
 from __future__ import annotations
 
 import contextlib
-import math
+import json
 import random
-import time
 from dataclasses import dataclass
 
 import anyio
@@ -20,6 +19,7 @@ import httpx2
 from anyio.abc import TaskStatus
 
 from lmfleet.config import HealthOptions
+from lmfleet.probe import ProbeError, Prober
 from lmfleet.registry import NodeRegistry
 from lmfleet.state import NodeState, NodeStatus
 
@@ -42,23 +42,23 @@ def _auth(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-async def probe_health(client: httpx2.AsyncClient, url: str, timeout: float) -> Probe:
+async def probe_health(prober: Prober, url: str, timeout: float) -> Probe:
     """`GET /health`. A 200 with an empty or non-JSON body means healthy (older servers)."""
     try:
-        response = await client.get(url + "/health", timeout=timeout)
-    except httpx2.HTTPError as exc:
-        return Probe("unreachable", f"unreachable: {type(exc).__name__}: {exc}")
+        status, raw = await prober.get(url, "/health", timeout)
+    except ProbeError as exc:
+        return Probe("unreachable", f"unreachable: {exc}")
     word, message = "", ""
     with contextlib.suppress(ValueError):
-        body = response.json()
+        body = json.loads(raw)
         if isinstance(body, dict):
             word = str(body.get("status", "")).lower()
             message = str(body.get("message", ""))
-    if response.status_code == 200:
+    if status == 200:
         word = word if word in ("sleeping", "unhealthy", "initializing") else "healthy"
     elif word not in ("unhealthy", "initializing"):
         word = "unhealthy"
-    return Probe(word, message or f"HTTP {response.status_code} {word}")
+    return Probe(word, message or f"HTTP {status} {word}")
 
 
 async def is_sleeping(
@@ -114,7 +114,11 @@ def judge(state: NodeState, probe: Probe, unhealthy_after: int) -> NodeStatus:
 
 
 class Monitor:
-    """Polls every node's `/health` on its own jittered schedule."""
+    """Polls every node's `/health` on its own jittered schedule.
+
+    `/health` goes through the lean `Prober`; the rare confirmations
+    (`/is_sleeping`, `/v1/models`) through the fleet's httpx2 client.
+    """
 
     def __init__(
         self,
@@ -126,9 +130,9 @@ class Monitor:
         self._registry = registry
         self._options = options
         self._client = client
+        self._prober = Prober()
         self._rng = rng or random.Random()
-        self._due: dict[str, float] = {}
-        self._running: set[str] = set()
+        self._loops: set[str] = set()
         self._changed = anyio.Event()
 
     def poke(self) -> None:
@@ -136,31 +140,40 @@ class Monitor:
         self._changed.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._schedule(task_status)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._prober.aclose()
+
+    async def _schedule(self, task_status: TaskStatus[None]) -> None:
+        """One small loop per node, started when the node appears.
+
+        Per-node loops sleep with plain `anyio.sleep`: a single scheduler waiting
+        on "next due or poked" needs a cancel-scope timer per wait, and under
+        uvloop (whose timers may fire a little early) anyio re-arms such a timer
+        in a tight loop; that alone cost more than all the probes.
+        """
         async with anyio.create_task_group() as tg:
             task_status.started()
             while True:
-                now = time.monotonic()
-                urls = [s.url for s in self._registry.snapshot()]
-                self._due = {url: self._due.get(url, now) for url in urls}
-                for url, due in self._due.items():
-                    if due <= now and url not in self._running:
-                        self._due[url] = now + self._interval()
-                        self._running.add(url)
-                        tg.start_soon(self._check_and_release, url)
-                wake_at = min(self._due.values(), default=math.inf)
+                for state in self._registry.snapshot():
+                    if state.url not in self._loops:
+                        self._loops.add(state.url)
+                        tg.start_soon(self._node_loop, state.url)
                 self._changed = anyio.Event()
-                with anyio.move_on_after(max(0.0, min(wake_at - time.monotonic(), 60.0))):
-                    await self._changed.wait()
+                await self._changed.wait()
+
+    async def _node_loop(self, url: str) -> None:
+        try:
+            while await self.check(url) is not None:
+                await anyio.sleep(self._interval())
+        finally:
+            self._loops.discard(url)
 
     def _interval(self) -> float:
         options = self._options
         return options.interval * (1.0 + options.jitter * self._rng.random())
-
-    async def _check_and_release(self, url: str) -> None:
-        try:
-            await self.check(url)
-        finally:
-            self._running.discard(url)
 
     async def check(self, url: str) -> NodeState | None:
         """Probe one node now and apply what it says; None when the node is gone."""
@@ -169,7 +182,7 @@ class Monitor:
             state = registry.get(url)
         except LookupError:
             return None
-        probe = await probe_health(self._client, url, options.timeout)
+        probe = await probe_health(self._prober, url, options.timeout)
         target = judge(state, probe, options.unhealthy_after)
         message = probe.message
         models: tuple[str, ...] | None = None
@@ -183,6 +196,10 @@ class Monitor:
                 target, message = NodeStatus.UNHEALTHY, found
             else:
                 models = found
+
+        unchanged = (target, message, models, probe.ok) == (state.status, state.message, None, True)
+        if unchanged and state.failures == 0:
+            return state  # the common case, a healthy node still healthy: nothing to write
 
         def apply(current: NodeState) -> NodeState:
             failures = 0 if probe.ok else current.failures + 1
