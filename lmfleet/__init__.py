@@ -12,7 +12,6 @@ from lmfleet.errors import (
     NotReadyError,
     RoutingError,
     StreamInterruptedError,
-    UnknownModelError,
     UnknownNodeError,
 )
 from lmfleet.fleet import LMFleet
@@ -44,7 +43,6 @@ __all__ = [
     "RoutingOptions",
     "Strategy",
     "StreamInterruptedError",
-    "UnknownModelError",
     "UnknownNodeError",
     "__version__",
 ]

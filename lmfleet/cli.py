@@ -17,6 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim_cli.add_arguments(sim)
     sim.set_defaults(run=sim_cli.run)
 
+    from lmfleet.proxy import cli as proxy_cli
+
+    serve = sub.add_parser("serve", help="route over nodes as an HTTP proxy (lmdeploy serve proxy)")
+    proxy_cli.add_arguments(serve)
+    serve.set_defaults(run=proxy_cli.run)
+
     from lmfleet import demo
 
     demo_parser = sub.add_parser("demo", help="simulated nodes + a routed workload")

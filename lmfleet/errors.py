@@ -2,8 +2,7 @@
 
     LMFleetError
      +-- ConfigError (ValueError)          bad option, unknown strategy name
-     +-- UnknownModelError (LookupError)    no node serves the requested model
-     +-- UnknownNodeError (LookupError)     a URL that is not in the fleet
+         +-- UnknownNodeError (LookupError)     a URL that is not in the fleet
      +-- FleetClosedError (RuntimeError)    the fleet was closed
      +-- NotReadyError (TimeoutError)       wait_ready ran out of time
      +-- LaunchError (RuntimeError)         a launched node exited or failed to start
@@ -12,6 +11,10 @@
           +-- NoHealthyNodeError            nothing eligible within wait_for_node
           +-- NodeUnavailableError          every failover attempt failed to connect
           +-- StreamInterruptedError        the node failed after the stream started
+
+A request for a model no node serves is answered like a node would answer it, an
+HTTP 404 in OpenAI's error shape listing the served models (`openai.NotFoundError`
+for the clients), so the clients and the proxy report it the same way.
 
 Routing errors are raised inside the HTTP transport, so they subclass httpx2's
 `TransportError`: openai wraps them in `APIConnectionError` (the original is its
@@ -30,16 +33,6 @@ class LMFleetError(Exception):
 
 class ConfigError(LMFleetError, ValueError):
     """An option or argument is invalid."""
-
-
-class UnknownModelError(LMFleetError, LookupError):
-    """No node of the fleet serves the requested model."""
-
-    def __init__(self, model: str, served: list[str]) -> None:
-        self.model = model
-        self.served = served
-        listed = ", ".join(served) if served else "none yet"
-        super().__init__(f"model {model!r} is not served by this fleet; served models: {listed}")
 
 
 class UnknownNodeError(LMFleetError, LookupError):

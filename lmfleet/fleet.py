@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx2
@@ -42,6 +42,9 @@ from lmfleet.routing.base import Strategy
 from lmfleet.state import NodeRole, NodeState, NodeStatus
 from lmfleet.status import FleetStatus, NodeSnapshot
 from lmfleet.transport import Router
+
+if TYPE_CHECKING:
+    from lmfleet.proxy import ProxyOptions, ProxyServer
 
 _OPEN: weakref.WeakSet[LMFleet] = weakref.WeakSet()
 
@@ -446,6 +449,51 @@ class LMFleet:
                     reported.add(url)
                     self.registry.modify(url, _exited(code))
             await anyio.sleep(0.25)
+
+    # -- proxy ----------------------------------------------------------------------------
+
+    def serve(
+        self,
+        port: int | None = None,
+        host: str | None = None,
+        *,
+        api_keys: Sequence[str] | None = None,
+        state_file: str | Path | None = None,
+        max_body_bytes: int | None = None,
+        upstream_timeout: float | None = None,
+        options: ProxyOptions | None = None,
+    ) -> ProxyServer:
+        """Serve this fleet as an HTTP proxy (a drop-in for `lmdeploy serve proxy`).
+
+        Runs in the fleet's background loop (in a notebook the cell returns at once);
+        returns a handle with `.url` and `.stop()`. `port` defaults to 8000 (0 picks a
+        free one), `host` to 127.0.0.1; keywords override `options`. `api_keys` are
+        the keys *clients* must send; the nodes' key stays the fleet's `api_key`.
+        See docs/proxy.md.
+        """
+        self._check_open()
+        from lmfleet.proxy import ProxyOptions as Options
+        from lmfleet.proxy import start_server
+
+        fields: dict[str, Any] = {}
+        if port is not None:
+            fields["port"] = port
+        if host is not None:
+            fields["host"] = host
+        if api_keys is not None:
+            fields["api_keys"] = tuple(api_keys)
+        if state_file is not None:
+            fields["state_file"] = Path(state_file)
+        if max_body_bytes is not None:
+            fields["max_body_bytes"] = max_body_bytes
+        if upstream_timeout is not None:
+            fields["upstream_timeout"] = upstream_timeout
+        base = options.model_dump() if options is not None else {}
+        try:
+            merged = Options(**{**base, **fields})
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        return start_server(self, merged)
 
     # -- views ----------------------------------------------------------------------------
 

@@ -45,6 +45,10 @@ POLL_INTERVAL = 0.05
 
 StarvedHook = Callable[[str | None], None]
 
+PARSED_BODY = "lmfleet.parsed_body"
+"""Request extension holding a body its sender already parsed (the proxy), so the
+router does not parse it twice."""
+
 
 def _read_json(request: httpx2.Request) -> dict[str, Any] | None:
     try:
@@ -73,20 +77,29 @@ class Router:
         self._affinity_key = affinity_key if wants_affinity_key(strategy) else None
         self._urls: dict[str, httpx2.URL] = {}
 
-    def plan(self, request: httpx2.Request) -> RequestPlan:
-        """Start routing `request`; read its body only when routing needs it."""
+    def plan(self, request: httpx2.Request, body: Any = None) -> RequestPlan:
+        """Start routing `request`; read its body only when routing needs it.
+
+        `body` (or the request's `PARSED_BODY` extension) is the already parsed
+        JSON body, when the caller has it.
+        """
         models = self.registry.models()
-        body = None
-        if len(models) > 1 or self._affinity_key is not None:
-            body = _read_json(request)
-        model = body.get("model") if body is not None and len(models) > 1 else None
+        if body is None:
+            body = request.extensions.get(PARSED_BODY)
+        if not isinstance(body, dict):
+            body = None
+            if len(models) > 1 or self._affinity_key is not None:
+                body = _read_json(request)
+        model = body.get("model") if body is not None else None
+        model = model if isinstance(model, str) else None
         key = None
         if self._affinity_key is not None:
             key = self._affinity_key(request.headers, body)
-        info = RequestInfo(model=model if isinstance(model, str) else None, affinity_key=key)
+        # With one model served every node qualifies: the strategy need not filter.
+        info = RequestInfo(model=model if len(models) > 1 else None, affinity_key=key)
         plan = RequestPlan(self, request, info)
-        if info.model is not None and info.model not in models:
-            plan.immediate = _unknown_model(request, info.model, models)
+        if model is not None and models and model not in models:
+            plan.immediate = _unknown_model(request, model, models)
         return plan
 
     def starved(self, model: str | None) -> None:

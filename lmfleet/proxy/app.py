@@ -1,0 +1,196 @@
+"""`create_app(fleet)`: the proxy as a thin raw-ASGI app over the fleet's router.
+
+Dispatch is one dict lookup; every POST under `/v1/` (plus `/generate` and
+`/pooling`) is forwarded raw by `forward.py`. Per-app objects (the upstream
+transport, the metrics) live in the lifespan state, never in module globals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpx2
+
+from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
+from lmfleet.proxy import admin_api, nodes_api
+from lmfleet.proxy.asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, send_error
+from lmfleet.proxy.forward import forward
+from lmfleet.proxy.metrics import ProxyMetrics
+from lmfleet.proxy.nodes_api import BadRequest
+from lmfleet.proxy.options import ProxyOptions
+from lmfleet.transport import AsyncFleetTransport
+
+if TYPE_CHECKING:
+    from lmfleet import LMFleet
+
+log = logging.getLogger("lmfleet.proxy")
+STATE_KEY = "lmfleet.proxy"
+
+Handler = Callable[[Scope, Receive, Send, "Runtime"], Awaitable[None]]
+
+ROUTES: dict[str, dict[str, Handler]] = {
+    "/health": {"GET": admin_api.health},
+    "/metrics": {"GET": admin_api.metrics},
+    "/v1/models": {"GET": admin_api.models},
+    "/nodes/status": {"GET": nodes_api.status},
+    "/nodes/add": {"POST": nodes_api.add},
+    "/nodes/remove": {"POST": nodes_api.remove},
+    "/nodes/terminate": {"POST": nodes_api.terminate},
+    "/nodes/terminate_all": {"GET": nodes_api.terminate_all},
+    "/fleet/status": {"GET": admin_api.fleet_status},
+    "/fleet/sleep": {"POST": admin_api.sleep},
+    "/fleet/wakeup": {"POST": admin_api.wakeup},
+    "/fleet/drain": {"POST": admin_api.drain},
+    "/generate": {"POST": forward},
+    "/pooling": {"POST": forward},
+}
+FORWARD: dict[str, Handler] = {"POST": forward}
+"""Every other `/v1/*` path: chat, completions, embeddings, encode, responses, ..."""
+
+KNOWN_FORWARDS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/encode", "/v1/responses"}
+)
+
+
+@dataclass
+class Runtime:
+    """What one running app owns: created at lifespan startup, closed at shutdown."""
+
+    fleet: LMFleet
+    options: ProxyOptions
+    port: int
+    transport: AsyncFleetTransport
+    metrics: ProxyMetrics
+    timeout: dict[str, float | None]
+
+
+class ProxyApp:
+    """The ASGI callable. `port` is the bound port (to refuse registering the proxy itself)."""
+
+    def __init__(self, fleet: LMFleet, options: ProxyOptions, port: int) -> None:
+        self.fleet = fleet
+        self.options = options
+        self.port = port
+        self._keys = [b"Bearer " + k.encode() for k in options.api_keys]
+        self._public = frozenset(options.public_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+
+    # -- lifespan -------------------------------------------------------------------
+
+    def _open(self) -> Runtime:
+        routing = self.fleet.options.routing
+        limits = httpx2.Limits(
+            max_connections=routing.max_connections,
+            max_keepalive_connections=routing.max_connections,
+        )
+        inner = httpx2.AsyncHTTPTransport(limits=limits)
+        wait = self.options.upstream_timeout
+        return Runtime(
+            fleet=self.fleet,
+            options=self.options,
+            port=self.port,
+            transport=AsyncFleetTransport(self.fleet.router, inner),
+            metrics=ProxyMetrics(self.fleet),
+            timeout={"connect": routing.connect_timeout, "read": wait, "write": wait, "pool": wait},
+        )
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime: Runtime | None = None
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                runtime = self._open()
+                scope["state"][STATE_KEY] = runtime
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if runtime is not None:
+                    await runtime.transport.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- requests -------------------------------------------------------------------
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = b""
+        for key, value in scope["headers"]:
+            if key.lower() == b"authorization":
+                given = bytes(value)
+                break
+        ok = False
+        for accepted in self._keys:
+            ok |= hmac.compare_digest(given, accepted)
+        return ok
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rt: Runtime = scope["state"][STATE_KEY]
+        path: str = scope["path"]
+        methods = ROUTES.get(path)
+        if methods is None and path.startswith("/v1/"):
+            methods = FORWARD
+        if methods is None:
+            await send_error(send, 404, f"No route {path}.", type="not_found")
+            return
+        if self._keys and path not in self._public and not self._authorized(scope):
+            rt.metrics.error("unauthorized")
+            await send_error(send, 401, "Unauthorized.", type="authentication_error")
+            return
+        handler = methods.get(scope["method"])
+        if handler is None:
+            allow = ", ".join(methods).encode()
+            await send_error(
+                send,
+                405,
+                f"Method {scope['method']} not allowed on {path}.",
+                headers=[(b"allow", allow)],
+            )
+            return
+        rt.metrics.request(path if methods is not FORWARD or path in KNOWN_FORWARDS else "/v1/*")
+        if handler is forward:
+            rt.metrics.inflight.inc()
+            try:
+                await self._guarded(handler, scope, receive, send, rt)
+            finally:
+                rt.metrics.inflight.dec()
+        else:
+            await self._guarded(handler, scope, receive, send, rt)
+
+    async def _guarded(
+        self, handler: Handler, scope: Scope, receive: Receive, send: Send, rt: Runtime
+    ) -> None:
+        """Map every failure to an OpenAI-shaped answer; never a traceback to the client."""
+        try:
+            await handler(scope, receive, send, rt)
+        except ClientGone:
+            return
+        except (BadRequest, ConfigError) as exc:
+            await send_error(send, 400, str(exc))
+        except BodyTooLarge:
+            await send_error(send, 413, "The request body is too large.")
+        except UnknownNodeError as exc:
+            await send_error(send, 404, str(exc), type="not_found")
+        except NodeCommandError as exc:
+            await send_error(send, 502, str(exc), type="bad_gateway")
+        except Exception:  # the catch-all: logged, answered as a generic 500
+            log.exception("proxy error on %s %s", scope["method"], scope["path"])
+            rt.metrics.error("internal")
+            with contextlib.suppress(Exception):  # the response may have started already
+                await send_error(
+                    send, 500, "Internal proxy error; see the proxy log.", type="internal_error"
+                )
+
+
+def create_app(fleet: LMFleet, options: ProxyOptions | None = None, *, port: int = 0) -> ProxyApp:
+    """The proxy's ASGI app for `fleet` (serve it with uvicorn: `fleet.serve()` does)."""
+    opts = options or ProxyOptions()
+    return ProxyApp(fleet, opts, port or opts.port)

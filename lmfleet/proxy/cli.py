@@ -1,0 +1,139 @@
+"""`lmfleet serve`: the proxy in the foreground. Flags mirror `lmdeploy serve proxy`.
+
+Settings come from arguments and the environment here only:
+`LMFLEET_NODE_API_KEY` (the nodes' key) and `LMFLEET_API_KEYS` (client keys,
+comma-separated) are read when the matching flag is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from lmfleet.proxy.options import ProxyOptions
+
+STRATEGIES = (
+    "least_connections",
+    "round_robin",
+    "random",
+    "power_of_two",
+    "prefix_affinity",
+    "min_observed_latency",
+    "min_expected_latency",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ProxyOptions()
+    add = parser.add_argument
+    add(
+        "--node",
+        dest="nodes",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a node to route to (repeat); nodes may also register via POST /nodes/add",
+    )
+    add(
+        "--server-name",
+        "--host",
+        dest="host",
+        default=defaults.host,
+        help="bind address (default 127.0.0.1; LMDeploy's proxy defaults to 0.0.0.0)",
+    )
+    add(
+        "--server-port",
+        "--port",
+        dest="port",
+        type=int,
+        default=defaults.port,
+        help="bind port (default 8000)",
+    )
+    add(
+        "--routing-strategy",
+        "--strategy",
+        dest="strategy",
+        default="least_connections",
+        choices=STRATEGIES,
+        help="how a node is picked per request",
+    )
+    add(
+        "--api-keys",
+        nargs="+",
+        default=None,
+        metavar="KEY",
+        help="keys clients must send as 'Authorization: Bearer KEY'",
+    )
+    add("--node-api-key", default=None, help="the nodes' own key (never shown to clients)")
+    add(
+        "--state-file",
+        type=Path,
+        default=None,
+        help="JSON file that keeps registered nodes across restarts",
+    )
+    add("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    add(
+        "--upstream-timeout",
+        type=float,
+        default=defaults.upstream_timeout,
+        help="seconds to wait for a node's next byte before 504",
+    )
+    add("--health-interval", type=float, default=None, help="seconds between node probes")
+    add(
+        "--wait-for-node",
+        type=float,
+        default=None,
+        help="seconds a request waits for a healthy node before 503",
+    )
+    add("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    add("--access-log", action="store_true", help="log every request")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmfleet import LMFleet
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    node_key = args.node_api_key or os.environ.get("LMFLEET_NODE_API_KEY") or None
+    keys = args.api_keys
+    if keys is None and os.environ.get("LMFLEET_API_KEYS"):
+        keys = [k for k in os.environ["LMFLEET_API_KEYS"].split(",") if k]
+    options = ProxyOptions(
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(keys or ()),
+        state_file=args.state_file,
+        max_body_bytes=args.max_body_bytes,
+        upstream_timeout=args.upstream_timeout,
+        log_level=args.log_level.lower(),
+        access_log=args.access_log,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    fleet = LMFleet.attach(
+        args.nodes,
+        strategy=args.strategy,
+        api_key=node_key,
+        health_interval=args.health_interval,
+        wait_for_node=args.wait_for_node,
+    )
+    try:
+        server = fleet.serve(options=options)
+        print(f"lmfleet proxy on {server.url} ({len(args.nodes)} node(s))", file=sys.stderr)
+        while not stop.wait(0.5):
+            pass
+        server.stop()
+    finally:
+        fleet.close()
+    return 0

@@ -1,0 +1,174 @@
+"""The hot path: one client request, forwarded raw through the fleet's router.
+
+Raw bytes in, raw bytes out. The body is parsed at most once, only to reject
+malformed JSON and unknown models, and the parsed dict is handed to the router so
+it does not parse again. The upstream response is streamed chunk by chunk and is
+always closed (client disconnect included), which frees the node's in-flight slot
+and cancels the upstream request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx2
+
+from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError
+from lmfleet.proxy.asgi import (
+    BodyTooLarge,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    send_error,
+)
+from lmfleet.transport.router import PARSED_BODY
+
+if TYPE_CHECKING:
+    from lmfleet.proxy.app import Runtime
+
+log = logging.getLogger("lmfleet.proxy")
+
+PLACEHOLDER = "http://lmfleet.invalid"
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"host",
+        b"content-length",
+    }
+)
+"""Request headers that describe one hop, never forwarded (content-length is recomputed)."""
+
+RESPONSE_DROP = frozenset(HOP_BY_HOP - {b"content-length"})
+"""The body is forwarded raw, so the node's content-length stays true and is kept."""
+
+
+def _request_headers(scope: Scope, drop_auth: bool) -> list[tuple[bytes, bytes]]:
+    drop = HOP_BY_HOP | {b"authorization"} if drop_auth else HOP_BY_HOP
+    return [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
+
+
+def _parse(scope: Scope, body: bytes) -> tuple[Any, str | None]:
+    """(parsed JSON, None), or (None, error message) for a malformed JSON body."""
+    if not body:
+        return None, None
+    for key, value in scope["headers"]:
+        if key.lower() == b"content-type" and b"json" not in value.lower():
+            return None, None  # multipart, octet-stream: forwarded as is
+    try:
+        return json.loads(body), None
+    except ValueError as exc:
+        return None, f"The request body is not valid JSON: {exc}"
+
+
+async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+    try:
+        body = await read_body(scope, receive, rt.options.max_body_bytes)
+    except BodyTooLarge:
+        rt.metrics.error("body_too_large")
+        await send_error(send, 413, f"The request body is over {rt.options.max_body_bytes} bytes.")
+        return
+    except ClientGone:
+        return
+    parsed, problem = _parse(scope, body)
+    if problem is not None:
+        rt.metrics.error("bad_json")
+        await send_error(send, 400, problem)
+        return
+    query = scope.get("query_string", b"")
+    url = PLACEHOLDER + scope["path"] + ("?" + query.decode("latin-1") if query else "")
+    request = httpx2.Request(
+        scope["method"],
+        url,
+        headers=_request_headers(scope, bool(rt.options.api_keys)),
+        content=body,
+        extensions={"timeout": rt.timeout, PARSED_BODY: parsed},
+    )
+    started = time.monotonic()
+    try:
+        response = await rt.transport.handle_async_request(request)
+    except NoHealthyNodeError as exc:
+        rt.metrics.error("no_healthy_node")
+        retry = str(max(1, math.ceil(rt.fleet.options.health.interval))).encode()
+        await send_error(
+            send,
+            503,
+            str(exc),
+            type="service_unavailable",
+            headers=[(b"retry-after", retry), (b"x-should-retry", b"true")],
+        )
+        return
+    except NodeUnavailableError as exc:
+        rt.metrics.error("node_unavailable")
+        await send_error(send, 502, str(exc), type="bad_gateway")
+        return
+    except httpx2.TimeoutException as exc:
+        rt.metrics.error("upstream_timeout")
+        await send_error(send, 504, f"The node did not answer in time: {exc!r}", type="timeout")
+        return
+    except httpx2.TransportError as exc:
+        rt.metrics.error("upstream_error")
+        await send_error(send, 502, f"The node failed: {exc!r}", type="bad_gateway")
+        return
+    try:
+        await _relay(response, request.url, receive, send, rt, started)
+    finally:
+        await response.aclose()
+
+
+async def _relay(
+    response: httpx2.Response,
+    target: httpx2.URL,
+    receive: Receive,
+    send: Send,
+    rt: Runtime,
+    started: float,
+) -> None:
+    node = f"{target.scheme}://{target.netloc.decode('ascii')}"
+    headers = [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    first: float | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
+        try:
+            stream = response.stream
+            assert isinstance(stream, httpx2.AsyncByteStream)
+            async for chunk in stream:
+                if first is None:
+                    first = time.monotonic()
+                    rt.metrics.ttft(node, first - started)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx2.TransportError as exc:
+            # A started response is never replayed: end the client's connection
+            # abruptly (returning without completing makes uvicorn close it).
+            rt.metrics.error("interrupted")
+            log.warning("stream from %s cut after it started: %r", node, exc)
+            tg.cancel_scope.cancel()
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        rt.metrics.latency(node, time.monotonic() - started)
+        tg.cancel_scope.cancel()
+
+
+async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    """The body is already read: the next message can only be the disconnect."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return

@@ -1,0 +1,108 @@
+"""Prometheus metrics for one proxy app, in its own `CollectorRegistry`.
+
+Node counters and states are read from registry snapshots at scrape time (a
+custom collector: nothing to update per request); latency and TTFT histograms
+are observed per request by the hot path, labelled by node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from lmfleet.state import NodeStatus
+
+if TYPE_CHECKING:
+    from lmfleet import LMFleet
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _NodeCollector(Collector):
+    def __init__(self, fleet: LMFleet) -> None:
+        self._fleet = fleet
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        nodes = self._fleet.registry.snapshot()
+        inflight = GaugeMetricFamily(
+            "lmfleet_node_inflight", "requests in flight on the node", labels=["node"]
+        )
+        served = CounterMetricFamily(
+            "lmfleet_node_requests", "requests the node completed", labels=["node"]
+        )
+        errors = CounterMetricFamily(
+            "lmfleet_node_errors", "requests that failed on the node", labels=["node"]
+        )
+        state = GaugeMetricFamily(
+            "lmfleet_node_state", "1 for the node's current state", labels=["node", "state"]
+        )
+        latency = GaugeMetricFamily(
+            "lmfleet_node_latency_seconds", "smoothed request latency", labels=["node"]
+        )
+        for node in nodes:
+            inflight.add_metric([node.url], node.inflight)
+            served.add_metric([node.url], node.served)
+            errors.add_metric([node.url], node.errors)
+            for status in NodeStatus:
+                state.add_metric([node.url, status.value], 1.0 if node.status is status else 0.0)
+            if node.latency is not None:
+                latency.add_metric([node.url], node.latency)
+        yield from (inflight, served, errors, state, latency)
+
+
+class ProxyMetrics:
+    """The proxy's metrics; one per app."""
+
+    def __init__(self, fleet: LMFleet) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_NodeCollector(fleet))
+        self._requests = Counter(
+            "lmfleet_proxy_requests",
+            "requests the proxy answered",
+            ["route"],
+            registry=self.registry,
+        )
+        self._errors = Counter(
+            "lmfleet_proxy_errors",
+            "requests the proxy answered with an error",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "lmfleet_proxy_inflight", "requests in flight in the proxy", registry=self.registry
+        )
+        self._latency = Histogram(
+            "lmfleet_proxy_request_duration_seconds",
+            "time from forwarding to the last byte, per node",
+            ["node"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self._ttft = Histogram(
+            "lmfleet_proxy_ttft_seconds",
+            "time from forwarding to the first body byte, per node",
+            ["node"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+
+    def request(self, route: str) -> None:
+        self._requests.labels(route).inc()
+
+    def error(self, kind: str) -> None:
+        self._errors.labels(kind).inc()
+
+    def latency(self, node: str, seconds: float) -> None:
+        self._latency.labels(node).observe(seconds)
+
+    def ttft(self, node: str, seconds: float) -> None:
+        self._ttft.labels(node).observe(seconds)
+
+    def render(self) -> bytes:
+        data: bytes = generate_latest(self.registry)
+        return data

@@ -1,0 +1,154 @@
+"""Run the proxy app under uvicorn inside the fleet's own event loop.
+
+`start_server(fleet, options)` binds the listening socket first (so "port in use"
+is a clear error in the caller, not uvicorn's `sys.exit`), starts uvicorn's
+`Server.serve(sockets=[sock])` as a task in the fleet's task group, and returns
+once it is accepting connections. `ProxyServer.stop()` ends it; so does closing
+the fleet (its task group is cancelled).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+import anyio
+import uvicorn
+from anyio.abc import TaskStatus
+
+from lmfleet.errors import ConfigError, FleetClosedError, LMFleetError
+from lmfleet.proxy import state_file
+from lmfleet.proxy.app import create_app
+from lmfleet.proxy.options import ProxyOptions
+
+if TYPE_CHECKING:
+    from lmfleet import LMFleet
+
+log = logging.getLogger("lmfleet.proxy")
+SHUTDOWN_GRACE = 5
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"cannot serve on {host}:{port}: the port is in use") from exc
+        raise ConfigError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
+
+
+class ProxyServer:
+    """A running proxy: `url`, `stop()` (idempotent)."""
+
+    def __init__(self, fleet: LMFleet, options: ProxyOptions) -> None:
+        self._fleet = fleet
+        self.options = options
+        self._sock = _bind(options.host, options.port)
+        self.port: int = self._sock.getsockname()[1]
+        shown = "127.0.0.1" if options.host in ("0.0.0.0", "") else options.host
+        shown = f"[{shown}]" if ":" in shown else shown
+        self.url = f"http://{shown}:{self.port}"
+        app = create_app(fleet, options, port=self.port)
+        config = uvicorn.Config(
+            app,
+            lifespan="on",
+            interface="asgi3",
+            log_config=None,
+            log_level=options.log_level.lower(),
+            access_log=options.access_log,
+            proxy_headers=False,
+            server_header=False,
+            date_header=False,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE,
+        )
+        self._server = uvicorn.Server(config)
+        self._finished: anyio.Event | None = None
+        self._stopped = False
+
+    @property
+    def running(self) -> bool:
+        return self._finished is not None and not self._finished.is_set()
+
+    async def _run(self, *, task_status: TaskStatus[None]) -> None:
+        self._finished = anyio.Event()
+        server = self._server
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._serve)
+                while not server.started:
+                    if self._finished.is_set():
+                        raise LMFleetError(f"the proxy on {self.url} failed to start; see the log")
+                    await anyio.sleep(0.01)
+                log.info("lmfleet proxy listening on %s", self.url)
+                task_status.started()
+        finally:
+            self._sock.close()
+            self._finished.set()
+
+    async def _serve(self) -> None:
+        assert self._finished is not None
+        server = self._server
+        try:
+            await server.serve(sockets=[self._sock])
+        except SystemExit:  # uvicorn's answer to a failed lifespan startup
+            log.error("the proxy's startup failed")
+        finally:
+            if server.started and not self._finished.is_set():
+                # Cancelled with the fleet: a bounded graceful shutdown, shielded.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE):
+                    if not server.should_exit:
+                        server.should_exit = True
+                        await server.shutdown(sockets=[self._sock])
+            self._finished.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let requests in flight finish (bounded), close. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        fleet = self._fleet
+        if fleet._closed or self._finished is None:
+            return
+
+        async def stop() -> None:
+            self._server.should_exit = True
+            assert self._finished is not None
+            with anyio.move_on_after(timeout):
+                await self._finished.wait()
+
+        fleet._loop.run(stop)
+
+    def __repr__(self) -> str:
+        return f"<ProxyServer {self.url} {'running' if self.running else 'stopped'}>"
+
+
+def start_server(fleet: LMFleet, options: ProxyOptions) -> ProxyServer:
+    """Start serving `fleet` in its own loop; return when the port accepts connections."""
+    if fleet._closed:
+        raise FleetClosedError("this fleet is closed")
+    if fleet._loop.in_loop_thread():
+        raise RuntimeError("fleet.serve() blocks; call it outside the fleet's event loop")
+    if options.state_file is not None:
+        loaded = state_file.load(options.state_file, fleet)
+        if loaded:
+            log.info("restored %d node(s) from %s", loaded, options.state_file)
+    server = ProxyServer(fleet, options)
+    tg = fleet._tg
+    assert tg is not None
+    try:
+        fleet._loop.portal.call(tg.start, server._run)
+    except BaseException:
+        server._sock.close()
+        raise
+    if options.state_file is not None:
+        state_file.save(options.state_file, fleet)
+    return server

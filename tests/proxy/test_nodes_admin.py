@@ -1,0 +1,130 @@
+"""LMDeploy's `/nodes/*` (self-registration included), `/fleet/*`, and the state file."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx2
+import openai
+from support import StartSim, chat, sim_served, sim_stats
+
+from lmfleet import LMFleet, NodeStatus
+from lmfleet.proxy import ProxyServer
+
+Served = tuple[LMFleet, ProxyServer]
+FAST = ("--health-poll-interval", "0.2", "--ttft-ms", "2", "--tpot-ms", "1")
+MODEL = "internlm/internlm2_5-7b-chat"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def _healthy(fleet: LMFleet) -> int:
+    return sum(1 for n in fleet.nodes if n.state is NodeStatus.HEALTHY)
+
+
+def test_self_registration_remove_and_validation(
+    serve_fleet: Callable[..., Served], start_sim: StartSim
+) -> None:
+    fleet, server = serve_fleet([])
+    joined = start_sim(*FAST, "--proxy-url", server.url, "--startup-delay", "0.3", wait=False)
+    wait_until(lambda: _healthy(fleet) == 1)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    for i in range(3):
+        chat(client, MODEL, f"r{i}", max_tokens=2)
+    assert sim_served(joined.url) == 3
+    status = httpx2.get(server.url + "/nodes/status").json()
+    entry = status[joined.url]
+    assert entry["models"] == [MODEL] and entry["role"] == 1 and entry["unfinished"] == 0
+    assert entry["state"] == "healthy"
+
+    other = start_sim(*FAST)
+    added = httpx2.post(server.url + "/nodes/add", json={"url": other.url})
+    assert added.json() == {"message": "Added successfully", "url": other.url}
+    wait_until(lambda: _healthy(fleet) == 2)
+    removed = httpx2.post(server.url + "/nodes/remove", json={"url": joined.url})
+    assert removed.json() == {"message": "Removed successfully", "url": joined.url}
+    for i in range(3):
+        chat(client, MODEL, f"s{i}", max_tokens=2)
+    assert sim_served(joined.url) == 3 and sim_served(other.url) == 3
+
+    for bad in (
+        "ftp://x:1",
+        "http://",
+        "not a url at all/",
+        server.url,
+        f"http://localhost:{server.port}",
+    ):
+        response = httpx2.post(server.url + "/nodes/add", json={"url": bad})
+        assert response.status_code == 400, bad
+    assert httpx2.post(server.url + "/nodes/add", content=b"{").status_code == 400
+    missing = httpx2.post(server.url + "/nodes/remove", json={"url": "http://127.0.0.1:1"})
+    assert missing.status_code == 404 and missing.json()["object"] == "error"
+
+
+def test_terminate_and_terminate_all(
+    serve_fleet: Callable[..., Served], start_sim: StartSim
+) -> None:
+    nodes = [start_sim(*FAST, "--allow-terminate-by-client") for _ in range(3)]
+    fleet, server = serve_fleet([n.url for n in nodes])
+    done = httpx2.post(server.url + "/nodes/terminate", json={"url": nodes[0].url}, timeout=20)
+    assert done.json() == {"message": "Terminated successfully", "url": nodes[0].url}
+    wait_until(lambda: nodes[0].process.returncode is not None)
+    assert nodes[0].url not in [n.url for n in fleet.nodes]
+    everything = httpx2.get(server.url + "/nodes/terminate_all", timeout=20)
+    assert everything.json() == {"message": "All nodes terminated successfully"}
+    wait_until(lambda: all(n.process.returncode is not None for n in nodes))
+    assert fleet.nodes == []
+
+
+def test_fleet_admin_routes(serve_fleet: Callable[..., Served], start_sim: StartSim) -> None:
+    nodes = [start_sim(*FAST) for _ in range(2)]
+    fleet, server = serve_fleet([n.url for n in nodes])
+    url = server.url
+    first = nodes[0].url
+    slept = httpx2.post(url + "/fleet/sleep", params={"level": 1, "node": first}, timeout=30)
+    assert slept.status_code == 200, slept.text
+    assert {n.url: n.state for n in fleet.nodes}[first] is NodeStatus.SLEEPING
+    assert sim_stats(first)["sleeping"] is True
+    status = httpx2.get(url + "/fleet/status").json()
+    assert {n["url"]: n["state"] for n in status["nodes"]}[first] == "sleeping"
+    assert httpx2.post(url + "/fleet/sleep", params={"level": 3}).status_code == 400
+    woke = httpx2.post(url + "/fleet/wakeup", timeout=30)
+    assert woke.status_code == 200, woke.text
+    wait_until(lambda: _healthy(fleet) == 2)
+    drained = httpx2.post(url + "/fleet/drain", json={"url": first, "timeout": 5}, timeout=30)
+    assert drained.json() == {"url": first, "drained": True}
+    assert {n.url: n.state for n in fleet.nodes}[first] is NodeStatus.STOPPED
+    unknown = httpx2.post(url + "/fleet/drain", json={"url": "http://127.0.0.1:1"})
+    assert unknown.status_code == 404
+
+
+def test_state_file_survives_a_restart(start_sim: StartSim, tmp_path: Path) -> None:
+    state = tmp_path / "nodes.json"
+    node = start_sim(*FAST)
+    fleet = LMFleet.attach([], health_interval=0.2)
+    try:
+        server = fleet.serve(port=0, state_file=state)
+        httpx2.post(server.url + "/nodes/add", json={"url": node.url, "status": {"role": 1}})
+        saved = json.loads(state.read_text())
+        assert saved["nodes"] == [{"url": node.url, "models": [], "role": 1}]
+    finally:
+        fleet.close()
+    again = LMFleet.attach([], health_interval=0.2)
+    try:
+        server = again.serve(port=0, state_file=state)
+        wait_until(lambda: _healthy(again) == 1)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        assert chat(client, MODEL, "back", max_tokens=2).choices[0].message.content
+        httpx2.post(server.url + "/nodes/remove", json={"url": node.url})
+        assert json.loads(state.read_text())["nodes"] == []
+    finally:
+        again.close()
