@@ -1,8 +1,9 @@
 """`lmfleet demo`: the main job on the embedded default, with no GPU.
 
 Starts simulated LMDeploy nodes (one of them 3x slower), routes a batch of chat
-requests over them through a real `openai.AsyncOpenAI`, then puts a node to sleep
-and shows the traffic moving, printing what went where at each step.
+requests over them through a real `openai.AsyncOpenAI`, serves the same routing
+as an HTTP proxy and sends a batch through it with a plain `openai.OpenAI`, then
+puts a node to sleep and shows the traffic moving, printing what went where.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections import Counter
 
 import anyio
+import openai
 from openai.types.chat import ChatCompletionMessageParam
 
 from lmfleet.fleet import LMFleet
@@ -25,9 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", default="least_connections")
 
 
-async def _burst(fleet: LMFleet, requests: int, concurrency: int) -> tuple[int, float]:
-    """Send `requests` chat completions (every other one streamed); return (ok, seconds)."""
-    client = fleet.async_client()
+async def _burst(
+    fleet: LMFleet, requests: int, concurrency: int, base_url: str | None = None
+) -> tuple[int, float]:
+    """Send `requests` chat completions (every other one streamed); return (ok, seconds).
+
+    Routed in-process by default; with `base_url`, through the proxy at that URL.
+    """
+    client = (
+        fleet.async_client()
+        if base_url is None
+        else openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
+    )
     limiter = anyio.Semaphore(concurrency)
     ok = 0
 
@@ -86,6 +97,19 @@ def run(args: argparse.Namespace) -> int:
             fleet.status(),
         )
 
+        server = fleet.serve(port=0)
+        print(f"\nServing the same routing as an HTTP proxy at {server.url} (fleet.serve())")
+        before = _served(fleet.status())
+        ok, took = anyio.run(
+            _burst, fleet, args.requests // 2, args.concurrency, server.url + "/v1"
+        )
+        _report(
+            f"{ok}/{args.requests // 2} requests through the proxy in {took:.1f} s "
+            "(a plain openai.AsyncOpenAI pointed at it):",
+            before,
+            fleet.status(),
+        )
+
         sleeper = fleet.nodes[0].url
         print(f"\nPutting {sleeper} to sleep (drained first, then POST /sleep)...")
         fleet.sleep(level=1, nodes=[sleeper])
@@ -99,5 +123,6 @@ def run(args: argparse.Namespace) -> int:
         _report(f"{ok}/{args.requests // 2} requests after wakeup:", before, fleet.status())
         print()
         print(fleet)
-    print("\nAll nodes stopped.")
+        server.stop()
+    print("\nProxy and all nodes stopped.")
     return 0
