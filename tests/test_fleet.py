@@ -15,7 +15,7 @@ import psutil
 import pytest
 from support import StartSim, chat, sim_served
 
-from lmfleet import LMFleet, NodeStatus, StreamInterruptedError
+from lmfleet import LMFleet, NodeStatus, NoHealthyNodeError, StreamInterruptedError
 from lmfleet.routing import RandomStrategy
 
 MODEL = "internlm/internlm2_5-7b-chat"
@@ -313,3 +313,28 @@ def test_close_after_an_exception_inside_with() -> None:
         pids = [proc.pid for proc in fleet._processes.values()]
         raise RuntimeError("boom")
     wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), timeout=10)
+
+
+def test_no_healthy_node_is_a_typed_error_after_wait_for_node(
+    fleet_of: Callable[..., LMFleet],
+) -> None:
+    fleet = fleet_of("least_connections", wait_for_node=0.3)
+    fleet.sleep()
+    client = fleet.client(max_retries=0)
+    with pytest.raises(openai.APIConnectionError) as caught:
+        chat(client, fleet.model, "anyone?", max_tokens=1)
+    cause = caught.value.__cause__
+    assert isinstance(cause, NoHealthyNodeError)
+    assert "within 0.3 s" in str(cause) and "sleeping" in str(cause)
+
+
+@pytest.mark.anyio
+async def test_async_context_manager(three_nodes: list[str]) -> None:
+    async with LMFleet.attach(three_nodes, health_interval=0.2) as fleet:
+        await anyio.to_thread.run_sync(lambda: fleet.wait_ready(timeout=30))
+        async with fleet.async_client() as client:
+            reply = await client.chat.completions.create(
+                model=fleet.model, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+            )
+        assert reply.choices[0].finish_reason == "length"
+    assert repr(fleet) == "<LMFleet closed>"
