@@ -14,8 +14,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import httpx2
-
 from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
 from lmfleet.proxy import admin_api, nodes_api
 from lmfleet.proxy.asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, send_error
@@ -24,6 +22,7 @@ from lmfleet.proxy.metrics import ProxyMetrics
 from lmfleet.proxy.nodes_api import BadRequest
 from lmfleet.proxy.options import ProxyOptions
 from lmfleet.transport import AsyncFleetTransport
+from lmfleet.transport.http11 import Http11Transport
 
 if TYPE_CHECKING:
     from lmfleet import LMFleet
@@ -90,11 +89,7 @@ class ProxyApp:
 
     def _open(self) -> Runtime:
         routing = self.fleet.options.routing
-        limits = httpx2.Limits(
-            max_connections=routing.max_connections,
-            max_keepalive_connections=routing.max_connections,
-        )
-        inner = httpx2.AsyncHTTPTransport(limits=limits)
+        inner = Http11Transport(max_idle_per_origin=routing.max_connections)
         wait = self.options.upstream_timeout
         return Runtime(
             fleet=self.fleet,
