@@ -11,8 +11,10 @@ import contextlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import httpx2
 
 from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
 from lmfleet.proxy import admin_api, nodes_api
@@ -66,6 +68,7 @@ class Runtime:
     transport: AsyncFleetTransport
     metrics: ProxyMetrics
     timeout: dict[str, float | None]
+    urls: dict[tuple[str, bytes], httpx2.URL] = field(default_factory=dict)
 
 
 class ProxyApp:

@@ -28,7 +28,7 @@ from lmfleet.proxy.asgi import (
     read_body,
     send_error,
 )
-from lmfleet.transport.router import PARSED_BODY
+from lmfleet.transport.router import PARSED_BODY, URL_CACHE_SIZE
 
 if TYPE_CHECKING:
     from lmfleet.proxy.app import Runtime
@@ -76,6 +76,19 @@ def _parse(scope: Scope, body: bytes) -> tuple[Any, str | None]:
         return None, f"The request body is not valid JSON: {exc}"
 
 
+def _placeholder_url(rt: Runtime, scope: Scope) -> httpx2.URL:
+    """The request's URL before routing; parsed once per path (the router re-aims it)."""
+    key = (scope["path"], scope.get("query_string", b""))
+    url = rt.urls.get(key)
+    if url is None:
+        if len(rt.urls) >= URL_CACHE_SIZE:
+            rt.urls.clear()
+        path, query = key
+        url = httpx2.URL(PLACEHOLDER + path + ("?" + query.decode("latin-1") if query else ""))
+        rt.urls[key] = url
+    return url
+
+
 async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
     try:
         body = await read_body(scope, receive, rt.options.max_body_bytes)
@@ -90,11 +103,9 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
         rt.metrics.error("bad_json")
         await send_error(send, 400, problem)
         return
-    query = scope.get("query_string", b"")
-    url = PLACEHOLDER + scope["path"] + ("?" + query.decode("latin-1") if query else "")
     request = httpx2.Request(
         scope["method"],
-        url,
+        _placeholder_url(rt, scope),
         headers=_request_headers(scope, bool(rt.options.api_keys)),
         content=body,
         extensions={"timeout": rt.timeout, PARSED_BODY: parsed},

@@ -45,6 +45,9 @@ POLL_INTERVAL = 0.05
 
 StarvedHook = Callable[[str | None], None]
 
+URL_CACHE_SIZE = 4096
+"""Node URLs per (node, path) kept parsed; cleared whole when full (query strings vary)."""
+
 PARSED_BODY = "lmfleet.parsed_body"
 """Request extension holding a body its sender already parsed (the proxy), so the
 router does not parse it twice."""
@@ -75,7 +78,7 @@ class Router:
         self.options = options
         self._on_starved = on_starved
         self._affinity_key = affinity_key if wants_affinity_key(strategy) else None
-        self._urls: dict[str, httpx2.URL] = {}
+        self._urls: dict[tuple[str, bytes], httpx2.URL] = {}
 
     def plan(self, request: httpx2.Request, body: Any = None) -> RequestPlan:
         """Start routing `request`; read its body only when routing needs it.
@@ -107,12 +110,19 @@ class Router:
             self._on_starved(model)
 
     def target(self, request: httpx2.Request, node: NodeState) -> None:
-        """Point `request` at `node` and give it the node's own key."""
-        base = self._urls.get(node.url)
-        if base is None:
-            base = self._urls[node.url] = httpx2.URL(node.url)
-        request.url = request.url.copy_with(scheme=base.scheme, host=base.host, port=base.port)
-        request.headers["Host"] = base.netloc.decode("ascii")
+        """Point `request` at `node` and give it the node's own key.
+
+        Building a URL means parsing one, the costliest step of routing; requests go
+        to a handful of paths on a handful of nodes, so the results are cached.
+        """
+        path = request.url.raw_path
+        url = self._urls.get((node.url, path))
+        if url is None:
+            if len(self._urls) >= URL_CACHE_SIZE:
+                self._urls.clear()
+            url = self._urls[(node.url, path)] = httpx2.URL(node.url + path.decode("ascii"))
+        request.url = url
+        request.headers["Host"] = url.netloc.decode("ascii")
         if node.api_key:
             request.headers["Authorization"] = f"Bearer {node.api_key}"
 
