@@ -18,7 +18,15 @@ import httpx2
 
 from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
 from lmfleet.proxy import admin_api, nodes_api
-from lmfleet.proxy.asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, send_error
+from lmfleet.proxy.asgi import (
+    BodyTimeout,
+    BodyTooLarge,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    send_error,
+)
 from lmfleet.proxy.forward import forward
 from lmfleet.proxy.metrics import ProxyMetrics
 from lmfleet.proxy.nodes_api import BadRequest
@@ -53,6 +61,9 @@ ROUTES: dict[str, dict[str, Handler]] = {
 FORWARD: dict[str, Handler] = {"POST": forward}
 """Every other `/v1/*` path: chat, completions, embeddings, encode, responses, ..."""
 
+ADMIN_PREFIXES = ("/nodes/", "/fleet/")
+"""Routes that change or reveal the fleet; with `admin_keys` set only those keys open them."""
+
 KNOWN_FORWARDS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/encode", "/v1/responses"}
 )
@@ -79,6 +90,7 @@ class ProxyApp:
         self.options = options
         self.port = port
         self._keys = [b"Bearer " + k.encode() for k in options.api_keys]
+        self._admin_keys = [b"Bearer " + k.encode() for k in options.admin_keys]
         self._public = frozenset(options.public_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -119,17 +131,6 @@ class ProxyApp:
 
     # -- requests -------------------------------------------------------------------
 
-    def _authorized(self, scope: Scope) -> bool:
-        given = b""
-        for key, value in scope["headers"]:
-            if key.lower() == b"authorization":
-                given = bytes(value)
-                break
-        ok = False
-        for accepted in self._keys:
-            ok |= hmac.compare_digest(given, accepted)
-        return ok
-
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt: Runtime = scope["state"][STATE_KEY]
         path: str = scope["path"]
@@ -139,7 +140,12 @@ class ProxyApp:
         if methods is None:
             await send_error(send, 404, f"No route {path}.", type="not_found")
             return
-        if self._keys and path not in self._public and not self._authorized(scope):
+        if self._admin_keys and path.startswith(ADMIN_PREFIXES):
+            if not _has_key(scope, self._admin_keys):
+                rt.metrics.error("unauthorized")
+                await send_error(send, 401, "Unauthorized.", type="authentication_error")
+                return
+        elif self._keys and path not in self._public and not _has_key(scope, self._keys):
             rt.metrics.error("unauthorized")
             await send_error(send, 401, "Unauthorized.", type="authentication_error")
             return
@@ -175,6 +181,9 @@ class ProxyApp:
             await send_error(send, 400, str(exc))
         except BodyTooLarge:
             await send_error(send, 413, "The request body is too large.")
+        except BodyTimeout:
+            rt.metrics.error("body_timeout")
+            await send_error(send, 408, "The request body did not arrive in time.")
         except UnknownNodeError as exc:
             await send_error(send, 404, str(exc), type="not_found")
         except NodeCommandError as exc:
@@ -186,6 +195,19 @@ class ProxyApp:
                 await send_error(
                     send, 500, "Internal proxy error; see the proxy log.", type="internal_error"
                 )
+
+
+def _has_key(scope: Scope, keys: list[bytes]) -> bool:
+    """Constant-time check of the Bearer key against every accepted one."""
+    given = b""
+    for key, value in scope["headers"]:
+        if key.lower() == b"authorization":
+            given = bytes(value)
+            break
+    ok = False
+    for accepted in keys:
+        ok |= hmac.compare_digest(given, accepted)
+    return ok
 
 
 def create_app(fleet: LMFleet, options: ProxyOptions | None = None, *, port: int = 0) -> ProxyApp:

@@ -6,6 +6,8 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import anyio
+
 from lmfleet.wire import error_bytes
 
 Scope = MutableMapping[str, Any]
@@ -18,6 +20,14 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 
 class BodyTooLarge(Exception):
     """The request body is over `max_body_bytes`."""
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive in time (a slow or stalled client)."""
+
+
+BODY_TIMEOUT = 30.0
+"""Seconds a client may take to send its whole body (slowloris protection)."""
 
 
 class ClientGone(Exception):
@@ -59,11 +69,22 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body; `BodyTooLarge` from Content-Length or while counting."""
+async def read_body(
+    scope: Scope, receive: Receive, limit: int, timeout: float = BODY_TIMEOUT
+) -> bytes:
+    """The whole request body; `BodyTooLarge` from Content-Length or while counting,
+    `BodyTimeout` when it takes longer than `timeout` seconds to arrive."""
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
+    try:
+        with anyio.fail_after(timeout):
+            return await _receive_all(receive, limit)
+    except TimeoutError:
+        raise BodyTimeout from None
+
+
+async def _receive_all(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

@@ -69,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help="keys clients must send as 'Authorization: Bearer KEY'",
     )
+    add(
+        "--admin-keys",
+        nargs="+",
+        default=None,
+        metavar="KEY",
+        help="keys for /nodes/* and /fleet/*; when set, client keys cannot register nodes",
+    )
     add("--node-api-key", default=None, help="the nodes' own key (never shown to clients)")
     add(
         "--state-file",
@@ -108,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         api_keys=tuple(keys or ()),
+        admin_keys=tuple(args.admin_keys or ()),
         state_file=args.state_file,
         max_body_bytes=args.max_body_bytes,
         upstream_timeout=args.upstream_timeout,

@@ -91,7 +91,7 @@ def _placeholder_url(rt: Runtime, scope: Scope) -> httpx2.URL:
 
 async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
     try:
-        body = await read_body(scope, receive, rt.options.max_body_bytes)
+        body = await read_body(scope, receive, rt.options.max_body_bytes, rt.options.body_timeout)
     except BodyTooLarge:
         rt.metrics.error("body_too_large")
         await send_error(send, 413, f"The request body is over {rt.options.max_body_bytes} bytes.")

@@ -17,12 +17,20 @@ class ProxyOptions(BaseModel):
     api_keys: tuple[str, ...] = Field(
         default=(), description="client keys (Bearer); empty means no auth"
     )
+    admin_keys: tuple[str, ...] = Field(
+        default=(),
+        description="keys for /nodes/* and /fleet/* (register, remove, sleep...); when set, "
+        "client keys no longer open those routes, so no client can register a node",
+    )
     public_paths: tuple[str, ...] = Field(
         default=DEFAULT_PUBLIC_PATHS, description="paths that need no client key"
     )
     max_body_bytes: int = Field(default=100 * 1024 * 1024, ge=1, description="413 above this")
     upstream_timeout: float | None = Field(
         default=600.0, gt=0, description="seconds to wait for a node's next byte (504 after)"
+    )
+    body_timeout: float = Field(
+        default=30.0, gt=0, description="seconds a client may take to send its body (408 after)"
     )
     terminate_timeout: float = Field(default=10.0, gt=0, description="node /terminate timeout")
     state_file: Path | None = Field(default=None, description="JSON file of registered nodes")
