@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from support import SimNode, StartSim
 
+from lmfleet import LMFleet
 from lmfleet.launch.process import ManagedProcess, free_port, wait_for_port
+from lmfleet.proxy import ProxyServer
 
 
 @pytest.fixture
@@ -35,3 +37,31 @@ def start_sim(tmp_path: Path) -> Iterator[StartSim]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+Served = tuple[LMFleet, ProxyServer]
+
+
+@pytest.fixture
+def serve_fleet() -> Iterator[Callable[..., Served]]:
+    """`serve_fleet(urls, fleet_kwargs..., serve=dict(...))`: attach, wait, serve on a free port."""
+    fleets: list[LMFleet] = []
+
+    def make(
+        urls: list[str],
+        *,
+        serve: dict[str, object] | None = None,
+        ready: int | None = None,
+        **kwargs: object,
+    ) -> Served:
+        kwargs.setdefault("health_interval", 0.2)
+        fleet = LMFleet.attach(urls, **kwargs)  # type: ignore[arg-type]
+        fleets.append(fleet)
+        if urls and ready != 0:
+            fleet.wait_ready(timeout=30, min_ready=ready or len(urls))
+        server = fleet.serve(port=0, **(serve or {}))  # type: ignore[arg-type]
+        return fleet, server
+
+    yield make
+    for fleet in fleets:
+        fleet.close()
