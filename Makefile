@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint docs venv peer clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,18 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check lmfleet tests bench examples
 	$(BIN)/mypy lmfleet
 
-test: lint
+# The real LMDeploy 0.18.0 api_server (CPU torch, stub engine) for tests/conformance.
+# Cached in .venv-peer; bounded; a failure is recorded and the conformance tests skip.
+peer:
+	-PYTHON=$(PYTHON) tests/conformance/peer/setup_peer.sh
+
+test: lint peer
 	$(BIN)/python -m pytest -q
+	$(MAKE) docs
+
+# The user guide and API reference (mkdocs + mkdocstrings); warnings are errors.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-peer .venv-peer.failed .venv-peer.log .pytest_cache .mypy_cache .ruff_cache site

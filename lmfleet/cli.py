@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     proxy_cli.add_arguments(serve)
     serve.set_defaults(run=proxy_cli.run)
 
+    from lmfleet.launch import cli as launch_cli
+
+    launch = sub.add_parser("launch", help="start api_server nodes and serve them as a proxy")
+    launch_cli.add_arguments(launch)
+    launch.set_defaults(run=launch_cli.run)
+
     from lmfleet import demo
 
     demo_parser = sub.add_parser("demo", help="simulated nodes + a routed workload")

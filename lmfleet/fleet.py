@@ -9,10 +9,9 @@ own thread or event loop and share the registry with it.
 from __future__ import annotations
 
 import atexit
-import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -28,22 +27,35 @@ from lmfleet.config import FleetOptions, HealthOptions, RoutingOptions
 from lmfleet.errors import (
     ConfigError,
     FleetClosedError,
-    LaunchError,
     NodeCommandError,
     NotReadyError,
     UnknownNodeError,
 )
 from lmfleet.health import Monitor
-from lmfleet.launch.process import ManagedProcess, free_port
-from lmfleet.launch.sim import DEFAULT_SIM_MODEL, sim_command
+from lmfleet.launch import plan
+from lmfleet.launch.base import (
+    LaunchedNode,
+    Launcher,
+    NodeSpec,
+    Placement,
+    RestartMode,
+    RestartPolicy,
+)
+from lmfleet.launch.command import CommandTemplate, ServerArgValue
+from lmfleet.launch.sim import DEFAULT_SIM_MODEL
+from lmfleet.launch.supervisor import Supervisor
 from lmfleet.registry import NodeRegistry, normalize_url
 from lmfleet.routing import affinity_key, resolve_strategy
 from lmfleet.routing.base import Strategy
-from lmfleet.state import NodeRole, NodeState, NodeStatus
+from lmfleet.state import NodeRole, NodeStatus
 from lmfleet.status import FleetStatus, NodeSnapshot
 from lmfleet.transport import Router
 
 if TYPE_CHECKING:
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+
+    from lmfleet.notebook.batch import BatchResult
     from lmfleet.proxy import ProxyOptions, ProxyServer
 
 _OPEN: weakref.WeakSet[LMFleet] = weakref.WeakSet()
@@ -91,15 +103,6 @@ def _merge_options(
         raise ConfigError(str(exc)) from exc
 
 
-def _exited(code: int) -> Callable[[NodeState], NodeState]:
-    def change(state: NodeState) -> NodeState:
-        return state.evolve(
-            status=NodeStatus.UNHEALTHY, message=f"process exited with status {code}"
-        )
-
-    return change
-
-
 class LMFleet:
     """A fleet of OpenAI-compatible (LMDeploy) nodes with client-side routing.
 
@@ -125,8 +128,8 @@ class LMFleet:
             on_starved=self._starved,
             affinity_key=affinity_key,
         )
-        self._processes: dict[str, ManagedProcess] = {}
-        self._log_dir: Path | None = None
+        self._supervisor = Supervisor(self.registry, api_key=api_key, poke=self._poke)
+        self._launchers: list[Launcher] = []
         self._waking: set[str] = set()
         self._closed = False
         self._stopping: anyio.Event | None = None
@@ -183,17 +186,22 @@ class LMFleet:
         wake_on_demand: bool | None = None,
         min_ready: int | None = None,
         options: FleetOptions | None = None,
+        launcher: plan.LauncherName = "local",
+        restart: RestartMode = "no",
+        max_restarts: int = 3,
+        base_port: int | None = None,
+        ray_address: str | None = None,
+        placement: Placement = "spread",
     ) -> LMFleet:
         """Start `nodes` emulated LMDeploy servers (`lmfleet sim`) and route over them.
 
+        The very path `launch` takes, with the simulator's command and no GPUs.
         `speed` scales each node (one value, or one per node: 0.33 is 3x slower);
         `sim_args` are extra `lmfleet sim` flags for every node.
         """
-        if nodes < 1:
-            raise ConfigError(f"nodes must be >= 1, got {nodes}")
-        speeds = [float(speed)] * nodes if isinstance(speed, (int, float)) else list(speed)
-        if len(speeds) != nodes:
-            raise ConfigError(f"speed has {len(speeds)} values for {nodes} nodes")
+        specs = plan.sim_specs(
+            nodes, model=model, speed=speed, sim_args=sim_args, base_port=base_port
+        )
         merged = _merge_options(
             options,
             health_interval=health_interval,
@@ -202,15 +210,73 @@ class LMFleet:
             wake_on_demand=wake_on_demand,
             min_ready=min_ready if min_ready is not None else nodes,
         )
+        policy = RestartPolicy(restart, max_restarts)
         fleet = cls(strategy=strategy, options=merged)
-        try:
-            for node_speed in speeds:
-                port = free_port()
-                argv = sim_command(port, model=model, speed=node_speed, extra=sim_args)
-                fleet._launch(f"http://127.0.0.1:{port}", argv)
-        except BaseException:
-            fleet.close()
-            raise
+        fleet._start(specs, launcher, policy, None, ray_address, placement)
+        return fleet
+
+    @classmethod
+    def launch(
+        cls,
+        model: str,
+        nodes: int = 1,
+        *,
+        tp: int = 1,
+        backend: str = "turbomind",
+        server_args: Mapping[str, ServerArgValue] | None = None,
+        env: Mapping[str, str] | None = None,
+        command: CommandTemplate | None = None,
+        gpus_per_node: int | None = None,
+        launcher: plan.LauncherName = "local",
+        restart: RestartMode = "no",
+        max_restarts: int = 3,
+        base_port: int | None = None,
+        log_dir: str | Path | None = None,
+        ray_address: str | None = None,
+        placement: Placement = "spread",
+        strategy: str | Strategy = "least_connections",
+        api_key: str | None = None,
+        health_interval: float | None = None,
+        unhealthy_after: int | None = None,
+        wait_for_node: float | None = None,
+        wake_on_demand: bool | None = None,
+        min_ready: int | None = None,
+        options: FleetOptions | None = None,
+    ) -> LMFleet:
+        """Start `nodes` LMDeploy `api_server`s (each on its own `tp` GPUs) and route over them.
+
+        Returns once every process is started (all at once); `wait_ready()` waits
+        for them to answer and raises `LaunchError` with a node's log tail if it
+        exits first. `server_args` become flags (`{"session_len": 8192}` ->
+        `--session-len 8192`); `command` launches another server (a template with
+        `{model}` `{host}` `{port}` `{tp}` `{backend}` placeholders, or a callable);
+        `gpus_per_node` defaults to `tp`. `launcher="ray"` places nodes as Ray
+        actors (`ray_address`, `placement`). `restart="on-failure"` brings a node
+        that crashed after it was up back on the same URL, `max_restarts` times.
+        See docs/launch.md.
+        """
+        specs = plan.server_specs(
+            model,
+            nodes,
+            tp=tp,
+            backend=backend,
+            server_args=server_args,
+            env=env,
+            command=command,
+            gpus_per_node=gpus_per_node,
+            base_port=base_port,
+        )
+        merged = _merge_options(
+            options,
+            health_interval=health_interval,
+            unhealthy_after=unhealthy_after,
+            wait_for_node=wait_for_node,
+            wake_on_demand=wake_on_demand,
+            min_ready=min_ready if min_ready is not None else nodes,
+        )
+        policy = RestartPolicy(restart, max_restarts)
+        fleet = cls(strategy=strategy, api_key=api_key, options=merged)
+        fleet._start(specs, launcher, policy, log_dir, ray_address, placement)
         return fleet
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -241,9 +307,12 @@ class LMFleet:
                 self._loop.call(self._stopping.set)
             self._service.result(timeout=10)
         finally:
-            for proc in self._processes.values():
-                proc.terminate(grace=5.0)
-            self._loop.stop()
+            try:
+                self._supervisor.stop_all(grace=5.0)
+                for launcher in self._launchers:
+                    launcher.close()
+            finally:
+                self._loop.stop()
 
     def __enter__(self) -> LMFleet:
         return self
@@ -273,18 +342,42 @@ class LMFleet:
 
     # -- nodes --------------------------------------------------------------------------
 
-    def _launch(self, url: str, argv: list[str]) -> None:
-        """Start one node process from the loop thread (so PDEATHSIG outlives callers)."""
-        if self._log_dir is None:
-            self._log_dir = Path(tempfile.mkdtemp(prefix="lmfleet-logs-"))
-        log_path = self._log_dir / f"{url.rsplit(':', 1)[-1]}.log"
+    def _start(
+        self,
+        specs: list[NodeSpec],
+        launcher_name: plan.LauncherName,
+        policy: RestartPolicy,
+        log_dir: str | Path | None,
+        ray_address: str | None,
+        placement: Placement,
+    ) -> None:
+        """Start every node at once; on any failure end what started and re-raise.
 
-        def spawn() -> ManagedProcess:
-            return ManagedProcess(argv, log_path=log_path)
+        Local processes are forked by the loop thread (`spawn=self._loop.call`):
+        PR_SET_PDEATHSIG is tied to the forking thread, and that one lives as
+        long as the fleet.
+        """
+        try:
+            launcher = plan.make_launcher(
+                launcher_name,
+                policy=policy,
+                spawn=self._loop.call,
+                log_dir=log_dir,
+                ray_address=ray_address,
+                placement=placement,
+            )
+            self._launchers.append(launcher)
+            for node in launcher.start(specs):
+                self._supervisor.add(node, policy)
+            self._loop.call(self._poke)
+        except BaseException:
+            self.close()
+            raise
 
-        self._processes[url] = self._loop.call(spawn)
-        self.registry.add(url, api_key=self._api_key, launched=True)
-        self._loop.call(self._poke)
+    @property
+    def _processes(self) -> dict[str, LaunchedNode]:
+        """The nodes this fleet launched, by URL."""
+        return self._supervisor.nodes
 
     def _poke(self) -> None:
         if self._monitor is not None:
@@ -319,9 +412,9 @@ class LMFleet:
     def remove_node(self, url: str) -> NodeSnapshot:
         """Forget a node at once (requests in flight on it still finish)."""
         state = self.registry.remove(url)
-        proc = self._processes.pop(state.url, None)
-        if proc is not None:
-            proc.terminate()
+        node = self._supervisor.remove(state.url)
+        if node is not None:
+            node.stop()
         return NodeSnapshot.of(state)
 
     def drain(self, url: str, *, timeout: float | None = None) -> bool:
@@ -341,10 +434,10 @@ class LMFleet:
 
     def logs(self, url: str, lines: int = 40) -> str:
         """The tail of a launched node's log."""
-        proc = self._processes.get(self.registry.get(url).url)
-        if proc is None:
+        node = self._supervisor.get(self.registry.get(url).url)
+        if node is None:
             raise UnknownNodeError(f"{url} was not launched by this fleet: it has no log here")
-        return proc.log_tail(lines)
+        return node.log_tail(lines)
 
     # -- sleep / wakeup -----------------------------------------------------------------
 
@@ -440,15 +533,8 @@ class LMFleet:
             self._loop.portal.start_task_soon(wake)
 
     async def _watch_processes(self) -> None:
-        """Mark a launched node unhealthy as soon as its process exits."""
-        reported: set[str] = set()
-        while True:
-            for url, proc in list(self._processes.items()):
-                code = proc.returncode
-                if code is not None and url not in reported:
-                    reported.add(url)
-                    self.registry.modify(url, _exited(code))
-            await anyio.sleep(0.25)
+        """Launched nodes: report exits, restart crashed ones (lmfleet/launch/supervisor.py)."""
+        await self._supervisor.run()
 
     # -- proxy ----------------------------------------------------------------------------
 
@@ -507,15 +593,9 @@ class LMFleet:
             healthy = sum(1 for n in nodes if n.status is NodeStatus.HEALTHY)
             if healthy >= need:
                 return self.status()
-            for url, proc in self._processes.items():
-                if (
-                    proc.returncode is not None
-                    and self.registry.get(url).status is not NodeStatus.HEALTHY
-                ):
-                    raise LaunchError(
-                        f"node {url} exited with status {proc.returncode} before it was ready; "
-                        f"log {proc.log_path}:\n{proc.log_tail()}"
-                    )
+            failure = self._supervisor.failure()
+            if failure is not None:
+                raise failure
             if time.monotonic() >= deadline:
                 raise NotReadyError(
                     f"{healthy} of {need} required nodes healthy after {timeout:g} s\n"
@@ -556,6 +636,128 @@ class LMFleet:
         """A real `openai.AsyncOpenAI`, usable in any event loop (a notebook's included)."""
         self._check_open()
         return clients.async_client(self.router, timeout=timeout, max_retries=max_retries)
+
+    # -- batches (lmfleet/notebook/batch.py) ----------------------------------------------
+
+    def chat_many(
+        self,
+        messages_list: Sequence[Sequence[ChatCompletionMessageParam]],
+        *,
+        model: str | None = None,
+        concurrency: int = 64,
+        retries: int = 2,
+        progress: bool = True,
+        **params: Any,
+    ) -> BatchResult[ChatCompletion]:
+        """Chat completions for every message list, in input order, never raising mid-batch.
+
+        Runs in the fleet's loop (works inside Jupyter); failed items are retried
+        `retries` times, then left as `ItemError`s (`result.errors`, `result.summary()`).
+        `params` go to `chat.completions.create` (`max_tokens=...`, ...).
+        """
+        from lmfleet.notebook import batch
+
+        self._check_open()
+        return batch.run_in_fleet(
+            self,
+            lambda: batch.achat_many(
+                self,
+                messages_list,
+                model=model,
+                concurrency=concurrency,
+                retries=retries,
+                progress=progress,
+                params=params,
+            ),
+        )
+
+    async def achat_many(
+        self,
+        messages_list: Sequence[Sequence[ChatCompletionMessageParam]],
+        *,
+        model: str | None = None,
+        concurrency: int = 64,
+        retries: int = 2,
+        progress: bool = True,
+        **params: Any,
+    ) -> BatchResult[ChatCompletion]:
+        """`chat_many` in the caller's event loop (`await fleet.achat_many(...)` in a cell)."""
+        from lmfleet.notebook import batch
+
+        self._check_open()
+        return await batch.achat_many(
+            self,
+            messages_list,
+            model=model,
+            concurrency=concurrency,
+            retries=retries,
+            progress=progress,
+            params=params,
+        )
+
+    def complete_many(
+        self,
+        prompts: Sequence[str],
+        *,
+        model: str | None = None,
+        concurrency: int = 64,
+        retries: int = 2,
+        progress: bool = True,
+        **params: Any,
+    ) -> BatchResult[Completion]:
+        """`chat_many` for plain prompts (`/v1/completions`)."""
+        from lmfleet.notebook import batch
+
+        self._check_open()
+        return batch.run_in_fleet(
+            self,
+            lambda: batch.acomplete_many(
+                self,
+                prompts,
+                model=model,
+                concurrency=concurrency,
+                retries=retries,
+                progress=progress,
+                params=params,
+            ),
+        )
+
+    async def acomplete_many(
+        self,
+        prompts: Sequence[str],
+        *,
+        model: str | None = None,
+        concurrency: int = 64,
+        retries: int = 2,
+        progress: bool = True,
+        **params: Any,
+    ) -> BatchResult[Completion]:
+        """`complete_many` in the caller's event loop."""
+        from lmfleet.notebook import batch
+
+        self._check_open()
+        return await batch.acomplete_many(
+            self,
+            prompts,
+            model=model,
+            concurrency=concurrency,
+            retries=retries,
+            progress=progress,
+            params=params,
+        )
+
+    # -- display (lmfleet/notebook/display.py) -------------------------------------------
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        """Jupyter: a live dashboard widget, with HTML and text fallbacks."""
+        from lmfleet.notebook import display
+
+        return display.mimebundle(self)
+
+    def _repr_html_(self) -> str:
+        from lmfleet.notebook import display
+
+        return display.repr_html(self)
 
     def __repr__(self) -> str:
         if self._closed:

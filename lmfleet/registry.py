@@ -9,6 +9,7 @@ operations; no I/O ever happens under the lock.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Collection
 from urllib.parse import urlsplit
 
@@ -18,6 +19,9 @@ from lmfleet.state import NodeRole, NodeState, NodeStatus
 
 EWMA_ALPHA = 0.2
 """Weight of the newest sample: about the last ten requests shape a node's latency."""
+
+LATENCY_WINDOW = 64
+"""Recent latencies kept per node for percentiles (the dashboard's p50)."""
 
 
 def normalize_url(url: str) -> str:
@@ -52,6 +56,9 @@ class NodeRegistry:
         self._nodes: dict[str, NodeState] = {}
         self._held: set[str] = set()
         self._models: list[str] = []
+        # Traffic statistics for dashboards, kept beside the snapshots: O(1) per request.
+        self._recent: dict[str, deque[float]] = {}
+        self._tokens: dict[str, int] = {}
 
     def _models_changed(self) -> None:
         # Called under the lock whenever membership or a node's models change, so
@@ -141,13 +148,29 @@ class NodeRegistry:
             return leased
 
     def release(
-        self, url: str, *, ok: bool, latency: float | None = None, ttft: float | None = None
+        self,
+        url: str,
+        *,
+        ok: bool,
+        latency: float | None = None,
+        ttft: float | None = None,
+        tokens: int = 0,
     ) -> None:
-        """End one request's accounting: in-flight down, counters and EWMAs up."""
+        """End one request's accounting: in-flight down, counters and EWMAs up.
+
+        `tokens` is the request's generated-token estimate (streamed chunks), if any.
+        """
         with self._lock:
             state = self._nodes.get(url)
             if state is None:
                 return
+            if ok and latency is not None:
+                recent = self._recent.get(url)
+                if recent is None:
+                    recent = self._recent[url] = deque(maxlen=LATENCY_WINDOW)
+                recent.append(latency)
+            if tokens:
+                self._tokens[url] = self._tokens.get(url, 0) + tokens
             self._nodes[url] = state.evolve(
                 inflight=max(0, state.inflight - 1),
                 served=state.served + (1 if ok else 0),
@@ -157,6 +180,18 @@ class NodeRegistry:
                 else state.latency,
                 ttft=_ewma(state.ttft, ttft) if ok and ttft is not None else state.ttft,
             )
+
+    def add_tokens(self, url: str, count: int) -> None:
+        """Count `count` generated tokens on `url` (from a response's `usage`)."""
+        key = self._key(url)
+        with self._lock:
+            self._tokens[key] = self._tokens.get(key, 0) + count
+
+    def traffic(self, url: str) -> tuple[list[float], int]:
+        """(recent latencies, oldest first; generated tokens so far) for one node."""
+        key = self._key(url)
+        with self._lock:
+            return list(self._recent.get(key, ())), self._tokens.get(key, 0)
 
     def mark_failed(self, url: str, message: str) -> None:
         """Passive check: a real request failed to reach the node; open the circuit now."""

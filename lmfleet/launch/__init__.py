@@ -1,1 +1,3 @@
-"""Starting node processes: locally as subprocesses (and, later, on Ray)."""
+"""Starting nodes: the `Launcher` contract (base.py), local subprocesses (local.py), Ray
+actors (ray_launcher.py), GPU discovery (gpus.py), command templates (command.py) and
+the supervisor that watches, restarts and stops launched nodes (supervisor.py)."""

@@ -20,7 +20,7 @@ from lmfleet.registry import NodeRegistry
 class Accounting:
     """One request's lease on one node: ends exactly once, recording latency and TTFT."""
 
-    __slots__ = ("_done", "_first", "_registry", "started", "url")
+    __slots__ = ("_chunks", "_done", "_first", "_registry", "sse", "started", "url")
 
     def __init__(self, registry: NodeRegistry, url: str) -> None:
         self._registry = registry
@@ -28,8 +28,11 @@ class Accounting:
         self.started = time.monotonic()
         self._first: float | None = None
         self._done = False
+        self._chunks = 0
+        self.sse = False  # set for event streams: their chunks count as tokens
 
     def chunk(self) -> None:
+        self._chunks += 1
         if self._first is None:
             self._first = time.monotonic()
 
@@ -39,7 +42,10 @@ class Accounting:
         self._done = True
         now = time.monotonic()
         ttft = None if self._first is None else self._first - self.started
-        self._registry.release(self.url, ok=ok, latency=now - self.started, ttft=ttft)
+        tokens = self._chunks if self.sse else 0  # LMDeploy streams about a token per chunk
+        self._registry.release(
+            self.url, ok=ok, latency=now - self.started, ttft=ttft, tokens=tokens
+        )
 
     def interrupted(self, exc: Exception) -> Exception:
         """Account the failure and say what the caller gets instead of `exc`."""
@@ -100,6 +106,7 @@ class AsyncLeasedStream(httpx2.AsyncByteStream):
 
 def lease_response(response: httpx2.Response, accounting: Accounting) -> httpx2.Response:
     """Make `response`'s body hold the lease; a body already read ends it at once."""
+    accounting.sse = response.headers.get("content-type", "").startswith("text/event-stream")
     if response.is_closed:
         accounting.chunk()
         accounting.finish(ok=True)

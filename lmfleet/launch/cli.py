@@ -1,0 +1,152 @@
+"""`lmfleet launch MODEL`: start api_server nodes, then serve them as a proxy in the foreground.
+
+The proxy flags are `lmfleet serve`'s own (`proxy.cli.add_arguments`), so a
+launched fleet is served exactly like an attached one; `--node` adds running
+servers beside the launched ones. Ctrl-C or SIGTERM stops the proxy and every
+node this command started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from lmfleet.errors import LaunchError, NotReadyError
+from lmfleet.launch.command import ServerArgValue
+from lmfleet.proxy import cli as proxy_cli
+from lmfleet.proxy.options import ProxyOptions
+
+if TYPE_CHECKING:
+    from lmfleet.fleet import LMFleet
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model path or id (passed to the server command)")
+    add = parser.add_argument_group("launch").add_argument
+    add("--nodes", dest="count", type=int, default=1, help="how many servers to start")
+    add("--tp", type=int, default=1, help="tensor parallelism: GPUs per node")
+    add("--backend", default="turbomind", choices=["turbomind", "pytorch"])
+    add(
+        "--server-arg",
+        dest="server_args",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="extra server flag, repeatable: session-len=8192, enable-prefix-caching",
+    )
+    add(
+        "--command",
+        default=None,
+        help="another server's command template, e.g. "
+        "'vllm serve {model} --host {host} --port {port} -tp {tp}'",
+    )
+    add("--simulate", action="store_true", help="start emulated nodes (no GPU) instead")
+    add("--launcher", default="local", choices=["local", "ray"])
+    add("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
+    add("--placement", default="spread", choices=["spread", "pack"])
+    add("--restart", default="no", choices=["no", "on-failure"])
+    add("--max-restarts", type=int, default=3)
+    add("--base-port", type=int, default=None, help="node i listens on BASE+i (default: free)")
+    add("--ready-timeout", type=float, default=900.0, help="seconds to wait for every node")
+    proxy_cli.add_arguments(parser)
+
+
+def parse_server_args(items: list[str]) -> dict[str, ServerArgValue]:
+    """`["session-len=8192", "enable-prefix-caching"]` -> `{"session-len": "8192", ...: True}`."""
+    parsed: dict[str, ServerArgValue] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        parsed[key.strip().lstrip("-")] = value if sep else True
+    return parsed
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmfleet import LMFleet
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    node_key = args.node_api_key or os.environ.get("LMFLEET_NODE_API_KEY") or None
+    keys = args.api_keys
+    if keys is None and os.environ.get("LMFLEET_API_KEYS"):
+        keys = [k for k in os.environ["LMFLEET_API_KEYS"].split(",") if k]
+    options = ProxyOptions(
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(keys or ()),
+        state_file=args.state_file,
+        max_body_bytes=args.max_body_bytes,
+        upstream_timeout=args.upstream_timeout,
+        log_level=args.log_level.lower(),
+        access_log=args.access_log,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    common = {
+        "launcher": args.launcher,
+        "restart": args.restart,
+        "max_restarts": args.max_restarts,
+        "base_port": args.base_port,
+        "ray_address": args.ray_address,
+        "placement": args.placement,
+        "strategy": args.strategy,
+        "health_interval": args.health_interval,
+        "wait_for_node": args.wait_for_node,
+    }
+    if args.simulate:
+        fleet = LMFleet.simulate(args.count, model=args.model, **common)
+    else:
+        fleet = LMFleet.launch(
+            args.model,
+            args.count,
+            tp=args.tp,
+            backend=args.backend,
+            server_args=parse_server_args(args.server_args),
+            command=shlex.split(args.command) if args.command else None,
+            api_key=node_key,
+            **common,
+        )
+    try:
+        for url in args.nodes:  # `--node URL`: running servers beside the launched ones
+            fleet.add_node(url)
+        server = fleet.serve(options=options)
+        print(f"lmfleet proxy on {server.url}; starting {args.count} node(s)", file=sys.stderr)
+        if not _wait_ready(fleet, args.ready_timeout, stop):
+            return 1
+        print(fleet.status().table(), file=sys.stderr)
+        while not stop.wait(0.5):
+            pass
+        server.stop()
+    finally:
+        fleet.close()
+    return 0
+
+
+def _wait_ready(fleet: LMFleet, timeout: float, stop: threading.Event) -> bool:
+    """Wait for the nodes, staying responsive to Ctrl-C; False when a node failed."""
+    deadline = time.monotonic() + timeout
+    while not stop.is_set():
+        try:
+            fleet.wait_ready(timeout=0.5)
+            return True
+        except LaunchError as exc:
+            print(f"lmfleet: {exc}", file=sys.stderr)
+            return False
+        except NotReadyError:
+            if time.monotonic() > deadline:
+                print(f"lmfleet: nodes not ready after {timeout:g} s", file=sys.stderr)
+                print(fleet.status().table(), file=sys.stderr)
+                return False
+    return True

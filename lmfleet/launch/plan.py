@@ -1,0 +1,115 @@
+"""From `LMFleet.launch` / `LMFleet.simulate` arguments to node specs and a launcher.
+
+Kept out of fleet.py so that the GPU path and the simulator path share one
+builder: the simulator is only another command template with `gpus=0`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+from lmfleet.errors import ConfigError
+from lmfleet.launch.base import Launcher, NodeSpec, Placement, RestartPolicy
+from lmfleet.launch.command import (
+    LMDEPLOY_COMMAND,
+    SIM_COMMAND,
+    CommandTemplate,
+    ServerArgValue,
+)
+from lmfleet.launch.local import LocalLauncher, Spawner
+from lmfleet.launch.process import ManagedProcess
+
+LauncherName = Literal["local", "ray"]
+
+
+def _port(base_port: int | None, index: int) -> int | None:
+    return None if base_port is None else base_port + index
+
+
+def server_specs(
+    model: str,
+    nodes: int,
+    *,
+    tp: int = 1,
+    backend: str = "turbomind",
+    server_args: Mapping[str, ServerArgValue] | None = None,
+    env: Mapping[str, str] | None = None,
+    command: CommandTemplate | None = None,
+    gpus_per_node: int | None = None,
+    base_port: int | None = None,
+) -> list[NodeSpec]:
+    """`nodes` identical servers (LMDeploy's api_server unless `command` says otherwise)."""
+    if nodes < 1:
+        raise ConfigError(f"nodes must be >= 1, got {nodes}")
+    if tp < 1:
+        raise ConfigError(f"tp must be >= 1, got {tp}")
+    gpus = tp if gpus_per_node is None else gpus_per_node
+    if gpus < 0:
+        raise ConfigError(f"gpus_per_node must be >= 0, got {gpus}")
+    return [
+        NodeSpec(
+            model=model,
+            index=i,
+            command=LMDEPLOY_COMMAND if command is None else command,
+            tp=tp,
+            backend=backend,
+            gpus=gpus,
+            server_args=dict(server_args or {}),
+            env=dict(env or {}),
+            port=_port(base_port, i),
+        )
+        for i in range(nodes)
+    ]
+
+
+def sim_specs(
+    nodes: int,
+    *,
+    model: str,
+    speed: float | Sequence[float] = 1.0,
+    sim_args: Sequence[str] = (),
+    base_port: int | None = None,
+) -> list[NodeSpec]:
+    """Emulated nodes: the simulator's template, no GPU, one `--speed` per node."""
+    if nodes < 1:
+        raise ConfigError(f"nodes must be >= 1, got {nodes}")
+    speeds = [float(speed)] * nodes if isinstance(speed, (int, float)) else list(speed)
+    if len(speeds) != nodes:
+        raise ConfigError(f"speed has {len(speeds)} values for {nodes} nodes")
+    return [
+        NodeSpec(
+            model=model,
+            index=i,
+            command=SIM_COMMAND,
+            gpus=0,
+            extra_args=("--speed", repr(node_speed), *sim_args),
+            port=_port(base_port, i),
+        )
+        for i, node_speed in enumerate(speeds)
+    ]
+
+
+def make_launcher(
+    name: LauncherName,
+    *,
+    policy: RestartPolicy,
+    spawn: Spawner[ManagedProcess],
+    log_dir: str | Path | None = None,
+    ray_address: str | None = None,
+    placement: Placement = "spread",
+) -> Launcher:
+    """The launcher called `name`; Ray restarts dead actors itself under `on-failure`."""
+    if name == "local":
+        return LocalLauncher(log_dir=Path(log_dir) if log_dir else None, spawn=spawn)
+    if name == "ray":
+        from lmfleet.launch.ray_launcher import RayLauncher
+
+        return RayLauncher(
+            address=ray_address,
+            placement=placement,
+            max_restarts=policy.max_restarts if policy.mode == "on-failure" else 0,
+            log_dir=str(log_dir) if log_dir else None,
+        )
+    raise ConfigError(f"launcher must be 'local' or 'ray', got {name!r}")

@@ -1,0 +1,310 @@
+"""Batch helpers: thousands of prompts across the fleet, in input order, with progress.
+
+`run_batch` is the one implementation: a fixed pool of `concurrency` workers pulls
+items in order through the routed `AsyncOpenAI`; an item that fails is retried
+(bounded, with backoff) and, if it still fails, recorded as an `ItemError` in its
+slot. Nothing is raised mid-batch and nothing is lost: `len(result) == len(inputs)`.
+
+The sync twins (`LMFleet.chat_many`, ...) run the same coroutine in the fleet's
+background loop through its portal, so they work in a Jupyter cell whose own loop
+is already running (no `asyncio.run` inside a running loop).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+import anyio
+import openai
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+
+from lmfleet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmfleet.fleet import LMFleet
+
+T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 - the input type
+
+DEFAULT_RETRIES = 2
+BACKOFF = 0.2
+"""Seconds before an item's first retry; doubled for each further one."""
+
+RETRY_STATUS = frozenset({408, 409, 429})
+"""Client-error statuses worth trying again (every 5xx is too)."""
+
+
+def retryable(exc: BaseException) -> bool:
+    """Connection trouble, timeouts, overload and server errors: yes; bad requests: no."""
+    if isinstance(exc, openai.APIConnectionError):  # includes timeouts and our routing errors
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code >= 500 or exc.status_code in RETRY_STATUS
+    return False
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """An item that failed every attempt; sits in the result at the item's index."""
+
+    index: int
+    error: BaseException
+    attempts: int
+
+    def __str__(self) -> str:
+        return f"item {self.index} failed after {self.attempts} attempt(s): {self.error!r}"
+
+
+class BatchResult(Sequence["T | ItemError"], Generic[T]):
+    """The results of a batch in input order: a response, or an `ItemError`, per item."""
+
+    def __init__(self, items: list[T | ItemError], *, elapsed: float, tokens: int) -> None:
+        self._items = items
+        self.elapsed = elapsed
+        """Seconds the whole batch took."""
+        self.tokens = tokens
+        """Generated tokens (sum of `usage.completion_tokens`)."""
+
+    @overload
+    def __getitem__(self, index: int) -> T | ItemError: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[T | ItemError]: ...
+
+    def __getitem__(self, index: int | slice) -> T | ItemError | list[T | ItemError]:
+        return self._items[index]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[T | ItemError]:
+        return iter(self._items)
+
+    @property
+    def ok(self) -> list[T]:
+        """The successful responses (input order, failed items left out)."""
+        return [item for item in self._items if not isinstance(item, ItemError)]
+
+    @property
+    def errors(self) -> list[ItemError]:
+        return [item for item in self._items if isinstance(item, ItemError)]
+
+    @property
+    def texts(self) -> list[str | None]:
+        """Each item's generated text (first choice); None where the item failed."""
+        return [None if isinstance(item, ItemError) else _text(item) for item in self._items]
+
+    def summary(self) -> str:
+        rate = self.tokens / self.elapsed if self.elapsed > 0 else 0.0
+        text = (
+            f"{len(self._items) - len(self.errors)}/{len(self._items)} ok, "
+            f"{len(self.errors)} failed in {self.elapsed:.1f} s ({rate:,.0f} tokens/s)"
+        )
+        errors = self.errors
+        if errors:
+            shown = "\n".join(f"  {e}" for e in errors[:5])
+            more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
+            text += f"\n{shown}{more}"
+        return text
+
+    def raise_for_errors(self) -> None:
+        """Raise the first item's error (chained from it) when any item failed."""
+        errors = self.errors
+        if errors:
+            raise RuntimeError(self.summary()) from errors[0].error
+
+    def __repr__(self) -> str:
+        return f"<BatchResult {self.summary().splitlines()[0]}>"
+
+
+def _text(item: object) -> str | None:
+    choices = getattr(item, "choices", None)
+    if not choices:
+        return None
+    first = choices[0]
+    message = getattr(first, "message", None)
+    if message is not None:
+        content: str | None = getattr(message, "content", None)
+        return content
+    text: str | None = getattr(first, "text", None)
+    return text
+
+
+class _Progress:
+    """A tqdm bar (a widget in notebooks, text in terminals) or nothing."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self._bar: Any = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # the `notebook` extra is not installed: no bar
+                return
+            self._bar = tqdm(total=total, desc=desc, unit="req", smoothing=0.1)
+
+    def update(self, failed: int, tokens: int, started: float) -> None:
+        if self._bar is None:
+            return
+        elapsed = time.monotonic() - started
+        rate = tokens / elapsed if elapsed > 0 else 0.0
+        self._bar.set_postfix(failed=failed, tok_s=f"{rate:,.0f}", refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+async def run_batch(
+    inputs: Sequence[I],
+    call: Callable[[I], Awaitable[tuple[T, int]]],
+    *,
+    concurrency: int = 64,
+    retries: int = DEFAULT_RETRIES,
+    progress: bool = True,
+    desc: str = "lmfleet",
+    backoff: float = BACKOFF,
+) -> BatchResult[T]:
+    """Run `call(item) -> (result, tokens)` over `inputs`; see the module docstring."""
+    if concurrency < 1:
+        raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+    if retries < 0:
+        raise ConfigError(f"retries must be >= 0, got {retries}")
+    results: list[T | ItemError | None] = [None] * len(inputs)
+    pending = iter(enumerate(inputs))
+    started = time.monotonic()
+    counts = {"failed": 0, "tokens": 0}
+    bar = _Progress(len(inputs), desc, progress)
+
+    async def attempt(index: int, item: I) -> T | ItemError:
+        for tries in range(1, retries + 2):
+            try:
+                result, tokens = await call(item)
+            except Exception as exc:  # noqa: BLE001 - recorded per item, never raised mid-batch
+                if tries > retries or not retryable(exc):
+                    return ItemError(index=index, error=exc, attempts=tries)
+                await anyio.sleep(backoff * 2 ** (tries - 1))
+            else:
+                counts["tokens"] += tokens
+                return result
+        raise AssertionError("unreachable")
+
+    async def worker() -> None:
+        for index, item in pending:
+            outcome = await attempt(index, item)
+            if isinstance(outcome, ItemError):
+                counts["failed"] += 1
+            results[index] = outcome
+            bar.update(counts["failed"], counts["tokens"], started)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(concurrency, max(len(inputs), 1))):
+                tg.start_soon(worker)
+    finally:
+        bar.close()
+    done: list[T | ItemError] = []
+    for item in results:
+        assert item is not None
+        done.append(item)
+    return BatchResult(done, elapsed=time.monotonic() - started, tokens=counts["tokens"])
+
+
+# -- chat and completions over a fleet ----------------------------------------------------
+
+
+def _check_params(params: dict[str, Any]) -> None:
+    if params.get("stream"):
+        raise ConfigError("chat_many/complete_many collect whole responses: stream=True is not")
+
+
+def _node_of(url: Any) -> str:
+    """The node URL (`http://host:port`) a routed response came from."""
+    port = f":{url.port}" if url.port is not None else ""
+    return f"{url.scheme}://{url.host}{port}"
+
+
+async def achat_many(
+    fleet: LMFleet,
+    messages_list: Sequence[Sequence[ChatCompletionMessageParam]],
+    *,
+    model: str | None = None,
+    concurrency: int = 64,
+    retries: int = DEFAULT_RETRIES,
+    progress: bool = True,
+    params: dict[str, Any],
+) -> BatchResult[ChatCompletion]:
+    _check_params(params)
+    chosen = model or fleet.model
+    client = fleet.async_client()
+
+    async def call(messages: Sequence[ChatCompletionMessageParam]) -> tuple[ChatCompletion, int]:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=chosen, messages=list(messages), **params
+        )
+        response = raw.parse()
+        tokens = response.usage.completion_tokens if response.usage else 0
+        if tokens:
+            fleet.registry.add_tokens(_node_of(raw.url), tokens)
+        return response, tokens
+
+    async with client:
+        return await run_batch(
+            messages_list,
+            call,
+            concurrency=concurrency,
+            retries=retries,
+            progress=progress,
+            desc="chat",
+        )
+
+
+async def acomplete_many(
+    fleet: LMFleet,
+    prompts: Sequence[str],
+    *,
+    model: str | None = None,
+    concurrency: int = 64,
+    retries: int = DEFAULT_RETRIES,
+    progress: bool = True,
+    params: dict[str, Any],
+) -> BatchResult[Completion]:
+    _check_params(params)
+    chosen = model or fleet.model
+    client = fleet.async_client()
+
+    async def call(prompt: str) -> tuple[Completion, int]:
+        raw = await client.completions.with_raw_response.create(
+            model=chosen, prompt=prompt, **params
+        )
+        response = raw.parse()
+        tokens = response.usage.completion_tokens if response.usage else 0
+        if tokens:
+            fleet.registry.add_tokens(_node_of(raw.url), tokens)
+        return response, tokens
+
+    async with client:
+        return await run_batch(
+            prompts,
+            call,
+            concurrency=concurrency,
+            retries=retries,
+            progress=progress,
+            desc="complete",
+        )
+
+
+def run_in_fleet(fleet: LMFleet, func: Callable[[], Awaitable[T]]) -> T:
+    """Run `func()` in the fleet's loop and wait (Ctrl-C / interrupt cancels the batch)."""
+    if fleet._loop.in_loop_thread():
+        raise RuntimeError("blocking batch call from the fleet's own event loop; await it instead")
+    future = fleet._loop.portal.start_task_soon(func)
+    try:
+        return future.result()
+    except KeyboardInterrupt:
+        future.cancel()
+        raise

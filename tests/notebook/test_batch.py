@@ -1,0 +1,142 @@
+"""`chat_many` / `complete_many` against real `lmfleet sim` processes (issue 6 acceptance)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import anyio
+import openai
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+from support import SimNode, StartSim
+
+from lmfleet import ConfigError, LMFleet
+from lmfleet.notebook.batch import ItemError, run_batch
+
+FAST = ("--health-poll-interval", "0.5", "--ttft-ms", "5", "--tpot-ms", "2")
+
+
+@pytest.fixture
+def sims(start_sim: StartSim) -> list[SimNode]:
+    return [start_sim(*FAST, "--output-tokens", "8") for _ in range(3)]
+
+
+@pytest.fixture
+def fleet(sims: list[SimNode]) -> Iterator[LMFleet]:
+    with LMFleet.attach([s.url for s in sims], health_interval=0.2, wait_for_node=10) as fleet:
+        fleet.wait_ready(timeout=30, min_ready=3)
+        yield fleet
+
+
+def conversations(n: int) -> list[list[ChatCompletionMessageParam]]:
+    """Item i's prompt has (i % 5 + 1) words, so `usage.prompt_tokens` reveals its order."""
+    return [[{"role": "user", "content": " ".join(["word"] * (i % 5 + 1))}] for i in range(n)]
+
+
+def test_chat_many_survives_a_node_killed_half_way(sims: list[SimNode], fleet: LMFleet) -> None:
+    total = 1000
+    victim = sims[1]
+    killed = threading.Event()
+
+    def killer() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed.is_set():
+            if sum(n.served for n in fleet.nodes) >= total // 2:
+                victim.process.kill()
+                killed.set()
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = fleet.chat_many(conversations(total), concurrency=32, progress=False, max_tokens=8)
+    killed.set()
+    thread.join()
+
+    assert victim.process.wait(timeout=5) is not None
+    assert len(result) == total
+    # Nothing lost: every slot holds a response or that item's own error.
+    for i, item in enumerate(result):
+        if isinstance(item, ItemError):
+            assert item.index == i
+    # Cut-off requests were retried on the surviving nodes.
+    assert result.errors == [], result.summary()
+    assert all(isinstance(item, ChatCompletion) for item in result)
+    # Input order: the prompt length pattern comes back in the same order.
+    by_residue: dict[int, set[int]] = {}
+    for i, item in enumerate(result.ok):
+        assert item.usage is not None
+        by_residue.setdefault(i % 5, set()).add(item.usage.prompt_tokens)
+    assert all(len(tokens) == 1 for tokens in by_residue.values())
+    assert len({next(iter(t)) for t in by_residue.values()}) == 5
+    assert result.tokens == sum(item.usage.completion_tokens for item in result.ok if item.usage)
+    assert result.summary().startswith(f"{total}/{total} ok, 0 failed")
+    assert all(text for text in result.texts)
+    # After the kill, the others carried the rest.
+    nodes = {n.url: n for n in fleet.nodes}
+    others = [nodes[s.url].served for s in sims if s is not victim]
+    assert sum(others) > total // 2 - 64
+
+
+def test_failed_items_are_reported_not_raised(fleet: LMFleet) -> None:
+    # An unknown model is a 404 from the router: not retried, reported per item.
+    result = fleet.chat_many(conversations(5), model="no-such-model", progress=False)
+    assert len(result) == 5
+    assert result.ok == []
+    assert [e.index for e in result.errors] == [0, 1, 2, 3, 4]
+    assert all(e.attempts == 1 for e in result.errors)
+    assert all(isinstance(e.error, openai.NotFoundError) for e in result.errors)
+    assert "0/5 ok, 5 failed" in result.summary()
+    with pytest.raises(RuntimeError):
+        result.raise_for_errors()
+
+
+def test_complete_many_and_async_twins(fleet: LMFleet) -> None:
+    prompts = [f"prompt {i}" for i in range(40)]
+    result = fleet.complete_many(prompts, concurrency=8, progress=True, max_tokens=4)
+    assert len(result) == 40 and not result.errors
+    assert all(isinstance(item, Completion) for item in result)
+
+    async def main() -> tuple[int, int]:
+        chats = await fleet.achat_many(conversations(20), concurrency=4, progress=False)
+        completions = await fleet.acomplete_many(prompts[:10], progress=False, max_tokens=2)
+        return len(chats.ok), len(completions.ok)
+
+    assert anyio.run(main) == (20, 10)
+    with pytest.raises(ConfigError):
+        fleet.chat_many(conversations(1), stream=True)
+
+
+def test_run_batch_retries_then_reports() -> None:
+    calls: dict[int, int] = {}
+
+    async def flaky(item: int) -> tuple[int, int]:
+        calls[item] = calls.get(item, 0) + 1
+        if item % 3 == 0 and calls[item] < 2:  # fails once, then succeeds
+            raise openai.APIConnectionError(request=_request())
+        if item == 4:  # always fails
+            raise openai.APIConnectionError(request=_request())
+        if item == 5:  # not retryable
+            raise ValueError("bad item")
+        return item * 10, 1
+
+    async def main() -> object:
+        return await run_batch(
+            list(range(9)), flaky, concurrency=3, retries=2, progress=False, backoff=0
+        )
+
+    result = anyio.run(main)
+    assert len(result) == 9  # type: ignore[arg-type]
+    assert [e.index for e in result.errors] == [4, 5]  # type: ignore[attr-defined]
+    assert result.errors[0].attempts == 3  # type: ignore[attr-defined]
+    assert result.errors[1].attempts == 1  # type: ignore[attr-defined]
+    assert result.ok == [0, 10, 20, 30, 60, 70, 80]  # type: ignore[attr-defined]
+    assert calls[3] == 2 and calls[4] == 3 and calls[5] == 1
+
+
+def _request() -> object:
+    import httpx2
+
+    return httpx2.Request("POST", "http://127.0.0.1:1/v1/chat/completions")
