@@ -10,25 +10,37 @@ fault injections, then request validation, then the cost model.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from typing import Any
 
 from lmfleet.sim import asgi, generation, routes
 from lmfleet.sim.options import SimOptions
-from lmfleet.sim.protocol import Kind, RequestError, parse_generation
+from lmfleet.sim.protocol import (
+    Kind,
+    RequestError,
+    decode_json,
+    dumps,
+    error_body,
+    parse_generation,
+)
 from lmfleet.sim.registration import register_with_proxy
 from lmfleet.sim.runtime import NodeRuntime
 
 log = logging.getLogger("lmfleet.sim")
 
 AUTH_FREE_PREFIXES = ("/health", "/docs", "/redoc", "/nodes")
-UNAUTHORIZED = b'{"error":"Unauthorized"}'
-SLEEPING = (
-    b'{"error":"Engine is sleeping; call POST /wakeup before inference '
-    b'(e.g. tags=weights&tags=kv_cache)."}'
+# Both middlewares answer with LMDeploy's OpenAI-shaped error body.
+UNAUTHORIZED = dumps(error_body(401, "Unauthorized."))
+SLEEPING = dumps(
+    error_body(
+        503,
+        "Engine is sleeping; call POST /wakeup before inference (e.g. tags=weights&tags=kv_cache).",
+    )
 )
+# EngineSleepingMiddleware is LMDeploy's outermost middleware: while asleep these
+# routes answer 503 before the API key is even checked.
+SLEEP_GATED = frozenset({"/v1/chat/completions", "/v1/completions", "/generate"})
 NOT_FOUND = b'{"detail":"Not Found"}'
 NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
 CRASH_STATUS = 3
@@ -74,6 +86,9 @@ class SimApp:
         stats = self.runtime.stats
         stats.requests_total += 1
         stats.by_path[path] += 1
+        if path in SLEEP_GATED and scope["method"] == "POST" and self.runtime.is_sleeping:
+            await asgi.send_bytes(send, 503, SLEEPING)
+            return
         if self._keys and not self._authorized(scope) and not path.startswith(AUTH_FREE_PREFIXES):
             await asgi.send_bytes(send, 401, UNAUTHORIZED)
             return
@@ -104,9 +119,6 @@ class SimApp:
         async def handle(
             rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
         ) -> None:
-            if rt.is_sleeping:
-                await asgi.send_bytes(send, 503, SLEEPING)
-                return
             faults = rt.faults
             rt.inference_requests += 1
             if faults.crash_after is not None and rt.inference_requests > faults.crash_after:
@@ -122,11 +134,7 @@ class SimApp:
                 await asgi.send_error(send, 400, routes.NOT_JSON)
                 return
             try:
-                body: Any = json.loads(await asgi.read_body(receive))
-            except ValueError as exc:
-                await asgi.send_error(send, 400, f"JSON decode error: {exc}")
-                return
-            try:
+                body: Any = decode_json(await asgi.read_body(receive))
                 request = parse_generation(kind, body, rt.model_name)
             except RequestError as exc:
                 await asgi.send_error(send, exc.status, exc.message, exc.param)

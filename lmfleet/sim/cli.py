@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--role", choices=["hybrid", "prefill", "decode"], default="hybrid", type=str.lower)
     add("--allow-terminate-by-client", action="store_true")
     add("--enable-abort-handling", action="store_true")
-    add("--enable-metrics", action="store_true", help="serve /metrics")
+    add("--enable-metrics", action="store_true", help="accepted; /metrics is on by default")
+    add("--disable-metrics", action="store_true", help="no /metrics (as LMDeploy's flag)")
     add(
         "--health-poll-interval",
         type=float,
@@ -113,7 +114,7 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         role=args.role,
         allow_terminate_by_client=args.allow_terminate_by_client,
         enable_abort_handling=args.enable_abort_handling,
-        enable_metrics=args.enable_metrics,
+        enable_metrics=not args.disable_metrics,
         health_poll_interval=args.health_poll_interval,
         log_level=args.log_level,
         fast=args.fast,

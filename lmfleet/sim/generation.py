@@ -15,7 +15,7 @@ from typing import Any
 
 from lmfleet.sim import asgi
 from lmfleet.sim.engine import count_tokens
-from lmfleet.sim.protocol import GenRequest, dumps, new_id, usage
+from lmfleet.sim.protocol import GenRequest, chat_usage, dumps, new_id, usage
 from lmfleet.sim.runtime import NodeRuntime, Sequence
 from lmfleet.sim.textgen import WORDS, Output, generate
 
@@ -132,24 +132,37 @@ def _complete(
                     "tool_calls": None,
                 },
                 "logprobs": None,
+                "output_token_logprobs": None,
                 "finish_reason": reason,
+                "output_ids": None,
+                "routed_experts": None,
             }
             for i, (text, reason, _) in enumerate(finals)
         ]
-        prefix, obj = "chatcmpl", "chat.completion"
-    else:
-        choices = [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason, _) in enumerate(finals)
-        ]
-        prefix, obj = "cmpl", "text_completion"
+        return {
+            "id": new_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": rt.created,
+            "model": req.model,
+            "choices": choices,
+            "usage": chat_usage(prompt_tokens, completion_tokens),
+            "service_tier": None,
+        }
+    choices = [
+        {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+        for i, (text, reason, _) in enumerate(finals)
+    ]
     return {
-        "id": new_id(prefix),
-        "object": obj,
+        "id": new_id("cmpl"),
+        "object": "text_completion",
         "created": rt.created,
         "model": req.model,
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": {
+            **usage(prompt_tokens, completion_tokens),
+            "prompt_tokens_details": None,
+            "completion_tokens_details": None,
+        },
     }
 
 
@@ -160,6 +173,9 @@ def _meta(prompt_tokens: int, completion_tokens: int, reason: str | None) -> dic
         "completion_tokens": completion_tokens,
         "finish_reason": {"type": reason} if reason else None,
         "output_token_logprobs": None,
+        "input_token_logprobs": None,
+        "output_top_logprobs": None,
+        "input_top_logprobs": None,
         "routed_experts": None,
     }
 
@@ -175,16 +191,17 @@ def _chunk_builder(rt: NodeRuntime, req: GenRequest, prompt_tokens: int) -> Chun
     if req.include_usage:
         head["usage"] = None
 
+    # Chunks are dumped with exclude_none: no finish_reason key until there is one.
     def chat(index: int, piece: str, finish: str | None, _: int) -> dict[str, Any]:
-        choice = {
-            "index": index,
-            "delta": {"role": "assistant", "content": piece},
-            "finish_reason": finish,
-        }
+        choice: dict[str, Any] = {"index": index, "delta": {"role": "assistant", "content": piece}}
+        if finish is not None:
+            choice["finish_reason"] = finish
         return {**head, "choices": [choice]}
 
     def completion(index: int, piece: str, finish: str | None, _: int) -> dict[str, Any]:
-        choice = {"index": index, "text": piece, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": index, "text": piece}
+        if finish is not None:
+            choice["finish_reason"] = finish
         return {**head, "choices": [choice]}
 
     def gen(index: int, piece: str, finish: str | None, tokens: int) -> dict[str, Any]:
@@ -231,7 +248,13 @@ async def _stream(
     if req.include_usage and req.kind != "generate":
         completion_tokens = sum(min(o.tokens, done) for o in outputs)
         head = build(0, "", None, done)
-        head.update(choices=[], usage=usage(prompt_tokens, completion_tokens))
+        totals = (
+            chat_usage(prompt_tokens, completion_tokens)
+            if req.kind == "chat"
+            else usage(prompt_tokens, completion_tokens)
+        )
+        totals.pop("completion_tokens_details", None)  # None: dropped by exclude_none
+        head.update(choices=[], usage=totals)
         await emit(head)
     await asgi.end_stream(send)
     return done

@@ -33,7 +33,7 @@ class SimOptions(BaseModel):
     role: Role = "hybrid"
     allow_terminate_by_client: bool = False
     enable_abort_handling: bool = False
-    enable_metrics: bool = False
+    enable_metrics: bool = True  # LMDeploy 0.18 serves /metrics unless --disable-metrics
     # LMDEPLOY_HEALTH_POLL_INTERVAL's default; 0 means /health is computed live.
     health_poll_interval: float = Field(default=12.0, ge=0)
     log_level: str = "warning"

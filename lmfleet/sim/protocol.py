@@ -73,26 +73,62 @@ class GenRequest:
     session_id: int = -1
 
 
+# LMDeploy renders FastAPI's RequestValidationError as "<loc>: <msg>" of the first
+# pydantic error (loc without "body"; union members add ".str"), param null.
+NOT_A_DICT = "Input should be a valid dictionary or object to extract fields from"
+
+
+def validation_error(field: str, message: str) -> RequestError:
+    return RequestError(400, f"{field}: {message}" if field else message)
+
+
 def _invalid(field: str, expected: str) -> RequestError:
-    return RequestError(400, f"1 validation error: {field}: Input should be {expected}", field)
+    return validation_error(field, f"Input should be {expected}")
+
+
+def _missing(field: str) -> RequestError:
+    return validation_error(field, "Field required")
+
+
+def decode_json(raw: bytes) -> Any:
+    """A request body as FastAPI reads it: empty is a missing body, bad JSON a 400."""
+    if not raw:
+        raise _missing("")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise validation_error(str(exc.pos), "JSON decode error") from exc
 
 
 def _opt_int(body: dict[str, Any], key: str, default: int | None = None) -> int | None:
+    """Pydantic's lax int: ints, integral floats and numeric strings pass."""
     value = body.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(key, "a valid integer")
-    return value
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise _invalid(key, "a valid integer, got a number with a fractional part")
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise _invalid(key, "a valid integer, unable to parse string as an integer") from None
+    raise _invalid(key, "a valid integer")
 
 
 def _opt_number(body: dict[str, Any], key: str) -> float | None:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _invalid(key, "a valid number")
-    return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise _invalid(key, "a valid number, unable to parse string as a number") from None
+    raise _invalid(key, "a valid number")
 
 
 def _stop(body: dict[str, Any]) -> tuple[str, ...]:
@@ -103,7 +139,7 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         return (stop,)
     if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         return tuple(stop)
-    raise _invalid("stop", "a valid string or list of strings")
+    raise _invalid("stop.str", "a valid string")
 
 
 def chat_prompt(messages: Any) -> str:
@@ -124,27 +160,31 @@ def chat_prompt(messages: Any) -> str:
 def parse_generation(kind: Kind, body: Any, model_name: str) -> GenRequest:
     """Validate a JSON body the way LMDeploy does: types (400), model (404), values (400)."""
     if not isinstance(body, dict):
-        raise RequestError(400, "1 validation error: body: Input should be a valid dictionary")
+        raise validation_error("", NOT_A_DICT)
     if kind == "generate":
         return _parse_generate(body, model_name)
     model = body.get("model")
+    if model is None:
+        raise _missing("model")
     if not isinstance(model, str):
         raise _invalid("model", "a valid string")
     if kind == "chat":
         if "messages" not in body:
-            raise RequestError(400, "1 validation error: messages: Field required", "messages")
+            raise _missing("messages")
         prompts = [chat_prompt(body["messages"])]
         max_tokens = _opt_int(body, "max_completion_tokens")
         if max_tokens is None:
             max_tokens = _opt_int(body, "max_tokens")
     else:
         prompt = body.get("prompt")
+        if prompt is None:
+            raise _missing("prompt")
         if isinstance(prompt, str):
             prompts = [prompt]
         elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             prompts = list(prompt)
         else:
-            raise _invalid("prompt", "a valid string or list of strings")
+            raise _invalid("prompt.str", "a valid string")
         max_tokens = _opt_int(body, "max_completion_tokens")
         if max_tokens is None:
             max_tokens = _opt_int(body, "max_tokens", 16)  # CompletionRequest's default
@@ -210,22 +250,31 @@ def _check_sampling(body: dict[str, Any], request: GenRequest) -> None:
             400, f"The max_tokens {request.max_tokens!r} must be a positive integer."
         )
     top_p = _opt_number(body, "top_p")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise RequestError(400, f"The top_p {body['top_p']!r} must be in (0, 1].")
+    if top_p is not None and not 0 < top_p <= 1:  # pydantic made it a float: "2.0"
+        raise RequestError(400, f"The top_p {top_p!r} must be in (0, 1].")
     top_k = _opt_int(body, "top_k")
     if top_k is not None and top_k < 0:
         raise RequestError(400, f"The top_k {top_k!r} cannot be a negative integer.")
     temperature = _opt_number(body, "temperature")
     if temperature is not None and not 0 <= temperature <= 2:
-        raise RequestError(400, f"The temperature {body['temperature']!r} must be in [0, 2]")
+        raise RequestError(400, f"The temperature {temperature!r} must be in [0, 2]")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """LMDeploy's UsageInfo field order."""
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """LMDeploy's UsageInfo field order (details added by the caller where LMDeploy has them)."""
     return {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
+    }
+
+
+def chat_usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
+    """Chat's UsageInfo.build(): prompt_tokens_details carries the cached tokens."""
+    return {
+        **usage(prompt_tokens, completion_tokens),
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": None,
     }
 
 

@@ -18,7 +18,15 @@ from urllib.parse import parse_qs
 
 from lmfleet.sim import asgi
 from lmfleet.sim.engine import count_tokens
-from lmfleet.sim.protocol import dumps, model_list, new_id, usage
+from lmfleet.sim.protocol import (
+    NOT_A_DICT,
+    RequestError,
+    decode_json,
+    dumps,
+    model_list,
+    new_id,
+    usage,
+)
 from lmfleet.sim.runtime import NodeRuntime
 
 Handler = Callable[[NodeRuntime, asgi.Scope, asgi.Receive, asgi.Send], Awaitable[None]]
@@ -37,15 +45,24 @@ class BadRequest(Exception):
     """A body LMDeploy's request validation would refuse (rendered as a 400)."""
 
 
-async def json_body(scope: asgi.Scope, receive: asgi.Receive) -> Any:
-    """The decoded body of a route that requires `Content-Type: application/json`."""
+async def json_body(scope: asgi.Scope, receive: asgi.Receive, *, model: bool = True) -> Any:
+    """The decoded body of a route that requires `Content-Type: application/json`.
+
+    `model`: the route takes a pydantic body (so an empty body is "Field required");
+    /sleep and /wakeup take none and ignore whatever is sent.
+    """
     if not asgi.is_json(scope):
         raise BadRequest(NOT_JSON)
     raw = await asgi.read_body(receive)
+    if not model:
+        return None
     try:
-        return json.loads(raw) if raw else None
-    except ValueError as exc:
-        raise BadRequest(f"JSON decode error: {exc}") from exc
+        body = decode_json(raw)
+    except RequestError as exc:
+        raise BadRequest(exc.message) from exc
+    if not isinstance(body, dict):
+        raise BadRequest(NOT_A_DICT)
+    return body
 
 
 def query(scope: asgi.Scope) -> dict[str, list[str]]:
@@ -84,7 +101,7 @@ async def models(
 
 
 async def sleep(rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
-    await json_body(scope, receive)
+    await json_body(scope, receive, model=False)
     raw = query(scope).get("level", ["1"])[-1]
     try:
         level = int(raw)
@@ -101,7 +118,7 @@ async def sleep(rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send:
 async def wakeup(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
-    await json_body(scope, receive)
+    await json_body(scope, receive, model=False)
     rt.wakeup(query(scope).get("tags", []))
     await asgi.send_bytes(send, 200, b"", None)
 
@@ -115,12 +132,17 @@ async def is_sleeping(
 async def abort_request(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
-    if not rt.options.enable_abort_handling:
-        await asgi.send_bytes(send, 501, ABORT_DISABLED, b"text/plain; charset=utf-8")
-        return
-    body = json.loads(await asgi.read_body(receive) or b"{}")
+    raw = await asgi.read_body(receive)
+    try:
+        body = decode_json(raw)
+    except RequestError as exc:
+        raise BadRequest(exc.message) from exc
     if not isinstance(body, dict):
-        raise BadRequest("body: Input should be a valid dictionary")
+        raise BadRequest(NOT_A_DICT)
+    if not rt.options.enable_abort_handling:
+        # LMDeploy's Response(content=str) carries no Content-Type at all.
+        await asgi.send_bytes(send, 501, ABORT_DISABLED, None)
+        return
     if body.get("abort_all"):
         rt.abort_all()
     else:
@@ -146,7 +168,7 @@ async def update_weights(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
     body = await json_body(scope, receive)
-    if not isinstance(body, dict) or "serialized_named_tensors" not in body:
+    if "serialized_named_tensors" not in body:
         raise BadRequest("serialized_named_tensors: Field required")
     await asgi.send_json(send, 200, None)
 
@@ -161,8 +183,6 @@ async def encode(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
     body = await json_body(scope, receive)
-    if not isinstance(body, dict):
-        raise BadRequest("body: Input should be a valid dictionary")
     text = body.get("input")
     add_bos = bool(body.get("add_bos", True))
     if isinstance(text, str):
@@ -171,16 +191,16 @@ async def encode(
     elif isinstance(text, list) and all(isinstance(t, str) for t in text):
         batch = [_fake_ids(t, add_bos) for t in text]
         await asgi.send_json(send, 200, {"input_ids": batch, "length": [len(b) for b in batch]})
+    elif text is None:
+        raise BadRequest("input: Field required")
     else:
-        raise BadRequest("input: Input should be a valid string or list of strings")
+        raise BadRequest("input.str: Input should be a valid string")
 
 
 async def pooling(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
     body = await json_body(scope, receive)
-    if not isinstance(body, dict):
-        raise BadRequest("body: Input should be a valid dictionary")
     data = body.get("input")
     if isinstance(data, str):
         inputs: list[Any] = [data]
@@ -212,6 +232,16 @@ async def pooling(
 async def embeddings(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
+    # The body is validated (EmbeddingsRequest) before the handler refuses it.
+    raw = await asgi.read_body(receive)
+    try:
+        body = decode_json(raw)
+    except RequestError as exc:
+        raise BadRequest(exc.message) from exc
+    if not isinstance(body, dict):
+        raise BadRequest(NOT_A_DICT)
+    if "input" not in body:
+        raise BadRequest("input: Field required")
     await asgi.send_error(send, 400, "Unsupported by turbomind.")
 
 

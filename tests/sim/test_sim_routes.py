@@ -9,6 +9,13 @@ from tests.sim.conftest import MODEL, ClientFactory, chat_body
 pytestmark = pytest.mark.anyio
 JSON = {"content-type": "application/json"}
 ERROR_KEYS = {"message", "type", "code", "param", "object"}
+UNAUTHORIZED = {
+    "message": "Unauthorized.",
+    "type": "authentication_error",
+    "code": 401,
+    "param": None,
+    "object": "error",
+}
 
 
 async def test_health_and_models_shapes(asgi_client: ClientFactory) -> None:
@@ -61,7 +68,7 @@ async def test_sleep_wakeup_round_trip_with_tags(asgi_client: ClientFactory) -> 
         assert (health.status_code, health.json()["status"]) == (200, "sleeping")
         refused = await client.post("/v1/chat/completions", json=chat_body())
         assert refused.status_code == 503
-        assert "Engine is sleeping" in refused.json()["error"]
+        assert "Engine is sleeping" in refused.json()["message"]
         assert (await client.post("/wakeup?tags=weights", headers=JSON)).status_code == 200
         assert (await client.get("/is_sleeping")).json() == {"is_sleeping": True}
         update = await client.post(
@@ -131,7 +138,7 @@ async def test_api_keys_on_every_route_but_health(asgi_client: ClientFactory) ->
             for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "k1"}):
                 response = await client.request(method, path, headers={**JSON, **headers})
                 assert response.status_code == 401, (method, path, headers)
-                assert response.json() == {"error": "Unauthorized"}
+                assert response.json() == UNAUTHORIZED
         assert (await client.get("/health")).status_code == 200
         good = {"authorization": "Bearer k2"}
         assert (await client.get("/v1/models", headers=good)).status_code == 200
@@ -216,7 +223,13 @@ async def test_completions_and_n_and_usage(asgi_client: ClientFactory) -> None:
         assert data["object"] == "text_completion" and data["id"].startswith("cmpl-")
         assert [c["index"] for c in data["choices"]] == [0, 1, 2, 3]
         assert {c["finish_reason"] for c in data["choices"]} == {"stop"}
-        assert data["usage"] == {"prompt_tokens": 3, "total_tokens": 27, "completion_tokens": 24}
+        assert data["usage"] == {
+            "prompt_tokens": 3,
+            "total_tokens": 27,
+            "completion_tokens": 24,
+            "prompt_tokens_details": None,
+            "completion_tokens_details": None,
+        }
         # CompletionRequest's max_tokens default is 16.
         long = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
         assert long.json()["usage"]["completion_tokens"] == 6
@@ -312,12 +325,12 @@ async def test_stats_count_and_reset(asgi_client: ClientFactory) -> None:
         assert reset["requests_total"] == 0 and reset["completed"] == 0
 
 
-async def test_metrics_when_enabled(asgi_client: ClientFactory) -> None:
-    async with asgi_client(fast=True, enable_metrics=True) as client:
+async def test_metrics_unless_disabled(asgi_client: ClientFactory) -> None:
+    async with asgi_client(fast=True) as client:  # on by default, as in LMDeploy 0.18
         text = (await client.get("/metrics")).text
         assert "lmdeploy:num_requests_running" in text
         assert "lmdeploy:num_requests_waiting" in text
-    async with asgi_client(fast=True) as client:
+    async with asgi_client(fast=True, enable_metrics=False) as client:
         assert (await client.get("/metrics")).status_code == 404
 
 

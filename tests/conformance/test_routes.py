@@ -1,0 +1,196 @@
+"""Every route and case the simulator implements, sent to the real LMDeploy and to the sim.
+
+Status codes, the Content-Type and the JSON shape (keys, value types) must match;
+error messages too. Accepted differences live in differences.py only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx2
+import pytest
+from conformance.exchange import Case, compare, send
+
+CHAT = {"model": "$MODEL", "messages": [{"role": "user", "content": "hello world"}]}
+COMPLETION = {"model": "$MODEL", "prompt": "say hello"}
+
+CASES = [
+    # health, models, auth
+    Case("health", "GET", "/health", auth=False, json_type=False),
+    Case("health-with-key", "GET", "/health", json_type=False),
+    Case("models", "GET", "/v1/models", json_type=False),
+    Case("models-no-key", "GET", "/v1/models", auth=False, json_type=False),
+    Case(
+        "models-bad-key", "GET", "/v1/models", auth=False, headers={"authorization": "Bearer nope"}
+    ),
+    Case("is-sleeping", "GET", "/is_sleeping", json_type=False),
+    Case("is-sleeping-no-key", "GET", "/is_sleeping", auth=False, json_type=False),
+    Case("sleep-no-key", "POST", "/sleep?level=1", auth=False),
+    Case("wakeup-no-key", "POST", "/wakeup", auth=False),
+    Case("chat-no-key", "POST", "/v1/chat/completions", body=CHAT, auth=False),
+    Case("metrics-no-key", "GET", "/metrics", auth=False, json_type=False),
+    Case("unknown-path-no-key", "GET", "/nope", auth=False, json_type=False),
+    Case("nodes-no-key", "GET", "/nodes/status", auth=False, json_type=False),
+    Case("docs-no-key", "GET", "/docs", auth=False, json_type=False),
+    # the Content-Type rule and level checks (never reaching a sleep)
+    Case("sleep-no-json", "POST", "/sleep?level=1", json_type=False),
+    Case("wakeup-no-json", "POST", "/wakeup", json_type=False),
+    Case(
+        "sleep-text-plain",
+        "POST",
+        "/sleep",
+        json_type=False,
+        headers={"content-type": "text/plain"},
+    ),
+    Case("sleep-level-3", "POST", "/sleep?level=3"),
+    Case("sleep-level-x", "POST", "/sleep?level=x"),
+    Case("wakeup-awake", "POST", "/wakeup"),
+    Case("chat-no-json", "POST", "/v1/chat/completions", body=CHAT, json_type=False),
+    Case("completions-no-json", "POST", "/v1/completions", body=COMPLETION, json_type=False),
+    Case("generate-no-json", "POST", "/generate", body={"prompt": "hi"}, json_type=False),
+    Case("encode-no-json", "POST", "/v1/encode", body={"input": "hi"}, json_type=False),
+    # chat completions
+    Case("chat", "POST", "/v1/chat/completions", body=CHAT),
+    Case("chat-length", "POST", "/v1/chat/completions", body={**CHAT, "max_tokens": 2}),
+    Case(
+        "chat-max-completion-tokens",
+        "POST",
+        "/v1/chat/completions",
+        body={**CHAT, "max_completion_tokens": 2},
+    ),
+    Case("chat-malformed", "POST", "/v1/chat/completions", raw=b'{"model": '),
+    Case("chat-not-object", "POST", "/v1/chat/completions", raw=b"[1, 2]"),
+    Case("chat-empty-body", "POST", "/v1/chat/completions", raw=b""),
+    Case("chat-unknown-model", "POST", "/v1/chat/completions", body={**CHAT, "model": "nope"}),
+    Case("chat-no-messages", "POST", "/v1/chat/completions", body={"model": "$MODEL"}),
+    Case("chat-no-model", "POST", "/v1/chat/completions", body={"messages": CHAT["messages"]}),
+    Case(
+        "chat-bad-max-tokens-type", "POST", "/v1/chat/completions", body={**CHAT, "max_tokens": "x"}
+    ),
+    Case(
+        "chat-bad-temperature-type",
+        "POST",
+        "/v1/chat/completions",
+        body={**CHAT, "temperature": "hot"},
+    ),
+    Case("chat-n-0", "POST", "/v1/chat/completions", body={**CHAT, "n": 0}),
+    Case("chat-top-p-2", "POST", "/v1/chat/completions", body={**CHAT, "top_p": 2}),
+    Case("chat-top-k-neg", "POST", "/v1/chat/completions", body={**CHAT, "top_k": -1}),
+    Case("chat-temperature-5", "POST", "/v1/chat/completions", body={**CHAT, "temperature": 5}),
+    Case("chat-max-tokens-0", "POST", "/v1/chat/completions", body={**CHAT, "max_tokens": 0}),
+    Case("chat-max-tokens-neg", "POST", "/v1/chat/completions", body={**CHAT, "max_tokens": -1}),
+    Case("chat-stop", "POST", "/v1/chat/completions", body={**CHAT, "stop": ["zzz"]}),
+    Case("chat-bad-stop", "POST", "/v1/chat/completions", body={**CHAT, "stop": 5}),
+    Case("chat-stream", "POST", "/v1/chat/completions", body={**CHAT, "stream": True}, stream=True),
+    Case(
+        "chat-stream-usage",
+        "POST",
+        "/v1/chat/completions",
+        body={**CHAT, "stream": True, "stream_options": {"include_usage": True}},
+        stream=True,
+    ),
+    Case(
+        "chat-stream-length",
+        "POST",
+        "/v1/chat/completions",
+        body={**CHAT, "stream": True, "max_tokens": 3},
+        stream=True,
+    ),
+    # completions
+    Case("completions", "POST", "/v1/completions", body=COMPLETION),
+    Case("completions-list", "POST", "/v1/completions", body={**COMPLETION, "prompt": ["a", "b"]}),
+    Case("completions-unknown-model", "POST", "/v1/completions", body={**COMPLETION, "model": "x"}),
+    Case("completions-no-prompt", "POST", "/v1/completions", body={"model": "$MODEL"}),
+    Case("completions-malformed", "POST", "/v1/completions", raw=b"{nope"),
+    Case(
+        "completions-stream-usage",
+        "POST",
+        "/v1/completions",
+        body={**COMPLETION, "stream": True, "stream_options": {"include_usage": True}},
+        stream=True,
+    ),
+    # LMDeploy's /generate
+    Case("generate", "POST", "/generate", body={"prompt": "say hello"}),
+    Case("generate-ids", "POST", "/generate", body={"input_ids": [5, 6, 7]}),
+    Case("generate-both", "POST", "/generate", body={"prompt": "a", "input_ids": [1]}),
+    Case("generate-neither", "POST", "/generate", body={}),
+    Case("generate-empty-prompt", "POST", "/generate", body={"prompt": ""}),
+    Case(
+        "generate-stream",
+        "POST",
+        "/generate",
+        body={"prompt": "say hello", "stream": True},
+        stream=True,
+    ),
+    # auxiliary
+    Case("encode", "POST", "/v1/encode", body={"input": "hello world"}),
+    Case("encode-list", "POST", "/v1/encode", body={"input": ["hello", "world"], "add_bos": False}),
+    Case("encode-bad", "POST", "/v1/encode", body={"input": 5}),
+    Case("pooling", "POST", "/pooling", body={"model": "$MODEL", "input": "hello"}),
+    Case("pooling-empty", "POST", "/pooling", body={"model": "$MODEL", "input": []}),
+    Case("embeddings", "POST", "/v1/embeddings", body={"model": "$MODEL", "input": "hello"}),
+    Case("embeddings-no-body", "POST", "/v1/embeddings", raw=b"{}"),
+    Case("abort-request", "POST", "/abort_request", body={"session_id": 5}),
+    Case("terminate", "GET", "/terminate", json_type=False),
+    Case("update-weights-bad", "POST", "/update_weights", body={}),
+    Case("metrics", "GET", "/metrics", json_type=False),
+    Case("unknown-path", "GET", "/nope", json_type=False),
+    Case("wrong-method", "GET", "/v1/chat/completions", json_type=False),
+]
+
+
+@pytest.fixture
+def client() -> Iterator[httpx2.Client]:
+    # One client per case: LMDeploy drops the keep-alive connection after a 500.
+    with httpx2.Client(timeout=30) as c:
+        yield c
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_same_answer(case: Case, pair, client: httpx2.Client) -> None:
+    real = send(client, pair.real.url, case, pair.model)
+    sim = send(client, pair.sim.url, case, pair.model)
+    problems = compare(case, real, sim)
+    if case.stream and real.media_type == sim.media_type == "text/event-stream":
+        problems += stream_problems(case, real.body, sim.body)
+    assert not problems, "\n".join(problems) + f"\nreal: {real.text[:600]}\nsim:  {sim.text[:600]}"
+
+
+def stream_problems(case: Case, real: list, sim: list) -> list[str]:
+    """SSE: both end with [DONE]; first chunk, last content chunk and usage chunk alike."""
+    from conformance.differences import unexplained
+    from conformance.shapes import shape_diff
+
+    out: list[str] = []
+    for side, events in (("real", real), ("sim", sim)):
+        if not events or events[-1] != "[DONE]":
+            out.append(f"stream: {side} does not end with [DONE]")
+    real_chunks = [e for e in real if e != "[DONE]"]
+    sim_chunks = [e for e in sim if e != "[DONE]"]
+    for label, pick in (
+        ("first", lambda cs: cs[0]),
+        ("finish", lambda cs: next(c for c in cs if _finish(c))),
+        ("last", lambda cs: cs[-1]),
+    ):
+        try:
+            a, b = pick(real_chunks), pick(sim_chunks)
+        except (IndexError, StopIteration):
+            out.append(f"stream.{label}: missing on one side")
+            continue
+        out += [f"{label}-chunk {d}" for d in shape_diff(a, b)]
+    real_reasons = [_finish(c) for c in real_chunks if _finish(c)]
+    sim_reasons = [_finish(c) for c in sim_chunks if _finish(c)]
+    if real_reasons != sim_reasons:
+        out.append(f"stream.finish_reason: real {real_reasons}, sim {sim_reasons}")
+    return unexplained(case.name, out)
+
+
+def _finish(chunk: dict) -> str | None:
+    if "choices" in chunk:
+        return next(
+            (c.get("finish_reason") for c in chunk["choices"] if c.get("finish_reason")), None
+        )
+    meta = chunk.get("meta_info") or {}
+    reason = meta.get("finish_reason")
+    return reason.get("type") if isinstance(reason, dict) else None
