@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs venv peer clean
+.PHONY: demo test lint docs venv peer soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: lint peer
 # The user guide and API reference (mkdocs + mkdocstrings); warnings are errors.
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --quiet
+
+# Chaos under load through a proxy process (not in CI): SOAK_MINUTES=10 by default.
+SOAK_MINUTES ?= 10
+soak: $(STAMP)
+	$(BIN)/python tests/reliability/soak.py --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) .venv-peer .venv-peer.failed .venv-peer.log .pytest_cache .mypy_cache .ruff_cache site
