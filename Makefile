@@ -27,9 +27,9 @@ lint: $(STAMP)
 peer:
 	-PYTHON=$(PYTHON) tests/conformance/peer/setup_peer.sh
 
-test: lint peer
+# Docs build first, so that pytest's summary is the last line CI reads.
+test: lint peer docs
 	$(BIN)/python -m pytest -q
-	$(MAKE) docs
 
 # The user guide and API reference (mkdocs + mkdocstrings); warnings are errors.
 docs: $(STAMP)
