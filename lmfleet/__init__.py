@@ -15,6 +15,7 @@ from lmfleet.errors import (
     UnknownNodeError,
 )
 from lmfleet.fleet import LMFleet
+from lmfleet.notebook.batch import BatchResult, ItemError
 from lmfleet.routing.base import RequestInfo, Strategy
 from lmfleet.state import NodeRole, NodeState, NodeStatus
 from lmfleet.status import FleetStatus, NodeSnapshot
@@ -22,11 +23,13 @@ from lmfleet.status import FleetStatus, NodeSnapshot
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchResult",
     "ConfigError",
     "FleetClosedError",
     "FleetOptions",
     "FleetStatus",
     "HealthOptions",
+    "ItemError",
     "LMFleet",
     "LMFleetError",
     "LaunchError",
