@@ -1,28 +1,16 @@
-"""Take the dashboard screenshots in docs/screenshots/ (not run by `make test`).
+"""Take the HTML-fallback screenshot, docs/screenshots/dashboard-html.png (not run by `make test`).
 
-    .venv/bin/python docs/screenshots/take.py                    # HTML fallback only
-    .venv/bin/python docs/screenshots/take.py --voila /tmp/jl/bin/voila   # + the live widget
+    .venv/bin/python docs/screenshots/take.py
 
-Needs `chromium` (apt-get install chromium). The live widget is rendered by Voila
-(Jupyter's widget frontend, served on 127.0.0.1 with its own assets: no CDN); install
-it into a throwaway venv (`python -m venv /tmp/jl && /tmp/jl/bin/pip install voila`),
-not into the dev extras. The notebook's kernel is this interpreter (the dev venv).
-Status: the Voila page connects to the kernel but its widget views fail with a
-JavaScript error (not yet diagnosed: likely a widget-manager version mismatch), so
-docs/ ships only the HTML-fallback screenshot for now.
+Needs `chromium` (apt-get install chromium). The live widget screenshot
+(dashboard-widget.png) is taken in JupyterLab by widget_shot.py beside this file.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import nbformat
@@ -120,64 +108,9 @@ def html_fallback(workdir: Path) -> None:
     chromium(page.as_uri(), HERE / "dashboard-html.png", "1200,420", 3000)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def live_widget(voila: str, workdir: Path) -> None:
-    """Serve the notebook with Voila on 127.0.0.1 and screenshot the live widgets."""
-    kernels = workdir / "jupyter" / "kernels" / "python3"
-    kernels.mkdir(parents=True)
-    spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (lmfleet)",
-        "language": "python",
-    }
-    (kernels / "kernel.json").write_text(json.dumps(spec))
-    path = workdir / "dashboard.ipynb"
-    nb = notebook()
-    nb.cells[1].source += "\n\n"  # voila shows outputs only
-    nbformat.write(nb, path)
-    port = free_port()
-    env = {**os.environ, "JUPYTER_PATH": str(workdir / "jupyter")}
-    server = subprocess.Popen(
-        [voila, str(path), f"--port={port}", "--no-browser", "--Voila.ip=127.0.0.1"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(workdir / "voila.log", "w"),  # noqa: SIM115 - closed with the process
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.2)
-        # Live widgets render only after they talked to the kernel: wait in real time.
-        python = str(Path(voila).with_name("python"))
-        out = HERE / "dashboard-widget.png"
-        page = f"http://127.0.0.1:{port}/"
-        subprocess.run([python, str(HERE / "cdp_shot.py"), page, str(out), "25"], check=True)
-        print("wrote", out)
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
-        print((workdir / "voila.log").read_text()[-2000:])
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--voila", help="a voila executable (throwaway venv)")
-    parser.add_argument("--skip-html", action="store_true")
-    args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lmfleet-shots-") as tmp:
-        workdir = Path(tmp)
-        if not args.skip_html:
-            html_fallback(workdir)
-        if args.voila:
-            live_widget(args.voila, workdir)
+        html_fallback(Path(tmp))
 
 
 if __name__ == "__main__":
