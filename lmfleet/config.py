@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+ServingStrategy = Literal["Hybrid", "DistServe"]
+"""LMDeploy's proxy `--serving-strategy` names (docs/distserve.md)."""
 
 
 class _Options(BaseModel):
@@ -44,11 +49,28 @@ class RoutingOptions(_Options):
     )
 
 
+class DistServeOptions(_Options):
+    """Prefill/decode disaggregation: how pairs are connected (LMDeploy's proxy flags)."""
+
+    migration_protocol: Literal["RDMA"] = Field(
+        default="RDMA", description="KV migration protocol (LMDeploy 0.18 supports RDMA only)"
+    )
+    link_type: Literal["RoCE", "IB"] = Field(default="RoCE", description="RDMA link type")
+    with_gdr: bool = Field(default=True, description="GPU Direct RDMA")
+    control_timeout: float = Field(
+        default=10.0, gt=0, description="seconds for one /distserve/* control call"
+    )
+
+
 class FleetOptions(_Options):
     """Everything an `LMFleet` is configured with."""
 
     health: HealthOptions = HealthOptions()
     routing: RoutingOptions = RoutingOptions()
+    serving_strategy: ServingStrategy = Field(
+        default="Hybrid", description="Hybrid: one node per request; DistServe: prefill -> decode"
+    )
+    distserve: DistServeOptions = DistServeOptions()
     min_ready: int = Field(default=1, ge=1, description="healthy nodes that wait_ready waits for")
     drain_timeout: float = Field(
         default=30.0, ge=0, description="seconds to let in-flight requests end"

@@ -11,6 +11,7 @@
           +-- NoHealthyNodeError            nothing eligible within wait_for_node
           +-- NodeUnavailableError          every failover attempt failed to connect
           +-- StreamInterruptedError        the node failed after the stream started
+          +-- MigrationError                DistServe could not connect a prefill/decode pair
 
 A request for a model no node serves is answered like a node would answer it, an
 HTTP 404 in OpenAI's error shape listing the served models (`openai.NotFoundError`
@@ -69,3 +70,7 @@ class NodeUnavailableError(RoutingError):
 
 class StreamInterruptedError(RoutingError):
     """The node failed after response bytes reached the caller: never replayed."""
+
+
+class MigrationError(RoutingError):
+    """DistServe could not connect a (prefill, decode) pair or hand a KV cache over."""

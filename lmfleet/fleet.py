@@ -50,6 +50,7 @@ from lmfleet.routing.base import Strategy
 from lmfleet.state import NodeRole, NodeStatus
 from lmfleet.status import FleetStatus, NodeSnapshot
 from lmfleet.transport import Router
+from lmfleet.transport.distserve import DistServe
 
 if TYPE_CHECKING:
     from openai.types import Completion
@@ -76,12 +77,15 @@ def _merge_options(
     wait_for_node: float | None,
     wake_on_demand: bool | None,
     min_ready: int | None,
+    serving_strategy: str | None = None,
 ) -> FleetOptions:
     """Keyword shortcuts override the matching fields of `options`."""
     base = options or FleetOptions()
     health: dict[str, Any] = {}
     routing: dict[str, Any] = {}
     top: dict[str, Any] = {}
+    if serving_strategy is not None:
+        top["serving_strategy"] = serving_strategy
     if health_interval is not None:
         health["interval"] = health_interval
         health["timeout"] = min(base.health.timeout, max(health_interval, 0.5))
@@ -101,6 +105,18 @@ def _merge_options(
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def parse_role(value: NodeRole | int | str) -> NodeRole:
+    """A node role from LMDeploy's number (1, 2, 3) or name ("hybrid", "Prefill", ...)."""
+    try:
+        if isinstance(value, str) and not value.isdigit():
+            return NodeRole[value.strip().upper()]
+        return NodeRole(int(value))
+    except (KeyError, ValueError):
+        raise ConfigError(
+            f"node role must be hybrid/prefill/decode or 1/2/3, got {value!r}"
+        ) from None
 
 
 class LMFleet:
@@ -128,6 +144,8 @@ class LMFleet:
             on_starved=self._starved,
             affinity_key=affinity_key,
         )
+        if self.options.serving_strategy == "DistServe":
+            self.router.distserve = DistServe(self.router, self.options.distserve)
         self._supervisor = Supervisor(self.registry, api_key=api_key, poke=self._poke)
         self._launchers: list[Launcher] = []
         self._waking: set[str] = set()
@@ -155,8 +173,15 @@ class LMFleet:
         wake_on_demand: bool | None = None,
         min_ready: int | None = None,
         options: FleetOptions | None = None,
+        serving_strategy: str | None = None,
+        roles: Sequence[NodeRole | int | str] | None = None,
     ) -> LMFleet:
-        """Route over running servers. `api_key` is the nodes' key (never the proxy's)."""
+        """Route over running servers. `api_key` is the nodes' key (never the proxy's).
+
+        `serving_strategy="DistServe"` runs chat/completions prefill -> decode over
+        nodes whose `roles` (one per URL: "hybrid", "prefill", "decode" or
+        LMDeploy's 1/2/3) say so; see docs/distserve.md.
+        """
         merged = _merge_options(
             options,
             health_interval=health_interval,
@@ -164,11 +189,16 @@ class LMFleet:
             wait_for_node=wait_for_node,
             wake_on_demand=wake_on_demand,
             min_ready=min_ready,
+            serving_strategy=serving_strategy,
         )
         normalized = [normalize_url(u) for u in urls]
+        node_roles = [NodeRole.HYBRID] * len(normalized) if roles is None else list(roles)
+        if len(node_roles) != len(normalized):
+            raise ConfigError(f"roles has {len(node_roles)} entries for {len(normalized)} URLs")
+        parsed = [parse_role(r) for r in node_roles]
         fleet = cls(strategy=strategy, api_key=api_key, options=merged)
-        for url in normalized:
-            fleet.add_node(url)
+        for url, role in zip(normalized, parsed, strict=True):
+            fleet.add_node(url, role=role)
         return fleet
 
     @classmethod

@@ -129,11 +129,14 @@ class NodeRegistry:
         else is eligible. None means no node is eligible at all.
         """
         model = request.model
+        role = request.role
         with self._lock:
             eligible = [
                 s
                 for s in self._nodes.values()
-                if s.status is NodeStatus.HEALTHY and s.serves(model)
+                if s.status is NodeStatus.HEALTHY
+                and s.serves(model)
+                and (role is None or s.role is role)
             ]
             if avoid and eligible:
                 fresh = [s for s in eligible if s.url not in avoid]

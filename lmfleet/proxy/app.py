@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import httpx2
 
 from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
-from lmfleet.proxy import admin_api, nodes_api
+from lmfleet.proxy import admin_api, distserve_api, nodes_api
 from lmfleet.proxy.asgi import (
     BodyTimeout,
     BodyTooLarge,
@@ -55,6 +55,8 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/fleet/sleep": {"POST": admin_api.sleep},
     "/fleet/wakeup": {"POST": admin_api.wakeup},
     "/fleet/drain": {"POST": admin_api.drain},
+    "/distserve/connection_warmup": {"POST": distserve_api.connection_warmup},
+    "/distserve/gc": {"POST": distserve_api.gc},
     "/generate": {"POST": forward},
     "/pooling": {"POST": forward},
 }

@@ -63,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how a node is picked per request",
     )
     add(
+        "--serving-strategy",
+        default="Hybrid",
+        choices=("Hybrid", "DistServe"),
+        help="DistServe: prefill on Prefill-role nodes, decode on Decode-role nodes "
+        "(nodes announce their role at /nodes/add); see docs/distserve.md",
+    )
+    add(
         "--api-keys",
         nargs="+",
         default=None,
@@ -135,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=node_key,
         health_interval=args.health_interval,
         wait_for_node=args.wait_for_node,
+        serving_strategy=args.serving_strategy,
     )
     try:
         server = fleet.serve(options=options)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from lmfleet.state import NodeState
+from lmfleet.state import NodeRole, NodeState
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,10 +20,13 @@ class RequestInfo:
 
     `affinity_key` is only computed for strategies that set
     `uses_affinity_key = True` (reading the body costs time on the hot path).
+    `role` limits the candidates to nodes of that role (DistServe's prefill and
+    decode phases); None, the Hybrid default, means any role.
     """
 
     model: str | None = None
     affinity_key: str | None = None
+    role: NodeRole | None = None
 
 
 @runtime_checkable

@@ -74,6 +74,7 @@ class SimApp:
         }
         if options.enable_metrics:
             self._routes["/metrics"] = {"GET": routes.metrics}
+        self._routes.update(self.runtime.distserve.routes())
 
     async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
         if scope["type"] == "http":
@@ -136,10 +137,11 @@ class SimApp:
             try:
                 body: Any = decode_json(await asgi.read_body(receive))
                 request = parse_generation(kind, body, rt.model_name)
+                extra = await rt.distserve.admit(body, request)
             except RequestError as exc:
                 await asgi.send_error(send, exc.status, exc.message, exc.param)
                 return
-            await generation.serve(rt, request, send, receive)
+            await generation.serve(rt, request, send, receive, extra)
 
         return handle
 

@@ -62,8 +62,17 @@ async def _abort_on_disconnect(receive: asgi.Receive, seq: Sequence) -> None:
     seq.aborted = True
 
 
-async def serve(rt: NodeRuntime, req: GenRequest, send: asgi.Send, receive: asgi.Receive) -> None:
-    """Run one inference request to the end (or to its abort) and answer it."""
+async def serve(
+    rt: NodeRuntime,
+    req: GenRequest,
+    send: asgi.Send,
+    receive: asgi.Receive,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Run one inference request to the end (or to its abort) and answer it.
+
+    `extra`: fields added to a non-streamed answer (a DistServe prefill's cache ids).
+    """
     options = rt.options
     seed = options.seed if req.seed is None else req.seed
     outputs = [
@@ -93,7 +102,8 @@ async def serve(rt: NodeRuntime, req: GenRequest, send: asgi.Send, receive: asgi
             async with aclosing(_steps(rt, seq, req, prompt_tokens, length)) as steps:
                 async for step in steps:
                     done = step + 1
-            await asgi.send_json(send, 200, _complete(rt, req, outputs, prompt_tokens, done))
+            answer = _complete(rt, req, outputs, prompt_tokens, done)
+            await asgi.send_json(send, 200, {**answer, **extra} if extra else answer)
     finally:
         if watcher is not None:
             watcher.cancel()

@@ -272,6 +272,7 @@ async def sim_stats_reset(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
     rt.stats.reset()
+    rt.distserve.reset()
     await asgi.send_json(send, 200, rt.stats_json())
 
 

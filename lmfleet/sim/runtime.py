@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from lmfleet.sim.distserve import SimDistServe
 from lmfleet.sim.engine import CostModel, PrefixCache, Scheduler
 from lmfleet.sim.faults import Faults
 from lmfleet.sim.options import SimOptions
@@ -73,6 +74,7 @@ class NodeRuntime:
         self.scheduler = Scheduler(options.max_batch)
         self.prefix_cache = PrefixCache(options.prefix_cache_blocks)
         self.faults = Faults.from_options(options)
+        self.distserve = SimDistServe(options)
         self.stats = Stats()
         self.sleeping_tags: set[str] = set()
         self.sleep_level = 0
@@ -187,4 +189,5 @@ class NodeRuntime:
             "sleeping": self.is_sleeping,
             "port": self.options.port,
             "model": self.model_name,
+            "distserve": self.distserve.stats(),
         }

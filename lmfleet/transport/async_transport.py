@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 import httpx2
 
+from lmfleet.transport.distserve import DistServePlan, drive_async
 from lmfleet.transport.router import Router
 from lmfleet.transport.streams import lease_response
 
@@ -15,7 +16,10 @@ class AsyncFleetTransport(httpx2.AsyncBaseTransport):
         self._inner = inner
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        plan = self._router.plan(request)
+        distserve = self._router.distserve
+        plan = self._router.plan(request) if distserve is None else distserve.route(request)
+        if isinstance(plan, DistServePlan):
+            return await drive_async(plan.steps(), self._inner)
         if plan.immediate is not None:
             return plan.immediate
         while True:

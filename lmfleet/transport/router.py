@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 
@@ -23,9 +23,12 @@ from lmfleet.config import RoutingOptions
 from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy, wants_affinity_key
-from lmfleet.state import NodeState
+from lmfleet.state import NodeRole, NodeState
 from lmfleet.transport.streams import Accounting
 from lmfleet.wire import error_bytes
+
+if TYPE_CHECKING:
+    from lmfleet.transport.distserve import DistServe
 
 FAILOVER_STATUS = frozenset({502, 503})
 """Answers that mean "this node cannot take it now": safe to send elsewhere."""
@@ -79,12 +82,16 @@ class Router:
         self._on_starved = on_starved
         self._affinity_key = affinity_key if wants_affinity_key(strategy) else None
         self._urls: dict[tuple[str, bytes], httpx2.URL] = {}
+        self.distserve: DistServe | None = None
+        """Set by the fleet in DistServe mode; the transports then ask it first."""
 
-    def plan(self, request: httpx2.Request, body: Any = None) -> RequestPlan:
+    def plan(
+        self, request: httpx2.Request, body: Any = None, *, role: NodeRole | None = None
+    ) -> RequestPlan:
         """Start routing `request`; read its body only when routing needs it.
 
         `body` (or the request's `PARSED_BODY` extension) is the already parsed
-        JSON body, when the caller has it.
+        JSON body, when the caller has it. `role` limits the nodes to one role.
         """
         models = self.registry.models()
         if body is None:
@@ -99,7 +106,7 @@ class Router:
         if self._affinity_key is not None:
             key = self._affinity_key(request.headers, body)
         # With one model served every node qualifies: the strategy need not filter.
-        info = RequestInfo(model=model if len(models) > 1 else None, affinity_key=key)
+        info = RequestInfo(model=model if len(models) > 1 else None, affinity_key=key, role=role)
         plan = RequestPlan(self, request, info)
         if model is not None and models and model not in models:
             plan.immediate = _unknown_model(request, model, models)

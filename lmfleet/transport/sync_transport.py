@@ -10,6 +10,7 @@ import time
 
 import httpx2
 
+from lmfleet.transport.distserve import DistServePlan, drive_sync
 from lmfleet.transport.router import Router
 from lmfleet.transport.streams import lease_response
 
@@ -20,7 +21,10 @@ class FleetTransport(httpx2.BaseTransport):
         self._inner = inner
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        plan = self._router.plan(request)
+        distserve = self._router.distserve
+        plan = self._router.plan(request) if distserve is None else distserve.route(request)
+        if isinstance(plan, DistServePlan):
+            return drive_sync(plan.steps(), self._inner)
         if plan.immediate is not None:
             return plan.immediate
         while True:

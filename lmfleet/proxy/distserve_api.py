@@ -1,0 +1,58 @@
+"""LMDeploy's proxy routes for DistServe: `POST /distserve/connection_warmup` and
+`POST /distserve/gc` (a TODO in LMDeploy 0.18.0; implemented here).
+
+They run the fleet's shared `DistServe` steps (the same ones requests run) with a
+short-lived upstream transport of their own: admin calls are rare, and this keeps
+them off the hot path's connection pool.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+import httpx2
+
+from lmfleet.proxy.asgi import Receive, Scope, Send, read_body, send_json
+from lmfleet.proxy.nodes_api import ADMIN_BODY_LIMIT, BadRequest
+from lmfleet.transport.distserve import DistServe, drive_async
+
+if TYPE_CHECKING:
+    from lmfleet.proxy.app import Runtime
+
+
+def _distserve(rt: Runtime) -> DistServe:
+    distserve = rt.fleet.router.distserve
+    if distserve is None:
+        raise BadRequest(
+            "The proxy runs the Hybrid serving strategy; start it with "
+            "--serving-strategy DistServe."
+        )
+    return distserve
+
+
+async def connection_warmup(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+    """Connect every routable (prefill, decode) pair now, concurrently."""
+    await read_body(scope, receive, ADMIN_BODY_LIMIT, rt.options.body_timeout)
+    distserve = _distserve(rt)
+    pairs = distserve.routable_pairs()
+    failed: list[list[str]] = []
+    async with httpx2.AsyncHTTPTransport() as inner:
+
+        async def one(pair: tuple[str, str]) -> None:
+            if not await drive_async(distserve.warmup(pair), inner):
+                failed.append(list(pair))
+
+        async with anyio.create_task_group() as tg:
+            for pair in pairs:
+                tg.start_soon(one, pair)
+    await send_json(send, 200, {"SUCCESS": not failed, "pairs": len(pairs), "failed": failed})
+
+
+async def gc(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+    """Free caches shelved on pairs with a dead side, and drop those pairs."""
+    await read_body(scope, receive, ADMIN_BODY_LIMIT, rt.options.body_timeout)
+    distserve = _distserve(rt)
+    async with httpx2.AsyncHTTPTransport() as inner:
+        result = await drive_async(distserve.gc(), inner)
+    await send_json(send, 200, result)

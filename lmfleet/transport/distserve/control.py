@@ -1,0 +1,249 @@
+"""`DistServe`: one fleet's prefill/decode orchestration state and control calls.
+
+It owns the `PairPool` and knows how to connect a pair (LMDeploy's
+`PDConnectionPool.connect`: engine_info on both, p2p_initialize on both,
+p2p_connect on both), free a prefill cache, drop a pair, warm every pair up and
+collect caches stranded by dead decode nodes (`/distserve/gc`, a TODO in
+LMDeploy). Every control call is a `Call` step with `control_timeout`, so the
+same code runs under the sync and async drivers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from typing import Any
+
+import httpx2
+
+from lmfleet.config import DistServeOptions
+from lmfleet.errors import MigrationError, UnknownNodeError
+from lmfleet.routing import STRATEGIES, resolve_strategy
+from lmfleet.routing.base import Strategy
+from lmfleet.state import NodeRole, NodeStatus
+from lmfleet.transport.distserve import protocol as wire
+from lmfleet.transport.distserve.pairs import Pair, PairPool
+from lmfleet.transport.distserve.plan import DistServePlan, rejected_n
+from lmfleet.transport.distserve.steps import Call, Steps, WaitFor
+from lmfleet.transport.router import PARSED_BODY, RequestPlan, Router
+
+log = logging.getLogger("lmfleet.distserve")
+
+
+def _own_copy(strategy: Strategy) -> Strategy:
+    """A strategy of the same kind with its own state; a built-in one gets a fresh RNG
+    (a deep copy would replay the same random draws for prefill and decode)."""
+    name = getattr(strategy, "name", None)
+    if isinstance(name, str) and name in STRATEGIES:
+        return resolve_strategy(name)
+    return copy.deepcopy(strategy)
+
+
+class DistServe:
+    """Prefill/decode disaggregation for one fleet's router (`router.distserve`)."""
+
+    def __init__(self, router: Router, options: DistServeOptions) -> None:
+        self.router = router
+        self.options = options
+        self.pool = PairPool()
+        # One copy of the strategy per phase: a shared tie rotation (round robin,
+        # least-connections ties) would see prefill and decode picks interleaved
+        # and could send every request of a role to the same node.
+        self.strategies = {
+            NodeRole.PREFILL: _own_copy(router.strategy),
+            NodeRole.DECODE: _own_copy(router.strategy),
+        }
+        self.protocol = wire.MIGRATION_PROTOCOL[options.migration_protocol]
+        self.rdma = wire.rdma_config(options.link_type, options.with_gdr)
+        t = options.control_timeout
+        self._timeout = {"connect": t, "read": t, "write": t, "pool": t}
+
+    # -- routing ------------------------------------------------------------------
+
+    def route(self, request: httpx2.Request) -> RequestPlan | DistServePlan:
+        """A `DistServePlan` for a chat/completions POST when the fleet has both
+        roles for its model, else a Hybrid `RequestPlan` (see docs/distserve.md)."""
+        router = self.router
+        path = request.url.path
+        if request.method != "POST" or path not in wire.DISAGGREGATED_PATHS:
+            return router.plan(request)  # any node: these routes have no P/D split
+        body = request.extensions.get(PARSED_BODY)
+        if not isinstance(body, dict):
+            try:
+                body = json.loads(request.content)
+            except (ValueError, httpx2.RequestNotRead):
+                body = None
+        if not isinstance(body, dict):
+            return router.plan(request, role=NodeRole.HYBRID)
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        role = self._serving_role(model)
+        if role is NodeRole.HYBRID:
+            return router.plan(request, body, role=NodeRole.HYBRID)
+        base: RequestPlan = router.plan(request, body, role=NodeRole.PREFILL)
+        if base.immediate is not None:
+            return base
+        n = body.get("n")
+        if isinstance(n, int) and n > 1:
+            base.immediate = rejected_n(request)
+            return base
+        return DistServePlan(self, base, body, path)
+
+    def _serving_role(self, model: str | None) -> NodeRole:
+        """PREFILL (run P->D) when routable prefill and decode nodes serve `model`;
+        HYBRID when Hybrid nodes serve it; P->D (waiting for them) otherwise."""
+        routable: set[NodeRole] = set()
+        present: set[NodeRole] = set()
+        for node in self.router.registry.snapshot():
+            if model is not None and node.models and model not in node.models:
+                continue
+            present.add(node.role)
+            if node.status is NodeStatus.HEALTHY:
+                routable.add(node.role)
+        if {NodeRole.PREFILL, NodeRole.DECODE} <= routable:
+            return NodeRole.PREFILL
+        if NodeRole.HYBRID in present:
+            return NodeRole.HYBRID
+        return NodeRole.PREFILL if present else NodeRole.HYBRID
+
+    # -- control calls ------------------------------------------------------------
+
+    def _control(self, method: str, url: str, path: str, body: Any = None) -> Steps[Any]:
+        """One `/distserve/*` call with `control_timeout`; its JSON, or MigrationError."""
+        try:
+            key = self.router.registry.get(url).api_key
+        except UnknownNodeError:
+            key = None
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        request = httpx2.Request(
+            method, url + path, json=body, headers=headers, extensions={"timeout": self._timeout}
+        )
+        reply = yield Call(request)
+        if isinstance(reply, Exception) or reply is None:
+            raise MigrationError(f"{method} {url}{path} failed: {reply!r}")
+        if reply.status_code != 200:
+            raise MigrationError(
+                f"{method} {url}{path} answered HTTP {reply.status_code}: {reply.text[:200]}"
+            )
+        try:
+            return reply.json()
+        except ValueError as exc:
+            raise MigrationError(f"{method} {url}{path} answered no JSON: {exc}") from exc
+
+    def _best_effort(self, url: str, path: str, body: dict[str, Any]) -> Steps[bool]:
+        """A cleanup call whose failure (the node may be dead) is only logged."""
+        try:
+            yield from self._control("POST", url, path, body)
+        except MigrationError as exc:
+            log.info("distserve cleanup: %s", exc)
+            return False
+        return True
+
+    def connect(self, pair: Pair) -> Steps[None]:
+        """Make sure `pair` is connected: connect it (once) or wait for whoever does."""
+        state, owner = self.pool.claim(pair)
+        if not owner:
+            if not state.done.is_set():
+                yield WaitFor(state.done, self._wait_budget())
+            if state.connected:
+                return
+            raise MigrationError(
+                f"pair {pair} did not connect: {state.error or 'timed out waiting for it'}"
+            )
+        try:
+            yield from self._connect(pair)
+        except MigrationError as exc:
+            self.pool.settle(pair, state, str(exc))
+            raise
+        except BaseException:
+            self.pool.settle(pair, state, "the connecting request was cancelled")
+            raise
+        self.pool.settle(pair, state)
+
+    def _wait_budget(self) -> float:
+        # The owner makes six control calls, each bounded by control_timeout.
+        return 6 * self.options.control_timeout + 1.0
+
+    def _connect(self, pair: Pair) -> Steps[None]:
+        p_url, d_url = pair
+        try:
+            p_cfg = wire.engine_config((yield from self._control("GET", p_url, wire.ENGINE_INFO)))
+            d_cfg = wire.engine_config((yield from self._control("GET", d_url, wire.ENGINE_INFO)))
+        except ValueError as exc:
+            raise MigrationError(str(exc)) from exc
+        if p_cfg.get("tp_size") != d_cfg.get("tp_size"):
+            # LMDeploy asserts this too: only equal parallel configurations connect.
+            raise MigrationError(
+                f"pair {pair}: tp_size differs ({p_cfg.get('tp_size')} vs {d_cfg.get('tp_size')})"
+            )
+        p_req = wire.init_request(self.protocol, (p_url, p_cfg), (d_url, d_cfg), self.rdma)
+        d_req = wire.init_request(self.protocol, (d_url, d_cfg), (p_url, p_cfg), self.rdma)
+        try:
+            p_init = wire.check_status(
+                (yield from self._control("POST", p_url, wire.P2P_INITIALIZE, p_req)),
+                "p2p_initialize",
+            )
+            d_init = wire.check_status(
+                (yield from self._control("POST", d_url, wire.P2P_INITIALIZE, d_req)),
+                "p2p_initialize",
+            )
+            p_conn = wire.connect_request(self.protocol, d_url, d_init)
+            d_conn = wire.connect_request(self.protocol, p_url, p_init)
+            wire.check_status(
+                (yield from self._control("POST", p_url, wire.P2P_CONNECT, p_conn)), "p2p_connect"
+            )
+            wire.check_status(
+                (yield from self._control("POST", d_url, wire.P2P_CONNECT, d_conn)), "p2p_connect"
+            )
+        except ValueError as exc:
+            raise MigrationError(str(exc)) from exc
+
+    def free(self, prefill_url: str, session_id: int) -> Steps[bool]:
+        """Free one preserved prefill cache (`/distserve/free_cache` on the prefill node)."""
+        body = wire.free_cache_request(prefill_url, session_id)
+        return (yield from self._best_effort(prefill_url, wire.FREE_CACHE, body))
+
+    def drop(self, pair: Pair, also_free: int | None = None) -> Steps[int]:
+        """LMDeploy's `PDConnectionPool.drop`: free every cache shelved on the pair
+        (and `also_free`), then drop the connection on both sides. Returns caches freed."""
+        p_url, d_url = pair
+        sessions = self.pool.drop(pair)
+        if also_free is not None:
+            sessions.add(also_free)
+        freed = 0
+        for session_id in sorted(sessions):
+            freed += bool((yield from self.free(p_url, session_id)))
+        yield from self._best_effort(p_url, wire.P2P_DROP_CONNECT, wire.drop_request(p_url, d_url))
+        yield from self._best_effort(d_url, wire.P2P_DROP_CONNECT, wire.drop_request(d_url, p_url))
+        return freed
+
+    # -- fleet-wide ---------------------------------------------------------------
+
+    def routable_pairs(self) -> list[Pair]:
+        nodes = [n for n in self.router.registry.snapshot() if n.routable]
+        prefill = [n.url for n in nodes if n.role is NodeRole.PREFILL]
+        decode = [n.url for n in nodes if n.role is NodeRole.DECODE]
+        return [(p, d) for p in prefill for d in decode]
+
+    def warmup(self, pair: Pair) -> Steps[bool]:
+        """Connect one pair ahead of traffic (`/distserve/connection_warmup`)."""
+        try:
+            yield from self.connect(pair)
+        except MigrationError as exc:
+            log.warning("distserve warmup: %s", exc)
+            return False
+        return True
+
+    def gc(self) -> Steps[dict[str, Any]]:
+        """Free caches stranded on pairs whose decode node is no longer routable, and
+        drop those pairs (what LMDeploy's `/distserve/gc` leaves as a TODO)."""
+        registry = self.router.registry
+        alive = {n.url for n in registry.snapshot() if n.routable}
+        dropped: list[list[str]] = []
+        freed = 0
+        for pair in self.pool.pairs():
+            if pair[1] in alive and pair[0] in alive:
+                continue
+            freed += yield from self.drop(pair)
+            dropped.append(list(pair))
+        return {"freed": freed, "dropped": dropped}
