@@ -31,6 +31,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
+def _inflight(fleet: LMFleet, url: str) -> int:
+    return {n.url: n.inflight for n in fleet.nodes}[url]
+
+
 @pytest.fixture
 def three_nodes(start_sim: StartSim) -> list[str]:
     return [start_sim(*FAST).url for _ in range(3)]
@@ -192,7 +196,12 @@ def test_sigkill_under_load(start_sim: StartSim) -> None:
                     for i in range(30):
                         tg.start_soon(plain, i)
                         tg.start_soon(streamed, i)
-                    await anyio.sleep(0.15)  # plain ones need 0.2 s, streams 0.8 s
+                    # Kill once the victim has work in flight (on a busy machine requests
+                    # take a while to leave): plain ones need 0.2 s, streams 0.8 s.
+                    with anyio.fail_after(10):
+                        while _inflight(fleet, victim.url) < 10:
+                            await anyio.sleep(0.01)
+                    await anyio.sleep(0.05)
                     victim.process.kill()
 
         anyio.run(main)
