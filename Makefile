@@ -42,3 +42,16 @@ soak: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-peer .venv-peer.failed .venv-peer.log .pytest_cache .mypy_cache .ruff_cache site
+
+# Benchmarks (never part of `make test`): about 17 minutes on 2 cores; each bench ends
+# every process it starts. LMDeploy's proxy comes from .venv-peer (`make peer`).
+# Results: bench/results/*.json, docs/bench_*.png; docs/benchmarks.md explains them.
+bench: $(STAMP)
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q matplotlib
+	$(BIN)/python bench/routing_pick.py
+	$(BIN)/python bench/monitor_cpu.py --nodes 64 --seconds 20
+	$(BIN)/python -m bench.proxy_overhead
+	$(BIN)/python -m bench.client_overhead
+	$(BIN)/python -m bench.routing_quality
+	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.plots

@@ -151,29 +151,52 @@ async def _relay(
     started: float,
 ) -> None:
     node = f"{target.scheme}://{target.netloc.decode('ascii')}"
-    headers = [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]
+    headers = []
+    length = -1
+    for key, value in response.headers.raw:
+        lower = key.lower()
+        if lower not in RESPONSE_DROP:
+            headers.append((key, value))
+            if lower == b"content-length" and value.isdigit():
+                length = int(value)
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    first: float | None = None
+    if length >= 0:
+        # A sized body (a non-streaming answer) arrives with its head: nothing to
+        # cancel early, so no disconnect watcher, and the last piece ends the reply.
+        await _copy(response, send, rt, node, started, length)
+        return
     async with anyio.create_task_group() as tg:
         tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
-        try:
-            stream = response.stream
-            assert isinstance(stream, httpx2.AsyncByteStream)
-            async for chunk in stream:
-                if first is None:
-                    first = time.monotonic()
-                    rt.metrics.ttft(node, first - started)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx2.TransportError as exc:
-            # A started response is never replayed: end the client's connection
-            # abruptly (returning without completing makes uvicorn close it).
-            rt.metrics.error("interrupted")
-            log.warning("stream from %s cut after it started: %r", node, exc)
-            tg.cancel_scope.cancel()
-            return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        rt.metrics.latency(node, time.monotonic() - started)
+        await _copy(response, send, rt, node, started, length)
         tg.cancel_scope.cancel()
+
+
+async def _copy(
+    response: httpx2.Response, send: Send, rt: Runtime, node: str, started: float, length: int
+) -> None:
+    """Send the body on as it arrives; `length` is its size, or -1 (until the node ends it)."""
+    first: float | None = None
+    more = True
+    try:
+        stream = response.stream
+        assert isinstance(stream, httpx2.AsyncByteStream)
+        async for chunk in stream:
+            if first is None:
+                first = time.monotonic()
+                rt.metrics.ttft(node, first - started)
+            if length >= 0:
+                length -= len(chunk)
+                more = length > 0
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+    except httpx2.TransportError as exc:
+        # A started response is never replayed: end the client's connection
+        # abruptly (returning without completing makes uvicorn close it).
+        rt.metrics.error("interrupted")
+        log.warning("stream from %s cut after it started: %r", node, exc)
+        return
+    if more:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    rt.metrics.latency(node, time.monotonic() - started)
 
 
 async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

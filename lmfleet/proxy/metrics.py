@@ -8,7 +8,7 @@ are observed per request by the hot path, labelled by node.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from lmfleet import LMFleet
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_CHILDREN = 4096
+"""Labelled metric children kept looked up (routes, error kinds, node URLs)."""
+
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -91,17 +94,29 @@ class ProxyMetrics:
             registry=self.registry,
         )
 
+        # `labels()` takes a lock and builds a key on every call; the hot path calls
+        # three of them per request, so each labelled child is looked up once.
+        self._children: dict[tuple[str, str], Any] = {}
+
+    def _child(self, metric: Any, name: str, label: str) -> Any:
+        child = self._children.get((name, label))
+        if child is None:
+            if len(self._children) >= MAX_CHILDREN:  # node URLs come and go
+                self._children.clear()
+            child = self._children[(name, label)] = metric.labels(label)
+        return child
+
     def request(self, route: str) -> None:
-        self._requests.labels(route).inc()
+        self._child(self._requests, "requests", route).inc()
 
     def error(self, kind: str) -> None:
-        self._errors.labels(kind).inc()
+        self._child(self._errors, "errors", kind).inc()
 
     def latency(self, node: str, seconds: float) -> None:
-        self._latency.labels(node).observe(seconds)
+        self._child(self._latency, "latency", node).observe(seconds)
 
     def ttft(self, node: str, seconds: float) -> None:
-        self._ttft.labels(node).observe(seconds)
+        self._child(self._ttft, "ttft", node).observe(seconds)
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)

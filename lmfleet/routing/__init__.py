@@ -18,6 +18,7 @@ from lmfleet.errors import ConfigError
 from lmfleet.routing.affinity import affinity_key
 from lmfleet.routing.base import RequestInfo, Strategy, wants_affinity_key
 from lmfleet.routing.least_connections import LeastConnections
+from lmfleet.routing.least_load import LeastLoad, NodeLoads, parse_queue
 from lmfleet.routing.min_expected_latency import MinExpectedLatency
 from lmfleet.routing.min_observed_latency import MinObservedLatency
 from lmfleet.routing.power_of_two import PowerOfTwo
@@ -28,8 +29,10 @@ from lmfleet.routing.round_robin import RoundRobin
 __all__ = [
     "STRATEGIES",
     "LeastConnections",
+    "LeastLoad",
     "MinExpectedLatency",
     "MinObservedLatency",
+    "NodeLoads",
     "PowerOfTwo",
     "PrefixAffinity",
     "RandomStrategy",
@@ -37,6 +40,7 @@ __all__ = [
     "RoundRobin",
     "Strategy",
     "affinity_key",
+    "parse_queue",
     "resolve_strategy",
     "wants_affinity_key",
 ]

@@ -14,6 +14,11 @@ a connection dropped before the response head is `RemoteProtocolError`, and so o
 A kept-alive connection that turns out to be closed by the node before any
 response byte arrives is retried once on a new connection (the node never saw the
 request).
+
+Read timeouts are one lazily checked timer per exchange (`_Watchdog`), renewed by
+each read, rather than a cancel scope around every read: on SSE that scope cost
+more CPU than the rest of the relay. Chunked bodies are parsed from bulk reads,
+so a burst of chunks that arrived together costs one read, not two per chunk.
 """
 
 from __future__ import annotations
@@ -67,6 +72,37 @@ def _mapped(request: httpx2.Request, phase: str) -> Iterator[None]:
     except OSError as exc:
         failed = {"connect": httpx2.ConnectError, "write": httpx2.WriteError}
         raise failed.get(phase, httpx2.ReadError)(f"{phase}: {exc!r}", request=request) from exc
+
+
+class _Watchdog:
+    """A read deadline that each read renews, checked by one timer.
+
+    When the node sends nothing for `timeout` seconds the connection is aborted, so
+    the pending read ends; `fired` tells the reader to report a `ReadTimeout`.
+    """
+
+    __slots__ = ("_conn", "_handle", "_loop", "_timeout", "expires", "fired")
+
+    def __init__(self, conn: _Conn, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._conn = conn
+        self._timeout = timeout
+        self.fired = False
+        self.expires = self._loop.time() + timeout
+        self._handle = self._loop.call_at(self.expires, self._check)
+
+    def renew(self) -> None:
+        self.expires = self._loop.time() + self._timeout
+
+    def _check(self) -> None:
+        if self._loop.time() < self.expires:
+            self._handle = self._loop.call_at(self.expires, self._check)
+            return
+        self.fired = True
+        self._conn.writer.transport.abort()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 class Http11Transport(httpx2.AsyncBaseTransport):
@@ -127,24 +163,36 @@ class Http11Transport(httpx2.AsyncBaseTransport):
     async def _exchange(
         self, request: httpx2.Request, origin: Origin, conn: _Conn, payload: bytes
     ) -> httpx2.Response:
+        read_timeout = _timeout(request, "read")
+        watchdog = None if read_timeout is None else _Watchdog(conn, read_timeout)
         try:
             with _mapped(request, "write"):
                 conn.writer.write(payload)
                 await conn.writer.drain()
-            with _mapped(request, "read"), anyio.fail_after(_timeout(request, "read")):
+            with _mapped(request, "read"):
                 head = await conn.reader.readuntil(b"\r\n\r\n")
-        except httpx2.RemoteProtocolError as exc:
+            if watchdog is not None:
+                watchdog.renew()
+            status, reason, headers, framing = _parse_head(request, head)
+        except httpx2.TransportError as exc:
             conn.close()
+            if watchdog is not None:
+                watchdog.cancel()
+                if watchdog.fired:
+                    raise httpx2.ReadTimeout("read timed out", request=request) from exc
             cause = exc.__cause__
             exc.nothing_received = (  # type: ignore[attr-defined]
-                isinstance(cause, asyncio.IncompleteReadError) and not cause.partial
+                isinstance(exc, httpx2.RemoteProtocolError)
+                and isinstance(cause, asyncio.IncompleteReadError)
+                and not cause.partial
             )
             raise
         except BaseException:
             conn.close()
+            if watchdog is not None:
+                watchdog.cancel()
             raise
-        status, reason, headers, framing = _parse_head(request, head)
-        stream = _Body(self, origin, conn, request, framing)
+        stream = _Body(self, origin, conn, request, framing, watchdog)
         return httpx2.Response(
             status,
             headers=headers,
@@ -209,54 +257,90 @@ class _Body(httpx2.AsyncByteStream):
         conn: _Conn,
         request: httpx2.Request,
         framing: tuple[str, int, bool],
+        watchdog: _Watchdog | None,
     ) -> None:
         self._pool = pool
         self._origin = origin
         self._conn: _Conn | None = conn
         self._request = request
         self._framing = framing
+        self._reusable = framing[2]
         self._complete = framing[0] == "length" and framing[1] == 0
-        self._read_timeout = _timeout(request, "read")
+        self._watchdog = watchdog
+        if self._complete and watchdog is not None:
+            watchdog.cancel()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self._complete or self._conn is None:
             return
         reader = self._conn.reader
         kind, remaining, _ = self._framing
-        with _mapped(self._request, "body"):
-            if kind == "length":
-                while remaining > 0:
-                    data = await self._read(reader.read(min(remaining, READ_SIZE)))
-                    if not data:
-                        raise asyncio.IncompleteReadError(b"", remaining)
-                    remaining -= len(data)
-                    yield data
-            elif kind == "chunked":
-                while True:
-                    size_line = await self._read(reader.readuntil(b"\r\n"))
-                    size = int(size_line.split(b";", 1)[0], 16)
-                    if size == 0:
-                        while await self._read(reader.readuntil(b"\r\n")) != b"\r\n":
-                            pass  # trailers
-                        break
-                    data = await self._read(reader.readexactly(size + 2))
-                    yield data[:-2]
-            else:
-                while data := await self._read(reader.read(READ_SIZE)):
-                    yield data
+        try:
+            with _mapped(self._request, "body"):
+                if kind == "length":
+                    while remaining > 0:
+                        data = await self._read(reader, min(remaining, READ_SIZE))
+                        if not data:
+                            raise asyncio.IncompleteReadError(b"", remaining)
+                        remaining -= len(data)
+                        yield data
+                elif kind == "chunked":
+                    async for data in self._chunks(reader):
+                        yield data
+                else:
+                    while data := await self._read(reader, READ_SIZE):
+                        yield data
+                    if self._watchdog is not None and self._watchdog.fired:
+                        raise asyncio.IncompleteReadError(b"", None)
+        except httpx2.TransportError as exc:
+            if self._watchdog is not None and self._watchdog.fired:
+                raise httpx2.ReadTimeout("body: read timed out", request=self._request) from exc
+            raise
         self._complete = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
-    async def _read(self, operation: Any) -> Any:
-        if self._read_timeout is None:
-            return await operation
-        with anyio.fail_after(self._read_timeout):
-            return await operation
+    async def _read(self, reader: asyncio.StreamReader, size: int) -> bytes:
+        data = await reader.read(size)
+        if self._watchdog is not None:
+            self._watchdog.renew()
+        return data
+
+    async def _chunks(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        """Decode a chunked body from bulk reads: every chunk already received, in order."""
+        buf = b""
+        while True:
+            data = await self._read(reader, READ_SIZE)
+            if not data:
+                raise asyncio.IncompleteReadError(buf, None)
+            buf = buf + data if buf else data
+            pos = 0
+            while (line_end := buf.find(b"\r\n", pos)) >= 0:
+                size = int(buf[pos:line_end].split(b";", 1)[0], 16)
+                if size == 0:  # the last chunk, then trailers (if any) and an empty line
+                    end = buf.find(b"\r\n\r\n", line_end)
+                    if end < 0:
+                        break
+                    if end + 4 < len(buf):
+                        self._reusable = False  # bytes after the body: do not trust the connection
+                    return
+                start = line_end + 2
+                stop = start + size
+                if len(buf) < stop + 2:
+                    break
+                if buf[stop : stop + 2] != b"\r\n":
+                    raise ValueError("chunk not followed by CRLF")
+                yield buf[start:stop]
+                pos = stop + 2
+            buf = buf[pos:]
 
     async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self._complete and self._framing[2]:
+        if self._complete and self._reusable:
             self._pool._give_back(self._origin, conn)
         else:
             conn.close()
