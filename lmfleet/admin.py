@@ -9,12 +9,13 @@ from a `/health` that lags the truth.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import httpx2
 
-from lmfleet.errors import NodeCommandError
+from lmfleet.config import FleetOptions
+from lmfleet.errors import ConfigError, NodeCommandError
 from lmfleet.health import fetch_models, is_sleeping
 from lmfleet.registry import NodeRegistry
 from lmfleet.state import NodeState, NodeStatus
@@ -135,3 +136,113 @@ async def drain_node(registry: NodeRegistry, url: str, timeout: float) -> bool:
         _set(NodeStatus.STOPPED, "drained" if idle else "drain timed out with requests in flight"),
     )
     return idle
+
+
+class FleetAdmin:
+    """Sleep, wake and drain a fleet's nodes, all from the fleet's own event loop.
+
+    The fleet's sync methods reach it through the portal; code already running in
+    that loop (the proxy's admin routes, the dashboard's buttons) awaits it.
+    """
+
+    def __init__(
+        self, registry: NodeRegistry, options: FleetOptions, http: httpx2.AsyncClient
+    ) -> None:
+        self._registry = registry
+        self._options = options
+        self._http = http
+        self._waking: set[str] = set()
+
+    def targets(self, nodes: Sequence[str] | None) -> list[str]:
+        """The URLs of `nodes`, or of every node not stopped."""
+        if nodes is None:
+            return [s.url for s in self._registry.snapshot() if s.status is not NodeStatus.STOPPED]
+        return [self._registry.get(url).url for url in nodes]
+
+    async def sleep(self, level: int = 1, nodes: Sequence[str] | None = None) -> None:
+        """Drain, then put nodes to sleep (all, or `nodes`). LMDeploy level 1 or 2."""
+        if level not in (1, 2):
+            raise ConfigError(f"sleep level must be 1 or 2, got {level}")
+        options = self._options
+
+        async def one(url: str) -> None:
+            await sleep_node(
+                self._http,
+                self._registry,
+                url,
+                level,
+                drain_timeout=options.drain_timeout,
+                timeout=options.admin_timeout,
+            )
+
+        await self._each(self.targets(nodes), one)
+
+    async def wakeup(
+        self, tags: Sequence[str] | None = None, nodes: Sequence[str] | None = None
+    ) -> None:
+        """Wake nodes (all, or `nodes`); `tags` ("weights", "kv_cache") for RL weight updates."""
+
+        async def one(url: str) -> None:
+            await wakeup_node(
+                self._http, self._registry, url, tags, timeout=self._options.admin_timeout
+            )
+
+        await self._each(self.targets(nodes), one)
+
+    async def drain(self, url: str, timeout: float | None = None) -> bool:
+        """No new requests for `url`; wait (bounded) for its in-flight ones; then `stopped`."""
+        url = self._registry.get(url).url
+        limit = self._options.drain_timeout if timeout is None else timeout
+        return await drain_node(self._registry, url, limit)
+
+    async def terminate(self, node: NodeState, timeout: float) -> None:
+        """Ask a node to exit (LMDeploy's `GET /terminate`); `NodeCommandError` if it won't."""
+        headers = {"accept": "application/json"}
+        if node.api_key:
+            headers["authorization"] = f"Bearer {node.api_key}"
+        try:
+            response = await self._http.get(
+                node.url + "/terminate", headers=headers, timeout=timeout
+            )
+        except httpx2.HTTPError as exc:
+            raise NodeCommandError(f"{node.url}: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise NodeCommandError(f"{node.url}: HTTP {response.status_code} {response.text[:200]}")
+
+    async def wake_one(self, model: str | None) -> None:
+        """Wake-on-demand: wake one sleeping node serving `model`, one at a time."""
+        if self._waking:
+            return
+        registry = self._registry
+        sleepers = [
+            s.url
+            for s in registry.snapshot()
+            if s.status is NodeStatus.SLEEPING and s.serves(model) and not registry.is_held(s.url)
+        ]
+        if not sleepers:
+            return
+        url = sleepers[0]
+        self._waking.add(url)
+        try:
+            await wakeup_node(self._http, registry, url, None, timeout=self._options.admin_timeout)
+        except NodeCommandError:
+            pass  # the waiting requests end with NoHealthyNodeError, which lists node states
+        finally:
+            self._waking.discard(url)
+
+    @staticmethod
+    async def _each(urls: list[str], command: Callable[[str], Awaitable[None]]) -> None:
+        """Run `command` on every node at once; report every failure together."""
+        failures: list[str] = []
+
+        async def one(url: str) -> None:
+            try:
+                await command(url)
+            except NodeCommandError as exc:
+                failures.append(str(exc))
+
+        async with anyio.create_task_group() as tg:
+            for url in urls:
+                tg.start_soon(one, url)
+        if failures:
+            raise NodeCommandError("; ".join(failures))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from lmfleet.errors import ConfigError
 
 ServingStrategy = Literal["Hybrid", "DistServe"]
 """LMDeploy's proxy `--serving-strategy` names (docs/distserve.md)."""
@@ -76,3 +78,41 @@ class FleetOptions(_Options):
         default=30.0, ge=0, description="seconds to let in-flight requests end"
     )
     admin_timeout: float = Field(default=30.0, gt=0, description="seconds for sleep/wakeup calls")
+
+
+def merge_options(
+    options: FleetOptions | None,
+    *,
+    health_interval: float | None,
+    unhealthy_after: int | None,
+    wait_for_node: float | None,
+    wake_on_demand: bool | None,
+    min_ready: int | None,
+    serving_strategy: str | None = None,
+) -> FleetOptions:
+    """Keyword shortcuts override the matching fields of `options`."""
+    base = options or FleetOptions()
+    health: dict[str, Any] = {}
+    routing: dict[str, Any] = {}
+    top: dict[str, Any] = {}
+    if serving_strategy is not None:
+        top["serving_strategy"] = serving_strategy
+    if health_interval is not None:
+        health["interval"] = health_interval
+        health["timeout"] = min(base.health.timeout, max(health_interval, 0.5))
+    if unhealthy_after is not None:
+        health["unhealthy_after"] = unhealthy_after
+    if wait_for_node is not None:
+        routing["wait_for_node"] = wait_for_node
+    if wake_on_demand is not None:
+        routing["wake_on_demand"] = wake_on_demand
+    if min_ready is not None:
+        top["min_ready"] = min_ready
+    try:
+        return FleetOptions(
+            health=HealthOptions(**{**base.health.model_dump(), **health}),
+            routing=RoutingOptions(**{**base.routing.model_dump(), **routing}),
+            **{**base.model_dump(exclude={"health", "routing"}), **top},
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -21,13 +21,13 @@ import httpx2
 import openai
 from anyio.abc import TaskGroup, TaskStatus
 
-from lmfleet import admin, clients
+from lmfleet import clients
+from lmfleet.admin import FleetAdmin
 from lmfleet.background import BackgroundLoop
-from lmfleet.config import FleetOptions, HealthOptions, RoutingOptions
+from lmfleet.config import FleetOptions, merge_options
 from lmfleet.errors import (
     ConfigError,
     FleetClosedError,
-    NodeCommandError,
     NotReadyError,
     UnknownNodeError,
 )
@@ -44,19 +44,16 @@ from lmfleet.launch.base import (
 from lmfleet.launch.command import CommandTemplate, ServerArgValue
 from lmfleet.launch.sim import DEFAULT_SIM_MODEL
 from lmfleet.launch.supervisor import Supervisor
+from lmfleet.notebook.methods import NotebookMethods
 from lmfleet.registry import NodeRegistry, normalize_url
 from lmfleet.routing import affinity_key, resolve_strategy
 from lmfleet.routing.base import Strategy
-from lmfleet.state import NodeRole, NodeStatus
+from lmfleet.state import NodeRole, NodeStatus, parse_role
 from lmfleet.status import FleetStatus, NodeSnapshot
 from lmfleet.transport import Router
 from lmfleet.transport.distserve import DistServe
 
 if TYPE_CHECKING:
-    from openai.types import Completion
-    from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
-
-    from lmfleet.notebook.batch import BatchResult
     from lmfleet.proxy import ProxyOptions, ProxyServer
 
 _OPEN: weakref.WeakSet[LMFleet] = weakref.WeakSet()
@@ -69,57 +66,7 @@ def _close_open_fleets() -> None:
         fleet.close()
 
 
-def _merge_options(
-    options: FleetOptions | None,
-    *,
-    health_interval: float | None,
-    unhealthy_after: int | None,
-    wait_for_node: float | None,
-    wake_on_demand: bool | None,
-    min_ready: int | None,
-    serving_strategy: str | None = None,
-) -> FleetOptions:
-    """Keyword shortcuts override the matching fields of `options`."""
-    base = options or FleetOptions()
-    health: dict[str, Any] = {}
-    routing: dict[str, Any] = {}
-    top: dict[str, Any] = {}
-    if serving_strategy is not None:
-        top["serving_strategy"] = serving_strategy
-    if health_interval is not None:
-        health["interval"] = health_interval
-        health["timeout"] = min(base.health.timeout, max(health_interval, 0.5))
-    if unhealthy_after is not None:
-        health["unhealthy_after"] = unhealthy_after
-    if wait_for_node is not None:
-        routing["wait_for_node"] = wait_for_node
-    if wake_on_demand is not None:
-        routing["wake_on_demand"] = wake_on_demand
-    if min_ready is not None:
-        top["min_ready"] = min_ready
-    try:
-        return FleetOptions(
-            health=HealthOptions(**{**base.health.model_dump(), **health}),
-            routing=RoutingOptions(**{**base.routing.model_dump(), **routing}),
-            **{**base.model_dump(exclude={"health", "routing"}), **top},
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-def parse_role(value: NodeRole | int | str) -> NodeRole:
-    """A node role from LMDeploy's number (1, 2, 3) or name ("hybrid", "Prefill", ...)."""
-    try:
-        if isinstance(value, str) and not value.isdigit():
-            return NodeRole[value.strip().upper()]
-        return NodeRole(int(value))
-    except (KeyError, ValueError):
-        raise ConfigError(
-            f"node role must be hybrid/prefill/decode or 1/2/3, got {value!r}"
-        ) from None
-
-
-class LMFleet:
+class LMFleet(NotebookMethods):
     """A fleet of OpenAI-compatible (LMDeploy) nodes with client-side routing.
 
     Build one with `LMFleet.attach(urls)` or `LMFleet.simulate(nodes=N)`; close it
@@ -148,11 +95,10 @@ class LMFleet:
             self.router.distserve = DistServe(self.router, self.options.distserve)
         self._supervisor = Supervisor(self.registry, api_key=api_key, poke=self._poke)
         self._launchers: list[Launcher] = []
-        self._waking: set[str] = set()
         self._closed = False
         self._stopping: anyio.Event | None = None
         self._tg: TaskGroup | None = None
-        self._http: httpx2.AsyncClient | None = None
+        self._admin: FleetAdmin | None = None
         self._monitor: Monitor | None = None
         self._loop = BackgroundLoop()
         self._service, _ = self._loop.portal.start_task(self._run_service, name="lmfleet")
@@ -182,7 +128,7 @@ class LMFleet:
         nodes whose `roles` (one per URL: "hybrid", "prefill", "decode" or
         LMDeploy's 1/2/3) say so; see docs/distserve.md.
         """
-        merged = _merge_options(
+        merged = merge_options(
             options,
             health_interval=health_interval,
             unhealthy_after=unhealthy_after,
@@ -232,7 +178,7 @@ class LMFleet:
         specs = plan.sim_specs(
             nodes, model=model, speed=speed, sim_args=sim_args, base_port=base_port
         )
-        merged = _merge_options(
+        merged = merge_options(
             options,
             health_interval=health_interval,
             unhealthy_after=unhealthy_after,
@@ -296,7 +242,7 @@ class LMFleet:
             gpus_per_node=gpus_per_node,
             base_port=base_port,
         )
-        merged = _merge_options(
+        merged = merge_options(
             options,
             health_interval=health_interval,
             unhealthy_after=unhealthy_after,
@@ -315,7 +261,7 @@ class LMFleet:
         options = self.options
         limits = httpx2.Limits(max_connections=256, max_keepalive_connections=64)
         async with httpx2.AsyncClient(timeout=options.health.timeout, limits=limits) as http:
-            self._http = http
+            self._admin = FleetAdmin(self.registry, options, http)
             self._monitor = Monitor(self.registry, options.health, http)
             self._stopping = anyio.Event()
             async with anyio.create_task_group() as tg:
@@ -447,21 +393,6 @@ class LMFleet:
             node.stop()
         return NodeSnapshot.of(state)
 
-    def drain(self, url: str, *, timeout: float | None = None) -> bool:
-        """Stop sending `url` new requests and wait for its in-flight ones (bounded).
-
-        The node ends `stopped`; `add_node(url)` brings it back. Returns False when
-        requests were still in flight at the timeout.
-        """
-        self._check_open()
-        return self._loop.run(self._drain, url, timeout)
-
-    async def _drain(self, url: str, timeout: float | None = None) -> bool:
-        """`drain` for code running in the fleet's loop (the proxy)."""
-        url = self.registry.get(url).url
-        limit = self.options.drain_timeout if timeout is None else timeout
-        return await admin.drain_node(self.registry, url, limit)
-
     def logs(self, url: str, lines: int = 40) -> str:
         """The tail of a launched node's log."""
         node = self._supervisor.get(self.registry.get(url).url)
@@ -469,98 +400,42 @@ class LMFleet:
             raise UnknownNodeError(f"{url} was not launched by this fleet: it has no log here")
         return node.log_tail(lines)
 
-    # -- sleep / wakeup -----------------------------------------------------------------
+    # -- sleep / wakeup (lmfleet/admin.py) ------------------------------------------------
+
+    @property
+    def admin(self) -> FleetAdmin:
+        """Sleep, wake and drain as coroutines, for code running in the fleet's own loop."""
+        self._check_open()
+        assert self._admin is not None
+        return self._admin
 
     def sleep(self, level: int = 1, *, nodes: Sequence[str] | None = None) -> None:
         """Drain, then put nodes to sleep (all, or `nodes`). LMDeploy level 1 or 2."""
-        self._check_open()
-        self._loop.run(self._sleep_nodes, level, nodes)
-
-    async def _sleep_nodes(self, level: int, nodes: Sequence[str] | None) -> None:
-        """`sleep` for code running in the fleet's loop (the proxy)."""
-        if level not in (1, 2):
-            raise ConfigError(f"sleep level must be 1 or 2, got {level}")
-        await self._for_each(self._sleep_one, self._targets(nodes), level)
+        self._loop.run(self.admin.sleep, level, nodes)
 
     def wakeup(
         self, tags: Sequence[str] | None = None, *, nodes: Sequence[str] | None = None
     ) -> None:
         """Wake nodes (all, or `nodes`); `tags` ("weights", "kv_cache") for RL weight updates."""
-        self._check_open()
-        self._loop.run(self._wake_nodes, tags, nodes)
+        self._loop.run(self.admin.wakeup, tags, nodes)
 
-    async def _wake_nodes(self, tags: Sequence[str] | None, nodes: Sequence[str] | None) -> None:
-        """`wakeup` for code running in the fleet's loop (the proxy)."""
-        await self._for_each(self._wake_one, self._targets(nodes), tags)
+    def drain(self, url: str, *, timeout: float | None = None) -> bool:
+        """Stop sending `url` new requests and wait for its in-flight ones (bounded).
 
-    def _targets(self, nodes: Sequence[str] | None) -> list[str]:
-        if nodes is None:
-            return [s.url for s in self.registry.snapshot() if s.status is not NodeStatus.STOPPED]
-        return [self.registry.get(url).url for url in nodes]
-
-    async def _sleep_one(self, url: str, level: int) -> None:
-        assert self._http is not None
-        options = self.options
-        await admin.sleep_node(
-            self._http,
-            self.registry,
-            url,
-            level,
-            drain_timeout=options.drain_timeout,
-            timeout=options.admin_timeout,
-        )
-
-    async def _wake_one(self, url: str, tags: Sequence[str] | None) -> None:
-        assert self._http is not None
-        await admin.wakeup_node(
-            self._http, self.registry, url, tags, timeout=self.options.admin_timeout
-        )
-
-    async def _for_each(self, command: Any, urls: list[str], arg: Any) -> None:
-        """Run `command(url, arg)` on every node at once; report every failure together."""
-        failures: list[str] = []
-
-        async def one(url: str) -> None:
-            try:
-                await command(url, arg)
-            except NodeCommandError as exc:
-                failures.append(str(exc))
-
-        async with anyio.create_task_group() as tg:
-            for url in urls:
-                tg.start_soon(one, url)
-        if failures:
-            raise NodeCommandError("; ".join(failures))
+        The node ends `stopped`; `add_node(url)` brings it back. Returns False when
+        requests were still in flight at the timeout.
+        """
+        return self._loop.run(self.admin.drain, url, timeout)
 
     def _starved(self, model: str | None) -> None:
         """Called by the router when no node is eligible: wake one if allowed."""
-        if not self.options.routing.wake_on_demand or self._closed:
+        if not self.options.routing.wake_on_demand or self._closed or self._admin is None:
             return
-        sleepers = [
-            s.url
-            for s in self.registry.snapshot()
-            if s.status is NodeStatus.SLEEPING
-            and s.serves(model)
-            and not self.registry.is_held(s.url)
-        ]
-        if not sleepers or self._waking:
-            return
-        url = sleepers[0]
-        self._waking.add(url)
-
-        async def wake() -> None:
-            try:
-                await self._wake_one(url, None)
-            except NodeCommandError:
-                pass  # the waiting request times out with NoHealthyNodeError and says why
-            finally:
-                self._waking.discard(url)
-
         if self._loop.in_loop_thread():
             assert self._tg is not None
-            self._tg.start_soon(wake)
+            self._tg.start_soon(self._admin.wake_one, model)
         else:
-            self._loop.portal.start_task_soon(wake)
+            self._loop.portal.start_task_soon(self._admin.wake_one, model)
 
     async def _watch_processes(self) -> None:
         """Launched nodes: report exits, restart crashed ones (lmfleet/launch/supervisor.py)."""
@@ -666,128 +541,6 @@ class LMFleet:
         """A real `openai.AsyncOpenAI`, usable in any event loop (a notebook's included)."""
         self._check_open()
         return clients.async_client(self.router, timeout=timeout, max_retries=max_retries)
-
-    # -- batches (lmfleet/notebook/batch.py) ----------------------------------------------
-
-    def chat_many(
-        self,
-        messages_list: Sequence[Sequence[ChatCompletionMessageParam]],
-        *,
-        model: str | None = None,
-        concurrency: int = 64,
-        retries: int = 2,
-        progress: bool = True,
-        **params: Any,
-    ) -> BatchResult[ChatCompletion]:
-        """Chat completions for every message list, in input order, never raising mid-batch.
-
-        Runs in the fleet's loop (works inside Jupyter); failed items are retried
-        `retries` times, then left as `ItemError`s (`result.errors`, `result.summary()`).
-        `params` go to `chat.completions.create` (`max_tokens=...`, ...).
-        """
-        from lmfleet.notebook import batch
-
-        self._check_open()
-        return batch.run_in_fleet(
-            self,
-            lambda: batch.achat_many(
-                self,
-                messages_list,
-                model=model,
-                concurrency=concurrency,
-                retries=retries,
-                progress=progress,
-                params=params,
-            ),
-        )
-
-    async def achat_many(
-        self,
-        messages_list: Sequence[Sequence[ChatCompletionMessageParam]],
-        *,
-        model: str | None = None,
-        concurrency: int = 64,
-        retries: int = 2,
-        progress: bool = True,
-        **params: Any,
-    ) -> BatchResult[ChatCompletion]:
-        """`chat_many` in the caller's event loop (`await fleet.achat_many(...)` in a cell)."""
-        from lmfleet.notebook import batch
-
-        self._check_open()
-        return await batch.achat_many(
-            self,
-            messages_list,
-            model=model,
-            concurrency=concurrency,
-            retries=retries,
-            progress=progress,
-            params=params,
-        )
-
-    def complete_many(
-        self,
-        prompts: Sequence[str],
-        *,
-        model: str | None = None,
-        concurrency: int = 64,
-        retries: int = 2,
-        progress: bool = True,
-        **params: Any,
-    ) -> BatchResult[Completion]:
-        """`chat_many` for plain prompts (`/v1/completions`)."""
-        from lmfleet.notebook import batch
-
-        self._check_open()
-        return batch.run_in_fleet(
-            self,
-            lambda: batch.acomplete_many(
-                self,
-                prompts,
-                model=model,
-                concurrency=concurrency,
-                retries=retries,
-                progress=progress,
-                params=params,
-            ),
-        )
-
-    async def acomplete_many(
-        self,
-        prompts: Sequence[str],
-        *,
-        model: str | None = None,
-        concurrency: int = 64,
-        retries: int = 2,
-        progress: bool = True,
-        **params: Any,
-    ) -> BatchResult[Completion]:
-        """`complete_many` in the caller's event loop."""
-        from lmfleet.notebook import batch
-
-        self._check_open()
-        return await batch.acomplete_many(
-            self,
-            prompts,
-            model=model,
-            concurrency=concurrency,
-            retries=retries,
-            progress=progress,
-            params=params,
-        )
-
-    # -- display (lmfleet/notebook/display.py) -------------------------------------------
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        """Jupyter: a live dashboard widget, with HTML and text fallbacks."""
-        from lmfleet.notebook import display
-
-        return display.mimebundle(self)
-
-    def _repr_html_(self) -> str:
-        from lmfleet.notebook import display
-
-        return display.repr_html(self)
 
     def __repr__(self) -> str:
         if self._closed:

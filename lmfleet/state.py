@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
+from lmfleet.errors import ConfigError
+
 
 class NodeStatus(str, Enum):
     """Where a node is in its life cycle (DESIGN.md, "Node states").
@@ -69,3 +71,15 @@ class NodeState:
     def evolve(self, **changes: object) -> NodeState:
         """A copy with `changes` applied (the only way a snapshot "changes")."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def parse_role(value: NodeRole | int | str) -> NodeRole:
+    """A node role from LMDeploy's number (1, 2, 3) or name ("hybrid", "Prefill", ...)."""
+    try:
+        if isinstance(value, str) and not value.isdigit():
+            return NodeRole[value.strip().upper()]
+        return NodeRole(int(value))
+    except (KeyError, ValueError):
+        raise ConfigError(
+            f"node role must be hybrid/prefill/decode or 1/2/3, got {value!r}"
+        ) from None

@@ -154,11 +154,11 @@ class Dashboard:
             return
         command: Callable[[], Coroutine[Any, Any, object]]
         if action == "sleep":
-            command = lambda: fleet._sleep_nodes(1, [url])  # noqa: E731
+            command = lambda: fleet.admin.sleep(1, [url])  # noqa: E731
         elif action == "wake":
-            command = lambda: fleet._wake_nodes(None, [url])  # noqa: E731
+            command = lambda: fleet.admin.wakeup(None, [url])  # noqa: E731
         else:
-            command = lambda: fleet._drain(url)  # noqa: E731
+            command = lambda: fleet.admin.drain(url)  # noqa: E731
         self.message.value = f"{escape(action)} {escape(url)}: running&hellip;"
         future = fleet._loop.portal.start_task_soon(command)
         future.add_done_callback(lambda f: self._done(action, url, f))

@@ -1,7 +1,7 @@
 """lmfleet's own routes: `/fleet/*` (sleep, wakeup, drain, status), `/health`, `/v1/models`.
 
 Handlers run in the fleet's own event loop: they await the fleet's async internals
-(`_sleep_nodes`, `_wake_nodes`, `_drain`); the sync methods would deadlock the loop.
+(`fleet.admin`); the sync methods would deadlock the loop.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ async def sleep(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None
     except ValueError as exc:
         raise BadRequest("level must be 1 or 2") from exc
     nodes = query.get("node") or None
-    await rt.fleet._sleep_nodes(level, nodes)
+    await rt.fleet.admin.sleep(level, nodes)
     await send_json(send, 200, {"message": "asleep", "level": level, "nodes": _urls(rt, nodes)})
 
 
@@ -85,7 +85,7 @@ async def wakeup(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> Non
     query = _query(scope)
     tags = query.get("tags") or None
     nodes = query.get("node") or None
-    await rt.fleet._wake_nodes(tags, nodes)
+    await rt.fleet.admin.wakeup(tags, nodes)
     await send_json(send, 200, {"message": "awake", "tags": tags, "nodes": _urls(rt, nodes)})
 
 
@@ -100,9 +100,9 @@ async def drain(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None
     timeout = body.get("timeout") if isinstance(body, dict) else None
     if timeout is not None and not isinstance(timeout, (int, float)):
         raise BadRequest("timeout must be a number of seconds")
-    drained = await rt.fleet._drain(url, timeout)
+    drained = await rt.fleet.admin.drain(url, timeout)
     await send_json(send, 200, {"url": rt.fleet.registry.get(url).url, "drained": drained})
 
 
 def _urls(rt: Runtime, nodes: list[str] | None) -> list[str]:
-    return rt.fleet._targets(nodes)
+    return rt.fleet.admin.targets(nodes)

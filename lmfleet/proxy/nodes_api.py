@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
-import httpx2
 
-from lmfleet.errors import ConfigError, UnknownNodeError
+from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
 from lmfleet.proxy import state_file
 from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_error, send_json
 from lmfleet.registry import normalize_url
@@ -115,18 +114,10 @@ async def _terminate_one(url: str, rt: Runtime) -> str | None:
     """Remove `url`, then ask it to exit (LMDeploy: `GET /terminate`); an error or None."""
     state = rt.fleet.registry.get(url)
     rt.fleet.remove_node(url)
-    headers = {"accept": "application/json"}
-    if state.api_key:
-        headers["authorization"] = f"Bearer {state.api_key}"
-    assert rt.fleet._http is not None
     try:
-        response = await rt.fleet._http.get(
-            state.url + "/terminate", headers=headers, timeout=rt.options.terminate_timeout
-        )
-    except httpx2.HTTPError as exc:
-        return f"{state.url}: {type(exc).__name__}"
-    if response.status_code != 200:
-        return f"{state.url}: HTTP {response.status_code} {response.text[:200]}"
+        await rt.fleet.admin.terminate(state, rt.options.terminate_timeout)
+    except NodeCommandError as exc:
+        return str(exc)
     return None
 
 

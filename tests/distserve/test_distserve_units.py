@@ -8,8 +8,7 @@ import pytest
 
 from lmfleet.config import FleetOptions
 from lmfleet.errors import ConfigError
-from lmfleet.fleet import parse_role
-from lmfleet.state import NodeRole
+from lmfleet.state import NodeRole, parse_role
 from lmfleet.transport.distserve import PairPool
 from lmfleet.transport.distserve import protocol as wire
 
