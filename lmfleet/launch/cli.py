@@ -9,10 +9,7 @@ node this command started.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import shlex
-import signal
 import sys
 import threading
 import time
@@ -21,7 +18,7 @@ from typing import TYPE_CHECKING
 from lmfleet.errors import LaunchError, NotReadyError
 from lmfleet.launch.command import ServerArgValue
 from lmfleet.proxy import cli as proxy_cli
-from lmfleet.proxy.options import ProxyOptions
+from lmfleet.proxy.cli import configure_logging, node_api_key, proxy_options, stop_on_signals
 
 if TYPE_CHECKING:
     from lmfleet.fleet import LMFleet
@@ -70,30 +67,9 @@ def parse_server_args(items: list[str]) -> dict[str, ServerArgValue]:
 def run(args: argparse.Namespace) -> int:
     from lmfleet import LMFleet
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    node_key = args.node_api_key or os.environ.get("LMFLEET_NODE_API_KEY") or None
-    keys = args.api_keys
-    if keys is None and os.environ.get("LMFLEET_API_KEYS"):
-        keys = [k for k in os.environ["LMFLEET_API_KEYS"].split(",") if k]
-    options = ProxyOptions(
-        host=args.host,
-        port=args.port,
-        api_keys=tuple(keys or ()),
-        state_file=args.state_file,
-        max_body_bytes=args.max_body_bytes,
-        upstream_timeout=args.upstream_timeout,
-        log_level=args.log_level.lower(),
-        access_log=args.access_log,
-    )
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    configure_logging(args)
+    options = proxy_options(args)
+    stop = stop_on_signals()
     common = {
         "launcher": args.launcher,
         "restart": args.restart,
@@ -115,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             backend=args.backend,
             server_args=parse_server_args(args.server_args),
             command=shlex.split(args.command) if args.command else None,
-            api_key=node_key,
+            api_key=node_api_key(args),
             **common,
         )
     try:

@@ -108,17 +108,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--access-log", action="store_true", help="log every request")
 
 
-def run(args: argparse.Namespace) -> int:
-    from lmfleet import LMFleet
-
+def configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    node_key = args.node_api_key or os.environ.get("LMFLEET_NODE_API_KEY") or None
+
+
+def node_api_key(args: argparse.Namespace) -> str | None:
+    """The nodes' key: `--node-api-key`, else `LMFLEET_NODE_API_KEY`."""
+    return args.node_api_key or os.environ.get("LMFLEET_NODE_API_KEY") or None
+
+
+def proxy_options(args: argparse.Namespace) -> ProxyOptions:
+    """The proxy's options from the flags (client keys also from `LMFLEET_API_KEYS`)."""
     keys = args.api_keys
     if keys is None and os.environ.get("LMFLEET_API_KEYS"):
         keys = [k for k in os.environ["LMFLEET_API_KEYS"].split(",") if k]
-    options = ProxyOptions(
+    return ProxyOptions(
         host=args.host,
         port=args.port,
         api_keys=tuple(keys or ()),
@@ -129,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level.lower(),
         access_log=args.access_log,
     )
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM: the foreground commands poll it to stop cleanly."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -136,10 +146,19 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmfleet import LMFleet
+
+    configure_logging(args)
+    options = proxy_options(args)
+    stop = stop_on_signals()
     fleet = LMFleet.attach(
         args.nodes,
         strategy=args.strategy,
-        api_key=node_key,
+        api_key=node_api_key(args),
         health_interval=args.health_interval,
         wait_for_node=args.wait_for_node,
         serving_strategy=args.serving_strategy,
