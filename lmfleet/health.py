@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import time
 from dataclasses import dataclass
 
 import anyio
@@ -132,7 +133,8 @@ class Monitor:
         self._client = client
         self._prober = Prober()
         self._rng = rng or random.Random()
-        self._loops: set[str] = set()
+        self._running: set[str] = set()
+        self._seen: set[str] = set()
         self._changed = anyio.Event()
 
     def poke(self) -> None:
@@ -147,29 +149,57 @@ class Monitor:
                 await self._prober.aclose()
 
     async def _schedule(self, task_status: TaskStatus[None]) -> None:
-        """One small loop per node, started when the node appears.
+        """Probe every node once per round; a node that just appeared, at once.
 
-        Per-node loops sleep with plain `anyio.sleep`: a single scheduler waiting
-        on "next due or poked" needs a cancel-scope timer per wait, and under
-        uvloop (whose timers may fire a little early) anyio re-arms such a timer
-        in a tight loop; that alone cost more than all the probes.
+        All nodes of a round are probed together: their answers arrive together and
+        the loop wakes a few times per round instead of twice per node, which is
+        most of the cost of polling many nodes (each node is a different server, so
+        probing them in step burdens none). A node whose previous probe is still
+        running (a hung node, up to `timeout`) is skipped that round.
         """
         async with anyio.create_task_group() as tg:
             task_status.started()
+            next_round = 0.0
             while True:
-                for state in self._registry.snapshot():
-                    if state.url not in self._loops:
-                        self._loops.add(state.url)
-                        tg.start_soon(self._node_loop, state.url)
+                now = time.monotonic()
+                full_round = now >= next_round
+                if full_round:
+                    next_round = now + self._interval()
+                urls = [state.url for state in self._registry.snapshot()]
+                self._seen.intersection_update(urls)
+                for url in urls:
+                    if url not in self._running and (full_round or url not in self._seen):
+                        self._seen.add(url)
+                        self._running.add(url)
+                        tg.start_soon(self._check_and_release, url)
                 self._changed = anyio.Event()
-                await self._changed.wait()
+                await self._nap(next_round - time.monotonic())
 
-    async def _node_loop(self, url: str) -> None:
+    async def _nap(self, seconds: float) -> None:
+        """Sleep `seconds` or until poked, whichever comes first.
+
+        Two tasks and a plain cancel instead of a deadline on a cancel scope: under
+        uvloop (whose timers may fire a little early) anyio re-arms a scope's
+        deadline timer in a tight loop until the deadline has truly passed.
+        """
+        async with anyio.create_task_group() as tg:
+
+            async def timer() -> None:
+                await anyio.sleep(max(0.0, seconds))
+                tg.cancel_scope.cancel()
+
+            async def poked() -> None:
+                await self._changed.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(timer)
+            tg.start_soon(poked)
+
+    async def _check_and_release(self, url: str) -> None:
         try:
-            while await self.check(url) is not None:
-                await anyio.sleep(self._interval())
+            await self.check(url)
         finally:
-            self._loops.discard(url)
+            self._running.discard(url)
 
     def _interval(self) -> float:
         options = self._options

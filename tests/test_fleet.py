@@ -31,10 +31,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-def _inflight(fleet: LMFleet, url: str) -> int:
-    return {n.url: n.inflight for n in fleet.nodes}[url]
-
-
 @pytest.fixture
 def three_nodes(start_sim: StartSim) -> list[str]:
     return [start_sim(*FAST).url for _ in range(3)]
@@ -167,6 +163,7 @@ def test_sigkill_under_load(start_sim: StartSim) -> None:
         fleet.wait_ready(timeout=30, min_ready=3)
         client = fleet.async_client(max_retries=0)
         outcomes: Counter[str] = Counter()
+        streaming_on: set[str] = set()  # nodes with a stream that has sent its first chunk
 
         async def plain(i: int) -> None:
             await client.chat.completions.create(
@@ -181,9 +178,10 @@ def test_sigkill_under_load(start_sim: StartSim) -> None:
                 max_tokens=400,
                 stream=True,
             )
+            node = str(stream.response.request.url).rsplit("/v1/", 1)[0]
             try:
                 async for _ in stream:
-                    pass
+                    streaming_on.add(node)
                 outcomes["stream ok"] += 1
             except openai.APIConnectionError as exc:  # openai wraps what the transport raised
                 assert isinstance(exc.__cause__, StreamInterruptedError)
@@ -196,12 +194,11 @@ def test_sigkill_under_load(start_sim: StartSim) -> None:
                     for i in range(30):
                         tg.start_soon(plain, i)
                         tg.start_soon(streamed, i)
-                    # Kill once the victim has work in flight (on a busy machine requests
-                    # take a while to leave): plain ones need 0.2 s, streams 0.8 s.
+                    # Kill once a stream on the victim has started (on a busy machine
+                    # requests take a while to leave): plain ones need 0.2 s, streams 0.8 s.
                     with anyio.fail_after(10):
-                        while _inflight(fleet, victim.url) < 10:
-                            await anyio.sleep(0.01)
-                    await anyio.sleep(0.05)
+                        while victim.url not in streaming_on:
+                            await anyio.sleep(0.005)
                     victim.process.kill()
 
         anyio.run(main)
