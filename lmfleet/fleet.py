@@ -31,6 +31,7 @@ from lmfleet.errors import (
     NotReadyError,
     UnknownNodeError,
 )
+from lmfleet.extras import require_serve
 from lmfleet.health import Monitor
 from lmfleet.launch import plan
 from lmfleet.launch.base import (
@@ -175,6 +176,7 @@ class LMFleet(NotebookMethods):
         `speed` scales each node (one value, or one per node: 0.33 is 3x slower);
         `sim_args` are extra `lmfleet sim` flags for every node.
         """
+        require_serve("LMFleet.simulate()")
         specs = plan.sim_specs(
             nodes, model=model, speed=speed, sim_args=sim_args, base_port=base_port
         )
@@ -463,6 +465,7 @@ class LMFleet(NotebookMethods):
         See docs/proxy.md.
         """
         self._check_open()
+        require_serve("fleet.serve()")
         from lmfleet.proxy import ProxyOptions as Options
         from lmfleet.proxy import start_server
 

@@ -14,6 +14,7 @@ import sys
 
 import pydantic
 
+from lmfleet.extras import require_serve
 from lmfleet.sim.options import DEFAULT_MODEL, DEFAULT_PORT, SimOptions
 
 
@@ -142,6 +143,7 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT (uvicorn's clean shutdown)."""
+    require_serve("lmfleet sim")
     import uvicorn
 
     from lmfleet.sim.app import create_app
