@@ -53,9 +53,15 @@ async def json_body(scope: asgi.Scope, receive: asgi.Receive, *, model: bool = T
     """
     if not asgi.is_json(scope):
         raise BadRequest(NOT_JSON)
-    raw = await asgi.read_body(receive)
     if not model:
+        await asgi.read_body(receive)
         return None
+    return await object_body(receive)
+
+
+async def object_body(receive: asgi.Receive) -> dict[str, Any]:
+    """The body as a JSON object, or LMDeploy's 400 message for what is not one."""
+    raw = await asgi.read_body(receive)
     try:
         body = decode_json(raw)
     except RequestError as exc:
@@ -132,13 +138,7 @@ async def is_sleeping(
 async def abort_request(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
-    raw = await asgi.read_body(receive)
-    try:
-        body = decode_json(raw)
-    except RequestError as exc:
-        raise BadRequest(exc.message) from exc
-    if not isinstance(body, dict):
-        raise BadRequest(NOT_A_DICT)
+    body = await object_body(receive)
     if not rt.options.enable_abort_handling:
         # LMDeploy's Response(content=str) carries no Content-Type at all.
         await asgi.send_bytes(send, 501, ABORT_DISABLED, None)
@@ -233,13 +233,7 @@ async def embeddings(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
     # The body is validated (EmbeddingsRequest) before the handler refuses it.
-    raw = await asgi.read_body(receive)
-    try:
-        body = decode_json(raw)
-    except RequestError as exc:
-        raise BadRequest(exc.message) from exc
-    if not isinstance(body, dict):
-        raise BadRequest(NOT_A_DICT)
+    body = await object_body(receive)
     if "input" not in body:
         raise BadRequest("input: Field required")
     await asgi.send_error(send, 400, "Unsupported by turbomind.")
