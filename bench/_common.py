@@ -24,6 +24,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmfleet.launch.process import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(ROOT / ".venv" / "bin" / "python")
 PROXY_CPU = "0"
@@ -107,6 +109,7 @@ class Procs:
             env={**os.environ, **(env or {})},
             cwd=ROOT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self.started.append(proc)
         return proc

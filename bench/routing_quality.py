@@ -50,6 +50,7 @@ from bench._common import (
 )
 from bench.proxy_overhead import LMDEPLOY_PY, start_lmdeploy
 from lmfleet import LMFleet
+from lmfleet.launch.process import die_with_parent
 from lmfleet.routing import LeastLoad, NodeLoads, parse_queue
 from lmfleet.transport import AsyncFleetTransport
 
@@ -354,7 +355,15 @@ def _multi(nodes: list[str], capacity: float, args: Any) -> list[dict[str, Any]]
                 }
                 argv = ["taskset", "-c", LOAD_CPU, PY, "-m", "bench.routing_quality"]
                 argv += ["--child", json.dumps(spec)]
-                children.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT))
+                children.append(
+                    subprocess.Popen(
+                        argv,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                        cwd=ROOT,
+                        preexec_fn=die_with_parent,
+                    )
+                )
             out = []
             for child in children:
                 stdout, _ = child.communicate(timeout=args.seconds + 180)
