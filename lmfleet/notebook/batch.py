@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import anyio
 import openai
-from openai.types import Completion
+from openai.types import Completion, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from lmfleet.errors import ConfigError
@@ -247,10 +247,7 @@ async def achat_many(
             model=chosen, messages=list(messages), **params
         )
         response = raw.parse()
-        tokens = response.usage.completion_tokens if response.usage else 0
-        if tokens:
-            fleet.registry.add_tokens(_node_of(raw.url), tokens)
-        return response, tokens
+        return response, _count_tokens(fleet, raw.url, response.usage)
 
     async with client:
         return await run_batch(
@@ -261,6 +258,14 @@ async def achat_many(
             progress=progress,
             desc="chat",
         )
+
+
+def _count_tokens(fleet: LMFleet, url: Any, usage: CompletionUsage | None) -> int:
+    """The generated tokens of one answer, credited to the node that served it."""
+    tokens = usage.completion_tokens if usage else 0
+    if tokens:
+        fleet.registry.add_tokens(_node_of(url), tokens)
+    return tokens
 
 
 async def acomplete_many(
@@ -282,10 +287,7 @@ async def acomplete_many(
             model=chosen, prompt=prompt, **params
         )
         response = raw.parse()
-        tokens = response.usage.completion_tokens if response.usage else 0
-        if tokens:
-            fleet.registry.add_tokens(_node_of(raw.url), tokens)
-        return response, tokens
+        return response, _count_tokens(fleet, raw.url, response.usage)
 
     async with client:
         return await run_batch(
