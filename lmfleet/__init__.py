@@ -1,11 +1,12 @@
 """lmfleet: run and load-balance a fleet of LMDeploy api_server nodes from Python."""
 
-from lmfleet.config import FleetOptions, HealthOptions, RoutingOptions
+from lmfleet.config import FleetOptions, HealthOptions, OutlierOptions, RoutingOptions
 from lmfleet.errors import (
     ConfigError,
     FleetClosedError,
     LaunchError,
     LMFleetError,
+    MigrationError,
     NodeCommandError,
     NodeUnavailableError,
     NoHealthyNodeError,
@@ -33,6 +34,7 @@ __all__ = [
     "LMFleet",
     "LMFleetError",
     "LaunchError",
+    "MigrationError",
     "NoHealthyNodeError",
     "NodeCommandError",
     "NodeRole",
@@ -41,6 +43,7 @@ __all__ = [
     "NodeStatus",
     "NodeUnavailableError",
     "NotReadyError",
+    "OutlierOptions",
     "RequestInfo",
     "RoutingError",
     "RoutingOptions",

@@ -29,6 +29,44 @@ class HealthOptions(_Options):
     )
 
 
+DEFAULT_FIRST_BYTE_TIMEOUT = 300.0
+"""Five minutes: a streamed answer's first byte is its first token, which even a very
+long prompt queued on a busy node reaches well within it; a non-streamed answer's
+first byte comes with its last token, so generations longer than this must stream
+or raise it (docs/guide/failover.md)."""
+
+
+class OutlierOptions(_Options):
+    """Outlier ejection from answers, Envoy's model (docs/guide/failover.md).
+
+    A node that keeps failing while `/health` stays green (an OOM loop, a wedged
+    engine, bad weights) is taken out of routing for `base_ejection_time` times the
+    number of times it has been ejected (capped), then re-admitted on probation: one
+    success clears its record, one failure ejects it again at once.
+    """
+
+    enabled: bool = True
+    consecutive_failures: int = Field(
+        default=5, ge=1, description="failures in a row that eject a node"
+    )
+    error_rate: float = Field(
+        default=0.5, gt=0, le=1, description="failure fraction over the window that ejects"
+    )
+    window: int = Field(default=20, ge=1, description="recent answers the error rate is over")
+    min_requests: int = Field(
+        default=10, ge=1, description="answers in the window before the rate may eject"
+    )
+    base_ejection_time: float = Field(default=30.0, gt=0, description="seconds, times ejections")
+    max_ejection_time: float = Field(default=300.0, gt=0)
+    max_ejection_percent: float = Field(
+        default=50.0,
+        ge=0,
+        le=100,
+        description="never eject more of the nodes than this; past it they keep routing "
+        "(panic mode) rather than refuse everything",
+    )
+
+
 class RoutingOptions(_Options):
     """What the transports do when a node fails or none is eligible."""
 
@@ -41,7 +79,19 @@ class RoutingOptions(_Options):
     max_attempts: int = Field(
         default=3, ge=1, description="nodes tried per request before giving up"
     )
-    backoff: float = Field(default=0.05, ge=0, description="first pause between failover attempts")
+    retry_status: frozenset[int] = Field(
+        default=frozenset({500, 502, 503, 504}),
+        description="answers tried again on another node while nothing reached the caller",
+    )
+    first_byte_timeout: float | None = Field(
+        default=DEFAULT_FIRST_BYTE_TIMEOUT,
+        gt=0,
+        description="seconds a node may stay silent before its first response byte "
+        "(then the attempt fails over); None: only the caller's timeout",
+    )
+    backoff: float = Field(
+        default=0.05, ge=0, description="first pause between failover attempts (jittered)"
+    )
     max_backoff: float = Field(default=1.0, ge=0)
     connect_timeout: float = Field(
         default=5.0, gt=0, description="seconds to open a connection to a node"
@@ -69,6 +119,7 @@ class FleetOptions(_Options):
 
     health: HealthOptions = HealthOptions()
     routing: RoutingOptions = RoutingOptions()
+    outliers: OutlierOptions = OutlierOptions()
     serving_strategy: ServingStrategy = Field(
         default="Hybrid", description="Hybrid: one node per request; DistServe: prefill -> decode"
     )
@@ -89,6 +140,7 @@ def merge_options(
     wake_on_demand: bool | None,
     min_ready: int | None,
     serving_strategy: str | None = None,
+    first_byte_timeout: float | None = None,
 ) -> FleetOptions:
     """Keyword shortcuts override the matching fields of `options`."""
     base = options or FleetOptions()
@@ -106,13 +158,16 @@ def merge_options(
         routing["wait_for_node"] = wait_for_node
     if wake_on_demand is not None:
         routing["wake_on_demand"] = wake_on_demand
+    if first_byte_timeout is not None:
+        routing["first_byte_timeout"] = first_byte_timeout
     if min_ready is not None:
         top["min_ready"] = min_ready
     try:
         return FleetOptions(
             health=HealthOptions(**{**base.health.model_dump(), **health}),
             routing=RoutingOptions(**{**base.routing.model_dump(), **routing}),
-            **{**base.model_dump(exclude={"health", "routing"}), **top},
+            outliers=base.outliers,
+            **{**base.model_dump(exclude={"health", "routing", "outliers"}), **top},
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

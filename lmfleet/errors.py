@@ -7,9 +7,10 @@
      +-- NotReadyError (TimeoutError)       wait_ready ran out of time
      +-- LaunchError (RuntimeError)         a launched node exited or failed to start
      +-- NodeCommandError (RuntimeError)    a node refused sleep / wakeup / ...
-     +-- RoutingError (httpx2.TransportError)
+     +-- RoutingError (openai.APIConnectionError)
           +-- NoHealthyNodeError            nothing eligible within wait_for_node
-          +-- NodeUnavailableError          every failover attempt failed to connect
+          +-- NodeUnavailableError          every failover attempt failed (5xx, unreachable,
+                                            dropped, no first byte in time)
           +-- StreamInterruptedError        the node failed after the stream started
           +-- MigrationError                DistServe could not connect a prefill/decode pair
 
@@ -17,15 +18,20 @@ A request for a model no node serves is answered like a node would answer it, an
 HTTP 404 in OpenAI's error shape listing the served models (`openai.NotFoundError`
 for the clients), so the clients and the proxy report it the same way.
 
-Routing errors are raised inside the HTTP transport, so they subclass httpx2's
-`TransportError`: openai wraps them in `APIConnectionError` (the original is its
-`__cause__`) and its own `max_retries` re-enters the router, which is the single
-retry owner on the client side.
+Routing errors are raised inside the HTTP transport (or while a body is read)
+and are `openai.APIConnectionError`s, not httpx2 errors: openai (>= 3) lets its
+own errors through as they are, neither wrapping nor retrying them, while it would
+wrap an httpx2 error raised mid-stream in a bare "Connection error.". So on the
+fleet's clients `except lmfleet.NoHealthyNodeError` (or `StreamInterruptedError`)
+works, code written against plain openai still catches
+`openai.APIConnectionError`, and the router stays the one retry owner for node
+failures (docs/guide/failover.md has the whole table).
 """
 
 from __future__ import annotations
 
 import httpx2
+import openai
 
 
 class LMFleetError(Exception):
@@ -56,8 +62,22 @@ class NodeCommandError(LMFleetError, RuntimeError):
     """A node answered an admin command (sleep, wakeup, ...) with an error."""
 
 
-class RoutingError(LMFleetError, httpx2.TransportError):
-    """Raised by the fleet transports while routing a request."""
+class RoutingError(LMFleetError, openai.APIConnectionError):
+    """Raised by the fleet transports while routing a request or reading its answer.
+
+    An openai error, so openai re-raises it unwrapped and does not retry it: the
+    router already failed over, or waited `wait_for_node`.
+    """
+
+    def __init__(self, message: str, *, request: httpx2.Request | None = None) -> None:
+        # openai.APIError's __init__ requires a request; set its fields directly.
+        Exception.__init__(self, message)
+        self.request = request  # type: ignore[assignment]  # None: raised outside a send
+        self.message = message
+        self.body = None
+        self.code = None
+        self.param = None
+        self.type = type(self).__name__
 
 
 class NoHealthyNodeError(RoutingError):

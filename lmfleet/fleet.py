@@ -84,7 +84,7 @@ class LMFleet(NotebookMethods):
         self.options = options or FleetOptions()
         self._api_key = api_key
         self._strategy_name = strategy if isinstance(strategy, str) else type(strategy).__name__
-        self.registry = NodeRegistry()
+        self.registry = NodeRegistry(self.options.outliers)
         self.router = Router(
             self.registry,
             resolve_strategy(strategy),
@@ -92,8 +92,10 @@ class LMFleet(NotebookMethods):
             on_starved=self._starved,
             affinity_key=affinity_key,
         )
+        self.distserve: DistServe | None = None
+        """Prefill/decode state in DistServe mode (it routes this fleet's requests)."""
         if self.options.serving_strategy == "DistServe":
-            self.router.distserve = DistServe(self.router, self.options.distserve)
+            self.distserve = DistServe(self.router, self.options.distserve)
         self._supervisor = Supervisor(self.registry, api_key=api_key, poke=self._poke)
         self._launchers: list[Launcher] = []
         self._closed = False
@@ -119,11 +121,16 @@ class LMFleet(NotebookMethods):
         wait_for_node: float | None = None,
         wake_on_demand: bool | None = None,
         min_ready: int | None = None,
+        first_byte_timeout: float | None = None,
         options: FleetOptions | None = None,
         serving_strategy: str | None = None,
         roles: Sequence[NodeRole | int | str] | None = None,
     ) -> LMFleet:
         """Route over running servers. `api_key` is the nodes' key (never the proxy's).
+
+        `first_byte_timeout` (seconds, default 300): a node silent that long before
+        the first byte of its answer counts as failed and the request goes to another
+        node (docs/guide/failover.md); failing answers eject a node for a while.
 
         `serving_strategy="DistServe"` runs chat/completions prefill -> decode over
         nodes whose `roles` (one per URL: "hybrid", "prefill", "decode" or
@@ -135,6 +142,7 @@ class LMFleet(NotebookMethods):
             unhealthy_after=unhealthy_after,
             wait_for_node=wait_for_node,
             wake_on_demand=wake_on_demand,
+            first_byte_timeout=first_byte_timeout,
             min_ready=min_ready,
             serving_strategy=serving_strategy,
         )
@@ -162,6 +170,7 @@ class LMFleet(NotebookMethods):
         wait_for_node: float | None = None,
         wake_on_demand: bool | None = None,
         min_ready: int | None = None,
+        first_byte_timeout: float | None = None,
         options: FleetOptions | None = None,
         launcher: plan.LauncherName = "local",
         restart: RestartMode = "no",
@@ -186,6 +195,7 @@ class LMFleet(NotebookMethods):
             unhealthy_after=unhealthy_after,
             wait_for_node=wait_for_node,
             wake_on_demand=wake_on_demand,
+            first_byte_timeout=first_byte_timeout,
             min_ready=min_ready if min_ready is not None else nodes,
         )
         policy = RestartPolicy(restart, max_restarts)
@@ -219,6 +229,7 @@ class LMFleet(NotebookMethods):
         wait_for_node: float | None = None,
         wake_on_demand: bool | None = None,
         min_ready: int | None = None,
+        first_byte_timeout: float | None = None,
         options: FleetOptions | None = None,
     ) -> LMFleet:
         """Start `nodes` LMDeploy `api_server`s (each on its own `tp` GPUs) and route over them.
@@ -250,6 +261,7 @@ class LMFleet(NotebookMethods):
             unhealthy_after=unhealthy_after,
             wait_for_node=wait_for_node,
             wake_on_demand=wake_on_demand,
+            first_byte_timeout=first_byte_timeout,
             min_ready=min_ready if min_ready is not None else nodes,
         )
         policy = RestartPolicy(restart, max_restarts)

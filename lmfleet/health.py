@@ -25,6 +25,8 @@ from lmfleet.registry import NodeRegistry
 from lmfleet.state import NodeState, NodeStatus
 
 _FINAL = (NodeStatus.DRAINING, NodeStatus.STOPPED)
+_ANSWERED = (NodeStatus.HEALTHY, NodeStatus.EJECTED)
+"""States /health cannot tell apart: the node is up; its answers say whether to route."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +106,8 @@ def judge(state: NodeState, probe: Probe, unhealthy_after: int) -> NodeStatus:
     if state.status in _FINAL:
         return state.status
     if probe.status == "healthy":
-        return NodeStatus.HEALTHY
+        # An ejected node's /health was green all along: its answers decide (ejection.py).
+        return NodeStatus.EJECTED if state.status is NodeStatus.EJECTED else NodeStatus.HEALTHY
     if probe.status == "sleeping":
         return NodeStatus.SLEEPING
     if state.status is NodeStatus.STARTING and (state.launched or probe.status == "initializing"):
@@ -235,6 +238,13 @@ class Monitor:
             failures = 0 if probe.ok else current.failures + 1
             if current.status in _FINAL or registry.is_held(url):
                 return current.evolve(failures=failures)
+            if target in _ANSWERED and current.status in _ANSWERED:
+                # Healthy by /health; whether it is ejected is the answers' call, and
+                # the registry may have ejected or re-admitted it during the probe.
+                return current.evolve(
+                    failures=failures,
+                    models=models if models is not None else current.models,
+                )
             return current.evolve(
                 status=target,
                 failures=failures,

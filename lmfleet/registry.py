@@ -8,14 +8,22 @@ operations; no I/O ever happens under the lock.
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Collection
 from urllib.parse import urlsplit
 
+from lmfleet import ejection
+from lmfleet.config import OutlierOptions
+from lmfleet.ejection import Outcome
 from lmfleet.errors import ConfigError, UnknownNodeError
 from lmfleet.routing.base import RequestInfo, Strategy
 from lmfleet.state import NodeRole, NodeState, NodeStatus
+
+log = logging.getLogger("lmfleet")
 
 EWMA_ALPHA = 0.2
 """Weight of the newest sample: about the last ten requests shape a node's latency."""
@@ -49,16 +57,25 @@ def _ewma(old: float | None, sample: float) -> float:
 
 
 class NodeRegistry:
-    """Node snapshots by URL, behind one lock."""
+    """Node snapshots by URL, behind one lock.
 
-    def __init__(self) -> None:
+    A node's identity is its `normalize_url` form: every method takes any spelling
+    of the URL that `add` would accept ("host:port", a trailing slash or "/v1").
+    """
+
+    def __init__(self, outliers: OutlierOptions | None = None) -> None:
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeState] = {}
         self._held: set[str] = set()
         self._models: list[str] = []
+        self._outliers = outliers or OutlierOptions()
         # Traffic statistics for dashboards, kept beside the snapshots: O(1) per request.
         self._recent: dict[str, deque[float]] = {}
         self._tokens: dict[str, int] = {}
+        self._answers: dict[str, deque[bool]] = {}  # recent outcomes, True = failed
+        self._next_readmit = math.inf  # earliest `ejected_until` of any ejected node
+        self.panics = 0
+        """Requests routed to ejected nodes because no healthy one was left (panic mode)."""
 
     def _models_changed(self) -> None:
         # Called under the lock whenever membership or a node's models change, so
@@ -97,8 +114,10 @@ class NodeRegistry:
             return state
 
     def remove(self, url: str) -> NodeState:
+        key = self._key(url)
         with self._lock:
-            state = self._nodes.pop(self._key(url), None)
+            state = self._nodes.pop(key, None)
+            self._answers.pop(key, None)
             self._models_changed()
         if state is None:
             raise UnknownNodeError(f"no node {url!r} in this fleet")
@@ -112,7 +131,10 @@ class NodeRegistry:
 
     def snapshot(self) -> list[NodeState]:
         with self._lock:
-            return list(self._nodes.values())
+            readmitted = self._readmit_due(time.monotonic())
+            nodes = list(self._nodes.values())
+        _log_readmitted(readmitted)
+        return nodes
 
     def models(self) -> list[str]:
         """Every model any known node serves, sorted."""
@@ -130,7 +152,10 @@ class NodeRegistry:
         """
         model = request.model
         role = request.role
+        readmitted: list[NodeState] = []
         with self._lock:
+            if self._next_readmit <= time.monotonic():
+                readmitted = self._readmit_due(time.monotonic())
             eligible = [
                 s
                 for s in self._nodes.values()
@@ -138,51 +163,77 @@ class NodeRegistry:
                 and s.serves(model)
                 and (role is None or s.role is role)
             ]
+            if not eligible and self._next_readmit < math.inf:
+                # Panic mode: every node that could serve this is ejected. Route to
+                # them anyway; refusing everything would be worse than their errors.
+                eligible = [
+                    s
+                    for s in self._nodes.values()
+                    if s.status is NodeStatus.EJECTED
+                    and s.serves(model)
+                    and (role is None or s.role is role)
+                ]
+                self.panics += bool(eligible)
             if avoid and eligible:
                 fresh = [s for s in eligible if s.url not in avoid]
                 eligible = fresh or eligible
-            if not eligible:
-                return None
-            chosen = strategy.pick(eligible, request)
-            if chosen is None:
-                return None
-            leased = chosen.evolve(inflight=chosen.inflight + 1)
-            self._nodes[chosen.url] = leased
-            return leased
+            chosen = strategy.pick(eligible, request) if eligible else None
+            if chosen is not None:
+                chosen = chosen.evolve(inflight=chosen.inflight + 1)
+                self._nodes[chosen.url] = chosen
+        _log_readmitted(readmitted)
+        return chosen
 
     def release(
         self,
         url: str,
+        outcome: Outcome,
         *,
-        ok: bool,
         latency: float | None = None,
         ttft: float | None = None,
         tokens: int = 0,
     ) -> None:
-        """End one request's accounting: in-flight down, counters and EWMAs up.
+        """End one request's accounting: in-flight down, counters, EWMAs and ejection.
 
-        `tokens` is the request's generated-token estimate (streamed chunks), if any.
+        Only successes give latency and TTFT samples. `tokens` is the request's
+        generated-token estimate (streamed chunks), if any.
         """
+        ejected: tuple[str, str] | None = None
         with self._lock:
             state = self._nodes.get(url)
             if state is None:
                 return
-            if ok and latency is not None:
+            success = outcome is Outcome.SUCCESS
+            if success and latency is not None:
                 recent = self._recent.get(url)
                 if recent is None:
                     recent = self._recent[url] = deque(maxlen=LATENCY_WINDOW)
                 recent.append(latency)
             if tokens:
                 self._tokens[url] = self._tokens.get(url, 0) + tokens
-            self._nodes[url] = state.evolve(
+            state = state.evolve(
                 inflight=max(0, state.inflight - 1),
-                served=state.served + (1 if ok else 0),
-                errors=state.errors + (0 if ok else 1),
+                served=state.served + success,
+                errors=state.errors + (outcome is Outcome.FAILURE),
                 latency=_ewma(state.latency, latency)
-                if ok and latency is not None
+                if success and latency is not None
                 else state.latency,
-                ttft=_ewma(state.ttft, ttft) if ok and ttft is not None else state.ttft,
+                ttft=_ewma(state.ttft, ttft) if success and ttft is not None else state.ttft,
             )
+            if outcome is not Outcome.NEUTRAL:
+                window = self._answers.get(url)
+                if window is None:
+                    window = self._answers[url] = deque(maxlen=self._outliers.window)
+                window.append(not success)
+                state, reason = ejection.judge(state, outcome, list(window), self._outliers)
+                if reason is not None and ejection.may_eject(self._nodes.values(), self._outliers):
+                    state = ejection.eject(state, reason, time.monotonic(), self._outliers)
+                    window.clear()
+                    self._next_readmit = min(self._next_readmit, state.ejected_until)
+                    ejected = (url, state.message)
+            self._nodes[url] = state
+        if ejected is not None:
+            log.warning("node %s %s", *ejected)
 
     def add_tokens(self, url: str, count: int) -> None:
         """Count `count` generated tokens on `url` (from a response's `usage`)."""
@@ -233,6 +284,32 @@ class NodeRegistry:
     def is_held(self, url: str) -> bool:
         return self._key(url) in self._held
 
-    @staticmethod
-    def _key(url: str) -> str:
-        return url.strip().rstrip("/")
+    def _readmit_due(self, now: float) -> list[NodeState]:
+        """Re-admit (on probation) every ejected node whose time is up; under the lock."""
+        if self._next_readmit > now:
+            return []
+        readmitted = []
+        self._next_readmit = math.inf
+        for url, state in self._nodes.items():
+            if state.status is not NodeStatus.EJECTED:
+                continue
+            if state.ejected_until <= now:
+                state = self._nodes[url] = ejection.readmit(state)
+                readmitted.append(state)
+            else:
+                self._next_readmit = min(self._next_readmit, state.ejected_until)
+        return readmitted
+
+    def _key(self, url: str) -> str:
+        """The node's identity for any spelling `add` accepts (exact spellings are free)."""
+        if url in self._nodes:
+            return url
+        try:
+            return normalize_url(url)
+        except ConfigError:
+            return url
+
+
+def _log_readmitted(states: list[NodeState]) -> None:
+    for state in states:
+        log.info("node %s %s", state.url, state.message)

@@ -18,12 +18,16 @@ class NodeStatus(str, Enum):
     """Where a node is in its life cycle (DESIGN.md, "Node states").
 
     starting -> healthy <-> sleeping, healthy -> unhealthy -> healthy,
-    any -> draining -> stopped. Only `healthy` nodes receive requests.
+    healthy -> ejected -> healthy (on probation), any -> draining -> stopped.
+    Only `healthy` nodes receive requests (`ejected` ones too in panic mode).
+    `unhealthy` comes from health checks and unreachable nodes; `ejected` from the
+    answers a node gives while its `/health` is green (see lmfleet/ejection.py).
     """
 
     STARTING = "starting"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
+    EJECTED = "ejected"
     SLEEPING = "sleeping"
     DRAINING = "draining"
     STOPPED = "stopped"
@@ -41,9 +45,13 @@ class NodeRole(IntEnum):
 class NodeState:
     """One node as the router sees it at one instant.
 
-    Latencies are seconds, smoothed by an exponentially weighted moving average;
-    `None` means never measured (strategies give such nodes an optimistic prior so
-    that new nodes get traffic).
+    Latencies are seconds, smoothed by an exponentially weighted moving average
+    over successful (2xx) answers only; `None` means never measured (strategies give
+    such nodes an optimistic prior so that new nodes get traffic). `served` counts
+    successes, `errors` node failures (5xx, unreachable, timed out, cut streams);
+    `error_rate` is the failure fraction of the last answers, `streak` the failures
+    in a row. `ejections` counts ejections since the node last succeeded on
+    probation; `ejected_until` is a `time.monotonic()` instant.
     """
 
     url: str
@@ -58,6 +66,11 @@ class NodeState:
     message: str = ""
     failures: int = 0
     launched: bool = False
+    error_rate: float = 0.0
+    streak: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+    probation: bool = False
     api_key: str | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -11,7 +11,9 @@ from lmfleet.state import NodeRole, NodeState, NodeStatus
 
 
 class NodeSnapshot(BaseModel):
-    """One node at one instant. Latencies are seconds (EWMA); None = never measured."""
+    """One node at one instant. Latencies are seconds (EWMA over successes); None = never
+    measured. `served` counts 2xx answers, `errors` the node's failures; `error_rate`
+    is the failure fraction of its last answers; an ejected node's `message` says why."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -22,6 +24,8 @@ class NodeSnapshot(BaseModel):
     inflight: int
     served: int
     errors: int
+    error_rate: float
+    ejections: int
     latency: float | None
     ttft: float | None
     message: str
@@ -37,6 +41,8 @@ class NodeSnapshot(BaseModel):
             inflight=state.inflight,
             served=state.served,
             errors=state.errors,
+            error_rate=state.error_rate,
+            ejections=state.ejections,
             latency=state.latency,
             ttft=state.ttft,
             message=state.message,
@@ -57,7 +63,17 @@ class FleetStatus(BaseModel):
 
     def table(self) -> str:
         """A short text table for terminals."""
-        header = ("node", "state", "models", "inflight", "served", "errors", "latency", "ttft")
+        header = (
+            "node",
+            "state",
+            "models",
+            "inflight",
+            "served",
+            "errors",
+            "error%",
+            "latency",
+            "ttft",
+        )
         rows = [header]
         for n in self.nodes:
             rows.append(
@@ -68,6 +84,7 @@ class FleetStatus(BaseModel):
                     str(n.inflight),
                     str(n.served),
                     str(n.errors),
+                    f"{n.error_rate:.0%}",
                     _ms(n.latency),
                     _ms(n.ttft),
                 )
@@ -77,7 +94,13 @@ class FleetStatus(BaseModel):
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
         ]
         title = f"LMFleet: {self.healthy}/{len(self.nodes)} healthy, strategy={self.strategy}"
-        return "\n".join([title, *lines])
+        notes = [f"  {n.url} {n.state.value}: {n.message}" for n in self.nodes if _noted(n)]
+        return "\n".join([title, *lines, *notes])
+
+
+def _noted(node: NodeSnapshot) -> bool:
+    """Rows whose reason a reader needs: out of routing for a cause, not by choice."""
+    return bool(node.message) and node.state in (NodeStatus.EJECTED, NodeStatus.UNHEALTHY)
 
 
 def _ms(seconds: float | None) -> str:

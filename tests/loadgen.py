@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import anyio
 import openai
 
+from lmfleet.errors import RoutingError
+
 LOST = "lost"
 
 Door = Callable[..., openai.AsyncOpenAI]
@@ -53,6 +55,8 @@ def classify(exc: BaseException) -> str:
         body = exc.body if isinstance(exc.body, dict) else {}
         shaped = "message" in body or "error" in body
         return f"HTTP {exc.status_code}" if shaped else LOST
+    if isinstance(exc, RoutingError):  # lmfleet's typed errors reach the caller as they are
+        return type(exc).__name__
     if isinstance(exc, openai.APIConnectionError):  # APITimeoutError included
         cause = exc.__cause__
         return f"{type(exc).__name__}({type(cause).__name__ if cause else ''})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,3 +42,14 @@ def sim_stats(url: str, api_key: str | None = None) -> dict[str, Any]:
 def sim_served(url: str) -> int:
     """Completed inference requests on one simulated node (from its own counters)."""
     return int(sim_stats(url)["completed"])
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition"
+) -> None:
+    """Poll `predicate` (observable state: stats, status, logs) until true, or fail."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout:g} s")
+        time.sleep(0.02)

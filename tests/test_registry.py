@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from lmfleet.ejection import Outcome
 from lmfleet.errors import ConfigError, UnknownNodeError
 from lmfleet.registry import NodeRegistry, normalize_url
 from lmfleet.routing import resolve_strategy
@@ -30,12 +31,12 @@ def test_lease_counts_inflight_and_release_records_latency() -> None:
     strategy = resolve_strategy("least_connections")
     first = registry.lease(strategy, RequestInfo())
     assert first is not None and first.inflight == 1
-    registry.release(first.url, ok=True, latency=0.5, ttft=0.1)
-    registry.release(first.url, ok=False)  # an extra release never goes below zero
+    registry.release(first.url, Outcome.SUCCESS, latency=0.5, ttft=0.1)
+    registry.release(first.url, Outcome.FAILURE)  # an extra release never goes below zero
     state = registry.get("http://a:1/")
     assert (state.inflight, state.served, state.errors) == (0, 1, 1)
     assert state.latency == 0.5 and state.ttft == 0.1
-    registry.release(first.url, ok=True, latency=1.5)
+    registry.release(first.url, Outcome.SUCCESS, latency=1.5)
     assert registry.get("http://a:1").latency == pytest.approx(0.5 + 0.2 * (1.5 - 0.5))
 
 
@@ -88,8 +89,9 @@ def test_remove_and_unknown_nodes() -> None:
 def test_re_adding_keeps_counters_and_restarts_checks() -> None:
     registry = NodeRegistry()
     healthy(registry, "http://a:1")
-    registry.release("http://a:1", ok=True, latency=0.1)
+    registry.release("http://a:1", Outcome.SUCCESS, latency=0.1)
     registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.STOPPED))
-    state = registry.add("http://a:1", api_key="k")
-    assert state.status is NodeStatus.STARTING and state.served == 1 and state.api_key == "k"
-    assert "k" not in repr(state)
+    state = registry.add("http://a:1", api_key="sk-node-key")
+    assert state.status is NodeStatus.STARTING and state.served == 1
+    assert state.api_key == "sk-node-key"
+    assert "sk-node-key" not in repr(state)

@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         "strategy": args.strategy,
         "health_interval": args.health_interval,
         "wait_for_node": args.wait_for_node,
+        "first_byte_timeout": args.first_byte_timeout,
     }
     if args.simulate:
         fleet = LMFleet.simulate(args.count, model=args.model, **common)

@@ -2,8 +2,14 @@
 
 `run_batch` is the one implementation: a fixed pool of `concurrency` workers pulls
 items in order through the routed `AsyncOpenAI`; an item that fails is retried
-(bounded, with backoff) and, if it still fails, recorded as an `ItemError` in its
-slot. Nothing is raised mid-batch and nothing is lost: `len(result) == len(inputs)`.
+(bounded, with jittered backoff) and, if it still fails, recorded as an `ItemError`
+in its slot. Nothing is raised mid-batch and nothing is lost:
+`len(result) == len(inputs)`.
+
+Retries do not stack: the batch's client has openai's `max_retries=0` (the
+router already failed over between nodes), and an item is not retried after
+errors that already spent their wait: `NoHealthyNodeError` (the router waited
+`wait_for_node`) and the caller's own timeout (docs/guide/failover.md).
 
 The sync twins (`LMFleet.chat_many`, ...) run the same coroutine in the fleet's
 background loop through its portal, so they work in a Jupyter cell whose own loop
@@ -19,10 +25,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import anyio
 import openai
+import tenacity
 from openai.types import Completion, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from lmfleet.errors import ConfigError
+from lmfleet.errors import ConfigError, NoHealthyNodeError
 
 if TYPE_CHECKING:
     from lmfleet.fleet import LMFleet
@@ -39,8 +46,14 @@ RETRY_STATUS = frozenset({408, 409, 429})
 
 
 def retryable(exc: BaseException) -> bool:
-    """Connection trouble, timeouts, overload and server errors: yes; bad requests: no."""
-    if isinstance(exc, openai.APIConnectionError):  # includes timeouts and our routing errors
+    """Worth another try after a pause: nodes failing or cut off, overload, server errors.
+
+    Not: bad requests, and errors that already waited their full time (no healthy
+    node within `wait_for_node`, the caller's own timeout): a retry would multiply it.
+    """
+    if isinstance(exc, (NoHealthyNodeError, openai.APITimeoutError)):
+        return False
+    if isinstance(exc, openai.APIConnectionError):  # node failures, cut answers
         return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code >= 500 or exc.status_code in RETRY_STATUS
@@ -180,18 +193,28 @@ async def run_batch(
     counts = {"failed": 0, "tokens": 0}
     bar = _Progress(len(inputs), desc, progress)
 
+    policy = tenacity.AsyncRetrying(
+        stop=tenacity.stop_after_attempt(retries + 1),
+        wait=tenacity.wait_exponential_jitter(multiplier=backoff, jitter=backoff),
+        retry=tenacity.retry_if_exception(retryable),
+        reraise=True,
+        sleep=anyio.sleep,
+    )
+
     async def attempt(index: int, item: I) -> T | ItemError:
-        for tries in range(1, retries + 2):
-            try:
-                result, tokens = await call(item)
-            except Exception as exc:  # noqa: BLE001 - recorded per item, never raised mid-batch
-                if tries > retries or not retryable(exc):
-                    return ItemError(index=index, error=exc, attempts=tries)
-                await anyio.sleep(backoff * 2 ** (tries - 1))
-            else:
-                counts["tokens"] += tokens
-                return result
-        raise AssertionError("unreachable")
+        tries = 0
+
+        async def once() -> tuple[T, int]:
+            nonlocal tries
+            tries += 1
+            return await call(item)
+
+        try:
+            answer: tuple[T, int] = await policy(once)
+        except Exception as exc:  # noqa: BLE001 - recorded per item, never raised mid-batch
+            return ItemError(index=index, error=exc, attempts=tries)
+        counts["tokens"] += answer[1]
+        return answer[0]
 
     async def worker() -> None:
         for index, item in pending:
@@ -240,7 +263,7 @@ async def achat_many(
 ) -> BatchResult[ChatCompletion]:
     _check_params(params)
     chosen = model or fleet.model
-    client = fleet.async_client()
+    client = fleet.async_client(max_retries=0)  # the batch owns item retries
 
     async def call(messages: Sequence[ChatCompletionMessageParam]) -> tuple[ChatCompletion, int]:
         raw = await client.chat.completions.with_raw_response.create(
@@ -280,7 +303,7 @@ async def acomplete_many(
 ) -> BatchResult[Completion]:
     _check_params(params)
     chosen = model or fleet.model
-    client = fleet.async_client()
+    client = fleet.async_client(max_retries=0)  # the batch owns item retries
 
     async def call(prompt: str) -> tuple[Completion, int]:
         raw = await client.completions.with_raw_response.create(

@@ -36,6 +36,7 @@ class NodeRow:
     inflight: int
     served: int
     errors: int
+    error_rate: float
     p50: float | None
     ttft: float | None
     tokens: int
@@ -114,6 +115,7 @@ class TrafficMeter:
             inflight=node.inflight,
             served=node.served,
             errors=node.errors,
+            error_rate=node.error_rate,
             p50=statistics.median(latencies) if latencies else None,
             ttft=node.ttft,
             tokens=tokens,
@@ -139,6 +141,7 @@ STATE_COLOURS: dict[NodeStatus, str] = {
     NodeStatus.STARTING: "#1f77b4",
     NodeStatus.HEALTHY: "#2ca02c",
     NodeStatus.UNHEALTHY: "#d62728",
+    NodeStatus.EJECTED: "#e377c2",
     NodeStatus.SLEEPING: "#9467bd",
     NodeStatus.DRAINING: "#ff7f0e",
     NodeStatus.STOPPED: "#7f7f7f",

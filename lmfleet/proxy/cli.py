@@ -99,6 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--health-interval", type=float, default=None, help="seconds between node probes")
     add(
+        "--first-byte-timeout",
+        type=float,
+        default=None,
+        help="seconds a node may stay silent before its first byte, then the request "
+        "fails over to another node (default 300)",
+    )
+    add(
         "--wait-for-node",
         type=float,
         default=None,
@@ -161,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=node_api_key(args),
         health_interval=args.health_interval,
         wait_for_node=args.wait_for_node,
+        first_byte_timeout=args.first_byte_timeout,
         serving_strategy=args.serving_strategy,
     )
     try:

@@ -15,14 +15,15 @@ import httpx2
 
 from lmfleet.proxy.asgi import Receive, Scope, Send, read_body, send_json
 from lmfleet.proxy.nodes_api import ADMIN_BODY_LIMIT, BadRequest
-from lmfleet.transport.distserve import DistServe, drive_async
+from lmfleet.transport.distserve import DistServe
+from lmfleet.transport.steps import drive_async
 
 if TYPE_CHECKING:
     from lmfleet.proxy.app import Runtime
 
 
 def _distserve(rt: Runtime) -> DistServe:
-    distserve = rt.fleet.router.distserve
+    distserve = rt.fleet.distserve
     if distserve is None:
         raise BadRequest(
             "The proxy runs the Hybrid serving strategy; start it with "

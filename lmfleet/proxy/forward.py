@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx2
 
-from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError
+from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError, RoutingError
 from lmfleet.proxy.asgi import (
     BodyTooLarge,
     ClientGone,
@@ -53,6 +53,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 """Request headers that describe one hop, never forwarded (content-length is recomputed)."""
+
+NO_RETRY = (b"x-should-retry", b"false")
+"""The router failed over already: openai clients of the proxy should not do it again."""
 
 RESPONSE_DROP = frozenset(HOP_BY_HOP - {b"content-length"})
 """The body is forwarded raw, so the node's content-length stays true and is kept."""
@@ -114,6 +117,8 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
     try:
         response = await rt.transport.handle_async_request(request)
     except NoHealthyNodeError as exc:
+        # The router already waited `wait_for_node`: a client that retried at once
+        # would multiply that wait (one retry owner), so say when, not "now".
         rt.metrics.error("no_healthy_node")
         retry = str(max(1, math.ceil(rt.fleet.options.health.interval))).encode()
         await send_error(
@@ -121,18 +126,18 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
             503,
             str(exc),
             type="service_unavailable",
-            headers=[(b"retry-after", retry), (b"x-should-retry", b"true")],
+            headers=[(b"retry-after", retry), NO_RETRY],
         )
         return
     except NodeUnavailableError as exc:
         rt.metrics.error("node_unavailable")
-        await send_error(send, 502, str(exc), type="bad_gateway")
+        await send_error(send, 502, str(exc), type="bad_gateway", headers=[NO_RETRY])
         return
     except httpx2.TimeoutException as exc:
         rt.metrics.error("upstream_timeout")
         await send_error(send, 504, f"The node did not answer in time: {exc!r}", type="timeout")
         return
-    except httpx2.TransportError as exc:
+    except (httpx2.TransportError, RoutingError) as exc:
         rt.metrics.error("upstream_error")
         await send_error(send, 502, f"The node failed: {exc!r}", type="bad_gateway")
         return
@@ -188,7 +193,7 @@ async def _copy(
                 length -= len(chunk)
                 more = length > 0
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
-    except httpx2.TransportError as exc:
+    except (httpx2.TransportError, RoutingError) as exc:
         # A started response is never replayed: end the client's connection
         # abruptly (returning without completing makes uvicorn close it).
         rt.metrics.error("interrupted")

@@ -36,10 +36,20 @@ class _NodeCollector(Collector):
             "lmfleet_node_inflight", "requests in flight on the node", labels=["node"]
         )
         served = CounterMetricFamily(
-            "lmfleet_node_requests", "requests the node completed", labels=["node"]
+            "lmfleet_node_requests", "requests the node answered with a 2xx", labels=["node"]
         )
         errors = CounterMetricFamily(
-            "lmfleet_node_errors", "requests that failed on the node", labels=["node"]
+            "lmfleet_node_errors",
+            "requests that failed on the node (5xx, unreachable, timed out, cut)",
+            labels=["node"],
+        )
+        error_rate = GaugeMetricFamily(
+            "lmfleet_node_error_rate", "failure fraction of the last answers", labels=["node"]
+        )
+        ejections = GaugeMetricFamily(
+            "lmfleet_node_ejections",
+            "times the node was ejected since it last succeeded on probation",
+            labels=["node"],
         )
         state = GaugeMetricFamily(
             "lmfleet_node_state", "1 for the node's current state", labels=["node", "state"]
@@ -51,11 +61,13 @@ class _NodeCollector(Collector):
             inflight.add_metric([node.url], node.inflight)
             served.add_metric([node.url], node.served)
             errors.add_metric([node.url], node.errors)
+            error_rate.add_metric([node.url], node.error_rate)
+            ejections.add_metric([node.url], node.ejections)
             for status in NodeStatus:
                 state.add_metric([node.url, status.value], 1.0 if node.status is status else 0.0)
             if node.latency is not None:
                 latency.add_metric([node.url], node.latency)
-        yield from (inflight, served, errors, state, latency)
+        yield from (inflight, served, errors, error_rate, ejections, state, latency)
 
 
 class ProxyMetrics:

@@ -127,6 +127,10 @@ class SimApp:
                 os._exit(CRASH_STATUS)
             if faults.hang:
                 await routes.hang_forever(receive)
+            if faults.hang_after_head:  # a streaming answer whose engine is wedged
+                head = [(b"content-type", b"text/event-stream")]
+                await send({"type": "http.response.start", "status": 200, "headers": head})
+                await routes.hang_forever(receive)
             if faults.should_fail():
                 rt.stats.errors_injected += 1
                 await asgi.send_error(send, faults.error_status, "Injected fault (lmfleet sim).")

@@ -88,6 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--error-rate", type=float, default=0.0)
     faults.add_argument("--error-status", type=int, default=500, choices=[500, 502, 503, 504])
     faults.add_argument("--hang", action="store_true", help="inference never answers")
+    faults.add_argument(
+        "--hang-after-head",
+        action="store_true",
+        help="inference sends a 200 event-stream head, then nothing (a wedged engine)",
+    )
     faults.add_argument("--hang-health", action="store_true", help="/health never answers")
     faults.add_argument(
         "--crash-after",
@@ -134,6 +139,7 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         error_rate=args.error_rate,
         error_status=args.error_status,
         hang=args.hang,
+        hang_after_head=args.hang_after_head,
         hang_health=args.hang_health,
         crash_after=args.crash_after,
         drop_stream_after=args.drop_stream_after,

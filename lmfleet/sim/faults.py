@@ -22,6 +22,7 @@ class Faults:
     error_rate: float = 0.0
     error_status: int = 500
     hang: bool = False
+    hang_after_head: bool = False
     hang_health: bool = False
     crash_after: int | None = None
     drop_stream_after: int | None = None
@@ -34,6 +35,7 @@ class Faults:
             error_rate=options.error_rate,
             error_status=options.error_status,
             hang=options.hang,
+            hang_after_head=options.hang_after_head,
             hang_health=options.hang_health,
             crash_after=options.crash_after,
             drop_stream_after=options.drop_stream_after,
@@ -69,7 +71,7 @@ def _check(key: str, value: Any) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
     elif key == "error_status":
         ok = isinstance(value, int) and 400 <= value <= 599
-    elif key in ("hang", "hang_health"):
+    elif key in ("hang", "hang_after_head", "hang_health"):
         ok = isinstance(value, bool)
     elif key in ("crash_after", "drop_stream_after"):
         ok = value is None or (

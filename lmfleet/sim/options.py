@@ -59,6 +59,7 @@ class SimOptions(BaseModel):
     error_rate: float = Field(default=0.0, ge=0, le=1)
     error_status: int = 500
     hang: bool = False
+    hang_after_head: bool = False
     hang_health: bool = False
     crash_after: int | None = Field(default=None, ge=0)
     drop_stream_after: int | None = Field(default=None, ge=0)

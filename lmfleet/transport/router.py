@@ -1,50 +1,26 @@
-"""The router core: pick a node, lease it, rewrite the request, decide on failover.
+"""The router core: how a request becomes a plan, and how a plan aims at a node.
 
-Shared by the sync transport, the async transport and the proxy. It holds the
-whole per-request state machine (`RequestPlan`); the transports only perform the
-I/O it asks for (send, sleep), so sync and async cannot drift apart.
-
-Failover rule (DESIGN.md): a request is tried on another node only while no
-response byte has reached the caller — a connect error, a connection the node
-dropped before answering, or a 502/503 (a sleeping LMDeploy answers 503). Once a
-response is handed back, it is never replayed.
+Shared by the sync transport, the async transport and the proxy. `Router.route`
+turns a request into a plan (plan.py, or DistServe's when the fleet runs P->D);
+the transports only drive the plan's steps (steps.py), so sync and async cannot
+drift apart. The failover rules live in plan.py.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import httpx2
+import tenacity
 
 from lmfleet.config import RoutingOptions
-from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy, wants_affinity_key
 from lmfleet.state import NodeRole, NodeState
-from lmfleet.transport.streams import Accounting
+from lmfleet.transport.plan import RequestPlan, read_json
+from lmfleet.transport.steps import Steps
 from lmfleet.wire import error_bytes
-
-if TYPE_CHECKING:
-    from lmfleet.transport.distserve import DistServe
-
-FAILOVER_STATUS = frozenset({502, 503})
-"""Answers that mean "this node cannot take it now": safe to send elsewhere."""
-
-UNREACHED_ERRORS: tuple[type[Exception], ...] = (httpx2.ConnectError, httpx2.ConnectTimeout)
-"""The node was never reached: it is down, so the circuit opens at once."""
-
-DROPPED_ERRORS: tuple[type[Exception], ...] = (
-    httpx2.RemoteProtocolError,
-    httpx2.ReadError,
-    httpx2.WriteError,
-)
-"""The node took the connection but dropped it before any response byte."""
-
-POLL_INTERVAL = 0.05
-"""How often a starved request looks for an eligible node again (seconds)."""
 
 StarvedHook = Callable[[str | None], None]
 
@@ -56,16 +32,14 @@ PARSED_BODY = "lmfleet.parsed_body"
 router does not parse it twice."""
 
 
-def _read_json(request: httpx2.Request) -> dict[str, Any] | None:
-    try:
-        body = json.loads(request.content)
-    except (ValueError, httpx2.RequestNotRead):
-        return None
-    return body if isinstance(body, dict) else None
+class Plan(Protocol):
+    """What the transports drive: one request's steps, ending in its answer."""
+
+    def steps(self) -> Steps[httpx2.Response]: ...
 
 
 class Router:
-    """Routing for one fleet: a registry, a strategy, and the failover policy."""
+    """Routing for one fleet: a registry, a strategy, and the failover options."""
 
     def __init__(
         self,
@@ -82,8 +56,12 @@ class Router:
         self._on_starved = on_starved
         self._affinity_key = affinity_key if wants_affinity_key(strategy) else None
         self._urls: dict[tuple[str, bytes], httpx2.URL] = {}
-        self.distserve: DistServe | None = None
-        """Set by the fleet in DistServe mode; the transports then ask it first."""
+        self.backoff = tenacity.wait_exponential_jitter(
+            multiplier=options.backoff, max=options.max_backoff, jitter=options.backoff
+        )
+        """Failover pauses: exponential from `backoff`, capped, with jitter (tenacity's)."""
+        self.route: Callable[[httpx2.Request], Plan] = self.plan
+        """Request -> plan; DistServe (transport/distserve) installs its own."""
 
     def plan(
         self, request: httpx2.Request, body: Any = None, *, role: NodeRole | None = None
@@ -99,7 +77,7 @@ class Router:
         if not isinstance(body, dict):
             body = None
             if len(models) > 1 or self._affinity_key is not None:
-                body = _read_json(request)
+                body = read_json(request)
         model = body.get("model") if body is not None else None
         model = model if isinstance(model, str) else None
         key = None
@@ -142,75 +120,3 @@ def _unknown_model(request: httpx2.Request, model: str, served: list[str]) -> ht
         content=error_bytes(message, code=404, param="model"),
         request=request,
     )
-
-
-class RequestPlan:
-    """One request's way through the fleet: attempts, waits, and the final answer."""
-
-    poll_interval = POLL_INTERVAL
-
-    def __init__(self, router: Router, request: httpx2.Request, info: RequestInfo) -> None:
-        self._router = router
-        self.request = request
-        self.info = info
-        self.immediate: httpx2.Response | None = None
-        self._tried: list[str] = []
-        self._deadline: float | None = None
-
-    def next_node(self) -> Accounting | None:
-        """Lease a node and aim the request at it; None means wait `poll_interval`.
-
-        Raises `NoHealthyNodeError` once `wait_for_node` seconds pass without one.
-        """
-        router = self._router
-        node = router.registry.lease(router.strategy, self.info, self._tried)
-        if node is not None:
-            self._tried.append(node.url)
-            router.target(self.request, node)
-            return Accounting(router.registry, node.url)
-        now = time.monotonic()
-        if self._deadline is None:
-            self._deadline = now + router.options.wait_for_node
-            router.starved(self.info.model)
-        if now >= self._deadline:
-            wanted = f" serving {self.info.model!r}" if self.info.model else ""
-            raise NoHealthyNodeError(
-                f"no healthy node{wanted} within {router.options.wait_for_node:g} s; "
-                f"nodes: {self._describe_nodes()}",
-                request=self.request,
-            )
-        return None
-
-    def failed(self, lease: Accounting, exc: httpx2.TransportError) -> float:
-        """Account a send that raised; return the pause before the next attempt, or raise."""
-        lease.finish(ok=False)
-        if isinstance(exc, UNREACHED_ERRORS):
-            self._router.registry.mark_failed(lease.url, f"unreachable: {exc!r}")
-        elif not isinstance(exc, DROPPED_ERRORS):
-            raise exc  # timeouts and our own errors are the caller's to handle
-        if len(self._tried) >= self._router.options.max_attempts:
-            raise NodeUnavailableError(
-                f"{len(self._tried)} attempt(s) failed; last on {lease.url}: {exc!r}",
-                request=self.request,
-            ) from exc
-        return self._backoff()
-
-    def rejected(self, lease: Accounting, response: httpx2.Response) -> float | None:
-        """A pause before trying elsewhere when the node turned the request away, else None."""
-        if response.status_code not in FAILOVER_STATUS:
-            return None
-        if len(self._tried) >= self._router.options.max_attempts:
-            return None  # out of attempts: hand the 503 to the caller (openai retries it)
-        lease.finish(ok=False)
-        self._router.registry.mark_failed(lease.url, f"answered HTTP {response.status_code}")
-        return self._backoff()
-
-    def _backoff(self) -> float:
-        options = self._router.options
-        return float(min(options.max_backoff, options.backoff * 2 ** (len(self._tried) - 1)))
-
-    def _describe_nodes(self) -> str:
-        nodes = self._router.registry.snapshot()
-        if not nodes:
-            return "none"
-        return ", ".join(f"{n.url} {n.status.value}" for n in nodes)

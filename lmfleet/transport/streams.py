@@ -4,6 +4,11 @@ As in httpcore's pool, a request's slot is released when the response *stream*
 closes, not when headers arrive: with SSE most of a request lives after the
 headers, and least-connections must see it. The sync and async wrappers are thin
 twins over one `Accounting` object, so the bookkeeping exists once.
+
+The lease ends with the request's real outcome (lmfleet/ejection.py): the answer's
+status decides it, a body cut by the node is a failure, and only a 2xx read to
+its end gives a latency sample (a caller who closes a stream early still gives
+its TTFT).
 """
 
 from __future__ import annotations
@@ -13,14 +18,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx2
 
+from lmfleet.ejection import Outcome, outcome_of_status
 from lmfleet.errors import StreamInterruptedError
 from lmfleet.registry import NodeRegistry
 
 
 class Accounting:
-    """One request's lease on one node: ends exactly once, recording latency and TTFT."""
+    """One request's lease on one node: ends exactly once, with the request's outcome."""
 
-    __slots__ = ("_chunks", "_done", "_first", "_registry", "sse", "started", "url")
+    __slots__ = ("_chunks", "_done", "_first", "_registry", "complete", "sse", "started", "url")
 
     def __init__(self, registry: NodeRegistry, url: str) -> None:
         self._registry = registry
@@ -30,26 +36,26 @@ class Accounting:
         self._done = False
         self._chunks = 0
         self.sse = False  # set for event streams: their chunks count as tokens
+        self.complete = False  # the body was read to its end
 
     def chunk(self) -> None:
         self._chunks += 1
         if self._first is None:
             self._first = time.monotonic()
 
-    def finish(self, *, ok: bool) -> None:
+    def finish(self, outcome: Outcome) -> None:
         if self._done:
             return
         self._done = True
-        now = time.monotonic()
-        ttft = None if self._first is None else self._first - self.started
+        success = outcome is Outcome.SUCCESS
+        ttft = None if self._first is None or not success else self._first - self.started
+        latency = time.monotonic() - self.started if success and self.complete else None
         tokens = self._chunks if self.sse else 0  # LMDeploy streams about a token per chunk
-        self._registry.release(
-            self.url, ok=ok, latency=now - self.started, ttft=ttft, tokens=tokens
-        )
+        self._registry.release(self.url, outcome, latency=latency, ttft=ttft, tokens=tokens)
 
     def interrupted(self, exc: Exception) -> Exception:
         """Account the failure and say what the caller gets instead of `exc`."""
-        self.finish(ok=False)
+        self.finish(Outcome.FAILURE)
         if isinstance(exc, httpx2.TimeoutException):
             return exc  # the caller's own timeout: keep its type
         return StreamInterruptedError(
@@ -59,9 +65,12 @@ class Accounting:
 
 
 class LeasedStream(httpx2.SyncByteStream):
-    def __init__(self, inner: httpx2.SyncByteStream, accounting: Accounting) -> None:
+    def __init__(
+        self, inner: httpx2.SyncByteStream, accounting: Accounting, outcome: Outcome
+    ) -> None:
         self._inner = inner
         self._acct = accounting
+        self._outcome = outcome
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -73,18 +82,22 @@ class LeasedStream(httpx2.SyncByteStream):
             if error is exc:
                 raise
             raise error from exc
+        self._acct.complete = True
 
     def close(self) -> None:
         try:
             self._inner.close()
         finally:
-            self._acct.finish(ok=True)
+            self._acct.finish(self._outcome)
 
 
 class AsyncLeasedStream(httpx2.AsyncByteStream):
-    def __init__(self, inner: httpx2.AsyncByteStream, accounting: Accounting) -> None:
+    def __init__(
+        self, inner: httpx2.AsyncByteStream, accounting: Accounting, outcome: Outcome
+    ) -> None:
         self._inner = inner
         self._acct = accounting
+        self._outcome = outcome
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -96,25 +109,31 @@ class AsyncLeasedStream(httpx2.AsyncByteStream):
             if error is exc:
                 raise
             raise error from exc
+        self._acct.complete = True
 
     async def aclose(self) -> None:
         try:
             await self._inner.aclose()
         finally:
-            self._acct.finish(ok=True)
+            self._acct.finish(self._outcome)
 
 
 def lease_response(response: httpx2.Response, accounting: Accounting) -> httpx2.Response:
-    """Make `response`'s body hold the lease; a body already read ends it at once."""
+    """Make `response`'s body hold the lease; a body already read ends it at once.
+
+    The outcome comes from the status; a transport error while reading overrides it.
+    """
+    outcome = outcome_of_status(response.status_code)
     accounting.sse = response.headers.get("content-type", "").startswith("text/event-stream")
     if response.is_closed:
         accounting.chunk()
-        accounting.finish(ok=True)
+        accounting.complete = True
+        accounting.finish(outcome)
     elif isinstance(response.stream, httpx2.AsyncByteStream) and not isinstance(
         response.stream, httpx2.SyncByteStream
     ):
-        response.stream = AsyncLeasedStream(response.stream, accounting)
+        response.stream = AsyncLeasedStream(response.stream, accounting, outcome)
     else:
         assert isinstance(response.stream, httpx2.SyncByteStream)
-        response.stream = LeasedStream(response.stream, accounting)
+        response.stream = LeasedStream(response.stream, accounting, outcome)
     return response

@@ -13,6 +13,7 @@ from distserve.pd_support import PD
 from support import StartSim, chat, sim_stats
 
 from lmfleet import LMFleet, NodeStatus
+from lmfleet.errors import NodeUnavailableError
 from lmfleet.sim.options import DEFAULT_MODEL
 
 
@@ -67,8 +68,8 @@ def test_each_pair_connects_once_under_64_concurrent_first_requests(
         with ThreadPoolExecutor(64) as pool:
             replies = list(pool.map(lambda i: chat(client, fleet.model, f"s{i}"), range(64)))
         assert all(r.choices[0].message.content for r in replies)
-        assert fleet.router.distserve is not None
-        assert fleet.router.distserve.pool.connects == 4
+        assert fleet.distserve is not None
+        assert fleet.distserve.pool.connects == 4
     with _fleet(pd, strategy="random") as fleet:
 
         async def burst() -> list[str]:
@@ -84,8 +85,8 @@ def test_each_pair_connects_once_under_64_concurrent_first_requests(
             return [r.choices[0].message.content or "" for r in answers]
 
         assert all(asyncio.run(burst()))
-        assert fleet.router.distserve is not None
-        assert fleet.router.distserve.pool.connects == 4
+        assert fleet.distserve is not None
+        assert fleet.distserve.pool.connects == 4
     for s in pd.stats("prefill") + pd.stats("decode"):
         assert s["p2p_initialize"] == 4 and s["p2p_connect"] == 4
     assert sum(s["decodes"] for s in pd.stats("decode")) == 128
@@ -114,9 +115,10 @@ def test_dead_decode_frees_prefill_cache_and_fails_over(start_pd: Callable[..., 
 def test_only_dead_decodes_fail_clearly(start_pd: Callable[..., PD]) -> None:
     pd = start_pd({2: ("--crash-after", "0"), 3: ("--crash-after", "0")})
     with _fleet(pd, wait_for_node=0.5) as fleet:
-        with pytest.raises(openai.APIConnectionError) as info:
+        with pytest.raises(NodeUnavailableError) as info:
             chat(fleet.client(max_retries=0), fleet.model, "q")
-        assert "DistServe" in str(info.value.__cause__) or "decode" in str(info.value.__cause__)
+        assert isinstance(info.value, openai.APIConnectionError)
+        assert "DistServe" in str(info.value) and "decode" in str(info.value)
     assert all(s["preserved"] == 0 for s in pd.stats("prefill"))
 
 
@@ -152,5 +154,5 @@ def test_hybrid_strategy_is_the_default(start_pd: Callable[..., PD]) -> None:
     fleet = LMFleet.attach(pd.urls, roles=pd.roles, health_interval=0.2)
     with fleet:
         fleet.wait_ready(timeout=30, min_ready=4)
-        assert fleet.router.distserve is None
+        assert fleet.distserve is None
         assert chat(fleet.client(), fleet.model, "q", n=2).choices

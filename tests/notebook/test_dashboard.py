@@ -9,7 +9,8 @@ import pytest
 from support import SimNode, StartSim, chat
 
 from lmfleet import LMFleet
-from lmfleet.notebook import display
+from lmfleet.ejection import Outcome
+from lmfleet.notebook import display, html
 from lmfleet.notebook.dashboard import Dashboard
 from lmfleet.notebook.stats import TrafficMeter
 
@@ -66,7 +67,8 @@ def test_widget_content_follows_traffic(fleet: LMFleet, sims: list[SimNode]) -> 
     # Streamed chunks and batch usage both count as tokens.
     assert sum(r.tokens for r in view.rows) >= 12 * 16 + 9 * 8
     # Widget children: column heads, then one row of cells plus buttons per node.
-    assert len(board.grid.children) == 10 * 4
+    assert len(board.grid.children) == (len(html.COLUMNS) + 1) * 4
+    assert all(t["error %"] == "0%" for t in texts)
 
 
 def test_background_refresh_and_buttons(fleet: LMFleet, sims: list[SimNode]) -> None:
@@ -144,7 +146,7 @@ def test_tokens_per_second_window() -> None:
 
     assert meter.view(status()).tokens_per_s is None  # one sample: no rate yet
     for latency in (0.1, 0.3, 0.2):
-        registry.release("http://127.0.0.1:1", ok=True, latency=latency, tokens=50)
+        registry.release("http://127.0.0.1:1", Outcome.SUCCESS, latency=latency, tokens=50)
     now[0] = 102.0
     row = meter.view(status()).rows[0]
     assert row.tokens == 150 and row.tokens_per_s == pytest.approx(75.0)

@@ -1,5 +1,7 @@
 """`make soak`: mixed load through a proxy process while chaos kills, restarts, sleeps and
-wakes random nodes. Prints what happened to every request and the proxy's memory.
+wakes random nodes, and turns nodes into black holes (every generation a 500 while
+`/health` stays green) or hung engines for a while. Prints what happened to every
+request and the proxy's memory.
 
     .venv/bin/python tests/reliability/soak.py --minutes 10 [--nodes 4] [--concurrency 16]
 
@@ -14,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import anyio
@@ -28,6 +31,14 @@ from loadgen import Report, run_load
 from lmfleet.launch.process import ManagedProcess, free_port, wait_for_port
 
 MODEL = "internlm/internlm2_5-7b-chat"
+FIRST_BYTE_TIMEOUT = 2.0
+"""The proxy's first-byte timeout: a hung node costs a request this, then a failover."""
+FAULTS = {
+    "black-hole": {"error_rate": 1.0, "error_status": 500},
+    "hang": {"hang": True},
+    "hang-after-head": {"hang_after_head": True},
+}
+HEALED = {"error_rate": 0.0, "hang": False, "hang_after_head": False}
 SIM = ("--health-poll-interval", "1", "--ttft-ms", "20", "--tpot-ms", "5", "--output-tokens", "32")
 
 
@@ -43,6 +54,7 @@ class Cluster:
         self.proxy_port = free_port()
         argv = [sys.executable, "-m", "lmfleet.cli", "serve", "--port", str(self.proxy_port)]
         argv += ["--health-interval", "0.5", "--log-level", "warning"]
+        argv += ["--first-byte-timeout", str(FIRST_BYTE_TIMEOUT)]
         for port in self.ports:
             argv += ["--node", f"http://127.0.0.1:{port}"]
         self.proxy = ManagedProcess(argv, log_path=logs / "proxy.log")
@@ -60,13 +72,21 @@ class Cluster:
 
 
 async def chaos(cluster: Cluster, until: float, rng: random.Random, log: list[str]) -> None:
-    """Every couple of seconds: kill and restart a node, or put one to sleep and wake it."""
+    """Every couple of seconds: kill and restart a node, put one to sleep and wake it, or
+    make one a black hole or a hung engine for a while (the router ejects it)."""
     async with httpx2.AsyncClient(timeout=30) as http:
         while time.monotonic() < until:
             await anyio.sleep(rng.uniform(1.0, 3.0))
             port = rng.choice(cluster.ports)
             node = f"http://127.0.0.1:{port}"
-            if rng.random() < 0.5:
+            draw = rng.random()
+            if draw < 0.5:
+                fault = rng.choice(sorted(FAULTS))
+                await http.post(node + "/sim/faults", json=FAULTS[fault])
+                log.append(f"{fault} {port}")
+                await anyio.sleep(rng.uniform(1.0, 3.0))
+                await http.post(node + "/sim/faults", json=HEALED)
+            elif draw < 0.75:
                 cluster.sims[port].kill()
                 log.append(f"kill {port}")
                 await anyio.sleep(rng.uniform(0.5, 2.0))
@@ -125,7 +145,10 @@ def main() -> int:
     early, late = statistics.mean(rss[:quarter] or [0]), statistics.mean(rss[-quarter:] or [0])
     growth = late - early
     print(f"soak: {args.minutes:g} min, {args.nodes} nodes, concurrency {args.concurrency}")
-    print(f"chaos events: {len(events)} ({sum(e.startswith('kill') for e in events)} kills)")
+    kinds = Counter(e.split()[0] for e in events)
+    print(
+        f"chaos events: {len(events)} ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})"
+    )
     print(f"{'requests sent':<32}{report.sent:>10}")
     print(f"{'succeeded':<32}{report.ok:>10}")
     print(f"{'failed with a clear error':<32}{report.clear_errors:>10}")

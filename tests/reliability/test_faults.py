@@ -54,7 +54,7 @@ def test_sigkill_under_load(fleet_over: FleetOver, door: Door, start_sim: StartS
     assert report.lost == 0, report.outcomes
     failed = {k for k in report.outcomes if k != "ok"}
     assert failed <= {
-        "APIConnectionError(StreamInterruptedError)",
+        "StreamInterruptedError",
         "APIConnectionError(RemoteProtocolError)",
     }, report.outcomes
     assert report.ok >= 100, report.outcomes  # every non-streamed request succeeds elsewhere
@@ -79,12 +79,10 @@ def test_hanging_node_never_holds_a_request_past_its_timeout(
 @pytest.mark.parametrize("status", [503, 500])
 def test_node_answering_errors_at_random(fleet_over: FleetOver, door: Door, status: int) -> None:
     fleet, _nodes = fleet_over([(), (), ("--error-rate", "0.5", "--error-status", str(status))])
-    report = load(fleet, door, total=90, concurrency=9)
+    report = load(fleet, door, total=90, concurrency=9, max_retries=0)
     assert report.lost == 0, report.outcomes
-    if status == 503:  # turned away before any byte: always sent elsewhere
-        assert report.outcomes == {"ok": 90}
-    else:  # a 500 is the node's answer; openai's retries go through the router again
-        assert set(report.outcomes) <= {"ok", "HTTP 500"} and report.ok >= 85, report.outcomes
+    # Turned away before any byte reached the caller: the router sends it elsewhere.
+    assert report.outcomes == {"ok": 90}
     settle(fleet)
 
 
@@ -95,7 +93,7 @@ def test_node_dropping_streams_midway(fleet_over: FleetOver, door: Door) -> None
     cut = report.sent - report.ok
     assert cut > 0, "some streams went to the dropping node"
     assert set(report.outcomes) - {"ok"} <= {
-        "APIConnectionError(StreamInterruptedError)",
+        "StreamInterruptedError",
         "APIConnectionError(RemoteProtocolError)",
     }, report.outcomes
     assert report.ok >= 30  # every non-streamed request and streams elsewhere

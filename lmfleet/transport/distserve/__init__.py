@@ -2,14 +2,14 @@
 
 `DistServe` (control.py) is one fleet's pairing state and control calls;
 `DistServePlan` (plan.py) is one request's prefill -> decode state machine, a
-generator of I/O steps that `drive_sync` / `drive_async` (steps.py) perform for
-the sync transport, the async transport and so the proxy. `protocol.py` holds
+generator of I/O steps that `drive_sync` / `drive_async` (transport/steps.py)
+perform for the sync transport, the async transport and so the proxy, exactly
+as they perform a plain request's plan (transport/plan.py). `protocol.py` holds
 LMDeploy 0.18.0's wire format. See docs/distserve.md.
 """
 
 from lmfleet.transport.distserve.control import DistServe
 from lmfleet.transport.distserve.pairs import PairPool
 from lmfleet.transport.distserve.plan import DistServePlan
-from lmfleet.transport.distserve.steps import drive_async, drive_sync
 
-__all__ = ["DistServe", "DistServePlan", "PairPool", "drive_async", "drive_sync"]
+__all__ = ["DistServe", "DistServePlan", "PairPool"]

@@ -25,8 +25,9 @@ from lmfleet.state import NodeRole, NodeStatus
 from lmfleet.transport.distserve import protocol as wire
 from lmfleet.transport.distserve.pairs import Pair, PairPool
 from lmfleet.transport.distserve.plan import DistServePlan, rejected_n
-from lmfleet.transport.distserve.steps import Call, Steps, WaitFor
-from lmfleet.transport.router import PARSED_BODY, RequestPlan, Router
+from lmfleet.transport.plan import RequestPlan
+from lmfleet.transport.router import PARSED_BODY, Router
+from lmfleet.transport.steps import Call, Steps, WaitFor
 
 log = logging.getLogger("lmfleet.distserve")
 
@@ -58,6 +59,7 @@ class DistServe:
         self.rdma = wire.rdma_config(options.link_type, options.with_gdr)
         t = options.control_timeout
         self._timeout = {"connect": t, "read": t, "write": t, "pool": t}
+        router.route = self.route
 
     # -- routing ------------------------------------------------------------------
 

@@ -8,34 +8,30 @@
       -> POST the original request + migration_request, streaming as asked
       -> the decode lease lives until the response stream closes
 
-Failover follows router.py's rule: only while nothing reached the caller. A
-prefill node that is unreachable or answers 502/503 is replaced; a decode node
-that fails (unreachable, dropped, 502/503, or the pair cannot connect) gets the
-prefill cache freed and the pair dropped, and the whole request starts again
-with fresh nodes, up to `max_attempts`. Any other answer, error or not, goes
-back to the caller as the node gave it.
+Failover follows plan.py's rules (its `Attempts` does the leasing, judging and
+backoff): only while nothing reached the caller. A prefill node that fails
+(unreachable, dropped, no first byte in time, a status in `retry_status`) is
+replaced; a decode node that fails (the same, or the pair cannot connect) gets
+the prefill cache freed and the pair dropped, and the whole request starts again
+with fresh nodes, up to `max_attempts` nodes. Any other answer, error or not,
+goes back to the caller as the node gave it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 
-from lmfleet.errors import MigrationError, NodeUnavailableError, NoHealthyNodeError
+from lmfleet.ejection import Outcome
+from lmfleet.errors import MigrationError
 from lmfleet.routing.base import RequestInfo
 from lmfleet.state import NodeRole, NodeState
 from lmfleet.transport.distserve import protocol as wire
-from lmfleet.transport.distserve.steps import Call, Discard, Pause, Steps
-from lmfleet.transport.router import (
-    DROPPED_ERRORS,
-    FAILOVER_STATUS,
-    UNREACHED_ERRORS,
-    RequestPlan,
-)
+from lmfleet.transport.plan import Attempts, RequestPlan, Retry, first_byte_bound
+from lmfleet.transport.steps import Call, Discard, Pause, Steps
 from lmfleet.transport.streams import Accounting, lease_response
 from lmfleet.wire import error_bytes
 
@@ -56,14 +52,6 @@ def rejected_n(request: httpx2.Request) -> httpx2.Response:
     )
 
 
-class _Retry(Exception):
-    """This attempt failed before any byte reached the caller; `reason` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 class DistServePlan:
     """One disaggregated request; `steps()` is run by `drive_sync` or `drive_async`."""
 
@@ -79,22 +67,19 @@ class DistServePlan:
             (k, v) for k, v in self.request.headers.raw if k.decode().lower() not in _SKIP_HEADERS
         ]
         self._tried: dict[NodeRole, list[str]] = {NodeRole.PREFILL: [], NodeRole.DECODE: []}
-        self._deadline: float | None = None
+        self._attempts = Attempts(self._router, self.request)
+        self._ours = first_byte_bound(self.request, self._router.options.first_byte_timeout)
+        self._timeout = self.request.extensions.get("timeout", {})
 
     def steps(self) -> Steps[httpx2.Response]:
-        options = self._router.options
-        attempts = 0
+        attempts = self._attempts
         while True:
-            attempts += 1
             try:
                 return (yield from self._attempt())
-            except _Retry as retry:
-                if attempts >= options.max_attempts:
-                    raise NodeUnavailableError(
-                        f"DistServe: {attempts} attempt(s) failed; last: {retry.reason}",
-                        request=self.request,
-                    ) from None
-                yield Pause(min(options.max_backoff, options.backoff * 2 ** (attempts - 1)))
+            except Retry as retry:
+                if attempts.exhausted():
+                    attempts.give_up(f"DistServe: {retry.reason}")
+                yield Pause(attempts.pause())
 
     def _attempt(self) -> Steps[httpx2.Response]:
         prefill, p_lease = yield from self._lease(self._prefill_info)
@@ -108,25 +93,9 @@ class DistServePlan:
 
     def _lease(self, info: RequestInfo) -> Steps[tuple[NodeState, Accounting]]:
         """Lease a node of `info.role`, waiting up to `wait_for_node` for one."""
-        router = self._router
         assert info.role is not None
-        tried = self._tried[info.role]
-        while True:
-            node = router.registry.lease(self._ds.strategies[info.role], info, tried)
-            if node is not None:
-                tried.append(node.url)
-                return node, Accounting(router.registry, node.url)
-            now = time.monotonic()
-            if self._deadline is None:
-                self._deadline = now + router.options.wait_for_node
-                router.starved(info.model)
-            if now >= self._deadline:
-                raise NoHealthyNodeError(
-                    f"no healthy {info.role.name.lower()} node within "
-                    f"{router.options.wait_for_node:g} s (DistServe)",
-                    request=self.request,
-                )
-            yield Pause(RequestPlan.poll_interval)
+        strategy = self._ds.strategies[info.role]
+        return (yield from self._attempts.lease(strategy, info, self._tried[info.role]))
 
     def _prefill(
         self, node: NodeState, lease: Accounting
@@ -134,16 +103,17 @@ class DistServePlan:
         body = wire.prefill_body(self._body, self._path)
         reply = yield Call(self._build(node, body))
         if not isinstance(reply, httpx2.Response):
-            self._node_failed(lease, reply, "prefill")
-        if reply.status_code in FAILOVER_STATUS:
-            lease.finish(ok=False)
-            self._router.registry.mark_failed(node.url, f"answered HTTP {reply.status_code}")
-            raise _Retry(f"prefill node {node.url} answered HTTP {reply.status_code}")
+            self._attempts.transport_failed(lease, reply, "prefill node ", self._ours)
+        reason = self._attempts.retryable(lease, reply, "prefill node ")
+        if reason is not None:
+            lease.finish(Outcome.FAILURE)
+            raise Retry(reason)
         lease.chunk()
+        lease.complete = True
         if reply.status_code != 200:
-            lease.finish(ok=False)
+            lease.finish(Outcome.NEUTRAL if reply.status_code < 500 else Outcome.FAILURE)
             return self._answer(reply)  # the node's own verdict (a bad request): as is
-        lease.finish(ok=True)
+        lease.finish(Outcome.SUCCESS)
         try:
             return wire.parse_prefill(reply.json())
         except ValueError as exc:
@@ -157,29 +127,29 @@ class DistServePlan:
         try:
             yield from ds.connect(pair)
         except MigrationError as exc:
-            lease.finish(ok=False)
+            lease.finish(Outcome.FAILURE)
             yield from ds.drop(pair, also_free=prefilled.session_id)
-            raise _Retry(str(exc)) from None
+            raise Retry(str(exc)) from None
         except BaseException:
-            lease.finish(ok=False)
+            lease.finish(Outcome.NEUTRAL)
             raise
         ds.pool.shelve(pair, prefilled.session_id)
         body = wire.decode_body(self._body, ds.protocol, p_url, prefilled)
-        reply = yield Call(self._build(node, body), stream=True)
+        reply = yield Call(self._build(node, body), stream=True, first_byte=True)
         if not isinstance(reply, httpx2.Response):
             try:
-                self._node_failed(lease, reply, "decode")
+                self._attempts.transport_failed(lease, reply, "decode node ", self._ours)
             finally:
                 # The decode node never took the cache: free it and drop the pair
                 # (its connection state died with the node, if it did).
                 yield from ds.drop(pair, also_free=prefilled.session_id)
         ds.pool.unshelve(pair, prefilled.session_id)
-        if reply.status_code in FAILOVER_STATUS:
+        reason = self._attempts.retryable(lease, reply, "decode node ")
+        if reason is not None:
             yield Discard(reply)
-            lease.finish(ok=False)
-            self._router.registry.mark_failed(node.url, f"answered HTTP {reply.status_code}")
+            lease.finish(Outcome.FAILURE)
             yield from ds.drop(pair, also_free=prefilled.session_id)
-            raise _Retry(f"decode node {node.url} answered HTTP {reply.status_code}")
+            raise Retry(reason)
         if reply.status_code != 200:
             # A refused migration leaves the cache on the prefill node, and may
             # mean the decode node forgot the pair (a restart): free and drop.
@@ -188,23 +158,13 @@ class DistServePlan:
 
     # -- helpers --------------------------------------------------------------------
 
-    def _node_failed(self, lease: Accounting, exc: Exception | None, phase: str) -> NoReturn:
-        """Account a send that raised: retry on other nodes, or re-raise (timeouts)."""
-        lease.finish(ok=False)
-        if isinstance(exc, UNREACHED_ERRORS):
-            self._router.registry.mark_failed(lease.url, f"unreachable: {exc!r}")
-        elif not isinstance(exc, DROPPED_ERRORS):
-            assert exc is not None
-            raise exc  # a timeout or our own error: the caller's to handle
-        raise _Retry(f"{phase} node {lease.url}: {exc!r}")
-
     def _build(self, node: NodeState, body: dict[str, Any]) -> httpx2.Request:
         request = httpx2.Request(
             "POST",
             self.request.url,
             headers=self._headers,
             content=json.dumps(body).encode(),
-            extensions={"timeout": self.request.extensions.get("timeout", {})},
+            extensions={"timeout": self._timeout},
         )
         request.headers["Content-Type"] = "application/json"
         self._router.target(request, node)

@@ -1,0 +1,222 @@
+"""One request's way through the fleet, as a generator of I/O steps (steps.py).
+
+    lease a node (the strategy's pick; wait up to `wait_for_node` for one)
+      -> send, waiting at most `first_byte_timeout` for the first response byte
+      -> 2xx / 4xx: hand the answer back; its body holds the lease (streams.py)
+      -> 5xx in `retry_status`, unreachable, dropped, no first byte in time:
+         a node failure; another node, after a jittered backoff, while attempts last
+
+Failover happens only while no response byte has reached the caller; a started
+answer is never replayed. `Attempts` holds what a plain plan and a DistServe plan
+share (leasing, judging a reply, backoff, the give-up errors), so both front
+doors and both request kinds fail over by one set of rules.
+
+One retry owner: when the attempts run out on a retryable status, the answer goes
+back with `x-should-retry: false`, so openai (in the fleet's clients or in a
+client of the proxy) does not try the same failing fleet again on top.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import httpx2
+import tenacity
+
+from lmfleet.ejection import Outcome
+from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError
+from lmfleet.routing.base import RequestInfo, Strategy
+from lmfleet.state import NodeState
+from lmfleet.transport.steps import Call, Discard, Pause, Steps
+from lmfleet.transport.streams import Accounting, lease_response
+
+if TYPE_CHECKING:
+    from lmfleet.transport.router import Router
+
+UNREACHED_ERRORS: tuple[type[Exception], ...] = (httpx2.ConnectError, httpx2.ConnectTimeout)
+"""The node was never reached: it is down, so the circuit opens at once."""
+
+DROPPED_ERRORS: tuple[type[Exception], ...] = (
+    httpx2.RemoteProtocolError,
+    httpx2.ReadError,
+    httpx2.WriteError,
+)
+"""The node took the connection but dropped it before any response byte."""
+
+PASSIVE_STATUS = frozenset({502, 503})
+"""Answers that also open the circuit at once (a sleeping LMDeploy answers 503): the
+monitor probes the node back, asking `/is_sleeping`."""
+
+_RETRYING = tenacity.Retrying()
+"""Only to give tenacity's wait policy the call state it reads (`attempt_number`)."""
+
+POLL_INTERVAL = 0.05
+"""How often a starved request looks for an eligible node again (seconds)."""
+
+
+class Retry(Exception):
+    """This attempt failed before any byte reached the caller; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def first_byte_bound(request: httpx2.Request, first_byte: float | None) -> bool:
+    """Lower the request's read timeout to `first_byte`; True when that bound is ours.
+
+    The read timeout bounds every wait for bytes from the node: the answer's head
+    and, with `Call(first_byte=True)`, a stream's first body chunk. Later gaps in a
+    stream get the same bound (a node silent that long mid-stream is as hung).
+    """
+    if first_byte is None:
+        return False
+    timeout = request.extensions.get("timeout") or {}
+    read = timeout.get("read")
+    if read is not None and read <= first_byte:
+        return False  # the caller's own bound is the tighter one
+    request.extensions["timeout"] = {**timeout, "read": first_byte}
+    return True
+
+
+class Attempts:
+    """The failover state of one request: nodes tried, the wait deadline, backoff."""
+
+    def __init__(self, router: Router, request: httpx2.Request) -> None:
+        self.router = router
+        self.request = request
+        self.count = 0
+        self._deadline: float | None = None
+
+    def lease(
+        self, strategy: Strategy, info: RequestInfo, tried: list[str]
+    ) -> Steps[tuple[NodeState, Accounting]]:
+        """Lease a node for `info` (avoiding `tried`), waiting up to `wait_for_node`."""
+        router = self.router
+        while True:
+            node = router.registry.lease(strategy, info, tried)
+            if node is not None:
+                tried.append(node.url)
+                self.count += 1
+                return node, Accounting(router.registry, node.url)
+            now = time.monotonic()
+            if self._deadline is None:
+                self._deadline = now + router.options.wait_for_node
+                router.starved(info.model)
+            if now >= self._deadline:
+                raise NoHealthyNodeError(
+                    f"no healthy node{_wanted(info)} within {router.options.wait_for_node:g} s; "
+                    f"nodes: {self._describe_nodes()}",
+                    request=self.request,
+                )
+            yield Pause(POLL_INTERVAL)
+
+    def transport_failed(
+        self, lease: Accounting, exc: BaseException | None, phase: str, ours: bool
+    ) -> NoReturn:
+        """A send that raised: `Retry` elsewhere, or re-raise (the caller's timeouts).
+
+        `ours`: the read timeout in force was the first-byte bound, not the caller's.
+        """
+        lease.finish(Outcome.FAILURE)
+        if isinstance(exc, UNREACHED_ERRORS):
+            self.router.registry.mark_failed(lease.url, f"unreachable: {exc!r}")
+        elif isinstance(exc, httpx2.ReadTimeout) and ours:
+            first_byte = self.router.options.first_byte_timeout
+            raise Retry(f"{phase}{lease.url} sent no first byte within {first_byte:g} s")
+        elif not isinstance(exc, DROPPED_ERRORS):
+            assert exc is not None
+            raise exc  # the caller's own timeout, or our error: the caller's to handle
+        raise Retry(f"{phase}{lease.url}: {exc!r}")
+
+    def retryable(self, lease: Accounting, response: httpx2.Response, phase: str) -> str | None:
+        """Why `response` should be tried on another node (a node failure), or None."""
+        status = response.status_code
+        if status not in self.router.options.retry_status:
+            return None
+        if status in PASSIVE_STATUS:
+            self.router.registry.mark_failed(lease.url, f"answered HTTP {status}")
+        return f"{phase}{lease.url} answered HTTP {status}"
+
+    def pause(self) -> float:
+        """The jittered exponential backoff before attempt `count + 1` (tenacity's)."""
+        state = tenacity.RetryCallState(_RETRYING, None, (), {})
+        state.attempt_number = max(1, self.count)
+        return float(self.router.backoff(state))
+
+    def exhausted(self) -> bool:
+        return self.count >= self.router.options.max_attempts
+
+    def give_up(self, reason: str) -> NoReturn:
+        raise NodeUnavailableError(
+            f"{self.count} attempt(s) failed; last: {reason}", request=self.request
+        )
+
+    def _describe_nodes(self) -> str:
+        nodes = self.router.registry.snapshot()
+        if not nodes:
+            return "none"
+        return ", ".join(
+            f"{n.url} {n.status.value}" + (f" ({n.message})" if n.message else "") for n in nodes
+        )
+
+
+def _wanted(info: RequestInfo) -> str:
+    role = f" {info.role.name.lower()}" if info.role is not None else ""
+    model = f" serving {info.model!r}" if info.model else ""
+    return f"{role}{model}" if role else model
+
+
+class RequestPlan:
+    """A request for one node (any role but DistServe's P->D): `steps()` is the plan."""
+
+    def __init__(self, router: Router, request: httpx2.Request, info: RequestInfo) -> None:
+        self.router = router
+        self.request = request
+        self.info = info
+        self.immediate: httpx2.Response | None = None
+        """An answer decided without any node (an unknown model, a rejected option)."""
+
+    def steps(self) -> Steps[httpx2.Response]:
+        if self.immediate is not None:
+            return self.immediate
+        router = self.router
+        attempts = Attempts(router, self.request)
+        ours = first_byte_bound(self.request, router.options.first_byte_timeout)
+        tried: list[str] = []
+        while True:
+            node, lease = yield from attempts.lease(router.strategy, self.info, tried)
+            router.target(self.request, node)
+            reply = yield Call(self.request, stream=True, first_byte=True)
+            try:
+                if not isinstance(reply, httpx2.Response):
+                    attempts.transport_failed(lease, reply, "", ours)
+                reason = attempts.retryable(lease, reply, "")
+                if reason is None:
+                    return lease_response(reply, lease)
+                if attempts.exhausted():
+                    return _final(reply, lease)
+                yield Discard(reply)
+                lease.finish(Outcome.FAILURE)
+                raise Retry(reason)
+            except Retry as retry:
+                if attempts.exhausted():
+                    attempts.give_up(retry.reason)
+                yield Pause(attempts.pause())
+
+
+def _final(response: httpx2.Response, lease: Accounting) -> httpx2.Response:
+    """The last node's failing answer, for the caller, marked: do not retry it again."""
+    response.headers["x-should-retry"] = "false"
+    return lease_response(response, lease)
+
+
+def read_json(request: httpx2.Request) -> dict[str, Any] | None:
+    """The request's JSON object body, or None (not JSON, not an object, a stream)."""
+    try:
+        body = json.loads(request.content)
+    except (ValueError, httpx2.RequestNotRead):
+        return None
+    return body if isinstance(body, dict) else None
