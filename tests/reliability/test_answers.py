@@ -19,8 +19,7 @@ import pytest
 from loadgen import Door, Report, run_load
 from support import SimNode, StartSim, chat, sim_stats, wait_until
 
-from lmfleet import LMFleet, NodeSnapshot, NodeStatus
-from lmfleet import FleetOptions, OutlierOptions
+from lmfleet import FleetOptions, LMFleet, NodeSnapshot, NodeStatus, OutlierOptions
 from lmfleet.errors import NoHealthyNodeError
 from lmfleet.launch.process import free_port
 from lmfleet.notebook.batch import ItemError
