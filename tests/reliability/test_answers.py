@@ -195,3 +195,30 @@ def test_sync_client_fails_over_5xx_and_hung_streams(fleet_over: FleetOver) -> N
     assert all(n.errors > 0 and n.served == 0 for n in bad), bad
     # Both fail, but at most half of three nodes may be out at once.
     assert sorted(n.state.value for n in bad) == ["ejected", "healthy"], bad
+
+
+def test_ejection_is_visible_everywhere(fleet_over: FleetOver) -> None:
+    fleet, nodes = fleet_over([(), BLACK_HOLE])
+    hole = nodes[1]
+    client = fleet.client(max_retries=0)
+    wait_until(
+        lambda: (
+            chat(client, fleet.model, "q", max_tokens=2).choices
+            and state_of(fleet, hole) is NodeStatus.EJECTED
+        ),
+        what="ejected",
+    )
+    server = fleet.serve(port=0)
+    try:
+        status = httpx2.get(server.url + "/nodes/status", timeout=5).json()[hole.url]
+        assert status["state"] == "ejected" and status["ejections"] == 1
+        assert status["error_rate"] == 1.0 and status["errors"] >= 5 and status["served"] == 0
+        assert "failures in a row" in status["message"]
+        metrics = httpx2.get(server.url + "/metrics", timeout=5).text
+        assert f'lmfleet_node_ejections{{node="{hole.url}"}} 1.0' in metrics
+        assert f'lmfleet_node_error_rate{{node="{hole.url}"}} 1.0' in metrics
+        assert f'lmfleet_node_state{{node="{hole.url}",state="ejected"}} 1.0' in metrics
+    finally:
+        server.stop()
+    html = fleet._repr_html_()
+    assert "ejected" in html and "100%" in html
