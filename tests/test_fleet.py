@@ -343,3 +343,12 @@ async def test_async_context_manager(three_nodes: list[str]) -> None:
             )
         assert reply.choices[0].finish_reason == "length"
     assert repr(fleet) == "<LMFleet closed>"
+
+
+def test_a_node_is_one_key_whatever_the_spelling() -> None:
+    with LMFleet.attach(["http://127.0.0.1:8"], health_interval=60) as fleet:
+        added = fleet.add_node("127.0.0.1:9")
+        assert added.url == "http://127.0.0.1:9"
+        assert fleet.drain("127.0.0.1:9/v1", timeout=0) is True
+        assert fleet.remove_node("127.0.0.1:9").url == "http://127.0.0.1:9"
+        assert [n.url for n in fleet.nodes] == ["http://127.0.0.1:8"]
