@@ -43,7 +43,7 @@ soak: $(STAMP)
 clean:
 	rm -rf $(VENV) .venv-peer .venv-peer.failed .venv-peer.log .pytest_cache .mypy_cache .ruff_cache site
 
-# Benchmarks (never part of `make test`): about 17 minutes on 2 cores; each bench ends
+# Benchmarks (never part of `make test`): about 27 minutes on 2 cores; each bench ends
 # every process it starts. LMDeploy's proxy comes from .venv-peer (`make peer`).
 # Results: bench/results/*.json, docs/bench_*.png; docs/benchmarks.md explains them.
 bench: $(STAMP)
@@ -54,4 +54,5 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.client_overhead
 	$(BIN)/python -m bench.routing_quality
 	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.failure
 	$(BIN)/python -m bench.plots
