@@ -46,16 +46,16 @@ def outcome_of_status(status: int) -> Outcome:
 
 
 def judge(
-    state: NodeState, outcome: Outcome, window: list[bool], options: OutlierOptions
+    state: NodeState, outcome: Outcome, failed_recently: int, recent: int, options: OutlierOptions
 ) -> tuple[NodeState, str | None]:
     """`state` after `outcome`, and the reason to eject it now (None: keep it).
 
-    `window` holds the node's recent answers (True = failed), this one included.
+    `failed_recently` of the node's `recent` last answers failed, this one included.
     """
     if outcome is Outcome.NEUTRAL:
         return state, None
     failed = outcome is Outcome.FAILURE
-    rate = sum(window) / len(window) if window else 0.0
+    rate = failed_recently / recent if recent else 0.0
     if not failed:
         if state.probation:
             state = state.evolve(probation=False, ejections=0)
@@ -67,8 +67,8 @@ def judge(
         return state, "failed again on probation"
     if state.streak >= options.consecutive_failures:
         return state, f"{state.streak} failures in a row"
-    if len(window) >= options.min_requests and rate >= options.error_rate:
-        return state, f"error rate {rate:.0%} over the last {len(window)} answers"
+    if recent >= options.min_requests and rate >= options.error_rate:
+        return state, f"error rate {rate:.0%} over the last {recent} answers"
     return state, None
 
 

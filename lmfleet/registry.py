@@ -56,6 +56,26 @@ def _ewma(old: float | None, sample: float) -> float:
     return sample if old is None else old + EWMA_ALPHA * (sample - old)
 
 
+class _Window:
+    """A node's last answers (True = failed) with a running count of failures."""
+
+    __slots__ = ("answers", "failed")
+
+    def __init__(self, size: int) -> None:
+        self.answers: deque[bool] = deque(maxlen=size)
+        self.failed = 0
+
+    def add(self, failed: bool) -> None:
+        if len(self.answers) == self.answers.maxlen:
+            self.failed -= self.answers[0]
+        self.answers.append(failed)
+        self.failed += failed
+
+    def clear(self) -> None:
+        self.answers.clear()
+        self.failed = 0
+
+
 class NodeRegistry:
     """Node snapshots by URL, behind one lock.
 
@@ -72,7 +92,7 @@ class NodeRegistry:
         # Traffic statistics for dashboards, kept beside the snapshots: O(1) per request.
         self._recent: dict[str, deque[float]] = {}
         self._tokens: dict[str, int] = {}
-        self._answers: dict[str, deque[bool]] = {}  # recent outcomes, True = failed
+        self._answers: dict[str, _Window] = {}
         self._next_readmit = math.inf  # earliest `ejected_until` of any ejected node
         self.panics = 0
         """Requests routed to ejected nodes because no healthy one was left (panic mode)."""
@@ -223,9 +243,11 @@ class NodeRegistry:
             if outcome is not Outcome.NEUTRAL:
                 window = self._answers.get(url)
                 if window is None:
-                    window = self._answers[url] = deque(maxlen=self._outliers.window)
-                window.append(not success)
-                state, reason = ejection.judge(state, outcome, list(window), self._outliers)
+                    window = self._answers[url] = _Window(self._outliers.window)
+                window.add(not success)
+                state, reason = ejection.judge(
+                    state, outcome, window.failed, len(window.answers), self._outliers
+                )
                 if reason is not None and ejection.may_eject(self._nodes.values(), self._outliers):
                     state = ejection.eject(state, reason, time.monotonic(), self._outliers)
                     window.clear()

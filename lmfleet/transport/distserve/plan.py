@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx2
 
-from lmfleet.ejection import Outcome
+from lmfleet.ejection import Outcome, outcome_of_status
 from lmfleet.errors import MigrationError
 from lmfleet.routing.base import RequestInfo
 from lmfleet.state import NodeRole, NodeState
@@ -110,10 +110,9 @@ class DistServePlan:
             raise Retry(reason)
         lease.chunk()
         lease.complete = True
+        lease.finish(outcome_of_status(reply.status_code))
         if reply.status_code != 200:
-            lease.finish(Outcome.NEUTRAL if reply.status_code < 500 else Outcome.FAILURE)
             return self._answer(reply)  # the node's own verdict (a bad request): as is
-        lease.finish(Outcome.SUCCESS)
         try:
             return wire.parse_prefill(reply.json())
         except ValueError as exc:
