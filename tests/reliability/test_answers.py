@@ -23,17 +23,10 @@ from lmfleet import FleetOptions, LMFleet, NodeSnapshot, NodeStatus, OutlierOpti
 from lmfleet.errors import NoHealthyNodeError
 from lmfleet.launch.process import free_port
 from lmfleet.notebook.batch import ItemError
+from lmfleet.routing import STRATEGIES
 
 FleetOver = Callable[..., tuple[LMFleet, list[SimNode]]]
 BLACK_HOLE = ("--error-rate", "1", "--error-status", "500")
-STRATEGIES = [
-    "random",
-    "round_robin",
-    "least_connections",
-    "min_observed_latency",
-    "power_of_two",
-    "prefix_affinity",
-]
 
 
 def load(fleet: LMFleet, door: Door, *, timeout: float = 10.0, **kwargs: object) -> Report:
@@ -50,7 +43,7 @@ def state_of(fleet: LMFleet, node: SimNode) -> NodeStatus:
     return {n.url: n.state for n in fleet.nodes}[node.url]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_black_hole_costs_nothing_under_every_strategy(
     fleet_over: FleetOver, door: Door, strategy: str
 ) -> None:
