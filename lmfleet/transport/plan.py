@@ -84,10 +84,12 @@ def first_byte_bound(request: httpx2.Request, first_byte: float | None) -> bool:
 class Attempts:
     """The failover state of one request: nodes tried, the wait deadline, backoff."""
 
-    def __init__(self, router: Router, request: httpx2.Request) -> None:
+    def __init__(self, router: Router, request: httpx2.Request, label: str = "") -> None:
         self.router = router
         self.request = request
         self.count = 0
+        self._label = label
+        self._reasons: list[str] = []
         self._deadline: float | None = None
 
     def lease(
@@ -140,19 +142,24 @@ class Attempts:
             self.router.registry.mark_failed(lease.url, f"answered HTTP {status}")
         return f"{phase}{lease.url} answered HTTP {status}"
 
-    def pause(self) -> float:
-        """The jittered exponential backoff before attempt `count + 1` (tenacity's)."""
+    def failed(self, reason: str) -> float:
+        """Record a failed attempt: the pause before the next one, or give up.
+
+        The pause is tenacity's jittered exponential backoff; giving up raises
+        `NodeUnavailableError` naming every attempt's node and reason.
+        """
+        self._reasons.append(reason)
+        if self.exhausted():
+            raise NodeUnavailableError(
+                f"{self._label}{self.count} attempt(s) failed: {'; '.join(self._reasons)}",
+                request=self.request,
+            )
         state = tenacity.RetryCallState(_RETRYING, None, (), {})
         state.attempt_number = max(1, self.count)
         return float(self.router.backoff(state))
 
     def exhausted(self) -> bool:
         return self.count >= self.router.options.max_attempts
-
-    def give_up(self, reason: str) -> NoReturn:
-        raise NodeUnavailableError(
-            f"{self.count} attempt(s) failed; last: {reason}", request=self.request
-        )
 
     def _describe_nodes(self) -> str:
         nodes = self.router.registry.snapshot()
@@ -202,9 +209,7 @@ class RequestPlan:
                 lease.finish(Outcome.FAILURE)
                 raise Retry(reason)
             except Retry as retry:
-                if attempts.exhausted():
-                    attempts.give_up(retry.reason)
-                yield Pause(attempts.pause())
+                yield Pause(attempts.failed(retry.reason))
 
 
 def _final(response: httpx2.Response, lease: Accounting) -> httpx2.Response:

@@ -20,7 +20,7 @@ from loadgen import Door, Report, run_load
 from support import SimNode, StartSim, chat, sim_stats, wait_until
 
 from lmfleet import FleetOptions, LMFleet, NodeSnapshot, NodeStatus, OutlierOptions
-from lmfleet.errors import NoHealthyNodeError
+from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError
 from lmfleet.launch.process import free_port
 from lmfleet.notebook.batch import ItemError
 from lmfleet.routing import STRATEGIES
@@ -219,3 +219,29 @@ def test_ejection_is_visible_everywhere(fleet_over: FleetOver) -> None:
         server.stop()
     html = fleet._repr_html_()
     assert "ejected" in html and "100%" in html
+
+
+def test_every_attempt_failing_names_each_node_and_reason(
+    fleet_over: FleetOver, door: Door
+) -> None:
+    fleet, nodes = fleet_over([("--hang",), ("--hang-after-head",)], first_byte_timeout=0.3)
+    client = door(fleet, timeout=10.0, max_retries=0)
+
+    async def one() -> openai.APIError:
+        async with client:
+            with pytest.raises(openai.APIError) as caught:
+                await client.chat.completions.create(
+                    model=fleet.model, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+                )
+        return caught.value
+
+    error = anyio.run(one)
+    if isinstance(error, openai.APIStatusError):  # through the proxy
+        assert error.status_code == 502 and error.response.headers["x-should-retry"] == "false"
+        text = error.message
+    else:
+        assert isinstance(error, NodeUnavailableError), error
+        text = str(error)
+    assert "3 attempt(s) failed" in text, text
+    for node in nodes:
+        assert f"{node.url} sent no first byte within 0.3 s" in text, text

@@ -67,7 +67,7 @@ class DistServePlan:
             (k, v) for k, v in self.request.headers.raw if k.decode().lower() not in _SKIP_HEADERS
         ]
         self._tried: dict[NodeRole, list[str]] = {NodeRole.PREFILL: [], NodeRole.DECODE: []}
-        self._attempts = Attempts(self._router, self.request)
+        self._attempts = Attempts(self._router, self.request, label="DistServe: ")
         self._ours = first_byte_bound(self.request, self._router.options.first_byte_timeout)
         self._timeout = self.request.extensions.get("timeout", {})
 
@@ -77,9 +77,7 @@ class DistServePlan:
             try:
                 return (yield from self._attempt())
             except Retry as retry:
-                if attempts.exhausted():
-                    attempts.give_up(f"DistServe: {retry.reason}")
-                yield Pause(attempts.pause())
+                yield Pause(attempts.failed(retry.reason))
 
     def _attempt(self) -> Steps[httpx2.Response]:
         prefill, p_lease = yield from self._lease(self._prefill_info)
