@@ -146,8 +146,12 @@ def test_crashed_node_restarts_on_the_same_url() -> None:
         old_pid = node.pid
         assert old_pid is not None
         os.kill(old_pid, signal.SIGKILL)
-        wait_until(lambda: fleet.nodes[0].state is NodeStatus.STARTING, timeout=10, step=0.01)
-        assert "exited with status -9" in fleet.nodes[0].message
+        # The supervisor's word stands until the monitor's next probe ("unreachable"):
+        # wait on the message itself, not on the state and then the message.
+        wait_until(
+            lambda: "exited with status -9" in fleet.nodes[0].message, timeout=10, step=0.005
+        )
+        assert fleet.nodes[0].state is NodeStatus.STARTING
         wait_until(lambda: fleet.nodes[0].state is NodeStatus.HEALTHY, timeout=30)
         assert fleet.nodes[0].url == url
         assert node.pid != old_pid and node.pid is not None and alive(node.pid)

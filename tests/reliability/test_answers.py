@@ -64,17 +64,21 @@ def test_black_hole_costs_nothing_under_every_strategy(fleet_over: FleetOver, do
             assert "failures in a row" in status.message
 
 
-@pytest.mark.parametrize("fault", ["--hang", "--hang-after-head"])
-def test_hung_node_is_ejected_after_a_few_first_byte_timeouts(
-    fleet_over: FleetOver, door: Door, fault: str
+def test_hung_nodes_are_ejected_after_a_few_first_byte_timeouts(
+    fleet_over: FleetOver, door: Door
 ) -> None:
-    # Round robin keeps sending it its share (least-connections would starve it).
-    fleet, nodes = fleet_over([(), (), (fault,)], first_byte_timeout=0.5, strategy="round_robin")
-    hung = nodes[2]
-    report = load(fleet, door, total=40, concurrency=4, timeout=10.0)
-    assert report.outcomes == {"ok": 40}, report.outcomes
-    assert state_of(fleet, hung) is NodeStatus.EJECTED
-    assert "failures in a row" in {n.url: n for n in fleet.nodes}[hung.url].message
+    # One engine never answers, one sends a stream's head and then nothing. Round
+    # robin keeps sending each its share (least-connections would starve them).
+    fleet, nodes = fleet_over(
+        [(), (), ("--hang",), ("--hang-after-head",)],
+        first_byte_timeout=0.5,
+        strategy="round_robin",
+    )
+    report = load(fleet, door, total=60, concurrency=4, timeout=10.0)
+    assert report.outcomes == {"ok": 60}, report.outcomes
+    for hung in nodes[2:]:
+        assert state_of(fleet, hung) is NodeStatus.EJECTED
+        assert "failures in a row" in {n.url: n for n in fleet.nodes}[hung.url].message
     # Each request waited at most a first-byte timeout or two, never the caller's 10 s.
     assert max(report.latencies) < 5.0, sorted(report.latencies)[-5:]
 
