@@ -3,7 +3,9 @@
 Starts simulated LMDeploy nodes (one of them 3x slower), routes a batch of chat
 requests over them through a real `openai.AsyncOpenAI`, serves the same routing
 as an HTTP proxy and sends a batch through it with a plain `openai.OpenAI`, then
-puts a node to sleep and shows the traffic moving, printing what went where.
+puts a node to sleep and shows the traffic moving, and finally turns a node into a
+black hole (every answer a 500, `/health` still green) and shows it ejected while
+every request still succeeds, printing what went where.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from collections import Counter
 
 import anyio
+import httpx2
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -35,7 +38,7 @@ async def _burst(
     Routed in-process by default; with `base_url`, through the proxy at that URL.
     """
     client = (
-        fleet.async_client()
+        fleet.async_client(max_retries=0)  # the router alone fails over
         if base_url is None
         else openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
     )
@@ -71,11 +74,22 @@ def _served(status: FleetStatus) -> Counter[str]:
     return Counter({n.url: n.served for n in status.nodes})
 
 
-def _report(title: str, before: Counter[str], after: FleetStatus) -> None:
+def _failed(status: FleetStatus) -> Counter[str]:
+    return Counter({n.url: n.errors for n in status.nodes})
+
+
+def _report(
+    title: str, before: Counter[str], after: FleetStatus, failed: Counter[str] | None = None
+) -> None:
     print(f"\n{title}")
     for node in after.nodes:
         got = node.served - before[node.url]
-        print(f"  {node.url:<24} {node.state.value:<9} +{got:<4} requests  {'#' * (got // 2)}")
+        line = f"  {node.url:<24} {node.state.value:<9} +{got:<4} requests  {'#' * (got // 2)}"
+        if failed is not None and node.errors > failed[node.url]:
+            line += (
+                f"  ({node.errors - failed[node.url]} answered 500, failed over; {node.message})"
+            )
+        print(line)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,6 +135,20 @@ def run(args: argparse.Namespace) -> int:
         before = _served(fleet.status())
         ok, took = anyio.run(_burst, fleet, args.requests // 2, args.concurrency)
         _report(f"{ok}/{args.requests // 2} requests after wakeup:", before, fleet.status())
+
+        hole = fleet.nodes[1].url
+        print(f"\n{hole} now answers every generation with HTTP 500; its /health stays green.")
+        faults = {"error_rate": 1.0, "error_status": 500}
+        httpx2.post(hole + "/sim/faults", json=faults, timeout=10).raise_for_status()
+        before, failed = _served(fleet.status()), _failed(fleet.status())
+        ok, took = anyio.run(_burst, fleet, args.requests // 2, args.concurrency)
+        _report(
+            f"{ok}/{args.requests // 2} requests succeed anyway (each 500 is sent to another "
+            "node before any byte reaches the caller; the node is ejected):",
+            before,
+            fleet.status(),
+            failed,
+        )
         print()
         print(fleet)
         server.stop()

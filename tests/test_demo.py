@@ -20,4 +20,6 @@ def test_demo_routes_serves_and_moves_traffic_off_a_sleeping_node() -> None:
     assert "12/12 requests through the proxy" in out
     asleep = re.search(r"while it sleeps:\n\s+\S+\s+sleeping\s+\+(\d+)", out)
     assert asleep is not None and asleep.group(1) == "0", out
+    hole = re.search(r"succeed anyway .*\n(?:.*\n)*?\s+\S+\s+ejected\s+\+0 .*answered 500", out)
+    assert "12/12 requests succeed anyway" in out and hole is not None, out
     assert "Proxy and all nodes stopped." in out
