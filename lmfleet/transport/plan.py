@@ -28,7 +28,7 @@ import tenacity
 from lmfleet.ejection import Outcome
 from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError
 from lmfleet.routing.base import RequestInfo, Strategy
-from lmfleet.state import NodeState
+from lmfleet.state import NodeRole, NodeState
 from lmfleet.transport.steps import Call, Discard, Pause, Steps
 from lmfleet.transport.streams import Accounting, lease_response
 
@@ -109,7 +109,7 @@ class Attempts:
                 router.starved(info.model)
             if now >= self._deadline:
                 raise NoHealthyNodeError(
-                    f"no healthy node{_wanted(info)} within {router.options.wait_for_node:g} s; "
+                    f"no healthy {_wanted(info)} within {router.options.wait_for_node:g} s; "
                     f"nodes: {self._describe_nodes()}",
                     request=self.request,
                 )
@@ -171,9 +171,10 @@ class Attempts:
 
 
 def _wanted(info: RequestInfo) -> str:
-    role = f" {info.role.name.lower()}" if info.role is not None else ""
+    """What the request waited for: `node`, `decode node serving 'm'`, ..."""
+    role = f"{info.role.name.lower()} " if info.role not in (None, NodeRole.HYBRID) else ""
     model = f" serving {info.model!r}" if info.model else ""
-    return f"{role}{model}" if role else model
+    return f"{role}node{model}"
 
 
 class RequestPlan:
