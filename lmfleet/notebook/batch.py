@@ -210,7 +210,9 @@ async def run_batch(
             return await call(item)
 
         try:
-            answer: tuple[T, int] = await policy(once)
+            # A copy per item: a tenacity controller keeps its iteration state per
+            # thread, and every item's coroutine runs on this one thread.
+            answer: tuple[T, int] = await policy.copy()(once)
         except Exception as exc:  # noqa: BLE001 - recorded per item, never raised mid-batch
             return ItemError(index=index, error=exc, attempts=tries)
         counts["tokens"] += answer[1]
