@@ -2,7 +2,9 @@
 
 from lmfleet.config import FleetOptions, HealthOptions, OutlierOptions, RoutingOptions
 from lmfleet.errors import (
+    BatchError,
     ConfigError,
+    EventLoopError,
     FleetClosedError,
     LaunchError,
     LMFleetError,
@@ -18,16 +20,20 @@ from lmfleet.errors import (
 from lmfleet.fleet import LMFleet
 from lmfleet.notebook.batch import BatchResult, ItemError
 from lmfleet.routing.base import RequestInfo, Strategy
+from lmfleet.runtime import FleetRuntime
 from lmfleet.state import NodeRole, NodeState, NodeStatus
 from lmfleet.status import FleetStatus, NodeSnapshot
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchError",
     "BatchResult",
     "ConfigError",
+    "EventLoopError",
     "FleetClosedError",
     "FleetOptions",
+    "FleetRuntime",
     "FleetStatus",
     "HealthOptions",
     "ItemError",

@@ -16,6 +16,8 @@ from typing import TypeVar
 import anyio
 from anyio.from_thread import BlockingPortal
 
+from lmfleet.errors import EventLoopError
+
 T = TypeVar("T")
 
 
@@ -35,7 +37,7 @@ class BackgroundLoop:
         self._thread.start()
         self._ready.wait(timeout=30)
         if self._portal is None:
-            raise RuntimeError(f"the background event loop did not start: {self._error!r}")
+            raise EventLoopError(f"the background event loop did not start: {self._error!r}")
 
     @property
     def portal(self) -> BlockingPortal:
@@ -56,7 +58,7 @@ class BackgroundLoop:
         coroutine instead: blocking here would deadlock the loop.
         """
         if self.in_loop_thread():
-            raise RuntimeError("blocking call from the fleet's own event loop; await it instead")
+            raise EventLoopError("blocking call from the fleet's own event loop; await it instead")
         return self.portal.call(func, *args)
 
     def call(self, func: Callable[..., T], *args: object) -> T:

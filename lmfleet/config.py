@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -131,43 +132,55 @@ class FleetOptions(_Options):
     admin_timeout: float = Field(default=30.0, gt=0, description="seconds for sleep/wakeup calls")
 
 
-def merge_options(
-    options: FleetOptions | None,
-    *,
-    health_interval: float | None,
-    unhealthy_after: int | None,
-    wait_for_node: float | None,
-    wake_on_demand: bool | None,
-    min_ready: int | None,
-    serving_strategy: str | None = None,
-    first_byte_timeout: float | None = None,
-) -> FleetOptions:
-    """Keyword shortcuts override the matching fields of `options`."""
-    base = options or FleetOptions()
-    health: dict[str, Any] = {}
-    routing: dict[str, Any] = {}
-    top: dict[str, Any] = {}
-    if serving_strategy is not None:
-        top["serving_strategy"] = serving_strategy
-    if health_interval is not None:
-        health["interval"] = health_interval
-        health["timeout"] = min(base.health.timeout, max(health_interval, 0.5))
-    if unhealthy_after is not None:
-        health["unhealthy_after"] = unhealthy_after
-    if wait_for_node is not None:
-        routing["wait_for_node"] = wait_for_node
-    if wake_on_demand is not None:
-        routing["wake_on_demand"] = wake_on_demand
-    if first_byte_timeout is not None:
-        routing["first_byte_timeout"] = first_byte_timeout
-    if min_ready is not None:
-        top["min_ready"] = min_ready
+class FleetKeywords(TypedDict, total=False):
+    """Keyword shortcuts for the most used `FleetOptions` fields.
+
+    `LMFleet.attach`, `simulate` and `launch` accept them beside `options=`; each
+    one given overrides its field of `options`.
+    """
+
+    health_interval: float
+    """`health.interval`; also caps `health.timeout` at the interval (0.5 s minimum)."""
+    unhealthy_after: int
+    """`health.unhealthy_after`."""
+    wait_for_node: float
+    """`routing.wait_for_node`."""
+    wake_on_demand: bool
+    """`routing.wake_on_demand`."""
+    first_byte_timeout: float
+    """`routing.first_byte_timeout`."""
+    min_ready: int
+    """`min_ready` (launched fleets default it to their node count)."""
+    serving_strategy: ServingStrategy
+    """`serving_strategy`."""
+
+
+_SHORTCUTS: dict[str, tuple[str, ...]] = {
+    "health_interval": ("health", "interval"),
+    "unhealthy_after": ("health", "unhealthy_after"),
+    "wait_for_node": ("routing", "wait_for_node"),
+    "wake_on_demand": ("routing", "wake_on_demand"),
+    "first_byte_timeout": ("routing", "first_byte_timeout"),
+    "min_ready": ("min_ready",),
+    "serving_strategy": ("serving_strategy",),
+}
+SHORTCUT_NAMES = frozenset(_SHORTCUTS)
+
+
+def merge_options(options: FleetOptions | None, shortcuts: Mapping[str, Any]) -> FleetOptions:
+    """`options` (or the defaults) with the given keyword shortcuts applied; None skips one."""
+    fields = (options or FleetOptions()).model_dump()
+    for name, value in shortcuts.items():
+        if value is None:
+            continue
+        *path, leaf = _SHORTCUTS[name]
+        section = fields
+        for part in path:
+            section = section[part]
+        section[leaf] = value
+        if name == "health_interval":
+            section["timeout"] = min(section["timeout"], max(value, 0.5))
     try:
-        return FleetOptions(
-            health=HealthOptions(**{**base.health.model_dump(), **health}),
-            routing=RoutingOptions(**{**base.routing.model_dump(), **routing}),
-            outliers=base.outliers,
-            **{**base.model_dump(exclude={"health", "routing", "outliers"}), **top},
-        )
+        return FleetOptions.model_validate(fields)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

@@ -1,18 +1,24 @@
 """Every error lmfleet raises, in one tree.
 
     LMFleetError
-     +-- ConfigError (ValueError)          bad option, unknown strategy name
-         +-- UnknownNodeError (LookupError)     a URL that is not in the fleet
+     +-- ConfigError (ValueError)           bad option, unknown strategy name
+     +-- UnknownNodeError (LookupError)     a URL that is not in the fleet
      +-- FleetClosedError (RuntimeError)    the fleet was closed
      +-- NotReadyError (TimeoutError)       wait_ready ran out of time
      +-- LaunchError (RuntimeError)         a launched node exited or failed to start
      +-- NodeCommandError (RuntimeError)    a node refused sleep / wakeup / ...
+     +-- EventLoopError (RuntimeError)      the fleet's event loop did not start, or a
+     |                                      blocking call was made from inside it
+     +-- BatchError (RuntimeError)          BatchResult.raise_for_errors: an item failed
      +-- RoutingError (openai.APIConnectionError)
           +-- NoHealthyNodeError            nothing eligible within wait_for_node
           +-- NodeUnavailableError          every failover attempt failed (5xx, unreachable,
-                                            dropped, no first byte in time)
+          |                                 dropped, no first byte in time)
           +-- StreamInterruptedError        the node failed after the stream started
           +-- MigrationError                DistServe could not connect a prefill/decode pair
+
+A name in parentheses is the class's second base: code that catches the plain
+Python (or openai) error, `except RuntimeError` say, still catches it.
 
 A request for a model no node serves is answered like a node would answer it, an
 HTTP 404 in OpenAI's error shape listing the served models (`openai.NotFoundError`
@@ -60,6 +66,16 @@ class LaunchError(LMFleetError, RuntimeError):
 
 class NodeCommandError(LMFleetError, RuntimeError):
     """A node answered an admin command (sleep, wakeup, ...) with an error."""
+
+
+class EventLoopError(LMFleetError, RuntimeError):
+    """The fleet's background event loop did not start, or a blocking method was
+    called from inside it (code running in the loop must await the async twin)."""
+
+
+class BatchError(LMFleetError, RuntimeError):
+    """`BatchResult.raise_for_errors`: at least one item failed; chained from the
+    first item's error, and the message is the batch's summary."""
 
 
 class RoutingError(LMFleetError, openai.APIConnectionError):

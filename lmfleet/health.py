@@ -99,9 +99,10 @@ async def fetch_models(
 def judge(state: NodeState, probe: Probe, unhealthy_after: int) -> NodeStatus:
     """The status a node should have after `probe`, before any confirmation.
 
-    A node that has never been healthy stays `starting` while it says
-    "initializing" or, when this fleet launched it, while it is still coming up;
-    an attached node that cannot be reached becomes `unhealthy` (and says why).
+        A node that has never been healthy stays `starting` while it says
+        "initializing" or, when it is known to be coming up (launched here or registered
+    itself), while it does not answer yet;
+        an attached node that cannot be reached becomes `unhealthy` (and says why).
     """
     if state.status in _FINAL:
         return state.status
@@ -110,7 +111,7 @@ def judge(state: NodeState, probe: Probe, unhealthy_after: int) -> NodeStatus:
         return NodeStatus.EJECTED if state.status is NodeStatus.EJECTED else NodeStatus.HEALTHY
     if probe.status == "sleeping":
         return NodeStatus.SLEEPING
-    if state.status is NodeStatus.STARTING and (state.launched or probe.status == "initializing"):
+    if state.status is NodeStatus.STARTING and (state.announced or probe.status == "initializing"):
         return NodeStatus.STARTING
     if state.failures + 1 >= unhealthy_after or state.status is NodeStatus.UNHEALTHY:
         return NodeStatus.UNHEALTHY

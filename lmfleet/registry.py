@@ -112,14 +112,24 @@ class NodeRegistry:
         models: tuple[str, ...] = (),
         role: NodeRole = NodeRole.HYBRID,
         launched: bool = False,
+        registered: bool = False,
     ) -> NodeState:
-        """Add a node as `starting`, or restart an existing one's checks (counters kept)."""
+        """Add a node as `starting`, or restart an existing one's checks (counters kept).
+
+        `launched`: this fleet started its process; `registered`: it announced itself
+        (`/nodes/add`). Either way it is known to be coming up (`NodeState.announced`).
+        """
         url = normalize_url(url)
         with self._lock:
             old = self._nodes.get(url)
             if old is None:
                 state = NodeState(
-                    url=url, models=models, role=role, api_key=api_key, launched=launched
+                    url=url,
+                    models=models,
+                    role=role,
+                    api_key=api_key,
+                    launched=launched,
+                    registered=registered,
                 )
             else:
                 state = old.evolve(
@@ -128,6 +138,8 @@ class NodeRegistry:
                     role=role,
                     api_key=api_key if api_key is not None else old.api_key,
                     failures=0,
+                    launched=old.launched or launched,
+                    registered=old.registered or registered,
                 )
             self._nodes[url] = state
             self._models_changed()

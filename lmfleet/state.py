@@ -8,6 +8,7 @@ strategy always sees one consistent view without holding any lock.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
@@ -66,12 +67,19 @@ class NodeState:
     message: str = ""
     failures: int = 0
     launched: bool = False
+    registered: bool = False
     error_rate: float = 0.0
     streak: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
     probation: bool = False
     api_key: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def announced(self) -> bool:
+        """Known to be coming up (launched here, or registered itself): such a node
+        stays `starting`, never `unhealthy`, until it first answers."""
+        return self.launched or self.registered
 
     @property
     def routable(self) -> bool:
@@ -96,3 +104,12 @@ def parse_role(value: NodeRole | int | str) -> NodeRole:
         raise ConfigError(
             f"node role must be hybrid/prefill/decode or 1/2/3, got {value!r}"
         ) from None
+
+
+def parse_roles(roles: Sequence[NodeRole | int | str] | None, count: int) -> list[NodeRole]:
+    """One role per node (`roles`, or all hybrid when None), checked against `count`."""
+    if roles is None:
+        return [NodeRole.HYBRID] * count
+    if len(roles) != count:
+        raise ConfigError(f"roles has {len(roles)} entries for {count} URLs")
+    return [parse_role(r) for r in roles]

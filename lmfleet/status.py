@@ -30,6 +30,7 @@ class NodeSnapshot(BaseModel):
     ttft: float | None
     message: str
     launched: bool
+    registered: bool = False
 
     @classmethod
     def of(cls, state: NodeState) -> NodeSnapshot:
@@ -47,6 +48,7 @@ class NodeSnapshot(BaseModel):
             ttft=state.ttft,
             message=state.message,
             launched=state.launched,
+            registered=state.registered,
         )
 
 

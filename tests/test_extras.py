@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -15,3 +16,20 @@ def test_missing_serve_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
         LMFleet.simulate(1)
     with LMFleet.attach([]) as fleet, pytest.raises(ConfigError, match="uvicorn"):
         fleet.serve(port=0)
+
+
+def test_core_install_imports_without_the_serve_extra() -> None:
+    """`import lmfleet` and an attached fleet need none of the `serve` extra's packages."""
+    code = (
+        "import sys\n"
+        "for name in ('uvicorn', 'prometheus_client', 'starlette', 'httptools', 'uvloop'):\n"
+        "    sys.modules[name] = None\n"
+        "import lmfleet\n"
+        "with lmfleet.LMFleet.attach(['http://127.0.0.1:9']) as fleet:\n"
+        "    print(len(fleet.nodes))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"

@@ -7,11 +7,9 @@ builder: the simulator is only another command template with `gpus=0`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Literal
 
 from lmfleet.errors import ConfigError
-from lmfleet.launch.base import Launcher, NodeSpec, Placement, RestartPolicy
+from lmfleet.launch.base import Launcher, NodeSpec
 from lmfleet.launch.command import (
     LMDEPLOY_COMMAND,
     SIM_COMMAND,
@@ -19,9 +17,8 @@ from lmfleet.launch.command import (
     ServerArgValue,
 )
 from lmfleet.launch.local import LocalLauncher, Spawner
+from lmfleet.launch.options import LaunchOptions
 from lmfleet.launch.process import ManagedProcess
-
-LauncherName = Literal["local", "ray"]
 
 
 def _port(base_port: int | None, index: int) -> int | None:
@@ -91,25 +88,15 @@ def sim_specs(
     ]
 
 
-def make_launcher(
-    name: LauncherName,
-    *,
-    policy: RestartPolicy,
-    spawn: Spawner[ManagedProcess],
-    log_dir: str | Path | None = None,
-    ray_address: str | None = None,
-    placement: Placement = "spread",
-) -> Launcher:
-    """The launcher called `name`; Ray restarts dead actors itself under `on-failure`."""
-    if name == "local":
-        return LocalLauncher(log_dir=Path(log_dir) if log_dir else None, spawn=spawn)
-    if name == "ray":
-        from lmfleet.launch.ray_launcher import RayLauncher
+def make_launcher(options: LaunchOptions, *, spawn: Spawner[ManagedProcess]) -> Launcher:
+    """The launcher `options` name; Ray restarts dead actors itself under `on-failure`."""
+    if options.launcher == "local":
+        return LocalLauncher(log_dir=options.log_dir, spawn=spawn)
+    from lmfleet.launch.ray_launcher import RayLauncher
 
-        return RayLauncher(
-            address=ray_address,
-            placement=placement,
-            max_restarts=policy.max_restarts if policy.mode == "on-failure" else 0,
-            log_dir=str(log_dir) if log_dir else None,
-        )
-    raise ConfigError(f"launcher must be 'local' or 'ray', got {name!r}")
+    return RayLauncher(
+        address=options.ray_address,
+        placement=options.placement,
+        max_restarts=options.max_restarts if options.restart == "on-failure" else 0,
+        log_dir=str(options.log_dir) if options.log_dir else None,
+    )

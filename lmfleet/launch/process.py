@@ -23,6 +23,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from lmfleet.errors import LaunchError
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -112,7 +114,7 @@ def wait_for_port(host: str, port: int, timeout: float, proc: ManagedProcess | N
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.returncode is not None:
-            raise RuntimeError(
+            raise LaunchError(
                 f"process exited with status {proc.returncode} before opening port {port}:\n"
                 f"{proc.log_tail()}"
             )

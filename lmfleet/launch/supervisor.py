@@ -16,8 +16,12 @@ from dataclasses import dataclass
 
 import anyio
 
-from lmfleet.errors import LaunchError
-from lmfleet.launch.base import LaunchedNode, RestartPolicy
+from lmfleet.errors import LaunchError, UnknownNodeError
+from lmfleet.launch import plan
+from lmfleet.launch.base import LaunchedNode, Launcher, NodeSpec, RestartPolicy
+from lmfleet.launch.local import Spawner
+from lmfleet.launch.options import LaunchOptions
+from lmfleet.launch.process import ManagedProcess
 from lmfleet.registry import NodeRegistry
 from lmfleet.state import NodeState, NodeStatus
 
@@ -58,6 +62,7 @@ class Supervisor:
         self._api_key = api_key
         self._clock = clock
         self._watches: dict[str, _Watch] = {}
+        self._launchers: list[Launcher] = []
 
     @property
     def nodes(self) -> dict[str, LaunchedNode]:
@@ -69,9 +74,12 @@ class Supervisor:
         self._watches[state.url] = _Watch(node, policy)
         return state.url
 
-    def get(self, url: str) -> LaunchedNode | None:
+    def log_tail(self, url: str, lines: int = 40) -> str:
+        """The tail of launched node `url`'s log."""
         watch = self._watches.get(url)
-        return watch.node if watch else None
+        if watch is None:
+            raise UnknownNodeError(f"{url} was not launched by this fleet: it has no log here")
+        return watch.node.log_tail(lines)
 
     def remove(self, url: str) -> LaunchedNode | None:
         watch = self._watches.pop(url, None)
@@ -89,6 +97,18 @@ class Supervisor:
             )
         return None
 
+    def launch(
+        self, specs: list[NodeSpec], options: LaunchOptions, spawn: Spawner[ManagedProcess]
+    ) -> None:
+        """Start every node of `specs` at once and watch them; `spawn` forks local ones.
+
+        The launcher is kept until `close()`: Ray's owns the placement group.
+        """
+        launcher = plan.make_launcher(options, spawn=spawn)
+        self._launchers.append(launcher)
+        for node in launcher.start(specs):
+            self.add(node, options.policy)
+
     def stop_all(self, grace: float = 5.0) -> None:
         """Stop every node at once (each: SIGTERM, SIGKILL after `grace`)."""
         nodes = [watch.node for watch in self._watches.values()]
@@ -96,6 +116,14 @@ class Supervisor:
             return
         with ThreadPoolExecutor(max_workers=min(32, len(nodes))) as pool:
             list(pool.map(lambda node: node.stop(grace), nodes))
+
+    def close(self, grace: float = 5.0) -> None:
+        """Stop every node, then release the launchers (Ray placement groups)."""
+        try:
+            self.stop_all(grace)
+        finally:
+            for launcher in self._launchers:
+                launcher.close()
 
     async def run(self, interval: float = 0.25) -> None:
         """Forever: poll every node, then act on what changed."""

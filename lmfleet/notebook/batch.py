@@ -29,10 +29,10 @@ import tenacity
 from openai.types import Completion, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from lmfleet.errors import ConfigError, NoHealthyNodeError
+from lmfleet.errors import BatchError, ConfigError, NoHealthyNodeError
 
 if TYPE_CHECKING:
-    from lmfleet.fleet import LMFleet
+    from lmfleet.surface import FleetSurface
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 - the input type
@@ -128,7 +128,7 @@ class BatchResult(Sequence["T | ItemError"], Generic[T]):
         """Raise the first item's error (chained from it) when any item failed."""
         errors = self.errors
         if errors:
-            raise RuntimeError(self.summary()) from errors[0].error
+            raise BatchError(self.summary()) from errors[0].error
 
     def __repr__(self) -> str:
         return f"<BatchResult {self.summary().splitlines()[0]}>"
@@ -254,7 +254,7 @@ def _node_of(url: Any) -> str:
 
 
 async def achat_many(
-    fleet: LMFleet,
+    fleet: FleetSurface,
     messages_list: Sequence[Sequence[ChatCompletionMessageParam]],
     *,
     model: str | None = None,
@@ -285,7 +285,7 @@ async def achat_many(
         )
 
 
-def _count_tokens(fleet: LMFleet, url: Any, usage: CompletionUsage | None) -> int:
+def _count_tokens(fleet: FleetSurface, url: Any, usage: CompletionUsage | None) -> int:
     """The generated tokens of one answer, credited to the node that served it."""
     tokens = usage.completion_tokens if usage else 0
     if tokens:
@@ -294,7 +294,7 @@ def _count_tokens(fleet: LMFleet, url: Any, usage: CompletionUsage | None) -> in
 
 
 async def acomplete_many(
-    fleet: LMFleet,
+    fleet: FleetSurface,
     prompts: Sequence[str],
     *,
     model: str | None = None,
@@ -325,11 +325,9 @@ async def acomplete_many(
         )
 
 
-def run_in_fleet(fleet: LMFleet, func: Callable[[], Awaitable[T]]) -> T:
+def run_in_fleet(fleet: FleetSurface, func: Callable[[], Awaitable[T]]) -> T:
     """Run `func()` in the fleet's loop and wait (Ctrl-C / interrupt cancels the batch)."""
-    if fleet._loop.in_loop_thread():
-        raise RuntimeError("blocking batch call from the fleet's own event loop; await it instead")
-    future = fleet._loop.portal.start_task_soon(func)
+    future = fleet.runtime.submit(func)
     try:
         return future.result()
     except KeyboardInterrupt:

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import ipywidgets as widgets
 
-from lmfleet.notebook import display, html
+from lmfleet.notebook import html, stats
 from lmfleet.notebook.stats import FleetView
 
 if TYPE_CHECKING:
-    from lmfleet.fleet import LMFleet
+    from lmfleet.surface import FleetSurface
 
 REFRESH_INTERVAL = 1.0
 """Seconds between two refreshes of a displayed dashboard."""
@@ -61,10 +61,10 @@ class NodeRowWidgets:
 class Dashboard:
     """A fleet's live view. `widget` is the ipywidgets box to display."""
 
-    def __init__(self, fleet: LMFleet, *, interval: float = REFRESH_INTERVAL) -> None:
+    def __init__(self, fleet: FleetSurface, *, interval: float = REFRESH_INTERVAL) -> None:
         self._fleet = fleet
         self._interval = interval
-        self._meter = display.meter_for(fleet)
+        self._meter = stats.meter_for(fleet)
         self._stopped = threading.Event()
         self.header = widgets.HTML()
         self.message = widgets.HTML()
@@ -87,7 +87,7 @@ class Dashboard:
 
     def refresh(self) -> FleetView:
         """Read the fleet once and update every widget (any thread)."""
-        if self._fleet._closed:
+        if self._fleet.runtime.closed:
             self.header.value = "<b>LMFleet</b>: closed"
             self._stopped.set()
             if self.view is not None:
@@ -116,21 +116,13 @@ class Dashboard:
 
     def start(self) -> None:
         """Refresh every `interval` seconds from a task in the fleet's loop."""
-        fleet = self._fleet
-
-        def spawn() -> None:
-            group = fleet._tg
-            if group is None:
-                raise RuntimeError("the fleet's task group is not running")
-            group.start_soon(self._run, name="lmfleet dashboard")
-
-        fleet._loop.call(spawn)
+        self._fleet.runtime.start_soon(self._run, name="lmfleet dashboard")
 
     def stop(self) -> None:
         self._stopped.set()
 
     def _closed(self) -> bool:
-        return self._stopped.is_set() or self._fleet._closed or self.widget.comm is None
+        return self._stopped.is_set() or self._fleet.runtime.closed or self.widget.comm is None
 
     async def _run(self) -> None:
         try:
@@ -149,7 +141,7 @@ class Dashboard:
     def _act(self, action: str, url: str) -> None:
         """A button was clicked (kernel thread): run the command in the fleet's loop."""
         fleet = self._fleet
-        if fleet._closed:
+        if fleet.runtime.closed:
             self.message.value = _error("the fleet is closed")
             return
         command: Callable[[], Coroutine[Any, Any, object]]
@@ -160,7 +152,7 @@ class Dashboard:
         else:
             command = lambda: fleet.admin.drain(url)  # noqa: E731
         self.message.value = f"{escape(action)} {escape(url)}: running&hellip;"
-        future = fleet._loop.portal.start_task_soon(command)
+        future = fleet.runtime.submit(command)
         future.add_done_callback(lambda f: self._done(action, url, f))
 
     def _done(self, action: str, url: str, future: concurrent.futures.Future[Any]) -> None:

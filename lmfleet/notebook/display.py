@@ -9,27 +9,15 @@ the text table (terminals).
 from __future__ import annotations
 
 import sys
-import weakref
 from typing import TYPE_CHECKING, Any
 
-from lmfleet.notebook import html
-from lmfleet.notebook.stats import TrafficMeter
+from lmfleet.notebook import html, stats
 
 if TYPE_CHECKING:
-    from lmfleet.fleet import LMFleet
     from lmfleet.notebook.dashboard import Dashboard
+    from lmfleet.surface import FleetSurface
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
-
-_METERS: weakref.WeakKeyDictionary[LMFleet, TrafficMeter] = weakref.WeakKeyDictionary()
-
-
-def meter_for(fleet: LMFleet) -> TrafficMeter:
-    """The fleet's shared token-rate meter, so successive displays show a rate."""
-    meter = _METERS.get(fleet)
-    if meter is None:
-        meter = _METERS[fleet] = TrafficMeter(fleet.registry)
-    return meter
 
 
 def in_kernel() -> bool:
@@ -41,25 +29,25 @@ def in_kernel() -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
-def repr_html(fleet: LMFleet) -> str:
-    if fleet._closed:
+def repr_html(fleet: FleetSurface) -> str:
+    if fleet.runtime.closed:
         return "<b>LMFleet</b>: closed"
-    return html.table(meter_for(fleet).view(fleet.status()))
+    return html.table(stats.meter_for(fleet).view(fleet.status()))
 
 
-def dashboard(fleet: LMFleet, *, start: bool = True) -> Dashboard:
+def dashboard(fleet: FleetSurface, *, start: bool = True) -> Dashboard:
     """A new live dashboard for `fleet` (refreshing from the fleet's loop if `start`)."""
     from lmfleet.notebook.dashboard import Dashboard
 
     board = Dashboard(fleet)
-    if start and not fleet._closed:
+    if start and not fleet.runtime.closed:
         board.start()
     return board
 
 
-def mimebundle(fleet: LMFleet) -> dict[str, Any]:
+def mimebundle(fleet: FleetSurface) -> dict[str, Any]:
     bundle: dict[str, Any] = {"text/plain": repr(fleet), "text/html": repr_html(fleet)}
-    if fleet._closed or not in_kernel():
+    if fleet.runtime.closed or not in_kernel():
         return bundle
     try:
         import ipywidgets  # noqa: F401 - only checks that widgets are available

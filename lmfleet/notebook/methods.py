@@ -11,21 +11,21 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from lmfleet.notebook import batch, display
+from lmfleet.surface import FleetSurface
 
 if TYPE_CHECKING:
     from openai.types import Completion
     from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-    from lmfleet.fleet import LMFleet
     from lmfleet.notebook.batch import BatchResult
 
 
 class NotebookMethods:
-    """Mixed into `LMFleet` only."""
+    """Mixed into `LMFleet`; `self` is used only through `FleetSurface` (its public part)."""
 
-    def _open_fleet(self) -> LMFleet:
-        fleet = cast("LMFleet", self)
-        fleet._check_open()
+    def _open_fleet(self) -> FleetSurface:
+        fleet = cast("FleetSurface", self)
+        fleet.runtime.check_open()
         return fleet
 
     def chat_many(
@@ -125,7 +125,7 @@ class NotebookMethods:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         """Jupyter: a live dashboard widget, with HTML and text fallbacks."""
-        return display.mimebundle(cast("LMFleet", self))
+        return display.mimebundle(cast("FleetSurface", self))
 
     def _repr_html_(self) -> str:
-        return display.repr_html(cast("LMFleet", self))
+        return display.repr_html(cast("FleetSurface", self))

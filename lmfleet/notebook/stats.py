@@ -14,13 +14,18 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lmfleet.registry import NodeRegistry
 from lmfleet.state import NodeStatus
 from lmfleet.status import FleetStatus, NodeSnapshot
+
+if TYPE_CHECKING:
+    from lmfleet.surface import FleetSurface
 
 RATE_WINDOW = 5.0
 """Seconds over which tokens/s is averaged."""
@@ -146,3 +151,14 @@ STATE_COLOURS: dict[NodeStatus, str] = {
     NodeStatus.DRAINING: "#ff7f0e",
     NodeStatus.STOPPED: "#7f7f7f",
 }
+
+
+_METERS: weakref.WeakKeyDictionary[FleetSurface, TrafficMeter] = weakref.WeakKeyDictionary()
+
+
+def meter_for(fleet: FleetSurface) -> TrafficMeter:
+    """The fleet's shared token-rate meter, so successive displays show a rate."""
+    meter = _METERS.get(fleet)
+    if meter is None:
+        meter = _METERS[fleet] = TrafficMeter(fleet.registry)
+    return meter

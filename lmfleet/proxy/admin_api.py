@@ -15,7 +15,7 @@ from lmfleet.proxy.nodes_api import ADMIN_BODY_LIMIT, BadRequest
 from lmfleet.state import NodeStatus
 
 if TYPE_CHECKING:
-    from lmfleet.proxy.app import Runtime
+    from lmfleet.proxy.runtime import Runtime
 
 
 def _query(scope: Scope) -> dict[str, list[str]]:

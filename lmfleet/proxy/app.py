@@ -10,11 +10,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import httpx2
 
 from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
 from lmfleet.proxy import admin_api, distserve_api, nodes_api
@@ -31,16 +26,13 @@ from lmfleet.proxy.forward import forward
 from lmfleet.proxy.metrics import ProxyMetrics
 from lmfleet.proxy.nodes_api import BadRequest
 from lmfleet.proxy.options import ProxyOptions
+from lmfleet.proxy.runtime import Handler, Runtime
+from lmfleet.surface import FleetSurface
 from lmfleet.transport import AsyncFleetTransport
 from lmfleet.transport.http11 import Http11Transport
 
-if TYPE_CHECKING:
-    from lmfleet import LMFleet
-
 log = logging.getLogger("lmfleet.proxy")
 STATE_KEY = "lmfleet.proxy"
-
-Handler = Callable[[Scope, Receive, Send, "Runtime"], Awaitable[None]]
 
 ROUTES: dict[str, dict[str, Handler]] = {
     "/health": {"GET": admin_api.health},
@@ -71,23 +63,10 @@ KNOWN_FORWARDS = frozenset(
 )
 
 
-@dataclass
-class Runtime:
-    """What one running app owns: created at lifespan startup, closed at shutdown."""
-
-    fleet: LMFleet
-    options: ProxyOptions
-    port: int
-    transport: AsyncFleetTransport
-    metrics: ProxyMetrics
-    timeout: dict[str, float | None]
-    urls: dict[tuple[str, bytes], httpx2.URL] = field(default_factory=dict)
-
-
 class ProxyApp:
     """The ASGI callable. `port` is the bound port (to refuse registering the proxy itself)."""
 
-    def __init__(self, fleet: LMFleet, options: ProxyOptions, port: int) -> None:
+    def __init__(self, fleet: FleetSurface, options: ProxyOptions, port: int) -> None:
         self.fleet = fleet
         self.options = options
         self.port = port
@@ -128,6 +107,8 @@ class ProxyApp:
             elif message["type"] == "lifespan.shutdown":
                 if runtime is not None:
                     await runtime.transport.aclose()
+                    if runtime.distserve_transport is not None:
+                        await runtime.distserve_transport.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -212,7 +193,9 @@ def _has_key(scope: Scope, keys: list[bytes]) -> bool:
     return ok
 
 
-def create_app(fleet: LMFleet, options: ProxyOptions | None = None, *, port: int = 0) -> ProxyApp:
+def create_app(
+    fleet: FleetSurface, options: ProxyOptions | None = None, *, port: int = 0
+) -> ProxyApp:
     """The proxy's ASGI app for `fleet` (serve it with uvicorn: `fleet.serve()` does)."""
     opts = options or ProxyOptions()
     return ProxyApp(fleet, opts, port or opts.port)

@@ -1,9 +1,10 @@
 """LMDeploy's proxy routes for DistServe: `POST /distserve/connection_warmup` and
 `POST /distserve/gc` (a TODO in LMDeploy 0.18.0; implemented here).
 
-They run the fleet's shared `DistServe` steps (the same ones requests run) with a
-short-lived upstream transport of their own: admin calls are rare, and this keeps
-them off the hot path's connection pool.
+They run the fleet's shared `DistServe` steps (the same ones requests run) over an
+upstream transport of their own, one per running app (`Runtime.distserve_transport`,
+made on first use, closed at shutdown): admin calls are rare, and this keeps them
+off the hot path's connection pool.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from lmfleet.transport.distserve import DistServe
 from lmfleet.transport.steps import drive_async
 
 if TYPE_CHECKING:
-    from lmfleet.proxy.app import Runtime
+    from lmfleet.proxy.runtime import Runtime
 
 
 def _distserve(rt: Runtime) -> DistServe:
@@ -32,21 +33,28 @@ def _distserve(rt: Runtime) -> DistServe:
     return distserve
 
 
+def _upstream(rt: Runtime) -> httpx2.AsyncBaseTransport:
+    """The app's DistServe admin transport (no await between the check and the set)."""
+    if rt.distserve_transport is None:
+        rt.distserve_transport = httpx2.AsyncHTTPTransport()
+    return rt.distserve_transport
+
+
 async def connection_warmup(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
     """Connect every routable (prefill, decode) pair now, concurrently."""
     await read_body(scope, receive, ADMIN_BODY_LIMIT, rt.options.body_timeout)
     distserve = _distserve(rt)
     pairs = distserve.routable_pairs()
     failed: list[list[str]] = []
-    async with httpx2.AsyncHTTPTransport() as inner:
+    inner = _upstream(rt)
 
-        async def one(pair: tuple[str, str]) -> None:
-            if not await drive_async(distserve.warmup(pair), inner):
-                failed.append(list(pair))
+    async def one(pair: tuple[str, str]) -> None:
+        if not await drive_async(distserve.warmup(pair), inner):
+            failed.append(list(pair))
 
-        async with anyio.create_task_group() as tg:
-            for pair in pairs:
-                tg.start_soon(one, pair)
+    async with anyio.create_task_group() as tg:
+        for pair in pairs:
+            tg.start_soon(one, pair)
     await send_json(send, 200, {"SUCCESS": not failed, "pairs": len(pairs), "failed": failed})
 
 
@@ -54,6 +62,5 @@ async def gc(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
     """Free caches shelved on pairs with a dead side, and drop those pairs."""
     await read_body(scope, receive, ADMIN_BODY_LIMIT, rt.options.body_timeout)
     distserve = _distserve(rt)
-    async with httpx2.AsyncHTTPTransport() as inner:
-        result = await drive_async(distserve.gc(), inner)
+    result = await drive_async(distserve.gc(), _upstream(rt))
     await send_json(send, 200, result)

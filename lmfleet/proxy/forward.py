@@ -31,7 +31,7 @@ from lmfleet.proxy.asgi import (
 from lmfleet.transport.router import PARSED_BODY, URL_CACHE_SIZE
 
 if TYPE_CHECKING:
-    from lmfleet.proxy.app import Runtime
+    from lmfleet.proxy.runtime import Runtime
 
 log = logging.getLogger("lmfleet.proxy")
 

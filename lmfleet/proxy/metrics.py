@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from lmfleet.state import NodeStatus
 
 if TYPE_CHECKING:
-    from lmfleet import LMFleet
+    from lmfleet.surface import FleetSurface
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_CHILDREN = 4096
@@ -27,7 +27,7 @@ BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class _NodeCollector(Collector):
-    def __init__(self, fleet: LMFleet) -> None:
+    def __init__(self, fleet: FleetSurface) -> None:
         self._fleet = fleet
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -73,7 +73,7 @@ class _NodeCollector(Collector):
 class ProxyMetrics:
     """The proxy's metrics; one per app."""
 
-    def __init__(self, fleet: LMFleet) -> None:
+    def __init__(self, fleet: FleetSurface) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_NodeCollector(fleet))
         self._requests = Counter(

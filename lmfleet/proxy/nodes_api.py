@@ -21,7 +21,7 @@ from lmfleet.state import NodeRole
 from lmfleet.status import NodeSnapshot
 
 if TYPE_CHECKING:
-    from lmfleet.proxy.app import Runtime
+    from lmfleet.proxy.runtime import Runtime
 
 log = logging.getLogger("lmfleet.proxy")
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "0.0.0.0", "::1", "::"})

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from lmfleet.errors import ConfigError
 
 DEFAULT_PUBLIC_PATHS = ("/health", "/metrics")
 
@@ -36,3 +40,36 @@ class ProxyOptions(BaseModel):
     state_file: Path | None = Field(default=None, description="JSON file of registered nodes")
     log_level: str = Field(default="info")
     access_log: bool = Field(default=False)
+
+
+class ServeKeywords(TypedDict, total=False):
+    """`fleet.serve()` shortcuts for the most used `ProxyOptions` fields."""
+
+    api_keys: Sequence[str]
+    """Keys clients must send (Bearer); the nodes' key stays the fleet's `api_key`."""
+    state_file: str | Path
+    """JSON file that keeps registered nodes across proxy restarts."""
+    max_body_bytes: int
+    """Request bodies above this get a 413."""
+    upstream_timeout: float
+    """Seconds to wait for a node's next byte (504 after)."""
+
+
+def serve_options(
+    options: ProxyOptions | None,
+    *,
+    port: int | None = None,
+    host: str | None = None,
+    **keywords: Any,
+) -> ProxyOptions:
+    """`options` (or the defaults) with `fleet.serve()`'s arguments applied; None skips one."""
+    for name in keywords:
+        if name not in ServeKeywords.__annotations__:
+            raise TypeError(f"LMFleet.serve() got an unexpected keyword argument {name!r}")
+    fields = options.model_dump() if options is not None else {}
+    given = {"port": port, "host": host, **keywords}
+    fields.update({k: v for k, v in given.items() if v is not None})
+    try:
+        return ProxyOptions.model_validate(fields)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -18,13 +18,13 @@ import anyio
 import uvicorn
 from anyio.abc import TaskStatus
 
-from lmfleet.errors import ConfigError, FleetClosedError, LMFleetError
+from lmfleet.errors import ConfigError, EventLoopError, LMFleetError
 from lmfleet.proxy import state_file
 from lmfleet.proxy.app import create_app
 from lmfleet.proxy.options import ProxyOptions
 
 if TYPE_CHECKING:
-    from lmfleet import LMFleet
+    from lmfleet.surface import FleetSurface
 
 log = logging.getLogger("lmfleet.proxy")
 SHUTDOWN_GRACE = 5
@@ -49,7 +49,7 @@ def _bind(host: str, port: int) -> socket.socket:
 class ProxyServer:
     """A running proxy: `url`, `stop()` (idempotent)."""
 
-    def __init__(self, fleet: LMFleet, options: ProxyOptions) -> None:
+    def __init__(self, fleet: FleetSurface, options: ProxyOptions) -> None:
         self._fleet = fleet
         self.options = options
         self._sock = _bind(options.host, options.port)
@@ -115,8 +115,8 @@ class ProxyServer:
         if self._stopped:
             return
         self._stopped = True
-        fleet = self._fleet
-        if fleet._closed or self._finished is None:
+        runtime = self._fleet.runtime
+        if runtime.closed or self._finished is None:
             return
 
         async def stop() -> None:
@@ -125,27 +125,24 @@ class ProxyServer:
             with anyio.move_on_after(timeout):
                 await self._finished.wait()
 
-        fleet._loop.run(stop)
+        runtime.run(stop)
 
     def __repr__(self) -> str:
         return f"<ProxyServer {self.url} {'running' if self.running else 'stopped'}>"
 
 
-def start_server(fleet: LMFleet, options: ProxyOptions) -> ProxyServer:
+def start_server(fleet: FleetSurface, options: ProxyOptions) -> ProxyServer:
     """Start serving `fleet` in its own loop; return when the port accepts connections."""
-    if fleet._closed:
-        raise FleetClosedError("this fleet is closed")
-    if fleet._loop.in_loop_thread():
-        raise RuntimeError("fleet.serve() blocks; call it outside the fleet's event loop")
+    fleet.runtime.check_open()
+    if fleet.runtime.in_loop_thread():
+        raise EventLoopError("fleet.serve() blocks; call it outside the fleet's event loop")
     if options.state_file is not None:
         loaded = state_file.load(options.state_file, fleet)
         if loaded:
             log.info("restored %d node(s) from %s", loaded, options.state_file)
     server = ProxyServer(fleet, options)
-    tg = fleet._tg
-    assert tg is not None
     try:
-        fleet._loop.portal.call(tg.start, server._run)
+        fleet.runtime.start(server._run, name="lmfleet proxy")
     except BaseException:
         server._sock.close()
         raise

@@ -17,13 +17,13 @@ from lmfleet.errors import ConfigError, LMFleetError
 from lmfleet.state import NodeRole
 
 if TYPE_CHECKING:
-    from lmfleet import LMFleet
+    from lmfleet.surface import FleetSurface
 
 log = logging.getLogger("lmfleet.proxy")
 VERSION = 1
 
 
-def save(path: Path, fleet: LMFleet) -> None:
+def save(path: Path, fleet: FleetSurface) -> None:
     nodes = [
         {"url": s.url, "models": list(s.models), "role": int(s.role)}
         for s in fleet.registry.snapshot()
@@ -40,7 +40,7 @@ def save(path: Path, fleet: LMFleet) -> None:
         raise
 
 
-def load(path: Path, fleet: LMFleet) -> int:
+def load(path: Path, fleet: FleetSurface) -> int:
     """Add every node the file lists (as registered: probed until it answers)."""
     if not path.exists():
         return 0

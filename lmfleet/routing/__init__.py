@@ -3,14 +3,11 @@
 Each strategy is a small pure chooser in its own module (see `base.Strategy`).
 `resolve_strategy` turns a name from options, the CLI or LMDeploy's
 `--routing-strategy` into one.
-
-Note: `random` in this package's namespace is the `random` strategy *module*
-(importing a submodule binds its name here), hence stdlib `random as _random`.
 """
 
 from __future__ import annotations
 
-import random as _random
+import random
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
@@ -23,7 +20,7 @@ from lmfleet.routing.min_expected_latency import MinExpectedLatency
 from lmfleet.routing.min_observed_latency import MinObservedLatency
 from lmfleet.routing.power_of_two import PowerOfTwo
 from lmfleet.routing.prefix_affinity import PrefixAffinity
-from lmfleet.routing.random import RandomStrategy
+from lmfleet.routing.random_choice import RandomStrategy
 from lmfleet.routing.round_robin import RoundRobin
 
 __all__ = [
@@ -45,7 +42,7 @@ __all__ = [
     "wants_affinity_key",
 ]
 
-StrategyFactory = Callable[[_random.Random | None], Strategy]
+StrategyFactory = Callable[[random.Random | None], Strategy]
 
 
 def _factory(cls: Callable[..., Strategy]) -> StrategyFactory:
@@ -76,7 +73,7 @@ def _canonical(name: str) -> str:
     return text.removeprefix("routingstrategy.")
 
 
-def resolve_strategy(spec: str | Strategy, *, rng: _random.Random | None = None) -> Strategy:
+def resolve_strategy(spec: str | Strategy, *, rng: random.Random | None = None) -> Strategy:
     """A strategy from its name, or `spec` itself when it already has a `pick`.
 
     Names are case-insensitive and accept hyphens, and LMDeploy's

@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import httpx2
 import tenacity
 
+from lmfleet.config import RoutingOptions
 from lmfleet.ejection import Outcome
 from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError
+from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy
 from lmfleet.state import NodeRole, NodeState
 from lmfleet.transport.steps import Call, Discard, Pause, Steps
 from lmfleet.transport.streams import Accounting, lease_response
-
-if TYPE_CHECKING:
-    from lmfleet.transport.router import Router
 
 UNREACHED_ERRORS: tuple[type[Exception], ...] = (httpx2.ConnectError, httpx2.ConnectTimeout)
 """The node was never reached: it is down, so the circuit opens at once."""
@@ -54,6 +53,35 @@ _RETRYING = tenacity.Retrying()
 
 POLL_INTERVAL = 0.05
 """How often a starved request looks for an eligible node again (seconds)."""
+
+
+class RouterLike(Protocol):
+    """What a plan needs of the fleet's router (transport/router.py builds the plans).
+
+    A protocol rather than an import: the router creates plans, so the plans see it
+    only through the members they use.
+    """
+
+    @property
+    def registry(self) -> NodeRegistry: ...
+
+    @property
+    def strategy(self) -> Strategy: ...
+
+    @property
+    def options(self) -> RoutingOptions: ...
+
+    def backoff(self, retry_state: tenacity.RetryCallState) -> float:
+        """The pause before the next attempt (tenacity's wait policy)."""
+        ...
+
+    def starved(self, model: str | None) -> None:
+        """No node is eligible for `model`: the fleet may wake one."""
+        ...
+
+    def target(self, request: httpx2.Request, node: NodeState) -> None:
+        """Point `request` at `node` (URL, Host, the node's key)."""
+        ...
 
 
 class Retry(Exception):
@@ -84,7 +112,7 @@ def first_byte_bound(request: httpx2.Request, first_byte: float | None) -> bool:
 class Attempts:
     """The failover state of one request: nodes tried, the wait deadline, backoff."""
 
-    def __init__(self, router: Router, request: httpx2.Request, label: str = "") -> None:
+    def __init__(self, router: RouterLike, request: httpx2.Request, label: str = "") -> None:
         self.router = router
         self.request = request
         self.count = 0
@@ -180,7 +208,7 @@ def _wanted(info: RequestInfo) -> str:
 class RequestPlan:
     """A request for one node (any role but DistServe's P->D): `steps()` is the plan."""
 
-    def __init__(self, router: Router, request: httpx2.Request, info: RequestInfo) -> None:
+    def __init__(self, router: RouterLike, request: httpx2.Request, info: RequestInfo) -> None:
         self.router = router
         self.request = request
         self.info = info

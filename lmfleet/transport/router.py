@@ -15,12 +15,12 @@ import httpx2
 import tenacity
 
 from lmfleet.config import RoutingOptions
+from lmfleet.error_body import error_bytes
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy, wants_affinity_key
 from lmfleet.state import NodeRole, NodeState
 from lmfleet.transport.plan import RequestPlan, read_json
 from lmfleet.transport.steps import Steps
-from lmfleet.wire import error_bytes
 
 StarvedHook = Callable[[str | None], None]
 

@@ -61,10 +61,6 @@ class PairPool:
                 self.connects += 1
         state.done.set()
 
-    def is_connected(self, pair: Pair) -> bool:
-        state = self._pairs.get(pair)
-        return state is not None and state.connected
-
     def drop(self, pair: Pair) -> set[int]:
         """Forget the pair; return the sessions still shelved on it (to free)."""
         with self._lock:

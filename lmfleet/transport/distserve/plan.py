@@ -21,22 +21,48 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import httpx2
 
 from lmfleet.ejection import Outcome, outcome_of_status
+from lmfleet.error_body import error_bytes
 from lmfleet.errors import MigrationError
-from lmfleet.routing.base import RequestInfo
+from lmfleet.routing.base import RequestInfo, Strategy
 from lmfleet.state import NodeRole, NodeState
-from lmfleet.transport.distserve import protocol as wire
-from lmfleet.transport.plan import Attempts, RequestPlan, Retry, first_byte_bound
+from lmfleet.transport.distserve import protocol
+from lmfleet.transport.distserve.pairs import Pair, PairPool
+from lmfleet.transport.plan import Attempts, RequestPlan, Retry, RouterLike, first_byte_bound
 from lmfleet.transport.steps import Call, Discard, Pause, Steps
 from lmfleet.transport.streams import Accounting, lease_response
-from lmfleet.wire import error_bytes
 
-if TYPE_CHECKING:
-    from lmfleet.transport.distserve.control import DistServe
+
+class Orchestrator(Protocol):
+    """What a DistServe plan needs of the fleet's `DistServe` (control.py builds the plans)."""
+
+    @property
+    def router(self) -> RouterLike: ...
+
+    @property
+    def strategies(self) -> Mapping[NodeRole, Strategy]: ...
+
+    @property
+    def pool(self) -> PairPool: ...
+
+    @property
+    def protocol(self) -> int:
+        """LMDeploy's migration protocol number, sent in the decode request."""
+        ...
+
+    def connect(self, pair: Pair) -> Steps[None]:
+        """Connect `pair` (once), or wait for whoever does."""
+        ...
+
+    def drop(self, pair: Pair, also_free: int | None = None) -> Steps[int]:
+        """Disconnect `pair`, freeing the shelved caches (and `also_free`)."""
+        ...
+
 
 _SKIP_HEADERS = frozenset({"content-length", "host", "transfer-encoding"})
 _SKIP_ANSWER_HEADERS = frozenset({"content-length", "transfer-encoding", "content-encoding"})
@@ -47,7 +73,7 @@ def rejected_n(request: httpx2.Request) -> httpx2.Response:
     return httpx2.Response(
         400,
         headers={"content-type": "application/json"},
-        content=error_bytes(wire.N_REJECTED, code=400, param="n"),
+        content=error_bytes(protocol.N_REJECTED, code=400, param="n"),
         request=request,
     )
 
@@ -55,7 +81,9 @@ def rejected_n(request: httpx2.Request) -> httpx2.Response:
 class DistServePlan:
     """One disaggregated request; `steps()` is run by `drive_sync` or `drive_async`."""
 
-    def __init__(self, ds: DistServe, base: RequestPlan, body: dict[str, Any], path: str) -> None:
+    def __init__(
+        self, ds: Orchestrator, base: RequestPlan, body: dict[str, Any], path: str
+    ) -> None:
         self._ds = ds
         self._router = ds.router
         self.request = base.request
@@ -97,8 +125,8 @@ class DistServePlan:
 
     def _prefill(
         self, node: NodeState, lease: Accounting
-    ) -> Steps[wire.Prefilled | httpx2.Response]:
-        body = wire.prefill_body(self._body, self._path)
+    ) -> Steps[protocol.Prefilled | httpx2.Response]:
+        body = protocol.prefill_body(self._body, self._path)
         reply = yield Call(self._build(node, body))
         if not isinstance(reply, httpx2.Response):
             self._attempts.transport_failed(lease, reply, "prefill node ", self._ours)
@@ -112,12 +140,12 @@ class DistServePlan:
         if reply.status_code != 200:
             return self._answer(reply)  # the node's own verdict (a bad request): as is
         try:
-            return wire.parse_prefill(reply.json())
+            return protocol.parse_prefill(reply.json())
         except ValueError as exc:
             raise MigrationError(f"prefill node {node.url}: {exc}", request=self.request) from exc
 
     def _decode(
-        self, p_url: str, node: NodeState, lease: Accounting, prefilled: wire.Prefilled
+        self, p_url: str, node: NodeState, lease: Accounting, prefilled: protocol.Prefilled
     ) -> Steps[httpx2.Response]:
         ds = self._ds
         pair = (p_url, node.url)
@@ -131,7 +159,7 @@ class DistServePlan:
             lease.finish(Outcome.NEUTRAL)
             raise
         ds.pool.shelve(pair, prefilled.session_id)
-        body = wire.decode_body(self._body, ds.protocol, p_url, prefilled)
+        body = protocol.decode_body(self._body, ds.protocol, p_url, prefilled)
         reply = yield Call(self._build(node, body), stream=True, first_byte=True)
         if not isinstance(reply, httpx2.Response):
             try:

@@ -1,9 +1,14 @@
-"""The `lmfleet` command. Settings come from arguments (and the environment) here only."""
+"""The `lmfleet` command. Settings come from arguments (and the environment) here only.
+
+The subcommands live beside this file (`serve.py`, `launch.py`), except `lmfleet
+sim`, which is the emulated server's own entry point (lmfleet/sim/cli.py) and
+`lmfleet demo` (lmfleet/demo.py). This package is the top layer: it may import
+the fleet, nothing imports it.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 
@@ -17,13 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim_cli.add_arguments(sim)
     sim.set_defaults(run=sim_cli.run)
 
-    from lmfleet.proxy import cli as proxy_cli
+    from lmfleet.cli import serve as serve_cli
 
     serve = sub.add_parser("serve", help="route over nodes as an HTTP proxy (lmdeploy serve proxy)")
-    proxy_cli.add_arguments(serve)
-    serve.set_defaults(run=proxy_cli.run)
+    serve_cli.add_arguments(serve)
+    serve.set_defaults(run=serve_cli.run)
 
-    from lmfleet.launch import cli as launch_cli
+    from lmfleet.cli import launch as launch_cli
 
     launch = sub.add_parser("launch", help="start api_server nodes and serve them as a proxy")
     launch_cli.add_arguments(launch)
@@ -40,7 +45,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.run(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

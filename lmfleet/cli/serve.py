@@ -157,7 +157,7 @@ def stop_on_signals() -> threading.Event:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmfleet import LMFleet
+    from lmfleet.fleet import LMFleet
 
     configure_logging(args)
     options = proxy_options(args)

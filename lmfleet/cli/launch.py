@@ -1,6 +1,6 @@
 """`lmfleet launch MODEL`: start api_server nodes, then serve them as a proxy in the foreground.
 
-The proxy flags are `lmfleet serve`'s own (`proxy.cli.add_arguments`), so a
+The proxy flags are `lmfleet serve`'s own (`cli.serve.add_arguments`), so a
 launched fleet is served exactly like an attached one; `--node` adds running
 servers beside the launched ones. Ctrl-C or SIGTERM stops the proxy and every
 node this command started.
@@ -15,10 +15,10 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from lmfleet.cli import serve as serve_cli
+from lmfleet.cli.serve import configure_logging, node_api_key, proxy_options, stop_on_signals
 from lmfleet.errors import LaunchError, NotReadyError
 from lmfleet.launch.command import ServerArgValue
-from lmfleet.proxy import cli as proxy_cli
-from lmfleet.proxy.cli import configure_logging, node_api_key, proxy_options, stop_on_signals
 
 if TYPE_CHECKING:
     from lmfleet.fleet import LMFleet
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-restarts", type=int, default=3)
     add("--base-port", type=int, default=None, help="node i listens on BASE+i (default: free)")
     add("--ready-timeout", type=float, default=900.0, help="seconds to wait for every node")
-    proxy_cli.add_arguments(parser)
+    serve_cli.add_arguments(parser)
 
 
 def parse_server_args(items: list[str]) -> dict[str, ServerArgValue]:
@@ -65,7 +65,7 @@ def parse_server_args(items: list[str]) -> dict[str, ServerArgValue]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmfleet import LMFleet
+    from lmfleet.fleet import LMFleet
 
     configure_logging(args)
     options = proxy_options(args)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import random as _random
+import random
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -15,8 +15,8 @@ class RandomStrategy:
 
     name: ClassVar[str] = "random"
 
-    def __init__(self, *, rng: _random.Random | None = None) -> None:
-        self._rng = rng or _random.Random()
+    def __init__(self, *, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
 
     def pick(self, nodes: Sequence[NodeState], request: RequestInfo) -> NodeState | None:
         return self._rng.choice(nodes)

@@ -1,0 +1,39 @@
+"""`Runtime`: what one running proxy app owns, and the handler signature of its routes.
+
+Defined below `app.py` and the route modules so that each route depends on it
+rather than on the app that dispatches to it (no circle of imports). Not to be
+confused with the fleet's `FleetRuntime` (its event loop), which this one reaches
+through `fleet.runtime`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx2
+
+from lmfleet.proxy.asgi import Receive, Scope, Send
+from lmfleet.proxy.metrics import ProxyMetrics
+from lmfleet.proxy.options import ProxyOptions
+from lmfleet.surface import FleetSurface
+from lmfleet.transport import AsyncFleetTransport
+
+
+@dataclass
+class Runtime:
+    """What one running app owns: created at lifespan startup, closed at shutdown."""
+
+    fleet: FleetSurface
+    options: ProxyOptions
+    port: int
+    transport: AsyncFleetTransport
+    metrics: ProxyMetrics
+    timeout: dict[str, float | None]
+    urls: dict[tuple[str, bytes], httpx2.URL] = field(default_factory=dict)
+    distserve_transport: httpx2.AsyncBaseTransport | None = None
+    """The DistServe admin routes' own upstream pool, off the hot path's; made on first use."""
+
+
+Handler = Callable[[Scope, Receive, Send, Runtime], Awaitable[None]]
+"""Every route: the ASGI triple plus the app's `Runtime`."""

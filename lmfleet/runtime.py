@@ -1,0 +1,152 @@
+"""`FleetRuntime`: the fleet's event loop thread and the one task group in it.
+
+Public because code beside the fleet (the proxy server, the notebook dashboard and
+batch helpers, a user's own background task) must run work in the same loop as
+the health monitor: that is what makes a notebook cell return at once while the
+proxy keeps serving. Everything it offers is thread-aware, so callers never
+touch the portal or the task group themselves.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from lmfleet.background import BackgroundLoop
+from lmfleet.errors import EventLoopError, FleetClosedError
+
+T = TypeVar("T")
+
+_OPEN: weakref.WeakSet[FleetRuntime] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_runtimes() -> None:
+    """Interpreter exit (a script that forgot `close()`, a kernel shutdown): end every
+    fleet's nodes. The loop threads are daemons, so exit never waits for them first."""
+    for runtime in list(_OPEN):
+        runtime.close()
+
+
+class FleetRuntime:
+    """One daemon event loop thread with one long-lived task group.
+
+    Tasks started with `start` / `start_soon` live until `close()` cancels the
+    group; `close` then runs the owner's `on_close` hook (ending node processes)
+    before the thread ends, because launched processes are tied to that thread.
+    """
+
+    def __init__(
+        self, name: str = "lmfleet", *, on_close: Callable[[], None] | None = None
+    ) -> None:
+        self._on_close = on_close
+        self._loop = BackgroundLoop(name)
+        self._group: TaskGroup | None = None
+        self._stopping: anyio.Event | None = None
+        self._closed = False
+        self._held, _ = self._loop.portal.start_task(self._hold_group, name=name)
+        _OPEN.add(self)
+
+    async def _hold_group(self, *, task_status: TaskStatus[None]) -> None:
+        self._stopping = anyio.Event()
+        async with anyio.create_task_group() as group:
+            self._group = group
+            task_status.started()
+            await self._stopping.wait()
+            group.cancel_scope.cancel()
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise FleetClosedError("this fleet is closed")
+
+    def in_loop_thread(self) -> bool:
+        """True in the loop's own thread, where blocking calls would deadlock."""
+        return self._loop.in_loop_thread()
+
+    # -- running work in the loop -----------------------------------------------------------
+
+    def run(self, func: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Run a coroutine function in the loop and wait for its result (not from the loop)."""
+        return self._loop.run(func, *args)
+
+    def call(self, func: Callable[..., T], *args: object) -> T:
+        """Run a plain function in the loop thread and return its result."""
+        return self._loop.call(func, *args)
+
+    def start(
+        self, func: Callable[..., Coroutine[Any, Any, Any]], *args: object, name: str = ""
+    ) -> Any:
+        """Start a long-lived task in the group; return once it calls `task_status.started()`.
+
+        Blocks the caller until then, so it cannot be called from the loop thread.
+        """
+        self.check_open()
+        if self.in_loop_thread():
+            raise EventLoopError("FleetRuntime.start() blocks; call it outside the fleet's loop")
+        group = self._require_group()
+        return self._loop.portal.call(functools.partial(group.start, func, *args, name=name))
+
+    def start_soon(
+        self, func: Callable[..., Coroutine[Any, Any, Any]], *args: object, name: str = ""
+    ) -> None:
+        """Start a task in the group from any thread; it lives until it ends or `close()`."""
+        self.check_open()
+        group = self._require_group()
+
+        def spawn() -> None:  # returns None: the portal would await what start_soon returns
+            group.start_soon(func, *args, name=name)
+
+        self._loop.call(spawn)
+
+    def submit(self, func: Callable[[], Awaitable[T]]) -> Future[T]:
+        """Run `func()` in the loop from another thread; cancel the future to cancel it.
+
+        For work the caller waits on (a batch, a button's command): its errors come
+        back through the future instead of ending the group.
+        """
+        self.check_open()
+        if self.in_loop_thread():
+            raise EventLoopError(
+                "a blocking call from the fleet's own event loop; await it instead"
+            )
+        return self._loop.portal.start_task_soon(func)
+
+    def _require_group(self) -> TaskGroup:
+        if self._group is None:  # only between construction and the group's first tick
+            raise EventLoopError("the fleet's task group is not running")
+        return self._group
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def close(self, *, timeout: float = 10.0) -> None:
+        """Cancel every task, run `on_close()` in the caller's thread, end the loop.
+
+        Idempotent; also run at interpreter exit for a runtime never closed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN.discard(self)
+        try:
+            if self._stopping is not None:
+                self._loop.call(self._stopping.set)
+            self._held.result(timeout=timeout)
+        finally:
+            try:
+                if self._on_close is not None:
+                    self._on_close()
+            finally:
+                self._loop.stop(timeout)

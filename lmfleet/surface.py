@@ -1,0 +1,73 @@
+"""`FleetSurface`: the part of a fleet that the proxy and the notebook layer may use.
+
+Both front ends see a fleet only through this protocol: public members, no
+private reach, and no import of `lmfleet.fleet`. So the fleet can mix the
+notebook methods in and start the proxy without a circle of imports, and either
+front end can be read (and tested) without the fleet's constructors in mind.
+`LMFleet` matches it structurally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import openai
+
+from lmfleet.admin import FleetAdmin
+from lmfleet.config import FleetOptions
+from lmfleet.registry import NodeRegistry
+from lmfleet.runtime import FleetRuntime
+from lmfleet.state import NodeRole
+from lmfleet.status import FleetStatus, NodeSnapshot
+from lmfleet.transport import Router
+from lmfleet.transport.distserve import DistServe
+
+
+class FleetSurface(Protocol):
+    """What `LMFleet` offers the layers built on it (see lmfleet/fleet.py for each)."""
+
+    @property
+    def runtime(self) -> FleetRuntime: ...
+
+    @property
+    def options(self) -> FleetOptions: ...
+
+    @property
+    def registry(self) -> NodeRegistry: ...
+
+    @property
+    def router(self) -> Router: ...
+
+    @property
+    def distserve(self) -> DistServe | None: ...
+
+    @property
+    def admin(self) -> FleetAdmin: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def models(self) -> list[str]: ...
+
+    @property
+    def nodes(self) -> list[NodeSnapshot]: ...
+
+    def status(self) -> FleetStatus: ...
+
+    def add_node(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        models: Sequence[str] = (),
+        role: NodeRole = NodeRole.HYBRID,
+        registered: bool = False,
+    ) -> NodeSnapshot: ...
+
+    def remove_node(self, url: str) -> NodeSnapshot: ...
+
+    def async_client(
+        self, *, timeout: float | None = None, max_retries: int = 2
+    ) -> openai.AsyncOpenAI: ...
