@@ -7,11 +7,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from support import SimNode, StartSim
 
 from lmfleet import LMFleet
 from lmfleet.launch.process import ManagedProcess, free_port, wait_for_port
 from lmfleet.proxy import ProxyServer
+
+# One hypothesis profile for every property test, sized for a 2-core CI machine shared
+# with other jobs: no per-example deadline (a scheduling stall is not a slow test), a
+# bounded number of examples, and no `too_slow` health check (it times example
+# generation, which a cold start or a loaded CPU slows down; the other checks stay).
+settings.register_profile(
+    "ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("ci")
 
 
 @pytest.fixture

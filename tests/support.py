@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import httpx2
 import openai
 
 from lmfleet.launch.process import ManagedProcess
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,12 +48,97 @@ def sim_served(url: str) -> int:
     return int(sim_stats(url)["completed"])
 
 
+async def sims_inflight(urls: Sequence[str], counter: str = "inflight") -> list[int]:
+    """Each simulated node's own count of requests in flight ("inflight", queued ones
+    included) or of streamed responses past their first chunk ("streaming"), read in a
+    worker thread so the event loop driving the requests keeps running."""
+    return await anyio.to_thread.run_sync(lambda: [int(sim_stats(u)[counter]) for u in urls])
+
+
+async def kill_mid_stream(node: SimNode, streams: int = 1, timeout: float = 20.0) -> None:
+    """SIGKILL `node` once its own counters show `streams` streamed responses past their
+    first chunk (each is cut mid-way: too late for a transparent retry elsewhere), rather
+    than after a fixed delay: on a busy machine the load may not have reached the node
+    yet, or a client may read well behind it.
+
+    The polls and the kill run in a worker thread: an event loop busy parsing the load's
+    chunks would otherwise resume this task only after those streams had ended."""
+
+    def watch_and_kill() -> None:
+        with httpx2.Client(base_url=node.url, timeout=5) as http:
+            wait_until(
+                lambda: int(http.get("/sim/stats").json()["streaming"]),
+                timeout,
+                f"{streams} stream(s) in flight on {node.url}",
+                until=lambda count: count >= streams,
+                step=0.002,
+            )
+            node.process.kill()
+
+    await anyio.to_thread.run_sync(watch_and_kill)
+
+
+def _describe(probe: Callable[..., object]) -> str:
+    """The probe's source line (a lambda names what it waits for), else its name."""
+    try:
+        source = " ".join(inspect.getsource(probe).split())
+    except (OSError, TypeError):
+        return getattr(probe, "__qualname__", repr(probe))
+    return source if len(source) <= 240 else source[:237] + "..."
+
+
+def _timed_out(
+    what: str | None,
+    probe: Callable[..., object],
+    until: Callable[..., object],
+    timeout: float,
+    last: object,
+) -> str:
+    if what is None:
+        what = _describe(probe)
+        if until is not bool and _describe(until) != what:
+            what += f" until {_describe(until)}"
+    return f"timed out after {timeout:g} s waiting for {what}; last observed: {last!r}"
+
+
 def wait_until(
-    predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition"
-) -> None:
-    """Poll `predicate` (observable state: stats, status, logs) until true, or fail."""
+    probe: Callable[[], T],
+    timeout: float = 20.0,
+    what: str | None = None,
+    *,
+    until: Callable[[T], object] = bool,
+    step: float = 0.02,
+) -> T:
+    """Poll `probe` (observable state: stats, fleet status, logs) until `until(value)`
+    holds, and return that value; fail naming `what` (default: the probe's source) and
+    the last value observed. Never a fixed sleep: the only wait is between polls."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = probe()
+        if until(value):
+            return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout:g} s")
-        time.sleep(0.02)
+            raise AssertionError(_timed_out(what, probe, until, timeout, value))
+        time.sleep(step)
+
+
+async def wait_until_async(
+    probe: Callable[[], T | Awaitable[T]],
+    timeout: float = 20.0,
+    what: str | None = None,
+    *,
+    until: Callable[[T], object] = bool,
+    step: float = 0.02,
+) -> T:
+    """`wait_until` inside an event loop: polls without blocking it. `probe` may return
+    an awaitable (e.g. `lambda: sims_inflight(urls)`); blocking probes belong in a thread."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if until(value):  # type: ignore[arg-type]
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(_timed_out(what, probe, until, timeout, value))
+        await anyio.sleep(step)

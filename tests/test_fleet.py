@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -13,7 +12,16 @@ import httpx2
 import openai
 import psutil
 import pytest
-from support import StartSim, chat, sim_served
+from support import (
+    StartSim,
+    chat,
+    kill_mid_stream,
+    sim_served,
+    sim_stats,
+    sims_inflight,
+    wait_until,
+    wait_until_async,
+)
 
 from lmfleet import LMFleet, NodeStatus, NoHealthyNodeError, StreamInterruptedError
 from lmfleet.routing import RandomStrategy
@@ -21,14 +29,7 @@ from lmfleet.routing import RandomStrategy
 MODEL = "internlm/internlm2_5-7b-chat"
 FAST = ("--health-poll-interval", "0.5", "--ttft-ms", "5", "--tpot-ms", "2")
 LONG = (*FAST, "--output-tokens", "400")  # about a second per request
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
+HOLD = (*FAST[:2], "--ttft-ms", "5", "--tpot-ms", "10", "--output-tokens", "200")  # 2 s each
 
 
 @pytest.fixture
@@ -62,11 +63,11 @@ def test_round_robin_is_exact(fleet_of: Callable[..., LMFleet], three_nodes: lis
 
 
 def test_least_connections_spreads_concurrent_requests(start_sim: StartSim) -> None:
-    urls = [start_sim(*LONG).url for _ in range(3)]
+    urls = [start_sim(*HOLD).url for _ in range(3)]
     fleet = LMFleet.attach(urls, strategy="least_connections", health_interval=0.2)
     fleet.wait_ready(timeout=30, min_ready=3)
     client = fleet.async_client()
-    peak: list[list[int]] = []
+    peak: dict[str, list[int]] = {}
 
     async def main() -> None:
         async def one(i: int) -> None:
@@ -79,13 +80,21 @@ def test_least_connections_spreads_concurrent_requests(start_sim: StartSim) -> N
         async with anyio.create_task_group() as tg:
             for i in range(31):
                 tg.start_soon(one, i)
-            await anyio.sleep(0.3)  # every request leased, none finished (200 tokens >= 0.4 s)
-            peak.append(sorted(n.inflight for n in fleet.nodes))
+            # Every request has reached its sim and none has finished (each takes 2 s):
+            # the sims' own in-flight counts, then the registry's leases, at their peak.
+            at_sims = await wait_until_async(
+                lambda: sims_inflight(urls),
+                what="all 31 requests in flight at the sims",
+                until=lambda counts: sum(counts) == 31,
+            )
+            peak["registry"] = sorted(n.inflight for n in fleet.nodes)
+            peak["sims"] = sorted(at_sims)
 
     with fleet:
         anyio.run(main)
-        assert peak == [[10, 10, 11]]
+        assert peak == {"registry": [10, 10, 11], "sims": [10, 10, 11]}
         assert all(n.inflight == 0 for n in fleet.nodes)
+        assert sum(sim_served(url) for url in urls) == 31  # and every one completed
 
 
 @pytest.mark.parametrize("strategy", ["least_connections", "min_observed_latency", "power_of_two"])
@@ -132,9 +141,16 @@ def test_sleeping_node_gets_nothing_until_woken(
     fleet.sleep(level=1, nodes=[sleeper])
     assert httpx2.get(sleeper + "/is_sleeping").json() == {"is_sleeping": True}
     before = sim_served(sleeper)
+    probes = sim_stats(sleeper)["by_path"].get("/health", 0)
     for i in range(30):
         chat(client, fleet.model, f"while asleep {i}", max_tokens=1)
-    time.sleep(1.0)  # several health polls, while /health may still lag and say "healthy"
+    # Several of the fleet's health probes (0.2 s apart) reach the sleeper, spanning the
+    # 0.5 s for which its /health lags and still says "healthy": none may revive it.
+    wait_until(
+        lambda: sim_stats(sleeper)["by_path"].get("/health", 0),
+        what="5 health probes of the sleeping node",
+        until=lambda seen: seen >= probes + 5,
+    )
     for i in range(10):
         chat(client, fleet.model, f"still asleep {i}", max_tokens=1)
     assert sim_served(sleeper) == before
@@ -163,7 +179,6 @@ def test_sigkill_under_load(start_sim: StartSim) -> None:
         fleet.wait_ready(timeout=30, min_ready=3)
         client = fleet.async_client(max_retries=0)
         outcomes: Counter[str] = Counter()
-        streaming_on: set[str] = set()  # nodes with a stream that has sent its first chunk
 
         async def plain(i: int) -> None:
             await client.chat.completions.create(
@@ -178,10 +193,9 @@ def test_sigkill_under_load(start_sim: StartSim) -> None:
                 max_tokens=400,
                 stream=True,
             )
-            node = str(stream.response.request.url).rsplit("/v1/", 1)[0]
             try:
                 async for _ in stream:
-                    streaming_on.add(node)
+                    pass
                 outcomes["stream ok"] += 1
             except StreamInterruptedError as exc:  # typed, and an openai.APIConnectionError
                 assert isinstance(exc, openai.APIConnectionError)
@@ -194,12 +208,9 @@ def test_sigkill_under_load(start_sim: StartSim) -> None:
                     for i in range(30):
                         tg.start_soon(plain, i)
                         tg.start_soon(streamed, i)
-                    # Kill once a stream on the victim has started (on a busy machine
-                    # requests take a while to leave): plain ones need 0.2 s, streams 0.8 s.
-                    with anyio.fail_after(10):
-                        while victim.url not in streaming_on:
-                            await anyio.sleep(0.005)
-                    victim.process.kill()
+                    # Plain requests need 0.2 s, streams 0.8 s: kill while the victim
+                    # generates streams (by its own count; a loaded client reads late).
+                    await kill_mid_stream(victim, streams=2)
 
         anyio.run(main)
         assert outcomes["plain ok"] == 30, outcomes
@@ -300,7 +311,7 @@ def test_simulate_and_close_leave_nothing_behind() -> None:
     threads_before = set(threading.enumerate())
     with LMFleet.simulate(nodes=2, sim_args=FAST, health_interval=0.2) as fleet:
         fleet.wait_ready(timeout=30)
-        pids = [proc.pid for proc in fleet._processes.values()]
+        pids = [proc.pid for proc in fleet.processes.values()]
         assert all(psutil.pid_exists(pid) for pid in pids)
         chat(fleet.client(), fleet.model, "hi", max_tokens=1)
         assert "internlm" in fleet.logs(fleet.nodes[0].url) or fleet.logs(fleet.nodes[0].url) == ""
@@ -316,7 +327,7 @@ def test_close_after_an_exception_inside_with() -> None:
         pytest.raises(RuntimeError, match="boom"),
         LMFleet.simulate(nodes=1, sim_args=FAST) as fleet,
     ):
-        pids = [proc.pid for proc in fleet._processes.values()]
+        pids = [proc.pid for proc in fleet.processes.values()]
         raise RuntimeError("boom")
     wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), timeout=10)
 

@@ -242,6 +242,8 @@ async def _stream(
         if drop_after is not None and sent >= drop_after:
             raise asgi.StreamDropped(f"dropped after {sent} chunks (fault injection)")
         await asgi.send_event(send, b"data: " + dumps(payload) + b"\n\n")
+        if not sent:
+            rt.first_chunk_sent(seq)
         sent += 1
 
     async with aclosing(_steps(rt, seq, req, prompt_tokens, length)) as steps:

@@ -31,6 +31,7 @@ class Sequence:
 
     session_id: int
     aborted: bool = False
+    streaming: bool = False  # a streamed response that has sent its first chunk
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Stats:
     requests_total: int = 0
     by_path: Counter[str] = field(default_factory=Counter)
     inflight: int = 0
+    streaming: int = 0  # of those, streamed responses past their first chunk
     max_inflight: int = 0
     completed: int = 0
     aborted: int = 0
@@ -50,11 +52,12 @@ class Stats:
 
     def reset(self) -> None:
         """Zero every counter except what is in flight right now."""
-        inflight = self.inflight
+        inflight, streaming = self.inflight, self.streaming
         fresh = Stats()
         for f in fields(self):
             setattr(self, f.name, getattr(fresh, f.name))
         self.inflight = self.max_inflight = inflight
+        self.streaming = streaming
 
 
 class NodeRuntime:
@@ -158,12 +161,17 @@ class NodeRuntime:
         stats.max_inflight = max(stats.max_inflight, stats.inflight)
         return seq
 
+    def first_chunk_sent(self, seq: Sequence) -> None:
+        seq.streaming = True
+        self.stats.streaming += 1
+
     def end(
         self, seq: Sequence, prompt_tokens: int, completion_tokens: int, *, aborted: bool
     ) -> None:
         self.sequences.discard(seq)
         stats = self.stats
         stats.inflight -= 1
+        stats.streaming -= seq.streaming
         stats.prompt_tokens += prompt_tokens
         stats.completion_tokens += completion_tokens
         if aborted:
@@ -177,6 +185,7 @@ class NodeRuntime:
             "requests_total": stats.requests_total,
             "by_path": dict(stats.by_path),
             "inflight": stats.inflight,
+            "streaming": stats.streaming,
             "max_inflight": stats.max_inflight,
             "completed": stats.completed,
             "aborted": stats.aborted,

@@ -12,13 +12,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import wait_until
 
 from lmfleet.launch.process import ManagedProcess, free_port, wait_for_port
 
@@ -174,13 +174,18 @@ class CaptureProxy:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def wait_for(self, port: int, timeout: float = 30.0) -> Registration:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for reg in self.seen:
+        def from_port(seen: list[Registration]) -> Registration | None:
+            for reg in seen:
                 if isinstance(reg.body, dict) and str(reg.body.get("url", "")).endswith(f":{port}"):
                     return reg
-            time.sleep(0.05)
-        raise AssertionError(f"no registration from port {port}; saw {self.seen}")
+            return None
+
+        seen = wait_until(
+            lambda: list(self.seen), timeout, f"a registration from port {port}", until=from_port
+        )
+        found = from_port(seen)
+        assert found is not None
+        return found
 
     def close(self) -> None:
         self.server.shutdown()

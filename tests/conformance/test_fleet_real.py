@@ -15,6 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 from conformance.peer_support import API_KEY, Server, start_peer
+from support import wait_until
 
 from lmfleet import LMFleet
 from lmfleet.launch.process import wait_for_port
@@ -27,14 +28,6 @@ class RealFleet:
     proxy_url: str
     peers: list[Server]
     model: str
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def states(fleet: LMFleet) -> dict[str, NodeStatus]:

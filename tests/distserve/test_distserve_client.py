@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 from distserve.pd_support import PD
-from support import StartSim, chat, sim_stats
+from support import StartSim, chat, sim_stats, wait_until
 
 from lmfleet import LMFleet, NodeStatus
 from lmfleet.errors import NodeUnavailableError
@@ -101,10 +100,12 @@ def test_dead_decode_frees_prefill_cache_and_fails_over(start_pd: Callable[..., 
         client = fleet.client()
         for i in range(6):
             assert chat(client, fleet.model, f"q{i}").choices[0].message.content
-        deadline = time.monotonic() + 5  # the monitor (or the next connect error) sees it
-        while {n.url: n.state for n in fleet.nodes}[dead] is NodeStatus.HEALTHY:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(  # the monitor (or the next connect error) sees it
+            lambda: {n.url: n.state for n in fleet.nodes}[dead],
+            5,
+            "the dead decode node out of rotation",
+            until=lambda state: state is not NodeStatus.HEALTHY,
+        )
     prefill = pd.stats("prefill")
     assert sum(s["freed"] for s in prefill) >= 1  # the stranded cache was freed
     assert sum(s["p2p_drop_connect"] for s in prefill) >= 1  # and the pair dropped

@@ -13,8 +13,8 @@ from distserve.pd_support import PD
 from support import chat, sim_stats
 
 from lmfleet import LMFleet
+from lmfleet.cli.serve import add_arguments
 from lmfleet.proxy import ProxyServer
-from lmfleet.proxy.cli import add_arguments
 
 Served = tuple[LMFleet, ProxyServer]
 

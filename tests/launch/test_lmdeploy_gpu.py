@@ -115,7 +115,7 @@ def test_real_lmdeploy_nodes_route_stream_sleep_and_wake(tiny_model: Path) -> No
         again = client.chat.completions.create(model=fleet.model, messages=messages, max_tokens=4)
         assert again.choices[0].message is not None
         assert fleet.logs(fleet.nodes[0].url)
-        pids = [node.pid for node in fleet._processes.values()]
+        pids = [node.pid for node in fleet.processes.values()]
     import psutil
 
     assert not any(pid is not None and psutil.pid_exists(pid) for pid in pids)

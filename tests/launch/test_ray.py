@@ -15,7 +15,8 @@ from typing import Any
 
 import psutil
 import pytest
-from launch.helpers import FAST, alive, all_dead, wait_until
+from launch.helpers import FAST, alive, all_dead
+from support import wait_until
 
 from lmfleet import LMFleet, NodeStatus
 
@@ -70,8 +71,8 @@ def test_ray_nodes_serve_log_and_stop(ray_cluster: Any) -> None:
             assert _chat(fleet)
         assert sum(n.served for n in fleet.nodes) == 4
         wait_until(lambda: urls[0].rsplit(":", 1)[1] in fleet.logs(urls[0]), timeout=10)
-        pids = [node.pid for node in fleet._processes.values()]
-        actors = [node.actor for node in fleet._processes.values()]  # type: ignore[attr-defined]
+        pids = [node.pid for node in fleet.processes.values()]
+        actors = [node.actor for node in fleet.processes.values()]  # type: ignore[attr-defined]
         assert all(pid is not None and alive(pid) for pid in pids)
     assert all_dead([p for p in pids if p is not None], timeout=10)
     for actor in actors:
@@ -90,7 +91,7 @@ def test_ray_node_comes_back_after_its_server_or_its_actor_dies(ray_cluster: Any
     )
     with fleet:
         fleet.wait_ready(timeout=60)
-        ((url, node),) = fleet._processes.items()
+        ((url, node),) = fleet.processes.items()
         first_pid = node.pid
         assert first_pid is not None
 
@@ -113,7 +114,7 @@ def test_ray_node_comes_back_after_its_server_or_its_actor_dies(ray_cluster: Any
             lambda: len(fleet.nodes) == 1 and fleet.nodes[0].state is NodeStatus.HEALTHY,
             timeout=40,
         )
-        assert set(fleet._processes) == {fleet.nodes[0].url}
+        assert set(fleet.processes) == {fleet.nodes[0].url}
         assert _chat(fleet)
         last_pid = node.pid
     assert last_pid is not None and all_dead([last_pid], timeout=10)
@@ -122,7 +123,7 @@ def test_ray_node_comes_back_after_its_server_or_its_actor_dies(ray_cluster: Any
 def test_ray_actor_killed_without_restart_stays_unhealthy(ray_cluster: Any) -> None:
     with LMFleet.simulate(nodes=1, launcher="ray", sim_args=FAST, health_interval=0.2) as fleet:
         fleet.wait_ready(timeout=60)
-        node = next(iter(fleet._processes.values()))
+        node = next(iter(fleet.processes.values()))
         ray_cluster.kill(node.actor, no_restart=False)  # type: ignore[attr-defined]
         wait_until(lambda: fleet.nodes[0].state is NodeStatus.UNHEALTHY, timeout=20)
         assert node.pid is not None and all_dead([node.pid], timeout=10)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import anyio
@@ -11,7 +10,7 @@ import openai
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
-from support import SimNode, StartSim
+from support import SimNode, StartSim, wait_until
 
 from lmfleet import ConfigError, LMFleet
 from lmfleet.notebook.batch import ItemError, run_batch
@@ -39,20 +38,22 @@ def conversations(n: int) -> list[list[ChatCompletionMessageParam]]:
 def test_chat_many_survives_a_node_killed_half_way(sims: list[SimNode], fleet: LMFleet) -> None:
     total = 1000
     victim = sims[1]
-    killed = threading.Event()
+    done = threading.Event()
 
     def killer() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not killed.is_set():
-            if sum(n.served for n in fleet.nodes) >= total // 2:
-                victim.process.kill()
-                killed.set()
-            time.sleep(0.005)
+        wait_until(
+            lambda: done.is_set() or sum(n.served for n in fleet.nodes) >= total // 2,
+            60,
+            "half the batch served",
+            step=0.005,
+        )
+        if not done.is_set():
+            victim.process.kill()
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     result = fleet.chat_many(conversations(total), concurrency=32, progress=False, max_tokens=8)
-    killed.set()
+    done.set()
     thread.join()
 
     assert victim.process.wait(timeout=5) is not None

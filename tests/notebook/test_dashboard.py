@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-from support import SimNode, StartSim, chat
+from support import SimNode, StartSim, chat, wait_until
 
 from lmfleet import LMFleet
 from lmfleet.ejection import Outcome
@@ -16,14 +16,6 @@ from lmfleet.notebook.stats import TrafficMeter
 
 FAST = ("--health-poll-interval", "0.5", "--ttft-ms", "5", "--tpot-ms", "2")
 SECRET = "sk-node-secret-1234"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import anyio
 import httpx2
 import openai
 import pytest
-from support import StartSim, chat, sim_served, sim_stats
+from support import StartSim, chat, sim_served, sim_stats, wait_until
 
 from lmfleet import LMFleet
 from lmfleet.errors import ConfigError
@@ -19,14 +18,6 @@ Served = tuple[LMFleet, ProxyServer]
 FAST = ("--health-poll-interval", "0.2", "--ttft-ms", "2", "--tpot-ms", "1")
 
 MODEL = "internlm/internlm2_5-7b-chat"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def test_openai_clients_through_the_proxy(

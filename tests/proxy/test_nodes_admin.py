@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
 import openai
-from support import StartSim, chat, sim_served, sim_stats
+from support import StartSim, chat, sim_served, sim_stats, wait_until
 
 from lmfleet import LMFleet, NodeStatus
 from lmfleet.proxy import ProxyServer
@@ -17,14 +16,6 @@ from lmfleet.proxy import ProxyServer
 Served = tuple[LMFleet, ProxyServer]
 FAST = ("--health-poll-interval", "0.2", "--ttft-ms", "2", "--tpot-ms", "1")
 MODEL = "internlm/internlm2_5-7b-chat"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def _healthy(fleet: LMFleet) -> int:

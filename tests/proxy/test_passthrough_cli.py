@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -137,10 +136,7 @@ def test_cli_serve_subprocess(start_sim: StartSim, tmp_path: Path) -> None:
         status = httpx2.get(url + "/nodes/status", headers={"authorization": "Bearer k"}).text
         assert node_key not in status
         os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while proc.returncode is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.returncode == 0, proc.log_tail()
+        assert proc.wait(timeout=20) == 0, proc.log_tail()
     finally:
         proc.terminate(grace=3.0)
     assert node_key not in log.read_text()

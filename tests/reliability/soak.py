@@ -76,7 +76,7 @@ async def chaos(cluster: Cluster, until: float, rng: random.Random, log: list[st
     make one a black hole or a hung engine for a while (the router ejects it)."""
     async with httpx2.AsyncClient(timeout=30) as http:
         while time.monotonic() < until:
-            await anyio.sleep(rng.uniform(1.0, 3.0))
+            await anyio.sleep(rng.uniform(1.0, 3.0))  # chaos pacing (all sleeps here), no sync
             port = rng.choice(cluster.ports)
             node = f"http://127.0.0.1:{port}"
             draw = rng.random()
@@ -113,7 +113,7 @@ async def soak(
     async def sample_memory() -> None:
         while time.monotonic() < until:
             rss.append(proxy.memory_info().rss / 2**20)
-            await anyio.sleep(5)
+            await anyio.sleep(5)  # the sampling period
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(chaos, cluster, until, random.Random(seed), events)

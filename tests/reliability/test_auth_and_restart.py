@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import httpx2
 import openai
 import psutil
 import pytest
-from support import StartSim, chat
+from support import StartSim, chat, wait_until
 
 from lmfleet import LMFleet, NoHealthyNodeError
 from lmfleet.launch.process import ManagedProcess, free_port, wait_for_port
@@ -133,9 +132,11 @@ def test_nothing_left_behind_after_close(start_sim: StartSim) -> None:
             chat(routed, MODEL, "in-process", max_tokens=1)
             routed.close()
             client.close()
-    deadline = time.monotonic() + 5
-    while set(threading.enumerate()) - threads and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert set(threading.enumerate()) <= threads
+    wait_until(
+        lambda: set(threading.enumerate()) - threads,
+        5,
+        "every thread started by the fleets to end",
+        until=lambda extra: not extra,
+    )
     assert me.num_fds() <= fds + 2  # sockets and pipes closed (allow lazily opened files)
     assert {p.pid for p in me.children(recursive=True)} == children

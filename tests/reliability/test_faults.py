@@ -15,7 +15,7 @@ import anyio
 import httpx2
 import pytest
 from loadgen import Door, Report, run_load
-from support import SimNode, StartSim, sim_stats
+from support import SimNode, StartSim, kill_mid_stream, sim_stats, wait_until, wait_until_async
 
 from lmfleet import LMFleet, NodeStatus
 
@@ -25,10 +25,12 @@ SLOWER = ("--output-tokens", "60")  # streams of ~0.2 s: long enough to be cut m
 
 def settle(fleet: LMFleet) -> None:
     """In-flight counts reach zero once every response has been closed."""
-    deadline = time.monotonic() + 5
-    while any(n.inflight for n in fleet.nodes) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [n.inflight for n in fleet.nodes] == [0] * len(fleet.nodes)
+    wait_until(
+        lambda: [n.inflight for n in fleet.nodes],
+        10,
+        "every in-flight count back to zero",
+        until=lambda counts: not any(counts),
+    )
 
 
 def load(
@@ -47,8 +49,7 @@ def test_sigkill_under_load(fleet_over: FleetOver, door: Door, start_sim: StartS
     fleet, nodes = fleet_over([SLOWER, SLOWER, SLOWER])
 
     async def kill() -> None:
-        await anyio.sleep(0.3)
-        nodes[0].process.kill()
+        await kill_mid_stream(nodes[0])
 
     report = load(fleet, door, total=120, concurrency=24, max_tokens=60, during=kill)
     assert report.lost == 0, report.outcomes
@@ -108,10 +109,11 @@ def test_slow_to_start_node_joins_when_ready(
     fleet.add_node(late.url)
     report = load(fleet, door, total=40, concurrency=8)
     assert report.outcomes == {"ok": 40}
-    deadline = time.monotonic() + 15
-    while {n.url: n.state for n in fleet.nodes}[late.url] is not NodeStatus.HEALTHY:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(
+        lambda: {n.url: n.state for n in fleet.nodes}[late.url],
+        what="the late node to join",
+        until=lambda state: state is NodeStatus.HEALTHY,
+    )
     report = load(fleet, door, total=30, concurrency=6)
     assert report.outcomes == {"ok": 30}
     assert sim_stats(late.url)["completed"] > 0
@@ -128,7 +130,7 @@ def test_flapping_node(fleet_over: FleetOver, door: Door) -> None:
             fault = "unhealthy" if bad else None
             httpx2.post(flapper + "/sim/faults", json={"health_fault": fault}, timeout=5)
             bad = not bad
-            stop.wait(0.3)
+            stop.wait(0.3)  # the flapping period (emulated behaviour, not a wait)
 
     thread = threading.Thread(target=flap)
     thread.start()
@@ -144,14 +146,26 @@ def test_flapping_node(fleet_over: FleetOver, door: Door) -> None:
 def test_sleep_and_wake_while_traffic_flows(fleet_over: FleetOver, door: Door) -> None:
     fleet, nodes = fleet_over([(), (), ()])
     sleeper = nodes[0].url
+    others = [n.url for n in nodes[1:]]
     during_sleep: list[int] = []
 
+    def completed(urls: list[str]) -> int:
+        return sum(int(sim_stats(url)["completed"]) for url in urls)
+
     async def cycle() -> None:
-        await anyio.sleep(0.2)
+        await wait_until_async(  # traffic flows, the sleeper included
+            lambda: anyio.to_thread.run_sync(completed, [sleeper]), what="the sleeper serving"
+        )
         await anyio.to_thread.run_sync(lambda: fleet.sleep(nodes=[sleeper]))
-        before = sim_stats(sleeper)["completed"]
-        await anyio.sleep(0.5)
-        during_sleep.append(sim_stats(sleeper)["completed"] - before)
+        before, elsewhere = await anyio.to_thread.run_sync(
+            lambda: (completed([sleeper]), completed(others))
+        )
+        await wait_until_async(  # traffic goes on around the sleeping node
+            lambda: anyio.to_thread.run_sync(completed, others),
+            what="30 requests served elsewhere while it sleeps",
+            until=lambda served: served >= elsewhere + 30,
+        )
+        during_sleep.append(await anyio.to_thread.run_sync(completed, [sleeper]) - before)
         await anyio.to_thread.run_sync(lambda: fleet.wakeup(nodes=[sleeper]))
 
     report = load(fleet, door, total=150, concurrency=9, during=cycle)

@@ -80,6 +80,8 @@ async def test_scheduler_admits_up_to_max_batch_then_fifo() -> None:
 
     first = asyncio.create_task(wait("first", 2))
     second = asyncio.create_task(wait("second", 1))
+    # asyncio.sleep(0) here and below: one pass of the event loop, so the woken tasks run
+    # (deterministic in one loop: no time passes, nothing to wait for).
     await asyncio.sleep(0)
     assert (scheduler.running, scheduler.waiting) == (2, 2)
     scheduler.release(1)  # one slot free: "first" wants 2, "second" may not overtake
@@ -99,7 +101,7 @@ async def test_scheduler_abort_waiting_wakes_queue_with_false() -> None:
     assert await scheduler.admit(5)  # capped at the batch size
     assert scheduler.running == 1
     waiter = asyncio.create_task(scheduler.admit(1))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop pass: the waiter queues
     assert scheduler.abort_waiting() == 1
     assert await waiter is False
     assert scheduler.running == 1

@@ -8,7 +8,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -17,6 +16,7 @@ import anyio
 import httpx2
 import openai
 import pytest
+from support import wait_until, wait_until_async
 
 from lmfleet.launch.process import ManagedProcess, free_port, wait_for_port
 from tests.sim.conftest import MODEL, chat_body
@@ -56,13 +56,20 @@ async def test_sleep_aborts_in_flight_streams_and_queued_requests(start_sim: Any
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(streamer)
-            with anyio.fail_after(10):
-                while len(lines) < 3:
-                    await anyio.sleep(0.01)
+            await wait_until_async(lambda: len(lines) >= 3, 10, "the stream's first lines")
             tg.start_soon(queued)
-            with anyio.fail_after(10):
-                while (await client.get("/sim/stats")).json()["waiting"] < 1:
-                    await anyio.sleep(0.01)
+
+            async def read_stats() -> dict[str, Any]:
+                stats: dict[str, Any] = (await client.get("/sim/stats")).json()
+                return stats
+
+            queued_stats = await wait_until_async(
+                read_stats,
+                10,
+                "the second request queued behind the stream",
+                until=lambda stats: stats["waiting"] >= 1,
+            )
+            assert (queued_stats["inflight"], queued_stats["streaming"]) == (2, 1)
             assert (await client.post("/sleep?level=1", headers=JSON)).status_code == 200
         stats = (await client.get("/sim/stats")).json()
 
@@ -76,7 +83,8 @@ async def test_sleep_aborts_in_flight_streams_and_queued_requests(start_sim: Any
     assert queued_response.status_code == 200
     assert queued_response.json()["choices"][0]["finish_reason"] == "abort"
     assert queued_response.json()["usage"]["completion_tokens"] == 0
-    assert (stats["aborted"], stats["inflight"], stats["running"]) == (2, 0, 0)
+    ended = ("aborted", "inflight", "streaming", "running")
+    assert [stats[k] for k in ended] == [2, 0, 0, 0], stats
 
 
 def test_client_disconnect_aborts_the_request(start_sim: Any) -> None:
@@ -87,10 +95,12 @@ def test_client_disconnect_aborts_the_request(start_sim: Any) -> None:
             for i, _ in enumerate(response.iter_lines()):
                 if i >= 2:
                     break
-        deadline = time.monotonic() + 5
-        while (stats := client.get("/sim/stats").json())["inflight"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        stats = wait_until(
+            lambda: client.get("/sim/stats").json(),
+            5,
+            "the aborted request to leave the node",
+            until=lambda stats: stats["inflight"] == 0,
+        )
     assert (stats["aborted"], stats["completed"]) == (1, 0)
     assert stats["completion_tokens"] < 500
 
@@ -103,10 +113,12 @@ def test_health_lags_sleep_then_catches_up(start_sim: Any) -> None:
         assert client.get("/is_sleeping").json() == {"is_sleeping": True}
         assert client.post("/v1/chat/completions", json=chat_body()).status_code == 503
         assert client.get("/health").json()["status"] == "healthy"  # the cached snapshot
-        deadline = time.monotonic() + 5
-        while (health := client.get("/health")).json()["status"] != "sleeping":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        health = wait_until(
+            lambda: client.get("/health"),
+            5,
+            "/health to catch up with the sleep",
+            until=lambda health: health.json()["status"] == "sleeping",
+        )
         assert health.status_code == 200
 
 
@@ -248,13 +260,23 @@ def test_unreachable_proxy_does_not_stop_the_node(start_sim: Any) -> None:
 def test_startup_delay_keeps_the_port_closed(tmp_path: Any) -> None:
     port = free_port()
     argv = [sys.executable, "-m", "lmfleet.sim", "--port", str(port), "--fast"]
-    proc = ManagedProcess([*argv, "--startup-delay", "1.5"], log_path=tmp_path / "sim.log")
+    log = tmp_path / "sim.log"
+    proc = ManagedProcess([*argv, "--startup-delay", "2", "--log-level", "info"], log_path=log)
     try:
-        time.sleep(1.0)  # the interpreter is up by now, the delay is not over
-        assert proc.returncode is None
+        # uvicorn logs this once the app is loaded, just before the lifespan's delay: from
+        # here on a closed port is the delay's doing, not a slow interpreter start.
+        wait_until(
+            lambda: log.read_text(errors="replace"),
+            30,
+            "uvicorn to start the app's lifespan",
+            until=lambda text: "Waiting for application startup" in text,
+        )
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        assert proc.returncode is None
+        assert "Application startup complete" not in log.read_text(errors="replace")
         wait_for_port("127.0.0.1", port, timeout=10, proc=proc)
+        assert "Application startup complete" in log.read_text(errors="replace")
     finally:
         proc.terminate(grace=3.0)
 

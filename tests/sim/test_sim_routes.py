@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from support import wait_until_async
 
 from tests.sim.conftest import MODEL, ClientFactory, chat_body
 
@@ -344,12 +345,18 @@ async def test_timed_mode_queues_past_max_batch(asgi_client: ClientFactory) -> N
             for i in range(5):
                 body = chat_body(f"q{i}")
                 tg.start_soon(functools.partial(client.post, "/v1/chat/completions", json=body))
-            with anyio.fail_after(5):
-                while True:
-                    stats = (await client.get("/sim/stats")).json()
-                    if stats["running"] + stats["waiting"] == 5:
-                        break
-                    await anyio.sleep(0.001)
+
+            async def read_stats() -> dict[str, int]:
+                stats: dict[str, int] = (await client.get("/sim/stats")).json()
+                return stats
+
+            stats = await wait_until_async(
+                read_stats,
+                5,
+                "all 5 requests admitted or queued",
+                until=lambda stats: stats["running"] + stats["waiting"] == 5,
+                step=0.001,  # before the first two finish (150 ms)
+            )
             assert (stats["running"], stats["waiting"], stats["inflight"]) == (2, 3, 5)
         stats = (await client.get("/sim/stats")).json()
         assert (stats["completed"], stats["running"], stats["waiting"]) == (5, 0, 0)

@@ -108,7 +108,7 @@ class StubInstance:
         engine.metrics.active_seqs += 1
         try:
             for i, token in enumerate(ids):
-                await asyncio.sleep(engine.interval)
+                await asyncio.sleep(engine.interval)  # emulated time per token
                 if session_id in self.cancelled:
                     yield EngineOutput(ResponseType.CANCEL, [])
                     return
