@@ -246,10 +246,14 @@ class Monitor:
                     failures=failures,
                     models=models if models is not None else current.models,
                 )
+            # A launched process that exited explains more than "unreachable" does:
+            # its message stands until the node answers again.
+            keep = not probe.ok and current.exited is not None
             return current.evolve(
                 status=target,
                 failures=failures,
-                message=message,
+                message=current.message if keep else message,
+                exited=current.exited if not probe.ok else None,
                 models=models if models is not None else current.models,
             )
 

@@ -68,6 +68,7 @@ class NodeState:
     failures: int = 0
     launched: bool = False
     registered: bool = False
+    exited: int | None = None
     error_rate: float = 0.0
     streak: int = 0
     ejections: int = 0

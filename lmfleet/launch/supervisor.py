@@ -37,11 +37,16 @@ class _Watch:
     was_healthy: bool = False
 
 
-def _set(status: NodeStatus, message: str) -> Callable[[NodeState], NodeState]:
+def _set(
+    status: NodeStatus, message: str, exited: int | None = None
+) -> Callable[[NodeState], NodeState]:
+    """A state change the supervisor makes; `exited` records the process's exit status,
+    whose message then stands until the node answers again (see health.Monitor)."""
+
     def change(state: NodeState) -> NodeState:
         if state.status in (NodeStatus.DRAINING, NodeStatus.STOPPED):
             return state
-        return state.evolve(status=status, message=message, failures=0)
+        return state.evolve(status=status, message=message, failures=0, exited=exited)
 
     return change
 
@@ -169,7 +174,8 @@ class Supervisor:
                 node.restart()
             except Exception as exc:  # noqa: BLE001 - any launcher failure ends in the node's state
                 watch.exited, watch.gave_up = code, True
-                self._registry.modify(url, _set(NodeStatus.UNHEALTHY, f"restart failed: {exc}"))
+                failed = _set(NodeStatus.UNHEALTHY, f"restart failed: {exc}", exited=code)
+                self._registry.modify(url, failed)
                 return
             self._registry.modify(
                 url,
@@ -192,12 +198,13 @@ class Supervisor:
                         NodeStatus.STARTING,
                         f"{message}; restart {watch.restarts + 1}/{policy.max_restarts} "
                         f"in {delay:g} s",
+                        exited=code,
                     ),
                 )
                 return
             message += f"; gave up after {watch.restarts} restart(s)"
         watch.gave_up = True
-        self._registry.modify(url, _set(NodeStatus.UNHEALTHY, message))
+        self._registry.modify(url, _set(NodeStatus.UNHEALTHY, message, exited=code))
 
     def _moved(self, old: str, watch: _Watch) -> str:
         """A node came back at another address (a restarted Ray actor): re-key it."""
