@@ -3,8 +3,10 @@
 The monitor sends one `GET /health` per node per interval, forever: with a
 general-purpose client that costs about 0.3 ms of CPU a probe here, which at 64
 nodes and 1 s is several percent of a core. This reader does only what a probe
-needs (status line, content-length or chunked body, keep-alive) at a fraction of
-that. Everything else the fleet sends still goes through httpx2.
+needs at a fraction of that: one request head written once per target, the
+response read through the shared HTTP/1.1 codec (`lmfleet/http1.py`, which the
+proxy's upstream transport uses too), the connection kept when the codec says so.
+Everything else the fleet sends still goes through httpx2.
 
 It uses asyncio streams directly: the fleet's loop is always asyncio (see
 `background.py`), and anyio's stream wrappers add a scheduling checkpoint to every
@@ -20,8 +22,10 @@ from urllib.parse import urlsplit
 
 import anyio
 
-MAX_HEAD = 64 * 1024
+from lmfleet.http1 import Http1Error, ResponseParser, encode_request_head
+
 MAX_BODY = 1024 * 1024
+READ_SIZE = 64 * 1024
 
 _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 _Target = tuple[str, int, bool, bytes]
@@ -43,9 +47,10 @@ class Prober:
         if target is None:
             parts = urlsplit(url)
             tls = parts.scheme == "https"
-            request = f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: */*\r\n\r\n"
+            headers = [(b"Host", parts.netloc.encode()), (b"Accept", b"*/*")]
+            request = encode_request_head(b"GET", path.encode(), headers)
             port = parts.port or (443 if tls else 80)
-            target = (parts.hostname or "", port, tls, request.encode())
+            target = (parts.hostname or "", port, tls, request)
             self._targets[(url, path)] = target
         return target
 
@@ -58,14 +63,14 @@ class Prober:
                 if pooled is not None:
                     try:
                         return await self._exchange(url, pooled, request)
-                    except (ProbeError, OSError, asyncio.IncompleteReadError):
+                    except (ProbeError, OSError, Http1Error):
                         pass  # a kept-alive connection the node had closed: retry on a new one
                 connection = await asyncio.open_connection(host, port, ssl=tls or None)
                 return await self._exchange(url, connection, request)
         except TimeoutError as exc:
             raise ProbeError(f"no answer within {timeout:g} s") from exc
-        except asyncio.IncompleteReadError as exc:
-            raise ProbeError("connection closed by the node") from exc
+        except Http1Error as exc:
+            raise ProbeError(str(exc)) from exc
         except (OSError, ValueError) as exc:
             raise ProbeError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -90,43 +95,18 @@ class Prober:
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError as exc:
-        raise ProbeError("response head too large") from exc
-    lines = head.decode("latin-1").split("\r\n")
-    status_line = lines[0].split(" ", 2)
-    if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
-        raise ProbeError(f"not an HTTP response: {lines[0][:80]!r}")
-    try:
-        status = int(status_line[1])
-    except ValueError as exc:
-        raise ProbeError(f"bad status line: {lines[0][:80]!r}") from exc
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip().lower()
-    keep = headers.get("connection") != "close" and status_line[0] == "HTTP/1.1"
-    if "chunked" in headers.get("transfer-encoding", ""):
-        return status, await _read_chunked(reader), keep
-    length = headers.get("content-length")
-    if length is None:
-        return status, b"", False  # unframed body: drop the connection instead of reading it
-    size = int(length)
-    if size > MAX_BODY:
-        raise ProbeError("response body too large")
-    return status, await reader.readexactly(size), keep
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """(status, body, keep-alive) of the next response on `reader`; `Http1Error` if malformed."""
+    parser = ResponseParser()
     body = bytearray()
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
-        if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":
-                pass  # trailers, then the empty line
-            return bytes(body)
-        if len(body) + size > MAX_BODY:
+    while not parser.done:
+        data = await reader.read(READ_SIZE)
+        if not data:
+            parser.feed_eof()
+            break
+        for piece in parser.feed(data):
+            body += piece
+        head = parser.head
+        if len(body) > MAX_BODY or (head is not None and head.content_length > MAX_BODY):
             raise ProbeError("response body too large")
-        body += await reader.readexactly(size)
-        await reader.readexactly(2)
+    assert parser.head is not None  # done implies a head
+    return parser.head.status, bytes(body), parser.keep_alive

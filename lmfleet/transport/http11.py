@@ -6,7 +6,9 @@ wrappers) taking three quarters of its CPU per request. Talking to a fleet node
 needs far less: plain HTTP/1.1 over keep-alive connections, content-length or
 chunked bodies. This transport does exactly that on asyncio streams and plugs
 in under `AsyncFleetTransport` like any httpx2 transport, so routing, leasing and
-failover stay the one shared implementation.
+failover stay the one shared implementation. The bytes on the wire are written and
+read by the shared HTTP/1.1 codec (`lmfleet/http1.py`, the health prober's too);
+this module owns the I/O: connections, the idle pool, timeouts, error mapping.
 
 Errors are mapped onto httpx2's exception types (the router's failover rules
 read them): refused or timed-out connects are `ConnectError` / `ConnectTimeout`,
@@ -17,8 +19,9 @@ request).
 
 Read timeouts are one lazily checked timer per exchange (`_Watchdog`), renewed by
 each read, rather than a cancel scope around every read: on SSE that scope cost
-more CPU than the rest of the relay. Chunked bodies are parsed from bulk reads,
-so a burst of chunks that arrived together costs one read, not two per chunk.
+more CPU than the rest of the relay. Responses are read in bulk and fed to the
+codec, so a burst of chunks that arrived together costs one read, not two per
+chunk, and a small response costs one read for head and body together.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from typing import Any
 import anyio
 import httpx2
 
-MAX_HEAD = 64 * 1024
+from lmfleet.http1 import Http1Error, ResponseParser, encode_request_head
+
 READ_SIZE = 64 * 1024
-_NO_BODY_STATUS = frozenset({204, 304})
 
 Origin = tuple[str, str, int]
 
@@ -67,8 +70,8 @@ def _mapped(request: httpx2.Request, phase: str) -> Iterator[None]:
     except TimeoutError as exc:
         kind = {"connect": httpx2.ConnectTimeout, "write": httpx2.WriteTimeout}
         raise kind.get(phase, httpx2.ReadTimeout)(f"{phase} timed out", request=request) from exc
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-        raise httpx2.RemoteProtocolError(f"{phase}: {exc!r}", request=request) from exc
+    except (Http1Error, ValueError) as exc:
+        raise httpx2.RemoteProtocolError(f"{phase}: {exc}", request=request) from exc
     except OSError as exc:
         failed = {"connect": httpx2.ConnectError, "write": httpx2.WriteError}
         raise failed.get(phase, httpx2.ReadError)(f"{phase}: {exc!r}", request=request) from exc
@@ -117,7 +120,11 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         url = request.url
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         await request.aread()
-        payload = self._head(request) + request.content
+        try:
+            head = encode_request_head(request.method.encode(), url.raw_path, request.headers.raw)
+        except Http1Error as exc:
+            raise httpx2.LocalProtocolError(str(exc), request=request) from exc
+        payload = head + request.content
         pooled = self._take(origin)
         if pooled is not None:
             try:
@@ -128,14 +135,6 @@ class Http11Transport(httpx2.AsyncBaseTransport):
                 # The node had closed this idle connection: it never saw the request.
         conn = await self._connect(request, origin)
         return await self._exchange(request, origin, conn, payload)
-
-    @staticmethod
-    def _head(request: httpx2.Request) -> bytes:
-        lines = [request.method.encode(), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
-        for name, value in request.headers.raw:
-            lines += [name, b": ", value, b"\r\n"]
-        lines.append(b"\r\n")
-        return b"".join(lines)
 
     def _take(self, origin: Origin) -> _Conn | None:
         idle = self._idle.get(origin)
@@ -157,7 +156,7 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         scheme, host, port = origin
         with _mapped(request, "connect"), anyio.fail_after(_timeout(request, "connect")):
             tls = self._ssl if scheme == "https" else None
-            reader, writer = await asyncio.open_connection(host, port, ssl=tls, limit=MAX_HEAD)
+            reader, writer = await asyncio.open_connection(host, port, ssl=tls)
         return _Conn(reader, writer)
 
     async def _exchange(
@@ -165,26 +164,28 @@ class Http11Transport(httpx2.AsyncBaseTransport):
     ) -> httpx2.Response:
         read_timeout = _timeout(request, "read")
         watchdog = None if read_timeout is None else _Watchdog(conn, read_timeout)
+        parser = ResponseParser(head_request=request.method == "HEAD")
+        first: list[bytes] = []  # body bytes that arrived with the head
         try:
             with _mapped(request, "write"):
                 conn.writer.write(payload)
                 await conn.writer.drain()
             with _mapped(request, "read"):
-                head = await conn.reader.readuntil(b"\r\n\r\n")
+                while parser.head is None:
+                    data = await conn.reader.read(READ_SIZE)
+                    if not data:
+                        parser.feed_eof()  # raises: the head is incomplete
+                    first = parser.feed(data)
             if watchdog is not None:
                 watchdog.renew()
-            status, reason, headers, framing = _parse_head(request, head)
         except httpx2.TransportError as exc:
             conn.close()
             if watchdog is not None:
                 watchdog.cancel()
                 if watchdog.fired:
                     raise httpx2.ReadTimeout("read timed out", request=request) from exc
-            cause = exc.__cause__
             exc.nothing_received = (  # type: ignore[attr-defined]
-                isinstance(exc, httpx2.RemoteProtocolError)
-                and isinstance(cause, asyncio.IncompleteReadError)
-                and not cause.partial
+                isinstance(exc, httpx2.RemoteProtocolError) and not parser.started
             )
             raise
         except BaseException:
@@ -192,12 +193,13 @@ class Http11Transport(httpx2.AsyncBaseTransport):
             if watchdog is not None:
                 watchdog.cancel()
             raise
-        stream = _Body(self, origin, conn, request, framing, watchdog)
+        head = parser.head
+        stream = _Body(self, origin, conn, request, parser, first, watchdog)
         return httpx2.Response(
-            status,
-            headers=headers,
+            head.status,
+            headers=head.headers,
             stream=stream,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": head.reason},
         )
 
     async def aclose(self) -> None:
@@ -205,46 +207,6 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         for conns in idle.values():
             for conn in conns:
                 conn.close()
-
-
-def _parse_head(
-    request: httpx2.Request, head: bytes
-) -> tuple[int, bytes, list[tuple[bytes, bytes]], tuple[str, int, bool]]:
-    """Status, reason, headers and framing: ("length", n) / ("chunked", 0) / ("close", 0)."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-        raise httpx2.RemoteProtocolError(
-            f"not an HTTP/1 response: {lines[0][:80]!r}", request=request
-        )
-    try:
-        status = int(parts[1])
-    except ValueError as exc:
-        raise httpx2.RemoteProtocolError(f"bad status: {lines[0][:80]!r}", request=request) from exc
-    headers: list[tuple[bytes, bytes]] = []
-    length = -1
-    chunked = False
-    keep = parts[0] == b"HTTP/1.1"
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, _, value = line.partition(b":")
-        value = value.strip()
-        headers.append((name, value))
-        lower = name.lower()
-        if lower == b"content-length":
-            length = int(value)
-        elif lower == b"transfer-encoding":
-            chunked = b"chunked" in value.lower()
-        elif lower == b"connection":
-            keep = value.lower() != b"close"
-    if request.method == "HEAD" or status in _NO_BODY_STATUS or 100 <= status < 200:
-        return status, parts[2] if len(parts) > 2 else b"", headers, ("length", 0, keep)
-    if chunked:
-        return status, parts[2] if len(parts) > 2 else b"", headers, ("chunked", 0, keep)
-    if length >= 0:
-        return status, parts[2] if len(parts) > 2 else b"", headers, ("length", length, keep)
-    return status, parts[2] if len(parts) > 2 else b"", headers, ("close", 0, False)
 
 
 class _Body(httpx2.AsyncByteStream):
@@ -256,83 +218,50 @@ class _Body(httpx2.AsyncByteStream):
         origin: Origin,
         conn: _Conn,
         request: httpx2.Request,
-        framing: tuple[str, int, bool],
+        parser: ResponseParser,
+        first: list[bytes],
         watchdog: _Watchdog | None,
     ) -> None:
         self._pool = pool
         self._origin = origin
         self._conn: _Conn | None = conn
         self._request = request
-        self._framing = framing
-        self._reusable = framing[2]
-        self._complete = framing[0] == "length" and framing[1] == 0
+        self._parser = parser
+        self._first = first
         self._watchdog = watchdog
-        if self._complete and watchdog is not None:
+        if parser.done and watchdog is not None:
             watchdog.cancel()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._complete or self._conn is None:
+        first, self._first = self._first, []
+        for data in first:
+            yield data
+        parser = self._parser
+        if parser.done or self._conn is None:
             return
         reader = self._conn.reader
-        kind, remaining, _ = self._framing
         try:
             with _mapped(self._request, "body"):
-                if kind == "length":
-                    while remaining > 0:
-                        data = await self._read(reader, min(remaining, READ_SIZE))
-                        if not data:
-                            raise asyncio.IncompleteReadError(b"", remaining)
-                        remaining -= len(data)
-                        yield data
-                elif kind == "chunked":
-                    async for data in self._chunks(reader):
-                        yield data
-                else:
-                    while data := await self._read(reader, READ_SIZE):
-                        yield data
-                    if self._watchdog is not None and self._watchdog.fired:
-                        raise asyncio.IncompleteReadError(b"", None)
+                while not parser.done:
+                    data = await self._read(reader)
+                    if not data:
+                        if self._watchdog is not None and self._watchdog.fired:
+                            raise TimeoutError
+                        parser.feed_eof()
+                    for piece in parser.feed(data):
+                        yield piece
         except httpx2.TransportError as exc:
             if self._watchdog is not None and self._watchdog.fired:
                 raise httpx2.ReadTimeout("body: read timed out", request=self._request) from exc
             raise
-        self._complete = True
         if self._watchdog is not None:
             self._watchdog.cancel()
 
-    async def _read(self, reader: asyncio.StreamReader, size: int) -> bytes:
-        data = await reader.read(size)
+    async def _read(self, reader: asyncio.StreamReader) -> bytes:
+        data = await reader.read(READ_SIZE)
         if self._watchdog is not None:
             self._watchdog.renew()
         return data
-
-    async def _chunks(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-        """Decode a chunked body from bulk reads: every chunk already received, in order."""
-        buf = b""
-        while True:
-            data = await self._read(reader, READ_SIZE)
-            if not data:
-                raise asyncio.IncompleteReadError(buf, None)
-            buf = buf + data if buf else data
-            pos = 0
-            while (line_end := buf.find(b"\r\n", pos)) >= 0:
-                size = int(buf[pos:line_end].split(b";", 1)[0], 16)
-                if size == 0:  # the last chunk, then trailers (if any) and an empty line
-                    end = buf.find(b"\r\n\r\n", line_end)
-                    if end < 0:
-                        break
-                    if end + 4 < len(buf):
-                        self._reusable = False  # bytes after the body: do not trust the connection
-                    return
-                start = line_end + 2
-                stop = start + size
-                if len(buf) < stop + 2:
-                    break
-                if buf[stop : stop + 2] != b"\r\n":
-                    raise ValueError("chunk not followed by CRLF")
-                yield buf[start:stop]
-                pos = stop + 2
-            buf = buf[pos:]
 
     async def aclose(self) -> None:
         if self._watchdog is not None:
@@ -340,7 +269,7 @@ class _Body(httpx2.AsyncByteStream):
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self._complete and self._reusable:
+        if self._parser.keep_alive:
             self._pool._give_back(self._origin, conn)
         else:
             conn.close()

@@ -116,7 +116,7 @@ async def test_errors_map_to_httpx2_types(client: httpx2.AsyncClient) -> None:
 
     async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        await asyncio.sleep(5)
+        await asyncio.sleep(5)  # a server that never answers (the client times out first)
 
     server, url = await serve(hang)
     async with server:
@@ -151,3 +151,53 @@ async def test_request_bytes_reach_the_server_unchanged(client: httpx2.AsyncClie
     head, _, body = seen[0].partition(b"\r\n\r\n")
     assert head.startswith(b"POST /v1/x?a=1 HTTP/1.1\r\n") and b"x-custom: yes" in head
     assert body == raw
+
+
+async def test_reuse_follows_the_codec(client: httpx2.AsyncClient) -> None:
+    """HEAD and 204 answers are complete at once; bytes after a body end the connection."""
+    connections = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                request = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if request.startswith(b"HEAD"):
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n")
+            elif b"/interim" in request:
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokGARBAGE")
+            await writer.drain()
+
+    server, url = await serve(script)
+    async with server:
+        assert (await client.head(url + "/")).headers["content-length"] == "99"
+        assert (await client.get(url + "/interim")).status_code == 204
+        assert connections == 1  # both answers left the connection reusable
+        assert (await client.get(url + "/")).text == "ok"
+        assert (await client.get(url + "/")).text == "ok"
+        assert connections == 2  # the trailing bytes made the first one unusable
+
+
+async def test_line_breaks_in_request_headers_are_refused(client: httpx2.AsyncClient) -> None:
+    with pytest.raises(httpx2.LocalProtocolError, match="line break"):
+        await client.get(f"http://127.0.0.1:{free_port()}/", headers={"x-a": "a\r\nInjected: 1"})
+
+
+async def test_malformed_response_head_is_a_remote_protocol_error(
+    client: httpx2.AsyncClient,
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server, url = await serve(script)
+    async with server:
+        with pytest.raises(httpx2.RemoteProtocolError, match="bad header line"):
+            await client.get(url + "/")
