@@ -16,7 +16,13 @@ import time
 from typing import TYPE_CHECKING
 
 from lmfleet.cli import serve as serve_cli
-from lmfleet.cli.serve import configure_logging, node_api_key, proxy_options, stop_on_signals
+from lmfleet.cli.serve import (
+    configure_logging,
+    node_api_key,
+    proxy_options,
+    serve_until_stopped,
+    stop_on_signals,
+)
 from lmfleet.errors import LaunchError, NotReadyError
 from lmfleet.launch.command import ServerArgValue
 
@@ -103,9 +109,7 @@ def run(args: argparse.Namespace) -> int:
         if not _wait_ready(fleet, args.ready_timeout, stop):
             return 1
         print(fleet.status().table(), file=sys.stderr)
-        while not stop.wait(0.5):
-            pass
-        server.stop()
+        serve_until_stopped(server, stop)
     finally:
         fleet.close()
     return 0

@@ -14,8 +14,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmfleet.proxy.options import ProxyOptions
+
+if TYPE_CHECKING:
+    from lmfleet.proxy.server import ProxyServer
 
 STRATEGIES = (
     "least_connections",
@@ -156,6 +160,13 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def serve_until_stopped(server: ProxyServer, stop: threading.Event) -> None:
+    """Serve until Ctrl-C or SIGTERM sets `stop`, then stop the proxy (bounded)."""
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+
+
 def run(args: argparse.Namespace) -> int:
     from lmfleet.fleet import LMFleet
 
@@ -174,9 +185,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = fleet.serve(options=options)
         print(f"lmfleet proxy on {server.url} ({len(args.nodes)} node(s))", file=sys.stderr)
-        while not stop.wait(0.5):
-            pass
-        server.stop()
+        serve_until_stopped(server, stop)
     finally:
         fleet.close()
     return 0
