@@ -144,7 +144,7 @@ async def test_refused_and_silent_nodes(prober: Prober) -> None:
         await prober.get(f"http://127.0.0.1:{free_port()}", "/health", 5)
 
     async def hang(n: int) -> bytes:
-        await asyncio.sleep(5)
+        await asyncio.sleep(5)  # a node that never answers (the probe times out first)
         return b""
 
     server, _, url = await serve(hang)
