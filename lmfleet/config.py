@@ -98,18 +98,36 @@ class RoutingOptions(_Options):
         default=5.0, gt=0, description="seconds to open a connection to a node"
     )
     max_connections: int = Field(
-        default=1024, ge=1, description="connection pool size per transport"
+        default=1024,
+        ge=1,
+        description="connections open at once per transport, over all nodes (the proxy's "
+        "upstream pool; each routed client's pool); further requests wait for a free one "
+        "up to the pool timeout (httpx2.PoolTimeout, the proxy's upstream_timeout)",
     )
 
 
 class DistServeOptions(_Options):
-    """Prefill/decode disaggregation: how pairs are connected (LMDeploy's proxy flags)."""
+    """Prefill/decode disaggregation: how pairs are connected (LMDeploy's proxy flags).
 
-    migration_protocol: Literal["RDMA"] = Field(
-        default="RDMA", description="KV migration protocol (LMDeploy 0.18 supports RDMA only)"
+    `lmdeploy serve proxy --migration-protocol/--link-type/--disable-gdr/--dummy-prefill`
+    map onto `migration_protocol`, `link_type`, `with_gdr=not disable_gdr` and
+    `dummy_prefill` (docs/distserve.md). LMDeploy 0.18's proxy parses `--disable-gdr`
+    but always sends `with_gdr: true`; lmfleet sends what was asked.
+    """
+
+    migration_protocol: Literal["RDMA", "NVLINK"] = Field(
+        default="RDMA",
+        description="KV migration protocol, sent as LMDeploy's MigrationProtocol number "
+        "(RDMA 2, NVLINK 3) in p2p_initialize, p2p_connect and migration_request",
     )
     link_type: Literal["RoCE", "IB"] = Field(default="RoCE", description="RDMA link type")
-    with_gdr: bool = Field(default=True, description="GPU Direct RDMA")
+    with_gdr: bool = Field(default=True, description="GPU Direct RDMA (rdma_config.with_gdr)")
+    dummy_prefill: bool = Field(
+        default=False,
+        description="for performance profiling: call no prefill node and connect no "
+        "pair; decode nodes get a dummy migration_request (is_dummy_prefill) and "
+        "generate without migrating a KV cache",
+    )
     control_timeout: float = Field(
         default=10.0, gt=0, description="seconds for one /distserve/* control call"
     )

@@ -13,7 +13,16 @@ for real:
   engine and holds exactly those block ids (and token) for that session, i.e.
   a cache it preserved and has not freed;
 - a successful read frees the prefill's blocks (LMDeploy frees them once the
-  decode side has them); `/distserve/free_cache` frees them otherwise.
+  decode side has them); `/distserve/free_cache` frees them otherwise;
+- a `migration_request` with `is_dummy_prefill: true` (LMDeploy's proxy with
+  `--dummy-prefill`) needs no connection and reads nothing: LMDeploy's engine
+  skips the migration of such a request (`_migration_loop_migrate`) and decodes
+  from its `remote_token_id`.
+
+`GET /sim/stats` shows what the router sent, so tests can check the wire values:
+each `p2p_initialize`'s `protocol` and `rdma_config` / `nvlink_config` per remote
+engine (`initialized`), each `p2p_connect`'s protocol (`connect_protocols`), and
+the last `migration_request` (`last_migration`).
 
 Roles: a prefill (or hybrid) node honours `with_cache` / `preserve_cache` and
 answers with `id` (the session id, as LMDeploy's completions do),
@@ -41,6 +50,7 @@ BLOCK_TOKENS = 64
 NUM_GPU_BLOCKS = 4096
 MIGRATE_PATH = "/sim/distserve/migrate"
 RDMA = 2  # MigrationProtocol.RDMA
+MIGRATION_PROTOCOLS = (1, 2, 3)  # MigrationProtocol: TCP, RDMA, NVLINK
 SUCCESS = 1  # DistServeConnectionStatus.SUCCESS
 INIT_FIELDS = ("local_engine_id", "local_engine_config", "remote_engine_id", "protocol")
 MIGRATION_FIELDS = ("remote_engine_id", "remote_session_id", "remote_block_ids", "remote_token_id")
@@ -63,6 +73,7 @@ class SimDistServe:
         self.initialized: dict[str, dict[str, Any]] = {}
         self.connected: dict[str, dict[str, Any]] = {}
         self.preserved: dict[int, tuple[list[int], int]] = {}
+        self.last_migration: dict[str, Any] | None = None
         self._sessions = itertools.count(1)
         self._blocks = itertools.count(0)
         self._http: httpx2.AsyncClient | None = None
@@ -85,6 +96,7 @@ class SimDistServe:
                 for k in (
                     "prefills",
                     "decodes",
+                    "dummy_decodes",
                     "local",
                     "refused",
                     "migrations_served",
@@ -97,6 +109,14 @@ class SimDistServe:
             },
             "preserved": len(self.preserved),
             "connected": sorted(self.connected),
+            "initialized": {
+                remote: {k: body.get(k) for k in ("protocol", "rdma_config", "nvlink_config")}
+                for remote, body in self.initialized.items()
+            },
+            "connect_protocols": {
+                remote: body.get("protocol") for remote, body in self.connected.items()
+            },
+            "last_migration": self.last_migration,
         }
 
     def reset(self) -> None:
@@ -111,6 +131,8 @@ class SimDistServe:
         if migration is not None:
             await self._migrate_in(migration)
             self.counters["decodes"] += 1
+            if migration.get("is_dummy_prefill"):
+                self.counters["dummy_decodes"] += 1
             return None
         if body.get("with_cache") and not request.stream:
             if self.role == "decode":
@@ -139,9 +161,16 @@ class SimDistServe:
         if not isinstance(migration, dict):
             raise RequestError(400, "migration_request: Input should be a valid dictionary")
         try:
-            _require(migration, MIGRATION_FIELDS)
+            _require(migration, ("protocol", *MIGRATION_FIELDS))
         except ValueError as exc:
             raise RequestError(400, f"migration_request.{exc}") from None
+        if migration["protocol"] not in MIGRATION_PROTOCOLS:
+            raise RequestError(
+                400, "migration_request.protocol: Input should be 1, 2 or 3 (MigrationProtocol)"
+            )
+        self.last_migration = migration
+        if migration.get("is_dummy_prefill") is True:
+            return  # LMDeploy's engine skips the migration of a dummy prefill
         remote = migration["remote_engine_id"]
         if remote not in self.connected:
             self.counters["refused"] += 1
@@ -184,6 +213,8 @@ class SimDistServe:
     async def p2p_initialize(self, rt: Any, scope: Any, receive: Any, send: Any) -> None:
         body = await _body(scope, receive)
         _require(body, INIT_FIELDS)
+        if body["protocol"] not in MIGRATION_PROTOCOLS:
+            raise ValueError("protocol: Input should be 1, 2 or 3 (MigrationProtocol)")
         self.counters["p2p_initialize"] += 1
         self.local_engine_id = body["local_engine_id"]
         self.initialized[body["remote_engine_id"]] = body

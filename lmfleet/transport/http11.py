@@ -8,7 +8,16 @@ chunked bodies. This transport does exactly that on asyncio streams and plugs
 in under `AsyncFleetTransport` like any httpx2 transport, so routing, leasing and
 failover stay the one shared implementation. The bytes on the wire are written and
 read by the shared HTTP/1.1 codec (`lmfleet/http1.py`, the health prober's too);
-this module owns the I/O: connections, the idle pool, timeouts, error mapping.
+this module owns the I/O: connections, the pool, timeouts, error mapping.
+
+`max_connections` caps the connections open at once over all nodes (httpx2's
+`Limits.max_connections` has the same meaning, so the option means one thing on
+both front doors). A request that finds every connection busy waits, first come
+first served, for one to come back (up to the request's `pool` timeout, then
+`httpx2.PoolTimeout`), rather than open one more: a burst of long streams must
+not turn into a burst of sockets on the nodes or of file descriptors here. At the
+cap, an idle connection to another node is closed to make room (httpcore's rule),
+so idle connections never starve a node that has none.
 
 Errors are mapped onto httpx2's exception types (the router's failover rules
 read them): refused or timed-out connects are `ConnectError` / `ConnectTimeout`,
@@ -29,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -38,6 +48,9 @@ import httpx2
 from lmfleet.http1 import Http1Error, ResponseParser, encode_request_head
 
 READ_SIZE = 64 * 1024
+
+DEFAULT_MAX_CONNECTIONS = 1024
+"""`RoutingOptions.max_connections`'s default."""
 
 Origin = tuple[str, str, int]
 
@@ -109,12 +122,43 @@ class _Watchdog:
 
 
 class Http11Transport(httpx2.AsyncBaseTransport):
-    """Keep-alive HTTP/1.1 to a set of nodes; idle connections kept per origin."""
+    """Keep-alive HTTP/1.1 to a set of nodes: at most `max_connections` open at once.
 
-    def __init__(self, *, max_idle_per_origin: int = 512, ssl_context: Any = None) -> None:
+    Slot accounting: `_open` counts every connection that is open, being opened, or
+    reserved by a request about to open one. A slot belongs to the request from
+    `_checkout` until its response body takes it over (`_Body`), and then to the
+    body until it is closed, when the connection goes back idle or is closed.
+    Requests that find no slot queue in `_waiters`; a freed slot or a returned
+    connection goes to the first of them, never to a newcomer (no queue jumping).
+    Not thread-safe: one transport serves one event loop (the proxy's).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_idle_per_origin: int | None = None,
+        ssl_context: Any = None,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+        self._max = max_connections
+        self._max_idle = max_connections if max_idle_per_origin is None else max_idle_per_origin
+        self._open = 0
         self._idle: dict[Origin, list[_Conn]] = {}
-        self._max_idle = max_idle_per_origin
+        self._waiters: deque[tuple[Origin, asyncio.Future[_Conn | None]]] = deque()
+        self._closed = False
         self._ssl = ssl_context or ssl.create_default_context()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (idle ones included), or reserved by a request opening one."""
+        return self._open
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a connection."""
+        return sum(not waiter.done() for _, waiter in self._waiters)
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         url = request.url
@@ -125,16 +169,41 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         except Http1Error as exc:
             raise httpx2.LocalProtocolError(str(exc), request=request) from exc
         payload = head + request.content
-        pooled = self._take(origin)
-        if pooled is not None:
-            try:
-                return await self._exchange(request, origin, pooled, payload)
-            except httpx2.RemoteProtocolError as exc:
-                if not getattr(exc, "nothing_received", False):
-                    raise
-                # The node had closed this idle connection: it never saw the request.
-        conn = await self._connect(request, origin)
-        return await self._exchange(request, origin, conn, payload)
+        pooled = await self._checkout(request, origin)
+        # From here the slot is this request's until `_exchange` hands it to the body.
+        try:
+            if pooled is not None:
+                try:
+                    return await self._exchange(request, origin, pooled, payload)
+                except httpx2.RemoteProtocolError as exc:
+                    if not getattr(exc, "nothing_received", False):
+                        raise
+                    # The node had closed this idle connection: it never saw the
+                    # request. Its slot carries over to a new connection.
+            conn = await self._connect(request, origin)
+            return await self._exchange(request, origin, conn, payload)
+        except BaseException:
+            self._free_slot()
+            raise
+
+    # -- the pool -------------------------------------------------------------------
+
+    async def _checkout(self, request: httpx2.Request, origin: Origin) -> _Conn | None:
+        """An idle connection to `origin`, or None with a slot reserved to open one.
+
+        Waits, queued behind earlier requests, while all `max_connections` are busy;
+        `httpx2.PoolTimeout` after the request's `pool` timeout.
+        """
+        if not self._queued():  # with requests queued, a newcomer queues behind them
+            conn = self._take(origin)
+            if conn is not None:
+                return conn
+            if self._open < self._max:
+                self._open += 1
+                return None
+            if self._evict_idle():
+                return None
+        return await self._wait(request, origin)
 
     def _take(self, origin: Origin) -> _Conn | None:
         idle = self._idle.get(origin)
@@ -142,15 +211,88 @@ class Http11Transport(httpx2.AsyncBaseTransport):
             conn = idle.pop()
             if conn.usable:
                 return conn
-            conn.close()
+            self._discard(conn)
         return None
 
+    def _evict_idle(self) -> bool:
+        """Close the oldest idle connection (to any node); its slot passes to the caller."""
+        for idle in self._idle.values():
+            if idle:
+                idle.pop(0).close()
+                return True
+        return False
+
+    async def _wait(self, request: httpx2.Request, origin: Origin) -> _Conn | None:
+        waiter: asyncio.Future[_Conn | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((origin, waiter))
+        timeout = _timeout(request, "pool")
+        try:
+            with anyio.fail_after(timeout):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # Handed a connection or a slot just as this wait ended: pass it on.
+                conn = waiter.result()
+                if conn is None:
+                    self._free_slot()
+                else:
+                    self._give_back(origin, conn)
+            else:
+                waiter.cancel()
+            if isinstance(exc, TimeoutError):
+                raise httpx2.PoolTimeout(
+                    f"no upstream connection free within {timeout:g} s: all "
+                    f"{self._max} (max_connections) are in use",
+                    request=request,
+                ) from None
+            raise
+
+    def _queued(self) -> bool:
+        """Whether a request still waits (ones that gave up are dropped from the front)."""
+        waiters = self._waiters
+        while waiters and waiters[0][1].done():
+            waiters.popleft()
+        return bool(waiters)
+
+    def _next_waiter(self) -> tuple[Origin, asyncio.Future[_Conn | None]] | None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter[1].done():
+                return waiter
+        return None
+
+    def _free_slot(self) -> None:
+        """A connection closed (or was never opened): its slot goes to the next waiter."""
+        waiter = self._next_waiter()
+        if waiter is None:
+            self._open -= 1
+        else:
+            waiter[1].set_result(None)
+
+    def _discard(self, conn: _Conn) -> None:
+        conn.close()
+        self._free_slot()
+
     def _give_back(self, origin: Origin, conn: _Conn) -> None:
+        """A connection whose exchange ended cleanly: to the next waiter, or idle."""
+        if not conn.usable or self._closed:
+            self._discard(conn)
+            return
+        waiter = self._next_waiter()
+        if waiter is not None:
+            wanted, future = waiter
+            if wanted == origin:
+                future.set_result(conn)
+            else:  # its slot serves the waiter's node
+                conn.close()
+                future.set_result(None)
+            return
         idle = self._idle.setdefault(origin, [])
-        if len(idle) < self._max_idle and conn.usable:
+        if len(idle) < self._max_idle:
             idle.append(conn)
         else:
-            conn.close()
+            self._discard(conn)
 
     async def _connect(self, request: httpx2.Request, origin: Origin) -> _Conn:
         scheme, host, port = origin
@@ -162,6 +304,7 @@ class Http11Transport(httpx2.AsyncBaseTransport):
     async def _exchange(
         self, request: httpx2.Request, origin: Origin, conn: _Conn, payload: bytes
     ) -> httpx2.Response:
+        """Send and read the head; on failure the connection is closed, its slot kept."""
         read_timeout = _timeout(request, "read")
         watchdog = None if read_timeout is None else _Watchdog(conn, read_timeout)
         parser = ResponseParser(head_request=request.method == "HEAD")
@@ -203,10 +346,11 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         )
 
     async def aclose(self) -> None:
+        self._closed = True
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
-                conn.close()
+                self._discard(conn)
 
 
 class _Body(httpx2.AsyncByteStream):
@@ -272,4 +416,4 @@ class _Body(httpx2.AsyncByteStream):
         if self._parser.keep_alive:
             self._pool._give_back(self._origin, conn)
         else:
-            conn.close()
+            self._pool._discard(conn)

@@ -149,7 +149,13 @@ class Attempts:
         """A send that raised: `Retry` elsewhere, or re-raise (the caller's timeouts).
 
         `ours`: the read timeout in force was the first-byte bound, not the caller's.
+        A `PoolTimeout` (every connection of our own pool stayed busy: the
+        `max_connections` cap) never reached the node, so it is no mark against it,
+        and another node would wait on the same pool: it goes to the caller.
         """
+        if isinstance(exc, httpx2.PoolTimeout):
+            lease.finish(Outcome.NEUTRAL)
+            raise exc
         lease.finish(Outcome.FAILURE)
         if isinstance(exc, UNREACHED_ERRORS):
             self.router.registry.mark_failed(lease.url, f"unreachable: {exc!r}")

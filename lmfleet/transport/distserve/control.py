@@ -57,6 +57,8 @@ class DistServe:
         }
         self.protocol = wire.MIGRATION_PROTOCOL[options.migration_protocol]
         self.rdma = wire.rdma_config(options.link_type, options.with_gdr)
+        self.dummy_prefill = options.dummy_prefill
+        """LMDeploy's `--dummy-prefill`: decode nodes only, no prefill, no pair."""
         t = options.control_timeout
         self._timeout = {"connect": t, "read": t, "write": t, "pool": t}
         router.route = self.route
@@ -93,7 +95,12 @@ class DistServe:
 
     def _serving_role(self, model: str | None) -> NodeRole:
         """PREFILL (run P->D) when routable prefill and decode nodes serve `model`;
-        HYBRID when Hybrid nodes serve it; P->D (waiting for them) otherwise."""
+        HYBRID when Hybrid nodes serve it; P->D (waiting for them) otherwise.
+
+        With `dummy_prefill` no prefill node is called, so routable decode nodes
+        are enough for P->D (LMDeploy's proxy asks only for a decode node then).
+        """
+        needed = {NodeRole.DECODE} if self.dummy_prefill else {NodeRole.PREFILL, NodeRole.DECODE}
         routable: set[NodeRole] = set()
         present: set[NodeRole] = set()
         for node in self.router.registry.snapshot():
@@ -102,7 +109,7 @@ class DistServe:
             present.add(node.role)
             if node.status is NodeStatus.HEALTHY:
                 routable.add(node.role)
-        if {NodeRole.PREFILL, NodeRole.DECODE} <= routable:
+        if needed <= routable:
             return NodeRole.PREFILL
         if NodeRole.HYBRID in present:
             return NodeRole.HYBRID

@@ -8,6 +8,11 @@
       -> POST the original request + migration_request, streaming as asked
       -> the decode lease lives until the response stream closes
 
+With `dummy_prefill` (LMDeploy's `--dummy-prefill`, for profiling decode alone)
+the first two steps and the pair connection are skipped: the decode node gets
+the request with a dummy `migration_request` (`remote_engine_id` "dummy:dummy",
+`is_dummy_prefill: true`) and generates without migrating a cache.
+
 Failover follows plan.py's rules (its `Attempts` does the leasing, judging and
 backoff): only while nothing reached the caller. A prefill node that fails
 (unreachable, dropped, no first byte in time, a status in `retry_status`) is
@@ -53,6 +58,11 @@ class Orchestrator(Protocol):
     @property
     def protocol(self) -> int:
         """LMDeploy's migration protocol number, sent in the decode request."""
+        ...
+
+    @property
+    def dummy_prefill(self) -> bool:
+        """Skip the prefill node and the pair: decode alone (LMDeploy's profiling mode)."""
         ...
 
     def connect(self, pair: Pair) -> Steps[None]:
@@ -108,6 +118,9 @@ class DistServePlan:
                 yield Pause(attempts.failed(retry.reason))
 
     def _attempt(self) -> Steps[httpx2.Response]:
+        if self._ds.dummy_prefill:
+            decode, d_lease = yield from self._lease(self._decode_info)
+            return (yield from self._decode_dummy(decode, d_lease))
         prefill, p_lease = yield from self._lease(self._prefill_info)
         answer = yield from self._prefill(prefill, p_lease)
         if isinstance(answer, httpx2.Response):
@@ -179,6 +192,19 @@ class DistServePlan:
             # A refused migration leaves the cache on the prefill node, and may
             # mean the decode node forgot the pair (a restart): free and drop.
             yield from ds.drop(pair, also_free=prefilled.session_id)
+        return lease_response(reply, lease)
+
+    def _decode_dummy(self, node: NodeState, lease: Accounting) -> Steps[httpx2.Response]:
+        """Decode after a dummy prefill: no pair, no cache to shelve, free or drop."""
+        body = protocol.dummy_decode_body(self._body, self._ds.protocol)
+        reply = yield Call(self._build(node, body), stream=True, first_byte=True)
+        if not isinstance(reply, httpx2.Response):
+            self._attempts.transport_failed(lease, reply, "decode node ", self._ours)
+        reason = self._attempts.retryable(lease, reply, "decode node ")
+        if reason is not None:
+            yield Discard(reply)
+            lease.finish(Outcome.FAILURE)
+            raise Retry(reason)
         return lease_response(reply, lease)
 
     # -- helpers --------------------------------------------------------------------

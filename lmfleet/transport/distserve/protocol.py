@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MIGRATION_PROTOCOL = {"TCP": 1, "RDMA": 2, "NVLINK": 3}
-"""`MigrationProtocol` values."""
+"""`MigrationProtocol` values (LMDeploy's proxy offers RDMA and NVLINK)."""
 
 RDMA_LINK_TYPE = {"IB": 1, "RoCE": 2}
 """`RDMALinkType` values."""
@@ -92,10 +92,27 @@ def parse_prefill(answer: Any) -> Prefilled:
     return Prefilled(session_id, tuple(blocks), tokens[-1] if tokens else 0)
 
 
+DUMMY_ENGINE_ID = "dummy:dummy"
+"""`remote_engine_id` of a dummy prefill (LMDeploy's proxy with `--dummy-prefill`)."""
+
+DUMMY_PREFILLED = Prefilled(session_id=0, block_ids=(), token_id=0)
+"""What LMDeploy's proxy reads from the empty prefill answer of a dummy prefill."""
+
+
 def decode_body(
-    body: dict[str, Any], protocol: int, prefill_url: str, prefilled: Prefilled
+    body: dict[str, Any],
+    protocol: int,
+    prefill_url: str,
+    prefilled: Prefilled,
+    *,
+    dummy: bool = False,
 ) -> dict[str, Any]:
-    """The original request plus `migration_request` (LMDeploy's `MigrationRequest`)."""
+    """The original request plus `migration_request` (LMDeploy's `MigrationRequest`).
+
+    `dummy`: LMDeploy's `--dummy-prefill`, for profiling decode alone: no prefill
+    ran, so the request names `DUMMY_ENGINE_ID` with `DUMMY_PREFILLED` and says
+    `is_dummy_prefill`, and the decode engine skips the migration.
+    """
     return {
         **body,
         "migration_request": {
@@ -104,9 +121,14 @@ def decode_body(
             "remote_session_id": prefilled.session_id,
             "remote_block_ids": list(prefilled.block_ids),
             "remote_token_id": prefilled.token_id,
-            "is_dummy_prefill": False,
+            "is_dummy_prefill": dummy,
         },
     }
+
+
+def dummy_decode_body(body: dict[str, Any], protocol: int) -> dict[str, Any]:
+    """The decode request of a dummy prefill (`decode_body` as LMDeploy's proxy builds it)."""
+    return decode_body(body, protocol, DUMMY_ENGINE_ID, DUMMY_PREFILLED, dummy=True)
 
 
 def engine_config(answer: Any) -> dict[str, Any]:
@@ -123,7 +145,8 @@ def engine_config(answer: Any) -> dict[str, Any]:
 
 
 def rdma_config(link_type: str, with_gdr: bool) -> dict[str, Any]:
-    """`DistServeRDMAConfig`."""
+    """`DistServeRDMAConfig`. LMDeploy's proxy sends it whatever the migration protocol
+    (NVLINK included, with `nvlink_config: null`), and so does lmfleet."""
     return {"with_gdr": with_gdr, "link_type": RDMA_LINK_TYPE[link_type]}
 
 
