@@ -8,8 +8,10 @@ operations; no I/O ever happens under the lock.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -32,24 +34,56 @@ LATENCY_WINDOW = 64
 """Recent latencies kept per node for percentiles (the dashboard's p50)."""
 
 
+URL_FORM = "http(s)://host[:port], e.g. http://127.0.0.1:23333 or http://[::1]:23333"
+"""The node URL form every error about a bad node URL shows."""
+
+_HOST = re.compile(r"[A-Za-z0-9._-]+")
+"""What a host name may hold (an IPv6 address goes in brackets instead)."""
+
+
 def normalize_url(url: str) -> str:
-    """`http://host:port` form used as a node's identity; rejects what is not http(s)."""
+    """`http://host:port` form used as a node's identity.
+
+    Checked here, once, for everyone who adds a node (`attach`, `add_node`, the
+    proxy's /nodes/add): a typo such as `not a url` or `host::` would otherwise
+    become a node that can never be reached, and show up only later as an
+    unhealthy row with a puzzling connection error.
+    """
+    if not isinstance(url, str):
+        raise ConfigError(f"node URL must be a string {URL_FORM}; got {url!r}")
     text = url.strip()
     if "://" not in text:
         text = "http://" + text
     text = text.rstrip("/").removesuffix("/v1")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"node URL must be http(s)://host[:port], got {url!r}")
-    if parts.path or parts.query or parts.fragment:
-        raise ConfigError(
-            f"node URL must have no path or query (give http://host:port), got {url!r}"
-        )
     try:
-        parts.port  # noqa: B018 - validates the port
+        parts = urlsplit(text)
+    except ValueError as exc:  # a bad [IPv6] literal
+        raise _bad_url(url, str(exc)) from exc
+    try:
+        port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"node URL has an invalid port: {url!r}") from exc
+        raise _bad_url(url, "invalid port: give a number from 1 to 65535") from exc
+    if parts.scheme not in ("http", "https"):
+        raise _bad_url(url, f"the scheme must be http or https, not {parts.scheme!r}")
+    host = parts.hostname
+    if not host:
+        raise _bad_url(url, "it has no host")
+    if "[" in parts.netloc:
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError as exc:
+            raise _bad_url(url, f"{host!r} in brackets is not an IPv6 address") from exc
+    elif not _HOST.fullmatch(host):
+        raise _bad_url(url, f"the host {host!r} may hold only letters, digits, '-', '.' and '_'")
+    if port == 0 or parts.netloc.endswith(":"):
+        raise _bad_url(url, "invalid port: give a number from 1 to 65535")
+    if parts.path or parts.query or parts.fragment:
+        raise _bad_url(url, "it has a path or query (give the server's root, not an endpoint)")
     return text
+
+
+def _bad_url(url: str, why: str) -> ConfigError:
+    return ConfigError(f"invalid node URL {url!r}: {why}; expected {URL_FORM}")
 
 
 def _ewma(old: float | None, sample: float) -> float:
@@ -143,7 +177,11 @@ class NodeRegistry:
                 )
             self._nodes[url] = state
             self._models_changed()
-            return state
+        if old is None:
+            _log_added(state)
+        else:
+            _log_change(old, state, "added again")
+        return state
 
     def remove(self, url: str) -> NodeState:
         key = self._key(url)
@@ -153,6 +191,7 @@ class NodeRegistry:
             self._models_changed()
         if state is None:
             raise UnknownNodeError(f"no node {url!r} in this fleet")
+        _log_removed(state)
         return state.evolve(status=NodeStatus.STOPPED)
 
     def get(self, url: str) -> NodeState:
@@ -165,7 +204,7 @@ class NodeRegistry:
         with self._lock:
             readmitted = self._readmit_due(time.monotonic())
             nodes = list(self._nodes.values())
-        _log_readmitted(readmitted)
+        _log_changes(readmitted)
         return nodes
 
     def models(self) -> list[str]:
@@ -184,7 +223,7 @@ class NodeRegistry:
         """
         model = request.model
         role = request.role
-        readmitted: list[NodeState] = []
+        readmitted: list[tuple[NodeState, NodeState]] = []
         with self._lock:
             if self._next_readmit <= time.monotonic():
                 readmitted = self._readmit_due(time.monotonic())
@@ -213,7 +252,7 @@ class NodeRegistry:
             if chosen is not None:
                 chosen = chosen.evolve(inflight=chosen.inflight + 1)
                 self._nodes[chosen.url] = chosen
-        _log_readmitted(readmitted)
+        _log_changes(readmitted)
         return chosen
 
     def release(
@@ -230,11 +269,11 @@ class NodeRegistry:
         Only successes give latency and TTFT samples. `tokens` is the request's
         generated-token estimate (streamed chunks), if any.
         """
-        ejected: tuple[str, str] | None = None
         with self._lock:
-            state = self._nodes.get(url)
-            if state is None:
+            found = self._nodes.get(url)
+            if found is None:
                 return
+            state = before = found
             success = outcome is Outcome.SUCCESS
             if success and latency is not None:
                 recent = self._recent.get(url)
@@ -264,10 +303,9 @@ class NodeRegistry:
                     state = ejection.eject(state, reason, time.monotonic(), self._outliers)
                     window.clear()
                     self._next_readmit = min(self._next_readmit, state.ejected_until)
-                    ejected = (url, state.message)
             self._nodes[url] = state
-        if ejected is not None:
-            log.warning("node %s %s", *ejected)
+        if state.status is not before.status:
+            _log_change(before, state)
 
     def add_tokens(self, url: str, count: int) -> None:
         """Count `count` generated tokens on `url` (from a response's `usage`)."""
@@ -304,7 +342,9 @@ class NodeRegistry:
             self._nodes[key] = new
             if new.models != state.models:
                 self._models_changed()
-            return new
+        if new.status is not state.status:
+            _log_change(state, new)
+        return new
 
     def hold(self, url: str) -> None:
         """Freeze a node's status against the monitor while an admin command runs."""
@@ -318,8 +358,10 @@ class NodeRegistry:
     def is_held(self, url: str) -> bool:
         return self._key(url) in self._held
 
-    def _readmit_due(self, now: float) -> list[NodeState]:
-        """Re-admit (on probation) every ejected node whose time is up; under the lock."""
+    def _readmit_due(self, now: float) -> list[tuple[NodeState, NodeState]]:
+        """Re-admit (on probation) every ejected node whose time is up; under the lock.
+
+        Returns (before, after) of each, for the caller to log once the lock is free."""
         if self._next_readmit > now:
             return []
         readmitted = []
@@ -328,8 +370,8 @@ class NodeRegistry:
             if state.status is not NodeStatus.EJECTED:
                 continue
             if state.ejected_until <= now:
-                state = self._nodes[url] = ejection.readmit(state)
-                readmitted.append(state)
+                self._nodes[url] = ejection.readmit(state)
+                readmitted.append((state, self._nodes[url]))
             else:
                 self._next_readmit = min(self._next_readmit, state.ejected_until)
         return readmitted
@@ -344,6 +386,65 @@ class NodeRegistry:
             return url
 
 
-def _log_readmitted(states: list[NodeState]) -> None:
-    for state in states:
-        log.info("node %s %s", state.url, state.message)
+# -- the operator's log: one line per change of a node's status ----------------------
+#
+# Every status change goes through this module (`add`, `remove`, `modify`, `release`,
+# re-admission), so this is the one place that logs them: exactly one line per
+# change, whoever made it (monitor, passive check, ejection, admin command, launcher),
+# and none while a node keeps its status (no line per probe). Logged after the lock
+# is released: a slow handler must never stall routing.
+
+_WORSE = frozenset({NodeStatus.UNHEALTHY, NodeStatus.EJECTED})
+"""Changes an operator must notice: logged at WARNING; every other one at INFO."""
+
+
+def _log_added(state: NodeState) -> None:
+    how = (
+        "registered itself"
+        if state.registered
+        else "launched here"
+        if state.launched
+        else "attached"
+    )
+    if state.models:
+        how += "; models " + ", ".join(state.models)
+    log.info(
+        "node %s added (%s)",
+        state.url,
+        how,
+        extra={"node": state.url, "previous": None, "state": state.status.value},
+    )
+
+
+def _log_removed(state: NodeState) -> None:
+    log.info(
+        "node %s removed (was %s)",
+        state.url,
+        state.status.value,
+        extra={"node": state.url, "previous": state.status.value, "state": "removed"},
+    )
+
+
+def _log_change(old: NodeState, new: NodeState, detail: str | None = None) -> None:
+    """`node URL OLD -> NEW: why`, when the status changed; nothing otherwise."""
+    if new.status is old.status:
+        return
+    reasons = [new.message if detail is None else detail]
+    first = old.status is NodeStatus.STARTING or new.models != old.models
+    if new.status is NodeStatus.HEALTHY and new.models and first:
+        reasons.append("serves " + ", ".join(new.models))  # news: up at last, or new models
+    why = "; ".join(r for r in reasons if r)
+    log.log(
+        logging.WARNING if new.status in _WORSE else logging.INFO,
+        "node %s %s -> %s: %s" if why else "node %s %s -> %s%s",
+        new.url,
+        old.status.value,
+        new.status.value,
+        why,
+        extra={"node": new.url, "previous": old.status.value, "state": new.status.value},
+    )
+
+
+def _log_changes(changes: list[tuple[NodeState, NodeState]]) -> None:
+    for old, new in changes:
+        _log_change(old, new)

@@ -60,6 +60,9 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, openai.APIConnectionError):  # APITimeoutError included
         cause = exc.__cause__
         return f"{type(exc).__name__}({type(cause).__name__ if cause else ''})"
+    if isinstance(exc, openai.APIError) and isinstance(exc.body, dict) and "message" in exc.body:
+        # An error event ending a stream (the proxy's, when a node cut the stream).
+        return f"error event ({exc.body.get('type')})"
     return LOST
 
 

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lmfleet.status",
             "lmfleet.extras",
             "lmfleet.http1",
+            "lmfleet.logs",
         ),
     ),
     ("simulator", ("lmfleet.sim",)),

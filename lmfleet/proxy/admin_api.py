@@ -1,4 +1,5 @@
-"""lmfleet's own routes: `/fleet/*` (sleep, wakeup, drain, status), `/health`, `/v1/models`.
+"""lmfleet's own routes: `/fleet/*` (sleep, wakeup, drain, status), `/health`,
+`/liveness`, `/readiness`, `/v1/models`.
 
 Handlers run in the fleet's own event loop: they await the fleet's async internals
 (`fleet.admin`); the sync methods would deadlock the loop.
@@ -23,6 +24,15 @@ def _query(scope: Scope) -> dict[str, list[str]]:
 
 
 async def health(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+    """`/health`: can this proxy answer an inference request now? 200 while at least
+    one node is healthy, else 503.
+
+    The meaning of an LMDeploy api_server's own `/health` (503 while it cannot serve),
+    so that a proxy can stand where a node stood: behind another lmfleet or LMDeploy
+    proxy, or a load balancer that probes `/health`. LMDeploy 0.18's proxy has no
+    `/health`. An orchestrator that must tell "alive, waiting for nodes" from "dead"
+    probes `/liveness`; one that gates traffic on `min_ready` nodes, `/readiness`.
+    """
     nodes = rt.fleet.registry.snapshot()
     healthy = sum(1 for n in nodes if n.status is NodeStatus.HEALTHY)
     payload = {
@@ -31,6 +41,59 @@ async def health(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> Non
         "nodes": [{"url": n.url, "state": n.status.value} for n in nodes],
     }
     await send_json(send, 200 if healthy else 503, payload)
+
+
+LIVE = b'{"status":"alive"}'
+
+
+async def liveness(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+    """`/liveness`: 200 whenever the process answers at all, whatever its nodes do.
+
+    For an orchestrator's liveness probe, which restarts what fails it: a proxy whose
+    nodes are all down, or that waits for its first node to register, is alive, and
+    restarting it would only forget the registered nodes. Never needs a key; reads
+    nothing, so it stays cheap however often it is probed.
+    """
+    await send_bytes(send, 200, LIVE)
+
+
+async def readiness(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+    """`/readiness`: 200 once `min_ready` nodes are healthy (the fleet's `min_ready`,
+    what `wait_ready` waits for), else 503; the body says why either way.
+
+    For an orchestrator's readiness probe, which holds traffic back until it passes.
+    The body uses the names of SGLang's model gateway (`status` "ready" or
+    "not_ready", `healthy_workers`, `total_workers`, `reason` when not ready), so
+    dashboards and scripts written for it read this one, plus `min_ready` and one
+    entry per node in `workers`: its URL, state and the reason for it.
+    """
+    nodes = rt.fleet.registry.snapshot()
+    healthy = sum(1 for n in nodes if n.status is NodeStatus.HEALTHY)
+    wanted = rt.fleet.options.min_ready
+    ready = healthy >= wanted
+    payload: dict[str, object] = {
+        "status": "ready" if ready else "not_ready",
+        "healthy_workers": healthy,
+        "total_workers": len(nodes),
+        "min_ready": wanted,
+    }
+    if not ready:
+        payload["reason"] = (
+            f"{healthy} of {len(nodes)} node(s) healthy; {wanted} needed"
+            if nodes
+            else f"no node registered yet; {wanted} healthy needed"
+        )
+    payload["workers"] = [
+        {
+            "url": n.url,
+            "state": n.status.value,
+            "is_healthy": n.status is NodeStatus.HEALTHY,
+            "models": list(n.models),
+            "message": n.message,
+        }
+        for n in nodes
+    ]
+    await send_json(send, 200 if ready else 503, payload)
 
 
 async def models(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:

@@ -36,6 +36,8 @@ STATE_KEY = "lmfleet.proxy"
 
 ROUTES: dict[str, dict[str, Handler]] = {
     "/health": {"GET": admin_api.health},
+    "/liveness": {"GET": admin_api.liveness},
+    "/readiness": {"GET": admin_api.readiness},
     "/metrics": {"GET": admin_api.metrics},
     "/v1/models": {"GET": admin_api.models},
     "/nodes/status": {"GET": nodes_api.status},
@@ -55,6 +57,10 @@ ROUTES: dict[str, dict[str, Handler]] = {
 FORWARD: dict[str, Handler] = {"POST": forward}
 """Every other `/v1/*` path: chat, completions, embeddings, encode, responses, ..."""
 
+ALWAYS_PUBLIC = frozenset({"/liveness"})
+"""Paths that never need a key, whatever `public_paths` says: a liveness probe that
+failed on a key would get a healthy proxy restarted, and the answer reveals nothing."""
+
 ADMIN_PREFIXES = ("/nodes/", "/fleet/")
 """Routes that change or reveal the fleet; with `admin_keys` set only those keys open them."""
 
@@ -72,7 +78,7 @@ class ProxyApp:
         self.port = port
         self._keys = [b"Bearer " + k.encode() for k in options.api_keys]
         self._admin_keys = [b"Bearer " + k.encode() for k in options.admin_keys]
-        self._public = frozenset(options.public_paths)
+        self._public = frozenset(options.public_paths) | ALWAYS_PUBLIC
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -85,7 +91,7 @@ class ProxyApp:
 
     def _open(self) -> Runtime:
         routing = self.fleet.options.routing
-        inner = Http11Transport(max_idle_per_origin=routing.max_connections)
+        inner = Http11Transport(max_connections=routing.max_connections)
         wait = self.options.upstream_timeout
         return Runtime(
             fleet=self.fleet,

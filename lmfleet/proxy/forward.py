@@ -5,6 +5,14 @@ malformed JSON and unknown models, and the parsed dict is handed to the router s
 it does not parse again. The upstream response is streamed chunk by chunk and is
 always closed (client disconnect included), which frees the node's in-flight slot
 and cancels the upstream request.
+
+A response that started is never replayed. When its node cuts it, the proxy logs
+one warning naming the node and still ends the response as ASGI requires (uvicorn
+would otherwise log "ASGI callable returned without completing response" as well):
+an event stream ends with an OpenAI-shaped error event, which openai clients raise
+as `APIError` with our message, so the caller sees an error rather than a short
+answer; another body of unknown length just ends. Only a body of declared length
+cannot end early: there the connection is dropped, and uvicorn logs that too.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx2
 
+from lmfleet.error_body import error_body
 from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError, RoutingError
 from lmfleet.proxy.asgi import (
     BodyTooLarge,
@@ -59,6 +68,12 @@ NO_RETRY = (b"x-should-retry", b"false")
 
 RESPONSE_DROP = frozenset(HOP_BY_HOP - {b"content-length"})
 """The body is forwarded raw, so the node's content-length stays true and is kept."""
+
+
+EVENT_STREAM = b"text/event-stream"
+
+EVENT_END = (b"\n\n", b"\r\n\r\n", b"\r\r")
+"""What the last chunk ends with when it ends an event (SSE dispatches on a blank line)."""
 
 
 def _request_headers(scope: Scope, drop_auth: bool) -> list[tuple[bytes, bytes]]:
@@ -133,6 +148,19 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
         rt.metrics.error("node_unavailable")
         await send_error(send, 502, str(exc), type="bad_gateway", headers=[NO_RETRY])
         return
+    except httpx2.PoolTimeout as exc:
+        # The proxy is full (every one of `max_connections` busy), not the node slow:
+        # a 503 that says when to come back, like no healthy node.
+        rt.metrics.error("connection_limit")
+        retry = str(max(1, math.ceil(rt.fleet.options.health.interval))).encode()
+        await send_error(
+            send,
+            503,
+            f"The proxy is at its upstream connection limit: {exc}",
+            type="service_unavailable",
+            headers=[(b"retry-after", retry)],
+        )
+        return
     except httpx2.TimeoutException as exc:
         rt.metrics.error("upstream_timeout")
         await send_error(send, 504, f"The node did not answer in time: {exc!r}", type="timeout")
@@ -158,30 +186,40 @@ async def _relay(
     node = f"{target.scheme}://{target.netloc.decode('ascii')}"
     headers = []
     length = -1
+    sse = False
     for key, value in response.headers.raw:
         lower = key.lower()
         if lower not in RESPONSE_DROP:
             headers.append((key, value))
             if lower == b"content-length" and value.isdigit():
                 length = int(value)
+            elif lower == b"content-type":
+                sse = value.lower().startswith(EVENT_STREAM)
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     if length >= 0:
         # A sized body (a non-streaming answer) arrives with its head: nothing to
         # cancel early, so no disconnect watcher, and the last piece ends the reply.
-        await _copy(response, send, rt, node, started, length)
+        await _copy(response, send, rt, node, started, length, sse)
         return
     async with anyio.create_task_group() as tg:
         tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
-        await _copy(response, send, rt, node, started, length)
+        await _copy(response, send, rt, node, started, length, sse)
         tg.cancel_scope.cancel()
 
 
 async def _copy(
-    response: httpx2.Response, send: Send, rt: Runtime, node: str, started: float, length: int
+    response: httpx2.Response,
+    send: Send,
+    rt: Runtime,
+    node: str,
+    started: float,
+    length: int,
+    sse: bool,
 ) -> None:
     """Send the body on as it arrives; `length` is its size, or -1 (until the node ends it)."""
     first: float | None = None
     more = True
+    last = b""
     try:
         stream = response.stream
         assert isinstance(stream, httpx2.AsyncByteStream)
@@ -193,15 +231,29 @@ async def _copy(
                 length -= len(chunk)
                 more = length > 0
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            last = chunk
     except (httpx2.TransportError, RoutingError) as exc:
-        # A started response is never replayed: end the client's connection
-        # abruptly (returning without completing makes uvicorn close it).
         rt.metrics.error("interrupted")
         log.warning("stream from %s cut after it started: %r", node, exc)
+        if length < 0:  # see the module docstring; a sized body cannot end early
+            tail = _error_event(exc, last) if sse else b""
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
         return
     if more:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     rt.metrics.latency(node, time.monotonic() - started)
+
+
+def _error_event(exc: Exception, last: bytes) -> bytes:
+    """The event that ends a cut event stream: `data: {"error": {...}}`, as vLLM and
+    SGLang send mid-stream errors and openai clients raise them. A blank line first
+    when the cut fell inside an event, so that this one is parsed on its own."""
+    if isinstance(exc, httpx2.TimeoutException):
+        body = error_body(f"The node sent nothing in time: {exc!r}", code=504, type="timeout")
+    else:
+        body = error_body(str(exc), code=502, type="bad_gateway")
+    event = b"data: " + json.dumps({"error": body}).encode() + b"\n\n"
+    return event if not last or last.endswith(EVENT_END) else b"\n\n" + event
 
 
 async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

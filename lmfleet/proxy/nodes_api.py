@@ -80,16 +80,14 @@ async def add(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
     # A node that registers itself does so before its port opens: it stays
     # `starting` and is probed until it answers (never dropped).
     rt.fleet.add_node(url, models=models, role=role, registered=True)
-    _persist(rt)
-    log.info("node %s added (models %s)", url, models or "from /v1/models")
+    _persist(rt)  # the registry logs the node's arrival or departure
     await send_json(send, 200, {"message": "Added successfully", "url": url})
 
 
 async def remove(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
     url, _ = await _node_url(scope, receive, rt)
     rt.fleet.remove_node(url)
-    _persist(rt)
-    log.info("node %s removed", url)
+    _persist(rt)  # the registry logs the node's arrival or departure
     await send_json(send, 200, {"message": "Removed successfully", "url": url})
 
 

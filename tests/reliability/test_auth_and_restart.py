@@ -21,6 +21,7 @@ from lmfleet import LMFleet, NoHealthyNodeError
 from lmfleet.launch.process import ManagedProcess, free_port, wait_for_port
 from lmfleet.proxy import ProxyOptions, ProxyServer
 from lmfleet.proxy.app import ROUTES
+from lmfleet.proxy.options import DEFAULT_PUBLIC_PATHS
 
 Served = tuple[LMFleet, ProxyServer]
 QUICK = ("--health-poll-interval", "0.2", "--ttft-ms", "2", "--tpot-ms", "1")
@@ -39,7 +40,7 @@ def test_client_keys_on_every_route_and_admin_keys_for_registration(
     for path, methods in [*ROUTES.items(), ("/v1/chat/completions", {"POST": None})]:
         for method in methods:
             anonymous = httpx2.request(method, server.url + path, timeout=10)
-            if path in ("/health", "/metrics"):
+            if path in DEFAULT_PUBLIC_PATHS:  # probes and scrapes: /health, /liveness, ...
                 assert anonymous.status_code == 200, path
                 continue
             assert anonymous.status_code == 401, (method, path, anonymous.text)
