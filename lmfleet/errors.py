@@ -20,9 +20,10 @@
 A name in parentheses is the class's second base: code that catches the plain
 Python (or openai) error, `except RuntimeError` say, still catches it.
 
-A request for a model no node serves is answered like a node would answer it, an
-HTTP 404 in OpenAI's error shape listing the served models (`openai.NotFoundError`
-for the clients), so the clients and the proxy report it the same way.
+A request for a model no node serves is answered by the router, before any node
+is asked, like a node would answer it: an HTTP 404 in OpenAI's error shape whose
+message lists the served models (`openai.NotFoundError` for the clients), so the
+clients and the proxy report it the same way (transport/router.py).
 
 Routing errors are raised inside the HTTP transport (or while a body is read)
 and are `openai.APIConnectionError`s, not httpx2 errors: openai (>= 3) lets its
@@ -57,7 +58,9 @@ class FleetClosedError(LMFleetError, RuntimeError):
 
 
 class NotReadyError(LMFleetError, TimeoutError):
-    """Fewer nodes than required became healthy in time."""
+    """Fewer nodes than required became healthy in time. The message leads with one
+    line per node that is not ready and why (`http://h:1: unhealthy (... Connection
+    refused)`), then the fleet's table."""
 
 
 class LaunchError(LMFleetError, RuntimeError):

@@ -34,7 +34,7 @@ from lmfleet.launch.sim import DEFAULT_SIM_MODEL
 from lmfleet.launch.supervisor import Supervisor
 from lmfleet.notebook.methods import NotebookMethods
 from lmfleet.proxy.options import ProxyOptions, ServeKeywords, serve_options
-from lmfleet.registry import NodeRegistry
+from lmfleet.registry import NodeRegistry, normalize_url
 from lmfleet.routing import affinity_key, resolve_strategy
 from lmfleet.routing.base import Strategy
 from lmfleet.runtime import FleetRuntime
@@ -101,9 +101,16 @@ class LMFleet(NotebookMethods):
         api_key: str | None = None,
         options: FleetOptions | None = None,
         roles: Sequence[NodeRole | int | str] | None = None,
+        allow_empty: bool = False,
         **shortcuts: Unpack[FleetKeywords],
     ) -> LMFleet:
         """Route over running servers. `api_key` is the nodes' key (never the proxy's).
+
+        `urls` is a list of `http(s)://host[:port]` (a single string is one URL); every
+        one is checked before anything starts (`ConfigError` shows the bad one). An
+        empty list is a `ConfigError` too, as it is almost always a mistake, unless
+        `allow_empty=True`: a proxy whose nodes register later (`add_node`, or
+        LMDeploy's `--proxy-url` at /nodes/add).
 
         `shortcuts` override fields of `options` (`config.FleetKeywords`: health_interval,
         unhealthy_after, wait_for_node, wake_on_demand, first_byte_timeout, min_ready,
@@ -112,7 +119,15 @@ class LMFleet(NotebookMethods):
         `serving_strategy="DistServe"` runs prefill -> decode over nodes whose `roles`
         (one per URL: hybrid/prefill/decode or LMDeploy's 1/2/3) say so (docs/distserve.md).
         """
-        urls = [urls] if isinstance(urls, str) else list(urls)
+        # Everything is checked before the fleet starts its thread: a bad URL must not
+        # leave a half-built fleet running.
+        urls = [normalize_url(url) for url in ([urls] if isinstance(urls, str) else urls)]
+        if not urls and not allow_empty:
+            raise ConfigError(
+                "LMFleet.attach got no node URLs; give at least one "
+                "(LMFleet.attach(['http://127.0.0.1:23333'])), or pass allow_empty=True "
+                "for a fleet whose nodes are added later"
+            )
         split_keywords(shortcuts, "LMFleet.attach", launch=False)
         parsed = parse_roles(roles, len(urls))
         fleet = cls(strategy=strategy, api_key=api_key, options=merge_options(options, shortcuts))
@@ -346,10 +361,7 @@ class LMFleet(NotebookMethods):
             if (failure := self._supervisor.failure()) is not None:
                 raise failure
             if time.monotonic() >= deadline:
-                table = self.status().table()
-                raise NotReadyError(
-                    f"{healthy} of {need} nodes healthy after {timeout:g} s\n{table}"
-                )
+                raise NotReadyError(_not_ready(self.status(), healthy, need, timeout))
             time.sleep(0.05)
 
     @property
@@ -390,3 +402,18 @@ class LMFleet(NotebookMethods):
         if self.runtime.closed:
             return "<LMFleet closed>"
         return self.status().table()
+
+
+def _not_ready(status: FleetStatus, healthy: int, need: int, timeout: float) -> str:
+    """`wait_ready`'s error: why each node is not ready first, then the whole table.
+
+    The reason (connection refused, a 503, a launch still loading) is what the
+    reader must act on, so it leads, one line per node that is not healthy.
+    """
+    head = f"{healthy} of {len(status.nodes)} nodes healthy after {timeout:g} s ({need} needed)"
+    if not status.nodes:
+        head += ": the fleet has no nodes (add_node, or a node registering at /nodes/add)"
+    reasons = [
+        f"  {n.url}: {n.reason()}" for n in status.nodes if n.state is not NodeStatus.HEALTHY
+    ]
+    return "\n".join([head + (":" if reasons else ""), *reasons, "", status.table(notes=False)])

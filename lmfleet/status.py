@@ -9,6 +9,59 @@ from pydantic import BaseModel, ConfigDict
 
 from lmfleet.state import NodeRole, NodeState, NodeStatus
 
+COLUMN_NAMES: dict[str, str] = {
+    "url": "node",
+    "state": "state",
+    "models": "models",
+    "inflight": "in-flight",
+    "served": "requests",
+    "errors": "errors",
+    "error_rate": "error %",
+    "latency": "latency",
+    "p50": "p50 latency",
+    "ttft": "TTFT",
+    "tokens_per_s": "tokens/s",
+}
+"""The one name of each column any fleet table shows, by the field it shows.
+
+Defined once so that `print(fleet)`, the HTML table and the live dashboard call the
+same number by the same name (docs/guide/notebooks.md explains each). `latency` (the
+smoothed mean, what routing uses) and `p50 latency` (the median of the last 64) are
+different numbers, so they have different names.
+"""
+
+
+def columns(*fields: str) -> tuple[str, ...]:
+    """The names of the columns showing `fields` (keys of `COLUMN_NAMES`), in order."""
+    return tuple(COLUMN_NAMES[field] for field in fields)
+
+
+TEXT_COLUMNS = columns(
+    "url", "state", "models", "inflight", "served", "errors", "error_rate", "latency", "ttft"
+)
+"""`FleetStatus.table()`'s columns: what one snapshot holds."""
+
+NOTEBOOK_COLUMNS = columns(
+    "url",
+    "state",
+    "models",
+    "inflight",
+    "served",
+    "errors",
+    "error_rate",
+    "p50",
+    "ttft",
+    "tokens_per_s",
+)
+"""The HTML table's and the dashboard's columns: the notebook meters recent traffic,
+so it shows the median latency and adds tokens/s."""
+
+_IDLE_REASONS: dict[NodeStatus, str] = {
+    NodeStatus.STARTING: "no health check has passed yet",
+    NodeStatus.SLEEPING: "asleep; fleet.wakeup() wakes it",
+    NodeStatus.DRAINING: "draining: it takes no new requests",
+}
+
 
 class NodeSnapshot(BaseModel):
     """One node at one instant. Latencies are seconds (EWMA over successes); None = never
@@ -31,6 +84,11 @@ class NodeSnapshot(BaseModel):
     message: str
     launched: bool
     registered: bool = False
+
+    def reason(self) -> str:
+        """Its state and why, for messages: `unhealthy (Connection refused)`."""
+        why = self.message or _IDLE_REASONS.get(self.state, "")
+        return f"{self.state.value} ({why})" if why else self.state.value
 
     @classmethod
     def of(cls, state: NodeState) -> NodeSnapshot:
@@ -63,23 +121,14 @@ class FleetStatus(BaseModel):
     def healthy(self) -> int:
         return sum(1 for n in self.nodes if n.state is NodeStatus.HEALTHY)
 
-    def table(self) -> str:
-        """A short text table for terminals."""
-        header = (
-            "node",
-            "state",
-            "models",
-            "inflight",
-            "served",
-            "errors",
-            "error%",
-            "latency",
-            "ttft",
-        )
+    def table(self, *, notes: bool = True) -> str:
+        """A short text table for terminals, in `TEXT_COLUMNS`; `notes` adds a line with
+        the reason of each unhealthy or ejected node."""
+        header = TEXT_COLUMNS
         rows = [header]
         for n in self.nodes:
             rows.append(
-                (
+                (  # in TEXT_COLUMNS order
                     n.url,
                     n.state.value,
                     ",".join(n.models) or "-",
@@ -96,8 +145,8 @@ class FleetStatus(BaseModel):
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
         ]
         title = f"LMFleet: {self.healthy}/{len(self.nodes)} healthy, strategy={self.strategy}"
-        notes = [f"  {n.url} {n.state.value}: {n.message}" for n in self.nodes if _noted(n)]
-        return "\n".join([title, *lines, *notes])
+        reasons = [f"  {n.url} {n.state.value}: {n.message}" for n in self.nodes if _noted(n)]
+        return "\n".join([title, *lines, *(reasons if notes else ())])
 
 
 def _noted(node: NodeSnapshot) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,7 +66,8 @@ def serve_fleet() -> Iterator[Callable[..., Served]]:
         **kwargs: object,
     ) -> Served:
         kwargs.setdefault("health_interval", 0.2)
-        fleet = LMFleet.attach(urls, **kwargs)  # type: ignore[arg-type]
+        # Empty `urls`: a proxy whose nodes register at /nodes/add.
+        fleet = LMFleet.attach(urls, allow_empty=True, **kwargs)  # type: ignore[arg-type]
         fleets.append(fleet)
         if urls and ready != 0:
             fleet.wait_ready(timeout=30, min_ready=ready or len(urls))
@@ -75,3 +77,20 @@ def serve_fleet() -> Iterator[Callable[..., Served]]:
     yield make
     for fleet in fleets:
         fleet.close()
+
+
+@pytest.fixture
+def operator_logging() -> Iterator[None]:
+    """`configure_logging("INFO")` as the `lmfleet` commands call it, undone after the
+    test: the root's level and handlers and the loggers it changes are process-wide."""
+    from lmfleet.logs import QUIET_LOGGERS, UVICORN_LOGGERS, configure_logging
+
+    root = logging.getLogger()
+    touched = [logging.getLogger(name) for name in (*QUIET_LOGGERS, *UVICORN_LOGGERS)]
+    saved = [(lg, lg.level, lg.propagate, list(lg.handlers)) for lg in [root, *touched]]
+    configure_logging("INFO")
+    yield
+    for logger, level, propagate, handlers in saved:
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.handlers[:] = handlers

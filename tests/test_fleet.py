@@ -23,7 +23,14 @@ from support import (
     wait_until_async,
 )
 
-from lmfleet import LMFleet, NodeStatus, NoHealthyNodeError, StreamInterruptedError
+from lmfleet import (
+    ConfigError,
+    LMFleet,
+    NodeStatus,
+    NoHealthyNodeError,
+    NotReadyError,
+    StreamInterruptedError,
+)
 from lmfleet.routing import RandomStrategy
 
 MODEL = "internlm/internlm2_5-7b-chat"
@@ -363,3 +370,75 @@ def test_a_node_is_one_key_whatever_the_spelling() -> None:
         assert fleet.drain("127.0.0.1:9/v1", timeout=0) is True
         assert fleet.remove_node("127.0.0.1:9").url == "http://127.0.0.1:9"
         assert [n.url for n in fleet.nodes] == ["http://127.0.0.1:8"]
+
+
+# -- attach's input checks and wait_ready's reasons (issue 14) ----------------------------
+
+
+@pytest.mark.parametrize("urls", [["not a url"], ["http://127.0.0.1:9", "notaurl::"], []])
+def test_attach_rejects_bad_input_before_starting_anything(urls: list[str]) -> None:
+    before = set(threading.enumerate())
+    with pytest.raises(ConfigError) as caught:
+        LMFleet.attach(urls)
+    message = str(caught.value)
+    if urls:
+        assert repr(urls[-1]) in message and "http(s)://host[:port]" in message
+    else:
+        assert "allow_empty=True" in message
+    assert set(threading.enumerate()) <= before  # no half-built fleet left running
+
+
+def test_attach_empty_when_allowed_then_nodes_join(start_sim: StartSim) -> None:
+    """`allow_empty=True`: a proxy's fleet, whose nodes join later."""
+    with LMFleet.attach([], allow_empty=True, health_interval=0.2) as fleet:
+        assert fleet.nodes == []
+        with pytest.raises(NotReadyError, match="the fleet has no nodes"):
+            fleet.wait_ready(timeout=0.1)
+        fleet.add_node(start_sim(*FAST).url)
+        fleet.wait_ready(timeout=30)
+
+
+def test_attach_takes_one_url_as_a_string(start_sim: StartSim) -> None:
+    url = start_sim(*FAST).url
+    with LMFleet.attach(url + "/v1/", health_interval=0.2) as fleet:
+        assert [n.url for n in fleet.nodes] == [url]
+        fleet.wait_ready(timeout=30)
+        chat(fleet.client(max_retries=0), fleet.model, "hi", max_tokens=1)
+
+
+def test_wait_ready_says_why_each_node_is_not_ready(start_sim: StartSim) -> None:
+    good = start_sim(*FAST).url
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    with LMFleet.attach([good, dead], health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=30, min_ready=1)
+        wait_until(lambda: {n.url: n.state for n in fleet.nodes}[dead] is NodeStatus.UNHEALTHY)
+        with pytest.raises(NotReadyError) as caught:
+            fleet.wait_ready(timeout=0.1, min_ready=2)
+    head, reason, *rest = str(caught.value).splitlines()
+    assert head == "1 of 2 nodes healthy after 0.1 s (2 needed):"
+    assert reason.startswith(f"  {dead}: unhealthy (") and "Connection refused" in reason
+    assert good in "\n".join(rest)  # the table follows, with every node
+    assert not any(line.startswith(f"  {good}:") for line in rest)  # healthy: no reason
+
+
+def test_unknown_model_404_lists_the_served_models() -> None:
+    """One model served: routing skips reading the body, yet a request for another
+    model gets the fleet's 404 naming what it serves (not the node's bare 404)."""
+    with LMFleet.simulate(nodes=1, health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=60)
+        client = fleet.client(max_retries=0)
+        with pytest.raises(openai.NotFoundError) as caught:
+            chat(client, "no-such-model", "hi", max_tokens=1)
+        error = caught.value
+        served = f"The model 'no-such-model' does not exist; served models: {MODEL}"
+        assert error.message.endswith(served)  # openai's "Error code: 404 - " prefix
+        assert error.body == {
+            "object": "error",
+            "message": served,
+            "type": "not_found_error",
+            "param": "model",
+            "code": 404,
+        }
+        asked = sim_stats(fleet.nodes[0].url)["by_path"]
+        assert "/v1/chat/completions" not in asked  # the fleet answered, not the node
+        assert chat(client, MODEL, "hi", max_tokens=1).choices  # the served one still routes

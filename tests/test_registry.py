@@ -25,6 +25,38 @@ def test_normalize_url() -> None:
             normalize_url(bad)
 
 
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ("not a url", "the host 'not a url' may hold only"),
+        ("notaurl::", "invalid port: give a number from 1 to 65535"),
+        ("http://h:0", "invalid port: give a number from 1 to 65535"),
+        ("http://h:70000", "invalid port: give a number from 1 to 65535"),
+        ("http://h:", "invalid port: give a number from 1 to 65535"),
+        ("http://:80", "no host"),
+        ("http://gpu*1:80", "may hold only letters"),
+        ("http://[nope]:80", "'nope'"),
+        ("ftp://h:1", "scheme must be http or https"),
+        ("http://h:1/x", "path or query"),
+    ],
+)
+def test_malformed_node_urls_are_rejected_with_the_expected_form(bad: str, why: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        normalize_url(bad)
+    message = str(caught.value)
+    assert repr(bad) in message and why in message
+    assert "expected http(s)://host[:port], e.g. http://127.0.0.1:23333" in message
+
+
+def test_host_names_and_ipv6_literals_are_accepted() -> None:
+    assert normalize_url("gpu_1.rack-2.local:23333") == "http://gpu_1.rack-2.local:23333"
+    assert normalize_url("http://[::1]:23333/v1") == "http://[::1]:23333"
+    assert normalize_url("https://[fe80::1%25eth0]:8000") == "https://[fe80::1%25eth0]:8000"
+    assert normalize_url("http://h") == "http://h"  # the scheme's default port
+    with pytest.raises(ConfigError, match="must be a string"):
+        normalize_url(23333)  # type: ignore[arg-type]
+
+
 def test_lease_counts_inflight_and_release_records_latency() -> None:
     registry = NodeRegistry()
     healthy(registry, "http://a:1")

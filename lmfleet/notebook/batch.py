@@ -18,6 +18,8 @@ is already running (no `asyncio.run` inside a running loop).
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ from lmfleet.errors import BatchError, ConfigError, NoHealthyNodeError
 
 if TYPE_CHECKING:
     from lmfleet.surface import FleetSurface
+
+log = logging.getLogger("lmfleet")
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 - the input type
@@ -147,6 +151,17 @@ def _text(item: object) -> str | None:
     return text
 
 
+NO_TQDM_HINT = "the lmfleet batch progress bar needs tqdm: pip install 'lmfleet[notebook]'"
+"""Logged once per process when a batch asks for a bar that cannot be drawn."""
+
+
+@functools.cache
+def _hint_no_tqdm() -> None:
+    """Say once why there is no bar: a bar that silently never appears looks like a
+    hang, and a line per batch would be noise (`cache`: runs once per process)."""
+    log.warning(NO_TQDM_HINT)
+
+
 class _Progress:
     """A tqdm bar (a widget in notebooks, text in terminals) or nothing."""
 
@@ -156,6 +171,7 @@ class _Progress:
             try:
                 from tqdm.auto import tqdm
             except ImportError:  # the `notebook` extra is not installed: no bar
+                _hint_no_tqdm()
                 return
             self._bar = tqdm(total=total, desc=desc, unit="req", smoothing=0.1)
 
@@ -244,7 +260,11 @@ async def run_batch(
 
 def _check_params(params: dict[str, Any]) -> None:
     if params.get("stream"):
-        raise ConfigError("chat_many/complete_many collect whole responses: stream=True is not")
+        raise ConfigError(
+            "chat_many and complete_many collect whole responses, so stream=True is not "
+            "supported: leave stream out, or stream each request yourself with "
+            "fleet.async_client().chat.completions.create(..., stream=True)"
+        )
 
 
 def _node_of(url: Any) -> str:

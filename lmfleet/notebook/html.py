@@ -9,19 +9,10 @@ from __future__ import annotations
 from html import escape
 
 from lmfleet.notebook.stats import STATE_COLOURS, FleetView, NodeRow, fmt_ms, fmt_rate
+from lmfleet.status import NOTEBOOK_COLUMNS
 
-COLUMNS = (
-    "node",
-    "state",
-    "models",
-    "in-flight",
-    "requests",
-    "errors",
-    "error %",
-    "p50 latency",
-    "TTFT",
-    "tokens/s",
-)
+COLUMNS = NOTEBOOK_COLUMNS
+"""This table's and the live dashboard's column names (named once, in lmfleet/status.py)."""
 
 _CELL = "padding:2px 10px;text-align:left;"
 _NUM = "padding:2px 10px;text-align:right;font-variant-numeric:tabular-nums;"

@@ -8,6 +8,8 @@ drift apart. The failover rules live in plan.py.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -76,7 +78,11 @@ class Router:
             body = request.extensions.get(PARSED_BODY)
         if not isinstance(body, dict):
             body = None
-            if len(models) > 1 or self._affinity_key is not None:
+            if (
+                len(models) > 1
+                or self._affinity_key is not None
+                or (models and not _names_model(request, models[0]))
+            ):
                 body = read_json(request)
         model = body.get("model") if body is not None else None
         model = model if isinstance(model, str) else None
@@ -112,11 +118,35 @@ class Router:
             request.headers["Authorization"] = f"Bearer {node.api_key}"
 
 
+@functools.lru_cache(maxsize=64)
+def _model_fields(model: str) -> tuple[bytes, ...]:
+    """`"model":"name"` as JSON encoders write it (compact or not, escaped or not)."""
+    names = {json.dumps(model, ensure_ascii=a).encode() for a in (False, True)}
+    return tuple(b'"model"' + sep + name for name in names for sep in (b":", b": "))
+
+
+def _names_model(request: httpx2.Request, model: str) -> bool:
+    """Whether the body has a `"model"` field naming `model`, the one served, unparsed.
+
+    With one model served routing needs nothing from the body, and parsing it costs
+    more than the rest of routing; but a request for another model must still get
+    the fleet's 404 listing the served models (the node's own 404 lists none). A
+    substring search settles the common case; a body it cannot settle is parsed.
+    No body, or one not in memory (a stream), has nothing to check here.
+    """
+    try:
+        content = request.content
+    except httpx2.RequestNotRead:
+        return True
+    return not content or any(field in content for field in _model_fields(model))
+
+
 def _unknown_model(request: httpx2.Request, model: str, served: list[str]) -> httpx2.Response:
-    message = f"The model {model!r} does not exist. Served models: {', '.join(served)}"
+    """LMDeploy's 404 for a model no node serves, plus what the fleet does serve."""
+    message = f"The model {model!r} does not exist; served models: {', '.join(served)}"
     return httpx2.Response(
         404,
         headers={"content-type": "application/json"},
-        content=error_bytes(message, code=404, param="model"),
+        content=error_bytes(message, code=404, type="not_found_error", param="model"),
         request=request,
     )

@@ -41,7 +41,9 @@ def served(fleet: LMFleet) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def real_fleet(peer_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealFleet]:
     logs = tmp_path_factory.mktemp("fleet-logs")
-    fleet = LMFleet.attach([], api_key=API_KEY, health_interval=0.3, wait_for_node=10)
+    fleet = LMFleet.attach(
+        [], allow_empty=True, api_key=API_KEY, health_interval=0.3, wait_for_node=10
+    )
     server = fleet.serve(port=0)
     peers: list[Server] = []
     try:

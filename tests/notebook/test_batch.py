@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -13,7 +15,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from support import SimNode, StartSim, wait_until
 
 from lmfleet import ConfigError, LMFleet
-from lmfleet.notebook.batch import ItemError, run_batch
+from lmfleet.notebook.batch import NO_TQDM_HINT, ItemError, run_batch
 
 FAST = ("--health-poll-interval", "0.5", "--ttft-ms", "5", "--tpot-ms", "2")
 
@@ -141,3 +143,36 @@ def _request() -> object:
     import httpx2
 
     return httpx2.Request("POST", "http://127.0.0.1:1/v1/chat/completions")
+
+
+def test_stream_true_is_refused_with_what_to_do_instead() -> None:
+    with (
+        LMFleet.attach("http://127.0.0.1:9", health_interval=60) as fleet,  # never asked
+        pytest.raises(ConfigError) as caught,
+    ):
+        fleet.chat_many(conversations(1), model="m", stream=True)
+    message = str(caught.value)
+    assert "stream=True is not supported" in message
+    assert "leave stream out" in message and "fleet.async_client()" in message
+
+
+NO_TQDM = """
+import sys
+sys.modules["tqdm"] = None  # as if the `notebook` extra were not installed
+from lmfleet import LMFleet
+with LMFleet.simulate(nodes=1, health_interval=0.2) as fleet:
+    fleet.wait_ready(timeout=60)
+    for _ in range(2):
+        result = fleet.chat_many([[{"role": "user", "content": "hi"}]] * 3, max_tokens=2)
+        print(len(result.ok))
+"""
+
+
+def test_missing_tqdm_is_said_once_per_process() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TQDM], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3", "3"]
+    assert done.stderr.count(NO_TQDM_HINT) == 1, done.stderr
+    assert "pip install 'lmfleet[notebook]'" in NO_TQDM_HINT

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
+from html import escape, unescape
 
 import pytest
 from support import SimNode, StartSim, chat, wait_until
@@ -13,6 +15,7 @@ from lmfleet.ejection import Outcome
 from lmfleet.notebook import display, html
 from lmfleet.notebook.dashboard import Dashboard
 from lmfleet.notebook.stats import TrafficMeter
+from lmfleet.status import COLUMN_NAMES, NOTEBOOK_COLUMNS, TEXT_COLUMNS
 
 FAST = ("--health-poll-interval", "0.5", "--ttft-ms", "5", "--tpot-ms", "2")
 SECRET = "sk-node-secret-1234"
@@ -147,3 +150,18 @@ def test_tokens_per_second_window() -> None:
     meter.view(status())
     now[0] = 111.0
     assert meter.view(status()).rows[0].tokens_per_s == 0
+
+
+def test_every_rendering_names_columns_from_one_set(fleet: LMFleet) -> None:
+    """`print(fleet)`, the HTML table and the widget call one number by one name."""
+    text_head = repr(fleet).splitlines()[1]
+    assert re.split(r"\s{2,}", text_head.strip()) == list(TEXT_COLUMNS)
+    html_heads = [unescape(h) for h in re.findall(r"<th\b[^>]*>(.*?)</th>", fleet._repr_html_())]
+    assert html_heads == list(NOTEBOOK_COLUMNS)
+    board = Dashboard(fleet)
+    widget_heads = [w.value for w in board.grid.children[: len(NOTEBOOK_COLUMNS) + 1]]
+    assert widget_heads == [f"<b>{escape(c)}</b>" for c in (*NOTEBOOK_COLUMNS, "actions")]
+    assert set(TEXT_COLUMNS) | set(NOTEBOOK_COLUMNS) <= set(COLUMN_NAMES.values())
+    shared = [c for c in NOTEBOOK_COLUMNS if c in TEXT_COLUMNS]
+    assert shared == [c for c in TEXT_COLUMNS if c in NOTEBOOK_COLUMNS]  # same order
+    assert len(shared) == len(TEXT_COLUMNS) - 1  # all but the smoothed "latency"

@@ -138,3 +138,25 @@ def test_metrics_parse_with_per_node_series(
     assert {"node": two_nodes[0], "state": "healthy"} in by_name["lmfleet_node_state"]
     assert {"kind": "bad_json"} in by_name["lmfleet_proxy_errors_total"]
     assert {"route": "/v1/chat/completions"} in by_name["lmfleet_proxy_requests_total"]
+
+
+def test_unknown_model_is_an_openai_404_listing_the_served_models() -> None:
+    """The proxy answers it (no node asked) in OpenAI's error shape, as the clients do."""
+    with LMFleet.simulate(nodes=1, health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=60)
+        server = fleet.serve(port=0)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        served = f"The model 'gpt-9' does not exist; served models: {MODEL}"
+        with pytest.raises(openai.NotFoundError) as chat_error:
+            chat(client, "gpt-9", "hi", max_tokens=1)
+        with pytest.raises(openai.NotFoundError) as completion_error:
+            client.completions.create(model="gpt-9", prompt="hi", max_tokens=1)
+        for caught in (chat_error, completion_error):
+            assert caught.value.body == {
+                "object": "error",
+                "message": served,
+                "type": "not_found_error",
+                "param": "model",
+                "code": 404,
+            }
+        assert chat(client, MODEL, "hi", max_tokens=1).choices  # the served model routes

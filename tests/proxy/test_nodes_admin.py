@@ -101,7 +101,7 @@ def test_fleet_admin_routes(serve_fleet: Callable[..., Served], start_sim: Start
 def test_state_file_survives_a_restart(start_sim: StartSim, tmp_path: Path) -> None:
     state = tmp_path / "nodes.json"
     node = start_sim(*FAST)
-    fleet = LMFleet.attach([], health_interval=0.2)
+    fleet = LMFleet.attach([], allow_empty=True, health_interval=0.2)
     try:
         server = fleet.serve(port=0, state_file=state)
         httpx2.post(server.url + "/nodes/add", json={"url": node.url, "status": {"role": 1}})
@@ -109,7 +109,7 @@ def test_state_file_survives_a_restart(start_sim: StartSim, tmp_path: Path) -> N
         assert saved["nodes"] == [{"url": node.url, "models": [], "role": 1}]
     finally:
         fleet.close()
-    again = LMFleet.attach([], health_interval=0.2)
+    again = LMFleet.attach([], allow_empty=True, health_interval=0.2)
     try:
         server = again.serve(port=0, state_file=state)
         wait_until(lambda: _healthy(again) == 1)

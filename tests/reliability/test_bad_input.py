@@ -115,7 +115,7 @@ def test_bad_node_urls_are_refused(proxy: str) -> None:
 
 def test_invalid_strategy_names() -> None:
     with pytest.raises(ConfigError, match="valid names"):
-        LMFleet.attach([], strategy="fastest-please")
+        LMFleet.attach(["http://127.0.0.1:9"], strategy="fastest-please")
 
 
 def test_slowloris_body_gets_408_while_others_are_served(proxy: str) -> None:

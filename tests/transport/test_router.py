@@ -139,6 +139,35 @@ def test_unknown_model_is_a_404_listing_served_models() -> None:
     assert error["object"] == "error" and "m1, m2" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b'{"model":"m\\u00e9/x","messages":[]}', 200),  # compact, ASCII-escaped
+        (b'{"model": "m\xc3\xa9/x", "messages": []}', 200),  # spaced, raw UTF-8
+        (b'{"model" :\n"m\xc3\xa9/x"}', 200),  # unusual spacing: parsed, then known
+        (b'{"messages":[{"role":"user","content":"m\\u00e9/x"}],"model":"other"}', 404),
+        (b'{"messages":[]}', 200),  # no model field: any node
+        (b"", 200),
+    ],
+)
+def test_one_served_model_still_answers_unknown_models(body: bytes, status: int) -> None:
+    """With one model, routing reads the body only when a substring search cannot
+    tell that it names that model; either way an unknown model is the fleet's 404."""
+    router = make_router(["http://a:1"], models=("m\u00e9/x",))
+    sent: list[bytes] = []
+
+    def node(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request.content)
+        return httpx2.Response(200, json={"ok": True})
+
+    with httpx2.Client(transport=FleetTransport(router, httpx2.MockTransport(node))) as client:
+        response = client.post("http://x/v1/chat/completions", content=body)
+    assert response.status_code == status, response.text
+    if status == 404:
+        assert response.json()["message"].endswith("served models: m\u00e9/x")
+        assert sent == []
+
+
 def test_inflight_lasts_until_the_stream_closes_even_early() -> None:
     router = make_router(["http://a:1"])
     chunks = [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
