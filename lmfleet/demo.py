@@ -11,14 +11,18 @@ every request still succeeds, printing what went where.
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import anyio
 import httpx2
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
+from lmfleet.extras import require_serve
 from lmfleet.fleet import LMFleet
 from lmfleet.status import FleetStatus
 
@@ -93,12 +97,50 @@ def _report(
 
 
 def run(args: argparse.Namespace) -> int:
+    """The demo in a worker thread, so that Ctrl-C or SIGTERM end it quietly.
+
+    A KeyboardInterrupt raised at an arbitrary point of an event loop's set-up
+    leaves "Exception ignored" noise behind; instead the main thread waits for the
+    demo or a signal, and on a signal closes the fleet (its nodes end with it).
+    """
+    require_serve("lmfleet demo")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    fleets: list[LMFleet] = []
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            _demo(args, fleets.append)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            if not stop.is_set():
+                failures.append(exc)
+        finally:
+            stop.set()
+
+    worker = threading.Thread(target=work, name="lmfleet demo", daemon=True)
+    worker.start()
+    while not stop.wait(0.5):
+        pass
+    if worker.is_alive():  # interrupted: close what runs; atexit closes a fleet still starting
+        for fleet in fleets:
+            fleet.close()
+        worker.join(timeout=10)
+        return 0
+    if failures:
+        raise failures[0]
+    return 0
+
+
+def _demo(args: argparse.Namespace, started: Callable[[LMFleet], None]) -> None:
     nodes = max(2, args.nodes)
     speeds = [1.0] * (nodes - 1) + [1 / 3]
     print(f"Starting {nodes} simulated LMDeploy nodes (the last one 3x slower)...")
     with LMFleet.simulate(
         nodes, speed=speeds, strategy=args.strategy, health_interval=0.5
     ) as fleet:
+        started(fleet)
         fleet.wait_ready(timeout=60)
         print(fleet)
 
@@ -153,4 +195,3 @@ def run(args: argparse.Namespace) -> int:
         print(fleet)
         server.stop()
     print("\nProxy and all nodes stopped.")
-    return 0

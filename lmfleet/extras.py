@@ -6,7 +6,9 @@ import importlib.util
 
 from lmfleet.errors import ConfigError
 
-SERVE_MODULES = ("uvicorn", "starlette", "prometheus_client")
+SERVE_MODULES = ("uvicorn", "prometheus_client")
+"""What the `serve` extra installs for the code to import (uvloop and httptools are
+optional speed-ups that uvicorn picks up when present)."""
 
 
 def require_serve(feature: str) -> None:

@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING
 from lmfleet.cli import serve as serve_cli
 from lmfleet.cli.serve import (
     configure_logging,
+    fleet_options,
     node_api_key,
     proxy_options,
     serve_until_stopped,
     stop_on_signals,
 )
-from lmfleet.errors import LaunchError, NotReadyError
-from lmfleet.launch.command import ServerArgValue
+from lmfleet.errors import NotReadyError
+from lmfleet.extras import require_serve
+from lmfleet.launch.command import ServerArgValue, server_args_to_flags
 
 if TYPE_CHECKING:
     from lmfleet.fleet import LMFleet
@@ -42,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY[=VALUE]",
-        help="extra server flag, repeatable: session-len=8192, enable-prefix-caching",
+        help="extra server flag, repeatable: session-len=8192, enable-prefix-caching "
+        "(with --simulate: lmfleet sim flags, e.g. speed=0.5)",
     )
     add(
         "--command",
@@ -73,10 +76,13 @@ def parse_server_args(items: list[str]) -> dict[str, ServerArgValue]:
 def run(args: argparse.Namespace) -> int:
     from lmfleet.fleet import LMFleet
 
+    require_serve("lmfleet launch")
     configure_logging(args)
     options = proxy_options(args)
     stop = stop_on_signals()
     common = {
+        "options": fleet_options(args),
+        "min_ready": args.min_ready,
         "launcher": args.launcher,
         "restart": args.restart,
         "max_restarts": args.max_restarts,
@@ -89,7 +95,12 @@ def run(args: argparse.Namespace) -> int:
         "first_byte_timeout": args.first_byte_timeout,
     }
     if args.simulate:
-        fleet = LMFleet.simulate(args.count, model=args.model, **common)
+        fleet = LMFleet.simulate(
+            args.count,
+            model=args.model,
+            sim_args=server_args_to_flags(parse_server_args(args.server_args)),
+            **common,
+        )
     else:
         fleet = LMFleet.launch(
             args.model,
@@ -106,28 +117,28 @@ def run(args: argparse.Namespace) -> int:
             fleet.add_node(url)
         server = fleet.serve(options=options)
         print(f"lmfleet proxy on {server.url}; starting {args.count} node(s)", file=sys.stderr)
-        if not _wait_ready(fleet, args.ready_timeout, stop):
-            return 1
-        print(fleet.status().table(), file=sys.stderr)
-        serve_until_stopped(server, stop)
+        if _wait_ready(fleet, args.ready_timeout, stop):
+            print(fleet.status().table(), file=sys.stderr)
+            serve_until_stopped(server, stop)
     finally:
         fleet.close()
     return 0
 
 
 def _wait_ready(fleet: LMFleet, timeout: float, stop: threading.Event) -> bool:
-    """Wait for the nodes, staying responsive to Ctrl-C; False when a node failed."""
+    """Wait for the nodes, staying responsive to Ctrl-C (then False).
+
+    A node that failed to start raises `LaunchError`; nodes still not ready after
+    `timeout` raise `NotReadyError`, each saying why (the CLI prints it as an error).
+    """
     deadline = time.monotonic() + timeout
     while not stop.is_set():
         try:
-            fleet.wait_ready(timeout=0.5)
+            fleet.wait_ready(timeout=min(0.5, max(deadline - time.monotonic(), 0.0)))
             return True
-        except LaunchError as exc:
-            print(f"lmfleet: {exc}", file=sys.stderr)
-            return False
-        except NotReadyError:
-            if time.monotonic() > deadline:
-                print(f"lmfleet: nodes not ready after {timeout:g} s", file=sys.stderr)
-                print(fleet.status().table(), file=sys.stderr)
-                return False
-    return True
+        except NotReadyError as exc:
+            if time.monotonic() >= deadline:
+                # The per-node reasons stand; the headline's time is the whole wait.
+                reasons = str(exc).partition("\n")[2]
+                raise NotReadyError(f"nodes not ready after {timeout:g} s\n{reasons}") from exc
+    return False

@@ -8,7 +8,6 @@ comma-separated) are read when the matching flag is absent.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -16,39 +15,47 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lmfleet.config import DistServeOptions, FleetOptions, RoutingOptions
+from lmfleet.errors import ConfigError
+from lmfleet.extras import require_serve
+from lmfleet.logs import configure_logging as setup_logging
 from lmfleet.proxy.options import ProxyOptions
 
 if TYPE_CHECKING:
     from lmfleet.proxy.server import ProxyServer
 
+LMDEPLOY_STRATEGIES = ("random", "min_expected_latency", "min_observed_latency")
+"""`lmdeploy serve proxy --routing-strategy` choices (0.18); lmfleet runs each of them."""
+
 STRATEGIES = (
     "least_connections",
     "round_robin",
-    "random",
     "power_of_two",
     "prefix_affinity",
-    "min_observed_latency",
-    "min_expected_latency",
+    *LMDEPLOY_STRATEGIES,
 )
+
+LOG_LEVELS = ("CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET", "REQUEST")
+"""LMDeploy's `--log-level` choices. REQUEST is LMDeploy's own level for per-request
+lines; here it means DEBUG with the access log on."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`lmfleet serve`'s flags: every `lmdeploy serve proxy` flag (0.18), then lmfleet's own.
+
+    tests/proxy/test_cli_flags.py reads LMDeploy's own parser and fails when a
+    flag of it is missing here, so a flag LMDeploy adds later cannot go unnoticed.
+    """
     defaults = ProxyOptions()
+    distserve = DistServeOptions()
     add = parser.add_argument
-    add(
-        "--node",
-        dest="nodes",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="a node to route to (repeat); nodes may also register via POST /nodes/add",
-    )
     add(
         "--server-name",
         "--host",
         dest="host",
         default=defaults.host,
-        help="bind address (default 127.0.0.1; LMDeploy's proxy defaults to 0.0.0.0)",
+        help="bind address (default 127.0.0.1, this machine only; LMDeploy's proxy "
+        "defaults to 0.0.0.0: give --server-name 0.0.0.0 for nodes on other hosts)",
     )
     add(
         "--server-port",
@@ -59,14 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bind port (default 8000)",
     )
     add(
-        "--routing-strategy",
-        "--strategy",
-        dest="strategy",
-        default="least_connections",
-        choices=STRATEGIES,
-        help="how a node is picked per request",
-    )
-    add(
         "--serving-strategy",
         default="Hybrid",
         choices=("Hybrid", "DistServe"),
@@ -74,55 +73,135 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(nodes announce their role at /nodes/add); see docs/distserve.md",
     )
     add(
-        "--api-keys",
-        nargs="+",
-        default=None,
-        metavar="KEY",
-        help="keys clients must send as 'Authorization: Bearer KEY'",
+        "--routing-strategy",
+        "--strategy",
+        dest="strategy",
+        default="least_connections",
+        choices=STRATEGIES,
+        help="how a node is picked per request (default least_connections; "
+        "LMDeploy's default is min_expected_latency)",
     )
     add(
+        "--api-keys",
+        nargs="*",
+        default=None,
+        metavar="KEY",
+        help="keys clients must send as 'Authorization: Bearer KEY' (or LMFLEET_API_KEYS)",
+    )
+    add(
+        "--ssl",
+        action="store_true",
+        help="serve HTTPS with the key and certificate named by the SSL_KEYFILE and "
+        "SSL_CERTFILE environment variables (as LMDeploy)",
+    )
+    add(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="default INFO (LMDeploy's proxy: WARNING)",
+    )
+    add(
+        "--disable-cache-status",
+        action="store_true",
+        help="LMDeploy's proxy remembers its nodes in a file unless this is given; lmfleet "
+        "remembers them only with --state-file, so this flag is accepted and changes nothing "
+        "(with --state-file it is an error)",
+    )
+    ds = parser.add_argument_group("DistServe (with --serving-strategy DistServe)")
+    ds.add_argument(
+        "--migration-protocol",
+        default=distserve.migration_protocol,
+        choices=("RDMA", "NVLINK"),
+        help="KV cache migration protocol between prefill and decode nodes",
+    )
+    ds.add_argument(
+        "--link-type", default=distserve.link_type, choices=("RoCE", "IB"), help="RDMA link"
+    )
+    ds.add_argument(
+        "--disable-gdr",
+        action="store_true",
+        help="no GPU Direct RDMA (LMDeploy 0.18's proxy accepts this flag but ignores it)",
+    )
+    ds.add_argument(
+        "--dummy-prefill",
+        action="store_true",
+        help="profile decode alone: no prefill node is called, decode nodes get a dummy "
+        "migration (LMDeploy's meaning)",
+    )
+
+    own = parser.add_argument_group("lmfleet")
+    own.add_argument(
+        "--node",
+        dest="nodes",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a node to route to (repeat); nodes may also register via POST /nodes/add",
+    )
+    own.add_argument(
         "--admin-keys",
         nargs="+",
         default=None,
         metavar="KEY",
         help="keys for /nodes/* and /fleet/*; when set, client keys cannot register nodes",
     )
-    add("--node-api-key", default=None, help="the nodes' own key (never shown to clients)")
-    add(
+    own.add_argument(
+        "--node-api-key", default=None, help="the nodes' own key (or LMFLEET_NODE_API_KEY)"
+    )
+    own.add_argument(
         "--state-file",
         type=Path,
         default=None,
         help="JSON file that keeps registered nodes across restarts",
     )
-    add("--max-body-bytes", type=int, default=defaults.max_body_bytes)
-    add(
+    own.add_argument(
+        "--min-ready",
+        type=int,
+        default=None,
+        help="healthy nodes /readiness waits for (default 1)",
+    )
+    own.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    own.add_argument(
+        "--max-connections",
+        type=int,
+        default=RoutingOptions().max_connections,
+        help="open connections to the nodes at most (requests past it wait)",
+    )
+    own.add_argument(
         "--upstream-timeout",
         type=float,
         default=defaults.upstream_timeout,
         help="seconds to wait for a node's next byte before 504",
     )
-    add("--health-interval", type=float, default=None, help="seconds between node probes")
-    add(
+    own.add_argument(
+        "--health-interval", type=float, default=None, help="seconds between node probes"
+    )
+    own.add_argument(
         "--first-byte-timeout",
         type=float,
         default=None,
         help="seconds a node may stay silent before its first byte, then the request "
         "fails over to another node (default 300)",
     )
-    add(
+    own.add_argument(
         "--wait-for-node",
         type=float,
         default=None,
         help="seconds a request waits for a healthy node before 503",
     )
-    add("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    add("--access-log", action="store_true", help="log every request")
+    own.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="json: one JSON object per line, for log shippers",
+    )
+    own.add_argument("--access-log", action="store_true", help="log every request")
 
 
 def configure_logging(args: argparse.Namespace) -> None:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = "DEBUG" if args.log_level == "REQUEST" else args.log_level
+    setup_logging(level, args.log_format)
 
 
 def node_api_key(args: argparse.Namespace) -> str | None:
@@ -130,21 +209,50 @@ def node_api_key(args: argparse.Namespace) -> str | None:
     return args.node_api_key or os.environ.get("LMFLEET_NODE_API_KEY") or None
 
 
+def _ssl_files() -> tuple[Path, Path]:
+    """LMDeploy's `--ssl`: the key and certificate from SSL_KEYFILE and SSL_CERTFILE."""
+    missing = [name for name in ("SSL_KEYFILE", "SSL_CERTFILE") if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(f"--ssl needs the environment variable(s) {' and '.join(missing)}")
+    return Path(os.environ["SSL_KEYFILE"]), Path(os.environ["SSL_CERTFILE"])
+
+
 def proxy_options(args: argparse.Namespace) -> ProxyOptions:
     """The proxy's options from the flags (client keys also from `LMFLEET_API_KEYS`)."""
+    if args.disable_cache_status and args.state_file is not None:
+        raise ConfigError(
+            "--disable-cache-status and --state-file contradict each other: "
+            "the state file is lmfleet's node cache; drop one of them"
+        )
     keys = args.api_keys
     if keys is None and os.environ.get("LMFLEET_API_KEYS"):
         keys = [k for k in os.environ["LMFLEET_API_KEYS"].split(",") if k]
+    keyfile, certfile = _ssl_files() if args.ssl else (None, None)
     return ProxyOptions(
         host=args.host,
         port=args.port,
-        api_keys=tuple(keys or ()),
+        api_keys=tuple(k for k in keys or () if k),
         admin_keys=tuple(args.admin_keys or ()),
         state_file=args.state_file,
         max_body_bytes=args.max_body_bytes,
         upstream_timeout=args.upstream_timeout,
-        log_level=args.log_level.lower(),
-        access_log=args.access_log,
+        log_level="debug" if args.log_level == "REQUEST" else args.log_level.lower(),
+        access_log=args.access_log or args.log_level == "REQUEST",
+        ssl_keyfile=keyfile,
+        ssl_certfile=certfile,
+    )
+
+
+def fleet_options(args: argparse.Namespace) -> FleetOptions:
+    """The fleet's options from the flags that have no `LMFleet` keyword shortcut."""
+    return FleetOptions(
+        routing=RoutingOptions(max_connections=args.max_connections),
+        distserve=DistServeOptions(
+            migration_protocol=args.migration_protocol,
+            link_type=args.link_type,
+            with_gdr=not args.disable_gdr,
+            dummy_prefill=args.dummy_prefill,
+        ),
     )
 
 
@@ -170,17 +278,21 @@ def serve_until_stopped(server: ProxyServer, stop: threading.Event) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmfleet.fleet import LMFleet
 
+    require_serve("lmfleet serve")
     configure_logging(args)
     options = proxy_options(args)
     stop = stop_on_signals()
     fleet = LMFleet.attach(
         args.nodes,
+        allow_empty=True,  # nodes may register later through POST /nodes/add
+        options=fleet_options(args),
         strategy=args.strategy,
         api_key=node_api_key(args),
         health_interval=args.health_interval,
         wait_for_node=args.wait_for_node,
         first_byte_timeout=args.first_byte_timeout,
         serving_strategy=args.serving_strategy,
+        min_ready=args.min_ready,
     )
     try:
         server = fleet.serve(options=options)

@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmfleet.errors import ConfigError
 
-DEFAULT_PUBLIC_PATHS = ("/health", "/metrics")
+DEFAULT_PUBLIC_PATHS = ("/health", "/liveness", "/readiness", "/metrics")
+"""Probes and scrapes, which orchestrators and Prometheus send without a key."""
 
 
 class ProxyOptions(BaseModel):
@@ -40,6 +41,20 @@ class ProxyOptions(BaseModel):
     state_file: Path | None = Field(default=None, description="JSON file of registered nodes")
     log_level: str = Field(default="info")
     access_log: bool = Field(default=False)
+    ssl_keyfile: Path | None = Field(default=None, description="serve HTTPS: the private key")
+    ssl_certfile: Path | None = Field(
+        default=None, description="serve HTTPS: the certificate (chain), PEM"
+    )
+
+    @model_validator(mode="after")
+    def _ssl_pair(self) -> ProxyOptions:
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("HTTPS needs both ssl_keyfile and ssl_certfile")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.ssl_certfile is None else "https"
 
 
 class ServeKeywords(TypedDict, total=False):
@@ -53,6 +68,10 @@ class ServeKeywords(TypedDict, total=False):
     """Request bodies above this get a 413."""
     upstream_timeout: float
     """Seconds to wait for a node's next byte (504 after)."""
+    ssl_keyfile: str | Path
+    """Serve HTTPS with this private key (and `ssl_certfile`)."""
+    ssl_certfile: str | Path
+    """Serve HTTPS with this certificate (and `ssl_keyfile`)."""
 
 
 def serve_options(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 from typing import TYPE_CHECKING
 
 import anyio
@@ -46,17 +47,32 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_tls(options: ProxyOptions) -> None:
+    """Load the key and certificate now, so a bad file is a clear error, not uvicorn's exit."""
+    if options.ssl_certfile is None or options.ssl_keyfile is None:
+        return
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(options.ssl_certfile, options.ssl_keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot serve HTTPS with certificate {options.ssl_certfile} and key "
+            f"{options.ssl_keyfile}: {getattr(exc, 'strerror', None) or exc}"
+        ) from exc
+
+
 class ProxyServer:
     """A running proxy: `url`, `stop()` (idempotent)."""
 
     def __init__(self, fleet: FleetSurface, options: ProxyOptions) -> None:
         self._fleet = fleet
         self.options = options
+        _check_tls(options)
         self._sock = _bind(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
         shown = "127.0.0.1" if options.host in ("0.0.0.0", "") else options.host
         shown = f"[{shown}]" if ":" in shown else shown
-        self.url = f"http://{shown}:{self.port}"
+        self.url = f"{options.scheme}://{shown}:{self.port}"
         app = create_app(fleet, options, port=self.port)
         config = uvicorn.Config(
             app,
@@ -69,6 +85,8 @@ class ProxyServer:
             server_header=False,
             date_header=False,
             timeout_graceful_shutdown=SHUTDOWN_GRACE,
+            ssl_keyfile=options.ssl_keyfile,
+            ssl_certfile=options.ssl_certfile,
         )
         self._server = uvicorn.Server(config)
         self._finished: anyio.Event | None = None

@@ -7,13 +7,17 @@ here only; everything below works from a `SimOptions`.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import logging
 import os
+import socket
 import sys
+import threading
+import time
+from typing import Any
 
-import pydantic
-
+from lmfleet.errors import ConfigError
 from lmfleet.extras import require_serve
 from lmfleet.sim.options import DEFAULT_MODEL, DEFAULT_PORT, SimOptions
 
@@ -147,6 +151,36 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
     )
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """Reserve the port now, so that "port in use" is a one-line error, not uvicorn's exit.
+
+    The socket is bound but not listening: uvicorn listens after the app's start-up
+    (and `--startup-delay`), so the port still opens only when the node is up.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+        raise ConfigError(f"cannot serve on {host}:{port}: {reason}") from exc
+    return sock
+
+
+def _announce_when_listening(server: Any, url: str, model: str) -> None:
+    """Print the node's URL once uvicorn accepts connections (a daemon thread polls)."""
+
+    def wait() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            time.sleep(0.05)
+        print(f"lmfleet sim: {model} on {url}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=wait, name="lmfleet sim announce", daemon=True).start()
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT (uvicorn's clean shutdown)."""
     require_serve("lmfleet sim")
@@ -154,16 +188,12 @@ def run(args: argparse.Namespace) -> int:
 
     from lmfleet.sim.app import create_app
 
-    try:
-        options = options_from_args(args)
-    except pydantic.ValidationError as exc:
-        print(f"lmfleet sim: invalid options:\n{exc}", file=sys.stderr)
-        return 2
+    options = options_from_args(args)
     logging.basicConfig(level=options.log_level.upper(), format="%(levelname)s %(message)s")
+    sock = _bind(options.host, options.port)
+    port = sock.getsockname()[1]
     config = uvicorn.Config(
         create_app(options),
-        host=options.host,
-        port=options.port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http="httptools" if importlib.util.find_spec("httptools") else "h11",
         lifespan="on",
@@ -171,5 +201,11 @@ def run(args: argparse.Namespace) -> int:
         log_level=options.log_level,
         timeout_graceful_shutdown=2,
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    _announce_when_listening(server, f"http://{host}:{port}", options.model_name)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

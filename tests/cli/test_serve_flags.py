@@ -1,0 +1,162 @@
+"""`lmfleet serve` takes every `lmdeploy serve proxy` flag, read from LMDeploy's own parser.
+
+LMDeploy 0.18 runs in the conformance peer venv (`make peer`); its parser is built
+there and described as JSON, so a flag LMDeploy adds later fails this suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import ssl
+import subprocess
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+from cli_support import Console
+from conformance.peer_support import PEER_PYTHON, peer_unavailable
+from support import StartSim, sim_stats
+
+from lmfleet.cli import build_parser
+from lmfleet.launch.process import free_port
+from lmfleet.sim.options import DEFAULT_MODEL
+
+DESCRIBE_LMDEPLOY_PROXY = """
+import json, sys
+from lmdeploy.cli.cli import CLI
+from lmdeploy.cli.serve import SubCliServe
+CLI.add_parsers()
+SubCliServe.add_parsers()
+parser = SubCliServe.subparsers.choices["proxy"]
+flags = [
+    {"flags": a.option_strings, "dest": a.dest, "nargs": a.nargs,
+     "choices": list(a.choices) if a.choices else None}
+    for a in parser._actions if a.option_strings and a.dest != "help"
+]
+parsed = vars(parser.parse_args(sys.argv[1:]))
+print(json.dumps({"flags": flags, "parsed": {k: v for k, v in parsed.items() if k != "run"}}))
+"""
+
+
+@cache
+def lmdeploy_proxy(*argv: str) -> dict[str, Any]:
+    """LMDeploy's proxy flags, and its parse of `argv` (proof that argv is valid there)."""
+    if (why := peer_unavailable()) is not None:
+        pytest.skip(why)
+    done = subprocess.run(
+        [str(PEER_PYTHON), "-c", DESCRIBE_LMDEPLOY_PROXY, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser: argparse.ArgumentParser = sub.choices["serve"]
+    return parser
+
+
+def test_every_lmdeploy_proxy_flag_is_accepted_with_its_choices() -> None:
+    ours = {flag: action for action in serve_parser()._actions for flag in action.option_strings}
+    theirs = lmdeploy_proxy()["flags"]
+    assert len(theirs) >= 12  # the 0.18 list; fewer means the description broke
+    for flag in theirs:
+        name = flag["flags"][0]
+        assert name in ours, f"lmdeploy serve proxy {name} is not accepted by lmfleet serve"
+        action = ours[name]
+        if flag["nargs"] == 0:
+            assert action.nargs == 0, f"{name} is a switch in LMDeploy"
+        else:
+            assert action.nargs == flag["nargs"], f"{name} takes nargs={flag['nargs']!r}"
+        if flag["choices"]:
+            choices = {str(c).upper() for c in action.choices or ()}
+            missing = {c for c in flag["choices"] if c.upper() not in choices}
+            assert not missing, f"{name} lacks LMDeploy's choices {missing}"
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A key and a certificate for 127.0.0.1, made with the openssl command."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    command += ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+    command += ["-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        command,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return key, cert
+
+
+def test_all_lmdeploy_flags_at_once_over_https(
+    console: Callable[..., Console], start_sim: StartSim, tmp_path: Path
+) -> None:
+    """LMDeploy's whole flag set in one command line, HTTPS included, then a real request.
+
+    DistServe with `--dummy-prefill` sends each chat straight to a decode node
+    with a dummy migration; the node registers over HTTPS as LMDeploy's do.
+    """
+    port = free_port()
+    lmdeploy_args = [
+        "--server-name", "127.0.0.1",
+        "--server-port", str(port),
+        "--serving-strategy", "DistServe",
+        "--dummy-prefill",
+        "--routing-strategy", "min_expected_latency",
+        "--disable-cache-status",
+        "--migration-protocol", "NVLINK",
+        "--link-type", "IB",
+        "--disable-gdr",
+        "--api-keys", "key-1", "key-2",
+        "--ssl",
+        "--log-level", "DEBUG",
+    ]  # fmt: skip
+    parsed = lmdeploy_proxy(*lmdeploy_args)["parsed"]
+    assert parsed["ssl"] and parsed["dummy_prefill"] and parsed["api_keys"] == ["key-1", "key-2"]
+
+    key, cert = self_signed(tmp_path)
+    env = {"SSL_KEYFILE": str(key), "SSL_CERTFILE": str(cert)}
+    proxy = console("serve", *lmdeploy_args, "--health-interval", "0.2", env=env)
+    url = proxy.wait_for(r"lmfleet proxy on (https://\S+)").group(1)
+    assert url == f"https://127.0.0.1:{port}"
+
+    decode = start_sim("--role", "decode", "--health-poll-interval", "0.2", "--fast")
+    trusted = ssl.create_default_context(cafile=str(cert))
+    admin = {"authorization": "Bearer key-1"}
+    with httpx2.Client(verify=trusted, timeout=10) as http:
+        assert http.get(url + "/liveness").status_code == 200
+        added = http.post(
+            url + "/nodes/add", json={"url": decode.url, "status": {"role": 3}}, headers=admin
+        )
+        assert added.status_code == 200, added.text
+        with pytest.raises(httpx2.TransportError):  # plain HTTP is not served
+            httpx2.get(f"http://127.0.0.1:{port}/liveness", timeout=5)
+
+    client = openai.OpenAI(
+        base_url=url + "/v1",
+        api_key="key-2",
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(verify=trusted),
+    )
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert reply.choices[0].message.content
+    stats = sim_stats(decode.url)
+    assert stats["completed"] == 1
+    migration = stats["distserve"]["last_migration"]
+    assert stats["distserve"]["dummy_decodes"] == 1, stats
+    assert (migration["is_dummy_prefill"], migration["protocol"]) == (True, 3)  # NVLINK
+    assert proxy.stop(signal.SIGTERM) == 0, proxy
+    assert "Traceback" not in str(proxy)
