@@ -34,12 +34,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", default="least_connections")
 
 
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM arrived: the demo winds down at the end of its current burst."""
+
+
 async def _burst(
-    fleet: LMFleet, requests: int, concurrency: int, base_url: str | None = None
+    fleet: LMFleet,
+    requests: int,
+    concurrency: int,
+    base_url: str | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[int, float]:
     """Send `requests` chat completions (every other one streamed); return (ok, seconds).
 
     Routed in-process by default; with `base_url`, through the proxy at that URL.
+    Once `stop` is set no new request starts, and `_Stopped` ends the demo.
     """
     client = (
         fleet.async_client(max_retries=0)  # the router alone fails over
@@ -52,6 +61,8 @@ async def _burst(
     async def one(i: int) -> None:
         nonlocal ok
         async with limiter:
+            if stop is not None and stop.is_set():
+                return
             messages: list[ChatCompletionMessageParam] = [
                 {"role": "user", "content": f"Question {i}: what is {i} + {i}?"}
             ]
@@ -71,6 +82,8 @@ async def _burst(
     async with client, anyio.create_task_group() as tg:
         for i in range(requests):
             tg.start_soon(one, i)
+    if stop is not None and stop.is_set():
+        raise _Stopped
     return ok, time.perf_counter() - started
 
 
@@ -96,12 +109,18 @@ def _report(
         print(line)
 
 
+STOP_GRACE = 10.0
+"""Seconds the demo gets to wind down after Ctrl-C before its fleet is closed under it."""
+
+
 def run(args: argparse.Namespace) -> int:
     """The demo in a worker thread, so that Ctrl-C or SIGTERM end it quietly.
 
     A KeyboardInterrupt raised at an arbitrary point of an event loop's set-up
-    leaves "Exception ignored" noise behind; instead the main thread waits for the
-    demo or a signal, and on a signal closes the fleet (its nodes end with it).
+    leaves "Exception ignored" noise behind; instead a signal sets `stop`, the
+    demo's current burst starts no new request and the demo leaves its `with`
+    block (closing the fleet and its nodes). Should it not within a few seconds
+    (a phase that waits), the main thread closes the fleet itself.
     """
     require_serve("lmfleet demo")
     stop = threading.Event()
@@ -112,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     def work() -> None:
         try:
-            _demo(args, fleets.append)
+            _demo(args, fleets.append, stop)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             if not stop.is_set():
                 failures.append(exc)
@@ -123,17 +142,19 @@ def run(args: argparse.Namespace) -> int:
     worker.start()
     while not stop.wait(0.5):
         pass
-    if worker.is_alive():  # interrupted: close what runs; atexit closes a fleet still starting
+    worker.join(timeout=STOP_GRACE)
+    if worker.is_alive():  # still busy: close what runs; atexit closes a fleet still starting
         for fleet in fleets:
             fleet.close()
-        worker.join(timeout=10)
         return 0
     if failures:
         raise failures[0]
     return 0
 
 
-def _demo(args: argparse.Namespace, started: Callable[[LMFleet], None]) -> None:
+def _demo(
+    args: argparse.Namespace, started: Callable[[LMFleet], None], stop: threading.Event
+) -> None:
     nodes = max(2, args.nodes)
     speeds = [1.0] * (nodes - 1) + [1 / 3]
     print(f"Starting {nodes} simulated LMDeploy nodes (the last one 3x slower)...")
@@ -145,7 +166,7 @@ def _demo(args: argparse.Namespace, started: Callable[[LMFleet], None]) -> None:
         print(fleet)
 
         before = _served(fleet.status())
-        ok, took = anyio.run(_burst, fleet, args.requests, args.concurrency)
+        ok, took = anyio.run(_burst, fleet, args.requests, args.concurrency, None, stop)
         _report(
             f"{ok}/{args.requests} requests in {took:.1f} s with {args.strategy} "
             "(the slow node gets less):",
@@ -157,7 +178,7 @@ def _demo(args: argparse.Namespace, started: Callable[[LMFleet], None]) -> None:
         print(f"\nServing the same routing as an HTTP proxy at {server.url} (fleet.serve())")
         before = _served(fleet.status())
         ok, took = anyio.run(
-            _burst, fleet, args.requests // 2, args.concurrency, server.url + "/v1"
+            _burst, fleet, args.requests // 2, args.concurrency, server.url + "/v1", stop
         )
         _report(
             f"{ok}/{args.requests // 2} requests through the proxy in {took:.1f} s "
@@ -170,12 +191,12 @@ def _demo(args: argparse.Namespace, started: Callable[[LMFleet], None]) -> None:
         print(f"\nPutting {sleeper} to sleep (drained first, then POST /sleep)...")
         fleet.sleep(level=1, nodes=[sleeper])
         before = _served(fleet.status())
-        ok, took = anyio.run(_burst, fleet, args.requests // 2, args.concurrency)
+        ok, took = anyio.run(_burst, fleet, args.requests // 2, args.concurrency, None, stop)
         _report(f"{ok}/{args.requests // 2} requests while it sleeps:", before, fleet.status())
 
         fleet.wakeup(nodes=[sleeper])
         before = _served(fleet.status())
-        ok, took = anyio.run(_burst, fleet, args.requests // 2, args.concurrency)
+        ok, took = anyio.run(_burst, fleet, args.requests // 2, args.concurrency, None, stop)
         _report(f"{ok}/{args.requests // 2} requests after wakeup:", before, fleet.status())
 
         hole = fleet.nodes[1].url
@@ -183,7 +204,7 @@ def _demo(args: argparse.Namespace, started: Callable[[LMFleet], None]) -> None:
         faults = {"error_rate": 1.0, "error_status": 500}
         httpx2.post(hole + "/sim/faults", json=faults, timeout=10).raise_for_status()
         before, failed = _served(fleet.status()), _failed(fleet.status())
-        ok, took = anyio.run(_burst, fleet, args.requests // 2, args.concurrency)
+        ok, took = anyio.run(_burst, fleet, args.requests // 2, args.concurrency, None, stop)
         _report(
             f"{ok}/{args.requests // 2} requests succeed anyway (each 500 is sent to another "
             "node before any byte reaches the caller; the node is ejected):",

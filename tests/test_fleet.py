@@ -261,6 +261,13 @@ def test_unreachable_url_at_attach(start_sim: StartSim) -> None:
         assert "unreachable" in node.message
         assert "unhealthy" in repr(fleet)
         chat(fleet.client(), fleet.model, "hi", max_tokens=1)
+        with pytest.raises(NotReadyError) as caught:  # and wait_ready says why, per node
+            fleet.wait_ready(timeout=0.1, min_ready=2)
+    head, reason, *rest = str(caught.value).splitlines()
+    assert head == "1 of 2 nodes healthy after 0.1 s (2 needed):"
+    assert reason.startswith(f"  {dead}: unhealthy (") and "Connection refused" in reason
+    assert good in "\n".join(rest)  # the table follows, with every node
+    assert not any(line.startswith(f"  {good}:") for line in rest)  # healthy: no reason
 
 
 def test_client_features(fleet_of: Callable[..., LMFleet]) -> None:
@@ -404,21 +411,6 @@ def test_attach_takes_one_url_as_a_string(start_sim: StartSim) -> None:
         assert [n.url for n in fleet.nodes] == [url]
         fleet.wait_ready(timeout=30)
         chat(fleet.client(max_retries=0), fleet.model, "hi", max_tokens=1)
-
-
-def test_wait_ready_says_why_each_node_is_not_ready(start_sim: StartSim) -> None:
-    good = start_sim(*FAST).url
-    dead = "http://127.0.0.1:9"  # discard port: nothing listens
-    with LMFleet.attach([good, dead], health_interval=0.2) as fleet:
-        fleet.wait_ready(timeout=30, min_ready=1)
-        wait_until(lambda: {n.url: n.state for n in fleet.nodes}[dead] is NodeStatus.UNHEALTHY)
-        with pytest.raises(NotReadyError) as caught:
-            fleet.wait_ready(timeout=0.1, min_ready=2)
-    head, reason, *rest = str(caught.value).splitlines()
-    assert head == "1 of 2 nodes healthy after 0.1 s (2 needed):"
-    assert reason.startswith(f"  {dead}: unhealthy (") and "Connection refused" in reason
-    assert good in "\n".join(rest)  # the table follows, with every node
-    assert not any(line.startswith(f"  {good}:") for line in rest)  # healthy: no reason
 
 
 def test_unknown_model_404_lists_the_served_models() -> None:

@@ -44,9 +44,30 @@ print(json.dumps({"flags": flags, "parsed": {k: v for k, v in parsed.items() if 
 """
 
 
+ALL_FLAGS = [
+    "--server-name", "127.0.0.1",
+    "--server-port", "8000",
+    "--serving-strategy", "DistServe",
+    "--dummy-prefill",
+    "--routing-strategy", "min_expected_latency",
+    "--disable-cache-status",
+    "--migration-protocol", "NVLINK",
+    "--link-type", "IB",
+    "--disable-gdr",
+    "--api-keys", "key-1", "key-2",
+    "--ssl",
+    "--log-level", "DEBUG",
+]  # fmt: skip
+"""Every flag of `lmdeploy serve proxy` 0.18, each away from its default."""
+
+
 @cache
-def lmdeploy_proxy(*argv: str) -> dict[str, Any]:
-    """LMDeploy's proxy flags, and its parse of `argv` (proof that argv is valid there)."""
+def lmdeploy_proxy() -> dict[str, Any]:
+    """LMDeploy's proxy flags, and its parse of `ALL_FLAGS` (proof that they are its own).
+
+    One run of the peer's python (importing lmdeploy takes seconds), shared by the tests.
+    """
+    argv = ALL_FLAGS
     if (why := peer_unavailable()) is not None:
         pytest.skip(why)
     done = subprocess.run(
@@ -70,6 +91,8 @@ def test_every_lmdeploy_proxy_flag_is_accepted_with_its_choices() -> None:
     ours = {flag: action for action in serve_parser()._actions for flag in action.option_strings}
     theirs = lmdeploy_proxy()["flags"]
     assert len(theirs) >= 12  # the 0.18 list; fewer means the description broke
+    untried = {flag["flags"][0] for flag in theirs} - set(ALL_FLAGS)
+    assert not untried, f"add {untried} to ALL_FLAGS, so that they run at once below"
     for flag in theirs:
         name = flag["flags"][0]
         assert name in ours, f"lmdeploy serve proxy {name} is not accepted by lmfleet serve"
@@ -107,23 +130,10 @@ def test_all_lmdeploy_flags_at_once_over_https(
     DistServe with `--dummy-prefill` sends each chat straight to a decode node
     with a dummy migration; the node registers over HTTPS as LMDeploy's do.
     """
-    port = free_port()
-    lmdeploy_args = [
-        "--server-name", "127.0.0.1",
-        "--server-port", str(port),
-        "--serving-strategy", "DistServe",
-        "--dummy-prefill",
-        "--routing-strategy", "min_expected_latency",
-        "--disable-cache-status",
-        "--migration-protocol", "NVLINK",
-        "--link-type", "IB",
-        "--disable-gdr",
-        "--api-keys", "key-1", "key-2",
-        "--ssl",
-        "--log-level", "DEBUG",
-    ]  # fmt: skip
-    parsed = lmdeploy_proxy(*lmdeploy_args)["parsed"]
+    parsed = lmdeploy_proxy()["parsed"]  # LMDeploy's own parser takes the same line
     assert parsed["ssl"] and parsed["dummy_prefill"] and parsed["api_keys"] == ["key-1", "key-2"]
+    port = free_port()
+    lmdeploy_args = [str(port) if arg == "8000" else arg for arg in ALL_FLAGS]
 
     key, cert = self_signed(tmp_path)
     env = {"SSL_KEYFILE": str(key), "SSL_CERTFILE": str(cert)}

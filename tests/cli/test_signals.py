@@ -25,7 +25,7 @@ UP = {
         r"^\s*http://127\.0\.0\.1:(\d+)\s",  # the status table, once the node is ready
     ),
     "demo": (  # signalled in its first burst, with its nodes up
-        ["demo", "--nodes", "2", "--requests", "100000"],
+        ["demo", "--nodes", "2", "--requests", "20000"],
         r"^\s*http://127\.0\.0\.1:(\d+)\s",
     ),
 }
