@@ -4,7 +4,10 @@ The nodes are N listening ports served by one child process (a minimal asyncio
 HTTP responder answering `/health` like LMDeploy), so the figure is the cost in
 the fleet's process alone: `process_time()` over a window, as % of one core.
 
-    .venv/bin/python bench/monitor_cpu.py --nodes 64 --seconds 20
+    .venv/bin/python bench/monitor_cpu.py --nodes 64 --seconds 20 [--telemetry off|views|routing]
+
+`--telemetry routing` (the default) is the dearest case: a `least_load` fleet reads
+every node's `/metrics` (an LMDeploy-sized answer, ~10 KB) each round beside `/health`.
 """
 
 from __future__ import annotations
@@ -16,17 +19,49 @@ import subprocess
 import sys
 import time
 
-from lmfleet import LMFleet
+from lmfleet import FleetOptions, HealthOptions, LMFleet
 
 BODY = b'{"status": "healthy", "message": ""}'
 MODELS = b'{"object": "list", "data": [{"id": "m", "object": "model"}]}'
+
+
+def _metrics_text() -> bytes:
+    """An LMDeploy 0.18-sized `/metrics` (the monitor reads it every round for least_load):
+    its gauges and counters, plus the latency histograms and process metrics that make
+    most of a real answer's bytes, for one engine."""
+    labels = 'engine="0",model_name="m"'
+    lines = [f"lmdeploy:{name}{{{labels}}} 3.0" for name in (
+        "num_requests_running", "num_requests_waiting", "num_api_requests_waiting",
+        "num_api_requests_routed", "num_requests_succeeded", "num_requests_failed",
+        "gpu_cache_usage_perc", "prefix_cache_hit_rate", "prompt_tokens_total",
+        "generation_tokens_total",
+    )]  # fmt: skip
+    buckets = ["0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "+Inf"]
+    for histogram in ("time_to_first_token_seconds", "time_per_output_token_seconds",
+                      "e2e_request_latency_seconds", "request_queue_time_seconds",
+                      "request_inference_time_seconds", "request_prefill_time_seconds",
+                      "request_decode_time_seconds", "iteration_tokens_total"):  # fmt: skip
+        lines.append(f"# HELP lmdeploy:{histogram} Histogram.")
+        lines.append(f"# TYPE lmdeploy:{histogram} histogram")
+        lines += [f'lmdeploy:{histogram}_bucket{{{labels},le="{b}"}} 12.0' for b in buckets]
+        lines += [
+            f"lmdeploy:{histogram}_sum{{{labels}}} 4.5",
+            f"lmdeploy:{histogram}_count{{{labels}}} 12.0",
+        ]
+    lines += [f'python_gc_objects_collected_total{{generation="{g}"}} 1234.0' for g in range(3)]
+    lines += ["process_cpu_seconds_total 12.5", "process_resident_memory_bytes 1.2e9"]
+    return ("\n".join(lines) + "\n").encode()
+
+
+METRICS = _metrics_text()
 
 
 async def _respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
-            body = MODELS if b"/v1/models" in head.split(b"\r\n", 1)[0] else BODY
+            line = head.split(b"\r\n", 1)[0]
+            body = MODELS if b"/v1/models" in line else METRICS if b"/metrics" in line else BODY
             writer.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                 b"content-length: %d\r\n\r\n%s" % (len(body), body)
@@ -48,6 +83,12 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument(
+        "--telemetry",
+        choices=("off", "views", "routing"),
+        default="routing",
+        help="no /metrics reads; every 10 s (status views); every round (least_load)",
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -60,14 +101,22 @@ def main() -> None:
         assert child.stdout is not None
         ports = [int(p) for p in child.stdout.readline().split()]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
-        with LMFleet.attach(urls, health_interval=args.interval) as fleet:
+        options = FleetOptions(health=HealthOptions(telemetry=args.telemetry != "off"))
+        strategy = "least_load" if args.telemetry == "routing" else "least_connections"
+        with LMFleet.attach(
+            urls, strategy=strategy, options=options, health_interval=args.interval
+        ) as fleet:
             fleet.wait_ready(timeout=30, min_ready=args.nodes)
             time.sleep(2 * args.interval)  # settle: every node probed at least once
+            if args.telemetry == "views":
+                time.sleep(10)  # and its /metrics read once
+            reporting = sum(node.queue is not None for node in fleet.nodes)
             cpu0, wall0 = time.process_time(), time.monotonic()
             time.sleep(args.seconds)
             cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
         probes = args.nodes * wall / (args.interval * 1.05)  # mean jitter is 5 %
         print(f"nodes={args.nodes} interval={args.interval}s window={wall:.1f}s")
+        print(f"telemetry: {reporting} of {args.nodes} nodes report their /metrics load")
         print(f"fleet process CPU: {100 * cpu / wall:.2f}% of one core")
         print(f"about {1e6 * cpu / probes:.0f} us CPU per probe ({probes:.0f} probes)")
         print(f"pid {os.getpid()} python {sys.version.split()[0]}")

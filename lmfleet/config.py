@@ -28,6 +28,17 @@ class HealthOptions(_Options):
     unhealthy_after: int = Field(
         default=2, ge=1, description="consecutive failures before unhealthy"
     )
+    telemetry: bool = Field(
+        default=True,
+        description="read healthy nodes' /metrics after their /health (their own load, "
+        "for least_load and the status views)",
+    )
+    metrics_interval: float | None = Field(
+        default=None,
+        gt=0,
+        description="seconds between /metrics reads of a node; None: every probe round "
+        "when the strategy routes on node load (least_load), else every 10 s",
+    )
 
 
 DEFAULT_FIRST_BYTE_TIMEOUT = 300.0

@@ -23,10 +23,18 @@ from lmfleet.config import HealthOptions
 from lmfleet.probe import ProbeError, Prober
 from lmfleet.registry import NodeRegistry
 from lmfleet.state import NodeState, NodeStatus
+from lmfleet.telemetry import parse_metrics
 
 _FINAL = (NodeStatus.DRAINING, NodeStatus.STOPPED)
 _ANSWERED = (NodeStatus.HEALTHY, NodeStatus.EJECTED)
 """States /health cannot tell apart: the node is up; its answers say whether to route."""
+
+NO_METRICS_RETRY = 60.0
+"""Seconds before asking again a node that has no `/metrics` (started without it)."""
+
+VIEW_METRICS_INTERVAL = 10.0
+"""Seconds between `/metrics` reads when only the status views show them: reading a
+node's metrics costs about as much as probing its health."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,14 +139,25 @@ class Monitor:
         options: HealthOptions,
         client: httpx2.AsyncClient,
         rng: random.Random | None = None,
+        *,
+        routes_on_load: bool = False,
     ) -> None:
+        """`routes_on_load`: the fleet's strategy reads node load (`least_load`), so
+        `/metrics` is read every round unless `options.metrics_interval` says otherwise."""
         self._registry = registry
         self._options = options
+        every = options.metrics_interval
+        if every is None:
+            every = (
+                options.interval if routes_on_load else max(VIEW_METRICS_INTERVAL, options.interval)
+            )
+        self._metrics_every = every
         self._client = client
         self._prober = Prober()
         self._rng = rng or random.Random()
         self._running: set[str] = set()
         self._seen: set[str] = set()
+        self._next_metrics: dict[str, float] = {}  # url -> when to read /metrics next
         self._changed = anyio.Event()
 
     def poke(self) -> None:
@@ -231,6 +250,9 @@ class Monitor:
             else:
                 models = found
 
+        if target is NodeStatus.HEALTHY and options.telemetry:
+            await self.read_load(url, state.api_key)
+
         unchanged = (target, message, models, probe.ok) == (state.status, state.message, None, True)
         if unchanged and state.failures == 0:
             return state  # the common case, a healthy node still healthy: nothing to write
@@ -258,3 +280,34 @@ class Monitor:
             )
 
         return registry.modify(url, apply)
+
+    async def read_load(self, url: str, api_key: str | None) -> None:
+        """Read the node's own load from its `/metrics` into its snapshot.
+
+        Best effort, in the same round as `/health` and through the same lean prober:
+        a failure leaves the last report to fade (`NodeLoad.others`); a node without
+        `/metrics` (404, or no LMDeploy gauges) is asked again only every minute. Read
+        every `metrics_every` seconds: every round for `least_load`, else every 10 s.
+        """
+        now = time.monotonic()
+        if self._next_metrics.get(url, 0.0) > now:
+            return
+        # Due again within a round's jitter of the interval, so "every round" holds.
+        self._next_metrics[url] = now + 0.9 * self._metrics_every
+        try:
+            status, body = await self._prober.get(url, "/metrics", self._options.timeout, api_key)
+        except ProbeError:
+            return
+        interval = self._options.interval
+        load = None
+        if status == 200:
+            try:
+                local = self._registry.get(url).inflight
+            except LookupError:
+                return  # removed meanwhile
+            load = parse_metrics(
+                body, read_at=time.monotonic(), local_inflight=local, fresh_for=interval
+            )
+        if load is None:
+            self._next_metrics[url] = now + NO_METRICS_RETRY
+        self._registry.modify(url, lambda state: state.evolve(load=load))

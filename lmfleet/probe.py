@@ -40,23 +40,30 @@ class Prober:
 
     def __init__(self) -> None:
         self._idle: dict[str, _Connection] = {}
-        self._targets: dict[tuple[str, str], _Target] = {}
+        self._targets: dict[tuple[str, str, str | None], _Target] = {}
 
-    def _target(self, url: str, path: str) -> _Target:
-        target = self._targets.get((url, path))
+    def _target(self, url: str, path: str, api_key: str | None) -> _Target:
+        target = self._targets.get((url, path, api_key))
         if target is None:
             parts = urlsplit(url)
             tls = parts.scheme == "https"
             headers = [(b"Host", parts.netloc.encode()), (b"Accept", b"*/*")]
+            if api_key:
+                headers.append((b"Authorization", b"Bearer " + api_key.encode()))
             request = encode_request_head(b"GET", path.encode(), headers)
             port = parts.port or (443 if tls else 80)
             target = (parts.hostname or "", port, tls, request)
-            self._targets[(url, path)] = target
+            self._targets[(url, path, api_key)] = target
         return target
 
-    async def get(self, url: str, path: str, timeout: float) -> tuple[int, bytes]:
-        """(status, body) of `GET url+path`; `ProbeError` on any failure or after `timeout`."""
-        host, port, tls, request = self._target(url, path)
+    async def get(
+        self, url: str, path: str, timeout: float, api_key: str | None = None
+    ) -> tuple[int, bytes]:
+        """(status, body) of `GET url+path`; `ProbeError` on any failure or after `timeout`.
+
+        `api_key` is sent as a Bearer token (the node's own key: `/metrics` may need it).
+        """
+        host, port, tls, request = self._target(url, path, api_key)
         try:
             with anyio.fail_after(timeout):
                 pooled = self._idle.pop(url, None)

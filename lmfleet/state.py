@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from lmfleet.errors import ConfigError
+from lmfleet.telemetry import NodeLoad
 
 
 class NodeStatus(str, Enum):
@@ -52,7 +53,8 @@ class NodeState:
     successes, `errors` node failures (5xx, unreachable, timed out, cut streams);
     `error_rate` is the failure fraction of the last answers, `streak` the failures
     in a row. `ejections` counts ejections since the node last succeeded on
-    probation; `ejected_until` is a `time.monotonic()` instant.
+    probation; `ejected_until` is a `time.monotonic()` instant. `load` is the node's
+    latest `/metrics` report (None: not read yet, or the node exports none).
     """
 
     url: str
@@ -74,6 +76,7 @@ class NodeState:
     ejections: int = 0
     ejected_until: float = 0.0
     probation: bool = False
+    load: NodeLoad | None = None
     api_key: str | None = field(default=None, repr=False, compare=False)
 
     @property

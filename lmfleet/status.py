@@ -21,6 +21,7 @@ COLUMN_NAMES: dict[str, str] = {
     "p50": "p50 latency",
     "ttft": "TTFT",
     "tokens_per_s": "tokens/s",
+    "queue": "node queue",
 }
 """The one name of each column any fleet table shows, by the field it shows.
 
@@ -37,7 +38,16 @@ def columns(*fields: str) -> tuple[str, ...]:
 
 
 TEXT_COLUMNS = columns(
-    "url", "state", "models", "inflight", "served", "errors", "error_rate", "latency", "ttft"
+    "url",
+    "state",
+    "models",
+    "inflight",
+    "queue",
+    "served",
+    "errors",
+    "error_rate",
+    "latency",
+    "ttft",
 )
 """`FleetStatus.table()`'s columns: what one snapshot holds."""
 
@@ -46,6 +56,7 @@ NOTEBOOK_COLUMNS = columns(
     "state",
     "models",
     "inflight",
+    "queue",
     "served",
     "errors",
     "error_rate",
@@ -84,6 +95,12 @@ class NodeSnapshot(BaseModel):
     message: str
     launched: bool
     registered: bool = False
+    queue: float | None = None
+    """Requests the node holds by its own latest `/metrics` report, every client's."""
+    cache_usage: float | None = None
+    """KV cache in use, 0..1, by that report."""
+    prefix_hit_rate: float | None = None
+    """Prefix cache hit rate, 0..1, by that report."""
 
     def reason(self) -> str:
         """Its state and why, for messages: `unhealthy (Connection refused)`."""
@@ -107,6 +124,9 @@ class NodeSnapshot(BaseModel):
             message=state.message,
             launched=state.launched,
             registered=state.registered,
+            queue=load.outstanding if (load := state.load) is not None else None,
+            cache_usage=load.cache_usage if load is not None else None,
+            prefix_hit_rate=load.prefix_hit_rate if load is not None else None,
         )
 
 
@@ -133,6 +153,7 @@ class FleetStatus(BaseModel):
                     n.state.value,
                     ",".join(n.models) or "-",
                     str(n.inflight),
+                    "-" if n.queue is None else f"{n.queue:g}",
                     str(n.served),
                     str(n.errors),
                     f"{n.error_rate:.0%}",

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lmfleet.errors",
             "lmfleet.error_body",
             "lmfleet.config",
+            "lmfleet.telemetry",
             "lmfleet.state",
             "lmfleet.ejection",
             "lmfleet.status",

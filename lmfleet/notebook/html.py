@@ -34,6 +34,7 @@ def cells(row: NodeRow) -> list[str]:
         state_badge(row),
         escape(", ".join(row.models) or "-"),
         str(row.inflight),
+        "-" if row.queue is None else f"{row.queue:g}",
         str(row.served),
         str(row.errors),
         f"{row.error_rate:.0%}",

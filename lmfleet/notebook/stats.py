@@ -48,6 +48,8 @@ class NodeRow:
     tokens_per_s: float | None
     """None until the meter has seen the node twice (a rate needs two samples)."""
     message: str
+    queue: float | None = None
+    """Requests the node holds by its own `/metrics` (every client's); None: no report."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class TrafficMeter:
             tokens=tokens,
             tokens_per_s=rate,
             message=node.message,
+            queue=node.queue,
         )
 
     def view(self, status: FleetStatus) -> FleetView:

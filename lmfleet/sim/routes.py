@@ -242,13 +242,30 @@ async def embeddings(
 async def metrics(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
-    """The two gauges a load-aware router reads, in Prometheus text format."""
-    lines = [
-        "# TYPE lmdeploy:num_requests_running gauge",
-        f'lmdeploy:num_requests_running{{model_name="{rt.model_name}"}} {rt.stats.inflight}',
-        "# TYPE lmdeploy:num_requests_waiting gauge",
-        f'lmdeploy:num_requests_waiting{{model_name="{rt.model_name}"}} {rt.scheduler.waiting}',
-    ]
+    """LMDeploy 0.18's load gauges and token counters, in Prometheus text format.
+
+    The names and labels the real api_server exports (lmdeploy/metrics/loggers.py),
+    one engine: `running` is what is in the batch, `waiting` what queues for it;
+    the KV cache usage is the batch's share of its slots.
+    """
+    stats, scheduler = rt.stats, rt.scheduler
+    waiting = scheduler.waiting
+    running = max(0, stats.inflight - waiting)
+    hit_rate = stats.cached_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0
+    labels = f'{{model_name="{rt.model_name}",engine="0"}}'
+    samples = (
+        ("gauge", "num_requests_running", running),
+        ("gauge", "num_requests_waiting", waiting),
+        ("gauge", "num_api_requests_waiting", 0),
+        ("gauge", "num_api_requests_routed", stats.inflight),
+        ("gauge", "gpu_cache_usage_perc", min(1.0, running / max(1, scheduler.max_batch))),
+        ("gauge", "prefix_cache_hit_rate", hit_rate),
+        ("counter", "prompt_tokens_total", float(stats.prompt_tokens)),
+        ("counter", "generation_tokens_total", float(stats.completion_tokens)),
+    )
+    lines = []
+    for kind, name, value in samples:
+        lines += [f"# TYPE lmdeploy:{name} {kind}", f"lmdeploy:{name}{labels} {value}"]
     body = ("\n".join(lines) + "\n").encode()
     await asgi.send_bytes(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8")
 

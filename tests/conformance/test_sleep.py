@@ -17,6 +17,8 @@ from conformance.peer_support import API_KEY, POLL_INTERVAL
 from conformance.shapes import shape_diff
 from support import wait_until
 
+from lmfleet.telemetry import parse_metrics
+
 JSON = {"content-type": "application/json"}
 KEY = {"authorization": f"Bearer {API_KEY}"}
 
@@ -208,10 +210,26 @@ def test_proxy_url_registration(pair) -> None:
     assert urls.count(pair.real.url) == urls.count(pair.sim.url) == 1
 
 
+TELEMETRY = (
+    "lmdeploy:num_requests_running",
+    "lmdeploy:num_requests_waiting",
+    "lmdeploy:num_api_requests_waiting",
+    "lmdeploy:num_api_requests_routed",
+    "lmdeploy:gpu_cache_usage_perc",
+    "lmdeploy:prefix_cache_hit_rate",
+    "lmdeploy:prompt_tokens_total",
+    "lmdeploy:generation_tokens_total",
+)
+"""What lmfleet/telemetry.py reads: every name must be the real server's."""
+
+
 @pytest.mark.parametrize("path", ["/metrics"])
 def test_metrics_gauges(pair, path: str) -> None:
     for server in pair.servers():
         response = httpx2.get(server.url + path, headers=KEY, timeout=10)
         assert response.status_code == 200, server.kind
-        assert "lmdeploy:num_requests_running" in response.text, server.kind
-        assert "lmdeploy:num_requests_waiting" in response.text, server.kind
+        missing = [name for name in TELEMETRY if name + "{" not in response.text]
+        assert not missing, f"{server.kind} /metrics lacks {missing}"
+        load = parse_metrics(response.content)
+        assert load is not None, server.kind
+        assert load.outstanding >= 0 and load.prompt_tokens is not None, (server.kind, load)

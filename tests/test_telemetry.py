@@ -1,0 +1,68 @@
+"""Parsing a node's /metrics: LMDeploy 0.18's names, labels, engines, and what is missing."""
+
+from __future__ import annotations
+
+from lmfleet.telemetry import NodeLoad, parse_metrics
+
+LMDEPLOY = b"""# HELP lmdeploy:num_requests_running Number of requests in model execution batches.
+# TYPE lmdeploy:num_requests_running gauge
+lmdeploy:num_requests_running{engine="0",model_name="m"} 3.0
+lmdeploy:num_requests_running{engine="1",model_name="m"} 2.0
+# TYPE lmdeploy:num_requests_waiting gauge
+lmdeploy:num_requests_waiting{engine="0",model_name="m"} 4.0
+lmdeploy:num_requests_waiting{engine="1",model_name="m"} 0.0
+lmdeploy:num_api_requests_waiting{engine="0",model_name="m"} 1.0
+lmdeploy:num_api_requests_routed{engine="0",model_name="m"} 9.0
+lmdeploy:gpu_cache_usage_perc{engine="0",model_name="m"} 0.5
+lmdeploy:gpu_cache_usage_perc{engine="1",model_name="m"} 0.25
+lmdeploy:prefix_cache_hit_rate{engine="0",model_name="m"} 0.8
+lmdeploy:prompt_tokens_total{engine="0",model_name="m"} 1200.0
+lmdeploy:generation_tokens_total{engine="0",model_name="m"} 3.5e3
+lmdeploy:request_prefill_time_seconds_bucket{engine="0",le="0.1",model_name="m"} 7.0
+process_cpu_seconds_total 12.5
+"""
+
+
+def test_lmdeploy_gauges_are_summed_over_engines_and_ratios_averaged() -> None:
+    load = parse_metrics(LMDEPLOY, read_at=5.0, local_inflight=2, fresh_for=1.0)
+    assert load == NodeLoad(
+        running=5.0,
+        waiting=4.0,
+        api_waiting=1.0,
+        api_routed=9.0,
+        cache_usage=0.375,
+        prefix_hit_rate=0.8,
+        prompt_tokens=1200.0,
+        generation_tokens=3500.0,
+        read_at=5.0,
+        local_inflight=2,
+        fresh_for=1.0,
+    )
+    assert load.outstanding == 10.0  # engine running + waiting, and the api server's queue
+    assert load.others(5.5) == 8.0  # ours (2) were counted in the report
+
+
+def test_the_simulators_metrics_parse() -> None:
+    text = (
+        b'lmdeploy:num_requests_running{model_name="m"} 1\n'
+        b'lmdeploy:num_requests_waiting{model_name="m"} 0\n'
+    )
+    load = parse_metrics(text)
+    assert load is not None and (load.outstanding, load.cache_usage) == (1.0, None)
+
+
+def test_no_queue_gauge_is_no_report() -> None:
+    assert parse_metrics(b"") is None
+    assert parse_metrics(b"process_cpu_seconds_total 1\nlmdeploy:prompt_tokens_total 3\n") is None
+    assert parse_metrics(b"<html>404</html>") is None
+
+
+def test_unparsable_values_are_skipped() -> None:
+    text = b"lmdeploy:num_requests_running 2\nlmdeploy:num_requests_waiting NaN\n"
+    load = parse_metrics(text)
+    assert load is not None and load.outstanding == 2.0
+
+
+def test_others_fade_by_half_each_interval_once_stale() -> None:
+    load = NodeLoad(running=8, waiting=0, read_at=0.0, local_inflight=0, fresh_for=2.0)
+    assert [load.others(t) for t in (1.0, 2.0, 4.0, 6.0)] == [8.0, 8.0, 4.0, 2.0]
