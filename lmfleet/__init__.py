@@ -19,17 +19,20 @@ from lmfleet.errors import (
 )
 from lmfleet.fleet import LMFleet
 from lmfleet.notebook.batch import BatchResult, ItemError
-from lmfleet.routing.base import RequestInfo, Strategy
+from lmfleet.routing.base import Candidate, Decision, RequestInfo, Strategy
 from lmfleet.runtime import FleetRuntime
 from lmfleet.state import NodeRole, NodeState, NodeStatus
 from lmfleet.status import FleetStatus, NodeSnapshot
+from lmfleet.telemetry import NodeLoad
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchError",
     "BatchResult",
+    "Candidate",
     "ConfigError",
+    "Decision",
     "EventLoopError",
     "FleetClosedError",
     "FleetOptions",
@@ -43,6 +46,7 @@ __all__ = [
     "MigrationError",
     "NoHealthyNodeError",
     "NodeCommandError",
+    "NodeLoad",
     "NodeRole",
     "NodeSnapshot",
     "NodeState",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,14 @@ from lmfleet.launch.supervisor import Supervisor
 from lmfleet.notebook.methods import NotebookMethods
 from lmfleet.proxy.options import ProxyOptions, ServeKeywords, serve_options
 from lmfleet.registry import NodeRegistry, normalize_url
-from lmfleet.routing import affinity_key, resolve_strategy
+from lmfleet.routing import (
+    Decision,
+    RequestInfo,
+    affinity_key,
+    resolve_strategy,
+    uses_node_load,
+    wants_affinity_key,
+)
 from lmfleet.routing.base import Strategy
 from lmfleet.runtime import FleetRuntime
 from lmfleet.state import NodeRole, NodeStatus, parse_roles
@@ -89,7 +97,12 @@ class LMFleet(NotebookMethods):
         self._http = httpx2.AsyncClient(timeout=self.options.health.timeout, limits=limits)
         # Built in the loop thread: they create anyio primitives bound to that loop.
         self._admin = self.runtime.call(FleetAdmin, self.registry, self.options, self._http)
-        self._monitor = self.runtime.call(Monitor, self.registry, self.options.health, self._http)
+        self._monitor = self.runtime.call(
+            partial(Monitor, routes_on_load=uses_node_load(self.router.strategy)),
+            self.registry,
+            self.options.health,
+            self._http,
+        )
         self.runtime.start(self._watch, name="lmfleet monitor")
 
     @classmethod
@@ -385,6 +398,21 @@ class LMFleet(NotebookMethods):
 
     def status(self) -> FleetStatus:
         return FleetStatus(strategy=self._strategy_name, models=self.models, nodes=self.nodes)
+
+    def explain(
+        self, model: str | None = None, *, messages: list[dict[str, Any]] | None = None
+    ) -> Decision:
+        """Which node the next request for `model` would go to now, and why.
+
+        Every eligible node with the strategy's score for it (`least_load`: the
+        expected seconds, from the requests on the node and its speed) and the reason
+        in words. `messages` gives prefix affinity the prompt it would hash. Nothing
+        is sent or leased, but a rotating strategy's turn moves, as for a request.
+        """
+        body = {"messages": messages} if messages is not None else None
+        key = affinity_key({}, body) if wants_affinity_key(self.router.strategy) else None
+        request = RequestInfo(model=model, affinity_key=key)
+        return self.registry.explain(self.router.strategy, request)
 
     def client(self, *, timeout: float | None = None, max_retries: int = 2) -> openai.OpenAI:
         """A real `openai.OpenAI` whose every request is routed to a fleet node."""

@@ -22,7 +22,7 @@ from lmfleet import ejection
 from lmfleet.config import OutlierOptions
 from lmfleet.ejection import Outcome
 from lmfleet.errors import ConfigError, UnknownNodeError
-from lmfleet.routing.base import RequestInfo, Strategy
+from lmfleet.routing.base import Decision, RequestInfo, Strategy, explain_pick
 from lmfleet.state import NodeRole, NodeState, NodeStatus
 
 log = logging.getLogger("lmfleet")
@@ -221,30 +221,12 @@ class NodeRegistry:
         Nodes in `avoid` (already tried by failover) are used only when nothing
         else is eligible. None means no node is eligible at all.
         """
-        model = request.model
-        role = request.role
         readmitted: list[tuple[NodeState, NodeState]] = []
         with self._lock:
             if self._next_readmit <= time.monotonic():
                 readmitted = self._readmit_due(time.monotonic())
-            eligible = [
-                s
-                for s in self._nodes.values()
-                if s.status is NodeStatus.HEALTHY
-                and s.serves(model)
-                and (role is None or s.role is role)
-            ]
-            if not eligible and self._next_readmit < math.inf:
-                # Panic mode: every node that could serve this is ejected. Route to
-                # them anyway; refusing everything would be worse than their errors.
-                eligible = [
-                    s
-                    for s in self._nodes.values()
-                    if s.status is NodeStatus.EJECTED
-                    and s.serves(model)
-                    and (role is None or s.role is role)
-                ]
-                self.panics += bool(eligible)
+            eligible, panic = self._eligible(request)
+            self.panics += panic
             if avoid and eligible:
                 fresh = [s for s in eligible if s.url not in avoid]
                 eligible = fresh or eligible
@@ -254,6 +236,38 @@ class NodeRegistry:
                 self._nodes[chosen.url] = chosen
         _log_changes(readmitted)
         return chosen
+
+    def explain(self, strategy: Strategy, request: RequestInfo) -> Decision:
+        """What `lease` would pick for `request` now, each candidate scored; leases nothing."""
+        with self._lock:
+            eligible, panic = self._eligible(request)
+            note = "panic mode: every eligible node is ejected" if panic else ""
+            if not eligible:
+                note = "no node is eligible (healthy and serving the model)"
+            return explain_pick(strategy, eligible, request, note)
+
+    def _eligible(self, request: RequestInfo) -> tuple[list[NodeState], bool]:
+        """(the nodes `request` may go to, whether only ejected ones were left); under the lock."""
+        model, role = request.model, request.role
+        eligible = [
+            s
+            for s in self._nodes.values()
+            if s.status is NodeStatus.HEALTHY
+            and s.serves(model)
+            and (role is None or s.role is role)
+        ]
+        if eligible or self._next_readmit == math.inf:
+            return eligible, False
+        # Panic mode: every node that could serve this is ejected. Route to them
+        # anyway; refusing everything would be worse than their errors.
+        ejected = [
+            s
+            for s in self._nodes.values()
+            if s.status is NodeStatus.EJECTED
+            and s.serves(model)
+            and (role is None or s.role is role)
+        ]
+        return ejected, bool(ejected)
 
     def release(
         self,
@@ -282,12 +296,13 @@ class NodeRegistry:
                 recent.append(latency)
             if tokens:
                 self._tokens[url] = self._tokens.get(url, 0) + tokens
+            measured = success and latency is not None
             state = state.evolve(
                 inflight=max(0, state.inflight - 1),
                 served=state.served + success,
                 errors=state.errors + (outcome is Outcome.FAILURE),
                 latency=_ewma(state.latency, latency)
-                if success and latency is not None
+                if measured and latency is not None
                 else state.latency,
                 ttft=_ewma(state.ttft, ttft) if success and ttft is not None else state.ttft,
             )

@@ -29,6 +29,7 @@ LMDEPLOY_STRATEGIES = ("random", "min_expected_latency", "min_observed_latency")
 
 STRATEGIES = (
     "least_connections",
+    "least_load",
     "round_robin",
     "power_of_two",
     "prefix_affinity",

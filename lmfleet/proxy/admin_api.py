@@ -7,12 +7,14 @@ Handlers run in the fleet's own event loop: they await the fleet's async interna
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_bytes, send_json
 from lmfleet.proxy.nodes_api import ADMIN_BODY_LIMIT, BadRequest
+from lmfleet.routing.base import RequestInfo
 from lmfleet.state import NodeStatus
 
 if TYPE_CHECKING:
@@ -131,6 +133,18 @@ async def metrics(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
 
 async def fleet_status(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
     await send_json(send, 200, rt.fleet.status().model_dump(mode="json"))
+
+
+async def explain(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+    """`/fleet/explain?model=M`: which node the next request would go to, and why.
+
+    Every eligible node with the strategy's score and the reason in words (the same
+    as `fleet.explain()`); nothing is sent or leased.
+    """
+    models = _query(scope).get("model")
+    model = models[0] if models else None
+    decision = rt.fleet.registry.explain(rt.fleet.router.strategy, RequestInfo(model=model))
+    await send_json(send, 200, dataclasses.asdict(decision))
 
 
 async def sleep(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:

@@ -46,6 +46,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/nodes/terminate": {"POST": nodes_api.terminate},
     "/nodes/terminate_all": {"GET": nodes_api.terminate_all},
     "/fleet/status": {"GET": admin_api.fleet_status},
+    "/fleet/explain": {"GET": admin_api.explain},
     "/fleet/sleep": {"POST": admin_api.sleep},
     "/fleet/wakeup": {"POST": admin_api.wakeup},
     "/fleet/drain": {"POST": admin_api.drain},

@@ -13,9 +13,17 @@ from types import MappingProxyType
 
 from lmfleet.errors import ConfigError
 from lmfleet.routing.affinity import affinity_key
-from lmfleet.routing.base import RequestInfo, Strategy, wants_affinity_key
+from lmfleet.routing.base import (
+    Candidate,
+    Decision,
+    RequestInfo,
+    Strategy,
+    explain_pick,
+    uses_node_load,
+    wants_affinity_key,
+)
 from lmfleet.routing.least_connections import LeastConnections
-from lmfleet.routing.least_load import LeastLoad, NodeLoads, parse_queue
+from lmfleet.routing.least_load import LeastLoad
 from lmfleet.routing.min_expected_latency import MinExpectedLatency
 from lmfleet.routing.min_observed_latency import MinObservedLatency
 from lmfleet.routing.power_of_two import PowerOfTwo
@@ -25,11 +33,12 @@ from lmfleet.routing.round_robin import RoundRobin
 
 __all__ = [
     "STRATEGIES",
+    "Candidate",
+    "Decision",
     "LeastConnections",
     "LeastLoad",
     "MinExpectedLatency",
     "MinObservedLatency",
-    "NodeLoads",
     "PowerOfTwo",
     "PrefixAffinity",
     "RandomStrategy",
@@ -37,8 +46,9 @@ __all__ = [
     "RoundRobin",
     "Strategy",
     "affinity_key",
-    "parse_queue",
+    "explain_pick",
     "resolve_strategy",
+    "uses_node_load",
     "wants_affinity_key",
 ]
 
@@ -56,6 +66,7 @@ STRATEGIES: Mapping[str, StrategyFactory] = MappingProxyType(
             RandomStrategy,
             RoundRobin,
             LeastConnections,
+            LeastLoad,
             MinObservedLatency,
             MinExpectedLatency,
             PowerOfTwo,

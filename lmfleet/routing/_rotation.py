@@ -26,7 +26,7 @@ class UrlRotation:
         self._last = ""  # every URL sorts after "", so the first pick is the smallest
 
     def next(
-        self, nodes: Sequence[NodeState], loads: Sequence[int] | None = None, low: int = 0
+        self, nodes: Sequence[NodeState], loads: Sequence[float] | None = None, low: float = 0
     ) -> NodeState:
         """The first node after the last one handed out (with `loads[i] == low` if given)."""
         urls = [node.url for node in nodes]

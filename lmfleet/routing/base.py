@@ -29,6 +29,26 @@ class RequestInfo:
     role: NodeRole | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One eligible node as a strategy saw it: its `score` (lower wins, in the
+    strategy's own unit) and the reason in words."""
+
+    url: str
+    score: float | None
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Which node a strategy would pick now, among which candidates, and why."""
+
+    strategy: str
+    chosen: str | None
+    candidates: tuple[Candidate, ...]
+    note: str = ""
+
+
 @runtime_checkable
 class Strategy(Protocol):
     """Pick one node among `nodes` (never empty) for `request`.
@@ -38,6 +58,32 @@ class Strategy(Protocol):
     """
 
     def pick(self, nodes: Sequence[NodeState], request: RequestInfo) -> NodeState | None: ...
+
+
+def explain_pick(
+    strategy: Strategy, nodes: Sequence[NodeState], request: RequestInfo, note: str = ""
+) -> Decision:
+    """What `strategy` would pick among `nodes`, with each candidate's score when the
+    strategy can say (an `explain(nodes, request)` method), else the in-flight counts.
+
+    The pick is real: a rotating strategy's cursor moves, as it would for a request.
+    """
+    name = str(getattr(strategy, "name", type(strategy).__name__))
+    chosen = strategy.pick(nodes, request) if nodes else None
+    explain = getattr(strategy, "explain", None)
+    if callable(explain) and nodes:
+        candidates = tuple(explain(nodes, request))
+    else:
+        candidates = tuple(
+            Candidate(n.url, None, f"{n.inflight} of our requests in flight") for n in nodes
+        )
+    return Decision(name, chosen.url if chosen is not None else None, candidates, note)
+
+
+def uses_node_load(strategy: object) -> bool:
+    """True when `strategy` declares `uses_node_load = True` (it reads `NodeState.load`,
+    so the monitor should read the nodes' `/metrics` every round)."""
+    return getattr(strategy, "uses_node_load", False) is True
 
 
 def wants_affinity_key(strategy: object) -> bool:

@@ -1,85 +1,90 @@
-"""Fewest requests in flight on the node as a whole, not only from this process.
+"""The node where one more request is expected to take the least time, counting every client.
 
-`least_connections` counts only this process's requests. When several clients
-share a fleet, each is blind to the others' load. `LeastLoad` blends in what the
-nodes report about themselves (LMDeploy's `/metrics`:
-`lmdeploy:num_requests_running` + `lmdeploy:num_requests_waiting`), fed into a
-`NodeLoads` table by whoever polls the nodes (the strategy itself does no I/O).
+`least_connections` counts only this process's requests, and counts them alike on
+a fast node and a slow one. `least_load` scores a node in seconds:
 
-A report is already stale when it lands, and it includes this process's own
-requests of that moment. So the estimate for a node is
+    (requests on the node + 1) x the node's recent latency
 
-    reported + (local in-flight now - local in-flight when the report was taken)
+- *Requests on the node* = ours in flight now, plus what other clients had there
+  by the node's own latest `/metrics` report (`NodeLoad.others`: the report minus
+  our requests at the time of the read, so ours are not counted twice; it fades
+  once older than a health interval, so a node that stops reporting falls back to
+  what we know).
+- *Recent latency* = the EWMA of our successful requests' latency on that node
+  (`NodeState.latency`): a node three times slower, or one already queueing, weighs
+  more per request. A node not measured yet gets the fastest measured candidate's
+  latency (optimistic, so that new nodes get traffic); when none is measured every
+  node counts 1, and the strategy is "fewest requests on the node, all clients".
 
-that is, the report plus what this process sent (or finished) since; never below
-the local in-flight count. A node with no report yet counts its local in-flight
-only, which makes the strategy `least_connections` until the first reports land.
+Measured (docs/guide/strategies.md): dividing the latency by the requests the node
+held, to get a "service time per request", made busy nodes look faster (a batch's
+latency is flat until it fills) and piled requests onto them; this form does not.
+It is not the default: least_connections still wins some single-client cells.
+
+Ties rotate, as in least_connections. `explain` gives each candidate's score and
+its parts (`fleet.explain()`).
 """
 
 from __future__ import annotations
 
 import random
-import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from lmfleet.routing._rotation import UrlRotation
-from lmfleet.routing.base import RequestInfo
+from lmfleet.routing.base import Candidate, RequestInfo
 from lmfleet.state import NodeState
-
-_GAUGE = re.compile(
-    rb"^lmdeploy:num_requests_(running|waiting)(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.M
-)
-
-
-def parse_queue(metrics_text: bytes) -> int | None:
-    """running + waiting from a node's Prometheus text; None when neither is there."""
-    found = _GAUGE.findall(metrics_text)
-    if not found:
-        return None
-    return int(sum(float(value) for _, value in found))
-
-
-class NodeLoads:
-    """The latest self-reported load per node URL, with the local in-flight at that time.
-
-    Written by a poller, read by `LeastLoad.pick`; plain dict assignments, so no lock
-    is needed under the GIL.
-    """
-
-    __slots__ = ("_reports",)
-
-    def __init__(self) -> None:
-        self._reports: dict[str, tuple[int, int]] = {}
-
-    def report(self, url: str, queue: int, local_inflight: int) -> None:
-        """`queue` = the node's running + waiting; `local_inflight` = ours at that time."""
-        self._reports[url] = (queue, local_inflight)
-
-    def forget(self, url: str) -> None:
-        self._reports.pop(url, None)
-
-    def estimate(self, node: NodeState) -> int:
-        report = self._reports.get(node.url)
-        if report is None:
-            return node.inflight
-        queue, then = report
-        return max(node.inflight, queue + node.inflight - then)
 
 
 class LeastLoad:
-    """Pick a node with the smallest estimated total load; ties rotate (as least_connections)."""
+    """Pick the node with the least expected time for one more request; ties rotate."""
 
     name: ClassVar[str] = "least_load"
+    uses_node_load: ClassVar[bool] = True
+    """The fleet's monitor reads every node's `/metrics` each round for it."""
 
-    def __init__(self, loads: NodeLoads | None = None, *, rng: random.Random | None = None) -> None:
-        self.loads = loads if loads is not None else NodeLoads()
+    def __init__(
+        self,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._rotation = UrlRotation()
+        self._clock = clock
+
+    def _parts(self, nodes: Sequence[NodeState]) -> list[tuple[float, float]]:
+        """(score, requests on the node) per node."""
+        now = self._clock()
+        measured = [n.latency for n in nodes if n.latency is not None]
+        prior = min(measured) if measured else 1.0
+        parts = []
+        for node in nodes:
+            held = node.inflight + (node.load.others(now) if node.load is not None else 0.0)
+            per_request = node.latency if node.latency is not None else prior
+            parts.append(((held + 1.0) * per_request, held))
+        return parts
 
     def pick(self, nodes: Sequence[NodeState], request: RequestInfo) -> NodeState | None:
-        estimate = self.loads.estimate
-        loads = [estimate(node) for node in nodes]
-        low = min(loads)
-        if loads.count(low) == 1:
-            return nodes[loads.index(low)]
-        return self._rotation.next(nodes, loads, low)
+        scores = [score for score, _ in self._parts(nodes)]
+        low = min(scores)
+        if scores.count(low) == 1:
+            return nodes[scores.index(low)]
+        return self._rotation.next(nodes, scores, low)
+
+    def explain(self, nodes: Sequence[NodeState], request: RequestInfo) -> list[Candidate]:
+        candidates = []
+        for node, (score, held) in zip(nodes, self._parts(nodes), strict=True):
+            others = held - node.inflight
+            speed = (
+                f"{node.latency:.3g} s recent latency"
+                if node.latency is not None
+                else "latency not measured yet (fastest candidate's assumed)"
+            )
+            report = "" if node.load is not None else "; no /metrics report"
+            why = (
+                f"{held:.3g} request(s) on the node (ours {node.inflight}, "
+                f"others {others:.3g}{report}); {speed}"
+            )
+            candidates.append(Candidate(node.url, score, why))
+        return candidates

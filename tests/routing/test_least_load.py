@@ -1,63 +1,196 @@
-"""LeastLoad: local in-flight plus what the nodes report, without double counting."""
+"""LeastLoad: expected seconds on each node, every client's requests counted once."""
 
 from __future__ import annotations
 
-from lmfleet.routing import LeastLoad, NodeLoads, RequestInfo, parse_queue
+import threading
+
+import httpx2
+from support import StartSim, chat, wait_until
+
+from lmfleet import LMFleet
+from lmfleet.routing import LeastLoad, RequestInfo, resolve_strategy
+from lmfleet.sim.options import DEFAULT_MODEL
 from lmfleet.state import NodeState, NodeStatus
+from lmfleet.telemetry import NodeLoad
+
+NOW = 100.0
 
 
-def node(name: str, inflight: int = 0) -> NodeState:
-    return NodeState(url=f"http://{name}:1", status=NodeStatus.HEALTHY, inflight=inflight)
+def node(
+    name: str,
+    inflight: int = 0,
+    *,
+    latency: float | None = None,
+    queue: float | None = None,
+    ours_then: int = 0,
+    age: float = 0.0,
+) -> NodeState:
+    load = (
+        None
+        if queue is None
+        else NodeLoad(
+            running=queue, waiting=0, read_at=NOW - age, local_inflight=ours_then, fresh_for=1.0
+        )
+    )
+    return NodeState(
+        url=f"http://{name}:1",
+        status=NodeStatus.HEALTHY,
+        inflight=inflight,
+        latency=latency,
+        load=load,
+    )
 
 
-def test_without_reports_it_is_least_connections() -> None:
+def strategy() -> LeastLoad:
+    return LeastLoad(clock=lambda: NOW)
+
+
+def test_resolves_by_name() -> None:
+    assert isinstance(resolve_strategy("least_load"), LeastLoad)
+    assert isinstance(resolve_strategy("Least-Load"), LeastLoad)
+
+
+def test_without_reports_or_speeds_it_is_least_connections() -> None:
     nodes = [node("a", 3), node("b", 1), node("c", 2)]
-    assert LeastLoad().pick(nodes, RequestInfo()) == nodes[1]
+    assert strategy().pick(nodes, RequestInfo()) == nodes[1]
 
 
-def test_reported_load_of_other_clients_counts() -> None:
-    loads = NodeLoads()
-    strategy = LeastLoad(loads)
-    nodes = [node("a", 0), node("b", 0)]
-    loads.report("http://a:1", queue=9, local_inflight=0)  # nine requests from elsewhere
-    loads.report("http://b:1", queue=2, local_inflight=0)
-    assert strategy.pick(nodes, RequestInfo()) == nodes[1]
+def test_other_clients_requests_count() -> None:
+    nodes = [node("a", queue=9), node("b", queue=2)]  # none of them ours
+    assert strategy().pick(nodes, RequestInfo()) == nodes[1]
 
 
 def test_own_requests_are_not_counted_twice() -> None:
-    loads = NodeLoads()
-    loads.report("http://a:1", queue=4, local_inflight=4)  # the four were all ours
-    assert loads.estimate(node("a", 4)) == 4
-    assert loads.estimate(node("a", 6)) == 6  # two more sent since the report
-    assert loads.estimate(node("a", 1)) == 1  # three of ours finished since
+    # Node a's report of 4 was our own 4: it holds 4, not 8; b holds 5 (ours 1, others 4).
+    a = node("a", 4, queue=4, ours_then=4)
+    b = node("b", 1, queue=4, ours_then=0)
+    assert strategy().pick([a, b], RequestInfo()) == a
 
 
-def test_estimate_never_below_local_inflight() -> None:
-    loads = NodeLoads()
-    loads.report("http://a:1", queue=0, local_inflight=5)  # report older than our sends
-    assert loads.estimate(node("a", 2)) == 2
+def test_a_slow_node_counts_its_queue_in_seconds() -> None:
+    """Three requests on a 3x slower node weigh more than six on a fast one."""
+    fast = node("fast", 6, latency=0.1)  # (6 + 1) x 0.1 = 0.7 s
+    slow = node("slow", 3, latency=0.3)  # (3 + 1) x 0.3 = 1.2 s
+    assert strategy().pick([fast, slow], RequestInfo()) == fast
+    idle_slow = node("slow", 0, latency=0.3)  # 0.3 s: now the slow node wins
+    assert strategy().pick([fast, idle_slow], RequestInfo()) == idle_slow
+
+
+def test_an_unmeasured_node_gets_the_fastest_speed() -> None:
+    """Optimistic prior: a new node is tried, not starved behind measured ones."""
+    measured = node("a", 1, latency=0.2)  # 0.4 s
+    new = node("b", 1)  # assumed 0.2 s/request too: a tie, rotated
+    picks = {strategy_.pick([measured, new], RequestInfo()).url for strategy_ in [strategy()]}
+    assert picks <= {measured.url, new.url}
+    busy_new = node("b", 2)  # 0.6 s with the prior
+    assert strategy().pick([measured, busy_new], RequestInfo()) == measured
+
+
+def test_stale_reports_fade() -> None:
+    fresh = node("a", queue=6)  # 6 others, just read
+    stale = node("b", queue=6, age=4.0)  # read 4 s ago, trusted for 1 s: 6 x 2^-3
+    load = stale.load
+    assert load is not None and abs(load.others(NOW) - 0.75) < 1e-9
+    assert strategy().pick([fresh, stale], RequestInfo()) == stale
 
 
 def test_ties_rotate() -> None:
-    strategy = LeastLoad()
-    nodes = [node("b"), node("a")]
-    picks = [strategy.pick(nodes, RequestInfo()).url for _ in range(4)]  # type: ignore[union-attr]
-    assert picks == ["http://a:1", "http://b:1", "http://a:1", "http://b:1"]
+    nodes = [node("a"), node("b"), node("c")]
+    chooser = strategy()
+    assert [chooser.pick(nodes, RequestInfo()).url for _ in range(3)] == [n.url for n in nodes]
 
 
-def test_forget_drops_a_report() -> None:
-    loads = NodeLoads()
-    loads.report("http://a:1", queue=7, local_inflight=0)
-    loads.forget("http://a:1")
-    assert loads.estimate(node("a", 1)) == 1
+def test_explain_gives_each_score_and_its_parts() -> None:
+    nodes = [node("a", 2, latency=0.1, queue=5, ours_then=2), node("b", 1)]
+    explained = strategy().explain(nodes, RequestInfo())
+    assert [c.url for c in explained] == [n.url for n in nodes]
+    a, b = explained
+    assert a.score is not None and abs(a.score - (5 + 1) * 0.1) < 1e-9
+    assert "ours 2, others 3" in a.why and "0.1 s recent latency" in a.why
+    assert b.score is not None and abs(b.score - 2 * 0.1) < 1e-9  # the fastest as prior
+    assert "not measured yet" in b.why and "no /metrics report" in b.why
 
 
-def test_parse_queue_reads_lmdeploy_gauges() -> None:
-    text = (
-        b"# TYPE lmdeploy:num_requests_running gauge\n"
-        b'lmdeploy:num_requests_running{model_name="m"} 3\n'
-        b"# TYPE lmdeploy:num_requests_waiting gauge\n"
-        b'lmdeploy:num_requests_waiting{model_name="m"} 2.0\n'
-    )
-    assert parse_queue(text) == 5
-    assert parse_queue(b"other_metric 1\n") is None
+# -- live: real sims, another client's load, a node without /metrics ------------------
+
+BUSY = ("--health-poll-interval", "0.2", "--ttft-ms", "2", "--tpot-ms", "100")
+
+
+def _hold_streams(url: str, count: int, stop: threading.Event) -> list[threading.Thread]:
+    """Another client: `count` long streams to `url`, read until `stop` (then dropped)."""
+
+    def one() -> None:
+        body = {
+            "model": DEFAULT_MODEL,
+            "messages": [{"role": "user", "content": "long"}],
+            "max_tokens": 400,
+            "stream": True,
+        }
+        with (
+            httpx2.Client(timeout=60) as http,
+            http.stream("POST", url + "/v1/chat/completions", json=body) as reply,
+        ):
+            for _ in reply.iter_bytes():
+                if stop.is_set():
+                    return
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_another_clients_load_steers_least_load_and_a_node_without_metrics_still_serves(
+    start_sim: StartSim,
+) -> None:
+    """Node a is busy with another client's 4 streams, which this fleet never sent; b
+    reports an empty queue; c has no /metrics at all. least_load sends nothing to a,
+    and still uses c (its load is what this fleet knows)."""
+    a, b = start_sim(*BUSY), start_sim(*BUSY)
+    c = start_sim(*BUSY, "--disable-metrics")
+    stop = threading.Event()
+    with LMFleet.attach([a.url, b.url, c.url], strategy="least_load", health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=30)
+        threads = _hold_streams(a.url, 4, stop)
+        try:
+            queue = wait_until(
+                lambda: {n.url: n.queue for n in fleet.nodes},
+                what="the other client's load in a's snapshot",
+                until=lambda q: (q[a.url] or 0) >= 4 and q[b.url] is not None,
+            )
+            assert queue[c.url] is None  # no /metrics: no report, no error
+            assert {n.url: n.state for n in fleet.nodes}[c.url] is NodeStatus.HEALTHY
+
+            decision = fleet.explain()
+            assert decision.strategy == "least_load" and decision.chosen != a.url
+            scores = {cand.url: cand for cand in decision.candidates}
+            assert "others 4" in scores[a.url].why, scores[a.url]
+            assert "no /metrics report" in scores[c.url].why
+
+            client = fleet.client(max_retries=0)
+            for i in range(6):
+                chat(client, fleet.model, f"q{i}", max_tokens=1)
+            served = {n.url: n.served for n in fleet.nodes}
+            assert served[a.url] == 0, served
+            assert served[b.url] > 0 and served[c.url] > 0, served
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=10)
+
+
+def test_the_proxy_explains_its_next_pick(start_sim: StartSim) -> None:
+    node = start_sim(*BUSY)
+    with LMFleet.attach([node.url], strategy="least_load", health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=30)
+        server = fleet.serve(port=0)
+        wait_until(lambda: fleet.nodes[0].queue is not None, what="a /metrics report")
+        answer = httpx2.get(server.url + "/fleet/explain", params={"model": fleet.model})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["strategy"] == "least_load" and body["chosen"] == node.url
+        (candidate,) = body["candidates"]
+        assert candidate["url"] == node.url and candidate["score"] > 0
+        assert "0 request(s) on the node" in candidate["why"]
+        unknown = httpx2.get(server.url + "/fleet/explain", params={"model": "nope"}).json()
+        assert unknown["chosen"] is None and "no node is eligible" in unknown["note"]

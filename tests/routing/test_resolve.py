@@ -12,6 +12,7 @@ from lmfleet.errors import ConfigError
 from lmfleet.routing import (
     STRATEGIES,
     LeastConnections,
+    LeastLoad,
     MinExpectedLatency,
     MinObservedLatency,
     PowerOfTwo,
@@ -28,6 +29,7 @@ EXPECTED = {
     "random": RandomStrategy,
     "round_robin": RoundRobin,
     "least_connections": LeastConnections,
+    "least_load": LeastLoad,
     "min_observed_latency": MinObservedLatency,
     "min_expected_latency": MinExpectedLatency,
     "power_of_two": PowerOfTwo,
