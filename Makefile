@@ -43,7 +43,7 @@ soak: $(STAMP)
 clean:
 	rm -rf $(VENV) .venv-peer .venv-peer.failed .venv-peer.log .pytest_cache .mypy_cache .ruff_cache site
 
-# Benchmarks (never part of `make test`): about 27 minutes on 2 cores; each bench ends
+# Benchmarks (never part of `make test`): about an hour on 2 cores; each bench ends
 # every process it starts. LMDeploy's proxy comes from .venv-peer (`make peer`).
 # Results: bench/results/*.json, docs/bench_*.png; docs/benchmarks.md explains them.
 bench: $(STAMP)
@@ -52,7 +52,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/monitor_cpu.py --nodes 64 --seconds 20
 	$(BIN)/python -m bench.proxy_overhead
 	$(BIN)/python -m bench.client_overhead
-	$(BIN)/python -m bench.routing_quality
+	$(BIN)/python -m bench.routing_quality --cells single80 --seeds 10 --requests 1000 \
+		--routers all --scale 8 --coarsen 4  # one cell, ~35 min; the matrix: bench/routing_quality.py
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.failure
 	$(BIN)/python -m bench.plots

@@ -62,22 +62,34 @@ def proxy_plot() -> None:
 
 
 def routing_plot() -> None:
-    data = json.loads((RESULTS / "routing.json").read_text())
-    rows = data.get("single", [])
-    routers = list(dict.fromkeys(r["router"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for key, ax, title in (("p99", axes[0], "p99 latency"), ("ttft_p99", axes[1], "p99 TTFT")):
-        for router in routers:
-            pts = sorted((r["load"], r[key]) for r in rows if r["router"] == router)
-            style = "k--" if router == "ideal" else ("-o" if router.startswith("lmfleet") else ":s")
-            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], style, label=router)
-        ax.set_xlabel("offered load, % of measured capacity")
-        ax.set_ylabel("seconds")
-        ax.set_yscale("log")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Routing quality: 4 simulated nodes, one 3x slower, Poisson arrivals")
+    """p99 / replayed reference per router and cell, with the bootstrap 95 % interval."""
+    from bench.routing_report import ORACLE, done_runs, ratio, reference
+    from bench.routing_stats import Interval
+
+    data = json.loads((RESULTS / "routing_quality.json").read_text())
+    cells = data["cells"]
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 5.5), sharey=True)
+    routers = sorted({r for c in cells.values() for d in c["seeds"].values() for r in d["runs"]})
+    for ax, (name, cell_out) in zip(axes if len(cells) > 1 else [axes], cells.items(), strict=True):
+        for y, router in enumerate(routers):
+            runs = done_runs(cell_out, router)
+            mine = {s: r["groups"]["all"] for s, r in runs.items()}
+            got = ratio(mine, {s: reference(cell_out, s, "all") for s in runs})
+            if not isinstance(got, Interval):
+                continue
+            color = "k" if router == ORACLE else ("C0" if router.startswith("lmfleet") else "C3")
+            err = [[got.point - got.low], [got.high - got.point]]
+            ax.errorbar(got.point, y, xerr=err, fmt="o", color=color, capsize=3)
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.axvline(1.15, color="grey", lw=0.8, ls="--")
+        ax.set_xlim(left=0.9)
+        ax.set_title(name)
+        ax.set_xlabel("p99 / reference")
+        ax.grid(axis="x", alpha=0.3)
+    first = axes[0] if len(cells) > 1 else axes
+    first.set_yticks(range(len(routers)))
+    first.set_yticklabels(routers, fontsize=8)
+    fig.suptitle("Routing quality: p99 over the replayed reference (95 % interval over seeds)")
     fig.tight_layout()
     fig.savefig(DOCS / "bench_routing.png", dpi=110)
 
@@ -85,7 +97,7 @@ def routing_plot() -> None:
 def main() -> None:
     if (RESULTS / "proxy.json").exists():
         proxy_plot()
-    if (RESULTS / "routing.json").exists():
+    if (RESULTS / "routing_quality.json").exists():
         routing_plot()
 
 

@@ -1,0 +1,177 @@
+"""Markdown tables of the routing-quality results (bench/results/routing_quality.json).
+
+Pure: reads the results dict, computes the paired ratios with their bootstrap
+intervals (bench/routing_stats.py), and formats one table per cell and client
+group, for docs/benchmarks.md. Columns:
+
+- p50/p90/p99: medians over seeds of the per-seed percentiles (seconds);
+- p99 / reference: the router's p99 over the replayed reference's p99, paired by
+  seed; geometric mean [bootstrap 95 % interval]; "within 15 %" only if the
+  interval's upper end is below 1.15;
+- p99 / oracle: the same against the oracle run live (the reference's assignment
+  sent through the same harness), which cancels the harness's own overhead;
+- p99 / lower bound: against the per-request bound (how much room there is at all);
+- errors: failed requests; cut: requests still running at the run's deadline
+  (counted as unbounded latency: an overloaded router's percentiles are unbounded).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from bench._common import table
+from bench.routing_stats import Interval, bootstrap_ratio, within
+
+ORACLE = "oracle"
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def done_runs(cell_out: dict[str, Any], router: str) -> dict[str, dict[str, Any]]:
+    """seed -> run, for the seeds where `router` completed a run."""
+    return {
+        seed: data["runs"][router]
+        for seed, data in cell_out["seeds"].items()
+        if "groups" in data.get("runs", {}).get(router, {})
+    }
+
+
+def reference(cell_out: dict[str, Any], seed: str, group: str) -> dict[str, float]:
+    """The replayed reference's percentiles (its best rule) for one seed and group."""
+    base = cell_out["seeds"][seed]["baselines"]
+    return base["rules"][group][base["best"][group]]
+
+
+def bound(cell_out: dict[str, Any], seed: str, group: str) -> dict[str, float]:
+    return cell_out["seeds"][seed]["baselines"]["lower_bound"][group]
+
+
+def ratio(
+    mine: dict[str, dict[str, Any]], theirs: dict[str, dict[str, float]], key: str = "p99"
+) -> Interval | str | None:
+    """Paired ratio over the seeds both have (None if they share none).
+
+    A seed where the router's percentile is unbounded (None: censored requests at
+    the run's deadline) makes the ratio unbounded too: "overloaded on k/n seeds".
+    """
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    over = [s for s in seeds if mine[s][key] is None or theirs[s][key] is None]
+    if over:
+        return f"overloaded on {len(over)}/{len(seeds)} seeds"
+    return bootstrap_ratio([mine[s][key] for s in seeds], [theirs[s][key] for s in seeds])
+
+
+def _seconds(values: Sequence[float | None]) -> str:
+    """Median over seeds; None (unbounded) counts as +inf."""
+    mid = median([math.inf if v is None else v for v in values])
+    return "unbounded" if math.isinf(mid) else f"{mid:.2f}"
+
+
+def router_row(cell_out: dict[str, Any], router: str, group: str, stream: bool) -> list[str]:
+    """One router's row; `router` must have at least one completed run."""
+    runs = done_runs(cell_out, router)
+    mine = {s: r["groups"][group] for s, r in runs.items()}
+    ref = {s: reference(cell_out, s, group) for s in runs}
+    low = {s: bound(cell_out, s, group) for s in runs}
+    oracle = {s: r["groups"][group] for s, r in done_runs(cell_out, ORACLE).items()}
+    vs_ref = ratio(mine, ref)
+    row: list[Any] = [router, len(runs)]
+    row += [_seconds([m[k] for m in mine.values()]) for k in ("p50", "p90", "p99")]
+    row += [vs_ref, "yes" if isinstance(vs_ref, Interval) and within(vs_ref) else "no"]
+    row += [ratio(mine, oracle) if router != ORACLE else "1", ratio(mine, low)]
+    row += [ratio(mine, ref, "p90"), sum(r["errors"] for r in runs.values())]
+    row += [sum(m.get("censored", 0) for m in mine.values())]
+    if stream:
+        ttft = [m["ttft_p99"] for m in mine.values() if m.get("ttft_p99") is not None]
+        row += [f"{median(ttft):.3f}", f"{median([r['cache_hit'] for r in runs.values()]):.0%}"]
+    return [("-" if cell is None else str(cell)) for cell in row]
+
+
+def baseline_rows(cell_out: dict[str, Any], group: str, stream: bool) -> list[list[str]]:
+    """The replayed reference and the lower bound, as rows of the same table."""
+    seeds = list(cell_out["seeds"])
+    ref = [reference(cell_out, s, group) for s in seeds]
+    low = [bound(cell_out, s, group) for s in seeds]
+    rules = sorted({cell_out["seeds"][s]["baselines"]["best"][group] for s in seeds})
+    rows = []
+    for name, values in ((f"reference (replay: {', '.join(rules)})", ref), ("lower bound", low)):
+        row = [name, str(len(values))]
+        row += [f"{median([v[k] for v in values]):.2f}" for k in ("p50", "p90", "p99")]
+        row += ["1" if values is ref else "-", "", "-", "-", "-", "0", "0"]
+        if stream:
+            row.append(f"{median([v['ttft_p99'] for v in values]):.3f}")
+            row.append(f"{median([v['cache_hit'] for v in values]):.0%}" if values is ref else "-")
+        rows.append(row)
+    return rows
+
+
+def cell_table(cell_out: dict[str, Any], group: str) -> str:
+    """Every router of one cell and client group, best p99 ratio first, then the baselines."""
+    stream = cell_out["cell"]["stream"]
+    heads = ["router", "seeds", "p50 s", "p90 s", "p99 s", "p99 / reference", "within 15 %"]
+    heads += ["p99 / oracle (live)", "p99 / lower bound", "p90 / reference", "errors", "cut"]
+    if stream:
+        heads += ["TTFT p99 s", "cache hit"]
+    ranked, missing = [], []
+    routers = sorted({r for d in cell_out["seeds"].values() for r in d.get("runs", {})})
+    for router in routers:
+        if done_runs(cell_out, router):
+            row = router_row(cell_out, router, group, stream)
+            ranked.append((_point(row[5]), row))
+        else:
+            missing.append([router, "0", f"not run: {why_not(cell_out, router)}"])
+    ranked.sort(key=lambda item: item[0])
+    body = [row for _, row in ranked] + baseline_rows(cell_out, group, stream)
+    body += [row + [""] * (len(heads) - len(row)) for row in missing]
+    return table(heads, body)
+
+
+def _point(text: str) -> float:
+    """The point estimate of a formatted interval (for sorting)."""
+    try:
+        return float(text.split()[0])
+    except (ValueError, IndexError):
+        return math.inf
+
+
+def why_not(cell_out: dict[str, Any], router: str) -> str:
+    for data in cell_out["seeds"].values():
+        run = data.get("runs", {}).get(router, {})
+        reason = run.get("unavailable") or run.get("failed")
+        if reason:
+            return str(reason)
+    return "no run"
+
+
+def report(results: dict[str, Any]) -> str:
+    """The method line, then one table per cell (and per client group where it has them)."""
+    m = results["method"]
+    lines = [
+        f"Nodes: speeds {m['speeds']}, max batch {m['max_batch']}, cost-model times / "
+        f"{m['scale']:g}; {m['requests']} requests x {len(m['seeds'])} seeds per cell; "
+        f"{m['machine']}.",
+        "Ratios: geometric mean over seeds of the per-seed ratio [bootstrap 95 % interval]; "
+        "p50/p90/p99: medians over seeds.",
+    ]
+    for name, cell_out in results["cells"].items():
+        cell = cell_out["cell"]
+        if cell_out["rate"]:
+            load = (
+                f"{cell_out['rate']:.1f} req/s = {cell['load']:.0%} of {cell_out['capacity']:.1f}"
+            )
+        else:
+            load = f"closed loop, in flight {tuple(cell['concurrency'])}"
+        for group in ["all", *cell["groups"]]:
+            title = f"### {name}" + ("" if group == "all" else f", {group} client")
+            lines += ["", f"{title} ({load})", "", cell_table(cell_out, group)]
+    return "\n".join(lines)
