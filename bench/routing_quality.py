@@ -432,7 +432,7 @@ def _progress(run: dict[str, Any]) -> None:
 
     print(
         f"p50 {seconds(p['p50'])} p99 {seconds(p['p99'])} s, {run['errors']} errors, "
-        f"{run.get('cut', 0)} cut, {tokens}, "
+        f"{p.get('censored', 0)} cut, {tokens}, "
         f"client lag p99 {1000 * run['lag_p99']:.0f} ms, {run['wall_s']:.0f} s",
         flush=True,
     )
