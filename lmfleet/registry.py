@@ -248,26 +248,22 @@ class NodeRegistry:
 
     def _eligible(self, request: RequestInfo) -> tuple[list[NodeState], bool]:
         """(the nodes `request` may go to, whether only ejected ones were left); under the lock."""
-        model, role = request.model, request.role
-        eligible = [
-            s
-            for s in self._nodes.values()
-            if s.status is NodeStatus.HEALTHY
-            and s.serves(model)
-            and (role is None or s.role is role)
-        ]
+        eligible = self._serving(request, NodeStatus.HEALTHY)
         if eligible or self._next_readmit == math.inf:
             return eligible, False
         # Panic mode: every node that could serve this is ejected. Route to them
         # anyway; refusing everything would be worse than their errors.
-        ejected = [
+        ejected = self._serving(request, NodeStatus.EJECTED)
+        return ejected, bool(ejected)
+
+    def _serving(self, request: RequestInfo, status: NodeStatus) -> list[NodeState]:
+        """Nodes in `status` that serve the request's model, in its role if it has one."""
+        model, role = request.model, request.role
+        return [
             s
             for s in self._nodes.values()
-            if s.status is NodeStatus.EJECTED
-            and s.serves(model)
-            and (role is None or s.role is role)
+            if s.status is status and s.serves(model) and (role is None or s.role is role)
         ]
-        return ejected, bool(ejected)
 
     def release(
         self,
