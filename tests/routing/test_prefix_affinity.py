@@ -1,8 +1,7 @@
-"""PrefixAffinity: consistent hashing with bounded loads on the affinity key."""
+"""PrefixAffinity: consistent hashing on the affinity key, bounded by the expected wait."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import pytest
@@ -10,13 +9,37 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmfleet.errors import ConfigError
-from lmfleet.routing import PrefixAffinity, RequestInfo, wants_affinity_key
+from lmfleet.routing import (
+    PrefixAffinity,
+    RequestInfo,
+    explain_pick,
+    uses_node_load,
+    wants_affinity_key,
+)
 from lmfleet.routing._ring import stable_hash
+from lmfleet.routing.least_load import expected_waits
 from lmfleet.state import NodeState, NodeStatus
+from lmfleet.telemetry import NodeLoad
 
 
-def node(i: int, inflight: int = 0) -> NodeState:
-    return NodeState(url=f"http://n{i:02d}:1", status=NodeStatus.HEALTHY, inflight=inflight)
+def node(
+    i: int, inflight: int = 0, *, latency: float | None = None, others: float = 0.0
+) -> NodeState:
+    load = None if not others else NodeLoad(running=others, waiting=0, read_at=NOW, fresh_for=1.0)
+    return NodeState(
+        url=f"http://n{i:02d}:1",
+        status=NodeStatus.HEALTHY,
+        inflight=inflight,
+        latency=latency,
+        load=load,
+    )
+
+
+NOW = 50.0
+
+
+def affinity(**kwargs: float) -> PrefixAffinity:
+    return PrefixAffinity(clock=lambda: NOW, **kwargs)  # type: ignore[arg-type]
 
 
 def pick(strategy: PrefixAffinity, nodes: list[NodeState], key: str | None) -> NodeState:
@@ -28,7 +51,8 @@ def pick(strategy: PrefixAffinity, nodes: list[NodeState], key: str | None) -> N
 def test_declares_the_affinity_key() -> None:
     assert PrefixAffinity.name == "prefix_affinity"
     assert PrefixAffinity.uses_affinity_key is True
-    assert wants_affinity_key(PrefixAffinity())
+    assert uses_node_load(affinity())
+    assert wants_affinity_key(affinity())
 
 
 def test_stable_hash_is_process_independent() -> None:
@@ -39,9 +63,9 @@ def test_stable_hash_is_process_independent() -> None:
 
 def test_same_key_same_node_and_keys_spread() -> None:
     nodes = [node(i) for i in range(4)]
-    strategy = PrefixAffinity()
+    strategy = affinity()
     first = {f"k{i}": pick(strategy, nodes, f"k{i}").url for i in range(400)}
-    again = {f"k{i}": pick(PrefixAffinity(), nodes, f"k{i}").url for i in range(400)}
+    again = {f"k{i}": pick(affinity(), nodes, f"k{i}").url for i in range(400)}
     assert first == again  # deterministic across instances (and processes)
     counts = Counter(first.values())
     assert len(counts) == 4
@@ -50,21 +74,25 @@ def test_same_key_same_node_and_keys_spread() -> None:
 
 def test_listing_order_does_not_matter() -> None:
     nodes = [node(i) for i in range(5)]
-    strategy = PrefixAffinity()
+    strategy = affinity()
     for i in range(50):
         assert pick(strategy, nodes, f"k{i}") == pick(strategy, nodes[::-1], f"k{i}")
 
 
-def test_no_key_falls_back_to_least_connections() -> None:
+def test_no_key_falls_back_to_least_load() -> None:
     nodes = [node(0, 4), node(1, 1), node(2, 3)]
-    assert pick(PrefixAffinity(), nodes, None).url == "http://n01:1"
+    assert pick(affinity(), nodes, None).url == "http://n01:1"
+    # least_load, not least_connections: n01 is slow, n02 idle by all clients' count
+    nodes = [node(0, 4), node(1, 1, latency=3.0), node(2, 2, latency=1.0)]
+    assert pick(affinity(), nodes, None).url == "http://n02:1"
 
 
 def test_overloaded_home_walks_to_the_next_node() -> None:
     nodes = [node(i) for i in range(4)]
-    strategy = PrefixAffinity()
+    strategy = affinity()
     home = pick(strategy, nodes, "hot")
-    # total 6 on home -> limit ceil(1.25 * 7 / 4) = 3; home (6) is over it.
+    # expected waits (requests + 1, no latency measured): 7, 1, 1, 1;
+    # bound 1.25 x mean 2.5 = 3.1: home is over it.
     loaded = [n.evolve(inflight=6) if n.url == home.url else n for n in nodes]
     other = pick(strategy, loaded, "hot")
     assert other.url != home.url
@@ -74,16 +102,16 @@ def test_overloaded_home_walks_to_the_next_node() -> None:
 
 def test_home_within_the_bound_keeps_the_key() -> None:
     nodes = [node(i, 2) for i in range(4)]
-    strategy = PrefixAffinity()
+    strategy = affinity()
     home = pick(strategy, nodes, "warm")
-    # total 8 + 1 -> limit ceil(1.25 * 9 / 4) = 3; home at 2 may take one more.
+    # every wait is 3, the bound 1.25 x 3: home may take one more.
     assert pick(strategy, nodes, "warm") == home
 
 
 def test_excluded_home_moves_consistently() -> None:
     """Failover (`avoid`) removes the home node: its keys go to their next nodes only."""
     nodes = [node(i) for i in range(6)]
-    strategy = PrefixAffinity()
+    strategy = affinity()
     keys = [f"k{i}" for i in range(300)]
     before = {k: pick(strategy, nodes, k).url for k in keys}
     gone = nodes[2].url
@@ -96,8 +124,8 @@ def test_excluded_home_moves_consistently() -> None:
 def test_adding_a_node_moves_about_one_nth_of_keys() -> None:
     nodes = [node(i) for i in range(8)]
     keys = [f"session-{i}" for i in range(2000)]
-    before = {k: pick(PrefixAffinity(), nodes, k).url for k in keys}
-    strategy = PrefixAffinity()
+    before = {k: pick(affinity(), nodes, k).url for k in keys}
+    strategy = affinity()
     grown = [*nodes, node(8)]
     after = {k: pick(strategy, grown, k).url for k in keys}
     moved = [k for k in keys if after[k] != before[k]]
@@ -106,7 +134,7 @@ def test_adding_a_node_moves_about_one_nth_of_keys() -> None:
 
 
 def test_stale_urls_are_pruned_without_changing_picks() -> None:
-    strategy = PrefixAffinity(vnodes=8)
+    strategy = affinity(vnodes=8)
     stable = [node(i) for i in range(3)]
     homes = {f"k{i}": pick(strategy, stable, f"k{i}").url for i in range(50)}
     for gen in range(10):  # nodes come and go
@@ -123,12 +151,57 @@ def test_bad_options(kwargs: dict[str, float]) -> None:
 
 @given(
     st.lists(st.integers(0, 12), min_size=1, max_size=12),
+    st.lists(st.sampled_from([None, 0.5, 1.0, 3.0]), min_size=12, max_size=12),
     st.text(min_size=1, max_size=20),
     st.sampled_from([1.0, 1.25, 2.0]),
 )
-def test_bounded_load_is_never_exceeded(loads: list[int], key: str, factor: float) -> None:
-    nodes = [node(i, load) for i, load in enumerate(loads)]
-    chosen = pick(PrefixAffinity(load_factor=factor, vnodes=16), nodes, key)
-    limit = math.ceil(factor * (sum(loads) + 1) / len(loads))
+def test_bound_is_never_exceeded(
+    loads: list[int], latencies: list[float | None], key: str, factor: float
+) -> None:
+    nodes = [node(i, load, latency=latencies[i]) for i, load in enumerate(loads)]
+    chosen = pick(affinity(load_factor=factor, vnodes=16), nodes, key)
+    waits = dict(
+        zip(
+            [n.url for n in nodes],
+            [w for w, _ in expected_waits(nodes, NOW)],
+            strict=True,
+        )
+    )
     assert chosen in nodes
-    assert chosen.inflight + 1 <= limit
+    assert waits[chosen.url] <= factor * sum(waits.values()) / len(waits) * (1 + 1e-9)
+
+
+def test_a_slow_home_yields_its_keys_sooner() -> None:
+    """Same request counts; the home node is 3x slower: its keys move on."""
+    nodes = [node(i, 2, latency=1.0) for i in range(3)]
+    strategy = affinity()
+    home = pick(strategy, nodes, "chat-7")
+    slow = [n.evolve(latency=3.0) if n.url == home.url else n for n in nodes]
+    # waits: 9 at home, 3 elsewhere; bound 1.25 x 5 = 6.25
+    assert pick(strategy, slow, "chat-7").url != home.url
+
+
+def test_other_clients_requests_count_toward_the_bound() -> None:
+    nodes = [node(i) for i in range(3)]
+    strategy = affinity()
+    home = pick(strategy, nodes, "session-1")
+    busy = [node(int(n.url[8:10]), others=6) if n.url == home.url else n for n in nodes]
+    assert busy[[n.url for n in busy].index(home.url)].load is not None
+    assert pick(strategy, busy, "session-1").url != home.url
+
+
+def test_explain_names_the_walk_and_the_bound() -> None:
+    nodes = [node(0, 6), node(1), node(2)]
+    strategy = affinity()
+    decision = explain_pick(strategy, nodes, RequestInfo(affinity_key="k"))
+    assert decision.strategy == "prefix_affinity"
+    assert {c.url for c in decision.candidates} == {n.url for n in nodes}
+    ranks = sorted(c.why.split(" ")[0] for c in decision.candidates)
+    assert ranks == ["#1", "#2", "#3"]
+    by_url = {c.url: c for c in decision.candidates}
+    assert "over the bound" in by_url["http://n00:1"].why
+    assert by_url["http://n00:1"].score == 7.0
+    assert decision.chosen != "http://n00:1"
+    assert "within the bound" in by_url[decision.chosen or ""].why
+    keyless = explain_pick(strategy, nodes, RequestInfo())
+    assert all(c.why.startswith("no affinity key, least_load") for c in keyless.candidates)
