@@ -182,7 +182,10 @@ def make_sender(spec: ClientSpec) -> tuple[httpx2.AsyncClient, Callable[[Request
         from lmfleet.transport import AsyncFleetTransport
 
         fleet = LMFleet.attach(
-            sender["nodes"], strategy=sender["strategy"], health_interval=sender["health_interval"]
+            sender["nodes"],
+            strategy=sender["strategy"],
+            health_interval=sender["health_interval"],
+            speeds=sender.get("speeds"),
         )
         fleet.wait_ready(timeout=60, min_ready=len(sender["nodes"]))
         inner = httpx2.AsyncHTTPTransport(limits=limits)
@@ -377,6 +380,14 @@ def start_lmfleet_serve(
     url = f"http://127.0.0.1:{port}"
     wait_up(proc, url + "/readiness", timeout=60)
     return proc, url
+
+
+def register_speeds(proxy: str, nodes: list[str], speeds: list[float]) -> None:
+    """Give an `lmfleet serve` the node speeds the way LMDeploy's proxy gets them."""
+    for node, speed in zip(nodes, speeds, strict=True):
+        post_json(
+            proxy + "/nodes/add", {"url": node, "status": {"models": [MODEL], "speed": speed}}
+        )
 
 
 def wait_up(proc: subprocess.Popen[bytes], url: str, timeout: float) -> None:

@@ -59,6 +59,7 @@ from bench.routing_live import (
     ScheduleSpec,
     node_stats,
     register_lmdeploy,
+    register_speeds,
     reset_nodes,
     run_children,
     run_health,
@@ -88,7 +89,10 @@ LMFLEET = (
     "min_expected_latency",
     "min_observed_latency",
     "least_load",
+    "least_load+speeds",
 )
+"""`+speeds`: the client is given the node speeds, as LMDeploy's proxy is (`attach(speeds=)`,
+or `status.speed` at `/nodes/add` for `lmfleet serve`)."""
 LMDEPLOY = ("random", "min_expected_latency", "min_observed_latency")
 ROUTERS = (*(f"lmfleet:{s}" for s in LMFLEET), *(f"lmdeploy:{s}" for s in LMDEPLOY), ORACLE)
 """`oracle`: each request sent live straight to the node the replayed reference chose
@@ -309,12 +313,14 @@ class CellRun:
         """One sender per load generator for `router`, and what to stop after the run."""
         cell = self.cell
         kind, _, strategy = router.partition(":")
+        strategy, _, variant = strategy.partition("+")
+        speeds = [n.speed for n in self.setup.nodes] if variant == "speeds" else None
         if router == ORACLE:
             sender = {"kind": "assign", "urls": self.nodes, "assign": self.oracle[cell.name, seed]}
             count = 1 if cell.topology == "replicas" else cell.clients
             return [sender] * count, _nothing
         if cell.topology == "replicas":
-            return self._replicas(kind, strategy)
+            return self._replicas(kind, strategy, speeds)
         if kind == "lmdeploy":
             proxies = self.lmdeploy(strategy, cell.clients)
             return [{"kind": "urls", "urls": [url]} for url in proxies], _nothing
@@ -323,11 +329,12 @@ class CellRun:
             "strategy": strategy,
             "nodes": self.nodes,
             "health_interval": self.setup.health_interval,
+            "speeds": speeds,
         }
         return [sender] * cell.clients, _nothing
 
     def _replicas(
-        self, kind: str, strategy: str
+        self, kind: str, strategy: str, speeds: list[float] | None
     ) -> tuple[list[dict[str, Any]], Callable[[], None]]:
         if kind == "lmdeploy":
             return [{"kind": "urls", "urls": self.lmdeploy(strategy, self.cell.clients)}], _nothing
@@ -336,6 +343,9 @@ class CellRun:
             start_lmfleet_serve(self.group, self.nodes, strategy, interval)
             for _ in range(self.cell.clients)
         ]
+        if speeds is not None:  # as LMDeploy's proxy gets them: `status.speed` at /nodes/add
+            for _, url in replicas:
+                register_speeds(url, self.nodes, speeds)
 
         def stop() -> None:
             for proc, _ in replicas:
@@ -407,6 +417,7 @@ def run_cell(
                 if "groups" in runs.get(router, {}):
                     continue  # --resume: done before
                 kind, _, strategy = router.partition(":")
+                strategy = strategy.partition("+")[0]  # "+speeds": given the node speeds
                 missing = lmfleet_available(strategy) if kind == "lmfleet" else None
                 if missing:
                     runs[router] = {"unavailable": missing}
@@ -482,7 +493,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--cells", default="all", help=f"comma list of {', '.join(CELLS)}, or all")
     add(
-        "--routers", default="all", help="comma list of lmfleet:NAME, lmdeploy:NAME, oracle; or all"
+        "--routers",
+        default="all",
+        help="comma list of lmfleet:NAME[+speeds], lmdeploy:NAME, oracle; or all",
     )
     add("--seeds", type=int, default=10)
     add("--seed-base", type=int, default=0)

@@ -46,7 +46,7 @@ from lmfleet.routing import (
 )
 from lmfleet.routing.base import Strategy
 from lmfleet.runtime import FleetRuntime
-from lmfleet.state import NodeRole, NodeStatus, parse_roles
+from lmfleet.state import NodeRole, NodeStatus, parse_roles, parse_speed, parse_speeds
 from lmfleet.status import FleetStatus, NodeSnapshot
 from lmfleet.transport import Router
 from lmfleet.transport.distserve import DistServe
@@ -114,6 +114,7 @@ class LMFleet(NotebookMethods):
         api_key: str | None = None,
         options: FleetOptions | None = None,
         roles: Sequence[NodeRole | int | str] | None = None,
+        speeds: Sequence[float] | None = None,
         allow_empty: bool = False,
         **shortcuts: Unpack[FleetKeywords],
     ) -> LMFleet:
@@ -131,6 +132,9 @@ class LMFleet(NotebookMethods):
         its answer's first byte fails over (docs/guide/failover.md).
         `serving_strategy="DistServe"` runs prefill -> decode over nodes whose `roles`
         (one per URL: hybrid/prefill/decode or LMDeploy's 1/2/3) say so (docs/distserve.md).
+        `speeds` (one per URL, LMDeploy's `speed`: 2.0 is twice as fast) tell
+        `least_load` and `prefix_affinity` how the nodes compare; without them the
+        fleet learns it from latency (docs/guide/strategies.md).
         """
         # Everything is checked before the fleet starts its thread: a bad URL must not
         # leave a half-built fleet running.
@@ -143,9 +147,10 @@ class LMFleet(NotebookMethods):
             )
         split_keywords(shortcuts, "LMFleet.attach", launch=False)
         parsed = parse_roles(roles, len(urls))
+        given = parse_speeds(speeds, len(urls))
         fleet = cls(strategy=strategy, api_key=api_key, options=merge_options(options, shortcuts))
-        for url, role in zip(urls, parsed, strict=True):
-            fleet.add_node(url, role=role)
+        for url, role, speed in zip(urls, parsed, given, strict=True):
+            fleet.add_node(url, role=role, speed=speed)
         return fleet
 
     @classmethod
@@ -283,16 +288,25 @@ class LMFleet(NotebookMethods):
         models: Sequence[str] = (),
         role: NodeRole = NodeRole.HYBRID,
         registered: bool = False,
+        speed: float | None = None,
     ) -> NodeSnapshot:
         """Attach one more server; it joins once its health check passes.
 
         `registered`: the node announced itself (LMDeploy's `--proxy-url` registers
         *before* its port opens), so it stays `starting` until it first answers.
+        `speed`: its relative speed (LMDeploy's `speed`: 2.0 is twice as fast), used
+        by `least_load` and `prefix_affinity` when every candidate has one; otherwise
+        the fleet learns the nodes' speeds from their latency.
         """
         self.runtime.check_open()
         key = api_key or self._api_key
         state = self.registry.add(
-            url, api_key=key, models=tuple(models), role=role, registered=registered
+            url,
+            api_key=key,
+            models=tuple(models),
+            role=role,
+            registered=registered,
+            speed=parse_speed(speed, "add_node"),
         )
         self._poke()
         return NodeSnapshot.of(state)

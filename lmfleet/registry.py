@@ -147,11 +147,13 @@ class NodeRegistry:
         role: NodeRole = NodeRole.HYBRID,
         launched: bool = False,
         registered: bool = False,
+        speed: float | None = None,
     ) -> NodeState:
         """Add a node as `starting`, or restart an existing one's checks (counters kept).
 
         `launched`: this fleet started its process; `registered`: it announced itself
         (`/nodes/add`). Either way it is known to be coming up (`NodeState.announced`).
+        `speed`: its relative speed, if the operator gave one (a re-add keeps the old).
         """
         url = normalize_url(url)
         with self._lock:
@@ -164,6 +166,7 @@ class NodeRegistry:
                     api_key=api_key,
                     launched=launched,
                     registered=registered,
+                    speed=speed,
                 )
             else:
                 state = old.evolve(
@@ -174,6 +177,7 @@ class NodeRegistry:
                     failures=0,
                     launched=old.launched or launched,
                     registered=old.registered or registered,
+                    speed=speed if speed is not None else old.speed,
                 )
             self._nodes[url] = state
             self._models_changed()

@@ -8,6 +8,7 @@ strategy always sees one consistent view without holding any lock.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
@@ -54,7 +55,9 @@ class NodeState:
     `error_rate` is the failure fraction of the last answers, `streak` the failures
     in a row. `ejections` counts ejections since the node last succeeded on
     probation; `ejected_until` is a `time.monotonic()` instant. `load` is the node's
-    latest `/metrics` report (None: not read yet, or the node exports none).
+    latest `/metrics` report (None: not read yet, or the node exports none). `speed`
+    is the node's relative speed as the operator gave it (LMDeploy's `speed`; 2.0 =
+    twice as fast), None when the fleet should learn it from latency.
     """
 
     url: str
@@ -77,6 +80,7 @@ class NodeState:
     ejected_until: float = 0.0
     probation: bool = False
     load: NodeLoad | None = None
+    speed: float | None = None
     api_key: str | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -96,6 +100,27 @@ class NodeState:
     def evolve(self, **changes: object) -> NodeState:
         """A copy with `changes` applied (the only way a snapshot "changes")."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def parse_speed(value: object, where: str) -> float | None:
+    """A node speed as given (None: not given); `ConfigError` unless a positive number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: a node speed must be a positive number, got {value!r}")
+    speed = float(value)
+    if not (math.isfinite(speed) and speed > 0.0):
+        raise ConfigError(f"{where}: a node speed must be a positive number, got {value!r}")
+    return speed
+
+
+def parse_speeds(speeds: Sequence[float] | None, count: int) -> list[float | None]:
+    """One speed per node (`speeds`, or none given), checked against `count`."""
+    if speeds is None:
+        return [None] * count
+    if isinstance(speeds, (str, bytes)) or len(speeds) != count:
+        raise ConfigError(f"speeds must give one number per URL ({count})")
+    return [parse_speed(s, f"speeds[{i}]") for i, s in enumerate(speeds)]
 
 
 def parse_role(value: NodeRole | int | str) -> NodeRole:

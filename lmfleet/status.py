@@ -100,6 +100,7 @@ class NodeSnapshot(BaseModel):
     cache_usage: float | None = None
     """KV cache in use, 0..1, by that report."""
     prefix_hit_rate: float | None = None
+    speed: float | None = None
     """Prefix cache hit rate, 0..1, by that report."""
 
     def reason(self) -> str:
@@ -127,6 +128,7 @@ class NodeSnapshot(BaseModel):
             queue=load.outstanding if (load := state.load) is not None else None,
             cache_usage=load.cache_usage if load is not None else None,
             prefix_hit_rate=load.prefix_hit_rate if load is not None else None,
+            speed=state.speed,
         )
 
 

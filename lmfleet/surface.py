@@ -64,6 +64,7 @@ class FleetSurface(Protocol):
         models: Sequence[str] = (),
         role: NodeRole = NodeRole.HYBRID,
         registered: bool = False,
+        speed: float | None = None,
     ) -> NodeSnapshot: ...
 
     def remove_node(self, url: str) -> NodeSnapshot: ...

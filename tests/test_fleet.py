@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -393,6 +394,23 @@ def test_attach_rejects_bad_input_before_starting_anything(urls: list[str]) -> N
     else:
         assert "allow_empty=True" in message
     assert set(threading.enumerate()) <= before  # no half-built fleet left running
+
+
+@pytest.mark.parametrize(
+    ("speeds", "says"),
+    [([1.0], "one number per URL (2)"), ([1.0, 0.0], "speeds[1]"), ([1.0, "x"], "speeds[1]")],
+)
+def test_attach_checks_the_speeds(speeds: list[object], says: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        LMFleet.attach(["http://127.0.0.1:8", "http://127.0.0.1:9"], speeds=speeds)  # type: ignore[arg-type]
+
+
+def test_attach_keeps_the_given_speeds() -> None:
+    urls = ["http://127.0.0.1:8", "http://127.0.0.1:9"]
+    with LMFleet.attach(urls, speeds=[1, 0.5], strategy="least_load") as fleet:
+        assert [n.speed for n in fleet.nodes] == [1.0, 0.5]
+        fleet.add_node("http://127.0.0.1:7")
+        assert {n.url: n.speed for n in fleet.nodes}["http://127.0.0.1:7"] is None
 
 
 def test_attach_empty_when_allowed_then_nodes_join(start_sim: StartSim) -> None:

@@ -17,7 +17,7 @@ from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
 from lmfleet.proxy import state_file
 from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_error, send_json
 from lmfleet.registry import normalize_url
-from lmfleet.state import NodeRole
+from lmfleet.state import NodeRole, parse_speed
 from lmfleet.status import NodeSnapshot
 
 if TYPE_CHECKING:
@@ -77,9 +77,13 @@ async def add(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
         role = NodeRole(int(status.get("role") or 1))
     except (TypeError, ValueError) as exc:
         raise BadRequest("status.role must be 1 (Hybrid), 2 (Prefill) or 3 (Decode).") from exc
+    try:
+        speed = parse_speed(status.get("speed"), "status.speed")
+    except ConfigError as exc:
+        raise BadRequest(str(exc)) from exc
     # A node that registers itself does so before its port opens: it stays
     # `starting` and is probed until it answers (never dropped).
-    rt.fleet.add_node(url, models=models, role=role, registered=True)
+    rt.fleet.add_node(url, models=models, role=role, registered=True, speed=speed)
     _persist(rt)  # the registry logs the node's arrival or departure
     await send_json(send, 200, {"message": "Added successfully", "url": url})
 
@@ -97,9 +101,9 @@ def _lmdeploy_status(node: NodeSnapshot) -> dict[str, Any]:
         "models": node.models,
         "unfinished": node.inflight,
         "latency": [] if node.latency is None else [node.latency],
-        "speed": None,
+        "speed": node.speed,
         "role": int(node.role),
-        **node.model_dump(mode="json", exclude={"url", "models", "role", "latency"}),
+        **node.model_dump(mode="json", exclude={"url", "models", "role", "latency", "speed"}),
         "latency_ewma": node.latency,
     }
 

@@ -25,7 +25,7 @@ VERSION = 1
 
 def save(path: Path, fleet: FleetSurface) -> None:
     nodes = [
-        {"url": s.url, "models": list(s.models), "role": int(s.role)}
+        {"url": s.url, "models": list(s.models), "role": int(s.role), "speed": s.speed}
         for s in fleet.registry.snapshot()
     ]
     text = json.dumps({"version": VERSION, "nodes": nodes}, indent=1)
@@ -57,6 +57,7 @@ def load(path: Path, fleet: FleetSurface) -> int:
                 models=[str(m) for m in entry.get("models", [])],
                 role=NodeRole(int(entry.get("role", 1))),
                 registered=True,
+                speed=entry.get("speed"),
             )
             count += 1
         except (LMFleetError, KeyError, TypeError, ValueError) as exc:

@@ -104,18 +104,37 @@ def test_state_file_survives_a_restart(start_sim: StartSim, tmp_path: Path) -> N
     fleet = LMFleet.attach([], allow_empty=True, health_interval=0.2)
     try:
         server = fleet.serve(port=0, state_file=state)
-        httpx2.post(server.url + "/nodes/add", json={"url": node.url, "status": {"role": 1}})
+        status = {"role": 1, "speed": 2.5}
+        httpx2.post(server.url + "/nodes/add", json={"url": node.url, "status": status})
         saved = json.loads(state.read_text())
-        assert saved["nodes"] == [{"url": node.url, "models": [], "role": 1}]
+        assert saved["nodes"] == [{"url": node.url, "models": [], "role": 1, "speed": 2.5}]
     finally:
         fleet.close()
     again = LMFleet.attach([], allow_empty=True, health_interval=0.2)
     try:
         server = again.serve(port=0, state_file=state)
         wait_until(lambda: _healthy(again) == 1)
+        assert again.nodes[0].speed == 2.5  # the speed LMDeploy's registration gave
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         assert chat(client, MODEL, "back", max_tokens=2).choices[0].message.content
         httpx2.post(server.url + "/nodes/remove", json={"url": node.url})
         assert json.loads(state.read_text())["nodes"] == []
     finally:
         again.close()
+
+
+def test_a_registered_speed_is_kept_shown_and_checked(serve_fleet: Callable[..., Served]) -> None:
+    """LMDeploy's `/nodes/add` carries `status.speed`: kept, shown, and a bad one refused."""
+    fleet, server = serve_fleet([])
+    url = "http://127.0.0.1:9"  # never answers: only the registration matters here
+    added = httpx2.post(server.url + "/nodes/add", json={"url": url, "status": {"speed": 30}})
+    assert added.status_code == 200
+    assert httpx2.get(server.url + "/nodes/status").json()[url]["speed"] == 30
+    again = httpx2.post(server.url + "/nodes/add", json={"url": url})
+    assert again.status_code == 200
+    assert fleet.nodes[0].speed == 30  # re-registering without a speed keeps it
+    for bad in (0, -1, "fast", True, float("inf")):
+        body = json.dumps({"url": url, "status": {"speed": bad}}).encode()
+        refused = httpx2.post(server.url + "/nodes/add", content=body)
+        assert refused.status_code == 400, bad
+        assert "status.speed" in refused.json()["message"]

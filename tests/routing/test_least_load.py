@@ -24,6 +24,7 @@ def node(
     queue: float | None = None,
     ours_then: int = 0,
     age: float = 0.0,
+    speed: float | None = None,
 ) -> NodeState:
     load = (
         None
@@ -38,6 +39,7 @@ def node(
         inflight=inflight,
         latency=latency,
         load=load,
+        speed=speed,
     )
 
 
@@ -84,6 +86,18 @@ def test_an_unmeasured_node_gets_the_fastest_speed() -> None:
     assert picks <= {measured.url, new.url}
     busy_new = node("b", 2)  # 0.6 s with the prior
     assert strategy().pick([measured, busy_new], RequestInfo()) == measured
+
+
+def test_given_speeds_replace_the_latency_when_every_node_has_one() -> None:
+    # 3 requests on a node twice as fast (4 / 2 = 2) beat 1 on a slow one (2 / 0.5 = 4),
+    # whatever the latencies say
+    nodes = [node("fast", 3, latency=9.0, speed=2.0), node("slow", 1, latency=0.1, speed=0.5)]
+    assert strategy().pick(nodes, RequestInfo()) == nodes[0]
+    reasons = [c.why for c in strategy().explain(nodes, RequestInfo())]
+    assert "speed 2 (given)" in reasons[0]
+    # one node without a speed: the latencies decide (9 s x 4 against 0.1 s x 2)
+    nodes[0] = nodes[0].evolve(speed=None)
+    assert strategy().pick(nodes, RequestInfo()) == nodes[1]
 
 
 def test_stale_reports_fade() -> None:
