@@ -237,8 +237,12 @@ Assignments = dict[tuple[str, int], list[int]]
 def offline(
     setup: Setup, cells: list[str], previous: dict[str, Any] | None
 ) -> tuple[dict[str, Any], Assignments]:
-    """The results skeleton with every baseline (keeping runs from `previous`)."""
-    results: dict[str, Any] = {"method": setup.method(), "cells": {}}
+    """The results skeleton with every baseline (keeping runs from `previous`).
+
+    Cells of `previous` not run now are kept whole: `--resume` adds to a file.
+    """
+    kept_cells = dict((previous or {}).get("cells", {}))
+    results: dict[str, Any] = {"method": setup.method(), "cells": kept_cells}
     oracle: Assignments = {}
     for name in cells:
         cell = CELLS[name]

@@ -23,7 +23,7 @@ from lmfleet.config import HealthOptions
 from lmfleet.probe import ProbeError, Prober
 from lmfleet.registry import NodeRegistry
 from lmfleet.state import NodeState, NodeStatus
-from lmfleet.telemetry import parse_metrics
+from lmfleet.telemetry import parse_metrics, with_pace
 
 _FINAL = (NodeStatus.DRAINING, NodeStatus.STOPPED)
 _ANSWERED = (NodeStatus.HEALTHY, NodeStatus.EJECTED)
@@ -302,12 +302,14 @@ class Monitor:
         load = None
         if status == 200:
             try:
-                local = self._registry.get(url).inflight
+                state = self._registry.get(url)
             except LookupError:
                 return  # removed meanwhile
             load = parse_metrics(
-                body, read_at=time.monotonic(), local_inflight=local, fresh_for=interval
+                body, read_at=time.monotonic(), local_inflight=state.inflight, fresh_for=interval
             )
+            if load is not None:
+                load = with_pace(load, state.load)
         if load is None:
             self._next_metrics[url] = now + NO_METRICS_RETRY
         self._registry.modify(url, lambda state: state.evolve(load=load))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 _SAMPLE = re.compile(
     rb"\nlmdeploy:(num_requests_running|num_requests_waiting|num_api_requests_waiting"
@@ -59,6 +59,13 @@ class NodeLoad:
     """This process's requests in flight on the node when the answer arrived."""
     fresh_for: float = 2.0
     """Seconds the report is trusted fully (the monitor's interval); it fades after."""
+    pace: float | None = None
+    """Seconds per generated token per sequence in the batch, over the recent reports
+    (`with_pace`): the node's own speed as it runs now, without its queue."""
+    busy_seconds: float = 0.0
+    """Sequence-seconds in the batch over the recent reports (faded sum)."""
+    paced_tokens: float = 0.0
+    """Tokens generated over the recent reports (faded sum, same half-life)."""
 
     @property
     def outstanding(self) -> float:
@@ -116,3 +123,35 @@ def parse_metrics(
         local_inflight=local_inflight,
         fresh_for=fresh_for,
     )
+
+
+PACE_HALF_LIFE = 2.0
+"""Seconds after which a report's tokens and batch time count half in the pace."""
+
+PACE_MIN_TOKENS = 16.0
+"""Tokens (decayed) needed before a pace is given: fewer say more about noise."""
+
+
+def with_pace(new: NodeLoad, old: NodeLoad | None) -> NodeLoad:
+    """`new` with the node's decode pace, from the tokens it generated since `old`.
+
+    A node's latency as a client sees it includes its queue, so it says "slow" about
+    a fast node that is busy. Its generation counter and running gauge do not: the
+    generated tokens divided into the sequence-seconds spent in the batch (running
+    averaged over the two reads) is the seconds one sequence takes per token there
+    now, batch slow-down included, queue excluded. Both sums fade with a half-life
+    of `PACE_HALF_LIFE` seconds; a counter that went backwards (a restart) keeps
+    the last pace. Until `PACE_MIN_TOKENS` have been seen the last pace (or None)
+    stands.
+    """
+    if old is None or new.generation_tokens is None or old.generation_tokens is None:
+        return new
+    elapsed = new.read_at - old.read_at
+    tokens = new.generation_tokens - old.generation_tokens
+    if elapsed <= 0.0 or tokens < 0.0:
+        return replace(new, pace=old.pace)
+    fade = math.pow(0.5, elapsed / PACE_HALF_LIFE)
+    busy = fade * old.busy_seconds + elapsed * (old.running + new.running) / 2.0
+    made = fade * old.paced_tokens + tokens
+    pace = busy / made if made >= PACE_MIN_TOKENS and busy > 0.0 else old.pace
+    return replace(new, pace=pace, busy_seconds=busy, paced_tokens=made)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lmfleet.telemetry import NodeLoad, parse_metrics
+from dataclasses import replace
+
+from lmfleet.telemetry import PACE_MIN_TOKENS, NodeLoad, parse_metrics, with_pace
 
 LMDEPLOY = b"""# HELP lmdeploy:num_requests_running Number of requests in model execution batches.
 # TYPE lmdeploy:num_requests_running gauge
@@ -66,3 +68,30 @@ def test_unparsable_values_are_skipped() -> None:
 def test_others_fade_by_half_each_interval_once_stale() -> None:
     load = NodeLoad(running=8, waiting=0, read_at=0.0, local_inflight=0, fresh_for=2.0)
     assert [load.others(t) for t in (1.0, 2.0, 4.0, 6.0)] == [8.0, 8.0, 4.0, 2.0]
+
+
+def _read(at: float, running: float, tokens: float | None) -> NodeLoad:
+    return NodeLoad(running=running, waiting=0.0, generation_tokens=tokens, read_at=at)
+
+
+def test_pace_is_batch_seconds_per_generated_token() -> None:
+    first = with_pace(_read(10.0, 4.0, 100.0), None)
+    assert first.pace is None  # one read: nothing to compare with
+    second = with_pace(_read(11.0, 4.0, 500.0), first)  # 4 sequences x 1 s, 400 tokens
+    assert second.pace == 4.0 / 400.0
+    # the running average of the two reads counts: 2 sequences on average over 2 s
+    third = with_pace(_read(13.0, 0.0, 900.0), second)  # 2 s later: the old half counts
+    assert third.busy_seconds == 0.5 * 4.0 + 4.0 and third.paced_tokens == 0.5 * 400 + 400
+    assert third.pace == (0.5 * 4.0 + 4.0) / (0.5 * 400 + 400)
+
+
+def test_pace_waits_for_enough_tokens_and_survives_a_restart() -> None:
+    first = with_pace(_read(0.0, 1.0, 0.0), None)
+    few = with_pace(_read(1.0, 1.0, PACE_MIN_TOKENS / 2), first)
+    assert few.pace is None
+    enough = with_pace(_read(2.0, 1.0, 2 * PACE_MIN_TOKENS), few)
+    assert enough.pace is not None
+    restarted = with_pace(_read(3.0, 1.0, 5.0), enough)  # the counter went backwards
+    assert restarted.pace == enough.pace
+    no_counter = with_pace(replace(_read(4.0, 1.0, None)), restarted)
+    assert no_counter.pace is None  # a node that stopped exporting it gives none

@@ -48,12 +48,18 @@ def expected_waits(nodes: Sequence[NodeState], now: float) -> list[tuple[float, 
 
     The load estimate `least_load` ranks by and `prefix_affinity` bounds by: the
     requests on the node (ours, plus the others its report shows) plus this one,
-    times the time one request takes there. That time is 1 / speed when every
-    candidate has a speed the operator gave, else the node's recent latency in
-    seconds (the fastest measured one's for a node not measured yet).
+    times what one request costs there, by the first of these every candidate has:
+    1 / the speed the operator gave; the node's decode pace from its `/metrics`
+    (seconds per token, `NodeLoad.pace`); else its recent latency in seconds (the
+    fastest measured one's for a node not measured yet).
     """
-    if all(node.speed is not None for node in nodes):
-        per_request = [1.0 / node.speed for node in nodes if node.speed is not None]
+    speeds = [node.speed for node in nodes]
+    paces = [None if node.load is None else node.load.pace for node in nodes]
+    per_request: list[float]
+    if None not in speeds:
+        per_request = [1.0 / s for s in speeds if s is not None]
+    elif None not in paces:
+        per_request = [p for p in paces if p is not None]
     else:
         measured = [n.latency for n in nodes if n.latency is not None]
         prior = min(measured) if measured else 1.0
@@ -97,6 +103,9 @@ class LeastLoad:
             others = held - node.inflight
             if all(n.speed is not None for n in nodes):
                 speed = f"speed {node.speed:.3g} (given)"
+            elif all(n.load is not None and n.load.pace is not None for n in nodes):
+                pace = node.load.pace if node.load is not None else None
+                speed = f"decodes at {pace:.3g} s per token (its /metrics)"
             elif node.latency is not None:
                 speed = f"{node.latency:.3g} s recent latency"
             else:

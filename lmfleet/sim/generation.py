@@ -32,12 +32,19 @@ def _token_id(piece: str) -> int:
 async def _steps(
     rt: NodeRuntime, seq: Sequence, req: GenRequest, prompt_tokens: int, length: int
 ) -> AsyncGenerator[int, None]:
-    """Yield decode step numbers as their tokens become due; stop early on abort."""
+    """Yield decode step numbers as their tokens become due; stop early on abort.
+
+    Each step counts its tokens in `generated_tokens` as it happens, as LMDeploy's
+    `lmdeploy:generation_tokens_total` does (per engine iteration), so a reader of
+    `/metrics` sees the node's decode pace, not lumps at each request's end.
+    """
+    slots = len(req.prompts) * req.n
+    stats = rt.stats
     if rt.fast:
         for step in range(length):
+            stats.generated_tokens += slots
             yield step
         return
-    slots = len(req.prompts) * req.n
     if not await rt.scheduler.admit(slots):
         seq.aborted = True
         return
@@ -50,6 +57,7 @@ async def _steps(
                 await asyncio.sleep(rt.cost.step_seconds(rt.scheduler.running))
             if seq.aborted:
                 return
+            stats.generated_tokens += slots
             yield step
     finally:
         rt.scheduler.release(slots)

@@ -261,7 +261,7 @@ async def metrics(
         ("gauge", "gpu_cache_usage_perc", min(1.0, running / max(1, scheduler.max_batch))),
         ("gauge", "prefix_cache_hit_rate", hit_rate),
         ("counter", "prompt_tokens_total", float(stats.prompt_tokens)),
-        ("counter", "generation_tokens_total", float(stats.completion_tokens)),
+        ("counter", "generation_tokens_total", float(stats.generated_tokens)),
     )
     lines = []
     for kind, name, value in samples:

@@ -49,6 +49,7 @@ class Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    generated_tokens: int = 0  # counted per decode step, as LMDeploy's metrics count them
 
     def reset(self) -> None:
         """Zero every counter except what is in flight right now."""

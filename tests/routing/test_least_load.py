@@ -193,6 +193,43 @@ def test_another_clients_load_steers_least_load_and_a_node_without_metrics_still
                 thread.join(timeout=10)
 
 
+def test_the_nodes_own_decode_pace_ranks_them_without_their_queues(
+    start_sim: StartSim,
+) -> None:
+    """Two nodes busy with another client's streams, one 4x slower: the pace read
+    from each node's counters (seconds per token per sequence) tells them apart,
+    and least_load ranks by it."""
+    timing = ("--health-poll-interval", "0.2", "--tpot-ms", "20", "--output-tokens", "100000")
+    fast, slow = start_sim(*timing), start_sim(*timing, "--speed", "0.25")
+    stop = threading.Event()
+    urls = [fast.url, slow.url]
+    with LMFleet.attach(urls, strategy="least_load", health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=30)
+        threads = _hold_streams(fast.url, 2, stop) + _hold_streams(slow.url, 2, stop)
+        try:
+
+            def paces() -> dict[str, float | None]:
+                loads = {url: fleet.registry.get(url).load for url in urls}
+                return {url: None if load is None else load.pace for url, load in loads.items()}
+
+            pace = wait_until(
+                paces,
+                what="a decode pace for both nodes",
+                until=lambda p: None not in p.values(),
+                timeout=30,
+            )
+            ratio = (pace[slow.url] or 0.0) / (pace[fast.url] or 1.0)
+            assert 2.5 < ratio < 6.0, pace  # 4x slower, same batch on both
+            decision = fleet.explain()
+            assert decision.chosen == fast.url  # 2 + 1 requests either side: pace decides
+            reasons = {c.url: c.why for c in decision.candidates}
+            assert "s per token (its /metrics)" in reasons[slow.url], reasons
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=10)
+
+
 def test_the_proxy_explains_its_next_pick(start_sim: StartSim) -> None:
     node = start_sim(*BUSY)
     with LMFleet.attach([node.url], strategy="least_load", health_interval=0.2) as fleet:
