@@ -177,7 +177,7 @@ class Setup:
 
     def method(self) -> dict[str, Any]:
         return {
-            "speeds": list(SPEEDS),
+            "speeds": [n.speed for n in self.nodes],
             "max_batch": MAX_BATCH,
             "scale": self.scale,
             "coarsen": self.coarsen,
@@ -190,7 +190,8 @@ class Setup:
 
 
 def make_setup(args: argparse.Namespace) -> Setup:
-    base = fleet(SPEEDS, max_batch=MAX_BATCH)
+    speeds = tuple(float(s) for s in args.speeds.split(",")) if args.speeds else SPEEDS
+    base = fleet(speeds, max_batch=MAX_BATCH)
     nodes = tuple(n.scaled(args.scale).coarsened(args.coarsen) for n in base)
     interval = args.health_interval or DEFAULT_HEALTH_INTERVAL / args.scale
     seeds = tuple(range(args.seed_base, args.seed_base + args.seeds))
@@ -506,6 +507,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--requests", type=int, default=1000)
     add("--scale", type=float, default=1.0, help="divide the cost model's times by this")
     add("--coarsen", type=int, default=1, help="outputs this many times shorter, TPOT longer")
+    add("--speeds", default="", help="comma list of node speeds (default 1,1,0.333)")
     add("--health-interval", type=float, default=0.0, help="lmfleet's; default 2 s / scale")
     add("--out", type=Path, default=OUT)
     add("--resume", action="store_true", help="keep the runs already in --out")

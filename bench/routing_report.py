@@ -153,6 +153,30 @@ def why_not(cell_out: dict[str, Any], router: str) -> str:
     return "no run"
 
 
+def overview(results: dict[str, Any]) -> str:
+    """One row per router, one column per cell (and client group): p99 / reference."""
+    columns = [
+        (name, group)
+        for name, cell_out in results["cells"].items()
+        for group in ["all", *cell_out["cell"]["groups"]]
+    ]
+    routers = sorted(
+        {r for c in results["cells"].values() for d in c["seeds"].values() for r in d["runs"]}
+    )
+    body = []
+    for router in routers:
+        row = [router]
+        for name, group in columns:
+            cell_out = results["cells"][name]
+            runs = done_runs(cell_out, router)
+            mine = {s: r["groups"][group] for s, r in runs.items() if group in r["groups"]}
+            got = ratio(mine, {s: reference(cell_out, s, group) for s in mine})
+            row.append("-" if got is None else str(got).replace("overloaded on ", "over "))
+        body.append(row)
+    heads = ["router", *(n if g == "all" else f"{n} ({g})" for n, g in columns)]
+    return table(heads, body)
+
+
 def report(results: dict[str, Any]) -> str:
     """The method line, then one table per cell (and per client group where it has them)."""
     m = results["method"]
@@ -162,6 +186,10 @@ def report(results: dict[str, Any]) -> str:
         f"{m['machine']}.",
         "Ratios: geometric mean over seeds of the per-seed ratio [bootstrap 95 % interval]; "
         "p50/p90/p99: medians over seeds.",
+        "",
+        "p99 / reference, every cell:",
+        "",
+        overview(results),
     ]
     for name, cell_out in results["cells"].items():
         cell = cell_out["cell"]

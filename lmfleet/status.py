@@ -77,7 +77,9 @@ _IDLE_REASONS: dict[NodeStatus, str] = {
 class NodeSnapshot(BaseModel):
     """One node at one instant. Latencies are seconds (EWMA over successes); None = never
     measured. `served` counts 2xx answers, `errors` the node's failures; `error_rate`
-    is the failure fraction of its last answers; an ejected node's `message` says why."""
+    is the failure fraction of its last answers; an ejected node's `message` says why.
+    `queue`, `cache_usage`, `prefix_hit_rate` and `pace` (seconds per token per
+    sequence) come from the node's own `/metrics`; `speed` is the one given, if any."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -101,6 +103,7 @@ class NodeSnapshot(BaseModel):
     """KV cache in use, 0..1, by that report."""
     prefix_hit_rate: float | None = None
     speed: float | None = None
+    pace: float | None = None
     """Prefix cache hit rate, 0..1, by that report."""
 
     def reason(self) -> str:
@@ -129,6 +132,7 @@ class NodeSnapshot(BaseModel):
             cache_usage=load.cache_usage if load is not None else None,
             prefix_hit_rate=load.prefix_hit_rate if load is not None else None,
             speed=state.speed,
+            pace=load.pace if load is not None else None,
         )
 
 

@@ -1,31 +1,29 @@
 """The node where one more request is expected to take the least time, counting every client.
 
 `least_connections` counts only this process's requests, and counts them alike on
-a fast node and a slow one. `least_load` scores a node in seconds:
+a fast node and a slow one. `least_load` scores a node in time:
 
-    (requests on the node + 1) x the node's recent latency
+    (requests on the node + 1) x what one request costs there
 
 - *Requests on the node* = ours in flight now, plus what other clients had there
   by the node's own latest `/metrics` report (`NodeLoad.others`: the report minus
   our requests at the time of the read, so ours are not counted twice; it fades
   once older than a health interval, so a node that stops reporting falls back to
   what we know).
-- *Recent latency* = the EWMA of our successful requests' latency on that node
-  (`NodeState.latency`): a node three times slower, or one already queueing, weighs
-  more per request. A node not measured yet gets the fastest measured candidate's
-  latency (optimistic, so that new nodes get traffic); when none is measured every
-  node counts 1, and the strategy is "fewest requests on the node, all clients".
-- *Given speeds* replace the latency when every candidate has one (`attach(...,
-  speeds=)`, `add_node(speed=)`, or LMDeploy's `status.speed` at `/nodes/add`):
-  the score is then (requests + 1) / speed, LMDeploy's `min_expected_latency`
-  with every client's requests counted.
+- *What one request costs* (`expected_waits`), from the first source every
+  candidate has: 1 / the speed the operator gave (`attach(speeds=)`,
+  `add_node(speed=)`, LMDeploy's `status.speed` at `/nodes/add`); the node's decode
+  pace from its own counters (`NodeLoad.pace`, seconds per token per sequence in its
+  batch: its speed as it runs now, without its queue); else the EWMA of our
+  requests' latency there (a node not measured yet gets the fastest measured
+  candidate's, so that new nodes get traffic; none measured: "fewest requests on
+  the node, all clients").
 
-Measured (docs/benchmarks.md §3): the latency EWMA is a biased speed estimate (it
-includes the fast nodes' queueing and batch slow-down), and with the exact speeds
-the same formula's p99 drops from 1.63 to 1.36 times the reference at 95 % load.
-Dividing the latency by the requests the node held, to get a "service time per
-request", was worse: a batch's latency is flat until it fills, so busy nodes looked
-faster and got more. So did the lower quartile of the recent latencies (1.70).
+Measured (docs/benchmarks.md §3, one client at 95 % load, nodes of speed 1, 1 and
+1/3, p99 over the replayed reference): latency EWMA 1.63, its lower quartile 1.70,
+the exact speeds 1.36, the decode pace 1.31. Latency is a biased speed: it includes
+a busy fast node's queue. Dividing it by the requests the node held was worse still
+(a batch's latency is flat until it fills, so busy nodes looked faster).
 
 Ties rotate, as in least_connections. `explain` gives each candidate's score and
 its parts (`fleet.explain()`).

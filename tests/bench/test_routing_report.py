@@ -36,8 +36,11 @@ def _results(router_p99s: dict[str, list[float | None]]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _row(text: str, router: str) -> list[str]:
-    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {router} |"))
+def _row(text: str, router: str, *, overview: bool = False) -> list[str]:
+    """The router's row in the first cell's table (or in the overview above them)."""
+    cells = text.index("\n### ")
+    lines = (text[:cells] if overview else text[cells:]).splitlines()
+    line = next(ln for ln in lines if ln.startswith(f"| {router} |"))
     return [c.strip() for c in line.strip("|").split("|")]
 
 
@@ -58,12 +61,14 @@ def test_ratios_and_the_within_claim() -> None:
     assert _row(text, "lmdeploy:random")[6] == "no"
     assert "not run: ConfigError: unknown" in text
     assert "reference (replay: least_work)" in text
+    assert _row(text, "lmfleet:least_connections", overview=True)[1] == "1.10 [1.10, 1.10]"
 
 
 def test_an_overloaded_router_is_unbounded_not_a_number() -> None:
     text = report(_results({"lmfleet:random": [None, 30.0, 31.0]}))
     row = _row(text, "lmfleet:random")
     assert row[5] == "overloaded on 1/3 seeds" and row[6] == "no"
+    assert _row(text, "lmfleet:random", overview=True)[1] == "over 1/3 seeds"
 
 
 def test_group_summary_counts_censored_requests_as_unbounded() -> None:

@@ -224,6 +224,8 @@ def test_the_nodes_own_decode_pace_ranks_them_without_their_queues(
             assert decision.chosen == fast.url  # 2 + 1 requests either side: pace decides
             reasons = {c.url: c.why for c in decision.candidates}
             assert "s per token (its /metrics)" in reasons[slow.url], reasons
+            shown = {n.url: n.pace for n in fleet.nodes}  # the snapshot shows it too
+            assert shown[slow.url] is not None and shown[fast.url] is not None
         finally:
             stop.set()
             for thread in threads:
