@@ -18,7 +18,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("urls", nargs="*")
     parser.add_argument("--api-key", default=None, help="the nodes' key (never printed)")
-    parser.add_argument("--strategy", default="least_connections")
+    parser.add_argument("--strategy", default="least_load")
     args = parser.parse_args()
 
     helper = None

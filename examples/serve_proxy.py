@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--node", action="append", default=[], help="api_server URL")
     parser.add_argument("--simulate", type=int, default=0, help="start N emulated nodes")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--strategy", default="least_connections")
+    parser.add_argument("--strategy", default="least_load")
     args = parser.parse_args()
 
     if args.simulate:

@@ -24,6 +24,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from lmfleet.extras import require_serve
 from lmfleet.fleet import LMFleet
+from lmfleet.routing import DEFAULT_STRATEGY
 from lmfleet.status import FleetStatus
 
 
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=3, help="simulated nodes (default 3)")
     parser.add_argument("--requests", type=int, default=120, help="requests per phase")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--strategy", default="least_connections")
+    parser.add_argument("--strategy", default=DEFAULT_STRATEGY)
 
 
 class _Stopped(Exception):

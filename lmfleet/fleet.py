@@ -37,6 +37,7 @@ from lmfleet.notebook.methods import NotebookMethods
 from lmfleet.proxy.options import ProxyOptions, ServeKeywords, serve_options
 from lmfleet.registry import NodeRegistry, normalize_url
 from lmfleet.routing import (
+    DEFAULT_STRATEGY,
     Decision,
     RequestInfo,
     affinity_key,
@@ -68,7 +69,7 @@ class LMFleet(NotebookMethods):
     def __init__(
         self,
         *,
-        strategy: str | Strategy = "least_connections",
+        strategy: str | Strategy = DEFAULT_STRATEGY,
         api_key: str | None = None,
         options: FleetOptions | None = None,
     ) -> None:
@@ -110,7 +111,7 @@ class LMFleet(NotebookMethods):
         cls,
         urls: Iterable[str],
         *,
-        strategy: str | Strategy = "least_connections",
+        strategy: str | Strategy = DEFAULT_STRATEGY,
         api_key: str | None = None,
         options: FleetOptions | None = None,
         roles: Sequence[NodeRole | int | str] | None = None,
@@ -161,7 +162,7 @@ class LMFleet(NotebookMethods):
         model: str = DEFAULT_SIM_MODEL,
         speed: float | Sequence[float] = 1.0,
         sim_args: Sequence[str] = (),
-        strategy: str | Strategy = "least_connections",
+        strategy: str | Strategy = DEFAULT_STRATEGY,
         options: FleetOptions | None = None,
         **keywords: Unpack[LaunchKeywords],
     ) -> LMFleet:
@@ -191,7 +192,7 @@ class LMFleet(NotebookMethods):
         env: Mapping[str, str] | None = None,
         command: CommandTemplate | None = None,
         gpus_per_node: int | None = None,
-        strategy: str | Strategy = "least_connections",
+        strategy: str | Strategy = DEFAULT_STRATEGY,
         api_key: str | None = None,
         options: FleetOptions | None = None,
         **keywords: Unpack[LaunchKeywords],

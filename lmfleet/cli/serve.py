@@ -20,6 +20,7 @@ from lmfleet.errors import ConfigError
 from lmfleet.extras import require_serve
 from lmfleet.logs import configure_logging as setup_logging
 from lmfleet.proxy.options import ProxyOptions
+from lmfleet.routing import DEFAULT_STRATEGY
 
 if TYPE_CHECKING:
     from lmfleet.proxy.server import ProxyServer
@@ -28,8 +29,8 @@ LMDEPLOY_STRATEGIES = ("random", "min_expected_latency", "min_observed_latency")
 """`lmdeploy serve proxy --routing-strategy` choices (0.18); lmfleet runs each of them."""
 
 STRATEGIES = (
-    "least_connections",
     "least_load",
+    "least_connections",
     "round_robin",
     "power_of_two",
     "prefix_affinity",
@@ -77,9 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--routing-strategy",
         "--strategy",
         dest="strategy",
-        default="least_connections",
+        default=DEFAULT_STRATEGY,
         choices=STRATEGIES,
-        help="how a node is picked per request (default least_connections; "
+        help=f"how a node is picked per request (default {DEFAULT_STRATEGY}; "
         "LMDeploy's default is min_expected_latency)",
     )
     add(

@@ -32,6 +32,7 @@ from lmfleet.routing.random_choice import RandomStrategy
 from lmfleet.routing.round_robin import RoundRobin
 
 __all__ = [
+    "DEFAULT_STRATEGY",
     "STRATEGIES",
     "Candidate",
     "Decision",
@@ -51,6 +52,10 @@ __all__ = [
     "uses_node_load",
     "wants_affinity_key",
 ]
+
+DEFAULT_STRATEGY = "least_load"
+"""What `attach`, `simulate`, `launch` and `lmfleet serve` route with unless told:
+chosen by measurement (docs/benchmarks.md §3; it was `least_connections` before)."""
 
 StrategyFactory = Callable[[random.Random | None], Strategy]
 

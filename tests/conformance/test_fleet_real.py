@@ -42,7 +42,12 @@ def served(fleet: LMFleet) -> dict[str, int]:
 def real_fleet(peer_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealFleet]:
     logs = tmp_path_factory.mktemp("fleet-logs")
     fleet = LMFleet.attach(
-        [], allow_empty=True, api_key=API_KEY, health_interval=0.3, wait_for_node=10
+        [],
+        allow_empty=True,
+        api_key=API_KEY,
+        health_interval=0.3,
+        wait_for_node=10,
+        strategy="least_connections",  # a woken node must rejoin the rotation
     )
     server = fleet.serve(port=0)
     peers: list[Server] = []

@@ -30,7 +30,7 @@ def _fleet(pd: PD, **kwargs: object) -> LMFleet:
 
 def test_every_request_prefills_then_decodes_balanced(start_pd: Callable[..., PD]) -> None:
     pd = start_pd()
-    with _fleet(pd) as fleet:
+    with _fleet(pd, strategy="least_connections") as fleet:  # the balance asserted below
         client = fleet.client()
         for i in range(4):
             reply = chat(client, fleet.model, f"question {i}")

@@ -54,7 +54,12 @@ def test_proxy_with_dummy_prefill_calls_only_decode_nodes(
     start_pd: Callable[..., PD], serve_fleet: Callable[..., Served]
 ) -> None:
     pd = start_pd()
-    fleet, server = serve_fleet(pd.urls, roles=pd.roles, options=_options(dummy_prefill=True))
+    fleet, server = serve_fleet(
+        pd.urls,
+        roles=pd.roles,
+        options=_options(dummy_prefill=True),
+        strategy="least_connections",  # the balance asserted below
+    )
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     for i in range(2):
         assert chat(client, fleet.model, f"q{i}").choices[0].message.content

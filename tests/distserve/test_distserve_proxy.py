@@ -27,7 +27,7 @@ def test_proxy_runs_prefill_then_decode(
     start_pd: Callable[..., PD], serve_fleet: Callable[..., Served]
 ) -> None:
     pd = start_pd()
-    fleet, server = _serve(pd, serve_fleet)
+    fleet, server = _serve(pd, serve_fleet, strategy="least_connections")  # balance below
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     model = fleet.model
     for i in range(4):
