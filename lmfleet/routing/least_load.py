@@ -41,6 +41,16 @@ from lmfleet.routing.base import Candidate, RequestInfo
 from lmfleet.state import NodeState
 
 
+def cost_source(nodes: Sequence[NodeState]) -> str:
+    """Where one request's cost comes from for this pick: the first source every
+    candidate has, "speed" (given), "pace" (the node's `/metrics`) or "latency"."""
+    if all(node.speed is not None for node in nodes):
+        return "speed"
+    if all(node.load is not None and node.load.pace is not None for node in nodes):
+        return "pace"
+    return "latency"
+
+
 def expected_waits(nodes: Sequence[NodeState], now: float) -> list[tuple[float, float]]:
     """(expected wait for one more request, requests on the node) per node.
 
@@ -51,13 +61,12 @@ def expected_waits(nodes: Sequence[NodeState], now: float) -> list[tuple[float, 
     (seconds per token, `NodeLoad.pace`); else its recent latency in seconds (the
     fastest measured one's for a node not measured yet).
     """
-    speeds = [node.speed for node in nodes]
-    paces = [None if node.load is None else node.load.pace for node in nodes]
+    source = cost_source(nodes)
     per_request: list[float]
-    if None not in speeds:
-        per_request = [1.0 / s for s in speeds if s is not None]
-    elif None not in paces:
-        per_request = [p for p in paces if p is not None]
+    if source == "speed":
+        per_request = [1.0 / n.speed for n in nodes if n.speed is not None]
+    elif source == "pace":
+        per_request = [n.load.pace for n in nodes if n.load is not None and n.load.pace is not None]
     else:
         measured = [n.latency for n in nodes if n.latency is not None]
         prior = min(measured) if measured else 1.0
@@ -97,11 +106,12 @@ class LeastLoad:
 
     def explain(self, nodes: Sequence[NodeState], request: RequestInfo) -> list[Candidate]:
         candidates = []
+        source = cost_source(nodes)
         for node, (score, held) in zip(nodes, self._parts(nodes), strict=True):
             others = held - node.inflight
-            if all(n.speed is not None for n in nodes):
+            if source == "speed":
                 speed = f"speed {node.speed:.3g} (given)"
-            elif all(n.load is not None and n.load.pace is not None for n in nodes):
+            elif source == "pace":
                 pace = node.load.pace if node.load is not None else None
                 speed = f"decodes at {pace:.3g} s per token (its /metrics)"
             elif node.latency is not None:

@@ -91,8 +91,9 @@ class PrefixAffinity:
                 Candidate(c.url, c.score, f"no affinity key, least_load: {c.why}")
                 for c in self._fallback.explain(nodes, request)
             ]
-        if tuple([node.url for node in nodes]) not in self._indexes:
-            self._index(tuple([node.url for node in nodes]))
+        urls = tuple([node.url for node in nodes])
+        if urls not in self._indexes:
+            self._index(urls)  # places URLs new to the ring
         waits, limit = self._bound(nodes)
         present = {node.url for node in nodes}
         rank: dict[str, int] = {}
