@@ -58,7 +58,16 @@ async def probe_health(prober: Prober, url: str, timeout: float) -> Probe:
     try:
         status, raw = await prober.get(url, "/health", timeout)
     except ProbeError as exc:
-        return Probe("unreachable", f"unreachable: {exc}")
+        return unreachable(exc)
+    return health_answer(status, raw)
+
+
+def unreachable(exc: ProbeError) -> Probe:
+    return Probe("unreachable", f"unreachable: {exc}")
+
+
+def health_answer(status: int, raw: bytes) -> Probe:
+    """What a `/health` answer says, in LMDeploy's words."""
     word, message = "", ""
     with contextlib.suppress(ValueError):
         body = json.loads(raw)
@@ -190,6 +199,8 @@ class Monitor:
                     next_round = now + self._interval()
                 urls = [state.url for state in self._registry.snapshot()]
                 self._seen.intersection_update(urls)
+                for gone in self._next_metrics.keys() - self._seen:
+                    del self._next_metrics[gone]
                 for url in urls:
                     if url not in self._running and (full_round or url not in self._seen):
                         self._seen.add(url)
@@ -235,7 +246,12 @@ class Monitor:
             state = registry.get(url)
         except LookupError:
             return None
-        probe = await probe_health(self._prober, url, options.timeout)
+        metrics: tuple[int, bytes] | None = None
+        if options.telemetry and state.status is NodeStatus.HEALTHY and self._metrics_due(url):
+            # The common case while routing on load: both reads in one round trip.
+            probe, metrics = await self._probe_with_metrics(url, state.api_key)
+        else:
+            probe = await probe_health(self._prober, url, options.timeout)
         target = judge(state, probe, options.unhealthy_after)
         message = probe.message
         models: tuple[str, ...] | None = None
@@ -251,7 +267,10 @@ class Monitor:
                 models = found
 
         if target is NodeStatus.HEALTHY and options.telemetry:
-            await self.read_load(url, state.api_key)
+            if metrics is not None:
+                self._apply_metrics(url, *metrics)
+            elif self._metrics_due(url):
+                await self.read_load(url, state.api_key)
 
         unchanged = (target, message, models, probe.ok) == (state.status, state.message, None, True)
         if unchanged and state.failures == 0:
@@ -281,24 +300,41 @@ class Monitor:
 
         return registry.modify(url, apply)
 
+    def _metrics_due(self, url: str) -> bool:
+        return self._next_metrics.get(url, 0.0) <= time.monotonic()
+
+    async def _probe_with_metrics(
+        self, url: str, api_key: str | None
+    ) -> tuple[Probe, tuple[int, bytes] | None]:
+        """`/health` and `/metrics` pipelined on the node's connection."""
+        self._next_metrics[url] = time.monotonic() + 0.9 * self._metrics_every
+        paths = ("/health", "/metrics")
+        try:
+            (status, raw), metrics = await self._prober.get_many(
+                url, paths, self._options.timeout, api_key
+            )
+        except ProbeError as exc:
+            return unreachable(exc), None
+        return health_answer(status, raw), metrics
+
     async def read_load(self, url: str, api_key: str | None) -> None:
         """Read the node's own load from its `/metrics` into its snapshot.
 
-        Best effort, in the same round as `/health` and through the same lean prober:
-        a failure leaves the last report to fade (`NodeLoad.others`); a node without
+        Best effort, through the same lean prober as `/health` (in the same round
+        trip when the node was healthy already, `_probe_with_metrics`): a failure
+        leaves the last report to fade (`NodeLoad.others`); a node without
         `/metrics` (404, or no LMDeploy gauges) is asked again only every minute. Read
         every `metrics_every` seconds: every round for `least_load`, else every 10 s.
         """
-        now = time.monotonic()
-        if self._next_metrics.get(url, 0.0) > now:
-            return
         # Due again within a round's jitter of the interval, so "every round" holds.
-        self._next_metrics[url] = now + 0.9 * self._metrics_every
+        self._next_metrics[url] = time.monotonic() + 0.9 * self._metrics_every
         try:
             status, body = await self._prober.get(url, "/metrics", self._options.timeout, api_key)
         except ProbeError:
             return
-        interval = self._options.interval
+        self._apply_metrics(url, status, body)
+
+    def _apply_metrics(self, url: str, status: int, body: bytes) -> None:
         load = None
         if status == 200:
             try:
@@ -306,10 +342,13 @@ class Monitor:
             except LookupError:
                 return  # removed meanwhile
             load = parse_metrics(
-                body, read_at=time.monotonic(), local_inflight=state.inflight, fresh_for=interval
+                body,
+                read_at=time.monotonic(),
+                local_inflight=state.inflight,
+                fresh_for=self._options.interval,
             )
             if load is not None:
                 load = with_pace(load, state.load)
         if load is None:
-            self._next_metrics[url] = now + NO_METRICS_RETRY
+            self._next_metrics[url] = time.monotonic() + NO_METRICS_RETRY
         self._registry.modify(url, lambda state: state.evolve(load=load))

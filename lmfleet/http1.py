@@ -169,7 +169,6 @@ class ResponseParser:
 
     __slots__ = (
         "_buf",
-        "_extra",
         "_head_request",
         "_left",
         "_max_head",
@@ -177,6 +176,7 @@ class ResponseParser:
         "_trailer_size",
         "done",
         "head",
+        "rest",
         "started",
     )
 
@@ -187,7 +187,8 @@ class ResponseParser:
         self._left = 0
         self._state = _SIZE
         self._trailer_size = 0
-        self._extra = False
+        self.rest = b""
+        """Bytes after the complete response: the next pipelined response, or garbage."""
         self.head: ResponseHead | None = None
         self.done = False
         self.started = False
@@ -196,7 +197,7 @@ class ResponseParser:
     @property
     def keep_alive(self) -> bool:
         """The connection can carry the next request: body complete, nothing after it."""
-        return self.done and not self._extra and self.head is not None and self.head.keep_alive
+        return self.done and not self.rest and self.head is not None and self.head.keep_alive
 
     def feed(self, data: bytes) -> list[bytes]:
         """Take the next bytes read from the connection; return the body bytes among them."""
@@ -204,7 +205,7 @@ class ResponseParser:
             return []
         self.started = True
         if self.done:
-            self._extra = True  # bytes after a complete response: do not reuse the connection
+            self.rest += data  # bytes after a complete response: not this response's
             return []
         if self.head is None:
             data = self._feed_head(data)
@@ -248,7 +249,7 @@ class ResponseParser:
                 self.head = head
                 if head.framing == "none" or (head.framing == "length" and not head.content_length):
                     self.done = True
-                    self._extra = bool(data)
+                    self.rest = data
                     return b""
                 self._left = head.content_length
                 return data
@@ -263,7 +264,7 @@ class ResponseParser:
         self._left = 0
         self.done = True
         if len(data) > left:
-            self._extra = True
+            self.rest = data[left:]
             data = data[:left]
         return [data]
 
@@ -322,7 +323,7 @@ class ResponseParser:
                     raise Http1Error(f"trailers larger than {self._max_head} bytes")
                 if eol == pos:
                     self.done = True
-                    self._extra = eol + 2 < end
+                    self.rest = data[eol + 2 :]
                     return out
                 pos = eol + 2
         return out

@@ -288,3 +288,24 @@ def test_eof_after_a_complete_response_is_fine() -> None:
     parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     parser.feed_eof()
     assert parser.done
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ],
+)
+def test_bytes_after_a_response_are_kept_for_the_next(first: bytes) -> None:
+    """Pipelined answers arrive in one read: the rest belongs to the next response, and
+    a connection with unread bytes must not be reused as if it were clean."""
+    second = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext"
+    parser = ResponseParser()
+    parser.feed(first + second[:10])
+    parser.feed(second[10:])
+    assert parser.done and not parser.keep_alive
+    assert parser.rest == second
+    following = ResponseParser()
+    assert following.feed(parser.rest) == [b"next"] and following.keep_alive

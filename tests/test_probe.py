@@ -151,3 +151,34 @@ async def test_refused_and_silent_nodes(prober: Prober) -> None:
     async with server:
         with pytest.raises(ProbeError, match=r"no answer within 0\.2 s"):
             await prober.get(url, "/health", 0.2)
+
+
+async def test_pipelined_gets_share_one_round_trip(prober: Prober) -> None:
+    """`/health` and `/metrics` written together, answered in order on one connection."""
+    replies = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nhealthy",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nload\r\n0\r\n\r\n",
+    ]
+
+    async def answer(n: int) -> bytes:
+        return replies[n % 2]
+
+    server, node, url = await serve(answer)
+    async with server:
+        for _ in range(2):
+            got = await prober.get_many(url, ("/health", "/metrics"), 5, api_key="k")
+            assert got == [(200, b"healthy"), (200, b"load")]
+    assert node.connections == 1
+    assert [r.split(b" ", 2)[1] for r in node.requests] == [b"/health", b"/metrics"] * 2
+    assert all(b"Authorization: Bearer k" in r for r in node.requests)
+
+
+async def test_pipelined_gets_after_a_closing_answer_go_on_a_new_connection(
+    prober: Prober,
+) -> None:
+    closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
+    server, node, url = await serve(always(closing), close_after=True)
+    async with server:
+        got = await prober.get_many(url, ("/health", "/metrics"), 5)
+    assert got == [(200, b"ok"), (200, b"ok")]
+    assert node.connections == 2
