@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from lmfleet.sim import asgi, generation, routes
+from lmfleet.sim import asgi, generation, routes, weight_routes
 from lmfleet.sim.options import SimOptions
 from lmfleet.sim.protocol import (
     Kind,
@@ -67,13 +67,13 @@ class SimApp:
             "/is_sleeping": {"GET": routes.is_sleeping},
             "/abort_request": {"POST": routes.abort_request},
             "/terminate": {"GET": routes.terminate},
-            "/update_weights": {"POST": routes.update_weights},
             "/sim/stats": {"GET": routes.sim_stats},
             "/sim/stats/reset": {"POST": routes.sim_stats_reset},
             "/sim/faults": {"GET": routes.sim_faults_get, "POST": routes.sim_faults_set},
         }
         if options.enable_metrics:
             self._routes["/metrics"] = {"GET": routes.metrics}
+        self._routes.update(weight_routes.ROUTES)
         self._routes.update(self.runtime.distserve.routes())
 
     async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:

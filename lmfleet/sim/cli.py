@@ -50,6 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds /health may lag the engine (LMDeploy: 12); 0 = live",
     )
     add("--log-level", default="warning", type=str.lower)
+    add(
+        "--backend",
+        choices=["turbomind", "pytorch"],
+        default="turbomind",
+        help="engine emulated (LMDeploy's default: turbomind); decides the weight-update routes",
+    )
+    add(
+        "--distributed-executor-backend",
+        choices=["uni", "mp", "ray"],
+        default=None,
+        help="pytorch executor; LMDeploy 0.18 loads pushed weights only with ray (default: uni)",
+    )
 
     cost = parser.add_argument_group("cost model (ms on a speed-1 node)")
     cost.add_argument("--fast", action="store_true", help="no sleeps, no scheduler")
@@ -66,6 +78,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cost.add_argument("--max-batch", type=int, default=64)
     cost.add_argument("--prefix-cache-blocks", type=int, default=4096)
     cost.add_argument("--seed", type=int, default=0)
+    cost.add_argument(
+        "--weights-gb", type=float, default=16.0, help="model size for the weight-update cost"
+    )
+    cost.add_argument(
+        "--update-seconds-per-gb",
+        type=float,
+        default=0.0,
+        help="a finished weight update takes weights-gb times this (server stays responsive)",
+    )
     cost.add_argument(
         "--output-tokens",
         type=int,
@@ -111,6 +132,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cut streams after K chunks, without [DONE]",
     )
     faults.add_argument("--unhealthy", action="store_true", help="/health says unhealthy")
+    faults.add_argument(
+        "--update-weights-error",
+        type=int,
+        default=None,
+        metavar="STATUS",
+        help="/update_weights and /update_weights_from_distributed fail with STATUS",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> SimOptions:
@@ -127,6 +155,8 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         enable_metrics=not args.disable_metrics,
         health_poll_interval=args.health_poll_interval,
         log_level=args.log_level,
+        backend=args.backend,
+        distributed_executor_backend=args.distributed_executor_backend,
         fast=args.fast,
         speed=args.speed,
         ttft_ms=args.ttft_ms,
@@ -136,6 +166,8 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         max_batch=args.max_batch,
         prefix_cache_blocks=args.prefix_cache_blocks,
         seed=args.seed,
+        weights_gb=args.weights_gb,
+        update_seconds_per_gb=args.update_seconds_per_gb,
         output_tokens=args.output_tokens,
         output_tokens_max=args.output_tokens_max,
         startup_delay=args.startup_delay,
@@ -148,6 +180,7 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         crash_after=args.crash_after,
         drop_stream_after=args.drop_stream_after,
         health_fault="unhealthy" if args.unhealthy else None,
+        update_weights_error=args.update_weights_error,
     )
 
 

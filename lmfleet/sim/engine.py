@@ -93,6 +93,11 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def clear(self) -> None:
+        """Forget every block: LMDeploy's sleep discards the KV cache, and a prefix
+        cached under the old weights must not hit after a weight update."""
+        self._blocks.clear()
+
     def lookup_and_insert(self, prompt: str) -> int:
         """Cached tokens for `prompt`; then remember all its full blocks."""
         if self.capacity == 0:

@@ -27,6 +27,8 @@ class Faults:
     crash_after: int | None = None
     drop_stream_after: int | None = None
     health: str | None = None
+    # /update_weights (and /update_weights_from_distributed) answer this status.
+    update_weights_error: int | None = None
     rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
 
     @classmethod
@@ -40,6 +42,7 @@ class Faults:
             crash_after=options.crash_after,
             drop_stream_after=options.drop_stream_after,
             health=options.health_fault,
+            update_weights_error=options.update_weights_error,
             rng=random.Random(options.seed),
         )
 
@@ -73,6 +76,10 @@ def _check(key: str, value: Any) -> None:
         ok = isinstance(value, int) and 400 <= value <= 599
     elif key in ("hang", "hang_after_head", "hang_health"):
         ok = isinstance(value, bool)
+    elif key == "update_weights_error":
+        ok = value is None or (
+            isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599
+        )
     elif key in ("crash_after", "drop_stream_after"):
         ok = value is None or (
             isinstance(value, int) and not isinstance(value, bool) and value >= 0

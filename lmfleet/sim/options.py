@@ -17,6 +17,8 @@ DEFAULT_PORT = 23333  # LMDeploy's api_server default
 
 Role = Literal["hybrid", "prefill", "decode"]
 HealthFault = Literal["unhealthy", "initializing"]
+Backend = Literal["turbomind", "pytorch"]
+Executor = Literal["uni", "mp", "ray"]
 
 
 class SimOptions(BaseModel):
@@ -37,6 +39,9 @@ class SimOptions(BaseModel):
     # LMDEPLOY_HEALTH_POLL_INTERVAL's default; 0 means /health is computed live.
     health_poll_interval: float = Field(default=12.0, ge=0)
     log_level: str = "warning"
+    # LMDeploy's engine choice decides which weight-update routes work (lmfleet/sim/weights.py).
+    backend: Backend = "turbomind"  # api_server's default
+    distributed_executor_backend: Executor | None = None  # None: LMDeploy picks (see executor)
 
     # Cost model (milliseconds on a speed-1.0 node; see engine.CostModel).
     fast: bool = False
@@ -47,6 +52,9 @@ class SimOptions(BaseModel):
     batch_slowdown: float = Field(default=0.02, ge=0)
     max_batch: int = Field(default=64, ge=1)
     prefix_cache_blocks: int = Field(default=4096, ge=0)
+    # A finished weight update takes weights_gb * update_seconds_per_gb seconds.
+    weights_gb: float = Field(default=16.0, ge=0)
+    update_seconds_per_gb: float = Field(default=0.0, ge=0)
 
     # Output.
     seed: int = 0
@@ -64,6 +72,7 @@ class SimOptions(BaseModel):
     crash_after: int | None = Field(default=None, ge=0)
     drop_stream_after: int | None = Field(default=None, ge=0)
     health_fault: HealthFault | None = None
+    update_weights_error: int | None = Field(default=None, ge=400, le=599)
 
     @property
     def model_name(self) -> str:
@@ -74,6 +83,17 @@ class SimOptions(BaseModel):
     def is_fast(self) -> bool:
         """No sleeps and no scheduler: `--fast`, or both TTFT and TPOT set to 0."""
         return self.fast or (self.ttft_ms == 0 and self.tpot_ms == 0)
+
+    @property
+    def executor(self) -> Executor:
+        """The PyTorch engine's executor as LMDeploy resolves `None`: "uni" for one
+        worker (the sim is one GPU, tp=1); LMDeploy picks "ray" only for tp*dp > 1."""
+        return self.distributed_executor_backend or "uni"
+
+    @property
+    def update_seconds(self) -> float:
+        """How long finishing a weight update takes (the whole model is reloaded)."""
+        return self.weights_gb * self.update_seconds_per_gb
 
     @property
     def role_id(self) -> int:

@@ -28,6 +28,7 @@ from lmfleet.sim.protocol import (
     usage,
 )
 from lmfleet.sim.runtime import NodeRuntime
+from lmfleet.sim.weights import call_line
 
 Handler = Callable[[NodeRuntime, asgi.Scope, asgi.Receive, asgi.Send], Awaitable[None]]
 
@@ -108,6 +109,7 @@ async def models(
 
 async def sleep(rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
     await json_body(scope, receive, model=False)
+    rt.weights.record_call(call_line(scope))
     raw = query(scope).get("level", ["1"])[-1]
     try:
         level = int(raw)
@@ -125,6 +127,7 @@ async def wakeup(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
     await json_body(scope, receive, model=False)
+    rt.weights.record_call(call_line(scope))
     rt.wakeup(query(scope).get("tags", []))
     await asgi.send_bytes(send, 200, b"", None)
 
@@ -162,15 +165,6 @@ async def terminate(
     await asgi.send_bytes(send, 200, b"", None)
     # After the answer is out: uvicorn turns SIGTERM into a clean shutdown.
     asyncio.get_running_loop().call_soon(os.kill, os.getpid(), signal.SIGTERM)
-
-
-async def update_weights(
-    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
-) -> None:
-    body = await json_body(scope, receive)
-    if "serialized_named_tensors" not in body:
-        raise BadRequest("serialized_named_tensors: Field required")
-    await asgi.send_json(send, 200, None)
 
 
 def _fake_ids(text: str, add_bos: bool) -> list[int]:
@@ -284,6 +278,7 @@ async def sim_stats_reset(
 ) -> None:
     rt.stats.reset()
     rt.distserve.reset()
+    rt.weights.reset()
     await asgi.send_json(send, 200, rt.stats_json())
 
 

@@ -15,6 +15,7 @@ from lmfleet.sim.distserve import SimDistServe
 from lmfleet.sim.engine import CostModel, PrefixCache, Scheduler
 from lmfleet.sim.faults import Faults
 from lmfleet.sim.options import SimOptions
+from lmfleet.sim.weights import WeightLedger
 
 SLEEP_TAGS = ("weights", "kv_cache")
 _HEALTH_MESSAGES = {
@@ -80,6 +81,7 @@ class NodeRuntime:
         self.faults = Faults.from_options(options)
         self.distserve = SimDistServe(options)
         self.stats = Stats()
+        self.weights = WeightLedger()
         self.sleeping_tags: set[str] = set()
         self.sleep_level = 0
         self.sequences: set[Sequence] = set()
@@ -100,13 +102,27 @@ class NodeRuntime:
         return bool(self.sleeping_tags)
 
     def sleep(self, level: int) -> None:
-        """Put every tag to sleep and abort every in-flight request, as LMDeploy does."""
+        """Put every tag to sleep, abort every in-flight request and drop the KV
+        cache (so the prefix cache), as LMDeploy does."""
         self.sleep_level = level
         self.sleeping_tags = set(SLEEP_TAGS)
         self.abort_all()
+        self.prefix_cache.clear()
+
+    @property
+    def serving(self) -> bool:
+        """The KV cache is awake: requests can run (LMDeploy's wakeup of kv_cache)."""
+        return "kv_cache" not in self.sleeping_tags
 
     def wakeup(self, tags: list[str]) -> None:
-        """Wake the given tags (all when none are given)."""
+        """Wake the given tags (all when none are given).
+
+        As LMDeploy's AsyncEngine.wakeup: when any given tag is not asleep (unknown,
+        or already awake) the whole call is a logged no-op, so `tags=weights&tags=
+        kv_cache` wakes nothing once `weights` is awake.
+        """
+        if any(tag not in self.sleeping_tags for tag in tags):
+            return
         if tags:
             self.sleeping_tags.difference_update(tags)
         else:
@@ -200,4 +216,6 @@ class NodeRuntime:
             "port": self.options.port,
             "model": self.model_name,
             "distserve": self.distserve.stats(),
+            "weights": self.weights.to_json(),
+            "admin_calls": list(self.weights.admin_calls),
         }

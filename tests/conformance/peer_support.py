@@ -122,7 +122,8 @@ def start_peer(
 
 
 def start_sim(model_dir: Path, log_dir: Path, *args: str, wait: bool = True) -> Server:
-    """`lmfleet sim` configured like the peer (same model name, same poll interval)."""
+    """`lmfleet sim` configured like the peer (same model name, same poll interval, the
+    PyTorch backend with LMDeploy's default executor: uni)."""
     port = free_port()
     argv = [
         sys.executable,
@@ -136,6 +137,8 @@ def start_sim(model_dir: Path, log_dir: Path, *args: str, wait: bool = True) -> 
         str(model_dir),
         "--health-poll-interval",
         str(POLL_INTERVAL),
+        "--backend",
+        "pytorch",
         "--ttft-ms",
         "5",
         "--tpot-ms",

@@ -14,6 +14,16 @@ from conformance.exchange import Case, compare, send
 
 CHAT = {"model": "$MODEL", "messages": [{"role": "user", "content": "hello world"}]}
 COMPLETION = {"model": "$MODEL", "prompt": "say hello"}
+# Weight-update bodies (LMDeploy's UpdateParamsRequest and the NCCL group requests).
+PARAMS = {"serialized_named_tensors": "AAAA", "load_format": "flattened_bucket"}
+GROUP = {
+    "master_address": "127.0.0.1",
+    "master_port": 29500,
+    "rank_offset": 1,
+    "world_size": 2,
+    "group_name": "g",
+}
+BUCKET = {"names": ["w"], "dtypes": ["bfloat16"], "shapes": [[2, 2]], "group_name": "g"}
 
 CASES = [
     # health, models, auth
@@ -133,7 +143,66 @@ CASES = [
     Case("embeddings-no-body", "POST", "/v1/embeddings", raw=b"{}"),
     Case("abort-request", "POST", "/abort_request", body={"session_id": 5}),
     Case("terminate", "GET", "/terminate", json_type=False),
+    # weight updates: both sides are PyTorch with the default (uni) executor, which
+    # cannot load pushed weights (500) and has no NCCL group routes (500)
     Case("update-weights-bad", "POST", "/update_weights", body={}),
+    Case("update-weights-no-json", "POST", "/update_weights", body=PARAMS, json_type=False),
+    Case(
+        "update-weights-text-plain",
+        "POST",
+        "/update_weights",
+        body=PARAMS,
+        json_type=False,
+        headers={"content-type": "text/plain"},
+    ),
+    Case("update-weights-malformed", "POST", "/update_weights", raw=b'{"serialized'),
+    Case("update-weights-not-object", "POST", "/update_weights", raw=b'"x"'),
+    Case(
+        "update-weights-bad-payload",
+        "POST",
+        "/update_weights",
+        body={"serialized_named_tensors": 5},
+    ),
+    Case(
+        "update-weights-bad-list",
+        "POST",
+        "/update_weights",
+        body={"serialized_named_tensors": ["a", 5]},
+    ),
+    Case(
+        "update-weights-bad-finished",
+        "POST",
+        "/update_weights",
+        body={**PARAMS, "finished": "maybe"},
+    ),
+    Case("update-weights", "POST", "/update_weights", body=PARAMS),
+    Case("update-weights-finished", "POST", "/update_weights", body={**PARAMS, "finished": True}),
+    Case("update-weights-dict", "POST", "/update_weights", body={"serialized_named_tensors": {}}),
+    Case("ipc-status", "GET", "/update_weights_from_ipc", json_type=False),
+    Case(
+        "ipc-no-json", "POST", "/update_weights_from_ipc", body={"zmq_handles": {}}, json_type=False
+    ),
+    Case("ipc-bad", "POST", "/update_weights_from_ipc", body={"zmq_handles": {"a": 1}}),
+    Case("ipc", "POST", "/update_weights_from_ipc", body={"zmq_handles": {"GPU-0": "ipc://x"}}),
+    Case("init-group-no-json", "POST", "/init_weights_update_group", body=GROUP, json_type=False),
+    Case("init-group-bad", "POST", "/init_weights_update_group", body={"group_name": "g"}),
+    Case(
+        "init-group-bad-port",
+        "POST",
+        "/init_weights_update_group",
+        body={**GROUP, "master_port": "http"},
+    ),
+    Case("init-group", "POST", "/init_weights_update_group", body=GROUP),
+    Case("bucket-bad", "POST", "/update_weights_from_distributed", body={"group_name": "g"}),
+    Case(
+        "bucket-bad-shapes",
+        "POST",
+        "/update_weights_from_distributed",
+        body={**BUCKET, "shapes": [2, 2]},
+    ),
+    Case("bucket", "POST", "/update_weights_from_distributed", body={**BUCKET, "finished": True}),
+    Case("destroy-group-bad", "POST", "/destroy_weights_update_group", body={}),
+    Case("destroy-group", "POST", "/destroy_weights_update_group", body={"group_name": "g"}),
     Case("metrics", "GET", "/metrics", json_type=False),
     Case("unknown-path", "GET", "/nope", json_type=False),
     Case("wrong-method", "GET", "/v1/chat/completions", json_type=False),

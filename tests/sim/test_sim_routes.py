@@ -60,7 +60,8 @@ async def test_initializing_for_a_while_after_start(asgi_client: ClientFactory) 
 
 
 async def test_sleep_wakeup_round_trip_with_tags(asgi_client: ClientFactory) -> None:
-    async with asgi_client(fast=True) as client:
+    options = {"backend": "pytorch", "distributed_executor_backend": "ray"}
+    async with asgi_client(fast=True, **options) as client:
         assert (await client.get("/is_sleeping")).json() == {"is_sleeping": False}
         slept = await client.post("/sleep?level=2", headers=JSON)
         assert (slept.status_code, slept.content) == (200, b"")

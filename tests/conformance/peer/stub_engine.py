@@ -10,9 +10,15 @@ the session manager, tokenizer and chat template, request validation.
 The stub implements the surface AsyncEngine and the server touch:
 `engine_config`, `create_instance()`, `start_loop()`, `get_health_status()`,
 `get_schedule_metrics()`, `sleep()`, `wakeup()`, `complete_weights_update()`,
-`update_params()`, `end_session()`, `close()`; and per instance
-`async_stream_infer()` (an async generator of `EngineOutput`), `async_cancel()`,
-`async_end()`.
+`end_session()`, `close()`; and per instance `async_stream_infer()` (an async
+generator of `EngineOutput`), `async_cancel()`, `async_end()`.
+
+Weight updates behave as 0.18's engine over its executor (`engine_config.
+distributed_executor_backend`, None meaning "uni" for one GPU): `update_params()`
+and the NCCL group calls raise NotImplementedError except on "ray" (where the
+groups are bookkept as the model agent does, without NCCL); the checkpoint-engine
+calls report one worker (rank 0) and import `checkpoint_engine` for real, so on a
+peer without it they fail with the model agent's own messages.
 
 Output: `STUB_OUTPUT_TOKENS` tokens (default 16), then EOS (finish_reason
 "stop"); fewer when `max_new_tokens` is smaller ("length"); with `ignore_eos`
@@ -24,6 +30,7 @@ exactly `max_new_tokens` ("length"). One token every
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import zlib
 from typing import Any
@@ -46,6 +53,7 @@ class StubEngine:
         self.interval = float(os.environ.get("STUB_TOKEN_INTERVAL", "0.01"))
         self.metrics = ScheduleMetrics()
         self.asleep = False
+        self.groups: set[str] = set()
 
     # -- engine --------------------------------------------------------------
     def create_instance(self, cuda_stream_id: int = 0) -> StubInstance:
@@ -74,8 +82,87 @@ class StubEngine:
     def complete_weights_update(self) -> None:
         pass
 
+    # -- weight updates (pytorch/engine/engine.py over executor/*.py) ---------
+    @property
+    def executor(self) -> str:
+        return getattr(self.engine_config, "distributed_executor_backend", None) or "uni"
+
+    def _require_ray(self) -> None:
+        """ExecutorBase's default for what only RayExecutor implements."""
+        if self.executor != "ray":
+            raise NotImplementedError("Not Implemented.")
+
+    def _reduce(self, ok: bool, message: str, op: str) -> tuple[bool, str]:
+        """One worker's answer as mp/ray executors reduce it (uni passes it through)."""
+        if ok or self.executor == "uni":
+            return ok, message
+        return False, f"{op}: rank0: {message}"
+
     def update_params(self, request: Any) -> None:
-        pass
+        self._require_ray()
+
+    async def get_checkpoint_engine_status(self) -> list[dict[str, Any]]:
+        """ModelAgent.get_checkpoint_engine_status of the one worker (no CUDA here)."""
+        version, message = None, "checkpoint-engine worker is ready."
+        try:
+            module = importlib.import_module("checkpoint_engine")
+            importlib.import_module("checkpoint_engine.worker")
+            version = str(getattr(module, "__version__", "unknown"))
+        except Exception as exc:  # noqa: BLE001 - the model agent catches everything
+            message = f"checkpoint-engine is unavailable; install 'checkpoint-engine==0.4.2': {exc}"
+        return [
+            {
+                "ready": version is not None,
+                "message": message,
+                "checkpoint_engine_version": version,
+                "device_uuid": "GPU-00000000-0000-0000-0000-000000000000",
+                "weight_devices": ["cuda"],
+                "rank": 0,
+            }
+        ]
+
+    async def update_weights_from_ipc(
+        self, request: Any, reject_reason: str | None = None
+    ) -> tuple[bool, str]:
+        try:
+            importlib.import_module("zmq")
+            importlib.import_module("checkpoint_engine.worker")
+            raise RuntimeError(reject_reason or "the stub engine cannot receive CUDA IPC")
+        except Exception as exc:  # noqa: BLE001 - the model agent catches everything
+            message = (
+                f"Failed to update weights from checkpoint-engine IPC: {exc}. "
+                "The model weights may be partially updated; discard this instance and "
+                "reload it."
+            )
+        return self._reduce(False, message, "update_weights_from_ipc")
+
+    async def init_weights_update_group(self, request: Any) -> tuple[bool, str]:
+        self._require_ray()
+        name = request.group_name
+        if not name:
+            return self._reduce(False, "group_name cannot be empty", "init_weights_update_group")
+        if name in self.groups:
+            message = f"group {name!r} already initialized"
+            return self._reduce(False, message, "init_weights_update_group")
+        self.groups.add(name)
+        return True, "Succeeded to initialize weights update group."
+
+    async def update_weights_from_distributed(self, request: Any) -> tuple[bool, str]:
+        self._require_ray()
+        name = request.group_name
+        if name not in self.groups:
+            message = f"group {name!r} not initialized. Call init_weights_update_group first."
+            return self._reduce(False, message, "update_weights_from_distributed")
+        return True, "Succeeded to update parameter online."
+
+    async def destroy_weights_update_group(self, request: Any) -> tuple[bool, str]:
+        self._require_ray()
+        name = request.group_name
+        if name not in self.groups:
+            message = f"group {name!r} not initialized"
+            return self._reduce(False, message, "destroy_weights_update_group")
+        self.groups.discard(name)
+        return True, f"Succeeded to destroy group {name!r}."
 
     def end_session(self, session_id: int) -> bool:
         return True
