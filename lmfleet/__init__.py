@@ -5,6 +5,7 @@ from lmfleet.errors import (
     BatchError,
     ConfigError,
     EventLoopError,
+    FleetBusyError,
     FleetClosedError,
     LaunchError,
     LMFleetError,
@@ -16,6 +17,8 @@ from lmfleet.errors import (
     RoutingError,
     StreamInterruptedError,
     UnknownNodeError,
+    WeightUpdateError,
+    WeightUpdateUnsupportedError,
 )
 from lmfleet.fleet import LMFleet
 from lmfleet.notebook.batch import BatchResult, ItemError
@@ -24,6 +27,8 @@ from lmfleet.runtime import FleetRuntime
 from lmfleet.state import NodeRole, NodeState, NodeStatus
 from lmfleet.status import FleetStatus, NodeSnapshot
 from lmfleet.telemetry import NodeLoad
+from lmfleet.weights.session import UpdateResult, UpdateTarget
+from lmfleet.weights.update import WeightUpdate
 
 __version__ = "0.1.0"
 
@@ -34,6 +39,7 @@ __all__ = [
     "ConfigError",
     "Decision",
     "EventLoopError",
+    "FleetBusyError",
     "FleetClosedError",
     "FleetOptions",
     "FleetRuntime",
@@ -60,5 +66,10 @@ __all__ = [
     "Strategy",
     "StreamInterruptedError",
     "UnknownNodeError",
+    "UpdateResult",
+    "UpdateTarget",
+    "WeightUpdate",
+    "WeightUpdateError",
+    "WeightUpdateUnsupportedError",
     "__version__",
 ]

@@ -183,6 +183,12 @@ class FleetAdmin:
         """Wake nodes (all, or `nodes`); `tags` ("weights", "kv_cache") for RL weight updates."""
 
         async def one(url: str) -> None:
+            reason = self._registry.get(url).quarantine
+            if reason:
+                raise NodeCommandError(
+                    f"{url} is quarantined by a failed weight update ({reason}); its "
+                    "weights may be half-loaded: a successful weight update brings it back"
+                )
             await wakeup_node(
                 self._http, self._registry, url, tags, timeout=self._options.admin_timeout
             )
@@ -209,6 +215,11 @@ class FleetAdmin:
         if response.status_code != 200:
             raise NodeCommandError(f"{node.url}: HTTP {response.status_code} {response.text[:200]}")
 
+    @property
+    def waking(self) -> bool:
+        """A wake-on-demand is under way (readable from any thread: a set's truth)."""
+        return bool(self._waking)
+
     async def wake_one(self, model: str | None) -> None:
         """Wake-on-demand: wake one sleeping node serving `model`, one at a time."""
         if self._waking:
@@ -217,7 +228,10 @@ class FleetAdmin:
         sleepers = [
             s.url
             for s in registry.snapshot()
-            if s.status is NodeStatus.SLEEPING and s.serves(model) and not registry.is_held(s.url)
+            if s.status is NodeStatus.SLEEPING
+            and s.serves(model)
+            and not registry.is_held(s.url)
+            and not s.quarantine  # half-updated weights: only a weight update wakes it
         ]
         if not sleepers:
             return

@@ -88,6 +88,13 @@ class RoutingOptions(_Options):
     wake_on_demand: bool = Field(
         default=False, description="wake a sleeping node when none is eligible"
     )
+    admission_queue: int = Field(
+        default=1024,
+        ge=0,
+        description="requests that may wait for an eligible node at once (each up to "
+        "wait_for_node); one more is refused at once: FleetBusyError, or 503 with "
+        "Retry-After through the proxy",
+    )
     max_attempts: int = Field(
         default=3, ge=1, description="nodes tried per request before giving up"
     )
@@ -159,6 +166,22 @@ class FleetOptions(_Options):
         default=30.0, ge=0, description="seconds to let in-flight requests end"
     )
     admin_timeout: float = Field(default=30.0, gt=0, description="seconds for sleep/wakeup calls")
+    auto_sleep_after: float | None = Field(
+        default=None,
+        gt=0,
+        description="put a node to sleep after this many seconds without requests "
+        "(None: never); a request that finds no awake node wakes one (wake on demand)",
+    )
+    auto_sleep_level: Literal[1, 2] = Field(default=1, description="LMDeploy sleep level")
+    weight_version: int = Field(
+        default=0,
+        description="the weight version nodes start with; weight updates record newer ones",
+    )
+    update_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        description="seconds one weight-update call to a node (a bucket, an NCCL step) may take",
+    )
 
 
 class FleetKeywords(TypedDict, total=False):
@@ -182,6 +205,12 @@ class FleetKeywords(TypedDict, total=False):
     """`min_ready` (launched fleets default it to their node count)."""
     serving_strategy: ServingStrategy
     """`serving_strategy`."""
+    auto_sleep_after: float
+    """`auto_sleep_after` (turns on `routing.wake_on_demand`)."""
+    admission_queue: int
+    """`routing.admission_queue`."""
+    weight_version: int
+    """`weight_version`: the version the nodes start with."""
 
 
 _SHORTCUTS: dict[str, tuple[str, ...]] = {
@@ -192,6 +221,9 @@ _SHORTCUTS: dict[str, tuple[str, ...]] = {
     "first_byte_timeout": ("routing", "first_byte_timeout"),
     "min_ready": ("min_ready",),
     "serving_strategy": ("serving_strategy",),
+    "auto_sleep_after": ("auto_sleep_after",),
+    "admission_queue": ("routing", "admission_queue"),
+    "weight_version": ("weight_version",),
 }
 SHORTCUT_NAMES = frozenset(_SHORTCUTS)
 
@@ -209,6 +241,8 @@ def merge_options(options: FleetOptions | None, shortcuts: Mapping[str, Any]) ->
         section[leaf] = value
         if name == "health_interval":
             section["timeout"] = min(section["timeout"], max(value, 0.5))
+        if name == "auto_sleep_after":
+            fields["routing"]["wake_on_demand"] = True  # a sleeping fleet must wake on use
     try:
         return FleetOptions.model_validate(fields)
     except ValueError as exc:

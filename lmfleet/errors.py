@@ -10,8 +10,14 @@
      +-- EventLoopError (RuntimeError)      the fleet's event loop did not start, or a
      |                                      blocking call was made from inside it
      +-- BatchError (RuntimeError)          BatchResult.raise_for_errors: an item failed
+     +-- WeightUpdateError (RuntimeError)   a weight update failed on every node, or a
+     |                                      phase was called out of order
+          +-- WeightUpdateUnsupportedError  a node cannot load weights online (the
+     |                                      message names the missing server flag)
      +-- RoutingError (openai.APIConnectionError)
           +-- NoHealthyNodeError            nothing eligible within wait_for_node
+          +-- FleetBusyError                the admission queue (requests waiting for a
+          |                                 node) is full: try again after `retry_after`
           +-- NodeUnavailableError          every failover attempt failed (5xx, unreachable,
           |                                 dropped, no first byte in time)
           +-- StreamInterruptedError        the node failed after the stream started
@@ -81,6 +87,17 @@ class BatchError(LMFleetError, RuntimeError):
     first item's error, and the message is the batch's summary."""
 
 
+class WeightUpdateError(LMFleetError, RuntimeError):
+    """A weight update could not be done: every node failed, or a phase came out of
+    order. Nodes that failed are quarantined (asleep, out of routing) with their reason."""
+
+
+class WeightUpdateUnsupportedError(WeightUpdateError):
+    """The node cannot take weights online as started: the message names the flag
+    (LMDeploy 0.18 loads pushed weights only with `--backend pytorch
+    --distributed-executor-backend ray`)."""
+
+
 class RoutingError(LMFleetError, openai.APIConnectionError):
     """Raised by the fleet transports while routing a request or reading its answer.
 
@@ -101,6 +118,14 @@ class RoutingError(LMFleetError, openai.APIConnectionError):
 
 class NoHealthyNodeError(RoutingError):
     """No healthy node serving the model appeared within `wait_for_node` seconds."""
+
+
+class FleetBusyError(RoutingError):
+    """No node was eligible and the admission queue was full (`routing.admission_queue`
+    requests already waiting): the fleet refuses at once rather than queue without
+    bound. The proxy answers 503 with `Retry-After`."""
+
+    retry_after: float = 1.0
 
 
 class NodeUnavailableError(RoutingError):

@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus
 
 from lmfleet import clients
 from lmfleet.admin import FleetAdmin
+from lmfleet.autosleep import AutoSleep
 from lmfleet.config import FleetKeywords, FleetOptions, merge_options
 from lmfleet.errors import ConfigError, NotReadyError
 from lmfleet.extras import require_serve
@@ -51,6 +52,8 @@ from lmfleet.state import NodeRole, NodeStatus, parse_roles, parse_speed, parse_
 from lmfleet.status import FleetStatus, NodeSnapshot
 from lmfleet.transport import Router
 from lmfleet.transport.distserve import DistServe
+from lmfleet.weights.methods import WeightMethods
+from lmfleet.weights.session import WeightUpdater
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -58,7 +61,7 @@ if TYPE_CHECKING:
     from lmfleet.proxy.server import ProxyServer
 
 
-class LMFleet(NotebookMethods):
+class LMFleet(NotebookMethods, WeightMethods):
     """A fleet of OpenAI-compatible (LMDeploy) nodes with client-side routing.
 
     Build one with `LMFleet.attach(urls)`, `LMFleet.simulate(nodes=N)` or
@@ -76,7 +79,9 @@ class LMFleet(NotebookMethods):
         self.options = options or FleetOptions()
         self._api_key = api_key
         self._strategy_name = strategy if isinstance(strategy, str) else type(strategy).__name__
-        self.registry = NodeRegistry(self.options.outliers)
+        self.registry = NodeRegistry(
+            self.options.outliers, weight_version=self.options.weight_version
+        )
         self.router = Router(
             self.registry,
             resolve_strategy(strategy),
@@ -104,6 +109,15 @@ class LMFleet(NotebookMethods):
             self.options.health,
             self._http,
         )
+        after = self.options.auto_sleep_after
+        self._auto_sleep = (
+            AutoSleep(self.registry, self._admin, after=after, level=self.options.auto_sleep_level)
+            if after is not None
+            else None
+        )
+        self._updater = self.runtime.call(
+            WeightUpdater, self.registry, self._http, self.options, self._launch_argv
+        )
         self.runtime.start(self._watch, name="lmfleet monitor")
 
     @classmethod
@@ -129,8 +143,10 @@ class LMFleet(NotebookMethods):
 
         `shortcuts` override fields of `options` (`config.FleetKeywords`: health_interval,
         unhealthy_after, wait_for_node, wake_on_demand, first_byte_timeout, min_ready,
-        serving_strategy). A node silent for `first_byte_timeout` seconds (300) before
-        its answer's first byte fails over (docs/guide/failover.md).
+        serving_strategy, auto_sleep_after, admission_queue, weight_version; idle
+        auto-sleep and the admission queue: docs/guide/sleep.md). A node silent for
+        `first_byte_timeout` seconds (300) before its answer's first byte fails over
+        (docs/guide/failover.md).
         `serving_strategy="DistServe"` runs prefill -> decode over nodes whose `roles`
         (one per URL: hybrid/prefill/decode or LMDeploy's 1/2/3) say so (docs/distserve.md).
         `speeds` (one per URL, LMDeploy's `speed`: 2.0 is twice as fast) tell
@@ -164,6 +180,7 @@ class LMFleet(NotebookMethods):
         sim_args: Sequence[str] = (),
         strategy: str | Strategy = DEFAULT_STRATEGY,
         options: FleetOptions | None = None,
+        weight_updates: bool = False,
         **keywords: Unpack[LaunchKeywords],
     ) -> LMFleet:
         """Start `nodes` emulated LMDeploy servers (`lmfleet sim`) and route over them.
@@ -172,7 +189,11 @@ class LMFleet(NotebookMethods):
         `speed` scales each node (one value, or one per node: 0.33 is 3x slower);
         `sim_args` are extra `lmfleet sim` flags for every node. `keywords` are the
         fleet shortcuts of `attach` and the `LaunchOptions` of `launch`.
+        `weight_updates=True` starts the sims as `launch(weight_updates=True)` starts
+        LMDeploy (PyTorch backend, Ray executor), so they take weight updates.
         """
+        if weight_updates:
+            sim_args = (*plan.WEIGHT_UPDATE_SIM_ARGS, *sim_args)
         require_serve("LMFleet.simulate()")
         shortcuts, launch = split_keywords(keywords, "LMFleet.simulate", launch=True)
         specs = plan.sim_specs(
@@ -187,7 +208,7 @@ class LMFleet(NotebookMethods):
         nodes: int = 1,
         *,
         tp: int = 1,
-        backend: str = "turbomind",
+        backend: str | None = None,
         server_args: Mapping[str, ServerArgValue] | None = None,
         env: Mapping[str, str] | None = None,
         command: CommandTemplate | None = None,
@@ -195,6 +216,7 @@ class LMFleet(NotebookMethods):
         strategy: str | Strategy = DEFAULT_STRATEGY,
         api_key: str | None = None,
         options: FleetOptions | None = None,
+        weight_updates: bool = False,
         **keywords: Unpack[LaunchKeywords],
     ) -> LMFleet:
         """Start `nodes` LMDeploy `api_server`s (each on its own `tp` GPUs) and route over them.
@@ -205,9 +227,13 @@ class LMFleet(NotebookMethods):
         server (a template with `{model}` `{host}` `{port}` `{tp}` `{backend}`, or a
         callable). `keywords`: `attach`'s shortcuts and the `LaunchOptions` fields
         (launcher="ray", restart="on-failure", max_restarts, base_port, log_dir,
-        ray_address, placement). See docs/launch.md.
+        ray_address, placement). `backend` defaults to turbomind; `weight_updates=True`
+        starts servers that can take RL weight updates (`--backend pytorch
+        --distributed-executor-backend ray`, LMDeploy 0.18's precondition). See
+        docs/launch.md.
         """
         shortcuts, launch = split_keywords(keywords, "LMFleet.launch", launch=True)
+        backend, server_args = plan.weight_update_server(backend, server_args, weight_updates)
         specs = plan.server_specs(
             model,
             nodes,
@@ -243,10 +269,13 @@ class LMFleet(NotebookMethods):
         return fleet
 
     async def _watch(self, *, task_status: TaskStatus[None]) -> None:
-        """Health monitor and process supervisor, until the runtime cancels them."""
+        """Health monitor, process supervisor and idle auto-sleep, until the runtime
+        cancels them."""
         async with self._http, anyio.create_task_group() as tg:
             await tg.start(self._monitor.run)
             tg.start_soon(self._supervisor.run)
+            if self._auto_sleep is not None:
+                await tg.start(self._auto_sleep.run)
             task_status.started()
 
     @property
@@ -276,6 +305,12 @@ class LMFleet(NotebookMethods):
     def processes(self) -> Mapping[str, LaunchedNode]:
         """The nodes this fleet launched, by URL: each with its `pid`, `log_tail()`, `stop()`."""
         return MappingProxyType(self._supervisor.nodes)
+
+    def _launch_argv(self, url: str) -> list[str] | None:
+        """The command line this fleet started `url` with (None: attached)."""
+        node = self._supervisor.nodes.get(url)
+        argv = getattr(node, "argv", None) if node is not None else None
+        return list(argv) if argv is not None else None
 
     def _poke(self) -> None:
         """Make the monitor re-read the node list now (from any thread)."""
@@ -349,8 +384,15 @@ class LMFleet(NotebookMethods):
         return self.runtime.run(self.admin.drain, url, timeout)
 
     def _starved(self, model: str | None) -> None:
-        """Called by the router (any thread) when no node is eligible: wake one if allowed."""
-        if self.options.routing.wake_on_demand and not self.runtime.closed:
+        """Called by the router (any thread) when no node is eligible: wake one if allowed.
+
+        Auto-sleep implies wake on demand (a fleet that sleeps by itself must wake on
+        use). A waiting request calls this again every second or so; while a node is
+        being woken those calls cost nothing here.
+        """
+        options = self.options
+        wakes = options.routing.wake_on_demand or options.auto_sleep_after is not None
+        if wakes and not self.runtime.closed and not self._admin.waking:
             self.runtime.start_soon(self._admin.wake_one, model, name="lmfleet wake")
 
     def serve(

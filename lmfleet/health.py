@@ -278,7 +278,9 @@ class Monitor:
 
         def apply(current: NodeState) -> NodeState:
             failures = 0 if probe.ok else current.failures + 1
-            if current.status in _FINAL or registry.is_held(url):
+            if current.status in _FINAL or registry.is_held(url) or current.quarantine:
+                # Drained, held by an admin command, or quarantined by a weight update:
+                # only the command (or a later update) decides its status.
                 return current.evolve(failures=failures)
             if target in _ANSWERED and current.status in _ANSWERED:
                 # Healthy by /health; whether it is ejected is the answers' call, and

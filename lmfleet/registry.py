@@ -117,8 +117,13 @@ class NodeRegistry:
     of the URL that `add` would accept ("host:port", a trailing slash or "/v1").
     """
 
-    def __init__(self, outliers: OutlierOptions | None = None) -> None:
+    def __init__(self, outliers: OutlierOptions | None = None, *, weight_version: int = 0) -> None:
         self._lock = threading.Lock()
+        self.weight_version = weight_version
+        """The weight version a node starts with (`FleetOptions.weight_version`)."""
+        self.version_floor: int | None = None
+        """While set, only nodes of at least this weight version are routed to: set when
+        an update that does not allow mixing starts (weights/session.py)."""
         self._nodes: dict[str, NodeState] = {}
         self._held: set[str] = set()
         self._models: list[str] = []
@@ -130,6 +135,10 @@ class NodeRegistry:
         self._next_readmit = math.inf  # earliest `ejected_until` of any ejected node
         self.panics = 0
         """Requests routed to ejected nodes because no healthy one was left (panic mode)."""
+        # Idle auto-sleep reads when each node last saw traffic (a lease, a release, or
+        # becoming healthy): one float per node, written where the lock is held anyway.
+        self._active: dict[str, float] = {}
+        self._waiting = 0
 
     def _models_changed(self) -> None:
         # Called under the lock whenever membership or a node's models change, so
@@ -167,6 +176,7 @@ class NodeRegistry:
                     launched=launched,
                     registered=registered,
                     speed=speed,
+                    weight_version=self.weight_version,
                 )
             else:
                 state = old.evolve(
@@ -180,6 +190,7 @@ class NodeRegistry:
                     speed=speed if speed is not None else old.speed,
                 )
             self._nodes[url] = state
+            self._active.setdefault(url, time.monotonic())
             self._models_changed()
         if old is None:
             _log_added(state)
@@ -192,6 +203,7 @@ class NodeRegistry:
         with self._lock:
             state = self._nodes.pop(key, None)
             self._answers.pop(key, None)
+            self._active.pop(key, None)
             self._models_changed()
         if state is None:
             raise UnknownNodeError(f"no node {url!r} in this fleet")
@@ -238,6 +250,7 @@ class NodeRegistry:
             if chosen is not None:
                 chosen = chosen.evolve(inflight=chosen.inflight + 1)
                 self._nodes[chosen.url] = chosen
+                self._active[chosen.url] = time.monotonic()
         _log_changes(readmitted)
         return chosen
 
@@ -261,13 +274,22 @@ class NodeRegistry:
         return ejected, bool(ejected)
 
     def _serving(self, request: RequestInfo, status: NodeStatus) -> list[NodeState]:
-        """Nodes in `status` that serve the request's model, in its role if it has one."""
+        """Nodes in `status` that serve the request's model, in its role if it has one,
+        with the weight version it may have (its own ask, and the fleet's floor)."""
         model, role = request.model, request.role
-        return [
+        nodes = [
             s
             for s in self._nodes.values()
             if s.status is status and s.serves(model) and (role is None or s.role is role)
         ]
+        exact, floor = request.weight_version, request.min_weight_version
+        if exact is not None:
+            return [s for s in nodes if s.weight_version == exact]
+        if self.version_floor is not None:
+            floor = self.version_floor if floor is None else max(floor, self.version_floor)
+        if floor is not None:
+            return [s for s in nodes if s.weight_version >= floor]
+        return nodes
 
     def release(
         self,
@@ -288,6 +310,7 @@ class NodeRegistry:
             if found is None:
                 return
             state = before = found
+            self._active[url] = time.monotonic()
             success = outcome is Outcome.SUCCESS
             if success and latency is not None:
                 recent = self._recent.get(url)
@@ -357,6 +380,8 @@ class NodeRegistry:
             self._nodes[key] = new
             if new.models != state.models:
                 self._models_changed()
+            if new.status is NodeStatus.HEALTHY and state.status is not NodeStatus.HEALTHY:
+                self._active[key] = time.monotonic()  # just started or woken: not idle yet
         if new.status is not state.status:
             _log_change(state, new)
         return new
@@ -373,6 +398,32 @@ class NodeRegistry:
     def is_held(self, url: str) -> bool:
         return self._key(url) in self._held
 
+    def last_active(self, url: str) -> float | None:
+        """The `time.monotonic()` of the node's last lease or release, or of when it last
+        became healthy (whichever is latest); None for a node not in the fleet."""
+        return self._active.get(self._key(url))
+
+    # -- the admission queue: requests waiting for an eligible node ---------------------
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for an eligible node now, over every client and the proxy."""
+        return self._waiting
+
+    def enter_queue(self, limit: int) -> bool:
+        """Count one more request as waiting for a node; False (not counted) when
+        `limit` already wait. Every True must be matched by one `leave_queue()`."""
+        with self._lock:
+            if self._waiting >= limit:
+                return False
+            self._waiting += 1
+            return True
+
+    def leave_queue(self) -> None:
+        """A waiting request got its node, gave up or was abandoned."""
+        with self._lock:
+            self._waiting -= 1
+
     def _readmit_due(self, now: float) -> list[tuple[NodeState, NodeState]]:
         """Re-admit (on probation) every ejected node whose time is up; under the lock.
 
@@ -386,6 +437,7 @@ class NodeRegistry:
                 continue
             if state.ejected_until <= now:
                 self._nodes[url] = ejection.readmit(state)
+                self._active[url] = now
                 readmitted.append((state, self._nodes[url]))
             else:
                 self._next_readmit = min(self._next_readmit, state.ejected_until)

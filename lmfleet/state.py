@@ -58,6 +58,11 @@ class NodeState:
     latest `/metrics` report (None: not read yet, or the node exports none). `speed`
     is the node's relative speed as the operator gave it (LMDeploy's `speed`; 2.0 =
     twice as fast), None when the fleet should learn it from latency.
+    `weight_version` is the version of the weights the node serves, as this fleet
+    recorded it (LMDeploy reports none): the fleet's initial version until a weight
+    update succeeds on the node. `quarantine` is why a weight update left the node
+    out (asleep, out of routing, untouched by the monitor and wake-on-demand) until
+    another update succeeds on it; empty otherwise.
     """
 
     url: str
@@ -81,6 +86,8 @@ class NodeState:
     probation: bool = False
     load: NodeLoad | None = None
     speed: float | None = None
+    weight_version: int = 0
+    quarantine: str = ""
     api_key: str | None = field(default=None, repr=False, compare=False)
 
     @property

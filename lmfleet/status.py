@@ -22,6 +22,7 @@ COLUMN_NAMES: dict[str, str] = {
     "ttft": "TTFT",
     "tokens_per_s": "tokens/s",
     "queue": "node queue",
+    "weight_version": "weights",
 }
 """The one name of each column any fleet table shows, by the field it shows.
 
@@ -48,6 +49,7 @@ TEXT_COLUMNS = columns(
     "error_rate",
     "latency",
     "ttft",
+    "weight_version",
 )
 """`FleetStatus.table()`'s columns: what one snapshot holds."""
 
@@ -63,6 +65,7 @@ NOTEBOOK_COLUMNS = columns(
     "p50",
     "ttft",
     "tokens_per_s",
+    "weight_version",
 )
 """The HTML table's and the dashboard's columns: the notebook meters recent traffic,
 so it shows the median latency and adds tokens/s."""
@@ -104,6 +107,10 @@ class NodeSnapshot(BaseModel):
     prefix_hit_rate: float | None = None
     speed: float | None = None
     pace: float | None = None
+    weight_version: int = 0
+    """The weight version the fleet recorded for it (RL weight updates)."""
+    quarantine: str = ""
+    """Why a failed weight update left it out of routing; empty otherwise."""
     """Prefix cache hit rate, 0..1, by that report."""
 
     def reason(self) -> str:
@@ -132,6 +139,8 @@ class NodeSnapshot(BaseModel):
             cache_usage=load.cache_usage if load is not None else None,
             prefix_hit_rate=load.prefix_hit_rate if load is not None else None,
             speed=state.speed,
+            weight_version=state.weight_version,
+            quarantine=state.quarantine,
             pace=load.pace if load is not None else None,
         )
 
@@ -165,6 +174,7 @@ class FleetStatus(BaseModel):
                     f"{n.error_rate:.0%}",
                     _ms(n.latency),
                     _ms(n.ttft),
+                    f"v{n.weight_version}",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -178,7 +188,8 @@ class FleetStatus(BaseModel):
 
 def _noted(node: NodeSnapshot) -> bool:
     """Rows whose reason a reader needs: out of routing for a cause, not by choice."""
-    return bool(node.message) and node.state in (NodeStatus.EJECTED, NodeStatus.UNHEALTHY)
+    cause = node.state in (NodeStatus.EJECTED, NodeStatus.UNHEALTHY) or bool(node.quarantine)
+    return bool(node.message) and cause
 
 
 def _ms(seconds: float | None) -> str:

@@ -22,6 +22,8 @@ from lmfleet.state import NodeRole
 from lmfleet.status import FleetStatus, NodeSnapshot
 from lmfleet.transport import Router
 from lmfleet.transport.distserve import DistServe
+from lmfleet.weights.bodies import Payload
+from lmfleet.weights.session import UpdateResult
 
 
 class FleetSurface(Protocol):
@@ -68,6 +70,17 @@ class FleetSurface(Protocol):
     ) -> NodeSnapshot: ...
 
     def remove_node(self, url: str) -> NodeSnapshot: ...
+
+    async def aupdate_weights(
+        self,
+        payload: Payload,
+        *,
+        version: int,
+        nodes: Sequence[str] | None = None,
+        rolling: bool | int = False,
+        level: int = 1,
+        allow_mixed: bool | None = None,
+    ) -> UpdateResult: ...
 
     def async_client(
         self, *, timeout: float | None = None, max_retries: int = 2

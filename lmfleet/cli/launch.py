@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from lmfleet.cli import serve as serve_cli
 from lmfleet.cli.serve import (
     configure_logging,
+    fleet_keywords,
     fleet_options,
     node_api_key,
     proxy_options,
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     common = {
         "options": fleet_options(args),
-        "min_ready": args.min_ready,
+        **fleet_keywords(args),
         "launcher": args.launcher,
         "restart": args.restart,
         "max_restarts": args.max_restarts,
@@ -90,9 +91,6 @@ def run(args: argparse.Namespace) -> int:
         "ray_address": args.ray_address,
         "placement": args.placement,
         "strategy": args.strategy,
-        "health_interval": args.health_interval,
-        "wait_for_node": args.wait_for_node,
-        "first_byte_timeout": args.first_byte_timeout,
     }
     if args.simulate:
         fleet = LMFleet.simulate(

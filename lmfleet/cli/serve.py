@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmfleet.config import DistServeOptions, FleetOptions, RoutingOptions
+from lmfleet.config import DistServeOptions, FleetKeywords, FleetOptions, RoutingOptions
 from lmfleet.errors import ConfigError
 from lmfleet.extras import require_serve
 from lmfleet.logs import configure_logging as setup_logging
@@ -193,6 +193,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a request waits for a healthy node before 503",
     )
     own.add_argument(
+        "--admission-queue",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests that may wait for a healthy node at once; one more gets 503 with "
+        f"Retry-After at once (default {RoutingOptions().admission_queue})",
+    )
+    own.add_argument(
+        "--auto-sleep-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="put a node to sleep after this many seconds without requests; a request "
+        "that finds every node asleep wakes one (default: never)",
+    )
+    own.add_argument(
+        "--auto-sleep-level",
+        type=int,
+        default=FleetOptions().auto_sleep_level,
+        choices=(1, 2),
+        help="LMDeploy sleep level for --auto-sleep-after (default 1)",
+    )
+    own.add_argument(
+        "--weight-version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the weight version the nodes start with (default 0)",
+    )
+    own.add_argument(
         "--log-format",
         default="text",
         choices=("text", "json"),
@@ -255,6 +285,20 @@ def fleet_options(args: argparse.Namespace) -> FleetOptions:
             with_gdr=not args.disable_gdr,
             dummy_prefill=args.dummy_prefill,
         ),
+        auto_sleep_level=args.auto_sleep_level,
+    )
+
+
+def fleet_keywords(args: argparse.Namespace) -> FleetKeywords:
+    """The `LMFleet` keyword shortcuts from the flags (an absent flag is None: skipped)."""
+    return FleetKeywords(
+        health_interval=args.health_interval,
+        wait_for_node=args.wait_for_node,
+        first_byte_timeout=args.first_byte_timeout,
+        min_ready=args.min_ready,
+        auto_sleep_after=args.auto_sleep_after,
+        admission_queue=args.admission_queue,
+        weight_version=args.weight_version,
     )
 
 
@@ -284,17 +328,15 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args)
     options = proxy_options(args)
     stop = stop_on_signals()
+    keywords = fleet_keywords(args)
+    keywords["serving_strategy"] = args.serving_strategy
     fleet = LMFleet.attach(
         args.nodes,
         allow_empty=True,  # nodes may register later through POST /nodes/add
         options=fleet_options(args),
         strategy=args.strategy,
         api_key=node_api_key(args),
-        health_interval=args.health_interval,
-        wait_for_node=args.wait_for_node,
-        first_byte_timeout=args.first_byte_timeout,
-        serving_strategy=args.serving_strategy,
-        min_ready=args.min_ready,
+        **keywords,
     )
     try:
         server = fleet.serve(options=options)

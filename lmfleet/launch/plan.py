@@ -25,6 +25,36 @@ def _port(base_port: int | None, index: int) -> int | None:
     return None if base_port is None else base_port + index
 
 
+WEIGHT_UPDATE_SIM_ARGS = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
+"""What `simulate(weight_updates=True)` gives each sim: LMDeploy's preconditions."""
+
+
+def weight_update_server(
+    backend: str | None, server_args: Mapping[str, ServerArgValue] | None, weight_updates: bool
+) -> tuple[str, dict[str, ServerArgValue]]:
+    """The backend and server args of `launch(weight_updates=...)`.
+
+    LMDeploy 0.18 loads pushed weights (`/update_weights`) only on the PyTorch engine
+    with the Ray executor; `weight_updates=True` asks for both and refuses a
+    contradiction rather than start servers that will answer the push with a 500.
+    """
+    args = dict(server_args or {})
+    if not weight_updates:
+        return backend or "turbomind", args
+    if backend not in (None, "pytorch"):
+        raise ConfigError(
+            f"weight_updates=True needs backend='pytorch' (LMDeploy loads pushed weights "
+            f"only on the PyTorch engine), got backend={backend!r}"
+        )
+    executor = args.setdefault("distributed_executor_backend", "ray")
+    if executor != "ray":
+        raise ConfigError(
+            "weight_updates=True needs the Ray executor (--distributed-executor-backend ray): "
+            f"LMDeploy 0.18's {executor!r} executor cannot load pushed weights"
+        )
+    return "pytorch", args
+
+
 def server_specs(
     model: str,
     nodes: int,

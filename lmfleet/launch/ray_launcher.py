@@ -47,13 +47,13 @@ class NodeActor:
         url_host = ip if host in ("0.0.0.0", "") else host
         self._url = f"http://{url_host}:{self._port}"
         self._spec = spec
-        self._argv = spec.argv(host, self._port)
+        self.argv = spec.argv(host, self._port)
         self._log = Path(log_dir) / f"{spec.name}-{self._port}.log"
         self._proc = self._spawn()
         atexit.register(self.stop)
 
     def _spawn(self) -> ManagedProcess:
-        return ManagedProcess(self._argv, log_path=self._log, env=dict(self._spec.env))
+        return ManagedProcess(self.argv, log_path=self._log, env=dict(self._spec.env))
 
     def info(self) -> tuple[str, int | None, int, str]:
         return self._url, self._proc.returncode, self._proc.pid, str(self._log)

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 import anyio
 import openai
@@ -32,6 +32,7 @@ from openai.types import Completion, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from lmfleet.errors import BatchError, ConfigError, NoHealthyNodeError
+from lmfleet.transport.router import WEIGHT_VERSION_HEADER
 
 if TYPE_CHECKING:
     from lmfleet.surface import FleetSurface
@@ -267,6 +268,30 @@ def _check_params(params: dict[str, Any]) -> None:
         )
 
 
+VersionAsk = int | Literal["current"] | None
+"""A batch's weight version: a number, "current" (the newest version a healthy node
+serves when the batch starts), or None (any node the fleet routes to)."""
+
+
+def pin_version(fleet: FleetSurface, ask: VersionAsk, params: dict[str, Any]) -> int | None:
+    """Add the version header to `params` so that every request of the batch is served
+    by nodes of one weight version: a batch of RL rollouts must not mix policies. A
+    request that finds no such node waits `wait_for_node`, then fails as an item."""
+    if ask is None:
+        return None
+    if ask == "current":
+        versions = [n.weight_version for n in fleet.registry.snapshot() if n.routable]
+        if not versions:
+            raise ConfigError('weight_version="current": no node is healthy to take it from')
+        ask = max(versions)
+    if isinstance(ask, bool) or not isinstance(ask, int):
+        raise ConfigError(f'weight_version must be an integer or "current", got {ask!r}')
+    headers = dict(params.get("extra_headers") or {})
+    headers[WEIGHT_VERSION_HEADER] = str(ask)
+    params["extra_headers"] = headers
+    return ask
+
+
 def _node_of(url: Any) -> str:
     """The node URL (`http://host:port`) a routed response came from."""
     port = f":{url.port}" if url.port is not None else ""
@@ -282,8 +307,11 @@ async def achat_many(
     retries: int = DEFAULT_RETRIES,
     progress: bool = True,
     params: dict[str, Any],
+    weight_version: VersionAsk = None,
 ) -> BatchResult[ChatCompletion]:
     _check_params(params)
+    params = dict(params)
+    pin_version(fleet, weight_version, params)
     chosen = model or fleet.model
     client = fleet.async_client(max_retries=0)  # the batch owns item retries
 
@@ -322,8 +350,11 @@ async def acomplete_many(
     retries: int = DEFAULT_RETRIES,
     progress: bool = True,
     params: dict[str, Any],
+    weight_version: VersionAsk = None,
 ) -> BatchResult[Completion]:
     _check_params(params)
+    params = dict(params)
+    pin_version(fleet, weight_version, params)
     chosen = model or fleet.model
     client = fleet.async_client(max_retries=0)  # the batch owns item retries
 

@@ -41,6 +41,7 @@ def cells(row: NodeRow) -> list[str]:
         fmt_ms(row.p50),
         fmt_ms(row.ttft),
         fmt_rate(row.tokens_per_s),
+        f"v{row.weight_version}",
     ]
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from lmfleet.notebook import batch, display
+from lmfleet.notebook.batch import VersionAsk
 from lmfleet.surface import FleetSurface
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class NotebookMethods:
         concurrency: int = 64,
         retries: int = 2,
         progress: bool = True,
+        weight_version: VersionAsk = None,
         **params: Any,
     ) -> BatchResult[ChatCompletion]:
         """Chat completions for every message list, in input order, never raising mid-batch.
@@ -43,6 +45,8 @@ class NotebookMethods:
         Runs in the fleet's loop (works inside Jupyter); failed items are retried
         `retries` times, then left as `ItemError`s (`result.errors`, `result.summary()`).
         `params` go to `chat.completions.create` (`max_tokens=...`, ...).
+        `weight_version` keeps the whole batch on one weight version (a number, or
+        "current": the newest a healthy node serves now), e.g. an RL rollout batch.
         """
         fleet = self._open_fleet()
         return batch.run_in_fleet(
@@ -53,6 +57,7 @@ class NotebookMethods:
                 concurrency=concurrency,
                 retries=retries,
                 progress=progress,
+                weight_version=weight_version,
                 **params,
             ),
         )
@@ -65,6 +70,7 @@ class NotebookMethods:
         concurrency: int = 64,
         retries: int = 2,
         progress: bool = True,
+        weight_version: VersionAsk = None,
         **params: Any,
     ) -> BatchResult[ChatCompletion]:
         """`chat_many` in the caller's event loop (`await fleet.achat_many(...)` in a cell)."""
@@ -76,6 +82,7 @@ class NotebookMethods:
             retries=retries,
             progress=progress,
             params=params,
+            weight_version=weight_version,
         )
 
     def complete_many(
@@ -86,6 +93,7 @@ class NotebookMethods:
         concurrency: int = 64,
         retries: int = 2,
         progress: bool = True,
+        weight_version: VersionAsk = None,
         **params: Any,
     ) -> BatchResult[Completion]:
         """`chat_many` for plain prompts (`/v1/completions`)."""
@@ -98,6 +106,7 @@ class NotebookMethods:
                 concurrency=concurrency,
                 retries=retries,
                 progress=progress,
+                weight_version=weight_version,
                 **params,
             ),
         )
@@ -110,6 +119,7 @@ class NotebookMethods:
         concurrency: int = 64,
         retries: int = 2,
         progress: bool = True,
+        weight_version: VersionAsk = None,
         **params: Any,
     ) -> BatchResult[Completion]:
         """`complete_many` in the caller's event loop."""
@@ -121,6 +131,7 @@ class NotebookMethods:
             retries=retries,
             progress=progress,
             params=params,
+            weight_version=weight_version,
         )
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:

@@ -50,6 +50,7 @@ class NodeRow:
     message: str
     queue: float | None = None
     """Requests the node holds by its own `/metrics` (every client's); None: no report."""
+    weight_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class TrafficMeter:
             tokens_per_s=rate,
             message=node.message,
             queue=node.queue,
+            weight_version=node.weight_version,
         )
 
     def view(self, status: FleetStatus) -> FleetView:

@@ -12,13 +12,18 @@ import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
-from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_bytes, send_json
+from lmfleet.errors import WeightUpdateError, WeightUpdateUnsupportedError
+from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_bytes, send_error, send_json
 from lmfleet.proxy.nodes_api import ADMIN_BODY_LIMIT, BadRequest
 from lmfleet.routing.base import RequestInfo
 from lmfleet.state import NodeStatus
 
 if TYPE_CHECKING:
     from lmfleet.proxy.runtime import Runtime
+
+UPDATE_BODY_LIMIT = 64 * 1024 * 1024
+"""A weight push's bodies are CUDA IPC handles, not tensors, but many buckets for
+many ranks add up."""
 
 
 def _query(scope: Scope) -> dict[str, list[str]]:
@@ -179,6 +184,65 @@ async def drain(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None
         raise BadRequest("timeout must be a number of seconds")
     drained = await rt.fleet.admin.drain(url, timeout)
     await send_json(send, 200, {"url": rt.fleet.registry.get(url).url, "drained": drained})
+
+
+async def update_weights(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+    """`/fleet/update_weights`: `fleet.update_weights` over HTTP, behind the admin keys.
+
+    Body: `version` (int), `payload` (one `UpdateParamsRequest` body or serialized
+    string, a list of them, or `{node URL: bodies}`), optional `nodes`, `rolling`
+    (false or a number of nodes), `level` (1 or 2), `allow_mixed`. Answers the
+    result (`updated`, `failed` with reasons, `seconds`); 501 when a node cannot load
+    weights online (the message names the server flag), 502 when every node failed.
+    """
+    try:
+        body = await read_json(scope, receive, UPDATE_BODY_LIMIT)
+    except ValueError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("Give the update as a JSON object with version and payload.")
+    version, payload = body.get("version"), body.get("payload")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise BadRequest("version must be an integer weight version")
+    if payload is None:
+        raise BadRequest("payload is required: a body, a list of bodies, or {url: bodies}")
+    nodes = body.get("nodes")
+    if nodes is not None and not (
+        isinstance(nodes, list) and all(isinstance(n, str) for n in nodes)
+    ):
+        raise BadRequest("nodes must be a list of node URLs")
+    rolling = body.get("rolling", False)
+    if not isinstance(rolling, (bool, int)):
+        raise BadRequest("rolling must be false or a number of nodes")
+    level = body.get("level", 1)
+    allow_mixed = body.get("allow_mixed")
+    if allow_mixed is not None and not isinstance(allow_mixed, bool):
+        raise BadRequest("allow_mixed must be true or false")
+    try:
+        result = await rt.fleet.aupdate_weights(
+            payload,
+            version=version,
+            nodes=nodes,
+            rolling=rolling,
+            level=level,
+            allow_mixed=allow_mixed,
+        )
+    except WeightUpdateUnsupportedError as exc:
+        await send_error(send, 501, str(exc), type="weight_update_unsupported")
+        return
+    except WeightUpdateError as exc:
+        await send_error(send, 502, str(exc), type="weight_update_failed")
+        return
+    await send_json(
+        send,
+        200,
+        {
+            "version": result.version,
+            "updated": list(result.updated),
+            "failed": dict(result.failed),
+            "seconds": round(result.seconds, 3),
+        },
+    )
 
 
 def _urls(rt: Runtime, nodes: list[str] | None) -> list[str]:

@@ -27,7 +27,12 @@ import anyio
 import httpx2
 
 from lmfleet.error_body import error_body
-from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError, RoutingError
+from lmfleet.errors import (
+    FleetBusyError,
+    NodeUnavailableError,
+    NoHealthyNodeError,
+    RoutingError,
+)
 from lmfleet.proxy.asgi import (
     BodyTooLarge,
     ClientGone,
@@ -131,6 +136,15 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
     started = time.monotonic()
     try:
         response = await rt.transport.handle_async_request(request)
+    except FleetBusyError as exc:
+        # Refused without waiting (the admission queue is full): unlike the 503
+        # below, a client's own retry after `Retry-After` is welcome here.
+        rt.metrics.error("fleet_busy")
+        retry = str(max(1, math.ceil(exc.retry_after))).encode()
+        await send_error(
+            send, 503, str(exc), type="service_unavailable", headers=[(b"retry-after", retry)]
+        )
+        return
     except NoHealthyNodeError as exc:
         # The router already waited `wait_for_node`: a client that retried at once
         # would multiply that wait (one retry owner), so say when, not "now".

@@ -57,7 +57,19 @@ class _NodeCollector(Collector):
         latency = GaugeMetricFamily(
             "lmfleet_node_latency_seconds", "smoothed request latency", labels=["node"]
         )
+        version = GaugeMetricFamily(
+            "lmfleet_node_weight_version",
+            "the weight version the fleet recorded for the node (RL weight updates)",
+            labels=["node"],
+        )
+        quarantined = GaugeMetricFamily(
+            "lmfleet_node_quarantined",
+            "1 while a failed weight update keeps the node out of routing",
+            labels=["node"],
+        )
         for node in nodes:
+            version.add_metric([node.url], node.weight_version)
+            quarantined.add_metric([node.url], 1.0 if node.quarantine else 0.0)
             inflight.add_metric([node.url], node.inflight)
             served.add_metric([node.url], node.served)
             errors.add_metric([node.url], node.errors)
@@ -68,6 +80,13 @@ class _NodeCollector(Collector):
             if node.latency is not None:
                 latency.add_metric([node.url], node.latency)
         yield from (inflight, served, errors, error_rate, ejections, state, latency)
+        yield from (version, quarantined)
+        yield GaugeMetricFamily(
+            "lmfleet_requests_waiting",
+            "requests waiting for an eligible node (the admission queue), every client "
+            "of the fleet and the proxy together",
+            value=self._fleet.registry.waiting,
+        )
 
 
 class ProxyMetrics:

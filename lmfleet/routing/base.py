@@ -22,11 +22,15 @@ class RequestInfo:
     `uses_affinity_key = True` (reading the body costs time on the hot path).
     `role` limits the candidates to nodes of that role (DistServe's prefill and
     decode phases); None, the Hybrid default, means any role.
+    `weight_version` asks for nodes of exactly that weight version (a batch that
+    must not mix versions), `min_weight_version` for at least that one.
     """
 
     model: str | None = None
     affinity_key: str | None = None
     role: NodeRole | None = None
+    weight_version: int | None = None
+    min_weight_version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """One request's way through the fleet, as a generator of I/O steps (steps.py).
 
-    lease a node (the strategy's pick; wait up to `wait_for_node` for one)
+    lease a node (the strategy's pick; wait up to `wait_for_node` for one, in the
+    bounded admission queue: `FleetBusyError` when it is full)
       -> send, waiting at most `first_byte_timeout` for the first response byte
       -> 2xx / 4xx: hand the answer back; its body holds the lease (streams.py)
       -> 5xx in `retry_status`, unreachable, dropped, no first byte in time:
@@ -27,7 +28,7 @@ import tenacity
 
 from lmfleet.config import RoutingOptions
 from lmfleet.ejection import Outcome
-from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError
+from lmfleet.errors import FleetBusyError, NodeUnavailableError, NoHealthyNodeError
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy
 from lmfleet.state import NodeRole, NodeState
@@ -51,8 +52,21 @@ monitor probes the node back, asking `/is_sleeping`."""
 _RETRYING = tenacity.Retrying()
 """Only to give tenacity's wait policy the call state it reads (`attempt_number`)."""
 
+SERVED_VERSION_HEADER = "x-lmfleet-weight-version"
+"""On an answer: the weight version of the node that served it (transport/router.py
+reads the same header on a request as an ask for that version)."""
+
 POLL_INTERVAL = 0.05
 """How often a starved request looks for an eligible node again (seconds)."""
+
+STARVED_EVERY = 1.0
+"""How often a waiting request tells the fleet again that it is starved (seconds): one
+wake-up asked for may have been dropped (another node was being woken, the only
+sleeper was still being put to sleep, or its wakeup failed)."""
+
+BUSY_RETRY_AFTER = 1.0
+"""`FleetBusyError.retry_after` (seconds): a full queue empties as soon as a node
+becomes eligible, which a sleeping or starting node does within seconds."""
 
 
 class RouterLike(Protocol):
@@ -119,29 +133,62 @@ class Attempts:
         self._label = label
         self._reasons: list[str] = []
         self._deadline: float | None = None
+        self._nudge = 0.0  # when to tell the fleet again that this request is starved
 
     def lease(
         self, strategy: Strategy, info: RequestInfo, tried: list[str]
     ) -> Steps[tuple[NodeState, Accounting]]:
-        """Lease a node for `info` (avoiding `tried`), waiting up to `wait_for_node`."""
+        """Lease a node for `info` (avoiding `tried`), waiting up to `wait_for_node`.
+
+        While it waits the request holds a place in the admission queue (the
+        registry's `waiting`, shared by every client and the proxy), given back
+        however the wait ends: a node, `NoHealthyNodeError`, or the caller gone
+        (the generator closed). With the queue full it is refused at once
+        (`FleetBusyError`): waiting requests cost memory and a poll each, so their
+        number is bounded rather than left to grow with the load.
+        """
         router = self.router
-        while True:
-            node = router.registry.lease(strategy, info, tried)
-            if node is not None:
-                tried.append(node.url)
-                self.count += 1
-                return node, Accounting(router.registry, node.url)
-            now = time.monotonic()
-            if self._deadline is None:
-                self._deadline = now + router.options.wait_for_node
-                router.starved(info.model)
-            if now >= self._deadline:
-                raise NoHealthyNodeError(
-                    f"no healthy {_wanted(info)} within {router.options.wait_for_node:g} s; "
-                    f"nodes: {self._describe_nodes()}",
-                    request=self.request,
-                )
-            yield Pause(POLL_INTERVAL)
+        queued = False
+        try:
+            while True:
+                node = router.registry.lease(strategy, info, tried)
+                if node is not None:
+                    tried.append(node.url)
+                    self.count += 1
+                    return node, Accounting(router.registry, node.url)
+                now = time.monotonic()
+                if self._deadline is None:
+                    self._deadline = now + router.options.wait_for_node
+                if now >= self._nudge:
+                    self._nudge = now + STARVED_EVERY
+                    router.starved(info.model)
+                if now >= self._deadline:
+                    raise NoHealthyNodeError(
+                        f"no healthy {_wanted(info)} within {router.options.wait_for_node:g} s; "
+                        f"nodes: {self._describe_nodes()}",
+                        request=self.request,
+                    )
+                if not queued:
+                    self._enter_queue(info)
+                    queued = True
+                yield Pause(POLL_INTERVAL)
+        finally:
+            if queued:
+                router.registry.leave_queue()
+
+    def _enter_queue(self, info: RequestInfo) -> None:
+        """Take a place in the admission queue, or raise `FleetBusyError`."""
+        registry, limit = self.router.registry, self.router.options.admission_queue
+        if registry.enter_queue(limit):
+            return
+        error = FleetBusyError(
+            f"the fleet is busy: the admission queue is full ({registry.waiting} request(s) "
+            f"already wait for a {_wanted(info)}; routing.admission_queue={limit}); "
+            f"try again in {BUSY_RETRY_AFTER:g} s",
+            request=self.request,
+        )
+        error.retry_after = BUSY_RETRY_AFTER
+        raise error
 
     def transport_failed(
         self, lease: Accounting, exc: BaseException | None, phase: str, ours: bool
@@ -208,7 +255,12 @@ def _wanted(info: RequestInfo) -> str:
     """What the request waited for: `node`, `decode node serving 'm'`, ..."""
     role = f"{info.role.name.lower()} " if info.role not in (None, NodeRole.HYBRID) else ""
     model = f" serving {info.model!r}" if info.model else ""
-    return f"{role}node{model}"
+    version = ""
+    if info.weight_version is not None:
+        version = f" of weight version {info.weight_version}"
+    elif info.min_weight_version is not None:
+        version = f" of weight version >= {info.min_weight_version}"
+    return f"{role}node{model}{version}"
 
 
 class RequestPlan:
@@ -237,6 +289,7 @@ class RequestPlan:
                     attempts.transport_failed(lease, reply, "", ours)
                 reason = attempts.retryable(lease, reply, "")
                 if reason is None:
+                    reply.headers[SERVED_VERSION_HEADER] = str(node.weight_version)
                     return lease_response(reply, lease)
                 if attempts.exhausted():
                     return _final(reply, lease)

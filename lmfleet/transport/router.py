@@ -21,13 +21,25 @@ from lmfleet.error_body import error_bytes
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy, wants_affinity_key
 from lmfleet.state import NodeRole, NodeState
-from lmfleet.transport.plan import RequestPlan, read_json
+from lmfleet.transport.plan import SERVED_VERSION_HEADER, RequestPlan, read_json
 from lmfleet.transport.steps import Steps
 
 StarvedHook = Callable[[str | None], None]
 
 URL_CACHE_SIZE = 4096
 """Node URLs per (node, path) kept parsed; cleared whole when full (query strings vary)."""
+
+WEIGHT_VERSION_HEADER = SERVED_VERSION_HEADER
+"""On a request: serve it only on nodes of exactly this weight version (on an answer
+the same header says which version served it)."""
+MIN_WEIGHT_VERSION_HEADER = "x-lmfleet-min-weight-version"
+"""On a request: serve it only on nodes of at least this weight version."""
+_VERSION_FIELDS = (
+    ("weight_version", WEIGHT_VERSION_HEADER),
+    ("min_weight_version", MIN_WEIGHT_VERSION_HEADER),
+)
+"""The same asks as body fields (openai's `extra_body`), with the header each mirrors;
+LMDeploy ignores fields it does not know."""
 
 PARSED_BODY = "lmfleet.parsed_body"
 """Request extension holding a body its sender already parsed (the proxy), so the
@@ -84,13 +96,30 @@ class Router:
                 or (models and not _names_model(request, models[0]))
             ):
                 body = read_json(request)
+        if body is None and _may_ask_version(request):
+            body = read_json(request)
         model = body.get("model") if body is not None else None
         model = model if isinstance(model, str) else None
         key = None
         if self._affinity_key is not None:
             key = self._affinity_key(request.headers, body)
+        try:
+            exact, floor = (
+                _version_ask(request, body, field, header) for field, header in _VERSION_FIELDS
+            )
+        except ValueError as exc:
+            info = RequestInfo(role=role)
+            plan = RequestPlan(self, request, info)
+            plan.immediate = _bad_request(request, str(exc))
+            return plan
         # With one model served every node qualifies: the strategy need not filter.
-        info = RequestInfo(model=model if len(models) > 1 else None, affinity_key=key, role=role)
+        info = RequestInfo(
+            model=model if len(models) > 1 else None,
+            affinity_key=key,
+            role=role,
+            weight_version=exact,
+            min_weight_version=floor,
+        )
         plan = RequestPlan(self, request, info)
         if model is not None and models and model not in models:
             plan.immediate = _unknown_model(request, model, models)
@@ -139,6 +168,44 @@ def _names_model(request: httpx2.Request, model: str) -> bool:
     except httpx2.RequestNotRead:
         return True
     return not content or any(field in content for field in _model_fields(model))
+
+
+def _may_ask_version(request: httpx2.Request) -> bool:
+    """Whether an unparsed body may name a weight version (a substring test, as in
+    `_names_model`: parsing every body to look would cost more than routing)."""
+    try:
+        content = request.content
+    except httpx2.RequestNotRead:
+        return False
+    return b'weight_version"' in content
+
+
+def _version_ask(
+    request: httpx2.Request, body: dict[str, Any] | None, field: str, header: str
+) -> int | None:
+    """The weight version the request asks for in `header` or body `field`; ValueError
+    when it is not an integer."""
+    raw: object = request.headers.get(header)
+    where = header
+    if raw is None and body is not None and field in body:
+        raw, where = body[field], field
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise ValueError(f"{where} must be an integer weight version, got {raw!r}")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{where} must be an integer weight version, got {raw!r}") from None
+
+
+def _bad_request(request: httpx2.Request, message: str) -> httpx2.Response:
+    return httpx2.Response(
+        400,
+        headers={"content-type": "application/json"},
+        content=error_bytes(message, code=400, type="invalid_request_error"),
+        request=request,
+    )
 
 
 def _unknown_model(request: httpx2.Request, model: str, served: list[str]) -> httpx2.Response:

@@ -21,9 +21,11 @@ import openai
 import pytest
 from cli_support import Console
 from conformance.peer_support import PEER_PYTHON, peer_unavailable
-from support import StartSim, sim_stats
+from support import StartSim, sim_stats, wait_until
 
 from lmfleet.cli import build_parser
+from lmfleet.cli.serve import fleet_keywords, fleet_options
+from lmfleet.config import FleetOptions, merge_options
 from lmfleet.launch.process import free_port
 from lmfleet.sim.options import DEFAULT_MODEL
 
@@ -168,5 +170,48 @@ def test_all_lmdeploy_flags_at_once_over_https(
     migration = stats["distserve"]["last_migration"]
     assert stats["distserve"]["dummy_decodes"] == 1, stats
     assert (migration["is_dummy_prefill"], migration["protocol"]) == (True, 3)  # NVLINK
+    assert proxy.stop(signal.SIGTERM) == 0, proxy
+    assert "Traceback" not in str(proxy)
+
+
+def test_idle_and_admission_flags_reach_the_fleet_options() -> None:
+    """`--auto-sleep-after` (which turns on wake on demand), `--auto-sleep-level`,
+    `--admission-queue` and `--weight-version`, on `serve` and on `launch` alike."""
+    flags = ["--auto-sleep-after", "30", "--auto-sleep-level", "2"]
+    flags += ["--admission-queue", "5", "--weight-version", "3"]
+    launch = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for parser, model in ((serve_parser(), []), (launch.choices["launch"], ["m"])):
+        args = parser.parse_args(model + flags)
+        options = merge_options(fleet_options(args), fleet_keywords(args))
+        assert options.auto_sleep_after == 30.0 and options.auto_sleep_level == 2
+        assert options.routing.wake_on_demand and options.routing.admission_queue == 5
+        assert options.weight_version == 3
+    defaults = serve_parser().parse_args([])
+    options = merge_options(fleet_options(defaults), fleet_keywords(defaults))
+    assert options == FleetOptions()  # no flag: every default, auto-sleep off
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args(["--auto-sleep-level", "3"])
+    text = serve_parser().format_help()
+    for flag in ("--auto-sleep-after", "--auto-sleep-level", "--admission-queue"):
+        assert flag in text
+    assert "--weight-version" in text
+
+
+def test_serve_auto_sleep_puts_an_idle_node_to_sleep_and_wakes_it_on_use(
+    console: Callable[..., Console], start_sim: StartSim
+) -> None:
+    node = start_sim("--health-poll-interval", "0.2", "--fast")
+    proxy = console(
+        "serve", "--node", node.url, "--port", "0", "--health-interval", "0.2",
+        "--auto-sleep-after", "0.5",
+    )  # fmt: skip
+    url = proxy.wait_for(r"lmfleet proxy on (http://\S+)").group(1)
+    proxy.wait_for(rf"node {node.url} idle for .*: putting it to sleep \(level 1", timeout=30)
+    wait_until(lambda: sim_stats(node.url)["sleeping"], timeout=20, what="the node asleep")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "wake"}], max_tokens=2
+    )
+    assert reply.choices[0].message.content
     assert proxy.stop(signal.SIGTERM) == 0, proxy
     assert "Traceback" not in str(proxy)

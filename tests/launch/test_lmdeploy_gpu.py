@@ -12,16 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from gpu_model import build_tiny_llama
 
 from lmfleet import LMFleet, NodeStatus
 from lmfleet.launch.gpus import visible_gpus
 
 pytestmark = pytest.mark.gpu
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}</s>"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
@@ -29,47 +25,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("lmdeploy")
     if not visible_gpus():
         pytest.skip("no GPU visible")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    bpe = tokenizers.ByteLevelBPETokenizer()
-    corpus = [f"hello world {i} the quick brown fox jumps over the lazy dog" for i in range(200)]
-    specials = ["<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
-    bpe.train_from_iterator(corpus, vocab_size=512, min_frequency=1, special_tokens=specials)
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="</s>",
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-
-    vocab = ((len(tokenizer) + 63) // 64) * 64
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,  # head_dim 64: supported by every attention kernel
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="bfloat16",
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    generation = transformers.GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-    )
-    generation.save_pretrained(path)
-    return path
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_real_lmdeploy_nodes_route_stream_sleep_and_wake(tiny_model: Path) -> None:

@@ -74,3 +74,18 @@ def test_failover(tmp_path: Path) -> None:
     assert "closed" in text
     html = [d["text/html"] for d in displays if WIDGET_MIME in d and "text/html" in d]
     assert html and "unhealthy" in html[0]
+
+
+def test_rl_rollout_loop(tmp_path: Path) -> None:
+    text, displays = execute("rl_rollout_loop.ipynb", tmp_path)
+    assert "nodes ready: 3 at weight versions [0]" in text
+    for step in range(3):
+        assert f"step {step}: rollouts 24/24 ok on version {step}" in text
+        assert f"step {step}: version {step + 1} on 3/3 nodes, 0 failed" in text
+    assert "answer served by version 3" in text
+    assert "inside: nodes ['sleeping', 'sleeping', 'sleeping']" in text
+    assert "after: nodes ['healthy', 'healthy', 'healthy'] versions [4]" in text
+    assert "rolling update: 3 nodes at version 5" in text
+    assert "closed" in text
+    html = [d["text/html"] for d in displays if WIDGET_MIME in d and "text/html" in d]
+    assert html and "v3" in html[0]  # the dashboard's weights column

@@ -1,0 +1,71 @@
+"""What a caller may give as weights, turned into each node's `/update_weights` bodies.
+
+A body is LMDeploy's `UpdateParamsRequest` (`serialized_named_tensors`, a string,
+or a list with one string per tensor-parallel rank, or a dict for the flattened
+format; `load_format`; `finished`), or just the serialized string. A payload is one
+body, a sequence of bodies (buckets, in order), a mapping from node URL to bodies,
+or a function `node -> bodies` (a different payload per node and rank). The last
+bucket each node gets is sent with `finished: true`, which makes LMDeploy finish
+loading; the caller may set it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from lmfleet.errors import WeightUpdateError
+from lmfleet.registry import normalize_url
+from lmfleet.weights.session import UpdateTarget
+
+Body = Mapping[str, Any] | str
+Bodies = Body | Iterable[Body]
+Payload = Bodies | Mapping[str, Bodies] | Callable[[UpdateTarget], Bodies]
+
+FIELD = "serialized_named_tensors"
+
+
+def as_body(item: object) -> dict[str, Any]:
+    """One `UpdateParamsRequest` body; `WeightUpdateError` for anything else."""
+    if isinstance(item, str):
+        return {FIELD: item}
+    if isinstance(item, Mapping) and FIELD in item:
+        return dict(item)
+    raise WeightUpdateError(
+        f"a weight-update body is a serialized string or a mapping with {FIELD!r}, "
+        f"got {type(item).__name__}"
+    )
+
+
+def _is_body(payload: object) -> bool:
+    return isinstance(payload, str) or (isinstance(payload, Mapping) and FIELD in payload)
+
+
+def _for_node(payload: Payload, target: UpdateTarget) -> Bodies:
+    if callable(payload):
+        return payload(target)
+    if isinstance(payload, Mapping) and not _is_body(payload):
+        for key, bodies in payload.items():
+            if key == target.url or normalize_url(str(key)) == target.url:
+                return bodies
+        raise WeightUpdateError(f"the payload has no bodies for {target.url}")
+    return payload
+
+
+def node_bodies(payload: Payload, target: UpdateTarget) -> Iterator[dict[str, Any]]:
+    """`target`'s bodies in order, the last one marked `finished`. Lazy: a payload
+    function's generator makes each bucket only when the previous one is sent."""
+    bodies = _for_node(payload, target)
+    items: Iterable[object] = [bodies] if _is_body(bodies) else bodies
+    if not isinstance(items, Iterable):
+        raise WeightUpdateError(f"bodies for {target.url} must be iterable, got {items!r}")
+    iterator = iter(items)
+    try:
+        current = as_body(next(iterator))
+    except StopIteration:
+        raise WeightUpdateError(f"the payload gave no bodies for {target.url}") from None
+    for item in iterator:
+        yield current
+        current = as_body(item)
+    current["finished"] = True
+    yield current

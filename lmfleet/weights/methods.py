@@ -1,0 +1,99 @@
+"""The weight-update side of `LMFleet`: a mixin, so that fleet.py stays about the
+fleet itself. Every method delegates to update.py and rolling.py; the fleet gives
+them its runtime and its `WeightUpdater`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lmfleet.runtime import FleetRuntime
+from lmfleet.weights.bodies import Payload
+from lmfleet.weights.rolling import combine, groups
+from lmfleet.weights.session import UpdateResult, WeightUpdater
+from lmfleet.weights.update import WeightUpdate
+
+
+class WeightMethods:
+    """Mixed into `LMFleet`, which sets `runtime` and `_updater`."""
+
+    runtime: FleetRuntime
+    _updater: WeightUpdater
+
+    def weight_update(
+        self,
+        version: int,
+        *,
+        nodes: Sequence[str] | None = None,
+        level: int = 1,
+        allow_mixed: bool = False,
+    ) -> WeightUpdate:
+        """A weight update to `version` as a context manager (`with` or `async with`).
+
+        On entry the nodes (default: every node up) leave routing, drain (bounded by
+        `drain_timeout`), sleep (`level` 1 or 2) and wake their weights; inside, push
+        (`update.push(payload)`), or push yourself to `update.nodes`, or use the NCCL
+        helpers; on exit each node wakes its KV cache and serves `version`. A node that
+        fails is quarantined with its reason. Unless `allow_mixed`, requests go only to
+        nodes of `version` from the start. See docs/guide/rl.md.
+        """
+        self.runtime.check_open()
+        return WeightUpdate(
+            self.runtime, self._updater, version, nodes, level=level, allow_mixed=allow_mixed
+        )
+
+    def update_weights(
+        self,
+        payload: Payload,
+        *,
+        version: int,
+        nodes: Sequence[str] | None = None,
+        rolling: bool | int = False,
+        level: int = 1,
+        allow_mixed: bool | None = None,
+    ) -> UpdateResult:
+        """Push `payload` to the nodes and make them serve `version`, in one call.
+
+        `payload`: one body (an `UpdateParamsRequest` dict or the serialized string),
+        a list of bodies (buckets), `{url: bodies}`, or `node -> bodies`. All nodes
+        together (an RL sync step), or `rolling=k` nodes at a time while the others
+        serve (mixing versions meanwhile, unless `allow_mixed=False`). Never retried.
+        """
+        self.runtime.check_open()
+        mixed = bool(rolling) if allow_mixed is None else allow_mixed
+        results = []
+        for group in rolling_groups(self._updater, nodes, rolling):
+            update = self.weight_update(version, nodes=group, level=level, allow_mixed=mixed)
+            with update:
+                update.push(payload)
+            assert update.result is not None
+            results.append(update.result)
+        return combine(version, results)
+
+    async def aupdate_weights(
+        self,
+        payload: Payload,
+        *,
+        version: int,
+        nodes: Sequence[str] | None = None,
+        rolling: bool | int = False,
+        level: int = 1,
+        allow_mixed: bool | None = None,
+    ) -> UpdateResult:
+        """`update_weights` from an event loop."""
+        self.runtime.check_open()
+        mixed = bool(rolling) if allow_mixed is None else allow_mixed
+        results = []
+        for group in rolling_groups(self._updater, nodes, rolling):
+            update = self.weight_update(version, nodes=group, level=level, allow_mixed=mixed)
+            async with update:
+                await update.apush(payload)
+            assert update.result is not None
+            results.append(update.result)
+        return combine(version, results)
+
+
+def rolling_groups(
+    updater: WeightUpdater, nodes: Sequence[str] | None, how: bool | int
+) -> list[list[str]]:
+    return groups(updater.updatable(nodes), how)

@@ -1,0 +1,125 @@
+"""The admission queue (transport/plan.py `Attempts.lease`): requests waiting for an
+eligible node are counted across clients, bounded by `routing.admission_queue`, and
+the count goes back to 0 however a wait ends."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import anyio
+import httpx2
+import openai
+import pytest
+from support import StartSim, chat, sim_stats, wait_until, wait_until_async
+
+from lmfleet import LMFleet, NodeStatus
+from lmfleet.config import RoutingOptions
+from lmfleet.errors import FleetBusyError, NoHealthyNodeError
+from lmfleet.registry import NodeRegistry
+from lmfleet.routing import resolve_strategy
+from lmfleet.transport import AsyncFleetTransport, FleetTransport, Router
+
+BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+URL = "http://placeholder/v1/chat/completions"
+FAST = ("--health-poll-interval", "0.2", "--ttft-ms", "2", "--tpot-ms", "1")
+
+
+def starved_router(**options: object) -> Router:
+    """A router whose only node is still starting: every request waits."""
+    registry = NodeRegistry()
+    registry.add("http://a:1", models=("m",))
+    opts = RoutingOptions(**{"wait_for_node": 5.0, "admission_queue": 2, **options})  # type: ignore[arg-type]
+    return Router(registry, resolve_strategy("least_connections"), opts)
+
+
+def ok(request: httpx2.Request) -> httpx2.Response:
+    return httpx2.Response(200, json={"ok": True})
+
+
+def test_a_full_queue_refuses_at_once_and_the_count_drains_as_waiters_give_up() -> None:
+    router = starved_router(wait_for_node=1.0)
+    registry = router.registry
+    outcomes: list[str] = []
+
+    async def wait_one(client: httpx2.AsyncClient) -> None:
+        try:
+            await client.post(URL, content=BODY)
+        except NoHealthyNodeError:
+            outcomes.append("gave up")
+
+    async def main() -> None:
+        transport = AsyncFleetTransport(router, httpx2.MockTransport(ok))
+        async with (
+            httpx2.AsyncClient(transport=transport) as client,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(wait_one, client)
+            tg.start_soon(wait_one, client)
+            await wait_until_async(lambda: registry.waiting == 2, timeout=5)
+            started = time.monotonic()
+            with pytest.raises(FleetBusyError) as caught:
+                await client.post(URL, content=BODY)
+            assert time.monotonic() - started < 0.5  # at once, not after wait_for_node
+        message = str(caught.value)
+        assert "admission queue is full" in message and "2 request(s)" in message, message
+        assert "routing.admission_queue=2" in message
+        assert caught.value.retry_after == 1.0
+        assert isinstance(caught.value, openai.APIConnectionError)
+
+    anyio.run(main)
+    assert outcomes == ["gave up", "gave up"]
+    assert registry.waiting == 0
+
+
+def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    router = starved_router()
+
+    async def main() -> None:
+        transport = AsyncFleetTransport(router, httpx2.MockTransport(ok))
+        async with (
+            httpx2.AsyncClient(transport=transport) as client,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(partial(client.post, URL, content=BODY))
+            await wait_until_async(lambda: router.registry.waiting == 1, timeout=5)
+            tg.cancel_scope.cancel()
+        assert router.registry.waiting == 0
+
+    anyio.run(main)
+
+
+def test_a_zero_queue_refuses_every_wait_but_not_an_eligible_node() -> None:
+    router = starved_router(admission_queue=0)
+    with httpx2.Client(transport=FleetTransport(router, httpx2.MockTransport(ok))) as client:
+        with pytest.raises(FleetBusyError, match=r"routing\.admission_queue=0"):
+            client.post(URL, content=BODY)
+        router.registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.HEALTHY))
+        assert client.post(URL, content=BODY).json() == {"ok": True}
+    assert router.registry.waiting == 0
+
+
+def test_waiters_are_served_once_a_node_wakes(start_sim: StartSim) -> None:
+    """All asleep, no wake on demand: two requests wait, a third is refused with the
+    typed error; a wakeup serves the two and the count is back at 0."""
+    url = start_sim(*FAST).url
+    with LMFleet.attach([url], health_interval=0.2, admission_queue=2, wait_for_node=30) as fleet:
+        fleet.wait_ready(timeout=30)
+        model = fleet.model
+        fleet.sleep()
+        client = fleet.client(max_retries=0)
+        with ThreadPoolExecutor(2) as pool:
+            waiters = [pool.submit(chat, client, model, f"wait {i}", max_tokens=2) for i in (1, 2)]
+            wait_until(lambda: fleet.registry.waiting, timeout=10, until=lambda n: n == 2)
+            started = time.monotonic()
+            with pytest.raises(FleetBusyError, match="admission queue is full"):
+                chat(client, model, "one too many", max_tokens=2)
+            assert time.monotonic() - started < 1.0
+            assert not any(w.done() for w in waiters)
+            fleet.wakeup()
+            replies = [w.result(timeout=30) for w in waiters]
+        assert all(r.choices[0].message.content for r in replies)
+        assert sim_stats(url)["completed"] == 2
+        assert fleet.registry.waiting == 0

@@ -1,0 +1,275 @@
+"""Weight updates over real simulated nodes: phases in order, versions, quarantine,
+rolling under traffic, NCCL helpers, the one-call form and its async twin.
+
+The nodes are `lmfleet sim` processes started with LMDeploy's preconditions
+(`--backend pytorch --distributed-executor-backend ray`); each keeps a log of the
+lifecycle calls it got and a digest of the buckets (lmfleet/sim/weights.py), which
+is what these tests read. One fleet serves the module; every test moves the weight
+version forward, so each starts where the last one left the fleet.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+
+import httpx2
+import openai
+import pytest
+from support import chat, sim_stats, wait_until
+
+from lmfleet import LMFleet, NodeStatus
+from lmfleet.errors import NodeCommandError, NoHealthyNodeError, WeightUpdateError
+from lmfleet.sim.weights import payload_digest
+
+UPDATE = [
+    "POST /sleep?level=1",
+    "POST /wakeup?tags=weights",
+]
+FINISH = ["POST /wakeup?tags=kv_cache"]
+_versions = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[LMFleet]:
+    with LMFleet.simulate(
+        nodes=3,
+        weight_updates=True,
+        sim_args=["--ttft-ms", "5", "--tpot-ms", "2"],
+        health_interval=0.2,
+        wait_for_node=5,
+        strategy="least_connections",
+    ) as fleet:
+        fleet.wait_ready(timeout=60)
+        yield fleet
+
+
+@pytest.fixture
+def version(fleet: LMFleet) -> int:
+    """A version newer than any the fleet has, with every node's call log cleared."""
+    for node in fleet.nodes:
+        httpx2.post(node.url + "/sim/stats/reset", timeout=5).raise_for_status()
+    return next(_versions)
+
+
+def calls(url: str) -> list[str]:
+    return list(sim_stats(url)["admin_calls"])
+
+
+def weights(url: str) -> dict[str, object]:
+    return dict(sim_stats(url)["weights"])
+
+
+def set_fault(url: str, **faults: object) -> None:
+    httpx2.post(url + "/sim/faults", json=faults, timeout=5).raise_for_status()
+
+
+def test_context_manager_runs_the_phases_in_order_and_records_the_version(
+    fleet: LMFleet, version: int
+) -> None:
+    urls = [n.url for n in fleet.nodes]
+    per_node = {url: [f"{url}-bucket-{i}" for i in range(3)] for url in urls}
+    with fleet.weight_update(version) as update:
+        assert sorted(t.url for t in update.nodes) == sorted(urls)
+        # Inside the block every node is out of routing, asleep with its weights awake.
+        assert all(n.state is NodeStatus.SLEEPING for n in fleet.nodes)
+        update.push(lambda node: per_node[node.url])
+    assert update.result is not None and update.result.ok
+    assert sorted(update.result.updated) == sorted(urls)
+    for url in urls:
+        pushes = ["POST /update_weights"] * 2 + ["POST /update_weights finished"]
+        assert calls(url) == UPDATE + pushes + FINISH
+        ledger = weights(url)
+        assert ledger["last_digest"] == payload_digest(per_node[url])  # every bucket, in order
+        assert ledger["updated_while_serving"] == 0
+    assert {n.weight_version for n in fleet.nodes} == {version}
+    assert all(n.state is NodeStatus.HEALTHY for n in fleet.nodes)
+    raw = fleet.client(max_retries=0).chat.completions.with_raw_response.create(
+        model=fleet.model, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert raw.headers["x-lmfleet-weight-version"] == str(version)
+
+
+def test_one_call_all_at_once_sends_each_body_list_and_ends_finished(
+    fleet: LMFleet, version: int
+) -> None:
+    result = fleet.update_weights(
+        [{"serialized_named_tensors": ["rank0", "rank1"]}, "last"], version=version
+    )
+    assert result.ok and len(result.updated) == 3
+    for node in fleet.nodes:
+        assert calls(node.url) == [
+            *UPDATE,
+            "POST /update_weights",
+            "POST /update_weights finished",
+            *FINISH,
+        ]
+        assert weights(node.url)["last_digest"] == payload_digest([["rank0", "rank1"], "last"])
+        assert node.weight_version == version
+
+
+def test_rolling_update_under_traffic_fails_no_request(fleet: LMFleet, version: int) -> None:
+    client = fleet.client(max_retries=0)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    served: list[str] = []
+    out_at_once: list[int] = []
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                raw = client.chat.completions.with_raw_response.create(
+                    model=fleet.model,
+                    messages=[{"role": "user", "content": "roll"}],
+                    max_tokens=8,
+                )
+                served.append(raw.headers["x-lmfleet-weight-version"])
+            except openai.OpenAIError as exc:
+                failures.append(exc)
+
+    def watch() -> None:
+        while not stop.is_set():
+            out_at_once.append(sum(n.state is not NodeStatus.HEALTHY for n in fleet.nodes))
+            stop.wait(0.005)
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    threads.append(threading.Thread(target=watch))
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(served) >= 20, what="traffic before the update")
+        result = fleet.update_weights("w", version=version, rolling=1)
+        before = len(served)
+        wait_until(lambda: len(served) >= before + 20, what="traffic after the update")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert failures == []
+    assert result.ok and len(result.updated) == 3
+    assert max(out_at_once) == 1  # one node at a time left routing; the others served
+    assert {str(version - 1), str(version)} <= set(served)  # both versions served meanwhile
+    assert all(weights(n.url)["updated_while_serving"] == 0 for n in fleet.nodes)
+
+
+def test_a_failing_node_is_quarantined_with_its_reason_and_the_rest_update(
+    fleet: LMFleet, version: int
+) -> None:
+    bad, *good = [n.url for n in fleet.nodes]
+    set_fault(bad, update_weights_error=500)
+    try:
+        with fleet.weight_update(version) as update:
+            update.push(["b0", "b1"])
+        assert update.result is not None
+        assert list(update.result.failed) == [bad]
+        assert "HTTP 500" in update.result.failed[bad]
+        node = {n.url: n for n in fleet.nodes}[bad]
+        assert node.state is NodeStatus.SLEEPING and "HTTP 500" in node.quarantine
+        assert weights(bad)["updates"] == 0  # it never finished loading
+        with pytest.raises(NodeCommandError, match="quarantined"):
+            fleet.wakeup(nodes=[bad])
+        # The monitor sees a node that answers /health: it must not bring it back.
+        probes = sim_stats(bad)["by_path"].get("/health", 0)
+        wait_until(lambda: sim_stats(bad)["by_path"].get("/health", 0) >= probes + 3)
+        assert {n.url: n for n in fleet.nodes}[bad].quarantine
+        client = fleet.client(max_retries=0)
+        for _ in range(6):
+            chat(client, fleet.model, "after", max_tokens=2)
+        assert sim_stats(bad)["completed"] == 0
+        assert sorted(update.result.updated) == sorted(good)
+    finally:
+        set_fault(bad, update_weights_error=None)
+    # A later update that succeeds on it brings it back.
+    result = fleet.update_weights("again", version=version + 100, nodes=[bad], allow_mixed=True)
+    assert result.ok
+    node = {n.url: n for n in fleet.nodes}[bad]
+    assert node.state is NodeStatus.HEALTHY and node.quarantine == ""
+    fleet.update_weights("level", version=next(_versions) + 100)  # every node level again
+
+
+def test_a_pinned_batch_never_mixes_versions(fleet: LMFleet, version: int) -> None:
+    first, *rest = [n.url for n in fleet.nodes]
+    fleet.update_weights("new", version=version + 1000, nodes=[first], allow_mixed=True)
+    old = {n.url: sim_stats(n.url)["completed"] for n in fleet.nodes}
+    prompts = [[{"role": "user", "content": f"p{i}"}] for i in range(12)]
+    batch = fleet.chat_many(prompts, weight_version="current", max_tokens=2, progress=False)
+    assert len(batch.ok) == 12
+    done = {n.url: sim_stats(n.url)["completed"] - old[n.url] for n in fleet.nodes}
+    assert done[first] == 12 and all(done[url] == 0 for url in rest)
+    # Unpinned, the mixed fleet serves from every node: the pin is what kept it on one.
+    fleet.chat_many(prompts, max_tokens=2, progress=False, concurrency=12)
+    assert all(sim_stats(url)["completed"] > old[url] for url in rest)
+    fleet.update_weights("level", version=version + 1000, nodes=rest)
+
+
+def test_without_mixing_new_requests_go_only_to_the_new_version(
+    fleet: LMFleet, version: int
+) -> None:
+    first, *rest = [n.url for n in fleet.nodes]
+    fleet.update_weights("only", version=version + 2000, nodes=[first])
+    old = {url: sim_stats(url)["completed"] for url in rest}
+    client = fleet.client(max_retries=0)
+    for _ in range(6):
+        chat(client, fleet.model, "new only", max_tokens=2)
+    assert all(sim_stats(url)["completed"] == old[url] for url in rest)
+    with pytest.raises(NoHealthyNodeError, match="weight version >= 99999"):
+        chat(
+            client,
+            fleet.model,
+            "too new",
+            max_tokens=2,
+            extra_headers={"x-lmfleet-min-weight-version": "99999"},
+        )
+    with pytest.raises(openai.BadRequestError, match="integer weight version"):
+        chat(client, fleet.model, "bad", extra_body={"min_weight_version": "soon"})
+    fleet.update_weights("level", version=version + 2000, nodes=rest)
+
+
+def test_nccl_helpers_post_to_every_node_around_the_broadcast(fleet: LMFleet, version: int) -> None:
+    urls = [n.url for n in fleet.nodes]
+    joined: list[int] = []
+    seen_by_broadcast: list[int] = []
+
+    def broadcast(bucket: object) -> None:
+        # The nodes' receiving calls are already in flight when the trainer broadcasts.
+        seen_by_broadcast.append(
+            min(calls(u).count("POST /update_weights_from_distributed") for u in urls)
+            + min(calls(u).count("POST /update_weights_from_distributed finished") for u in urls)
+        )
+
+    with fleet.weight_update(version) as update:
+        offsets = update.init_group("127.0.0.1", 29500, join_fn=joined.append)
+        assert sorted(offsets.values()) == [1, 2, 3] and joined == [4]
+        assert all(sim_stats(u)["weights"]["groups"] == ["lmfleet"] for u in urls)
+        buckets = [
+            {"names": [f"w{i}"], "dtypes": ["bfloat16"], "shapes": [[2, 2]]} for i in range(2)
+        ]
+        update.update_from_distributed(buckets, broadcast)
+        update.destroy_group()
+    assert seen_by_broadcast == [1, 2]
+    assert update.result is not None and update.result.ok
+    assert all(weights(u)["updates"] == 1 and weights(u)["groups"] == [] for u in urls)
+
+    failing = fleet.weight_update(version + 3000)
+    with pytest.raises(WeightUpdateError, match="group destroyed"), failing as update:
+        update.init_group("127.0.0.1", 29501)
+        set_fault(urls[0], update_weights_error=500)
+        try:
+            update.update_from_distributed(buckets, lambda bucket: None)
+        finally:
+            set_fault(urls[0], update_weights_error=None)
+    assert all(weights(u)["groups"] == [] for u in urls)  # destroyed everywhere
+    assert all(n.quarantine for n in fleet.nodes)  # the block failed: nobody half-updated
+    fleet.update_weights("recover", version=version + 3001)
+    assert all(n.state is NodeStatus.HEALTHY for n in fleet.nodes)
+
+
+@pytest.mark.anyio
+async def test_async_twins(fleet: LMFleet, version: int) -> None:
+    async with fleet.weight_update(version) as update:
+        await update.apush(lambda node: [f"async-{node.url}"])
+    assert update.result is not None and update.result.ok
+    result = await fleet.aupdate_weights("one", version=version + 4000, rolling=2)
+    assert result.ok and len(result.updated) == 3
+    assert {n.weight_version for n in fleet.nodes} == {version + 4000}
