@@ -179,9 +179,12 @@ class UpdateSession:
         await wait_idle(self._registry, url, options.drain_timeout)
         try:
             node = self._registry.get(url)
-            await post(
-                self._http, node, "/sleep", [("level", str(self.level))], options.admin_timeout
-            )
+            # A node asleep already (auto-sleep, an earlier failed update) is not put to
+            # sleep twice: its KV cache is gone, which is what the sleep is for.
+            asleep = await is_sleeping(self._http, url, node.api_key, options.admin_timeout)
+            if not asleep:
+                level = [("level", str(self.level))]
+                await post(self._http, node, "/sleep", level, options.admin_timeout)
             await post(self._http, node, "/wakeup", [("tags", "weights")], options.admin_timeout)
         except (NodeCommandError, LMFleetError) as exc:
             self._fail(url, f"preparing: {exc}")

@@ -16,7 +16,7 @@ FAST = ("--health-poll-interval", "0.2", "--fast")
 
 def test_update_weights_route(start_sim: StartSim, serve_fleet: Callable[..., Served]) -> None:
     urls = [start_sim(*FAST, *RAY).url for _ in range(2)]
-    _, server = serve_fleet(
+    fleet, server = serve_fleet(
         urls, serve={"options": ProxyOptions(api_keys=("client",), admin_keys=("admin",))}
     )
     admin = {"Authorization": "Bearer admin"}
@@ -34,6 +34,13 @@ def test_update_weights_route(start_sim: StartSim, serve_fleet: Callable[..., Se
     assert all(sim_stats(u)["weights"]["updates"] == 1 for u in urls)
     status = httpx2.get(server.url + "/nodes/status", headers=admin).json()
     assert {node["weight_version"] for node in status.values()} == {7}
+    chat = httpx2.post(
+        server.url + "/v1/chat/completions",
+        json={"model": fleet.model, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": "Bearer client"},
+        timeout=30,
+    )
+    assert chat.status_code == 200 and chat.headers["x-lmfleet-weight-version"] == "7"
     metrics = httpx2.get(server.url + "/metrics", headers=admin).text
     assert f'lmfleet_node_weight_version{{node="{urls[0]}"}} 7.0' in metrics
 

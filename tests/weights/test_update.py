@@ -273,3 +273,17 @@ async def test_async_twins(fleet: LMFleet, version: int) -> None:
     result = await fleet.aupdate_weights("one", version=version + 4000, rolling=2)
     assert result.ok and len(result.updated) == 3
     assert {n.weight_version for n in fleet.nodes} == {version + 4000}
+
+
+def test_a_node_asleep_already_is_not_put_to_sleep_twice(fleet: LMFleet, version: int) -> None:
+    sleeper = fleet.nodes[0].url
+    fleet.sleep(nodes=[sleeper])
+    result = fleet.update_weights("w", version=version)
+    assert result.ok and sleeper in result.updated
+    assert calls(sleeper) == [
+        "POST /sleep?level=1",  # fleet.sleep's, the only one
+        "POST /wakeup?tags=weights",
+        "POST /update_weights finished",
+        "POST /wakeup?tags=kv_cache",
+    ]
+    assert {n.url: n for n in fleet.nodes}[sleeper].state is NodeStatus.HEALTHY
