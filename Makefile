@@ -56,4 +56,5 @@ bench: $(STAMP)
 		--routers all --scale 8 --coarsen 4  # one cell, ~35 min; the matrix: bench/routing_quality.py
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.failure
+	$(BIN)/python -m bench.weight_update
 	$(BIN)/python -m bench.plots
