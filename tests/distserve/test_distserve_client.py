@@ -37,8 +37,11 @@ def test_every_request_prefills_then_decodes_balanced(start_pd: Callable[..., PD
             assert reply.choices[0].message.content
             stream = chat(client, fleet.model, f"streamed {i}", stream=True)
             assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        text = client.completions.create(model=fleet.model, prompt="hello", max_tokens=8)
-        assert text.choices[0].text
+        raw = client.completions.with_raw_response.create(
+            model=fleet.model, prompt="hello", max_tokens=8
+        )
+        assert raw.parse().choices[0].text
+        assert raw.headers["x-lmfleet-weight-version"] == "0"  # the decode node's version
         nodes = {n.url: n for n in fleet.nodes}
         assert all(n.inflight == 0 for n in nodes.values())  # both leases ended
     prefill, decode = pd.stats("prefill"), pd.stats("decode")

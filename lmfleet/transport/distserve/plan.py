@@ -38,7 +38,14 @@ from lmfleet.routing.base import RequestInfo, Strategy
 from lmfleet.state import NodeRole, NodeState
 from lmfleet.transport.distserve import protocol
 from lmfleet.transport.distserve.pairs import Pair, PairPool
-from lmfleet.transport.plan import Attempts, RequestPlan, Retry, RouterLike, first_byte_bound
+from lmfleet.transport.plan import (
+    SERVED_VERSION_HEADER,
+    Attempts,
+    RequestPlan,
+    Retry,
+    RouterLike,
+    first_byte_bound,
+)
 from lmfleet.transport.steps import Call, Discard, Pause, Steps
 from lmfleet.transport.streams import Accounting, lease_response
 
@@ -192,6 +199,7 @@ class DistServePlan:
             # A refused migration leaves the cache on the prefill node, and may
             # mean the decode node forgot the pair (a restart): free and drop.
             yield from ds.drop(pair, also_free=prefilled.session_id)
+        reply.headers[SERVED_VERSION_HEADER] = str(node.weight_version)
         return lease_response(reply, lease)
 
     def _decode_dummy(self, node: NodeState, lease: Accounting) -> Steps[httpx2.Response]:
@@ -205,6 +213,7 @@ class DistServePlan:
             yield Discard(reply)
             lease.finish(Outcome.FAILURE)
             raise Retry(reason)
+        reply.headers[SERVED_VERSION_HEADER] = str(node.weight_version)
         return lease_response(reply, lease)
 
     # -- helpers --------------------------------------------------------------------
