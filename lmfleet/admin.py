@@ -225,6 +225,7 @@ class FleetAdmin:
         if self._waking:
             return
         registry = self._registry
+        floor = registry.version_floor  # a node below it could not serve the request
         sleepers = [
             s.url
             for s in registry.snapshot()
@@ -232,6 +233,7 @@ class FleetAdmin:
             and s.serves(model)
             and not registry.is_held(s.url)
             and not s.quarantine  # half-updated weights: only a weight update wakes it
+            and (floor is None or s.weight_version >= floor)
         ]
         if not sleepers:
             return

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import httpx2
 import openai
 import pytest
-from support import chat, sim_stats, wait_until
+from support import StartSim, chat, sim_stats, wait_until
 
 from lmfleet import LMFleet, NodeStatus
 from lmfleet.errors import NodeCommandError, NoHealthyNodeError, WeightUpdateError
@@ -29,6 +29,7 @@ UPDATE = [
 ]
 FINISH = ["POST /wakeup?tags=kv_cache"]
 _versions = itertools.count(1)
+WEIGHT_FLAGS = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +288,20 @@ def test_a_node_asleep_already_is_not_put_to_sleep_twice(fleet: LMFleet, version
         "POST /wakeup?tags=kv_cache",
     ]
     assert {n.url: n for n in fleet.nodes}[sleeper].state is NodeStatus.HEALTHY
+
+
+def test_wake_on_demand_wakes_a_node_of_the_version_requests_may_use(
+    start_sim: StartSim,
+) -> None:
+    """After a non-mixing update only new-version nodes may serve: waking an old one
+    for a starved request would wake a node that cannot take it."""
+    old, new = (start_sim("--fast", *WEIGHT_FLAGS) for _ in range(2))
+    with LMFleet.attach(
+        [old.url, new.url], health_interval=0.2, wake_on_demand=True, wait_for_node=20
+    ) as fleet:
+        fleet.wait_ready(timeout=30, min_ready=2)
+        fleet.update_weights("new", version=1, nodes=[new.url])  # floor: version 1
+        fleet.sleep()
+        chat(fleet.client(max_retries=0), fleet.model, "wake the right one", max_tokens=2)
+        assert sim_stats(new.url)["sleeping"] is False
+        assert sim_stats(old.url)["sleeping"] is True  # first in line, but below the floor
