@@ -5,7 +5,7 @@ them its runtime and its `WeightUpdater`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from lmfleet.runtime import FleetRuntime
 from lmfleet.weights.bodies import Payload
@@ -59,15 +59,11 @@ class WeightMethods:
         together (an RL sync step), or `rolling=k` nodes at a time while the others
         serve (mixing versions meanwhile, unless `allow_mixed=False`). Never retried.
         """
-        self.runtime.check_open()
-        mixed = bool(rolling) if allow_mixed is None else allow_mixed
         results = []
-        for group in rolling_groups(self._updater, nodes, rolling):
-            update = self.weight_update(version, nodes=group, level=level, allow_mixed=mixed)
+        for update in self._rolling(version, nodes, rolling, level, allow_mixed):
             with update:
                 update.push(payload)
-            assert update.result is not None
-            results.append(update.result)
+            results.append(_result(update))
         return combine(version, results)
 
     async def aupdate_weights(
@@ -81,19 +77,29 @@ class WeightMethods:
         allow_mixed: bool | None = None,
     ) -> UpdateResult:
         """`update_weights` from an event loop."""
-        self.runtime.check_open()
-        mixed = bool(rolling) if allow_mixed is None else allow_mixed
         results = []
-        for group in rolling_groups(self._updater, nodes, rolling):
-            update = self.weight_update(version, nodes=group, level=level, allow_mixed=mixed)
+        for update in self._rolling(version, nodes, rolling, level, allow_mixed):
             async with update:
                 await update.apush(payload)
-            assert update.result is not None
-            results.append(update.result)
+            results.append(_result(update))
         return combine(version, results)
 
+    def _rolling(
+        self,
+        version: int,
+        nodes: Sequence[str] | None,
+        rolling: bool | int,
+        level: int,
+        allow_mixed: bool | None,
+    ) -> Iterator[WeightUpdate]:
+        """One `WeightUpdate` per group, made when the previous group is done (the
+        nodes are chosen once, up front); rolling allows mixing unless told not to."""
+        self.runtime.check_open()
+        mixed = bool(rolling) if allow_mixed is None else allow_mixed
+        for group in groups(self._updater.updatable(nodes), rolling):
+            yield self.weight_update(version, nodes=group, level=level, allow_mixed=mixed)
 
-def rolling_groups(
-    updater: WeightUpdater, nodes: Sequence[str] | None, how: bool | int
-) -> list[list[str]]:
-    return groups(updater.updatable(nodes), how)
+
+def _result(update: WeightUpdate) -> UpdateResult:
+    assert update.result is not None  # set by the exit of its `with` block
+    return update.result
