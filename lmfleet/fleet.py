@@ -309,8 +309,7 @@ class LMFleet(NotebookMethods, WeightMethods):
     def _launch_argv(self, url: str) -> list[str] | None:
         """The command line this fleet started `url` with (None: attached)."""
         node = self._supervisor.nodes.get(url)
-        argv = getattr(node, "argv", None) if node is not None else None
-        return list(argv) if argv is not None else None
+        return node.argv if node is not None else None
 
     def _poke(self) -> None:
         """Make the monitor re-read the node list now (from any thread)."""

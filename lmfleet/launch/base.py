@@ -107,6 +107,11 @@ class LaunchedNode(Protocol):
     @property
     def log_path(self) -> str: ...
 
+    @property
+    def argv(self) -> list[str]:
+        """The command line the server runs (what a weight update's preflight reads)."""
+        ...
+
     def poll(self) -> int | None:
         """None while the server runs; its exit status once it has ended."""
         ...

@@ -19,6 +19,7 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from lmfleet.errors import ConfigError, LaunchError
 from lmfleet.launch.base import LaunchedNode, NodeSpec, Placement
@@ -47,13 +48,13 @@ class NodeActor:
         url_host = ip if host in ("0.0.0.0", "") else host
         self._url = f"http://{url_host}:{self._port}"
         self._spec = spec
-        self.argv = spec.argv(host, self._port)
+        self._argv = spec.argv(host, self._port)
         self._log = Path(log_dir) / f"{spec.name}-{self._port}.log"
         self._proc = self._spawn()
         atexit.register(self.stop)
 
     def _spawn(self) -> ManagedProcess:
-        return ManagedProcess(self.argv, log_path=self._log, env=dict(self._spec.env))
+        return ManagedProcess(self._argv, log_path=self._log, env=dict(self._spec.env))
 
     def info(self) -> tuple[str, int | None, int, str]:
         return self._url, self._proc.returncode, self._proc.pid, str(self._log)
@@ -95,6 +96,13 @@ class RayNode:
     @property
     def url(self) -> str:
         return self._url
+
+    @property
+    def argv(self) -> list[str]:
+        """The actor's command line, rendered here from the same spec (its host as the
+        node's URL names it: the actor binds 0.0.0.0 to the same port when told to)."""
+        parts = urlsplit(self._url)
+        return self._spec.argv(parts.hostname or "", parts.port or 0)
 
     @property
     def pid(self) -> int | None:

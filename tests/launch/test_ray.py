@@ -60,10 +60,18 @@ def _chat(fleet: LMFleet) -> str:
 
 def test_ray_nodes_serve_log_and_stop(ray_cluster: Any) -> None:
     fleet = LMFleet.simulate(
-        nodes=2, launcher="ray", sim_args=(*FAST, "--log-level", "info"), health_interval=0.2
+        nodes=2,
+        launcher="ray",
+        sim_args=(*FAST, "--log-level", "info"),
+        health_interval=0.2,
+        weight_updates=True,
     )
     with fleet:
         fleet.wait_ready(timeout=60)
+        for url, node in fleet.processes.items():  # the actor's command line, seen here
+            assert node.argv[node.argv.index("--port") + 1] == url.rsplit(":", 1)[1]
+            assert "--distributed-executor-backend" in node.argv
+        assert fleet.update_weights("w", version=1).ok  # preflight read those flags
         urls = sorted(n.url for n in fleet.nodes)
         assert all(url.startswith("http://127.0.0.1:") for url in urls)
         assert len(set(urls)) == 2
