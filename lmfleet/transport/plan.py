@@ -28,6 +28,7 @@ import tenacity
 
 from lmfleet.config import RoutingOptions
 from lmfleet.ejection import Outcome
+from lmfleet.error_body import error_bytes
 from lmfleet.errors import FleetBusyError, NodeUnavailableError, NoHealthyNodeError
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy
@@ -304,6 +305,24 @@ def _final(response: httpx2.Response, lease: Accounting) -> httpx2.Response:
     """The last node's failing answer, for the caller, marked: do not retry it again."""
     response.headers["x-should-retry"] = "false"
     return lease_response(response, lease)
+
+
+def error_answer(
+    request: httpx2.Request,
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+) -> httpx2.Response:
+    """An answer decided without any node (`RequestPlan.immediate`), in LMDeploy's
+    OpenAI-shaped error body, as a node would give it."""
+    return httpx2.Response(
+        status,
+        headers={"content-type": "application/json"},
+        content=error_bytes(message, code=status, type=type, param=param),
+        request=request,
+    )
 
 
 def read_json(request: httpx2.Request) -> dict[str, Any] | None:

@@ -17,11 +17,10 @@ import httpx2
 import tenacity
 
 from lmfleet.config import RoutingOptions
-from lmfleet.error_body import error_bytes
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy, wants_affinity_key
 from lmfleet.state import NodeRole, NodeState
-from lmfleet.transport.plan import SERVED_VERSION_HEADER, RequestPlan, read_json
+from lmfleet.transport.plan import SERVED_VERSION_HEADER, RequestPlan, error_answer, read_json
 from lmfleet.transport.steps import Steps
 
 StarvedHook = Callable[[str | None], None]
@@ -110,7 +109,7 @@ class Router:
         except ValueError as exc:
             info = RequestInfo(role=role)
             plan = RequestPlan(self, request, info)
-            plan.immediate = _bad_request(request, str(exc))
+            plan.immediate = error_answer(request, 400, str(exc))
             return plan
         # With one model served every node qualifies: the strategy need not filter.
         info = RequestInfo(
@@ -199,21 +198,7 @@ def _version_ask(
         raise ValueError(f"{where} must be an integer weight version, got {raw!r}") from None
 
 
-def _bad_request(request: httpx2.Request, message: str) -> httpx2.Response:
-    return httpx2.Response(
-        400,
-        headers={"content-type": "application/json"},
-        content=error_bytes(message, code=400, type="invalid_request_error"),
-        request=request,
-    )
-
-
 def _unknown_model(request: httpx2.Request, model: str, served: list[str]) -> httpx2.Response:
     """LMDeploy's 404 for a model no node serves, plus what the fleet does serve."""
     message = f"The model {model!r} does not exist; served models: {', '.join(served)}"
-    return httpx2.Response(
-        404,
-        headers={"content-type": "application/json"},
-        content=error_bytes(message, code=404, type="not_found_error", param="model"),
-        request=request,
-    )
+    return error_answer(request, 404, message, type="not_found_error", param="model")

@@ -32,7 +32,6 @@ from typing import Any, Protocol
 import httpx2
 
 from lmfleet.ejection import Outcome, outcome_of_status
-from lmfleet.error_body import error_bytes
 from lmfleet.errors import MigrationError
 from lmfleet.routing.base import RequestInfo, Strategy
 from lmfleet.state import NodeRole, NodeState
@@ -44,6 +43,7 @@ from lmfleet.transport.plan import (
     RequestPlan,
     Retry,
     RouterLike,
+    error_answer,
     first_byte_bound,
 )
 from lmfleet.transport.steps import Call, Discard, Pause, Steps
@@ -87,12 +87,7 @@ _SKIP_ANSWER_HEADERS = frozenset({"content-length", "transfer-encoding", "conten
 
 def rejected_n(request: httpx2.Request) -> httpx2.Response:
     """LMDeploy's 400 for `n > 1` in DistServe mode, in the OpenAI error shape."""
-    return httpx2.Response(
-        400,
-        headers={"content-type": "application/json"},
-        content=error_bytes(protocol.N_REJECTED, code=400, param="n"),
-        request=request,
-    )
+    return error_answer(request, 400, protocol.N_REJECTED, param="n")
 
 
 class DistServePlan:
