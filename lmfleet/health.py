@@ -305,11 +305,16 @@ class Monitor:
     def _metrics_due(self, url: str) -> bool:
         return self._next_metrics.get(url, 0.0) <= time.monotonic()
 
+    def _metrics_read(self, url: str) -> None:
+        """Schedule the next `/metrics` read; due again within a round's jitter of the
+        interval, so "every round" holds."""
+        self._next_metrics[url] = time.monotonic() + 0.9 * self._metrics_every
+
     async def _probe_with_metrics(
         self, url: str, api_key: str | None
     ) -> tuple[Probe, tuple[int, bytes] | None]:
         """`/health` and `/metrics` pipelined on the node's connection."""
-        self._next_metrics[url] = time.monotonic() + 0.9 * self._metrics_every
+        self._metrics_read(url)
         paths = ("/health", "/metrics")
         try:
             (status, raw), metrics = await self._prober.get_many(
@@ -328,8 +333,7 @@ class Monitor:
         `/metrics` (404, or no LMDeploy gauges) is asked again only every minute. Read
         every `metrics_every` seconds: every round for `least_load`, else every 10 s.
         """
-        # Due again within a round's jitter of the interval, so "every round" holds.
-        self._next_metrics[url] = time.monotonic() + 0.9 * self._metrics_every
+        self._metrics_read(url)
         try:
             status, body = await self._prober.get(url, "/metrics", self._options.timeout, api_key)
         except ProbeError:

@@ -303,11 +303,11 @@ class WeightUpdate:
 
     def destroy_group(self, group_name: str = DEFAULT_GROUP) -> None:
         """`POST /destroy_weights_update_group` to every node in the update."""
-        bodies = {t.url: {"group_name": group_name} for t in self.nodes}
+        bodies = _group_bodies([t.url for t in self.nodes], group_name)
         self._runtime.run(self._session.call_all, "/destroy_weights_update_group", bodies)
 
     async def adestroy_group(self, group_name: str = DEFAULT_GROUP) -> None:
-        bodies = {t.url: {"group_name": group_name} for t in self.nodes}
+        bodies = _group_bodies([t.url for t in self.nodes], group_name)
         await self._acall(self._session.call_all, "/destroy_weights_update_group", bodies)
 
     def _beside(
@@ -333,7 +333,9 @@ class WeightUpdate:
             future.cancel()
             self._destroy_quietly(group_name)
             raise
-        self._check_all(path, bodies, answers, group_name)
+        if (error := self._missing(path, bodies, answers)) is not None:
+            self._destroy_quietly(group_name)
+            raise error
 
     async def _abeside(
         self,
@@ -359,32 +361,29 @@ class WeightUpdate:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._destroy_quietly, group_name)
             raise
-        if len(answers) < len(bodies):
+        if (error := self._missing(path, bodies, answers)) is not None:
             await anyio.to_thread.run_sync(self._destroy_quietly, group_name)
-            self._raise_missing(path, bodies, answers)
+            raise error
 
-    def _check_all(
-        self, path: str, bodies: Mapping[str, Any], answers: Mapping[str, Any], group_name: str
-    ) -> None:
-        if len(answers) < len(bodies):
-            self._destroy_quietly(group_name)
-            self._raise_missing(path, bodies, answers)
-
-    def _raise_missing(
+    def _missing(
         self, path: str, bodies: Mapping[str, Any], answers: Mapping[str, Any]
-    ) -> None:
+    ) -> WeightUpdateError | None:
+        """The error for the nodes that gave no answer (they failed: the session has
+        quarantined them with the reason), or None when every node answered."""
+        if len(answers) == len(bodies):
+            return None
         failed = {
             url: self._session.failed.get(url, "no answer") for url in bodies if url not in answers
         }
         reasons = "; ".join(f"{url}: {why}" for url, why in failed.items())
-        raise WeightUpdateError(
+        return WeightUpdateError(
             f"POST {path} failed on {len(failed)} node(s), group destroyed: {reasons}"
         )
 
     def _destroy_quietly(self, group_name: str) -> None:
         """Tear the group down on every node that had it, ignoring failures: the
         update has already failed, and a dangling group would block the next one."""
-        bodies = {url: {"group_name": group_name} for url in self._session.all_urls}
+        bodies = _group_bodies(self._session.all_urls, group_name)
         self._runtime.run(self._session.destroy_group, bodies)
 
     # -- reaching the fleet's loop ----------------------------------------------------------
@@ -401,6 +400,11 @@ class WeightUpdate:
         if self._runtime.in_loop_thread():
             return func(*args)
         return await anyio.to_thread.run_sync(lambda: self._runtime.call(func, *args))
+
+
+def _group_bodies(urls: Sequence[str], group_name: str) -> dict[str, dict[str, Any]]:
+    """`/destroy_weights_update_group` bodies for `urls`."""
+    return {url: {"group_name": group_name} for url in urls}
 
 
 def _buckets(buckets: Iterable[Mapping[str, Any]], group_name: str) -> Iterator[dict[str, Any]]:
