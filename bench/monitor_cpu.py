@@ -7,17 +7,21 @@ the fleet's process alone: `process_time()` over a window, as % of one core.
     .venv/bin/python bench/monitor_cpu.py --nodes 64 --seconds 20 [--telemetry off|views|routing]
 
 `--telemetry routing` (the default) is the dearest case: a `least_load` fleet reads
-every node's `/metrics` (an LMDeploy-sized answer, ~10 KB) each round beside `/health`.
+every node's `/metrics` each round beside `/health`. The responder answers like
+LMDeploy 0.18: ~10 KB for a plain `/metrics`, and only the named samples for a
+`name[]` query (prometheus_client's filter, which the monitor uses).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import subprocess
 import sys
 import time
+from urllib.parse import parse_qsl, unquote
 
 from lmfleet import FleetOptions, HealthOptions, LMFleet
 
@@ -30,11 +34,15 @@ def _metrics_text() -> bytes:
     its gauges and counters, plus the latency histograms and process metrics that make
     most of a real answer's bytes, for one engine."""
     labels = 'engine="0",model_name="m"'
-    lines = [f"lmdeploy:{name}{{{labels}}} 3.0" for name in (
+    lines = [line for name in (
         "num_requests_running", "num_requests_waiting", "num_api_requests_waiting",
         "num_api_requests_routed", "num_requests_succeeded", "num_requests_failed",
         "gpu_cache_usage_perc", "prefix_cache_hit_rate", "prompt_tokens_total",
         "generation_tokens_total",
+    ) for line in (
+        f"# HELP lmdeploy:{name} Number of requests.",
+        f"# TYPE lmdeploy:{name} {'counter' if name.endswith('_total') else 'gauge'}",
+        f"lmdeploy:{name}{{{labels}}} 3.0",
     )]  # fmt: skip
     buckets = ["0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "+Inf"]
     for histogram in ("time_to_first_token_seconds", "time_per_output_token_seconds",
@@ -54,6 +62,28 @@ def _metrics_text() -> bytes:
 
 
 METRICS = _metrics_text()
+WHOLE_METRICS = False
+"""Answer every `/metrics` whole, as a server that ignores `name[]` would (`--whole`)."""
+
+
+@functools.lru_cache(maxsize=16)
+def _restricted(text: bytes, target: bytes) -> bytes:
+    """What prometheus_client (which serves LMDeploy's `/metrics`) answers to a
+    `name[]` query: only the named samples, with their HELP and TYPE lines."""
+    names = {
+        unquote(value).encode()
+        for key, value in parse_qsl(target.partition(b"?")[2].decode())
+        if key == "name[]"
+    }
+    if not names:
+        return text
+    kept = []
+    for line in text.splitlines():
+        parts = line.split(b" ", 3)
+        name = parts[2] if line.startswith(b"# ") else line.split(b"{", 1)[0].split(b" ", 1)[0]
+        if name in names:
+            kept.append(line)
+    return b"\n".join(kept) + b"\n"
 
 
 async def _respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -61,7 +91,11 @@ async def _respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             line = head.split(b"\r\n", 1)[0]
-            body = MODELS if b"/v1/models" in line else METRICS if b"/metrics" in line else BODY
+            target = line.split(b" ")[1]
+            if target.startswith(b"/metrics"):
+                body = METRICS if WHOLE_METRICS else _restricted(METRICS, target)
+            else:
+                body = MODELS if target == b"/v1/models" else BODY
             writer.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                 b"content-length: %d\r\n\r\n%s" % (len(body), body)
@@ -71,8 +105,10 @@ async def _respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
         writer.close()
 
 
-async def _serve(count: int) -> None:
+async def _serve(count: int, whole: bool) -> None:
     """Listen on `count` ports the kernel picks; print them on one line for the parent."""
+    global WHOLE_METRICS
+    WHOLE_METRICS = whole
     servers = [await asyncio.start_server(_respond, "127.0.0.1", 0) for _ in range(count)]
     print(" ".join(str(s.sockets[0].getsockname()[1]) for s in servers), flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
@@ -89,13 +125,16 @@ def main() -> None:
         default="routing",
         help="no /metrics reads; every 10 s (status views); every round (least_load)",
     )
+    parser.add_argument(
+        "--whole", action="store_true", help="nodes ignore name[] and answer all ~11 KB"
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(_serve(args.serve))
+        asyncio.run(_serve(args.serve, args.whole))
         return
 
-    argv = [sys.executable, __file__, "--serve", str(args.nodes)]
+    argv = [sys.executable, __file__, "--serve", str(args.nodes), *["--whole"] * args.whole]
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None

@@ -1,6 +1,6 @@
 """Active health checks: probe a node, decide its next state, and the polling loop.
 
-The decision (`judge`) is pure; the I/O (`probe_health`, `is_sleeping`,
+The decision (`judge`) is pure; the I/O (the `Prober`, `is_sleeping`,
 `fetch_models`) is a few small coroutines; `Monitor` schedules them. LMDeploy's
 `/health` is a snapshot that can lag a sleep or a wakeup by up to 12 s, while
 `/is_sleeping` is immediate: whenever a probe would move a node between healthy
@@ -10,6 +10,7 @@ and sleeping (or back into rotation) the monitor asks `/is_sleeping` first.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import random
 import time
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 
 import anyio
 import httpx2
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from lmfleet.config import HealthOptions
-from lmfleet.probe import ProbeError, Prober
+from lmfleet.probe import Answers, ProbeError, Prober, ProbeRequest
 from lmfleet.registry import NodeRegistry
 from lmfleet.state import NodeState, NodeStatus
-from lmfleet.telemetry import parse_metrics, with_pace
+from lmfleet.telemetry import METRICS_PATH, parse_metrics
 
 _FINAL = (NodeStatus.DRAINING, NodeStatus.STOPPED)
 _ANSWERED = (NodeStatus.HEALTHY, NodeStatus.EJECTED)
@@ -53,21 +54,26 @@ def _auth(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-async def probe_health(prober: Prober, url: str, timeout: float) -> Probe:
-    """`GET /health`. A 200 with an empty or non-JSON body means healthy (older servers)."""
-    try:
-        status, raw = await prober.get(url, "/health", timeout)
-    except ProbeError as exc:
-        return unreachable(exc)
-    return health_answer(status, raw)
-
-
 def unreachable(exc: ProbeError) -> Probe:
     return Probe("unreachable", f"unreachable: {exc}")
 
 
 def health_answer(status: int, raw: bytes) -> Probe:
-    """What a `/health` answer says, in LMDeploy's words."""
+    """What a `/health` answer says, in LMDeploy's words.
+
+    A node says the same few things round after round: short answers are
+    remembered, so the monitor decodes each once."""
+    if len(raw) <= 512:
+        return _remembered_answer(status, raw)
+    return _health_answer(status, raw)
+
+
+@functools.lru_cache(maxsize=256)
+def _remembered_answer(status: int, raw: bytes) -> Probe:
+    return _health_answer(status, raw)
+
+
+def _health_answer(status: int, raw: bytes) -> Probe:
     word, message = "", ""
     with contextlib.suppress(ValueError):
         body = json.loads(raw)
@@ -135,11 +141,16 @@ def judge(state: NodeState, probe: Probe, unhealthy_after: int) -> NodeStatus:
     return state.status
 
 
+HEALTH = ("/health",)
+HEALTH_AND_METRICS = ("/health", METRICS_PATH)
+
+
 class Monitor:
     """Polls every node's `/health` on its own jittered schedule.
 
-    `/health` goes through the lean `Prober`; the rare confirmations
-    (`/is_sleeping`, `/v1/models`) through the fleet's httpx2 client.
+    `/health` (and `/metrics` beside it) goes through the lean `Prober`, a whole
+    round from one task; the rare confirmations (`/is_sleeping`, `/v1/models`)
+    through the fleet's httpx2 client, in a task of their own.
     """
 
     def __init__(
@@ -168,6 +179,7 @@ class Monitor:
         self._seen: set[str] = set()
         self._next_metrics: dict[str, float] = {}  # url -> when to read /metrics next
         self._changed = anyio.Event()
+        self._tasks: TaskGroup | None = None
 
     def poke(self) -> None:
         """Re-read the node list now (call from the monitor's event loop)."""
@@ -183,13 +195,15 @@ class Monitor:
     async def _schedule(self, task_status: TaskStatus[None]) -> None:
         """Probe every node once per round; a node that just appeared, at once.
 
-        All nodes of a round are probed together: their answers arrive together and
-        the loop wakes a few times per round instead of twice per node, which is
-        most of the cost of polling many nodes (each node is a different server, so
-        probing them in step burdens none). A node whose previous probe is still
-        running (a hung node, up to `timeout`) is skipped that round.
+        All nodes of a round are probed together, from one task (`_round`): their
+        answers arrive together and the loop wakes a few times per round instead of
+        twice per node, which is most of the cost of polling many nodes (each node
+        is a different server, so probing them in step burdens none). A node whose
+        previous probe is still running (a hung node, up to `timeout`) is skipped
+        that round.
         """
         async with anyio.create_task_group() as tg:
+            self._tasks = tg
             task_status.started()
             next_round = 0.0
             while True:
@@ -201,11 +215,15 @@ class Monitor:
                 self._seen.intersection_update(urls)
                 for gone in self._next_metrics.keys() - self._seen:
                     del self._next_metrics[gone]
-                for url in urls:
-                    if url not in self._running and (full_round or url not in self._seen):
-                        self._seen.add(url)
-                        self._running.add(url)
-                        tg.start_soon(self._check_and_release, url)
+                due = [
+                    url
+                    for url in urls
+                    if url not in self._running and (full_round or url not in self._seen)
+                ]
+                if due:
+                    self._seen.update(due)
+                    self._running.update(due)
+                    tg.start_soon(self._round, due)
                 self._changed = anyio.Event()
                 await self._nap(next_round - time.monotonic())
 
@@ -229,52 +247,123 @@ class Monitor:
             tg.start_soon(timer)
             tg.start_soon(poked)
 
-    async def _check_and_release(self, url: str) -> None:
-        try:
-            await self.check(url)
-        finally:
-            self._running.discard(url)
-
     def _interval(self) -> float:
         options = self._options
         return options.interval * (1.0 + options.jitter * self._rng.random())
 
-    async def check(self, url: str) -> NodeState | None:
-        """Probe one node now and apply what it says; None when the node is gone."""
-        registry, options = self._registry, self._options
-        try:
-            state = registry.get(url)
-        except LookupError:
-            return None
-        metrics: tuple[int, bytes] | None = None
-        if options.telemetry and state.status is NodeStatus.HEALTHY and self._metrics_due(url):
-            # The common case while routing on load: both reads in one round trip.
-            probe, metrics = await self._probe_with_metrics(url, state.api_key)
-        else:
-            probe = await probe_health(self._prober, url, options.timeout)
-        target = judge(state, probe, options.unhealthy_after)
-        message = probe.message
-        models: tuple[str, ...] | None = None
-        if target in (NodeStatus.HEALTHY, NodeStatus.SLEEPING) and target is not state.status:
-            asleep = await is_sleeping(self._client, url, state.api_key, options.timeout)
-            if asleep is not None:
-                target = NodeStatus.SLEEPING if asleep else NodeStatus.HEALTHY
-        if target is NodeStatus.HEALTHY and (state.status is not target or not state.models):
-            found = await fetch_models(self._client, url, state.api_key, options.timeout)
-            if isinstance(found, str):
-                target, message = NodeStatus.UNHEALTHY, found
-            else:
-                models = found
+    async def _round(self, urls: list[str]) -> None:
+        """Probe `urls` together; settle each node as its answer arrives.
 
-        if target is NodeStatus.HEALTHY and options.telemetry:
-            if metrics is not None:
-                self._apply_metrics(url, *metrics)
-            elif self._metrics_due(url):
+        A healthy node reads `/metrics` in the same round trip when due."""
+        requests = []
+        telemetry = self._options.telemetry
+        for url in urls:
+            try:
+                state = self._registry.get(url)
+            except LookupError:
+                self._running.discard(url)
+                continue
+            if telemetry and state.status is NodeStatus.HEALTHY and self._metrics_due(url):
+                self._metrics_read(url)
+                requests.append(ProbeRequest(url, HEALTH_AND_METRICS, state.api_key))
+            else:
+                requests.append(ProbeRequest(url, HEALTH))
+        unanswered = {r.url for r in requests}
+
+        def answered(request: ProbeRequest, result: Answers | ProbeError) -> None:
+            unanswered.discard(request.url)
+            self._answered(request, result)  # releases the node, or its `_confirm` will
+
+        try:
+            await self._prober.gather(requests, self._options.timeout, answered)
+        finally:
+            self._running.difference_update(unanswered)
+
+    def _answered(self, request: ProbeRequest, result: Answers | ProbeError) -> None:
+        """Settle a node from its answers: here when nothing more must be asked (the
+        common case), else in a task of its own (`_confirm`)."""
+        url = request.url
+        try:
+            state = self._registry.get(url)
+        except LookupError:
+            self._running.discard(url)
+            return
+        if isinstance(result, ProbeError):
+            probe, metrics = unreachable(result), None
+        else:
+            probe = health_answer(*result[0])
+            metrics = result[1] if len(result) > 1 else None
+        target = judge(state, probe, self._options.unhealthy_after)
+        if any(self._asks(url, state, target, metrics)):
+            assert self._tasks is not None
+            self._tasks.start_soon(self._confirm, url, state, probe, target, metrics)
+            return
+        self._running.discard(url)
+        self._settle(url, state, probe, target, None, metrics)
+
+    def _asks(
+        self, url: str, state: NodeState, target: NodeStatus, metrics: tuple[int, bytes] | None
+    ) -> tuple[bool, bool, bool]:
+        """What must be asked before `target` stands: (`/is_sleeping`, `/v1/models`, `/metrics`).
+
+        `/is_sleeping` when moving between healthy and sleeping (`/health` lags);
+        the models when (re)entering rotation or never read; the load when due and
+        not read beside `/health`."""
+        healthy = target is NodeStatus.HEALTHY
+        return (
+            target in (NodeStatus.HEALTHY, NodeStatus.SLEEPING) and target is not state.status,
+            healthy and (state.status is not target or not state.models),
+            healthy and self._options.telemetry and metrics is None and self._metrics_due(url),
+        )
+
+    async def _confirm(
+        self,
+        url: str,
+        state: NodeState,
+        probe: Probe,
+        target: NodeStatus,
+        metrics: tuple[int, bytes] | None,
+    ) -> None:
+        try:
+            options = self._options
+            message, models = probe.message, None
+            if self._asks(url, state, target, metrics)[0]:
+                asleep = await is_sleeping(self._client, url, state.api_key, options.timeout)
+                if asleep is not None:
+                    target = NodeStatus.SLEEPING if asleep else NodeStatus.HEALTHY
+            _, ask_models, ask_load = self._asks(url, state, target, metrics)
+            if ask_models:
+                found = await fetch_models(self._client, url, state.api_key, options.timeout)
+                if isinstance(found, str):
+                    target, message = NodeStatus.UNHEALTHY, found
+                    ask_load = False
+                else:
+                    models = found
+            if ask_load:
                 await self.read_load(url, state.api_key)
+            self._settle(url, state, probe, target, models, metrics, message)
+        finally:
+            self._running.discard(url)
+
+    def _settle(
+        self,
+        url: str,
+        state: NodeState,
+        probe: Probe,
+        target: NodeStatus,
+        models: tuple[str, ...] | None,
+        metrics: tuple[int, bytes] | None,
+        message: str | None = None,
+    ) -> None:
+        """Write what the probe decided into the registry (nothing, in the common case)."""
+        registry = self._registry
+        message = probe.message if message is None else message
+        if target is NodeStatus.HEALTHY and metrics is not None:
+            self._apply_metrics(url, *metrics)
 
         unchanged = (target, message, models, probe.ok) == (state.status, state.message, None, True)
         if unchanged and state.failures == 0:
-            return state  # the common case, a healthy node still healthy: nothing to write
+            return  # the common case, a healthy node still healthy: nothing to write
 
         def apply(current: NodeState) -> NodeState:
             failures = 0 if probe.ok else current.failures + 1
@@ -300,7 +389,7 @@ class Monitor:
                 models=models if models is not None else current.models,
             )
 
-        return registry.modify(url, apply)
+        registry.modify(url, apply)
 
     def _metrics_due(self, url: str) -> bool:
         return self._next_metrics.get(url, 0.0) <= time.monotonic()
@@ -310,32 +399,18 @@ class Monitor:
         interval, so "every round" holds."""
         self._next_metrics[url] = time.monotonic() + 0.9 * self._metrics_every
 
-    async def _probe_with_metrics(
-        self, url: str, api_key: str | None
-    ) -> tuple[Probe, tuple[int, bytes] | None]:
-        """`/health` and `/metrics` pipelined on the node's connection."""
-        self._metrics_read(url)
-        paths = ("/health", "/metrics")
-        try:
-            (status, raw), metrics = await self._prober.get_many(
-                url, paths, self._options.timeout, api_key
-            )
-        except ProbeError as exc:
-            return unreachable(exc), None
-        return health_answer(status, raw), metrics
-
     async def read_load(self, url: str, api_key: str | None) -> None:
         """Read the node's own load from its `/metrics` into its snapshot.
 
         Best effort, through the same lean prober as `/health` (in the same round
-        trip when the node was healthy already, `_probe_with_metrics`): a failure
+        trip when the node was healthy already, `_round`): a failure
         leaves the last report to fade (`NodeLoad.others`); a node without
         `/metrics` (404, or no LMDeploy gauges) is asked again only every minute. Read
         every `metrics_every` seconds: every round for `least_load`, else every 10 s.
         """
         self._metrics_read(url)
         try:
-            status, body = await self._prober.get(url, "/metrics", self._options.timeout, api_key)
+            status, body = await self._prober.get(url, METRICS_PATH, self._options.timeout, api_key)
         except ProbeError:
             return
         self._apply_metrics(url, status, body)
@@ -352,9 +427,8 @@ class Monitor:
                 read_at=time.monotonic(),
                 local_inflight=state.inflight,
                 fresh_for=self._options.interval,
+                previous=state.load,
             )
-            if load is not None:
-                load = with_pace(load, state.load)
         if load is None:
             self._next_metrics[url] = time.monotonic() + NO_METRICS_RETRY
         self._registry.modify(url, lambda state: state.evolve(load=load))

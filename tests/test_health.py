@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import httpx2
 import pytest
+from support import StartSim, wait_until
 
+from lmfleet import FleetOptions, HealthOptions, LMFleet
 from lmfleet.health import Probe, judge
 from lmfleet.state import NodeState, NodeStatus
 
@@ -34,3 +37,26 @@ def test_judge(
 ) -> None:
     state = NodeState(url="http://a:1", status=status, failures=failures, launched=launched)
     assert judge(state, probe, unhealthy_after=2) is expected
+
+
+def test_a_hung_node_does_not_hold_back_the_others(start_sim: StartSim) -> None:
+    """A round is probed from one task, but each node is settled as its answer
+    arrives: a node whose `/health` never answers (probe timeout 60 s) must not
+    delay what the monitor learns about the others."""
+    hung, other = (
+        start_sim("--health-poll-interval", "0.2"),
+        start_sim("--health-poll-interval", "0.2"),
+    )
+    options = FleetOptions(health=HealthOptions(interval=0.1, timeout=60))
+    with LMFleet.attach([hung.url, other.url], options=options) as fleet:
+        fleet.wait_ready(timeout=30, min_ready=2)
+
+        def state(url: str) -> NodeStatus:
+            return {n.url: n.state for n in fleet.nodes}[url]
+
+        httpx2.post(hung.url + "/sim/faults", json={"hang_health": True}, timeout=10)
+        assert httpx2.post(other.url + "/sleep?level=1", json={}, timeout=10).status_code == 200
+        wait_until(lambda: state(other.url) is NodeStatus.SLEEPING, timeout=20)
+        assert state(hung.url) is NodeStatus.HEALTHY  # its probe is still waiting
+        assert httpx2.post(other.url + "/wakeup", json={}, timeout=10).status_code == 200
+        wait_until(lambda: state(other.url) is NodeStatus.HEALTHY, timeout=20)

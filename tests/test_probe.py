@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from lmfleet.launch.process import free_port
-from lmfleet.probe import MAX_BODY, ProbeError, Prober
+from lmfleet.probe import MAX_BODY, ProbeError, Prober, ProbeRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -182,3 +182,26 @@ async def test_pipelined_gets_after_a_closing_answer_go_on_a_new_connection(
         got = await prober.get_many(url, ("/health", "/metrics"), 5)
     assert got == [(200, b"ok"), (200, b"ok")]
     assert node.connections == 2
+
+
+async def test_a_round_hands_over_each_node_as_it_completes(prober: Prober) -> None:
+    """`gather` answers nodes in the order they finish; a silent one gets its
+    `ProbeError` at the round's timeout, after the others."""
+
+    async def silent(n: int) -> bytes:
+        await asyncio.sleep(30)
+        return b""
+
+    fast_server, fast, fast_url = await serve(
+        always(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    )
+    slow_server, _, slow_url = await serve(silent)
+    got: list[tuple[str, object]] = []
+    requests = [ProbeRequest(slow_url, ("/health",)), ProbeRequest(fast_url, ("/health", "/x"))]
+    async with fast_server, slow_server:
+        for _ in range(2):
+            await prober.gather(requests, 0.5, lambda r, result: got.append((r.url, result)))
+    assert [url for url, _ in got] == [fast_url, slow_url] * 2
+    assert got[0][1] == [(200, b"ok"), (200, b"ok")]
+    assert isinstance(got[1][1], ProbeError) and "no answer within 0.5 s" in str(got[1][1])
+    assert fast.connections == 1  # the fast node's connection was kept between rounds

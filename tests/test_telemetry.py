@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from urllib.parse import parse_qsl, urlsplit
 
-from lmfleet.telemetry import PACE_MIN_TOKENS, NodeLoad, parse_metrics, with_pace
+from lmfleet.telemetry import METRICS_PATH, PACE_MIN_TOKENS, NodeLoad, parse_metrics
 
 LMDEPLOY = b"""# HELP lmdeploy:num_requests_running Number of requests in model execution batches.
 # TYPE lmdeploy:num_requests_running gauge
@@ -59,6 +59,21 @@ def test_no_queue_gauge_is_no_report() -> None:
     assert parse_metrics(b"<html>404</html>") is None
 
 
+def test_the_metrics_path_asks_for_every_sample_the_parser_reads() -> None:
+    """The monitor asks `/metrics?name[]=...` (prometheus_client's filter): an answer
+    holding only the asked samples must say what the whole answer says."""
+    target = urlsplit(METRICS_PATH)
+    assert target.path == "/metrics"
+    asked = {value.encode() for key, value in parse_qsl(target.query) if key == "name[]"}
+    kept = [
+        line
+        for line in LMDEPLOY.splitlines()
+        if not line.startswith(b"#") and line.split(b"{")[0].split(b" ")[0] in asked
+    ]
+    assert parse_metrics(b"\n".join(kept)) == parse_metrics(LMDEPLOY)
+    assert len(kept) == 11  # everything but the histogram and the process metric
+
+
 def test_unparsable_values_are_skipped() -> None:
     text = b"lmdeploy:num_requests_running 2\nlmdeploy:num_requests_waiting NaN\n"
     load = parse_metrics(text)
@@ -70,28 +85,33 @@ def test_others_fade_by_half_each_interval_once_stale() -> None:
     assert [load.others(t) for t in (1.0, 2.0, 4.0, 6.0)] == [8.0, 8.0, 4.0, 2.0]
 
 
-def _read(at: float, running: float, tokens: float | None) -> NodeLoad:
-    return NodeLoad(running=running, waiting=0.0, generation_tokens=tokens, read_at=at)
+def _read(at: float, running: float, tokens: float | None, previous: NodeLoad | None) -> NodeLoad:
+    text = f"lmdeploy:num_requests_running {running}\n"
+    if tokens is not None:
+        text += f'lmdeploy:generation_tokens_total{{engine="0"}} {tokens}\n'
+    load = parse_metrics(text.encode(), read_at=at, previous=previous)
+    assert load is not None
+    return load
 
 
 def test_pace_is_batch_seconds_per_generated_token() -> None:
-    first = with_pace(_read(10.0, 4.0, 100.0), None)
+    first = _read(10.0, 4.0, 100.0, None)
     assert first.pace is None  # one read: nothing to compare with
-    second = with_pace(_read(11.0, 4.0, 500.0), first)  # 4 sequences x 1 s, 400 tokens
+    second = _read(11.0, 4.0, 500.0, first)  # 4 sequences x 1 s, 400 tokens
     assert second.pace == 4.0 / 400.0
     # the running average of the two reads counts: 2 sequences on average over 2 s
-    third = with_pace(_read(13.0, 0.0, 900.0), second)  # 2 s later: the old half counts
+    third = _read(13.0, 0.0, 900.0, second)  # 2 s later: the old half counts
     assert third.busy_seconds == 0.5 * 4.0 + 4.0 and third.paced_tokens == 0.5 * 400 + 400
     assert third.pace == (0.5 * 4.0 + 4.0) / (0.5 * 400 + 400)
 
 
 def test_pace_waits_for_enough_tokens_and_survives_a_restart() -> None:
-    first = with_pace(_read(0.0, 1.0, 0.0), None)
-    few = with_pace(_read(1.0, 1.0, PACE_MIN_TOKENS / 2), first)
+    first = _read(0.0, 1.0, 0.0, None)
+    few = _read(1.0, 1.0, PACE_MIN_TOKENS / 2, first)
     assert few.pace is None
-    enough = with_pace(_read(2.0, 1.0, 2 * PACE_MIN_TOKENS), few)
+    enough = _read(2.0, 1.0, 2 * PACE_MIN_TOKENS, few)
     assert enough.pace is not None
-    restarted = with_pace(_read(3.0, 1.0, 5.0), enough)  # the counter went backwards
+    restarted = _read(3.0, 1.0, 5.0, enough)  # the counter went backwards
     assert restarted.pace == enough.pace
-    no_counter = with_pace(replace(_read(4.0, 1.0, None)), restarted)
+    no_counter = _read(4.0, 1.0, None, restarted)
     assert no_counter.pace is None  # a node that stopped exporting it gives none

@@ -240,8 +240,10 @@ async def metrics(
 
     The names and labels the real api_server exports (lmdeploy/metrics/loggers.py),
     one engine: `running` is what is in the batch, `waiting` what queues for it;
-    the KV cache usage is the batch's share of its slots.
+    the KV cache usage is the batch's share of its slots. `name[]` in the query
+    keeps only the named samples, as the real server's prometheus_client does.
     """
+    wanted = set(query(scope).get("name[]", ()))
     stats, scheduler = rt.stats, rt.scheduler
     waiting = scheduler.waiting
     running = max(0, stats.inflight - waiting)
@@ -259,7 +261,8 @@ async def metrics(
     )
     lines = []
     for kind, name, value in samples:
-        lines += [f"# TYPE lmdeploy:{name} {kind}", f"lmdeploy:{name}{labels} {value}"]
+        if not wanted or f"lmdeploy:{name}" in wanted:
+            lines += [f"# TYPE lmdeploy:{name} {kind}", f"lmdeploy:{name}{labels} {value}"]
     body = ("\n".join(lines) + "\n").encode()
     await asgi.send_bytes(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8")
 

@@ -17,7 +17,7 @@ from conformance.peer_support import API_KEY, POLL_INTERVAL
 from conformance.shapes import shape_diff
 from support import wait_until
 
-from lmfleet.telemetry import parse_metrics
+from lmfleet.telemetry import METRICS_PATH, READ, parse_metrics
 
 JSON = {"content-type": "application/json"}
 KEY = {"authorization": f"Bearer {API_KEY}"}
@@ -210,21 +210,14 @@ def test_proxy_url_registration(pair) -> None:
     assert urls.count(pair.real.url) == urls.count(pair.sim.url) == 1
 
 
-TELEMETRY = (
-    "lmdeploy:num_requests_running",
-    "lmdeploy:num_requests_waiting",
-    "lmdeploy:num_api_requests_waiting",
-    "lmdeploy:num_api_requests_routed",
-    "lmdeploy:gpu_cache_usage_perc",
-    "lmdeploy:prefix_cache_hit_rate",
-    "lmdeploy:prompt_tokens_total",
-    "lmdeploy:generation_tokens_total",
-)
+TELEMETRY = tuple("lmdeploy:" + name for name in READ)
 """What lmfleet/telemetry.py reads: every name must be the real server's."""
 
 
-@pytest.mark.parametrize("path", ["/metrics"])
+@pytest.mark.parametrize("path", ["/metrics", METRICS_PATH])
 def test_metrics_gauges(pair, path: str) -> None:
+    """The names the monitor reads, from the whole answer and from the filtered one
+    it asks for every round (`name[]`: the asked samples and nothing else)."""
     for server in pair.servers():
         response = httpx2.get(server.url + path, headers=KEY, timeout=10)
         assert response.status_code == 200, server.kind
@@ -233,3 +226,10 @@ def test_metrics_gauges(pair, path: str) -> None:
         load = parse_metrics(response.content)
         assert load is not None, server.kind
         assert load.outstanding >= 0 and load.prompt_tokens is not None, (server.kind, load)
+        if path != "/metrics":
+            names = {
+                line.split("{")[0].split(" ")[0]
+                for line in response.text.splitlines()
+                if line and not line.startswith("#")
+            }
+            assert names == set(TELEMETRY), (server.kind, names - set(TELEMETRY))

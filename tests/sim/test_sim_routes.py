@@ -332,6 +332,10 @@ async def test_metrics_unless_disabled(asgi_client: ClientFactory) -> None:
         text = (await client.get("/metrics")).text
         assert "lmdeploy:num_requests_running" in text
         assert "lmdeploy:num_requests_waiting" in text
+        # prometheus_client's filter, as the real server answers it
+        query = "/metrics?name%5B%5D=lmdeploy:num_requests_waiting&name%5B%5D=lmdeploy:nope"
+        samples = [line for line in (await client.get(query)).text.splitlines() if line[0] != "#"]
+        assert [line.split("{")[0] for line in samples] == ["lmdeploy:num_requests_waiting"]
     async with asgi_client(fast=True, enable_metrics=False) as client:
         assert (await client.get("/metrics")).status_code == 404
 
