@@ -8,6 +8,9 @@ group, for docs/benchmarks.md. Columns:
 - p99 / reference: the router's p99 over the replayed reference's p99, paired by
   seed; geometric mean [bootstrap 95 % interval]; "within 15 %" only if the
   interval's upper end is below 1.15;
+- p99 / ideal JSQ: the same against the replayed speed-weighted join-shortest-queue
+  (`jsq_speed`: exact node states, no noise, no output lengths; the "ideal JSQ" of
+  issue 15's goal), and whether it is within 15 % by the same rule;
 - p99 / oracle: the same against the oracle run live (the reference's assignment
   sent through the same harness), which cancels the harness's own overhead;
 - p99 / lower bound: against the per-request bound (how much room there is at all);
@@ -25,6 +28,8 @@ from bench._common import table
 from bench.routing_stats import Interval, bootstrap_ratio, within
 
 ORACLE = "oracle"
+IDEAL_JSQ = "jsq_speed"
+"""The replayed rule that is "ideal JSQ": (requests on the node + 1) / speed, exact."""
 
 
 def median(values: Sequence[float]) -> float:
@@ -50,25 +55,36 @@ def reference(cell_out: dict[str, Any], seed: str, group: str) -> dict[str, floa
     return base["rules"][group][base["best"][group]]
 
 
+def ideal_jsq(cell_out: dict[str, Any], seed: str, group: str) -> dict[str, float] | None:
+    """The replayed ideal JSQ's percentiles for one seed and group (None: not replayed)."""
+    rules: dict[str, dict[str, float]] = cell_out["seeds"][seed]["baselines"]["rules"][group]
+    return rules.get(IDEAL_JSQ)
+
+
 def bound(cell_out: dict[str, Any], seed: str, group: str) -> dict[str, float]:
     return cell_out["seeds"][seed]["baselines"]["lower_bound"][group]
 
 
 def ratio(
-    mine: dict[str, dict[str, Any]], theirs: dict[str, dict[str, float]], key: str = "p99"
+    mine: dict[str, dict[str, Any]], theirs: dict[str, dict[str, float] | None], key: str = "p99"
 ) -> Interval | str | None:
     """Paired ratio over the seeds both have (None if they share none).
 
     A seed where the router's percentile is unbounded (None: censored requests at
     the run's deadline) makes the ratio unbounded too: "overloaded on k/n seeds".
     """
-    seeds = sorted(set(mine) & set(theirs))
+    seeds = sorted(s for s in set(mine) & set(theirs) if theirs[s] is not None)
     if not seeds:
         return None
-    over = [s for s in seeds if mine[s][key] is None or theirs[s][key] is None]
+    paired = {s: (mine[s][key], theirs[s][key]) for s in seeds}  # type: ignore[index]
+    over = [s for s, (a, b) in paired.items() if a is None or b is None]
     if over:
         return f"overloaded on {len(over)}/{len(seeds)} seeds"
-    return bootstrap_ratio([mine[s][key] for s in seeds], [theirs[s][key] for s in seeds])
+    return bootstrap_ratio([a for a, _ in paired.values()], [b for _, b in paired.values()])
+
+
+def _within(got: Interval | str | None) -> str:
+    return "yes" if isinstance(got, Interval) and within(got) else "no"
 
 
 def _seconds(values: Sequence[float | None]) -> str:
@@ -85,9 +101,10 @@ def router_row(cell_out: dict[str, Any], router: str, group: str, stream: bool) 
     low = {s: bound(cell_out, s, group) for s in runs}
     oracle = {s: r["groups"][group] for s, r in done_runs(cell_out, ORACLE).items()}
     vs_ref = ratio(mine, ref)
+    vs_jsq = ratio(mine, {s: ideal_jsq(cell_out, s, group) for s in runs})
     row: list[Any] = [router, len(runs)]
     row += [_seconds([m[k] for m in mine.values()]) for k in ("p50", "p90", "p99")]
-    row += [vs_ref, "yes" if isinstance(vs_ref, Interval) and within(vs_ref) else "no"]
+    row += [vs_ref, _within(vs_ref), vs_jsq, "-" if vs_jsq is None else _within(vs_jsq)]
     row += [ratio(mine, oracle) if router != ORACLE else "1", ratio(mine, low)]
     row += [ratio(mine, ref, "p90"), sum(r["errors"] for r in runs.values())]
     row += [sum(m.get("censored", 0) for m in mine.values())]
@@ -102,15 +119,21 @@ def baseline_rows(cell_out: dict[str, Any], group: str, stream: bool) -> list[li
     seeds = list(cell_out["seeds"])
     ref = [reference(cell_out, s, group) for s in seeds]
     low = [bound(cell_out, s, group) for s in seeds]
+    jsq = [j for j in (ideal_jsq(cell_out, s, group) for s in seeds) if j is not None]
     rules = sorted({cell_out["seeds"][s]["baselines"]["best"][group] for s in seeds})
+    named = [(f"reference (replay: {', '.join(rules)})", ref)]
+    named += [(f"ideal JSQ (replay: {IDEAL_JSQ})", jsq)] if jsq else []
     rows = []
-    for name, values in ((f"reference (replay: {', '.join(rules)})", ref), ("lower bound", low)):
+    for name, values in [*named, ("lower bound", low)]:
         row = [name, str(len(values))]
         row += [f"{median([v[k] for v in values]):.2f}" for k in ("p50", "p90", "p99")]
-        row += ["1" if values is ref else "-", "", "-", "-", "-", "0", "0"]
+        row += ["1" if values is ref else "-", "", "1" if values is jsq else "-", ""]
+        row += ["-", "-", "-", "0", "0"]
         if stream:
             row.append(f"{median([v['ttft_p99'] for v in values]):.3f}")
-            row.append(f"{median([v['cache_hit'] for v in values]):.0%}" if values is ref else "-")
+            row.append(
+                f"{median([v['cache_hit'] for v in values]):.0%}" if values is not low else "-"
+            )
         rows.append(row)
     return rows
 
@@ -119,7 +142,15 @@ def cell_table(cell_out: dict[str, Any], group: str) -> str:
     """Every router of one cell and client group, best p99 ratio first, then the baselines."""
     stream = cell_out["cell"]["stream"]
     heads = ["router", "seeds", "p50 s", "p90 s", "p99 s", "p99 / reference", "within 15 %"]
-    heads += ["p99 / oracle (live)", "p99 / lower bound", "p90 / reference", "errors", "cut"]
+    heads += [
+        "p99 / ideal JSQ",
+        "within 15 % of JSQ",
+        "p99 / oracle (live)",
+        "p99 / lower bound",
+        "p90 / reference",
+        "errors",
+        "cut",
+    ]
     if stream:
         heads += ["TTFT p99 s", "cache hit"]
     ranked, missing = [], []
@@ -153,8 +184,9 @@ def why_not(cell_out: dict[str, Any], router: str) -> str:
     return "no run"
 
 
-def overview(results: dict[str, Any]) -> str:
-    """One row per router, one column per cell (and client group): p99 / reference."""
+def overview(results: dict[str, Any], against: str = "reference") -> str:
+    """One row per router, one column per cell (and client group): p99 / reference
+    (or, `against="ideal JSQ"`, p99 / the replayed ideal JSQ)."""
     columns = [
         (name, group)
         for name, cell_out in results["cells"].items()
@@ -163,6 +195,7 @@ def overview(results: dict[str, Any]) -> str:
     routers = sorted(
         {r for c in results["cells"].values() for d in c["seeds"].values() for r in d["runs"]}
     )
+    base = reference if against == "reference" else ideal_jsq
     body = []
     for router in routers:
         row = [router]
@@ -170,7 +203,7 @@ def overview(results: dict[str, Any]) -> str:
             cell_out = results["cells"][name]
             runs = done_runs(cell_out, router)
             mine = {s: r["groups"][group] for s, r in runs.items() if group in r["groups"]}
-            got = ratio(mine, {s: reference(cell_out, s, group) for s in mine})
+            got = ratio(mine, {s: base(cell_out, s, group) for s in mine})
             row.append("-" if got is None else str(got).replace("overloaded on ", "over "))
         body.append(row)
     heads = ["router", *(n if g == "all" else f"{n} ({g})" for n, g in columns)]
@@ -190,6 +223,10 @@ def report(results: dict[str, Any]) -> str:
         "p99 / reference, every cell:",
         "",
         overview(results),
+        "",
+        "p99 / ideal JSQ (the replayed `jsq_speed` rule), every cell:",
+        "",
+        overview(results, "ideal JSQ"),
     ]
     for name, cell_out in results["cells"].items():
         cell = cell_out["cell"]

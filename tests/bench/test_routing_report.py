@@ -18,7 +18,12 @@ def _results(router_p99s: dict[str, list[float | None]]) -> dict[str, Any]:
     for k in range(3):
         base = {
             "lower_bound": {"all": {**_pcts(5.0), "ttft_p99": 0.1}},
-            "rules": {"all": {"least_work": {**_pcts(8.0), "ttft_p99": 0.2, "cache_hit": 0.0}}},
+            "rules": {
+                "all": {
+                    "least_work": {**_pcts(8.0), "ttft_p99": 0.2, "cache_hit": 0.0},
+                    "jsq_speed": {**_pcts(11.0), "ttft_p99": 0.3, "cache_hit": 0.0},
+                }
+            },
             "best": {"all": "least_work"},
             "makespan": 100.0,
         }
@@ -56,12 +61,16 @@ def test_ratios_and_the_within_claim() -> None:
     )
     good = _row(text, "lmfleet:least_connections")
     assert good[5] == "1.10 [1.10, 1.10]" and good[6] == "yes"
-    assert good[7] == "1.10 [1.10, 1.10]"  # against the live oracle
-    assert good[8] == "1.76 [1.76, 1.76]"  # against the lower bound (5 s)
-    assert _row(text, "lmdeploy:random")[6] == "no"
+    assert good[7] == "0.80 [0.80, 0.80]" and good[8] == "yes"  # against ideal JSQ (11 s)
+    assert good[9] == "1.10 [1.10, 1.10]"  # against the live oracle
+    assert good[10] == "1.76 [1.76, 1.76]"  # against the lower bound (5 s)
+    random_row = _row(text, "lmdeploy:random")
+    assert random_row[6] == "no" and random_row[7] == "1.42 [1.09, 1.82]" and random_row[8] == "no"
     assert "not run: ConfigError: unknown" in text
     assert "reference (replay: least_work)" in text
     assert _row(text, "lmfleet:least_connections", overview=True)[1] == "1.10 [1.10, 1.10]"
+    jsq_overview = text[text.index("p99 / ideal JSQ (") :]
+    assert "| lmfleet:least_connections | 0.80 [0.80, 0.80] |" in jsq_overview
 
 
 def test_an_overloaded_router_is_unbounded_not_a_number() -> None:
