@@ -27,9 +27,11 @@ lint: $(STAMP)
 peer:
 	-PYTHON=$(PYTHON) tests/conformance/peer/setup_peer.sh
 
-# Docs build first, so that pytest's summary is the last line CI reads.
+# Docs build first, so that pytest's summary is the last line CI reads. Two workers
+# (pytest-xdist; one per test file, conformance together: tests/conftest.py): most
+# tests wait on node processes, so two halve the wall time on two cores.
 test: lint peer docs
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # The user guide and API reference (mkdocs + mkdocstrings); warnings are errors.
 docs: $(STAMP)

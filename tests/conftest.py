@@ -94,3 +94,15 @@ def operator_logging() -> Iterator[None]:
         logger.setLevel(level)
         logger.propagate = propagate
         logger.handlers[:] = handlers
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs two workers), keep each test file on one
+    worker, so a module's fixtures start once, and the conformance files together:
+    they share one real LMDeploy peer per session, which is slow to start."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        group = "conformance" if path.startswith("tests/conformance/") else path
+        item.add_marker(pytest.mark.xdist_group(group))
