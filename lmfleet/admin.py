@@ -18,6 +18,7 @@ from lmfleet.config import FleetOptions
 from lmfleet.errors import ConfigError, NodeCommandError
 from lmfleet.health import fetch_models, is_sleeping
 from lmfleet.registry import NodeRegistry
+from lmfleet.routing.base import RequestInfo
 from lmfleet.state import NodeState, NodeStatus
 
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -220,24 +221,15 @@ class FleetAdmin:
         """A wake-on-demand is under way (readable from any thread: a set's truth)."""
         return bool(self._waking)
 
-    async def wake_one(self, model: str | None) -> None:
-        """Wake-on-demand: wake one sleeping node serving `model`, one at a time."""
+    async def wake_one(self, request: RequestInfo) -> None:
+        """Wake-on-demand: wake one sleeping node that can take `request`, one at a time."""
         if self._waking:
             return
         registry = self._registry
-        floor = registry.version_floor  # a node below it could not serve the request
-        sleepers = [
-            s.url
-            for s in registry.snapshot()
-            if s.status is NodeStatus.SLEEPING
-            and s.serves(model)
-            and not registry.is_held(s.url)
-            and not s.quarantine  # half-updated weights: only a weight update wakes it
-            and (floor is None or s.weight_version >= floor)
-        ]
+        sleepers = registry.sleepers(request)
         if not sleepers:
             return
-        url = sleepers[0]
+        url = sleepers[0].url
         self._waking.add(url)
         try:
             await wakeup_node(self._http, registry, url, None, timeout=self._options.admin_timeout)

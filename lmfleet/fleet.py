@@ -382,7 +382,7 @@ class LMFleet(NotebookMethods, WeightMethods):
         """
         return self.runtime.run(self.admin.drain, url, timeout)
 
-    def _starved(self, model: str | None) -> None:
+    def _starved(self, request: RequestInfo) -> None:
         """Called by the router (any thread) when no node is eligible: wake one if allowed.
 
         Auto-sleep implies wake on demand (a fleet that sleeps by itself must wake on
@@ -392,7 +392,7 @@ class LMFleet(NotebookMethods, WeightMethods):
         options = self.options
         wakes = options.routing.wake_on_demand or options.auto_sleep_after is not None
         if wakes and not self.runtime.closed and not self._admin.waking:
-            self.runtime.start_soon(self._admin.wake_one, model, name="lmfleet wake")
+            self.runtime.start_soon(self._admin.wake_one, request, name="lmfleet wake")
 
     def serve(
         self,

@@ -273,6 +273,14 @@ class NodeRegistry:
         ejected = self._serving(request, NodeStatus.EJECTED)
         return ejected, bool(ejected)
 
+    def sleepers(self, request: RequestInfo) -> list[NodeState]:
+        """Sleeping nodes that could take `request` once awake (its model, role and
+        weight version, as `lease` would judge them), not held by an admin command
+        nor quarantined by a weight update: the ones wake-on-demand may wake."""
+        with self._lock:
+            asleep = self._serving(request, NodeStatus.SLEEPING)
+            return [s for s in asleep if s.url not in self._held and not s.quarantine]
+
     def _serving(self, request: RequestInfo, status: NodeStatus) -> list[NodeState]:
         """Nodes in `status` that serve the request's model, in its role if it has one,
         with the weight version it may have (its own ask, and the fleet's floor)."""

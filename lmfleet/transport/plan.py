@@ -90,8 +90,8 @@ class RouterLike(Protocol):
         """The pause before the next attempt (tenacity's wait policy)."""
         ...
 
-    def starved(self, model: str | None) -> None:
-        """No node is eligible for `model`: the fleet may wake one."""
+    def starved(self, request: RequestInfo) -> None:
+        """No node is eligible for `request`: the fleet may wake one that would be."""
         ...
 
     def target(self, request: httpx2.Request, node: NodeState) -> None:
@@ -162,7 +162,7 @@ class Attempts:
                     self._deadline = now + router.options.wait_for_node
                 if now >= self._nudge:
                     self._nudge = now + STARVED_EVERY
-                    router.starved(info.model)
+                    router.starved(info)
                 if now >= self._deadline:
                     raise NoHealthyNodeError(
                         f"no healthy {_wanted(info)} within {router.options.wait_for_node:g} s; "

@@ -23,7 +23,7 @@ from lmfleet.state import NodeRole, NodeState
 from lmfleet.transport.plan import SERVED_VERSION_HEADER, RequestPlan, error_answer, read_json
 from lmfleet.transport.steps import Steps
 
-StarvedHook = Callable[[str | None], None]
+StarvedHook = Callable[[RequestInfo], None]
 
 URL_CACHE_SIZE = 4096
 """Node URLs per (node, path) kept parsed; cleared whole when full (query strings vary)."""
@@ -124,9 +124,9 @@ class Router:
             plan.immediate = _unknown_model(request, model, models)
         return plan
 
-    def starved(self, model: str | None) -> None:
+    def starved(self, request: RequestInfo) -> None:
         if self._on_starved is not None:
-            self._on_starved(model)
+            self._on_starved(request)
 
     def target(self, request: httpx2.Request, node: NodeState) -> None:
         """Point `request` at `node` and give it the node's own key.

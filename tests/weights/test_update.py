@@ -305,3 +305,20 @@ def test_wake_on_demand_wakes_a_node_of_the_version_requests_may_use(
         chat(fleet.client(max_retries=0), fleet.model, "wake the right one", max_tokens=2)
         assert sim_stats(new.url)["sleeping"] is False
         assert sim_stats(old.url)["sleeping"] is True  # first in line, but below the floor
+
+
+def test_wake_on_demand_wakes_a_node_the_request_itself_may_use(start_sim: StartSim) -> None:
+    """Versions mixed on purpose (no floor), both nodes asleep, a request asking for
+    version 1 exactly: only the node that has it is woken, not the first in line."""
+    old, new = (start_sim("--fast", *WEIGHT_FLAGS) for _ in range(2))
+    with LMFleet.attach(
+        [old.url, new.url], health_interval=0.2, wake_on_demand=True, wait_for_node=20
+    ) as fleet:
+        fleet.wait_ready(timeout=30, min_ready=2)
+        fleet.update_weights("new", version=1, nodes=[new.url], allow_mixed=True)
+        fleet.sleep()
+        client = fleet.client(max_retries=0)
+        exact = {"x-lmfleet-weight-version": "1"}
+        chat(client, fleet.model, "version 1 only", max_tokens=2, extra_headers=exact)
+        assert sim_stats(new.url)["sleeping"] is False
+        assert sim_stats(old.url)["sleeping"] is True  # first in line, but not version 1
