@@ -28,6 +28,17 @@ class SimNode:
 
 StartSim = Callable[..., SimNode]
 
+GROUP = {
+    "master_address": "127.0.0.1",
+    "master_port": 29500,
+    "rank_offset": 1,
+    "world_size": 2,
+    "group_name": "actor",
+}
+"""An `/init_weights_update_group` body (a trainer at rank 0, one node rank after it)."""
+BUCKET = {"names": ["w"], "dtypes": ["bfloat16"], "shapes": [[2, 2]], "group_name": "actor"}
+"""An `/update_weights_from_distributed` body for that group."""
+
 
 def chat(client: openai.OpenAI, model: str, text: str, **params: Any) -> Any:
     return client.chat.completions.create(

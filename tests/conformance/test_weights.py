@@ -17,6 +17,7 @@ from typing import Any
 import httpx2
 import pytest
 from conformance.peer_support import API_KEY, Server, start_peer, start_sim, wait_for_port
+from support import BUCKET, GROUP
 
 JSON = {"content-type": "application/json"}
 KEY = {"authorization": f"Bearer {API_KEY}"}
@@ -80,14 +81,6 @@ def test_weight_lifecycle_matches(pair) -> None:
 
 
 RAY = ("--distributed-executor-backend", "ray")
-GROUP = {
-    "master_address": "127.0.0.1",
-    "master_port": 29500,
-    "rank_offset": 1,
-    "world_size": 2,
-    "group_name": "actor",
-}
-BUCKET = {"names": ["w"], "dtypes": ["bfloat16"], "shapes": [[2, 2]], "group_name": "actor"}
 RAY_SCRIPT: list[tuple[str, Any]] = [
     ("/update_weights", {"serialized_named_tensors": "AAAA"}),
     ("/update_weights", {"serialized_named_tensors": ["AAAA"], "finished": True}),

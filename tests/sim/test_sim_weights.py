@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from support import SimNode, StartSim, wait_until
+from support import BUCKET, GROUP, SimNode, StartSim, wait_until
 
 from lmfleet.launch.process import wait_for_port
 from lmfleet.sim.weights import payload_digest
@@ -19,14 +19,6 @@ from tests.sim.conftest import chat_body
 
 JSON = {"content-type": "application/json"}
 RAY = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
-GROUP = {
-    "master_address": "127.0.0.1",
-    "master_port": 29500,
-    "rank_offset": 1,
-    "world_size": 2,
-    "group_name": "actor",
-}
-BUCKET = {"names": ["w"], "dtypes": ["bfloat16"], "shapes": [[2, 2]], "group_name": "actor"}
 
 
 def post(node: SimNode, path: str, body: Any = None) -> httpx2.Response:
