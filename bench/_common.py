@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmfleet.launch.process import die_with_parent
 
@@ -235,6 +236,16 @@ def wrk(
 def save_json(path: Path, data: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
+
+
+def publish(path: Path, results: dict[str, Any], section: str) -> None:
+    """Save `results` as JSON at `path` and `section` (their Markdown) beside it as
+    `.md`, then print the section and the run's total `seconds`."""
+    save_json(path, results)
+    path.with_suffix(".md").write_text(section)
+    print()
+    print(section)
+    print(f"total {results['seconds']:.0f} s", flush=True)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

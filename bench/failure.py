@@ -71,7 +71,7 @@ from bench._common import (
     pin_self,
     post_json,
     procs,
-    save_json,
+    publish,
     sim_argv,
     table,
     wait_http,
@@ -580,12 +580,7 @@ def main() -> None:
         "rows": rows,
         "seconds": time.monotonic() - started,
     }
-    save_json(args.out, results)
-    section = markdown_section(results)
-    args.out.with_suffix(".md").write_text(section)
-    print()
-    print(section)
-    print(f"total {results['seconds']:.0f} s", flush=True)
+    publish(args.out, results, markdown_section(results))
 
 
 if __name__ == "__main__":

@@ -62,8 +62,6 @@ def _metrics_text() -> bytes:
 
 
 METRICS = _metrics_text()
-WHOLE_METRICS = False
-"""Answer every `/metrics` whole, as a server that ignores `name[]` would (`--whole`)."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -86,14 +84,18 @@ def _restricted(text: bytes, target: bytes) -> bytes:
     return b"\n".join(kept) + b"\n"
 
 
-async def _respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _respond(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, whole: bool
+) -> None:
+    """Answer like LMDeploy; `whole`: every `/metrics` in full, as a server that
+    ignores `name[]` would (`--whole`)."""
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             line = head.split(b"\r\n", 1)[0]
             target = line.split(b" ")[1]
             if target.startswith(b"/metrics"):
-                body = METRICS if WHOLE_METRICS else _restricted(METRICS, target)
+                body = METRICS if whole else _restricted(METRICS, target)
             else:
                 body = MODELS if target == b"/v1/models" else BODY
             writer.write(
@@ -107,9 +109,8 @@ async def _respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
 
 async def _serve(count: int, whole: bool) -> None:
     """Listen on `count` ports the kernel picks; print them on one line for the parent."""
-    global WHOLE_METRICS
-    WHOLE_METRICS = whole
-    servers = [await asyncio.start_server(_respond, "127.0.0.1", 0) for _ in range(count)]
+    respond = functools.partial(_respond, whole=whole)
+    servers = [await asyncio.start_server(respond, "127.0.0.1", 0) for _ in range(count)]
     print(" ".join(str(s.sockets[0].getsockname()[1]) for s in servers), flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 

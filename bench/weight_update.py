@@ -56,7 +56,7 @@ from typing import Any
 
 import openai
 
-from bench._common import LOAD_CPU, PROXY_CPU, ROOT, load_average, machine, save_json, table
+from bench._common import LOAD_CPU, PROXY_CPU, ROOT, load_average, machine, publish, table
 from lmfleet import LMFleet
 from lmfleet.weights.rolling import groups
 from lmfleet.weights.session import UPDATABLE
@@ -653,12 +653,7 @@ def main() -> None:
         "out": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
         "seconds": time.monotonic() - started,
     }
-    save_json(out, results)
-    section = markdown_section(results)
-    out.with_suffix(".md").write_text(section)
-    print()
-    print(section)
-    print(f"total {results['seconds']:.0f} s", flush=True)
+    publish(out, results, markdown_section(results))
 
 
 if __name__ == "__main__":
