@@ -139,6 +139,7 @@ class NodeRegistry:
         # becoming healthy): one float per node, written where the lock is held anyway.
         self._active: dict[str, float] = {}
         self._waiting = 0
+        self._bringing: dict[int, int] = {}  # weight version -> updates bringing it now
 
     def _models_changed(self) -> None:
         # Called under the lock whenever membership or a node's models change, so
@@ -431,6 +432,62 @@ class NodeRegistry:
         """A waiting request got its node, gave up or was abandoned."""
         with self._lock:
             self._waiting -= 1
+
+    # -- what a waiting request may still get --------------------------------------------
+
+    def bring(self, version: int) -> None:
+        """A weight update to `version` has begun: requests asking for it may wait."""
+        with self._lock:
+            self._bringing[version] = self._bringing.get(version, 0) + 1
+
+    def brought(self, version: int) -> None:
+        """The update `bring` announced has ended (whatever its result)."""
+        with self._lock:
+            left = self._bringing.get(version, 0) - 1
+            if left > 0:
+                self._bringing[version] = left
+            else:
+                self._bringing.pop(version, None)
+
+    def hopeless(self, request: RequestInfo) -> str | None:
+        """Why no node could ever take `request` as the fleet stands, or None.
+
+        Waiting makes sense only for what can change by itself: a node coming up,
+        waking, recovering or returning from ejection, or a weight update under way.
+        It cannot give a role no node has, a model no node serves, or a weight
+        version no node is at and no update is bringing: such a request is refused
+        at once rather than held for `wait_for_node`. An empty fleet is never
+        hopeless (nodes may still register), nor is a model while some node's
+        models are not known yet.
+        """
+        with self._lock:
+            nodes = [s for s in self._nodes.values() if s.status is not NodeStatus.STOPPED]
+            bringing = set(self._bringing)
+        if not nodes:
+            return None
+        if request.role is not None:
+            nodes = [s for s in nodes if s.role is request.role]
+            if not nodes:
+                return f"no node has the {request.role.name.lower()} role"
+        model = request.model
+        if model is not None:
+            nodes = [s for s in nodes if not s.models or model in s.models]
+            if not nodes:
+                return f"no node serves {model!r}"
+        have = sorted({s.weight_version for s in nodes})
+        shown = ", ".join(map(str, have))
+        exact, floor = request.weight_version, request.min_weight_version
+        if exact is not None and exact not in have and exact not in bringing:
+            return (
+                f"no node is at weight version {exact} (they are at {shown}) "
+                "and no weight update is bringing it"
+            )
+        if floor is not None and max(have + sorted(bringing)) < floor:
+            return (
+                f"no node is at weight version {floor} or later (they are at {shown}) "
+                "and no weight update is bringing one"
+            )
+        return None
 
     def _readmit_due(self, now: float) -> list[tuple[NodeState, NodeState]]:
         """Re-admit (on probation) every ejected node whose time is up; under the lock.

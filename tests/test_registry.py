@@ -7,7 +7,7 @@ from lmfleet.errors import ConfigError, UnknownNodeError
 from lmfleet.registry import NodeRegistry, normalize_url
 from lmfleet.routing import resolve_strategy
 from lmfleet.routing.base import RequestInfo
-from lmfleet.state import NodeStatus
+from lmfleet.state import NodeRole, NodeStatus
 
 
 def healthy(registry: NodeRegistry, url: str, models: tuple[str, ...] = ("m",)) -> None:
@@ -127,3 +127,23 @@ def test_re_adding_keeps_counters_and_restarts_checks() -> None:
     assert state.status is NodeStatus.STARTING and state.served == 1
     assert state.api_key == "sk-node-key"
     assert "sk-node-key" not in repr(state)
+
+
+def test_hopeless_names_what_no_node_could_ever_give() -> None:
+    registry = NodeRegistry()
+    assert registry.hopeless(RequestInfo(weight_version=7)) is None  # nodes may register
+    registry.add("http://a:1", models=("m",))
+    registry.add("http://b:1", role=NodeRole.PREFILL)  # models not known yet
+    assert registry.hopeless(RequestInfo(model="m")) is None
+    assert registry.hopeless(RequestInfo(role=NodeRole.DECODE)) == "no node has the decode role"
+    registry.modify("http://b:1", lambda s: s.evolve(models=("p",)))
+    assert registry.hopeless(RequestInfo(model="x")) == "no node serves 'x'"
+    assert registry.hopeless(RequestInfo(weight_version=0)) is None
+    assert "weight version 1 (they are at 0)" in str(
+        registry.hopeless(RequestInfo(weight_version=1))
+    )
+    registry.bring(1)
+    assert registry.hopeless(RequestInfo(weight_version=1)) is None
+    assert registry.hopeless(RequestInfo(min_weight_version=1)) is None
+    registry.brought(1)
+    assert "or later" in str(registry.hopeless(RequestInfo(min_weight_version=1)))

@@ -1,7 +1,9 @@
 """One request's way through the fleet, as a generator of I/O steps (steps.py).
 
-    lease a node (the strategy's pick; wait up to `wait_for_node` for one, in the
-    bounded admission queue: `FleetBusyError` when it is full)
+    lease a node (the strategy's pick; wait for one in the bounded admission queue,
+    up to `wait_for_node` or the caller's own timeout, whichever ends first:
+    `FleetBusyError` when the queue is full, `NoHealthyNodeError` at once when no
+    node could ever take the request)
       -> send, waiting at most `first_byte_timeout` for the first response byte
       -> 2xx / 4xx: hand the answer back; its body holds the lease (streams.py)
       -> 5xx in `retry_status`, unreachable, dropped, no first byte in time:
@@ -20,6 +22,7 @@ client of the proxy) does not try the same failing fleet again on top.
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, NoReturn, Protocol
 
@@ -64,6 +67,22 @@ STARVED_EVERY = 1.0
 """How often a waiting request tells the fleet again that it is starved (seconds): one
 wake-up asked for may have been dropped (another node was being woken, the only
 sleeper was still being put to sleep, or its wakeup failed)."""
+
+TIMEOUT_HEADER = "x-lmfleet-timeout"
+"""On a request: seconds the caller will wait in all (documented for any HTTP client);
+a wait for a node never outlasts it."""
+
+SDK_TIMEOUT_HEADER = "x-stainless-read-timeout"
+"""The timeout openai's SDKs send with every request (their read timeout, seconds)."""
+
+CALLER_TIMEOUT = "lmfleet.caller_timeout"
+"""Request extension: the caller's own timeout in seconds (None: none known), set by a
+front door whose request `timeout` extension is not the caller's (the proxy's is its
+own upstream timeout)."""
+
+GIVE_UP = "lmfleet.give_up"
+"""Request extension: a callable that returns why a waiting request should stop
+waiting now (the proxy is stopping), or None; read on every poll of the wait."""
 
 BUSY_RETRY_AFTER = 1.0
 """`FleetBusyError.retry_after` (seconds): a full queue empties as soon as a node
@@ -124,6 +143,41 @@ def first_byte_bound(request: httpx2.Request, first_byte: float | None) -> bool:
     return True
 
 
+def header_timeout(headers: httpx2.Headers) -> float | None:
+    """The caller's timeout from its headers: lmfleet's own, else the openai SDK's."""
+    for name in (TIMEOUT_HEADER, SDK_TIMEOUT_HEADER):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            seconds = float(raw)
+        except ValueError:
+            continue
+        if seconds > 0 and math.isfinite(seconds):
+            return seconds
+    return None
+
+
+def caller_timeout(request: httpx2.Request) -> float | None:
+    """How long the caller will wait for this request, if it says (seconds).
+
+    A front door that knows better says so in `CALLER_TIMEOUT`; otherwise the
+    headers (`header_timeout`), then the request's own `timeout` extension, which
+    an httpx2 client fills from its timeout: the larger of its pool and read parts
+    (waiting for a node is waiting for a connection, then for an answer). Read
+    before the plan lowers the read timeout to the first-byte bound.
+    """
+    if CALLER_TIMEOUT in request.extensions:
+        given = request.extensions[CALLER_TIMEOUT]
+        return float(given) if given is not None else None
+    seconds = header_timeout(request.headers)
+    if seconds is not None:
+        return seconds
+    timeout = request.extensions.get("timeout") or {}
+    parts = [t for t in (timeout.get("pool"), timeout.get("read")) if t is not None]
+    return max(parts) if parts else None
+
+
 class Attempts:
     """The failover state of one request: nodes tried, the wait deadline, backoff."""
 
@@ -135,16 +189,23 @@ class Attempts:
         self._reasons: list[str] = []
         self._deadline: float | None = None
         self._nudge = 0.0  # when to tell the fleet again that this request is starved
+        self._caller = caller_timeout(request)
+        self._give_up = request.extensions.get(GIVE_UP)
 
     def lease(
         self, strategy: Strategy, info: RequestInfo, tried: list[str]
     ) -> Steps[tuple[NodeState, Accounting]]:
-        """Lease a node for `info` (avoiding `tried`), waiting up to `wait_for_node`.
+        """Lease a node for `info` (avoiding `tried`), waiting for one while it may come.
 
-        While it waits the request holds a place in the admission queue (the
-        registry's `waiting`, shared by every client and the proxy), given back
-        however the wait ends: a node, `NoHealthyNodeError`, or the caller gone
-        (the generator closed). With the queue full it is refused at once
+        The wait lasts `wait_for_node`, or the caller's own timeout when that is
+        shorter (a caller that gave up must not hold a place), and not at all when
+        no node could ever take the request (`NodeRegistry.hopeless`: a weight
+        version nobody has or brings, a role nobody has): then `NoHealthyNodeError`
+        says why at once. While it waits the request holds a place in the admission
+        queue (the registry's `waiting`, shared by every client and the proxy),
+        given back however the wait ends: a node, `NoHealthyNodeError`, or the
+        caller gone (the generator closed, as a cancelled task or a disconnected
+        proxy client does). With the queue full it is refused at once
         (`FleetBusyError`): waiting requests cost memory and a poll each, so their
         number is bounded rather than left to grow with the load.
         """
@@ -159,13 +220,21 @@ class Attempts:
                     return node, Accounting(router.registry, node.url)
                 now = time.monotonic()
                 if self._deadline is None:
-                    self._deadline = now + router.options.wait_for_node
+                    self._deadline = now + self._wait_for(router.options.wait_for_node)
+                if self._give_up is not None and (why := self._give_up()) is not None:
+                    raise NoHealthyNodeError(why, request=self.request)
                 if now >= self._nudge:
                     self._nudge = now + STARVED_EVERY
+                    hopeless = router.registry.hopeless(info)
+                    if hopeless is not None:
+                        raise NoHealthyNodeError(
+                            f"no {_wanted(info)} can take this request: {hopeless}",
+                            request=self.request,
+                        )
                     router.starved(info)
                 if now >= self._deadline:
                     raise NoHealthyNodeError(
-                        f"no healthy {_wanted(info)} within {router.options.wait_for_node:g} s; "
+                        f"no healthy {_wanted(info)} within {self._waited()}; "
                         f"nodes: {self._describe_nodes()}",
                         request=self.request,
                     )
@@ -176,6 +245,17 @@ class Attempts:
         finally:
             if queued:
                 router.registry.leave_queue()
+
+    def _wait_for(self, wait_for_node: float) -> float:
+        caller = self._caller
+        return wait_for_node if caller is None else min(wait_for_node, caller)
+
+    def _waited(self) -> str:
+        """`30 s`, or `1 s (the caller's timeout)` when that cut the wait short."""
+        wait_for_node = self.router.options.wait_for_node
+        if self._caller is not None and self._caller < wait_for_node:
+            return f"{self._caller:g} s (the caller's timeout; wait_for_node={wait_for_node:g})"
+        return f"{wait_for_node:g} s"
 
     def _enter_queue(self, info: RequestInfo) -> None:
         """Take a place in the admission queue, or raise `FleetBusyError`."""

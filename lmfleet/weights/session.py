@@ -142,6 +142,7 @@ class UpdateSession:
             self._updater.release(self)
             self._closed = True
             raise WeightUpdateUnsupportedError("; ".join(str(p) for p in problems))
+        self._registry.bring(self.version)
         if not self.allow_mixed:
             floor = self._registry.version_floor
             self._registry.version_floor = (
@@ -293,6 +294,7 @@ class UpdateSession:
             await _each(self.live, finish)
         finally:
             self._updater.release(self)
+            self._registry.brought(self.version)
         updated = tuple(t.url for t in self.targets if t.url not in self.failed)
         if not updated and not self.allow_mixed:
             self._registry.version_floor = self._floor_before

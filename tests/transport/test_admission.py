@@ -123,3 +123,74 @@ def test_waiters_are_served_once_a_node_wakes(start_sim: StartSim) -> None:
         assert all(r.choices[0].message.content for r in replies)
         assert sim_stats(url)["completed"] == 2
         assert fleet.registry.waiting == 0
+
+
+def test_the_callers_timeout_bounds_the_wait_on_both_clients(start_sim: StartSim) -> None:
+    """`timeout=1` on a request with no eligible node: the typed error after about 1 s,
+    not after wait_for_node (60 s); the sync and the async client alike."""
+    url = start_sim(*FAST).url
+    with LMFleet.attach([url], health_interval=0.2, wait_for_node=60) as fleet:
+        fleet.wait_ready(timeout=30)
+        model = fleet.model
+        fleet.sleep()
+        messages = [{"role": "user", "content": "in a hurry"}]
+        client = fleet.client(max_retries=0)
+        started = time.monotonic()
+        with pytest.raises(NoHealthyNodeError, match="the caller's timeout") as caught:
+            client.chat.completions.create(model=model, messages=messages, timeout=1)  # type: ignore[arg-type]
+        assert time.monotonic() - started < 5.0
+        assert isinstance(caught.value, openai.APIConnectionError)
+
+        async def one() -> float:
+            aclient = fleet.async_client(max_retries=0)
+            started = time.monotonic()
+            with pytest.raises(NoHealthyNodeError, match="the caller's timeout"):
+                await aclient.chat.completions.create(
+                    model=model,
+                    messages=messages,  # type: ignore[arg-type]
+                    timeout=1,
+                )
+            return time.monotonic() - started
+
+        assert anyio.run(one) < 5.0
+        assert fleet.registry.waiting == 0
+
+
+def test_a_version_no_node_has_fails_at_once(start_sim: StartSim) -> None:
+    """Version 99 asked, every node at 0, no update running: refused at once, saying so."""
+    url = start_sim(*FAST).url
+    with LMFleet.attach([url], health_interval=0.2, wait_for_node=60) as fleet:
+        fleet.wait_ready(timeout=30)
+        client = fleet.client(max_retries=0)
+        started = time.monotonic()
+        with pytest.raises(NoHealthyNodeError, match="no node is at weight version 99"):
+            client.chat.completions.create(
+                model=fleet.model,
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"x-lmfleet-weight-version": "99"},
+            )
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(NoHealthyNodeError, match="version 5 or later"):
+            client.chat.completions.create(
+                model=fleet.model,
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"x-lmfleet-min-weight-version": "5"},
+            )
+        assert fleet.registry.waiting == 0
+
+
+def test_a_version_an_update_brings_is_waited_for() -> None:
+    """While an update to version 3 runs, a request for version 3 waits (until the
+    caller's own timeout here); once it has ended, the same ask fails at once."""
+    router = starved_router(wait_for_node=30.0)
+    router.registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.HEALTHY))
+    client = httpx2.Client(transport=FleetTransport(router, httpx2.MockTransport(ok)), timeout=0.5)
+    headers = {"x-lmfleet-weight-version": "3"}
+    router.registry.bring(3)
+    started = time.monotonic()
+    with pytest.raises(NoHealthyNodeError, match="the caller's timeout"):
+        client.post(URL, content=BODY, headers=headers)
+    assert time.monotonic() - started >= 0.5
+    router.registry.brought(3)
+    with pytest.raises(NoHealthyNodeError, match="no weight update is bringing it"):
+        client.post(URL, content=BODY, headers=headers)
