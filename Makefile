@@ -60,3 +60,17 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.failure
 	$(BIN)/python -m bench.weight_update
 	$(BIN)/python -m bench.plots
+
+# The wheel and sdist (`python -m build`, isolated) in dist/, replacing what was there.
+# Until a release is on PyPI: pip install 'dist/lmfleet-0.1.0-py3-none-any.whl[serve]'.
+.PHONY: dist dist-check
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
+# Not part of `make test` (it needs the registry): the wheel with its `serve` extra in a
+# fresh venv, its dependencies resolved by pip, then `lmfleet --help` and the README
+# quickstart from outside the repository (tests/test_dist.py, which `make test` runs,
+# does the same offline, borrowing the dependencies from .venv).
+dist-check: dist
+	$(BIN)/python tests/test_dist.py dist/*.whl

@@ -2,8 +2,9 @@
 
     python examples/launch_local_gpus.py internlm/internlm2_5-7b-chat --nodes 4 --tp 1
 
-Needs `pip install 'lmfleet[lmdeploy]'` and GPUs. Every node's log is available
-through `fleet.logs(url)`; closing the fleet ends every server it started.
+Needs lmfleet's `lmdeploy` extra (`pip install '.[lmdeploy]'` in a clone) and GPUs.
+Every node's log is available through `fleet.logs(url)`; closing the fleet ends every
+server it started.
 """
 
 from __future__ import annotations

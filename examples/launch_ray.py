@@ -3,7 +3,8 @@
     ray start --head            # or connect to an existing cluster (RAY_ADDRESS)
     python examples/launch_ray.py internlm/internlm2_5-7b-chat --nodes 8
 
-Needs `pip install 'lmfleet[ray,lmdeploy]'` on every Ray node.
+Needs lmfleet's `ray` and `lmdeploy` extras (`pip install '.[ray,lmdeploy]'` in a clone)
+on every Ray node.
 """
 
 from __future__ import annotations

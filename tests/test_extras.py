@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lmfleet import ConfigError, LMFleet
-from lmfleet.extras import require_serve
+from lmfleet.extras import install_hint, require_serve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,6 +19,35 @@ def test_missing_serve_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
         LMFleet.simulate(1)
     with LMFleet.attach([], allow_empty=True) as fleet, pytest.raises(ConfigError, match="uvicorn"):
         fleet.serve(port=0)
+
+
+def test_every_missing_extra_names_the_extra_and_both_ways_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One wording (`install_hint`), one line, and no bare `pip install lmfleet`: lmfleet is
+    not on PyPI, so the hint says to add the extra where lmfleet is installed or in a clone."""
+    from lmfleet.launch.ray_launcher import _ray
+    from lmfleet.notebook.batch import NO_TQDM_HINT
+    from lmfleet.weights.serialize import serialize
+
+    for extra in ("serve", "notebook", "ray", "lmdeploy"):
+        hint = install_hint(extra)
+        assert "\n" not in hint
+        assert f"pip install 'lmfleet[{extra}]' where lmfleet is already installed" in hint
+        assert f"pip install '.[{extra}]' in a clone" in hint
+    assert NO_TQDM_HINT.endswith(install_hint("notebook"))
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ConfigError) as raised:
+        _ray()
+    assert str(raised.value).endswith(install_hint("ray"))
+    monkeypatch.setitem(sys.modules, "lmdeploy", None)
+    with pytest.raises(ConfigError) as raised:
+        serialize({})
+    assert install_hint("lmdeploy") in str(raised.value)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    with pytest.raises(ConfigError) as raised:
+        require_serve("lmfleet serve")
+    assert str(raised.value) == f"lmfleet serve needs uvicorn: {install_hint('serve')}"
 
 
 def test_core_install_imports_without_the_serve_extra() -> None:
@@ -102,4 +131,16 @@ def test_a_core_only_venv_runs_the_cli_and_names_the_extra(tmp_path: Path) -> No
         assert "Traceback" not in done.stderr, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("lmfleet: error: "), done.stderr
-        assert "pip install 'lmfleet[serve]'" in lines[0], lines[0]
+        assert lines[0].endswith(install_hint("serve")), lines[0]
+
+    # The hint's first way, followed in that venv: pip adds the extra to the installed lmfleet.
+    done = subprocess.run(
+        [*pip, "-c", str(constraints), "lmfleet[serve]"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    code = "from lmfleet.extras import require_serve; require_serve('lmfleet serve')"
+    assert subprocess.run([python, "-c", code], check=False, timeout=60).returncode == 0

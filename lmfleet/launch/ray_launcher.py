@@ -8,7 +8,7 @@ server when the actor process dies, even by SIGKILL) and reports
 interface guessing. Ray restarts a dead actor up to `max_restarts` times; the
 restarted actor may pick another port, and the supervisor follows the new URL.
 
-Ray is imported only when this launcher is used (`pip install lmfleet[ray]`).
+Ray is imported only when this launcher is used (lmfleet's `ray` extra installs it).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lmfleet.errors import ConfigError, LaunchError
+from lmfleet.extras import install_hint
 from lmfleet.launch.base import LaunchedNode, NodeSpec, Placement
 from lmfleet.launch.process import ManagedProcess, free_port
 
@@ -33,7 +34,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise ConfigError("launcher='ray' needs Ray: pip install 'lmfleet[ray]'") from exc
+        raise ConfigError(f"launcher='ray' needs Ray: {install_hint('ray')}") from exc
     return ray
 
 

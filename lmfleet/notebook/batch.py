@@ -32,6 +32,7 @@ from openai.types import Completion, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from lmfleet.errors import BatchError, ConfigError, NoHealthyNodeError
+from lmfleet.extras import install_hint
 from lmfleet.transport.router import WEIGHT_VERSION_HEADER
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ def _text(item: object) -> str | None:
     return text
 
 
-NO_TQDM_HINT = "the lmfleet batch progress bar needs tqdm: pip install 'lmfleet[notebook]'"
+NO_TQDM_HINT = f"the lmfleet batch progress bar needs tqdm: {install_hint('notebook')}"
 """Logged once per process when a batch asks for a bar that cannot be drawn."""
 
 

@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 from lmfleet.errors import ConfigError
+from lmfleet.extras import install_hint
 
 
 def serialize(state_dict: Any) -> str:
@@ -22,7 +23,7 @@ def serialize(state_dict: Any) -> str:
     except ImportError as exc:
         raise ConfigError(
             "lmfleet.weights.serialize needs LMDeploy and torch on the trainer's host: "
-            f"pip install 'lmfleet[lmdeploy]' ({exc})"
+            f"{install_hint('lmdeploy')} ({exc})"
         ) from exc
     serialize_state_dict = getattr(utils, "serialize_state_dict", None)
     if serialize_state_dict is None:
