@@ -140,7 +140,7 @@ class SimApp:
                 return
             try:
                 body: Any = decode_json(await asgi.read_body(receive))
-                request = parse_generation(kind, body, rt.model_name)
+                request = parse_generation(kind, body, rt.model_name, rt.options)
                 extra = await rt.distserve.admit(body, request)
             except RequestError as exc:
                 await asgi.send_error(send, exc.status, exc.message, exc.param)

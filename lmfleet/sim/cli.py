@@ -19,7 +19,7 @@ from typing import Any
 
 from lmfleet.errors import ConfigError
 from lmfleet.extras import require_serve
-from lmfleet.sim.options import DEFAULT_MODEL, DEFAULT_PORT, SimOptions
+from lmfleet.sim.options import SimOptions
 
 
 def _env_float(name: str, default: float) -> float:
@@ -30,88 +30,187 @@ def _env_float(name: str, default: float) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every `lmfleet sim` option; LMDeploy's spellings are accepted where they exist."""
+    """Every `lmfleet sim` option; LMDeploy's spellings are accepted where they exist.
+
+    Defaults come from `SimOptions`, so the help states the model's own defaults."""
+    d = SimOptions()
     add = parser.add_argument
-    add("--host", "--server-name", default="127.0.0.1", help="bind address")
-    add("--port", "--server-port", type=int, default=DEFAULT_PORT, help="bind port (23333)")
-    add("--model", default=DEFAULT_MODEL, help="model path/name the node serves")
-    add("--served-model-name", "--model-name", default=None, help="name clients send")
-    add("--api-keys", nargs="+", default=[], metavar="KEY", help="require Bearer KEY")
-    add("--proxy-url", default=None, help="register at PROXY/nodes/add on start-up (once)")
-    add("--role", choices=["hybrid", "prefill", "decode"], default="hybrid", type=str.lower)
-    add("--allow-terminate-by-client", action="store_true")
-    add("--enable-abort-handling", action="store_true")
+    add("--host", "--server-name", default=d.host, help="bind address (default %(default)s)")
+    add(
+        "--port",
+        "--server-port",
+        type=int,
+        default=d.port,
+        help="bind port (default %(default)s, LMDeploy's)",
+    )
+    add("--model", default=d.model, help="model path/name the node serves (default %(default)s)")
+    add(
+        "--served-model-name",
+        "--model-name",
+        default=d.served_model_name,
+        help="name clients send (default: --model)",
+    )
+    add(
+        "--api-keys",
+        nargs="+",
+        default=list(d.api_keys),
+        metavar="KEY",
+        help="require Bearer KEY (default: no key needed)",
+    )
+    add(
+        "--proxy-url",
+        default=d.proxy_url,
+        help="register at PROXY/nodes/add on start-up, once (default: register nowhere)",
+    )
+    add(
+        "--role",
+        choices=["hybrid", "prefill", "decode"],
+        default=d.role,
+        type=str.lower,
+        help="DistServe role announced at /nodes/add (default %(default)s)",
+    )
+    add(
+        "--allow-terminate-by-client",
+        action="store_true",
+        help="answer POST /terminate by exiting (as LMDeploy's flag)",
+    )
+    add(
+        "--enable-abort-handling",
+        action="store_true",
+        help="serve POST /abort_request (else 501, as LMDeploy)",
+    )
     add("--enable-metrics", action="store_true", help="accepted; /metrics is on by default")
     add("--disable-metrics", action="store_true", help="no /metrics (as LMDeploy's flag)")
     add(
         "--health-poll-interval",
         type=float,
-        default=_env_float("LMDEPLOY_HEALTH_POLL_INTERVAL", 12.0),
-        help="seconds /health may lag the engine (LMDeploy: 12); 0 = live",
+        default=_env_float("LMDEPLOY_HEALTH_POLL_INTERVAL", d.health_poll_interval),
+        help="seconds /health may lag the engine, 0 = live (default %(default)g: "
+        "LMDEPLOY_HEALTH_POLL_INTERVAL when set, as LMDeploy reads it)",
     )
-    add("--log-level", default="warning", type=str.lower)
+    add("--log-level", default=d.log_level, type=str.lower, help="default %(default)s")
     add(
         "--backend",
         choices=["turbomind", "pytorch"],
-        default="turbomind",
-        help="engine emulated (LMDeploy's default: turbomind); decides the weight-update routes",
+        default=d.backend,
+        help="engine emulated (default %(default)s, LMDeploy's); decides the weight-update routes",
     )
     add(
         "--distributed-executor-backend",
         choices=["uni", "mp", "ray"],
-        default=None,
-        help="pytorch executor; LMDeploy 0.18 loads pushed weights only with ray (default: uni)",
+        default=d.distributed_executor_backend,
+        help=f"pytorch executor; LMDeploy 0.18 loads pushed weights only with ray "
+        f"(default: {d.executor})",
+    )
+    add(
+        "--logprobs-mode",
+        choices=["raw_logits", "raw_logprobs"],
+        default=d.logprobs_mode,
+        help="pytorch: serve logprobs (default: none, so refused with a 400 as LMDeploy does); "
+        "turbomind always serves them",
     )
 
     cost = parser.add_argument_group("cost model (ms on a speed-1 node)")
     cost.add_argument("--fast", action="store_true", help="no sleeps, no scheduler")
-    cost.add_argument("--speed", type=float, default=1.0, help="0.333 = 3x slower")
-    cost.add_argument("--ttft-ms", type=float, default=40.0)
-    cost.add_argument("--prefill-ms-per-token", type=float, default=0.1)
-    cost.add_argument("--tpot-ms", type=float, default=20.0)
+    cost.add_argument(
+        "--speed", type=float, default=d.speed, help="0.333 = 3x slower (default %(default)g)"
+    )
+    cost.add_argument(
+        "--ttft-ms",
+        type=float,
+        default=d.ttft_ms,
+        help="time to the first token (default %(default)g)",
+    )
+    cost.add_argument(
+        "--prefill-ms-per-token",
+        type=float,
+        default=d.prefill_ms_per_token,
+        help="prefill time per uncached prompt token (default %(default)g)",
+    )
+    cost.add_argument(
+        "--tpot-ms",
+        type=float,
+        default=d.tpot_ms,
+        help="time per output token of one sequence (default %(default)g)",
+    )
     cost.add_argument(
         "--batch-slowdown",
         type=float,
-        default=0.02,
-        help="per-token time grows by this fraction per extra running sequence",
+        default=d.batch_slowdown,
+        help="per-token time grows by this fraction per extra running sequence "
+        "(default %(default)g)",
     )
-    cost.add_argument("--max-batch", type=int, default=64)
-    cost.add_argument("--prefix-cache-blocks", type=int, default=4096)
-    cost.add_argument("--seed", type=int, default=0)
     cost.add_argument(
-        "--weights-gb", type=float, default=16.0, help="model size for the weight-update cost"
+        "--max-batch",
+        type=int,
+        default=d.max_batch,
+        help="sequences decoded at once; more wait (default %(default)s)",
+    )
+    cost.add_argument(
+        "--prefix-cache-blocks",
+        type=int,
+        default=d.prefix_cache_blocks,
+        help="prefix cache size in blocks (default %(default)s)",
+    )
+    cost.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of the generated text and faults (default %(default)s)",
+    )
+    cost.add_argument(
+        "--weights-gb",
+        type=float,
+        default=d.weights_gb,
+        help="model size for the weight-update cost (default %(default)g)",
     )
     cost.add_argument(
         "--update-seconds-per-gb",
         type=float,
-        default=0.0,
-        help="a finished weight update takes weights-gb times this (server stays responsive)",
+        default=d.update_seconds_per_gb,
+        help="a finished weight update takes weights-gb times this (server stays "
+        "responsive; default %(default)g)",
     )
     cost.add_argument(
         "--output-tokens",
         type=int,
-        default=16,
-        help="natural output length when max_tokens allows it",
+        default=d.output_tokens,
+        help="natural output length when max_tokens allows it (default %(default)s)",
     )
     cost.add_argument(
         "--output-tokens-max",
         type=int,
-        default=None,
-        help="vary the natural length in [output-tokens, this] by prompt hash",
+        default=d.output_tokens_max,
+        help="vary the natural length in [output-tokens, this] by prompt hash "
+        "(default: no variation)",
     )
 
     faults = parser.add_argument_group("fault injection (also POST /sim/faults)")
     faults.add_argument(
-        "--startup-delay", type=float, default=0.0, help="seconds before the port opens"
+        "--startup-delay",
+        type=float,
+        default=d.startup_delay,
+        help="seconds before the port opens (default %(default)g)",
     )
     faults.add_argument(
         "--initializing-for",
         type=float,
-        default=0.0,
-        help="seconds /health says initializing (503) after start",
+        default=d.initializing_for,
+        help="seconds /health says initializing (503) after start (default %(default)g)",
     )
-    faults.add_argument("--error-rate", type=float, default=0.0)
-    faults.add_argument("--error-status", type=int, default=500, choices=[500, 502, 503, 504])
+    faults.add_argument(
+        "--error-rate",
+        type=float,
+        default=d.error_rate,
+        help="fraction of inference requests answered with --error-status (default %(default)g)",
+    )
+    faults.add_argument(
+        "--error-status",
+        type=int,
+        default=d.error_status,
+        choices=[500, 502, 503, 504],
+        help="status of the injected errors (default %(default)s)",
+    )
     faults.add_argument("--hang", action="store_true", help="inference never answers")
     faults.add_argument(
         "--hang-after-head",
@@ -122,22 +221,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument(
         "--crash-after",
         type=int,
-        default=None,
-        help="serve N inference requests, then exit hard on the next",
+        default=d.crash_after,
+        help="serve N inference requests, then exit hard on the next (default: never)",
     )
     faults.add_argument(
         "--drop-stream-after",
         type=int,
-        default=None,
-        help="cut streams after K chunks, without [DONE]",
+        default=d.drop_stream_after,
+        help="cut streams after K chunks, without [DONE] (default: never)",
     )
     faults.add_argument("--unhealthy", action="store_true", help="/health says unhealthy")
     faults.add_argument(
         "--update-weights-error",
         type=int,
-        default=None,
+        default=d.update_weights_error,
         metavar="STATUS",
-        help="/update_weights and /update_weights_from_distributed fail with STATUS",
+        help="/update_weights and /update_weights_from_distributed fail with STATUS "
+        "(default: they succeed)",
     )
 
 
@@ -157,6 +257,7 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         log_level=args.log_level,
         backend=args.backend,
         distributed_executor_backend=args.distributed_executor_backend,
+        logprobs_mode=args.logprobs_mode,
         fast=args.fast,
         speed=args.speed,
         ttft_ms=args.ttft_ms,

@@ -4,29 +4,118 @@ The output is decided up front (textgen); the cost model only paces when each
 token is released. Fast mode skips the scheduler and every sleep. A request
 aborted by /sleep or /abort_request ends normally (HTTP 200) with finish_reason
 "abort", carrying the tokens produced so far.
+
+Logprobs (logprobs.py) follow LMDeploy 0.18: chat `choices[].logprobs.content` and
+`output_token_logprobs`; `/generate`'s `meta_info` lists, including the prompt's
+under `logprob_start_len`; `/v1/completions` always answers `logprobs: null` (its
+stream breaks off: 0.18 raises "logprobs is removed"). A stream that carries
+logprobs ends each choice with a chunk of its own (empty text, no logprobs), as
+LMDeploy's final engine output does.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from lmfleet.sim import asgi
+from lmfleet.sim import logprobs as lp
 from lmfleet.sim.engine import count_tokens
 from lmfleet.sim.protocol import GenRequest, chat_usage, dumps, new_id, usage
 from lmfleet.sim.runtime import NodeRuntime, Sequence
-from lmfleet.sim.textgen import WORDS, Output, generate
+from lmfleet.sim.textgen import WORDS, Output, generate, prompt_hash
 
-_TOKEN_IDS = {f" {w}": 1000 + i for i, w in enumerate(WORDS)}
-_EOS_ID = 2
+_TOKEN_IDS = {f" {w}": lp.FIRST_WORD_ID + i for i, w in enumerate(WORDS)}
+_EOS_ID = lp.EOS_ID
+# LMDeploy 0.18's completions stream raises this on the first output with logprobs.
+LOGPROBS_REMOVED = "logprobs is removed"
 
-ChunkBuilder = Callable[[int, str, "str | None", int], dict[str, Any]]
+
+class ChunkBuilder(Protocol):
+    """(choice, piece, finish_reason, tokens so far, step of a token chunk) -> one SSE payload."""
+
+    def __call__(
+        self,
+        index: int,
+        piece: str,
+        finish: str | None,
+        tokens: int,
+        step: int | None = None,
+        /,
+    ) -> dict[str, Any]: ...
 
 
 def _token_id(piece: str) -> int:
     return _TOKEN_IDS.get(piece, _EOS_ID)
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Every choice's token ids and engine rows, computed up front like the text."""
+
+    ids: list[list[int]]
+    rows: list[list[lp.Row]]
+    # /generate with logprob_start_len: the scored prompt tokens and their rows.
+    input_ids: list[int] | None = None
+    input_rows: list[lp.Row] | None = None
+
+    @staticmethod
+    def build(
+        req: GenRequest, outputs: list[Output], seed: int, logits: bool
+    ) -> TokenLogprobs | None:
+        if not req.logprobs or req.kind == "completion":  # 0.18 drops completions' rows
+            return None
+        states = [prompt_hash(p, seed, j) for p in req.prompts for j in range(req.n)]
+        ids = [[_token_id(piece) for piece in out.pieces] for out in outputs]
+        rows = [
+            lp.output_rows(state, choice, req.logprobs, logits)
+            for state, choice in zip(states, ids, strict=True)
+        ]
+        result = TokenLogprobs(ids, rows)
+        if req.logprob_start_len >= 0:
+            prompt = req.input_ids if req.input_ids is not None else lp.text_ids(req.prompts[0])
+            result.input_ids = prompt[req.logprob_start_len + 1 :]
+            result.input_rows = lp.input_rows(prompt, req.logprob_start_len, req.logprobs, logits)
+        return result
+
+    def chat(self, req: GenRequest, index: int, start: int, stop: int) -> dict[str, Any]:
+        """Chat's `logprobs` and `output_token_logprobs` for tokens [start, stop)."""
+        ids, rows = self.ids[index][start:stop], self.rows[index][start:stop]
+        return {
+            "logprobs": {"content": lp.chat_content(ids, rows)}
+            if req.chat_logprobs and ids
+            else None,
+            "output_token_logprobs": lp.token_pairs(ids, rows)
+            if req.return_logprob and ids
+            else None,
+        }
+
+    def generate(self, req: GenRequest, start: int, stop: int) -> dict[str, Any]:
+        """`/generate`'s four meta_info lists for output tokens [start, stop) (and the prompt's)."""
+        ids, rows = self.ids[0][start:stop], self.rows[0][start:stop]
+        top = req.top_logprobs_num
+        lists: dict[str, Any] = {
+            "output_token_logprobs": lp.token_pairs(ids, rows) if ids else None,
+            "input_token_logprobs": None,
+            "output_top_logprobs": lp.top_pairs(ids, rows, top) if top and ids else None,
+            "input_top_logprobs": None,
+        }
+        if self.input_ids is not None and self.input_rows is not None:
+            pairs = lp.token_pairs(self.input_ids, self.input_rows)
+            lists["input_token_logprobs"] = pairs or None
+            if top:
+                tops = lp.top_pairs(self.input_ids, self.input_rows, top)
+                lists["input_top_logprobs"] = tops or None
+        return lists
+
+
+def _prompt_tokens(req: GenRequest) -> int:
+    if req.input_ids is not None:
+        return len(req.input_ids)
+    return sum(count_tokens(p) for p in req.prompts)
 
 
 async def _steps(
@@ -39,6 +128,8 @@ async def _steps(
     `/metrics` sees the node's decode pace, not lumps at each request's end.
     """
     slots = len(req.prompts) * req.n
+    if not slots:  # `prompt: []`: LMDeploy starts no generator at all
+        return
     stats = rt.stats
     if rt.fast:
         for step in range(length):
@@ -97,20 +188,21 @@ async def serve(
         for prompt in req.prompts
         for j in range(req.n)
     ]
-    prompt_tokens = sum(count_tokens(p) for p in req.prompts)
-    length = max(o.tokens for o in outputs)
+    token_logprobs = TokenLogprobs.build(req, outputs, seed, options.logprobs_mode == "raw_logits")
+    prompt_tokens = _prompt_tokens(req)
+    length = max((o.tokens for o in outputs), default=0)
     seq = rt.begin(req.session_id)
     # Fast mode never waits, so a disconnect cannot matter there: skip the task.
     watcher = None if rt.fast else asyncio.create_task(_abort_on_disconnect(receive, seq))
     done = 0
     try:
         if req.stream:
-            done = await _stream(rt, seq, req, outputs, prompt_tokens, length, send)
+            done = await _stream(rt, seq, req, outputs, prompt_tokens, length, send, token_logprobs)
         else:
             async with aclosing(_steps(rt, seq, req, prompt_tokens, length)) as steps:
                 async for step in steps:
                     done = step + 1
-            answer = _complete(rt, req, outputs, prompt_tokens, done)
+            answer = _complete(rt, req, outputs, prompt_tokens, done, token_logprobs)
             await asgi.send_json(send, 200, {**answer, **extra} if extra else answer)
     finally:
         if watcher is not None:
@@ -131,14 +223,22 @@ def _finals(outputs: list[Output], done: int) -> list[tuple[str, str, int]]:
 
 
 def _complete(
-    rt: NodeRuntime, req: GenRequest, outputs: list[Output], prompt_tokens: int, done: int
+    rt: NodeRuntime,
+    req: GenRequest,
+    outputs: list[Output],
+    prompt_tokens: int,
+    done: int,
+    token_logprobs: TokenLogprobs | None = None,
 ) -> dict[str, Any]:
     finals = _finals(outputs, done)
     completion_tokens = sum(tokens for _, _, tokens in finals)
     if req.kind == "generate":
         text, reason, tokens = finals[0]
         ids = [_token_id(p) for p in outputs[0].pieces[:tokens]]
-        return {"text": text, "output_ids": ids, "meta_info": _meta(prompt_tokens, tokens, reason)}
+        meta = _meta(prompt_tokens, tokens, reason)
+        if token_logprobs is not None:
+            meta.update(token_logprobs.generate(req, 0, tokens))
+        return {"text": text, "output_ids": ids, "meta_info": meta}
     if req.kind == "chat":
         choices: list[dict[str, Any]] = [
             {
@@ -151,11 +251,12 @@ def _complete(
                 },
                 "logprobs": None,
                 "output_token_logprobs": None,
+                **(token_logprobs.chat(req, i, 0, tokens) if token_logprobs else {}),
                 "finish_reason": reason,
                 "output_ids": None,
                 "routed_experts": None,
             }
-            for i, (text, reason, _) in enumerate(finals)
+            for i, (text, reason, tokens) in enumerate(finals)
         ]
         return {
             "id": new_id("chatcmpl"),
@@ -198,8 +299,17 @@ def _meta(prompt_tokens: int, completion_tokens: int, reason: str | None) -> dic
     }
 
 
-def _chunk_builder(rt: NodeRuntime, req: GenRequest, prompt_tokens: int) -> ChunkBuilder:
-    """A function (choice, piece, finish_reason, tokens so far) -> one SSE payload."""
+def _chunk_builder(
+    rt: NodeRuntime,
+    req: GenRequest,
+    prompt_tokens: int,
+    token_logprobs: TokenLogprobs | None = None,
+) -> ChunkBuilder:
+    """A function (choice, piece, finish_reason, tokens so far, step) -> one SSE payload.
+
+    `step` is set on a token's own chunk (its logprobs go there), None on the
+    finishing chunk of a choice, an abort chunk and the usage chunk.
+    """
     rid = new_id("chatcmpl" if req.kind == "chat" else "cmpl")
     head: dict[str, Any] = {"id": rid, "created": rt.created, "model": req.model}
     if req.kind == "chat":
@@ -209,24 +319,39 @@ def _chunk_builder(rt: NodeRuntime, req: GenRequest, prompt_tokens: int) -> Chun
     if req.include_usage:
         head["usage"] = None
 
-    # Chunks are dumped with exclude_none: no finish_reason key until there is one.
-    def chat(index: int, piece: str, finish: str | None, _: int) -> dict[str, Any]:
+    # Chunks are dumped with exclude_none: no finish_reason key until there is one,
+    # and logprobs keys only on the chunks that carry some.
+    def chat(
+        index: int, piece: str, finish: str | None, _: int, step: int | None = None
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "delta": {"role": "assistant", "content": piece}}
+        if token_logprobs is not None and step is not None:
+            lists = token_logprobs.chat(req, index, step, step + 1)
+            choice.update((k, v) for k, v in lists.items() if v is not None)
         if finish is not None:
             choice["finish_reason"] = finish
         return {**head, "choices": [choice]}
 
-    def completion(index: int, piece: str, finish: str | None, _: int) -> dict[str, Any]:
+    def completion(
+        index: int, piece: str, finish: str | None, _: int, step: int | None = None
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "text": piece}
         if finish is not None:
             choice["finish_reason"] = finish
         return {**head, "choices": [choice]}
 
-    def gen(index: int, piece: str, finish: str | None, tokens: int) -> dict[str, Any]:
-        ids = [_token_id(piece)] if piece or finish != "abort" else []
-        return {"text": piece, "output_ids": ids, "meta_info": _meta(prompt_tokens, tokens, finish)}
+    def gen(
+        index: int, piece: str, finish: str | None, tokens: int, step: int | None = None
+    ) -> dict[str, Any]:
+        ids = [_token_id(piece)] if step is not None else []
+        meta = _meta(prompt_tokens, tokens, finish)
+        scored = req.logprob_start_len >= 0 and finish not in (None, "abort")
+        if token_logprobs is not None and (step is not None or scored):
+            meta.update(token_logprobs.generate(req, step or 0, 0 if step is None else step + 1))
+        return {"text": piece, "output_ids": ids, "meta_info": meta}
 
-    return {"chat": chat, "completion": completion, "generate": gen}[req.kind]
+    builders: dict[str, ChunkBuilder] = {"chat": chat, "completion": completion, "generate": gen}
+    return builders[req.kind]
 
 
 async def _stream(
@@ -237,9 +362,13 @@ async def _stream(
     prompt_tokens: int,
     length: int,
     send: asgi.Send,
+    token_logprobs: TokenLogprobs | None = None,
 ) -> int:
     """Stream one SSE event per token per choice; returns the steps completed."""
-    build = _chunk_builder(rt, req, prompt_tokens)
+    build = _chunk_builder(rt, req, prompt_tokens, token_logprobs)
+    # LMDeploy's last engine output of a choice is a chunk of its own (empty text, no
+    # logprobs); the sim folds it into the last token's chunk unless logprobs are on.
+    split_finish = token_logprobs is not None
     drop_after = rt.faults.drop_stream_after
     sent = 0
     done = 0
@@ -257,11 +386,20 @@ async def _stream(
     async with aclosing(_steps(rt, seq, req, prompt_tokens, length)) as steps:
         async for step in steps:
             done = step + 1
+            if req.kind == "completion" and req.logprobs > 0:
+                # 0.18's completion_stream_generator raises ValueError on the first
+                # output carrying logprobs: the 200 head is out, the body breaks off.
+                raise asgi.StreamDropped(LOGPROBS_REMOVED)
             for index, out in enumerate(outputs):
                 if step < out.tokens:
                     last = step == out.tokens - 1
-                    finish = out.finish_reason if last else None
-                    await emit(build(index, out.pieces[step], finish, done))
+                    finish = out.finish_reason if last and not split_finish else None
+                    await emit(build(index, out.pieces[step], finish, done, step))
+                    if last and split_finish:
+                        await emit(build(index, "", out.finish_reason, done))
+    if req.logprob_start_len >= 0:
+        # /generate scoring a prompt: no tokens, one chunk with the prompt's logprobs.
+        await emit(build(0, "", "abort" if seq.aborted else outputs[0].finish_reason, 0))
     for index, out in enumerate(outputs):
         if done < out.tokens:  # cut short by an abort: one last chunk says so
             await emit(build(index, "", "abort", done))

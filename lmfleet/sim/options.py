@@ -19,6 +19,7 @@ Role = Literal["hybrid", "prefill", "decode"]
 HealthFault = Literal["unhealthy", "initializing"]
 Backend = Literal["turbomind", "pytorch"]
 Executor = Literal["uni", "mp", "ray"]
+LogprobsMode = Literal["raw_logits", "raw_logprobs"]
 
 
 class SimOptions(BaseModel):
@@ -42,6 +43,9 @@ class SimOptions(BaseModel):
     # LMDeploy's engine choice decides which weight-update routes work (lmfleet/sim/weights.py).
     backend: Backend = "turbomind"  # api_server's default
     distributed_executor_backend: Executor | None = None  # None: LMDeploy picks (see executor)
+    # PyTorch engine: logprobs are refused (400) unless set; turbomind ignores it and
+    # always serves them (its config has no logprobs_mode). See logprobs.py.
+    logprobs_mode: LogprobsMode | None = None
 
     # Cost model (milliseconds on a speed-1.0 node; see engine.CostModel).
     fast: bool = False

@@ -12,8 +12,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from lmfleet.sim.logprobs import text_ids
+
+if TYPE_CHECKING:
+    from lmfleet.sim.options import SimOptions
 
 Kind = Literal["chat", "completion", "generate"]
 
@@ -71,11 +76,20 @@ class GenRequest:
     ignore_eos: bool = False
     seed: int | None = None
     session_id: int = -1
+    # Logprobs (lmfleet/sim/logprobs.py). `logprobs`: the top-n the engine is asked
+    # for per position (LMDeploy's GenerationConfig.logprobs; 0 = none).
+    logprobs: int = 0
+    chat_logprobs: bool = False  # chat `logprobs: true`: choices[].logprobs.content
+    return_logprob: bool = False  # chat `output_token_logprobs`; /generate's logprob lists
+    top_logprobs_num: int = 0  # /generate's output/input top lists
+    logprob_start_len: int = -1  # /generate: score the prompt from here (max_tokens 0)
+    input_ids: list[int] | None = field(default=None, repr=False)  # /generate's ids
 
 
 # LMDeploy renders FastAPI's RequestValidationError as "<loc>: <msg>" of the first
 # pydantic error (loc without "body"; union members add ".str"), param null.
 NOT_A_DICT = "Input should be a valid dictionary or object to extract fields from"
+PREPROCESS_FAILED = "Request preprocessing failed."  # ErrorCode.PREPROCESS_FAILED (400)
 
 
 def validation_error(field: str, message: str) -> RequestError:
@@ -131,6 +145,24 @@ def _opt_number(body: dict[str, Any], key: str) -> float | None:
     raise _invalid(key, "a valid number")
 
 
+_TRUE = {"1", "on", "t", "true", "y", "yes"}
+_FALSE = {"0", "off", "f", "false", "n", "no"}
+
+
+def _opt_bool(body: dict[str, Any], key: str) -> bool | None:
+    """Pydantic's lax bool: bools, 0/1 and the usual strings ("yes", "off", ...)."""
+    value = body.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    if isinstance(value, (int, str)):
+        raise _invalid(key, "a valid boolean, unable to interpret input")
+    raise _invalid(key, "a valid boolean")
+
+
 def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
@@ -157,21 +189,33 @@ def chat_prompt(messages: Any) -> str:
     return "".join(parts)
 
 
-def parse_generation(kind: Kind, body: Any, model_name: str) -> GenRequest:
-    """Validate a JSON body the way LMDeploy does: types (400), model (404), values (400)."""
+def parse_generation(
+    kind: Kind, body: Any, model_name: str, options: SimOptions | None = None
+) -> GenRequest:
+    """Validate a JSON body the way LMDeploy does: types (400), model (404), values (400).
+
+    `options`: the node's engine (`--backend`, `--logprobs-mode`, `--role`), which
+    decides whether logprobs may be asked for; None is LMDeploy's default engine.
+    """
     if not isinstance(body, dict):
         raise validation_error("", NOT_A_DICT)
+    engine = _Engine.of(options)
     if kind == "generate":
-        return _parse_generate(body, model_name)
+        return _parse_generate(body, model_name, engine)
     model = body.get("model")
     if model is None:
         raise _missing("model")
     if not isinstance(model, str):
         raise _invalid("model", "a valid string")
+    raw_prompts: list[Any] = []
     if kind == "chat":
         if "messages" not in body:
             raise _missing("messages")
         prompts = [chat_prompt(body["messages"])]
+        # ChatCompletionRequest defaults both to False (an explicit null stays None).
+        logprobs_flag = _opt_bool(body, "logprobs") if "logprobs" in body else False
+        top_logprobs = _opt_int(body, "top_logprobs")
+        return_logprob = _opt_bool(body, "return_logprob") if "return_logprob" in body else False
         max_tokens = _opt_int(body, "max_completion_tokens")
         if max_tokens is None:
             max_tokens = _opt_int(body, "max_tokens")
@@ -179,12 +223,18 @@ def parse_generation(kind: Kind, body: Any, model_name: str) -> GenRequest:
         prompt = body.get("prompt")
         if prompt is None:
             raise _missing("prompt")
+        # CompletionRequest.prompt is `str | list[Any]`: a list of anything passes
+        # validation; AsyncEngine.preprocess then fails on what is not a string
+        # (token ids, as lm-eval sends by default), and `[]` makes no choice at all.
         if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = list(prompt)
+            raw_prompts = [prompt]
+        elif isinstance(prompt, list):
+            raw_prompts = prompt
         else:
             raise _invalid("prompt.str", "a valid string")
+        prompts = [p for p in raw_prompts if isinstance(p, str)]
+        completion_logprobs = _opt_int(body, "logprobs")
+        _opt_bool(body, "echo")  # parsed (a type error is a 400), never read by LMDeploy
         max_tokens = _opt_int(body, "max_completion_tokens")
         if max_tokens is None:
             max_tokens = _opt_int(body, "max_tokens", 16)  # CompletionRequest's default
@@ -207,48 +257,189 @@ def parse_generation(kind: Kind, body: Any, model_name: str) -> GenRequest:
     )
     if model != model_name:
         raise RequestError(404, f"The model {model!r} does not exist.")
+    if kind == "chat":
+        _check_chat_logprobs(engine, request, logprobs_flag, top_logprobs, return_logprob)
+    else:
+        _check_completion_logprobs(engine, request, completion_logprobs)
     _check_sampling(body, request)
+    if kind == "chat":
+        _check_chat_lengths(body, top_logprobs)
+    else:  # AsyncEngine.preprocess, per prompt: the first prompt's failure answers
+        preprocess_failed = RequestError(400, PREPROCESS_FAILED)
+        if raw_prompts and not isinstance(raw_prompts[0], str):
+            raise preprocess_failed
+        if raw_prompts and request.max_tokens is not None and request.max_tokens < 1:
+            # /v1/completions has no check of its own on max_tokens.
+            raise RequestError(400, f"max_new_tokens must be at least 1, got {request.max_tokens}.")
+        if len(prompts) < len(raw_prompts):
+            raise preprocess_failed
     return request
 
 
-def _parse_generate(body: dict[str, Any], model_name: str) -> GenRequest:
+@dataclass(frozen=True, slots=True)
+class _Engine:
+    """What of the engine configuration LMDeploy's logprobs checks read."""
+
+    pytorch: bool = False  # TurbomindEngineConfig has no logprobs_mode: checks skipped
+    logprobs_mode: str | None = None
+    hybrid: bool = True
+
+    @staticmethod
+    def of(options: SimOptions | None) -> _Engine:
+        if options is None:
+            return _Engine()
+        pytorch = options.backend == "pytorch"
+        return _Engine(pytorch, options.logprobs_mode, options.role == "hybrid")
+
+
+def _check_chat_logprobs(
+    engine: _Engine,
+    request: GenRequest,
+    logprobs: bool | None,
+    top_logprobs: int | None,
+    return_logprob: bool | None,
+) -> None:
+    """chat_completions/validation.py `check_request`'s logprobs part, and the
+    engine's top-n (`_normalize_runner_gen_config_kwargs`: top_logprobs or 1)."""
+    top = top_logprobs or 0
+    if engine.pytorch and engine.logprobs_mode is None:
+        if logprobs or top > 0:
+            raise RequestError(
+                400,
+                f"Logprobs({logprobs})/top_logprobs({top}) requested "
+                "but not enabled logprobs_mode in engine configuration",
+            )
+        if return_logprob:
+            raise RequestError(
+                400,
+                f"return_logprob({return_logprob}) requested "
+                "but not enabled logprobs_mode in engine configuration.",
+            )
+    enabled = engine.pytorch and engine.logprobs_mode is not None
+    if enabled and (top < 0 or (not logprobs and top > 0)):
+        raise RequestError(
+            400,
+            f"Invalid logprobs({logprobs})/top_logprobs({top}) requested "
+            "when logprobs_mode is enabled in engine configuration.",
+        )
+    request.chat_logprobs = bool(logprobs)
+    request.return_logprob = bool(return_logprob)
+    if logprobs:
+        request.logprobs = max(top_logprobs or 1, 1)
+    elif return_logprob:
+        request.logprobs = 1
+
+
+def _check_completion_logprobs(engine: _Engine, request: GenRequest, logprobs: int | None) -> None:
+    """endpoints/completions.py `check_request`'s logprobs part. The engine is asked
+    for `logprobs` per position, but 0.18 never returns them on /v1/completions."""
+    value = logprobs or 0
+    if engine.pytorch and value > 0 and engine.logprobs_mode is None:
+        raise RequestError(
+            400,
+            f"logprobs({value}) requested but not enabled logprobs_mode in engine configuration.",
+        )
+    if engine.pytorch and engine.logprobs_mode is not None and value < 0:
+        raise RequestError(
+            400,
+            "logprobs must be non-negative when logprobs_mode is enabled in engine configuration.",
+        )
+    request.logprobs = max(value, 0)
+
+
+def _check_chat_lengths(body: dict[str, Any], top_logprobs: int | None) -> None:
+    """The rest of chat's check_request, in its order (after the sampling checks)."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = _opt_int(body, key)
+        if value is not None and value <= 0:
+            raise RequestError(400, f"The {key} {value!r} must be a positive integer.")
+    if top_logprobs is not None and top_logprobs > 20:
+        raise RequestError(400, f"The top_logprobs {top_logprobs!r} must be in [0, 20].")
+
+
+def _parse_generate(body: dict[str, Any], model_name: str, engine: _Engine) -> GenRequest:
     """LMDeploy's own `/generate` (GenerateReqInput): prompt xor input_ids, no model."""
     prompt = body.get("prompt")
     input_ids = body.get("input_ids")
-    if (prompt is not None) ^ (input_ids is None):
-        raise RequestError(400, "You must specify exactly one of prompt or input_ids")
     if prompt is not None and not isinstance(prompt, str):
         raise _invalid("prompt", "a valid string")
     if input_ids is not None and not (
         isinstance(input_ids, list) and all(isinstance(i, int) for i in input_ids)
     ):
         raise _invalid("input_ids", "a valid list of integers")
+    return_logprob = _opt_bool(body, "return_logprob")
+    top_logprobs_num = _opt_int(body, "top_logprobs_num")
+    start = _opt_int(body, "logprob_start_len", -1)
+    start = -1 if start is None else start
+    if start < -1:
+        raise validation_error("logprob_start_len", "Input should be greater than or equal to -1")
+    max_tokens = _opt_int(body, "max_tokens", 128)
+    # endpoints/generate.py check_request, in its order
+    top = top_logprobs_num or 0
+    if top < 0:
+        raise RequestError(
+            400, f"The top_logprobs_num {top_logprobs_num!r} cannot be a negative integer."
+        )
+    if top > 0 and return_logprob is not True:
+        raise RequestError(400, "top_logprobs_num requires return_logprob=True.")
+    if engine.pytorch and engine.logprobs_mode is None and return_logprob:
+        raise RequestError(
+            400,
+            f"return_logprob({return_logprob}) requested "
+            "but not enabled logprobs_mode in engine configuration.",
+        )
+    if (prompt is not None) ^ (input_ids is None):
+        raise RequestError(400, "You must specify exactly one of prompt or input_ids")
     if prompt == "":
         raise RequestError(400, "The prompt must not be an empty string")
     if input_ids is not None and not input_ids:
         raise RequestError(400, "The input_ids must not be an empty list")
+    if max_tokens is not None and max_tokens < 0:
+        raise RequestError(400, f"The max_tokens {max_tokens!r} must be non-negative.")
+    if start >= 0:
+        if not (engine.pytorch and engine.hybrid):
+            raise RequestError(
+                400, "input logprobs are supported only by the PyTorch hybrid engine."
+            )
+        if return_logprob is not True:
+            raise RequestError(400, "logprob_start_len requires return_logprob=True.")
+        if engine.logprobs_mode not in ("raw_logits", "raw_logprobs"):
+            raise RequestError(400, "logprob_start_len requires raw_logits or raw_logprobs mode.")
+        if max_tokens != 0:
+            raise RequestError(400, "logprob_start_len requires max_tokens=0.")
+    elif max_tokens == 0:
+        raise RequestError(400, f"The max_tokens {max_tokens!r} must be a positive integer.")
     text = prompt if prompt is not None else " ".join(f"t{i:03d}" for i in input_ids or [])
     request = GenRequest(
         kind="generate",
         model=model_name,
         prompts=[text],
-        max_tokens=_opt_int(body, "max_tokens", 128),
+        max_tokens=max_tokens,
         stop=_stop(body),
         stream=bool(body.get("stream")),
         ignore_eos=bool(body.get("ignore_eos")),
         session_id=_opt_int(body, "session_id", -1) or -1,
+        logprobs=(top or 1) if return_logprob else 0,
+        return_logprob=bool(return_logprob),
+        top_logprobs_num=top,
+        logprob_start_len=start,
+        input_ids=list(input_ids) if input_ids is not None else None,
     )
     _check_sampling(body, request)
+    if start >= 0:  # AsyncEngine.preprocess, once the prompt is tokenized
+        length = len(input_ids) if input_ids is not None else len(text_ids(text))
+        if start >= length:
+            raise RequestError(
+                400,
+                f"logprob_start_len({start}) exceeds the last source position for "
+                f"processed input_ids length({length}).",
+            )
     return request
 
 
 def _check_sampling(body: dict[str, Any], request: GenRequest) -> None:
     if request.n <= 0:
         raise RequestError(400, f"The n {request.n!r} must be a positive int.")
-    if request.max_tokens is not None and request.max_tokens <= 0:
-        raise RequestError(
-            400, f"The max_tokens {request.max_tokens!r} must be a positive integer."
-        )
     top_p = _opt_number(body, "top_p")
     if top_p is not None and not 0 < top_p <= 1:  # pydantic made it a float: "2.0"
         raise RequestError(400, f"The top_p {top_p!r} must be in (0, 1].")

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs
 
 from lmfleet.sim import asgi
 from lmfleet.sim.engine import count_tokens
+from lmfleet.sim.logprobs import text_ids
 from lmfleet.sim.protocol import (
     NOT_A_DICT,
     RequestError,
@@ -169,7 +170,7 @@ async def terminate(
 
 def _fake_ids(text: str, add_bos: bool) -> list[int]:
     """One id per 4 characters (the simulator's token rule), plus BOS (id 1)."""
-    ids = [zlib.crc32(text[i : i + 4].encode()) % 32000 + 3 for i in range(0, len(text), 4)]
+    ids = text_ids(text)
     return [1, *ids] if add_bos else ids
 
 

@@ -51,3 +51,27 @@ def shape_diff(real: Any, sim: Any, path: str = "$") -> list[str]:
                     break
         return out
     return []
+
+
+def length_diff(
+    real: Any, sim: Any, path: str = "$", values: frozenset[str] = frozenset()
+) -> list[str]:
+    """Where two documents of the same shape hold lists of different lengths.
+
+    For answers whose lengths are meant to agree (the same number of tokens, the
+    same top-n): arrays are compared element by element, objects key by key.
+    `values`: keys whose lists are values, not structure (a token's `bytes`).
+    """
+    if isinstance(real, list) and isinstance(sim, list):
+        if len(real) != len(sim):
+            return [f"{path}: real {len(real)} items, sim {len(sim)}"]
+        out: list[str] = []
+        for i, (a, b) in enumerate(zip(real, sim, strict=True)):
+            out.extend(length_diff(a, b, f"{path}[{i}]", values))
+        return out
+    if isinstance(real, dict) and isinstance(sim, dict):
+        out = []
+        for key in sorted((real.keys() & sim.keys()) - values):
+            out.extend(length_diff(real[key], sim[key], f"{path}.{key}", values))
+        return out
+    return []

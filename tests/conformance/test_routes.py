@@ -6,6 +6,7 @@ error messages too. Accepted differences live in differences.py only.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import httpx2
@@ -14,6 +15,16 @@ from conformance.exchange import Case, compare, send
 
 CHAT = {"model": "$MODEL", "messages": [{"role": "user", "content": "hello world"}]}
 COMPLETION = {"model": "$MODEL", "prompt": "say hello"}
+GENERATE = {"prompt": "say hello"}
+# lm-eval's loglikelihood request (`local-completions`, lm_eval/models/openai_completions.py).
+LM_EVAL = {
+    **COMPLETION,
+    "temperature": 0,
+    "max_tokens": 1,
+    "logprobs": 1,
+    "seed": 1234,
+    "echo": True,
+}
 # Weight-update bodies (LMDeploy's UpdateParamsRequest and the NCCL group requests).
 PARAMS = {"serialized_named_tensors": "AAAA", "load_format": "flattened_bucket"}
 GROUP = {
@@ -110,6 +121,25 @@ CASES = [
     # completions
     Case("completions", "POST", "/v1/completions", body=COMPLETION),
     Case("completions-list", "POST", "/v1/completions", body={**COMPLETION, "prompt": ["a", "b"]}),
+    # prompt is `str | list[Any]`: token ids (lm-eval's default) fail in preprocessing
+    Case(
+        "completions-token-ids", "POST", "/v1/completions", body={**COMPLETION, "prompt": [[5, 6]]}
+    ),
+    Case("completions-flat-ids", "POST", "/v1/completions", body={**COMPLETION, "prompt": [5, 6]}),
+    Case("completions-mixed", "POST", "/v1/completions", body={**COMPLETION, "prompt": ["a", 5]}),
+    Case("completions-empty-list", "POST", "/v1/completions", body={**COMPLETION, "prompt": []}),
+    Case(
+        "completions-empty-list-stream",
+        "POST",
+        "/v1/completions",
+        body={
+            **COMPLETION,
+            "prompt": [],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        stream=True,
+    ),
     Case("completions-unknown-model", "POST", "/v1/completions", body={**COMPLETION, "model": "x"}),
     Case("completions-no-prompt", "POST", "/v1/completions", body={"model": "$MODEL"}),
     Case("completions-malformed", "POST", "/v1/completions", raw=b"{nope"),
@@ -120,6 +150,61 @@ CASES = [
         body={**COMPLETION, "stream": True, "stream_options": {"include_usage": True}},
         stream=True,
     ),
+    # logprobs on the PyTorch engine without --logprobs-mode: refused (400), except
+    # `logprobs: 0`; with the mode: test_logprobs.py
+    Case("completions-lm-eval", "POST", "/v1/completions", body=LM_EVAL),
+    Case("completions-logprobs-0", "POST", "/v1/completions", body={**LM_EVAL, "logprobs": 0}),
+    Case(
+        "completions-stream-logprobs-0",
+        "POST",
+        "/v1/completions",
+        body={**COMPLETION, "logprobs": 0, "max_tokens": 2, "stream": True},
+        stream=True,
+    ),
+    Case(
+        "completions-max-tokens-0", "POST", "/v1/completions", body={**COMPLETION, "max_tokens": 0}
+    ),
+    Case(
+        "completions-max-tokens-neg",
+        "POST",
+        "/v1/completions",
+        body={**COMPLETION, "max_tokens": -1},
+    ),
+    Case("chat-logprobs", "POST", "/v1/chat/completions", body={**CHAT, "logprobs": True}),
+    Case(
+        "chat-logprobs-top",
+        "POST",
+        "/v1/chat/completions",
+        body={**CHAT, "logprobs": True, "top_logprobs": 2},
+    ),
+    Case(
+        "chat-top-logprobs-only", "POST", "/v1/chat/completions", body={**CHAT, "top_logprobs": 2}
+    ),
+    Case(
+        "chat-return-logprob", "POST", "/v1/chat/completions", body={**CHAT, "return_logprob": True}
+    ),
+    Case(
+        "chat-max-completion-tokens-0",
+        "POST",
+        "/v1/chat/completions",
+        body={**CHAT, "max_completion_tokens": 0},
+    ),
+    Case("generate-return-logprob", "POST", "/generate", body={**GENERATE, "return_logprob": True}),
+    Case("generate-top-no-return", "POST", "/generate", body={**GENERATE, "top_logprobs_num": 2}),
+    Case(
+        "generate-score",
+        "POST",
+        "/generate",
+        body={**GENERATE, "return_logprob": True, "max_tokens": 0, "logprob_start_len": 0},
+    ),
+    Case(
+        "generate-score-no-return",
+        "POST",
+        "/generate",
+        body={**GENERATE, "max_tokens": 0, "logprob_start_len": 0},
+    ),
+    Case("generate-max-tokens-0", "POST", "/generate", body={**GENERATE, "max_tokens": 0}),
+    Case("generate-max-tokens-neg", "POST", "/generate", body={**GENERATE, "max_tokens": -1}),
     # LMDeploy's /generate
     Case("generate", "POST", "/generate", body={"prompt": "say hello"}),
     Case("generate-ids", "POST", "/generate", body={"input_ids": [5, 6, 7]}),
@@ -242,12 +327,14 @@ def stream_problems(case: Case, real: list, sim: list) -> list[str]:
         ("finish", lambda cs: next(c for c in cs if _finish(c))),
         ("last", lambda cs: cs[-1]),
     ):
-        try:
-            a, b = pick(real_chunks), pick(sim_chunks)
-        except (IndexError, StopIteration):
+        picked = []
+        for chunks in (real_chunks, sim_chunks):
+            with contextlib.suppress(IndexError, StopIteration):
+                picked.append(pick(chunks))
+        if len(picked) == 1:
             out.append(f"stream.{label}: missing on one side")
-            continue
-        out += [f"{label}-chunk {d}" for d in shape_diff(a, b)]
+        elif picked:
+            out += [f"{label}-chunk {d}" for d in shape_diff(*picked)]
     real_reasons = [_finish(c) for c in real_chunks if _finish(c)]
     sim_reasons = [_finish(c) for c in sim_chunks if _finish(c)]
     if real_reasons != sim_reasons:

@@ -25,6 +25,17 @@ Output: `STUB_OUTPUT_TOKENS` tokens (default 16), then EOS (finish_reason
 exactly `max_new_tokens` ("length"). One token every
 `STUB_TOKEN_INTERVAL` seconds (default 0.01). A cancelled request (client abort,
 `/sleep`, `/abort_request`) ends with `ResponseType.CANCEL` ("abort").
+
+Logprobs (`gen_config.logprobs = n`, set by the server from the request): each
+output carries one row per new token in the PyTorch engine's form
+(`engine_loop._update_logprobs`): a dict {token_id: logprob} built from
+[chosen, top-1 .. top-n] (`compute_logprobs` puts the chosen token first, then
+`_torch_topk`), so the chosen token is first and, being the greedy top-1 here,
+appears once: n entries. With `logprob_start_len >= 0` (`/generate`'s input
+logprobs, `max_new_tokens=0`) nothing is generated: one FINISH output carries the
+rows of the prompt, one per token of `input_ids[logprob_start_len + 1:]`, each
+{target: logprob, top-1 .. top-n} (the target is top-1 every third position).
+The server turns these rows into its responses with its own code.
 """
 
 from __future__ import annotations
@@ -183,6 +194,14 @@ class StubInstance:
     ):
         engine = self.engine
         self.cancelled.discard(session_id)
+        num_logprobs = getattr(gen_config, "logprobs", None) or 0
+        start = getattr(gen_config, "logprob_start_len", -1)
+        if start is not None and start >= 0:  # scoring only: the prompt's rows, no output
+            await asyncio.sleep(engine.interval)
+            targets = input_ids[start + 1 :]
+            rows = [self._row(t, i, num_logprobs, i % 3 == 0) for i, t in enumerate(targets)]
+            yield EngineOutput(ResponseType.FINISH, [], logprobs=rows)
+            return
         limit = getattr(gen_config, "max_new_tokens", None) or engine.output_tokens + 1
         ignore_eos = bool(getattr(gen_config, "ignore_eos", False))
         natural = limit if ignore_eos else min(limit, engine.output_tokens)
@@ -200,10 +219,29 @@ class StubInstance:
                     yield EngineOutput(ResponseType.CANCEL, [])
                     return
                 last = i == len(ids) - 1
-                yield EngineOutput(ResponseType.FINISH if last else ResponseType.SUCCESS, [token])
+                status = ResponseType.FINISH if last else ResponseType.SUCCESS
+                rows = [self._row(token, i, num_logprobs, True)] if num_logprobs > 0 else None
+                yield EngineOutput(status, [token], logprobs=rows)
         finally:
             engine.metrics.active_seqs -= 1
             engine.metrics.scheduler_tick += 1
+
+    def _row(self, token: int, position: int, n: int, top: bool) -> dict[int, float]:
+        """One position's logprobs as the PyTorch engine hands them over: {chosen, top-k}.
+
+        `compute_logprobs` concatenates [chosen, top-1 .. top-n] (values descending);
+        `dict(zip(indices, vals))` keeps the chosen token first and drops its repeat
+        when it is also in the top n (`top`: it is the top-1).
+        """
+        words = self.engine.vocab_size - FIRST_WORD_ID
+        alternatives = [
+            FIRST_WORD_ID + (token - FIRST_WORD_ID + 1 + k + position) % words for k in range(n)
+        ]
+        others = [t for t in alternatives if t != token]
+        ranked = [token, *others][:n] if top else others[:n]
+        values = {t: -0.25 - 0.5 * r for r, t in enumerate(ranked)}
+        chosen = values.get(token, -0.25 - 0.5 * n)
+        return dict([(token, chosen), *values.items()][: n + 1])
 
     async def async_cancel(self, session_id: int) -> None:
         self.cancelled.add(session_id)
