@@ -59,8 +59,8 @@ def judge(
     if not failed:
         if state.probation:
             state = state.evolve(probation=False, ejections=0)
-        return state.evolve(streak=0, error_rate=rate), None
-    state = state.evolve(streak=state.streak + 1, error_rate=rate)
+        return state.evolve(streak=0, error_rate=rate, recent_answers=recent), None
+    state = state.evolve(streak=state.streak + 1, error_rate=rate, recent_answers=recent)
     if not options.enabled or state.status is not NodeStatus.HEALTHY:
         return state, None
     if state.probation:

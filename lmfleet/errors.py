@@ -3,7 +3,6 @@
     LMFleetError
      +-- ConfigError (ValueError)           bad option, unknown strategy name
      +-- UnknownNodeError (LookupError)     a URL that is not in the fleet
-     +-- FleetClosedError (RuntimeError)    the fleet was closed
      +-- NotReadyError (TimeoutError)       wait_ready ran out of time
      +-- LaunchError (RuntimeError)         a launched node exited or failed to start
      +-- NodeCommandError (RuntimeError)    a node refused sleep / wakeup / ...
@@ -15,6 +14,8 @@
           +-- WeightUpdateUnsupportedError  a node cannot load weights online (the
      |                                      message names the missing server flag)
      +-- RoutingError (openai.APIConnectionError)
+          +-- FleetClosedError (RuntimeError)  the fleet was closed: its methods, and
+          |                                 requests through the clients it gave out
           +-- NoHealthyNodeError            nothing eligible within wait_for_node
           +-- FleetBusyError                the admission queue (requests waiting for a
           |                                 node) is full: try again after `retry_after`
@@ -57,10 +58,6 @@ class ConfigError(LMFleetError, ValueError):
 
 class UnknownNodeError(LMFleetError, LookupError):
     """The URL names no node of this fleet."""
-
-
-class FleetClosedError(LMFleetError, RuntimeError):
-    """The fleet has been closed."""
 
 
 class NotReadyError(LMFleetError, TimeoutError):
@@ -114,6 +111,14 @@ class RoutingError(LMFleetError, openai.APIConnectionError):
         self.code = None
         self.param = None
         self.type = type(self).__name__
+
+
+class FleetClosedError(RoutingError, RuntimeError):
+    """The fleet has been closed. Its methods raise it, and so does every request
+    through a client it gave out (`fleet.client()`, `fleet.async_client()`), which
+    would otherwise go on routing over nodes nothing watches any more. A
+    `RuntimeError` as before, and an `openai.APIConnectionError` like every error a
+    request through the fleet's clients raises, so openai lets it through unretried."""
 
 
 class NoHealthyNodeError(RoutingError):

@@ -52,11 +52,13 @@ class NodeState:
     over successful (2xx) answers only; `None` means never measured (strategies give
     such nodes an optimistic prior so that new nodes get traffic). `served` counts
     successes, `errors` node failures (5xx, unreachable, timed out, cut streams);
-    `error_rate` is the failure fraction of the last answers, `streak` the failures
-    in a row. `ejections` counts ejections since the node last succeeded on
-    probation; `ejected_until` is a `time.monotonic()` instant. `load` is the node's
-    latest `/metrics` report (None: not read yet, or the node exports none). `speed`
-    is the node's relative speed as the operator gave it (LMDeploy's `speed`; 2.0 =
+    `error_rate` is the failure fraction of its `recent_answers` last answers (the
+    outlier window, which starts afresh when the node is ejected: until its next answer
+    an ejected node keeps the figures that ejected it), `streak` the failures in a
+    row. `ejections` counts ejections since the node last succeeded on probation;
+    `ejected_until` is a `time.monotonic()` instant. `load` is the node's latest
+    `/metrics` report (None: not read yet, or the node exports none). `speed` is the
+    node's relative speed as the operator gave it (LMDeploy's `speed`; 2.0 =
     twice as fast), None when the fleet should learn it from latency.
     `weight_version` is the version of the weights the node serves, as this fleet
     recorded it (LMDeploy reports none): the fleet's initial version until a weight
@@ -80,6 +82,7 @@ class NodeState:
     registered: bool = False
     exited: int | None = None
     error_rate: float = 0.0
+    recent_answers: int = 0
     streak: int = 0
     ejections: int = 0
     ejected_until: float = 0.0

@@ -5,6 +5,8 @@ Node API keys never appear here: `NodeSnapshot` has no field for them.
 
 from __future__ import annotations
 
+import time
+
 from pydantic import BaseModel, ConfigDict
 
 from lmfleet.state import NodeRole, NodeState, NodeStatus
@@ -16,7 +18,7 @@ COLUMN_NAMES: dict[str, str] = {
     "inflight": "in-flight",
     "served": "requests",
     "errors": "errors",
-    "error_rate": "error %",
+    "recent_errors": "recent errors",
     "latency": "latency",
     "p50": "p50 latency",
     "ttft": "TTFT",
@@ -27,9 +29,10 @@ COLUMN_NAMES: dict[str, str] = {
 """The one name of each column any fleet table shows, by the field it shows.
 
 Defined once so that `print(fleet)`, the HTML table and the live dashboard call the
-same number by the same name (docs/guide/notebooks.md explains each). `latency` (the
-smoothed mean, what routing uses) and `p50 latency` (the median of the last 64) are
-different numbers, so they have different names.
+same number by the same name; docs/guide/notebooks.md ("What the columns mean")
+explains each, once. `latency` (the smoothed mean, what routing uses) and `p50
+latency` (the median of the last 64) are different numbers, so they have different
+names.
 """
 
 
@@ -38,20 +41,8 @@ def columns(*fields: str) -> tuple[str, ...]:
     return tuple(COLUMN_NAMES[field] for field in fields)
 
 
-TEXT_COLUMNS = columns(
-    "url",
-    "state",
-    "models",
-    "inflight",
-    "queue",
-    "served",
-    "errors",
-    "error_rate",
-    "latency",
-    "ttft",
-    "weight_version",
-)
-"""`FleetStatus.table()`'s columns: what one snapshot holds."""
+METERED_COLUMNS = columns("p50", "tokens_per_s")
+"""Columns that need the traffic history a notebook's meter keeps, not in a snapshot."""
 
 NOTEBOOK_COLUMNS = columns(
     "url",
@@ -61,14 +52,41 @@ NOTEBOOK_COLUMNS = columns(
     "queue",
     "served",
     "errors",
-    "error_rate",
+    "recent_errors",
+    "latency",
     "p50",
     "ttft",
     "tokens_per_s",
     "weight_version",
 )
-"""The HTML table's and the dashboard's columns: the notebook meters recent traffic,
-so it shows the median latency and adds tokens/s."""
+"""The HTML table's and the dashboard's columns."""
+
+TEXT_COLUMNS = tuple(c for c in NOTEBOOK_COLUMNS if c not in METERED_COLUMNS)
+"""`FleetStatus.table()`'s columns (`print(fleet)`): the notebook's, less the metered
+ones, which one snapshot cannot give."""
+
+QUEUE_CURRENT_ROUNDS = 2.0
+"""A node's `/metrics` report counts as current for this many of the monitor's
+intervals: one round, with room for its jitter and the read's own time."""
+
+
+def queue_cell(queue: float | None, age: float | None, current: bool) -> str:
+    """The `node queue` cell: the node's count when its report is current, else the
+    count with the report's age (`3 (12s ago)`), never an old count passed as now."""
+    if queue is None:
+        return "-"
+    if current or age is None:
+        return f"{queue:g}"
+    return f"{queue:g} ({age:.1f}s ago)" if age < 10 else f"{queue:g} ({age:.0f}s ago)"
+
+
+def recent_errors_cell(error_rate: float, answers: int) -> str:
+    """The `recent errors` cell: failures of the node's last answers, `failed/answers`
+    (the outlier window, at most `OutlierOptions.window` answers); `-` before any."""
+    if answers <= 0:
+        return "-"
+    return f"{round(error_rate * answers)}/{answers}"
+
 
 _IDLE_REASONS: dict[NodeStatus, str] = {
     NodeStatus.STARTING: "no health check has passed yet",
@@ -80,9 +98,11 @@ _IDLE_REASONS: dict[NodeStatus, str] = {
 class NodeSnapshot(BaseModel):
     """One node at one instant. Latencies are seconds (EWMA over successes); None = never
     measured. `served` counts 2xx answers, `errors` the node's failures; `error_rate`
-    is the failure fraction of its last answers; an ejected node's `message` says why.
+    is the failure fraction of its `recent_answers` last answers; an ejected node's
+    `message` says why.
     `queue`, `cache_usage`, `prefix_hit_rate` and `pace` (seconds per token per
-    sequence) come from the node's own `/metrics`; `speed` is the one given, if any."""
+    sequence) come from the node's own `/metrics`, read `queue_age` seconds ago;
+    `speed` is the one given, if any."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -100,8 +120,18 @@ class NodeSnapshot(BaseModel):
     message: str
     launched: bool
     registered: bool = False
+    recent_answers: int = 0
+    """The answers `error_rate` is over: the node's last ones, at most the outlier
+    window (`OutlierOptions.window`), counted afresh since its last ejection."""
     queue: float | None = None
     """Requests the node holds by its own latest `/metrics` report, every client's."""
+    queue_age: float | None = None
+    """Seconds since that report was read; None: no report."""
+    queue_current: bool = False
+    """Whether `queue` may stand for the node's queue now: the report is at most
+    `QUEUE_CURRENT_ROUNDS` monitor intervals old, and it was not read while requests
+    of this fleet ran on the node that have all ended since. False: the tables show
+    it with its age."""
     cache_usage: float | None = None
     """KV cache in use, 0..1, by that report."""
     prefix_hit_rate: float | None = None
@@ -118,8 +148,21 @@ class NodeSnapshot(BaseModel):
         why = self.message or _IDLE_REASONS.get(self.state, "")
         return f"{self.state.value} ({why})" if why else self.state.value
 
+    @property
+    def recent_errors(self) -> int:
+        """Failures among the `recent_answers`."""
+        return round(self.error_rate * self.recent_answers)
+
     @classmethod
-    def of(cls, state: NodeState) -> NodeSnapshot:
+    def of(cls, state: NodeState, now: float | None = None) -> NodeSnapshot:
+        """`state` as seen at `now` (`time.monotonic()`, by default)."""
+        load = state.load
+        age = None
+        current = False
+        if load is not None:
+            age = max(0.0, (time.monotonic() if now is None else now) - load.read_at)
+            ended = state.inflight == 0 and load.local_inflight > 0
+            current = age <= QUEUE_CURRENT_ROUNDS * load.fresh_for and not ended
         return cls(
             url=state.url,
             state=state.status,
@@ -129,13 +172,16 @@ class NodeSnapshot(BaseModel):
             served=state.served,
             errors=state.errors,
             error_rate=state.error_rate,
+            recent_answers=state.recent_answers,
             ejections=state.ejections,
             latency=state.latency,
             ttft=state.ttft,
             message=state.message,
             launched=state.launched,
             registered=state.registered,
-            queue=load.outstanding if (load := state.load) is not None else None,
+            queue=load.outstanding if load is not None else None,
+            queue_age=age,
+            queue_current=current,
             cache_usage=load.cache_usage if load is not None else None,
             prefix_hit_rate=load.prefix_hit_rate if load is not None else None,
             speed=state.speed,
@@ -168,10 +214,10 @@ class FleetStatus(BaseModel):
                     n.state.value,
                     ",".join(n.models) or "-",
                     str(n.inflight),
-                    "-" if n.queue is None else f"{n.queue:g}",
+                    queue_cell(n.queue, n.queue_age, n.queue_current),
                     str(n.served),
                     str(n.errors),
-                    f"{n.error_rate:.0%}",
+                    recent_errors_cell(n.error_rate, n.recent_answers),
                     _ms(n.latency),
                     _ms(n.ttft),
                     f"v{n.weight_version}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import queue
 import re
@@ -97,3 +98,45 @@ class Console:
 
     def __str__(self) -> str:
         return "\n".join(self.lines[-40:])
+
+
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of `lmfleet NAME`, as `lmfleet NAME --help` prints it."""
+    from lmfleet.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser: argparse.ArgumentParser = sub.choices[name]
+    return parser
+
+
+def help_text(parser: argparse.ArgumentParser, flag: str) -> str:
+    """The help of `flag` as `--help` prints it (`%(default)s` and the like filled in)."""
+    action = next(a for a in parser._actions if flag in a.option_strings)
+    return " ".join(parser._get_formatter()._expand_help(action).split())
+
+
+def help_gaps(parser: argparse.ArgumentParser) -> list[str]:
+    """The options of `parser` whose help is missing or leaves their default unsaid.
+
+    Every option needs a help text; one whose default is a value (not None, False or
+    empty: those mean "off" or "not given") must say `default` and spell the value,
+    so that `--help` alone tells what an absent flag means.
+    """
+    gaps = []
+    for action in parser._actions:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            continue
+        flag = action.option_strings[0]
+        if not action.help or action.help is argparse.SUPPRESS:
+            gaps.append(f"{flag}: no help")
+            continue
+        default = action.default
+        off = default is None or default is False or default is argparse.SUPPRESS
+        if off or (isinstance(default, (list, tuple)) and not default):
+            continue
+        text = help_text(parser, flag)
+        spellings = {str(default)} | ({f"{default:g}"} if isinstance(default, float) else set())
+        said = any(re.search(rf"(?<![\w.]){re.escape(s)}(?![\w.])", text) for s in spellings)
+        if "default" not in text or not said:
+            gaps.append(f"{flag}: its help does not state its default {default!r}: {text!r}")
+    return gaps

@@ -26,6 +26,7 @@ from support import (
 
 from lmfleet import (
     ConfigError,
+    FleetClosedError,
     LMFleet,
     NodeStatus,
     NoHealthyNodeError,
@@ -345,6 +346,36 @@ def test_close_after_an_exception_inside_with() -> None:
         pids = [proc.pid for proc in fleet.processes.values()]
         raise RuntimeError("boom")
     wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), timeout=10)
+
+
+def test_clients_of_a_closed_fleet_raise_fleet_closed(start_sim: StartSim) -> None:
+    """The node outlives the fleet, so only the fleet can refuse: a client taken
+    before `close()` raises the typed error instead of routing on unwatched."""
+    node = start_sim(*FAST)
+    fleet = LMFleet.attach([node.url], health_interval=0.2)
+    fleet.wait_ready(timeout=30)
+    client, aclient = fleet.client(max_retries=0), fleet.async_client(max_retries=0)
+    assert chat(client, fleet.model, "before", max_tokens=1).choices
+    model, served = fleet.model, sim_served(node.url)
+    fleet.close()
+    with pytest.raises(FleetClosedError, match="fleet is closed") as caught:
+        chat(client, model, "after", max_tokens=1)
+    assert isinstance(caught.value, openai.APIConnectionError)  # code written for openai
+    assert isinstance(caught.value, RuntimeError)  # and for what close() raised before
+
+    async def main() -> None:
+        async with aclient:
+            with pytest.raises(FleetClosedError, match="fleet is closed"):
+                await aclient.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "after"}], max_tokens=1
+                )
+            with pytest.raises(FleetClosedError):
+                await aclient.models.list()
+
+    anyio.run(main)
+    assert sim_served(node.url) == served  # nothing reached the node
+    with pytest.raises(FleetClosedError):
+        fleet.client()
 
 
 def test_no_healthy_node_is_a_typed_error_after_wait_for_node(

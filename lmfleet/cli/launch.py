@@ -28,17 +28,37 @@ from lmfleet.cli.serve import (
 from lmfleet.errors import NotReadyError
 from lmfleet.extras import require_serve
 from lmfleet.launch.command import ServerArgValue, server_args_to_flags
+from lmfleet.launch.options import LaunchOptions
 
 if TYPE_CHECKING:
     from lmfleet.fleet import LMFleet
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = LaunchOptions()
     parser.add_argument("model", help="model path or id (passed to the server command)")
     add = parser.add_argument_group("launch").add_argument
-    add("--nodes", dest="count", type=int, default=1, help="how many servers to start")
-    add("--tp", type=int, default=1, help="tensor parallelism: GPUs per node")
-    add("--backend", default="turbomind", choices=["turbomind", "pytorch"])
+    add(
+        "--nodes",
+        dest="count",
+        type=int,
+        default=1,
+        metavar="N",
+        help="how many servers to start (default %(default)s)",
+    )
+    add(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor parallelism: GPUs per node (default %(default)s)",
+    )
+    add(
+        "--backend",
+        default="turbomind",
+        choices=["turbomind", "pytorch"],
+        help="LMDeploy engine (default %(default)s)",
+    )
     add(
         "--server-arg",
         dest="server_args",
@@ -52,16 +72,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--command",
         default=None,
         help="another server's command template, e.g. "
-        "'vllm serve {model} --host {host} --port {port} -tp {tp}'",
+        "'vllm serve {model} --host {host} --port {port} -tp {tp}' "
+        "(default: lmdeploy serve api_server)",
     )
     add("--simulate", action="store_true", help="start emulated nodes (no GPU) instead")
-    add("--launcher", default="local", choices=["local", "ray"])
+    add(
+        "--launcher",
+        default=defaults.launcher,
+        choices=["local", "ray"],
+        help="local processes or Ray actors (default %(default)s)",
+    )
     add("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
-    add("--placement", default="spread", choices=["spread", "pack"])
-    add("--restart", default="no", choices=["no", "on-failure"])
-    add("--max-restarts", type=int, default=3)
-    add("--base-port", type=int, default=None, help="node i listens on BASE+i (default: free)")
-    add("--ready-timeout", type=float, default=900.0, help="seconds to wait for every node")
+    add(
+        "--placement",
+        default=defaults.placement,
+        choices=["spread", "pack"],
+        help="Ray: spread the nodes over machines or pack them (default %(default)s)",
+    )
+    add(
+        "--restart",
+        default=defaults.restart,
+        choices=["no", "on-failure"],
+        help="on-failure: bring a crashed node back on the same URL (default %(default)s)",
+    )
+    add(
+        "--max-restarts",
+        type=int,
+        default=defaults.max_restarts,
+        metavar="N",
+        help="restarts per node with --restart on-failure (default %(default)s)",
+    )
+    add(
+        "--base-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="node i listens on PORT+i (default: free ports)",
+    )
+    add(
+        "--ready-timeout",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="seconds to wait for every node (default %(default)g)",
+    )
     serve_cli.add_arguments(parser)
 
 

@@ -1,9 +1,9 @@
 """The live ipywidgets dashboard shown when a notebook displays an `LMFleet`.
 
-One row per node (url, coloured state, models, in-flight, requests, errors, p50
-latency, TTFT, tokens/s) and a line of fleet totals, refreshed about once a second
-by a task in the fleet's own event loop: the kernel is never blocked. The refresh
-stops when the fleet closes or the widget is closed.
+One row per node (the columns of `status.NOTEBOOK_COLUMNS`, the state coloured) and
+a line of fleet totals, refreshed about once a second by a task in the fleet's own
+event loop: the kernel is never blocked. The refresh stops when the fleet closes or
+the widget is closed.
 
 The sleep / wake / drain buttons run their command in the fleet's loop too; the
 outcome (or the error) appears under the table, never as a blocked cell.

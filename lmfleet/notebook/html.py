@@ -9,7 +9,7 @@ from __future__ import annotations
 from html import escape
 
 from lmfleet.notebook.stats import STATE_COLOURS, FleetView, NodeRow, fmt_ms, fmt_rate
-from lmfleet.status import NOTEBOOK_COLUMNS
+from lmfleet.status import NOTEBOOK_COLUMNS, queue_cell, recent_errors_cell
 
 COLUMNS = NOTEBOOK_COLUMNS
 """This table's and the live dashboard's column names (named once, in lmfleet/status.py)."""
@@ -34,10 +34,11 @@ def cells(row: NodeRow) -> list[str]:
         state_badge(row),
         escape(", ".join(row.models) or "-"),
         str(row.inflight),
-        "-" if row.queue is None else f"{row.queue:g}",
+        escape(queue_cell(row.queue, row.queue_age, row.queue_current)),
         str(row.served),
         str(row.errors),
-        f"{row.error_rate:.0%}",
+        recent_errors_cell(row.error_rate, row.recent_answers),
+        fmt_ms(row.latency),
         fmt_ms(row.p50),
         fmt_ms(row.ttft),
         fmt_rate(row.tokens_per_s),

@@ -1,4 +1,5 @@
-"""What the dashboard shows per node: snapshot fields plus p50 latency and tokens/s.
+"""What the dashboard shows per node: snapshot fields plus p50 latency and tokens/s
+(`status.METERED_COLUMNS`, which need the traffic history kept here).
 
 Pure computation over `NodeRegistry` reads; nothing here touches the request path.
 
@@ -42,6 +43,7 @@ class NodeRow:
     served: int
     errors: int
     error_rate: float
+    latency: float | None
     p50: float | None
     ttft: float | None
     tokens: int
@@ -50,6 +52,12 @@ class NodeRow:
     message: str
     queue: float | None = None
     """Requests the node holds by its own `/metrics` (every client's); None: no report."""
+    queue_age: float | None = None
+    queue_current: bool = False
+    """As `NodeSnapshot.queue_age` / `queue_current`: how old that report is, and
+    whether it may stand for now."""
+    recent_answers: int = 0
+    """The node's last answers `error_rate` is over (`NodeSnapshot.recent_answers`)."""
     weight_version: int = 0
 
 
@@ -124,12 +132,16 @@ class TrafficMeter:
             served=node.served,
             errors=node.errors,
             error_rate=node.error_rate,
+            latency=node.latency,
             p50=statistics.median(latencies) if latencies else None,
             ttft=node.ttft,
             tokens=tokens,
             tokens_per_s=rate,
             message=node.message,
             queue=node.queue,
+            queue_age=node.queue_age,
+            queue_current=node.queue_current,
+            recent_answers=node.recent_answers,
             weight_version=node.weight_version,
         )
 

@@ -1,5 +1,5 @@
 """lmfleet's own routes: `/fleet/*` (sleep, wakeup, drain, status), `/health`,
-`/liveness`, `/readiness`, `/v1/models`.
+`/liveness`, `/readiness`, `/v1/models`, `/v1/models/{model}`.
 
 Handlers run in the fleet's own event loop: they await the fleet's async internals
 (`fleet.admin`); the sync methods would deadlock the loop.
@@ -17,6 +17,7 @@ from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_bytes, send
 from lmfleet.proxy.nodes_api import ADMIN_BODY_LIMIT, BadRequest
 from lmfleet.routing.base import RequestInfo
 from lmfleet.state import NodeStatus
+from lmfleet.transport.models import model_card, model_named, unknown_model_message
 
 if TYPE_CHECKING:
     from lmfleet.proxy.runtime import Runtime
@@ -115,18 +116,22 @@ async def models(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> Non
     )
     now = int(time.time())
     cards: list[dict[str, object]] = [
-        {
-            "id": name,
-            "object": "model",
-            "created": now,
-            "owned_by": "lmdeploy",
-            "root": name,
-            "parent": None,
-            "permission": [],
-        }
-        for name in names
+        {**model_card(name, now), "root": name, "parent": None, "permission": []} for name in names
     ]
     await send_json(send, 200, {"object": "list", "data": cards})
+
+
+async def model(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+    """`GET /v1/models/{model}` (openai's `models.retrieve`), which LMDeploy's nodes do
+    not serve: the model's card when a node of the fleet serves it, else the 404 a
+    request naming it gets (transport/models.py; the fleet's clients answer alike)."""
+    name = model_named(scope["path"]) or ""
+    served = rt.fleet.registry.models()
+    if name not in served:
+        message = unknown_model_message(name, served)
+        await send_error(send, 404, message, type="not_found_error", param="model")
+        return
+    await send_json(send, 200, model_card(name))
 
 
 async def metrics(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:

@@ -14,6 +14,7 @@ class AsyncFleetTransport(httpx2.AsyncBaseTransport):
         self._inner = inner
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        self._router.check_open(request)
         return await drive_async(self._router.route(request).steps(), self._inner)
 
     async def aclose(self) -> None:

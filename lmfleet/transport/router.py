@@ -17,9 +17,11 @@ import httpx2
 import tenacity
 
 from lmfleet.config import RoutingOptions
+from lmfleet.errors import FleetClosedError
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy, wants_affinity_key
 from lmfleet.state import NodeRole, NodeState
+from lmfleet.transport import models as fleet_models
 from lmfleet.transport.plan import SERVED_VERSION_HEADER, RequestPlan, error_answer, read_json
 from lmfleet.transport.steps import Steps
 
@@ -62,8 +64,12 @@ class Router:
         *,
         on_starved: StarvedHook | None = None,
         affinity_key: Callable[..., str | None] | None = None,
+        closed: Callable[[], bool] | None = None,
     ) -> None:
+        """`closed`: whether the fleet is closed; from then on every request through
+        the transports raises `FleetClosedError` (`check_open`)."""
         self.registry = registry
+        self._closed = closed
         self.strategy = strategy
         self.options = options
         self._on_starved = on_starved
@@ -85,6 +91,10 @@ class Router:
         JSON body, when the caller has it. `role` limits the nodes to one role.
         """
         models = self.registry.models()
+        if request.method == "GET" and (name := fleet_models.model_named(request.url.path)):
+            plan = RequestPlan(self, request, RequestInfo(role=role))
+            plan.immediate = _model_answer(request, name, models)  # no node has this route
+            return plan
         if body is None:
             body = request.extensions.get(PARSED_BODY)
         if not isinstance(body, dict):
@@ -123,6 +133,17 @@ class Router:
         if model is not None and models and model not in models:
             plan.immediate = _unknown_model(request, model, models)
         return plan
+
+    def check_open(self, request: httpx2.Request) -> None:
+        """Raise `FleetClosedError` once the fleet is closed (the transports ask first):
+        its monitor no longer watches the nodes, which may be gone, so a client it gave
+        out must not go on routing as if nothing happened."""
+        if self._closed is not None and self._closed():
+            raise FleetClosedError(
+                "this fleet is closed: the clients it gave out send no more requests; "
+                "start a new LMFleet and take a client from it",
+                request=request,
+            )
 
     def starved(self, request: RequestInfo) -> None:
         if self._on_starved is not None:
@@ -200,5 +221,12 @@ def _version_ask(
 
 def _unknown_model(request: httpx2.Request, model: str, served: list[str]) -> httpx2.Response:
     """LMDeploy's 404 for a model no node serves, plus what the fleet does serve."""
-    message = f"The model {model!r} does not exist; served models: {', '.join(served)}"
+    message = fleet_models.unknown_model_message(model, served)
     return error_answer(request, 404, message, type="not_found_error", param="model")
+
+
+def _model_answer(request: httpx2.Request, name: str, served: list[str]) -> httpx2.Response:
+    """`GET /v1/models/{name}` from the fleet's model list (transport/models.py)."""
+    if name not in served:
+        return _unknown_model(request, name, served)
+    return httpx2.Response(200, json=fleet_models.model_card(name), request=request)

@@ -19,6 +19,7 @@ class FleetTransport(httpx2.BaseTransport):
         self._inner = inner
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        self._router.check_open(request)
         return drive_sync(self._router.route(request).steps(), self._inner)
 
     def close(self) -> None:

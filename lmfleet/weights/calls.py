@@ -21,11 +21,17 @@ from lmfleet.state import NodeState
 
 RAY_FLAG = "--distributed-executor-backend ray"
 PYTORCH_FLAG = "--backend pytorch"
-NEEDS = f"LMDeploy loads pushed weights only with {PYTORCH_FLAG} {RAY_FLAG}"
+NEEDS = (
+    "LMDeploy 0.18 loads pushed weights only on the PyTorch engine with the Ray executor: "
+    "start the fleet with LMFleet.launch(..., weight_updates=True) (LMFleet.simulate "
+    f"takes it too), or each api_server with {PYTORCH_FLAG} {RAY_FLAG}"
+)
+"""What to change, in Python and on the command line: said once per error."""
 
 
 def unsupported(url: str, what: str) -> WeightUpdateUnsupportedError:
-    return WeightUpdateUnsupportedError(f"{url} cannot load pushed weights: {what}. {NEEDS}")
+    """One node that cannot load pushed weights, `what` says why, and the fix."""
+    return WeightUpdateUnsupportedError(f"{url} cannot load pushed weights: {what}. {NEEDS}.")
 
 
 async def post_json(

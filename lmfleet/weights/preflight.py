@@ -8,10 +8,10 @@ NotImplementedError 500, calls.py turns that into the same typed error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from lmfleet.errors import WeightUpdateUnsupportedError
-from lmfleet.weights.calls import PYTORCH_FLAG, RAY_FLAG, unsupported
+from lmfleet.weights.calls import NEEDS, PYTORCH_FLAG, RAY_FLAG
 
 
 def flag_value(argv: Sequence[str], flag: str) -> str | None:
@@ -25,8 +25,9 @@ def flag_value(argv: Sequence[str], flag: str) -> str | None:
     return value
 
 
-def check_argv(url: str, argv: Sequence[str]) -> WeightUpdateUnsupportedError | None:
-    """What a launched node's command line is missing for online weight loading."""
+def check_argv(argv: Sequence[str]) -> str | None:
+    """What a launched node's command line is missing for online weight loading
+    (None: nothing)."""
     missing = []
     if flag_value(argv, "--backend") != "pytorch":
         missing.append(PYTORCH_FLAG)
@@ -34,14 +35,24 @@ def check_argv(url: str, argv: Sequence[str]) -> WeightUpdateUnsupportedError | 
         missing.append(RAY_FLAG)
     if not missing:
         return None
-    return unsupported(url, f"it was launched without {' and '.join(missing)}")
+    return f"launched without {' and '.join(missing)}"
 
 
-def check_backend(url: str, backend: str | None) -> WeightUpdateUnsupportedError | None:
+def check_backend(backend: str | None) -> str | None:
     """What an attached node's reported backend rules out (None: no evidence)."""
     if backend is None or backend == "pytorch":
         return None
-    return unsupported(url, f"it runs the {backend} backend")
+    return f"runs the {backend} backend"
+
+
+def preflight_error(reasons: Mapping[str, str]) -> WeightUpdateUnsupportedError:
+    """One error for every node the preflight refused (`reasons`: URL -> why): the fix
+    once (`weight_updates=True`, or the server flags), then each node and why."""
+    nodes = "\n".join(f"  {url}: {why}" for url, why in reasons.items())
+    return WeightUpdateUnsupportedError(
+        f"{len(reasons)} node(s) cannot load pushed weights, so the update touched no "
+        f"node. {NEEDS}. The node(s):\n{nodes}"
+    )
 
 
 def tp_size(argv: Sequence[str] | None) -> int:

@@ -39,7 +39,7 @@ from lmfleet.health import is_sleeping
 from lmfleet.registry import NodeRegistry
 from lmfleet.state import NodeState, NodeStatus
 from lmfleet.weights.calls import backend_of, post_json
-from lmfleet.weights.preflight import check_argv, check_backend, tp_size
+from lmfleet.weights.preflight import check_argv, check_backend, preflight_error, tp_size
 
 log = logging.getLogger("lmfleet")
 
@@ -130,18 +130,20 @@ class UpdateSession:
 
     async def begin(self) -> None:
         """Preflight, then take every node out of routing and prepare it for new weights."""
-        problems: list[WeightUpdateUnsupportedError] = []
+        problems: dict[str, str] = {}  # url -> why it cannot load pushed weights
 
         async def check(target: UpdateTarget) -> None:
             problem = await self._preflight(target)
             if problem is not None:
-                problems.append(problem)
+                problems[target.url] = problem
 
         await _each(self.targets, check)
         if problems:
             self._updater.release(self)
             self._closed = True
-            raise WeightUpdateUnsupportedError("; ".join(str(p) for p in problems))
+            raise preflight_error(
+                {t.url: problems[t.url] for t in self.targets if t.url in problems}
+            )
         self._registry.bring(self.version)
         if not self.allow_mixed:
             floor = self._registry.version_floor
@@ -162,17 +164,17 @@ class UpdateSession:
             result = await self.end(None)
             raise WeightUpdateError(_all_failed(result))
 
-    async def _preflight(self, target: UpdateTarget) -> WeightUpdateUnsupportedError | None:
+    async def _preflight(self, target: UpdateTarget) -> str | None:
+        """Why `target` cannot load pushed weights, as far as it can be known without
+        touching it; None: it can, or there is no evidence (then it is tried)."""
         argv = self._updater.argv_of(target.url)
         if argv is not None:
-            problem = check_argv(target.url, argv)
+            problem = check_argv(argv)
             if problem is None:
                 self._verified.add(target.url)
             return problem
         node = self._registry.get(target.url)
-        return check_backend(
-            target.url, await backend_of(self._http, node, self._options.admin_timeout)
-        )
+        return check_backend(await backend_of(self._http, node, self._options.admin_timeout))
 
     async def _prepare(self, target: UpdateTarget) -> None:
         url, options = target.url, self._options

@@ -19,7 +19,7 @@ from typing import Any
 import httpx2
 import openai
 import pytest
-from cli_support import Console
+from cli_support import Console, help_gaps, help_text, run_lmfleet
 from conformance.peer_support import PEER_PYTHON, peer_unavailable
 from support import StartSim, sim_stats, wait_until
 
@@ -27,6 +27,7 @@ from lmfleet.cli import build_parser
 from lmfleet.cli.serve import fleet_keywords, fleet_options
 from lmfleet.config import FleetOptions, merge_options
 from lmfleet.launch.process import free_port
+from lmfleet.proxy.options import ProxyOptions
 from lmfleet.sim.options import DEFAULT_MODEL
 
 DESCRIBE_LMDEPLOY_PROXY = """
@@ -195,6 +196,32 @@ def test_idle_and_admission_flags_reach_the_fleet_options() -> None:
     for flag in ("--auto-sleep-after", "--auto-sleep-level", "--admission-queue"):
         assert flag in text
     assert "--weight-version" in text
+
+
+def test_every_flag_has_help_that_states_its_default() -> None:
+    """`lmfleet serve --help` alone tells what each absent flag means."""
+    parser = serve_parser()
+    assert help_gaps(parser) == []
+    # A flag whose absence leaves the fleet's own default (its argparse default is
+    # None) states that default, read from the option model.
+    fleet = FleetOptions()
+    stated = {
+        "--health-interval": fleet.health.interval,
+        "--wait-for-node": fleet.routing.wait_for_node,
+        "--first-byte-timeout": fleet.routing.first_byte_timeout,
+        "--min-ready": fleet.min_ready,
+        "--admission-queue": fleet.routing.admission_queue,
+        "--weight-version": fleet.weight_version,
+    }
+    for flag, value in stated.items():
+        assert f"default {value:g}" in help_text(parser, flag), flag
+    assert "default: never" in help_text(parser, "--auto-sleep-after")
+    # The printed help, as a user sees it (the console script, a fresh process).
+    done = run_lmfleet("serve", "--help")
+    assert done.returncode == 0, done.stderr
+    printed = " ".join(done.stdout.split())
+    assert f"get a 413 (default {ProxyOptions().max_body_bytes}," in printed
+    assert f"before 504 (default {ProxyOptions().upstream_timeout:g})" in printed
 
 
 def test_serve_auto_sleep_puts_an_idle_node_to_sleep_and_wakes_it_on_use(

@@ -11,11 +11,12 @@ import pytest
 from support import SimNode, StartSim, chat, wait_until
 
 from lmfleet import LMFleet
+from lmfleet.config import OutlierOptions
 from lmfleet.ejection import Outcome
 from lmfleet.notebook import display, html
 from lmfleet.notebook.dashboard import Dashboard
 from lmfleet.notebook.stats import TrafficMeter
-from lmfleet.status import COLUMN_NAMES, NOTEBOOK_COLUMNS, TEXT_COLUMNS
+from lmfleet.status import COLUMN_NAMES, METERED_COLUMNS, NOTEBOOK_COLUMNS, TEXT_COLUMNS
 
 FAST = ("--health-poll-interval", "0.5", "--ttft-ms", "5", "--tpot-ms", "2")
 SECRET = "sk-node-secret-1234"
@@ -63,7 +64,11 @@ def test_widget_content_follows_traffic(fleet: LMFleet, sims: list[SimNode]) -> 
     assert sum(r.tokens for r in view.rows) >= 12 * 16 + 9 * 8
     # Widget children: column heads, then one row of cells plus buttons per node.
     assert len(board.grid.children) == (len(html.COLUMNS) + 1) * 4
-    assert all(t["error %"] == "0%" for t in texts)
+    recent = COLUMN_NAMES["recent_errors"]  # failed/answers of the last ones: 0/k here
+    window = OutlierOptions().window
+    answers = [min(int(t["requests"]), window) for t in texts]
+    assert [t[recent] for t in texts] == [f"0/{k}" if k else "-" for k in answers]
+    assert all(t["latency"].endswith(" ms") for t in texts)
 
 
 def test_background_refresh_and_buttons(fleet: LMFleet, sims: list[SimNode]) -> None:
@@ -162,6 +167,6 @@ def test_every_rendering_names_columns_from_one_set(fleet: LMFleet) -> None:
     widget_heads = [w.value for w in board.grid.children[: len(NOTEBOOK_COLUMNS) + 1]]
     assert widget_heads == [f"<b>{escape(c)}</b>" for c in (*NOTEBOOK_COLUMNS, "actions")]
     assert set(TEXT_COLUMNS) | set(NOTEBOOK_COLUMNS) <= set(COLUMN_NAMES.values())
-    shared = [c for c in NOTEBOOK_COLUMNS if c in TEXT_COLUMNS]
-    assert shared == [c for c in TEXT_COLUMNS if c in NOTEBOOK_COLUMNS]  # same order
-    assert len(shared) == len(TEXT_COLUMNS) - 1  # all but the smoothed "latency"
+    # One set: the text table is the notebook's, less what needs a traffic meter.
+    assert [c for c in NOTEBOOK_COLUMNS if c not in METERED_COLUMNS] == list(TEXT_COLUMNS)
+    assert {"latency", "p50 latency"} <= set(NOTEBOOK_COLUMNS)

@@ -14,18 +14,28 @@ from lmfleet.launch import plan
 from lmfleet.weights import serialize
 from lmfleet.weights.preflight import check_argv, tp_size
 
+FIX = ("weight_updates=True", "--backend pytorch --distributed-executor-backend ray")
+"""What the preflight error must name once: the Python fix and the server flags."""
+
 
 def test_launched_without_the_flags_is_refused_before_any_node_is_touched() -> None:
-    with LMFleet.simulate(nodes=1, sim_args=["--fast"], health_interval=0.2) as fleet:
+    with LMFleet.simulate(nodes=2, sim_args=["--fast"], health_interval=0.2) as fleet:
         fleet.wait_ready(timeout=30)
-        url = fleet.nodes[0].url
+        urls = [n.url for n in fleet.nodes]
         with pytest.raises(WeightUpdateUnsupportedError) as caught:
             fleet.update_weights("w", version=1)
         message = str(caught.value)
-        assert "--backend pytorch" in message and "--distributed-executor-backend ray" in message
-        assert sim_stats(url)["admin_calls"] == []  # not even put to sleep
-        assert fleet.nodes[0].state is NodeStatus.HEALTHY
-        # and the next update may start: the failed preflight released the node
+        # The fix once, in Python and as server flags, then each node and why.
+        for fix in FIX:
+            assert message.count(fix) == 1, message
+        assert "LMFleet.launch(..., weight_updates=True)" in message
+        head, _, nodes = message.partition("\n")
+        assert "2 node(s) cannot load pushed weights" in head and "touched no node" in head
+        why = "launched without --backend pytorch and --distributed-executor-backend ray"
+        assert nodes.splitlines() == [f"  {url}: {why}" for url in urls]
+        assert all(sim_stats(url)["admin_calls"] == [] for url in urls)  # none put to sleep
+        assert all(n.state is NodeStatus.HEALTHY for n in fleet.nodes)
+        # and the next update may start: the failed preflight released the nodes
         with pytest.raises(WeightUpdateUnsupportedError):
             fleet.update_weights("w", version=1)
 
@@ -36,8 +46,11 @@ def test_an_attached_turbomind_node_is_refused_from_what_it_reports(
     node = start_sim("--fast", "--backend", "turbomind")
     with LMFleet.attach([node.url], health_interval=0.2) as fleet:
         fleet.wait_ready(timeout=30)
-        with pytest.raises(WeightUpdateUnsupportedError, match="runs the turbomind backend"):
+        with pytest.raises(WeightUpdateUnsupportedError) as caught:
             fleet.update_weights("w", version=1)
+        message = str(caught.value)
+        assert message.endswith(f"\n  {node.url}: runs the turbomind backend"), message
+        assert all(message.count(fix) == 1 for fix in FIX), message
         assert sim_stats(node.url)["admin_calls"] == []
 
 
@@ -47,10 +60,10 @@ def test_an_attached_node_without_ray_is_tried_and_its_500_becomes_the_typed_err
     node = start_sim("--fast", "--backend", "pytorch")  # LMDeploy's default executor
     with LMFleet.attach([node.url], health_interval=0.2) as fleet:
         fleet.wait_ready(timeout=30)
-        with pytest.raises(
-            WeightUpdateUnsupportedError, match="--distributed-executor-backend ray"
-        ):
+        with pytest.raises(WeightUpdateUnsupportedError) as caught:
             fleet.update_weights("w", version=1)
+        message = str(caught.value)
+        assert "answered HTTP 500" in message and all(fix in message for fix in FIX), message
         state = fleet.nodes[0]
         assert state.state is NodeStatus.SLEEPING and "HTTP 500" in state.quarantine
         assert sim_stats(node.url)["weights"]["updates"] == 0
@@ -59,8 +72,8 @@ def test_an_attached_node_without_ray_is_tried_and_its_500_becomes_the_typed_err
 def test_launch_flags_and_their_contradictions() -> None:
     backend, args = plan.weight_update_server(None, {"session_len": 4096}, True)
     argv = plan.server_specs("m", 1, tp=2, backend=backend, server_args=args)[0].argv("h", 1)
-    assert check_argv("u", argv) is None and tp_size(argv) == 2
-    assert check_argv("u", plan.server_specs("m", 1)[0].argv("h", 1)) is not None
+    assert check_argv(argv) is None and tp_size(argv) == 2
+    assert check_argv(plan.server_specs("m", 1)[0].argv("h", 1)) is not None
     with pytest.raises(ConfigError, match="backend='pytorch'"):
         plan.weight_update_server("turbomind", None, True)
     with pytest.raises(ConfigError, match="Ray executor"):

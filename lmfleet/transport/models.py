@@ -1,0 +1,47 @@
+"""`GET /v1/models/{name}`, answered by the fleet itself on both front doors.
+
+LMDeploy's api_server has no such route (it answers 405), so openai's
+`client.models.retrieve(name)` cannot be sent to a node: the fleet's clients
+(`Router.plan`) and the proxy (`proxy/admin_api.py`) answer it from the models the
+fleet's nodes serve, with the card a node's own `GET /v1/models` lists for that
+model, and a 404 in OpenAI's error shape, listing the served models, for any other
+name: the 404 a request naming that model gets.
+"""
+
+from __future__ import annotations
+
+import time
+
+MODELS_PATH = "/v1/models"
+"""The model list; `MODELS_PATH/{name}` is one model."""
+
+OWNED_BY = "lmdeploy"
+"""What LMDeploy's api_server puts in each card's `owned_by`."""
+
+
+def model_card(name: str, created: int | None = None) -> dict[str, object]:
+    """One model as OpenAI's `Model` object: `id`, `object`, `created`, `owned_by`,
+    with the values an LMDeploy node lists for it (`created`: now, by default)."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(time.time()) if created is None else created,
+        "owned_by": OWNED_BY,
+    }
+
+
+def model_named(path: str) -> str | None:
+    """The model a `GET /v1/models/{name}` path asks for; None for any other path.
+
+    `path` is already URL-decoded (httpx2's `URL.path`, ASGI's `path`): openai sends
+    `internlm/internlm2_5-7b-chat` as `internlm%2Finternlm2_5-7b-chat`, and either
+    spelling names the model."""
+    prefix = MODELS_PATH + "/"
+    if not path.startswith(prefix) or len(path) == len(prefix):
+        return None
+    return path[len(prefix) :]
+
+
+def unknown_model_message(model: str, served: list[str]) -> str:
+    """The 404's message for a model no node serves, naming those that are."""
+    return f"The model {model!r} does not exist; served models: {', '.join(served) or 'none yet'}"
