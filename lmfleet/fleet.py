@@ -88,6 +88,7 @@ class LMFleet(NotebookMethods, WeightMethods):
             self.options.routing,
             on_starved=self._starved,
             affinity_key=affinity_key,
+            closed=lambda: self.closed,
         )
         self.distserve = (
             DistServe(self.router, self.options.distserve)
@@ -324,6 +325,8 @@ class LMFleet(NotebookMethods, WeightMethods):
         role: NodeRole = NodeRole.HYBRID,
         registered: bool = False,
         speed: float | None = None,
+        weight_version: int | None = None,
+        origin: str | None = None,
     ) -> NodeSnapshot:
         """Attach one more server; it joins once its health check passes.
 
@@ -331,7 +334,10 @@ class LMFleet(NotebookMethods, WeightMethods):
         *before* its port opens), so it stays `starting` until it first answers.
         `speed`: its relative speed (LMDeploy's `speed`: 2.0 is twice as fast), used
         by `least_load` and `prefix_affinity` when every candidate has one; otherwise
-        the fleet learns the nodes' speeds from their latency.
+        the fleet learns the nodes' speeds from their latency. `weight_version`: the
+        version it serves, when known (a proxy's state file remembers it; default the
+        fleet's). `origin`: who added it, for the log line that reports its arrival
+        (default: "attached", or "registered itself" with `registered`).
         """
         self.runtime.check_open()
         key = api_key or self._api_key
@@ -342,6 +348,8 @@ class LMFleet(NotebookMethods, WeightMethods):
             role=role,
             registered=registered,
             speed=parse_speed(speed, "add_node"),
+            weight_version=weight_version,
+            origin=origin,
         )
         self._poke()
         return NodeSnapshot.of(state)

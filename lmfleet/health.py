@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from lmfleet.probe import Answers, ProbeError, Prober, ProbeRequest
 from lmfleet.registry import NodeRegistry
 from lmfleet.state import NodeState, NodeStatus
 from lmfleet.telemetry import METRICS_PATH, parse_metrics
+
+log = logging.getLogger("lmfleet")
 
 _FINAL = (NodeStatus.DRAINING, NodeStatus.STOPPED)
 _ANSWERED = (NodeStatus.HEALTHY, NodeStatus.EJECTED)
@@ -139,6 +142,27 @@ def judge(state: NodeState, probe: Probe, unhealthy_after: int) -> NodeStatus:
     if state.failures + 1 >= unhealthy_after or state.status is NodeStatus.UNHEALTHY:
         return NodeStatus.UNHEALTHY
     return state.status
+
+
+def _warn_unreached(state: NodeState, probe: Probe, interval: float) -> None:
+    """Say once that a node which announced itself cannot be reached yet.
+
+    An attached node that cannot be reached turns `unhealthy`, which the registry
+    logs; one that registered (or was reloaded from a proxy's state file) stays
+    `starting`, as LMDeploy registers before its port opens, so without this line
+    a wrong URL or a node that never came back would go unmentioned. Launched nodes
+    are left out: their process's own exit is what the log reports.
+    """
+    if not state.registered or state.launched or probe.status != "unreachable":
+        return
+    log.warning(
+        "node %s cannot be reached yet (%s); kept as starting and probed every %g s "
+        "(a node registers before its port opens)",
+        state.url,
+        probe.message,
+        interval,
+        extra={"node": state.url, "previous": state.status.value, "state": state.status.value},
+    )
 
 
 HEALTH = ("/health",)
@@ -361,6 +385,8 @@ class Monitor:
         if target is NodeStatus.HEALTHY and metrics is not None:
             self._apply_metrics(url, *metrics)
 
+        if not probe.ok and state.failures == 0 and target is NodeStatus.STARTING:
+            _warn_unreached(state, probe, self._options.interval)
         unchanged = (target, message, models, probe.ok) == (state.status, state.message, None, True)
         if unchanged and state.failures == 0:
             return  # the common case, a healthy node still healthy: nothing to write

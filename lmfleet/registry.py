@@ -158,12 +158,17 @@ class NodeRegistry:
         launched: bool = False,
         registered: bool = False,
         speed: float | None = None,
+        weight_version: int | None = None,
+        origin: str | None = None,
     ) -> NodeState:
         """Add a node as `starting`, or restart an existing one's checks (counters kept).
 
         `launched`: this fleet started its process; `registered`: it announced itself
         (`/nodes/add`). Either way it is known to be coming up (`NodeState.announced`).
         `speed`: its relative speed, if the operator gave one (a re-add keeps the old).
+        `weight_version`: the version it serves, when known (default: the fleet's
+        initial one; a re-add keeps the old). `origin`: who added it, as the log line
+        says it ("registered itself", "reloaded from FILE", ...; default from the flags).
         """
         url = normalize_url(url)
         with self._lock:
@@ -177,7 +182,9 @@ class NodeRegistry:
                     launched=launched,
                     registered=registered,
                     speed=speed,
-                    weight_version=self.weight_version,
+                    weight_version=self.weight_version
+                    if weight_version is None
+                    else weight_version,
                 )
             else:
                 state = old.evolve(
@@ -189,14 +196,15 @@ class NodeRegistry:
                     launched=old.launched or launched,
                     registered=old.registered or registered,
                     speed=speed if speed is not None else old.speed,
+                    weight_version=old.weight_version if weight_version is None else weight_version,
                 )
             self._nodes[url] = state
             self._active.setdefault(url, time.monotonic())
             self._models_changed()
         if old is None:
-            _log_added(state)
+            _log_added(state, origin)
         else:
-            _log_change(old, state, "added again")
+            _log_change(old, state, f"added again ({origin})" if origin else "added again")
         return state
 
     def remove(self, url: str) -> NodeState:
@@ -530,8 +538,8 @@ _WORSE = frozenset({NodeStatus.UNHEALTHY, NodeStatus.EJECTED})
 """Changes an operator must notice: logged at WARNING; every other one at INFO."""
 
 
-def _log_added(state: NodeState) -> None:
-    how = (
+def _log_added(state: NodeState, origin: str | None) -> None:
+    how = origin or (
         "registered itself"
         if state.registered
         else "launched here"

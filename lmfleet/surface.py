@@ -67,6 +67,8 @@ class FleetSurface(Protocol):
         role: NodeRole = NodeRole.HYBRID,
         registered: bool = False,
         speed: float | None = None,
+        weight_version: int | None = None,
+        origin: str | None = None,
     ) -> NodeSnapshot: ...
 
     def remove_node(self, url: str) -> NodeSnapshot: ...

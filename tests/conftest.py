@@ -96,6 +96,18 @@ def operator_logging() -> Iterator[None]:
         logger.handlers[:] = handlers
 
 
+@pytest.fixture(autouse=True)
+def private_state_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Every test's own XDG state directory: `lmfleet serve` keeps its node list there
+    by default, and a test must neither write into the user's home nor reload nodes
+    another test's proxy left behind on a port it happens to reuse."""
+    state = tmp_path_factory.mktemp("xdg-state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test` runs two workers), keep each test file on one
     worker, so a module's fixtures start once, and the conformance files together:

@@ -20,6 +20,7 @@ from lmfleet.errors import ConfigError
 from lmfleet.extras import require_serve
 from lmfleet.logs import configure_logging as setup_logging
 from lmfleet.proxy.options import ProxyOptions
+from lmfleet.proxy.state_file import default_dir, state_path
 from lmfleet.routing import DEFAULT_STRATEGY
 
 if TYPE_CHECKING:
@@ -50,13 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     defaults = ProxyOptions()
     distserve = DistServeOptions()
+    fleet = FleetOptions()  # the defaults of the flags that default to None below
     add = parser.add_argument
     add(
         "--server-name",
         "--host",
         dest="host",
         default=defaults.host,
-        help="bind address (default 127.0.0.1, this machine only; LMDeploy's proxy "
+        help="bind address (default %(default)s, this machine only; LMDeploy's proxy "
         "defaults to 0.0.0.0: give --server-name 0.0.0.0 for nodes on other hosts)",
     )
     add(
@@ -65,14 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="port",
         type=int,
         default=defaults.port,
-        help="bind port (default 8000)",
+        help="bind port (default %(default)s)",
     )
     add(
         "--serving-strategy",
-        default="Hybrid",
+        default=fleet.serving_strategy,
         choices=("Hybrid", "DistServe"),
         help="DistServe: prefill on Prefill-role nodes, decode on Decode-role nodes "
-        "(nodes announce their role at /nodes/add); see docs/distserve.md",
+        "(nodes announce their role at /nodes/add; docs/distserve.md); default %(default)s",
     )
     add(
         "--routing-strategy",
@@ -88,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         default=None,
         metavar="KEY",
-        help="keys clients must send as 'Authorization: Bearer KEY' (or LMFLEET_API_KEYS)",
+        help="keys clients must send as 'Authorization: Bearer KEY' (or LMFLEET_API_KEYS; "
+        "default: none, no key needed)",
     )
     add(
         "--ssl",
@@ -101,24 +104,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="INFO",
         type=str.upper,
         choices=LOG_LEVELS,
-        help="default INFO (LMDeploy's proxy: WARNING)",
+        help="default %(default)s (LMDeploy's proxy: WARNING)",
     )
     add(
         "--disable-cache-status",
         action="store_true",
-        help="LMDeploy's proxy remembers its nodes in a file unless this is given; lmfleet "
-        "remembers them only with --state-file, so this flag is accepted and changes nothing "
-        "(with --state-file it is an error)",
+        help="keep no node list on disk: a restart forgets the nodes that registered "
+        "(as LMDeploy's flag; default: kept in --state-dir; with --state-file or "
+        "--state-dir it is an error)",
     )
     ds = parser.add_argument_group("DistServe (with --serving-strategy DistServe)")
     ds.add_argument(
         "--migration-protocol",
         default=distserve.migration_protocol,
         choices=("RDMA", "NVLINK"),
-        help="KV cache migration protocol between prefill and decode nodes",
+        help="KV cache migration protocol between prefill and decode nodes (default %(default)s)",
     )
     ds.add_argument(
-        "--link-type", default=distserve.link_type, choices=("RoCE", "IB"), help="RDMA link"
+        "--link-type",
+        default=distserve.link_type,
+        choices=("RoCE", "IB"),
+        help="RDMA link (default %(default)s)",
     )
     ds.add_argument(
         "--disable-gdr",
@@ -146,51 +152,82 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="KEY",
-        help="keys for /nodes/* and /fleet/*; when set, client keys cannot register nodes",
+        help="keys for /nodes/* and /fleet/*; when set, client keys cannot register nodes "
+        "(default: none, client keys open them)",
     )
     own.add_argument(
-        "--node-api-key", default=None, help="the nodes' own key (or LMFLEET_NODE_API_KEY)"
+        "--node-api-key",
+        default=None,
+        metavar="KEY",
+        help="the nodes' own key (or LMFLEET_NODE_API_KEY; default: none)",
+    )
+    own.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the node list is kept across restarts, as serve-PORT.json "
+        "(default $XDG_STATE_HOME/lmfleet, else ~/.local/state/lmfleet)",
     )
     own.add_argument(
         "--state-file",
         type=Path,
         default=None,
-        help="JSON file that keeps registered nodes across restarts",
+        metavar="PATH",
+        help="keep the node list in this file instead of --state-dir's serve-PORT.json",
     )
     own.add_argument(
         "--min-ready",
         type=int,
         default=None,
-        help="healthy nodes /readiness waits for (default 1)",
+        metavar="N",
+        help=f"healthy nodes /readiness waits for (default {fleet.min_ready}; "
+        "lmfleet launch: every launched node)",
     )
-    own.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    own.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        metavar="N",
+        help="request bodies above N bytes get a 413 "
+        f"(default %(default)s, {defaults.max_body_bytes / 2**20:g} MiB)",
+    )
     own.add_argument(
         "--max-connections",
         type=int,
-        default=RoutingOptions().max_connections,
-        help="open connections to the nodes at most (requests past it wait)",
+        default=fleet.routing.max_connections,
+        metavar="N",
+        help="open connections to the nodes at most (requests past it wait; default %(default)s)",
     )
     own.add_argument(
         "--upstream-timeout",
         type=float,
         default=defaults.upstream_timeout,
-        help="seconds to wait for a node's next byte before 504",
+        metavar="SECONDS",
+        help="seconds to wait for a node's next byte before 504 (default %(default)g)",
     )
     own.add_argument(
-        "--health-interval", type=float, default=None, help="seconds between node probes"
+        "--health-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"seconds between node probes (default {fleet.health.interval:g})",
     )
     own.add_argument(
         "--first-byte-timeout",
         type=float,
         default=None,
+        metavar="SECONDS",
         help="seconds a node may stay silent before its first byte, then the request "
-        "fails over to another node (default 300)",
+        f"fails over to another node (default {fleet.routing.first_byte_timeout:g})",
     )
     own.add_argument(
         "--wait-for-node",
         type=float,
         default=None,
-        help="seconds a request waits for a healthy node before 503",
+        metavar="SECONDS",
+        help="seconds a request waits for a healthy node before 503 "
+        f"(default {fleet.routing.wait_for_node:g})",
     )
     own.add_argument(
         "--admission-queue",
@@ -198,7 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="requests that may wait for a healthy node at once; one more gets 503 with "
-        f"Retry-After at once (default {RoutingOptions().admission_queue})",
+        f"Retry-After at once (default {fleet.routing.admission_queue})",
     )
     own.add_argument(
         "--auto-sleep-after",
@@ -211,22 +248,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     own.add_argument(
         "--auto-sleep-level",
         type=int,
-        default=FleetOptions().auto_sleep_level,
+        default=fleet.auto_sleep_level,
         choices=(1, 2),
-        help="LMDeploy sleep level for --auto-sleep-after (default 1)",
+        help="LMDeploy sleep level for --auto-sleep-after (default %(default)s)",
     )
     own.add_argument(
         "--weight-version",
         type=int,
         default=None,
         metavar="N",
-        help="the weight version the nodes start with (default 0)",
+        help=f"the weight version the nodes start with (default {fleet.weight_version})",
     )
     own.add_argument(
         "--log-format",
         default="text",
         choices=("text", "json"),
-        help="json: one JSON object per line, for log shippers",
+        help="json: one JSON object per line, for log shippers (default %(default)s)",
     )
     own.add_argument("--access-log", action="store_true", help="log every request")
 
@@ -249,13 +286,26 @@ def _ssl_files() -> tuple[Path, Path]:
     return Path(os.environ["SSL_KEYFILE"]), Path(os.environ["SSL_CERTFILE"])
 
 
+def state_file_of(args: argparse.Namespace) -> Path | None:
+    """Where `lmfleet serve` keeps its node list: `--state-file`, else `--state-dir`'s
+    (or the default state directory's) `serve-PORT.json`; None with
+    `--disable-cache-status`, which contradicts either flag."""
+    if args.disable_cache_status:
+        for flag, given in (("--state-file", args.state_file), ("--state-dir", args.state_dir)):
+            if given is not None:
+                raise ConfigError(
+                    f"--disable-cache-status and {flag} contradict each other: the state "
+                    "file is lmfleet's node cache; drop one of them"
+                )
+        return None
+    if args.state_file is not None:
+        return Path(args.state_file)
+    return state_path(args.state_dir or default_dir(), args.port)
+
+
 def proxy_options(args: argparse.Namespace) -> ProxyOptions:
     """The proxy's options from the flags (client keys also from `LMFLEET_API_KEYS`)."""
-    if args.disable_cache_status and args.state_file is not None:
-        raise ConfigError(
-            "--disable-cache-status and --state-file contradict each other: "
-            "the state file is lmfleet's node cache; drop one of them"
-        )
+    state = state_file_of(args)
     keys = args.api_keys
     if keys is None and os.environ.get("LMFLEET_API_KEYS"):
         keys = [k for k in os.environ["LMFLEET_API_KEYS"].split(",") if k]
@@ -265,7 +315,7 @@ def proxy_options(args: argparse.Namespace) -> ProxyOptions:
         port=args.port,
         api_keys=tuple(k for k in keys or () if k),
         admin_keys=tuple(args.admin_keys or ()),
-        state_file=args.state_file,
+        state_file=state,
         max_body_bytes=args.max_body_bytes,
         upstream_timeout=args.upstream_timeout,
         log_level="debug" if args.log_level == "REQUEST" else args.log_level.lower(),

@@ -30,6 +30,7 @@ from lmfleet.proxy.runtime import Handler, Runtime
 from lmfleet.surface import FleetSurface
 from lmfleet.transport import AsyncFleetTransport
 from lmfleet.transport.http11 import Http11Transport
+from lmfleet.transport.models import MODELS_PATH
 
 log = logging.getLogger("lmfleet.proxy")
 STATE_KEY = "lmfleet.proxy"
@@ -58,6 +59,9 @@ ROUTES: dict[str, dict[str, Handler]] = {
 }
 FORWARD: dict[str, Handler] = {"POST": forward}
 """Every other `/v1/*` path: chat, completions, embeddings, encode, responses, ..."""
+ONE_MODEL: dict[str, Handler] = {"GET": admin_api.model}
+"""`/v1/models/{model}`: answered here, as no LMDeploy node serves it."""
+ONE_MODEL_PREFIX = MODELS_PATH + "/"
 
 ALWAYS_PUBLIC = frozenset({"/liveness"})
 """Paths that never need a key, whatever `public_paths` says: a liveness probe that
@@ -81,6 +85,13 @@ class ProxyApp:
         self._keys = [b"Bearer " + k.encode() for k in options.api_keys]
         self._admin_keys = [b"Bearer " + k.encode() for k in options.admin_keys]
         self._public = frozenset(options.public_paths) | ALWAYS_PUBLIC
+        self._runtime: Runtime | None = None
+
+    def stop(self) -> None:
+        """Begin a quiet stop (`Runtime.stop`); called in the proxy's loop before uvicorn's
+        own shutdown, so no waiting request is left for uvicorn to cancel."""
+        if self._runtime is not None:
+            self._runtime.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -109,7 +120,7 @@ class ProxyApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                runtime = self._open()
+                runtime = self._runtime = self._open()
                 scope["state"][STATE_KEY] = runtime
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -127,7 +138,7 @@ class ProxyApp:
         path: str = scope["path"]
         methods = ROUTES.get(path)
         if methods is None and path.startswith("/v1/"):
-            methods = FORWARD
+            methods = ONE_MODEL if path.startswith(ONE_MODEL_PREFIX) else FORWARD
         if methods is None:
             await send_error(send, 404, f"No route {path}.", type="not_found")
             return
@@ -150,7 +161,7 @@ class ProxyApp:
                 headers=[(b"allow", allow)],
             )
             return
-        rt.metrics.request(path if methods is not FORWARD or path in KNOWN_FORWARDS else "/v1/*")
+        rt.metrics.request(_route_label(path, methods))
         if handler is forward:
             rt.metrics.inflight.inc()
             try:
@@ -186,6 +197,16 @@ class ProxyApp:
                 await send_error(
                     send, 500, "Internal proxy error; see the proxy log.", type="internal_error"
                 )
+
+
+def _route_label(path: str, methods: dict[str, Handler]) -> str:
+    """The `route` label of a request: its path, unless the path holds a caller's
+    words (a model name, an unknown `/v1/*` path), which would grow the label set."""
+    if methods is ONE_MODEL:
+        return ONE_MODEL_PREFIX + "{model}"
+    if methods is FORWARD and path not in KNOWN_FORWARDS:
+        return "/v1/*"
+    return path
 
 
 def _has_key(scope: Scope, keys: list[bytes]) -> bool:

@@ -42,6 +42,7 @@ from lmfleet.proxy.asgi import (
     read_body,
     send_error,
 )
+from lmfleet.transport.plan import CALLER_TIMEOUT, GIVE_UP, header_timeout
 from lmfleet.transport.router import PARSED_BODY, URL_CACHE_SIZE
 
 if TYPE_CHECKING:
@@ -131,11 +132,32 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
         _placeholder_url(rt, scope),
         headers=_request_headers(scope, bool(rt.options.api_keys)),
         content=body,
-        extensions={"timeout": rt.timeout, PARSED_BODY: parsed},
+        extensions={"timeout": rt.timeout, PARSED_BODY: parsed, GIVE_UP: rt.give_up},
     )
+    # The caller's own timeout bounds its wait for a node; the `timeout` extension
+    # is the proxy's upstream timeout, not the caller's.
+    request.extensions[CALLER_TIMEOUT] = header_timeout(request.headers)
     started = time.monotonic()
+    # The whole exchange runs under a watch for the caller's disconnect: a caller
+    # that gives up while its request waits for a node leaves the admission queue at
+    # once (the plan's generator is closed), and one that gives up on an answer being
+    # made frees the node (the upstream request is closed).
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
+        response = await _route(request, send, rt)
+        if response is not None:
+            try:
+                await _relay(response, request.url, send, rt, started)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def _route(request: httpx2.Request, send: Send, rt: Runtime) -> httpx2.Response | None:
+    """The node's answer, or None once a routing failure was answered to the caller."""
     try:
-        response = await rt.transport.handle_async_request(request)
+        return await rt.transport.handle_async_request(request)
     except FleetBusyError as exc:
         # Refused without waiting (the admission queue is full): unlike the 503
         # below, a client's own retry after `Retry-After` is welcome here.
@@ -144,24 +166,19 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
         await send_error(
             send, 503, str(exc), type="service_unavailable", headers=[(b"retry-after", retry)]
         )
-        return
     except NoHealthyNodeError as exc:
-        # The router already waited `wait_for_node`: a client that retried at once
-        # would multiply that wait (one retry owner), so say when, not "now".
         rt.metrics.error("no_healthy_node")
         retry = str(max(1, math.ceil(rt.fleet.options.health.interval))).encode()
-        await send_error(
-            send,
-            503,
-            str(exc),
-            type="service_unavailable",
-            headers=[(b"retry-after", retry), NO_RETRY],
-        )
-        return
+        headers = [(b"retry-after", retry)]
+        if not rt.stopping:
+            # The router already waited: a client that retried at once would
+            # multiply that wait (one retry owner), so say when, not "now". A
+            # proxy that is stopping is another matter: its restart is worth a retry.
+            headers.append(NO_RETRY)
+        await send_error(send, 503, str(exc), type="service_unavailable", headers=headers)
     except NodeUnavailableError as exc:
         rt.metrics.error("node_unavailable")
         await send_error(send, 502, str(exc), type="bad_gateway", headers=[NO_RETRY])
-        return
     except httpx2.PoolTimeout as exc:
         # The proxy is full (every one of `max_connections` busy), not the node slow:
         # a 503 that says when to come back, like no healthy node.
@@ -174,25 +191,18 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
             type="service_unavailable",
             headers=[(b"retry-after", retry)],
         )
-        return
     except httpx2.TimeoutException as exc:
         rt.metrics.error("upstream_timeout")
         await send_error(send, 504, f"The node did not answer in time: {exc!r}", type="timeout")
-        return
     except (httpx2.TransportError, RoutingError) as exc:
         rt.metrics.error("upstream_error")
         await send_error(send, 502, f"The node failed: {exc!r}", type="bad_gateway")
-        return
-    try:
-        await _relay(response, request.url, receive, send, rt, started)
-    finally:
-        await response.aclose()
+    return None
 
 
 async def _relay(
     response: httpx2.Response,
     target: httpx2.URL,
-    receive: Receive,
     send: Send,
     rt: Runtime,
     started: float,
@@ -211,14 +221,24 @@ async def _relay(
                 sse = value.lower().startswith(EVENT_STREAM)
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     if length >= 0:
-        # A sized body (a non-streaming answer) arrives with its head: nothing to
-        # cancel early, so no disconnect watcher, and the last piece ends the reply.
+        # A sized body (a non-streaming answer) arrives with its head: it is sent on
+        # whole, even while the proxy stops.
         await _copy(response, send, rt, node, started, length, sse)
         return
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
-        await _copy(response, send, rt, node, started, length, sse)
-        tg.cancel_scope.cancel()
+    # A body of unknown length (a stream) may last minutes: a stopping proxy ends it
+    # at once, with an error event the caller's SDK raises (Runtime.stop).
+    with anyio.CancelScope() as cut:
+        rt.streams.add(cut)
+        try:
+            if rt.stopping:
+                cut.cancel()
+            await _copy(response, send, rt, node, started, length, sse)
+        finally:
+            rt.streams.discard(cut)
+    if cut.cancelled_caught:
+        rt.metrics.error("interrupted")
+        tail = _stopping_event() if sse else b""
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
 async def _copy(
@@ -256,6 +276,16 @@ async def _copy(
     if more:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     rt.metrics.latency(node, time.monotonic() - started)
+
+
+def _stopping_event() -> bytes:
+    """The event that ends a stream cut by the proxy's own stop (Ctrl-C, SIGTERM)."""
+    body = error_body(
+        "The proxy is shutting down; this stream was cut. Try again.",
+        code=503,
+        type="service_unavailable",
+    )
+    return b"\n\ndata: " + json.dumps({"error": body}).encode() + b"\n\n"
 
 
 def _error_event(exc: Exception, last: bytes) -> bytes:

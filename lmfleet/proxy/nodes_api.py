@@ -82,8 +82,12 @@ async def add(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
     except ConfigError as exc:
         raise BadRequest(str(exc)) from exc
     # A node that registers itself does so before its port opens: it stays
-    # `starting` and is probed until it answers (never dropped).
-    rt.fleet.add_node(url, models=models, role=role, registered=True, speed=speed)
+    # `starting` and is probed until it answers (never dropped). LMDeploy's own
+    # registration always sends its `status`; an operator's hand-made add
+    # (LMDeploy's docs: `{"url": ...}`) does not, and the log says which it was.
+    itself = isinstance(body, dict) and "status" in body
+    origin = "registered itself" if itself else "by an operator's POST /nodes/add"
+    rt.fleet.add_node(url, models=models, role=role, registered=True, speed=speed, origin=origin)
     _persist(rt)  # the registry logs the node's arrival or departure
     await send_json(send, 200, {"message": "Added successfully", "url": url})
 

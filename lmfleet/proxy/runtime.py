@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import anyio
 import httpx2
 
 from lmfleet.proxy.asgi import Receive, Scope, Send
@@ -33,6 +34,25 @@ class Runtime:
     urls: dict[tuple[str, bytes], httpx2.URL] = field(default_factory=dict)
     distserve_transport: httpx2.AsyncBaseTransport | None = None
     """The DistServe admin routes' own upstream pool, off the hot path's; made on first use."""
+    stopping: bool = False
+    """Set by `stop()`: the proxy is shutting down."""
+    streams: set[anyio.CancelScope] = field(default_factory=set)
+    """The scopes of the streams being relayed now, for `stop()` to cut."""
+
+    def give_up(self) -> str | None:
+        """Why a request waiting for a node should stop waiting (the plan's `GIVE_UP`)."""
+        return STOPPING if self.stopping else None
+
+    def stop(self) -> None:
+        """Stop quietly (in the proxy's loop): requests waiting for a node get a 503 with
+        Retry-After on their next poll, streams end at once with an error event; answers
+        already being made are left to uvicorn's bounded graceful shutdown."""
+        self.stopping = True
+        for scope in list(self.streams):
+            scope.cancel()
+
+
+STOPPING = "the proxy is shutting down; try again once it is back"
 
 
 Handler = Callable[[Scope, Receive, Send, Runtime], Awaitable[None]]

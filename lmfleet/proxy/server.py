@@ -73,9 +73,9 @@ class ProxyServer:
         shown = "127.0.0.1" if options.host in ("0.0.0.0", "") else options.host
         shown = f"[{shown}]" if ":" in shown else shown
         self.url = f"{options.scheme}://{shown}:{self.port}"
-        app = create_app(fleet, options, port=self.port)
+        self._app = create_app(fleet, options, port=self.port)
         config = uvicorn.Config(
-            app,
+            self._app,
             lifespan="on",
             interface="asgi3",
             log_config=None,
@@ -91,6 +91,8 @@ class ProxyServer:
         self._server = uvicorn.Server(config)
         self._finished: anyio.Event | None = None
         self._stopped = False
+        self._state_written: str | None = None
+        """The state file's text as last written at start (None: no state file)."""
 
     @property
     def running(self) -> bool:
@@ -101,18 +103,21 @@ class ProxyServer:
         server = self._server
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._serve)
+                tg.start_soon(self._serve, tg.cancel_scope)
                 while not server.started:
                     if self._finished.is_set():
                         raise LMFleetError(f"the proxy on {self.url} failed to start; see the log")
                     await anyio.sleep(0.01)
                 log.info("lmfleet proxy listening on %s", self.url)
+                path = self.options.state_file
+                if path is not None and self._state_written is not None:
+                    tg.start_soon(state_file.keep, path, self._fleet, self._state_written)
                 task_status.started()
         finally:
             self._sock.close()
             self._finished.set()
 
-    async def _serve(self) -> None:
+    async def _serve(self, done: anyio.CancelScope) -> None:
         assert self._finished is not None
         server = self._server
         try:
@@ -124,9 +129,11 @@ class ProxyServer:
                 # Cancelled with the fleet: a bounded graceful shutdown, shielded.
                 with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE):
                     if not server.should_exit:
+                        self._app.stop()
                         server.should_exit = True
                         await server.shutdown(sockets=[self._sock])
             self._finished.set()
+            done.cancel()  # the tasks beside the server (the state file's keeper)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, let requests in flight finish (bounded), close. Idempotent."""
@@ -138,6 +145,7 @@ class ProxyServer:
             return
 
         async def stop() -> None:
+            self._app.stop()
             self._server.should_exit = True
             assert self._finished is not None
             with anyio.move_on_after(timeout):
@@ -154,16 +162,26 @@ def start_server(fleet: FleetSurface, options: ProxyOptions) -> ProxyServer:
     fleet.runtime.check_open()
     if fleet.runtime.in_loop_thread():
         raise EventLoopError("fleet.serve() blocks; call it outside the fleet's event loop")
-    if options.state_file is not None:
-        loaded = state_file.load(options.state_file, fleet)
-        if loaded:
-            log.info("restored %d node(s) from %s", loaded, options.state_file)
+    path = options.state_file
+    if path is not None:
+        state_file.read(path)  # a file that is no node list stops us before anything binds
     server = ProxyServer(fleet, options)
     try:
+        if path is not None:
+            loaded = state_file.load(path, fleet)
+            if loaded:
+                log.info("state file %s: %d node(s) reloaded, each probed before use", path, loaded)
+            else:
+                log.info("state file %s: no node yet; nodes that register are kept there", path)
+            try:
+                server._state_written = state_file.save(path, fleet)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot write the state file {path}: {exc.strerror or exc} "
+                    "(give --state-dir or --state-file elsewhere, or --disable-cache-status)"
+                ) from exc
         fleet.runtime.start(server._run, name="lmfleet proxy")
     except BaseException:
         server._sock.close()
         raise
-    if options.state_file is not None:
-        state_file.save(options.state_file, fleet)
     return server

@@ -1,7 +1,19 @@
-"""Optional persistence of the fleet's nodes: url, models and role, never keys.
+"""The proxy's node list on disk, so that a restart forgets no node that registered.
 
-Written atomically (a temporary file, then `os.replace`) after every change made
-through the proxy, and read at start so a restarted proxy keeps its nodes.
+LMDeploy nodes register once (`--proxy-url`), and `lmdeploy serve proxy` keeps its
+node list in a file unless `--disable-cache-status`; a drop-in must do the same, or
+a restarted proxy serves nothing until every node is restarted by hand. `lmfleet
+serve` keeps its list in `state_path(dir, port)` (by default under the per-user XDG
+state directory), `fleet.serve()` only when given `state_file=`.
+
+What is kept per node: URL, role, models, speed, weight version, and whether it uses
+the fleet's node key (a reference, never the key itself: keys stay in the flags and
+the environment). The file is rewritten atomically (a temporary file, then
+`os.replace`) whenever what it would hold changes: at once for `/nodes/add` and
+`/nodes/remove`, within `KEEP_EVERY` seconds for what the fleet learns by itself
+(models, weight versions). A reloaded node is added as `starting` and probed before
+any request goes to it. A file that cannot be read as a node list (truncated,
+foreign) is a `ConfigError` naming it, never silently replaced.
 """
 
 from __future__ import annotations
@@ -13,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from lmfleet.errors import ConfigError, LMFleetError
 from lmfleet.state import NodeRole
 
@@ -20,46 +34,131 @@ if TYPE_CHECKING:
     from lmfleet.surface import FleetSurface
 
 log = logging.getLogger("lmfleet.proxy")
-VERSION = 1
+
+KIND = "lmfleet serve node list"
+"""The `kind` every state file carries: how a file of ours is told from a foreign one."""
+VERSION = 2
+KNOWN_VERSIONS = frozenset({1, 2})
+"""Version 1 (before `kind`, key and weight version were kept) still loads."""
+
+KEEP_EVERY = 1.0
+"""Seconds between checks for changes the fleet made by itself (models, versions)."""
+
+FLEET_KEY = "fleet"
+"""`key` of a node that uses the fleet's node key (`--node-api-key`)."""
 
 
-def save(path: Path, fleet: FleetSurface) -> None:
+def default_dir() -> Path:
+    """`$XDG_STATE_HOME/lmfleet`, else `~/.local/state/lmfleet` (the XDG default)."""
+    base = os.environ.get("XDG_STATE_HOME") or ""
+    root = Path(base) if Path(base).is_absolute() else Path.home() / ".local" / "state"
+    return root / "lmfleet"
+
+
+def state_path(directory: Path, port: int) -> Path:
+    """The state file of the proxy on `port`: one per port, so that two proxies on one
+    machine keep separate lists and a restart with the same flags finds its own."""
+    return directory / f"serve-{port}.json"
+
+
+def render(fleet: FleetSurface) -> str:
+    """The file's text for the fleet's nodes now (compared to skip needless writes)."""
     nodes = [
-        {"url": s.url, "models": list(s.models), "role": int(s.role), "speed": s.speed}
-        for s in fleet.registry.snapshot()
+        {
+            "url": s.url,
+            "role": int(s.role),
+            "models": list(s.models),
+            "speed": s.speed,
+            "weight_version": s.weight_version,
+            "key": FLEET_KEY if s.api_key else None,
+        }
+        for s in sorted(fleet.registry.snapshot(), key=lambda s: s.url)
     ]
-    text = json.dumps({"version": VERSION, "nodes": nodes}, indent=1)
+    return json.dumps({"kind": KIND, "version": VERSION, "nodes": nodes}, indent=1) + "\n"
+
+
+def save(path: Path, fleet: FleetSurface) -> str:
+    """Write the node list atomically; returns what was written."""
+    text = render(fleet)
+    _write(path, text)
+    return text
+
+
+def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def load(path: Path, fleet: FleetSurface) -> int:
-    """Add every node the file lists (as registered: probed until it answers)."""
-    if not path.exists():
-        return 0
+def read(path: Path) -> list[dict[str, Any]]:
+    """The node entries of `path` ([] when it does not exist yet); `ConfigError` naming
+    the file and what to do when it is not an lmfleet node list."""
     try:
-        data: Any = json.loads(path.read_text())
-        entries = data["nodes"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"state file {path} is not an lmfleet node list: {exc!r}") from exc
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ConfigError(f"cannot read the state file {path}: {exc.strerror or exc}") from exc
+    fix = "move it aside, or start with --disable-cache-status"
+    try:
+        data: Any = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"the state file {path} is not valid JSON (truncated or corrupt?): {exc}; {fix}"
+        ) from exc
+    if (
+        not isinstance(data, dict)
+        or data.get("kind", KIND) != KIND
+        or data.get("version") not in KNOWN_VERSIONS
+        or not isinstance(data.get("nodes"), list)
+    ):
+        raise ConfigError(f"the state file {path} is not an lmfleet serve node list; {fix}")
+    return [entry for entry in data["nodes"] if isinstance(entry, dict)]
+
+
+def load(path: Path, fleet: FleetSurface) -> int:
+    """Add every node the file lists, as starting: each is probed before it is routed to.
+
+    An entry the fleet refuses (a URL that no longer parses, a bad role) is logged
+    and skipped; the next write leaves it out.
+    """
     count = 0
-    for entry in entries:
+    origin = f"reloaded from {path}"
+    for entry in read(path):
         try:
+            version = entry.get("weight_version")
             fleet.add_node(
                 entry["url"],
-                models=[str(m) for m in entry.get("models", [])],
-                role=NodeRole(int(entry.get("role", 1))),
+                models=[str(m) for m in entry.get("models") or []],
+                role=NodeRole(int(entry.get("role") or 1)),
                 registered=True,
                 speed=entry.get("speed"),
+                weight_version=int(version) if version is not None else None,
+                origin=origin,
             )
             count += 1
         except (LMFleetError, KeyError, TypeError, ValueError) as exc:
             log.warning("state file %s: skipped %r: %s", path, entry, exc)
     return count
+
+
+async def keep(path: Path, fleet: FleetSurface, written: str) -> None:
+    """Rewrite the file whenever what it would hold changes (a task beside the proxy)."""
+    while True:
+        await anyio.sleep(KEEP_EVERY)
+        text = render(fleet)
+        if text != written:
+            try:
+                await anyio.to_thread.run_sync(_write, path, text)
+            except OSError as exc:
+                log.warning("cannot write the state file %s: %s", path, exc.strerror or exc)
+                continue
+            written = text

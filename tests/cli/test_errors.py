@@ -28,6 +28,7 @@ def assert_one_line_error(done: object, expected: str) -> None:
     assert "Traceback" not in stderr + stdout
     errors = [line for line in lines if line.startswith("lmfleet: error: ")]
     assert len(errors) == 1, stderr
+    assert expected in errors[0], stderr
     assert expected in errors[0], errors[0]
     assert lines[-1] == errors[0], "the error is the last thing printed"
 
@@ -49,6 +50,11 @@ MISTAKES = {
         ["serve", "--ssl", "--port", "0"],
         {"SSL_KEYFILE": "/nonexistent/key.pem", "SSL_CERTFILE": "/nonexistent/cert.pem"},
         "cannot serve HTTPS with certificate /nonexistent/cert.pem",
+    ),
+    "cache status and state dir": (
+        ["serve", "--disable-cache-status", "--state-dir", "/tmp/lmfleet-x", "--port", "0"],
+        {},
+        "--disable-cache-status and --state-dir contradict each other",
     ),
     "cache status and state file": (
         ["serve", "--disable-cache-status", "--state-file", "/tmp/x.json", "--port", "0"],
@@ -105,3 +111,24 @@ def test_launched_nodes_not_ready_say_why() -> None:
     error = next(line for line in done.stderr.splitlines() if line.startswith("lmfleet: error:"))
     assert error == "lmfleet: error: nodes not ready after 2 s", done.stderr
     assert "Engine health probe failed" in done.stderr.split(error, 1)[1], done.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '{"kind": "lmfleet serve node list", "version": 2, "nodes": [{"url": "http://12',
+            "is not valid JSON (truncated or corrupt?)",
+        ),
+        ('{"proxy_config": {"nodes": {}}}', "is not an lmfleet serve node list"),
+    ],
+    ids=["truncated", "foreign"],
+)
+def test_a_bad_state_file_is_one_line_naming_it(tmp_path: Path, text: str, expected: str) -> None:
+    """Never a crash with a traceback, and never silently replaced: the file stays."""
+    state = tmp_path / "nodes.json"
+    state.write_text(text)
+    done = run_lmfleet("serve", "--state-file", str(state), "--port", "0")
+    assert_one_line_error(done, f"the state file {state} {expected}")
+    assert "--disable-cache-status" in done.stderr
+    assert state.read_text() == text

@@ -58,3 +58,84 @@ def test_full_admission_queue_is_a_503_with_retry_after(
     assert metric(server, "lmfleet_requests_waiting") == "lmfleet_requests_waiting 0.0"
     busy = 'lmfleet_proxy_errors_total{kind="fleet_busy"}'
     assert metric(server, busy) == busy + " 2.0"
+
+
+def test_callers_who_disconnect_leave_the_queue_at_once(
+    serve_fleet: Callable[..., Served], start_sim: StartSim
+) -> None:
+    """Three callers give up while they wait (a client timeout, no header saying so):
+    within a second nothing of them is left in the queue or the in-flight gauge, and a
+    fourth request gets a place in the queue of three instead of 'queue full'."""
+    url = start_sim(*FAST).url
+    fleet, server = serve_fleet([url], admission_queue=3, wait_for_node=60)
+    fleet.sleep()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "gone soon"}]}
+
+    def give_up() -> str:
+        with pytest.raises(httpx2.ReadTimeout):
+            httpx2.post(server.url + "/v1/chat/completions", json=body, timeout=1.0)
+        return "gave up"
+
+    with ThreadPoolExecutor(3) as pool:
+        ghosts = [pool.submit(give_up) for _ in range(3)]
+        wait_until(lambda: fleet.registry.waiting, timeout=10, until=lambda n: n == 3)
+        assert [g.result(timeout=10) for g in ghosts] == ["gave up"] * 3
+    gone = time.monotonic()
+    wait_until(lambda: fleet.registry.waiting, timeout=5, until=lambda n: n == 0)
+    wait_until(
+        lambda: metric(server, "lmfleet_proxy_inflight"),
+        timeout=5,
+        until=lambda line: line == "lmfleet_proxy_inflight 0.0",
+    )
+    assert time.monotonic() - gone < 1.0
+    assert metric(server, "lmfleet_requests_waiting") == "lmfleet_requests_waiting 0.0"
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with ThreadPoolExecutor(1) as pool:
+        fourth = pool.submit(chat, client, MODEL, "still here", max_tokens=2)
+        wait_until(lambda: fleet.registry.waiting, timeout=10, until=lambda n: n == 1)
+        fleet.wakeup()
+        assert fourth.result(timeout=30).choices[0].message.content
+    assert fleet.registry.waiting == 0
+
+
+@pytest.mark.parametrize("header", ["x-lmfleet-timeout", "x-stainless-read-timeout"])
+def test_the_callers_timeout_header_bounds_its_wait(
+    serve_fleet: Callable[..., Served], start_sim: StartSim, header: str
+) -> None:
+    """The caller says it waits 1 s (lmfleet's header, or the one openai's SDKs send):
+    the proxy answers 503 after about 1 s instead of waiting wait_for_node (60 s)."""
+    url = start_sim(*FAST).url
+    fleet, server = serve_fleet([url], wait_for_node=60)
+    fleet.sleep()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "in a hurry"}]}
+    started = time.monotonic()
+    answer = httpx2.post(
+        server.url + "/v1/chat/completions", json=body, headers={header: "1"}, timeout=30
+    )
+    assert time.monotonic() - started < 5.0
+    assert answer.status_code == 503 and "retry-after" in answer.headers
+    assert "the caller's timeout" in answer.json()["message"]
+    assert fleet.registry.waiting == 0
+
+
+def test_an_impossible_version_ask_fails_at_once(
+    serve_fleet: Callable[..., Served], two_nodes: list[str]
+) -> None:
+    """No node is at version 99 and no update brings it: a 503 naming why, at once."""
+    fleet, server = serve_fleet(two_nodes, wait_for_node=60)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "from the future"}]}
+    started = time.monotonic()
+    answer = httpx2.post(
+        server.url + "/v1/chat/completions",
+        json=body,
+        headers={"x-lmfleet-weight-version": "99"},
+        timeout=30,
+    )
+    elapsed = time.monotonic() - started
+    assert answer.status_code == 503, answer.text
+    message = answer.json()["message"]
+    assert "no node is at weight version 99 (they are at 0)" in message, message
+    assert "no weight update is bringing it" in message
+    assert elapsed < 1.0  # the test's own request overhead included; the refusal is at once
+    assert fleet.registry.waiting == 0

@@ -106,8 +106,18 @@ def test_state_file_survives_a_restart(start_sim: StartSim, tmp_path: Path) -> N
         server = fleet.serve(port=0, state_file=state)
         status = {"role": 1, "speed": 2.5}
         httpx2.post(server.url + "/nodes/add", json={"url": node.url, "status": status})
-        saved = json.loads(state.read_text())
-        assert saved["nodes"] == [{"url": node.url, "models": [], "role": 1, "speed": 2.5}]
+        saved = json.loads(state.read_text())  # written before /nodes/add answered
+        assert saved["kind"] == "lmfleet serve node list"
+        entry = {"url": node.url, "role": 1, "models": [], "speed": 2.5}
+        assert saved["nodes"] == [{**entry, "weight_version": 0, "key": None}]
+        # What the fleet learns by itself reaches the file too: the models the node
+        # reports, and a weight version (as a weight update records it).
+        wait_until(lambda: _healthy(fleet) == 1)
+        fleet.registry.modify(node.url, lambda s: s.evolve(weight_version=4))
+        wait_until(
+            lambda: json.loads(state.read_text())["nodes"][0],
+            until=lambda kept: kept["models"] == [MODEL] and kept["weight_version"] == 4,
+        )
     finally:
         fleet.close()
     again = LMFleet.attach([], allow_empty=True, health_interval=0.2)
@@ -115,6 +125,7 @@ def test_state_file_survives_a_restart(start_sim: StartSim, tmp_path: Path) -> N
         server = again.serve(port=0, state_file=state)
         wait_until(lambda: _healthy(again) == 1)
         assert again.nodes[0].speed == 2.5  # the speed LMDeploy's registration gave
+        assert again.nodes[0].weight_version == 4
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         assert chat(client, MODEL, "back", max_tokens=2).choices[0].message.content
         httpx2.post(server.url + "/nodes/remove", json={"url": node.url})

@@ -20,6 +20,7 @@ import pytest
 from support import StartSim, kill_mid_stream, sim_stats, wait_until
 
 from lmfleet import LMFleet
+from lmfleet.launch.process import free_port
 from lmfleet.logs import configure_logging
 from lmfleet.proxy import ProxyOptions, ProxyServer
 
@@ -279,3 +280,38 @@ def test_access_log_comes_out_in_the_json_format(
     access = next(e for e in entries if e["logger"] == "uvicorn.access")
     assert access["message"].endswith('"GET /liveness HTTP/1.1" 200'), access
     assert access["level"] == "INFO" and "time" in access
+
+
+def test_who_added_a_node_and_an_unreachable_registration_are_logged(
+    serve_fleet: Callable[..., Served], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's hand-made /nodes/add is not called a registration; a registered
+    node that cannot be reached gets one WARNING with the reason, as an unreachable
+    --node URL does, and no more lines while it stays unreachable."""
+    caplog.set_level(logging.INFO, logger="lmfleet")
+    fleet, server = serve_fleet([])
+    by_hand, announced = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
+    assert httpx2.post(server.url + "/nodes/add", json={"url": by_hand}).status_code == 200
+    body = {"url": announced, "status": {"models": [MODEL], "role": 1}}
+    assert httpx2.post(server.url + "/nodes/add", json=body).status_code == 200
+    warned = wait_until(
+        lambda: [
+            r
+            for r in caplog.records
+            if r.levelno == logging.WARNING and announced in r.getMessage()
+        ],
+        what="the unreachable registration's warning",
+    )
+    assert _node_lines(caplog, by_hand)[0] == (
+        f"node {by_hand} added (by an operator's POST /nodes/add)"
+    )
+    assert _node_lines(caplog, announced)[0] == (
+        f"node {announced} added (registered itself; models {MODEL})"
+    )
+    (warning,) = warned
+    assert warning.getMessage().startswith(f"node {announced} cannot be reached yet (unreachable:")
+    assert "kept as starting" in warning.getMessage()
+    failures = fleet.registry.get(announced).failures
+    wait_until(lambda: fleet.registry.get(announced).failures, until=lambda n: n >= failures + 3)
+    assert len(_node_lines(caplog, announced)) == 2  # added, and the one warning
+    assert fleet.registry.get(announced).status.value == "starting"

@@ -118,6 +118,54 @@ def test_proxy_process_restarted_under_running_nodes(start_sim: StartSim, tmp_pa
         second.terminate()
 
 
+def test_a_killed_proxy_restarted_with_the_same_flags_serves_registered_nodes(
+    start_sim: StartSim, tmp_path: Path, private_state_dir: Path
+) -> None:
+    """A node that registered itself once (`--proxy-url`), a proxy SIGKILLed under it and
+    started again with the same flags (no state flag at all: the default state
+    directory): the node is served again, and it never registered a second time."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "lmfleet.cli", "serve", "--port", str(port)]
+    argv += ["--health-interval", "0.2"]
+
+    def start(run: int) -> ManagedProcess:
+        proc = ManagedProcess(argv, log_path=tmp_path / f"proxy-{run}.log")
+        wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
+        return proc
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    first = start(1)
+    try:
+        node = start_sim(*QUICK, "--proxy-url", url).url
+        wait_until(
+            lambda: httpx2.get(url + "/nodes/status", timeout=10).json(),
+            timeout=30,
+            until=lambda nodes: nodes.get(node, {}).get("state") == "healthy",
+        )
+        assert chat(client, MODEL, "before", max_tokens=1).choices
+        log = first.log_path.read_text()
+        assert f"node {node} added (registered itself" in log, log
+    finally:
+        first.kill()
+    kept = private_state_dir / "lmfleet" / f"serve-{port}.json"
+    assert node in kept.read_text()
+    second = start(2)
+    try:
+        wait_until(
+            lambda: httpx2.get(url + "/nodes/status", timeout=10).json(),
+            timeout=30,
+            until=lambda nodes: nodes.get(node, {}).get("state") == "healthy",
+        )
+        assert chat(client, MODEL, "after", max_tokens=1).choices
+        log = second.log_path.read_text()
+        assert f"node {node} added (reloaded from {kept}" in log, log
+        assert "1 node(s) reloaded" in log, log
+        assert "registered itself" not in log, log  # the node never registered again
+    finally:
+        second.terminate()
+
+
 def test_nothing_left_behind_after_close(start_sim: StartSim) -> None:
     node = start_sim(*QUICK).url
     me = psutil.Process()
