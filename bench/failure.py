@@ -215,6 +215,7 @@ def start_lmfleet_proxy(
 ) -> str:
     port = free_port()
     argv = [PY, "-m", "lmfleet.cli", "serve", "--port", str(port), "--log-level", "WARNING"]
+    argv.append("--disable-cache-status")  # as LMDeploy's here: nothing kept on disk
     argv += ["--strategy", strategy, *flags]
     for node in nodes:
         argv += ["--node", node]

@@ -79,6 +79,7 @@ def register(proxy: str, nodes: list[str]) -> None:
 def start_lmfleet(group: Procs, nodes: list[str], workers: int = 1) -> tuple[int, str]:
     port = free_port()
     argv = [PY, "-m", "lmfleet.cli", "serve", "--port", str(port), "--log-level", "WARNING"]
+    argv.append("--disable-cache-status")  # as LMDeploy's here: nothing kept on disk
     if workers > 1:
         argv += ["--workers", str(workers)]
     cpu = PROXY_CPU if workers == 1 else f"{PROXY_CPU},{LOAD_CPU}"

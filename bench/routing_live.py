@@ -372,6 +372,7 @@ def start_lmfleet_serve(
     """`lmfleet serve` on core 1 with the nodes given as --node, once all are healthy."""
     port = free_port()
     argv = [PY, "-m", "lmfleet.cli", "serve", "--port", str(port), "--log-level", "WARNING"]
+    argv.append("--disable-cache-status")  # as LMDeploy's here: nothing kept on disk
     argv += ["--routing-strategy", strategy, "--health-interval", repr(health_interval)]
     argv += ["--min-ready", str(len(nodes))]
     for node in nodes:

@@ -172,7 +172,10 @@ def start_server(fleet: FleetSurface, options: ProxyOptions) -> ProxyServer:
             if loaded:
                 log.info("state file %s: %d node(s) reloaded, each probed before use", path, loaded)
             else:
-                log.info("state file %s: no node yet; nodes that register are kept there", path)
+                log.info(
+                    "state file %s: nothing to reload yet; the node list is kept there from now on",
+                    path,
+                )
             try:
                 server._state_written = state_file.save(path, fleet)
             except OSError as exc:

@@ -53,7 +53,7 @@ class Cluster:
             wait_for_port("127.0.0.1", port, 30, self.sims[port])
         self.proxy_port = free_port()
         argv = [sys.executable, "-m", "lmfleet.cli", "serve", "--port", str(self.proxy_port)]
-        argv += ["--health-interval", "0.5", "--log-level", "warning"]
+        argv += ["--health-interval", "0.5", "--log-level", "warning", "--disable-cache-status"]
         argv += ["--first-byte-timeout", str(FIRST_BYTE_TIMEOUT)]
         for port in self.ports:
             argv += ["--node", f"http://127.0.0.1:{port}"]
