@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "lmfleet.errors",
             "lmfleet.error_body",
+            "lmfleet.answers",
             "lmfleet.config",
             "lmfleet.telemetry",
             "lmfleet.state",

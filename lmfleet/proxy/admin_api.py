@@ -12,8 +12,9 @@ import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
+import lmfleet.answers as answers
 from lmfleet.errors import WeightUpdateError, WeightUpdateUnsupportedError
-from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_bytes, send_error, send_json
+from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_bytes, send_json
 from lmfleet.proxy.nodes_api import ADMIN_BODY_LIMIT, BadRequest
 from lmfleet.routing.base import RequestInfo
 from lmfleet.state import NodeStatus
@@ -129,7 +130,7 @@ async def model(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None
     served = rt.fleet.registry.models()
     if name not in served:
         message = unknown_model_message(name, served)
-        await send_error(send, 404, message, type="not_found_error", param="model")
+        await rt.answer(send, answers.UNKNOWN_MODEL, message, param="model")
         return
     await send_json(send, 200, model_card(name))
 
@@ -233,10 +234,10 @@ async def update_weights(scope: Scope, receive: Receive, send: Send, rt: Runtime
             allow_mixed=allow_mixed,
         )
     except WeightUpdateUnsupportedError as exc:
-        await send_error(send, 501, str(exc), type="weight_update_unsupported")
+        await rt.answer(send, answers.WEIGHT_UPDATE_UNSUPPORTED, str(exc))
         return
     except WeightUpdateError as exc:
-        await send_error(send, 502, str(exc), type="weight_update_failed")
+        await rt.answer(send, answers.WEIGHT_UPDATE_FAILED, str(exc))
         return
     await send_json(
         send,

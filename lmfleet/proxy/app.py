@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import logging
 
+import lmfleet.answers as answers
 from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
 from lmfleet.proxy import admin_api, distserve_api, nodes_api
 from lmfleet.proxy.asgi import (
@@ -20,7 +21,6 @@ from lmfleet.proxy.asgi import (
     Receive,
     Scope,
     Send,
-    send_error,
 )
 from lmfleet.proxy.forward import forward
 from lmfleet.proxy.metrics import ProxyMetrics
@@ -140,26 +140,20 @@ class ProxyApp:
         if methods is None and path.startswith("/v1/"):
             methods = ONE_MODEL if path.startswith(ONE_MODEL_PREFIX) else FORWARD
         if methods is None:
-            await send_error(send, 404, f"No route {path}.", type="not_found")
+            await rt.answer(send, answers.NO_ROUTE, f"No route {path}.")
             return
         if self._admin_keys and path.startswith(ADMIN_PREFIXES):
             if not _has_key(scope, self._admin_keys):
-                rt.metrics.error("unauthorized")
-                await send_error(send, 401, "Unauthorized.", type="authentication_error")
+                await rt.answer(send, answers.UNAUTHORIZED, "Unauthorized.")
                 return
         elif self._keys and path not in self._public and not _has_key(scope, self._keys):
-            rt.metrics.error("unauthorized")
-            await send_error(send, 401, "Unauthorized.", type="authentication_error")
+            await rt.answer(send, answers.UNAUTHORIZED, "Unauthorized.")
             return
         handler = methods.get(scope["method"])
         if handler is None:
-            allow = ", ".join(methods).encode()
-            await send_error(
-                send,
-                405,
-                f"Method {scope['method']} not allowed on {path}.",
-                headers=[(b"allow", allow)],
-            )
+            allow = [(b"allow", ", ".join(methods).encode())]
+            message = f"Method {scope['method']} not allowed on {path}."
+            await rt.answer(send, answers.BAD_METHOD, message, headers=allow)
             return
         rt.metrics.request(_route_label(path, methods))
         if handler is forward:
@@ -174,29 +168,29 @@ class ProxyApp:
     async def _guarded(
         self, handler: Handler, scope: Scope, receive: Receive, send: Send, rt: Runtime
     ) -> None:
-        """Map every failure to an OpenAI-shaped answer; never a traceback to the client."""
+        """Map every failure to its row of the answers table (`GUARDED`), the rest to
+        a logged 500; never a traceback to the client."""
         try:
             await handler(scope, receive, send, rt)
         except ClientGone:
             return
-        except (BadRequest, ConfigError) as exc:
-            await send_error(send, 400, str(exc))
-        except BodyTooLarge:
-            await send_error(send, 413, "The request body is too large.")
-        except BodyTimeout:
-            rt.metrics.error("body_timeout")
-            await send_error(send, 408, "The request body did not arrive in time.")
-        except UnknownNodeError as exc:
-            await send_error(send, 404, str(exc), type="not_found")
-        except NodeCommandError as exc:
-            await send_error(send, 502, str(exc), type="bad_gateway")
-        except Exception:  # the catch-all: logged, answered as a generic 500
-            log.exception("proxy error on %s %s", scope["method"], scope["path"])
-            rt.metrics.error("internal")
+        except Exception as exc:
+            row = next((row for kind, row in GUARDED if isinstance(exc, kind)), None)
+            if row is None:  # the catch-all: logged, answered as a generic 500
+                log.exception("proxy error on %s %s", scope["method"], scope["path"])
+                row = answers.INTERNAL
             with contextlib.suppress(Exception):  # the response may have started already
-                await send_error(
-                    send, 500, "Internal proxy error; see the proxy log.", type="internal_error"
-                )
+                await rt.answer(send, row, row.message(exc))
+
+
+GUARDED: tuple[tuple[type[Exception] | tuple[type[Exception], ...], answers.Answer], ...] = (
+    ((BadRequest, ConfigError), answers.BAD_REQUEST),
+    (BodyTooLarge, answers.BODY_TOO_LARGE),
+    (BodyTimeout, answers.BODY_TIMEOUT),
+    (UnknownNodeError, answers.UNKNOWN_NODE),
+    (NodeCommandError, answers.NODE_COMMAND),
+)
+"""What a route handler may raise, and the row of lmfleet/answers.py each one is."""
 
 
 def _route_label(path: str, methods: dict[str, Handler]) -> str:

@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx2
 
+import lmfleet.answers as answers
 from lmfleet.error_body import error_body
 from lmfleet.errors import (
     FleetBusyError,
-    NodeUnavailableError,
-    NoHealthyNodeError,
     RoutingError,
 )
 from lmfleet.proxy.asgi import (
@@ -40,9 +38,8 @@ from lmfleet.proxy.asgi import (
     Scope,
     Send,
     read_body,
-    send_error,
 )
-from lmfleet.transport.plan import CALLER_TIMEOUT, GIVE_UP, header_timeout
+from lmfleet.transport.plan import ANSWER_KIND, CALLER_TIMEOUT, GIVE_UP, header_timeout
 from lmfleet.transport.router import PARSED_BODY, URL_CACHE_SIZE
 
 if TYPE_CHECKING:
@@ -117,15 +114,14 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
     try:
         body = await read_body(scope, receive, rt.options.max_body_bytes, rt.options.body_timeout)
     except BodyTooLarge:
-        rt.metrics.error("body_too_large")
-        await send_error(send, 413, f"The request body is over {rt.options.max_body_bytes} bytes.")
+        message = f"The request body is over {rt.options.max_body_bytes} bytes."
+        await rt.answer(send, answers.BODY_TOO_LARGE, message)
         return
     except ClientGone:
         return
     parsed, problem = _parse(scope, body)
     if problem is not None:
-        rt.metrics.error("bad_json")
-        await send_error(send, 400, problem)
+        await rt.answer(send, answers.BAD_JSON, problem)
         return
     request = httpx2.Request(
         scope["method"],
@@ -155,48 +151,16 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
 
 
 async def _route(request: httpx2.Request, send: Send, rt: Runtime) -> httpx2.Response | None:
-    """The node's answer, or None once a routing failure was answered to the caller."""
+    """The node's answer, or None once a routing outcome was answered to the caller
+    (its row of the answers table: lmfleet/answers.py)."""
     try:
         return await rt.transport.handle_async_request(request)
-    except FleetBusyError as exc:
-        # Refused without waiting (the admission queue is full): unlike the 503
-        # below, a client's own retry after `Retry-After` is welcome here.
-        rt.metrics.error("fleet_busy")
-        retry = str(max(1, math.ceil(exc.retry_after))).encode()
-        await send_error(
-            send, 503, str(exc), type="service_unavailable", headers=[(b"retry-after", retry)]
-        )
-    except NoHealthyNodeError as exc:
-        rt.metrics.error("no_healthy_node")
-        retry = str(max(1, math.ceil(rt.fleet.options.health.interval))).encode()
-        headers = [(b"retry-after", retry)]
-        if not rt.stopping:
-            # The router already waited: a client that retried at once would
-            # multiply that wait (one retry owner), so say when, not "now". A
-            # proxy that is stopping is another matter: its restart is worth a retry.
-            headers.append(NO_RETRY)
-        await send_error(send, 503, str(exc), type="service_unavailable", headers=headers)
-    except NodeUnavailableError as exc:
-        rt.metrics.error("node_unavailable")
-        await send_error(send, 502, str(exc), type="bad_gateway", headers=[NO_RETRY])
-    except httpx2.PoolTimeout as exc:
-        # The proxy is full (every one of `max_connections` busy), not the node slow:
-        # a 503 that says when to come back, like no healthy node.
-        rt.metrics.error("connection_limit")
-        retry = str(max(1, math.ceil(rt.fleet.options.health.interval))).encode()
-        await send_error(
-            send,
-            503,
-            f"The proxy is at its upstream connection limit: {exc}",
-            type="service_unavailable",
-            headers=[(b"retry-after", retry)],
-        )
-    except httpx2.TimeoutException as exc:
-        rt.metrics.error("upstream_timeout")
-        await send_error(send, 504, f"The node did not answer in time: {exc!r}", type="timeout")
     except (httpx2.TransportError, RoutingError) as exc:
-        rt.metrics.error("upstream_error")
-        await send_error(send, 502, f"The node failed: {exc!r}", type="bad_gateway")
+        row = answers.routed(exc, stopping=rt.stopping)
+        if row is None:
+            raise
+        retry_after = exc.retry_after if isinstance(exc, FleetBusyError) else None
+        await rt.answer(send, row, row.message(exc), retry_after=retry_after)
     return None
 
 
@@ -208,6 +172,9 @@ async def _relay(
     started: float,
 ) -> None:
     node = f"{target.scheme}://{target.netloc.decode('ascii')}"
+    decided = response.extensions.get(ANSWER_KIND)
+    if decided is not None:  # an answer of the table, made without a node
+        rt.metrics.error(decided)
     headers = []
     length = -1
     sse = False
@@ -227,17 +194,18 @@ async def _relay(
         return
     # A body of unknown length (a stream) may last minutes: a stopping proxy ends it
     # at once, with an error event the caller's SDK raises (Runtime.stop).
-    with anyio.CancelScope() as cut:
-        rt.streams.add(cut)
+    with anyio.CancelScope() as stop:
+        rt.streams.add(stop)
         try:
             if rt.stopping:
-                cut.cancel()
+                stop.cancel()
             await _copy(response, send, rt, node, started, length, sse)
         finally:
-            rt.streams.discard(cut)
-    if cut.cancelled_caught:
-        rt.metrics.error("interrupted")
-        tail = _stopping_event() if sse else b""
+            rt.streams.discard(stop)
+    if stop.cancelled_caught:
+        row = answers.SHUTTING_DOWN
+        rt.metrics.error(row.kind)
+        tail = _error_event(row, STREAM_STOPPED, b"\n\n") if sse else b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
@@ -267,10 +235,11 @@ async def _copy(
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
             last = chunk
     except (httpx2.TransportError, RoutingError) as exc:
-        rt.metrics.error("interrupted")
+        row = answers.cut(exc)
+        rt.metrics.error(row.kind)
         log.warning("stream from %s cut after it started: %r", node, exc)
         if length < 0:  # see the module docstring; a sized body cannot end early
-            tail = _error_event(exc, last) if sse else b""
+            tail = _error_event(row, row.message(exc), last) if sse else b""
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         return
     if more:
@@ -278,24 +247,14 @@ async def _copy(
     rt.metrics.latency(node, time.monotonic() - started)
 
 
-def _stopping_event() -> bytes:
-    """The event that ends a stream cut by the proxy's own stop (Ctrl-C, SIGTERM)."""
-    body = error_body(
-        "The proxy is shutting down; this stream was cut. Try again.",
-        code=503,
-        type="service_unavailable",
-    )
-    return b"\n\ndata: " + json.dumps({"error": body}).encode() + b"\n\n"
+STREAM_STOPPED = "The proxy is shutting down; this stream was cut. Try again."
 
 
-def _error_event(exc: Exception, last: bytes) -> bytes:
+def _error_event(row: answers.Answer, message: str, last: bytes) -> bytes:
     """The event that ends a cut event stream: `data: {"error": {...}}`, as vLLM and
     SGLang send mid-stream errors and openai clients raise them. A blank line first
     when the cut fell inside an event, so that this one is parsed on its own."""
-    if isinstance(exc, httpx2.TimeoutException):
-        body = error_body(f"The node sent nothing in time: {exc!r}", code=504, type="timeout")
-    else:
-        body = error_body(str(exc), code=502, type="bad_gateway")
+    body = error_body(message, code=row.status, type=row.error_type)
     event = b"data: " + json.dumps({"error": body}).encode() + b"\n\n"
     return event if not last or last.endswith(EVENT_END) else b"\n\n" + event
 

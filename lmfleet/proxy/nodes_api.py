@@ -13,9 +13,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import anyio
 
+import lmfleet.answers as answers
 from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
 from lmfleet.proxy import state_file
-from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_error, send_json
+from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_json
 from lmfleet.registry import normalize_url
 from lmfleet.state import NodeRole, parse_speed
 from lmfleet.status import NodeSnapshot
@@ -133,7 +134,7 @@ async def terminate(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> 
     _persist(rt)
     if failure is not None:
         log.warning("terminate failed: %s", failure)
-        await send_error(send, 502, f"Failed to terminate node {failure}", type="bad_gateway")
+        await rt.answer(send, answers.NODE_COMMAND, f"Failed to terminate node {failure}")
         return
     await send_json(send, 200, {"message": "Terminated successfully", "url": url})
 
@@ -156,6 +157,6 @@ async def terminate_all(scope: Scope, receive: Receive, send: Send, rt: Runtime)
     if failures:
         log.warning("terminate_all failed on: %s", "; ".join(failures))
         message = f"Failed to terminate {len(failures)} node(s): {'; '.join(failures)}"
-        await send_error(send, 502, message, type="bad_gateway")
+        await rt.answer(send, answers.NODE_COMMAND, message)
         return
     await send_json(send, 200, {"message": "All nodes terminated successfully"})

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import anyio
 import httpx2
 
-from lmfleet.proxy.asgi import Receive, Scope, Send
+from lmfleet.answers import Answer
+from lmfleet.proxy.asgi import Receive, Scope, Send, send_error
 from lmfleet.proxy.metrics import ProxyMetrics
 from lmfleet.proxy.options import ProxyOptions
 from lmfleet.surface import FleetSurface
@@ -38,6 +39,31 @@ class Runtime:
     """Set by `stop()`: the proxy is shutting down."""
     streams: set[anyio.CancelScope] = field(default_factory=set)
     """The scopes of the streams being relayed now, for `stop()` to cut."""
+
+    async def answer(
+        self,
+        send: Send,
+        row: Answer,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        param: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Answer the caller with one row of the answers table (lmfleet/answers.py):
+        its status, error type and headers, counted under its kind."""
+        self.metrics.error(row.kind)
+        head = row.headers(
+            retry_after=retry_after, health_interval=self.fleet.options.health.interval
+        )
+        await send_error(
+            send,
+            row.status,
+            message,
+            type=row.error_type,
+            param=param,
+            headers=[*head, *(headers or [])],
+        )
 
     def give_up(self) -> str | None:
         """Why a request waiting for a node should stop waiting (the plan's `GIVE_UP`)."""

@@ -55,6 +55,13 @@ DEFAULT_MAX_CONNECTIONS = 1024
 Origin = tuple[str, str, int]
 
 
+class StaleConnection(httpx2.RemoteProtocolError):
+    """The node closed the connection before answering a byte: on a kept-alive
+    connection, the node had closed it while idle and never saw the request, so the
+    pool sends it again on a new one; on a new connection, it reaches the caller as
+    the dropped connection it is (a `RemoteProtocolError`)."""
+
+
 class _Conn:
     __slots__ = ("reader", "writer")
 
@@ -175,11 +182,8 @@ class Http11Transport(httpx2.AsyncBaseTransport):
             if pooled is not None:
                 try:
                     return await self._exchange(request, origin, pooled, payload)
-                except httpx2.RemoteProtocolError as exc:
-                    if not getattr(exc, "nothing_received", False):
-                        raise
-                    # The node had closed this idle connection: it never saw the
-                    # request. Its slot carries over to a new connection.
+                except StaleConnection:
+                    pass  # its slot carries over to a new connection
             conn = await self._connect(request, origin)
             return await self._exchange(request, origin, conn, payload)
         except BaseException:
@@ -327,9 +331,8 @@ class Http11Transport(httpx2.AsyncBaseTransport):
                 watchdog.cancel()
                 if watchdog.fired:
                     raise httpx2.ReadTimeout("read timed out", request=request) from exc
-            exc.nothing_received = (  # type: ignore[attr-defined]
-                isinstance(exc, httpx2.RemoteProtocolError) and not parser.started
-            )
+            if isinstance(exc, httpx2.RemoteProtocolError) and not parser.started:
+                raise StaleConnection(str(exc), request=request) from exc
             raise
         except BaseException:
             conn.close()

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
 import httpx2
-import tenacity
 
+from lmfleet.answers import Answer
 from lmfleet.config import RoutingOptions
 from lmfleet.ejection import Outcome
 from lmfleet.error_body import error_bytes
@@ -52,9 +54,6 @@ DROPPED_ERRORS: tuple[type[Exception], ...] = (
 PASSIVE_STATUS = frozenset({502, 503})
 """Answers that also open the circuit at once (a sleeping LMDeploy answers 503): the
 monitor probes the node back, asking `/is_sleeping`."""
-
-_RETRYING = tenacity.Retrying()
-"""Only to give tenacity's wait policy the call state it reads (`attempt_number`)."""
 
 SERVED_VERSION_HEADER = "x-lmfleet-weight-version"
 """On an answer: the weight version of the node that served it (transport/router.py
@@ -84,6 +83,10 @@ GIVE_UP = "lmfleet.give_up"
 """Request extension: a callable that returns why a waiting request should stop
 waiting now (the proxy is stopping), or None; read on every poll of the wait."""
 
+ANSWER_KIND = "lmfleet.answer"
+"""Response extension of an answer decided without a node: its row's `kind`, for the
+proxy's error counter."""
+
 BUSY_RETRY_AFTER = 1.0
 """`FleetBusyError.retry_after` (seconds): a full queue empties as soon as a node
 becomes eligible, which a sleeping or starting node does within seconds."""
@@ -105,8 +108,8 @@ class RouterLike(Protocol):
     @property
     def options(self) -> RoutingOptions: ...
 
-    def backoff(self, retry_state: tenacity.RetryCallState) -> float:
-        """The pause before the next attempt (tenacity's wait policy)."""
+    def backoff(self, attempt: int) -> float:
+        """The pause after failed attempt number `attempt` (1 for the first): `Backoff`."""
         ...
 
     def starved(self, request: RequestInfo) -> None:
@@ -116,6 +119,28 @@ class RouterLike(Protocol):
     def target(self, request: httpx2.Request, node: NodeState) -> None:
         """Point `request` at `node` (URL, Host, the node's key)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """The pause between failover attempts: exponential from `first`, plus up to
+    `jitter` at random (so clients that failed together do not retry together),
+    capped at `most`. One formula, called with the attempt number: the failover loop
+    is a generator of steps, so tenacity's retry loop has no place to run it."""
+
+    first: float
+    most: float
+    jitter: float
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, options: RoutingOptions) -> Backoff:
+        """`routing.backoff` doubling up to `routing.max_backoff`, jitter `routing.backoff`."""
+        return cls(first=options.backoff, most=options.max_backoff, jitter=options.backoff)
+
+    def __call__(self, attempt: int) -> float:
+        pause = self.first * 2.0 ** (attempt - 1) + self.rng.uniform(0, self.jitter)
+        return max(0.0, min(pause, self.most))
 
 
 class Retry(Exception):
@@ -307,7 +332,7 @@ class Attempts:
     def failed(self, reason: str) -> float:
         """Record a failed attempt: the pause before the next one, or give up.
 
-        The pause is tenacity's jittered exponential backoff; giving up raises
+        The pause is the router's jittered exponential `Backoff`; giving up raises
         `NodeUnavailableError` naming every attempt's node and reason.
         """
         self._reasons.append(reason)
@@ -316,9 +341,7 @@ class Attempts:
                 f"{self._label}{self.count} attempt(s) failed: {'; '.join(self._reasons)}",
                 request=self.request,
             )
-        state = tenacity.RetryCallState(_RETRYING, None, (), {})
-        state.attempt_number = max(1, self.count)
-        return float(self.router.backoff(state))
+        return self.router.backoff(max(1, self.count))
 
     def exhausted(self) -> bool:
         return self.count >= self.router.options.max_attempts
@@ -388,20 +411,16 @@ def _final(response: httpx2.Response, lease: Accounting) -> httpx2.Response:
 
 
 def error_answer(
-    request: httpx2.Request,
-    status: int,
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    param: str | None = None,
+    request: httpx2.Request, row: Answer, message: str, *, param: str | None = None
 ) -> httpx2.Response:
-    """An answer decided without any node (`RequestPlan.immediate`), in LMDeploy's
-    OpenAI-shaped error body, as a node would give it."""
+    """An answer decided without any node (`RequestPlan.immediate`), from its row of
+    the answers table, in LMDeploy's OpenAI-shaped error body, as a node would give it."""
     return httpx2.Response(
-        status,
+        row.status,
         headers={"content-type": "application/json"},
-        content=error_bytes(message, code=status, type=type, param=param),
+        content=error_bytes(message, code=row.status, type=row.error_type, param=param),
         request=request,
+        extensions={ANSWER_KIND: row.kind},
     )
 
 

@@ -14,15 +14,21 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import httpx2
-import tenacity
 
+from lmfleet.answers import BAD_VERSION, UNKNOWN_MODEL
 from lmfleet.config import RoutingOptions
 from lmfleet.errors import FleetClosedError
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy, wants_affinity_key
 from lmfleet.state import NodeRole, NodeState
 from lmfleet.transport import models as fleet_models
-from lmfleet.transport.plan import SERVED_VERSION_HEADER, RequestPlan, error_answer, read_json
+from lmfleet.transport.plan import (
+    SERVED_VERSION_HEADER,
+    Backoff,
+    RequestPlan,
+    error_answer,
+    read_json,
+)
 from lmfleet.transport.steps import Steps
 
 StarvedHook = Callable[[RequestInfo], None]
@@ -75,10 +81,8 @@ class Router:
         self._on_starved = on_starved
         self._affinity_key = affinity_key if wants_affinity_key(strategy) else None
         self._urls: dict[tuple[str, bytes], httpx2.URL] = {}
-        self.backoff = tenacity.wait_exponential_jitter(
-            multiplier=options.backoff, max=options.max_backoff, jitter=options.backoff
-        )
-        """Failover pauses: exponential from `backoff`, capped, with jitter (tenacity's)."""
+        self.backoff = Backoff.of(options)
+        """Failover pauses: exponential from `backoff`, capped, with jitter."""
         self.route: Callable[[httpx2.Request], Plan] = self.plan
         """Request -> plan; DistServe (transport/distserve) installs its own."""
 
@@ -119,7 +123,7 @@ class Router:
         except ValueError as exc:
             info = RequestInfo(role=role)
             plan = RequestPlan(self, request, info)
-            plan.immediate = error_answer(request, 400, str(exc))
+            plan.immediate = error_answer(request, BAD_VERSION, str(exc))
             return plan
         # With one model served every node qualifies: the strategy need not filter.
         info = RequestInfo(
@@ -222,7 +226,7 @@ def _version_ask(
 def _unknown_model(request: httpx2.Request, model: str, served: list[str]) -> httpx2.Response:
     """LMDeploy's 404 for a model no node serves, plus what the fleet does serve."""
     message = fleet_models.unknown_model_message(model, served)
-    return error_answer(request, 404, message, type="not_found_error", param="model")
+    return error_answer(request, UNKNOWN_MODEL, message, param="model")
 
 
 def _model_answer(request: httpx2.Request, name: str, served: list[str]) -> httpx2.Response:

@@ -7,6 +7,7 @@ behaviour against real `lmfleet sim` processes is in tests/test_fleet.py.
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from lmfleet.registry import NodeRegistry
 from lmfleet.routing import resolve_strategy
 from lmfleet.state import NodeStatus
 from lmfleet.transport import AsyncFleetTransport, FleetTransport, Router
+from lmfleet.transport.plan import Backoff
 
 Handler = Callable[[httpx2.Request], httpx2.Response]
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -228,3 +230,13 @@ async def test_async_transport_shares_the_same_rules() -> None:
                 tg.start_soon(one)
     assert results == ["up"] * 8
     assert all(s.inflight == 0 for s in router.registry.snapshot())
+
+
+def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
+    pause = Backoff(first=0.05, most=1.0, jitter=0.05, rng=random.Random(7))
+    for attempt, low in ((1, 0.05), (2, 0.1), (3, 0.2), (4, 0.4)):
+        assert low <= pause(attempt) <= low + 0.05
+    assert pause(10) == 1.0
+    assert Backoff(first=0.0, most=1.0, jitter=0.0)(3) == 0.0
+    options = RoutingOptions(backoff=0.2, max_backoff=0.5)
+    assert Backoff.of(options) == Backoff(first=0.2, most=0.5, jitter=0.2)

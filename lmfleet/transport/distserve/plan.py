@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import httpx2
 
+from lmfleet.answers import BAD_REQUEST
 from lmfleet.ejection import Outcome, outcome_of_status
 from lmfleet.errors import MigrationError
 from lmfleet.routing.base import RequestInfo, Strategy
@@ -87,7 +88,7 @@ _SKIP_ANSWER_HEADERS = frozenset({"content-length", "transfer-encoding", "conten
 
 def rejected_n(request: httpx2.Request) -> httpx2.Response:
     """LMDeploy's 400 for `n > 1` in DistServe mode, in the OpenAI error shape."""
-    return error_answer(request, 400, protocol.N_REJECTED, param="n")
+    return error_answer(request, BAD_REQUEST, protocol.N_REJECTED, param="n")
 
 
 class DistServePlan:
