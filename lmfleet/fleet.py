@@ -42,9 +42,8 @@ from lmfleet.routing import (
     Decision,
     RequestInfo,
     affinity_key,
+    as_base_strategy,
     resolve_strategy,
-    uses_node_load,
-    wants_affinity_key,
 )
 from lmfleet.routing.base import Strategy
 from lmfleet.runtime import FleetRuntime
@@ -105,7 +104,7 @@ class LMFleet(NotebookMethods, WeightMethods):
         # Built in the loop thread: they create anyio primitives bound to that loop.
         self._admin = self.runtime.call(FleetAdmin, self.registry, self.options, self._http)
         self._monitor = self.runtime.call(
-            partial(Monitor, routes_on_load=uses_node_load(self.router.strategy)),
+            partial(Monitor, routes_on_load=as_base_strategy(self.router.strategy).uses_node_load),
             self.registry,
             self.options.health,
             self._http,
@@ -142,12 +141,10 @@ class LMFleet(NotebookMethods, WeightMethods):
         `allow_empty=True`: a proxy whose nodes register later (`add_node`, or
         LMDeploy's `--proxy-url` at /nodes/add).
 
-        `shortcuts` override fields of `options` (`config.FleetKeywords`: health_interval,
-        unhealthy_after, wait_for_node, wake_on_demand, first_byte_timeout, min_ready,
-        serving_strategy, auto_sleep_after, admission_queue, weight_version; idle
-        auto-sleep and the admission queue: docs/guide/sleep.md). A node silent for
-        `first_byte_timeout` seconds (300) before its answer's first byte fails over
-        (docs/guide/failover.md).
+        `shortcuts` override fields of `options`, each the field it is named after
+        (`config.FleetKeywords`; idle auto-sleep and the admission queue:
+        docs/guide/sleep.md). A node silent for `first_byte_timeout` seconds before its
+        answer's first byte fails over (docs/guide/failover.md).
         `serving_strategy="DistServe"` runs prefill -> decode over nodes whose `roles`
         (one per URL: hybrid/prefill/decode or LMDeploy's 1/2/3) say so (docs/distserve.md).
         `speeds` (one per URL, LMDeploy's `speed`: 2.0 is twice as fast) tell
@@ -474,7 +471,8 @@ class LMFleet(NotebookMethods, WeightMethods):
         is sent or leased, but a rotating strategy's turn moves, as for a request.
         """
         body = {"messages": messages} if messages is not None else None
-        key = affinity_key({}, body) if wants_affinity_key(self.router.strategy) else None
+        strategy = as_base_strategy(self.router.strategy)
+        key = affinity_key({}, body) if strategy.uses_affinity_key else None
         request = RequestInfo(model=model, affinity_key=key)
         return self.registry.explain(self.router.strategy, request)
 

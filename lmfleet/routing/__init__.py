@@ -1,8 +1,9 @@
 """Client-side load balancing: which node gets the next request.
 
-Each strategy is a small pure chooser in its own module (see `base.Strategy`).
-`resolve_strategy` turns a name from options, the CLI or LMDeploy's
-`--routing-strategy` into one.
+Each strategy is a small pure chooser in its own module (see `base.Strategy`),
+declaring what it needs on `base.BaseStrategy`. `resolve_strategy` turns a name from
+options, the CLI or LMDeploy's `--routing-strategy` into one, and adapts a user's
+own object that has only `pick`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from types import MappingProxyType
 from lmfleet.errors import ConfigError
 from lmfleet.routing.affinity import affinity_key
 from lmfleet.routing.base import (
+    CAPABILITIES,
+    BaseStrategy,
     Candidate,
     Decision,
+    PlainStrategy,
     RequestInfo,
     Strategy,
+    as_base_strategy,
     explain_pick,
     uses_node_load,
     wants_affinity_key,
@@ -32,14 +37,17 @@ from lmfleet.routing.random_choice import RandomStrategy
 from lmfleet.routing.round_robin import RoundRobin
 
 __all__ = [
+    "CAPABILITIES",
     "DEFAULT_STRATEGY",
     "STRATEGIES",
+    "BaseStrategy",
     "Candidate",
     "Decision",
     "LeastConnections",
     "LeastLoad",
     "MinExpectedLatency",
     "MinObservedLatency",
+    "PlainStrategy",
     "PowerOfTwo",
     "PrefixAffinity",
     "RandomStrategy",
@@ -47,6 +55,7 @@ __all__ = [
     "RoundRobin",
     "Strategy",
     "affinity_key",
+    "as_base_strategy",
     "explain_pick",
     "resolve_strategy",
     "uses_node_load",
@@ -57,10 +66,10 @@ DEFAULT_STRATEGY = "least_load"
 """What `attach`, `simulate`, `launch` and `lmfleet serve` route with unless told:
 chosen by measurement (docs/benchmarks.md §3; it was `least_connections` before)."""
 
-StrategyFactory = Callable[[random.Random | None], Strategy]
+StrategyFactory = Callable[[random.Random | None], BaseStrategy]
 
 
-def _factory(cls: Callable[..., Strategy]) -> StrategyFactory:
+def _factory(cls: Callable[..., BaseStrategy]) -> StrategyFactory:
     return lambda rng: cls(rng=rng)
 
 
@@ -89,11 +98,14 @@ def _canonical(name: str) -> str:
     return text.removeprefix("routingstrategy.")
 
 
-def resolve_strategy(spec: str | Strategy, *, rng: random.Random | None = None) -> Strategy:
-    """A strategy from its name, or `spec` itself when it already has a `pick`.
+def resolve_strategy(spec: str | Strategy, *, rng: random.Random | None = None) -> BaseStrategy:
+    """A strategy from its name, or from `spec` itself when it already has a `pick`.
 
     Names are case-insensitive and accept hyphens, and LMDeploy's
-    `RoutingStrategy` enum spellings. Unknown names raise `ConfigError`.
+    `RoutingStrategy` enum spellings. Unknown names raise `ConfigError`. A
+    `BaseStrategy` is returned as it is; any other object with `pick` is adapted
+    (`PlainStrategy`, its own object at `.wrapped`), and one that declares a
+    capability that does not exist (`uses_node_lod`) raises `ConfigError`.
     """
     if isinstance(spec, str):
         factory = STRATEGIES.get(_canonical(spec))
@@ -102,7 +114,10 @@ def resolve_strategy(spec: str | Strategy, *, rng: random.Random | None = None) 
             raise ConfigError(f"unknown routing strategy {spec!r}; valid names: {valid}")
         return factory(rng)
     if callable(getattr(spec, "pick", None)):
-        return spec
+        try:
+            return as_base_strategy(spec)
+        except TypeError as exc:
+            raise ConfigError(f"routing strategy {spec!r}: {exc}") from exc
     raise ConfigError(
         f"routing strategy must be a name or an object with a pick() method, got {spec!r}"
     )

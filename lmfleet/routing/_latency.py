@@ -17,11 +17,11 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from lmfleet.routing.base import RequestInfo
+from lmfleet.routing.base import BaseStrategy, RequestInfo
 from lmfleet.state import NodeState
 
 
-class LatencyScored:
+class LatencyScored(BaseStrategy):
     """Lowest `latency x (inflight + 1)`; subclasses choose the prior."""
 
     def __init__(self, *, rng: random.Random | None = None) -> None:

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from lmfleet.routing._rotation import UrlRotation
-from lmfleet.routing.base import RequestInfo
+from lmfleet.routing.base import BaseStrategy, RequestInfo
 from lmfleet.state import NodeState
 
 
-class LeastConnections:
+class LeastConnections(BaseStrategy):
     """Pick a node with the minimum `inflight`.
 
     Why ties rotate instead of going to the first tied node: at low concurrency

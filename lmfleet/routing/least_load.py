@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from lmfleet.routing._rotation import UrlRotation
-from lmfleet.routing.base import Candidate, RequestInfo
+from lmfleet.routing.base import BaseStrategy, Candidate, RequestInfo
 from lmfleet.state import NodeState
 
 
@@ -78,7 +78,7 @@ def expected_waits(nodes: Sequence[NodeState], now: float) -> list[tuple[float, 
     return parts
 
 
-class LeastLoad:
+class LeastLoad(BaseStrategy):
     """Pick the node with the least expected time for one more request; ties rotate."""
 
     name: ClassVar[str] = "least_load"

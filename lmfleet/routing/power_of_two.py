@@ -11,11 +11,11 @@ import random
 from collections.abc import Sequence
 from typing import ClassVar
 
-from lmfleet.routing.base import RequestInfo
+from lmfleet.routing.base import BaseStrategy, RequestInfo
 from lmfleet.state import NodeState
 
 
-class PowerOfTwo:
+class PowerOfTwo(BaseStrategy):
     """Fewer `inflight` of two distinct random nodes; tie: lower latency, then random."""
 
     name: ClassVar[str] = "power_of_two"

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 from lmfleet.errors import ConfigError
 from lmfleet.routing._ring import HashRing
-from lmfleet.routing.base import Candidate, RequestInfo
+from lmfleet.routing.base import BaseStrategy, Candidate, RequestInfo
 from lmfleet.routing.least_load import LeastLoad, expected_waits
 from lmfleet.state import NodeState
 
@@ -39,7 +39,7 @@ _MAX_INDEXES = 64
 """Node-set indexes kept (one per model subset / failover subset seen)."""
 
 
-class PrefixAffinity:
+class PrefixAffinity(BaseStrategy):
     """Consistent hashing on `request.affinity_key`, bounded by the expected wait.
 
     Requests without a key go to `LeastLoad`.

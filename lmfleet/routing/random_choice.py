@@ -6,11 +6,11 @@ import random
 from collections.abc import Sequence
 from typing import ClassVar
 
-from lmfleet.routing.base import RequestInfo
+from lmfleet.routing.base import BaseStrategy, RequestInfo
 from lmfleet.state import NodeState
 
 
-class RandomStrategy:
+class RandomStrategy(BaseStrategy):
     """Pick any eligible node with equal probability (LMDeploy's `random`)."""
 
     name: ClassVar[str] = "random"

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from lmfleet.routing._rotation import UrlRotation
-from lmfleet.routing.base import RequestInfo
+from lmfleet.routing.base import BaseStrategy, RequestInfo
 from lmfleet.state import NodeState
 
 
-class RoundRobin:
+class RoundRobin(BaseStrategy):
     """Every node gets exactly one request per lap, whatever its load."""
 
     name: ClassVar[str] = "round_robin"

@@ -19,7 +19,7 @@ from lmfleet.answers import BAD_VERSION, UNKNOWN_MODEL
 from lmfleet.config import RoutingOptions
 from lmfleet.errors import FleetClosedError
 from lmfleet.registry import NodeRegistry
-from lmfleet.routing.base import RequestInfo, Strategy, wants_affinity_key
+from lmfleet.routing.base import RequestInfo, Strategy, as_base_strategy
 from lmfleet.state import NodeRole, NodeState
 from lmfleet.transport import models as fleet_models
 from lmfleet.transport.plan import (
@@ -79,7 +79,7 @@ class Router:
         self.strategy = strategy
         self.options = options
         self._on_starved = on_starved
-        self._affinity_key = affinity_key if wants_affinity_key(strategy) else None
+        self._affinity_key = affinity_key if as_base_strategy(strategy).uses_affinity_key else None
         self._urls: dict[tuple[str, bytes], httpx2.URL] = {}
         self.backoff = Backoff.of(options)
         """Failover pauses: exponential from `backoff`, capped, with jitter."""

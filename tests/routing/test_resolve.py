@@ -15,6 +15,7 @@ from lmfleet.routing import (
     LeastLoad,
     MinExpectedLatency,
     MinObservedLatency,
+    PlainStrategy,
     PowerOfTwo,
     PrefixAffinity,
     RandomStrategy,
@@ -80,12 +81,20 @@ def test_seeded_rng_is_used() -> None:
     ]
 
 
-def test_custom_object_passes_through() -> None:
+def test_custom_object_is_adapted() -> None:
     class First:
         def pick(self, nodes: Sequence[NodeState], request: RequestInfo) -> NodeState | None:
             return nodes[0]
 
     custom = First()
+    strategy = resolve_strategy(custom)
+    assert isinstance(strategy, PlainStrategy) and strategy.wrapped is custom
+    nodes = [NodeState(url=f"http://n{i}:1", status=NodeStatus.HEALTHY) for i in range(3)]
+    assert strategy.pick(nodes, RequestInfo()) is nodes[0]
+
+
+def test_base_strategy_passes_through() -> None:
+    custom = RoundRobin()
     assert resolve_strategy(custom) is custom
 
 
@@ -101,5 +110,8 @@ def test_not_a_strategy() -> None:
 
 
 def test_public_exports() -> None:
-    for name in ["Strategy", "RequestInfo", "resolve_strategy", "STRATEGIES", "affinity_key"]:
+    names = ["Strategy", "RequestInfo", "resolve_strategy", "STRATEGIES", "affinity_key"]
+    names += ["BaseStrategy", "PlainStrategy", "CAPABILITIES", "as_base_strategy"]
+    names += ["uses_node_load", "wants_affinity_key", "explain_pick"]
+    for name in names:
         assert name in routing.__all__

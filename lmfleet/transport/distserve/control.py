@@ -20,7 +20,7 @@ import httpx2
 from lmfleet.config import DistServeOptions
 from lmfleet.errors import MigrationError, UnknownNodeError
 from lmfleet.routing import STRATEGIES, resolve_strategy
-from lmfleet.routing.base import Strategy
+from lmfleet.routing.base import Strategy, as_base_strategy
 from lmfleet.state import NodeRole, NodeStatus
 from lmfleet.transport.distserve import protocol as wire
 from lmfleet.transport.distserve.pairs import Pair, PairPool
@@ -35,8 +35,8 @@ log = logging.getLogger("lmfleet.distserve")
 def _own_copy(strategy: Strategy) -> Strategy:
     """A strategy of the same kind with its own state; a built-in one gets a fresh RNG
     (a deep copy would replay the same random draws for prefill and decode)."""
-    name = getattr(strategy, "name", None)
-    if isinstance(name, str) and name in STRATEGIES:
+    name = as_base_strategy(strategy).name
+    if name in STRATEGIES:
         return resolve_strategy(name)
     return copy.deepcopy(strategy)
 
