@@ -20,9 +20,7 @@ from conformance.peer_support import (
     capture_proxy,
     make_model,
     peer_unavailable,
-    start_peer,
-    start_sim,
-    wait_for_port,
+    started_pair,
 )
 
 
@@ -52,19 +50,14 @@ def pair(peer_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     logs = tmp_path_factory.mktemp("conformance-logs")
     proxy = capture_proxy()
     common = ("--api-keys", API_KEY, "--proxy-url", proxy.url)
-    real = start_peer(peer_model, logs, *common, wait=False)
-    sim = start_sim(peer_model, logs, *common, "--enable-metrics", wait=False)
     try:
-        wait_for_port("127.0.0.1", sim.port, timeout=30, proc=sim.process)
-        wait_for_port("127.0.0.1", real.port, timeout=120, proc=real.process)
-        for server in (real, sim):  # until the first health snapshot is in
-            for _ in range(100):
-                if httpx2.get(server.url + "/health", timeout=5).status_code == 200:
-                    break
-        yield Pair(real, sim, str(peer_model), proxy)
+        with started_pair(peer_model, logs, *common, sim_args=("--enable-metrics",)) as servers:
+            for server in servers:  # until the first health snapshot is in
+                for _ in range(100):
+                    if httpx2.get(server.url + "/health", timeout=5).status_code == 200:
+                        break
+            yield Pair(*servers, str(peer_model), proxy)
     finally:
-        real.stop()
-        sim.stop()
         proxy.close()
 
 

@@ -6,12 +6,14 @@ venv is missing or broken every test that needs it skips, naming what failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -150,6 +152,23 @@ def start_sim(model_dir: Path, log_dir: Path, *args: str, wait: bool = True) -> 
     if wait:
         wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
     return server
+
+
+@contextlib.contextmanager
+def started_pair(
+    model_dir: Path, log_dir: Path, *args: str, sim_args: tuple[str, ...] = ()
+) -> Iterator[list[Server]]:
+    """The peer and a sim started side by side with `args` (the sim also `sim_args`),
+    once both ports are open: `[real, sim]`; both stop when the block ends."""
+    real = start_peer(model_dir, log_dir, *args, wait=False)
+    sim = start_sim(model_dir, log_dir, *args, *sim_args, wait=False)
+    try:
+        wait_for_port("127.0.0.1", sim.port, timeout=30, proc=sim.process)
+        wait_for_port("127.0.0.1", real.port, timeout=120, proc=real.process)
+        yield [real, sim]
+    finally:
+        real.stop()
+        sim.stop()
 
 
 def port_open(port: int) -> bool:

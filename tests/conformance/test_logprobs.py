@@ -30,7 +30,7 @@ from typing import Any
 import httpx2
 import pytest
 from conformance.exchange import JSON, Answer, Case, compare, send
-from conformance.peer_support import API_KEY, Server, start_peer, start_sim, wait_for_port
+from conformance.peer_support import API_KEY, Server, started_pair
 from conformance.shapes import length_diff, shape_diff
 
 MODE = ("--logprobs-mode", "raw_logprobs")
@@ -194,15 +194,8 @@ def lp_pair(peer_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """A peer and a sim, both `--backend pytorch --logprobs-mode raw_logprobs`."""
     logs = tmp_path_factory.mktemp("logprobs-logs")
     common = ("--api-keys", API_KEY, *MODE)
-    real = start_peer(peer_model, logs, *common, wait=False)
-    sim = start_sim(peer_model, logs, *common, wait=False)
-    try:
-        wait_for_port("127.0.0.1", sim.port, timeout=30, proc=sim.process)
-        wait_for_port("127.0.0.1", real.port, timeout=120, proc=real.process)
-        yield [real, sim]
-    finally:
-        real.stop()
-        sim.stop()
+    with started_pair(peer_model, logs, *common) as servers:
+        yield servers
 
 
 @pytest.fixture

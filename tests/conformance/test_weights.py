@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from conformance.peer_support import API_KEY, Server, start_peer, start_sim, wait_for_port
+from conformance.peer_support import API_KEY, Server, started_pair
 from support import BUCKET, GROUP
 
 JSON = {"content-type": "application/json"}
@@ -101,15 +101,8 @@ RAY_SCRIPT: list[tuple[str, Any]] = [
 def ray_pair(peer_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
     """A peer and a sim, both `--backend pytorch --distributed-executor-backend ray`."""
     logs = tmp_path_factory.mktemp("ray-logs")
-    real = start_peer(peer_model, logs, *RAY, wait=False)
-    sim = start_sim(peer_model, logs, *RAY, wait=False)
-    try:
-        wait_for_port("127.0.0.1", sim.port, timeout=30, proc=sim.process)
-        wait_for_port("127.0.0.1", real.port, timeout=120, proc=real.process)
-        yield [real, sim]
-    finally:
-        real.stop()
-        sim.stop()
+    with started_pair(peer_model, logs, *RAY) as servers:
+        yield servers
 
 
 def ray_script(url: str) -> list[tuple[str, int, str, str]]:
