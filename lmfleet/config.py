@@ -1,16 +1,50 @@
-"""Typed options, passed explicitly. Nothing here reads the environment."""
+"""Typed options, passed explicitly. Nothing here reads the environment.
+
+Each option is declared once, as a field of its model. A field with a command-line
+flag says so in its type, `Annotated[float, Flag("--wait-for-node")]`: `lmfleet
+serve` and `lmfleet launch` build the flag, its default and its help from the field.
+A keyword shortcut of `LMFleet.attach/simulate/launch` is one line of `FleetKeywords`
+(its name and type, as type checkers must see them), named after its field.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal, TypedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 from lmfleet.errors import ConfigError
 
 ServingStrategy = Literal["Hybrid", "DistServe"]
 """LMDeploy's proxy `--serving-strategy` names (docs/distserve.md)."""
+
+FieldPath = tuple[str, ...]
+"""Where a field sits in an options model: `("routing", "wait_for_node")`."""
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """The command-line flag of an option field: `Annotated[type, Flag("--name")]`.
+
+    The flag takes the field's type (choices from a `Literal`; a `bool` is a switch to
+    the other value: `--disable-gdr` sets `with_gdr` False), its default, and as help
+    `help` or else the field's description, stating the default: `{default}` in the
+    text places "default X", else " (default X)" ends it. `absent` says what a flag
+    left out means where the value alone says too little (None; a default a command
+    sets itself), `{value}` standing for the field's default; such a flag passes
+    nothing on when it is left out.
+    """
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    help: str | None = None
+    metavar: str | None = None
+    absent: str | None = None
 
 
 class _Options(BaseModel):
@@ -20,7 +54,9 @@ class _Options(BaseModel):
 class HealthOptions(_Options):
     """Active health checking (DESIGN.md, "Node states and routing rules")."""
 
-    interval: float = Field(default=2.0, gt=0, description="seconds between probes of one node")
+    interval: Annotated[float, Flag("--health-interval")] = Field(
+        default=2.0, gt=0, description="seconds between probes of one node"
+    )
     jitter: float = Field(
         default=0.1, ge=0, le=1, description="fraction of interval added at random"
     )
@@ -82,13 +118,21 @@ class OutlierOptions(_Options):
 class RoutingOptions(_Options):
     """What the transports do when a node fails or none is eligible."""
 
-    wait_for_node: float = Field(
-        default=30.0, ge=0, description="seconds to wait for an eligible node"
-    )
+    wait_for_node: Annotated[
+        float,
+        Flag("--wait-for-node", help="seconds a request waits for a healthy node before 503"),
+    ] = Field(default=30.0, ge=0, description="seconds to wait for an eligible node")
     wake_on_demand: bool = Field(
         default=False, description="wake a sleeping node when none is eligible"
     )
-    admission_queue: int = Field(
+    admission_queue: Annotated[
+        int,
+        Flag(
+            "--admission-queue",
+            help="requests that may wait for a healthy node at once; one more gets 503 "
+            "with Retry-After at once",
+        ),
+    ] = Field(
         default=1024,
         ge=0,
         description="requests that may wait for an eligible node at once (each up to "
@@ -102,7 +146,14 @@ class RoutingOptions(_Options):
         default=frozenset({500, 502, 503, 504}),
         description="answers tried again on another node while nothing reached the caller",
     )
-    first_byte_timeout: float | None = Field(
+    first_byte_timeout: Annotated[
+        float | None,
+        Flag(
+            "--first-byte-timeout",
+            help="seconds a node may stay silent before its first byte, then the request "
+            "fails over to another node",
+        ),
+    ] = Field(
         default=DEFAULT_FIRST_BYTE_TIMEOUT,
         gt=0,
         description="seconds a node may stay silent before its first response byte "
@@ -115,7 +166,13 @@ class RoutingOptions(_Options):
     connect_timeout: float = Field(
         default=5.0, gt=0, description="seconds to open a connection to a node"
     )
-    max_connections: int = Field(
+    max_connections: Annotated[
+        int,
+        Flag(
+            "--max-connections",
+            help="open connections to the nodes at most (requests past it wait; {default})",
+        ),
+    ] = Field(
         default=1024,
         ge=1,
         description="connections open at once per transport, over all nodes (the proxy's "
@@ -133,14 +190,35 @@ class DistServeOptions(_Options):
     but always sends `with_gdr: true`; lmfleet sends what was asked.
     """
 
-    migration_protocol: Literal["RDMA", "NVLINK"] = Field(
+    migration_protocol: Annotated[
+        Literal["RDMA", "NVLINK"],
+        Flag(
+            "--migration-protocol",
+            help="KV cache migration protocol between prefill and decode nodes",
+        ),
+    ] = Field(
         default="RDMA",
         description="KV migration protocol, sent as LMDeploy's MigrationProtocol number "
         "(RDMA 2, NVLINK 3) in p2p_initialize, p2p_connect and migration_request",
     )
-    link_type: Literal["RoCE", "IB"] = Field(default="RoCE", description="RDMA link type")
-    with_gdr: bool = Field(default=True, description="GPU Direct RDMA (rdma_config.with_gdr)")
-    dummy_prefill: bool = Field(
+    link_type: Annotated[Literal["RoCE", "IB"], Flag("--link-type")] = Field(
+        default="RoCE", description="RDMA link type"
+    )
+    with_gdr: Annotated[
+        bool,
+        Flag(
+            "--disable-gdr",
+            help="no GPU Direct RDMA (LMDeploy 0.18's proxy accepts this flag but ignores it)",
+        ),
+    ] = Field(default=True, description="GPU Direct RDMA (rdma_config.with_gdr)")
+    dummy_prefill: Annotated[
+        bool,
+        Flag(
+            "--dummy-prefill",
+            help="profile decode alone: no prefill node is called, decode nodes get a dummy "
+            "migration (LMDeploy's meaning)",
+        ),
+    ] = Field(
         default=False,
         description="for performance profiling: call no prefill node and connect no "
         "pair; decode nodes get a dummy migration_request (is_dummy_prefill) and "
@@ -157,23 +235,48 @@ class FleetOptions(_Options):
     health: HealthOptions = HealthOptions()
     routing: RoutingOptions = RoutingOptions()
     outliers: OutlierOptions = OutlierOptions()
-    serving_strategy: ServingStrategy = Field(
+    serving_strategy: Annotated[
+        ServingStrategy,
+        Flag(
+            "--serving-strategy",
+            help="DistServe: prefill on Prefill-role nodes, decode on Decode-role nodes "
+            "(nodes announce their role at /nodes/add; docs/distserve.md); {default}",
+        ),
+    ] = Field(
         default="Hybrid", description="Hybrid: one node per request; DistServe: prefill -> decode"
     )
     distserve: DistServeOptions = DistServeOptions()
-    min_ready: int = Field(default=1, ge=1, description="healthy nodes that wait_ready waits for")
+    min_ready: Annotated[
+        int,
+        Flag(
+            "--min-ready",
+            help="healthy nodes /readiness waits for",
+            absent="default {value}; lmfleet launch: every launched node",
+        ),
+    ] = Field(default=1, ge=1, description="healthy nodes that wait_ready waits for")
     drain_timeout: float = Field(
         default=30.0, ge=0, description="seconds to let in-flight requests end"
     )
     admin_timeout: float = Field(default=30.0, gt=0, description="seconds for sleep/wakeup calls")
-    auto_sleep_after: float | None = Field(
+    auto_sleep_after: Annotated[
+        float | None,
+        Flag(
+            "--auto-sleep-after",
+            help="put a node to sleep after this many seconds without requests; a request "
+            "that finds every node asleep wakes one",
+            absent="default: never",
+        ),
+    ] = Field(
         default=None,
         gt=0,
         description="put a node to sleep after this many seconds without requests "
         "(None: never); a request that finds no awake node wakes one (wake on demand)",
     )
-    auto_sleep_level: Literal[1, 2] = Field(default=1, description="LMDeploy sleep level")
-    weight_version: int = Field(
+    auto_sleep_level: Annotated[
+        Literal[1, 2],
+        Flag("--auto-sleep-level", help="LMDeploy sleep level for --auto-sleep-after"),
+    ] = Field(default=1, description="LMDeploy sleep level")
+    weight_version: Annotated[int, Flag("--weight-version")] = Field(
         default=0,
         description="the weight version nodes start with; weight updates record newer ones",
     )
@@ -188,7 +291,8 @@ class FleetKeywords(TypedDict, total=False):
     """Keyword shortcuts for the most used `FleetOptions` fields.
 
     `LMFleet.attach`, `simulate` and `launch` accept them beside `options=`; each
-    one given overrides its field of `options`.
+    one given overrides its field of `options`. A shortcut is named after its field:
+    the field's own name, or `section_name` (`health_interval`: `health.interval`).
     """
 
     health_interval: float
@@ -213,37 +317,61 @@ class FleetKeywords(TypedDict, total=False):
     """`weight_version`: the version the nodes start with."""
 
 
-_SHORTCUTS: dict[str, tuple[str, ...]] = {
-    "health_interval": ("health", "interval"),
-    "unhealthy_after": ("health", "unhealthy_after"),
-    "wait_for_node": ("routing", "wait_for_node"),
-    "wake_on_demand": ("routing", "wake_on_demand"),
-    "first_byte_timeout": ("routing", "first_byte_timeout"),
-    "min_ready": ("min_ready",),
-    "serving_strategy": ("serving_strategy",),
-    "auto_sleep_after": ("auto_sleep_after",),
-    "admission_queue": ("routing", "admission_queue"),
-    "weight_version": ("weight_version",),
+def option_fields(model: type[BaseModel]) -> Iterator[tuple[FieldPath, FieldInfo]]:
+    """Every field of `model` with its path; an option section's fields stand for it."""
+    for name, field in model.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            yield from (((name, *path), leaf) for path, leaf in option_fields(section))
+        else:
+            yield (name,), field
+
+
+def flag_of(field: FieldInfo) -> Flag | None:
+    """The `Flag` a field declares, if any."""
+    return next((meta for meta in field.metadata if isinstance(meta, Flag)), None)
+
+
+def _shortcut_path(name: str) -> FieldPath:
+    """The one `FleetOptions` field a `FleetKeywords` name is named after."""
+    found = [path for path, _ in option_fields(FleetOptions) if name in (path[-1], "_".join(path))]
+    if len(found) != 1:
+        raise TypeError(f"FleetKeywords.{name} names {len(found)} FleetOptions fields, not one")
+    return found[0]
+
+
+SHORTCUTS: Mapping[str, FieldPath] = {
+    name: _shortcut_path(name) for name in FleetKeywords.__annotations__
 }
-SHORTCUT_NAMES = frozenset(_SHORTCUTS)
+"""Each `FleetKeywords` name and the `FleetOptions` field it sets."""
+SHORTCUT_NAMES = frozenset(SHORTCUTS)
 
 
-def merge_options(options: FleetOptions | None, shortcuts: Mapping[str, Any]) -> FleetOptions:
-    """`options` (or the defaults) with the given keyword shortcuts applied; None skips one."""
-    fields = (options or FleetOptions()).model_dump()
-    for name, value in shortcuts.items():
-        if value is None:
-            continue
-        *path, leaf = _SHORTCUTS[name]
+def with_values(model: type[Model], base: Model | None, values: Mapping[FieldPath, Any]) -> Model:
+    """`base` (or the defaults) with the fields at `values`' paths set; bad values are
+    a `ConfigError`."""
+    fields = (base or model()).model_dump()
+    for (*path, leaf), value in values.items():
         section = fields
         for part in path:
             section = section[part]
         section[leaf] = value
-        if name == "health_interval":
-            section["timeout"] = min(section["timeout"], max(value, 0.5))
-        if name == "auto_sleep_after":
-            fields["routing"]["wake_on_demand"] = True  # a sleeping fleet must wake on use
     try:
-        return FleetOptions.model_validate(fields)
+        return model.model_validate(fields)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def merge_options(options: FleetOptions | None, shortcuts: Mapping[str, Any]) -> FleetOptions:
+    """`options` (or the defaults) with the given keyword shortcuts applied; None skips one."""
+    given = {name: value for name, value in shortcuts.items() if value is not None}
+    unknown = sorted(set(given) - SHORTCUT_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown keyword shortcut(s) {unknown}; config.FleetKeywords names them")
+    values = {SHORTCUTS[name]: value for name, value in given.items()}
+    base = options or FleetOptions()
+    if "health_interval" in given:  # a probe never outlives its interval (0.5 s floor)
+        values["health", "timeout"] = min(base.health.timeout, max(given["health_interval"], 0.5))
+    if "auto_sleep_after" in given:
+        values["routing", "wake_on_demand"] = True  # a sleeping fleet must wake on use
+    return with_values(FleetOptions, base, values)

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING
 
 from lmfleet.cli import serve as serve_cli
 from lmfleet.cli.serve import (
+    add_flags,
     configure_logging,
     fleet_keywords,
     fleet_options,
+    given,
     node_api_key,
     proxy_options,
     serve_until_stopped,
@@ -35,9 +37,9 @@ if TYPE_CHECKING:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = LaunchOptions()
     parser.add_argument("model", help="model path or id (passed to the server command)")
-    add = parser.add_argument_group("launch").add_argument
+    group = parser.add_argument_group("launch")
+    add = group.add_argument
     add(
         "--nodes",
         dest="count",
@@ -77,45 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--simulate", action="store_true", help="start emulated nodes (no GPU) instead")
     add(
-        "--launcher",
-        default=defaults.launcher,
-        choices=["local", "ray"],
-        help="local processes or Ray actors (default %(default)s)",
-    )
-    add("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
-    add(
-        "--placement",
-        default=defaults.placement,
-        choices=["spread", "pack"],
-        help="Ray: spread the nodes over machines or pack them (default %(default)s)",
-    )
-    add(
-        "--restart",
-        default=defaults.restart,
-        choices=["no", "on-failure"],
-        help="on-failure: bring a crashed node back on the same URL (default %(default)s)",
-    )
-    add(
-        "--max-restarts",
-        type=int,
-        default=defaults.max_restarts,
-        metavar="N",
-        help="restarts per node with --restart on-failure (default %(default)s)",
-    )
-    add(
-        "--base-port",
-        type=int,
-        default=None,
-        metavar="PORT",
-        help="node i listens on PORT+i (default: free ports)",
-    )
-    add(
         "--ready-timeout",
         type=float,
         default=900.0,
         metavar="SECONDS",
         help="seconds to wait for every node (default %(default)g)",
     )
+    add_flags(group, LaunchOptions)
     serve_cli.add_arguments(parser)
 
 
@@ -137,14 +107,9 @@ def run(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     common = {
         "options": fleet_options(args),
-        **fleet_keywords(args),
-        "launcher": args.launcher,
-        "restart": args.restart,
-        "max_restarts": args.max_restarts,
-        "base_port": args.base_port,
-        "ray_address": args.ray_address,
-        "placement": args.placement,
         "strategy": args.strategy,
+        **fleet_keywords(args),
+        **{path[0]: value for path, value in given(args, LaunchOptions).items()},
     }
     if args.simulate:
         fleet = LMFleet.simulate(

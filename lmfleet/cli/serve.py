@@ -12,10 +12,20 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
-from lmfleet.config import DistServeOptions, FleetKeywords, FleetOptions, RoutingOptions
+from lmfleet.config import (
+    SHORTCUTS,
+    FieldPath,
+    Flag,
+    FleetOptions,
+    flag_of,
+    option_fields,
+    with_values,
+)
 from lmfleet.errors import ConfigError
 from lmfleet.extras import require_serve
 from lmfleet.logs import configure_logging as setup_logging
@@ -24,6 +34,9 @@ from lmfleet.proxy.state_file import default_dir, state_path
 from lmfleet.routing import DEFAULT_STRATEGY
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from pydantic.fields import FieldInfo
+
     from lmfleet.proxy.server import ProxyServer
 
 LMDEPLOY_STRATEGIES = ("random", "min_expected_latency", "min_observed_latency")
@@ -44,37 +57,21 @@ lines; here it means DEBUG with the access log on."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`lmfleet serve`'s flags: every `lmdeploy serve proxy` flag (0.18), then lmfleet's own.
+    """`lmfleet serve`'s flags: every `lmdeploy serve proxy` flag (0.18) and lmfleet's own.
 
-    tests/proxy/test_cli_flags.py reads LMDeploy's own parser and fails when a
+    The flags of option fields come from the fields (`add_flags`); the ones here
+    mean more than one field (environment fallbacks, the state file) or no field.
+    tests/cli/test_serve_flags.py reads LMDeploy's own parser and fails when a
     flag of it is missing here, so a flag LMDeploy adds later cannot go unnoticed.
     """
-    defaults = ProxyOptions()
-    distserve = DistServeOptions()
-    fleet = FleetOptions()  # the defaults of the flags that default to None below
     add = parser.add_argument
     add(
-        "--server-name",
-        "--host",
-        dest="host",
-        default=defaults.host,
-        help="bind address (default %(default)s, this machine only; LMDeploy's proxy "
-        "defaults to 0.0.0.0: give --server-name 0.0.0.0 for nodes on other hosts)",
-    )
-    add(
-        "--server-port",
-        "--port",
-        dest="port",
-        type=int,
-        default=defaults.port,
-        help="bind port (default %(default)s)",
-    )
-    add(
-        "--serving-strategy",
-        default=fleet.serving_strategy,
-        choices=("Hybrid", "DistServe"),
-        help="DistServe: prefill on Prefill-role nodes, decode on Decode-role nodes "
-        "(nodes announce their role at /nodes/add; docs/distserve.md); default %(default)s",
+        "--node",
+        dest="nodes",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a node to route to (repeat); nodes may also register via POST /nodes/add",
     )
     add(
         "--routing-strategy",
@@ -104,7 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="INFO",
         type=str.upper,
         choices=LOG_LEVELS,
-        help="default %(default)s (LMDeploy's proxy: WARNING)",
+        help="default %(default)s (LMDeploy's proxy: WARNING; REQUEST: DEBUG and --access-log)",
+    )
+    add(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="json: one JSON object per line, for log shippers (default %(default)s)",
     )
     add(
         "--disable-cache-status",
@@ -113,55 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(as LMDeploy's flag; default: kept in --state-dir; with --state-file or "
         "--state-dir it is an error)",
     )
-    ds = parser.add_argument_group("DistServe (with --serving-strategy DistServe)")
-    ds.add_argument(
-        "--migration-protocol",
-        default=distserve.migration_protocol,
-        choices=("RDMA", "NVLINK"),
-        help="KV cache migration protocol between prefill and decode nodes (default %(default)s)",
-    )
-    ds.add_argument(
-        "--link-type",
-        default=distserve.link_type,
-        choices=("RoCE", "IB"),
-        help="RDMA link (default %(default)s)",
-    )
-    ds.add_argument(
-        "--disable-gdr",
-        action="store_true",
-        help="no GPU Direct RDMA (LMDeploy 0.18's proxy accepts this flag but ignores it)",
-    )
-    ds.add_argument(
-        "--dummy-prefill",
-        action="store_true",
-        help="profile decode alone: no prefill node is called, decode nodes get a dummy "
-        "migration (LMDeploy's meaning)",
-    )
-
-    own = parser.add_argument_group("lmfleet")
-    own.add_argument(
-        "--node",
-        dest="nodes",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="a node to route to (repeat); nodes may also register via POST /nodes/add",
-    )
-    own.add_argument(
-        "--admin-keys",
-        nargs="+",
-        default=None,
-        metavar="KEY",
-        help="keys for /nodes/* and /fleet/*; when set, client keys cannot register nodes "
-        "(default: none, client keys open them)",
-    )
-    own.add_argument(
-        "--node-api-key",
-        default=None,
-        metavar="KEY",
-        help="the nodes' own key (or LMFLEET_NODE_API_KEY; default: none)",
-    )
-    own.add_argument(
+    add(
         "--state-dir",
         type=Path,
         default=None,
@@ -169,103 +124,91 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the node list is kept across restarts, as serve-PORT.json "
         "(default $XDG_STATE_HOME/lmfleet, else ~/.local/state/lmfleet)",
     )
-    own.add_argument(
+    add(
         "--state-file",
         type=Path,
         default=None,
         metavar="PATH",
         help="keep the node list in this file instead of --state-dir's serve-PORT.json",
     )
-    own.add_argument(
-        "--min-ready",
-        type=int,
+    add(
+        "--node-api-key",
         default=None,
-        metavar="N",
-        help=f"healthy nodes /readiness waits for (default {fleet.min_ready}; "
-        "lmfleet launch: every launched node)",
+        metavar="KEY",
+        help="the nodes' own key (or LMFLEET_NODE_API_KEY; default: none)",
     )
-    own.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=defaults.max_body_bytes,
-        metavar="N",
-        help="request bodies above N bytes get a 413 "
-        f"(default %(default)s, {defaults.max_body_bytes / 2**20:g} MiB)",
-    )
-    own.add_argument(
-        "--max-connections",
-        type=int,
-        default=fleet.routing.max_connections,
-        metavar="N",
-        help="open connections to the nodes at most (requests past it wait; default %(default)s)",
-    )
-    own.add_argument(
-        "--upstream-timeout",
-        type=float,
-        default=defaults.upstream_timeout,
-        metavar="SECONDS",
-        help="seconds to wait for a node's next byte before 504 (default %(default)g)",
-    )
-    own.add_argument(
-        "--health-interval",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help=f"seconds between node probes (default {fleet.health.interval:g})",
-    )
-    own.add_argument(
-        "--first-byte-timeout",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="seconds a node may stay silent before its first byte, then the request "
-        f"fails over to another node (default {fleet.routing.first_byte_timeout:g})",
-    )
-    own.add_argument(
-        "--wait-for-node",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="seconds a request waits for a healthy node before 503 "
-        f"(default {fleet.routing.wait_for_node:g})",
-    )
-    own.add_argument(
-        "--admission-queue",
-        type=int,
-        default=None,
-        metavar="N",
-        help="requests that may wait for a healthy node at once; one more gets 503 with "
-        f"Retry-After at once (default {fleet.routing.admission_queue})",
-    )
-    own.add_argument(
-        "--auto-sleep-after",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="put a node to sleep after this many seconds without requests; a request "
-        "that finds every node asleep wakes one (default: never)",
-    )
-    own.add_argument(
-        "--auto-sleep-level",
-        type=int,
-        default=fleet.auto_sleep_level,
-        choices=(1, 2),
-        help="LMDeploy sleep level for --auto-sleep-after (default %(default)s)",
-    )
-    own.add_argument(
-        "--weight-version",
-        type=int,
-        default=None,
-        metavar="N",
-        help=f"the weight version the nodes start with (default {fleet.weight_version})",
-    )
-    own.add_argument(
-        "--log-format",
-        default="text",
-        choices=("text", "json"),
-        help="json: one JSON object per line, for log shippers (default %(default)s)",
-    )
-    own.add_argument("--access-log", action="store_true", help="log every request")
+    add_flags(parser.add_argument_group("proxy"), ProxyOptions)
+    fleet = parser.add_argument_group("fleet")
+    distserve = parser.add_argument_group("DistServe (with --serving-strategy DistServe)")
+    add_flags(fleet, FleetOptions, sections={"distserve": distserve})
+
+
+def add_flags(
+    group: argparse._ActionsContainer,
+    model: type[BaseModel],
+    *,
+    sections: Mapping[str, argparse._ActionsContainer] | None = None,
+) -> None:
+    """The flags `model`'s fields declare (`config.Flag`), added to `group`; the flags
+    of a section named in `sections` go to its own group there.
+
+    Each flag's dest is its field's path (`routing.wait_for_node`), read back by `given`.
+    """
+    for path, field in option_fields(model):
+        flag = flag_of(field)
+        if flag is not None:
+            into = (sections or {}).get(path[0], group) if len(path) > 1 else group
+            into.add_argument(flag.name, *flag.aliases, **_argument(path, field, flag))
+
+
+_METAVARS: dict[object, str] = {int: "N", float: "SECONDS"}
+
+
+def _argument(path: FieldPath, field: FieldInfo, flag: Flag) -> dict[str, Any]:
+    """`add_argument`'s keywords for the flag of the field at `path`."""
+    kind = field.annotation
+    if get_origin(kind) in (Union, UnionType):  # `float | None`: the flag gives a float
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    spec: dict[str, Any] = {"dest": ".".join(path), "help": _help(field, flag, kind is bool)}
+    if kind is bool:  # a switch to the other value; left out, it passes nothing on
+        return {**spec, "action": "store_const", "const": not field.default, "default": None}
+    spec["default"] = None if flag.absent is not None else field.default
+    if get_origin(kind) is Literal:
+        choices = get_args(kind)
+        return {**spec, "choices": choices, "type": type(choices[0])}
+    if get_origin(kind) is tuple:
+        spec["nargs"] = "+"
+        kind = get_args(kind)[0]
+    if kind not in (int, float, str, Path):
+        raise TypeError(f"{flag.name}: no command-line form for {field.annotation}")
+    return {**spec, "type": kind, "metavar": flag.metavar or _METAVARS.get(kind, path[-1].upper())}
+
+
+def _help(field: FieldInfo, flag: Flag, switch: bool) -> str:
+    """The flag's help, stating the default (a switch's is the other value)."""
+    text = flag.help or field.description
+    if not text:
+        raise TypeError(f"{flag.name}: give its field a description or its Flag a help")
+    if not switch:
+        if flag.absent is None and field.default is None:
+            raise TypeError(f"{flag.name}: say what leaving it out means (Flag.absent)")
+        value = f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
+        phrase = (
+            f"default {value}" if flag.absent is None else flag.absent.replace("{value}", value)
+        )
+        text = text.replace("{default}", phrase) if "{default}" in text else f"{text} ({phrase})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def given(args: argparse.Namespace, model: type[BaseModel]) -> dict[FieldPath, Any]:
+    """The values of `model`'s flags, by field path; a flag left out that passes
+    nothing on (a switch, `Flag.absent`) is not among them."""
+    values = {}
+    for path, field in option_fields(model):
+        value = getattr(args, ".".join(path), None) if flag_of(field) else None
+        if value is not None:
+            values[path] = value
+    return values
 
 
 def configure_logging(args: argparse.Namespace) -> None:
@@ -291,8 +234,8 @@ def state_file_of(args: argparse.Namespace) -> Path | None:
     (or the default state directory's) `serve-PORT.json`; None with
     `--disable-cache-status`, which contradicts either flag."""
     if args.disable_cache_status:
-        for flag, given in (("--state-file", args.state_file), ("--state-dir", args.state_dir)):
-            if given is not None:
+        for flag, value in (("--state-file", args.state_file), ("--state-dir", args.state_dir)):
+            if value is not None:
                 raise ConfigError(
                     f"--disable-cache-status and {flag} contradict each other: the state "
                     "file is lmfleet's node cache; drop one of them"
@@ -305,51 +248,32 @@ def state_file_of(args: argparse.Namespace) -> Path | None:
 
 def proxy_options(args: argparse.Namespace) -> ProxyOptions:
     """The proxy's options from the flags (client keys also from `LMFLEET_API_KEYS`)."""
-    state = state_file_of(args)
+    values = given(args, ProxyOptions)
     keys = args.api_keys
     if keys is None and os.environ.get("LMFLEET_API_KEYS"):
-        keys = [k for k in os.environ["LMFLEET_API_KEYS"].split(",") if k]
-    keyfile, certfile = _ssl_files() if args.ssl else (None, None)
-    return ProxyOptions(
-        host=args.host,
-        port=args.port,
-        api_keys=tuple(k for k in keys or () if k),
-        admin_keys=tuple(args.admin_keys or ()),
-        state_file=state,
-        max_body_bytes=args.max_body_bytes,
-        upstream_timeout=args.upstream_timeout,
-        log_level="debug" if args.log_level == "REQUEST" else args.log_level.lower(),
-        access_log=args.access_log or args.log_level == "REQUEST",
-        ssl_keyfile=keyfile,
-        ssl_certfile=certfile,
-    )
+        keys = os.environ["LMFLEET_API_KEYS"].split(",")
+    values[("api_keys",)] = tuple(k for k in keys or () if k)
+    values[("state_file",)] = state_file_of(args)
+    values[("log_level",)] = "debug" if args.log_level == "REQUEST" else args.log_level.lower()
+    if args.log_level == "REQUEST":
+        values[("access_log",)] = True
+    if args.ssl:
+        values[("ssl_keyfile",)], values[("ssl_certfile",)] = _ssl_files()
+    return with_values(ProxyOptions, None, values)
 
 
 def fleet_options(args: argparse.Namespace) -> FleetOptions:
-    """The fleet's options from the flags that have no `LMFleet` keyword shortcut."""
-    return FleetOptions(
-        routing=RoutingOptions(max_connections=args.max_connections),
-        distserve=DistServeOptions(
-            migration_protocol=args.migration_protocol,
-            link_type=args.link_type,
-            with_gdr=not args.disable_gdr,
-            dummy_prefill=args.dummy_prefill,
-        ),
-        auto_sleep_level=args.auto_sleep_level,
-    )
+    """The fleet's options from the flags that are no `LMFleet` keyword shortcut."""
+    shortcuts = set(SHORTCUTS.values())
+    values = given(args, FleetOptions)
+    return with_values(FleetOptions, None, {p: v for p, v in values.items() if p not in shortcuts})
 
 
-def fleet_keywords(args: argparse.Namespace) -> FleetKeywords:
-    """The `LMFleet` keyword shortcuts from the flags (an absent flag is None: skipped)."""
-    return FleetKeywords(
-        health_interval=args.health_interval,
-        wait_for_node=args.wait_for_node,
-        first_byte_timeout=args.first_byte_timeout,
-        min_ready=args.min_ready,
-        auto_sleep_after=args.auto_sleep_after,
-        admission_queue=args.admission_queue,
-        weight_version=args.weight_version,
-    )
+def fleet_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """The `LMFleet` keyword shortcuts from the flags (`Flag.absent` ones only if given,
+    so that `LMFleet.launch` defaults `min_ready` to its node count)."""
+    values = given(args, FleetOptions)
+    return {name: values[path] for name, path in SHORTCUTS.items() if path in values}
 
 
 def stop_on_signals() -> threading.Event:
@@ -378,15 +302,13 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args)
     options = proxy_options(args)
     stop = stop_on_signals()
-    keywords = fleet_keywords(args)
-    keywords["serving_strategy"] = args.serving_strategy
     fleet = LMFleet.attach(
         args.nodes,
         allow_empty=True,  # nodes may register later through POST /nodes/add
         options=fleet_options(args),
         strategy=args.strategy,
         api_key=node_api_key(args),
-        **keywords,
+        **fleet_keywords(args),
     )
     try:
         server = fleet.serve(options=options)

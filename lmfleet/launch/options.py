@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmfleet.config import SHORTCUT_NAMES, FleetKeywords
-from lmfleet.errors import ConfigError
+from lmfleet.config import SHORTCUT_NAMES, FieldPath, Flag, FleetKeywords, with_values
 from lmfleet.launch.base import Placement, RestartMode, RestartPolicy
 
 LauncherName = Literal["local", "ray"]
@@ -25,17 +24,34 @@ class LaunchOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    launcher: LauncherName = Field(default="local", description="local processes or Ray actors")
-    restart: RestartMode = Field(
+    launcher: Annotated[LauncherName, Flag("--launcher")] = Field(
+        default="local", description="local processes or Ray actors"
+    )
+    restart: Annotated[RestartMode, Flag("--restart")] = Field(
         default="no", description="on-failure: bring a crashed node back on the same URL"
     )
-    max_restarts: int = Field(default=3, ge=0, description="restarts per node")
-    base_port: int | None = Field(
-        default=None, ge=1, le=65535, description="node i listens on base_port + i (default: free)"
+    max_restarts: Annotated[
+        int, Flag("--max-restarts", help="restarts per node with --restart on-failure")
+    ] = Field(default=3, ge=0, description="restarts per node")
+    base_port: Annotated[
+        int | None,
+        Flag(
+            "--base-port",
+            help="node i listens on PORT+i",
+            metavar="PORT",
+            absent="default: free ports",
+        ),
+    ] = Field(
+        default=None, ge=1, le=65535, description="node i listens on base_port + i (None: free)"
     )
-    log_dir: Path | None = Field(default=None, description="node logs (default: a temp dir)")
-    ray_address: str | None = Field(default=None, description="Ray cluster (default: local)")
-    placement: Placement = Field(default="spread", description="Ray: spread or pack nodes")
+    log_dir: Path | None = Field(default=None, description="node logs (None: a temp dir)")
+    ray_address: Annotated[
+        str | None,
+        Flag("--ray-address", help="Ray cluster to join", absent="default: start a local one"),
+    ] = Field(default=None, description="Ray cluster (None: start a local one)")
+    placement: Annotated[
+        Placement, Flag("--placement", help="Ray: spread the nodes over machines or pack them")
+    ] = Field(default="spread", description="Ray: spread or pack nodes")
 
     @property
     def policy(self) -> RestartPolicy:
@@ -70,8 +86,7 @@ def split_keywords(
         if name not in allowed:
             raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
     shortcuts = {k: v for k, v in keywords.items() if k in SHORTCUT_NAMES}
-    chosen = {k: v for k, v in keywords.items() if k in LAUNCH_NAMES and v is not None}
-    try:
-        return shortcuts, LaunchOptions.model_validate(chosen)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    chosen: dict[FieldPath, Any] = {
+        (k,): v for k, v in keywords.items() if k in LAUNCH_NAMES and v is not None
+    }
+    return shortcuts, with_values(LaunchOptions, None, chosen)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Annotated, Any, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lmfleet.errors import ConfigError
+from lmfleet.config import Flag, with_values
 
 DEFAULT_PUBLIC_PATHS = ("/health", "/liveness", "/readiness", "/metrics")
 """Probes and scrapes, which orchestrators and Prometheus send without a key."""
@@ -17,12 +17,36 @@ DEFAULT_PUBLIC_PATHS = ("/health", "/liveness", "/readiness", "/metrics")
 class ProxyOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    host: str = Field(default="127.0.0.1", description="bind address (LMDeploy: 0.0.0.0)")
-    port: int = Field(default=8000, ge=0, le=65535, description="0 picks a free port")
+    host: Annotated[
+        str,
+        Flag(
+            "--server-name",
+            aliases=("--host",),
+            help="bind address ({default}, this machine only; LMDeploy's proxy defaults to "
+            "0.0.0.0: give --server-name 0.0.0.0 for nodes on other hosts)",
+        ),
+    ] = Field(default="127.0.0.1", description="bind address (LMDeploy: 0.0.0.0)")
+    port: Annotated[
+        int,
+        Flag(
+            "--server-port",
+            aliases=("--port",),
+            help="bind port ({default}; 0 picks a free one)",
+            metavar="PORT",
+        ),
+    ] = Field(default=8000, ge=0, le=65535, description="0 picks a free port")
     api_keys: tuple[str, ...] = Field(
         default=(), description="client keys (Bearer); empty means no auth"
     )
-    admin_keys: tuple[str, ...] = Field(
+    admin_keys: Annotated[
+        tuple[str, ...],
+        Flag(
+            "--admin-keys",
+            help="keys for /nodes/* and /fleet/*; when set, client keys cannot register nodes",
+            metavar="KEY",
+            absent="default: none, client keys open them",
+        ),
+    ] = Field(
         default=(),
         description="keys for /nodes/* and /fleet/* (register, remove, sleep...); when set, "
         "client keys no longer open those routes, so no client can register a node",
@@ -30,17 +54,22 @@ class ProxyOptions(BaseModel):
     public_paths: tuple[str, ...] = Field(
         default=DEFAULT_PUBLIC_PATHS, description="paths that need no client key"
     )
-    max_body_bytes: int = Field(default=100 * 1024 * 1024, ge=1, description="413 above this")
-    upstream_timeout: float | None = Field(
-        default=600.0, gt=0, description="seconds to wait for a node's next byte (504 after)"
-    )
+    max_body_bytes: Annotated[
+        int, Flag("--max-body-bytes", help="request bodies above N bytes get a 413")
+    ] = Field(default=100 * 1024 * 1024, ge=1, description="413 above this")
+    upstream_timeout: Annotated[
+        float | None,
+        Flag("--upstream-timeout", help="seconds to wait for a node's next byte before 504"),
+    ] = Field(default=600.0, gt=0, description="seconds to wait for a node's next byte (504 after)")
     body_timeout: float = Field(
         default=30.0, gt=0, description="seconds a client may take to send its body (408 after)"
     )
     terminate_timeout: float = Field(default=10.0, gt=0, description="node /terminate timeout")
     state_file: Path | None = Field(default=None, description="JSON file of registered nodes")
     log_level: str = Field(default="info")
-    access_log: bool = Field(default=False)
+    access_log: Annotated[bool, Flag("--access-log")] = Field(
+        default=False, description="log every request"
+    )
     ssl_keyfile: Path | None = Field(default=None, description="serve HTTPS: the private key")
     ssl_certfile: Path | None = Field(
         default=None, description="serve HTTPS: the certificate (chain), PEM"
@@ -85,10 +114,5 @@ def serve_options(
     for name in keywords:
         if name not in ServeKeywords.__annotations__:
             raise TypeError(f"LMFleet.serve() got an unexpected keyword argument {name!r}")
-    fields = options.model_dump() if options is not None else {}
     given = {"port": port, "host": host, **keywords}
-    fields.update({k: v for k, v in given.items() if v is not None})
-    try:
-        return ProxyOptions.model_validate(fields)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    return with_values(ProxyOptions, options, {(k,): v for k, v in given.items() if v is not None})

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import pytest
 
 from lmfleet import ConfigError, FleetOptions, LMFleet, RoutingOptions
-from lmfleet.config import merge_options
-from lmfleet.launch.options import LaunchOptions, split_keywords
+from lmfleet.config import SHORTCUTS, FleetKeywords, merge_options, option_fields
+from lmfleet.launch.options import LaunchKeywords, LaunchOptions, split_keywords
 from lmfleet.proxy.options import ProxyOptions, serve_options
 
 
@@ -22,6 +26,35 @@ def test_shortcuts_override_options_and_none_keeps_them() -> None:
     assert merged.min_ready == base.min_ready
     with pytest.raises(ConfigError, match="greater than 0"):
         merge_options(None, {"health_interval": 0})
+    with pytest.raises(ConfigError, match=r"unknown keyword shortcut.*'health_intervl'"):
+        merge_options(None, {"health_intervl": 1.0})
+    assert merge_options(None, {"auto_sleep_after": 5}).routing.wake_on_demand
+
+
+def types_of(annotation: Any) -> set[Any]:
+    """The types a union allows, None left out."""
+    union = get_origin(annotation) in (Union, UnionType)
+    return {t for t in (get_args(annotation) if union else (annotation,)) if t is not type(None)}
+
+
+def test_every_shortcut_names_one_field_and_takes_its_type() -> None:
+    """A shortcut is one line of `FleetKeywords`; its field is the one it is named after."""
+    fields = dict(option_fields(FleetOptions))
+    hints = get_type_hints(FleetKeywords)
+    assert set(SHORTCUTS) == set(hints)
+    source = inspect.getsource(FleetKeywords)
+    for name, path in SHORTCUTS.items():
+        assert name in (path[-1], "_".join(path))
+        assert types_of(hints[name]) == types_of(fields[path].annotation), name
+        # the API reference shows each keyword's docstring, which names its field
+        assert re.search(rf"{name}: .*\n\s+\"\"\"`{'.'.join(path)}`", source), name
+
+
+def test_launch_keywords_are_the_shortcuts_and_the_launch_options() -> None:
+    hints = get_type_hints(LaunchKeywords)
+    assert set(hints) == set(SHORTCUTS) | set(LaunchOptions.model_fields)
+    for name, field in LaunchOptions.model_fields.items():
+        assert types_of(field.annotation) <= types_of(hints[name]), name
 
 
 def test_launch_keywords_split_into_their_models() -> None:
