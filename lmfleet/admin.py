@@ -19,6 +19,7 @@ from lmfleet.errors import ConfigError, NodeCommandError
 from lmfleet.health import fetch_models, is_sleeping
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo
+from lmfleet.runtime import FleetRuntime
 from lmfleet.state import NodeState, NodeStatus
 
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -147,11 +148,18 @@ class FleetAdmin:
     """
 
     def __init__(
-        self, registry: NodeRegistry, options: FleetOptions, http: httpx2.AsyncClient
+        self,
+        registry: NodeRegistry,
+        options: FleetOptions,
+        http: httpx2.AsyncClient,
+        runtime: FleetRuntime | None = None,
     ) -> None:
+        """`runtime`: the fleet's loop, where `starved` starts its wake-ups (None: no
+        wake on demand)."""
         self._registry = registry
         self._options = options
         self._http = http
+        self._runtime = runtime
         self._waking: set[str] = set()
 
     def targets(self, nodes: Sequence[str] | None) -> list[str]:
@@ -220,6 +228,19 @@ class FleetAdmin:
     def waking(self) -> bool:
         """A wake-on-demand is under way (readable from any thread: a set's truth)."""
         return bool(self._waking)
+
+    def starved(self, request: RequestInfo) -> None:
+        """No node is eligible for `request` (the router's hook, from any thread): wake
+        one sleeper that could take it, if the fleet wakes on demand.
+
+        Auto-sleep implies wake on demand (a fleet that sleeps by itself must wake on
+        use). A waiting request calls this again every second or so; while a node is
+        being woken those calls cost nothing here.
+        """
+        options, runtime = self._options, self._runtime
+        wakes = options.routing.wake_on_demand or options.auto_sleep_after is not None
+        if wakes and runtime is not None and not runtime.closed and not self._waking:
+            runtime.start_soon(self.wake_one, request, name="lmfleet wake")
 
     async def wake_one(self, request: RequestInfo) -> None:
         """Wake-on-demand: wake one sleeping node that can take `request`, one at a time."""

@@ -7,7 +7,7 @@ registry records those instants: a node just started or just woken is not idle).
 It goes to sleep by the path `fleet.sleep()` takes (drain, then `POST /sleep`),
 so a request leased in the instant between the check and the sleep still ends
 normally. Wake on demand brings a node back when a request finds none awake
-(`LMFleet._starved`); auto-sleep turns it on.
+(`FleetAdmin.starved`); auto-sleep turns it on.
 """
 
 from __future__ import annotations

@@ -10,21 +10,24 @@ from __future__ import annotations
 import httpx2
 import openai
 
-from lmfleet.transport import AsyncFleetTransport, FleetTransport, Router
+from lmfleet.config import RoutingOptions
+from lmfleet.transport import AsyncFleetTransport, FleetTransport, Planner
 
 PLACEHOLDER_BASE_URL = "http://lmfleet.invalid/v1"
 PLACEHOLDER_API_KEY = "lmfleet"
 """openai requires a key; each node's own key (if any) replaces it per request."""
 
 
-def _limits(router: Router) -> httpx2.Limits:
-    size = router.options.max_connections
+def _limits(options: RoutingOptions) -> httpx2.Limits:
+    size = options.max_connections
     return httpx2.Limits(max_connections=size, max_keepalive_connections=size)
 
 
-def sync_client(router: Router, *, timeout: float | None, max_retries: int) -> openai.OpenAI:
-    inner = httpx2.HTTPTransport(limits=_limits(router))
-    http_client = httpx2.Client(transport=FleetTransport(router, inner))
+def sync_client(
+    planner: Planner, options: RoutingOptions, *, timeout: float | None, max_retries: int
+) -> openai.OpenAI:
+    inner = httpx2.HTTPTransport(limits=_limits(options))
+    http_client = httpx2.Client(transport=FleetTransport(planner, inner))
     return openai.OpenAI(
         base_url=PLACEHOLDER_BASE_URL,
         api_key=PLACEHOLDER_API_KEY,
@@ -34,9 +37,11 @@ def sync_client(router: Router, *, timeout: float | None, max_retries: int) -> o
     )
 
 
-def async_client(router: Router, *, timeout: float | None, max_retries: int) -> openai.AsyncOpenAI:
-    inner = httpx2.AsyncHTTPTransport(limits=_limits(router))
-    http_client = httpx2.AsyncClient(transport=AsyncFleetTransport(router, inner))
+def async_client(
+    planner: Planner, options: RoutingOptions, *, timeout: float | None, max_retries: int
+) -> openai.AsyncOpenAI:
+    inner = httpx2.AsyncHTTPTransport(limits=_limits(options))
+    http_client = httpx2.AsyncClient(transport=AsyncFleetTransport(planner, inner))
     return openai.AsyncOpenAI(
         base_url=PLACEHOLDER_BASE_URL,
         api_key=PLACEHOLDER_API_KEY,

@@ -49,7 +49,7 @@ from lmfleet.routing.base import Strategy
 from lmfleet.runtime import FleetRuntime
 from lmfleet.state import NodeRole, NodeStatus, parse_roles, parse_speed, parse_speeds
 from lmfleet.status import FleetStatus, NodeSnapshot
-from lmfleet.transport import Router
+from lmfleet.transport import Planner, Router
 from lmfleet.transport.distserve import DistServe
 from lmfleet.weights.methods import WeightMethods
 from lmfleet.weights.session import WeightUpdater
@@ -81,11 +81,21 @@ class LMFleet(NotebookMethods, WeightMethods):
         self.registry = NodeRegistry(
             self.options.outliers, weight_version=self.options.weight_version
         )
+        self._supervisor = Supervisor(self.registry, api_key=api_key, poke=self._poke)
+        self.runtime = FleetRuntime(on_close=self._supervisor.close)
+        """The fleet's event loop and task group: run your own background work beside
+        the monitor with `fleet.runtime.start_soon(...)` (lmfleet/runtime.py)."""
+        limits = httpx2.Limits(max_connections=256, max_keepalive_connections=64)
+        self._http = httpx2.AsyncClient(timeout=self.options.health.timeout, limits=limits)
+        # Built in the loop thread: they create anyio primitives bound to that loop.
+        self._admin = self.runtime.call(
+            FleetAdmin, self.registry, self.options, self._http, self.runtime
+        )
         self.router = Router(
             self.registry,
             resolve_strategy(strategy),
             self.options.routing,
-            on_starved=self._starved,
+            on_starved=self._admin.starved,  # wake on demand
             affinity_key=affinity_key,
             closed=lambda: self.closed,
         )
@@ -94,15 +104,10 @@ class LMFleet(NotebookMethods, WeightMethods):
             if self.options.serving_strategy == "DistServe"
             else None
         )
-        """Prefill/decode state in DistServe mode (it routes this fleet's requests)."""
-        self._supervisor = Supervisor(self.registry, api_key=api_key, poke=self._poke)
-        self.runtime = FleetRuntime(on_close=self._supervisor.close)
-        """The fleet's event loop and task group: run your own background work beside
-        the monitor with `fleet.runtime.start_soon(...)` (lmfleet/runtime.py)."""
-        limits = httpx2.Limits(max_connections=256, max_keepalive_connections=64)
-        self._http = httpx2.AsyncClient(timeout=self.options.health.timeout, limits=limits)
-        # Built in the loop thread: they create anyio primitives bound to that loop.
-        self._admin = self.runtime.call(FleetAdmin, self.registry, self.options, self._http)
+        """Prefill/decode state in DistServe mode."""
+        self.planner: Planner = self.distserve or self.router
+        """The serving mode every transport of this fleet drives (`transport.Planner`):
+        the router, or DistServe over it; fixed when the fleet is built."""
         self._monitor = self.runtime.call(
             partial(Monitor, routes_on_load=as_base_strategy(self.router.strategy).uses_node_load),
             self.registry,
@@ -387,18 +392,6 @@ class LMFleet(NotebookMethods, WeightMethods):
         """
         return self.runtime.run(self.admin.drain, url, timeout)
 
-    def _starved(self, request: RequestInfo) -> None:
-        """Called by the router (any thread) when no node is eligible: wake one if allowed.
-
-        Auto-sleep implies wake on demand (a fleet that sleeps by itself must wake on
-        use). A waiting request calls this again every second or so; while a node is
-        being woken those calls cost nothing here.
-        """
-        options = self.options
-        wakes = options.routing.wake_on_demand or options.auto_sleep_after is not None
-        if wakes and not self.runtime.closed and not self._admin.waking:
-            self.runtime.start_soon(self._admin.wake_one, request, name="lmfleet wake")
-
     def serve(
         self,
         port: int | None = None,
@@ -479,14 +472,18 @@ class LMFleet(NotebookMethods, WeightMethods):
     def client(self, *, timeout: float | None = None, max_retries: int = 2) -> openai.OpenAI:
         """A real `openai.OpenAI` whose every request is routed to a fleet node."""
         self.runtime.check_open()
-        return clients.sync_client(self.router, timeout=timeout, max_retries=max_retries)
+        return clients.sync_client(
+            self.planner, self.options.routing, timeout=timeout, max_retries=max_retries
+        )
 
     def async_client(
         self, *, timeout: float | None = None, max_retries: int = 2
     ) -> openai.AsyncOpenAI:
         """A real `openai.AsyncOpenAI`, usable in any event loop (a notebook's included)."""
         self.runtime.check_open()
-        return clients.async_client(self.router, timeout=timeout, max_retries=max_retries)
+        return clients.async_client(
+            self.planner, self.options.routing, timeout=timeout, max_retries=max_retries
+        )
 
     def __repr__(self) -> str:
         if self.runtime.closed:

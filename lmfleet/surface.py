@@ -20,7 +20,7 @@ from lmfleet.registry import NodeRegistry
 from lmfleet.runtime import FleetRuntime
 from lmfleet.state import NodeRole
 from lmfleet.status import FleetStatus, NodeSnapshot
-from lmfleet.transport import Router
+from lmfleet.transport import Planner, Router
 from lmfleet.transport.distserve import DistServe
 from lmfleet.weights.bodies import Payload
 from lmfleet.weights.session import UpdateResult
@@ -40,6 +40,11 @@ class FleetSurface(Protocol):
 
     @property
     def router(self) -> Router: ...
+
+    @property
+    def planner(self) -> Planner:
+        """The serving mode the transports drive: the router, or its DistServe."""
+        ...
 
     @property
     def distserve(self) -> DistServe | None: ...

@@ -110,7 +110,7 @@ class ProxyApp:
             fleet=self.fleet,
             options=self.options,
             port=self.port,
-            transport=AsyncFleetTransport(self.fleet.router, inner),
+            transport=AsyncFleetTransport(self.fleet.planner, inner),
             metrics=ProxyMetrics(self.fleet),
             timeout={"connect": routing.connect_timeout, "read": wait, "write": wait, "pool": wait},
         )

@@ -11,7 +11,7 @@ bypass routing on purpose: each is addressed to one known node.
 
 from lmfleet.transport.async_transport import AsyncFleetTransport
 from lmfleet.transport.plan import RequestPlan
-from lmfleet.transport.router import Router
+from lmfleet.transport.router import Planner, Router
 from lmfleet.transport.sync_transport import FleetTransport
 
-__all__ = ["AsyncFleetTransport", "FleetTransport", "RequestPlan", "Router"]
+__all__ = ["AsyncFleetTransport", "FleetTransport", "Planner", "RequestPlan", "Router"]

@@ -59,6 +59,16 @@ class Plan(Protocol):
     def steps(self) -> Steps[httpx2.Response]: ...
 
 
+class Planner(Protocol):
+    """The fleet's serving mode, chosen when the fleet is built and handed to the
+    transports: a `Router` (Hybrid: any node serves a whole request) or a `DistServe`
+    (prefill on one node, decode on another: transport/distserve)."""
+
+    def route(self, request: httpx2.Request) -> Plan:
+        """Start routing `request` (`FleetClosedError` once the fleet is closed)."""
+        ...
+
+
 class Router:
     """Routing for one fleet: a registry, a strategy, and the failover options."""
 
@@ -83,8 +93,10 @@ class Router:
         self._urls: dict[tuple[str, bytes], httpx2.URL] = {}
         self.backoff = Backoff.of(options)
         """Failover pauses: exponential from `backoff`, capped, with jitter."""
-        self.route: Callable[[httpx2.Request], Plan] = self.plan
-        """Request -> plan; DistServe (transport/distserve) installs its own."""
+
+    def route(self, request: httpx2.Request) -> RequestPlan:
+        """The Hybrid serving mode (`Planner`): every request is one plan for one node."""
+        return self.plan(request)
 
     def plan(
         self, request: httpx2.Request, body: Any = None, *, role: NodeRole | None = None
@@ -93,7 +105,9 @@ class Router:
 
         `body` (or the request's `PARSED_BODY` extension) is the already parsed
         JSON body, when the caller has it. `role` limits the nodes to one role.
+        Every planner starts here, so a closed fleet's clients stop here (`check_open`).
         """
+        self.check_open(request)
         models = self.registry.models()
         if request.method == "GET" and (name := fleet_models.model_named(request.url.path)):
             plan = RequestPlan(self, request, RequestInfo(role=role))
@@ -139,8 +153,8 @@ class Router:
         return plan
 
     def check_open(self, request: httpx2.Request) -> None:
-        """Raise `FleetClosedError` once the fleet is closed (the transports ask first):
-        its monitor no longer watches the nodes, which may be gone, so a client it gave
+        """Raise `FleetClosedError` once the fleet is closed (`plan` asks first): its
+        monitor no longer watches the nodes, which may be gone, so a client it gave
         out must not go on routing as if nothing happened."""
         if self._closed is not None and self._closed():
             raise FleetClosedError(

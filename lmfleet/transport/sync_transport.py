@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import httpx2
 
-from lmfleet.transport.router import Router
+from lmfleet.transport.router import Planner
 from lmfleet.transport.steps import drive_sync
 
 
 class FleetTransport(httpx2.BaseTransport):
-    def __init__(self, router: Router, inner: httpx2.BaseTransport) -> None:
-        self._router = router
+    def __init__(self, planner: Planner, inner: httpx2.BaseTransport) -> None:
+        self._planner = planner
         self._inner = inner
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        self._router.check_open(request)
-        return drive_sync(self._router.route(request).steps(), self._inner)
+        return drive_sync(self._planner.route(request).steps(), self._inner)
 
     def close(self) -> None:
         self._inner.close()

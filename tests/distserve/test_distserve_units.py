@@ -6,9 +6,11 @@ import threading
 
 import pytest
 
+from lmfleet import LMFleet
 from lmfleet.config import FleetOptions
 from lmfleet.errors import ConfigError
 from lmfleet.state import NodeRole, parse_role
+from lmfleet.transport import Router
 from lmfleet.transport.distserve import PairPool
 from lmfleet.transport.distserve import protocol as wire
 
@@ -95,3 +97,14 @@ def test_options_and_roles() -> None:
     assert parse_role("1") is NodeRole.HYBRID
     with pytest.raises(ConfigError):
         parse_role("encoder")
+
+
+def test_the_serving_mode_is_a_planner_fixed_when_the_fleet_is_built() -> None:
+    """DistServe is handed to the transports as the fleet's planner; the router itself
+    is never rewired (it stays the Hybrid planner that DistServe plans fall back on)."""
+    with LMFleet.attach([], allow_empty=True, serving_strategy="DistServe") as fleet:
+        assert fleet.distserve is not None and fleet.planner is fleet.distserve
+        assert type(fleet.router).route is Router.route
+        assert "route" not in vars(fleet.router)
+    with LMFleet.attach([], allow_empty=True) as fleet:
+        assert fleet.distserve is None and fleet.planner is fleet.router

@@ -61,13 +61,13 @@ class DistServe:
         """LMDeploy's `--dummy-prefill`: decode nodes only, no prefill, no pair."""
         t = options.control_timeout
         self._timeout = {"connect": t, "read": t, "write": t, "pool": t}
-        router.route = self.route
 
     # -- routing ------------------------------------------------------------------
 
     def route(self, request: httpx2.Request) -> RequestPlan | DistServePlan:
-        """A `DistServePlan` for a chat/completions POST when the fleet has both
-        roles for its model, else a Hybrid `RequestPlan` (see docs/distserve.md)."""
+        """The DistServe serving mode (`Planner`): a `DistServePlan` for a
+        chat/completions POST when the fleet has both roles for its model, else a
+        Hybrid `RequestPlan` (see docs/distserve.md)."""
         router = self.router
         path = request.url.path
         if request.method != "POST" or path not in wire.DISAGGREGATED_PATHS:
