@@ -52,7 +52,7 @@ class _Options(BaseModel):
 
 
 class HealthOptions(_Options):
-    """Active health checking (DESIGN.md, "Node states and routing rules")."""
+    """Active health checking (docs/guide/concepts.md: node states)."""
 
     interval: Annotated[float, Flag("--health-interval")] = Field(
         default=2.0, gt=0, description="seconds between probes of one node"

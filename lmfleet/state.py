@@ -18,7 +18,7 @@ from lmfleet.telemetry import NodeLoad
 
 
 class NodeStatus(str, Enum):
-    """Where a node is in its life cycle (DESIGN.md, "Node states").
+    """Where a node is in its life cycle.
 
     starting -> healthy <-> sleeping, healthy -> unhealthy -> healthy,
     healthy -> ejected -> healthy (on probation), any -> draining -> stopped.

@@ -35,7 +35,7 @@ class PowerOfTwo(BaseStrategy):
         a, b = nodes[i], nodes[j]
         if a.inflight != b.inflight:
             return a if a.inflight < b.inflight else b
-        # Never measured counts as fastest: explore new nodes (STYLE.md, rule 4).
+        # Never measured counts as fastest: a new node gets traffic, and so a latency.
         la = 0.0 if a.latency is None else a.latency
         lb = 0.0 if b.latency is None else b.latency
         if la != lb:
