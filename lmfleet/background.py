@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 import anyio
@@ -50,16 +50,6 @@ class BackgroundLoop:
 
     def in_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
-
-    def run(self, func: Callable[..., Awaitable[T]], *args: object) -> T:
-        """Run a coroutine function in the loop and wait for its result.
-
-        Code already running in the loop (the proxy's handlers) must await the
-        coroutine instead: blocking here would deadlock the loop.
-        """
-        if self.in_loop_thread():
-            raise EventLoopError("blocking call from the fleet's own event loop; await it instead")
-        return self.portal.call(func, *args)
 
     def call(self, func: Callable[..., T], *args: object) -> T:
         """Run a plain function in the loop thread and return its result."""

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from lmfleet import sync
 from lmfleet.background import BackgroundLoop
 from lmfleet.errors import EventLoopError, FleetClosedError
 
@@ -79,8 +80,27 @@ class FleetRuntime:
     # -- running work in the loop -----------------------------------------------------------
 
     def run(self, func: Callable[..., Awaitable[T]], *args: object) -> T:
-        """Run a coroutine function in the loop and wait for its result (not from the loop)."""
-        return self._loop.run(func, *args)
+        """Run `func(*args)` in the loop and wait for it, from any other thread: how
+        every sync method reaches the loop (lmfleet/sync.py says what it promises).
+
+        The same result or exception as awaiting it; Ctrl-C (`KeyboardInterrupt`
+        here) cancels it in the loop, waits for it to unwind and is raised; refused
+        in the loop's own thread (`EventLoopError`), where it would deadlock.
+        """
+        self._check_callable_here()
+        return sync.wait_for(self._loop.portal, functools.partial(func, *args), self._is_closed)
+
+    async def arun(self, func: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Await `func(*args)` in the loop from any event loop (in the loop: directly).
+
+        The same result or exception; cancelling the caller cancels it in the loop.
+        """
+        if self.in_loop_thread():
+            return await func(*args)
+        self.check_open()
+        return await sync.await_in(
+            self._loop.portal, functools.partial(func, *args), self._is_closed
+        )
 
     def call(self, func: Callable[..., T], *args: object) -> T:
         """Run a plain function in the loop thread and return its result."""
@@ -117,12 +137,17 @@ class FleetRuntime:
         For work the caller waits on (a batch, a button's command): its errors come
         back through the future instead of ending the group.
         """
+        self._check_callable_here()
+        return self._loop.portal.start_task_soon(func)
+
+    def _check_callable_here(self) -> None:
+        """A blocking call: only on an open runtime, and outside its loop."""
         self.check_open()
         if self.in_loop_thread():
-            raise EventLoopError(
-                "a blocking call from the fleet's own event loop; await it instead"
-            )
-        return self._loop.portal.start_task_soon(func)
+            raise EventLoopError(sync.IN_LOOP)
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     def _require_group(self) -> TaskGroup:
         if self._group is None:  # only between construction and the group's first tick

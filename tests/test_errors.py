@@ -13,8 +13,8 @@ import pytest
 
 import lmfleet
 from lmfleet import errors
-from lmfleet.background import BackgroundLoop
 from lmfleet.launch.process import ManagedProcess, wait_for_port
+from lmfleet.runtime import FleetRuntime
 
 _NODE = re.compile(r"^(?P<indent> *)(?:\+-- )?(?P<name>[A-Z]\w+)(?: \((?P<extra>[\w.]+)\))?")
 
@@ -79,19 +79,19 @@ def test_runtime_errors_stay_runtime_errors() -> None:
 
 
 def test_blocking_call_from_the_loop_is_an_event_loop_error() -> None:
-    loop = BackgroundLoop(name="lmfleet-test")
+    runtime = FleetRuntime()
     try:
 
         async def nested() -> None:
             async def noop() -> None:
                 return None
 
-            loop.run(noop)
+            runtime.run(noop)
 
         with pytest.raises(errors.EventLoopError, match="await it instead"):
-            loop.run(nested)
+            runtime.run(nested)
     finally:
-        loop.stop()
+        runtime.close()
 
 
 def test_a_process_that_exits_before_its_port_is_a_launch_error(tmp_path: Path) -> None:

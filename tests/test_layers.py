@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("simulator", ("lmfleet.sim",)),
-    ("loop", ("lmfleet.background", "lmfleet.runtime")),
+    ("loop", ("lmfleet.background", "lmfleet.runtime", "lmfleet.sync")),
     ("routing", ("lmfleet.routing",)),
     ("registry", ("lmfleet.registry",)),
     (

@@ -11,9 +11,10 @@ router already failed over between nodes), and an item is not retried after
 errors that already spent their wait: `NoHealthyNodeError` (the router waited
 `wait_for_node`) and the caller's own timeout (docs/guide/failover.md).
 
-The sync twins (`LMFleet.chat_many`, ...) run the same coroutine in the fleet's
-background loop through its portal, so they work in a Jupyter cell whose own loop
-is already running (no `asyncio.run` inside a running loop).
+`run_requests` is the one body of `chat_many` and `complete_many` (an `Endpoint`
+each). The sync methods (`LMFleet.chat_many`, ...) run the same coroutine in the
+fleet's background loop (lmfleet/sync.py), so they work in a Jupyter cell whose own
+loop is already running (no `asyncio.run` inside a running loop).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
 import anyio
 import openai
@@ -299,38 +300,83 @@ def _node_of(url: Any) -> str:
     return f"{url.scheme}://{url.host}{port}"
 
 
-async def achat_many(
-    fleet: FleetSurface,
-    messages_list: Sequence[Sequence[ChatCompletionMessageParam]],
-    *,
-    model: str | None = None,
-    concurrency: int = 64,
-    retries: int = DEFAULT_RETRIES,
-    progress: bool = True,
+@dataclass(frozen=True)
+class BatchOptions:
+    """The options every batch method takes, as `LMFleet.achat_many` documents them."""
+
+    model: str | None
+    concurrency: int
+    retries: int
+    progress: bool
+    weight_version: VersionAsk
+    params: dict[str, Any]
+    """Passed on to the endpoint's `create` (`max_tokens=...`)."""
+
+
+class _Answer(Protocol):
+    @property
+    def usage(self) -> CompletionUsage | None: ...
+
+
+R = TypeVar("R", bound=_Answer)
+
+
+@dataclass(frozen=True)
+class Endpoint(Generic[I, R]):
+    """An OpenAI endpoint a batch sends its items to."""
+
+    name: str
+    """The progress bar's label."""
+    send: Callable[[openai.AsyncOpenAI, str, I, dict[str, Any]], Awaitable[tuple[R, Any]]]
+    """`(client, model, item, params) -> (response, the URL it came from)`."""
+
+
+async def _send_chat(
+    client: openai.AsyncOpenAI,
+    model: str,
+    messages: Sequence[ChatCompletionMessageParam],
     params: dict[str, Any],
-    weight_version: VersionAsk = None,
-) -> BatchResult[ChatCompletion]:
-    _check_params(params)
-    params = dict(params)
-    pin_version(fleet, weight_version, params)
-    chosen = model or fleet.model
+) -> tuple[ChatCompletion, Any]:
+    raw = await client.chat.completions.with_raw_response.create(
+        model=model, messages=list(messages), **params
+    )
+    return raw.parse(), raw.url
+
+
+async def _send_completion(
+    client: openai.AsyncOpenAI, model: str, prompt: str, params: dict[str, Any]
+) -> tuple[Completion, Any]:
+    raw = await client.completions.with_raw_response.create(model=model, prompt=prompt, **params)
+    return raw.parse(), raw.url
+
+
+CHAT: Endpoint[Sequence[ChatCompletionMessageParam], ChatCompletion] = Endpoint("chat", _send_chat)
+COMPLETIONS: Endpoint[str, Completion] = Endpoint("complete", _send_completion)
+
+
+async def run_requests(
+    fleet: FleetSurface, endpoint: Endpoint[I, R], inputs: Sequence[I], options: BatchOptions
+) -> BatchResult[R]:
+    """Send every item of `inputs` to `endpoint` through the fleet, as `run_batch` does:
+    the one body of `chat_many`, `complete_many` and their async twins."""
+    _check_params(options.params)
+    params = dict(options.params)
+    pin_version(fleet, options.weight_version, params)
+    chosen = options.model or fleet.model
     client = fleet.async_client(max_retries=0)  # the batch owns item retries
 
-    async def call(messages: Sequence[ChatCompletionMessageParam]) -> tuple[ChatCompletion, int]:
-        raw = await client.chat.completions.with_raw_response.create(
-            model=chosen, messages=list(messages), **params
-        )
-        response = raw.parse()
-        return response, _count_tokens(fleet, raw.url, response.usage)
+    async def call(item: I) -> tuple[R, int]:
+        response, url = await endpoint.send(client, chosen, item, params)
+        return response, _count_tokens(fleet, url, response.usage)
 
     async with client:
         return await run_batch(
-            messages_list,
+            inputs,
             call,
-            concurrency=concurrency,
-            retries=retries,
-            progress=progress,
-            desc="chat",
+            concurrency=options.concurrency,
+            retries=options.retries,
+            progress=options.progress,
+            desc=endpoint.name,
         )
 
 
@@ -340,48 +386,3 @@ def _count_tokens(fleet: FleetSurface, url: Any, usage: CompletionUsage | None) 
     if tokens:
         fleet.registry.add_tokens(_node_of(url), tokens)
     return tokens
-
-
-async def acomplete_many(
-    fleet: FleetSurface,
-    prompts: Sequence[str],
-    *,
-    model: str | None = None,
-    concurrency: int = 64,
-    retries: int = DEFAULT_RETRIES,
-    progress: bool = True,
-    params: dict[str, Any],
-    weight_version: VersionAsk = None,
-) -> BatchResult[Completion]:
-    _check_params(params)
-    params = dict(params)
-    pin_version(fleet, weight_version, params)
-    chosen = model or fleet.model
-    client = fleet.async_client(max_retries=0)  # the batch owns item retries
-
-    async def call(prompt: str) -> tuple[Completion, int]:
-        raw = await client.completions.with_raw_response.create(
-            model=chosen, prompt=prompt, **params
-        )
-        response = raw.parse()
-        return response, _count_tokens(fleet, raw.url, response.usage)
-
-    async with client:
-        return await run_batch(
-            prompts,
-            call,
-            concurrency=concurrency,
-            retries=retries,
-            progress=progress,
-            desc="complete",
-        )
-
-
-def run_in_fleet(fleet: FleetSurface, func: Callable[[], Awaitable[T]]) -> T:
-    """Run `func()` in the fleet's loop and wait (Ctrl-C / interrupt cancels the batch)."""
-    future = fleet.runtime.submit(func)
-    try:
-        return future.result()
-    except KeyboardInterrupt:
-        future.cancel()
-        raise

@@ -1,6 +1,7 @@
 """The weight-update side of `LMFleet`: a mixin, so that fleet.py stays about the
 fleet itself. Every method delegates to update.py and rolling.py; the fleet gives
-them its runtime and its `WeightUpdater`.
+them its runtime and its `WeightUpdater`. `update_weights` is `aupdate_weights` run
+in the fleet's loop (lmfleet/sync.py).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from lmfleet.runtime import FleetRuntime
+from lmfleet.sync import blocking, in_fleet_loop
 from lmfleet.weights.bodies import Payload
 from lmfleet.weights.rolling import combine, groups
 from lmfleet.weights.session import UpdateResult, WeightUpdater
@@ -42,30 +44,7 @@ class WeightMethods:
             self.runtime, self._updater, version, nodes, level=level, allow_mixed=allow_mixed
         )
 
-    def update_weights(
-        self,
-        payload: Payload,
-        *,
-        version: int,
-        nodes: Sequence[str] | None = None,
-        rolling: bool | int = False,
-        level: int = 1,
-        allow_mixed: bool | None = None,
-    ) -> UpdateResult:
-        """Push `payload` to the nodes and make them serve `version`, in one call.
-
-        `payload`: one body (an `UpdateParamsRequest` dict or the serialized string),
-        a list of bodies (buckets), `{url: bodies}`, or `node -> bodies`. All nodes
-        together (an RL sync step), or `rolling=k` nodes at a time while the others
-        serve (mixing versions meanwhile, unless `allow_mixed=False`). Never retried.
-        """
-        results = []
-        for update in self._rolling(version, nodes, rolling, level, allow_mixed):
-            with update:
-                update.push(payload)
-            results.append(_result(update))
-        return combine(version, results)
-
+    @in_fleet_loop
     async def aupdate_weights(
         self,
         payload: Payload,
@@ -76,13 +55,23 @@ class WeightMethods:
         level: int = 1,
         allow_mixed: bool | None = None,
     ) -> UpdateResult:
-        """`update_weights` from an event loop."""
+        """Push `payload` to the nodes and make them serve `version`, in one call
+        (`update_weights` from sync code, `await fleet.aupdate_weights` from a loop).
+
+        `payload`: one body (an `UpdateParamsRequest` dict or the serialized string),
+        a list of bodies (buckets), `{url: bodies}`, or `node -> bodies`. All nodes
+        together (an RL sync step), or `rolling=k` nodes at a time while the others
+        serve (mixing versions meanwhile, unless `allow_mixed=False`). Never retried.
+        """
         results = []
         for update in self._rolling(version, nodes, rolling, level, allow_mixed):
             async with update:
                 await update.apush(payload)
             results.append(_result(update))
         return combine(version, results)
+
+    update_weights = blocking(aupdate_weights)
+    """`aupdate_weights` from sync code: the same arguments, result and errors."""
 
     def _rolling(
         self,

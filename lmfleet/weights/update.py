@@ -1,30 +1,30 @@
 """`WeightUpdate`: the context manager `fleet.weight_update(version)` returns.
 
-One object serves `with` and `async with`: the phases run in the fleet's event
-loop (session.py); the sync methods block the caller's thread on them, the `a`-
-prefixed twins await them from any event loop. What differs between the twins is
-only how the caller's own code runs beside the fleet's calls: each node's payload
-is made in the caller's thread or a worker thread, and an NCCL broadcast runs while
-the nodes' receiving calls are in flight.
+One object serves `with` and `async with`. Each step is written once, as an async
+method whose body runs in the fleet's event loop, where the update's session
+(session.py) lives, whichever loop awaits it; its sync twin (`push` for `apush`)
+runs it there through lmfleet/sync.py and waits. The twins differ only in where
+the caller's own code runs beside the fleet's calls (a trainer's `join_fn`, its
+`broadcast_fn`, the buckets' iterable): in a sync call, the calling thread; in an
+async call, a worker thread. Payloads are made in worker threads, one per node.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
+from anyio.lowlevel import checkpoint
 
 from lmfleet.errors import LMFleetError, WeightUpdateError, WeightUpdateUnsupportedError
+from lmfleet.sync import blocking, in_fleet_loop, run_beside
 from lmfleet.weights.bodies import Payload, node_bodies
 from lmfleet.weights.session import UpdateResult, UpdateSession, UpdateTarget, WeightUpdater
 
 if TYPE_CHECKING:
     from lmfleet.runtime import FleetRuntime
-
-T = TypeVar("T")
 
 DEFAULT_GROUP = "lmfleet"
 """The NCCL weights-update group name when the caller gives none."""
@@ -81,6 +81,11 @@ class WeightUpdate:
         return self._current
 
     @property
+    def runtime(self) -> FleetRuntime:
+        """The fleet's runtime, whose loop runs the update's steps."""
+        return self._runtime
+
+    @property
     def version(self) -> int:
         return self._version
 
@@ -101,27 +106,28 @@ class WeightUpdate:
 
     # -- enter and exit -------------------------------------------------------------------
 
-    def __enter__(self) -> WeightUpdate:
-        session = self._runtime.call(self._open)
-        self._runtime.run(session.begin)
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
-        self.result = self._runtime.run(self._session.end, _describe(exc))
-        self._check_result(exc)
-
+    @in_fleet_loop
     async def __aenter__(self) -> WeightUpdate:
-        session = await self._acall_sync(self._open)
-        await self._acall(session.begin)
+        session = self._open()
+        with anyio.CancelScope(shield=True):  # half begun, it would hold its nodes
+            await session.begin()
+        try:
+            await checkpoint()
+        except BaseException as exc:  # cancelled meanwhile: end it as a failed block
+            await self.__aexit__(type(exc), exc, None)
+            raise
         return self
 
+    @in_fleet_loop
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        self.result = await self._acall(self._session.end, _describe(exc))
+        with anyio.CancelScope(shield=True):  # every node ends updated or quarantined
+            self.result = await self._session.end(_describe(exc))
         self._check_result(exc)
+
+    __enter__ = blocking(__aenter__)
+    __exit__ = blocking(__aexit__)
 
     def _check_result(self, exc: BaseException | None) -> None:
         result = self.result
@@ -133,52 +139,41 @@ class WeightUpdate:
 
     # -- push through the fleet -----------------------------------------------------------
 
-    def push(self, payload: Payload) -> None:
-        """Send every node its bodies (`POST /update_weights`, buckets in order, the last
-        `finished: true`), all nodes at once; a failing node is quarantined and the
-        others go on. Raises `WeightUpdateUnsupportedError` when a node cannot load
-        weights online, `WeightUpdateError` when none is left, and the payload's own
-        exception if it raised."""
-        errors: list[BaseException] = []
-
-        def one(target: UpdateTarget) -> None:
-            try:
-                for body in node_bodies(payload, target):
-                    self._runtime.run(self._session.push, target.url, body)
-            except BaseException as exc:  # noqa: BLE001 - reported below, node quarantined
-                self._runtime.call(self._session.abandon, target.url, _describe(exc))
-                errors.append(exc)
-
-        targets = self.nodes
-        with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
-            list(pool.map(one, targets))
-        self._raise_push_errors(errors)
-
+    @in_fleet_loop
     async def apush(self, payload: Payload) -> None:
-        """`push` from an event loop: payloads are made in worker threads."""
+        """Send every node its bodies (`POST /update_weights`, buckets in order, the last
+        `finished: true`), all nodes at once; each node's payload is made in a worker
+        thread. A node whose push fails or is cancelled is quarantined and the others
+        go on. Raises, once every node is done: a `KeyboardInterrupt` or `SystemExit`
+        from the payload, else `WeightUpdateUnsupportedError` when a node cannot load
+        weights online, else the payload's own exception, else `WeightUpdateError`
+        when no node is left."""
+        session = self._session
         errors: list[BaseException] = []
 
         async def one(target: UpdateTarget) -> None:
             try:
                 bodies = await anyio.to_thread.run_sync(node_bodies, payload, target)
                 while (body := await anyio.to_thread.run_sync(next, bodies, None)) is not None:
-                    await self._acall(self._session.push, target.url, body)
-            except Exception as exc:  # noqa: BLE001 - reported below, node quarantined
-                await self._acall_sync(self._session.abandon, target.url, _describe(exc))
-                errors.append(exc)
+                    await session.push(target.url, body)
+            except BaseException as exc:  # the node is quarantined, whatever stopped it
+                session.abandon(target.url, _reason(exc))
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    raise
+                errors.append(exc)  # raised below: out of a task it would end the loop
 
         async with anyio.create_task_group() as tg:
             for target in self.nodes:
                 tg.start_soon(one, target)
         self._raise_push_errors(errors)
 
+    push = blocking(apush)
+    """`apush` from sync code: the same arguments and errors; waits in this thread."""
+
     def _raise_push_errors(self, errors: list[BaseException]) -> None:
-        for exc in errors:
-            if isinstance(exc, WeightUpdateUnsupportedError):
-                raise exc
-        for exc in errors:
-            if not isinstance(exc, LMFleetError):
-                raise exc  # the payload's own failure
+        worst = min(errors, key=_push_error_rank, default=None)
+        if worst is not None and _push_error_rank(worst) < 3:
+            raise worst
         if errors and not self.nodes:
             raise WeightUpdateError(f"every node failed its push: {self.failed}")
 
@@ -218,7 +213,8 @@ class WeightUpdate:
         }
         return bodies, world
 
-    def init_group(
+    @in_fleet_loop
+    async def ainit_group(
         self,
         master_address: str,
         master_port: int,
@@ -234,37 +230,15 @@ class WeightUpdate:
         bodies, world = self._init_bodies(
             master_address, master_port, group_name, backend, trainer_ranks
         )
-        self._beside(
-            "/init_weights_update_group",
-            bodies,
-            lambda: join_fn(world) if join_fn else None,
-            group_name,
-        )
+        join = functools.partial(join_fn, world) if join_fn else _nothing
+        await self._beside("/init_weights_update_group", bodies, join, group_name)
         return {url: body["rank_offset"] for url, body in bodies.items()}
 
-    async def ainit_group(
-        self,
-        master_address: str,
-        master_port: int,
-        *,
-        group_name: str = DEFAULT_GROUP,
-        backend: str = "nccl",
-        trainer_ranks: int = 1,
-        join_fn: Callable[[int], Any] | None = None,
-    ) -> dict[str, int]:
-        """`init_group` from an event loop (`join_fn` runs in a worker thread)."""
-        bodies, world = self._init_bodies(
-            master_address, master_port, group_name, backend, trainer_ranks
-        )
-        await self._abeside(
-            "/init_weights_update_group",
-            bodies,
-            lambda: join_fn(world) if join_fn else None,
-            group_name,
-        )
-        return {url: body["rank_offset"] for url, body in bodies.items()}
+    init_group = blocking(ainit_group)
+    """`ainit_group` from sync code; `join_fn` runs in this thread."""
 
-    def update_from_distributed(
+    @in_fleet_loop
+    async def aupdate_from_distributed(
         self,
         buckets: Iterable[Mapping[str, Any]],
         broadcast_fn: BroadcastFn,
@@ -275,42 +249,29 @@ class WeightUpdate:
         `/update_weights_from_distributed` to every node, run `broadcast_fn(bucket)`
         while they wait for it, then collect their replies. The last bucket is sent
         `finished: true`. On any failure the group is destroyed and the error raised."""
-        for bucket in _buckets(buckets, group_name):
-            self._beside(
+        left = _buckets(buckets, group_name)
+        while (bucket := await run_beside(next, left, None)) is not None:
+            await self._beside(
                 "/update_weights_from_distributed",
                 {t.url: bucket for t in self.nodes},
-                lambda bucket=bucket: broadcast_fn(bucket),  # type: ignore[misc]
+                functools.partial(broadcast_fn, bucket),
                 group_name,
                 finishes=True,
             )
 
-    async def aupdate_from_distributed(
-        self,
-        buckets: Iterable[Mapping[str, Any]],
-        broadcast_fn: BroadcastFn,
-        *,
-        group_name: str = DEFAULT_GROUP,
-    ) -> None:
-        """`update_from_distributed` from an event loop (`broadcast_fn` in a worker thread)."""
-        for bucket in _buckets(buckets, group_name):
-            await self._abeside(
-                "/update_weights_from_distributed",
-                {t.url: bucket for t in self.nodes},
-                lambda bucket=bucket: broadcast_fn(bucket),  # type: ignore[misc]
-                group_name,
-                finishes=True,
-            )
+    update_from_distributed = blocking(aupdate_from_distributed)
+    """`aupdate_from_distributed` from sync code; `broadcast_fn` runs in this thread."""
 
-    def destroy_group(self, group_name: str = DEFAULT_GROUP) -> None:
+    @in_fleet_loop
+    async def adestroy_group(self, group_name: str = DEFAULT_GROUP) -> None:
         """`POST /destroy_weights_update_group` to every node in the update."""
         bodies = _group_bodies([t.url for t in self.nodes], group_name)
-        self._runtime.run(self._session.call_all, "/destroy_weights_update_group", bodies)
+        await self._session.call_all("/destroy_weights_update_group", bodies)
 
-    async def adestroy_group(self, group_name: str = DEFAULT_GROUP) -> None:
-        bodies = _group_bodies([t.url for t in self.nodes], group_name)
-        await self._acall(self._session.call_all, "/destroy_weights_update_group", bodies)
+    destroy_group = blocking(adestroy_group)
+    """`adestroy_group` from sync code."""
 
-    def _beside(
+    async def _beside(
         self,
         path: str,
         bodies: dict[str, Any],
@@ -319,50 +280,24 @@ class WeightUpdate:
         *,
         finishes: bool = False,
     ) -> None:
-        """POST `bodies` in the fleet's loop while `work` (the trainer's side) runs here."""
+        """POST `bodies` to the nodes while `work` (the trainer's side) runs beside
+        them (`run_beside`: in a sync call's own thread)."""
         session = self._session
-
-        async def call() -> dict[str, Any]:
-            return await session.call_all(path, bodies, finishes=finishes)
-
-        future: concurrent.futures.Future[dict[str, Any]] = self._runtime.submit(call)
-        try:
-            work()
-            answers = future.result(timeout=session.timeout + 5.0)
-        except BaseException:
-            future.cancel()
-            self._destroy_quietly(group_name)
-            raise
-        if (error := self._missing(path, bodies, answers)) is not None:
-            self._destroy_quietly(group_name)
-            raise error
-
-    async def _abeside(
-        self,
-        path: str,
-        bodies: dict[str, Any],
-        work: Callable[[], Any],
-        group_name: str,
-        *,
-        finishes: bool = False,
-    ) -> None:
         answers: dict[str, Any] = {}
 
         async def call() -> None:
-            answers.update(
-                await self._acall(self._session.call_all, path, bodies, finishes=finishes)
-            )
+            answers.update(await session.call_all(path, bodies, finishes=finishes))
 
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(call)
-                await anyio.to_thread.run_sync(work)
+                await run_beside(work)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._destroy_quietly, group_name)
+                await self._destroy_quietly(group_name)
             raise
         if (error := self._missing(path, bodies, answers)) is not None:
-            await anyio.to_thread.run_sync(self._destroy_quietly, group_name)
+            await self._destroy_quietly(group_name)
             raise error
 
     def _missing(
@@ -380,26 +315,11 @@ class WeightUpdate:
             f"POST {path} failed on {len(failed)} node(s), group destroyed: {reasons}"
         )
 
-    def _destroy_quietly(self, group_name: str) -> None:
+    async def _destroy_quietly(self, group_name: str) -> None:
         """Tear the group down on every node that had it, ignoring failures: the
         update has already failed, and a dangling group would block the next one."""
-        bodies = _group_bodies(self._session.all_urls, group_name)
-        self._runtime.run(self._session.destroy_group, bodies)
-
-    # -- reaching the fleet's loop ----------------------------------------------------------
-
-    async def _acall(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Await a session coroutine from any event loop (the fleet's own included)."""
-        if self._runtime.in_loop_thread():
-            return await func(*args, **kwargs)
-        return await anyio.to_thread.run_sync(
-            lambda: self._runtime.run(lambda: func(*args, **kwargs))
-        )
-
-    async def _acall_sync(self, func: Callable[..., T], *args: Any) -> T:
-        if self._runtime.in_loop_thread():
-            return func(*args)
-        return await anyio.to_thread.run_sync(lambda: self._runtime.call(func, *args))
+        session = self._session
+        await session.destroy_group(_group_bodies(session.all_urls, group_name))
 
 
 def _group_bodies(urls: Sequence[str], group_name: str) -> dict[str, dict[str, Any]]:
@@ -420,7 +340,25 @@ def _buckets(buckets: Iterable[Mapping[str, Any]], group_name: str) -> Iterator[
     yield {**current, "group_name": group_name, "finished": True}
 
 
+def _nothing() -> None:
+    """The trainer's side when the caller gives none."""
+
+
+def _push_error_rank(exc: BaseException) -> int:
+    """Which of a push's errors is raised: the first of the lowest rank (3: none;
+    `WeightUpdateError` says no node is left, or nothing is raised)."""
+    if not isinstance(exc, Exception):
+        return 0  # KeyboardInterrupt, SystemExit from a payload
+    if isinstance(exc, WeightUpdateUnsupportedError):
+        return 1
+    if not isinstance(exc, LMFleetError):
+        return 2  # the payload's own failure
+    return 3
+
+
 def _describe(exc: BaseException | None) -> str | None:
-    if exc is None:
-        return None
+    return None if exc is None else _reason(exc)
+
+
+def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"

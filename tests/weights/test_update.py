@@ -14,12 +14,13 @@ import itertools
 import threading
 from collections.abc import Iterator
 
+import anyio
 import httpx2
 import openai
 import pytest
 from support import StartSim, chat, sim_stats, wait_until
 
-from lmfleet import LMFleet, NodeStatus
+from lmfleet import LMFleet, NodeStatus, UpdateTarget
 from lmfleet.errors import NodeCommandError, NoHealthyNodeError, WeightUpdateError
 from lmfleet.sim.weights import payload_digest
 
@@ -263,6 +264,35 @@ def test_nccl_helpers_post_to_every_node_around_the_broadcast(fleet: LMFleet, ve
     assert all(weights(u)["groups"] == [] for u in urls)  # destroyed everywhere
     assert all(n.quarantine for n in fleet.nodes)  # the block failed: nobody half-updated
     fleet.update_weights("recover", version=version + 3001)
+    assert all(n.state is NodeStatus.HEALTHY for n in fleet.nodes)
+
+
+@pytest.mark.parametrize("error", [ValueError("no tensors here"), KeyboardInterrupt()])
+@pytest.mark.parametrize("twin", ["push", "apush"])
+def test_push_and_apush_fail_a_node_the_same_way(
+    fleet: LMFleet, version: int, twin: str, error: BaseException
+) -> None:
+    """One policy for both: the node whose payload failed is quarantined, the others
+    take their weights, and the payload's error (even a KeyboardInterrupt, which
+    must not end the fleet's loop) is raised once every node is done."""
+    bad = fleet.nodes[0].url
+
+    def payload(node: UpdateTarget) -> list[str]:
+        if node.url == bad:
+            raise error
+        return [f"{twin}-{node.url}"]
+
+    with fleet.weight_update(version) as update:
+        with pytest.raises(type(error)) as raised:
+            if twin == "push":
+                update.push(payload)
+            else:
+                anyio.run(update.apush, payload)
+        assert raised.value is error
+    assert update.result is not None
+    assert update.result.failed == {bad: f"{type(error).__name__}: {error}"}
+    assert len(update.result.updated) == 2
+    fleet.update_weights("recover", version=version + 5000)
     assert all(n.state is NodeStatus.HEALTHY for n in fleet.nodes)
 
 
