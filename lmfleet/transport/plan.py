@@ -387,8 +387,8 @@ class RequestPlan:
         while True:
             node, lease = yield from attempts.lease(router.strategy, self.info, tried)
             router.target(self.request, node)
-            reply = yield Call(self.request, stream=True, first_byte=True)
             try:
+                reply = yield Call(self.request, stream=True, first_byte=True)
                 if not isinstance(reply, httpx2.Response):
                     attempts.transport_failed(lease, reply, "", ours)
                 reason = attempts.retryable(lease, reply, "")
@@ -402,6 +402,12 @@ class RequestPlan:
                 raise Retry(reason)
             except Retry as retry:
                 yield Pause(attempts.failed(retry.reason))
+            except BaseException:
+                # The caller went away mid-call (the generator closed: a cancelled
+                # task, a disconnected proxy client): no mark against the node, and
+                # its in-flight slot back at once. A lease already ended stays so.
+                lease.finish(Outcome.NEUTRAL)
+                raise
 
 
 def _final(response: httpx2.Response, lease: Accounting) -> httpx2.Response:

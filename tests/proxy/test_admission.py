@@ -139,3 +139,19 @@ def test_an_impossible_version_ask_fails_at_once(
     assert "no weight update is bringing it" in message
     assert elapsed < 1.0  # the test's own request overhead included; the refusal is at once
     assert fleet.registry.waiting == 0
+
+
+def test_a_caller_who_gives_up_on_a_working_node_frees_its_slot(
+    serve_fleet: Callable[..., Served], start_sim: StartSim
+) -> None:
+    """The node has the request and sends nothing yet; the caller disconnects: the
+    node's in-flight count and the proxy's gauge drop back, with no mark against it."""
+    url = start_sim(*FAST, "--hang").url
+    fleet, server = serve_fleet([url], first_byte_timeout=60)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "never answered"}]}
+    with pytest.raises(httpx2.ReadTimeout):
+        httpx2.post(server.url + "/v1/chat/completions", json=body, timeout=1.0)
+    wait_until(lambda: fleet.registry.get(url).inflight, timeout=5, until=lambda n: n == 0)
+    assert metric(server, "lmfleet_proxy_inflight") == "lmfleet_proxy_inflight 0.0"
+    node = fleet.registry.get(url)
+    assert (node.errors, node.status.value) == (0, "healthy")

@@ -194,3 +194,32 @@ def test_a_version_an_update_brings_is_waited_for() -> None:
     router.registry.brought(3)
     with pytest.raises(NoHealthyNodeError, match="no weight update is bringing it"):
         client.post(URL, content=BODY, headers=headers)
+
+
+def test_a_request_cancelled_while_its_node_works_gives_its_slot_back(
+    start_sim: StartSim,
+) -> None:
+    """Cancelled while the node has yet to send a byte: the node's in-flight count drops
+    back at once, and the node is not marked as failing."""
+    url = start_sim(*FAST, "--hang").url
+    with LMFleet.attach([url], health_interval=0.2, first_byte_timeout=60) as fleet:
+        fleet.wait_ready(timeout=30)
+        model = fleet.model
+
+        async def main() -> None:
+            client = fleet.async_client(max_retries=0)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(partial(chat_async, client, model))
+                await wait_until_async(lambda: fleet.registry.get(url).inflight == 1, timeout=10)
+                tg.cancel_scope.cancel()
+            await wait_until_async(lambda: fleet.registry.get(url).inflight == 0, timeout=2)
+
+        anyio.run(main)
+        node = fleet.registry.get(url)
+        assert (node.inflight, node.errors, node.status) == (0, 0, NodeStatus.HEALTHY)
+
+
+async def chat_async(client: openai.AsyncOpenAI, model: str) -> None:
+    await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "never answered"}]
+    )

@@ -121,15 +121,29 @@ class DistServePlan:
                 yield Pause(attempts.failed(retry.reason))
 
     def _attempt(self) -> Steps[httpx2.Response]:
+        # A lease that a phase left open when the caller went away (the generator
+        # closed) ends neutral: leases end once, so this never counts one twice.
         if self._ds.dummy_prefill:
             decode, d_lease = yield from self._lease(self._decode_info)
-            return (yield from self._decode_dummy(decode, d_lease))
+            try:
+                return (yield from self._decode_dummy(decode, d_lease))
+            except BaseException:
+                d_lease.finish(Outcome.NEUTRAL)
+                raise
         prefill, p_lease = yield from self._lease(self._prefill_info)
-        answer = yield from self._prefill(prefill, p_lease)
+        try:
+            answer = yield from self._prefill(prefill, p_lease)
+        except BaseException:
+            p_lease.finish(Outcome.NEUTRAL)
+            raise
         if isinstance(answer, httpx2.Response):
             return answer
         decode, d_lease = yield from self._lease(self._decode_info)
-        return (yield from self._decode(prefill.url, decode, d_lease, answer))
+        try:
+            return (yield from self._decode(prefill.url, decode, d_lease, answer))
+        except BaseException:
+            d_lease.finish(Outcome.NEUTRAL)
+            raise
 
     # -- phases -------------------------------------------------------------------
 
