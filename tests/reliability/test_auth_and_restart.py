@@ -134,16 +134,19 @@ def test_a_killed_proxy_restarted_with_the_same_flags_serves_registered_nodes(
         wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
         return proc
 
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-    first = start(1)
-    try:
-        node = start_sim(*QUICK, "--proxy-url", url).url
+    def served(node: str, text: str) -> None:
         wait_until(
             lambda: httpx2.get(url + "/nodes/status", timeout=10).json(),
             timeout=30,
             until=lambda nodes: nodes.get(node, {}).get("state") == "healthy",
         )
-        assert chat(client, MODEL, "before", max_tokens=1).choices
+        assert chat(client, MODEL, text, max_tokens=1).choices
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    first = start(1)
+    try:
+        node = start_sim(*QUICK, "--proxy-url", url).url
+        served(node, "before")
         log = first.log_path.read_text()
         assert f"node {node} added (registered itself" in log, log
     finally:
@@ -152,12 +155,7 @@ def test_a_killed_proxy_restarted_with_the_same_flags_serves_registered_nodes(
     assert node in kept.read_text()
     second = start(2)
     try:
-        wait_until(
-            lambda: httpx2.get(url + "/nodes/status", timeout=10).json(),
-            timeout=30,
-            until=lambda nodes: nodes.get(node, {}).get("state") == "healthy",
-        )
-        assert chat(client, MODEL, "after", max_tokens=1).choices
+        served(node, "after")
         log = second.log_path.read_text()
         assert f"node {node} added (reloaded from {kept}" in log, log
         assert "1 node(s) reloaded" in log, log
