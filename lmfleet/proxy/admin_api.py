@@ -8,7 +8,6 @@ Handlers run in the fleet's own event loop: they await the fleet's async interna
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -18,7 +17,12 @@ from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_bytes, send
 from lmfleet.proxy.nodes_api import ADMIN_BODY_LIMIT, BadRequest
 from lmfleet.routing.base import RequestInfo
 from lmfleet.state import NodeStatus
-from lmfleet.transport.models import model_card, model_named, unknown_model_message
+from lmfleet.transport.models import (
+    model_card,
+    model_list,
+    model_named,
+    unknown_model_message,
+)
 
 if TYPE_CHECKING:
     from lmfleet.proxy.runtime import Runtime
@@ -107,19 +111,7 @@ async def readiness(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> 
 
 async def models(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
     """Models served by healthy nodes, in OpenAI's (and LMDeploy's) list shape."""
-    names = sorted(
-        {
-            m
-            for n in rt.fleet.registry.snapshot()
-            if n.status is NodeStatus.HEALTHY
-            for m in n.models
-        }
-    )
-    now = int(time.time())
-    cards: list[dict[str, object]] = [
-        {**model_card(name, now), "root": name, "parent": None, "permission": []} for name in names
-    ]
-    await send_json(send, 200, {"object": "list", "data": cards})
+    await send_json(send, 200, model_list(rt.fleet.registry))
 
 
 async def model(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:

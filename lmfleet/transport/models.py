@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import time
 
+from lmfleet.registry import NodeRegistry
+from lmfleet.state import NodeStatus
+
 MODELS_PATH = "/v1/models"
 """The model list; `MODELS_PATH/{name}` is one model."""
 
@@ -28,6 +31,21 @@ def model_card(name: str, created: int | None = None) -> dict[str, object]:
         "created": int(time.time()) if created is None else created,
         "owned_by": OWNED_BY,
     }
+
+
+def model_list(registry: NodeRegistry) -> dict[str, object]:
+    """`GET /v1/models` for the whole fleet: every model a healthy node serves, in
+    LMDeploy's list shape (its cards also carry `root`, `parent` and `permission`).
+    A node's own list names only its models; the fleet's clients and the proxy
+    answer this from the fleet so that a fleet serving several models lists them all."""
+    names = sorted(
+        {m for n in registry.snapshot() if n.status is NodeStatus.HEALTHY for m in n.models}
+    )
+    now = int(time.time())
+    cards = [
+        {**model_card(name, now), "root": name, "parent": None, "permission": []} for name in names
+    ]
+    return {"object": "list", "data": cards}
 
 
 def model_named(path: str) -> str | None:

@@ -109,6 +109,11 @@ class Router:
         """
         self.check_open(request)
         models = self.registry.models()
+        if request.method == "GET" and request.url.path == fleet_models.MODELS_PATH:
+            plan = RequestPlan(self, request, RequestInfo(role=role))
+            fleet = fleet_models.model_list(self.registry)  # a node's list names its own only
+            plan.immediate = httpx2.Response(200, json=fleet, request=request)
+            return plan
         if request.method == "GET" and (name := fleet_models.model_named(request.url.path)):
             plan = RequestPlan(self, request, RequestInfo(role=role))
             plan.immediate = _model_answer(request, name, models)  # no node has this route

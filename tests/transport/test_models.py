@@ -87,3 +87,13 @@ def test_retrieve_through_the_proxy(
     assert httpx2.get(server.url + f"/v1/models/{OTHER}", timeout=5).status_code == 401
     metrics = httpx2.get(server.url + "/metrics", timeout=5).text
     assert 'route="/v1/models/{model}"' in metrics and "no-such-model" not in metrics
+
+
+def test_the_model_list_is_the_fleets_on_both_doors(fleet: LMFleet) -> None:
+    """`client.models.list()` names every model a healthy node serves, not one node's."""
+    server = fleet.serve(port=0)
+    proxied = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    for client in (fleet.client(max_retries=0), proxied):
+        listed = client.models.list().data
+        assert sorted(m.id for m in listed) == sorted([MODEL, OTHER])
+        assert all(m.object == "model" for m in listed)
