@@ -405,7 +405,9 @@ class Monitor:
                     models=models if models is not None else current.models,
                 )
             # A launched process that exited explains more than "unreachable" does:
-            # its message stands until the node answers again.
+            # its message stands until the node answers again. A node that does not
+            # answer has no current load: the last report (perhaps of a process that
+            # died under load) must not make a restarted node look busy.
             keep = not probe.ok and current.exited is not None
             return current.evolve(
                 status=target,
@@ -413,6 +415,7 @@ class Monitor:
                 message=current.message if keep else message,
                 exited=current.exited if not probe.ok else None,
                 models=models if models is not None else current.models,
+                load=current.load if probe.ok else None,
             )
 
         registry.modify(url, apply)

@@ -60,3 +60,15 @@ def test_a_hung_node_does_not_hold_back_the_others(start_sim: StartSim) -> None:
         assert state(hung.url) is NodeStatus.HEALTHY  # its probe is still waiting
         assert httpx2.post(other.url + "/wakeup", json={}, timeout=10).status_code == 200
         wait_until(lambda: state(other.url) is NodeStatus.HEALTHY, timeout=20)
+
+
+def test_a_node_that_stops_answering_loses_its_load_report(start_sim: StartSim) -> None:
+    """The last `/metrics` of a process that died (perhaps under load) is no load of the
+    node's now: once it stops answering, the fleet forgets it, so that a restarted node
+    on the same URL does not look busy until its first new report."""
+    node = start_sim("--health-poll-interval", "0.2", "--fast")
+    with LMFleet.attach([node.url], health_interval=0.2) as fleet:  # least_load reads /metrics
+        wait_until(lambda: fleet.registry.get(node.url).load, what="a first load report")
+        node.process.kill()
+        wait_until(lambda: fleet.registry.get(node.url).status is NodeStatus.UNHEALTHY)
+        assert fleet.registry.get(node.url).load is None
