@@ -490,7 +490,7 @@ class NodeRegistry:
                 f"no node is at weight version {exact} (they are at {shown}) "
                 "and no weight update is bringing it"
             )
-        if floor is not None and max(have + sorted(bringing)) < floor:
+        if floor is not None and max([*have, *bringing]) < floor:
             return (
                 f"no node is at weight version {floor} or later (they are at {shown}) "
                 "and no weight update is bringing one"

@@ -66,9 +66,6 @@ HOP_BY_HOP = frozenset(
 )
 """Request headers that describe one hop, never forwarded (content-length is recomputed)."""
 
-NO_RETRY = (b"x-should-retry", b"false")
-"""The router failed over already: openai clients of the proxy should not do it again."""
-
 RESPONSE_DROP = frozenset(HOP_BY_HOP - {b"content-length"})
 """The body is forwarded raw, so the node's content-length stays true and is kept."""
 
@@ -205,7 +202,9 @@ async def _relay(
     if stop.cancelled_caught:
         row = answers.SHUTTING_DOWN
         rt.metrics.error(row.kind)
-        tail = _error_event(row, STREAM_STOPPED, b"\n\n") if sse else b""
+        # Where the cut fell is not known here: start with a blank line, which ends
+        # an event cut half-way and dispatches nothing after a whole one.
+        tail = _error_event(row, STREAM_STOPPED, inside_event=True) if sse else b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
@@ -239,7 +238,8 @@ async def _copy(
         rt.metrics.error(row.kind)
         log.warning("stream from %s cut after it started: %r", node, exc)
         if length < 0:  # see the module docstring; a sized body cannot end early
-            tail = _error_event(row, row.message(exc), last) if sse else b""
+            inside = bool(last) and not last.endswith(EVENT_END)
+            tail = _error_event(row, row.message(exc), inside_event=inside) if sse else b""
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         return
     if more:
@@ -250,13 +250,13 @@ async def _copy(
 STREAM_STOPPED = "The proxy is shutting down; this stream was cut. Try again."
 
 
-def _error_event(row: answers.Answer, message: str, last: bytes) -> bytes:
+def _error_event(row: answers.Answer, message: str, *, inside_event: bool) -> bytes:
     """The event that ends a cut event stream: `data: {"error": {...}}`, as vLLM and
     SGLang send mid-stream errors and openai clients raise them. A blank line first
     when the cut fell inside an event, so that this one is parsed on its own."""
     body = error_body(message, code=row.status, type=row.error_type)
     event = b"data: " + json.dumps({"error": body}).encode() + b"\n\n"
-    return event if not last or last.endswith(EVENT_END) else b"\n\n" + event
+    return b"\n\n" + event if inside_event else event
 
 
 async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

@@ -163,12 +163,12 @@ def start_server(fleet: FleetSurface, options: ProxyOptions) -> ProxyServer:
     if fleet.runtime.in_loop_thread():
         raise EventLoopError("fleet.serve() blocks; call it outside the fleet's event loop")
     path = options.state_file
-    if path is not None:
-        state_file.read(path)  # a file that is no node list stops us before anything binds
+    # A file that is no node list stops us before anything binds.
+    entries = state_file.read(path) if path is not None else []
     server = ProxyServer(fleet, options)
     try:
         if path is not None:
-            loaded = state_file.load(path, fleet)
+            loaded = state_file.load(path, entries, fleet)
             if loaded:
                 log.info("state file %s: %d node(s) reloaded, each probed before use", path, loaded)
             else:

@@ -124,15 +124,16 @@ def read(path: Path) -> list[dict[str, Any]]:
     return [entry for entry in data["nodes"] if isinstance(entry, dict)]
 
 
-def load(path: Path, fleet: FleetSurface) -> int:
-    """Add every node the file lists, as starting: each is probed before it is routed to.
+def load(path: Path, entries: list[dict[str, Any]], fleet: FleetSurface) -> int:
+    """Add every node of `entries` (`read(path)`), as starting: each is probed before
+    it is routed to.
 
     An entry the fleet refuses (a URL that no longer parses, a bad role) is logged
     and skipped; the next write leaves it out.
     """
     count = 0
     origin = f"reloaded from {path}"
-    for entry in read(path):
+    for entry in entries:
         try:
             version = entry.get("weight_version")
             fleet.add_node(

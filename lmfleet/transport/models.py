@@ -1,4 +1,5 @@
-"""`GET /v1/models/{name}`, answered by the fleet itself on both front doors.
+"""`GET /v1/models` and `GET /v1/models/{name}`, answered by the fleet itself on both
+front doors (a node's own list names only its models).
 
 LMDeploy's api_server has no such route (it answers 405), so openai's
 `client.models.retrieve(name)` cannot be sent to a node: the fleet's clients

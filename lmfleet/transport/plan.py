@@ -38,7 +38,7 @@ from lmfleet.errors import FleetBusyError, NodeUnavailableError, NoHealthyNodeEr
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy
 from lmfleet.state import NodeRole, NodeState
-from lmfleet.transport.steps import Call, Discard, Pause, Steps
+from lmfleet.transport.steps import Call, Discard, Pause, Steps, T
 from lmfleet.transport.streams import Accounting, lease_response
 
 UNREACHED_ERRORS: tuple[type[Exception], ...] = (httpx2.ConnectError, httpx2.ConnectTimeout)
@@ -355,6 +355,18 @@ class Attempts:
         )
 
 
+def holding(lease: Accounting, steps: Steps[T]) -> Steps[T]:
+    """Run a phase's `steps` that hold `lease`. Should they end in an exception (the
+    caller went away and the generator was closed, or the phase failed), the lease
+    ends neutral unless the phase ended it already: a caller that gives up leaves no
+    mark against the node and gives its in-flight slot back at once."""
+    try:
+        return (yield from steps)
+    except BaseException:
+        lease.finish(Outcome.NEUTRAL)  # leases end once: a no-op when already ended
+        raise
+
+
 def _wanted(info: RequestInfo) -> str:
     """What the request waited for: `node`, `decode node serving 'm'`, ..."""
     role = f"{info.role.name.lower()} " if info.role not in (None, NodeRole.HYBRID) else ""
@@ -388,26 +400,26 @@ class RequestPlan:
             node, lease = yield from attempts.lease(router.strategy, self.info, tried)
             router.target(self.request, node)
             try:
-                reply = yield Call(self.request, stream=True, first_byte=True)
-                if not isinstance(reply, httpx2.Response):
-                    attempts.transport_failed(lease, reply, "", ours)
-                reason = attempts.retryable(lease, reply, "")
-                if reason is None:
-                    reply.headers[SERVED_VERSION_HEADER] = str(node.weight_version)
-                    return lease_response(reply, lease)
-                if attempts.exhausted():
-                    return _final(reply, lease)
-                yield Discard(reply)
-                lease.finish(Outcome.FAILURE)
-                raise Retry(reason)
+                return (yield from holding(lease, self._send(node, lease, attempts, ours)))
             except Retry as retry:
                 yield Pause(attempts.failed(retry.reason))
-            except BaseException:
-                # The caller went away mid-call (the generator closed: a cancelled
-                # task, a disconnected proxy client): no mark against the node, and
-                # its in-flight slot back at once. A lease already ended stays so.
-                lease.finish(Outcome.NEUTRAL)
-                raise
+
+    def _send(
+        self, node: NodeState, lease: Accounting, attempts: Attempts, ours: bool
+    ) -> Steps[httpx2.Response]:
+        """One attempt on `node`: its answer for the caller, or `Retry`."""
+        reply = yield Call(self.request, stream=True, first_byte=True)
+        if not isinstance(reply, httpx2.Response):
+            attempts.transport_failed(lease, reply, "", ours)
+        reason = attempts.retryable(lease, reply, "")
+        if reason is None:
+            reply.headers[SERVED_VERSION_HEADER] = str(node.weight_version)
+            return lease_response(reply, lease)
+        if attempts.exhausted():
+            return _final(reply, lease)
+        yield Discard(reply)
+        lease.finish(Outcome.FAILURE)
+        raise Retry(reason)
 
 
 def _final(response: httpx2.Response, lease: Accounting) -> httpx2.Response:

@@ -109,14 +109,9 @@ class Router:
         """
         self.check_open(request)
         models = self.registry.models()
-        if request.method == "GET" and request.url.path == fleet_models.MODELS_PATH:
+        if request.method == "GET" and (answer := self._models_answer(request, models)):
             plan = RequestPlan(self, request, RequestInfo(role=role))
-            fleet = fleet_models.model_list(self.registry)  # a node's list names its own only
-            plan.immediate = httpx2.Response(200, json=fleet, request=request)
-            return plan
-        if request.method == "GET" and (name := fleet_models.model_named(request.url.path)):
-            plan = RequestPlan(self, request, RequestInfo(role=role))
-            plan.immediate = _model_answer(request, name, models)  # no node has this route
+            plan.immediate = answer
             return plan
         if body is None:
             body = request.extensions.get(PARSED_BODY)
@@ -156,6 +151,20 @@ class Router:
         if model is not None and models and model not in models:
             plan.immediate = _unknown_model(request, model, models)
         return plan
+
+    def _models_answer(self, request: httpx2.Request, served: list[str]) -> httpx2.Response | None:
+        """The fleet's own answer to `GET /v1/models` (a node's list names only its own
+        models) and `GET /v1/models/{name}` (no node has this route), or None."""
+        path = request.url.path
+        if path == fleet_models.MODELS_PATH:
+            listed = fleet_models.model_list(self.registry)
+            return httpx2.Response(200, json=listed, request=request)
+        name = fleet_models.model_named(path)
+        if name is None:
+            return None
+        if name not in served:
+            return _unknown_model(request, name, served)
+        return httpx2.Response(200, json=fleet_models.model_card(name), request=request)
 
     def check_open(self, request: httpx2.Request) -> None:
         """Raise `FleetClosedError` once the fleet is closed (`plan` asks first): its
@@ -246,10 +255,3 @@ def _unknown_model(request: httpx2.Request, model: str, served: list[str]) -> ht
     """LMDeploy's 404 for a model no node serves, plus what the fleet does serve."""
     message = fleet_models.unknown_model_message(model, served)
     return error_answer(request, UNKNOWN_MODEL, message, param="model")
-
-
-def _model_answer(request: httpx2.Request, name: str, served: list[str]) -> httpx2.Response:
-    """`GET /v1/models/{name}` from the fleet's model list (transport/models.py)."""
-    if name not in served:
-        return _unknown_model(request, name, served)
-    return httpx2.Response(200, json=fleet_models.model_card(name), request=request)

@@ -46,6 +46,7 @@ from lmfleet.transport.plan import (
     RouterLike,
     error_answer,
     first_byte_bound,
+    holding,
 )
 from lmfleet.transport.steps import Call, Discard, Pause, Steps
 from lmfleet.transport.streams import Accounting, lease_response
@@ -121,29 +122,15 @@ class DistServePlan:
                 yield Pause(attempts.failed(retry.reason))
 
     def _attempt(self) -> Steps[httpx2.Response]:
-        # A lease that a phase left open when the caller went away (the generator
-        # closed) ends neutral: leases end once, so this never counts one twice.
         if self._ds.dummy_prefill:
             decode, d_lease = yield from self._lease(self._decode_info)
-            try:
-                return (yield from self._decode_dummy(decode, d_lease))
-            except BaseException:
-                d_lease.finish(Outcome.NEUTRAL)
-                raise
+            return (yield from holding(d_lease, self._decode_dummy(decode, d_lease)))
         prefill, p_lease = yield from self._lease(self._prefill_info)
-        try:
-            answer = yield from self._prefill(prefill, p_lease)
-        except BaseException:
-            p_lease.finish(Outcome.NEUTRAL)
-            raise
+        answer = yield from holding(p_lease, self._prefill(prefill, p_lease))
         if isinstance(answer, httpx2.Response):
             return answer
         decode, d_lease = yield from self._lease(self._decode_info)
-        try:
-            return (yield from self._decode(prefill.url, decode, d_lease, answer))
-        except BaseException:
-            d_lease.finish(Outcome.NEUTRAL)
-            raise
+        return (yield from holding(d_lease, self._decode(prefill.url, decode, d_lease, answer)))
 
     # -- phases -------------------------------------------------------------------
 
