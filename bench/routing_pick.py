@@ -12,8 +12,8 @@ import argparse
 import random
 import time
 
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.routing import STRATEGIES, RequestInfo
-from lmfleet.state import NodeState, NodeStatus
 
 TARGET_US = 5.0
 

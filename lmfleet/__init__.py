@@ -21,12 +21,12 @@ from lmfleet.errors import (
     WeightUpdateUnsupportedError,
 )
 from lmfleet.fleet import LMFleet
+from lmfleet.node.load import NodeLoad
+from lmfleet.node.state import NodeRole, NodeState, NodeStatus
+from lmfleet.node.views import FleetStatus, NodeSnapshot
 from lmfleet.notebook.batch import BatchResult, ItemError
 from lmfleet.routing.base import Candidate, Decision, RequestInfo, Strategy
 from lmfleet.runtime import FleetRuntime
-from lmfleet.state import NodeRole, NodeState, NodeStatus
-from lmfleet.status import FleetStatus, NodeSnapshot
-from lmfleet.telemetry import NodeLoad
 from lmfleet.weights.session import UpdateResult, UpdateTarget
 from lmfleet.weights.update import WeightUpdate
 

@@ -17,9 +17,11 @@ when to come back and leaves retrying to the client.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import httpx2
 
@@ -225,3 +227,18 @@ def routed(exc: BaseException, *, stopping: bool = False) -> Answer | None:
 def cut(exc: BaseException) -> Answer:
     """The row for a stream cut after it started by `exc`."""
     return INTERRUPTED_TIMEOUT if isinstance(exc, httpx2.TimeoutException) else INTERRUPTED
+
+
+# -- OpenAI-shaped error bodies, as LMDeploy sends them ------------------------------
+
+
+def error_body(
+    message: str, *, code: int, type: str = "invalid_request_error", param: str | None = None
+) -> dict[str, Any]:
+    return {"object": "error", "message": message, "type": type, "param": param, "code": code}
+
+
+def error_bytes(
+    message: str, *, code: int, type: str = "invalid_request_error", param: str | None = None
+) -> bytes:
+    return json.dumps(error_body(message, code=code, type=type, param=param)).encode()

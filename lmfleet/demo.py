@@ -22,10 +22,10 @@ import httpx2
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-from lmfleet.extras import require_serve
+from lmfleet.errors import require_serve
 from lmfleet.fleet import LMFleet
+from lmfleet.node.views import FleetStatus
 from lmfleet.routing import DEFAULT_STRATEGY
-from lmfleet.status import FleetStatus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

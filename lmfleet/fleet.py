@@ -11,9 +11,8 @@ caller's own thread or event loop and share the registry with it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -21,19 +20,17 @@ import httpx2
 import openai
 from anyio.abc import TaskStatus
 
-from lmfleet import clients
-from lmfleet.admin import FleetAdmin
-from lmfleet.autosleep import AutoSleep
 from lmfleet.config import FleetKeywords, FleetOptions, merge_options
-from lmfleet.errors import ConfigError, NotReadyError
-from lmfleet.extras import require_serve
-from lmfleet.health import Monitor
-from lmfleet.launch import plan
-from lmfleet.launch.base import LaunchedNode, NodeSpec
-from lmfleet.launch.command import CommandTemplate, ServerArgValue
-from lmfleet.launch.options import LaunchKeywords, LaunchOptions, split_keywords
-from lmfleet.launch.sim import DEFAULT_SIM_MODEL
+from lmfleet.errors import ConfigError, NotReadyError, require_serve
+from lmfleet.launch.methods import LaunchMethods
+from lmfleet.launch.options import split_keywords
 from lmfleet.launch.supervisor import Supervisor
+from lmfleet.monitor.autosleep import AutoSleep
+from lmfleet.monitor.loop import Monitor
+from lmfleet.node.admin import FleetAdmin
+from lmfleet.node.client import NodeClient
+from lmfleet.node.state import NodeRole, NodeStatus, parse_roles, parse_speed, parse_speeds
+from lmfleet.node.views import FleetStatus, NodeSnapshot
 from lmfleet.notebook.methods import NotebookMethods
 from lmfleet.proxy.options import ProxyOptions, ServeKeywords, serve_options
 from lmfleet.registry import NodeRegistry, normalize_url
@@ -47,9 +44,7 @@ from lmfleet.routing import (
 )
 from lmfleet.routing.base import Strategy
 from lmfleet.runtime import FleetRuntime
-from lmfleet.state import NodeRole, NodeStatus, parse_roles, parse_speed, parse_speeds
-from lmfleet.status import FleetStatus, NodeSnapshot
-from lmfleet.transport import Planner, Router
+from lmfleet.transport import Planner, Router, clients
 from lmfleet.transport.distserve import DistServe
 from lmfleet.weights.methods import WeightMethods
 from lmfleet.weights.session import WeightUpdater
@@ -60,7 +55,7 @@ if TYPE_CHECKING:
     from lmfleet.proxy.server import ProxyServer
 
 
-class LMFleet(NotebookMethods, WeightMethods):
+class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
     """A fleet of OpenAI-compatible (LMDeploy) nodes with client-side routing.
 
     Build one with `LMFleet.attach(urls)`, `LMFleet.simulate(nodes=N)` or
@@ -87,9 +82,10 @@ class LMFleet(NotebookMethods, WeightMethods):
         the monitor with `fleet.runtime.start_soon(...)` (lmfleet/runtime.py)."""
         limits = httpx2.Limits(max_connections=256, max_keepalive_connections=64)
         self._http = httpx2.AsyncClient(timeout=self.options.health.timeout, limits=limits)
+        nodes = NodeClient(self._http)
         # Built in the loop thread: they create anyio primitives bound to that loop.
         self._admin = self.runtime.call(
-            FleetAdmin, self.registry, self.options, self._http, self.runtime
+            FleetAdmin, self.registry, self.options, nodes, self.runtime
         )
         self.router = Router(
             self.registry,
@@ -98,6 +94,7 @@ class LMFleet(NotebookMethods, WeightMethods):
             on_starved=self._admin.starved,  # wake on demand
             affinity_key=affinity_key,
             closed=lambda: self.closed,
+            nodes=nodes,
         )
         self.distserve = (
             DistServe(self.router, self.options.distserve)
@@ -112,7 +109,7 @@ class LMFleet(NotebookMethods, WeightMethods):
             partial(Monitor, routes_on_load=as_base_strategy(self.router.strategy).uses_node_load),
             self.registry,
             self.options.health,
-            self._http,
+            nodes,
         )
         after = self.options.auto_sleep_after
         self._auto_sleep = (
@@ -121,7 +118,7 @@ class LMFleet(NotebookMethods, WeightMethods):
             else None
         )
         self._updater = self.runtime.call(
-            WeightUpdater, self.registry, self._http, self.options, self._launch_argv
+            WeightUpdater, self.registry, nodes, self.options, self._launch_argv
         )
         self.runtime.start(self._watch, name="lmfleet monitor")
 
@@ -173,104 +170,6 @@ class LMFleet(NotebookMethods, WeightMethods):
             fleet.add_node(url, role=role, speed=speed)
         return fleet
 
-    @classmethod
-    def simulate(
-        cls,
-        nodes: int = 3,
-        *,
-        model: str = DEFAULT_SIM_MODEL,
-        speed: float | Sequence[float] = 1.0,
-        sim_args: Sequence[str] = (),
-        strategy: str | Strategy = DEFAULT_STRATEGY,
-        options: FleetOptions | None = None,
-        weight_updates: bool = False,
-        **keywords: Unpack[LaunchKeywords],
-    ) -> LMFleet:
-        """Start `nodes` emulated LMDeploy servers (`lmfleet sim`) and route over them.
-
-        The very path `launch` takes, with the simulator's command and no GPUs.
-        `speed` scales each node (one value, or one per node: 0.33 is 3x slower);
-        `sim_args` are extra `lmfleet sim` flags for every node. `keywords` are the
-        fleet shortcuts of `attach` and the `LaunchOptions` of `launch`.
-        `weight_updates=True` starts the sims as `launch(weight_updates=True)` starts
-        LMDeploy (PyTorch backend, Ray executor), so they take weight updates.
-        """
-        if weight_updates:
-            sim_args = (*plan.WEIGHT_UPDATE_SIM_ARGS, *sim_args)
-        require_serve("LMFleet.simulate()")
-        shortcuts, launch = split_keywords(keywords, "LMFleet.simulate", launch=True)
-        specs = plan.sim_specs(
-            nodes, model=model, speed=speed, sim_args=sim_args, base_port=launch.base_port
-        )
-        return cls._launched(specs, launch, strategy, None, options, shortcuts)
-
-    @classmethod
-    def launch(
-        cls,
-        model: str,
-        nodes: int = 1,
-        *,
-        tp: int = 1,
-        backend: str | None = None,
-        server_args: Mapping[str, ServerArgValue] | None = None,
-        env: Mapping[str, str] | None = None,
-        command: CommandTemplate | None = None,
-        gpus_per_node: int | None = None,
-        strategy: str | Strategy = DEFAULT_STRATEGY,
-        api_key: str | None = None,
-        options: FleetOptions | None = None,
-        weight_updates: bool = False,
-        **keywords: Unpack[LaunchKeywords],
-    ) -> LMFleet:
-        """Start `nodes` LMDeploy `api_server`s (each on its own `tp` GPUs) and route over them.
-
-        Returns once every process is started; `wait_ready()` waits for them and raises
-        `LaunchError` with a node's log tail if one exits first. `server_args` become
-        flags (`{"session_len": 8192}` -> `--session-len 8192`); `command` runs another
-        server (a template with `{model}` `{host}` `{port}` `{tp}` `{backend}`, or a
-        callable). `keywords`: `attach`'s shortcuts and the `LaunchOptions` fields
-        (launcher="ray", restart="on-failure", max_restarts, base_port, log_dir,
-        ray_address, placement). `backend` defaults to turbomind; `weight_updates=True`
-        starts servers that can take RL weight updates (`--backend pytorch
-        --distributed-executor-backend ray`, LMDeploy 0.18's precondition). See
-        docs/launch.md.
-        """
-        shortcuts, launch = split_keywords(keywords, "LMFleet.launch", launch=True)
-        backend, server_args = plan.weight_update_server(backend, server_args, weight_updates)
-        specs = plan.server_specs(
-            model,
-            nodes,
-            tp=tp,
-            backend=backend,
-            server_args=server_args,
-            env=env,
-            command=command,
-            gpus_per_node=gpus_per_node,
-            base_port=launch.base_port,
-        )
-        return cls._launched(specs, launch, strategy, api_key, options, shortcuts)
-
-    @classmethod
-    def _launched(
-        cls,
-        specs: list[NodeSpec],
-        launch: LaunchOptions,
-        strategy: str | Strategy,
-        api_key: str | None,
-        options: FleetOptions | None,
-        shortcuts: dict[str, Any],
-    ) -> LMFleet:
-        """A fleet over `specs`, all started at once; `min_ready` defaults to all of them."""
-        merged = merge_options(options, {"min_ready": len(specs), **shortcuts})
-        fleet = cls(strategy=strategy, api_key=api_key, options=merged)
-        try:  # forked by the loop thread, which their PR_SET_PDEATHSIG is tied to
-            fleet._supervisor.launch(specs, launch, spawn=fleet.runtime.call)
-            fleet._poke()
-        except BaseException:
-            fleet.close()
-            raise
-        return fleet
-
     async def _watch(self, *, task_status: TaskStatus[None]) -> None:
         """Health monitor, process supervisor and idle auto-sleep, until the runtime
         cancels them."""
@@ -303,16 +202,6 @@ class LMFleet(NotebookMethods, WeightMethods):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await anyio.to_thread.run_sync(self.close)
-
-    @property
-    def processes(self) -> Mapping[str, LaunchedNode]:
-        """The nodes this fleet launched, by URL: each with its `pid`, `log_tail()`, `stop()`."""
-        return MappingProxyType(self._supervisor.nodes)
-
-    def _launch_argv(self, url: str) -> list[str] | None:
-        """The command line this fleet started `url` with (None: attached)."""
-        node = self._supervisor.nodes.get(url)
-        return node.argv if node is not None else None
 
     def _poke(self) -> None:
         """Make the monitor re-read the node list now (from any thread)."""
@@ -363,10 +252,6 @@ class LMFleet(NotebookMethods, WeightMethods):
         if node is not None:
             node.stop()
         return NodeSnapshot.of(state)
-
-    def logs(self, url: str, lines: int = 40) -> str:
-        """The tail of a launched node's log."""
-        return self._supervisor.log_tail(self.registry.get(url).url, lines)
 
     @property
     def admin(self) -> FleetAdmin:

@@ -18,12 +18,12 @@ from collections import deque
 from collections.abc import Callable, Collection
 from urllib.parse import urlsplit
 
-from lmfleet import ejection
 from lmfleet.config import OutlierOptions
-from lmfleet.ejection import Outcome
 from lmfleet.errors import ConfigError, UnknownNodeError
+from lmfleet.node import outliers
+from lmfleet.node.outliers import Outcome
+from lmfleet.node.state import NodeRole, NodeState, NodeStatus
 from lmfleet.routing.base import Decision, RequestInfo, Strategy, explain_pick
-from lmfleet.state import NodeRole, NodeState, NodeStatus
 
 log = logging.getLogger("lmfleet")
 
@@ -351,11 +351,11 @@ class NodeRegistry:
                 if window is None:
                     window = self._answers[url] = _Window(self._outliers.window)
                 window.add(not success)
-                state, reason = ejection.judge(
+                state, reason = outliers.judge(
                     state, outcome, window.failed, len(window.answers), self._outliers
                 )
-                if reason is not None and ejection.may_eject(self._nodes.values(), self._outliers):
-                    state = ejection.eject(state, reason, time.monotonic(), self._outliers)
+                if reason is not None and outliers.may_eject(self._nodes.values(), self._outliers):
+                    state = outliers.eject(state, reason, time.monotonic(), self._outliers)
                     window.clear()
                     self._next_readmit = min(self._next_readmit, state.ejected_until)
             self._nodes[url] = state
@@ -509,7 +509,7 @@ class NodeRegistry:
             if state.status is not NodeStatus.EJECTED:
                 continue
             if state.ejected_until <= now:
-                self._nodes[url] = ejection.readmit(state)
+                self._nodes[url] = outliers.readmit(state)
                 self._active[url] = now
                 readmitted.append((state, self._nodes[url]))
             else:

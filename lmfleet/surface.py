@@ -14,12 +14,12 @@ from typing import Protocol
 
 import openai
 
-from lmfleet.admin import FleetAdmin
 from lmfleet.config import FleetOptions
+from lmfleet.node.admin import FleetAdmin
+from lmfleet.node.state import NodeRole
+from lmfleet.node.views import FleetStatus, NodeSnapshot
 from lmfleet.registry import NodeRegistry
 from lmfleet.runtime import FleetRuntime
-from lmfleet.state import NodeRole
-from lmfleet.status import FleetStatus, NodeSnapshot
 from lmfleet.transport import Planner, Router
 from lmfleet.transport.distserve import DistServe
 from lmfleet.weights.bodies import Payload

@@ -127,7 +127,7 @@ SCENARIOS = {
 ELSEWHERE = {
     answers.SHUTTING_DOWN: "tests/cli/test_signals.py (a proxy stopped with waiters, streams)",
     answers.FLEET_CLOSED: "tests/test_fleet.py (a closed fleet's clients; no proxy runs then)",
-    answers.CONNECTION_LIMIT: "tests/proxy/test_upstream_pool.py, transport/test_http11_pool.py",
+    answers.CONNECTION_LIMIT: "tests/proxy/test_upstream_pool.py, wire/test_upstream_pool.py",
     answers.UPSTREAM_ERROR: "test_routed_exceptions_map_to_their_rows (a non-retryable "
     "transport error; a DistServe MigrationError in tests/distserve)",
     answers.INTERRUPTED_TIMEOUT: "test_routed_exceptions_map_to_their_rows (answers.cut): no "

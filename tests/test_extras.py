@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lmfleet import ConfigError, LMFleet
-from lmfleet.extras import install_hint, require_serve
+from lmfleet.errors import install_hint, require_serve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,5 +142,5 @@ def test_a_core_only_venv_runs_the_cli_and_names_the_extra(tmp_path: Path) -> No
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    code = "from lmfleet.extras import require_serve; require_serve('lmfleet serve')"
+    code = "from lmfleet.errors import require_serve; require_serve('lmfleet serve')"
     assert subprocess.run([python, "-c", code], check=False, timeout=60).returncode == 0

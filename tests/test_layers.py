@@ -8,6 +8,7 @@ a circle a reader has to untangle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import lmfleet
@@ -19,33 +20,25 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "vocabulary",
         (
             "lmfleet.errors",
-            "lmfleet.error_body",
             "lmfleet.answers",
             "lmfleet.config",
-            "lmfleet.telemetry",
-            "lmfleet.state",
-            "lmfleet.ejection",
-            "lmfleet.status",
-            "lmfleet.extras",
-            "lmfleet.http1",
             "lmfleet.logs",
+            "lmfleet.node.state",
+            "lmfleet.node.load",
+            "lmfleet.node.outliers",
+            "lmfleet.node.views",
+            "lmfleet.node.profile",
+            "lmfleet.monitor.judge",
         ),
     ),
     ("simulator", ("lmfleet.sim",)),
-    ("loop", ("lmfleet.background", "lmfleet.runtime", "lmfleet.sync")),
+    ("wire", ("lmfleet.wire",)),
+    ("loop", ("lmfleet.runtime", "lmfleet.sync")),
     ("routing", ("lmfleet.routing",)),
     ("registry", ("lmfleet.registry",)),
-    (
-        "node I/O",
-        (
-            "lmfleet.probe",
-            "lmfleet.health",
-            "lmfleet.admin",
-            "lmfleet.autosleep",
-            "lmfleet.transport",
-        ),
-    ),
-    ("clients and launchers", ("lmfleet.clients", "lmfleet.launch", "lmfleet.weights")),
+    ("node client", ("lmfleet.node", "lmfleet.node.client")),
+    ("node I/O", ("lmfleet.node.admin", "lmfleet.monitor", "lmfleet.transport")),
+    ("launchers and weights", ("lmfleet.launch", "lmfleet.weights")),
     ("surface", ("lmfleet.surface",)),
     ("front ends", ("lmfleet.proxy", "lmfleet.notebook")),
     ("fleet", ("lmfleet.fleet",)),
@@ -172,3 +165,35 @@ def test_the_simulator_stands_alone() -> None:
 
 def test_the_checker_sees_a_circle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# -- docs/architecture.md draws what is here ---------------------------------------------
+
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def test_the_architecture_page_draws_every_layer() -> None:
+    text = ARCHITECTURE.read_text()
+    drawing = text[text.index("```") : text.index("imports point down, never up")]
+    for layer, _ in LAYERS:
+        first_word = layer.split()[0]
+        assert f"│ {first_word}" in drawing, f"layer {layer!r} is not drawn in {ARCHITECTURE.name}"
+
+
+def test_every_file_and_folder_the_architecture_page_names_exists() -> None:
+    """Paths the page names (`proxy/forward.py`, `monitor/`, `runtime.py`) are relative
+    to the package; a rename that forgets the page fails here."""
+    text = ARCHITECTURE.read_text()
+    names = set(
+        re.findall(r"(?<![\w./-])((?:[a-z_]+/)*[a-z_0-9]+\.py|(?:[a-z_]+/)+)(?![\w])", text)
+    )
+    names -= {"docs/", "guide/", "tests/"}
+    missing = sorted(
+        n
+        for n in names
+        if not n.startswith(("docs/", "tests/"))
+        and not (PACKAGE / n).exists()
+        and not (PACKAGE.parent / n).exists()
+    )
+    assert missing == [], f"{ARCHITECTURE.name} names what does not exist: {missing}"
+    assert len(names) > 30  # the page names the files it talks about

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import pytest
 
-from lmfleet.ejection import Outcome
 from lmfleet.errors import ConfigError, UnknownNodeError
+from lmfleet.node.outliers import Outcome
+from lmfleet.node.state import NodeRole, NodeStatus
 from lmfleet.registry import NodeRegistry, normalize_url
 from lmfleet.routing import resolve_strategy
 from lmfleet.routing.base import RequestInfo
-from lmfleet.state import NodeRole, NodeStatus
 
 
 def healthy(registry: NodeRegistry, url: str, models: tuple[str, ...] = ("m",)) -> None:

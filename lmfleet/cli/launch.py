@@ -27,8 +27,7 @@ from lmfleet.cli.serve import (
     serve_until_stopped,
     stop_on_signals,
 )
-from lmfleet.errors import NotReadyError
-from lmfleet.extras import require_serve
+from lmfleet.errors import NotReadyError, require_serve
 from lmfleet.launch.command import ServerArgValue, server_args_to_flags
 from lmfleet.launch.options import LaunchOptions
 

@@ -26,8 +26,7 @@ from lmfleet.config import (
     option_fields,
     with_values,
 )
-from lmfleet.errors import ConfigError
-from lmfleet.extras import require_serve
+from lmfleet.errors import ConfigError, require_serve
 from lmfleet.logs import configure_logging as setup_logging
 from lmfleet.proxy.options import ProxyOptions
 from lmfleet.proxy.state_file import default_dir, state_path

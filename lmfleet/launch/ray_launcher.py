@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from lmfleet.errors import ConfigError, LaunchError
-from lmfleet.extras import install_hint
+from lmfleet.errors import ConfigError, LaunchError, install_hint
 from lmfleet.launch.base import LaunchedNode, NodeSpec, Placement
 from lmfleet.launch.process import ManagedProcess, free_port
 

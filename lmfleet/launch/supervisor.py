@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import anyio
 
 from lmfleet.errors import LaunchError, UnknownNodeError
-from lmfleet.launch import plan
 from lmfleet.launch.base import LaunchedNode, Launcher, NodeSpec, RestartPolicy
 from lmfleet.launch.local import Spawner
 from lmfleet.launch.options import LaunchOptions
 from lmfleet.launch.process import ManagedProcess
+from lmfleet.launch.specs import make_launcher
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.registry import NodeRegistry
-from lmfleet.state import NodeState, NodeStatus
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Supervisor:
 
         The launcher is kept until `close()`: Ray's owns the placement group.
         """
-        launcher = plan.make_launcher(options, spawn=spawn)
+        launcher = make_launcher(options, spawn=spawn)
         self._launchers.append(launcher)
         for node in launcher.start(specs):
             self.add(node, options.policy)

@@ -32,8 +32,7 @@ import tenacity
 from openai.types import Completion, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from lmfleet.errors import BatchError, ConfigError, NoHealthyNodeError
-from lmfleet.extras import install_hint
+from lmfleet.errors import BatchError, ConfigError, NoHealthyNodeError, install_hint
 from lmfleet.transport.router import WEIGHT_VERSION_HEADER
 
 if TYPE_CHECKING:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from html import escape
 
+from lmfleet.node.views import NOTEBOOK_COLUMNS, queue_cell, recent_errors_cell
 from lmfleet.notebook.stats import STATE_COLOURS, FleetView, NodeRow, fmt_ms, fmt_rate
-from lmfleet.status import NOTEBOOK_COLUMNS, queue_cell, recent_errors_cell
 
 COLUMNS = NOTEBOOK_COLUMNS
-"""This table's and the live dashboard's column names (named once, in lmfleet/status.py)."""
+"""This table's and the live dashboard's column names (named once, in lmfleet/node/views.py)."""
 
 _CELL = "padding:2px 10px;text-align:left;"
 _NUM = "padding:2px 10px;text-align:right;font-variant-numeric:tabular-nums;"

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lmfleet.node.state import NodeStatus
+from lmfleet.node.views import FleetStatus, NodeSnapshot
 from lmfleet.registry import NodeRegistry
-from lmfleet.state import NodeStatus
-from lmfleet.status import FleetStatus, NodeSnapshot
 
 if TYPE_CHECKING:
     from lmfleet.surface import FleetSurface

@@ -13,10 +13,10 @@ from urllib.parse import parse_qs
 
 import lmfleet.answers as answers
 from lmfleet.errors import WeightUpdateError, WeightUpdateUnsupportedError
+from lmfleet.node.state import NodeStatus
 from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_bytes, send_json
 from lmfleet.proxy.nodes_api import ADMIN_BODY_LIMIT, BadRequest
 from lmfleet.routing.base import RequestInfo
-from lmfleet.state import NodeStatus
 from lmfleet.transport.models import (
     model_card,
     model_list,
@@ -25,7 +25,7 @@ from lmfleet.transport.models import (
 )
 
 if TYPE_CHECKING:
-    from lmfleet.proxy.runtime import Runtime
+    from lmfleet.proxy.context import Runtime
 
 UPDATE_BODY_LIMIT = 64 * 1024 * 1024
 """A weight push's bodies are CUDA IPC handles, not tensors, but many buckets for

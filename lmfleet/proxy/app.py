@@ -22,15 +22,15 @@ from lmfleet.proxy.asgi import (
     Scope,
     Send,
 )
+from lmfleet.proxy.context import Handler, Runtime
 from lmfleet.proxy.forward import forward
 from lmfleet.proxy.metrics import ProxyMetrics
 from lmfleet.proxy.nodes_api import BadRequest
 from lmfleet.proxy.options import ProxyOptions
-from lmfleet.proxy.runtime import Handler, Runtime
 from lmfleet.surface import FleetSurface
 from lmfleet.transport import AsyncFleetTransport
-from lmfleet.transport.http11 import Http11Transport
 from lmfleet.transport.models import MODELS_PATH
+from lmfleet.wire.upstream import Http11Transport
 
 log = logging.getLogger("lmfleet.proxy")
 STATE_KEY = "lmfleet.proxy"

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from lmfleet.error_body import error_bytes
+from lmfleet.answers import error_bytes
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -20,7 +20,7 @@ from lmfleet.transport.distserve import DistServe
 from lmfleet.transport.steps import drive_async
 
 if TYPE_CHECKING:
-    from lmfleet.proxy.runtime import Runtime
+    from lmfleet.proxy.context import Runtime
 
 
 def _distserve(rt: Runtime) -> DistServe:

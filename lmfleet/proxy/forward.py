@@ -26,7 +26,7 @@ import anyio
 import httpx2
 
 import lmfleet.answers as answers
-from lmfleet.error_body import error_body
+from lmfleet.answers import error_body
 from lmfleet.errors import (
     FleetBusyError,
     RoutingError,
@@ -40,10 +40,10 @@ from lmfleet.proxy.asgi import (
     read_body,
 )
 from lmfleet.transport.plan import ANSWER_KIND, CALLER_TIMEOUT, GIVE_UP, header_timeout
-from lmfleet.transport.router import PARSED_BODY, URL_CACHE_SIZE
+from lmfleet.transport.router import PARSED_BODY
 
 if TYPE_CHECKING:
-    from lmfleet.proxy.runtime import Runtime
+    from lmfleet.proxy.context import Runtime
 
 log = logging.getLogger("lmfleet.proxy")
 
@@ -96,15 +96,8 @@ def _parse(scope: Scope, body: bytes) -> tuple[Any, str | None]:
 
 def _placeholder_url(rt: Runtime, scope: Scope) -> httpx2.URL:
     """The request's URL before routing; parsed once per path (the router re-aims it)."""
-    key = (scope["path"], scope.get("query_string", b""))
-    url = rt.urls.get(key)
-    if url is None:
-        if len(rt.urls) >= URL_CACHE_SIZE:
-            rt.urls.clear()
-        path, query = key
-        url = httpx2.URL(PLACEHOLDER + path + ("?" + query.decode("latin-1") if query else ""))
-        rt.urls[key] = url
-    return url
+    query = scope.get("query_string", b"")
+    return rt.urls(PLACEHOLDER + scope["path"] + ("?" + query.decode("latin-1") if query else ""))
 
 
 async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:

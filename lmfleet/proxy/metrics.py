@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from lmfleet.state import NodeStatus
+from lmfleet.node.state import NodeStatus
 
 if TYPE_CHECKING:
     from lmfleet.surface import FleetSurface

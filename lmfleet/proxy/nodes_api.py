@@ -15,14 +15,14 @@ import anyio
 
 import lmfleet.answers as answers
 from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
+from lmfleet.node.state import NodeRole, parse_speed
+from lmfleet.node.views import NodeSnapshot
 from lmfleet.proxy import state_file
 from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_json
 from lmfleet.registry import normalize_url
-from lmfleet.state import NodeRole, parse_speed
-from lmfleet.status import NodeSnapshot
 
 if TYPE_CHECKING:
-    from lmfleet.proxy.runtime import Runtime
+    from lmfleet.proxy.context import Runtime
 
 log = logging.getLogger("lmfleet.proxy")
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "0.0.0.0", "::1", "::"})

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from lmfleet.errors import ConfigError, LMFleetError
-from lmfleet.state import NodeRole
+from lmfleet.node.state import NodeRole
 
 if TYPE_CHECKING:
     from lmfleet.surface import FleetSurface

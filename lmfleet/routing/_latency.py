@@ -17,8 +17,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from lmfleet.node.state import NodeState
 from lmfleet.routing.base import BaseStrategy, RequestInfo
-from lmfleet.state import NodeState
 
 
 class LatencyScored(BaseStrategy):

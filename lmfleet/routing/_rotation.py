@@ -11,7 +11,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 
-from lmfleet.state import NodeState
+from lmfleet.node.state import NodeState
 
 
 class UrlRotation:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Protocol, runtime_checkable
 
-from lmfleet.state import NodeRole, NodeState
+from lmfleet.node.state import NodeRole, NodeState
 
 
 @dataclass(frozen=True, slots=True)

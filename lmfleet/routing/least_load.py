@@ -36,9 +36,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
+from lmfleet.node.state import NodeState
 from lmfleet.routing._rotation import UrlRotation
 from lmfleet.routing.base import BaseStrategy, Candidate, RequestInfo
-from lmfleet.state import NodeState
 
 
 def cost_source(nodes: Sequence[NodeState]) -> str:

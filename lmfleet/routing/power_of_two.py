@@ -11,8 +11,8 @@ import random
 from collections.abc import Sequence
 from typing import ClassVar
 
+from lmfleet.node.state import NodeState
 from lmfleet.routing.base import BaseStrategy, RequestInfo
-from lmfleet.state import NodeState
 
 
 class PowerOfTwo(BaseStrategy):

@@ -30,10 +30,10 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from lmfleet.errors import ConfigError
+from lmfleet.node.state import NodeState
 from lmfleet.routing._ring import HashRing
 from lmfleet.routing.base import BaseStrategy, Candidate, RequestInfo
 from lmfleet.routing.least_load import LeastLoad, expected_waits
-from lmfleet.state import NodeState
 
 _MAX_INDEXES = 64
 """Node-set indexes kept (one per model subset / failover subset seen)."""

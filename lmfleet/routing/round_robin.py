@@ -10,9 +10,9 @@ import random
 from collections.abc import Sequence
 from typing import ClassVar
 
+from lmfleet.node.state import NodeState
 from lmfleet.routing._rotation import UrlRotation
 from lmfleet.routing.base import BaseStrategy, RequestInfo
-from lmfleet.state import NodeState
 
 
 class RoundRobin(BaseStrategy):

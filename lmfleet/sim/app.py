@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from lmfleet.sim import asgi, generation, routes, weight_routes
+from lmfleet.sim.node import NodeRuntime
 from lmfleet.sim.options import SimOptions
 from lmfleet.sim.protocol import (
     Kind,
@@ -25,7 +26,6 @@ from lmfleet.sim.protocol import (
     parse_generation,
 )
 from lmfleet.sim.registration import register_with_proxy
-from lmfleet.sim.runtime import NodeRuntime
 
 log = logging.getLogger("lmfleet.sim")
 

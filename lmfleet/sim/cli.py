@@ -17,8 +17,7 @@ import threading
 import time
 from typing import Any
 
-from lmfleet.errors import ConfigError
-from lmfleet.extras import require_serve
+from lmfleet.errors import ConfigError, require_serve
 from lmfleet.sim.options import SimOptions
 
 

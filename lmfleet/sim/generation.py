@@ -24,8 +24,8 @@ from typing import Any, Protocol
 from lmfleet.sim import asgi
 from lmfleet.sim import logprobs as lp
 from lmfleet.sim.engine import count_tokens
+from lmfleet.sim.node import NodeRuntime, Sequence
 from lmfleet.sim.protocol import GenRequest, chat_usage, dumps, new_id, usage
-from lmfleet.sim.runtime import NodeRuntime, Sequence
 from lmfleet.sim.textgen import WORDS, Output, generate, prompt_hash
 
 _TOKEN_IDS = {f" {w}": lp.FIRST_WORD_ID + i for i, w in enumerate(WORDS)}

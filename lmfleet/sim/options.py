@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmfleet.state import NodeRole
+from lmfleet.node.state import NodeRole
 
 DEFAULT_MODEL = "internlm/internlm2_5-7b-chat"
 DEFAULT_PORT = 23333  # LMDeploy's api_server default

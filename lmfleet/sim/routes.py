@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 from lmfleet.sim import asgi
 from lmfleet.sim.engine import count_tokens
 from lmfleet.sim.logprobs import text_ids
+from lmfleet.sim.node import NodeRuntime
 from lmfleet.sim.protocol import (
     NOT_A_DICT,
     RequestError,
@@ -28,7 +29,6 @@ from lmfleet.sim.protocol import (
     new_id,
     usage,
 )
-from lmfleet.sim.runtime import NodeRuntime
 from lmfleet.sim.weights import call_line
 
 Handler = Callable[[NodeRuntime, asgi.Scope, asgi.Receive, asgi.Send], Awaitable[None]]

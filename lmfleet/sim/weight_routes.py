@@ -32,9 +32,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from lmfleet.sim import asgi
+from lmfleet.sim.node import NodeRuntime
 from lmfleet.sim.protocol import dumps, error_body
 from lmfleet.sim.routes import BadRequest, Handler, json_body
-from lmfleet.sim.runtime import NodeRuntime
 from lmfleet.sim.weights import Group, call_line
 
 INTERNAL_ERROR = b"Internal Server Error"

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 
+from lmfleet.node.state import NodeStatus
 from lmfleet.registry import NodeRegistry
-from lmfleet.state import NodeStatus
 
 MODELS_PATH = "/v1/models"
 """The model list; `MODELS_PATH/{name}` is one model."""

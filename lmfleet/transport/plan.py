@@ -25,19 +25,20 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 
 import httpx2
 
-from lmfleet.answers import Answer
+from lmfleet.answers import Answer, error_bytes
 from lmfleet.config import RoutingOptions
-from lmfleet.ejection import Outcome
-from lmfleet.error_body import error_bytes
 from lmfleet.errors import FleetBusyError, NodeUnavailableError, NoHealthyNodeError
+from lmfleet.node.client import NodeClient
+from lmfleet.node.outliers import Outcome
+from lmfleet.node.state import NodeRole, NodeState
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy
-from lmfleet.state import NodeRole, NodeState
 from lmfleet.transport.steps import Call, Discard, Pause, Steps, T
 from lmfleet.transport.streams import Accounting, lease_response
 
@@ -92,35 +93,6 @@ BUSY_RETRY_AFTER = 1.0
 becomes eligible, which a sleeping or starting node does within seconds."""
 
 
-class RouterLike(Protocol):
-    """What a plan needs of the fleet's router (transport/router.py builds the plans).
-
-    A protocol rather than an import: the router creates plans, so the plans see it
-    only through the members they use.
-    """
-
-    @property
-    def registry(self) -> NodeRegistry: ...
-
-    @property
-    def strategy(self) -> Strategy: ...
-
-    @property
-    def options(self) -> RoutingOptions: ...
-
-    def backoff(self, attempt: int) -> float:
-        """The pause after failed attempt number `attempt` (1 for the first): `Backoff`."""
-        ...
-
-    def starved(self, request: RequestInfo) -> None:
-        """No node is eligible for `request`: the fleet may wake one that would be."""
-        ...
-
-    def target(self, request: httpx2.Request, node: NodeState) -> None:
-        """Point `request` at `node` (URL, Host, the node's key)."""
-        ...
-
-
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """The pause between failover attempts: exponential from `first`, plus up to
@@ -141,6 +113,33 @@ class Backoff:
     def __call__(self, attempt: int) -> float:
         pause = self.first * 2.0 ** (attempt - 1) + self.rng.uniform(0, self.jitter)
         return max(0.0, min(pause, self.most))
+
+
+StarvedHook = Callable[[RequestInfo], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """What every plan routes with: the fleet's nodes, strategy and options, the
+    failover pauses, the node client that aims a request at its node, and the hook
+    that wakes a node for a starved request. The router holds one and hands it to
+    each plan it starts (a value, so plans need no way back to the router)."""
+
+    registry: NodeRegistry
+    strategy: Strategy
+    options: RoutingOptions
+    nodes: NodeClient
+    backoff: Backoff
+    on_starved: StarvedHook | None = None
+
+    def starved(self, request: RequestInfo) -> None:
+        """No node is eligible for `request`: the fleet may wake one that would be."""
+        if self.on_starved is not None:
+            self.on_starved(request)
+
+    def target(self, request: httpx2.Request, node: NodeState) -> None:
+        """Point `request` at `node` (URL, Host, the node's key)."""
+        self.nodes.aim(request, node)
 
 
 class Retry(Exception):
@@ -206,8 +205,8 @@ def caller_timeout(request: httpx2.Request) -> float | None:
 class Attempts:
     """The failover state of one request: nodes tried, the wait deadline, backoff."""
 
-    def __init__(self, router: RouterLike, request: httpx2.Request, label: str = "") -> None:
-        self.router = router
+    def __init__(self, routing: Routing, request: httpx2.Request, label: str = "") -> None:
+        self.routing = routing
         self.request = request
         self.count = 0
         self._label = label
@@ -234,29 +233,29 @@ class Attempts:
         (`FleetBusyError`): waiting requests cost memory and a poll each, so their
         number is bounded rather than left to grow with the load.
         """
-        router = self.router
+        routing = self.routing
         queued = False
         try:
             while True:
-                node = router.registry.lease(strategy, info, tried)
+                node = routing.registry.lease(strategy, info, tried)
                 if node is not None:
                     tried.append(node.url)
                     self.count += 1
-                    return node, Accounting(router.registry, node.url)
+                    return node, Accounting(routing.registry, node.url)
                 now = time.monotonic()
                 if self._deadline is None:
-                    self._deadline = now + self._wait_for(router.options.wait_for_node)
+                    self._deadline = now + self._wait_for(routing.options.wait_for_node)
                 if self._give_up is not None and (why := self._give_up()) is not None:
                     raise NoHealthyNodeError(why, request=self.request)
                 if now >= self._nudge:
                     self._nudge = now + STARVED_EVERY
-                    hopeless = router.registry.hopeless(info)
+                    hopeless = routing.registry.hopeless(info)
                     if hopeless is not None:
                         raise NoHealthyNodeError(
                             f"no {_wanted(info)} can take this request: {hopeless}",
                             request=self.request,
                         )
-                    router.starved(info)
+                    routing.starved(info)
                 if now >= self._deadline:
                     raise NoHealthyNodeError(
                         f"no healthy {_wanted(info)} within {self._waited()}; "
@@ -269,7 +268,7 @@ class Attempts:
                 yield Pause(POLL_INTERVAL)
         finally:
             if queued:
-                router.registry.leave_queue()
+                routing.registry.leave_queue()
 
     def _wait_for(self, wait_for_node: float) -> float:
         caller = self._caller
@@ -277,14 +276,14 @@ class Attempts:
 
     def _waited(self) -> str:
         """`30 s`, or `1 s (the caller's timeout)` when that cut the wait short."""
-        wait_for_node = self.router.options.wait_for_node
+        wait_for_node = self.routing.options.wait_for_node
         if self._caller is not None and self._caller < wait_for_node:
             return f"{self._caller:g} s (the caller's timeout; wait_for_node={wait_for_node:g})"
         return f"{wait_for_node:g} s"
 
     def _enter_queue(self, info: RequestInfo) -> None:
         """Take a place in the admission queue, or raise `FleetBusyError`."""
-        registry, limit = self.router.registry, self.router.options.admission_queue
+        registry, limit = self.routing.registry, self.routing.options.admission_queue
         if registry.enter_queue(limit):
             return
         error = FleetBusyError(
@@ -311,9 +310,9 @@ class Attempts:
             raise exc
         lease.finish(Outcome.FAILURE)
         if isinstance(exc, UNREACHED_ERRORS):
-            self.router.registry.mark_failed(lease.url, f"unreachable: {exc!r}")
+            self.routing.registry.mark_failed(lease.url, f"unreachable: {exc!r}")
         elif isinstance(exc, httpx2.ReadTimeout) and ours:
-            first_byte = self.router.options.first_byte_timeout
+            first_byte = self.routing.options.first_byte_timeout
             raise Retry(f"{phase}{lease.url} sent no first byte within {first_byte:g} s")
         elif not isinstance(exc, DROPPED_ERRORS):
             assert exc is not None
@@ -323,10 +322,10 @@ class Attempts:
     def retryable(self, lease: Accounting, response: httpx2.Response, phase: str) -> str | None:
         """Why `response` should be tried on another node (a node failure), or None."""
         status = response.status_code
-        if status not in self.router.options.retry_status:
+        if status not in self.routing.options.retry_status:
             return None
         if status in PASSIVE_STATUS:
-            self.router.registry.mark_failed(lease.url, f"answered HTTP {status}")
+            self.routing.registry.mark_failed(lease.url, f"answered HTTP {status}")
         return f"{phase}{lease.url} answered HTTP {status}"
 
     def failed(self, reason: str) -> float:
@@ -341,13 +340,13 @@ class Attempts:
                 f"{self._label}{self.count} attempt(s) failed: {'; '.join(self._reasons)}",
                 request=self.request,
             )
-        return self.router.backoff(max(1, self.count))
+        return self.routing.backoff(max(1, self.count))
 
     def exhausted(self) -> bool:
-        return self.count >= self.router.options.max_attempts
+        return self.count >= self.routing.options.max_attempts
 
     def _describe_nodes(self) -> str:
-        nodes = self.router.registry.snapshot()
+        nodes = self.routing.registry.snapshot()
         if not nodes:
             return "none"
         return ", ".join(
@@ -382,8 +381,8 @@ def _wanted(info: RequestInfo) -> str:
 class RequestPlan:
     """A request for one node (any role but DistServe's P->D): `steps()` is the plan."""
 
-    def __init__(self, router: RouterLike, request: httpx2.Request, info: RequestInfo) -> None:
-        self.router = router
+    def __init__(self, routing: Routing, request: httpx2.Request, info: RequestInfo) -> None:
+        self.routing = routing
         self.request = request
         self.info = info
         self.immediate: httpx2.Response | None = None
@@ -392,13 +391,13 @@ class RequestPlan:
     def steps(self) -> Steps[httpx2.Response]:
         if self.immediate is not None:
             return self.immediate
-        router = self.router
-        attempts = Attempts(router, self.request)
-        ours = first_byte_bound(self.request, router.options.first_byte_timeout)
+        routing = self.routing
+        attempts = Attempts(routing, self.request)
+        ours = first_byte_bound(self.request, routing.options.first_byte_timeout)
         tried: list[str] = []
         while True:
-            node, lease = yield from attempts.lease(router.strategy, self.info, tried)
-            router.target(self.request, node)
+            node, lease = yield from attempts.lease(routing.strategy, self.info, tried)
+            routing.target(self.request, node)
             try:
                 return (yield from holding(lease, self._send(node, lease, attempts, ours)))
             except Retry as retry:

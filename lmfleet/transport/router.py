@@ -18,23 +18,21 @@ import httpx2
 from lmfleet.answers import BAD_VERSION, UNKNOWN_MODEL
 from lmfleet.config import RoutingOptions
 from lmfleet.errors import FleetClosedError
+from lmfleet.node.client import NodeClient
+from lmfleet.node.state import NodeRole
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy, as_base_strategy
-from lmfleet.state import NodeRole, NodeState
 from lmfleet.transport import models as fleet_models
 from lmfleet.transport.plan import (
     SERVED_VERSION_HEADER,
     Backoff,
     RequestPlan,
+    Routing,
+    StarvedHook,
     error_answer,
     read_json,
 )
 from lmfleet.transport.steps import Steps
-
-StarvedHook = Callable[[RequestInfo], None]
-
-URL_CACHE_SIZE = 4096
-"""Node URLs per (node, path) kept parsed; cleared whole when full (query strings vary)."""
 
 WEIGHT_VERSION_HEADER = SERVED_VERSION_HEADER
 """On a request: serve it only on nodes of exactly this weight version (on an answer
@@ -81,18 +79,34 @@ class Router:
         on_starved: StarvedHook | None = None,
         affinity_key: Callable[..., str | None] | None = None,
         closed: Callable[[], bool] | None = None,
+        nodes: NodeClient | None = None,
     ) -> None:
         """`closed`: whether the fleet is closed; from then on every request through
-        the transports raises `FleetClosedError` (`check_open`)."""
-        self.registry = registry
+        the transports raises `FleetClosedError` (`check_open`). `nodes`: the fleet's
+        node client, which aims each routed request at its node."""
         self._closed = closed
-        self.strategy = strategy
-        self.options = options
-        self._on_starved = on_starved
         self._affinity_key = affinity_key if as_base_strategy(strategy).uses_affinity_key else None
-        self._urls: dict[tuple[str, bytes], httpx2.URL] = {}
-        self.backoff = Backoff.of(options)
-        """Failover pauses: exponential from `backoff`, capped, with jitter."""
+        self.routing = Routing(
+            registry, strategy, options, nodes or NodeClient(), Backoff.of(options), on_starved
+        )
+        """What each plan routes with (failover pauses: exponential from `backoff`,
+        capped, with jitter)."""
+
+    @property
+    def registry(self) -> NodeRegistry:
+        return self.routing.registry
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.routing.strategy
+
+    @property
+    def options(self) -> RoutingOptions:
+        return self.routing.options
+
+    @property
+    def nodes(self) -> NodeClient:
+        return self.routing.nodes
 
     def route(self, request: httpx2.Request) -> RequestPlan:
         """The Hybrid serving mode (`Planner`): every request is one plan for one node."""
@@ -110,7 +124,7 @@ class Router:
         self.check_open(request)
         models = self.registry.models()
         if request.method == "GET" and (answer := self._models_answer(request, models)):
-            plan = RequestPlan(self, request, RequestInfo(role=role))
+            plan = RequestPlan(self.routing, request, RequestInfo(role=role))
             plan.immediate = answer
             return plan
         if body is None:
@@ -136,7 +150,7 @@ class Router:
             )
         except ValueError as exc:
             info = RequestInfo(role=role)
-            plan = RequestPlan(self, request, info)
+            plan = RequestPlan(self.routing, request, info)
             plan.immediate = error_answer(request, BAD_VERSION, str(exc))
             return plan
         # With one model served every node qualifies: the strategy need not filter.
@@ -147,7 +161,7 @@ class Router:
             weight_version=exact,
             min_weight_version=floor,
         )
-        plan = RequestPlan(self, request, info)
+        plan = RequestPlan(self.routing, request, info)
         if model is not None and models and model not in models:
             plan.immediate = _unknown_model(request, model, models)
         return plan
@@ -176,27 +190,6 @@ class Router:
                 "start a new LMFleet and take a client from it",
                 request=request,
             )
-
-    def starved(self, request: RequestInfo) -> None:
-        if self._on_starved is not None:
-            self._on_starved(request)
-
-    def target(self, request: httpx2.Request, node: NodeState) -> None:
-        """Point `request` at `node` and give it the node's own key.
-
-        Building a URL means parsing one, the costliest step of routing; requests go
-        to a handful of paths on a handful of nodes, so the results are cached.
-        """
-        path = request.url.raw_path
-        url = self._urls.get((node.url, path))
-        if url is None:
-            if len(self._urls) >= URL_CACHE_SIZE:
-                self._urls.clear()
-            url = self._urls[(node.url, path)] = httpx2.URL(node.url + path.decode("ascii"))
-        request.url = url
-        request.headers["Host"] = url.netloc.decode("ascii")
-        if node.api_key:
-            request.headers["Authorization"] = f"Bearer {node.api_key}"
 
 
 @functools.lru_cache(maxsize=64)

@@ -5,7 +5,7 @@ closes, not when headers arrive: with SSE most of a request lives after the
 headers, and least-connections must see it. The sync and async wrappers are thin
 twins over one `Accounting` object, so the bookkeeping exists once.
 
-The lease ends with the request's real outcome (lmfleet/ejection.py): the answer's
+The lease ends with the request's real outcome (lmfleet/node/outliers.py): the answer's
 status decides it, a body cut by the node is a failure, and only a 2xx read to
 its end gives a latency sample (a caller who closes a stream early still gives
 its TTFT).
@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx2
 
-from lmfleet.ejection import Outcome, outcome_of_status
 from lmfleet.errors import StreamInterruptedError
+from lmfleet.node.outliers import Outcome, outcome_of_status
 from lmfleet.registry import NodeRegistry
 
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import httpx2
-
-from lmfleet.admin import JSON_HEADERS
-from lmfleet.errors import NodeCommandError, WeightUpdateUnsupportedError
-from lmfleet.state import NodeState
+from lmfleet.errors import WeightUpdateUnsupportedError
+from lmfleet.node.client import NodeCallError, NodeClient
+from lmfleet.node.state import NodeState
 
 RAY_FLAG = "--distributed-executor-backend ray"
 PYTORCH_FLAG = "--backend pytorch"
@@ -35,7 +33,7 @@ def unsupported(url: str, what: str) -> WeightUpdateUnsupportedError:
 
 
 async def post_json(
-    client: httpx2.AsyncClient,
+    nodes: NodeClient,
     node: NodeState,
     path: str,
     body: Mapping[str, Any],
@@ -43,45 +41,20 @@ async def post_json(
     *,
     verified: bool = False,
 ) -> Any:
-    """POST `body` as JSON; the decoded answer. `NodeCommandError` unless HTTP 200, and
+    """POST `body` as JSON; the decoded answer. `NodeCallError` unless HTTP 200, and
     `WeightUpdateUnsupportedError` for the 501 of a backend without the route, and for
     a 500 on `/update_weights` from a node whose flags were not `verified`: what an
     executor without `update_params` answers (any crash answers the same bare 500, so
     on a node launched with the right flags it is an ordinary failure)."""
-    headers = dict(JSON_HEADERS)
-    if node.api_key:
-        headers["Authorization"] = f"Bearer {node.api_key}"
     try:
-        response = await client.post(node.url + path, json=body, headers=headers, timeout=timeout)
-    except httpx2.HTTPError as exc:
-        raise NodeCommandError(f"{node.url}{path} failed: {type(exc).__name__}: {exc}") from exc
-    if response.status_code == 200:
-        try:
-            return response.json()
-        except ValueError:
-            return None
-    text = response.text[:300]
-    if path == "/update_weights" and response.status_code == 500 and not verified:
-        raise unsupported(
-            node.url,
-            f"POST /update_weights answered HTTP 500 ({text or 'no body'}), LMDeploy 0.18's "
-            "answer when the executor cannot load weights",
-        )
-    if response.status_code == 501:
-        raise unsupported(node.url, f"POST {path} answered HTTP 501: {text}")
-    raise NodeCommandError(f"{node.url}{path} answered HTTP {response.status_code}: {text}")
-
-
-async def backend_of(client: httpx2.AsyncClient, node: NodeState, timeout: float) -> str | None:
-    """The engine backend the node reports (`GET /update_weights_from_ipc`, LMDeploy
-    0.18), or None where it reports none (an older server, an error)."""
-    headers = {"Authorization": f"Bearer {node.api_key}"} if node.api_key else {}
-    try:
-        response = await client.get(
-            node.url + "/update_weights_from_ipc", headers=headers, timeout=timeout
-        )
-        body = response.json()
-    except (httpx2.HTTPError, ValueError):
-        return None
-    backend = body.get("backend") if isinstance(body, dict) else None
-    return backend if isinstance(backend, str) else None
+        return await nodes.call_json(node, "POST", path, json=body, timeout=timeout)
+    except NodeCallError as exc:
+        if path == nodes.profile.update_weights and exc.status == 500 and not verified:
+            raise unsupported(
+                node.url,
+                f"POST {path} answered HTTP 500 ({exc.text or 'no body'}), LMDeploy 0.18's "
+                "answer when the executor cannot load weights",
+            ) from exc
+        if exc.status == 501:
+            raise unsupported(node.url, f"POST {path} answered HTTP 501: {exc.text}") from exc
+        raise

@@ -11,8 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lmfleet.errors import ConfigError
-from lmfleet.extras import install_hint
+from lmfleet.errors import ConfigError, install_hint
 
 
 def serialize(state_dict: Any) -> str:

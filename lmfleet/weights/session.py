@@ -25,9 +25,7 @@ from enum import Enum
 from typing import Any
 
 import anyio
-import httpx2
 
-from lmfleet.admin import post, wait_idle
 from lmfleet.config import FleetOptions
 from lmfleet.errors import (
     LMFleetError,
@@ -35,10 +33,11 @@ from lmfleet.errors import (
     WeightUpdateError,
     WeightUpdateUnsupportedError,
 )
-from lmfleet.health import is_sleeping
+from lmfleet.node.admin import wait_idle
+from lmfleet.node.client import NodeClient
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.registry import NodeRegistry
-from lmfleet.state import NodeState, NodeStatus
-from lmfleet.weights.calls import backend_of, post_json
+from lmfleet.weights.calls import post_json
 from lmfleet.weights.preflight import check_argv, check_backend, preflight_error, tp_size
 
 log = logging.getLogger("lmfleet")
@@ -95,7 +94,7 @@ class UpdateSession:
     ) -> None:
         self._updater = updater
         self._registry = updater.registry
-        self._http = updater.http
+        self._nodes = updater.nodes
         self._options = updater.options
         self.version = version
         self.level = level
@@ -174,7 +173,7 @@ class UpdateSession:
                 self._verified.add(target.url)
             return problem
         node = self._registry.get(target.url)
-        return check_backend(await backend_of(self._http, node, self._options.admin_timeout))
+        return check_backend(await self._nodes.weights_backend(node, self._options.admin_timeout))
 
     async def _prepare(self, target: UpdateTarget) -> None:
         url, options = target.url, self._options
@@ -184,11 +183,10 @@ class UpdateSession:
             node = self._registry.get(url)
             # A node asleep already (auto-sleep, an earlier failed update) is not put to
             # sleep twice: its KV cache is gone, which is what the sleep is for.
-            asleep = await is_sleeping(self._http, url, node.api_key, options.admin_timeout)
+            asleep = await self._nodes.is_sleeping(node, options.admin_timeout)
             if not asleep:
-                level = [("level", str(self.level))]
-                await post(self._http, node, "/sleep", level, options.admin_timeout)
-            await post(self._http, node, "/wakeup", [("tags", "weights")], options.admin_timeout)
+                await self._nodes.sleep(node, self.level, options.admin_timeout)
+            await self._nodes.wakeup(node, ["weights"], options.admin_timeout)
         except (NodeCommandError, LMFleetError) as exc:
             self._fail(url, f"preparing: {exc}")
             return
@@ -204,9 +202,9 @@ class UpdateSession:
         node = self._registry.get(url)
         try:
             await post_json(
-                self._http,
+                self._nodes,
                 node,
-                "/update_weights",
+                self._nodes.profile.update_weights or "/update_weights",
                 body,
                 self._options.update_timeout,
                 verified=url in self._verified,
@@ -232,7 +230,9 @@ class UpdateSession:
             node = self._registry.get(url)
             body = bodies[url]
             try:
-                answer = await post_json(self._http, node, path, body, self._options.update_timeout)
+                answer = await post_json(
+                    self._nodes, node, path, body, self._options.update_timeout
+                )
             except (NodeCommandError, WeightUpdateUnsupportedError) as exc:
                 self._fail(url, f"POST {path}: {exc}")
                 return
@@ -254,7 +254,7 @@ class UpdateSession:
             try:
                 node = self._registry.get(url)
                 await post_json(
-                    self._http, node, "/destroy_weights_update_group", bodies[url], self.timeout
+                    self._nodes, node, "/destroy_weights_update_group", bodies[url], self.timeout
                 )
             except LMFleetError:
                 pass
@@ -317,8 +317,8 @@ class UpdateSession:
         options = self._options
         try:
             node = self._registry.get(url)
-            await post(self._http, node, "/wakeup", [("tags", "kv_cache")], options.admin_timeout)
-            asleep = await is_sleeping(self._http, url, node.api_key, options.admin_timeout)
+            await self._nodes.wakeup(node, ["kv_cache"], options.admin_timeout)
+            asleep = await self._nodes.is_sleeping(node, options.admin_timeout)
         except (NodeCommandError, LMFleetError) as exc:
             self._fail(url, f"waking the KV cache: {exc}")
             return
@@ -362,12 +362,12 @@ class WeightUpdater:
     def __init__(
         self,
         registry: NodeRegistry,
-        http: httpx2.AsyncClient,
+        nodes: NodeClient,
         options: FleetOptions,
         argv_of: ArgvOf,
     ) -> None:
         self.registry = registry
-        self.http = http
+        self.nodes = nodes
         self.options = options
         self.argv_of = argv_of
         self._busy: set[str] = set()

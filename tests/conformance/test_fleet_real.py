@@ -19,7 +19,7 @@ from support import wait_until
 
 from lmfleet import LMFleet
 from lmfleet.launch.process import wait_for_port
-from lmfleet.state import NodeStatus
+from lmfleet.node.state import NodeStatus
 
 
 @dataclass

@@ -17,7 +17,7 @@ from conformance.peer_support import API_KEY, POLL_INTERVAL
 from conformance.shapes import shape_diff
 from support import wait_until
 
-from lmfleet.telemetry import METRICS_PATH, READ, parse_metrics
+from lmfleet.node.load import METRICS_PATH, READ, parse_metrics
 
 JSON = {"content-type": "application/json"}
 KEY = {"authorization": f"Bearer {API_KEY}"}
@@ -211,7 +211,7 @@ def test_proxy_url_registration(pair) -> None:
 
 
 TELEMETRY = tuple("lmdeploy:" + name for name in READ)
-"""What lmfleet/telemetry.py reads: every name must be the real server's."""
+"""What lmfleet/node/load.py reads: every name must be the real server's."""
 
 
 @pytest.mark.parametrize("path", ["/metrics", METRICS_PATH])

@@ -9,7 +9,7 @@ import pytest
 from lmfleet import LMFleet
 from lmfleet.config import FleetOptions
 from lmfleet.errors import ConfigError
-from lmfleet.state import NodeRole, parse_role
+from lmfleet.node.state import NodeRole, parse_role
 from lmfleet.transport import Router
 from lmfleet.transport.distserve import PairPool
 from lmfleet.transport.distserve import protocol as wire

@@ -19,7 +19,7 @@ from lmfleet.launch.command import (
     server_args_to_flags,
 )
 from lmfleet.launch.gpus import assign_gpus, visible_gpus
-from lmfleet.launch.plan import server_specs
+from lmfleet.launch.specs import server_specs
 
 
 def test_server_args_to_flags() -> None:

@@ -12,11 +12,11 @@ from support import SimNode, StartSim, chat, wait_until
 
 from lmfleet import LMFleet
 from lmfleet.config import OutlierOptions
-from lmfleet.ejection import Outcome
+from lmfleet.node.outliers import Outcome
+from lmfleet.node.views import COLUMN_NAMES, METERED_COLUMNS, NOTEBOOK_COLUMNS, TEXT_COLUMNS
 from lmfleet.notebook import display, html
 from lmfleet.notebook.dashboard import Dashboard
 from lmfleet.notebook.stats import TrafficMeter
-from lmfleet.status import COLUMN_NAMES, METERED_COLUMNS, NOTEBOOK_COLUMNS, TEXT_COLUMNS
 
 FAST = ("--health-poll-interval", "0.5", "--ttft-ms", "5", "--tpot-ms", "2")
 SECRET = "sk-node-secret-1234"
@@ -129,9 +129,9 @@ def test_html_and_text_fallbacks_never_show_keys(fleet: LMFleet, sims: list[SimN
 
 
 def test_tokens_per_second_window() -> None:
+    from lmfleet.node.state import NodeStatus
+    from lmfleet.node.views import FleetStatus, NodeSnapshot
     from lmfleet.registry import NodeRegistry
-    from lmfleet.state import NodeStatus
-    from lmfleet.status import FleetStatus, NodeSnapshot
 
     registry = NodeRegistry()
     registry.add("http://127.0.0.1:1")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import pytest
 
 from lmfleet.errors import ConfigError
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.routing import (
     CAPABILITIES,
     STRATEGIES,
@@ -27,7 +28,6 @@ from lmfleet.routing import (
     uses_node_load,
     wants_affinity_key,
 )
-from lmfleet.state import NodeState, NodeStatus
 
 NODES = [NodeState(url=f"http://n{i}:1", status=NodeStatus.HEALTHY, inflight=i) for i in range(3)]
 

@@ -7,8 +7,8 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.routing import LeastConnections, RequestInfo
-from lmfleet.state import NodeState, NodeStatus
 
 
 def node(name: str, inflight: int = 0) -> NodeState:

@@ -8,10 +8,10 @@ import httpx2
 from support import StartSim, chat, wait_until
 
 from lmfleet import LMFleet
+from lmfleet.node.load import NodeLoad
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.routing import LeastLoad, RequestInfo, resolve_strategy
 from lmfleet.sim.options import DEFAULT_MODEL
-from lmfleet.state import NodeState, NodeStatus
-from lmfleet.telemetry import NodeLoad
 
 NOW = 100.0
 

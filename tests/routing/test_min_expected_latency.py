@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.routing import MinExpectedLatency, RequestInfo
-from lmfleet.state import NodeState, NodeStatus
 
 
 def node(name: str, latency: float | None, inflight: int = 0) -> NodeState:

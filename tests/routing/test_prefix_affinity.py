@@ -9,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmfleet.errors import ConfigError
+from lmfleet.node.load import NodeLoad
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.routing import (
     PrefixAffinity,
     RequestInfo,
@@ -18,8 +20,6 @@ from lmfleet.routing import (
 )
 from lmfleet.routing._ring import stable_hash
 from lmfleet.routing.least_load import expected_waits
-from lmfleet.state import NodeState, NodeStatus
-from lmfleet.telemetry import NodeLoad
 
 
 def node(

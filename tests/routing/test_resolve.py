@@ -9,6 +9,7 @@ import pytest
 
 import lmfleet.routing as routing
 from lmfleet.errors import ConfigError
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.routing import (
     STRATEGIES,
     LeastConnections,
@@ -24,7 +25,6 @@ from lmfleet.routing import (
     Strategy,
     resolve_strategy,
 )
-from lmfleet.state import NodeState, NodeStatus
 
 EXPECTED = {
     "random": RandomStrategy,

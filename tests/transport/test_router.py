@@ -17,9 +17,9 @@ import pytest
 
 from lmfleet.config import RoutingOptions
 from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError, StreamInterruptedError
+from lmfleet.node.state import NodeStatus
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing import resolve_strategy
-from lmfleet.state import NodeStatus
 from lmfleet.transport import AsyncFleetTransport, FleetTransport, Router
 from lmfleet.transport.plan import Backoff
 

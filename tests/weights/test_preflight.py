@@ -10,7 +10,7 @@ from support import StartSim, sim_stats
 
 from lmfleet import LMFleet, NodeStatus
 from lmfleet.errors import ConfigError, WeightUpdateUnsupportedError
-from lmfleet.launch import plan
+from lmfleet.launch import specs
 from lmfleet.weights import serialize
 from lmfleet.weights.preflight import check_argv, tp_size
 
@@ -70,14 +70,14 @@ def test_an_attached_node_without_ray_is_tried_and_its_500_becomes_the_typed_err
 
 
 def test_launch_flags_and_their_contradictions() -> None:
-    backend, args = plan.weight_update_server(None, {"session_len": 4096}, True)
-    argv = plan.server_specs("m", 1, tp=2, backend=backend, server_args=args)[0].argv("h", 1)
+    backend, args = specs.weight_update_server(None, {"session_len": 4096}, True)
+    argv = specs.server_specs("m", 1, tp=2, backend=backend, server_args=args)[0].argv("h", 1)
     assert check_argv(argv) is None and tp_size(argv) == 2
-    assert check_argv(plan.server_specs("m", 1)[0].argv("h", 1)) is not None
+    assert check_argv(specs.server_specs("m", 1)[0].argv("h", 1)) is not None
     with pytest.raises(ConfigError, match="backend='pytorch'"):
-        plan.weight_update_server("turbomind", None, True)
+        specs.weight_update_server("turbomind", None, True)
     with pytest.raises(ConfigError, match="Ray executor"):
-        plan.weight_update_server(None, {"distributed_executor_backend": "mp"}, True)
+        specs.weight_update_server(None, {"distributed_executor_backend": "mp"}, True)
 
 
 def test_serialize_says_what_to_install_without_lmdeploy() -> None:

@@ -9,7 +9,7 @@ LMDeploy 0.18.0's wire format. See docs/distserve.md.
 """
 
 from lmfleet.transport.distserve.control import DistServe
+from lmfleet.transport.distserve.exchange import DistServePlan
 from lmfleet.transport.distserve.pairs import PairPool
-from lmfleet.transport.distserve.plan import DistServePlan
 
 __all__ = ["DistServe", "DistServePlan", "PairPool"]

@@ -19,12 +19,13 @@ import httpx2
 
 from lmfleet.config import DistServeOptions
 from lmfleet.errors import MigrationError, UnknownNodeError
+from lmfleet.node.client import Node, NodeAddress, call_failed
+from lmfleet.node.state import NodeRole, NodeStatus
 from lmfleet.routing import STRATEGIES, resolve_strategy
 from lmfleet.routing.base import Strategy, as_base_strategy
-from lmfleet.state import NodeRole, NodeStatus
-from lmfleet.transport.distserve import protocol as wire
+from lmfleet.transport.distserve import protocol as pd
+from lmfleet.transport.distserve.exchange import DistServePlan, rejected_n
 from lmfleet.transport.distserve.pairs import Pair, PairPool
-from lmfleet.transport.distserve.plan import DistServePlan, rejected_n
 from lmfleet.transport.plan import RequestPlan
 from lmfleet.transport.router import PARSED_BODY, Router
 from lmfleet.transport.steps import Call, Steps, WaitFor
@@ -46,6 +47,8 @@ class DistServe:
 
     def __init__(self, router: Router, options: DistServeOptions) -> None:
         self.router = router
+        self.routing = router.routing
+        """What the plans route with (the router's)."""
         self.options = options
         self.pool = PairPool()
         # One copy of the strategy per phase: a shared tie rotation (round robin,
@@ -55,12 +58,10 @@ class DistServe:
             NodeRole.PREFILL: _own_copy(router.strategy),
             NodeRole.DECODE: _own_copy(router.strategy),
         }
-        self.protocol = wire.MIGRATION_PROTOCOL[options.migration_protocol]
-        self.rdma = wire.rdma_config(options.link_type, options.with_gdr)
+        self.protocol = pd.MIGRATION_PROTOCOL[options.migration_protocol]
+        self.rdma = pd.rdma_config(options.link_type, options.with_gdr)
         self.dummy_prefill = options.dummy_prefill
         """LMDeploy's `--dummy-prefill`: decode nodes only, no prefill, no pair."""
-        t = options.control_timeout
-        self._timeout = {"connect": t, "read": t, "write": t, "pool": t}
 
     # -- routing ------------------------------------------------------------------
 
@@ -70,7 +71,7 @@ class DistServe:
         Hybrid `RequestPlan` (see docs/distserve.md)."""
         router = self.router
         path = request.url.path
-        if request.method != "POST" or path not in wire.DISAGGREGATED_PATHS:
+        if request.method != "POST" or path not in pd.DISAGGREGATED_PATHS:
             return router.plan(request)  # any node: these routes have no P/D split
         body = request.extensions.get(PARSED_BODY)
         if not isinstance(body, dict):
@@ -120,20 +121,17 @@ class DistServe:
     def _control(self, method: str, url: str, path: str, body: Any = None) -> Steps[Any]:
         """One `/distserve/*` call with `control_timeout`; its JSON, or MigrationError."""
         try:
-            key = self.router.registry.get(url).api_key
+            node: Node = self.router.registry.get(url)
         except UnknownNodeError:
-            key = None
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        request = httpx2.Request(
-            method, url + path, json=body, headers=headers, extensions={"timeout": self._timeout}
+            node = NodeAddress(url)
+        request = self.router.nodes.request(
+            node, method, path, json=body, timeout=self.options.control_timeout
         )
         reply = yield Call(request)
-        if isinstance(reply, Exception) or reply is None:
-            raise MigrationError(f"{method} {url}{path} failed: {reply!r}")
-        if reply.status_code != 200:
-            raise MigrationError(
-                f"{method} {url}{path} answered HTTP {reply.status_code}: {reply.text[:200]}"
-            )
+        failed = call_failed(url, request, reply)
+        if failed is not None:
+            raise MigrationError(str(failed)) from failed
+        assert isinstance(reply, httpx2.Response)
         try:
             return reply.json()
         except ValueError as exc:
@@ -176,8 +174,8 @@ class DistServe:
     def _connect(self, pair: Pair) -> Steps[None]:
         p_url, d_url = pair
         try:
-            p_cfg = wire.engine_config((yield from self._control("GET", p_url, wire.ENGINE_INFO)))
-            d_cfg = wire.engine_config((yield from self._control("GET", d_url, wire.ENGINE_INFO)))
+            p_cfg = pd.engine_config((yield from self._control("GET", p_url, pd.ENGINE_INFO)))
+            d_cfg = pd.engine_config((yield from self._control("GET", d_url, pd.ENGINE_INFO)))
         except ValueError as exc:
             raise MigrationError(str(exc)) from exc
         if p_cfg.get("tp_size") != d_cfg.get("tp_size"):
@@ -185,32 +183,32 @@ class DistServe:
             raise MigrationError(
                 f"pair {pair}: tp_size differs ({p_cfg.get('tp_size')} vs {d_cfg.get('tp_size')})"
             )
-        p_req = wire.init_request(self.protocol, (p_url, p_cfg), (d_url, d_cfg), self.rdma)
-        d_req = wire.init_request(self.protocol, (d_url, d_cfg), (p_url, p_cfg), self.rdma)
+        p_req = pd.init_request(self.protocol, (p_url, p_cfg), (d_url, d_cfg), self.rdma)
+        d_req = pd.init_request(self.protocol, (d_url, d_cfg), (p_url, p_cfg), self.rdma)
         try:
-            p_init = wire.check_status(
-                (yield from self._control("POST", p_url, wire.P2P_INITIALIZE, p_req)),
+            p_init = pd.check_status(
+                (yield from self._control("POST", p_url, pd.P2P_INITIALIZE, p_req)),
                 "p2p_initialize",
             )
-            d_init = wire.check_status(
-                (yield from self._control("POST", d_url, wire.P2P_INITIALIZE, d_req)),
+            d_init = pd.check_status(
+                (yield from self._control("POST", d_url, pd.P2P_INITIALIZE, d_req)),
                 "p2p_initialize",
             )
-            p_conn = wire.connect_request(self.protocol, d_url, d_init)
-            d_conn = wire.connect_request(self.protocol, p_url, p_init)
-            wire.check_status(
-                (yield from self._control("POST", p_url, wire.P2P_CONNECT, p_conn)), "p2p_connect"
+            p_conn = pd.connect_request(self.protocol, d_url, d_init)
+            d_conn = pd.connect_request(self.protocol, p_url, p_init)
+            pd.check_status(
+                (yield from self._control("POST", p_url, pd.P2P_CONNECT, p_conn)), "p2p_connect"
             )
-            wire.check_status(
-                (yield from self._control("POST", d_url, wire.P2P_CONNECT, d_conn)), "p2p_connect"
+            pd.check_status(
+                (yield from self._control("POST", d_url, pd.P2P_CONNECT, d_conn)), "p2p_connect"
             )
         except ValueError as exc:
             raise MigrationError(str(exc)) from exc
 
     def free(self, prefill_url: str, session_id: int) -> Steps[bool]:
         """Free one preserved prefill cache (`/distserve/free_cache` on the prefill node)."""
-        body = wire.free_cache_request(prefill_url, session_id)
-        return (yield from self._best_effort(prefill_url, wire.FREE_CACHE, body))
+        body = pd.free_cache_request(prefill_url, session_id)
+        return (yield from self._best_effort(prefill_url, pd.FREE_CACHE, body))
 
     def drop(self, pair: Pair, also_free: int | None = None) -> Steps[int]:
         """LMDeploy's `PDConnectionPool.drop`: free every cache shelved on the pair
@@ -222,8 +220,8 @@ class DistServe:
         freed = 0
         for session_id in sorted(sessions):
             freed += bool((yield from self.free(p_url, session_id)))
-        yield from self._best_effort(p_url, wire.P2P_DROP_CONNECT, wire.drop_request(p_url, d_url))
-        yield from self._best_effort(d_url, wire.P2P_DROP_CONNECT, wire.drop_request(d_url, p_url))
+        yield from self._best_effort(p_url, pd.P2P_DROP_CONNECT, pd.drop_request(p_url, d_url))
+        yield from self._best_effort(d_url, pd.P2P_DROP_CONNECT, pd.drop_request(d_url, p_url))
         return freed
 
     # -- fleet-wide ---------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""The shared HTTP/1.1 codec (`lmfleet/http1.py`), without sockets: bytes in, parts out."""
+"""The shared HTTP/1.1 codec (`lmfleet/wire/codec.py`), without sockets: bytes in, parts out."""
 
 from __future__ import annotations
 
 import pytest
 
-from lmfleet.http1 import (
+from lmfleet.wire.codec import (
     MAX_HEAD,
     Http1Error,
     ResponseParser,

@@ -13,7 +13,7 @@ This prober does only what a probe needs, at a tenth of that:
   and a cancel scope per node were most of the old cost.
 - Several paths per node are pipelined (one write, answers read in order), so a
   node whose `/health` and `/metrics` are both read costs one round trip.
-- Answers are parsed by the shared HTTP/1.1 codec (`lmfleet/http1.py`, which the
+- Answers are parsed by the shared HTTP/1.1 codec (`lmfleet/wire/codec.py`, which the
   proxy's upstream transport uses too); the connection is kept when it says so.
 
 It needs the asyncio event loop, which the fleet's loop always is (`background.py`).
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
-from lmfleet.http1 import Http1Error, ResponseParser, encode_request_head
+from lmfleet.wire.codec import Http1Error, ResponseParser, encode_request_head
 
 MAX_BODY = 1024 * 1024
 
@@ -42,11 +42,12 @@ class ProbeError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ProbeRequest:
-    """GETs of `paths` on one node; `api_key` goes with each as a Bearer token."""
+    """GETs of `paths` on one node, each with `headers` (built by the node client:
+    `lmfleet.node.client.NodeClient.probe`, which adds the node's key)."""
 
     url: str
     paths: tuple[str, ...]
-    api_key: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +71,7 @@ class Prober:
             parts = urlsplit(request.url)
             tls = parts.scheme == "https"
             headers = [(b"Host", parts.netloc.encode()), (b"Accept", b"*/*")]
-            if request.api_key:
-                headers.append((b"Authorization", b"Bearer " + request.api_key.encode()))
+            headers.extend((k.encode(), v.encode()) for k, v in request.headers)
             heads = tuple(encode_request_head(b"GET", p.encode(), headers) for p in request.paths)
             port = parts.port or (443 if tls else 80)
             target = _Target(parts.hostname or "", port, tls, heads)
@@ -79,25 +79,19 @@ class Prober:
         return target
 
     async def get(
-        self, url: str, path: str, timeout: float, api_key: str | None = None
+        self, url: str, path: str, timeout: float, headers: tuple[tuple[str, str], ...] = ()
     ) -> tuple[int, bytes]:
-        """(status, body) of `GET url+path`; `ProbeError` on any failure or after `timeout`.
-
-        `api_key` is sent as a Bearer token (the node's own key: `/metrics` may need it).
-        """
-        (answer,) = await self.get_many(url, (path,), timeout, api_key)
+        """(status, body) of `GET url+path`; `ProbeError` on any failure or after `timeout`."""
+        (answer,) = await self.get_many(ProbeRequest(url, (path,), headers), timeout)
         return answer
 
-    async def get_many(
-        self, url: str, paths: Sequence[str], timeout: float, api_key: str | None = None
-    ) -> Answers:
+    async def get_many(self, request: ProbeRequest, timeout: float) -> Answers:
         """(status, body) of `GET url+path` for each of `paths`, pipelined on one connection.
 
         All of it within `timeout`, else `ProbeError`. A node that closes the connection
         after an answer (no keep-alive) gets the remaining requests on a new one.
         """
         got: list[Answers | ProbeError] = []
-        request = ProbeRequest(url, tuple(paths), api_key)
         await self.gather((request,), timeout, lambda _, result: got.append(result))
         (result,) = got
         if isinstance(result, ProbeError):

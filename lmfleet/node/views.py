@@ -9,7 +9,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict
 
-from lmfleet.state import NodeRole, NodeState, NodeStatus
+from lmfleet.node.state import NodeRole, NodeState, NodeStatus
 
 COLUMN_NAMES: dict[str, str] = {
     "url": "node",

@@ -18,7 +18,7 @@ from support import StartSim, sim_stats, wait_until_async
 from lmfleet import LMFleet, NodeStatus
 from lmfleet.config import FleetOptions, RoutingOptions
 from lmfleet.transport import AsyncFleetTransport
-from lmfleet.transport.http11 import Http11Transport
+from lmfleet.wire.upstream import Http11Transport
 
 pytestmark = pytest.mark.anyio
 

@@ -12,20 +12,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
-import httpx2
 
 from lmfleet.config import FleetOptions
 from lmfleet.errors import ConfigError, NodeCommandError
-from lmfleet.health import fetch_models, is_sleeping
+from lmfleet.node.client import NodeCallError, NodeClient
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo
 from lmfleet.runtime import FleetRuntime
-from lmfleet.state import NodeState, NodeStatus
-
-JSON_HEADERS = {"Content-Type": "application/json"}
-"""LMDeploy answers /sleep and /wakeup with 400 unless this header is present."""
-
-WAKE_TAGS = ("weights", "kv_cache")
 
 
 async def wait_idle(registry: NodeRegistry, url: str, timeout: float) -> bool:
@@ -40,29 +34,6 @@ async def wait_idle(registry: NodeRegistry, url: str, timeout: float) -> bool:
         await anyio.sleep(0.02)
 
 
-async def post(
-    client: httpx2.AsyncClient,
-    node: NodeState,
-    path: str,
-    params: Sequence[tuple[str, str]],
-    timeout: float,
-) -> None:
-    """POST an admin command; raise `NodeCommandError` unless the node says 200."""
-    headers = dict(JSON_HEADERS)
-    if node.api_key:
-        headers["Authorization"] = f"Bearer {node.api_key}"
-    try:
-        response = await client.post(
-            node.url + path, params=list(params), headers=headers, timeout=timeout
-        )
-    except httpx2.HTTPError as exc:
-        raise NodeCommandError(f"{node.url}{path} failed: {type(exc).__name__}: {exc}") from exc
-    if response.status_code != 200:
-        raise NodeCommandError(
-            f"{node.url}{path} answered HTTP {response.status_code}: {response.text[:200]}"
-        )
-
-
 def _set(status: NodeStatus, message: str) -> Callable[[NodeState], NodeState]:
     def change(state: NodeState) -> NodeState:
         return state.evolve(status=status, message=message)
@@ -71,7 +42,7 @@ def _set(status: NodeStatus, message: str) -> Callable[[NodeState], NodeState]:
 
 
 async def sleep_node(
-    client: httpx2.AsyncClient,
+    nodes: NodeClient,
     registry: NodeRegistry,
     url: str,
     level: int,
@@ -86,7 +57,7 @@ async def sleep_node(
         registry.modify(url, _set(NodeStatus.SLEEPING, "going to sleep: draining"))
         await wait_idle(registry, url, drain_timeout)
         try:
-            await post(client, registry.get(url), "/sleep", [("level", str(level))], timeout)
+            await nodes.sleep(registry.get(url), level, timeout)
         except NodeCommandError:
             registry.modify(url, _set(before, "sleep failed"))
             raise
@@ -96,7 +67,7 @@ async def sleep_node(
 
 
 async def wakeup_node(
-    client: httpx2.AsyncClient,
+    nodes: NodeClient,
     registry: NodeRegistry,
     url: str,
     tags: Sequence[str] | None,
@@ -107,19 +78,22 @@ async def wakeup_node(
     registry.hold(url)
     try:
         node = registry.get(url)
-        await post(client, node, "/wakeup", [("tags", t) for t in tags or ()], timeout)
-        asleep = await is_sleeping(client, url, node.api_key, timeout)
+        await nodes.wakeup(node, tags, timeout)
+        asleep = await nodes.is_sleeping(node, timeout)
         if asleep is None:  # no /is_sleeping: trust the wakeup only when it covered every tag
-            asleep = bool(tags) and not set(WAKE_TAGS) <= set(tags or ())
+            asleep = not nodes.profile.fully_awake(tags)
         if asleep:
             registry.modify(
                 url, _set(NodeStatus.SLEEPING, f"partly awake ({','.join(tags or ())})")
             )
             return
-        models = await fetch_models(client, url, node.api_key, timeout)
+        try:
+            models: tuple[str, ...] | None = await nodes.models(node, timeout)
+        except NodeCallError:
+            models = None  # the monitor reads them again
 
         def awake(state: NodeState) -> NodeState:
-            found = models if isinstance(models, tuple) else state.models
+            found = models if models is not None else state.models
             return state.evolve(
                 status=NodeStatus.HEALTHY, message="awake", models=found, failures=0
             )
@@ -151,14 +125,14 @@ class FleetAdmin:
         self,
         registry: NodeRegistry,
         options: FleetOptions,
-        http: httpx2.AsyncClient,
+        nodes: NodeClient,
         runtime: FleetRuntime | None = None,
     ) -> None:
         """`runtime`: the fleet's loop, where `starved` starts its wake-ups (None: no
         wake on demand)."""
         self._registry = registry
         self._options = options
-        self._http = http
+        self.nodes = nodes
         self._runtime = runtime
         self._waking: set[str] = set()
 
@@ -176,7 +150,7 @@ class FleetAdmin:
 
         async def one(url: str) -> None:
             await sleep_node(
-                self._http,
+                self.nodes,
                 self._registry,
                 url,
                 level,
@@ -199,7 +173,7 @@ class FleetAdmin:
                     "weights may be half-loaded: a successful weight update brings it back"
                 )
             await wakeup_node(
-                self._http, self._registry, url, tags, timeout=self._options.admin_timeout
+                self.nodes, self._registry, url, tags, timeout=self._options.admin_timeout
             )
 
         await self._each(self.targets(nodes), one)
@@ -212,17 +186,7 @@ class FleetAdmin:
 
     async def terminate(self, node: NodeState, timeout: float) -> None:
         """Ask a node to exit (LMDeploy's `GET /terminate`); `NodeCommandError` if it won't."""
-        headers = {"accept": "application/json"}
-        if node.api_key:
-            headers["authorization"] = f"Bearer {node.api_key}"
-        try:
-            response = await self._http.get(
-                node.url + "/terminate", headers=headers, timeout=timeout
-            )
-        except httpx2.HTTPError as exc:
-            raise NodeCommandError(f"{node.url}: {type(exc).__name__}") from exc
-        if response.status_code != 200:
-            raise NodeCommandError(f"{node.url}: HTTP {response.status_code} {response.text[:200]}")
+        await self.nodes.terminate(node, timeout)
 
     @property
     def waking(self) -> bool:
@@ -253,7 +217,7 @@ class FleetAdmin:
         url = sleepers[0].url
         self._waking.add(url)
         try:
-            await wakeup_node(self._http, registry, url, None, timeout=self._options.admin_timeout)
+            await wakeup_node(self.nodes, registry, url, None, timeout=self._options.admin_timeout)
         except NodeCommandError:
             pass  # the waiting requests end with NoHealthyNodeError, which lists node states
         finally:

@@ -1,4 +1,4 @@
-"""Idle auto-sleep (lmfleet/autosleep.py): idle nodes sleep, busy ones do not, and a
+"""Idle auto-sleep (lmfleet/monitor/autosleep.py): idle nodes sleep, busy ones do not, and a
 request to a fleet that is all asleep wakes one. Real `lmfleet sim` processes."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 from support import StartSim, chat, sim_stats, wait_until
 
 from lmfleet import LMFleet, NodeStatus
-from lmfleet.autosleep import check_interval, idle_nodes
 from lmfleet.config import FleetOptions, HealthOptions
-from lmfleet.ejection import Outcome
+from lmfleet.monitor.autosleep import check_interval, idle_nodes
+from lmfleet.node.outliers import Outcome
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing import resolve_strategy
 from lmfleet.routing.base import RequestInfo

@@ -32,10 +32,10 @@ from typing import Any, Protocol
 import httpx2
 
 from lmfleet.answers import BAD_REQUEST
-from lmfleet.ejection import Outcome, outcome_of_status
 from lmfleet.errors import MigrationError
+from lmfleet.node.outliers import Outcome, outcome_of_status
+from lmfleet.node.state import NodeRole, NodeState
 from lmfleet.routing.base import RequestInfo, Strategy
-from lmfleet.state import NodeRole, NodeState
 from lmfleet.transport.distserve import protocol
 from lmfleet.transport.distserve.pairs import Pair, PairPool
 from lmfleet.transport.plan import (
@@ -43,7 +43,7 @@ from lmfleet.transport.plan import (
     Attempts,
     RequestPlan,
     Retry,
-    RouterLike,
+    Routing,
     error_answer,
     first_byte_bound,
     holding,
@@ -56,7 +56,7 @@ class Orchestrator(Protocol):
     """What a DistServe plan needs of the fleet's `DistServe` (control.py builds the plans)."""
 
     @property
-    def router(self) -> RouterLike: ...
+    def routing(self) -> Routing: ...
 
     @property
     def strategies(self) -> Mapping[NodeRole, Strategy]: ...
@@ -99,7 +99,7 @@ class DistServePlan:
         self, ds: Orchestrator, base: RequestPlan, body: dict[str, Any], path: str
     ) -> None:
         self._ds = ds
-        self._router = ds.router
+        self._routing = ds.routing
         self.request = base.request
         self._prefill_info = base.info
         self._decode_info = dataclasses.replace(base.info, role=NodeRole.DECODE)
@@ -109,8 +109,8 @@ class DistServePlan:
             (k, v) for k, v in self.request.headers.raw if k.decode().lower() not in _SKIP_HEADERS
         ]
         self._tried: dict[NodeRole, list[str]] = {NodeRole.PREFILL: [], NodeRole.DECODE: []}
-        self._attempts = Attempts(self._router, self.request, label="DistServe: ")
-        self._ours = first_byte_bound(self.request, self._router.options.first_byte_timeout)
+        self._attempts = Attempts(self._routing, self.request, label="DistServe: ")
+        self._ours = first_byte_bound(self.request, self._routing.options.first_byte_timeout)
         self._timeout = self.request.extensions.get("timeout", {})
 
     def steps(self) -> Steps[httpx2.Response]:
@@ -224,7 +224,7 @@ class DistServePlan:
             extensions={"timeout": self._timeout},
         )
         request.headers["Content-Type"] = "application/json"
-        self._router.target(request, node)
+        self._routing.target(request, node)
         return request
 
     def _answer(self, reply: httpx2.Response) -> httpx2.Response:

@@ -1,7 +1,7 @@
 """HTTP/1.1 framing for lmfleet's two lean clients: bytes in, heads and body pieces out.
 
-The health prober (`probe.py`) and the proxy's upstream transport
-(`transport/http11.py`) both speak plain HTTP/1.1 to nodes on their own asyncio
+The health prober (`wire/prober.py`) and the proxy's upstream transport
+(`wire/upstream.py`) both speak plain HTTP/1.1 to nodes on their own asyncio
 streams, because a general-purpose client costs more CPU than the rest of their
 work. What they share is here, once: writing a request head, and reading a
 response: the head, then the body as content-length, chunked or read-until-close,
@@ -48,7 +48,7 @@ class Http1Error(Exception):
     """Not valid HTTP/1.1: a node's response (or a part of it too large), or a request
     head that would not be one line per header.
 
-    Internal: `probe.py` turns it into `ProbeError` and `transport/http11.py` into
+    Internal: `wire/prober.py` turns it into `ProbeError` and `wire/upstream.py` into
     httpx2's `RemoteProtocolError` (or `LocalProtocolError` for a bad request head).
     """
 

@@ -11,7 +11,7 @@ import pytest
 from support import StartSim
 
 from lmfleet.launch.process import free_port
-from lmfleet.transport.http11 import Http11Transport
+from lmfleet.wire.upstream import Http11Transport
 
 pytestmark = pytest.mark.anyio
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from enum import Enum
 
 from lmfleet.config import OutlierOptions
-from lmfleet.state import NodeState, NodeStatus
+from lmfleet.node.state import NodeState, NodeStatus
 
 
 class Outcome(str, Enum):

@@ -8,11 +8,11 @@ import pytest
 from support import wait_until
 
 from lmfleet.config import OutlierOptions
-from lmfleet.ejection import Outcome, outcome_of_status
+from lmfleet.node.outliers import Outcome, outcome_of_status
+from lmfleet.node.state import NodeStatus
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing import resolve_strategy
 from lmfleet.routing.base import RequestInfo
-from lmfleet.state import NodeStatus
 
 ANY = RequestInfo()
 

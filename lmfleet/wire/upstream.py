@@ -7,7 +7,7 @@ needs far less: plain HTTP/1.1 over keep-alive connections, content-length or
 chunked bodies. This transport does exactly that on asyncio streams and plugs
 in under `AsyncFleetTransport` like any httpx2 transport, so routing, leasing and
 failover stay the one shared implementation. The bytes on the wire are written and
-read by the shared HTTP/1.1 codec (`lmfleet/http1.py`, the health prober's too);
+read by the shared HTTP/1.1 codec (`lmfleet/wire/codec.py`, the health prober's too);
 this module owns the I/O: connections, the pool, timeouts, error mapping.
 
 `max_connections` caps the connections open at once over all nodes (httpx2's
@@ -45,7 +45,7 @@ from typing import Any
 import anyio
 import httpx2
 
-from lmfleet.http1 import Http1Error, ResponseParser, encode_request_head
+from lmfleet.wire.codec import Http1Error, ResponseParser, encode_request_head
 
 READ_SIZE = 64 * 1024
 

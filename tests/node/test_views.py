@@ -11,8 +11,9 @@ from support import StartSim, chat, wait_until
 
 from lmfleet import LMFleet
 from lmfleet.config import FleetOptions, HealthOptions, OutlierOptions
-from lmfleet.state import NodeState, NodeStatus
-from lmfleet.status import (
+from lmfleet.node.load import NodeLoad
+from lmfleet.node.state import NodeState, NodeStatus
+from lmfleet.node.views import (
     COLUMN_NAMES,
     TEXT_COLUMNS,
     FleetStatus,
@@ -20,7 +21,6 @@ from lmfleet.status import (
     queue_cell,
     recent_errors_cell,
 )
-from lmfleet.telemetry import NodeLoad
 
 FAST = ("--fast", "--health-poll-interval", "0")
 BLACK_HOLE = ("--error-rate", "1", "--error-status", "500")

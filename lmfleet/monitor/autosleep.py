@@ -18,10 +18,10 @@ import time
 import anyio
 from anyio.abc import TaskStatus
 
-from lmfleet.admin import FleetAdmin
 from lmfleet.errors import NodeCommandError, UnknownNodeError
+from lmfleet.node.admin import FleetAdmin
+from lmfleet.node.state import NodeStatus
 from lmfleet.registry import NodeRegistry
-from lmfleet.state import NodeStatus
 
 log = logging.getLogger("lmfleet")
 

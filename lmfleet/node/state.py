@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from lmfleet.errors import ConfigError
-from lmfleet.telemetry import NodeLoad
+from lmfleet.node.load import NodeLoad
 
 
 class NodeStatus(str, Enum):
@@ -24,7 +24,7 @@ class NodeStatus(str, Enum):
     healthy -> ejected -> healthy (on probation), any -> draining -> stopped.
     Only `healthy` nodes receive requests (`ejected` ones too in panic mode).
     `unhealthy` comes from health checks and unreachable nodes; `ejected` from the
-    answers a node gives while its `/health` is green (see lmfleet/ejection.py).
+    answers a node gives while its `/health` is green (see lmfleet/node/outliers.py).
     """
 
     STARTING = "starting"

@@ -15,6 +15,7 @@ import anyio
 import httpx2
 
 from lmfleet.answers import Answer
+from lmfleet.node.client import UrlCache
 from lmfleet.proxy.asgi import Receive, Scope, Send, send_error
 from lmfleet.proxy.metrics import ProxyMetrics
 from lmfleet.proxy.options import ProxyOptions
@@ -32,7 +33,7 @@ class Runtime:
     transport: AsyncFleetTransport
     metrics: ProxyMetrics
     timeout: dict[str, float | None]
-    urls: dict[tuple[str, bytes], httpx2.URL] = field(default_factory=dict)
+    urls: UrlCache = field(default_factory=UrlCache)
     distserve_transport: httpx2.AsyncBaseTransport | None = None
     """The DistServe admin routes' own upstream pool, off the hot path's; made on first use."""
     stopping: bool = False

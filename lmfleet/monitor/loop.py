@@ -1,7 +1,8 @@
-"""Active health checks: probe a node, decide its next state, and the polling loop.
+"""The health monitor: probe every node each round, confirm, and record the verdict.
 
-The decision (`judge`) is pure; the I/O (the `Prober`, `is_sleeping`,
-`fetch_models`) is a few small coroutines; `Monitor` schedules them. LMDeploy's
+What a probe's answer means is decided in `monitor/judge.py` (pure); the asking is
+the node client's (`lmfleet.node.client`): the per-round `/health` (and `/metrics`
+beside it) over the lean prober, the rare confirmations over httpx2. LMDeploy's
 `/health` is a snapshot that can lag a sleep or a wakeup by up to 12 s, while
 `/is_sleeping` is immediate: whenever a probe would move a node between healthy
 and sleeping (or back into rotation) the monitor asks `/is_sleeping` first.
@@ -9,29 +10,22 @@ and sleeping (or back into rotation) the monitor asks `/is_sleeping` first.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
 import logging
 import random
 import time
-from dataclasses import dataclass
 
 import anyio
-import httpx2
 from anyio.abc import TaskGroup, TaskStatus
 
 from lmfleet.config import HealthOptions
-from lmfleet.probe import Answers, ProbeError, Prober, ProbeRequest
+from lmfleet.monitor.judge import ANSWERED, FINAL, Probe, health_answer, judge, unreachable
+from lmfleet.node.client import NodeCallError, NodeClient
+from lmfleet.node.load import parse_metrics
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.registry import NodeRegistry
-from lmfleet.state import NodeState, NodeStatus
-from lmfleet.telemetry import METRICS_PATH, parse_metrics
+from lmfleet.wire.prober import Answers, ProbeError, Prober, ProbeRequest
 
 log = logging.getLogger("lmfleet")
-
-_FINAL = (NodeStatus.DRAINING, NodeStatus.STOPPED)
-_ANSWERED = (NodeStatus.HEALTHY, NodeStatus.EJECTED)
-"""States /health cannot tell apart: the node is up; its answers say whether to route."""
 
 NO_METRICS_RETRY = 60.0
 """Seconds before asking again a node that has no `/metrics` (started without it)."""
@@ -39,109 +33,6 @@ NO_METRICS_RETRY = 60.0
 VIEW_METRICS_INTERVAL = 10.0
 """Seconds between `/metrics` reads when only the status views show them: reading a
 node's metrics costs about as much as probing its health."""
-
-
-@dataclass(frozen=True, slots=True)
-class Probe:
-    """What one `GET /health` said: `status` is LMDeploy's word, or "unreachable"."""
-
-    status: str
-    message: str
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("healthy", "sleeping")
-
-
-def _auth(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def unreachable(exc: ProbeError) -> Probe:
-    return Probe("unreachable", f"unreachable: {exc}")
-
-
-def health_answer(status: int, raw: bytes) -> Probe:
-    """What a `/health` answer says, in LMDeploy's words.
-
-    A node says the same few things round after round: short answers are
-    remembered, so the monitor decodes each once."""
-    if len(raw) <= 512:
-        return _remembered_answer(status, raw)
-    return _health_answer(status, raw)
-
-
-@functools.lru_cache(maxsize=256)
-def _remembered_answer(status: int, raw: bytes) -> Probe:
-    return _health_answer(status, raw)
-
-
-def _health_answer(status: int, raw: bytes) -> Probe:
-    word, message = "", ""
-    with contextlib.suppress(ValueError):
-        body = json.loads(raw)
-        if isinstance(body, dict):
-            word = str(body.get("status", "")).lower()
-            message = str(body.get("message", ""))
-    if status == 200:
-        word = word if word in ("sleeping", "unhealthy", "initializing") else "healthy"
-    elif word not in ("unhealthy", "initializing"):
-        word = "unhealthy"
-    return Probe(word, message or f"HTTP {status} {word}")
-
-
-async def is_sleeping(
-    client: httpx2.AsyncClient, url: str, api_key: str | None, timeout: float
-) -> bool | None:
-    """LMDeploy's immediate sleep flag; None where the server has no such route."""
-    try:
-        response = await client.get(url + "/is_sleeping", headers=_auth(api_key), timeout=timeout)
-        body = response.json()
-    except (httpx2.HTTPError, ValueError):
-        return None
-    if response.status_code != 200 or not isinstance(body, dict):
-        return None
-    value = body.get("is_sleeping")
-    return value if isinstance(value, bool) else None
-
-
-async def fetch_models(
-    client: httpx2.AsyncClient, url: str, api_key: str | None, timeout: float
-) -> tuple[str, ...] | str:
-    """The served model ids, or an error message."""
-    try:
-        response = await client.get(url + "/v1/models", headers=_auth(api_key), timeout=timeout)
-    except httpx2.HTTPError as exc:
-        return f"GET /v1/models failed: {type(exc).__name__}: {exc}"
-    if response.status_code != 200:
-        return f"GET /v1/models answered HTTP {response.status_code}"
-    try:
-        data = response.json()["data"]
-        return tuple(str(item["id"]) for item in data)
-    except (ValueError, KeyError, TypeError):
-        return "GET /v1/models returned an unexpected body"
-
-
-def judge(state: NodeState, probe: Probe, unhealthy_after: int) -> NodeStatus:
-    """The status a node should have after `probe`, before any confirmation.
-
-        A node that has never been healthy stays `starting` while it says
-        "initializing" or, when it is known to be coming up (launched here or registered
-    itself), while it does not answer yet;
-        an attached node that cannot be reached becomes `unhealthy` (and says why).
-    """
-    if state.status in _FINAL:
-        return state.status
-    if probe.status == "healthy":
-        # An ejected node's /health was green all along: its answers decide (ejection.py).
-        return NodeStatus.EJECTED if state.status is NodeStatus.EJECTED else NodeStatus.HEALTHY
-    if probe.status == "sleeping":
-        return NodeStatus.SLEEPING
-    if state.status is NodeStatus.STARTING and (state.announced or probe.status == "initializing"):
-        return NodeStatus.STARTING
-    if state.failures + 1 >= unhealthy_after or state.status is NodeStatus.UNHEALTHY:
-        return NodeStatus.UNHEALTHY
-    return state.status
 
 
 def _warn_unreached(state: NodeState, probe: Probe, interval: float) -> None:
@@ -165,23 +56,19 @@ def _warn_unreached(state: NodeState, probe: Probe, interval: float) -> None:
     )
 
 
-HEALTH = ("/health",)
-HEALTH_AND_METRICS = ("/health", METRICS_PATH)
-
-
 class Monitor:
     """Polls every node's `/health` on its own jittered schedule.
 
     `/health` (and `/metrics` beside it) goes through the lean `Prober`, a whole
     round from one task; the rare confirmations (`/is_sleeping`, `/v1/models`)
-    through the fleet's httpx2 client, in a task of their own.
+    through the node client's httpx2, in a task of their own.
     """
 
     def __init__(
         self,
         registry: NodeRegistry,
         options: HealthOptions,
-        client: httpx2.AsyncClient,
+        nodes: NodeClient,
         rng: random.Random | None = None,
         *,
         routes_on_load: bool = False,
@@ -196,7 +83,10 @@ class Monitor:
                 options.interval if routes_on_load else max(VIEW_METRICS_INTERVAL, options.interval)
             )
         self._metrics_every = every
-        self._client = client
+        self._nodes = nodes
+        profile = nodes.profile
+        self._health = (profile.health,)
+        self._health_and_metrics = (profile.health, profile.metrics)
         self._prober = Prober()
         self._rng = rng or random.Random()
         self._running: set[str] = set()
@@ -289,9 +179,9 @@ class Monitor:
                 continue
             if telemetry and state.status is NodeStatus.HEALTHY and self._metrics_due(url):
                 self._metrics_read(url)
-                requests.append(ProbeRequest(url, HEALTH_AND_METRICS, state.api_key))
+                requests.append(self._nodes.probe(state, self._health_and_metrics))
             else:
-                requests.append(ProbeRequest(url, HEALTH))
+                requests.append(self._nodes.probe(state, self._health))
         unanswered = {r.url for r in requests}
 
         def answered(request: ProbeRequest, result: Answers | ProbeError) -> None:
@@ -352,19 +242,18 @@ class Monitor:
             options = self._options
             message, models = probe.message, None
             if self._asks(url, state, target, metrics)[0]:
-                asleep = await is_sleeping(self._client, url, state.api_key, options.timeout)
+                asleep = await self._nodes.is_sleeping(state, options.timeout)
                 if asleep is not None:
                     target = NodeStatus.SLEEPING if asleep else NodeStatus.HEALTHY
             _, ask_models, ask_load = self._asks(url, state, target, metrics)
             if ask_models:
-                found = await fetch_models(self._client, url, state.api_key, options.timeout)
-                if isinstance(found, str):
-                    target, message = NodeStatus.UNHEALTHY, found
+                try:
+                    models = await self._nodes.models(state, options.timeout)
+                except NodeCallError as exc:
+                    target, message = NodeStatus.UNHEALTHY, str(exc)
                     ask_load = False
-                else:
-                    models = found
             if ask_load:
-                await self.read_load(url, state.api_key)
+                await self.read_load(state)
             self._settle(url, state, probe, target, models, metrics, message)
         finally:
             self._running.discard(url)
@@ -393,11 +282,11 @@ class Monitor:
 
         def apply(current: NodeState) -> NodeState:
             failures = 0 if probe.ok else current.failures + 1
-            if current.status in _FINAL or registry.is_held(url) or current.quarantine:
+            if current.status in FINAL or registry.is_held(url) or current.quarantine:
                 # Drained, held by an admin command, or quarantined by a weight update:
                 # only the command (or a later update) decides its status.
                 return current.evolve(failures=failures)
-            if target in _ANSWERED and current.status in _ANSWERED:
+            if target in ANSWERED and current.status in ANSWERED:
                 # Healthy by /health; whether it is ejected is the answers' call, and
                 # the registry may have ejected or re-admitted it during the probe.
                 return current.evolve(
@@ -428,7 +317,7 @@ class Monitor:
         interval, so "every round" holds."""
         self._next_metrics[url] = time.monotonic() + 0.9 * self._metrics_every
 
-    async def read_load(self, url: str, api_key: str | None) -> None:
+    async def read_load(self, state: NodeState) -> None:
         """Read the node's own load from its `/metrics` into its snapshot.
 
         Best effort, through the same lean prober as `/health` (in the same round
@@ -437,9 +326,11 @@ class Monitor:
         `/metrics` (404, or no LMDeploy gauges) is asked again only every minute. Read
         every `metrics_every` seconds: every round for `least_load`, else every 10 s.
         """
+        url = state.url
         self._metrics_read(url)
+        request = self._nodes.probe(state, (self._nodes.profile.metrics,))
         try:
-            status, body = await self._prober.get(url, METRICS_PATH, self._options.timeout, api_key)
+            ((status, body),) = await self._prober.get_many(request, self._options.timeout)
         except ProbeError:
             return
         self._apply_metrics(url, status, body)

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from lmfleet.launch.process import free_port
-from lmfleet.probe import MAX_BODY, ProbeError, Prober, ProbeRequest
+from lmfleet.node.client import auth_headers
+from lmfleet.wire.prober import MAX_BODY, ProbeError, Prober, ProbeRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -166,7 +167,9 @@ async def test_pipelined_gets_share_one_round_trip(prober: Prober) -> None:
     server, node, url = await serve(answer)
     async with server:
         for _ in range(2):
-            got = await prober.get_many(url, ("/health", "/metrics"), 5, api_key="k")
+            got = await prober.get_many(
+                ProbeRequest(url, ("/health", "/metrics"), auth_headers("k")), 5
+            )
             assert got == [(200, b"healthy"), (200, b"load")]
     assert node.connections == 1
     assert [r.split(b" ", 2)[1] for r in node.requests] == [b"/health", b"/metrics"] * 2
@@ -179,7 +182,7 @@ async def test_pipelined_gets_after_a_closing_answer_go_on_a_new_connection(
     closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
     server, node, url = await serve(always(closing), close_after=True)
     async with server:
-        got = await prober.get_many(url, ("/health", "/metrics"), 5)
+        got = await prober.get_many(ProbeRequest(url, ("/health", "/metrics")), 5)
     assert got == [(200, b"ok"), (200, b"ok")]
     assert node.connections == 2
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlsplit
 
-from lmfleet.telemetry import METRICS_PATH, PACE_MIN_TOKENS, NodeLoad, parse_metrics
+from lmfleet.node.load import METRICS_PATH, PACE_MIN_TOKENS, NodeLoad, parse_metrics
 
 LMDEPLOY = b"""# HELP lmdeploy:num_requests_running Number of requests in model execution batches.
 # TYPE lmdeploy:num_requests_running gauge

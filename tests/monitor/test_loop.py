@@ -5,8 +5,8 @@ import pytest
 from support import StartSim, wait_until
 
 from lmfleet import FleetOptions, HealthOptions, LMFleet
-from lmfleet.health import Probe, judge
-from lmfleet.state import NodeState, NodeStatus
+from lmfleet.monitor.loop import Probe, judge
+from lmfleet.node.state import NodeState, NodeStatus
 
 HEALTHY = Probe("healthy", "")
 SLEEPING = Probe("sleeping", "")

@@ -1,0 +1,259 @@
+"""`NodeClient`: the one place that builds a request to a node and reads its failure.
+
+Every request lmfleet sends a node is built here, with the node's URL, its own key
+(`auth_headers`, the one header builder) and a timeout, and every way such a call
+can fail is mapped here to one error (`NodeCallError`: unreachable, or an HTTP
+status with the node's text). The engine's routes come from its `EngineProfile`.
+
+Two wires carry these requests, chosen by how often they are sent (measured:
+`bench/node_calls.py`, docs/benchmarks.md §1):
+
+- the per-round GETs (`/health`, `/metrics`) and the routed requests' upstream
+  are the hot paths: the lean HTTP/1.1 prober and upstream pool (`lmfleet.wire`),
+  fed the `ProbeRequest` and the headers built here;
+- commands (`/is_sleeping`, `/v1/models`, sleep, wakeup, weights, DistServe
+  control) are a few per node per minute at most, carry JSON bodies up to the
+  size of a weight bucket, and must also run from a sync client's thread
+  (DistServe's steps): they go through httpx2, whose per-call cost (about ten
+  times the prober's) does not show at that rate.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import httpx2
+
+from lmfleet.errors import NodeCommandError
+from lmfleet.node.profile import LMDEPLOY, EngineProfile, Params
+from lmfleet.wire.prober import ProbeRequest
+
+URL_CACHE_SIZE = 4096
+"""Parsed URLs kept per cache (`UrlCache`); cleared whole when full (query strings vary)."""
+
+
+class Node(Protocol):
+    """What addressing a node needs: `NodeState` has it, and so does `NodeAddress`."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def api_key(self) -> str | None: ...
+
+
+class NodeAddress:
+    """A node's URL and key where no `NodeState` is at hand (a node just removed)."""
+
+    __slots__ = ("api_key", "url")
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        self.url = url
+        self.api_key = api_key
+
+
+@functools.lru_cache(maxsize=256)
+def auth_headers(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The node's own key as a Bearer token, or nothing: the only place it is spelt."""
+    return (("Authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+class NodeCallError(NodeCommandError):
+    """A call to a node failed: it could not be reached (`status` None) or it answered
+    `status` (not 2xx) with `text`. Raised, or chained into their own errors, by every
+    caller of `NodeClient`: the message is the same wherever the call came from."""
+
+    def __init__(
+        self, node: str, method: str, path: str, *, status: int | None, detail: str
+    ) -> None:
+        self.node, self.method, self.path = node, method, path
+        self.status, self.text = status, detail if status is not None else ""
+        what = f"{method} {node}{path}"
+        said = "failed:" if status is None else f"answered HTTP {status}:"
+        super().__init__(f"{what} {said} {detail}")
+
+
+def call_failed(node: str, request: httpx2.Request, outcome: Any) -> NodeCallError | None:
+    """The error of one call, from what its transport gave back (a response, an
+    exception, or None), or None for a 2xx answer. The one error mapping."""
+    path = request.url.raw_path.decode("ascii", "replace").split("?")[0]
+    if isinstance(outcome, httpx2.Response):
+        if 200 <= outcome.status_code < 300:
+            return None
+        try:
+            text = outcome.text[:300]
+        except (httpx2.HTTPError, RuntimeError):  # a streamed body not read
+            text = ""
+        return NodeCallError(node, request.method, path, status=outcome.status_code, detail=text)
+    detail = f"{type(outcome).__name__}: {outcome}" if outcome is not None else "no answer"
+    return NodeCallError(node, request.method, path, status=None, detail=detail)
+
+
+class UrlCache:
+    """Parsed `httpx2.URL`s by string: parsing one is the costliest step of aiming a
+    request, and requests go to a handful of paths on a handful of nodes."""
+
+    __slots__ = ("_urls",)
+
+    def __init__(self) -> None:
+        self._urls: dict[str, httpx2.URL] = {}
+
+    def __call__(self, text: str) -> httpx2.URL:
+        url = self._urls.get(text)
+        if url is None:
+            if len(self._urls) >= URL_CACHE_SIZE:
+                self._urls.clear()
+            url = self._urls[text] = httpx2.URL(text)
+        return url
+
+
+class NodeClient:
+    """Requests to nodes: built with their key and timeout, sent, failures mapped.
+
+    `http` carries the commands (see the module's note on the two wires); the fleet
+    owns it and closes it. One client serves every node of a fleet; `profile` is the
+    engine's (LMDeploy for every node today).
+    """
+
+    def __init__(self, http: httpx2.AsyncClient | None = None, profile: EngineProfile = LMDEPLOY):
+        self._http = http
+        self.profile = profile
+        self._urls = UrlCache()
+
+    # -- building ---------------------------------------------------------------
+
+    def aim(self, request: httpx2.Request, node: Node) -> None:
+        """Point a routed `request` at `node`: its URL, Host and the node's own key."""
+        url = self._urls(node.url + request.url.raw_path.decode("ascii"))
+        request.url = url
+        request.headers["Host"] = url.netloc.decode("ascii")
+        for name, value in auth_headers(node.api_key):
+            request.headers[name] = value
+
+    def request(
+        self,
+        node: Node,
+        method: str,
+        path: str,
+        *,
+        params: Params | None = None,
+        json: Any = None,
+        timeout: float,
+    ) -> httpx2.Request:
+        """A command to `node`, ready to send (by `call`, or by a transport's step)."""
+        headers = dict(auth_headers(node.api_key))
+        if json is not None or method == "POST":
+            # LMDeploy answers /sleep and /wakeup, which have no body, 400 without it.
+            headers["Content-Type"] = "application/json"
+        return httpx2.Request(
+            method,
+            node.url + path,
+            params=tuple(params) if params else None,
+            json=json,
+            headers=headers,
+            extensions={"timeout": {k: timeout for k in ("connect", "read", "write", "pool")}},
+        )
+
+    def probe(self, node: Node, paths: tuple[str, ...]) -> ProbeRequest:
+        """GETs of `paths` for the prober, with the node's key."""
+        return ProbeRequest(node.url, paths, auth_headers(node.api_key))
+
+    # -- sending ----------------------------------------------------------------
+
+    async def call(
+        self,
+        node: Node,
+        method: str,
+        path: str,
+        *,
+        params: Params | None = None,
+        json: Any = None,
+        timeout: float,
+    ) -> httpx2.Response:
+        """Send a command; its 2xx response, else `NodeCallError`."""
+        assert self._http is not None, "this NodeClient only builds requests"
+        request = self.request(node, method, path, params=params, json=json, timeout=timeout)
+        try:
+            response = await self._http.send(request)
+        except httpx2.HTTPError as exc:
+            unreachable = call_failed(node.url, request, exc)
+            assert unreachable is not None
+            raise unreachable from exc
+        error = call_failed(node.url, request, response)
+        if error is not None:
+            raise error
+        return response
+
+    async def call_json(
+        self,
+        node: Node,
+        method: str,
+        path: str,
+        *,
+        params: Params | None = None,
+        json: Any = None,
+        timeout: float,
+    ) -> Any:
+        """`call`, then the answer's JSON (None for a body that is not JSON)."""
+        response = await self.call(node, method, path, params=params, json=json, timeout=timeout)
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
+    # -- the engine's routes ----------------------------------------------------
+
+    async def is_sleeping(self, node: Node, timeout: float) -> bool | None:
+        """The engine's immediate sleep flag; None where it has none or did not say."""
+        if self.profile.is_sleeping is None:
+            return None
+        try:
+            body = await self.call_json(node, "GET", self.profile.is_sleeping, timeout=timeout)
+        except NodeCallError:
+            return None
+        value = body.get("is_sleeping") if isinstance(body, dict) else None
+        return value if isinstance(value, bool) else None
+
+    async def models(self, node: Node, timeout: float) -> tuple[str, ...]:
+        """The model ids the node serves; `NodeCallError` if it cannot say."""
+        path = self.profile.models
+        body = await self.call_json(node, "GET", path, timeout=timeout)
+        try:
+            return tuple(str(item["id"]) for item in body["data"])
+        except (KeyError, TypeError) as exc:
+            raise NodeCallError(
+                node.url, "GET", path, status=None, detail="an unexpected body"
+            ) from exc
+
+    async def sleep(self, node: Node, level: int, timeout: float) -> None:
+        profile = self.profile
+        await self.call(
+            node, "POST", profile.sleep, params=profile.sleep_params(level), timeout=timeout
+        )
+
+    async def wakeup(self, node: Node, tags: Sequence[str] | None, timeout: float) -> None:
+        profile = self.profile
+        await self.call(
+            node, "POST", profile.wakeup, params=profile.wake_params(tags), timeout=timeout
+        )
+
+    async def terminate(self, node: Node, timeout: float) -> None:
+        """Ask the node's process to exit; `NodeCallError` where it won't or can't."""
+        if self.profile.terminate is None:
+            raise NodeCallError(
+                node.url, "GET", "/terminate", status=None, detail="the engine has no such route"
+            )
+        await self.call(node, "GET", self.profile.terminate, timeout=timeout)
+
+    async def weights_backend(self, node: Node, timeout: float) -> str | None:
+        """The backend that would load pushed weights, or None where the node does not say."""
+        if self.profile.weights_backend is None:
+            return None
+        try:
+            body = await self.call_json(node, "GET", self.profile.weights_backend, timeout=timeout)
+        except NodeCallError:
+            return None
+        backend = body.get("backend") if isinstance(body, dict) else None
+        return backend if isinstance(backend, str) else None
