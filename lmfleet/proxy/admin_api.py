@@ -25,7 +25,7 @@ from lmfleet.transport.models import (
 )
 
 if TYPE_CHECKING:
-    from lmfleet.proxy.context import Runtime
+    from lmfleet.proxy.context import ProxyContext
 
 UPDATE_BODY_LIMIT = 64 * 1024 * 1024
 """A weight push's bodies are CUDA IPC handles, not tensors, but many buckets for
@@ -36,7 +36,7 @@ def _query(scope: Scope) -> dict[str, list[str]]:
     return parse_qs(scope.get("query_string", b"").decode("latin-1"))
 
 
-async def health(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def health(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     """`/health`: can this proxy answer an inference request now? 200 while at least
     one node is healthy, else 503.
 
@@ -59,7 +59,7 @@ async def health(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> Non
 LIVE = b'{"status":"alive"}'
 
 
-async def liveness(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def liveness(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     """`/liveness`: 200 whenever the process answers at all, whatever its nodes do.
 
     For an orchestrator's liveness probe, which restarts what fails it: a proxy whose
@@ -70,7 +70,7 @@ async def liveness(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> N
     await send_bytes(send, 200, LIVE)
 
 
-async def readiness(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def readiness(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     """`/readiness`: 200 once `min_ready` nodes are healthy (the fleet's `min_ready`,
     what `wait_ready` waits for), else 503; the body says why either way.
 
@@ -109,12 +109,12 @@ async def readiness(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> 
     await send_json(send, 200 if ready else 503, payload)
 
 
-async def models(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def models(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     """Models served by healthy nodes, in OpenAI's (and LMDeploy's) list shape."""
     await send_json(send, 200, model_list(rt.fleet.registry))
 
 
-async def model(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def model(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     """`GET /v1/models/{model}` (openai's `models.retrieve`), which LMDeploy's nodes do
     not serve: the model's card when a node of the fleet serves it, else the 404 a
     request naming it gets (transport/models.py; the fleet's clients answer alike)."""
@@ -127,18 +127,18 @@ async def model(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None
     await send_json(send, 200, model_card(name))
 
 
-async def metrics(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def metrics(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     from lmfleet.proxy.metrics import CONTENT_TYPE
 
     headers = [(b"content-type", CONTENT_TYPE.encode())]
     await send_bytes(send, 200, rt.metrics.render(), headers)
 
 
-async def fleet_status(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def fleet_status(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     await send_json(send, 200, rt.fleet.status().model_dump(mode="json"))
 
 
-async def explain(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def explain(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     """`/fleet/explain?model=M`: which node the next request would go to, and why.
 
     Every eligible node with the strategy's score and the reason in words (the same
@@ -150,7 +150,7 @@ async def explain(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
     await send_json(send, 200, dataclasses.asdict(decision))
 
 
-async def sleep(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def sleep(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     query = _query(scope)
     try:
         level = int((query.get("level") or ["1"])[0])
@@ -161,7 +161,7 @@ async def sleep(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None
     await send_json(send, 200, {"message": "asleep", "level": level, "nodes": _urls(rt, nodes)})
 
 
-async def wakeup(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def wakeup(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     query = _query(scope)
     tags = query.get("tags") or None
     nodes = query.get("node") or None
@@ -169,7 +169,7 @@ async def wakeup(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> Non
     await send_json(send, 200, {"message": "awake", "tags": tags, "nodes": _urls(rt, nodes)})
 
 
-async def drain(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def drain(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     try:
         body = await read_json(scope, receive, ADMIN_BODY_LIMIT)
     except ValueError as exc:
@@ -184,7 +184,7 @@ async def drain(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None
     await send_json(send, 200, {"url": rt.fleet.registry.get(url).url, "drained": drained})
 
 
-async def update_weights(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def update_weights(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     """`/fleet/update_weights`: `fleet.update_weights` over HTTP, behind the admin keys.
 
     Body: `version` (int), `payload` (one `UpdateParamsRequest` body or serialized
@@ -243,5 +243,5 @@ async def update_weights(scope: Scope, receive: Receive, send: Send, rt: Runtime
     )
 
 
-def _urls(rt: Runtime, nodes: list[str] | None) -> list[str]:
+def _urls(rt: ProxyContext, nodes: list[str] | None) -> list[str]:
     return rt.fleet.admin.targets(nodes)

@@ -22,7 +22,7 @@ from lmfleet.proxy.asgi import (
     Scope,
     Send,
 )
-from lmfleet.proxy.context import Handler, Runtime
+from lmfleet.proxy.context import Handler, ProxyContext
 from lmfleet.proxy.forward import forward
 from lmfleet.proxy.metrics import ProxyMetrics
 from lmfleet.proxy.nodes_api import BadRequest
@@ -85,10 +85,10 @@ class ProxyApp:
         self._keys = [b"Bearer " + k.encode() for k in options.api_keys]
         self._admin_keys = [b"Bearer " + k.encode() for k in options.admin_keys]
         self._public = frozenset(options.public_paths) | ALWAYS_PUBLIC
-        self._runtime: Runtime | None = None
+        self._runtime: ProxyContext | None = None
 
     def stop(self) -> None:
-        """Begin a quiet stop (`Runtime.stop`); called in the proxy's loop before uvicorn's
+        """Begin a quiet stop (`ProxyContext.stop`); called in the proxy's loop before uvicorn's
         own shutdown, so no waiting request is left for uvicorn to cancel."""
         if self._runtime is not None:
             self._runtime.stop()
@@ -102,11 +102,11 @@ class ProxyApp:
 
     # -- lifespan -------------------------------------------------------------------
 
-    def _open(self) -> Runtime:
+    def _open(self) -> ProxyContext:
         routing = self.fleet.options.routing
         inner = Http11Transport(max_connections=routing.max_connections)
         wait = self.options.upstream_timeout
-        return Runtime(
+        return ProxyContext(
             fleet=self.fleet,
             options=self.options,
             port=self.port,
@@ -116,7 +116,7 @@ class ProxyApp:
         )
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        runtime: Runtime | None = None
+        runtime: ProxyContext | None = None
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -134,7 +134,7 @@ class ProxyApp:
     # -- requests -------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        rt: Runtime = scope["state"][STATE_KEY]
+        rt: ProxyContext = scope["state"][STATE_KEY]
         path: str = scope["path"]
         methods = ROUTES.get(path)
         if methods is None and path.startswith("/v1/"):
@@ -166,7 +166,7 @@ class ProxyApp:
             await self._guarded(handler, scope, receive, send, rt)
 
     async def _guarded(
-        self, handler: Handler, scope: Scope, receive: Receive, send: Send, rt: Runtime
+        self, handler: Handler, scope: Scope, receive: Receive, send: Send, rt: ProxyContext
     ) -> None:
         """Map every failure to its row of the answers table (`GUARDED`), the rest to
         a logged 500; never a traceback to the client."""

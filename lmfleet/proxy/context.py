@@ -1,4 +1,4 @@
-"""`Runtime`: what one running proxy app owns, and the handler signature of its routes.
+"""`ProxyContext`: what one running proxy app owns, and the handler signature of its routes.
 
 Defined below `app.py` and the route modules so that each route depends on it
 rather than on the app that dispatches to it (no circle of imports). Not to be
@@ -24,7 +24,7 @@ from lmfleet.transport import AsyncFleetTransport
 
 
 @dataclass
-class Runtime:
+class ProxyContext:
     """What one running app owns: created at lifespan startup, closed at shutdown."""
 
     fleet: FleetSurface
@@ -82,5 +82,5 @@ class Runtime:
 STOPPING = "the proxy is shutting down; try again once it is back"
 
 
-Handler = Callable[[Scope, Receive, Send, Runtime], Awaitable[None]]
-"""Every route: the ASGI triple plus the app's `Runtime`."""
+Handler = Callable[[Scope, Receive, Send, ProxyContext], Awaitable[None]]
+"""Every route: the ASGI triple plus the app's `ProxyContext`."""

@@ -2,7 +2,7 @@
 `POST /distserve/gc` (a TODO in LMDeploy 0.18.0; implemented here).
 
 They run the fleet's shared `DistServe` steps (the same ones requests run) over an
-upstream transport of their own, one per running app (`Runtime.distserve_transport`,
+upstream transport of their own, one per running app (`ProxyContext.distserve_transport`,
 made on first use, closed at shutdown): admin calls are rare, and this keeps them
 off the hot path's connection pool.
 """
@@ -20,10 +20,10 @@ from lmfleet.transport.distserve import DistServe
 from lmfleet.transport.steps import drive_async
 
 if TYPE_CHECKING:
-    from lmfleet.proxy.context import Runtime
+    from lmfleet.proxy.context import ProxyContext
 
 
-def _distserve(rt: Runtime) -> DistServe:
+def _distserve(rt: ProxyContext) -> DistServe:
     distserve = rt.fleet.distserve
     if distserve is None:
         raise BadRequest(
@@ -33,14 +33,14 @@ def _distserve(rt: Runtime) -> DistServe:
     return distserve
 
 
-def _upstream(rt: Runtime) -> httpx2.AsyncBaseTransport:
+def _upstream(rt: ProxyContext) -> httpx2.AsyncBaseTransport:
     """The app's DistServe admin transport (no await between the check and the set)."""
     if rt.distserve_transport is None:
         rt.distserve_transport = httpx2.AsyncHTTPTransport()
     return rt.distserve_transport
 
 
-async def connection_warmup(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def connection_warmup(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     """Connect every routable (prefill, decode) pair now, concurrently."""
     await read_body(scope, receive, ADMIN_BODY_LIMIT, rt.options.body_timeout)
     distserve = _distserve(rt)
@@ -58,7 +58,7 @@ async def connection_warmup(scope: Scope, receive: Receive, send: Send, rt: Runt
     await send_json(send, 200, {"SUCCESS": not failed, "pairs": len(pairs), "failed": failed})
 
 
-async def gc(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def gc(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     """Free caches shelved on pairs with a dead side, and drop those pairs."""
     await read_body(scope, receive, ADMIN_BODY_LIMIT, rt.options.body_timeout)
     distserve = _distserve(rt)

@@ -40,10 +40,10 @@ from lmfleet.proxy.asgi import (
     read_body,
 )
 from lmfleet.transport.plan import ANSWER_KIND, CALLER_TIMEOUT, GIVE_UP, header_timeout
-from lmfleet.transport.router import PARSED_BODY
+from lmfleet.transport.request import PARSED_BODY, parse_json
 
 if TYPE_CHECKING:
-    from lmfleet.proxy.context import Runtime
+    from lmfleet.proxy.context import ProxyContext
 
 log = logging.getLogger("lmfleet.proxy")
 
@@ -81,26 +81,26 @@ def _request_headers(scope: Scope, drop_auth: bool) -> list[tuple[bytes, bytes]]
     return [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
 
 
-def _parse(scope: Scope, body: bytes) -> tuple[Any, str | None]:
-    """(parsed JSON, None), or (None, error message) for a malformed JSON body."""
+def _parse(scope: Scope, body: bytes) -> tuple[dict[str, Any], str | None]:
+    """The request extensions that carry a JSON body parsed here (none for a body
+    sent as something else: the router parses it if it needs to), or a malformed
+    JSON body's problem."""
     if not body:
-        return None, None
+        return {}, None
     for key, value in scope["headers"]:
         if key.lower() == b"content-type" and b"json" not in value.lower():
-            return None, None  # multipart, octet-stream: forwarded as is
-    try:
-        return json.loads(body), None
-    except ValueError as exc:
-        return None, f"The request body is not valid JSON: {exc}"
+            return {}, None  # multipart, octet-stream: forwarded as is
+    parsed, problem = parse_json(body)
+    return {PARSED_BODY: parsed}, problem
 
 
-def _placeholder_url(rt: Runtime, scope: Scope) -> httpx2.URL:
+def _placeholder_url(rt: ProxyContext, scope: Scope) -> httpx2.URL:
     """The request's URL before routing; parsed once per path (the router re-aims it)."""
     query = scope.get("query_string", b"")
     return rt.urls(PLACEHOLDER + scope["path"] + ("?" + query.decode("latin-1") if query else ""))
 
 
-async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def forward(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     try:
         body = await read_body(scope, receive, rt.options.max_body_bytes, rt.options.body_timeout)
     except BodyTooLarge:
@@ -118,7 +118,7 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
         _placeholder_url(rt, scope),
         headers=_request_headers(scope, bool(rt.options.api_keys)),
         content=body,
-        extensions={"timeout": rt.timeout, PARSED_BODY: parsed, GIVE_UP: rt.give_up},
+        extensions={"timeout": rt.timeout, GIVE_UP: rt.give_up, **parsed},
     )
     # The caller's own timeout bounds its wait for a node; the `timeout` extension
     # is the proxy's upstream timeout, not the caller's.
@@ -140,7 +140,7 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> No
         tg.cancel_scope.cancel()
 
 
-async def _route(request: httpx2.Request, send: Send, rt: Runtime) -> httpx2.Response | None:
+async def _route(request: httpx2.Request, send: Send, rt: ProxyContext) -> httpx2.Response | None:
     """The node's answer, or None once a routing outcome was answered to the caller
     (its row of the answers table: lmfleet/answers.py)."""
     try:
@@ -158,7 +158,7 @@ async def _relay(
     response: httpx2.Response,
     target: httpx2.URL,
     send: Send,
-    rt: Runtime,
+    rt: ProxyContext,
     started: float,
 ) -> None:
     node = f"{target.scheme}://{target.netloc.decode('ascii')}"
@@ -183,7 +183,7 @@ async def _relay(
         await _copy(response, send, rt, node, started, length, sse)
         return
     # A body of unknown length (a stream) may last minutes: a stopping proxy ends it
-    # at once, with an error event the caller's SDK raises (Runtime.stop).
+    # at once, with an error event the caller's SDK raises (ProxyContext.stop).
     with anyio.CancelScope() as stop:
         rt.streams.add(stop)
         try:
@@ -204,7 +204,7 @@ async def _relay(
 async def _copy(
     response: httpx2.Response,
     send: Send,
-    rt: Runtime,
+    rt: ProxyContext,
     node: str,
     started: float,
     length: int,

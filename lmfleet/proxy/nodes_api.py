@@ -22,7 +22,7 @@ from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_json
 from lmfleet.registry import normalize_url
 
 if TYPE_CHECKING:
-    from lmfleet.proxy.context import Runtime
+    from lmfleet.proxy.context import ProxyContext
 
 log = logging.getLogger("lmfleet.proxy")
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "0.0.0.0", "::1", "::"})
@@ -33,7 +33,7 @@ class BadRequest(Exception):
     """Invalid input for an admin route: answered with 400 and this message."""
 
 
-async def _node_url(scope: Scope, receive: Receive, rt: Runtime) -> tuple[str, Any]:
+async def _node_url(scope: Scope, receive: Receive, rt: ProxyContext) -> tuple[str, Any]:
     """The `url` of an LMDeploy `Node` body (or the old `?node_url=` query), checked."""
     try:
         body = await read_json(scope, receive, ADMIN_BODY_LIMIT)
@@ -53,7 +53,7 @@ async def _node_url(scope: Scope, receive: Receive, rt: Runtime) -> tuple[str, A
         raise BadRequest(str(exc)) from exc
 
 
-def _check_not_self(url: str, rt: Runtime) -> None:
+def _check_not_self(url: str, rt: ProxyContext) -> None:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     host = (parts.hostname or "").lower()
@@ -61,12 +61,12 @@ def _check_not_self(url: str, rt: Runtime) -> None:
         raise BadRequest(f"{url} is this proxy itself, not a node.")
 
 
-def _persist(rt: Runtime) -> None:
+def _persist(rt: ProxyContext) -> None:
     if rt.options.state_file is not None:
         state_file.save(rt.options.state_file, rt.fleet)
 
 
-async def add(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def add(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     url, body = await _node_url(scope, receive, rt)
     _check_not_self(url, rt)
     status = body.get("status") if isinstance(body, dict) else None
@@ -93,7 +93,7 @@ async def add(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
     await send_json(send, 200, {"message": "Added successfully", "url": url})
 
 
-async def remove(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def remove(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     url, _ = await _node_url(scope, receive, rt)
     rt.fleet.remove_node(url)
     _persist(rt)  # the registry logs the node's arrival or departure
@@ -113,11 +113,11 @@ def _lmdeploy_status(node: NodeSnapshot) -> dict[str, Any]:
     }
 
 
-async def status(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def status(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     await send_json(send, 200, {n.url: _lmdeploy_status(n) for n in rt.fleet.nodes})
 
 
-async def _terminate_one(url: str, rt: Runtime) -> str | None:
+async def _terminate_one(url: str, rt: ProxyContext) -> str | None:
     """Remove `url`, then ask it to exit (LMDeploy: `GET /terminate`); an error or None."""
     state = rt.fleet.registry.get(url)
     rt.fleet.remove_node(url)
@@ -128,7 +128,7 @@ async def _terminate_one(url: str, rt: Runtime) -> str | None:
     return None
 
 
-async def terminate(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def terminate(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     url, _ = await _node_url(scope, receive, rt)
     failure = await _terminate_one(url, rt)
     _persist(rt)
@@ -139,7 +139,7 @@ async def terminate(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> 
     await send_json(send, 200, {"message": "Terminated successfully", "url": url})
 
 
-async def terminate_all(scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+async def terminate_all(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     failures: list[str] = []
 
     async def one(url: str) -> None:

@@ -21,13 +21,12 @@ client of the proxy) does not try the same failing fleet again on top.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import httpx2
 
@@ -439,12 +438,3 @@ def error_answer(
         request=request,
         extensions={ANSWER_KIND: row.kind},
     )
-
-
-def read_json(request: httpx2.Request) -> dict[str, Any] | None:
-    """The request's JSON object body, or None (not JSON, not an object, a stream)."""
-    try:
-        body = json.loads(request.content)
-    except (ValueError, httpx2.RequestNotRead):
-        return None
-    return body if isinstance(body, dict) else None

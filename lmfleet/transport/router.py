@@ -30,8 +30,8 @@ from lmfleet.transport.plan import (
     Routing,
     StarvedHook,
     error_answer,
-    read_json,
 )
+from lmfleet.transport.request import PARSED_BODY, json_body
 from lmfleet.transport.steps import Steps
 
 WEIGHT_VERSION_HEADER = SERVED_VERSION_HEADER
@@ -45,10 +45,6 @@ _VERSION_FIELDS = (
 )
 """The same asks as body fields (openai's `extra_body`), with the header each mirrors;
 LMDeploy ignores fields it does not know."""
-
-PARSED_BODY = "lmfleet.parsed_body"
-"""Request extension holding a body its sender already parsed (the proxy), so the
-router does not parse it twice."""
 
 
 class Plan(Protocol):
@@ -112,13 +108,11 @@ class Router:
         """The Hybrid serving mode (`Planner`): every request is one plan for one node."""
         return self.plan(request)
 
-    def plan(
-        self, request: httpx2.Request, body: Any = None, *, role: NodeRole | None = None
-    ) -> RequestPlan:
+    def plan(self, request: httpx2.Request, *, role: NodeRole | None = None) -> RequestPlan:
         """Start routing `request`; read its body only when routing needs it.
 
-        `body` (or the request's `PARSED_BODY` extension) is the already parsed
-        JSON body, when the caller has it. `role` limits the nodes to one role.
+        The body is parsed at most once per request (`transport.request.json_body`),
+        whoever reads it first. `role` limits the nodes to one role.
         Every planner starts here, so a closed fleet's clients stop here (`check_open`).
         """
         self.check_open(request)
@@ -127,18 +121,15 @@ class Router:
             plan = RequestPlan(self.routing, request, RequestInfo(role=role))
             plan.immediate = answer
             return plan
-        if body is None:
-            body = request.extensions.get(PARSED_BODY)
-        if not isinstance(body, dict):
-            body = None
-            if (
-                len(models) > 1
-                or self._affinity_key is not None
-                or (models and not _names_model(request, models[0]))
-            ):
-                body = read_json(request)
-        if body is None and _may_ask_version(request):
-            body = read_json(request)
+        body = None
+        if (
+            PARSED_BODY in request.extensions
+            or len(models) > 1
+            or self._affinity_key is not None
+            or (models and not _names_model(request, models[0]))
+            or _may_ask_version(request)
+        ):
+            body = json_body(request)
         model = body.get("model") if body is not None else None
         model = model if isinstance(model, str) else None
         key = None

@@ -11,7 +11,6 @@ same code runs under the sync and async drivers.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from typing import Any
 
@@ -27,7 +26,8 @@ from lmfleet.transport.distserve import protocol as pd
 from lmfleet.transport.distserve.exchange import DistServePlan, rejected_n
 from lmfleet.transport.distserve.pairs import Pair, PairPool
 from lmfleet.transport.plan import RequestPlan
-from lmfleet.transport.router import PARSED_BODY, Router
+from lmfleet.transport.request import json_body
+from lmfleet.transport.router import Router
 from lmfleet.transport.steps import Call, Steps, WaitFor
 
 log = logging.getLogger("lmfleet.distserve")
@@ -73,19 +73,14 @@ class DistServe:
         path = request.url.path
         if request.method != "POST" or path not in pd.DISAGGREGATED_PATHS:
             return router.plan(request)  # any node: these routes have no P/D split
-        body = request.extensions.get(PARSED_BODY)
-        if not isinstance(body, dict):
-            try:
-                body = json.loads(request.content)
-            except (ValueError, httpx2.RequestNotRead):
-                body = None
-        if not isinstance(body, dict):
+        body = json_body(request)
+        if body is None:
             return router.plan(request, role=NodeRole.HYBRID)
         model = body.get("model") if isinstance(body.get("model"), str) else None
         role = self._serving_role(model)
         if role is NodeRole.HYBRID:
-            return router.plan(request, body, role=NodeRole.HYBRID)
-        base: RequestPlan = router.plan(request, body, role=NodeRole.PREFILL)
+            return router.plan(request, role=NodeRole.HYBRID)
+        base: RequestPlan = router.plan(request, role=NodeRole.PREFILL)
         if base.immediate is not None:
             return base
         n = body.get("n")

@@ -1,0 +1,44 @@
+"""The routed request's JSON body, parsed at most once, by whichever reader needs it first.
+
+Three readers want the body: the proxy (a malformed JSON body is answered 400
+before any routing), the router (the model, the weight-version asks, the affinity
+key) and DistServe (`n`, and the body it rewrites for its two phases). Each reads
+it through `json_body`, which parses once and keeps the result on the request
+(`PARSED_BODY`), so whichever door the request came through, it is parsed once or
+not at all: the router's fast path settles the common case without parsing
+(`transport/router.py`, `_names_model`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx2
+
+PARSED_BODY = "lmfleet.parsed_body"
+"""Request extension: the body as parsed JSON (any JSON value), present once parsed."""
+
+
+def parse_json(content: bytes) -> tuple[Any, str | None]:
+    """(the JSON value, None), or (None, what is wrong with it): the one parse."""
+    try:
+        return json.loads(content), None
+    except ValueError as exc:
+        return None, f"The request body is not valid JSON: {exc}"
+
+
+def json_body(request: httpx2.Request) -> dict[str, Any] | None:
+    """The request's JSON object body, or None (empty, not JSON, not an object, or a
+    streamed upload that was never read); parsed on first use, then kept."""
+    extensions = request.extensions
+    if PARSED_BODY in extensions:
+        body = extensions[PARSED_BODY]
+    else:
+        try:
+            content = request.content
+        except httpx2.RequestNotRead:
+            return None
+        body = parse_json(content)[0] if content else None
+        extensions[PARSED_BODY] = body
+    return body if isinstance(body, dict) else None
