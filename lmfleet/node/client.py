@@ -11,8 +11,8 @@ Two wires carry these requests, chosen by how often they are sent (measured:
 - the per-round GETs (`/health`, `/metrics`) and the routed requests' upstream
   are the hot paths: the lean HTTP/1.1 prober and upstream pool (`lmfleet.wire`),
   fed the `ProbeRequest` and the headers built here;
-- commands (`/is_sleeping`, `/v1/models`, sleep, wakeup, weights, DistServe
-  control) are a few per node per minute at most, carry JSON bodies up to the
+- commands (`/is_sleeping`, `/v1/models`, sleep, wakeup, abort, weights,
+  DistServe control) are a few per node per minute at most, carry JSON bodies up to the
   size of a weight bucket, and must also run from a sync client's thread
   (DistServe's steps): they go through httpx2, whose per-call cost (about ten
   times the prober's) does not show at that rate.
@@ -207,13 +207,7 @@ class NodeClient:
 
     async def is_sleeping(self, node: Node, timeout: float) -> bool | None:
         """The engine's immediate sleep flag; None where it has none or did not say."""
-        if self.profile.is_sleeping is None:
-            return None
-        try:
-            body = await self.call_json(node, "GET", self.profile.is_sleeping, timeout=timeout)
-        except NodeCallError:
-            return None
-        value = body.get("is_sleeping") if isinstance(body, dict) else None
+        value = await self._field(node, self.profile.is_sleeping, "is_sleeping", timeout)
         return value if isinstance(value, bool) else None
 
     async def models(self, node: Node, timeout: float) -> tuple[str, ...]:
@@ -247,13 +241,31 @@ class NodeClient:
             )
         await self.call(node, "GET", self.profile.terminate, timeout=timeout)
 
+    async def abort(self, node: Node, session_id: int | None, timeout: float) -> None:
+        """Abort one request (its engine session) or, with None, every request on the
+        node; `NodeCallError` where the engine cannot (LMDeploy: 501 without
+        `--enable-abort-handling`, 400 for a session it does not know)."""
+        profile = self.profile
+        path = profile.abort
+        if path is None:
+            raise NodeCallError(
+                node.url, "POST", "/abort", status=None, detail="the engine has no such route"
+            )
+        await self.call(node, "POST", path, json=profile.abort_body(session_id), timeout=timeout)
+
     async def weights_backend(self, node: Node, timeout: float) -> str | None:
         """The backend that would load pushed weights, or None where the node does not say."""
-        if self.profile.weights_backend is None:
+        value = await self._field(node, self.profile.weights_backend, "backend", timeout)
+        return value if isinstance(value, str) else None
+
+    async def _field(self, node: Node, path: str | None, name: str, timeout: float) -> Any:
+        """One field of a GET's JSON object answer; None where the engine has no such
+        route, the call failed or the answer has no such field: a question the node
+        could not answer is not an error for the caller."""
+        if path is None:
             return None
         try:
-            body = await self.call_json(node, "GET", self.profile.weights_backend, timeout=timeout)
+            body = await self.call_json(node, "GET", path, timeout=timeout)
         except NodeCallError:
             return None
-        backend = body.get("backend") if isinstance(body, dict) else None
-        return backend if isinstance(backend, str) else None
+        return body.get(name) if isinstance(body, dict) else None

@@ -36,12 +36,19 @@ class EngineProfile:
     update_weights: str | None
     weights_backend: str | None
     """A GET that names the engine backend that would load pushed weights."""
+    abort: str | None
+    """A POST that aborts one request or all of them (LMDeploy: 501 unless the server
+    runs with `--enable-abort-handling`)."""
 
     def sleep_params(self, level: int) -> Params:
         return [("level", str(level))]
 
     def wake_params(self, tags: Sequence[str] | None) -> Params:
         return [("tags", t) for t in tags or ()]
+
+    def abort_body(self, session_id: int | None) -> dict[str, object]:
+        """The abort route's body: one session, or every request when None."""
+        return {"abort_all": True} if session_id is None else {"session_id": session_id}
 
     def fully_awake(self, tags: Sequence[str] | None) -> bool:
         """Whether a wakeup with `tags` (None or empty: every tag) leaves nothing asleep."""
@@ -60,5 +67,6 @@ LMDEPLOY = EngineProfile(
     terminate="/terminate",
     update_weights="/update_weights",
     weights_backend="/update_weights_from_ipc",
+    abort="/abort_request",
 )
 """LMDeploy 0.18's `api_server` (read from `lmdeploy/serve/openai/api_server.py`)."""

@@ -7,6 +7,8 @@ loudly instead of silently going somewhere.
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx2
 import openai
 
@@ -23,18 +25,22 @@ def _limits(options: RoutingOptions) -> httpx2.Limits:
     return httpx2.Limits(max_connections=size, max_keepalive_connections=size)
 
 
+def _settings(timeout: float | None, max_retries: int) -> dict[str, Any]:
+    """What both clients are built with besides their transport."""
+    return {
+        "base_url": PLACEHOLDER_BASE_URL,
+        "api_key": PLACEHOLDER_API_KEY,
+        "max_retries": max_retries,
+        "timeout": timeout if timeout is not None else openai.DEFAULT_TIMEOUT,
+    }
+
+
 def sync_client(
     planner: Planner, options: RoutingOptions, *, timeout: float | None, max_retries: int
 ) -> openai.OpenAI:
     inner = httpx2.HTTPTransport(limits=_limits(options))
     http_client = httpx2.Client(transport=FleetTransport(planner, inner))
-    return openai.OpenAI(
-        base_url=PLACEHOLDER_BASE_URL,
-        api_key=PLACEHOLDER_API_KEY,
-        http_client=http_client,
-        max_retries=max_retries,
-        timeout=timeout if timeout is not None else openai.DEFAULT_TIMEOUT,
-    )
+    return openai.OpenAI(http_client=http_client, **_settings(timeout, max_retries))
 
 
 def async_client(
@@ -42,10 +48,4 @@ def async_client(
 ) -> openai.AsyncOpenAI:
     inner = httpx2.AsyncHTTPTransport(limits=_limits(options))
     http_client = httpx2.AsyncClient(transport=AsyncFleetTransport(planner, inner))
-    return openai.AsyncOpenAI(
-        base_url=PLACEHOLDER_BASE_URL,
-        api_key=PLACEHOLDER_API_KEY,
-        http_client=http_client,
-        max_retries=max_retries,
-        timeout=timeout if timeout is not None else openai.DEFAULT_TIMEOUT,
-    )
+    return openai.AsyncOpenAI(http_client=http_client, **_settings(timeout, max_retries))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx2
 
@@ -64,13 +65,18 @@ class Accounting:
         )
 
 
-class LeasedStream(httpx2.SyncByteStream):
-    def __init__(
-        self, inner: httpx2.SyncByteStream, accounting: Accounting, outcome: Outcome
-    ) -> None:
+class _Leased:
+    """A node's response body that holds its lease until closed; the sync and async
+    wrappers differ only in how they iterate and close (the accounting is shared)."""
+
+    def __init__(self, inner: Any, accounting: Accounting, outcome: Outcome) -> None:
         self._inner = inner
         self._acct = accounting
         self._outcome = outcome
+
+
+class LeasedStream(_Leased, httpx2.SyncByteStream):
+    _inner: httpx2.SyncByteStream
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -91,13 +97,8 @@ class LeasedStream(httpx2.SyncByteStream):
             self._acct.finish(self._outcome)
 
 
-class AsyncLeasedStream(httpx2.AsyncByteStream):
-    def __init__(
-        self, inner: httpx2.AsyncByteStream, accounting: Accounting, outcome: Outcome
-    ) -> None:
-        self._inner = inner
-        self._acct = accounting
-        self._outcome = outcome
+class AsyncLeasedStream(_Leased, httpx2.AsyncByteStream):
+    _inner: httpx2.AsyncByteStream
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:

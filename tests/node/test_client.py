@@ -131,3 +131,20 @@ def test_aim_points_a_routed_request_at_its_node() -> None:
     keyless = httpx2.Request("GET", "http://placeholder/v1/models")
     nodes.aim(keyless, NodeAddress("http://127.0.0.1:9"))
     assert "authorization" not in keyless.headers
+
+
+async def test_abort_one_session_or_all_and_the_engines_refusal(start_sim: StartSim) -> None:
+    """LMDeploy's `/abort_request`: 501 unless the server runs with
+    `--enable-abort-handling`, 400 for a session it does not know, 200 for all."""
+    plain = start_sim()
+    able = start_sim("--enable-abort-handling")
+    async with httpx2.AsyncClient() as http:
+        nodes = NodeClient(http)
+        with pytest.raises(NodeCallError) as refused:
+            await nodes.abort(NodeAddress(plain.url), None, 5)
+        assert refused.value.status == 501 and "--enable-abort-handling" in refused.value.text
+        with pytest.raises(NodeCallError) as unknown:
+            await nodes.abort(NodeAddress(able.url), 12345, 5)
+        assert unknown.value.status == 400 and "12345" in unknown.value.text
+        await nodes.abort(NodeAddress(able.url), None, 5)
+    assert sim_stats(able.url)["by_path"]["/abort_request"] == 2

@@ -1,7 +1,8 @@
 """Prefill/decode disaggregation (LMDeploy's "DistServe"), shared by both front doors.
 
-`DistServe` (control.py) is one fleet's pairing state and control calls;
-`DistServePlan` (plan.py) is one request's prefill -> decode state machine, a
+`DistServe` (control.py) is one fleet's serving mode; `PairLinks` (links.py) its
+pair connections and the control calls that change them; `DistServePlan`
+(exchange.py) is one request's prefill -> decode state machine, a
 generator of I/O steps that `drive_sync` / `drive_async` (transport/steps.py)
 perform for the sync transport, the async transport and so the proxy, exactly
 as they perform a plain request's plan (transport/plan.py). `protocol.py` holds

@@ -1,11 +1,10 @@
-"""`DistServe`: one fleet's prefill/decode orchestration state and control calls.
+"""`DistServe`: one fleet's prefill/decode serving mode.
 
-It owns the `PairPool` and knows how to connect a pair (LMDeploy's
-`PDConnectionPool.connect`: engine_info on both, p2p_initialize on both,
-p2p_connect on both), free a prefill cache, drop a pair, warm every pair up and
-collect caches stranded by dead decode nodes (`/distserve/gc`, a TODO in
-LMDeploy). Every control call is a `Call` step with `control_timeout`, so the
-same code runs under the sync and async drivers.
+It decides, per request, whether to run prefill -> decode (a `DistServePlan`,
+exchange.py) or a Hybrid plan, keeps one strategy per phase, and offers the
+fleet-wide operations: warm every pair up and collect caches stranded by dead
+decode nodes (`/distserve/gc`, a TODO in LMDeploy). The pairs themselves and the
+control calls that connect, free and drop them are `PairLinks` (links.py).
 """
 
 from __future__ import annotations
@@ -17,18 +16,18 @@ from typing import Any
 import httpx2
 
 from lmfleet.config import DistServeOptions
-from lmfleet.errors import MigrationError, UnknownNodeError
-from lmfleet.node.client import Node, NodeAddress, call_failed
+from lmfleet.errors import MigrationError
 from lmfleet.node.state import NodeRole, NodeStatus
 from lmfleet.routing import STRATEGIES, resolve_strategy
 from lmfleet.routing.base import Strategy, as_base_strategy
 from lmfleet.transport.distserve import protocol as pd
 from lmfleet.transport.distserve.exchange import DistServePlan, rejected_n
-from lmfleet.transport.distserve.pairs import Pair, PairPool
+from lmfleet.transport.distserve.links import PairLinks
+from lmfleet.transport.distserve.pairs import Pair
 from lmfleet.transport.plan import RequestPlan
 from lmfleet.transport.request import json_body
 from lmfleet.transport.router import Router
-from lmfleet.transport.steps import Call, Steps, WaitFor
+from lmfleet.transport.steps import Steps
 
 log = logging.getLogger("lmfleet.distserve")
 
@@ -50,7 +49,9 @@ class DistServe:
         self.routing = router.routing
         """What the plans route with (the router's)."""
         self.options = options
-        self.pool = PairPool()
+        self.links = PairLinks(router.routing, options)
+        """The pair connections and the control calls that change them."""
+        self.pool = self.links.pool
         # One copy of the strategy per phase: a shared tie rotation (round robin,
         # least-connections ties) would see prefill and decode picks interleaved
         # and could send every request of a role to the same node.
@@ -58,8 +59,6 @@ class DistServe:
             NodeRole.PREFILL: _own_copy(router.strategy),
             NodeRole.DECODE: _own_copy(router.strategy),
         }
-        self.protocol = pd.MIGRATION_PROTOCOL[options.migration_protocol]
-        self.rdma = pd.rdma_config(options.link_type, options.with_gdr)
         self.dummy_prefill = options.dummy_prefill
         """LMDeploy's `--dummy-prefill`: decode nodes only, no prefill, no pair."""
 
@@ -87,7 +86,7 @@ class DistServe:
         if isinstance(n, int) and n > 1:
             base.immediate = rejected_n(request)
             return base
-        return DistServePlan(self, base, body, path)
+        return DistServePlan(self.links, self.strategies, base, body, path)
 
     def _serving_role(self, model: str | None) -> NodeRole:
         """PREFILL (run P->D) when routable prefill and decode nodes serve `model`;
@@ -111,114 +110,6 @@ class DistServe:
             return NodeRole.HYBRID
         return NodeRole.PREFILL if present else NodeRole.HYBRID
 
-    # -- control calls ------------------------------------------------------------
-
-    def _control(self, method: str, url: str, path: str, body: Any = None) -> Steps[Any]:
-        """One `/distserve/*` call with `control_timeout`; its JSON, or MigrationError."""
-        try:
-            node: Node = self.router.registry.get(url)
-        except UnknownNodeError:
-            node = NodeAddress(url)
-        request = self.router.nodes.request(
-            node, method, path, json=body, timeout=self.options.control_timeout
-        )
-        reply = yield Call(request)
-        failed = call_failed(url, request, reply)
-        if failed is not None:
-            raise MigrationError(str(failed)) from failed
-        assert isinstance(reply, httpx2.Response)
-        try:
-            return reply.json()
-        except ValueError as exc:
-            raise MigrationError(f"{method} {url}{path} answered no JSON: {exc}") from exc
-
-    def _best_effort(self, url: str, path: str, body: dict[str, Any]) -> Steps[bool]:
-        """A cleanup call whose failure (the node may be dead) is only logged."""
-        try:
-            yield from self._control("POST", url, path, body)
-        except MigrationError as exc:
-            log.info("distserve cleanup: %s", exc)
-            return False
-        return True
-
-    def connect(self, pair: Pair) -> Steps[None]:
-        """Make sure `pair` is connected: connect it (once) or wait for whoever does."""
-        state, owner = self.pool.claim(pair)
-        if not owner:
-            if not state.done.is_set():
-                yield WaitFor(state.done, self._wait_budget())
-            if state.connected:
-                return
-            raise MigrationError(
-                f"pair {pair} did not connect: {state.error or 'timed out waiting for it'}"
-            )
-        try:
-            yield from self._connect(pair)
-        except MigrationError as exc:
-            self.pool.settle(pair, state, str(exc))
-            raise
-        except BaseException:
-            self.pool.settle(pair, state, "the connecting request was cancelled")
-            raise
-        self.pool.settle(pair, state)
-
-    def _wait_budget(self) -> float:
-        # The owner makes six control calls, each bounded by control_timeout.
-        return 6 * self.options.control_timeout + 1.0
-
-    def _connect(self, pair: Pair) -> Steps[None]:
-        p_url, d_url = pair
-        try:
-            p_cfg = pd.engine_config((yield from self._control("GET", p_url, pd.ENGINE_INFO)))
-            d_cfg = pd.engine_config((yield from self._control("GET", d_url, pd.ENGINE_INFO)))
-        except ValueError as exc:
-            raise MigrationError(str(exc)) from exc
-        if p_cfg.get("tp_size") != d_cfg.get("tp_size"):
-            # LMDeploy asserts this too: only equal parallel configurations connect.
-            raise MigrationError(
-                f"pair {pair}: tp_size differs ({p_cfg.get('tp_size')} vs {d_cfg.get('tp_size')})"
-            )
-        p_req = pd.init_request(self.protocol, (p_url, p_cfg), (d_url, d_cfg), self.rdma)
-        d_req = pd.init_request(self.protocol, (d_url, d_cfg), (p_url, p_cfg), self.rdma)
-        try:
-            p_init = pd.check_status(
-                (yield from self._control("POST", p_url, pd.P2P_INITIALIZE, p_req)),
-                "p2p_initialize",
-            )
-            d_init = pd.check_status(
-                (yield from self._control("POST", d_url, pd.P2P_INITIALIZE, d_req)),
-                "p2p_initialize",
-            )
-            p_conn = pd.connect_request(self.protocol, d_url, d_init)
-            d_conn = pd.connect_request(self.protocol, p_url, p_init)
-            pd.check_status(
-                (yield from self._control("POST", p_url, pd.P2P_CONNECT, p_conn)), "p2p_connect"
-            )
-            pd.check_status(
-                (yield from self._control("POST", d_url, pd.P2P_CONNECT, d_conn)), "p2p_connect"
-            )
-        except ValueError as exc:
-            raise MigrationError(str(exc)) from exc
-
-    def free(self, prefill_url: str, session_id: int) -> Steps[bool]:
-        """Free one preserved prefill cache (`/distserve/free_cache` on the prefill node)."""
-        body = pd.free_cache_request(prefill_url, session_id)
-        return (yield from self._best_effort(prefill_url, pd.FREE_CACHE, body))
-
-    def drop(self, pair: Pair, also_free: int | None = None) -> Steps[int]:
-        """LMDeploy's `PDConnectionPool.drop`: free every cache shelved on the pair
-        (and `also_free`), then drop the connection on both sides. Returns caches freed."""
-        p_url, d_url = pair
-        sessions = self.pool.drop(pair)
-        if also_free is not None:
-            sessions.add(also_free)
-        freed = 0
-        for session_id in sorted(sessions):
-            freed += bool((yield from self.free(p_url, session_id)))
-        yield from self._best_effort(p_url, pd.P2P_DROP_CONNECT, pd.drop_request(p_url, d_url))
-        yield from self._best_effort(d_url, pd.P2P_DROP_CONNECT, pd.drop_request(d_url, p_url))
-        return freed
-
     # -- fleet-wide ---------------------------------------------------------------
 
     def routable_pairs(self) -> list[Pair]:
@@ -230,7 +121,7 @@ class DistServe:
     def warmup(self, pair: Pair) -> Steps[bool]:
         """Connect one pair ahead of traffic (`/distserve/connection_warmup`)."""
         try:
-            yield from self.connect(pair)
+            yield from self.links.connect(pair)
         except MigrationError as exc:
             log.warning("distserve warmup: %s", exc)
             return False
@@ -246,6 +137,6 @@ class DistServe:
         for pair in self.pool.pairs():
             if pair[1] in alive and pair[0] in alive:
                 continue
-            freed += yield from self.drop(pair)
+            freed += yield from self.links.drop(pair)
             dropped.append(list(pair))
         return {"freed": freed, "dropped": dropped}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import httpx2
 
@@ -37,51 +37,18 @@ from lmfleet.node.outliers import Outcome, outcome_of_status
 from lmfleet.node.state import NodeRole, NodeState
 from lmfleet.routing.base import RequestInfo, Strategy
 from lmfleet.transport.distserve import protocol
-from lmfleet.transport.distserve.pairs import Pair, PairPool
+from lmfleet.transport.distserve.links import PairLinks
 from lmfleet.transport.plan import (
     SERVED_VERSION_HEADER,
     Attempts,
     RequestPlan,
     Retry,
-    Routing,
     error_answer,
     first_byte_bound,
     holding,
 )
 from lmfleet.transport.steps import Call, Discard, Pause, Steps
 from lmfleet.transport.streams import Accounting, lease_response
-
-
-class Orchestrator(Protocol):
-    """What a DistServe plan needs of the fleet's `DistServe` (control.py builds the plans)."""
-
-    @property
-    def routing(self) -> Routing: ...
-
-    @property
-    def strategies(self) -> Mapping[NodeRole, Strategy]: ...
-
-    @property
-    def pool(self) -> PairPool: ...
-
-    @property
-    def protocol(self) -> int:
-        """LMDeploy's migration protocol number, sent in the decode request."""
-        ...
-
-    @property
-    def dummy_prefill(self) -> bool:
-        """Skip the prefill node and the pair: decode alone (LMDeploy's profiling mode)."""
-        ...
-
-    def connect(self, pair: Pair) -> Steps[None]:
-        """Connect `pair` (once), or wait for whoever does."""
-        ...
-
-    def drop(self, pair: Pair, also_free: int | None = None) -> Steps[int]:
-        """Disconnect `pair`, freeing the shelved caches (and `also_free`)."""
-        ...
-
 
 _SKIP_HEADERS = frozenset({"content-length", "host", "transfer-encoding"})
 _SKIP_ANSWER_HEADERS = frozenset({"content-length", "transfer-encoding", "content-encoding"})
@@ -96,10 +63,16 @@ class DistServePlan:
     """One disaggregated request; `steps()` is run by `drive_sync` or `drive_async`."""
 
     def __init__(
-        self, ds: Orchestrator, base: RequestPlan, body: dict[str, Any], path: str
+        self,
+        links: PairLinks,
+        strategies: Mapping[NodeRole, Strategy],
+        base: RequestPlan,
+        body: dict[str, Any],
+        path: str,
     ) -> None:
-        self._ds = ds
-        self._routing = ds.routing
+        self._links = links
+        self._strategies = strategies
+        self._routing = links.routing
         self.request = base.request
         self._prefill_info = base.info
         self._decode_info = dataclasses.replace(base.info, role=NodeRole.DECODE)
@@ -122,7 +95,7 @@ class DistServePlan:
                 yield Pause(attempts.failed(retry.reason))
 
     def _attempt(self) -> Steps[httpx2.Response]:
-        if self._ds.dummy_prefill:
+        if self._links.options.dummy_prefill:
             decode, d_lease = yield from self._lease(self._decode_info)
             return (yield from holding(d_lease, self._decode_dummy(decode, d_lease)))
         prefill, p_lease = yield from self._lease(self._prefill_info)
@@ -137,7 +110,7 @@ class DistServePlan:
     def _lease(self, info: RequestInfo) -> Steps[tuple[NodeState, Accounting]]:
         """Lease a node of `info.role`, waiting up to `wait_for_node` for one."""
         assert info.role is not None
-        strategy = self._ds.strategies[info.role]
+        strategy = self._strategies[info.role]
         return (yield from self._attempts.lease(strategy, info, self._tried[info.role]))
 
     def _prefill(
@@ -164,7 +137,7 @@ class DistServePlan:
     def _decode(
         self, p_url: str, node: NodeState, lease: Accounting, prefilled: protocol.Prefilled
     ) -> Steps[httpx2.Response]:
-        ds = self._ds
+        ds = self._links
         pair = (p_url, node.url)
         try:
             yield from ds.connect(pair)
@@ -201,7 +174,7 @@ class DistServePlan:
 
     def _decode_dummy(self, node: NodeState, lease: Accounting) -> Steps[httpx2.Response]:
         """Decode after a dummy prefill: no pair, no cache to shelve, free or drop."""
-        body = protocol.dummy_decode_body(self._body, self._ds.protocol)
+        body = protocol.dummy_decode_body(self._body, self._links.protocol)
         reply = yield Call(self._build(node, body), stream=True, first_byte=True)
         if not isinstance(reply, httpx2.Response):
             self._attempts.transport_failed(lease, reply, "decode node ", self._ours)
