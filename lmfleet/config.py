@@ -2,16 +2,20 @@
 
 Each option is declared once, as a field of its model. A field with a command-line
 flag says so in its type, `Annotated[float, Flag("--wait-for-node")]`: `lmfleet
-serve` and `lmfleet launch` build the flag, its default and its help from the field.
+serve`, `lmfleet launch` and `lmfleet sim` build the flag, its default and its help
+from the field (`add_flags`), and read its value back (`given`).
 A keyword shortcut of `LMFleet.attach/simulate/launch` is one line of `FleetKeywords`
 (its name and type, as type checkers must see them), named after its field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import argparse
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypedDict, TypeVar
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Literal, TypedDict, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
@@ -38,6 +42,12 @@ class Flag:
     left out means where the value alone says too little (None; a default a command
     sets itself), `{value}` standing for the field's default; such a flag passes
     nothing on when it is left out.
+
+    `const` makes the flag a switch that sets the field to it (`--unhealthy` sets
+    `health_fault` "unhealthy"); `choices` narrows the values the flag takes below
+    the field's type; `parse` turns the flag's text into the value (default: the
+    field's type; `str.lower` takes any case); `section` names the argument group
+    of a flat model's flag (`add_flags(sections=...)`).
     """
 
     name: str
@@ -45,6 +55,10 @@ class Flag:
     help: str | None = None
     metavar: str | None = None
     absent: str | None = None
+    const: object = None
+    choices: tuple[object, ...] | None = None
+    parse: Callable[[str], Any] | None = None
+    section: str | None = None
 
 
 class _Options(BaseModel):
@@ -330,6 +344,79 @@ def option_fields(model: type[BaseModel]) -> Iterator[tuple[FieldPath, FieldInfo
 def flag_of(field: FieldInfo) -> Flag | None:
     """The `Flag` a field declares, if any."""
     return next((meta for meta in field.metadata if isinstance(meta, Flag)), None)
+
+
+def add_flags(
+    group: argparse._ActionsContainer,
+    model: type[BaseModel],
+    *,
+    sections: Mapping[str, argparse._ActionsContainer] | None = None,
+) -> None:
+    """The flags `model`'s fields declare (`Flag`), added to `group`; the flags of a
+    section named in `sections` go to its own group there. A section is a nested
+    options model (`distserve`) or the `Flag.section` a flag names.
+
+    Each flag's dest is its field's path (`routing.wait_for_node`), read back by `given`.
+    """
+    for path, field in option_fields(model):
+        flag = flag_of(field)
+        if flag is not None:
+            section = flag.section or (path[0] if len(path) > 1 else None)
+            into = (sections or {}).get(section, group) if section else group
+            into.add_argument(flag.name, *flag.aliases, **_argument(path, field, flag))
+
+
+_METAVARS: dict[object, str] = {int: "N", float: "SECONDS"}
+
+
+def _argument(path: FieldPath, field: FieldInfo, flag: Flag) -> dict[str, Any]:
+    """`add_argument`'s keywords for the flag of the field at `path`."""
+    kind = field.annotation
+    if get_origin(kind) in (Union, UnionType):  # `float | None`: the flag gives a float
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    switch = kind is bool or flag.const is not None
+    spec: dict[str, Any] = {"dest": ".".join(path), "help": _help(field, flag, switch)}
+    if switch:  # to `const`, or a bool's other value; left out, it passes nothing on
+        const = not field.default if flag.const is None else flag.const
+        return {**spec, "action": "store_const", "const": const, "default": None}
+    spec["default"] = None if flag.absent is not None else field.default
+    choices = flag.choices or (get_args(kind) if get_origin(kind) is Literal else None)
+    if choices:
+        return {**spec, "choices": choices, "type": flag.parse or type(choices[0])}
+    if get_origin(kind) is tuple:
+        spec["nargs"] = "+"
+        kind = get_args(kind)[0]
+    if kind not in (int, float, str, Path):
+        raise TypeError(f"{flag.name}: no command-line form for {field.annotation}")
+    metavar = flag.metavar or _METAVARS.get(kind, path[-1].upper())
+    return {**spec, "type": flag.parse or kind, "metavar": metavar}
+
+
+def _help(field: FieldInfo, flag: Flag, switch: bool) -> str:
+    """The flag's help, stating the default (a switch's is the other value)."""
+    text = flag.help or field.description
+    if not text:
+        raise TypeError(f"{flag.name}: give its field a description or its Flag a help")
+    if not switch:
+        if flag.absent is None and field.default is None:
+            raise TypeError(f"{flag.name}: say what leaving it out means (Flag.absent)")
+        value = f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
+        phrase = (
+            f"default {value}" if flag.absent is None else flag.absent.replace("{value}", value)
+        )
+        text = text.replace("{default}", phrase) if "{default}" in text else f"{text} ({phrase})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def given(args: argparse.Namespace, model: type[BaseModel]) -> dict[FieldPath, Any]:
+    """The values of `model`'s flags, by field path; a flag left out that passes
+    nothing on (a switch, `Flag.absent`) is not among them."""
+    values = {}
+    for path, field in option_fields(model):
+        value = getattr(args, ".".join(path), None) if flag_of(field) else None
+        if value is not None:
+            values[path] = value
+    return values
 
 
 def _shortcut_path(name: str) -> FieldPath:

@@ -17,16 +17,15 @@ from typing import TYPE_CHECKING
 
 from lmfleet.cli import serve as serve_cli
 from lmfleet.cli.serve import (
-    add_flags,
     configure_logging,
     fleet_keywords,
     fleet_options,
-    given,
     node_api_key,
     proxy_options,
     serve_until_stopped,
     stop_on_signals,
 )
+from lmfleet.config import add_flags, given
 from lmfleet.errors import NotReadyError, require_serve
 from lmfleet.launch.command import ServerArgValue, server_args_to_flags
 from lmfleet.launch.options import LaunchOptions

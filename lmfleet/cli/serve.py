@@ -12,20 +12,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping
 from pathlib import Path
-from types import UnionType
-from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any
 
-from lmfleet.config import (
-    SHORTCUTS,
-    FieldPath,
-    Flag,
-    FleetOptions,
-    flag_of,
-    option_fields,
-    with_values,
-)
+from lmfleet.config import SHORTCUTS, FleetOptions, add_flags, given, with_values
 from lmfleet.errors import ConfigError, require_serve
 from lmfleet.logs import configure_logging as setup_logging
 from lmfleet.proxy.options import ProxyOptions
@@ -33,9 +23,6 @@ from lmfleet.proxy.state_file import default_dir, state_path
 from lmfleet.routing import DEFAULT_STRATEGY
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel
-    from pydantic.fields import FieldInfo
-
     from lmfleet.proxy.server import ProxyServer
 
 LMDEPLOY_STRATEGIES = ("random", "min_expected_latency", "min_observed_latency")
@@ -140,74 +127,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fleet = parser.add_argument_group("fleet")
     distserve = parser.add_argument_group("DistServe (with --serving-strategy DistServe)")
     add_flags(fleet, FleetOptions, sections={"distserve": distserve})
-
-
-def add_flags(
-    group: argparse._ActionsContainer,
-    model: type[BaseModel],
-    *,
-    sections: Mapping[str, argparse._ActionsContainer] | None = None,
-) -> None:
-    """The flags `model`'s fields declare (`config.Flag`), added to `group`; the flags
-    of a section named in `sections` go to its own group there.
-
-    Each flag's dest is its field's path (`routing.wait_for_node`), read back by `given`.
-    """
-    for path, field in option_fields(model):
-        flag = flag_of(field)
-        if flag is not None:
-            into = (sections or {}).get(path[0], group) if len(path) > 1 else group
-            into.add_argument(flag.name, *flag.aliases, **_argument(path, field, flag))
-
-
-_METAVARS: dict[object, str] = {int: "N", float: "SECONDS"}
-
-
-def _argument(path: FieldPath, field: FieldInfo, flag: Flag) -> dict[str, Any]:
-    """`add_argument`'s keywords for the flag of the field at `path`."""
-    kind = field.annotation
-    if get_origin(kind) in (Union, UnionType):  # `float | None`: the flag gives a float
-        kind = next(arg for arg in get_args(kind) if arg is not type(None))
-    spec: dict[str, Any] = {"dest": ".".join(path), "help": _help(field, flag, kind is bool)}
-    if kind is bool:  # a switch to the other value; left out, it passes nothing on
-        return {**spec, "action": "store_const", "const": not field.default, "default": None}
-    spec["default"] = None if flag.absent is not None else field.default
-    if get_origin(kind) is Literal:
-        choices = get_args(kind)
-        return {**spec, "choices": choices, "type": type(choices[0])}
-    if get_origin(kind) is tuple:
-        spec["nargs"] = "+"
-        kind = get_args(kind)[0]
-    if kind not in (int, float, str, Path):
-        raise TypeError(f"{flag.name}: no command-line form for {field.annotation}")
-    return {**spec, "type": kind, "metavar": flag.metavar or _METAVARS.get(kind, path[-1].upper())}
-
-
-def _help(field: FieldInfo, flag: Flag, switch: bool) -> str:
-    """The flag's help, stating the default (a switch's is the other value)."""
-    text = flag.help or field.description
-    if not text:
-        raise TypeError(f"{flag.name}: give its field a description or its Flag a help")
-    if not switch:
-        if flag.absent is None and field.default is None:
-            raise TypeError(f"{flag.name}: say what leaving it out means (Flag.absent)")
-        value = f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
-        phrase = (
-            f"default {value}" if flag.absent is None else flag.absent.replace("{value}", value)
-        )
-        text = text.replace("{default}", phrase) if "{default}" in text else f"{text} ({phrase})"
-    return text.replace("%", "%%")  # argparse formats help with %
-
-
-def given(args: argparse.Namespace, model: type[BaseModel]) -> dict[FieldPath, Any]:
-    """The values of `model`'s flags, by field path; a flag left out that passes
-    nothing on (a switch, `Flag.absent`) is not among them."""
-    values = {}
-    for path, field in option_fields(model):
-        value = getattr(args, ".".join(path), None) if flag_of(field) else None
-        if value is not None:
-            values[path] = value
-    return values
 
 
 def configure_logging(args: argparse.Namespace) -> None:

@@ -15,14 +15,16 @@ from cli_support import help_gaps, help_text, subcommand_parser
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 
-from lmfleet.cli.serve import add_flags, fleet_keywords, fleet_options, given, proxy_options
+from lmfleet.cli.serve import fleet_keywords, fleet_options, proxy_options
 from lmfleet.config import (
     SHORTCUTS,
     FieldPath,
     Flag,
     FleetOptions,
     RoutingOptions,
+    add_flags,
     flag_of,
+    given,
     merge_options,
     option_fields,
     with_values,
