@@ -12,10 +12,11 @@ Two wires carry these requests, chosen by how often they are sent (measured:
   are the hot paths: the lean HTTP/1.1 prober and upstream pool (`lmfleet.wire`),
   fed the `ProbeRequest` and the headers built here;
 - commands (`/is_sleeping`, `/v1/models`, sleep, wakeup, abort, weights,
-  DistServe control) are a few per node per minute at most, carry JSON bodies up to the
-  size of a weight bucket, and must also run from a sync client's thread
-  (DistServe's steps): they go through httpx2, whose per-call cost (about ten
-  times the prober's) does not show at that rate.
+  DistServe control) are a few per node per minute at most, carry JSON bodies up
+  to the size of a weight bucket, and must also run from a sync client's thread
+  (DistServe's steps): they go through httpx2, whose per-call CPU cost (5 to 7
+  times the prober's: about 0.4 ms against 0.07 ms) is about 0.01 % of a core at
+  64 nodes and a few commands a minute each.
 """
 
 from __future__ import annotations
