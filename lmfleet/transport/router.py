@@ -32,6 +32,7 @@ from lmfleet.transport.plan import (
     error_answer,
 )
 from lmfleet.transport.request import PARSED_BODY, json_body
+from lmfleet.transport.scoring import ScoringPlan, may_score, wants_scoring
 from lmfleet.transport.steps import Steps
 
 WEIGHT_VERSION_HEADER = SERVED_VERSION_HEADER
@@ -128,6 +129,7 @@ class Router:
             or self._affinity_key is not None
             or (models and not _names_model(request, models[0]))
             or _may_ask_version(request)
+            or may_score(request)
         ):
             body = json_body(request)
         model = body.get("model") if body is not None else None
@@ -152,7 +154,11 @@ class Router:
             weight_version=exact,
             min_weight_version=floor,
         )
-        plan = RequestPlan(self.routing, request, info)
+        plan = (
+            ScoringPlan(self.routing, request, info, body)
+            if body is not None and wants_scoring(request, body)
+            else RequestPlan(self.routing, request, info)
+        )
         if model is not None and models and model not in models:
             plan.immediate = _unknown_model(request, model, models)
         return plan

@@ -33,6 +33,9 @@ from conformance.exchange import JSON, Answer, Case, compare, send
 from conformance.peer_support import API_KEY, Server, started_pair
 from conformance.shapes import length_diff, shape_diff
 
+from lmfleet import LMFleet
+from tests.sim.test_sim_lm_eval import echo_answer, lm_eval_payload, parse_logprobs
+
 MODE = ("--logprobs-mode", "raw_logprobs")
 VALUES = frozenset({"bytes"})  # a token's UTF-8: its length is the token's, not structure
 CHAT = {"model": "$MODEL", "messages": [{"role": "user", "content": "hello world"}]}
@@ -297,3 +300,27 @@ def test_completions_stream_with_logprobs_breaks_off_on_both(
     real, sim = answers
     assert real == (200, "text/event-stream", [], "connection closed mid-body")
     assert sim == real
+
+
+def test_lm_eval_through_a_fleet_over_the_real_server(
+    lp_pair: list[Server], peer_model: Path
+) -> None:
+    """The fleet answers lm-eval's request from real LMDeploy 0.18's `/generate`
+    (lmfleet/transport/scoring.py): lm-eval's parser reads it, and the scores are the
+    ones the node's `/generate` gives for the same tokens."""
+
+    real = next(server for server in lp_pair if server.kind == "real")
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx2.Client(base_url=real.url, headers=key, timeout=30) as node:
+        ids = node.post("/v1/encode", json={"input": "say hello world", "add_bos": False})
+        prompt = ids.json()["input_ids"]
+        expected = parse_logprobs(echo_answer(node, prompt), ctxlens=[1])
+    with LMFleet.attach([real.url], api_key=API_KEY, health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=60)
+        payload = {**lm_eval_payload([prompt]), "model": str(peer_model)}
+        completion = fleet.client(max_retries=0).completions.create(**payload)
+    answer = completion.model_dump()
+    assert parse_logprobs(answer, ctxlens=[1]) == expected
+    rows = answer["choices"][0]["logprobs"]["token_logprobs"]
+    assert rows[0] is None and len(rows) == len(prompt) + 1
+    assert all(isinstance(v, float) and v <= 0 for v in rows[1:])
