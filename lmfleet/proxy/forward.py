@@ -96,8 +96,9 @@ def _parse(scope: Scope, body: bytes) -> tuple[dict[str, Any], str | None]:
 
 def _placeholder_url(rt: ProxyContext, scope: Scope) -> httpx2.URL:
     """The request's URL before routing; parsed once per path (the router re-aims it)."""
+    path = scope.get("raw_path") or scope["path"].encode()  # raw_path: optional in ASGI
     query = scope.get("query_string", b"")
-    return rt.urls(PLACEHOLDER + scope["path"] + ("?" + query.decode("latin-1") if query else ""))
+    return rt.urls(PLACEHOLDER, path + b"?" + query if query else path)
 
 
 async def forward(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:

@@ -21,12 +21,13 @@ client of the proxy) does not try the same failing fleet again on top.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import httpx2
 
@@ -120,9 +121,10 @@ StarvedHook = Callable[[RequestInfo], None]
 @dataclass(frozen=True, slots=True)
 class Routing:
     """What every plan routes with: the fleet's nodes, strategy and options, the
-    failover pauses, the node client that aims a request at its node, and the hook
-    that wakes a node for a starved request. The router holds one and hands it to
-    each plan it starts (a value, so plans need no way back to the router)."""
+    failover pauses, the node client that aims a request at its node (`nodes.aim`),
+    and the hook that wakes a node for a starved request. The router holds one and
+    hands it to each plan it starts (a value, so plans need no way back to the
+    router)."""
 
     registry: NodeRegistry
     strategy: Strategy
@@ -135,10 +137,6 @@ class Routing:
         """No node is eligible for `request`: the fleet may wake one that would be."""
         if self.on_starved is not None:
             self.on_starved(request)
-
-    def target(self, request: httpx2.Request, node: NodeState) -> None:
-        """Point `request` at `node` (URL, Host, the node's key)."""
-        self.nodes.aim(request, node)
 
 
 class Retry(Exception):
@@ -181,14 +179,15 @@ def header_timeout(headers: httpx2.Headers) -> float | None:
     return None
 
 
-def caller_timeout(request: httpx2.Request) -> float | None:
+def caller_timeout(request: httpx2.Request, timeout: Any = None) -> float | None:
     """How long the caller will wait for this request, if it says (seconds).
 
     A front door that knows better says so in `CALLER_TIMEOUT`; otherwise the
-    headers (`header_timeout`), then the request's own `timeout` extension, which
-    an httpx2 client fills from its timeout: the larger of its pool and read parts
-    (waiting for a node is waiting for a connection, then for an answer). Read
-    before the plan lowers the read timeout to the first-byte bound.
+    headers (`header_timeout`), then the request's `timeout` extension as the
+    caller set it (`timeout`: the plan lowers the read timeout to the first-byte
+    bound, replacing the extension's dict, so a plan keeps the caller's), which an
+    httpx2 client fills from its timeout: the larger of its pool and read parts
+    (waiting for a node is waiting for a connection, then for an answer).
     """
     if CALLER_TIMEOUT in request.extensions:
         given = request.extensions[CALLER_TIMEOUT]
@@ -196,7 +195,8 @@ def caller_timeout(request: httpx2.Request) -> float | None:
     seconds = header_timeout(request.headers)
     if seconds is not None:
         return seconds
-    timeout = request.extensions.get("timeout") or {}
+    if timeout is None:
+        timeout = request.extensions.get("timeout") or {}
     parts = [t for t in (timeout.get("pool"), timeout.get("read")) if t is not None]
     return max(parts) if parts else None
 
@@ -212,7 +212,7 @@ class Attempts:
         self._reasons: list[str] = []
         self._deadline: float | None = None
         self._nudge = 0.0  # when to tell the fleet again that this request is starved
-        self._caller = caller_timeout(request)
+        self._timeout = request.extensions.get("timeout") or {}  # the caller's, kept
         self._give_up = request.extensions.get(GIVE_UP)
 
     def lease(
@@ -268,6 +268,11 @@ class Attempts:
         finally:
             if queued:
                 routing.registry.leave_queue()
+
+    @functools.cached_property
+    def _caller(self) -> float | None:
+        """The caller's timeout, read only when the request has to wait for a node."""
+        return caller_timeout(self.request, self._timeout)
 
     def _wait_for(self, wait_for_node: float) -> float:
         caller = self._caller
@@ -396,7 +401,7 @@ class RequestPlan:
         tried: list[str] = []
         while True:
             node, lease = yield from attempts.lease(routing.strategy, self.info, tried)
-            routing.target(self.request, node)
+            routing.nodes.aim(self.request, node)
             try:
                 return (yield from holding(lease, self._send(node, lease, attempts, ours)))
             except Retry as retry:

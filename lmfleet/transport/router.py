@@ -117,7 +117,7 @@ class Router:
         Every planner starts here, so a closed fleet's clients stop here (`check_open`).
         """
         self.check_open(request)
-        models = self.registry.models()
+        models = self.routing.registry.models()
         if request.method == "GET" and (answer := self._models_answer(request, models)):
             plan = RequestPlan(self.routing, request, RequestInfo(role=role))
             plan.immediate = answer

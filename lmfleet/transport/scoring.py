@@ -43,12 +43,12 @@ _PASSED_HEADERS = ("content-type",)
 def may_score(request: httpx2.Request) -> bool:
     """Whether an unparsed request may ask for prompt scoring (a substring test, as the
     router makes for the model: most completions never ask for `echo`)."""
-    if request.method != "POST" or request.url.path != COMPLETIONS:
-        return False
     try:
-        return b'"echo"' in request.content
+        if b'"echo"' not in request.content:
+            return False
     except httpx2.RequestNotRead:
         return False
+    return request.method == "POST" and request.url.path == COMPLETIONS
 
 
 def wants_scoring(request: httpx2.Request, body: dict[str, Any] | None) -> bool:

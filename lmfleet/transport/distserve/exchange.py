@@ -197,7 +197,7 @@ class DistServePlan:
             extensions={"timeout": self._timeout},
         )
         request.headers["Content-Type"] = "application/json"
-        self._routing.target(request, node)
+        self._routing.nodes.aim(request, node)
         return request
 
     def _answer(self, reply: httpx2.Response) -> httpx2.Response:
