@@ -17,6 +17,7 @@ cannot end early: there the connection is dropped, and uvicorn logs that too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -39,7 +40,7 @@ from lmfleet.proxy.asgi import (
     Send,
     read_body,
 )
-from lmfleet.transport.plan import ANSWER_KIND, CALLER_TIMEOUT, GIVE_UP, header_timeout
+from lmfleet.transport.plan import ANSWER_KIND, GIVE_UP, OWN_TIMEOUT
 from lmfleet.transport.request import PARSED_BODY, parse_json
 
 if TYPE_CHECKING:
@@ -119,18 +120,16 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) 
         _placeholder_url(rt, scope),
         headers=_request_headers(scope, bool(rt.options.api_keys)),
         content=body,
-        extensions={"timeout": rt.timeout, GIVE_UP: rt.give_up, **parsed},
+        # The `timeout` extension is the proxy's upstream timeout; the caller's own
+        # (its headers) bounds its wait for a node.
+        extensions={"timeout": rt.timeout, GIVE_UP: rt.give_up, OWN_TIMEOUT: True, **parsed},
     )
-    # The caller's own timeout bounds its wait for a node; the `timeout` extension
-    # is the proxy's upstream timeout, not the caller's.
-    request.extensions[CALLER_TIMEOUT] = header_timeout(request.headers)
     started = time.monotonic()
     # The whole exchange runs under a watch for the caller's disconnect: a caller
     # that gives up while its request waits for a node leaves the admission queue at
     # once (the plan's generator is closed), and one that gives up on an answer being
     # made frees the node (the upstream request is closed).
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
+    with _Watch(receive) as exchange:
         response = await _route(request, send, rt)
         if response is not None:
             try:
@@ -138,7 +137,8 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) 
             finally:
                 with anyio.CancelScope(shield=True):
                     await response.aclose()
-        tg.cancel_scope.cancel()
+    if exchange.cancelled_caught:
+        return  # the caller went away: nobody to answer
 
 
 async def _route(request: httpx2.Request, send: Send, rt: ProxyContext) -> httpx2.Response | None:
@@ -253,10 +253,48 @@ def _error_event(row: answers.Answer, message: str, *, inside_event: bool) -> by
     return b"\n\n" + event if inside_event else event
 
 
-async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    """The body is already read: the next message can only be the disconnect."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
+WATCH_AFTER = 0.5
+"""Seconds an exchange runs before the disconnect watch starts. A watching task costs
+about 70 µs of CPU per request (an anyio task group with one task; a timer and a
+cancel scope cost 7 µs), which fast answers would pay for nothing, and under load
+every answer slows past any shorter bound (docs/benchmarks.md §1). A caller that
+goes away is noticed at most this late: its request leaves the admission queue,
+or its node's slot is freed, within half a second."""
+
+
+class _Watch:
+    """A cancel scope around one exchange, cancelled when the caller disconnects.
+
+    The watch (a task reading the next ASGI message: with the body read, it can only
+    be the disconnect) starts `WATCH_AFTER` seconds in, from a timer: most exchanges
+    with a fast node end before it and pay only the timer."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._scope = anyio.CancelScope()
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> anyio.CancelScope:
+        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start)
+        return self._scope.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        assert self._timer is not None
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+        return bool(self._scope.__exit__(*exc_info))
+
+    def _start(self) -> None:
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    self._scope.cancel()
+                    return
+        except Exception:  # noqa: BLE001 - the server's receive failed: nothing to watch
             return

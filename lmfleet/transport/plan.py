@@ -77,8 +77,12 @@ SDK_TIMEOUT_HEADER = "x-stainless-read-timeout"
 
 CALLER_TIMEOUT = "lmfleet.caller_timeout"
 """Request extension: the caller's own timeout in seconds (None: none known), set by a
-front door whose request `timeout` extension is not the caller's (the proxy's is its
-own upstream timeout)."""
+front door that knows it better than the request's headers and `timeout` do."""
+
+OWN_TIMEOUT = "lmfleet.own_timeout"
+"""Request extension, true when the request's `timeout` extension is the front
+door's own (the proxy's upstream timeout), not the caller's: only the caller's
+headers then say how long it will wait."""
 
 GIVE_UP = "lmfleet.give_up"
 """Request extension: a callable that returns why a waiting request should stop
@@ -193,7 +197,7 @@ def caller_timeout(request: httpx2.Request, timeout: Any = None) -> float | None
         given = request.extensions[CALLER_TIMEOUT]
         return float(given) if given is not None else None
     seconds = header_timeout(request.headers)
-    if seconds is not None:
+    if seconds is not None or request.extensions.get(OWN_TIMEOUT):
         return seconds
     if timeout is None:
         timeout = request.extensions.get("timeout") or {}
