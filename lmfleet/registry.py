@@ -302,11 +302,22 @@ class NodeRegistry:
         exact, floor = request.weight_version, request.min_weight_version
         if exact is not None:
             return [s for s in nodes if s.weight_version == exact]
+        if request.max_staleness is not None:
+            fresh = self._newest() - request.max_staleness
+            floor = fresh if floor is None else max(floor, fresh)
         if self.version_floor is not None:
             floor = self.version_floor if floor is None else max(floor, self.version_floor)
         if floor is not None:
             return [s for s in nodes if s.weight_version >= floor]
         return nodes
+
+    def _newest(self) -> int:
+        """The newest weight version a node of the fleet is at (stopped nodes aside);
+        under the lock. A staleness counts from it."""
+        versions = [
+            s.weight_version for s in self._nodes.values() if s.status is not NodeStatus.STOPPED
+        ]
+        return max(versions, default=self.weight_version)
 
     def release(
         self,

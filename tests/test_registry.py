@@ -147,3 +147,27 @@ def test_hopeless_names_what_no_node_could_ever_give() -> None:
     assert registry.hopeless(RequestInfo(min_weight_version=1)) is None
     registry.brought(1)
     assert "or later" in str(registry.hopeless(RequestInfo(min_weight_version=1)))
+
+
+def test_max_staleness_counts_from_the_newest_node() -> None:
+    registry = NodeRegistry()
+    for url, version in (("http://a:1", 5), ("http://b:1", 4), ("http://c:1", 2)):
+        registry.add(url, weight_version=version)
+        registry.modify(url, lambda s: s.evolve(status=NodeStatus.HEALTHY))
+
+    def eligible(request: RequestInfo) -> list[str]:
+        decision = registry.explain(resolve_strategy("round_robin"), request)
+        return sorted(c.url for c in decision.candidates)
+
+    eligible_by_k = {k: eligible(RequestInfo(max_staleness=k)) for k in (0, 1, 3)}
+    assert eligible_by_k == {
+        0: ["http://a:1"],
+        1: ["http://a:1", "http://b:1"],
+        3: ["http://a:1", "http://b:1", "http://c:1"],
+    }
+    # A floor and a staleness together: the stricter one holds.
+    both = eligible(RequestInfo(max_staleness=3, min_weight_version=4))
+    assert both == ["http://a:1", "http://b:1"]
+    # A stopped node's version is not the fleet's newest.
+    registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.STOPPED))
+    assert eligible(RequestInfo(max_staleness=0)) == ["http://b:1"]

@@ -33,7 +33,7 @@ from openai.types import Completion, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from lmfleet.errors import BatchError, ConfigError, NoHealthyNodeError, install_hint
-from lmfleet.transport.router import WEIGHT_VERSION_HEADER
+from lmfleet.transport.router import MAX_STALENESS_HEADER, WEIGHT_VERSION_HEADER
 
 if TYPE_CHECKING:
     from lmfleet.surface import FleetSurface
@@ -293,6 +293,17 @@ def pin_version(fleet: FleetSurface, ask: VersionAsk, params: dict[str, Any]) ->
     return ask
 
 
+def bound_staleness(k: int | None, params: dict[str, Any]) -> None:
+    """Add the staleness header to `params`: every request of the batch is served by a
+    node within `k` weight versions of the newest in the fleet when it is sent (a
+    rolling update keeps the batch flowing; a trainer bounds how off-policy it is)."""
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError(f"max_staleness must be a number of versions, 0 or more, got {k!r}")
+    params["extra_headers"] = {**(params.get("extra_headers") or {}), MAX_STALENESS_HEADER: str(k)}
+
+
 def _node_of(url: Any) -> str:
     """The node URL (`http://host:port`) a routed response came from."""
     port = f":{url.port}" if url.port is not None else ""
@@ -310,6 +321,7 @@ class BatchOptions:
     weight_version: VersionAsk
     params: dict[str, Any]
     """Passed on to the endpoint's `create` (`max_tokens=...`)."""
+    max_staleness: int | None = None
 
 
 class _Answer(Protocol):
@@ -361,6 +373,7 @@ async def run_requests(
     _check_params(options.params)
     params = dict(options.params)
     pin_version(fleet, options.weight_version, params)
+    bound_staleness(options.max_staleness, params)
     chosen = options.model or fleet.model
     client = fleet.async_client(max_retries=0)  # the batch owns item retries
 

@@ -44,6 +44,7 @@ class NotebookMethods:
         retries: int = 2,
         progress: bool = True,
         weight_version: VersionAsk = None,
+        max_staleness: int | None = None,
         **params: Any,
     ) -> BatchResult[ChatCompletion]:
         """Chat completions for every message list, in input order, never raising mid-batch.
@@ -54,9 +55,13 @@ class NotebookMethods:
         left as `ItemError`s (`result.errors`, `result.summary()`). `params` go to
         `chat.completions.create` (`max_tokens=...`, ...). `weight_version` keeps the
         whole batch on one weight version (a number, or "current": the newest a
-        healthy node serves now), e.g. an RL rollout batch.
+        healthy node serves now), e.g. an RL rollout batch; `max_staleness=k` lets it
+        run on any node within k versions of the newest in the fleet (asynchronous
+        RL through a rolling update).
         """
-        options = BatchOptions(model, concurrency, retries, progress, weight_version, params)
+        options = BatchOptions(
+            model, concurrency, retries, progress, weight_version, params, max_staleness
+        )
         return await batch.run_requests(self._open_fleet(), batch.CHAT, messages_list, options)
 
     chat_many = blocking(achat_many)
@@ -72,11 +77,14 @@ class NotebookMethods:
         retries: int = 2,
         progress: bool = True,
         weight_version: VersionAsk = None,
+        max_staleness: int | None = None,
         **params: Any,
     ) -> BatchResult[Completion]:
         """`achat_many` for plain prompts (`/v1/completions`); `fleet.complete_many(...)`
         waits for it, as `chat_many` does."""
-        options = BatchOptions(model, concurrency, retries, progress, weight_version, params)
+        options = BatchOptions(
+            model, concurrency, retries, progress, weight_version, params, max_staleness
+        )
         return await batch.run_requests(self._open_fleet(), batch.COMPLETIONS, prompts, options)
 
     complete_many = blocking(acomplete_many)

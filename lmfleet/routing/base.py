@@ -33,7 +33,10 @@ class RequestInfo:
     `role` limits the candidates to nodes of that role (DistServe's prefill and
     decode phases); None, the Hybrid default, means any role.
     `weight_version` asks for nodes of exactly that weight version (a batch that
-    must not mix versions), `min_weight_version` for at least that one.
+    must not mix versions), `min_weight_version` for at least that one, and
+    `max_staleness` for nodes within that many versions of the newest in the fleet
+    (asynchronous RL: rollouts keep flowing through a rolling update, off-policy by
+    at most k versions).
     """
 
     model: str | None = None
@@ -41,6 +44,7 @@ class RequestInfo:
     role: NodeRole | None = None
     weight_version: int | None = None
     min_weight_version: int | None = None
+    max_staleness: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -383,6 +383,8 @@ def _wanted(info: RequestInfo) -> str:
         version = f" of weight version {info.weight_version}"
     elif info.min_weight_version is not None:
         version = f" of weight version >= {info.min_weight_version}"
+    if info.max_staleness is not None:
+        version += f" within {info.max_staleness} version(s) of the newest"
     return f"{role}node{model}{version}"
 
 

@@ -40,12 +40,17 @@ WEIGHT_VERSION_HEADER = SERVED_VERSION_HEADER
 the same header says which version served it)."""
 MIN_WEIGHT_VERSION_HEADER = "x-lmfleet-min-weight-version"
 """On a request: serve it only on nodes of at least this weight version."""
+MAX_STALENESS_HEADER = "x-lmfleet-max-staleness"
+"""On a request: serve it only on nodes within this many weight versions of the
+newest one in the fleet (0: the newest only)."""
 _VERSION_FIELDS = (
     ("weight_version", WEIGHT_VERSION_HEADER),
     ("min_weight_version", MIN_WEIGHT_VERSION_HEADER),
+    ("max_staleness", MAX_STALENESS_HEADER),
 )
 """The same asks as body fields (openai's `extra_body`), with the header each mirrors;
 LMDeploy ignores fields it does not know."""
+_ASK_PREFIX = b"x-lmfleet-"
 
 
 class Plan(Protocol):
@@ -138,9 +143,7 @@ class Router:
         if self._affinity_key is not None:
             key = self._affinity_key(request.headers, body)
         try:
-            exact, floor = (
-                _version_ask(request, body, field, header) for field, header in _VERSION_FIELDS
-            )
+            exact, floor, stale = _version_asks(request, body)
         except ValueError as exc:
             info = RequestInfo(role=role)
             plan = RequestPlan(self.routing, request, info)
@@ -153,6 +156,7 @@ class Router:
             role=role,
             weight_version=exact,
             min_weight_version=floor,
+            max_staleness=stale,
         )
         plan = (
             ScoringPlan(self.routing, request, info, body)
@@ -213,32 +217,50 @@ def _names_model(request: httpx2.Request, model: str) -> bool:
 
 
 def _may_ask_version(request: httpx2.Request) -> bool:
-    """Whether an unparsed body may name a weight version (a substring test, as in
-    `_names_model`: parsing every body to look would cost more than routing)."""
+    """Whether an unparsed body may name a weight version or a staleness (a substring
+    test, as in `_names_model`: parsing every body to look would cost more than routing)."""
     try:
         content = request.content
     except httpx2.RequestNotRead:
         return False
-    return b'weight_version"' in content
+    return b'weight_version"' in content or b'max_staleness"' in content
 
 
-def _version_ask(
-    request: httpx2.Request, body: dict[str, Any] | None, field: str, header: str
-) -> int | None:
-    """The weight version the request asks for in `header` or body `field`; ValueError
-    when it is not an integer."""
-    raw: object = request.headers.get(header)
-    where = header
-    if raw is None and body is not None and field in body:
-        raw, where = body[field], field
-    if raw is None:
-        return None
+def _version_asks(
+    request: httpx2.Request, body: dict[str, Any] | None
+) -> tuple[int | None, int | None, int | None]:
+    """(exact version, minimum version, max staleness) the request asks for, in a
+    header or the body field it mirrors; ValueError for one that is not a version (a
+    staleness must not be negative). The headers are read in one pass, and only those
+    named `x-lmfleet-*`: most requests carry none."""
+    asked = {k.lower(): v for k, v in request.headers.raw if k[:10].lower() == _ASK_PREFIX}
+    if not asked and not body:
+        return None, None, None
+    found: list[int | None] = []
+    for field, header in _VERSION_FIELDS:
+        raw: object = asked.get(header.encode())
+        where = header
+        if raw is None and body is not None and field in body:
+            raw, where = body[field], field
+        found.append(None if raw is None else _version(raw, where, field == "max_staleness"))
+    exact, floor, stale = found
+    return exact, floor, stale
+
+
+def _version(raw: object, where: str, staleness: bool) -> int:
+    """`raw` as a whole number of versions; ValueError naming `where` otherwise."""
+    what = "a number of versions, 0 or more" if staleness else "an integer weight version"
+    if isinstance(raw, bytes):
+        raw = raw.decode("latin-1")
     if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-        raise ValueError(f"{where} must be an integer weight version, got {raw!r}")
+        raise ValueError(f"{where} must be {what}, got {raw!r}")
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
-        raise ValueError(f"{where} must be an integer weight version, got {raw!r}") from None
+        raise ValueError(f"{where} must be {what}, got {raw!r}") from None
+    if staleness and value < 0:
+        raise ValueError(f"{where} must be {what}, got {raw!r}")
+    return value
 
 
 def _unknown_model(request: httpx2.Request, model: str, served: list[str]) -> httpx2.Response:

@@ -21,7 +21,7 @@ import pytest
 from support import StartSim, chat, sim_stats, wait_until
 
 from lmfleet import LMFleet, NodeStatus, UpdateTarget
-from lmfleet.errors import NodeCommandError, NoHealthyNodeError, WeightUpdateError
+from lmfleet.errors import ConfigError, NodeCommandError, NoHealthyNodeError, WeightUpdateError
 from lmfleet.sim.weights import payload_digest
 
 UPDATE = [
@@ -203,6 +203,51 @@ def test_a_pinned_batch_never_mixes_versions(fleet: LMFleet, version: int) -> No
     fleet.chat_many(prompts, max_tokens=2, progress=False, concurrency=12)
     assert all(sim_stats(url)["completed"] > old[url] for url in rest)
     fleet.update_weights("level", version=version + 1000, nodes=rest)
+
+
+def test_max_staleness_routes_within_k_versions_of_the_newest(fleet: LMFleet, version: int) -> None:
+    """A rolling update half done: `max_staleness=0` is served only by the updated
+    node, a staleness that covers the gap by every node; through the fleet's client
+    (header), a batch, and the proxy (body field); a negative staleness is a 400."""
+    first, *rest = [n.url for n in fleet.nodes]
+    older = {n.weight_version for n in fleet.nodes if n.url in rest}
+    # Just ahead of every node (later tests count their versions from `version`).
+    newest = max(n.weight_version for n in fleet.nodes) + 1
+    fleet.update_weights("ahead", version=newest, nodes=[first], allow_mixed=True)
+    gap = newest - min(older)
+    old = {n.url: sim_stats(n.url)["completed"] for n in fleet.nodes}
+    client = fleet.client(max_retries=0)
+    fresh = {"x-lmfleet-max-staleness": "0"}
+    for _ in range(6):
+        chat(client, fleet.model, "fresh only", max_tokens=2, extra_headers=fresh)
+    done = {n.url: sim_stats(n.url)["completed"] - old[n.url] for n in fleet.nodes}
+    assert done[first] == 6 and all(done[url] == 0 for url in rest)
+    prompts = [[{"role": "user", "content": f"s{i}"}] for i in range(12)]
+    batch = fleet.chat_many(
+        prompts, max_staleness=gap, max_tokens=2, progress=False, concurrency=12
+    )
+    assert len(batch.ok) == 12
+    assert all(sim_stats(url)["completed"] > old[url] for url in rest)
+    with pytest.raises(ConfigError, match="0 or more"):
+        fleet.chat_many(prompts, max_staleness=-1, progress=False)
+    proxy = fleet.serve(port=0)
+    try:
+        body = {"model": fleet.model, "messages": prompts[0], "max_tokens": 2}
+        answer = httpx2.post(
+            proxy.url + "/v1/chat/completions", json={**body, "max_staleness": 0}, timeout=10
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-lmfleet-weight-version"] == str(newest)
+        refused = httpx2.post(
+            proxy.url + "/v1/chat/completions",
+            json=body,
+            headers={"x-lmfleet-max-staleness": "-1"},
+            timeout=10,
+        )
+        assert refused.status_code == 400 and "0 or more" in refused.json()["message"]
+    finally:
+        proxy.stop()
+    fleet.update_weights("level", version=newest, nodes=rest)
 
 
 def test_without_mixing_new_requests_go_only_to_the_new_version(
