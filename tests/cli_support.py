@@ -140,3 +140,10 @@ def help_gaps(parser: argparse.ArgumentParser) -> list[str]:
         if "default" not in text or not said:
             gaps.append(f"{flag}: its help does not state its default {default!r}: {text!r}")
     return gaps
+
+
+def group_of(parser: argparse.ArgumentParser, flag: str) -> str | None:
+    """The title of the argument group `flag` is listed under."""
+    return next(
+        g.title for g in parser._action_groups for a in g._group_actions if flag in a.option_strings
+    )

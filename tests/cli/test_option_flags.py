@@ -11,7 +11,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import pytest
-from cli_support import help_gaps, help_text, subcommand_parser
+from cli_support import group_of, help_gaps, help_text, subcommand_parser
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 
@@ -190,3 +190,34 @@ def test_a_flag_must_state_its_default() -> None:
 
     with pytest.raises(TypeError, match=r"--limit: say what leaving it out means"):
         add_flags(argparse.ArgumentParser(), Unsaid)
+
+
+class Knobs(BaseModel):
+    """A flat model whose flags use `const`, `choices`, `parse` and `section`."""
+
+    level: Annotated[Literal["low", "high"], Flag("--level", help="how loud", parse=str.lower)] = (
+        "low"
+    )
+    status: Annotated[int, Flag("--status", help="status", choices=(500, 503), section="x")] = 500
+    fault: Annotated[
+        Literal["down", "slow"] | None, Flag("--down", help="be down", const="down", section="x")
+    ] = None
+
+
+def test_flag_const_choices_parse_and_section() -> None:
+    parser = argparse.ArgumentParser()
+    extra = parser.add_argument_group("extra")
+    add_flags(parser, Knobs, sections={"x": extra})
+    assert group_of(parser, "--status") == group_of(parser, "--down") == "extra"
+    assert help_text(parser, "--status") == "status (default 500)"
+    assert help_text(parser, "--down") == "be down"
+
+    def built(*argv: str) -> Knobs:
+        return with_values(Knobs, None, given(parser.parse_args(argv), Knobs))
+
+    assert built() == Knobs()
+    assert built("--level", "HIGH", "--status", "503", "--down") == Knobs(
+        level="high", status=503, fault="down"
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--status", "502"])

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import pytest
-from cli_support import help_gaps, help_text, subcommand_parser
-from pydantic import BaseModel
+from cli_support import group_of, help_gaps, subcommand_parser
 from pydantic.fields import FieldInfo
 
-from lmfleet.config import Flag, add_flags, flag_of, given, option_fields, with_values
+from lmfleet.config import Flag, flag_of, option_fields
 from lmfleet.errors import ConfigError
 from lmfleet.sim.cli import options_from_args
 from lmfleet.sim.options import SimOptions
@@ -87,12 +85,6 @@ def test_the_flags_and_their_lmdeploy_spellings_stay() -> None:
     assert names == lmdeploy | sim | {"-h", "--help", "--debug"}
 
 
-def group_of(parser: argparse.ArgumentParser, flag: str) -> str | None:
-    return next(
-        g.title for g in parser._action_groups for a in g._group_actions if flag in a.option_strings
-    )
-
-
 def test_the_flags_keep_their_groups() -> None:
     parser = subcommand_parser("sim")
     assert group_of(parser, "--host") == group_of(parser, "--help")
@@ -143,34 +135,3 @@ def test_a_bad_value_is_a_config_error() -> None:
     parser = subcommand_parser("sim")
     with pytest.raises(ConfigError, match="speed"):
         options_from_args(parser.parse_args(["--speed", "0"]))
-
-
-class Knobs(BaseModel):
-    """A flat model whose flags use `const`, `choices`, `parse` and `section`."""
-
-    level: Annotated[Literal["low", "high"], Flag("--level", help="how loud", parse=str.lower)] = (
-        "low"
-    )
-    status: Annotated[int, Flag("--status", help="status", choices=(500, 503), section="x")] = 500
-    fault: Annotated[
-        Literal["down", "slow"] | None, Flag("--down", help="be down", const="down", section="x")
-    ] = None
-
-
-def test_flag_const_choices_parse_and_section() -> None:
-    parser = argparse.ArgumentParser()
-    extra = parser.add_argument_group("extra")
-    add_flags(parser, Knobs, sections={"x": extra})
-    assert group_of(parser, "--status") == group_of(parser, "--down") == "extra"
-    assert help_text(parser, "--status") == "status (default 500)"
-    assert help_text(parser, "--down") == "be down"
-
-    def built(*argv: str) -> Knobs:
-        return with_values(Knobs, None, given(parser.parse_args(argv), Knobs))
-
-    assert built() == Knobs()
-    assert built("--level", "HIGH", "--status", "503", "--down") == Knobs(
-        level="high", status=503, fault="down"
-    )
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--status", "502"])
