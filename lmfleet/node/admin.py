@@ -178,6 +178,28 @@ class FleetAdmin:
 
         await self._each(self.targets(nodes), one)
 
+    async def abort(self, nodes: Sequence[str] | None = None) -> list[str]:
+        """Abort every request in flight on nodes (all, or `nodes`) through the
+        engine's abort route; their callers get what was generated so far, ended
+        with `finish_reason: "abort"`. The URLs aborted; `NodeCommandError` names
+        every node that could not (LMDeploy 0.18 aborts only when started with
+        `--enable-abort-handling`)."""
+        urls = self.targets(nodes)
+
+        async def one(url: str) -> None:
+            try:
+                await self.nodes.abort(self._registry.get(url), None, self._options.admin_timeout)
+            except NodeCallError as exc:
+                if exc.status == 501:
+                    raise NodeCommandError(
+                        f"{url} cannot abort: it was started without --enable-abort-handling "
+                        "(LMDeploy 0.18 aborts requests only with it)"
+                    ) from exc
+                raise
+
+        await self._each(urls, one)
+        return urls
+
     async def drain(self, url: str, timeout: float | None = None) -> bool:
         """No new requests for `url`; wait (bounded) for its in-flight ones; then `stopped`."""
         url = self._registry.get(url).url

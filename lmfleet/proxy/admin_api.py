@@ -169,6 +169,12 @@ async def wakeup(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -
     await send_json(send, 200, {"message": "awake", "tags": tags, "nodes": _urls(rt, nodes)})
 
 
+async def abort(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
+    nodes = _query(scope).get("node") or None
+    aborted = await rt.fleet.admin.abort(nodes)
+    await send_json(send, 200, {"message": "aborted", "nodes": aborted})
+
+
 async def drain(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     try:
         body = await read_json(scope, receive, ADMIN_BODY_LIMIT)

@@ -51,6 +51,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/fleet/sleep": {"POST": admin_api.sleep},
     "/fleet/wakeup": {"POST": admin_api.wakeup},
     "/fleet/drain": {"POST": admin_api.drain},
+    "/fleet/abort": {"POST": admin_api.abort},
     "/fleet/update_weights": {"POST": admin_api.update_weights},
     "/distserve/connection_warmup": {"POST": distserve_api.connection_warmup},
     "/distserve/gc": {"POST": distserve_api.gc},
