@@ -28,6 +28,15 @@ def parse_json(content: bytes) -> tuple[Any, str | None]:
         return None, f"The request body is not valid JSON: {exc}"
 
 
+def body_bytes(request: httpx2.Request) -> bytes:
+    """The request's body as it is in memory; empty for none, and for a streamed
+    upload never read (routing does not read one: it is forwarded as it streams)."""
+    try:
+        return request.content
+    except httpx2.RequestNotRead:
+        return b""
+
+
 def json_body(request: httpx2.Request) -> dict[str, Any] | None:
     """The request's JSON object body, or None (empty, not JSON, not an object, or a
     streamed upload that was never read); parsed on first use, then kept."""
@@ -35,10 +44,7 @@ def json_body(request: httpx2.Request) -> dict[str, Any] | None:
     if PARSED_BODY in extensions:
         body = extensions[PARSED_BODY]
     else:
-        try:
-            content = request.content
-        except httpx2.RequestNotRead:
-            return None
+        content = body_bytes(request)
         body = parse_json(content)[0] if content else None
         extensions[PARSED_BODY] = body
     return body if isinstance(body, dict) else None

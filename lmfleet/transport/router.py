@@ -31,7 +31,7 @@ from lmfleet.transport.plan import (
     StarvedHook,
     error_answer,
 )
-from lmfleet.transport.request import PARSED_BODY, json_body
+from lmfleet.transport.request import PARSED_BODY, body_bytes, json_body
 from lmfleet.transport.scoring import ScoringPlan, may_score, wants_scoring
 from lmfleet.transport.steps import Steps
 
@@ -50,6 +50,8 @@ _VERSION_FIELDS = (
 )
 """The same asks as body fields (openai's `extra_body`), with the header each mirrors;
 LMDeploy ignores fields it does not know."""
+_ASKS = tuple((field, header, header.encode()) for field, header in _VERSION_FIELDS)
+"""Each ask's field, header and header as sent (bytes), spelt out once."""
 _ASK_PREFIX = b"x-lmfleet-"
 
 
@@ -128,13 +130,14 @@ class Router:
             plan.immediate = answer
             return plan
         body = None
+        content = body_bytes(request)  # unparsed: substring tests settle most requests
         if (
             PARSED_BODY in request.extensions
             or len(models) > 1
             or self._affinity_key is not None
-            or (models and not _names_model(request, models[0]))
-            or _may_ask_version(request)
-            or may_score(request)
+            or (models and not _names_model(content, models[0]))
+            or _may_ask_version(content)
+            or may_score(request, content)
         ):
             body = json_body(request)
         model = body.get("model") if body is not None else None
@@ -200,7 +203,7 @@ def _model_fields(model: str) -> tuple[bytes, ...]:
     return tuple(b'"model"' + sep + name for name in names for sep in (b":", b": "))
 
 
-def _names_model(request: httpx2.Request, model: str) -> bool:
+def _names_model(content: bytes, model: str) -> bool:
     """Whether the body has a `"model"` field naming `model`, the one served, unparsed.
 
     With one model served routing needs nothing from the body, and parsing it costs
@@ -209,20 +212,12 @@ def _names_model(request: httpx2.Request, model: str) -> bool:
     substring search settles the common case; a body it cannot settle is parsed.
     No body, or one not in memory (a stream), has nothing to check here.
     """
-    try:
-        content = request.content
-    except httpx2.RequestNotRead:
-        return True
     return not content or any(field in content for field in _model_fields(model))
 
 
-def _may_ask_version(request: httpx2.Request) -> bool:
+def _may_ask_version(content: bytes) -> bool:
     """Whether an unparsed body may name a weight version or a staleness (a substring
     test, as in `_names_model`: parsing every body to look would cost more than routing)."""
-    try:
-        content = request.content
-    except httpx2.RequestNotRead:
-        return False
     return b'weight_version"' in content or b'max_staleness"' in content
 
 
@@ -237,8 +232,8 @@ def _version_asks(
     if not asked and not body:
         return None, None, None
     found: list[int | None] = []
-    for field, header in _VERSION_FIELDS:
-        raw: object = asked.get(header.encode())
+    for field, header, raw_header in _ASKS:
+        raw: object = asked.get(raw_header)
         where = header
         if raw is None and body is not None and field in body:
             raw, where = body[field], field

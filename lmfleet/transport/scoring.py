@@ -40,15 +40,11 @@ SAMPLING = ("temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty
 _PASSED_HEADERS = ("content-type",)
 
 
-def may_score(request: httpx2.Request) -> bool:
-    """Whether an unparsed request may ask for prompt scoring (a substring test, as the
-    router makes for the model: most completions never ask for `echo`)."""
-    try:
-        if b'"echo"' not in request.content:
-            return False
-    except httpx2.RequestNotRead:
-        return False
-    return request.method == "POST" and request.url.path == COMPLETIONS
+def may_score(request: httpx2.Request, content: bytes) -> bool:
+    """Whether a request whose unparsed body is `content` may ask for prompt scoring
+    (a substring test, as the router makes for the model: most completions never ask
+    for `echo`)."""
+    return b'"echo"' in content and request.method == "POST" and request.url.path == COMPLETIONS
 
 
 def wants_scoring(request: httpx2.Request, body: dict[str, Any] | None) -> bool:
@@ -150,8 +146,9 @@ class ScoringPlan(RequestPlan):
     ) -> Steps[dict[str, Any] | httpx2.Response]:
         """One `/generate` on `node`: its JSON, or the node's refusal as the caller's
         answer (the lease ended), or `Retry` for a node failure."""
-        request = self.routing.nodes.request(node, "POST", GENERATE, json=body, timeout=0)
-        request.extensions = {**self.request.extensions}  # the caller's timeouts
+        # The routed request's timeouts (the first-byte bound applied), not a command's.
+        timeout = self.request.extensions.get("timeout", {})
+        request = self.routing.nodes.request(node, "POST", GENERATE, json=body, timeout=timeout)
         reply = yield Call(request)
         if not isinstance(reply, httpx2.Response):
             attempts.transport_failed(lease, reply, "", ours)
