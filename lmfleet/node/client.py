@@ -22,7 +22,7 @@ Two wires carry these requests, chosen by how often they are sent (measured:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx2
@@ -92,6 +92,12 @@ def call_failed(node: str, request: httpx2.Request, outcome: Any) -> NodeCallErr
     return NodeCallError(node, request.method, path, status=None, detail=detail)
 
 
+def _phases(timeout: float | Mapping[str, float | None]) -> dict[str, float | None]:
+    if isinstance(timeout, Mapping):
+        return dict(timeout)
+    return {phase: timeout for phase in ("connect", "read", "write", "pool")}
+
+
 class UrlCache:
     """Parsed `httpx2.URL`s by (base, path): parsing one is the costliest step of
     aiming a request, and requests go to a handful of paths on a handful of nodes.
@@ -144,9 +150,11 @@ class NodeClient:
         *,
         params: Params | None = None,
         json: Any = None,
-        timeout: float,
+        timeout: float | Mapping[str, float | None],
     ) -> httpx2.Request:
-        """A command to `node`, ready to send (by `call`, or by a transport's step)."""
+        """A command to `node`, ready to send (by `call`, or by a transport's step).
+        `timeout`: seconds for every phase, or httpx2's per-phase mapping (a routed
+        request's own timeouts, when the command stands in for it)."""
         headers = dict(auth_headers(node.api_key))
         if json is not None or method == "POST":
             # LMDeploy answers /sleep and /wakeup, which have no body, 400 without it.
@@ -157,7 +165,7 @@ class NodeClient:
             params=tuple(params) if params else None,
             json=json,
             headers=headers,
-            extensions={"timeout": {k: timeout for k in ("connect", "read", "write", "pool")}},
+            extensions={"timeout": _phases(timeout)},
         )
 
     def probe(self, node: Node, paths: tuple[str, ...]) -> ProbeRequest:
@@ -239,22 +247,15 @@ class NodeClient:
 
     async def terminate(self, node: Node, timeout: float) -> None:
         """Ask the node's process to exit; `NodeCallError` where it won't or can't."""
-        if self.profile.terminate is None:
-            raise NodeCallError(
-                node.url, "GET", "/terminate", status=None, detail="the engine has no such route"
-            )
-        await self.call(node, "GET", self.profile.terminate, timeout=timeout)
+        path = _offered(node, "GET", self.profile.terminate, "/terminate")
+        await self.call(node, "GET", path, timeout=timeout)
 
     async def abort(self, node: Node, session_id: int | None, timeout: float) -> None:
         """Abort one request (its engine session) or, with None, every request on the
         node; `NodeCallError` where the engine cannot (LMDeploy: 501 without
         `--enable-abort-handling`, 400 for a session it does not know)."""
         profile = self.profile
-        path = profile.abort
-        if path is None:
-            raise NodeCallError(
-                node.url, "POST", "/abort", status=None, detail="the engine has no such route"
-            )
+        path = _offered(node, "POST", profile.abort, "/abort")
         await self.call(node, "POST", path, json=profile.abort_body(session_id), timeout=timeout)
 
     async def weights_backend(self, node: Node, timeout: float) -> str | None:
@@ -273,3 +274,12 @@ class NodeClient:
         except NodeCallError:
             return None
         return body.get(name) if isinstance(body, dict) else None
+
+
+def _offered(node: Node, method: str, path: str | None, what: str) -> str:
+    """The engine's path for a command it must have; `NodeCallError` where it has none."""
+    if path is None:
+        raise NodeCallError(
+            node.url, method, what, status=None, detail="the engine has no such route"
+        )
+    return path

@@ -75,10 +75,6 @@ a wait for a node never outlasts it."""
 SDK_TIMEOUT_HEADER = "x-stainless-read-timeout"
 """The timeout openai's SDKs send with every request (their read timeout, seconds)."""
 
-CALLER_TIMEOUT = "lmfleet.caller_timeout"
-"""Request extension: the caller's own timeout in seconds (None: none known), set by a
-front door that knows it better than the request's headers and `timeout` do."""
-
 OWN_TIMEOUT = "lmfleet.own_timeout"
 """Request extension, true when the request's `timeout` extension is the front
 door's own (the proxy's upstream timeout), not the caller's: only the caller's
@@ -183,24 +179,18 @@ def header_timeout(headers: httpx2.Headers) -> float | None:
     return None
 
 
-def caller_timeout(request: httpx2.Request, timeout: Any = None) -> float | None:
+def caller_timeout(request: httpx2.Request, timeout: Any) -> float | None:
     """How long the caller will wait for this request, if it says (seconds).
 
-    A front door that knows better says so in `CALLER_TIMEOUT`; otherwise the
-    headers (`header_timeout`), then the request's `timeout` extension as the
-    caller set it (`timeout`: the plan lowers the read timeout to the first-byte
-    bound, replacing the extension's dict, so a plan keeps the caller's), which an
-    httpx2 client fills from its timeout: the larger of its pool and read parts
-    (waiting for a node is waiting for a connection, then for an answer).
+    Its headers say so first (`header_timeout`); else its `timeout` extension as the
+    caller set it (`timeout`, kept by the plan before it lowers the read timeout to
+    the first-byte bound), which an httpx2 client fills from its timeout: the larger
+    of its pool and read parts (waiting for a node is waiting for a connection, then
+    for an answer). Not where that extension is the front door's own (`OWN_TIMEOUT`).
     """
-    if CALLER_TIMEOUT in request.extensions:
-        given = request.extensions[CALLER_TIMEOUT]
-        return float(given) if given is not None else None
     seconds = header_timeout(request.headers)
     if seconds is not None or request.extensions.get(OWN_TIMEOUT):
         return seconds
-    if timeout is None:
-        timeout = request.extensions.get("timeout") or {}
     parts = [t for t in (timeout.get("pool"), timeout.get("read")) if t is not None]
     return max(parts) if parts else None
 
