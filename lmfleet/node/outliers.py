@@ -59,6 +59,8 @@ def judge(
     if not failed:
         if state.probation:
             state = state.evolve(probation=False, ejections=0)
+        if state.streak == 0 and state.error_rate == rate and state.recent_answers == recent:
+            return state, None  # the common success: nothing to record
         return state.evolve(streak=0, error_rate=rate, recent_answers=recent), None
     state = state.evolve(streak=state.streak + 1, error_rate=rate, recent_answers=recent)
     if not options.enabled or state.status is not NodeStatus.HEALTHY:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
@@ -108,8 +109,29 @@ class NodeState:
         return model is None or model in self.models
 
     def evolve(self, **changes: object) -> NodeState:
-        """A copy with `changes` applied (the only way a snapshot "changes")."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        """A copy with `changes` applied (the only way a snapshot "changes").
+
+        Every routed request evolves its node's state two or three times under the
+        registry's lock, so this copies the slots directly: `dataclasses.replace`
+        (which calls `__init__` by keyword) took 6 µs of the proxy's ~300 µs per
+        request, this 2.5 µs. Nothing is validated either way (the fields are
+        annotations); an unknown name is still a `TypeError`."""
+        values = list(_ALL_FIELDS(self))
+        for name, value in changes.items():
+            index = _FIELD_INDEX.get(name)
+            if index is None:
+                raise TypeError(f"NodeState has no field {name!r}")
+            values[index] = value
+        copy = object.__new__(NodeState)
+        for setter, value in zip(_FIELD_SETTERS, values, strict=True):
+            setter(copy, value)
+        return copy
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(NodeState))
+_ALL_FIELDS = operator.attrgetter(*_FIELD_NAMES)
+_FIELD_INDEX = {name: index for index, name in enumerate(_FIELD_NAMES)}
+_FIELD_SETTERS = tuple(getattr(NodeState, name).__set__ for name in _FIELD_NAMES)
 
 
 def parse_speed(value: object, where: str) -> float | None:

@@ -126,6 +126,7 @@ class ProxyApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if runtime is not None:
+                    await runtime.exchanges.aclose()
                     await runtime.transport.aclose()
                     if runtime.distserve_transport is not None:
                         await runtime.distserve_transport.aclose()

@@ -70,13 +70,16 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 
 async def read_body(
-    scope: Scope, receive: Receive, limit: int, timeout: float = BODY_TIMEOUT
+    scope: Scope, receive: Receive, limit: int, timeout: float | None = BODY_TIMEOUT
 ) -> bytes:
     """The whole request body; `BodyTooLarge` from Content-Length or while counting,
-    `BodyTimeout` when it takes longer than `timeout` seconds to arrive."""
+    `BodyTimeout` when it takes longer than `timeout` seconds to arrive (None: the
+    caller bounds the wait, as the forwarding route's exchange does)."""
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
+    if timeout is None:
+        return await _receive_all(receive, limit)
     try:
         with anyio.fail_after(timeout):
             return await _receive_all(receive, limit)

@@ -17,6 +17,7 @@ import httpx2
 from lmfleet.answers import Answer
 from lmfleet.node.client import UrlCache
 from lmfleet.proxy.asgi import Receive, Scope, Send, send_error
+from lmfleet.proxy.exchanges import Exchanges
 from lmfleet.proxy.metrics import ProxyMetrics
 from lmfleet.proxy.options import ProxyOptions
 from lmfleet.surface import FleetSurface
@@ -40,6 +41,8 @@ class ProxyContext:
     """Set by `stop()`: the proxy is shutting down."""
     streams: set[anyio.CancelScope] = field(default_factory=set)
     """The scopes of the streams being relayed now, for `stop()` to cut."""
+    exchanges: Exchanges = field(default_factory=Exchanges)
+    """The forwarded requests open now, swept for late bodies and callers gone."""
 
     async def answer(
         self,

@@ -17,7 +17,6 @@ cannot end early: there the connection is dropped, and uvicorn logs that too.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -33,6 +32,7 @@ from lmfleet.errors import (
     RoutingError,
 )
 from lmfleet.proxy.asgi import (
+    BodyTimeout,
     BodyTooLarge,
     ClientGone,
     Receive,
@@ -45,6 +45,7 @@ from lmfleet.transport.request import PARSED_BODY, parse_json
 
 if TYPE_CHECKING:
     from lmfleet.proxy.context import ProxyContext
+    from lmfleet.proxy.exchanges import Exchange
 
 log = logging.getLogger("lmfleet.proxy")
 
@@ -103,19 +104,45 @@ def _placeholder_url(rt: ProxyContext, scope: Scope) -> httpx2.URL:
 
 
 async def forward(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
+    response: httpx2.Response | None = None
     try:
-        body = await read_body(scope, receive, rt.options.max_body_bytes, rt.options.body_timeout)
+        # The whole exchange runs in one scope that the proxy's sweep cancels when
+        # the body is late or the caller disconnects (lmfleet/proxy/exchanges.py): a
+        # caller that gives up while its request waits for a node leaves the
+        # admission queue (the plan's generator is closed), and one that gives up on
+        # an answer being made frees the node (the upstream request is closed).
+        with rt.exchanges.open(receive, rt.options.body_timeout) as exchange:
+            request = await _read_request(scope, receive, send, rt, exchange)
+            if request is not None:
+                started = time.monotonic()
+                response = await _route(request, send, rt)
+                if response is not None:
+                    await _relay(response, request.url, send, rt, started)
+    finally:
+        if response is not None:  # outside the exchange's scope: never cut short
+            await response.aclose()
+    if exchange.body_late:
+        raise BodyTimeout
+
+
+async def _read_request(
+    scope: Scope, receive: Receive, send: Send, rt: ProxyContext, exchange: Exchange
+) -> httpx2.Request | None:
+    """The request to route, or None once the caller was answered (or went away)."""
+    try:
+        body = await read_body(scope, receive, rt.options.max_body_bytes, timeout=None)
     except BodyTooLarge:
         message = f"The request body is over {rt.options.max_body_bytes} bytes."
         await rt.answer(send, answers.BODY_TOO_LARGE, message)
-        return
+        return None
     except ClientGone:
-        return
+        return None
+    exchange.body_read()
     parsed, problem = _parse(scope, body)
     if problem is not None:
         await rt.answer(send, answers.BAD_JSON, problem)
-        return
-    request = httpx2.Request(
+        return None
+    return httpx2.Request(
         scope["method"],
         _placeholder_url(rt, scope),
         headers=_request_headers(scope, bool(rt.options.api_keys)),
@@ -124,21 +151,6 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) 
         # (its headers) bounds its wait for a node.
         extensions={"timeout": rt.timeout, GIVE_UP: rt.give_up, OWN_TIMEOUT: True, **parsed},
     )
-    started = time.monotonic()
-    # The whole exchange runs under a watch for the caller's disconnect: a caller
-    # that gives up while its request waits for a node leaves the admission queue at
-    # once (the plan's generator is closed), and one that gives up on an answer being
-    # made frees the node (the upstream request is closed).
-    with _Watch(receive) as exchange:
-        response = await _route(request, send, rt)
-        if response is not None:
-            try:
-                await _relay(response, request.url, send, rt, started)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
-    if exchange.cancelled_caught:
-        return  # the caller went away: nobody to answer
 
 
 async def _route(request: httpx2.Request, send: Send, rt: ProxyContext) -> httpx2.Response | None:
@@ -251,50 +263,3 @@ def _error_event(row: answers.Answer, message: str, *, inside_event: bool) -> by
     body = error_body(message, code=row.status, type=row.error_type)
     event = b"data: " + json.dumps({"error": body}).encode() + b"\n\n"
     return b"\n\n" + event if inside_event else event
-
-
-WATCH_AFTER = 0.5
-"""Seconds an exchange runs before the disconnect watch starts. A watching task costs
-about 70 µs of CPU per request (an anyio task group with one task; a timer and a
-cancel scope cost 7 µs), which fast answers would pay for nothing, and under load
-every answer slows past any shorter bound (docs/benchmarks.md §1). A caller that
-goes away is noticed at most this late: its request leaves the admission queue,
-or its node's slot is freed, within half a second."""
-
-
-class _Watch:
-    """A cancel scope around one exchange, cancelled when the caller disconnects.
-
-    The watch (a task reading the next ASGI message: with the body read, it can only
-    be the disconnect) starts `WATCH_AFTER` seconds in, from a timer: most exchanges
-    with a fast node end before it and pay only the timer."""
-
-    def __init__(self, receive: Receive) -> None:
-        self._receive = receive
-        self._scope = anyio.CancelScope()
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def __enter__(self) -> anyio.CancelScope:
-        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start)
-        return self._scope.__enter__()
-
-    def __exit__(self, *exc_info: Any) -> bool:
-        assert self._timer is not None
-        self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
-        return bool(self._scope.__exit__(*exc_info))
-
-    def _start(self) -> None:
-        self._task = asyncio.ensure_future(self._watch())
-
-    async def _watch(self) -> None:
-        try:
-            while True:
-                message = await self._receive()
-                if message["type"] == "http.disconnect":
-                    self._scope.cancel()
-                    return
-        except Exception:  # noqa: BLE001 - the server's receive failed: nothing to watch
-            return
