@@ -98,6 +98,13 @@ first byte comes with its last token, so generations longer than this must strea
 or raise it (docs/guide/failover.md)."""
 
 
+DEFAULT_STALL_TIMEOUT = 10.0
+"""Ten seconds without a token, once the first came, is a hung node: the longest gap a
+healthy LMDeploy node leaves between two tokens of a running generation is a prefill
+of other requests batched in between (seconds for a very long prompt), not more. The
+first token keeps the generous `first_byte_timeout` (a long prompt's prefill)."""
+
+
 class OutlierOptions(_Options):
     """Outlier ejection from answers, Envoy's model (docs/guide/failover.md).
 
@@ -172,6 +179,19 @@ class RoutingOptions(_Options):
         gt=0,
         description="seconds a node may stay silent before its first response byte "
         "(then the attempt fails over); None: only the caller's timeout",
+    )
+    stall_timeout: Annotated[
+        float | None,
+        Flag(
+            "--stall-timeout",
+            help="seconds a node followed token by token (/generate) may stay silent "
+            "after its first token, then the generation continues on another node",
+        ),
+    ] = Field(
+        default=DEFAULT_STALL_TIMEOUT,
+        gt=0,
+        description="seconds a followed generation's node may stay silent between "
+        "tokens (then it continues elsewhere); None: the first-byte bound only",
     )
     backoff: float = Field(
         default=0.05, ge=0, description="first pause between failover attempts (jittered)"

@@ -140,6 +140,7 @@ class NodeRegistry:
         self._active: dict[str, float] = {}
         self._waiting = 0
         self._bringing: dict[int, int] = {}  # weight version -> updates bringing it now
+        self._continuing: set[str] = set()  # nodes whose cut generations go on elsewhere
 
     def _models_changed(self) -> None:
         # Called under the lock whenever membership or a node's models change, so
@@ -384,6 +385,19 @@ class NodeRegistry:
         key = self._key(url)
         with self._lock:
             return list(self._recent.get(key, ())), self._tokens.get(key, 0)
+
+    def continue_cut(self, url: str, on: bool) -> None:
+        """While on, a generation that `url` aborts is continued on another node rather
+        than ended (a weight update with `in_flight="continue"` sleeping it)."""
+        with self._lock:
+            if on:
+                self._continuing.add(url)
+            else:
+                self._continuing.discard(url)
+
+    def continues(self, url: str) -> bool:
+        """Whether a generation `url` aborts now goes on elsewhere (`continue_cut`)."""
+        return url in self._continuing
 
     def mark_failed(self, url: str, message: str) -> None:
         """Passive check: a real request failed to reach the node; open the circuit now."""

@@ -23,7 +23,7 @@ from lmfleet.runtime import FleetRuntime
 from lmfleet.transport import Planner, Router
 from lmfleet.transport.distserve import DistServe
 from lmfleet.weights.bodies import Payload
-from lmfleet.weights.session import UpdateResult
+from lmfleet.weights.session import InFlight, UpdateResult
 
 
 class FleetSurface(Protocol):
@@ -87,6 +87,7 @@ class FleetSurface(Protocol):
         rolling: bool | int = False,
         level: int = 1,
         allow_mixed: bool | None = None,
+        in_flight: InFlight = "drain",
     ) -> UpdateResult: ...
 
     def async_client(

@@ -23,6 +23,7 @@ from lmfleet.transport.models import (
     model_named,
     unknown_model_message,
 )
+from lmfleet.weights.session import IN_FLIGHT
 
 if TYPE_CHECKING:
     from lmfleet.proxy.context import ProxyContext
@@ -195,7 +196,8 @@ async def update_weights(scope: Scope, receive: Receive, send: Send, rt: ProxyCo
 
     Body: `version` (int), `payload` (one `UpdateParamsRequest` body or serialized
     string, a list of them, or `{node URL: bodies}`), optional `nodes`, `rolling`
-    (false or a number of nodes), `level` (1 or 2), `allow_mixed`. Answers the
+    (false or a number of nodes), `level` (1 or 2), `allow_mixed`, `in_flight`
+    ("drain", "abort" or "continue"). Answers the
     result (`updated`, `failed` with reasons, `seconds`); 501 when a node cannot load
     weights online (the message names the server flag), 502 when every node failed.
     """
@@ -222,6 +224,9 @@ async def update_weights(scope: Scope, receive: Receive, send: Send, rt: ProxyCo
     allow_mixed = body.get("allow_mixed")
     if allow_mixed is not None and not isinstance(allow_mixed, bool):
         raise BadRequest("allow_mixed must be true or false")
+    in_flight = body.get("in_flight", "drain")
+    if in_flight not in IN_FLIGHT:
+        raise BadRequest(f"in_flight must be one of {', '.join(IN_FLIGHT)}")
     try:
         result = await rt.fleet.aupdate_weights(
             payload,
@@ -230,6 +235,7 @@ async def update_weights(scope: Scope, receive: Receive, send: Send, rt: ProxyCo
             rolling=rolling,
             level=level,
             allow_mixed=allow_mixed,
+            in_flight=in_flight,
         )
     except WeightUpdateUnsupportedError as exc:
         await rt.answer(send, answers.WEIGHT_UPDATE_UNSUPPORTED, str(exc))

@@ -26,6 +26,7 @@ class Faults:
     hang_health: bool = False
     crash_after: int | None = None
     drop_stream_after: int | None = None
+    stall_stream_after: int | None = None
     health: str | None = None
     # /update_weights (and /update_weights_from_distributed) answer this status.
     update_weights_error: int | None = None
@@ -41,6 +42,7 @@ class Faults:
             hang_health=options.hang_health,
             crash_after=options.crash_after,
             drop_stream_after=options.drop_stream_after,
+            stall_stream_after=options.stall_stream_after,
             health=options.health_fault,
             update_weights_error=options.update_weights_error,
             rng=random.Random(options.seed),
@@ -80,7 +82,7 @@ def _check(key: str, value: Any) -> None:
         ok = value is None or (
             isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599
         )
-    elif key in ("crash_after", "drop_stream_after"):
+    elif key in ("crash_after", "drop_stream_after", "stall_stream_after"):
         ok = value is None or (
             isinstance(value, int) and not isinstance(value, bool) and value >= 0
         )

@@ -173,17 +173,21 @@ async def serve(
     `extra`: fields added to a non-streamed answer (a DistServe prefill's cache ids).
     """
     options = rt.options
-    seed = options.seed if req.seed is None else req.seed
+    seed = weights_seed(options.seed if req.seed is None else req.seed, rt.weights.last_digest)
+    resumed = req.resumed
     outputs = [
-        generate(
-            prompt,
-            seed=seed,
-            index=j,
-            max_tokens=req.max_tokens,
-            output_tokens=options.output_tokens,
-            output_tokens_max=options.output_tokens_max,
-            stop=req.stop,
-            ignore_eos=req.ignore_eos,
+        resume(
+            generate(
+                prompt,
+                seed=seed,
+                index=j,
+                max_tokens=None if req.max_tokens is None else req.max_tokens + resumed,
+                output_tokens=options.output_tokens,
+                output_tokens_max=options.output_tokens_max,
+                stop=req.stop,
+                ignore_eos=req.ignore_eos,
+            ),
+            resumed,
         )
         for prompt in req.prompts
         for j in range(req.n)
@@ -209,6 +213,20 @@ async def serve(
             watcher.cancel()
         completion_tokens = sum(min(o.tokens, done) for o in outputs)
         rt.end(seq, prompt_tokens, completion_tokens, aborted=done < length)
+
+
+def weights_seed(seed: int, digest: str | None) -> int:
+    """The generation seed under the loaded weights: the initial weights keep `seed`;
+    pushed weights (their digest, sim/weights.py) change every output, and the same
+    tensors pushed again give the same outputs, as a real model would."""
+    return seed if digest is None else seed ^ (int(digest, 16) << 20)
+
+
+def resume(full: Output, resumed: int) -> Output:
+    """The rest of `full` after the `resumed` tokens a continuation already holds."""
+    if not resumed:
+        return full
+    return Output(full.pieces[resumed:], full.finish_reason)
 
 
 def _finals(outputs: list[Output], done: int) -> list[tuple[str, str, int]]:
@@ -370,6 +388,7 @@ async def _stream(
     # logprobs); the sim folds it into the last token's chunk unless logprobs are on.
     split_finish = token_logprobs is not None
     drop_after = rt.faults.drop_stream_after
+    stall_after = rt.faults.stall_stream_after
     sent = 0
     done = 0
     await asgi.start_stream(send)
@@ -378,6 +397,10 @@ async def _stream(
         nonlocal sent
         if drop_after is not None and sent >= drop_after:
             raise asgi.StreamDropped(f"dropped after {sent} chunks (fault injection)")
+        if stall_after is not None and sent >= stall_after:
+            while not seq.aborted:  # silent until the client goes (fault injection)
+                await asyncio.sleep(0.05)
+            raise asgi.StreamDropped(f"stalled after {sent} chunks (fault injection)")
         await asgi.send_event(send, b"data: " + dumps(payload) + b"\n\n")
         if not sent:
             rt.first_chunk_sent(seq)

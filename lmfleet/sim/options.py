@@ -278,6 +278,16 @@ class SimOptions(BaseModel):
             section=FAULTS,
         ),
     ] = Field(default=None, ge=0)
+    stall_stream_after: Annotated[
+        int | None,
+        Flag(
+            "--stall-stream-after",
+            help="streams go silent after K chunks (a hung engine), until the client goes",
+            metavar="K",
+            absent="default: never",
+            section=FAULTS,
+        ),
+    ] = Field(default=None, ge=0)
     health_fault: Annotated[
         HealthFault | None,
         Flag("--unhealthy", help="/health says unhealthy", const="unhealthy", section=FAULTS),

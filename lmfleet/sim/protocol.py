@@ -15,7 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from lmfleet.sim.logprobs import text_ids
+from lmfleet.sim.logprobs import FIRST_WORD_ID, text_ids
+from lmfleet.sim.textgen import WORDS
 
 if TYPE_CHECKING:
     from lmfleet.sim.options import SimOptions
@@ -84,6 +85,7 @@ class GenRequest:
     top_logprobs_num: int = 0  # /generate's output/input top lists
     logprob_start_len: int = -1  # /generate: score the prompt from here (max_tokens 0)
     input_ids: list[int] | None = field(default=None, repr=False)  # /generate's ids
+    resumed: int = 0  # /generate: the sim's own output ids that end `input_ids` (textgen)
 
 
 # LMDeploy renders FastAPI's RequestValidationError as "<loc>: <msg>" of the first
@@ -409,7 +411,9 @@ def _parse_generate(body: dict[str, Any], model_name: str, engine: _Engine) -> G
             raise RequestError(400, "logprob_start_len requires max_tokens=0.")
     elif max_tokens == 0:
         raise RequestError(400, f"The max_tokens {max_tokens!r} must be a positive integer.")
-    text = prompt if prompt is not None else " ".join(f"t{i:03d}" for i in input_ids or [])
+    resumed = own_output_suffix(input_ids) if input_ids is not None else 0
+    prompt_ids = (input_ids or [])[: len(input_ids or []) - resumed]
+    text = prompt if prompt is not None else " ".join(f"t{i:03d}" for i in prompt_ids)
     request = GenRequest(
         kind="generate",
         model=model_name,
@@ -424,6 +428,7 @@ def _parse_generate(body: dict[str, Any], model_name: str, engine: _Engine) -> G
         top_logprobs_num=top,
         logprob_start_len=start,
         input_ids=list(input_ids) if input_ids is not None else None,
+        resumed=resumed,
     )
     _check_sampling(body, request)
     if start >= 0:  # AsyncEngine.preprocess, once the prompt is tokenized
@@ -435,6 +440,21 @@ def _parse_generate(body: dict[str, Any], model_name: str, engine: _Engine) -> G
                 f"processed input_ids length({length}).",
             )
     return request
+
+
+def own_output_suffix(input_ids: list[int]) -> int:
+    """How many ids at the end of `input_ids` are the sim's own output words (ids
+    `FIRST_WORD_ID`...), at least one prompt id kept: a continuation of a cut
+    generation (the prompt's ids plus the output so far) then continues the same
+    output, as a real model continues its own greedy text. Prompt ids the caller
+    makes up in that range count as output too (a convention of the simulator)."""
+    words = range(FIRST_WORD_ID, FIRST_WORD_ID + len(WORDS))
+    count = 0
+    for token in reversed(input_ids[1:]):
+        if token not in words:
+            break
+        count += 1
+    return count
 
 
 def _check_sampling(body: dict[str, Any], request: GenRequest) -> None:

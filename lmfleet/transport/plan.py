@@ -294,7 +294,7 @@ class Attempts:
         raise error
 
     def transport_failed(
-        self, lease: Accounting, exc: BaseException | None, phase: str, ours: bool
+        self, lease: Accounting, exc: BaseException | bytes | None, phase: str, ours: bool
     ) -> NoReturn:
         """A send that raised: `Retry` elsewhere, or re-raise (the caller's timeouts).
 
@@ -313,7 +313,7 @@ class Attempts:
             first_byte = self.routing.options.first_byte_timeout
             raise Retry(f"{phase}{lease.url} sent no first byte within {first_byte:g} s")
         elif not isinstance(exc, DROPPED_ERRORS):
-            assert exc is not None
+            assert isinstance(exc, BaseException), "a Call's reply: a response or an error"
             raise exc  # the caller's own timeout, or our error: the caller's to handle
         raise Retry(f"{phase}{lease.url}: {exc!r}")
 

@@ -23,6 +23,7 @@ from lmfleet.node.state import NodeRole
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy, as_base_strategy
 from lmfleet.transport import models as fleet_models
+from lmfleet.transport.continuation import GENERATE, ContinuedGeneration, wants_continuation
 from lmfleet.transport.plan import (
     SERVED_VERSION_HEADER,
     Backoff,
@@ -124,6 +125,7 @@ class Router:
         Every planner starts here, so a closed fleet's clients stop here (`check_open`).
         """
         self.check_open(request)
+        plan: RequestPlan
         models = self.routing.registry.models()
         if request.method == "GET" and (answer := self._models_answer(request, models)):
             plan = RequestPlan(self.routing, request, RequestInfo(role=role))
@@ -138,6 +140,7 @@ class Router:
             or (models and not _names_model(content, models[0]))
             or _may_ask_version(content)
             or may_score(request, content)
+            or request.url.path == GENERATE
         ):
             body = json_body(request)
         model = body.get("model") if body is not None else None
@@ -161,11 +164,12 @@ class Router:
             min_weight_version=floor,
             max_staleness=stale,
         )
-        plan = (
-            ScoringPlan(self.routing, request, info, body)
-            if body is not None and wants_scoring(request, body)
-            else RequestPlan(self.routing, request, info)
-        )
+        if body is not None and wants_scoring(request, body):
+            plan = ScoringPlan(self.routing, request, info, body)
+        elif body is not None and wants_continuation(request, body):
+            plan = ContinuedGeneration(self.routing, request, info, body)
+        else:
+            plan = RequestPlan(self.routing, request, info)
         if model is not None and models and model not in models:
             plan.immediate = _unknown_model(request, model, models)
         return plan

@@ -74,78 +74,248 @@ class Discard:
     response: httpx2.Response
 
 
-Step = Call | Pause | WaitFor | Discard
-Reply = httpx2.Response | httpx2.TransportError | None
-"""A `Call` gets the response or the transport error it raised; other steps get None."""
+@dataclass(frozen=True, slots=True)
+class Read:
+    """The next chunk of a streamed response (`Call(stream=True)`): bytes, `b""` at
+    its end, or the transport error it raised. `timeout`: seconds to wait for it
+    (None: the request's own read timeout only); past it, an `httpx2.ReadTimeout`."""
+
+    response: httpx2.Response
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Hand `chunk` to the caller: only in the steps of a response body (`StepsBody`)."""
+
+    chunk: bytes
+
+
+Step = Call | Pause | WaitFor | Discard | Read | Emit
+Reply = httpx2.Response | httpx2.TransportError | bytes | None
+"""A `Call` gets the response or the transport error it raised, a `Read` a chunk or
+the error; other steps get None."""
 Steps = Generator[Step, Reply, T]
+
+
+class StepsBody(httpx2.SyncByteStream, httpx2.AsyncByteStream):
+    """A response body made by steps: a plan that must go on talking to nodes after
+    its answer started (a generation continued on another node) returns a response
+    with this body; the driver that ran the plan binds it to its own transport, and
+    the body's steps run as the caller reads it, each `Emit` one chunk."""
+
+    def __init__(self, steps: Steps[None]) -> None:
+        self.steps = steps
+        self._inner: httpx2.BaseTransport | httpx2.AsyncBaseTransport | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        assert isinstance(self._inner, httpx2.BaseTransport), "bound by drive_sync"
+        yield from _body_sync(self.steps, self._inner)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        assert isinstance(self._inner, httpx2.AsyncBaseTransport), "bound by drive_async"
+        async for chunk in _body_async(self.steps, self._inner):
+            yield chunk
+
+    def close(self) -> None:
+        self.steps.close()
+
+    async def aclose(self) -> None:
+        self.steps.close()
+
+
+def _bind(result: T, inner: httpx2.BaseTransport | httpx2.AsyncBaseTransport) -> T:
+    """A plan's answer, its body bound to `inner` when steps make it."""
+    if isinstance(result, httpx2.Response) and isinstance(result.stream, StepsBody):
+        result.stream._inner = inner
+    return result
 
 
 def drive_sync(steps: Steps[T], inner: httpx2.BaseTransport) -> T:
     """Run `steps` in this thread; the generator is closed however this ends."""
     reply: Reply = None
+    reading: dict[int, tuple[httpx2.Response, Iterator[bytes]]] = {}
     try:
         while True:
             try:
                 step = steps.send(reply)
             except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+                return _bind(stop.value, inner)  # type: ignore[no-any-return]
             reply = None
-            if isinstance(step, Call):
-                try:
-                    response = inner.handle_request(step.request)
-                    if not step.stream:
-                        try:
-                            response.read()
-                        finally:
-                            response.close()
-                    elif step.first_byte and _unsized(response):
-                        _prime_sync(response)
-                    reply = response
-                except httpx2.TransportError as exc:
-                    reply = exc
-            elif isinstance(step, Pause):
-                time.sleep(step.seconds)
-            elif isinstance(step, WaitFor):
-                step.event.wait(step.timeout)
+            if isinstance(step, Read):
+                reply = _read_sync(step, reading)
+            elif isinstance(step, Emit):
+                raise RuntimeError("Emit outside a response body")
             else:
-                step.response.close()
+                reply = _one_sync(step, inner)
     finally:
         steps.close()
+        for response, _ in reading.values():  # a Read's response the steps left open
+            response.close()
 
 
 async def drive_async(steps: Steps[T], inner: httpx2.AsyncBaseTransport) -> T:
     """Run `steps` in the running event loop; the generator is closed however this ends."""
     reply: Reply = None
+    reading: dict[int, tuple[httpx2.Response, AsyncIterator[bytes]]] = {}
     try:
         while True:
             try:
                 step = steps.send(reply)
             except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+                return _bind(stop.value, inner)  # type: ignore[no-any-return]
             reply = None
-            if isinstance(step, Call):
-                try:
-                    response = await inner.handle_async_request(step.request)
-                    if not step.stream:
-                        try:
-                            await response.aread()
-                        finally:
-                            await response.aclose()
-                    elif step.first_byte and _unsized(response):
-                        await _prime_async(response)
-                    reply = response
-                except httpx2.TransportError as exc:
-                    reply = exc
-            elif isinstance(step, Pause):
-                await anyio.sleep(step.seconds)
-            elif isinstance(step, WaitFor):
-                deadline = time.monotonic() + step.timeout
-                while not step.event.is_set() and time.monotonic() < deadline:
-                    await anyio.sleep(WAIT_POLL)
+            if isinstance(step, Read):
+                reply = await _read_async(step, reading)
+            elif isinstance(step, Emit):
+                raise RuntimeError("Emit outside a response body")
             else:
-                await step.response.aclose()
+                reply = await _one_async(step, inner)
     finally:
         steps.close()
+        for response, _ in reading.values():  # a Read's response the steps left open
+            await response.aclose()
+
+
+def _one_sync(step: Step, inner: httpx2.BaseTransport) -> Reply:
+    """Perform one `Call`, `Pause`, `WaitFor` or `Discard` in this thread."""
+    if isinstance(step, Call):
+        try:
+            response = inner.handle_request(step.request)
+            if not step.stream:
+                try:
+                    response.read()
+                finally:
+                    response.close()
+            elif step.first_byte and _unsized(response):
+                _prime_sync(response)
+            return response
+        except httpx2.TransportError as exc:
+            return exc
+    if isinstance(step, Pause):
+        time.sleep(step.seconds)
+    elif isinstance(step, WaitFor):
+        step.event.wait(step.timeout)
+    elif isinstance(step, Discard):
+        step.response.close()
+    else:
+        raise RuntimeError(f"{step!r} is not for this driver")
+    return None
+
+
+async def _one_async(step: Step, inner: httpx2.AsyncBaseTransport) -> Reply:
+    """Perform one `Call`, `Pause`, `WaitFor` or `Discard` in the running loop."""
+    if isinstance(step, Call):
+        try:
+            response = await inner.handle_async_request(step.request)
+            if not step.stream:
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+            elif step.first_byte and _unsized(response):
+                await _prime_async(response)
+            return response
+        except httpx2.TransportError as exc:
+            return exc
+    if isinstance(step, Pause):
+        await anyio.sleep(step.seconds)
+    elif isinstance(step, WaitFor):
+        deadline = time.monotonic() + step.timeout
+        while not step.event.is_set() and time.monotonic() < deadline:
+            await anyio.sleep(WAIT_POLL)
+    elif isinstance(step, Discard):
+        await step.response.aclose()
+    else:
+        raise RuntimeError(f"{step!r} is not for this driver")
+    return None
+
+
+# -- response bodies made by steps ---------------------------------------------------
+
+
+def _read_sync(
+    step: Read, reading: dict[int, tuple[httpx2.Response, Iterator[bytes]]]
+) -> bytes | httpx2.TransportError:
+    """The next chunk of `step.response` (the sync client bounds it by the request's
+    read timeout only: a blocking read cannot be given another bound)."""
+    key = id(step.response)
+    if key not in reading:
+        stream = step.response.stream
+        assert isinstance(stream, httpx2.SyncByteStream)
+        reading[key] = (step.response, iter(stream))
+    chunks = reading[key][1]
+    try:
+        return next(chunks, b"")
+    except httpx2.TransportError as exc:
+        return exc
+
+
+async def _read_async(
+    step: Read, reading: dict[int, tuple[httpx2.Response, AsyncIterator[bytes]]]
+) -> bytes | httpx2.TransportError:
+    key = id(step.response)
+    if key not in reading:
+        stream = step.response.stream
+        assert isinstance(stream, httpx2.AsyncByteStream)
+        reading[key] = (step.response, stream.__aiter__())
+    chunks = reading[key][1]
+    try:
+        if step.timeout is None:
+            return await chunks.__anext__()
+        with anyio.fail_after(step.timeout):
+            return await chunks.__anext__()
+    except StopAsyncIteration:
+        return b""
+    except TimeoutError:
+        return httpx2.ReadTimeout(f"no chunk within {step.timeout:g} s")
+    except httpx2.TransportError as exc:
+        return exc
+
+
+def _body_sync(steps: Steps[None], inner: httpx2.BaseTransport) -> Iterator[bytes]:
+    """Run a body's steps as its reader iterates; yield each `Emit`."""
+    reply: Reply = None
+    reading: dict[int, tuple[httpx2.Response, Iterator[bytes]]] = {}
+    try:
+        while True:
+            try:
+                step = steps.send(reply)
+            except StopIteration:
+                return
+            reply = None
+            if isinstance(step, Emit):
+                yield step.chunk
+            elif isinstance(step, Read):
+                reply = _read_sync(step, reading)
+            else:
+                reply = _one_sync(step, inner)
+    finally:
+        steps.close()
+        for response, _ in reading.values():  # a Read's response the steps left open
+            response.close()
+
+
+async def _body_async(steps: Steps[None], inner: httpx2.AsyncBaseTransport) -> AsyncIterator[bytes]:
+    reply: Reply = None
+    reading: dict[int, tuple[httpx2.Response, AsyncIterator[bytes]]] = {}
+    try:
+        while True:
+            try:
+                step = steps.send(reply)
+            except StopIteration:
+                return
+            reply = None
+            if isinstance(step, Emit):
+                yield step.chunk
+            elif isinstance(step, Read):
+                reply = await _read_async(step, reading)
+            else:
+                reply = await _one_async(step, inner)
+    finally:
+        steps.close()
+        for response, _ in reading.values():  # a Read's response the steps left open
+            await response.aclose()
 
 
 # -- first byte ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ from lmfleet.runtime import FleetRuntime
 from lmfleet.sync import blocking, in_fleet_loop
 from lmfleet.weights.bodies import Payload
 from lmfleet.weights.rolling import combine, groups
-from lmfleet.weights.session import UpdateResult, WeightUpdater
+from lmfleet.weights.session import InFlight, UpdateResult, WeightUpdater
 from lmfleet.weights.update import WeightUpdate
 
 
@@ -29,6 +29,7 @@ class WeightMethods:
         nodes: Sequence[str] | None = None,
         level: int = 1,
         allow_mixed: bool = False,
+        in_flight: InFlight = "drain",
     ) -> WeightUpdate:
         """A weight update to `version` as a context manager (`with` or `async with`).
 
@@ -37,11 +38,20 @@ class WeightMethods:
         (`update.push(payload)`), or push yourself to `update.nodes`, or use the NCCL
         helpers; on exit each node wakes its KV cache and serves `version`. A node that
         fails is quarantined with its reason. Unless `allow_mixed`, requests go only to
-        nodes of `version` from the start. See docs/guide/rl.md.
+        nodes of `version` from the start. `in_flight`: what happens to the generations
+        running on the nodes (`"drain"`: wait for them; `"abort"`: cut them;
+        `"continue"`: cut them and finish each `/generate` on a node of an allowed
+        version after the update, its caller getting one answer). See docs/guide/rl.md.
         """
         self.runtime.check_open()
         return WeightUpdate(
-            self.runtime, self._updater, version, nodes, level=level, allow_mixed=allow_mixed
+            self.runtime,
+            self._updater,
+            version,
+            nodes,
+            level=level,
+            allow_mixed=allow_mixed,
+            in_flight=in_flight,
         )
 
     @in_fleet_loop
@@ -54,6 +64,7 @@ class WeightMethods:
         rolling: bool | int = False,
         level: int = 1,
         allow_mixed: bool | None = None,
+        in_flight: InFlight = "drain",
     ) -> UpdateResult:
         """Push `payload` to the nodes and make them serve `version`, in one call
         (`update_weights` from sync code, `await fleet.aupdate_weights` from a loop).
@@ -61,10 +72,11 @@ class WeightMethods:
         `payload`: one body (an `UpdateParamsRequest` dict or the serialized string),
         a list of bodies (buckets), `{url: bodies}`, or `node -> bodies`. All nodes
         together (an RL sync step), or `rolling=k` nodes at a time while the others
-        serve (mixing versions meanwhile, unless `allow_mixed=False`). Never retried.
+        serve (mixing versions meanwhile, unless `allow_mixed=False`). `in_flight` as
+        for `weight_update`. Never retried.
         """
         results = []
-        for update in self._rolling(version, nodes, rolling, level, allow_mixed):
+        for update in self._rolling(version, nodes, rolling, level, allow_mixed, in_flight):
             async with update:
                 await update.apush(payload)
             results.append(_result(update))
@@ -80,13 +92,16 @@ class WeightMethods:
         rolling: bool | int,
         level: int,
         allow_mixed: bool | None,
+        in_flight: InFlight,
     ) -> Iterator[WeightUpdate]:
         """One `WeightUpdate` per group, made when the previous group is done (the
         nodes are chosen once, up front); rolling allows mixing unless told not to."""
         self.runtime.check_open()
         mixed = bool(rolling) if allow_mixed is None else allow_mixed
         for group in groups(self._updater.updatable(nodes), rolling):
-            yield self.weight_update(version, nodes=group, level=level, allow_mixed=mixed)
+            yield self.weight_update(
+                version, nodes=group, level=level, allow_mixed=mixed, in_flight=in_flight
+            )
 
 
 def _result(update: WeightUpdate) -> UpdateResult:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
@@ -47,6 +47,16 @@ ArgvOf = Callable[[str], Sequence[str] | None]
 
 UPDATABLE = (NodeStatus.HEALTHY, NodeStatus.SLEEPING, NodeStatus.EJECTED)
 """Nodes a fleet-wide update includes: up, whether serving or asleep."""
+
+
+InFlight = Literal["drain", "abort", "continue"]
+"""What a weight update does with the generations running on its nodes: `drain`
+waits for them (up to `drain_timeout`; the sleep aborts what is left), `abort` cuts
+them at once (their callers get the partial answer, `finish_reason` abort), and
+`continue` cuts them at once and finishes each generation the fleet follows (LMDeploy
+`/generate`: transport/continuation.py) on a node of an allowed version after the
+update, so that its caller gets one answer; others are cut as with `abort`."""
+IN_FLIGHT: tuple[InFlight, ...] = ("drain", "abort", "continue")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +101,10 @@ class UpdateSession:
         *,
         level: int,
         allow_mixed: bool,
+        in_flight: InFlight = "drain",
     ) -> None:
         self._updater = updater
+        self.in_flight = in_flight
         self._registry = updater.registry
         self._nodes = updater.nodes
         self._options = updater.options
@@ -177,8 +189,14 @@ class UpdateSession:
 
     async def _prepare(self, target: UpdateTarget) -> None:
         url, options = target.url, self._options
-        self._set(url, NodeStatus.SLEEPING, f"updating weights to v{self.version}: draining")
-        await wait_idle(self._registry, url, options.drain_timeout)
+        if self.in_flight == "drain":
+            self._set(url, NodeStatus.SLEEPING, f"updating weights to v{self.version}: draining")
+            await wait_idle(self._registry, url, options.drain_timeout)
+        else:
+            # No wait: the sleep aborts what runs on the node. Each generation the fleet
+            # follows (transport/continuation.py) goes on elsewhere when it continues.
+            self._registry.continue_cut(url, self.in_flight == "continue")
+            self._set(url, NodeStatus.SLEEPING, f"updating weights to v{self.version}: cutting")
         try:
             node = self._registry.get(url)
             # A node asleep already (auto-sleep, an earlier failed update) is not put to
@@ -295,6 +313,8 @@ class UpdateSession:
         try:
             await _each(self.live, finish)
         finally:
+            for target in self.targets:
+                self._registry.continue_cut(target.url, False)
             self._updater.release(self)
             self._registry.brought(self.version)
         updated = tuple(t.url for t in self.targets if t.url not in self.failed)
@@ -379,6 +399,7 @@ class WeightUpdater:
         *,
         level: int = 1,
         allow_mixed: bool = False,
+        in_flight: InFlight = "drain",
     ) -> UpdateSession:
         """A new update of `nodes` (default: every node up) to `version`; `begin()` it."""
         if isinstance(version, bool) or not isinstance(version, int):
@@ -392,7 +413,11 @@ class WeightUpdater:
         if busy:
             raise WeightUpdateError(f"a weight update is already running on {', '.join(busy)}")
         self._busy.update(s.url for s in states)
-        return UpdateSession(self, version, states, level=level, allow_mixed=allow_mixed)
+        if in_flight not in IN_FLIGHT:
+            raise WeightUpdateError(f"in_flight must be one of {IN_FLIGHT}, got {in_flight!r}")
+        return UpdateSession(
+            self, version, states, level=level, allow_mixed=allow_mixed, in_flight=in_flight
+        )
 
     def updatable(self, nodes: Sequence[str] | None) -> list[str]:
         """The URLs an update of `nodes` (None: every node up) would take."""

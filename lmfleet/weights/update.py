@@ -21,7 +21,13 @@ from anyio.lowlevel import checkpoint
 from lmfleet.errors import LMFleetError, WeightUpdateError, WeightUpdateUnsupportedError
 from lmfleet.sync import blocking, in_fleet_loop, run_beside
 from lmfleet.weights.bodies import Payload, node_bodies
-from lmfleet.weights.session import UpdateResult, UpdateSession, UpdateTarget, WeightUpdater
+from lmfleet.weights.session import (
+    InFlight,
+    UpdateResult,
+    UpdateSession,
+    UpdateTarget,
+    WeightUpdater,
+)
 
 if TYPE_CHECKING:
     from lmfleet.runtime import FleetRuntime
@@ -56,11 +62,12 @@ class WeightUpdate:
         *,
         level: int = 1,
         allow_mixed: bool = False,
+        in_flight: InFlight = "drain",
     ) -> None:
         self._runtime = runtime
         self._updater = updater
         self._version = version
-        self._open_args = (version, nodes, level, allow_mixed)
+        self._open_args = (version, nodes, level, allow_mixed, in_flight)
         self._current: UpdateSession | None = None
         self.result: UpdateResult | None = None
 
@@ -76,8 +83,10 @@ class WeightUpdate:
         """The session, created on entry (so an update never entered holds no node)."""
         if self._current is not None:
             raise WeightUpdateError("a WeightUpdate can be entered once; make a new one")
-        version, nodes, level, allow_mixed = self._open_args
-        self._current = self._updater.open(version, nodes, level=level, allow_mixed=allow_mixed)
+        version, nodes, level, allow_mixed, in_flight = self._open_args
+        self._current = self._updater.open(
+            version, nodes, level=level, allow_mixed=allow_mixed, in_flight=in_flight
+        )
         return self._current
 
     @property

@@ -1,0 +1,389 @@
+"""Token-in, token-out generations (LMDeploy's `/generate`) that survive their node.
+
+The fleet always asks the node for a stream, even when its caller did not, and
+follows the generation token by token (`output_ids` per event). When the node
+stops before the generation ended (it died, it went silent for `stall_timeout`,
+or a weight update with `in_flight="continue"` put it to sleep, which aborts
+every request on it), the fleet sends the rest to another node: the same body,
+with `input_ids` the prompt's ids plus every output id received so far and
+`max_tokens` reduced by their number. A greedy generation so continued equals
+the uninterrupted one token for token (the model sees the same sequence); the
+caller gets one answer: one uninterrupted event stream, or, when it did not ask
+for a stream, the answer assembled as LMDeploy assembles its own (`text` and
+`output_ids` concatenated, `meta_info` of the last event, logprob lists joined).
+
+A generation whose tokens came from more than one weight version says so:
+`meta_info.weight_versions` (in the assembled answer and in a stream's last
+event) lists `[start, end, version]` over output tokens, and an assembled answer
+also carries it as the `x-lmfleet-weight-versions` header (`0-120:3,120-400:4`).
+
+Only `/generate` is continued, and exactly only with `input_ids`; a text `prompt`
+is continued with the prompt followed by the text so far (re-tokenized by the
+next node: the seam may tokenize differently), and scoring requests
+(`logprob_start_len`) are not continued. Chat and completions keep the plain
+plan: a cut after the first byte is the caller's `StreamInterruptedError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+
+from lmfleet.answers import error_body
+from lmfleet.errors import LMFleetError
+from lmfleet.node.outliers import Outcome
+from lmfleet.node.state import NodeState
+from lmfleet.routing.base import RequestInfo
+from lmfleet.transport.plan import (
+    SERVED_VERSION_HEADER,
+    Attempts,
+    RequestPlan,
+    Retry,
+    Routing,
+    first_byte_bound,
+    holding,
+)
+from lmfleet.transport.steps import Call, Discard, Emit, Pause, Read, Steps, StepsBody
+from lmfleet.transport.streams import Accounting, lease_response
+
+GENERATE = "/generate"
+VERSIONS_HEADER = "x-lmfleet-weight-versions"
+"""On an assembled `/generate` answer: the weight versions its tokens came from."""
+DEFAULT_MAX_TOKENS = 128
+"""LMDeploy's `GenerateReqInput.max_tokens` default."""
+_DONE = b"[DONE]"
+_COMPACT = (",", ":")  # pydantic's model_dump_json, which LMDeploy's events use
+
+
+def wants_continuation(request: httpx2.Request, body: dict[str, Any] | None) -> bool:
+    """A `/generate` that makes tokens (not one that scores a prompt or reads images)."""
+    if request.method != "POST" or request.url.path != GENERATE or body is None:
+        return False
+    start = body.get("logprob_start_len")
+    if isinstance(start, int) and start >= 0:
+        return False
+    return body.get("image_data") is None and (
+        _ids(body.get("input_ids")) is not None or isinstance(body.get("prompt"), str)
+    )
+
+
+def _ids(value: Any) -> list[int] | None:
+    if isinstance(value, list) and value and all(type(t) is int for t in value):
+        return value
+    return None
+
+
+@dataclass
+class Generation:
+    """What one generation has produced so far, over however many nodes."""
+
+    body: dict[str, Any]
+    stream: bool
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    prompt_tokens: int | None = None
+    finish: dict[str, Any] | None = None
+    logprobs: list[Any] = field(default_factory=list)
+    top_logprobs: list[Any] = field(default_factory=list)
+    routed_experts: Any = None
+    versions: list[list[int]] = field(default_factory=list)
+    offset: int = 0  # output tokens made before the current node's request
+    continued: int = 0
+
+    @property
+    def max_tokens(self) -> int:
+        given = self.body.get("max_tokens")
+        return DEFAULT_MAX_TOKENS if given is None else int(given)
+
+    def request_body(self) -> dict[str, Any]:
+        """The body for the next node: the original, or its continuation."""
+        body = {**self.body, "stream": True}
+        self.offset = len(self.output_ids)
+        if not self.offset:
+            return body
+        body["max_tokens"] = self.max_tokens - self.offset
+        ids = _ids(self.body.get("input_ids"))
+        if ids is not None:
+            body["input_ids"] = ids + self.output_ids
+        else:
+            body["prompt"] = str(self.body.get("prompt") or "") + self.text
+        return body
+
+    def add(self, event: dict[str, Any], version: int) -> dict[str, Any]:
+        """Record one of the node's events; the event as the caller sees it."""
+        ids = event.get("output_ids") or []
+        start = len(self.output_ids)
+        self.output_ids.extend(ids)
+        self.text += event.get("text") or ""
+        meta = event.get("meta_info") or {}
+        if self.prompt_tokens is None:
+            self.prompt_tokens = meta.get("prompt_tokens")
+        for name, into in (
+            ("output_token_logprobs", self.logprobs),
+            ("output_top_logprobs", self.top_logprobs),
+        ):
+            rows = meta.get(name)
+            if rows:
+                into.extend(rows)
+        if ids:
+            last = self.versions[-1] if self.versions else None
+            if last is not None and last[2] == version and last[1] == start:
+                last[1] = len(self.output_ids)
+            else:
+                self.versions.append([start, len(self.output_ids), version])
+        self.finish = meta.get("finish_reason")
+        if meta.get("routed_experts") is not None:
+            self.routed_experts = meta["routed_experts"]
+        if self.offset:  # a continued segment: counts as the caller's whole generation
+            meta = {**meta, "prompt_tokens": self.prompt_tokens}
+            meta["completion_tokens"] = self.offset + int(meta.get("completion_tokens") or 0)
+        if self.finish is not None:
+            meta = {**meta, "weight_versions": self.versions}
+        return {**event, "meta_info": meta} if meta is not event.get("meta_info") else event
+
+    @property
+    def aborted(self) -> bool:
+        return (self.finish or {}).get("type") == "abort"
+
+    @property
+    def done(self) -> bool:
+        """Ended for the caller: a finish (an abort not made for a weight update
+        included: `fleet.abort`, `/abort_request`, an update that aborts), or no
+        token left to make."""
+        return self.finish is not None or len(self.output_ids) >= self.max_tokens
+
+    def assembled(self) -> dict[str, Any]:
+        """The non-streamed answer, as LMDeploy's `/generate` assembles its own."""
+        return {
+            "text": self.text,
+            "output_ids": self.output_ids,
+            "meta_info": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": len(self.output_ids),
+                "finish_reason": self.finish,
+                "output_token_logprobs": self.logprobs or None,
+                "input_token_logprobs": None,
+                "output_top_logprobs": self.top_logprobs or None,
+                "input_top_logprobs": None,
+                "routed_experts": self.routed_experts,
+                "weight_versions": self.versions,
+            },
+        }
+
+    def versions_header(self) -> str:
+        return ",".join(f"{a}-{b}:{v}" for a, b, v in self.versions)
+
+
+def _events(buffer: bytearray, chunk: bytes) -> Iterator[bytes]:
+    """The `data:` payloads of the complete events in `buffer` + `chunk`."""
+    buffer += chunk.replace(b"\r\n", b"\n")
+    while (end := buffer.find(b"\n\n")) >= 0:
+        raw = bytes(buffer[:end])
+        del buffer[: end + 2]
+        data = b"\n".join(
+            line[5:].lstrip(b" ") for line in raw.split(b"\n") if line.startswith(b"data:")
+        )
+        if data:
+            yield data
+
+
+class ContinuedGeneration(RequestPlan):
+    """A `/generate` request followed token by token and continued on another node
+    when its node stops early (see the module docstring)."""
+
+    def __init__(
+        self, routing: Routing, request: httpx2.Request, info: RequestInfo, body: dict[str, Any]
+    ) -> None:
+        super().__init__(routing, request, info)
+        self.gen = Generation(body, stream=bool(body.get("stream")))
+
+    def steps(self) -> Steps[httpx2.Response]:
+        if self.immediate is not None:
+            return self.immediate
+        routing = self.routing
+        attempts = Attempts(routing, self.request)
+        ours = first_byte_bound(self.request, routing.options.first_byte_timeout)
+        tried: list[str] = []
+        while True:
+            node, lease = yield from attempts.lease(routing.strategy, self.info, tried)
+            try:
+                opened = yield from holding(lease, self._open(node, lease, attempts, ours))
+            except Retry as retry:
+                yield Pause(attempts.failed(retry.reason))
+                continue
+            if isinstance(opened, httpx2.Response) and opened.status_code != 200:
+                return opened  # the node's own answer (a refusal): the caller's
+            body = self._follow(node, lease, opened, attempts, tried, ours)
+            if self.gen.stream:
+                return httpx2.Response(
+                    200,
+                    headers={
+                        "content-type": "text/event-stream",
+                        SERVED_VERSION_HEADER: str(node.weight_version),
+                    },
+                    stream=StepsBody(body),
+                    request=self.request,
+                )
+            return (yield from self._assemble(body))
+
+    def _open(
+        self, node: NodeState, lease: Accounting, attempts: Attempts, ours: bool
+    ) -> Steps[httpx2.Response]:
+        """Send the generation (or its rest) to `node`; its open event stream, or a
+        non-200 answer for the caller, or `Retry` (no byte reached the caller)."""
+        timeout = self.request.extensions.get("timeout", {})
+        request = self.routing.nodes.request(
+            node, "POST", GENERATE, json=self.gen.request_body(), timeout=timeout
+        )
+        reply = yield Call(request, stream=True, first_byte=True)
+        if not isinstance(reply, httpx2.Response):
+            attempts.transport_failed(lease, reply, "", ours)
+        reason = attempts.retryable(lease, reply, "")
+        if reason is not None and not attempts.exhausted():
+            yield Discard(reply)
+            lease.finish(Outcome.FAILURE)
+            raise Retry(reason)
+        if reply.status_code != 200:
+            if reason is not None:
+                reply.headers["x-should-retry"] = "false"
+            return lease_response(reply, lease)
+        return reply
+
+    def _follow(
+        self,
+        node: NodeState,
+        lease: Accounting,
+        reply: httpx2.Response,
+        attempts: Attempts,
+        tried: list[str],
+        ours: bool,
+    ) -> Steps[None]:
+        """Relay the generation's events (`Emit`), continuing it on another node each
+        time its node stops early, while attempts last; a cut that cannot be
+        continued ends the stream with an error event."""
+        try:
+            while True:
+                cut = yield from self._relay(node, lease, reply)
+                if cut is None:
+                    yield Emit(b"data: [DONE]\n\n")
+                    return
+                while True:  # the rest, on another node (`failed` raises when none is left)
+                    yield Pause(attempts.failed(cut))
+                    node, lease = yield from attempts.lease(self.routing.strategy, self.info, tried)
+                    try:
+                        opened = yield from holding(lease, self._open(node, lease, attempts, ours))
+                    except Retry as retry:
+                        cut = retry.reason
+                        continue
+                    if opened.status_code != 200:
+                        yield Discard(opened)
+                        yield Emit(
+                            _error_event(f"{node.url} refused the rest: {opened.status_code}")
+                        )
+                        return
+                    reply = opened
+                    self.gen.continued += 1
+                    break
+        except (LMFleetError, httpx2.TransportError) as exc:
+            yield Emit(_error_event(str(exc)))
+
+    def _relay(
+        self, node: NodeState, lease: Accounting, reply: httpx2.Response
+    ) -> Steps[str | None]:
+        """Read `reply` to its end or its cut, emitting its events for a streaming
+        caller: None when the generation ended, else why it must go on elsewhere."""
+        lease.sse = True
+        cut, outcome = yield from holding(lease, self._read(node, lease, reply))
+        lease.complete = outcome is Outcome.SUCCESS
+        lease.finish(outcome)
+        yield Discard(reply)
+        return cut
+
+    def _read(
+        self, node: NodeState, lease: Accounting, reply: httpx2.Response
+    ) -> Steps[tuple[str | None, Outcome]]:
+        gen = self.gen
+        stall = self.routing.options.stall_timeout
+        buffer = bytearray()
+        while True:
+            chunk = yield Read(reply, timeout=stall if gen.output_ids else None)
+            if isinstance(chunk, httpx2.TimeoutException):
+                return f"{node.url} stalled: no token for {stall:g} s", Outcome.FAILURE
+            if isinstance(chunk, httpx2.TransportError):
+                return f"{node.url} cut the generation: {chunk!r}", Outcome.FAILURE
+            if not isinstance(chunk, bytes) or not chunk:
+                if gen.done:
+                    return None, Outcome.SUCCESS
+                return f"{node.url} ended its stream early", Outcome.FAILURE
+            lease.chunk()
+            for data in _events(buffer, chunk):
+                if data == _DONE:
+                    continue
+                event = json.loads(data)
+                if not isinstance(event, dict) or "error" in event:
+                    yield Emit(b"data: " + data + b"\n\n")  # the node's own error: the end
+                    return None, Outcome.FAILURE
+                shown = gen.add(event, node.weight_version)
+                if gen.aborted and self.routing.registry.continues(node.url):
+                    gen.finish = None  # cut for a weight update: not the caller's end
+                    return f"{node.url} was put to sleep for a weight update", Outcome.NEUTRAL
+                if gen.stream:
+                    yield Emit(b"data: " + _dumps(shown) + b"\n\n")
+
+    def _assemble(self, body: Steps[None]) -> Steps[httpx2.Response]:
+        """Run the followed generation to its end: the answer a non-streamed call gets."""
+        error: bytes | None = None
+        reply: Any = None
+        try:
+            while True:
+                try:
+                    step = body.send(reply)
+                except StopIteration:
+                    break
+                if isinstance(step, Emit):
+                    if step.chunk.startswith(_ERROR_EVENT):
+                        error = step.chunk
+                    reply = None
+                    continue
+                reply = yield step
+        finally:
+            body.close()
+        if error is not None:
+            problem = json.loads(error[len(b"data: ") :])["error"]
+            return httpx2.Response(
+                502,
+                json={"error": problem},
+                headers={"x-should-retry": "false"},
+                request=self.request,
+            )
+        gen = self.gen
+        return httpx2.Response(
+            200,
+            content=_dumps(gen.assembled()),
+            headers={
+                "content-type": "application/json",
+                SERVED_VERSION_HEADER: str(gen.versions[-1][2] if gen.versions else 0),
+                VERSIONS_HEADER: gen.versions_header(),
+            },
+            request=self.request,
+        )
+
+
+_ERROR_EVENT = b'data: {"error"'
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=_COMPACT, ensure_ascii=False).encode()
+
+
+def _error_event(message: str) -> bytes:
+    """The event that ends a generation that could not be continued (as the proxy
+    ends a cut stream: openai clients raise it as an `APIError`)."""
+    text = f"the generation could not be finished: {message}"
+    return (
+        b"data: " + _dumps({"error": error_body(text, code=502, type="internal_error")}) + b"\n\n"
+    )

@@ -1,0 +1,223 @@
+"""Generations that survive their node (transport/continuation.py), over real sims.
+
+A greedy `/generate` of 400 tokens is cut mid-way (its node SIGKILLed, gone
+silent, or put to sleep by a weight update with `in_flight="continue"`); the
+caller still gets one answer, equal token for token to the uninterrupted one,
+through the fleet's clients and through the proxy, streamed and not. The sims'
+tokens are a function of the weights and of every id before them (sim/textgen.py,
+`own_output_suffix`), as a greedy model's are, so a continuation that sent the
+wrong ids would show as different tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx2
+import pytest
+from support import SimNode, StartSim, sim_stats, wait_until
+
+from lmfleet import LMFleet
+from lmfleet.config import FleetOptions, RoutingOptions
+
+PROMPT = [11, 12, 13, 14, 15]
+BODY = {"input_ids": PROMPT, "max_tokens": 400, "ignore_eos": True}
+URL = "http://lmfleet.invalid/generate"
+SLOW = ("--ttft-ms", "5", "--tpot-ms", "4", "--output-tokens", "1000")
+WEIGHTS = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
+
+pytestmark = pytest.mark.xdist_group("continuation")
+
+
+def _events(lines: Iterator[str]) -> list[dict[str, Any]]:
+    events = []
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            events.append(json.loads(line[6:]))
+    return events
+
+
+def _ids(events: list[dict[str, Any]]) -> list[int]:
+    return [token for event in events for token in event["output_ids"]]
+
+
+def _alive(node: SimNode) -> bool:
+    return node.process.returncode is None
+
+
+def _streaming(nodes: list[SimNode]) -> SimNode:
+    """The node that is streaming a generation now (its own counter says so)."""
+    found = wait_until(
+        lambda: [n for n in nodes if _alive(n) and sim_stats(n.url)["streaming"]],
+        20,
+        "a node streaming the generation",
+        step=0.005,
+    )
+    return found[0]
+
+
+def _reference(node: SimNode, body: dict[str, Any] = BODY) -> dict[str, Any]:
+    """The uninterrupted generation, asked of one node directly."""
+    answer = httpx2.post(node.url + "/generate", json=body, timeout=30)
+    answer.raise_for_status()
+    result: dict[str, Any] = answer.json()
+    return result
+
+
+@pytest.fixture
+def two(start_sim: StartSim) -> list[SimNode]:
+    return [start_sim(*SLOW), start_sim(*SLOW)]
+
+
+def _attach(nodes: list[SimNode], strategy: str = "least_load", **routing: Any) -> LMFleet:
+    options = FleetOptions(routing=RoutingOptions(**{"wait_for_node": 10.0, **routing}))
+    fleet = LMFleet.attach(
+        [n.url for n in nodes], options=options, strategy=strategy, health_interval=0.2
+    )
+    fleet.wait_ready(timeout=30)
+    return fleet
+
+
+def _in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(work()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_the_sim_continues_its_own_greedy_output(two: list[SimNode]) -> None:
+    whole = _reference(two[0])["output_ids"]
+    rest = _reference(two[1], {**BODY, "input_ids": PROMPT + whole[:150], "max_tokens": 250})
+    assert rest["output_ids"] == whole[150:]
+    assert rest["meta_info"]["prompt_tokens"] == len(PROMPT) + 150
+
+
+def test_a_stream_cut_by_a_killed_node_continues_on_another(two: list[SimNode]) -> None:
+    expected = _reference(two[0])["output_ids"]
+    with _attach(two) as fleet:
+        client = fleet.client(max_retries=0)
+
+        def stream() -> list[dict[str, Any]]:
+            with client._client.stream("POST", URL, json={**BODY, "stream": True}) as answer:
+                assert answer.status_code == 200
+                return _events(answer.iter_lines())
+
+        thread, out = _in_thread(stream)
+        _streaming(two).process.kill()
+        thread.join(60)
+    events = out[0]
+    assert _ids(events) == expected
+    last = events[-1]["meta_info"]
+    assert last["finish_reason"] == {"type": "length"}
+    assert last["completion_tokens"] == 400 and last["prompt_tokens"] == len(PROMPT)
+    assert last["weight_versions"] == [[0, 400, 0]]
+    survivor = next(n for n in two if _alive(n))
+    assert sim_stats(survivor.url)["by_path"]["/generate"] >= 1
+
+
+def test_a_non_streamed_generation_survives_a_killed_node(two: list[SimNode]) -> None:
+    expected = _reference(two[0])
+    with _attach(two) as fleet:
+        client = fleet.client(max_retries=0)
+        thread, out = _in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
+        _streaming(two).process.kill()  # the fleet streams it from the node regardless
+        thread.join(60)
+    answer = out[0]
+    assert answer["output_ids"] == expected["output_ids"]
+    assert answer["text"] == expected["text"]
+    assert answer["meta_info"]["completion_tokens"] == 400
+    assert answer["meta_info"]["finish_reason"] == {"type": "length"}
+
+
+@pytest.mark.anyio
+async def test_a_stalled_node_is_left_and_the_generation_continues(two: list[SimNode]) -> None:
+    expected = _reference(two[0])["output_ids"]
+    httpx2.post(two[0].url + "/sim/faults", json={"stall_stream_after": 120}).raise_for_status()
+    with _attach(two, "round_robin", stall_timeout=0.5) as fleet:
+        client = fleet.async_client(max_retries=0)
+        answers = []
+        for _ in range(2):  # round robin over two nodes: one lands on the staller
+            answers.append(await client.post(URL, body=BODY, cast_to=object))
+    assert [a["output_ids"] for a in answers] == [expected, expected]
+    # The staller took one or both (beside the reference); the other node finished
+    # each of those, and answered the rest itself: two requests in all.
+    assert sim_stats(two[0].url)["by_path"]["/generate"] >= 2
+    assert sim_stats(two[1].url)["by_path"]["/generate"] == 2
+
+
+def test_through_the_proxy_a_killed_node_costs_the_caller_nothing(
+    two: list[SimNode], serve_fleet: Callable[..., Any]
+) -> None:
+    expected = _reference(two[0])["output_ids"]
+    _, server = serve_fleet([n.url for n in two])
+
+    def stream() -> list[dict[str, Any]]:
+        body = {**BODY, "stream": True}
+        with httpx2.stream("POST", server.url + "/generate", json=body, timeout=60) as answer:
+            return _events(answer.iter_lines())
+
+    thread, out = _in_thread(stream)
+    _streaming(two).process.kill()
+    thread.join(60)
+    assert _ids(out[0]) == expected
+
+
+@pytest.fixture
+def weighted(start_sim: StartSim) -> list[SimNode]:
+    return [start_sim(*SLOW, *WEIGHTS), start_sim(*SLOW, *WEIGHTS)]
+
+
+def test_continue_through_a_weight_update_with_the_same_weights(weighted: list[SimNode]) -> None:
+    with _attach(weighted) as fleet:
+        fleet.update_weights("same", version=1)
+        expected = _reference(weighted[0])["output_ids"]
+        client = fleet.client(max_retries=0)
+        thread, out = _in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
+        _streaming(weighted)
+        result = fleet.update_weights("same", version=2, in_flight="continue")
+        assert result.ok
+        # The update did not wait for the generation: it is still running.
+        assert thread.is_alive()
+        thread.join(60)
+    answer = out[0]
+    assert answer["output_ids"] == expected
+    segments = answer["meta_info"]["weight_versions"]
+    assert [s[2] for s in segments] == [1, 2] and segments[-1][1] == 400
+
+
+def test_continue_with_new_weights_records_the_segments(weighted: list[SimNode]) -> None:
+    with _attach(weighted) as fleet:
+        old = _reference(weighted[0])["output_ids"]
+        client = fleet.client(max_retries=0)
+
+        def stream() -> list[dict[str, Any]]:
+            with client._client.stream("POST", URL, json={**BODY, "stream": True}) as answer:
+                return _events(answer.iter_lines())
+
+        thread, out = _in_thread(stream)
+        _streaming(weighted)
+        assert fleet.update_weights("new", version=1, in_flight="continue").ok
+        thread.join(60)
+        events = out[0]
+        ids = _ids(events)
+        (start, cut, v0), (cut2, end, v1) = events[-1]["meta_info"]["weight_versions"]
+        assert (start, v0, v1, end) == (0, 0, 1, 400) and cut == cut2
+        assert ids[:cut] == old[:cut] and ids[cut:] != old[cut:]
+        rest_body = {**BODY, "input_ids": PROMPT + ids[:cut], "max_tokens": 400 - cut}
+        rest = _reference(weighted[0], rest_body)
+        assert ids[cut:] == rest["output_ids"]
+
+
+def test_abort_gives_the_caller_the_partial_answer(weighted: list[SimNode]) -> None:
+    with _attach(weighted) as fleet:
+        client = fleet.client(max_retries=0)
+        thread, out = _in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
+        _streaming(weighted)
+        assert fleet.update_weights("x", version=1, in_flight="abort").ok
+        thread.join(60)
+    answer = out[0]
+    assert answer["meta_info"]["finish_reason"] == {"type": "abort"}
+    assert 0 < len(answer["output_ids"]) < 400
