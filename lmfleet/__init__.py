@@ -17,6 +17,7 @@ from lmfleet.errors import (
     RoutingError,
     StreamInterruptedError,
     UnknownNodeError,
+    UnknownRequestError,
     WeightUpdateError,
     WeightUpdateUnsupportedError,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "Strategy",
     "StreamInterruptedError",
     "UnknownNodeError",
+    "UnknownRequestError",
     "UpdateResult",
     "UpdateTarget",
     "WeightUpdate",

@@ -35,6 +35,7 @@ from lmfleet.errors import (
     RoutingError,
     StreamInterruptedError,
     UnknownNodeError,
+    UnknownRequestError,
     WeightUpdateError,
     WeightUpdateUnsupportedError,
 )
@@ -155,6 +156,7 @@ NO_ROUTE = Answer("no_route", 404, "not_found")
 BAD_METHOD = Answer("bad_method", 405, "invalid_request_error")
 BAD_REQUEST = Answer("bad_request", 400, "invalid_request_error", raised=ConfigError)
 UNKNOWN_NODE = Answer("unknown_node", 404, "not_found", raised=UnknownNodeError)
+UNKNOWN_REQUEST = Answer("unknown_request", 404, "not_found", raised=UnknownRequestError)
 NODE_COMMAND = Answer("node_command", 502, "bad_gateway", raised=NodeCommandError)
 WEIGHT_UPDATE_UNSUPPORTED = Answer(
     "weight_update_unsupported",
@@ -190,6 +192,7 @@ ROWS: tuple[Answer, ...] = (
     BAD_METHOD,
     BAD_REQUEST,
     UNKNOWN_NODE,
+    UNKNOWN_REQUEST,
     NODE_COMMAND,
     WEIGHT_UPDATE_UNSUPPORTED,
     WEIGHT_UPDATE_FAILED,

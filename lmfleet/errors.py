@@ -3,6 +3,7 @@
     LMFleetError
      +-- ConfigError (ValueError)           bad option, unknown strategy name
      +-- UnknownNodeError (LookupError)     a URL that is not in the fleet
+     +-- UnknownRequestError (LookupError)  a request id the fleet cannot abort
      +-- NotReadyError (TimeoutError)       wait_ready ran out of time
      +-- LaunchError (RuntimeError)         a launched node exited or failed to start
      +-- NodeCommandError (RuntimeError)    a node refused sleep / wakeup / ...
@@ -60,6 +61,12 @@ class ConfigError(LMFleetError, ValueError):
 
 class UnknownNodeError(LMFleetError, LookupError):
     """The URL names no node of this fleet."""
+
+
+class UnknownRequestError(LMFleetError, LookupError):
+    """The request id names no request the fleet can abort now (ended, never seen, or
+    not one the fleet follows: only `/generate` generations carry an engine session
+    the fleet chose)."""
 
 
 class NotReadyError(LMFleetError, TimeoutError):

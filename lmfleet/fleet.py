@@ -269,12 +269,16 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         """Wake nodes (all, or `nodes`); `tags` ("weights", "kv_cache") for RL weight updates."""
         self.runtime.run(self.admin.wakeup, tags, nodes)
 
-    def abort(self, *, nodes: Sequence[str] | None = None) -> list[str]:
-        """Abort every request in flight on nodes (all, or `nodes`): their callers get
-        what was generated so far, ended with `finish_reason: "abort"`. Returns the
-        URLs aborted; `NodeCommandError` names each node that could not (an LMDeploy
-        node aborts only when started with `--enable-abort-handling`)."""
-        return self.runtime.run(self.admin.abort, nodes)
+    def abort(
+        self, request_id: str | None = None, *, nodes: Sequence[str] | None = None
+    ) -> list[str]:
+        """Abort one request (`request_id`: its answer's `x-lmfleet-request-id`; a
+        `/generate` the fleet follows) or every request in flight on nodes (all, or
+        `nodes`): their callers get what was generated so far, ended with
+        `finish_reason: "abort"`. Returns the URLs aborted on; `UnknownRequestError`
+        for an id it cannot abort, `NodeCommandError` naming each node that could not
+        (an LMDeploy node aborts only when started with `--enable-abort-handling`)."""
+        return self.runtime.run(self.admin.abort, nodes, request_id)
 
     def drain(self, url: str, *, timeout: float | None = None) -> bool:
         """Stop sending `url` new requests and wait for its in-flight ones (bounded).

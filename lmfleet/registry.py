@@ -141,6 +141,7 @@ class NodeRegistry:
         self._waiting = 0
         self._bringing: dict[int, int] = {}  # weight version -> updates bringing it now
         self._continuing: set[str] = set()  # nodes whose cut generations go on elsewhere
+        self._sessions: dict[str, tuple[str, int]] = {}  # request id -> (node, engine session)
 
     def _models_changed(self) -> None:
         # Called under the lock whenever membership or a node's models change, so
@@ -398,6 +399,24 @@ class NodeRegistry:
     def continues(self, url: str) -> bool:
         """Whether a generation `url` aborts now goes on elsewhere (`continue_cut`)."""
         return url in self._continuing
+
+    def track(self, request_id: str, url: str, session_id: int) -> None:
+        """`request_id` runs on `url` as engine session `session_id` (abortable by id)."""
+        self._sessions[request_id] = (url, session_id)
+
+    def untrack(self, request_id: str) -> None:
+        self._sessions.pop(request_id, None)
+
+    def tracked(self, request_id: str) -> tuple[str, int] | None:
+        """(node URL, engine session) of a request the fleet can abort by its id."""
+        return self._sessions.get(request_id)
+
+    def session_node(self, session_id: int) -> str | None:
+        """The node running the tracked request of engine session `session_id`."""
+        for url, session in list(self._sessions.values()):
+            if session == session_id:
+                return url
+        return None
 
     def mark_failed(self, url: str, message: str) -> None:
         """Passive check: a real request failed to reach the node; open the circuit now."""

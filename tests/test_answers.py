@@ -146,6 +146,7 @@ PROXY_ONLY = (
     answers.BAD_METHOD,
     answers.BAD_REQUEST,
     answers.UNKNOWN_NODE,
+    answers.UNKNOWN_REQUEST,
 )
 """Rows of the proxy's own input (a fleet client builds its own requests)."""
 
@@ -260,6 +261,10 @@ def test_the_proxys_own_rows(start_sim: StartSim) -> None:
                 lambda: httpx2.post(
                     url + "/nodes/remove", json={"url": "http://127.0.0.1:9"}, headers=auth
                 ),
+            ),
+            (
+                answers.UNKNOWN_REQUEST,
+                lambda: httpx2.post(url + "/fleet/abort?request_id=nope", headers=auth),
             ),
         ]
         assert {row for row, _ in cases} == set(PROXY_ONLY)

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from lmfleet.config import FleetOptions
-from lmfleet.errors import ConfigError, NodeCommandError
+from lmfleet.errors import ConfigError, NodeCommandError, UnknownRequestError
 from lmfleet.node.client import NodeCallError, NodeClient
 from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.registry import NodeRegistry
@@ -178,27 +178,68 @@ class FleetAdmin:
 
         await self._each(self.targets(nodes), one)
 
-    async def abort(self, nodes: Sequence[str] | None = None) -> list[str]:
-        """Abort every request in flight on nodes (all, or `nodes`) through the
-        engine's abort route; their callers get what was generated so far, ended
-        with `finish_reason: "abort"`. The URLs aborted; `NodeCommandError` names
-        every node that could not (LMDeploy 0.18 aborts only when started with
-        `--enable-abort-handling`)."""
+    async def abort(
+        self, nodes: Sequence[str] | None = None, request_id: str | None = None
+    ) -> list[str]:
+        """Abort one request (`request_id`, from its answer's `x-lmfleet-request-id`)
+        or every request in flight on nodes (all, or `nodes`) through the engine's
+        abort route; their callers get what was generated so far, ended with
+        `finish_reason: "abort"`. The URLs aborted on. `UnknownRequestError` for an id
+        the fleet cannot abort (only `/generate` generations it follows run in an
+        engine session it chose); `NodeCommandError` names every node that could not
+        (LMDeploy 0.18 aborts only when started with `--enable-abort-handling`)."""
+        if request_id is not None:
+            found = self._registry.tracked(request_id)
+            if found is None:
+                raise UnknownRequestError(
+                    f"no request {request_id!r} that the fleet can abort is running: it "
+                    "ended, or it is not a /generate generation (those run in an engine "
+                    "session the fleet chose; abort others by node)"
+                )
+            url, session = found
+            await self._abort(url, session)
+            return [url]
         urls = self.targets(nodes)
 
         async def one(url: str) -> None:
-            try:
-                await self.nodes.abort(self._registry.get(url), None, self._options.admin_timeout)
-            except NodeCallError as exc:
-                if exc.status == 501:
-                    raise NodeCommandError(
-                        f"{url} cannot abort: it was started without --enable-abort-handling "
-                        "(LMDeploy 0.18 aborts requests only with it)"
-                    ) from exc
-                raise
+            await self._abort(url, None)
 
         await self._each(urls, one)
         return urls
+
+    async def abort_session(self, session_id: int) -> list[str]:
+        """LMDeploy's `/abort_request` for one engine session, through the fleet: on
+        the node the fleet knows runs it (a `/generate` it follows, whose caller chose
+        its `session_id`), else on every node that has it. `UnknownRequestError` when
+        none has."""
+        url = self._registry.session_node(session_id)
+        if url is not None:
+            await self._abort(url, session_id)
+            return [url]
+        aborted: list[str] = []
+
+        async def one(url: str) -> None:
+            try:
+                await self._abort(url, session_id)
+                aborted.append(url)
+            except (NodeCallError, NodeCommandError):
+                pass  # not this node's session (LMDeploy: 400), or it cannot abort
+
+        await self._each(self.targets(None), one)
+        if not aborted:
+            raise UnknownRequestError(f"no node runs session {session_id}")
+        return aborted
+
+    async def _abort(self, url: str, session: int | None) -> None:
+        try:
+            await self.nodes.abort(self._registry.get(url), session, self._options.admin_timeout)
+        except NodeCallError as exc:
+            if exc.status == 501:
+                raise NodeCommandError(
+                    f"{url} cannot abort: it was started without --enable-abort-handling "
+                    "(LMDeploy 0.18 aborts requests only with it)"
+                ) from exc
+            raise
 
     async def drain(self, url: str, timeout: float | None = None) -> bool:
         """No new requests for `url`; wait (bounded) for its in-flight ones; then `stopped`."""

@@ -171,9 +171,32 @@ async def wakeup(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -
 
 
 async def abort(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
-    nodes = _query(scope).get("node") or None
-    aborted = await rt.fleet.admin.abort(nodes)
+    """`?node=URL` (repeatable; none: every node) aborts all on those nodes;
+    `?request_id=ID` one request (404 when the fleet cannot abort it)."""
+    query = _query(scope)
+    ids = query.get("request_id") or []
+    request_id = ids[0] if ids else None
+    aborted = await rt.fleet.admin.abort(query.get("node") or None, request_id)
     await send_json(send, 200, {"message": "aborted", "nodes": aborted})
+
+
+async def abort_request(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
+    """LMDeploy's own `/abort_request` through the proxy: `abort_all` on every node,
+    or one `session_id` on the node that runs it. Answers as LMDeploy does (200, no
+    body); 404 when no node runs the session."""
+    try:
+        body = await read_json(scope, receive, ADMIN_BODY_LIMIT)
+    except ValueError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from exc
+    body = body if isinstance(body, dict) else {}
+    if body.get("abort_all"):
+        await rt.fleet.admin.abort(None)
+    else:
+        session = body.get("session_id", -1)
+        if isinstance(session, bool) or not isinstance(session, int):
+            raise BadRequest("session_id must be an integer")
+        await rt.fleet.admin.abort_session(session)
+    await send_bytes(send, 200, b"", [])
 
 
 async def drain(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:

@@ -12,7 +12,7 @@ import hmac
 import logging
 
 import lmfleet.answers as answers
-from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
+from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError, UnknownRequestError
 from lmfleet.proxy import admin_api, distserve_api, nodes_api
 from lmfleet.proxy.asgi import (
     BodyTimeout,
@@ -56,6 +56,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/distserve/connection_warmup": {"POST": distserve_api.connection_warmup},
     "/distserve/gc": {"POST": distserve_api.gc},
     "/generate": {"POST": forward},
+    "/abort_request": {"POST": admin_api.abort_request},
     "/pooling": {"POST": forward},
 }
 FORWARD: dict[str, Handler] = {"POST": forward}
@@ -190,6 +191,7 @@ GUARDED: tuple[tuple[type[Exception] | tuple[type[Exception], ...], answers.Answ
     (BodyTooLarge, answers.BODY_TOO_LARGE),
     (BodyTimeout, answers.BODY_TIMEOUT),
     (UnknownNodeError, answers.UNKNOWN_NODE),
+    (UnknownRequestError, answers.UNKNOWN_REQUEST),
     (NodeCommandError, answers.NODE_COMMAND),
 )
 """What a route handler may raise, and the row of lmfleet/answers.py each one is."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx2
 
+from lmfleet.transport.request import with_request_id
 from lmfleet.transport.router import Planner
 from lmfleet.transport.steps import drive_async
 
@@ -14,7 +15,8 @@ class AsyncFleetTransport(httpx2.AsyncBaseTransport):
         self._inner = inner
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        return await drive_async(self._planner.route(request).steps(), self._inner)
+        plan = self._planner.route(request)
+        return with_request_id(request, await drive_async(plan.steps(), self._inner))
 
     async def aclose(self) -> None:
         await self._inner.aclose()

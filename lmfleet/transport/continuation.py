@@ -27,6 +27,7 @@ plan: a cut after the first byte is the caller's `StreamInterruptedError`.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ from lmfleet.transport.plan import (
     first_byte_bound,
     holding,
 )
+from lmfleet.transport.request import REQUEST_ID
 from lmfleet.transport.steps import Call, Discard, Emit, Pause, Read, Steps, StepsBody
 from lmfleet.transport.streams import Accounting, lease_response
 
@@ -93,6 +95,14 @@ class Generation:
     versions: list[list[int]] = field(default_factory=list)
     offset: int = 0  # output tokens made before the current node's request
     continued: int = 0
+
+    def session(self) -> int:
+        """The engine session of the next node request: the caller's own, else a
+        random one (LMDeploy aborts one request by its session: `fleet.abort`)."""
+        given = self.body.get("session_id")
+        if type(given) is int and given >= 0:
+            return given
+        return random.getrandbits(30) + 1
 
     @property
     def max_tokens(self) -> int:
@@ -236,9 +246,9 @@ class ContinuedGeneration(RequestPlan):
         """Send the generation (or its rest) to `node`; its open event stream, or a
         non-200 answer for the caller, or `Retry` (no byte reached the caller)."""
         timeout = self.request.extensions.get("timeout", {})
-        request = self.routing.nodes.request(
-            node, "POST", GENERATE, json=self.gen.request_body(), timeout=timeout
-        )
+        body = self.gen.request_body()
+        body["session_id"] = session = self.gen.session()
+        request = self.routing.nodes.request(node, "POST", GENERATE, json=body, timeout=timeout)
         reply = yield Call(request, stream=True, first_byte=True)
         if not isinstance(reply, httpx2.Response):
             attempts.transport_failed(lease, reply, "", ours)
@@ -251,6 +261,9 @@ class ContinuedGeneration(RequestPlan):
             if reason is not None:
                 reply.headers["x-should-retry"] = "false"
             return lease_response(reply, lease)
+        request_id = self.request.extensions.get(REQUEST_ID)
+        if request_id is not None:  # abortable by its id from now on (fleet.abort)
+            self.routing.registry.track(request_id, node.url, session)
         return reply
 
     def _follow(
@@ -290,6 +303,10 @@ class ContinuedGeneration(RequestPlan):
                     break
         except (LMFleetError, httpx2.TransportError) as exc:
             yield Emit(_error_event(str(exc)))
+        finally:
+            request_id = self.request.extensions.get(REQUEST_ID)
+            if request_id is not None:
+                self.routing.registry.untrack(request_id)
 
     def _relay(
         self, node: NodeState, lease: Accounting, reply: httpx2.Response

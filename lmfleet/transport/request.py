@@ -11,13 +11,37 @@ not at all: the router's fast path settles the common case without parsing
 
 from __future__ import annotations
 
+import itertools
 import json
+import secrets
 from typing import Any
 
 import httpx2
 
 PARSED_BODY = "lmfleet.parsed_body"
 """Request extension: the body as parsed JSON (any JSON value), present once parsed."""
+
+REQUEST_ID_HEADER = "x-lmfleet-request-id"
+"""On every routed answer: the fleet's id of the request (`fleet.abort(request_id)`).
+A caller may choose it by sending the same header."""
+REQUEST_ID = "lmfleet.request_id"
+"""Request extension: the request's id, set by the router."""
+_PREFIX = secrets.token_hex(4)
+_SERIAL = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request id unique to this process and, with its random prefix, to the fleet's
+    proxies and clients together (`3f9a1c2e-17`): a counter, not a uuid, for speed."""
+    return f"{_PREFIX}-{next(_SERIAL)}"
+
+
+def with_request_id(request: httpx2.Request, response: httpx2.Response) -> httpx2.Response:
+    """`response`, carrying the request's id (`REQUEST_ID_HEADER`) when it has one."""
+    found = request.extensions.get(REQUEST_ID)
+    if found is not None:
+        response.headers[REQUEST_ID_HEADER] = found
+    return response
 
 
 def parse_json(content: bytes) -> tuple[Any, str | None]:

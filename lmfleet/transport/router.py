@@ -32,7 +32,14 @@ from lmfleet.transport.plan import (
     StarvedHook,
     error_answer,
 )
-from lmfleet.transport.request import PARSED_BODY, body_bytes, json_body
+from lmfleet.transport.request import (
+    PARSED_BODY,
+    REQUEST_ID,
+    REQUEST_ID_HEADER,
+    body_bytes,
+    json_body,
+    new_request_id,
+)
 from lmfleet.transport.scoring import ScoringPlan, may_score, wants_scoring
 from lmfleet.transport.steps import Steps
 
@@ -54,6 +61,7 @@ LMDeploy ignores fields it does not know."""
 _ASKS = tuple((field, header, header.encode()) for field, header in _VERSION_FIELDS)
 """Each ask's field, header and header as sent (bytes), spelt out once."""
 _ASK_PREFIX = b"x-lmfleet-"
+_REQUEST_ID = REQUEST_ID_HEADER.encode()
 
 
 class Plan(Protocol):
@@ -148,8 +156,11 @@ class Router:
         key = None
         if self._affinity_key is not None:
             key = self._affinity_key(request.headers, body)
+        asked = {k.lower(): v for k, v in request.headers.raw if k[:10].lower() == _ASK_PREFIX}
+        given = asked.get(_REQUEST_ID)
+        request.extensions[REQUEST_ID] = given.decode("latin-1") if given else new_request_id()
         try:
-            exact, floor, stale = _version_asks(request, body)
+            exact, floor, stale = _version_asks(asked, body)
         except ValueError as exc:
             info = RequestInfo(role=role)
             plan = RequestPlan(self.routing, request, info)
@@ -226,13 +237,12 @@ def _may_ask_version(content: bytes) -> bool:
 
 
 def _version_asks(
-    request: httpx2.Request, body: dict[str, Any] | None
+    asked: dict[bytes, bytes], body: dict[str, Any] | None
 ) -> tuple[int | None, int | None, int | None]:
     """(exact version, minimum version, max staleness) the request asks for, in a
-    header or the body field it mirrors; ValueError for one that is not a version (a
-    staleness must not be negative). The headers are read in one pass, and only those
-    named `x-lmfleet-*`: most requests carry none."""
-    asked = {k.lower(): v for k, v in request.headers.raw if k[:10].lower() == _ASK_PREFIX}
+    header (`asked`: the request's `x-lmfleet-*` headers, read in one pass) or the
+    body field it mirrors; ValueError for one that is not a version (a staleness must
+    not be negative)."""
     if not asked and not body:
         return None, None, None
     found: list[int | None] = []

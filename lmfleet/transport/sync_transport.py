@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import httpx2
 
+from lmfleet.transport.request import with_request_id
 from lmfleet.transport.router import Planner
 from lmfleet.transport.steps import drive_sync
 
@@ -19,7 +20,9 @@ class FleetTransport(httpx2.BaseTransport):
         self._inner = inner
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        return drive_sync(self._planner.route(request).steps(), self._inner)
+        return with_request_id(
+            request, drive_sync(self._planner.route(request).steps(), self._inner)
+        )
 
     def close(self) -> None:
         self._inner.close()

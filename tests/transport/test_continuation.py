@@ -22,6 +22,7 @@ from support import SimNode, StartSim, sim_stats, wait_until
 
 from lmfleet import LMFleet
 from lmfleet.config import FleetOptions, RoutingOptions
+from lmfleet.errors import UnknownRequestError
 
 PROMPT = [11, 12, 13, 14, 15]
 BODY = {"input_ids": PROMPT, "max_tokens": 400, "ignore_eos": True}
@@ -221,3 +222,79 @@ def test_abort_gives_the_caller_the_partial_answer(weighted: list[SimNode]) -> N
     answer = out[0]
     assert answer["meta_info"]["finish_reason"] == {"type": "abort"}
     assert 0 < len(answer["output_ids"]) < 400
+
+
+# -- request ids and aborting one request ---------------------------------------------
+
+ABORTABLE = (*SLOW, "--enable-abort-handling")
+
+
+@pytest.fixture
+def abortable(start_sim: StartSim) -> list[SimNode]:
+    return [start_sim(*ABORTABLE), start_sim(*ABORTABLE)]
+
+
+def _open_stream(
+    client: Any, body: dict[str, Any], headers: dict[str, str] | None = None, url: str = URL
+) -> tuple[threading.Thread, list[Any], threading.Event, list[str]]:
+    """Stream `body` in a thread; the answer's request id once its head is in."""
+    ids: list[str] = []
+    head = threading.Event()
+
+    def run() -> list[dict[str, Any]]:
+        with client.stream("POST", url, json=body, headers=headers or {}) as answer:
+            ids.append(answer.headers["x-lmfleet-request-id"])
+            head.set()
+            return _events(answer.iter_lines())
+
+    thread, out = _in_thread(run)
+    return thread, out, head, ids
+
+
+def test_every_answer_carries_a_request_id_and_one_generation_is_aborted_by_it(
+    abortable: list[SimNode],
+) -> None:
+    with _attach(abortable, "round_robin") as fleet:
+        http = fleet.client(max_retries=0)._client
+        chat = http.post(
+            "http://lmfleet.invalid/v1/chat/completions",
+            json={"model": fleet.model, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert chat.status_code == 200 and chat.headers["x-lmfleet-request-id"]
+        stream = {**BODY, "stream": True}
+        cut, cut_out, head, ids = _open_stream(http, stream)
+        kept, kept_out, _, _ = _open_stream(http, stream, {"x-lmfleet-request-id": "mine-1"})
+        assert head.wait(20)
+        wait_until(lambda: sum(sim_stats(n.url)["streaming"] for n in abortable) == 2, 20)
+        assert fleet.abort(ids[0]) != []
+        cut.join(60)
+        kept.join(60)
+        with pytest.raises(UnknownRequestError):
+            fleet.abort(ids[0])  # ended: nothing to abort
+    cut_events, kept_events = cut_out[0], kept_out[0]
+    assert cut_events[-1]["meta_info"]["finish_reason"] == {"type": "abort"}
+    assert 0 < len(_ids(cut_events)) < 400
+    assert len(_ids(kept_events)) == 400  # the other generation was left alone
+
+
+def test_the_proxy_aborts_by_request_id_and_passes_abort_request_on(
+    abortable: list[SimNode], serve_fleet: Callable[..., Any]
+) -> None:
+    _, server = serve_fleet([n.url for n in abortable])
+    proxy = httpx2.Client(base_url=server.url, timeout=60)
+    by_id, by_id_out, head, ids = _open_stream(
+        proxy, {**BODY, "stream": True}, {"x-lmfleet-request-id": "rollout-7"}, "/generate"
+    )
+    session = {**BODY, "stream": True, "session_id": 4242}
+    by_session, by_session_out, _, _ = _open_stream(proxy, session, url="/generate")
+    assert head.wait(20) and ids == ["rollout-7"]
+    wait_until(lambda: sum(sim_stats(n.url)["streaming"] for n in abortable) == 2, 20)
+    assert proxy.post("/fleet/abort?request_id=rollout-7").status_code == 200
+    answer = proxy.post("/abort_request", json={"session_id": 4242})
+    assert (answer.status_code, answer.content) == (200, b"")
+    by_id.join(60)
+    by_session.join(60)
+    for events in (by_id_out[0], by_session_out[0]):
+        assert events[-1]["meta_info"]["finish_reason"] == {"type": "abort"}
+    unknown = proxy.post("/abort_request", json={"session_id": 4242})
+    assert unknown.status_code == 404 and unknown.json()["type"] == "not_found"
