@@ -17,7 +17,9 @@ Modes, each from a fresh fleet, 10 seeds (`--seeds`) each:
 - `abort`: `in_flight="abort"`: the update cuts them; each aborted rollout is
   resubmitted from scratch (its partial tokens are generated twice);
 - `continue`: `in_flight="continue"`: the update cuts them and the fleet finishes
-  each on a node after the update from what it had (transport/continuation.py).
+  each on a node after the update from what it had (transport/continuation.py);
+- `continue-rolling`: the same, one node at a time (`rolling=1`, versions mixed
+  meanwhile): a cut rollout goes on at once on a node that is serving.
 
 Measured per step: step time; tokens generated twice (the nodes' own
 `completion_tokens`, summed, minus the tokens in the final answers); prompt tokens
@@ -53,13 +55,16 @@ import httpx2
 
 from bench._common import machine
 from lmfleet import LMFleet
+from lmfleet.config import FleetOptions, RoutingOptions
 
 URL = "http://lmfleet.invalid/generate"
 SIM_ARGS = [
     "--ttft-ms", "20", "--tpot-ms", "4", "--max-batch", "64", "--batch-slowdown", "0.01",
     "--weights-gb", "16", "--update-seconds-per-gb", "0.05", "--output-tokens", "2000",
 ]  # fmt: skip
-MODES = ("none", "drain", "abort", "continue")
+MODES = ("none", "drain", "abort", "continue", "continue-rolling")
+IN_FLIGHT = {"drain": "drain", "abort": "abort", "continue": "continue"}
+IN_FLIGHT["continue-rolling"] = "continue"
 PROMPT_TOKENS = 32
 T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
@@ -153,7 +158,10 @@ async def one_step(fleet: LMFleet, mode: str, seed: int, rollouts: int, version:
         nonlocal update_seconds
         await half.wait()
         started = time.monotonic()
-        result = await fleet.aupdate_weights(f"w{version}", version=version, in_flight=mode)
+        rolling = 1 if mode.endswith("-rolling") else False
+        result = await fleet.aupdate_weights(
+            f"w{version}", version=version, rolling=rolling, in_flight=IN_FLIGHT[mode]
+        )
         assert result.ok, result
         update_seconds = time.monotonic() - started
 
@@ -189,13 +197,10 @@ def interval(values: list[float]) -> str:
 
 def run_mode(mode: str, seeds: int, rollouts: int) -> list[Step]:
     steps = []
+    # drain_timeout 600 s: `drain` really waits for every rollout on the nodes.
+    options = FleetOptions(drain_timeout=600, routing=RoutingOptions(wait_for_node=120))
     with LMFleet.simulate(
-        4,
-        weight_updates=True,
-        sim_args=SIM_ARGS,
-        health_interval=0.5,
-        wait_for_node=120,
-        drain_timeout=600,
+        4, weight_updates=True, sim_args=SIM_ARGS, options=options, health_interval=0.5
     ) as fleet:
         fleet.wait_ready(timeout=120)
         for seed in range(seeds):

@@ -140,7 +140,6 @@ class NodeRegistry:
         self._active: dict[str, float] = {}
         self._waiting = 0
         self._bringing: dict[int, int] = {}  # weight version -> updates bringing it now
-        self._continuing: set[str] = set()  # nodes whose cut generations go on elsewhere
         self._sessions: dict[str, tuple[str, int]] = {}  # request id -> (node, engine session)
 
     def _models_changed(self) -> None:
@@ -386,19 +385,6 @@ class NodeRegistry:
         key = self._key(url)
         with self._lock:
             return list(self._recent.get(key, ())), self._tokens.get(key, 0)
-
-    def continue_cut(self, url: str, on: bool) -> None:
-        """While on, a generation that `url` aborts is continued on another node rather
-        than ended (a weight update with `in_flight="continue"` sleeping it)."""
-        with self._lock:
-            if on:
-                self._continuing.add(url)
-            else:
-                self._continuing.discard(url)
-
-    def continues(self, url: str) -> bool:
-        """Whether a generation `url` aborts now goes on elsewhere (`continue_cut`)."""
-        return url in self._continuing
 
     def track(self, request_id: str, url: str, session_id: int) -> None:
         """`request_id` runs on `url` as engine session `session_id` (abortable by id)."""

@@ -92,6 +92,9 @@ class NodeState:
     speed: float | None = None
     weight_version: int = 0
     quarantine: str = ""
+    cuts: int = 0
+    """Weight updates that put the node to sleep with `in_flight="continue"`: a
+    generation it aborts after this grew (since its lease) goes on elsewhere."""
     api_key: str | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -35,7 +35,7 @@ from typing import Any
 import httpx2
 
 from lmfleet.answers import error_body
-from lmfleet.errors import LMFleetError
+from lmfleet.errors import LMFleetError, UnknownNodeError
 from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeState
 from lmfleet.routing.base import RequestInfo
@@ -284,13 +284,16 @@ class ContinuedGeneration(RequestPlan):
                 if cut is None:
                     yield Emit(b"data: [DONE]\n\n")
                     return
+                if cut is _MOVED:
+                    attempts.moved()  # an update's cut is no attempt used up, and no pause
                 while True:  # the rest, on another node (`failed` raises when none is left)
-                    yield Pause(attempts.failed(cut))
+                    if cut is not _MOVED:
+                        yield Pause(attempts.failed(cut))
                     node, lease = yield from attempts.lease(self.routing.strategy, self.info, tried)
                     try:
                         opened = yield from holding(lease, self._open(node, lease, attempts, ours))
                     except Retry as retry:
-                        cut = retry.reason
+                        cut = retry.reason  # a failure: counted, and paused for
                         continue
                     if opened.status_code != 200:
                         yield Discard(opened)
@@ -345,11 +348,22 @@ class ContinuedGeneration(RequestPlan):
                     yield Emit(b"data: " + data + b"\n\n")  # the node's own error: the end
                     return None, Outcome.FAILURE
                 shown = gen.add(event, node.weight_version)
-                if gen.aborted and self.routing.registry.continues(node.url):
+                if gen.aborted and self._cut_for_update(node):
                     gen.finish = None  # cut for a weight update: not the caller's end
-                    return f"{node.url} was put to sleep for a weight update", Outcome.NEUTRAL
+                    return _MOVED, Outcome.NEUTRAL
                 if gen.stream:
                     yield Emit(b"data: " + _dumps(shown) + b"\n\n")
+
+    def _cut_for_update(self, node: NodeState) -> bool:
+        """Whether `node` aborted the generation for a weight update that continues
+        it: its count of such cuts grew since it was leased (`node`, the snapshot
+        the lease took under the registry's lock, where the update marks the node
+        asleep and counts the cut in one step, so no lease falls in between)."""
+        try:
+            now = self.routing.registry.get(node.url)
+        except UnknownNodeError:
+            return False
+        return now.cuts > node.cuts
 
     def _assemble(self, body: Steps[None]) -> Steps[httpx2.Response]:
         """Run the followed generation to its end: the answer a non-streamed call gets."""
@@ -391,6 +405,8 @@ class ContinuedGeneration(RequestPlan):
 
 
 _ERROR_EVENT = b'data: {"error"'
+_MOVED = "its node was put to sleep for a weight update"
+"""The cut a weight update makes (`in_flight="continue"`): not the node's failure."""
 
 
 def _dumps(value: Any) -> bytes:

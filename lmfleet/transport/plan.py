@@ -340,6 +340,11 @@ class Attempts:
             )
         return self.routing.backoff(max(1, self.count))
 
+    def moved(self) -> None:
+        """The last attempt's node was taken away (a weight update put it to sleep), not
+        failed: it does not count against `max_attempts`."""
+        self.count = max(0, self.count - 1)
+
     def exhausted(self) -> bool:
         return self.count >= self.routing.options.max_attempts
 

@@ -27,11 +27,12 @@ the pair table is guarded by a thread lock and waiters block on (sync) or poll
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import httpx2
@@ -107,20 +108,29 @@ class StepsBody(httpx2.SyncByteStream, httpx2.AsyncByteStream):
     def __init__(self, steps: Steps[None]) -> None:
         self.steps = steps
         self._inner: httpx2.BaseTransport | httpx2.AsyncBaseTransport | None = None
+        self._body: Any = None  # the running body (a generator), closed with this one
 
     def __iter__(self) -> Iterator[bytes]:
         assert isinstance(self._inner, httpx2.BaseTransport), "bound by drive_sync"
-        yield from _body_sync(self.steps, self._inner)
+        self._body = _body_sync(self.steps, self._inner)
+        yield from self._body
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         assert isinstance(self._inner, httpx2.AsyncBaseTransport), "bound by drive_async"
-        async for chunk in _body_async(self.steps, self._inner):
+        self._body = _body_async(self.steps, self._inner)
+        async for chunk in self._body:
             yield chunk
 
     def close(self) -> None:
+        """Close the body now (its node responses with it), read to its end or not."""
+        if self._body is not None:
+            self._body.close()
         self.steps.close()
 
     async def aclose(self) -> None:
+        if self._body is not None:
+            with contextlib.suppress(RuntimeError):  # ended by an exception thrown into it
+                await self._body.aclose()
         self.steps.close()
 
 

@@ -195,8 +195,12 @@ class UpdateSession:
         else:
             # No wait: the sleep aborts what runs on the node. Each generation the fleet
             # follows (transport/continuation.py) goes on elsewhere when it continues.
-            self._registry.continue_cut(url, self.in_flight == "continue")
-            self._set(url, NodeStatus.SLEEPING, f"updating weights to v{self.version}: cutting")
+            cut = int(self.in_flight == "continue")
+            message = f"updating weights to v{self.version}: cutting"
+            self._registry.modify(
+                url,
+                lambda s: s.evolve(status=NodeStatus.SLEEPING, message=message, cuts=s.cuts + cut),
+            )
         try:
             node = self._registry.get(url)
             # A node asleep already (auto-sleep, an earlier failed update) is not put to
@@ -313,8 +317,6 @@ class UpdateSession:
         try:
             await _each(self.live, finish)
         finally:
-            for target in self.targets:
-                self._registry.continue_cut(target.url, False)
             self._updater.release(self)
             self._registry.brought(self.version)
         updated = tuple(t.url for t in self.targets if t.url not in self.failed)

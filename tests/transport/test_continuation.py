@@ -298,3 +298,45 @@ def test_the_proxy_aborts_by_request_id_and_passes_abort_request_on(
         assert events[-1]["meta_info"]["finish_reason"] == {"type": "abort"}
     unknown = proxy.post("/abort_request", json={"session_id": 4242})
     assert unknown.status_code == 404 and unknown.json()["type"] == "not_found"
+
+
+def test_a_caller_that_goes_away_frees_the_node(
+    two: list[SimNode], serve_fleet: Callable[..., Any]
+) -> None:
+    fleet, server = serve_fleet([n.url for n in two])
+    body = {**BODY, "stream": True}
+    with httpx2.stream("POST", server.url + "/generate", json=body, timeout=60) as answer:
+        for line in answer.iter_lines():
+            if line.startswith("data: {"):
+                break  # one token in: hang up
+    # The node stops generating (LMDeploy aborts a request whose client went away) and
+    # the fleet's lease ends: nothing stays in flight anywhere.
+    wait_until(lambda: sum(sim_stats(n.url)["inflight"] for n in two) == 0, 20)
+    wait_until(lambda: sum(n.inflight for n in fleet.nodes) == 0, 20)
+    assert sum(sim_stats(n.url)["aborted"] for n in two) == 1
+
+
+def test_a_client_that_stops_reading_frees_the_node(two: list[SimNode]) -> None:
+    with _attach(two) as fleet:
+        http = fleet.client(max_retries=0)._client
+        with http.stream("POST", URL, json={**BODY, "stream": True}) as answer:
+            for line in answer.iter_lines():
+                if line.startswith("data: {"):
+                    break
+        wait_until(lambda: sum(n.inflight for n in fleet.nodes) == 0, 20)
+        wait_until(lambda: sum(sim_stats(n.url)["inflight"] for n in two) == 0, 20)
+
+
+def test_an_updates_cut_uses_up_no_attempt(weighted: list[SimNode]) -> None:
+    # One attempt only: a cut for a weight update is no failure, so a generation moved
+    # by a rolling update (node by node, maybe twice) still ends whole.
+    with _attach(weighted, max_attempts=1) as fleet:
+        client = fleet.client(max_retries=0)
+        thread, out = _in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
+        _streaming(weighted)
+        assert fleet.update_weights("w", version=1, rolling=1, in_flight="continue").ok
+        thread.join(60)
+    answer = out[0]
+    assert len(answer["output_ids"]) == 400
+    assert answer["meta_info"]["finish_reason"] == {"type": "length"}
+    assert len(answer["meta_info"]["weight_versions"]) >= 2
