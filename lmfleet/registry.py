@@ -393,6 +393,11 @@ class NodeRegistry:
     def untrack(self, request_id: str) -> None:
         self._sessions.pop(request_id, None)
 
+    def followed(self, url: str) -> int:
+        """How many generations the fleet follows on `url` now (each one it can
+        continue elsewhere, and abort by its id)."""
+        return sum(1 for node, _ in list(self._sessions.values()) if node == url)
+
     def tracked(self, request_id: str) -> tuple[str, int] | None:
         """(node URL, engine session) of a request the fleet can abort by its id."""
         return self._sessions.get(request_id)

@@ -87,7 +87,7 @@ class FleetSurface(Protocol):
         rolling: bool | int = False,
         level: int = 1,
         allow_mixed: bool | None = None,
-        in_flight: InFlight = "drain",
+        in_flight: InFlight = "continue",
     ) -> UpdateResult: ...
 
     def async_client(

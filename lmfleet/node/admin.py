@@ -22,12 +22,16 @@ from lmfleet.routing.base import RequestInfo
 from lmfleet.runtime import FleetRuntime
 
 
-async def wait_idle(registry: NodeRegistry, url: str, timeout: float) -> bool:
-    """Wait until no request is in flight on `url`; False if `timeout` ran out first."""
+async def wait_idle(
+    registry: NodeRegistry, url: str, timeout: float, *, continued: bool = False
+) -> bool:
+    """Wait until no request is in flight on `url` (with `continued`, none but the
+    generations the fleet will continue elsewhere: registry.followed); False if
+    `timeout` ran out first."""
     deadline = time.monotonic() + timeout
     while True:
         state = registry.get(url)
-        if state.inflight == 0:
+        if state.inflight <= (registry.followed(url) if continued else 0):
             return True
         if time.monotonic() >= deadline:
             return False

@@ -220,7 +220,7 @@ async def update_weights(scope: Scope, receive: Receive, send: Send, rt: ProxyCo
     Body: `version` (int), `payload` (one `UpdateParamsRequest` body or serialized
     string, a list of them, or `{node URL: bodies}`), optional `nodes`, `rolling`
     (false or a number of nodes), `level` (1 or 2), `allow_mixed`, `in_flight`
-    ("drain", "abort" or "continue"). Answers the
+    ("continue", the default, "drain" or "abort"). Answers the
     result (`updated`, `failed` with reasons, `seconds`); 501 when a node cannot load
     weights online (the message names the server flag), 502 when every node failed.
     """
@@ -247,7 +247,7 @@ async def update_weights(scope: Scope, receive: Receive, send: Send, rt: ProxyCo
     allow_mixed = body.get("allow_mixed")
     if allow_mixed is not None and not isinstance(allow_mixed, bool):
         raise BadRequest("allow_mixed must be true or false")
-    in_flight = body.get("in_flight", "drain")
+    in_flight = body.get("in_flight", "continue")
     if in_flight not in IN_FLIGHT:
         raise BadRequest(f"in_flight must be one of {', '.join(IN_FLIGHT)}")
     try:

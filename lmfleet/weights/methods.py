@@ -29,7 +29,7 @@ class WeightMethods:
         nodes: Sequence[str] | None = None,
         level: int = 1,
         allow_mixed: bool = False,
-        in_flight: InFlight = "drain",
+        in_flight: InFlight = "continue",
     ) -> WeightUpdate:
         """A weight update to `version` as a context manager (`with` or `async with`).
 
@@ -38,10 +38,11 @@ class WeightMethods:
         (`update.push(payload)`), or push yourself to `update.nodes`, or use the NCCL
         helpers; on exit each node wakes its KV cache and serves `version`. A node that
         fails is quarantined with its reason. Unless `allow_mixed`, requests go only to
-        nodes of `version` from the start. `in_flight`: what happens to the generations
-        running on the nodes (`"drain"`: wait for them; `"abort"`: cut them;
-        `"continue"`: cut them and finish each `/generate` on a node of an allowed
-        version after the update, its caller getting one answer). See docs/guide/rl.md.
+        nodes of `version` from the start. `in_flight`: what happens to the requests
+        running on the nodes (`"continue"`, the default: cut each `/generate` and
+        finish it on a node of an allowed version after the update, its caller getting
+        one answer, and wait for the others; `"drain"`: wait for every one; `"abort"`:
+        cut every one). See docs/guide/rl.md.
         """
         self.runtime.check_open()
         return WeightUpdate(
@@ -64,7 +65,7 @@ class WeightMethods:
         rolling: bool | int = False,
         level: int = 1,
         allow_mixed: bool | None = None,
-        in_flight: InFlight = "drain",
+        in_flight: InFlight = "continue",
     ) -> UpdateResult:
         """Push `payload` to the nodes and make them serve `version`, in one call
         (`update_weights` from sync code, `await fleet.aupdate_weights` from a loop).

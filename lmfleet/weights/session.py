@@ -50,12 +50,13 @@ UPDATABLE = (NodeStatus.HEALTHY, NodeStatus.SLEEPING, NodeStatus.EJECTED)
 
 
 InFlight = Literal["drain", "abort", "continue"]
-"""What a weight update does with the generations running on its nodes: `drain`
-waits for them (up to `drain_timeout`; the sleep aborts what is left), `abort` cuts
-them at once (their callers get the partial answer, `finish_reason` abort), and
-`continue` cuts them at once and finishes each generation the fleet follows (LMDeploy
-`/generate`: transport/continuation.py) on a node of an allowed version after the
-update, so that its caller gets one answer; others are cut as with `abort`."""
+"""What a weight update does with the requests running on its nodes: `continue` (the
+default) cuts each generation the fleet follows (LMDeploy `/generate`:
+transport/continuation.py) at once and finishes it on a node of an allowed version
+after the update, its caller getting one answer, and waits for the others (chat,
+completions: up to `drain_timeout`); `drain` waits for every one; `abort` cuts every
+one at once (their callers get the partial answer, `finish_reason` abort). Measured
+in bench/rl_step.py (docs/benchmarks.md §7)."""
 IN_FLIGHT: tuple[InFlight, ...] = ("drain", "abort", "continue")
 
 
@@ -101,7 +102,7 @@ class UpdateSession:
         *,
         level: int,
         allow_mixed: bool,
-        in_flight: InFlight = "drain",
+        in_flight: InFlight = "continue",
     ) -> None:
         self._updater = updater
         self.in_flight = in_flight
@@ -189,18 +190,22 @@ class UpdateSession:
 
     async def _prepare(self, target: UpdateTarget) -> None:
         url, options = target.url, self._options
-        if self.in_flight == "drain":
-            self._set(url, NodeStatus.SLEEPING, f"updating weights to v{self.version}: draining")
-            await wait_idle(self._registry, url, options.drain_timeout)
+        if self.in_flight == "abort":  # no wait: the sleep aborts what runs on the node
+            self._set(url, NodeStatus.SLEEPING, f"updating weights to v{self.version}: cutting")
         else:
-            # No wait: the sleep aborts what runs on the node. Each generation the fleet
-            # follows (transport/continuation.py) goes on elsewhere when it continues.
-            cut = int(self.in_flight == "continue")
-            message = f"updating weights to v{self.version}: cutting"
+            # "continue": wait only for what cannot be continued (a chat, a completion);
+            # each generation the fleet follows (transport/continuation.py) is cut by the
+            # sleep and goes on elsewhere: the cut is counted with the sleep mark, in one
+            # step under the registry's lock, so that no lease falls in between.
+            continued = self.in_flight == "continue"
+            message = f"updating weights to v{self.version}: draining"
             self._registry.modify(
                 url,
-                lambda s: s.evolve(status=NodeStatus.SLEEPING, message=message, cuts=s.cuts + cut),
+                lambda s: s.evolve(
+                    status=NodeStatus.SLEEPING, message=message, cuts=s.cuts + continued
+                ),
             )
+            await wait_idle(self._registry, url, options.drain_timeout, continued=continued)
         try:
             node = self._registry.get(url)
             # A node asleep already (auto-sleep, an earlier failed update) is not put to
@@ -401,7 +406,7 @@ class WeightUpdater:
         *,
         level: int = 1,
         allow_mixed: bool = False,
-        in_flight: InFlight = "drain",
+        in_flight: InFlight = "continue",
     ) -> UpdateSession:
         """A new update of `nodes` (default: every node up) to `version`; `begin()` it."""
         if isinstance(version, bool) or not isinstance(version, int):

@@ -62,7 +62,7 @@ class WeightUpdate:
         *,
         level: int = 1,
         allow_mixed: bool = False,
-        in_flight: InFlight = "drain",
+        in_flight: InFlight = "continue",
     ) -> None:
         self._runtime = runtime
         self._updater = updater

@@ -340,3 +340,30 @@ def test_an_updates_cut_uses_up_no_attempt(weighted: list[SimNode]) -> None:
     assert len(answer["output_ids"]) == 400
     assert answer["meta_info"]["finish_reason"] == {"type": "length"}
     assert len(answer["meta_info"]["weight_versions"]) >= 2
+
+
+def test_continue_drains_what_it_cannot_continue(weighted: list[SimNode]) -> None:
+    # A chat answer cannot be continued: the update (the default, in_flight="continue")
+    # waits for it, while a /generate on the same fleet is cut and continued.
+    with _attach(weighted, "round_robin") as fleet:
+        client = fleet.client(max_retries=0)
+        chat, chat_out = _in_thread(
+            lambda: client.chat.completions.create(
+                model=fleet.model,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=300,
+                extra_body={"ignore_eos": True},
+            )
+        )
+        generation, gen_out = _in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
+        wait_until(lambda: sum(sim_stats(n.url)["streaming"] for n in weighted) >= 1, 20)
+        wait_until(lambda: sum(sim_stats(n.url)["inflight"] for n in weighted) == 2, 20)
+        assert fleet.update_weights("w", version=1).ok  # the default: continue
+        # The chat was waited for: it ended before its node went to sleep.
+        assert not chat.is_alive()
+        chat.join(60)
+        generation.join(60)
+    assert chat_out[0].choices[0].finish_reason == "length"
+    assert chat_out[0].usage.completion_tokens == 300
+    assert len(gen_out[0]["output_ids"]) == 400
+    assert [s[2] for s in gen_out[0]["meta_info"]["weight_versions"]] == [0, 1]
