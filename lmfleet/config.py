@@ -146,6 +146,19 @@ class RoutingOptions(_Options):
     wake_on_demand: bool = Field(
         default=False, description="wake a sleeping node when none is eligible"
     )
+    follow_generations: Annotated[
+        bool,
+        Flag(
+            "--no-follow-generations",
+            help="relay LMDeploy /generate as it comes, without following it token by "
+            "token (cheaper; a cut generation is then not continued elsewhere)",
+        ),
+    ] = Field(
+        default=True,
+        description="follow every LMDeploy /generate token by token, to continue it "
+        "elsewhere when its node stops early (docs/guide/continuation.md); False relays "
+        "its bytes as any request's, which costs the proxy less (docs/benchmarks.md §7)",
+    )
     admission_queue: Annotated[
         int,
         Flag(

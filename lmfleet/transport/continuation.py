@@ -351,8 +351,8 @@ class ContinuedGeneration(RequestPlan):
                 if gen.aborted and self._cut_for_update(node):
                     gen.finish = None  # cut for a weight update: not the caller's end
                     return _MOVED, Outcome.NEUTRAL
-                if gen.stream:
-                    yield Emit(b"data: " + _dumps(shown) + b"\n\n")
+                if gen.stream:  # the node's own bytes, unless the fleet changed the event
+                    yield Emit(b"data: " + (data if shown is event else _dumps(shown)) + b"\n\n")
 
     def _cut_for_update(self, node: NodeState) -> bool:
         """Whether `node` aborted the generation for a weight update that continues

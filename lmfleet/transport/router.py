@@ -98,6 +98,7 @@ class Router:
         the transports raises `FleetClosedError` (`check_open`). `nodes`: the fleet's
         node client, which aims each routed request at its node."""
         self._closed = closed
+        self._follow = options.follow_generations
         self._affinity_key = affinity_key if as_base_strategy(strategy).uses_affinity_key else None
         self.routing = Routing(
             registry, strategy, options, nodes or NodeClient(), Backoff.of(options), on_starved
@@ -148,7 +149,7 @@ class Router:
             or (models and not _names_model(content, models[0]))
             or _may_ask_version(content)
             or may_score(request, content)
-            or request.url.path == GENERATE
+            or (self._follow and request.url.path == GENERATE)
         ):
             body = json_body(request)
         model = body.get("model") if body is not None else None
@@ -177,7 +178,7 @@ class Router:
         )
         if body is not None and wants_scoring(request, body):
             plan = ScoringPlan(self.routing, request, info, body)
-        elif body is not None and wants_continuation(request, body):
+        elif self._follow and body is not None and wants_continuation(request, body):
             plan = ContinuedGeneration(self.routing, request, info, body)
         else:
             plan = RequestPlan(self.routing, request, info)

@@ -367,3 +367,29 @@ def test_continue_drains_what_it_cannot_continue(weighted: list[SimNode]) -> Non
     assert chat_out[0].usage.completion_tokens == 300
     assert len(gen_out[0]["output_ids"]) == 400
     assert [s[2] for s in gen_out[0]["meta_info"]["weight_versions"]] == [0, 1]
+
+
+def test_a_fleet_that_does_not_follow_relays_generate_as_it_came(two: list[SimNode]) -> None:
+    with _attach(two, follow_generations=False) as fleet:
+        client = fleet.client(max_retries=0)
+        answer = client.post(URL, body={**BODY, "max_tokens": 5}, cast_to=object)
+    assert "weight_versions" not in answer["meta_info"]  # the node's own answer, as is
+    assert len(answer["output_ids"]) == 5
+
+
+@pytest.mark.anyio
+async def test_through_the_proxy_a_stalled_node_is_left(
+    two: list[SimNode], serve_fleet: Callable[..., Any]
+) -> None:
+    expected = _reference(two[0])["output_ids"]
+    httpx2.post(two[0].url + "/sim/faults", json={"stall_stream_after": 120}).raise_for_status()
+    options = FleetOptions(routing=RoutingOptions(stall_timeout=0.5, wait_for_node=10.0))
+    _, server = serve_fleet([n.url for n in two], options=options, strategy="round_robin")
+    async with httpx2.AsyncClient(base_url=server.url, timeout=60) as proxy:
+        for stream in (False, True):  # round robin: one of each pair lands on the staller
+            for _ in range(2):
+                answer = await proxy.post("/generate", json={**BODY, "stream": stream})
+                lines = answer.text.splitlines()
+                ids = _ids(_events(iter(lines))) if stream else answer.json()["output_ids"]
+                assert ids == expected
+    assert sim_stats(two[0].url)["by_path"]["/generate"] >= 2
