@@ -27,7 +27,9 @@ plan: a cut after the first byte is the caller's `StreamInterruptedError`.
 from __future__ import annotations
 
 import json
+import math
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,7 @@ from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeState
 from lmfleet.routing.base import RequestInfo
 from lmfleet.transport.plan import (
+    OWN_TIMEOUT,
     SERVED_VERSION_HEADER,
     Attempts,
     RequestPlan,
@@ -210,6 +213,14 @@ class ContinuedGeneration(RequestPlan):
     ) -> None:
         super().__init__(routing, request, info)
         self.gen = Generation(body, stream=bool(body.get("stream")))
+        # The caller's own read timeout (not the proxy's upstream one), kept before the
+        # plan lowers the request's to the first-byte bound. It bounds the caller's
+        # silence: between two events of a stream, or the whole wait for an assembled
+        # answer, which the caller receives in one piece at the end.
+        own = request.extensions.get(OWN_TIMEOUT)
+        read = None if own else (request.extensions.get("timeout") or {}).get("read")
+        self._caller_read: float | None = read
+        self._deadline = math.inf
 
     def steps(self) -> Steps[httpx2.Response]:
         if self.immediate is not None:
@@ -217,6 +228,8 @@ class ContinuedGeneration(RequestPlan):
         routing = self.routing
         attempts = Attempts(routing, self.request)
         ours = first_byte_bound(self.request, routing.options.first_byte_timeout)
+        if self._caller_read is not None and not self.gen.stream:
+            self._deadline = time.monotonic() + self._caller_read
         tried: list[str] = []
         while True:
             node, lease = yield from attempts.lease(routing.strategy, self.info, tried)
@@ -305,6 +318,8 @@ class ContinuedGeneration(RequestPlan):
                     self.gen.continued += 1
                     break
         except (LMFleetError, httpx2.TransportError) as exc:
+            if isinstance(exc, _CallersTimeout):
+                raise  # the caller's own timeout: its error, as for any request
             yield Emit(_error_event(str(exc)))
         finally:
             request_id = self.request.extensions.get(REQUEST_ID)
@@ -330,8 +345,13 @@ class ContinuedGeneration(RequestPlan):
         stall = self.routing.options.stall_timeout
         buffer = bytearray()
         while True:
-            chunk = yield Read(reply, timeout=stall if gen.output_ids else None)
+            timeout, callers = self._read_timeout(stall if gen.output_ids else None)
+            chunk = yield Read(reply, timeout=timeout)
             if isinstance(chunk, httpx2.TimeoutException):
+                if callers:
+                    raise _CallersTimeout(
+                        f"no answer within the caller's read timeout ({self._caller_read:g} s)"
+                    )
                 return f"{node.url} stalled: no token for {stall:g} s", Outcome.FAILURE
             if isinstance(chunk, httpx2.TransportError):
                 return f"{node.url} cut the generation: {chunk!r}", Outcome.FAILURE
@@ -353,6 +373,19 @@ class ContinuedGeneration(RequestPlan):
                     return _MOVED, Outcome.NEUTRAL
                 if gen.stream:  # the node's own bytes, unless the fleet changed the event
                     yield Emit(b"data: " + (data if shown is event else _dumps(shown)) + b"\n\n")
+
+    def _read_timeout(self, stall: float | None) -> tuple[float | None, bool]:
+        """The bound on the next read, and whether it is the caller's own: the stall
+        bound, or the caller's read timeout when tighter (per event for a stream; what
+        is left of it for an assembled answer)."""
+        callers = self._caller_read if self.gen.stream else self._deadline - time.monotonic()
+        if callers is not None and callers <= 0:
+            raise _CallersTimeout(
+                f"no answer within the caller's read timeout ({self._caller_read:g} s)"
+            )
+        if callers is None or callers == math.inf or (stall is not None and stall < callers):
+            return stall, False
+        return callers, True
 
     def _cut_for_update(self, node: NodeState) -> bool:
         """Whether `node` aborted the generation for a weight update that continues
@@ -402,6 +435,10 @@ class ContinuedGeneration(RequestPlan):
             },
             request=self.request,
         )
+
+
+class _CallersTimeout(httpx2.ReadTimeout):
+    """The caller's own read timeout ran out: its error, not a cut to continue."""
 
 
 _ERROR_EVENT = b'data: {"error"'

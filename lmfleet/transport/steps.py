@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -276,8 +277,7 @@ async def _read_async(
         stall = step.response.extensions.get(_STALL)
         if stall is None:
             stall = step.response.extensions[_STALL] = _Stall(step.response, step.timeout)
-        stall.last = time.monotonic()
-        stall.reading = True
+        stall.read(step.timeout)
     try:
         return await chunks.__anext__()
     except StopAsyncIteration:
@@ -307,7 +307,7 @@ class _Stall:
     (`fail_after`) cost the proxy 12 % of its `/generate` throughput, and a cancel
     scope alone as much."""
 
-    __slots__ = ("_loop", "_response", "fired", "last", "reading", "timeout")
+    __slots__ = ("_armed", "_loop", "_response", "fired", "last", "reading", "timeout")
 
     def __init__(self, response: httpx2.Response, timeout: float) -> None:
         self._response = response
@@ -316,20 +316,32 @@ class _Stall:
         self.last = time.monotonic()
         self.reading = False
         self.fired = False
-        self._loop.call_at(self._loop.time() + timeout, self._check)
+        self._armed = math.inf  # when the pending timer fires (time.monotonic)
+
+    def read(self, timeout: float) -> None:
+        """A read starts, bounded by `timeout` (it may differ from the last one's)."""
+        self.last, self.timeout, self.reading = time.monotonic(), timeout, True
+        if self.last + timeout < self._armed:  # the pending timer would be late
+            self._arm(timeout)
+
+    def _arm(self, wait: float) -> None:
+        self._armed = time.monotonic() + wait
+        self._loop.call_at(self._loop.time() + wait, self._check)
 
     def _check(self) -> None:
         if self._response.is_closed or self.fired:
             return  # the body ended: no more timer
         now = time.monotonic()
+        if now < self._armed - 0.0005:
+            return  # superseded by an earlier timer, which re-armed
+        self._armed = math.inf
         due = self.last + self.timeout
         if self.reading and now >= due:
             self.fired = True
             self._loop.create_task(self._response.aclose())
             return
         # Not reading now (the caller is slow to take chunks), or not yet due.
-        wait = due - now if self.reading else self.timeout
-        self._loop.call_at(self._loop.time() + max(wait, 0.001), self._check)
+        self._arm(max(due - now if self.reading else self.timeout, 0.001))
 
 
 def _body_sync(steps: Steps[None], inner: httpx2.BaseTransport) -> Iterator[bytes]:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx2
+import openai
 import pytest
 from support import SimNode, StartSim, sim_stats, wait_until
 
@@ -137,7 +138,7 @@ def test_a_non_streamed_generation_survives_a_killed_node(two: list[SimNode]) ->
 async def test_a_stalled_node_is_left_and_the_generation_continues(two: list[SimNode]) -> None:
     expected = _reference(two[0])["output_ids"]
     httpx2.post(two[0].url + "/sim/faults", json={"stall_stream_after": 120}).raise_for_status()
-    with _attach(two, "round_robin", stall_timeout=0.5) as fleet:
+    with _attach(two, "round_robin", stall_timeout=1.0) as fleet:
         client = fleet.async_client(max_retries=0)
         answers = []
         for _ in range(2):  # round robin over two nodes: one lands on the staller
@@ -383,7 +384,7 @@ async def test_through_the_proxy_a_stalled_node_is_left(
 ) -> None:
     expected = _reference(two[0])["output_ids"]
     httpx2.post(two[0].url + "/sim/faults", json={"stall_stream_after": 120}).raise_for_status()
-    options = FleetOptions(routing=RoutingOptions(stall_timeout=0.5, wait_for_node=10.0))
+    options = FleetOptions(routing=RoutingOptions(stall_timeout=1.0, wait_for_node=10.0))
     _, server = serve_fleet([n.url for n in two], options=options, strategy="round_robin")
     async with httpx2.AsyncClient(base_url=server.url, timeout=60) as proxy:
         for stream in (False, True):  # round robin: one of each pair lands on the staller
@@ -393,3 +394,25 @@ async def test_through_the_proxy_a_stalled_node_is_left(
                 ids = _ids(_events(iter(lines))) if stream else answer.json()["output_ids"]
                 assert ids == expected
     assert sim_stats(two[0].url)["by_path"]["/generate"] >= 2
+
+
+def test_a_callers_timeout_shorter_than_the_generation_is_kept(two: list[SimNode]) -> None:
+    # The fleet streams the generation from the node, so bytes keep coming; the caller
+    # asked for one answer within 0.5 s, and 400 tokens take longer: its timeout holds.
+    with _attach(two) as fleet:
+        client = fleet.client(max_retries=0, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):
+            client.post(URL, body=BODY, cast_to=object)
+        wait_until(lambda: sum(n.inflight for n in fleet.nodes) == 0, 20)
+        wait_until(lambda: sum(sim_stats(n.url)["inflight"] for n in two) == 0, 20)
+        # A long enough timeout gets the whole answer.
+        answer = fleet.client(max_retries=0, timeout=60).post(URL, body=BODY, cast_to=object)
+        assert len(answer["output_ids"]) == 400
+
+
+@pytest.mark.anyio
+async def test_an_async_callers_timeout_is_kept_too(two: list[SimNode]) -> None:
+    with _attach(two) as fleet:
+        client = fleet.async_client(max_retries=0, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):
+            await client.post(URL, body=BODY, cast_to=object)
