@@ -61,6 +61,10 @@ VERSIONS_HEADER = "x-lmfleet-weight-versions"
 DEFAULT_MAX_TOKENS = 128
 """LMDeploy's `GenerateReqInput.max_tokens` default."""
 _DONE = b"[DONE]"
+_NOT_FINISHED = b'"finish_reason":null'
+_IDS = b'"output_ids":['
+_TEXT = '"text":'
+_STRINGS = json.JSONDecoder()
 _COMPACT = (",", ":")  # pydantic's model_dump_json, which LMDeploy's events use
 
 
@@ -128,10 +132,7 @@ class Generation:
 
     def add(self, event: dict[str, Any], version: int) -> dict[str, Any]:
         """Record one of the node's events; the event as the caller sees it."""
-        ids = event.get("output_ids") or []
-        start = len(self.output_ids)
-        self.output_ids.extend(ids)
-        self.text += event.get("text") or ""
+        self.record(event.get("output_ids") or [], event.get("text") or "", version)
         meta = event.get("meta_info") or {}
         if self.prompt_tokens is None:
             self.prompt_tokens = meta.get("prompt_tokens")
@@ -142,12 +143,6 @@ class Generation:
             rows = meta.get(name)
             if rows:
                 into.extend(rows)
-        if ids:
-            last = self.versions[-1] if self.versions else None
-            if last is not None and last[2] == version and last[1] == start:
-                last[1] = len(self.output_ids)
-            else:
-                self.versions.append([start, len(self.output_ids), version])
         self.finish = meta.get("finish_reason")
         if meta.get("routed_experts") is not None:
             self.routed_experts = meta["routed_experts"]
@@ -157,6 +152,51 @@ class Generation:
         if self.finish is not None:
             meta = {**meta, "weight_versions": self.versions}
         return {**event, "meta_info": meta} if meta is not event.get("meta_info") else event
+
+    def plain_token(self, data: bytes, version: int) -> bool:
+        """Record an event without parsing it, where that is exact: a token of the
+        first node (nothing to rewrite), not the last event, with no logprobs to
+        keep. Only its `output_ids` and `text` matter then, and they are sliced out
+        (a parse per token cost the proxy a tenth of its `/generate` rate). False:
+        the caller parses the event."""
+        if (
+            self.offset
+            or self.prompt_tokens is None
+            or self.logprobs_asked
+            or _NOT_FINISHED not in data
+        ):
+            return False
+        start = data.find(_IDS)
+        end = data.find(b"]", start)
+        decoded = data.decode()
+        text_at = decoded.find(_TEXT)
+        if start < 0 or end < 0 or text_at < 0:
+            return False
+        try:
+            ids = [int(token) for token in data[start + len(_IDS) : end].split(b",") if token]
+            text, _ = _STRINGS.raw_decode(decoded, text_at + len(_TEXT))
+        except ValueError:
+            return False
+        if not isinstance(text, str):
+            return False
+        self.record(ids, text, version)
+        return True
+
+    @property
+    def logprobs_asked(self) -> bool:
+        return bool(self.body.get("return_logprob"))
+
+    def record(self, ids: list[int], text: str, version: int) -> None:
+        """Add one event's tokens and text, in the version segment they belong to."""
+        start = len(self.output_ids)
+        self.output_ids.extend(ids)
+        self.text += text
+        if ids:
+            last = self.versions[-1] if self.versions else None
+            if last is not None and last[2] == version and last[1] == start:
+                last[1] = len(self.output_ids)
+            else:
+                self.versions.append([start, len(self.output_ids), version])
 
     @property
     def aborted(self) -> bool:
@@ -362,6 +402,10 @@ class ContinuedGeneration(RequestPlan):
             lease.chunk()
             for data in _events(buffer, chunk):
                 if data == _DONE:
+                    continue
+                if gen.plain_token(data, node.weight_version):
+                    if gen.stream:  # recorded without a parse: relayed as it came
+                        yield Emit(b"data: " + data + b"\n\n")
                     continue
                 event = json.loads(data)
                 if not isinstance(event, dict) or "error" in event:

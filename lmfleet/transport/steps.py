@@ -27,9 +27,7 @@ the pair table is guarded by a thread lock and waiters block on (sync) or poll
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import math
 import threading
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -272,76 +270,17 @@ async def _read_async(
         assert isinstance(stream, httpx2.AsyncByteStream)
         reading[key] = (step.response, stream.__aiter__())
     chunks = reading[key][1]
-    stall = None
-    if step.timeout is not None:
-        stall = step.response.extensions.get(_STALL)
-        if stall is None:
-            stall = step.response.extensions[_STALL] = _Stall(step.response, step.timeout)
-        stall.read(step.timeout)
     try:
-        return await chunks.__anext__()
+        if step.timeout is None:
+            return await chunks.__anext__()
+        with anyio.fail_after(step.timeout):
+            return await chunks.__anext__()
     except StopAsyncIteration:
-        return _stalled(stall) or b""
+        return b""
+    except TimeoutError:
+        return httpx2.ReadTimeout(f"no chunk within {step.timeout:g} s")
     except httpx2.TransportError as exc:
-        return _stalled(stall) or exc
-    finally:
-        if stall is not None:
-            stall.reading = False
-
-
-_STALL = "lmfleet.stall"
-
-
-def _stalled(stall: _Stall | None) -> httpx2.ReadTimeout | None:
-    """The timeout to report when the stall bound closed the response under a read."""
-    if stall is None or not stall.fired:
-        return None
-    return httpx2.ReadTimeout(f"no chunk within {stall.timeout:g} s")
-
-
-class _Stall:
-    """The bound on the silence between the chunks of one response (`Read.timeout`),
-    checked lazily: one timer per response, re-armed from the last read, which closes
-    the response under a read once the node has been silent too long (the read then
-    fails, and is reported as a `ReadTimeout`). A timer and a cancel scope per chunk
-    (`fail_after`) cost the proxy 12 % of its `/generate` throughput, and a cancel
-    scope alone as much."""
-
-    __slots__ = ("_armed", "_loop", "_response", "fired", "last", "reading", "timeout")
-
-    def __init__(self, response: httpx2.Response, timeout: float) -> None:
-        self._response = response
-        self._loop = asyncio.get_running_loop()
-        self.timeout = timeout
-        self.last = time.monotonic()
-        self.reading = False
-        self.fired = False
-        self._armed = math.inf  # when the pending timer fires (time.monotonic)
-
-    def read(self, timeout: float) -> None:
-        """A read starts, bounded by `timeout` (it may differ from the last one's)."""
-        self.last, self.timeout, self.reading = time.monotonic(), timeout, True
-        if self.last + timeout < self._armed:  # the pending timer would be late
-            self._arm(timeout)
-
-    def _arm(self, wait: float) -> None:
-        self._armed = time.monotonic() + wait
-        self._loop.call_at(self._loop.time() + wait, self._check)
-
-    def _check(self) -> None:
-        if self._response.is_closed or self.fired:
-            return  # the body ended: no more timer
-        now = time.monotonic()
-        if now < self._armed - 0.0005:
-            return  # superseded by an earlier timer, which re-armed
-        self._armed = math.inf
-        due = self.last + self.timeout
-        if self.reading and now >= due:
-            self.fired = True
-            self._loop.create_task(self._response.aclose())
-            return
-        # Not reading now (the caller is slow to take chunks), or not yet due.
-        self._arm(max(due - now if self.reading else self.timeout, 0.001))
+        return exc
 
 
 def _body_sync(steps: Steps[None], inner: httpx2.BaseTransport) -> Iterator[bytes]:
