@@ -48,7 +48,7 @@ from lmfleet.transport.plan import (
     RequestPlan,
     Retry,
     Routing,
-    first_byte_bound,
+    final_answer,
     holding,
 )
 from lmfleet.transport.request import REQUEST_ID
@@ -81,7 +81,9 @@ def wants_continuation(request: httpx2.Request, body: dict[str, Any] | None) -> 
 
 
 def _ids(value: Any) -> list[int] | None:
-    if isinstance(value, list) and value and all(type(t) is int for t in value):
+    """`input_ids` as given, when they look like ids: a long prompt is not scanned on
+    every request (the node validates them, and its refusal reaches the caller)."""
+    if isinstance(value, list) and value and type(value[0]) is int:
         return value
     return None
 
@@ -261,37 +263,31 @@ class ContinuedGeneration(RequestPlan):
         read = None if own else (request.extensions.get("timeout") or {}).get("read")
         self._caller_read: float | None = read
         self._deadline = math.inf
+        if read is not None and not self.gen.stream:
+            self._deadline = time.monotonic() + read
+        self._tried: list[str] = []  # every node the generation was sent to
 
-    def steps(self) -> Steps[httpx2.Response]:
-        if self.immediate is not None:
-            return self.immediate
-        routing = self.routing
-        attempts = Attempts(routing, self.request)
-        ours = first_byte_bound(self.request, routing.options.first_byte_timeout)
-        if self._caller_read is not None and not self.gen.stream:
-            self._deadline = time.monotonic() + self._caller_read
-        tried: list[str] = []
-        while True:
-            node, lease = yield from attempts.lease(routing.strategy, self.info, tried)
-            try:
-                opened = yield from holding(lease, self._open(node, lease, attempts, ours))
-            except Retry as retry:
-                yield Pause(attempts.failed(retry.reason))
-                continue
-            if isinstance(opened, httpx2.Response) and opened.status_code != 200:
-                return opened  # the node's own answer (a refusal): the caller's
-            body = self._follow(node, lease, opened, attempts, tried, ours)
-            if self.gen.stream:
-                return httpx2.Response(
-                    200,
-                    headers={
-                        "content-type": "text/event-stream",
-                        SERVED_VERSION_HEADER: str(node.weight_version),
-                    },
-                    stream=StepsBody(body),
-                    request=self.request,
-                )
+    def _send(
+        self, node: NodeState, lease: Accounting, attempts: Attempts, ours: bool
+    ) -> Steps[httpx2.Response]:
+        """One attempt (`RequestPlan.steps` fails over before the first byte): the
+        node's refusal as it is, else the followed generation, streamed or assembled."""
+        self._tried.append(node.url)
+        opened = yield from self._open(node, lease, attempts, ours)
+        if opened.status_code != 200:
+            return opened  # the node's own answer (a refusal): the caller's
+        body = self._follow(node, lease, opened, attempts, ours)
+        if not self.gen.stream:
             return (yield from self._assemble(body))
+        return httpx2.Response(
+            200,
+            headers={
+                "content-type": "text/event-stream",
+                SERVED_VERSION_HEADER: str(node.weight_version),
+            },
+            stream=StepsBody(body),
+            request=self.request,
+        )
 
     def _open(
         self, node: NodeState, lease: Accounting, attempts: Attempts, ours: bool
@@ -306,13 +302,14 @@ class ContinuedGeneration(RequestPlan):
         if not isinstance(reply, httpx2.Response):
             attempts.transport_failed(lease, reply, "", ours)
         reason = attempts.retryable(lease, reply, "")
-        if reason is not None and not attempts.exhausted():
+        if reason is not None:
+            if attempts.exhausted():
+                return final_answer(reply, lease)
             yield Discard(reply)
             lease.finish(Outcome.FAILURE)
             raise Retry(reason)
-        if reply.status_code != 200:
-            if reason is not None:
-                reply.headers["x-should-retry"] = "false"
+        if reply.status_code != 200:  # the node's refusal, marked as any answer is
+            reply.headers[SERVED_VERSION_HEADER] = str(node.weight_version)
             return lease_response(reply, lease)
         request_id = self.request.extensions.get(REQUEST_ID)
         if request_id is not None:  # abortable by its id from now on (fleet.abort)
@@ -325,7 +322,6 @@ class ContinuedGeneration(RequestPlan):
         lease: Accounting,
         reply: httpx2.Response,
         attempts: Attempts,
-        tried: list[str],
         ours: bool,
     ) -> Steps[None]:
         """Relay the generation's events (`Emit`), continuing it on another node each
@@ -342,7 +338,9 @@ class ContinuedGeneration(RequestPlan):
                 while True:  # the rest, on another node (`failed` raises when none is left)
                     if cut is not _MOVED:
                         yield Pause(attempts.failed(cut))
-                    node, lease = yield from attempts.lease(self.routing.strategy, self.info, tried)
+                    node, lease = yield from attempts.lease(
+                        self.routing.strategy, self.info, self._tried
+                    )
                     try:
                         opened = yield from holding(lease, self._open(node, lease, attempts, ours))
                     except Retry as retry:

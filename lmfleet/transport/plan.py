@@ -420,13 +420,13 @@ class RequestPlan:
             reply.headers[SERVED_VERSION_HEADER] = str(node.weight_version)
             return lease_response(reply, lease)
         if attempts.exhausted():
-            return _final(reply, lease)
+            return final_answer(reply, lease)
         yield Discard(reply)
         lease.finish(Outcome.FAILURE)
         raise Retry(reason)
 
 
-def _final(response: httpx2.Response, lease: Accounting) -> httpx2.Response:
+def final_answer(response: httpx2.Response, lease: Accounting) -> httpx2.Response:
     """The last node's failing answer, for the caller, marked: do not retry it again."""
     response.headers["x-should-retry"] = "false"
     return lease_response(response, lease)
