@@ -141,54 +141,49 @@ def _bind(result: T, inner: httpx2.BaseTransport | httpx2.AsyncBaseTransport) ->
     return result
 
 
+SyncReading = dict[int, tuple[httpx2.Response, Iterator[bytes]]]
+AsyncReading = dict[int, tuple[httpx2.Response, AsyncIterator[bytes]]]
+"""The responses a driver's `Read` steps are reading, by id: each one's iterator."""
+
+
 def drive_sync(steps: Steps[T], inner: httpx2.BaseTransport) -> T:
     """Run `steps` in this thread; the generator is closed however this ends."""
     reply: Reply = None
-    reading: dict[int, tuple[httpx2.Response, Iterator[bytes]]] = {}
+    reading: SyncReading = {}
     try:
         while True:
             try:
                 step = steps.send(reply)
             except StopIteration as stop:
                 return _bind(stop.value, inner)  # type: ignore[no-any-return]
-            reply = None
-            if isinstance(step, Read):
-                reply = _read_sync(step, reading)
-            elif isinstance(step, Emit):
+            if isinstance(step, Emit):
                 raise RuntimeError("Emit outside a response body")
-            else:
-                reply = _one_sync(step, inner)
+            reply = _one_sync(step, inner, reading)
     finally:
         steps.close()
-        for response, _ in reading.values():  # a Read's response the steps left open
-            response.close()
+        _close_sync(reading)
 
 
 async def drive_async(steps: Steps[T], inner: httpx2.AsyncBaseTransport) -> T:
     """Run `steps` in the running event loop; the generator is closed however this ends."""
     reply: Reply = None
-    reading: dict[int, tuple[httpx2.Response, AsyncIterator[bytes]]] = {}
+    reading: AsyncReading = {}
     try:
         while True:
             try:
                 step = steps.send(reply)
             except StopIteration as stop:
                 return _bind(stop.value, inner)  # type: ignore[no-any-return]
-            reply = None
-            if isinstance(step, Read):
-                reply = await _read_async(step, reading)
-            elif isinstance(step, Emit):
+            if isinstance(step, Emit):
                 raise RuntimeError("Emit outside a response body")
-            else:
-                reply = await _one_async(step, inner)
+            reply = await _one_async(step, inner, reading)
     finally:
         steps.close()
-        for response, _ in reading.values():  # a Read's response the steps left open
-            await response.aclose()
+        await _close_async(reading)
 
 
-def _one_sync(step: Step, inner: httpx2.BaseTransport) -> Reply:
-    """Perform one `Call`, `Pause`, `WaitFor` or `Discard` in this thread."""
+def _one_sync(step: Step, inner: httpx2.BaseTransport, reading: SyncReading) -> Reply:
+    """Perform one step but `Emit` in this thread; its reply."""
     if isinstance(step, Call):
         try:
             response = inner.handle_request(step.request)
@@ -202,6 +197,8 @@ def _one_sync(step: Step, inner: httpx2.BaseTransport) -> Reply:
             return response
         except httpx2.TransportError as exc:
             return exc
+    if isinstance(step, Read):
+        return _read_sync(step, reading)
     if isinstance(step, Pause):
         time.sleep(step.seconds)
     elif isinstance(step, WaitFor):
@@ -213,8 +210,8 @@ def _one_sync(step: Step, inner: httpx2.BaseTransport) -> Reply:
     return None
 
 
-async def _one_async(step: Step, inner: httpx2.AsyncBaseTransport) -> Reply:
-    """Perform one `Call`, `Pause`, `WaitFor` or `Discard` in the running loop."""
+async def _one_async(step: Step, inner: httpx2.AsyncBaseTransport, reading: AsyncReading) -> Reply:
+    """Perform one step but `Emit` in the running loop; its reply."""
     if isinstance(step, Call):
         try:
             response = await inner.handle_async_request(step.request)
@@ -228,6 +225,8 @@ async def _one_async(step: Step, inner: httpx2.AsyncBaseTransport) -> Reply:
             return response
         except httpx2.TransportError as exc:
             return exc
+    if isinstance(step, Read):
+        return await _read_async(step, reading)
     if isinstance(step, Pause):
         await anyio.sleep(step.seconds)
     elif isinstance(step, WaitFor):
@@ -241,12 +240,21 @@ async def _one_async(step: Step, inner: httpx2.AsyncBaseTransport) -> Reply:
     return None
 
 
+def _close_sync(reading: SyncReading) -> None:
+    """Close every response a `Read` opened that the steps left open."""
+    for response, _ in reading.values():
+        response.close()
+
+
+async def _close_async(reading: AsyncReading) -> None:
+    for response, _ in reading.values():
+        await response.aclose()
+
+
 # -- response bodies made by steps ---------------------------------------------------
 
 
-def _read_sync(
-    step: Read, reading: dict[int, tuple[httpx2.Response, Iterator[bytes]]]
-) -> bytes | httpx2.TransportError:
+def _read_sync(step: Read, reading: SyncReading) -> bytes | httpx2.TransportError:
     """The next chunk of `step.response` (the sync client bounds it by the request's
     read timeout only: a blocking read cannot be given another bound)."""
     key = id(step.response)
@@ -261,9 +269,7 @@ def _read_sync(
         return exc
 
 
-async def _read_async(
-    step: Read, reading: dict[int, tuple[httpx2.Response, AsyncIterator[bytes]]]
-) -> bytes | httpx2.TransportError:
+async def _read_async(step: Read, reading: AsyncReading) -> bytes | httpx2.TransportError:
     key = id(step.response)
     if key not in reading:
         stream = step.response.stream
@@ -286,46 +292,40 @@ async def _read_async(
 def _body_sync(steps: Steps[None], inner: httpx2.BaseTransport) -> Iterator[bytes]:
     """Run a body's steps as its reader iterates; yield each `Emit`."""
     reply: Reply = None
-    reading: dict[int, tuple[httpx2.Response, Iterator[bytes]]] = {}
+    reading: SyncReading = {}
     try:
         while True:
             try:
                 step = steps.send(reply)
             except StopIteration:
                 return
-            reply = None
             if isinstance(step, Emit):
+                reply = None
                 yield step.chunk
-            elif isinstance(step, Read):
-                reply = _read_sync(step, reading)
             else:
-                reply = _one_sync(step, inner)
+                reply = _one_sync(step, inner, reading)
     finally:
         steps.close()
-        for response, _ in reading.values():  # a Read's response the steps left open
-            response.close()
+        _close_sync(reading)
 
 
 async def _body_async(steps: Steps[None], inner: httpx2.AsyncBaseTransport) -> AsyncIterator[bytes]:
     reply: Reply = None
-    reading: dict[int, tuple[httpx2.Response, AsyncIterator[bytes]]] = {}
+    reading: AsyncReading = {}
     try:
         while True:
             try:
                 step = steps.send(reply)
             except StopIteration:
                 return
-            reply = None
             if isinstance(step, Emit):
+                reply = None
                 yield step.chunk
-            elif isinstance(step, Read):
-                reply = await _read_async(step, reading)
             else:
-                reply = await _one_async(step, inner)
+                reply = await _one_async(step, inner, reading)
     finally:
         steps.close()
-        for response, _ in reading.values():  # a Read's response the steps left open
-            await response.aclose()
+        await _close_async(reading)
 
 
 # -- first byte ---------------------------------------------------------------------
