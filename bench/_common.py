@@ -42,6 +42,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextlib.contextmanager
+def fast_sim_proxy(output_tokens: int = 16) -> Iterator[tuple[Any, str]]:
+    """One `lmfleet sim --fast` node (a child process), a fleet attached to it and its
+    proxy in this process: (fleet, proxy URL). For the benches that profile or time the
+    proxy's own code in-process (run as scripts with `PYTHONPATH` naming a checkout)."""
+    from lmfleet import LMFleet
+    from lmfleet.launch.process import wait_for_port
+
+    port = free_port()
+    argv = [sys.executable, "-m", "lmfleet.sim", "--host", "127.0.0.1", "--port", str(port)]
+    sim = subprocess.Popen([*argv, "--fast", "--output-tokens", str(output_tokens)])
+    try:
+        wait_for_port("127.0.0.1", port, timeout=30)
+        with LMFleet.attach([f"http://127.0.0.1:{port}"], health_interval=1.0) as fleet:
+            fleet.wait_ready(timeout=30)
+            proxy = fleet.serve(port=0)
+            try:
+                yield fleet, proxy.url
+            finally:
+                proxy.stop()
+    finally:
+        sim.terminate()
+        sim.wait(timeout=10)
+
+
 def pin_self(cpu: str = LOAD_CPU) -> None:
     """Pin this process (and the children it starts later) to `cpu`."""
     os.sched_setaffinity(0, {int(c) for c in cpu.split(",")})

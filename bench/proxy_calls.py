@@ -23,41 +23,27 @@ import argparse
 import cProfile
 import json
 import pstats
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx2
 
+from bench._common import fast_sim_proxy
+
 
 def count(requests: int) -> dict[str, float]:
     """Calls per request by function (file:name), through a fresh fleet and proxy."""
-    from lmfleet import LMFleet
-    from lmfleet.launch.process import free_port, wait_for_port
-
-    port = free_port()
-    argv = [sys.executable, "-m", "lmfleet.sim", "--host", "127.0.0.1", "--port", str(port)]
-    sim = subprocess.Popen([*argv, "--fast", "--output-tokens", "16"])
-    try:
-        wait_for_port("127.0.0.1", port, timeout=30)
-        with LMFleet.attach([f"http://127.0.0.1:{port}"], health_interval=1.0) as fleet:
-            fleet.wait_ready(timeout=30)
-            proxy = fleet.serve(port=0)
-            url = proxy.url + "/v1/chat/completions"
-            body = {"model": fleet.model, "messages": [{"role": "user", "content": "hi"}]}
-            profile = cProfile.Profile()
-            with httpx2.Client(timeout=10) as client:
-                for _ in range(50):  # warm: connections, caches
-                    client.post(url, json=body).raise_for_status()
-                fleet.runtime.call(profile.enable)
-                for _ in range(requests):
-                    client.post(url, json=body)
-                fleet.runtime.call(profile.disable)
-            proxy.stop()
-    finally:
-        sim.terminate()
-        sim.wait(timeout=10)
+    with fast_sim_proxy() as (fleet, proxy_url):
+        url = proxy_url + "/v1/chat/completions"
+        body = {"model": fleet.model, "messages": [{"role": "user", "content": "hi"}]}
+        profile = cProfile.Profile()
+        with httpx2.Client(timeout=10) as client:
+            for _ in range(50):  # warm: connections, caches
+                client.post(url, json=body).raise_for_status()
+            fleet.runtime.call(profile.enable)
+            for _ in range(requests):
+                client.post(url, json=body)
+            fleet.runtime.call(profile.disable)
     calls: dict[str, float] = {}
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     for (path, _, name), (_, primitive, *_) in stats.items():
