@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from lmfleet.proxy.exchanges import SWEEP_EVERY, WATCH_AFTER, Exchanges
@@ -29,7 +30,7 @@ async def test_a_body_later_than_its_deadline_is_cut() -> None:
     exchanges = Exchanges()
     started = time.monotonic()
     with exchanges.open(_never, body_timeout=0.3) as exchange:
-        await anyio.sleep(10)
+        await anyio.Event().wait()  # an exchange that never ends by itself
     assert exchange.body_late and not exchange.gone
     assert 0.3 <= time.monotonic() - started < 0.3 + SWEEP_EVERY + 0.5
 
@@ -45,7 +46,7 @@ async def test_a_caller_gone_is_noticed_only_after_the_body_and_watch_after() ->
     started = time.monotonic()
     with exchanges.open(disconnect, body_timeout=30) as exchange:
         exchange.body_read()
-        await anyio.sleep(10)
+        await anyio.Event().wait()  # an exchange that never ends by itself
     assert exchange.gone and not exchange.body_late
     assert len(received) == 1 and received[0] - started >= WATCH_AFTER
 
@@ -60,7 +61,7 @@ async def test_a_fast_exchange_is_never_watched_and_the_sweep_ends() -> None:
     exchanges = Exchanges()
     with exchanges.open(receive, body_timeout=30) as exchange:
         exchange.body_read()
-        await anyio.sleep(0.01)
+        await anyio.lowlevel.checkpoint()  # a fast exchange: over at once
     sweeper = exchanges._sweeper
     assert sweeper is not None
     with anyio.fail_after(SWEEP_EVERY * 4):

@@ -12,12 +12,12 @@ machine was lent to the session that wrote it (see the closing notes of issue 27
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from gpu_model import build_tiny_llama, random_model
+from support import wait_until
 
 from lmfleet import LMFleet
 from lmfleet.launch.gpus import visible_gpus
@@ -66,9 +66,7 @@ def test_a_greedy_generation_survives_an_update_with_the_same_tensors(model: Pat
             target=lambda: out.append(client.post(URL, body=BODY, cast_to=object))
         )
         thread.start()
-        deadline = time.monotonic() + 60
-        while fleet.nodes[0].inflight == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)  # a poll of observable state, not a fixed wait
+        wait_until(lambda: fleet.nodes[0].inflight, 60, "the generation on the node")
         result = fleet.update_weights(
             lambda node: [serialize(trainer)], version=1, in_flight="continue"
         )
