@@ -36,6 +36,7 @@ from lmfleet.sim.textgen import WORDS
 
 FIRST_WORD_ID = 1000  # generated piece " lorem" is id 1000 (see generation._TOKEN_IDS)
 EOS_ID = 2
+BOS_ID = 1
 _POOL = len(WORDS)  # 61: a prime, so any step in 1..60 walks every word once
 _SYNTHETIC_ID = 2000  # ids past the word list, for top lists longer than it
 _MASK = (1 << 64) - 1
@@ -57,10 +58,11 @@ def token_text(token_id: int) -> str:
     return f"<tok{token_id}>"
 
 
-def text_ids(text: str) -> list[int]:
-    """Prompt token ids: one per 4 characters (the simulator's token rule, no BOS);
-    the same ids `/v1/encode` returns."""
-    return [zlib.crc32(text[i : i + 4].encode()) % 32000 + 3 for i in range(0, len(text), 4)]
+def text_ids(text: str, add_bos: bool = False) -> list[int]:
+    """Prompt token ids: one per 4 characters (the simulator's token rule), after a
+    BOS (id 1) when asked; the same ids `/v1/encode` returns."""
+    ids = [zlib.crc32(text[i : i + 4].encode()) % 32000 + 3 for i in range(0, len(text), 4)]
+    return [BOS_ID, *ids] if add_bos else ids
 
 
 def mix(state: int, value: int) -> int:

@@ -412,8 +412,10 @@ def _parse_generate(body: dict[str, Any], model_name: str, engine: _Engine) -> G
     elif max_tokens == 0:
         raise RequestError(400, f"The max_tokens {max_tokens!r} must be a positive integer.")
     resumed = own_output_suffix(input_ids) if input_ids is not None else 0
-    prompt_ids = (input_ids or [])[: len(input_ids or []) - resumed]
-    text = prompt if prompt is not None else " ".join(f"t{i:03d}" for i in prompt_ids)
+    if input_ids is None:  # AsyncEngine.preprocess: the text's ids, as /v1/encode gives them
+        input_ids = text_ids(str(prompt), add_bos=True)
+    prompt_ids = input_ids[: len(input_ids) - resumed]
+    text = " ".join(f"t{i:03d}" for i in prompt_ids)
     request = GenRequest(
         kind="generate",
         model=model_name,
@@ -427,12 +429,12 @@ def _parse_generate(body: dict[str, Any], model_name: str, engine: _Engine) -> G
         return_logprob=bool(return_logprob),
         top_logprobs_num=top,
         logprob_start_len=start,
-        input_ids=list(input_ids) if input_ids is not None else None,
+        input_ids=list(input_ids),
         resumed=resumed,
     )
     _check_sampling(body, request)
     if start >= 0:  # AsyncEngine.preprocess, once the prompt is tokenized
-        length = len(input_ids) if input_ids is not None else len(text_ids(text))
+        length = len(input_ids)
         if start >= length:
             raise RequestError(
                 400,

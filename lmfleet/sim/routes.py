@@ -168,12 +168,6 @@ async def terminate(
     asyncio.get_running_loop().call_soon(os.kill, os.getpid(), signal.SIGTERM)
 
 
-def _fake_ids(text: str, add_bos: bool) -> list[int]:
-    """One id per 4 characters (the simulator's token rule), plus BOS (id 1)."""
-    ids = text_ids(text)
-    return [1, *ids] if add_bos else ids
-
-
 async def encode(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
@@ -181,10 +175,10 @@ async def encode(
     text = body.get("input")
     add_bos = bool(body.get("add_bos", True))
     if isinstance(text, str):
-        ids = _fake_ids(text, add_bos)
+        ids = text_ids(text, add_bos)
         await asgi.send_json(send, 200, {"input_ids": ids, "length": len(ids)})
     elif isinstance(text, list) and all(isinstance(t, str) for t in text):
-        batch = [_fake_ids(t, add_bos) for t in text]
+        batch = [text_ids(t, add_bos) for t in text]
         await asgi.send_json(send, 200, {"input_ids": batch, "length": [len(b) for b in batch]})
     elif text is None:
         raise BadRequest("input: Field required")

@@ -14,6 +14,7 @@ import openai
 
 from lmfleet.config import RoutingOptions
 from lmfleet.transport import AsyncFleetTransport, FleetTransport, Planner
+from lmfleet.transport.read_bound import bounded_transport
 
 PLACEHOLDER_BASE_URL = "http://lmfleet.invalid/v1"
 PLACEHOLDER_API_KEY = "lmfleet"
@@ -38,7 +39,7 @@ def _settings(timeout: float | None, max_retries: int) -> dict[str, Any]:
 def sync_client(
     planner: Planner, options: RoutingOptions, *, timeout: float | None, max_retries: int
 ) -> openai.OpenAI:
-    inner = httpx2.HTTPTransport(limits=_limits(options))
+    inner = bounded_transport(_limits(options))
     http_client = httpx2.Client(transport=FleetTransport(planner, inner))
     return openai.OpenAI(http_client=http_client, **_settings(timeout, max_retries))
 

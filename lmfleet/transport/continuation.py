@@ -17,11 +17,13 @@ A generation whose tokens came from more than one weight version says so:
 event) lists `[start, end, version]` over output tokens, and an assembled answer
 also carries it as the `x-lmfleet-weight-versions` header (`0-120:3,120-400:4`).
 
-Only `/generate` is continued, and exactly only with `input_ids`; a text `prompt`
-is continued with the prompt followed by the text so far (re-tokenized by the
-next node: the seam may tokenize differently), and scoring requests
-(`logprob_start_len`) are not continued. Chat and completions keep the plain
-plan: a cut after the first byte is the caller's `StreamInterruptedError`.
+Only `/generate` is continued. A text `prompt` is continued from its ids too: the
+next node's `/v1/encode` (no chat template, with BOS: how `/generate` tokenizes a
+prompt) gives them once, at the first cut; a node without that route gets the
+prompt followed by the text so far (re-tokenized there: the seam may tokenize
+differently). Scoring requests (`logprob_start_len`) are not continued. Chat and
+completions keep the plain plan: a cut after the first byte is the caller's
+`StreamInterruptedError`.
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ from lmfleet.transport.plan import (
     holding,
 )
 from lmfleet.transport.request import REQUEST_ID
-from lmfleet.transport.steps import Call, Discard, Emit, Pause, Read, Steps, StepsBody
+from lmfleet.transport.steps import Call, Discard, Emit, Pause, Read, Reply, Steps, StepsBody
 from lmfleet.transport.streams import Accounting, lease_response
 
 GENERATE = "/generate"
+ENCODE = "/v1/encode"
 VERSIONS_HEADER = "x-lmfleet-weight-versions"
 """On an assembled `/generate` answer: the weight versions its tokens came from."""
 DEFAULT_MAX_TOKENS = 128
@@ -103,6 +106,8 @@ class Generation:
     routed_experts: Any = None
     versions: list[list[int]] = field(default_factory=list)
     offset: int = 0  # output tokens made before the current node's request
+    prompt_ids: list[int] | None = None  # a text prompt's ids, once a node encoded it
+    encoded: bool = False  # a node was asked for them (its answer may be no ids)
     continued: int = 0
 
     def session(self) -> int:
@@ -125,8 +130,9 @@ class Generation:
         if not self.offset:
             return body
         body["max_tokens"] = self.max_tokens - self.offset
-        ids = _ids(self.body.get("input_ids"))
+        ids = _ids(self.body.get("input_ids")) or self.prompt_ids
         if ids is not None:
+            body.pop("prompt", None)
             body["input_ids"] = ids + self.output_ids
         else:
             body["prompt"] = str(self.body.get("prompt") or "") + self.text
@@ -183,6 +189,21 @@ class Generation:
             return False
         self.record(ids, text, version)
         return True
+
+    @property
+    def needs_prompt_ids(self) -> bool:
+        """A cut generation of a text prompt, not yet encoded: its continuation is
+        exact only from the ids the node made of the prompt."""
+        return bool(self.output_ids) and not self.encoded and "input_ids" not in self.body
+
+    def take_encoded(self, reply: httpx2.Response) -> None:
+        """Keep the ids of a `/v1/encode` answer; none (the text rule) when it has none."""
+        self.encoded = True
+        if reply.status_code == 200:
+            try:
+                self.prompt_ids = _ids(reply.json().get("input_ids"))
+            except (ValueError, AttributeError):
+                self.prompt_ids = None
 
     @property
     def logprobs_asked(self) -> bool:
@@ -295,10 +316,14 @@ class ContinuedGeneration(RequestPlan):
         """Send the generation (or its rest) to `node`; its open event stream, or a
         non-200 answer for the caller, or `Retry` (no byte reached the caller)."""
         timeout = self.request.extensions.get("timeout", {})
-        body = self.gen.request_body()
-        body["session_id"] = session = self.gen.session()
-        request = self.routing.nodes.request(node, "POST", GENERATE, json=body, timeout=timeout)
-        reply = yield Call(request, stream=True, first_byte=True)
+        reply: Reply = None
+        if self.gen.needs_prompt_ids:
+            reply = yield from self._encode(node, timeout)
+        session = self.gen.session()
+        if reply is None:
+            body = {**self.gen.request_body(), "session_id": session}
+            request = self.routing.nodes.request(node, "POST", GENERATE, json=body, timeout=timeout)
+            reply = yield Call(request, stream=True, first_byte=True)
         if not isinstance(reply, httpx2.Response):
             attempts.transport_failed(lease, reply, "", ours)
         reason = attempts.retryable(lease, reply, "")
@@ -315,6 +340,17 @@ class ContinuedGeneration(RequestPlan):
         if request_id is not None:  # abortable by its id from now on (fleet.abort)
             self.routing.registry.track(request_id, node.url, session)
         return reply
+
+    def _encode(self, node: NodeState, timeout: Any) -> Steps[Reply]:
+        """Ask `node` for the ids of the generation's text prompt, as `/generate`
+        makes them; None when it answered, else the transport error it raised."""
+        text = {"input": self.gen.body.get("prompt"), "do_preprocess": False, "add_bos": True}
+        request = self.routing.nodes.request(node, "POST", ENCODE, json=text, timeout=timeout)
+        encoded = yield Call(request)
+        if isinstance(encoded, httpx2.Response):
+            self.gen.take_encoded(encoded)
+            return None
+        return encoded
 
     def _follow(
         self,

@@ -37,6 +37,8 @@ from typing import Any, TypeVar
 import anyio
 import httpx2
 
+from lmfleet.transport.read_bound import read_bound
+
 T = TypeVar("T")
 
 WAIT_POLL = 0.005
@@ -255,8 +257,9 @@ async def _close_async(reading: AsyncReading) -> None:
 
 
 def _read_sync(step: Read, reading: SyncReading) -> bytes | httpx2.TransportError:
-    """The next chunk of `step.response` (the sync client bounds it by the request's
-    read timeout only: a blocking read cannot be given another bound)."""
+    """The next chunk of `step.response`; its socket reads bounded by `step.timeout`
+    where the connection reads through `BoundedReads` (the fleet's sync clients),
+    else by the request's read timeout only."""
     key = id(step.response)
     if key not in reading:
         stream = step.response.stream
@@ -264,7 +267,8 @@ def _read_sync(step: Read, reading: SyncReading) -> bytes | httpx2.TransportErro
         reading[key] = (step.response, iter(stream))
     chunks = reading[key][1]
     try:
-        return next(chunks, b"")
+        with read_bound(step.timeout):
+            return next(chunks, b"")
     except httpx2.TransportError as exc:
         return exc
 

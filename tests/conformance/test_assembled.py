@@ -95,3 +95,21 @@ def test_a_followed_stream_equals_the_servers_own(name: str, peer: Server, fleet
     assert own.status_code == through.status_code == 200
     assert through.text.rstrip().endswith("data: [DONE]")
     assert [_without_versions(e) for e in _events(through)] == _events(own)
+
+
+@pytest.mark.parametrize("prompt", ["hello world", "  two  spaces\nand a new line"])
+def test_a_text_prompt_is_generated_from_the_ids_v1_encode_gives(prompt: str, peer: Server) -> None:
+    """What makes a cut text prompt's continuation exact: the fleet continues it
+    from the ids `/v1/encode` (no chat template, with BOS) makes of the prompt."""
+    asked = {"input": prompt, "do_preprocess": False, "add_bos": True}
+    encoded = httpx2.post(peer.url + "/v1/encode", json=asked, headers=AUTH, timeout=60)
+    ids = encoded.json()["input_ids"]
+    by_text = httpx2.post(peer.url + "/generate", json={"prompt": prompt}, headers=AUTH, timeout=60)
+    by_ids = httpx2.post(peer.url + "/generate", json={"input_ids": ids}, headers=AUTH, timeout=60)
+    assert by_text.status_code == by_ids.status_code == 200
+    assert by_text.json() == by_ids.json()
+    assert by_text.json()["meta_info"]["prompt_tokens"] == len(ids)
+    no_bos = httpx2.post(
+        peer.url + "/generate", json={"input_ids": ids[1:]}, headers=AUTH, timeout=60
+    )
+    assert no_bos.json()["output_ids"] != by_ids.json()["output_ids"]  # the ids matter

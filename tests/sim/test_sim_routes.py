@@ -243,7 +243,7 @@ async def test_generate_endpoint_shape(asgi_client: ClientFactory) -> None:
         assert set(data) == {"text", "output_ids", "meta_info"}
         assert len(data["output_ids"]) == 4
         assert data["meta_info"]["finish_reason"] == {"type": "stop"}
-        assert data["meta_info"]["prompt_tokens"] == 3
+        assert data["meta_info"]["prompt_tokens"] == 4  # with BOS, as /v1/encode counts it
         assert data["meta_info"]["completion_tokens"] == 4
         capped = await client.post("/generate", json={"input_ids": [1, 2], "max_tokens": 2})
         assert capped.json()["meta_info"]["finish_reason"] == {"type": "length"}

@@ -134,6 +134,31 @@ def test_a_non_streamed_generation_survives_a_killed_node(two: list[SimNode]) ->
     assert answer["meta_info"]["finish_reason"] == {"type": "length"}
 
 
+TEXT_BODY = {"prompt": "a prompt the node tokenizes", "max_tokens": 400, "ignore_eos": True}
+
+
+def test_a_text_prompt_is_generated_from_the_ids_v1_encode_gives(two: list[SimNode]) -> None:
+    asked = {"input": TEXT_BODY["prompt"], "do_preprocess": False, "add_bos": True}
+    ids = httpx2.post(two[0].url + "/v1/encode", json=asked, timeout=10).json()["input_ids"]
+    by_ids = _reference(two[1], {**TEXT_BODY, "prompt": None, "input_ids": ids})
+    assert _reference(two[0], TEXT_BODY) == by_ids
+
+
+def test_a_cut_text_prompt_continues_exactly_from_its_ids(two: list[SimNode]) -> None:
+    expected = _reference(two[0], TEXT_BODY)
+    with _attach(two) as fleet:
+        client = fleet.client(max_retries=0)
+        thread, out = _in_thread(lambda: client.post(URL, body=TEXT_BODY, cast_to=object))
+        _streaming(two).process.kill()
+        thread.join(60)
+    answer = out[0]
+    assert answer["output_ids"] == expected["output_ids"]
+    assert answer["text"] == expected["text"]
+    assert answer["meta_info"]["prompt_tokens"] == expected["meta_info"]["prompt_tokens"]
+    survivor = next(n for n in two if _alive(n))
+    assert sim_stats(survivor.url)["by_path"]["/v1/encode"] == 1
+
+
 @pytest.mark.anyio
 async def test_a_stalled_node_is_left_and_the_generation_continues(two: list[SimNode]) -> None:
     expected = _reference(two[0])["output_ids"]
@@ -368,6 +393,24 @@ def test_continue_drains_what_it_cannot_continue(weighted: list[SimNode]) -> Non
     assert chat_out[0].usage.completion_tokens == 300
     assert len(gen_out[0]["output_ids"]) == 400
     assert [s[2] for s in gen_out[0]["meta_info"]["weight_versions"]] == [0, 1]
+
+
+def test_the_sync_client_leaves_a_stalled_node_too(two: list[SimNode]) -> None:
+    # A blocking read gets the stall bound (transport/read_bound.py): without it the
+    # stalled read would wait for the caller's 20 s timeout, and the call would fail.
+    expected = _reference(two[0])["output_ids"]
+    httpx2.post(two[0].url + "/sim/faults", json={"stall_stream_after": 120}).raise_for_status()
+    with _attach(two, "round_robin", stall_timeout=1.0, first_byte_timeout=60.0) as fleet:
+        client = fleet.client(max_retries=0, timeout=20)
+        for stream in (False, True):
+            for _ in range(2):  # round robin over two nodes: one lands on the staller
+                if stream:
+                    with client._client.stream("POST", URL, json={**BODY, "stream": True}) as r:
+                        ids = _ids(_events(r.iter_lines()))
+                else:
+                    ids = client.post(URL, body=BODY, cast_to=object)["output_ids"]
+                assert ids == expected
+    assert sim_stats(two[0].url)["by_path"]["/generate"] >= 3
 
 
 def test_a_fleet_that_does_not_follow_relays_generate_as_it_came(two: list[SimNode]) -> None:
