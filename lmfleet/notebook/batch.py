@@ -33,6 +33,8 @@ from openai.types import Completion, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from lmfleet.errors import BatchError, ConfigError, NoHealthyNodeError, install_hint
+from lmfleet.transport.continuation import VERSIONS_HEADER, parse_versions
+from lmfleet.transport.plan import SERVED_VERSION_HEADER
 from lmfleet.transport.router import MAX_STALENESS_HEADER, WEIGHT_VERSION_HEADER
 
 if TYPE_CHECKING:
@@ -78,15 +80,41 @@ class ItemError:
         return f"item {self.index} failed after {self.attempts} attempt(s): {self.error!r}"
 
 
+Segments = list[list[int]]
+"""Which weight version made which output tokens: `[[start, end, version], ...]`."""
+
+
+@dataclass(frozen=True)
+class Answered(Generic[T]):
+    """One item's answer, as a batch's `call` returns it."""
+
+    value: T
+    tokens: int
+    """Generated tokens (the answer's `usage.completion_tokens`)."""
+    versions: Segments | None = None
+
+
 class BatchResult(Sequence["T | ItemError"], Generic[T]):
     """The results of a batch in input order: a response, or an `ItemError`, per item."""
 
-    def __init__(self, items: list[T | ItemError], *, elapsed: float, tokens: int) -> None:
+    def __init__(
+        self,
+        items: list[T | ItemError],
+        *,
+        elapsed: float,
+        tokens: int,
+        versions: list[Segments | None] | None = None,
+    ) -> None:
         self._items = items
         self.elapsed = elapsed
         """Seconds the whole batch took."""
         self.tokens = tokens
         """Generated tokens (sum of `usage.completion_tokens`)."""
+        self.weight_versions = versions or [None] * len(items)
+        """Per item, the weight versions its output tokens came from
+        (`[[start, end, version], ...]`, as `/generate`'s `meta_info.weight_versions`):
+        an RL trainer masks or corrects off-policy tokens from it. None where the item
+        failed or its answer did not say."""
 
     @overload
     def __getitem__(self, index: int) -> T | ItemError: ...
@@ -192,7 +220,7 @@ class _Progress:
 
 async def run_batch(
     inputs: Sequence[I],
-    call: Callable[[I], Awaitable[tuple[T, int]]],
+    call: Callable[[I], Awaitable[Answered[T]]],
     *,
     concurrency: int = 64,
     retries: int = DEFAULT_RETRIES,
@@ -200,12 +228,13 @@ async def run_batch(
     desc: str = "lmfleet",
     backoff: float = BACKOFF,
 ) -> BatchResult[T]:
-    """Run `call(item) -> (result, tokens)` over `inputs`; see the module docstring."""
+    """Run `call(item) -> Answered` over `inputs`; see the module docstring."""
     if concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
     if retries < 0:
         raise ConfigError(f"retries must be >= 0, got {retries}")
     results: list[T | ItemError | None] = [None] * len(inputs)
+    versions: list[Segments | None] = [None] * len(inputs)
     pending = iter(enumerate(inputs))
     started = time.monotonic()
     counts = {"failed": 0, "tokens": 0}
@@ -222,7 +251,7 @@ async def run_batch(
     async def attempt(index: int, item: I) -> T | ItemError:
         tries = 0
 
-        async def once() -> tuple[T, int]:
+        async def once() -> Answered[T]:
             nonlocal tries
             tries += 1
             return await call(item)
@@ -230,11 +259,12 @@ async def run_batch(
         try:
             # A copy per item: a tenacity controller keeps its iteration state per
             # thread, and every item's coroutine runs on this one thread.
-            answer: tuple[T, int] = await policy.copy()(once)
+            answer: Answered[T] = await policy.copy()(once)
         except Exception as exc:  # noqa: BLE001 - recorded per item, never raised mid-batch
             return ItemError(index=index, error=exc, attempts=tries)
-        counts["tokens"] += answer[1]
-        return answer[0]
+        counts["tokens"] += answer.tokens
+        versions[index] = answer.versions
+        return answer.value
 
     async def worker() -> None:
         for index, item in pending:
@@ -254,7 +284,8 @@ async def run_batch(
     for item in results:
         assert item is not None
         done.append(item)
-    return BatchResult(done, elapsed=time.monotonic() - started, tokens=counts["tokens"])
+    elapsed = time.monotonic() - started
+    return BatchResult(done, elapsed=elapsed, tokens=counts["tokens"], versions=versions)
 
 
 # -- chat and completions over a fleet ----------------------------------------------------
@@ -339,7 +370,7 @@ class Endpoint(Generic[I, R]):
     name: str
     """The progress bar's label."""
     send: Callable[[openai.AsyncOpenAI, str, I, dict[str, Any]], Awaitable[tuple[R, Any]]]
-    """`(client, model, item, params) -> (response, the URL it came from)`."""
+    """`(client, model, item, params) -> (response, the raw HTTP answer it came in)`."""
 
 
 async def _send_chat(
@@ -351,14 +382,14 @@ async def _send_chat(
     raw = await client.chat.completions.with_raw_response.create(
         model=model, messages=list(messages), **params
     )
-    return raw.parse(), raw.url
+    return raw.parse(), raw.http_response
 
 
 async def _send_completion(
     client: openai.AsyncOpenAI, model: str, prompt: str, params: dict[str, Any]
 ) -> tuple[Completion, Any]:
     raw = await client.completions.with_raw_response.create(model=model, prompt=prompt, **params)
-    return raw.parse(), raw.url
+    return raw.parse(), raw.http_response
 
 
 CHAT: Endpoint[Sequence[ChatCompletionMessageParam], ChatCompletion] = Endpoint("chat", _send_chat)
@@ -377,9 +408,10 @@ async def run_requests(
     chosen = options.model or fleet.model
     client = fleet.async_client(max_retries=0)  # the batch owns item retries
 
-    async def call(item: I) -> tuple[R, int]:
-        response, url = await endpoint.send(client, chosen, item, params)
-        return response, _count_tokens(fleet, url, response.usage)
+    async def call(item: I) -> Answered[R]:
+        response, http = await endpoint.send(client, chosen, item, params)
+        tokens = _count_tokens(fleet, http.url, response.usage)
+        return Answered(response, tokens, answer_versions(http.headers, tokens))
 
     async with client:
         return await run_batch(
@@ -390,6 +422,19 @@ async def run_requests(
             progress=options.progress,
             desc=endpoint.name,
         )
+
+
+def answer_versions(headers: Any, tokens: int) -> Segments | None:
+    """The version segments of a routed answer: its own list where one was continued
+    across versions (`x-lmfleet-weight-versions`), else all its tokens from the
+    version of the node that served it."""
+    listed = headers.get(VERSIONS_HEADER)
+    if listed is not None:
+        return parse_versions(listed)
+    served = headers.get(SERVED_VERSION_HEADER)
+    if served is None or not served.lstrip("-").isdigit():
+        return None
+    return [[0, tokens, int(served)]] if tokens else []
 
 
 def _count_tokens(fleet: FleetSurface, url: Any, usage: CompletionUsage | None) -> int:

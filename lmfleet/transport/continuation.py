@@ -515,6 +515,20 @@ class ContinuedGeneration(RequestPlan):
         )
 
 
+def parse_versions(header: str) -> list[list[int]] | None:
+    """`x-lmfleet-weight-versions` (`0-120:3,120-400:4`) as `[[0, 120, 3], ...]`;
+    None when it is not that."""
+    segments = []
+    for part in filter(None, header.split(",")):
+        span, _, version = part.partition(":")
+        start, _, end = span.partition("-")
+        try:
+            segments.append([int(start), int(end), int(version)])
+        except ValueError:
+            return None
+    return segments
+
+
 class _CallersTimeout(httpx2.ReadTimeout):
     """The caller's own read timeout ran out: its error, not a cut to continue."""
 

@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from support import SimNode, StartSim, wait_until
 
 from lmfleet import ConfigError, LMFleet
-from lmfleet.notebook.batch import NO_TQDM_HINT, ItemError, run_batch
+from lmfleet.notebook.batch import NO_TQDM_HINT, Answered, ItemError, run_batch
 
 FAST = ("--health-poll-interval", "0.5", "--ttft-ms", "5", "--tpot-ms", "2")
 
@@ -115,7 +115,7 @@ def test_complete_many_and_async_twins(fleet: LMFleet) -> None:
 def test_run_batch_retries_then_reports() -> None:
     calls: dict[int, int] = {}
 
-    async def flaky(item: int) -> tuple[int, int]:
+    async def flaky(item: int) -> Answered[int]:
         calls[item] = calls.get(item, 0) + 1
         if item % 3 == 0 and calls[item] < 2:  # fails once, then succeeds
             raise openai.APIConnectionError(request=_request())
@@ -123,7 +123,7 @@ def test_run_batch_retries_then_reports() -> None:
             raise openai.APIConnectionError(request=_request())
         if item == 5:  # not retryable
             raise ValueError("bad item")
-        return item * 10, 1
+        return Answered(item * 10, 1)
 
     async def main() -> object:
         return await run_batch(

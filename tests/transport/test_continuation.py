@@ -24,6 +24,7 @@ from support import SimNode, StartSim, sim_stats, wait_until
 from lmfleet import LMFleet
 from lmfleet.config import FleetOptions, RoutingOptions
 from lmfleet.errors import UnknownRequestError
+from lmfleet.transport.continuation import Generation, parse_versions
 
 PROMPT = [11, 12, 13, 14, 15]
 BODY = {"input_ids": PROMPT, "max_tokens": 400, "ignore_eos": True}
@@ -459,3 +460,12 @@ async def test_an_async_callers_timeout_is_kept_too(two: list[SimNode]) -> None:
         client = fleet.async_client(max_retries=0, timeout=0.5)
         with pytest.raises(openai.APITimeoutError):
             await client.post(URL, body=BODY, cast_to=object)
+
+
+def test_the_versions_header_reads_back_as_the_segments() -> None:
+    gen = Generation({"input_ids": PROMPT}, stream=False)
+    gen.record([1, 2, 3], "abc", 3)
+    gen.record([4], "d", 4)
+    assert gen.versions_header() == "0-3:3,3-4:4"
+    assert parse_versions(gen.versions_header()) == gen.versions == [[0, 3, 3], [3, 4, 4]]
+    assert parse_versions("") == [] and parse_versions("0-x:1") is None

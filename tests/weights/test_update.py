@@ -199,9 +199,12 @@ def test_a_pinned_batch_never_mixes_versions(fleet: LMFleet, version: int) -> No
     assert len(batch.ok) == 12
     done = {n.url: sim_stats(n.url)["completed"] - old[n.url] for n in fleet.nodes}
     assert done[first] == 12 and all(done[url] == 0 for url in rest)
+    assert batch.weight_versions == [[[0, 2, version + 1000]]] * 12  # each item says so
     # Unpinned, the mixed fleet serves from every node: the pin is what kept it on one.
-    fleet.chat_many(prompts, max_tokens=2, progress=False, concurrency=12)
+    mixed = fleet.chat_many(prompts, max_tokens=2, progress=False, concurrency=12)
     assert all(sim_stats(url)["completed"] > old[url] for url in rest)
+    served = {segments[0][2] for segments in mixed.weight_versions if segments}
+    assert served == {n.weight_version for n in fleet.nodes} and len(served) == 2
     fleet.update_weights("level", version=version + 1000, nodes=rest)
 
 
