@@ -7,6 +7,7 @@ from lmfleet.errors import (
     EventLoopError,
     FleetBusyError,
     FleetClosedError,
+    JournalMismatchError,
     LaunchError,
     LMFleetError,
     MigrationError,
@@ -22,10 +23,11 @@ from lmfleet.errors import (
     WeightUpdateUnsupportedError,
 )
 from lmfleet.fleet import LMFleet
+from lmfleet.jobs.journal import Journal
+from lmfleet.jobs.results import BatchResult, ItemError
 from lmfleet.node.load import NodeLoad
 from lmfleet.node.state import NodeRole, NodeState, NodeStatus
 from lmfleet.node.views import FleetStatus, NodeSnapshot
-from lmfleet.notebook.batch import BatchResult, ItemError
 from lmfleet.routing.base import Candidate, Decision, RequestInfo, Strategy
 from lmfleet.runtime import FleetRuntime
 from lmfleet.weights.session import UpdateResult, UpdateTarget
@@ -47,6 +49,8 @@ __all__ = [
     "FleetStatus",
     "HealthOptions",
     "ItemError",
+    "Journal",
+    "JournalMismatchError",
     "LMFleet",
     "LMFleetError",
     "LaunchError",

@@ -88,6 +88,11 @@ class EventLoopError(LMFleetError, RuntimeError):
     called from inside it (code running in the loop must await the async twin)."""
 
 
+class JournalMismatchError(ConfigError):
+    """A batch journal records a different batch (other prompts or parameters) than
+    the one asked to resume from it; the message says how to reuse or replace it."""
+
+
 class BatchError(LMFleetError, RuntimeError):
     """`BatchResult.raise_for_errors`: at least one item failed; chained from the
     first item's error, and the message is the batch's summary."""

@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lmfleet.monitor.judge",
         ),
     ),
+    ("jobs", ("lmfleet.jobs",)),
     ("simulator", ("lmfleet.sim",)),
     ("wire", ("lmfleet.wire",)),
     ("loop", ("lmfleet.runtime", "lmfleet.sync")),

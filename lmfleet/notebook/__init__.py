@@ -5,6 +5,6 @@ bar, if installed); `lmfleet.notebook.dashboard` needs ipywidgets (the `notebook
 extra) and is imported only when a fleet is displayed in a Jupyter kernel.
 """
 
-from lmfleet.notebook.batch import BatchResult, ItemError
+from lmfleet.jobs.results import BatchResult, ItemError
 
 __all__ = ["BatchResult", "ItemError"]

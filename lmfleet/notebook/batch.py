@@ -19,12 +19,14 @@ loop is already running (no `asyncio.run` inside a running loop).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, cast
 
 import anyio
 import openai
@@ -32,7 +34,9 @@ import tenacity
 from openai.types import Completion, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from lmfleet.errors import BatchError, ConfigError, NoHealthyNodeError, install_hint
+from lmfleet.errors import ConfigError, NoHealthyNodeError, install_hint
+from lmfleet.jobs.journal import Journal, JournalMode, item_key
+from lmfleet.jobs.results import Answered, BatchResult, ItemError, Segments
 from lmfleet.transport.continuation import VERSIONS_HEADER, parse_versions
 from lmfleet.transport.plan import SERVED_VERSION_HEADER
 from lmfleet.transport.router import MAX_STALENESS_HEADER, WEIGHT_VERSION_HEADER
@@ -68,119 +72,6 @@ def retryable(exc: BaseException) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class ItemError:
-    """An item that failed every attempt; sits in the result at the item's index."""
-
-    index: int
-    error: BaseException
-    attempts: int
-
-    def __str__(self) -> str:
-        return f"item {self.index} failed after {self.attempts} attempt(s): {self.error!r}"
-
-
-Segments = list[list[int]]
-"""Which weight version made which output tokens: `[[start, end, version], ...]`."""
-
-
-@dataclass(frozen=True)
-class Answered(Generic[T]):
-    """One item's answer, as a batch's `call` returns it."""
-
-    value: T
-    tokens: int
-    """Generated tokens (the answer's `usage.completion_tokens`)."""
-    versions: Segments | None = None
-
-
-class BatchResult(Sequence["T | ItemError"], Generic[T]):
-    """The results of a batch in input order: a response, or an `ItemError`, per item."""
-
-    def __init__(
-        self,
-        items: list[T | ItemError],
-        *,
-        elapsed: float,
-        tokens: int,
-        versions: list[Segments | None] | None = None,
-    ) -> None:
-        self._items = items
-        self.elapsed = elapsed
-        """Seconds the whole batch took."""
-        self.tokens = tokens
-        """Generated tokens (sum of `usage.completion_tokens`)."""
-        self.weight_versions = versions or [None] * len(items)
-        """Per item, the weight versions its output tokens came from
-        (`[[start, end, version], ...]`, as `/generate`'s `meta_info.weight_versions`):
-        an RL trainer masks or corrects off-policy tokens from it. None where the item
-        failed or its answer did not say."""
-
-    @overload
-    def __getitem__(self, index: int) -> T | ItemError: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[T | ItemError]: ...
-
-    def __getitem__(self, index: int | slice) -> T | ItemError | list[T | ItemError]:
-        return self._items[index]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __iter__(self) -> Iterator[T | ItemError]:
-        return iter(self._items)
-
-    @property
-    def ok(self) -> list[T]:
-        """The successful responses (input order, failed items left out)."""
-        return [item for item in self._items if not isinstance(item, ItemError)]
-
-    @property
-    def errors(self) -> list[ItemError]:
-        return [item for item in self._items if isinstance(item, ItemError)]
-
-    @property
-    def texts(self) -> list[str | None]:
-        """Each item's generated text (first choice); None where the item failed."""
-        return [None if isinstance(item, ItemError) else _text(item) for item in self._items]
-
-    def summary(self) -> str:
-        rate = self.tokens / self.elapsed if self.elapsed > 0 else 0.0
-        text = (
-            f"{len(self._items) - len(self.errors)}/{len(self._items)} ok, "
-            f"{len(self.errors)} failed in {self.elapsed:.1f} s ({rate:,.0f} tokens/s)"
-        )
-        errors = self.errors
-        if errors:
-            shown = "\n".join(f"  {e}" for e in errors[:5])
-            more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
-            text += f"\n{shown}{more}"
-        return text
-
-    def raise_for_errors(self) -> None:
-        """Raise the first item's error (chained from it) when any item failed."""
-        errors = self.errors
-        if errors:
-            raise BatchError(self.summary()) from errors[0].error
-
-    def __repr__(self) -> str:
-        return f"<BatchResult {self.summary().splitlines()[0]}>"
-
-
-def _text(item: object) -> str | None:
-    choices = getattr(item, "choices", None)
-    if not choices:
-        return None
-    first = choices[0]
-    message = getattr(first, "message", None)
-    if message is not None:
-        content: str | None = getattr(message, "content", None)
-        return content
-    text: str | None = getattr(first, "text", None)
-    return text
-
-
 NO_TQDM_HINT = f"the lmfleet batch progress bar needs tqdm: {install_hint('notebook')}"
 """Logged once per process when a batch asks for a bar that cannot be drawn."""
 
@@ -195,22 +86,28 @@ def _hint_no_tqdm() -> None:
 class _Progress:
     """A tqdm bar (a widget in notebooks, text in terminals) or nothing."""
 
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+    def __init__(self, total: int, desc: str, enabled: bool, resumed: int = 0) -> None:
         self._bar: Any = None
+        self._resumed = resumed
         if enabled:
             try:
                 from tqdm.auto import tqdm
             except ImportError:  # the `notebook` extra is not installed: no bar
                 _hint_no_tqdm()
                 return
-            self._bar = tqdm(total=total, desc=desc, unit="req", smoothing=0.1)
+            # `initial`: the items a journal answered count as done, and the ETA is
+            # from the rate of this run's items only (tqdm's own rate and remaining).
+            self._bar = tqdm(total=total, initial=resumed, desc=desc, unit="req", smoothing=0.1)
 
     def update(self, failed: int, tokens: int, started: float) -> None:
         if self._bar is None:
             return
         elapsed = time.monotonic() - started
         rate = tokens / elapsed if elapsed > 0 else 0.0
-        self._bar.set_postfix(failed=failed, tok_s=f"{rate:,.0f}", refresh=False)
+        shown: dict[str, Any] = {"failed": failed, "tok_s": f"{rate:,.0f}"}
+        if self._resumed:
+            shown["resumed"] = self._resumed
+        self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)
 
     def close(self) -> None:
@@ -227,18 +124,25 @@ async def run_batch(
     progress: bool = True,
     desc: str = "lmfleet",
     backoff: float = BACKOFF,
+    done: Mapping[int, Answered[T]] | None = None,
+    finished: Callable[[int, Answered[T] | ItemError], None] | None = None,
 ) -> BatchResult[T]:
-    """Run `call(item) -> Answered` over `inputs`; see the module docstring."""
+    """Run `call(item) -> Answered` over `inputs`; see the module docstring. `done`:
+    items already answered (a journal's), not asked again; `finished(index, outcome)`
+    is called as each other item ends (the journal records it)."""
     if concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
     if retries < 0:
         raise ConfigError(f"retries must be >= 0, got {retries}")
+    done = done or {}
     results: list[T | ItemError | None] = [None] * len(inputs)
     versions: list[Segments | None] = [None] * len(inputs)
-    pending = iter(enumerate(inputs))
+    for index, answer in done.items():
+        results[index], versions[index] = answer.value, answer.versions
+    pending = ((i, item) for i, item in enumerate(inputs) if i not in done)
     started = time.monotonic()
     counts = {"failed": 0, "tokens": 0}
-    bar = _Progress(len(inputs), desc, progress)
+    bar = _Progress(len(inputs), desc, progress, resumed=len(done))
 
     policy = tenacity.AsyncRetrying(
         stop=tenacity.stop_after_attempt(retries + 1),
@@ -248,7 +152,7 @@ async def run_batch(
         sleep=anyio.sleep,
     )
 
-    async def attempt(index: int, item: I) -> T | ItemError:
+    async def attempt(index: int, item: I) -> Answered[T] | ItemError:
         tries = 0
 
         async def once() -> Answered[T]:
@@ -262,16 +166,19 @@ async def run_batch(
             answer: Answered[T] = await policy.copy()(once)
         except Exception as exc:  # noqa: BLE001 - recorded per item, never raised mid-batch
             return ItemError(index=index, error=exc, attempts=tries)
-        counts["tokens"] += answer.tokens
-        versions[index] = answer.versions
-        return answer.value
+        return dataclasses.replace(answer, attempts=tries)
 
     async def worker() -> None:
         for index, item in pending:
             outcome = await attempt(index, item)
             if isinstance(outcome, ItemError):
                 counts["failed"] += 1
-            results[index] = outcome
+                results[index] = outcome
+            else:
+                counts["tokens"] += outcome.tokens
+                results[index], versions[index] = outcome.value, outcome.versions
+            if finished is not None:
+                finished(index, outcome)
             bar.update(counts["failed"], counts["tokens"], started)
 
     try:
@@ -280,12 +187,14 @@ async def run_batch(
                 tg.start_soon(worker)
     finally:
         bar.close()
-    done: list[T | ItemError] = []
+    ready: list[T | ItemError] = []
     for item in results:
         assert item is not None
-        done.append(item)
+        ready.append(item)
     elapsed = time.monotonic() - started
-    return BatchResult(done, elapsed=elapsed, tokens=counts["tokens"], versions=versions)
+    return BatchResult(
+        ready, elapsed=elapsed, tokens=counts["tokens"], versions=versions, resumed=len(done)
+    )
 
 
 # -- chat and completions over a fleet ----------------------------------------------------
@@ -353,6 +262,8 @@ class BatchOptions:
     params: dict[str, Any]
     """Passed on to the endpoint's `create` (`max_tokens=...`)."""
     max_staleness: int | None = None
+    journal: str | os.PathLike[str] | None = None
+    journal_mode: JournalMode = "resume"
 
 
 class _Answer(Protocol):
@@ -368,9 +279,11 @@ class Endpoint(Generic[I, R]):
     """An OpenAI endpoint a batch sends its items to."""
 
     name: str
-    """The progress bar's label."""
+    """The progress bar's label, and the route a journal records."""
     send: Callable[[openai.AsyncOpenAI, str, I, dict[str, Any]], Awaitable[tuple[R, Any]]]
     """`(client, model, item, params) -> (response, the raw HTTP answer it came in)`."""
+    load: Callable[[Any], R]
+    """A response from its JSON (as a journal keeps it)."""
 
 
 async def _send_chat(
@@ -392,8 +305,12 @@ async def _send_completion(
     return raw.parse(), raw.http_response
 
 
-CHAT: Endpoint[Sequence[ChatCompletionMessageParam], ChatCompletion] = Endpoint("chat", _send_chat)
-COMPLETIONS: Endpoint[str, Completion] = Endpoint("complete", _send_completion)
+CHAT: Endpoint[Sequence[ChatCompletionMessageParam], ChatCompletion] = Endpoint(
+    "chat", _send_chat, ChatCompletion.model_validate
+)
+COMPLETIONS: Endpoint[str, Completion] = Endpoint(
+    "complete", _send_completion, Completion.model_validate
+)
 
 
 async def run_requests(
@@ -413,15 +330,60 @@ async def run_requests(
         tokens = _count_tokens(fleet, http.url, response.usage)
         return Answered(response, tokens, answer_versions(http.headers, tokens))
 
-    async with client:
-        return await run_batch(
-            inputs,
-            call,
-            concurrency=options.concurrency,
-            retries=options.retries,
-            progress=options.progress,
-            desc=endpoint.name,
+    journal = None
+    done: dict[int, Answered[R]] = {}
+    finished = None
+    if options.journal is not None:
+        journal, done, finished = _journaled(endpoint, chosen, inputs, options)
+    try:
+        async with client:
+            return await run_batch(
+                inputs,
+                call,
+                concurrency=options.concurrency,
+                retries=options.retries,
+                progress=options.progress,
+                desc=endpoint.name,
+                done=done,
+                finished=finished,
+            )
+    finally:
+        if journal is not None:
+            journal.close()
+
+
+JOURNAL_IGNORES = frozenset({"extra_headers", "timeout"})
+"""Parameters that do not change what an item asks (the version pins are headers)."""
+
+
+def _journaled(
+    endpoint: Endpoint[I, R], model: str, inputs: Sequence[I], options: BatchOptions
+) -> tuple[Journal, dict[int, Answered[R]], Callable[[int, Answered[R] | ItemError], None]]:
+    """The batch's journal, the items it already answered, and what records the rest."""
+    asked = {k: v for k, v in options.params.items() if k not in JOURNAL_IGNORES}
+    keys = [item_key(endpoint.name, model, item, asked) for item in inputs]
+    assert options.journal is not None
+    journal = Journal(options.journal, create=True)
+    try:
+        recorded = journal.begin(endpoint.name, keys, options.journal_mode)
+        done = {
+            i: Answered(endpoint.load(e.answer), e.tokens, e.versions, e.attempts)
+            for i, e in recorded.items()
+        }
+    except BaseException:
+        journal.close()
+        raise
+
+    def finished(index: int, outcome: Answered[R] | ItemError) -> None:
+        if isinstance(outcome, ItemError):
+            journal.record_error(index, keys[index], repr(outcome.error), outcome.attempts)
+            return
+        answer = cast("Any", outcome.value).model_dump(mode="json")
+        journal.record(
+            index, keys[index], answer, outcome.tokens, outcome.versions, outcome.attempts
         )
+
+    return journal, done, finished
 
 
 def answer_versions(headers: Any, tokens: int) -> Segments | None:

@@ -8,9 +8,11 @@ work inside Jupyter.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from lmfleet.jobs.journal import JournalMode
 from lmfleet.notebook import batch, display
 from lmfleet.notebook.batch import BatchOptions, VersionAsk
 from lmfleet.surface import FleetSurface
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
     from openai.types import Completion
     from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-    from lmfleet.notebook.batch import BatchResult
+    from lmfleet.jobs.results import BatchResult
     from lmfleet.runtime import FleetRuntime
 
 
@@ -45,6 +47,8 @@ class NotebookMethods:
         progress: bool = True,
         weight_version: VersionAsk = None,
         max_staleness: int | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        journal_mode: JournalMode = "resume",
         **params: Any,
     ) -> BatchResult[ChatCompletion]:
         """Chat completions for every message list, in input order, never raising mid-batch.
@@ -58,9 +62,24 @@ class NotebookMethods:
         healthy node serves now), e.g. an RL rollout batch; `max_staleness=k` lets it
         run on any node within k versions of the newest in the fleet (asynchronous
         RL through a rolling update).
+
+        `journal=PATH` records each item durably as it finishes (an SQLite file,
+        `lmfleet.Journal`): the same call again with the same path returns the recorded
+        answers without a request and asks only the rest, so a killed kernel or a
+        Ctrl-C loses only the items in flight. A journal of another batch is refused
+        (`JournalMismatchError`) unless `journal_mode="reuse"` (reuse its answers item
+        by item) or `"overwrite"`.
         """
         options = BatchOptions(
-            model, concurrency, retries, progress, weight_version, params, max_staleness
+            model,
+            concurrency,
+            retries,
+            progress,
+            weight_version,
+            params,
+            max_staleness,
+            journal,
+            journal_mode,
         )
         return await batch.run_requests(self._open_fleet(), batch.CHAT, messages_list, options)
 
@@ -78,12 +97,22 @@ class NotebookMethods:
         progress: bool = True,
         weight_version: VersionAsk = None,
         max_staleness: int | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        journal_mode: JournalMode = "resume",
         **params: Any,
     ) -> BatchResult[Completion]:
         """`achat_many` for plain prompts (`/v1/completions`); `fleet.complete_many(...)`
         waits for it, as `chat_many` does."""
         options = BatchOptions(
-            model, concurrency, retries, progress, weight_version, params, max_staleness
+            model,
+            concurrency,
+            retries,
+            progress,
+            weight_version,
+            params,
+            max_staleness,
+            journal,
+            journal_mode,
         )
         return await batch.run_requests(self._open_fleet(), batch.COMPLETIONS, prompts, options)
 

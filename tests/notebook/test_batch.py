@@ -14,8 +14,9 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from support import SimNode, StartSim, wait_until
 
-from lmfleet import ConfigError, LMFleet
-from lmfleet.notebook.batch import NO_TQDM_HINT, Answered, ItemError, run_batch
+from lmfleet import ConfigError, ItemError, LMFleet
+from lmfleet.jobs.results import Answered
+from lmfleet.notebook.batch import NO_TQDM_HINT, run_batch
 
 FAST = ("--health-poll-interval", "0.5", "--ttft-ms", "5", "--tpot-ms", "2")
 

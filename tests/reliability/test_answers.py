@@ -20,10 +20,9 @@ import pytest
 from loadgen import Door, Report, run_load
 from support import SimNode, StartSim, chat, sim_stats, wait_until
 
-from lmfleet import FleetOptions, LMFleet, NodeSnapshot, NodeStatus, OutlierOptions
+from lmfleet import FleetOptions, ItemError, LMFleet, NodeSnapshot, NodeStatus, OutlierOptions
 from lmfleet.errors import NodeUnavailableError, NoHealthyNodeError
 from lmfleet.launch.process import free_port
-from lmfleet.notebook.batch import ItemError
 from lmfleet.routing import STRATEGIES
 
 FleetOver = Callable[..., tuple[LMFleet, list[SimNode]]]

@@ -1,0 +1,102 @@
+"""The files of OpenAI's Files API, kept in a directory (the Batch API's inputs and outputs).
+
+One file is two entries in `root`: `<id>` (its bytes) and `<id>.json` (its OpenAI
+`file` object). Both are written atomically (a temporary file, then `os.replace`),
+the bytes first, so a proxy killed mid-upload leaves no file that lists bytes it
+does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lmfleet.errors import ConfigError, LMFleetError
+
+PURPOSES = frozenset({"batch", "batch_output"})
+"""What a file may be for here: batch inputs, and the outputs the batches write."""
+
+
+class UnknownFileError(LMFleetError, LookupError):
+    """No file has that id (OpenAI's 404 `No such File object`)."""
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class FileStore:
+    """OpenAI file objects and their bytes under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def create(self, data: bytes, *, filename: str, purpose: str) -> dict[str, Any]:
+        if purpose not in PURPOSES:
+            raise ConfigError(
+                f"purpose must be 'batch' here (the Batch API's files), got {purpose!r}"
+            )
+        file_id = "file-" + secrets.token_hex(12)
+        write_atomically(self.root / file_id, data)
+        meta = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "expires_at": None,
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "status_details": None,
+        }
+        write_atomically(self.root / f"{file_id}.json", json.dumps(meta).encode())
+        return meta
+
+    def get(self, file_id: str) -> dict[str, Any]:
+        meta = self._meta_path(file_id)
+        try:
+            found: dict[str, Any] = json.loads(meta.read_text())
+        except (FileNotFoundError, ValueError):
+            raise UnknownFileError(f"No such File object: {file_id}") from None
+        return found
+
+    def content(self, file_id: str) -> bytes:
+        self.get(file_id)
+        return (self.root / file_id).read_bytes()
+
+    def delete(self, file_id: str) -> dict[str, Any]:
+        self.get(file_id)
+        self._meta_path(file_id).unlink(missing_ok=True)
+        (self.root / file_id).unlink(missing_ok=True)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    def list(self, purpose: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for meta in self.root.glob("file-*.json"):
+            try:
+                item = json.loads(meta.read_text())
+            except ValueError:
+                continue
+            if purpose is None or item.get("purpose") == purpose:
+                found.append(item)
+        return sorted(found, key=lambda item: item["created_at"], reverse=True)
+
+    def _meta_path(self, file_id: str) -> Path:
+        if not file_id.startswith("file-") or not file_id[5:].isalnum():
+            raise UnknownFileError(f"No such File object: {file_id}")
+        return self.root / f"{file_id}.json"
