@@ -35,6 +35,7 @@ from lmfleet.errors import (
     RoutingError,
     StreamInterruptedError,
     UnknownNodeError,
+    UnknownObjectError,
     UnknownRequestError,
     WeightUpdateError,
     WeightUpdateUnsupportedError,
@@ -158,6 +159,8 @@ BAD_REQUEST = Answer("bad_request", 400, "invalid_request_error", raised=ConfigE
 UNKNOWN_NODE = Answer("unknown_node", 404, "not_found", raised=UnknownNodeError)
 UNKNOWN_REQUEST = Answer("unknown_request", 404, "not_found", raised=UnknownRequestError)
 NODE_COMMAND = Answer("node_command", 502, "bad_gateway", raised=NodeCommandError)
+UNKNOWN_OBJECT = Answer("unknown_object", 404, "invalid_request_error", raised=UnknownObjectError)
+"""A Batch API file or batch id that names nothing (as OpenAI answers it)."""
 WEIGHT_UPDATE_UNSUPPORTED = Answer(
     "weight_update_unsupported",
     501,

@@ -2,8 +2,12 @@
 
     LMFleetError
      +-- ConfigError (ValueError)           bad option, unknown strategy name
+          +-- JournalMismatchError          a batch journal records another batch
      +-- UnknownNodeError (LookupError)     a URL that is not in the fleet
      +-- UnknownRequestError (LookupError)  a request id the fleet cannot abort
+     +-- UnknownObjectError (LookupError)   a Batch API file or batch id names nothing
+     +-- UnfinishedItemError (LookupError)  a journal has no answer for the item
+     +-- RecordedItemError (RuntimeError)   an item's error as a journal recorded it
      +-- NotReadyError (TimeoutError)       wait_ready ran out of time
      +-- LaunchError (RuntimeError)         a launched node exited or failed to start
      +-- NodeCommandError (RuntimeError)    a node refused sleep / wakeup / ...
@@ -86,6 +90,18 @@ class NodeCommandError(LMFleetError, RuntimeError):
 class EventLoopError(LMFleetError, RuntimeError):
     """The fleet's background event loop did not start, or a blocking method was
     called from inside it (code running in the loop must await the async twin)."""
+
+
+class UnknownObjectError(LMFleetError, LookupError):
+    """No Batch API file or batch has that id (OpenAI's 404)."""
+
+
+class UnfinishedItemError(LMFleetError, LookupError):
+    """A journal has no answer for this item: the batch did not finish it."""
+
+
+class RecordedItemError(LMFleetError, RuntimeError):
+    """An item's error, as a journal recorded it (its text; the exception is gone)."""
 
 
 class JournalMismatchError(ConfigError):

@@ -171,7 +171,9 @@ def proxy_options(args: argparse.Namespace) -> ProxyOptions:
     if keys is None and os.environ.get("LMFLEET_API_KEYS"):
         keys = os.environ["LMFLEET_API_KEYS"].split(",")
     values[("api_keys",)] = tuple(k for k in keys or () if k)
-    values[("state_file",)] = state_file_of(args)
+    values[("state_file",)] = state = state_file_of(args)
+    if state is not None:  # the Batch API's files and jobs, beside the node list
+        values[("jobs_dir",)] = state.with_suffix(".jobs")
     values[("log_level",)] = "debug" if args.log_level == "REQUEST" else args.log_level.lower()
     if args.log_level == "REQUEST":
         values[("access_log",)] = True

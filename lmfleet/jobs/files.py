@@ -16,14 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmfleet.errors import ConfigError, LMFleetError
+from lmfleet.errors import ConfigError, UnknownObjectError
 
 PURPOSES = frozenset({"batch", "batch_output"})
 """What a file may be for here: batch inputs, and the outputs the batches write."""
-
-
-class UnknownFileError(LMFleetError, LookupError):
-    """No file has that id (OpenAI's 404 `No such File object`)."""
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -72,7 +68,7 @@ class FileStore:
         try:
             found: dict[str, Any] = json.loads(meta.read_text())
         except (FileNotFoundError, ValueError):
-            raise UnknownFileError(f"No such File object: {file_id}") from None
+            raise UnknownObjectError(f"No such File object: {file_id}") from None
         return found
 
     def content(self, file_id: str) -> bytes:
@@ -98,5 +94,5 @@ class FileStore:
 
     def _meta_path(self, file_id: str) -> Path:
         if not file_id.startswith("file-") or not file_id[5:].isalnum():
-            raise UnknownFileError(f"No such File object: {file_id}")
+            raise UnknownObjectError(f"No such File object: {file_id}")
         return self.root / f"{file_id}.json"

@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar, overload
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from lmfleet.errors import BatchError, LMFleetError
+from lmfleet.errors import BatchError, RecordedItemError, UnfinishedItemError
 
 T = TypeVar("T")
 
@@ -141,14 +141,6 @@ def _text(item: object) -> str | None:
         return content
     text: str | None = getattr(first, "text", None)
     return text
-
-
-class UnfinishedItemError(LMFleetError, LookupError):
-    """A journal has no answer for this item: the batch did not finish it."""
-
-
-class RecordedItemError(LMFleetError, RuntimeError):
-    """An item's error, as a journal recorded it (its text; the exception is gone)."""
 
 
 def results_from_journal(route: str, size: int, entries: dict[int, Any]) -> BatchResult[Any]:

@@ -10,10 +10,21 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
 
 import lmfleet.answers as answers
-from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError, UnknownRequestError
-from lmfleet.proxy import admin_api, distserve_api, nodes_api
+from lmfleet.errors import (
+    ConfigError,
+    NodeCommandError,
+    UnknownNodeError,
+    UnknownObjectError,
+    UnknownRequestError,
+)
+from lmfleet.proxy import admin_api, batch_api, distserve_api, nodes_api
 from lmfleet.proxy.asgi import (
     BodyTimeout,
     BodyTooLarge,
@@ -22,6 +33,7 @@ from lmfleet.proxy.asgi import (
     Scope,
     Send,
 )
+from lmfleet.proxy.batch_api import BatchJobs
 from lmfleet.proxy.context import Handler, ProxyContext
 from lmfleet.proxy.forward import forward
 from lmfleet.proxy.metrics import ProxyMetrics
@@ -58,12 +70,19 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/generate": {"POST": forward},
     "/abort_request": {"POST": admin_api.abort_request},
     "/pooling": {"POST": forward},
+    "/v1/files": {"GET": batch_api.files_root, "POST": batch_api.files_root},
+    "/v1/batches": {"GET": batch_api.batches_root, "POST": batch_api.batches_root},
 }
 FORWARD: dict[str, Handler] = {"POST": forward}
 """Every other `/v1/*` path: chat, completions, embeddings, encode, responses, ..."""
 ONE_MODEL: dict[str, Handler] = {"GET": admin_api.model}
 """`/v1/models/{model}`: answered here, as no LMDeploy node serves it."""
 ONE_MODEL_PREFIX = MODELS_PATH + "/"
+JOB_OBJECTS: dict[str, dict[str, Handler]] = {
+    "/v1/files/": {"GET": batch_api.one_file, "DELETE": batch_api.one_file},
+    "/v1/batches/": {"GET": batch_api.one_batch, "POST": batch_api.one_batch},
+}
+"""The Batch API's routes with an id in the path (proxy/batch_api.py)."""
 
 ALWAYS_PUBLIC = frozenset({"/liveness"})
 """Paths that never need a key, whatever `public_paths` says: a liveness probe that
@@ -119,20 +138,39 @@ class ProxyApp:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime: ProxyContext | None = None
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                runtime = self._runtime = self._open()
-                scope["state"][STATE_KEY] = runtime
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                if runtime is not None:
-                    await runtime.exchanges.aclose()
-                    await runtime.transport.aclose()
-                    if runtime.distserve_transport is not None:
-                        await runtime.distserve_transport.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        async with anyio.create_task_group() as group, self._jobs_dir() as jobs_dir:
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    runtime = self._runtime = self._open()
+                    runtime.jobs = BatchJobs(
+                        jobs_dir,
+                        runtime.transport,
+                        self.options.batch_concurrency,
+                        self.options.upstream_timeout,
+                    )
+                    await group.start(runtime.jobs.run)
+                    scope["state"][STATE_KEY] = runtime
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    group.cancel_scope.cancel()  # batch jobs: resumed by the next start
+                    if runtime is not None:
+                        await runtime.exchanges.aclose()
+                        await runtime.transport.aclose()
+                        if runtime.distserve_transport is not None:
+                            await runtime.distserve_transport.aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    @contextlib.asynccontextmanager
+    async def _jobs_dir(self) -> AsyncIterator[Path]:
+        """Where the Batch API keeps its files and jobs: `jobs_dir`, else a temporary
+        directory removed at shutdown (batches then do not outlive the proxy)."""
+        if self.options.jobs_dir is not None:
+            yield Path(self.options.jobs_dir)
+            return
+        with tempfile.TemporaryDirectory(prefix="lmfleet-jobs-") as temporary:
+            yield Path(temporary)
 
     # -- requests -------------------------------------------------------------------
 
@@ -142,6 +180,9 @@ class ProxyApp:
         methods = ROUTES.get(path)
         if methods is None and path.startswith("/v1/"):
             methods = ONE_MODEL if path.startswith(ONE_MODEL_PREFIX) else FORWARD
+            for prefix, objects in JOB_OBJECTS.items():
+                if path.startswith(prefix):
+                    methods = objects
         if methods is None:
             await rt.answer(send, answers.NO_ROUTE, f"No route {path}.")
             return
@@ -192,6 +233,7 @@ GUARDED: tuple[tuple[type[Exception] | tuple[type[Exception], ...], answers.Answ
     (BodyTimeout, answers.BODY_TIMEOUT),
     (UnknownNodeError, answers.UNKNOWN_NODE),
     (UnknownRequestError, answers.UNKNOWN_REQUEST),
+    (UnknownObjectError, answers.UNKNOWN_OBJECT),
     (NodeCommandError, answers.NODE_COMMAND),
 )
 """What a route handler may raise, and the row of lmfleet/answers.py each one is."""

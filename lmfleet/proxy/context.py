@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import httpx2
@@ -43,6 +44,8 @@ class ProxyContext:
     """The scopes of the streams being relayed now, for `stop()` to cut."""
     exchanges: Exchanges = field(default_factory=Exchanges)
     """The forwarded requests open now, swept for late bodies and callers gone."""
+    jobs: Any = None
+    """The Batch API's files and jobs (`proxy/batch_api.BatchJobs`), set at startup."""
 
     async def answer(
         self,

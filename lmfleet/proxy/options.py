@@ -66,6 +66,14 @@ class ProxyOptions(BaseModel):
     )
     terminate_timeout: float = Field(default=10.0, gt=0, description="node /terminate timeout")
     state_file: Path | None = Field(default=None, description="JSON file of registered nodes")
+    jobs_dir: Path | None = Field(
+        default=None,
+        description="Batch API files and jobs (kept across restarts); lmfleet serve: beside "
+        "its state file; None: a temporary directory, removed at shutdown",
+    )
+    batch_concurrency: Annotated[
+        int, Flag("--batch-concurrency", help="Batch API lines in flight at once, per proxy")
+    ] = Field(default=32, ge=1, description="Batch API lines in flight at once")
     log_level: str = Field(default="info")
     access_log: Annotated[bool, Flag("--access-log")] = Field(
         default=False, description="log every request"

@@ -1,0 +1,434 @@
+"""OpenAI's Files and Batch APIs on the proxy: batch jobs run on the fleet in the background.
+
+`client.files.create(file=..., purpose="batch")`, `client.batches.create(...)`,
+`client.batches.retrieve(id)` and `client.files.content(output_file_id)` of the real
+`openai` SDK work unchanged. A batch runs through the same routing as every other
+request (the fleet's transport) and the same batch machinery as `chat_many`
+(notebook/batch.py: bounded concurrency, retries, a journal), so each line's answer
+is recorded as it finishes and a proxy restarted with the same state directory
+resumes its running batches without asking a finished line again.
+
+Lines are checked one by one: a malformed line (not JSON, no `custom_id`, another
+`url`, a `custom_id` used twice) goes to the batch's error file with its reason, and
+so does a line a node refuses (its status and body, as OpenAI reports it); the other
+lines run. Batch jobs run at most `batch_concurrency` lines at a time, which is what
+keeps interactive requests beside them fast until requests carry priorities.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import openai
+from anyio.abc import TaskGroup, TaskStatus
+
+from lmfleet.errors import ConfigError, UnknownObjectError
+from lmfleet.jobs.batches import (
+    COMPLETION_WINDOWS,
+    ENDPOINTS,
+    RUNNING,
+    BatchStore,
+    Line,
+    new_batch,
+    parse_lines,
+)
+from lmfleet.jobs.files import FileStore
+from lmfleet.jobs.journal import Journal, item_key
+from lmfleet.jobs.results import Answered, ItemError
+from lmfleet.notebook.batch import answer_versions, run_batch
+from lmfleet.proxy.asgi import Receive, Scope, Send, header, read_body, send_bytes, send_json
+from lmfleet.transport import AsyncFleetTransport
+
+log = logging.getLogger("lmfleet.proxy")
+
+MAX_FILE_BYTES = 200 * 1024 * 1024
+"""OpenAI's limit on a batch input file."""
+PLACEHOLDER = "http://lmfleet.invalid"
+FINISHED = ("completed", "failed", "expired", "cancelled")
+
+
+class BatchJobs:
+    """The proxy's files and batches under `root`, and the tasks that run the batches."""
+
+    def __init__(
+        self, root: Path, transport: AsyncFleetTransport, concurrency: int, timeout: float | None
+    ) -> None:
+        self.files = FileStore(root / "files")
+        self.batches = BatchStore(root / "batches")
+        self._transport = transport
+        self._concurrency = concurrency
+        self._timeout = timeout
+        self._group: TaskGroup | None = None
+        self._running: dict[str, anyio.CancelScope] = {}
+        self._counts: dict[str, dict[str, int]] = {}
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve batch jobs until cancelled (the proxy's lifespan): first resume every
+        batch a previous run of the proxy left unfinished."""
+        async with anyio.create_task_group() as group:
+            self._group = group
+            for batch in self.batches.list():
+                if batch["status"] in RUNNING:
+                    log.info("resuming batch %s (%s)", batch["id"], batch["status"])
+                    group.start_soon(self._run, batch["id"])
+            task_status.started()
+            await anyio.sleep_forever()
+
+    # -- the routes' side -------------------------------------------------------------
+
+    def create(self, asked: Any) -> dict[str, Any]:
+        if not isinstance(asked, dict):
+            raise ConfigError("the body must be a JSON object")
+        file_id, endpoint = asked.get("input_file_id"), asked.get("endpoint")
+        window = asked.get("completion_window")
+        if endpoint not in ENDPOINTS:
+            raise ConfigError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+        if window not in COMPLETION_WINDOWS:
+            raise ConfigError(f"completion_window must be '24h', got {window!r}")
+        if not isinstance(file_id, str):
+            raise ConfigError("input_file_id must be the id of an uploaded file")
+        purpose = self.files.get(file_id)["purpose"]
+        if purpose != "batch":
+            raise ConfigError(f"the input file must have purpose 'batch', not {purpose!r}")
+        metadata = asked.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ConfigError("metadata must be an object")
+        batch = new_batch(file_id, endpoint, window, metadata)
+        self.batches.save(batch)
+        assert self._group is not None, "BatchJobs.run is the proxy's lifespan task"
+        self._group.start_soon(self._run, batch["id"])
+        return batch
+
+    def get(self, batch_id: str) -> dict[str, Any]:
+        """The batch, its counts live while it runs."""
+        batch = self.batches.get(batch_id)
+        live = self._counts.get(batch_id)
+        if live is not None and batch["status"] not in FINISHED:
+            batch["request_counts"] = dict(live)
+        return batch
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        batch = self.batches.get(batch_id)
+        if batch["status"] in FINISHED or batch["status"] == "cancelling":
+            raise ConfigError(f"cannot cancel a batch that is {batch['status']}")
+        batch["status"] = "cancelling"
+        batch["cancelling_at"] = int(time.time())
+        self.batches.save(batch)
+        scope = self._running.get(batch_id)
+        if scope is not None:
+            scope.cancel()  # its task finalizes it as cancelled
+        return self.get(batch_id)
+
+    # -- running one batch --------------------------------------------------------------
+
+    async def _run(self, batch_id: str) -> None:
+        try:
+            with anyio.CancelScope() as scope:
+                self._running[batch_id] = scope
+                if self.batches.get(batch_id)["status"] != "cancelling":
+                    await self._execute(batch_id)
+            await self._finalize(batch_id)
+        except Exception as exc:
+            log.exception("batch %s failed", batch_id)
+            self._fail(batch_id, str(exc))
+        finally:
+            self._running.pop(batch_id, None)
+            self._counts.pop(batch_id, None)
+
+    def _lines(self, batch: dict[str, Any]) -> list[Line]:
+        return parse_lines(self.files.content(batch["input_file_id"]), batch["endpoint"])
+
+    async def _execute(self, batch_id: str) -> None:
+        batch = self.batches.get(batch_id)
+        try:
+            lines = self._lines(batch)
+        except UnknownObjectError:
+            raise ConfigError(f"the input file {batch['input_file_id']} is gone") from None
+        if not lines:
+            raise ConfigError("the input file has no request lines")
+        endpoint = batch["endpoint"]
+        keys = [item_key(endpoint, None, line.raw, {}) for line in lines]
+        with Journal(self.batches.journal_path(batch_id), create=True) as journal:
+            done = journal.begin(endpoint, keys)
+            counts = self._counts[batch_id] = {"total": len(lines), "completed": 0, "failed": 0}
+            for line in lines:
+                if line.error is not None and line.index not in done:
+                    journal.record_error(
+                        line.index, keys[line.index], _error("invalid", line.error), 0
+                    )
+            answered, failed = journal.counts()
+            counts["completed"], counts["failed"] = answered, failed
+            if batch["status"] == "validating":
+                batch.update(status="in_progress", in_progress_at=int(time.time()))
+                batch["request_counts"] = dict(counts)
+                self.batches.save(batch)
+            runnable = [line for line in lines if line.error is None and line.index not in done]
+
+            def finished(index: int, outcome: Answered[Any] | ItemError) -> None:
+                key = keys[runnable[index].index]
+                if isinstance(outcome, ItemError):
+                    journal.record_error(
+                        runnable[index].index, key, _failure(outcome), outcome.attempts
+                    )
+                    counts["failed"] += 1
+                    return
+                journal.record(
+                    runnable[index].index, key, outcome.value, outcome.tokens, outcome.versions
+                )
+                counts["completed"] += 1
+
+            async with self._client() as client:
+                await run_batch(
+                    runnable,
+                    _sender(client, endpoint),
+                    concurrency=self._concurrency,
+                    progress=False,
+                    finished=finished,
+                )
+
+    def _client(self) -> openai.AsyncOpenAI:
+        http = httpx2.AsyncClient(transport=self._transport)
+        return openai.AsyncOpenAI(
+            base_url=PLACEHOLDER + "/v1",
+            api_key="lmfleet",
+            http_client=http,
+            max_retries=0,  # the batch retries its lines
+            timeout=self._timeout,
+        )
+
+    async def _finalize(self, batch_id: str) -> None:
+        """Write the output and error files and mark the batch done (or cancelled)."""
+        batch = self.batches.get(batch_id)
+        cancelled = batch["status"] == "cancelling"
+        if not cancelled:
+            batch.update(status="finalizing", finalizing_at=int(time.time()))
+            self.batches.save(batch)
+        lines = self._lines(batch)
+        path = self.batches.journal_path(batch_id)
+        entries = {}
+        if path.exists():
+            with Journal(path) as journal:
+                entries = {e.index: e for e in journal.entries()}
+        out: list[bytes] = []
+        errors: list[bytes] = []
+        for line in lines:
+            entry = entries.get(line.index)
+            if entry is None:
+                continue  # not run (cancelled before it)
+            request_id = (
+                "batch_req_" + hashlib.sha256(f"{batch_id}:{line.index}".encode()).hexdigest()[:24]
+            )
+            if entry.ok:
+                row = {
+                    "id": request_id,
+                    "custom_id": line.custom_id,
+                    "response": entry.answer,
+                    "error": None,
+                }
+                out.append(json.dumps(row).encode())
+            else:
+                failure = json.loads(entry.error or "{}")
+                row = {
+                    "id": request_id,
+                    "custom_id": line.custom_id,
+                    "response": failure.get("response"),
+                    "error": failure.get("error"),
+                }
+                errors.append(json.dumps(row).encode())
+        if out:
+            batch["output_file_id"] = self._output(batch_id, "output", out)
+        if errors:
+            batch["error_file_id"] = self._output(batch_id, "error", errors)
+        now = int(time.time())
+        batch["request_counts"] = {
+            "total": len(lines),
+            "completed": len(out),
+            "failed": len(errors),
+        }
+        if cancelled:
+            batch.update(status="cancelled", cancelled_at=now)
+        else:
+            batch.update(status="completed", completed_at=now)
+        self.batches.save(batch)
+
+    def _output(self, batch_id: str, kind: str, rows: list[bytes]) -> str:
+        data = b"\n".join(rows) + b"\n"
+        made = self.files.create(data, filename=f"{batch_id}_{kind}.jsonl", purpose="batch_output")
+        return str(made["id"])
+
+    def _fail(self, batch_id: str, message: str) -> None:
+        try:
+            batch = self.batches.get(batch_id)
+        except UnknownObjectError:
+            return
+        batch.update(status="failed", failed_at=int(time.time()))
+        batch["errors"] = {
+            "object": "list",
+            "data": [{"code": "batch_failed", "message": message, "param": None, "line": None}],
+        }
+        self.batches.save(batch)
+
+
+def _sender(
+    client: openai.AsyncOpenAI, endpoint: str
+) -> Callable[[Line], Awaitable[Answered[dict[str, Any]]]]:
+    path = endpoint.removeprefix("/v1")
+
+    async def send(line: Line) -> Answered[dict[str, Any]]:
+        raw = await client.post(path, body=line.body, cast_to=httpx2.Response)
+        body = raw.json()
+        usage = body.get("usage") if isinstance(body, dict) else None
+        tokens = int((usage or {}).get("completion_tokens") or 0)
+        answer = {
+            "status_code": raw.status_code,
+            "request_id": raw.headers.get("x-lmfleet-request-id", ""),
+            "body": body,
+        }
+        return Answered(answer, tokens, answer_versions(raw.headers, tokens))
+
+    return send
+
+
+def _error(code: str, message: str, response: dict[str, Any] | None = None) -> str:
+    return json.dumps({"error": {"code": code, "message": message}, "response": response})
+
+
+def _failure(outcome: ItemError) -> str:
+    """A failed line as its error-file row needs it: a node's refusal keeps its status
+    and body (`response`), as OpenAI reports one."""
+    exc = outcome.error
+    if isinstance(exc, openai.APIStatusError):
+        try:
+            body: Any = exc.response.json()
+        except ValueError:
+            body = exc.response.text
+        response = {"status_code": exc.status_code, "request_id": "", "body": body}
+        return _error(f"http_{exc.status_code}", str(exc.message), response)
+    return _error(type(exc).__name__, str(exc))
+
+
+# -- the routes ---------------------------------------------------------------------
+
+
+def _jobs(rt: Any) -> BatchJobs:
+    jobs: BatchJobs | None = rt.jobs
+    if jobs is None:
+        raise ConfigError("the Batch API is not running on this proxy")
+    return jobs
+
+
+def _tail(scope: Scope, prefix: str) -> list[str]:
+    return [part for part in scope["path"][len(prefix) :].split("/") if part]
+
+
+async def files_root(scope: Scope, receive: Receive, send: Send, rt: Any) -> None:
+    jobs = _jobs(rt)
+    if scope["method"] == "GET":
+        purpose = _query(scope).get("purpose")
+        await send_json(
+            send, 200, {"object": "list", "data": jobs.files.list(purpose), "has_more": False}
+        )
+        return
+    data, filename, purpose = _upload(scope, await read_body(scope, receive, MAX_FILE_BYTES))
+    await send_json(send, 200, jobs.files.create(data, filename=filename, purpose=purpose))
+
+
+async def one_file(scope: Scope, receive: Receive, send: Send, rt: Any) -> None:
+    jobs = _jobs(rt)
+    parts = _tail(scope, "/v1/files/")
+    file_id = parts[0]
+    if len(parts) == 2 and parts[1] == "content" and scope["method"] == "GET":
+        data = jobs.files.content(file_id)
+        await send_bytes(send, 200, data, [(b"content-type", b"application/octet-stream")])
+    elif len(parts) == 1 and scope["method"] == "GET":
+        await send_json(send, 200, jobs.files.get(file_id))
+    elif len(parts) == 1 and scope["method"] == "DELETE":
+        await send_json(send, 200, jobs.files.delete(file_id))
+    else:
+        raise UnknownObjectError(f"No route {scope['method']} {scope['path']}")
+
+
+async def batches_root(scope: Scope, receive: Receive, send: Send, rt: Any) -> None:
+    jobs = _jobs(rt)
+    if scope["method"] == "GET":
+        await send_json(send, 200, _page([jobs.get(b["id"]) for b in jobs.batches.list()], scope))
+        return
+    body = await read_body(scope, receive, rt.options.max_body_bytes)
+    try:
+        asked = json.loads(body)
+    except ValueError:
+        raise ConfigError("the body is not JSON") from None
+    await send_json(send, 200, jobs.create(asked))
+
+
+async def one_batch(scope: Scope, receive: Receive, send: Send, rt: Any) -> None:
+    jobs = _jobs(rt)
+    parts = _tail(scope, "/v1/batches/")
+    if len(parts) == 2 and parts[1] == "cancel" and scope["method"] == "POST":
+        await send_json(send, 200, jobs.cancel(parts[0]))
+    elif len(parts) == 1 and scope["method"] == "GET":
+        await send_json(send, 200, jobs.get(parts[0]))
+    else:
+        raise UnknownObjectError(f"No route {scope['method']} {scope['path']}")
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(scope.get("query_string", b"").decode()))
+
+
+def _page(batches: list[dict[str, Any]], scope: Scope) -> dict[str, Any]:
+    """OpenAI's cursor page: newest first, `after` an id, `limit` (20)."""
+    query = _query(scope)
+    after = query.get("after")
+    if after is not None:
+        ids = [b["id"] for b in batches]
+        batches = batches[ids.index(after) + 1 :] if after in ids else []
+    try:
+        limit = max(1, min(100, int(query.get("limit", "20"))))
+    except ValueError:
+        raise ConfigError("limit must be a number") from None
+    page = batches[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(batches) > limit,
+    }
+
+
+def _upload(scope: Scope, body: bytes) -> tuple[bytes, str, str]:
+    """The file and purpose of a `multipart/form-data` upload (`client.files.create`)."""
+    kind = header(scope, b"content-type") or b""
+    if not kind.lower().startswith(b"multipart/form-data"):
+        raise ConfigError("upload a file as multipart/form-data (file, purpose)")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + kind + b"\r\n\r\n" + body
+    )
+    data: bytes | None = None
+    filename, purpose = "upload.jsonl", None
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if name == "file":
+            data = payload if isinstance(payload, bytes) else b""
+            filename = part.get_filename() or filename
+        elif name == "purpose" and isinstance(payload, bytes):
+            purpose = payload.decode().strip()
+    if data is None:
+        raise ConfigError("the upload has no 'file' part")
+    if purpose is None:
+        raise ConfigError("the upload has no 'purpose' part")
+    return data, filename, purpose

@@ -1,0 +1,123 @@
+"""The OpenAI Batch API on the proxy (proxy/batch_api.py), driven by the real `openai`
+SDK against a proxy under real uvicorn over real sims."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from support import SimNode, StartSim, sim_stats, wait_until
+
+from lmfleet.proxy.options import ProxyOptions
+
+CHAT = "/v1/chat/completions"
+
+pytestmark = pytest.mark.xdist_group("batch_api")
+
+
+def line(i: int, model: str, **body: Any) -> str:
+    asked = {"model": model, "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 4}
+    return json.dumps(
+        {"custom_id": f"r{i}", "method": "POST", "url": CHAT, "body": {**asked, **body}}
+    )
+
+
+@pytest.fixture
+def sims(start_sim: StartSim) -> list[SimNode]:
+    return [start_sim("--ttft-ms", "5", "--tpot-ms", "2") for _ in range(2)]
+
+
+def rows(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    assert file_id is not None
+    text = client.files.content(file_id).text
+    return [json.loads(row) for row in text.splitlines() if row]
+
+
+def test_a_batch_end_to_end_with_the_openai_sdk(
+    sims: list[SimNode], serve_fleet: Callable[..., Any], tmp_path: Path
+) -> None:
+    fleet, server = serve_fleet(
+        [s.url for s in sims], serve={"options": ProxyOptions(jobs_dir=tmp_path / "jobs")}
+    )
+    model = fleet.model
+    lines = [line(i, model) for i in range(30)]
+    lines.insert(7, "{not json")
+    lines.insert(12, line(99, model).replace(CHAT, "/v1/embeddings"))
+    lines.append(line(5, model))  # r5 again: its own error
+    lines.append(line(40, model, max_tokens=-1))  # the node's 400
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    uploaded = client.files.create(
+        file=("in.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch"
+    )
+    assert uploaded.purpose == "batch" and uploaded.bytes > 0
+    assert client.files.retrieve(uploaded.id).filename == "in.jsonl"
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h", metadata={"k": "v"}
+    )
+    assert batch.status in ("validating", "in_progress") and batch.metadata == {"k": "v"}
+    done = wait_until(
+        lambda: client.batches.retrieve(batch.id),
+        30,
+        "the batch to complete",
+        until=lambda b: b.status == "completed",
+    )
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed) == (34, 30)
+    assert done.request_counts.failed == 4
+    out = rows(client, done.output_file_id)
+    assert sorted(r["custom_id"] for r in out) == sorted(f"r{i}" for i in range(30))
+    assert all(r["response"]["status_code"] == 200 for r in out)
+    assert out[0]["response"]["body"]["object"] == "chat.completion"
+    errors = rows(client, done.error_file_id)
+    assert len(errors) == 4
+    by_id = {r["custom_id"]: r for r in errors}
+    assert by_id[None]["error"]["message"] == "the line is not valid JSON"
+    assert "url must be" in by_id["r99"]["error"]["message"]
+    assert "earlier line" in by_id["r5"]["error"]["message"]
+    assert by_id["r40"]["response"]["status_code"] == 400  # a per-line 400 from the node
+    served = sum(sim_stats(s.url)["by_path"].get(CHAT, 0) for s in sims)
+    assert served == 31  # the valid lines once each, the refused one once
+    listed = client.batches.list(limit=5)
+    assert [b.id for b in listed.data] == [batch.id]
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_missing")
+    with pytest.raises(openai.BadRequestError, match="endpoint must be"):
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/x", completion_window="24h")  # type: ignore[arg-type]
+    assert client.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+
+
+def test_a_cancelled_batch_keeps_what_finished(
+    start_sim: StartSim, serve_fleet: Callable[..., Any], tmp_path: Path
+) -> None:
+    slow = start_sim("--ttft-ms", "5", "--tpot-ms", "40")
+    fleet, server = serve_fleet(
+        [slow.url],
+        serve={"options": ProxyOptions(jobs_dir=tmp_path / "jobs", batch_concurrency=2)},
+    )
+    text = "\n".join(line(i, fleet.model, max_tokens=8) for i in range(40))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    uploaded = client.files.create(file=("in.jsonl", text.encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+    wait_until(
+        lambda: client.batches.retrieve(batch.id).request_counts,
+        30,
+        "some lines done",
+        until=lambda counts: counts is not None and counts.completed >= 2,
+    )
+    assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    done = wait_until(
+        lambda: client.batches.retrieve(batch.id),
+        30,
+        "the batch cancelled",
+        until=lambda b: b.status == "cancelled",
+    )
+    assert done.request_counts is not None and 2 <= done.request_counts.completed < 40
+    assert len(rows(client, done.output_file_id)) == done.request_counts.completed
+    with pytest.raises(openai.BadRequestError, match="cannot cancel"):
+        client.batches.cancel(batch.id)
