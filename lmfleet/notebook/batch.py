@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ from openai.types import Completion, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from lmfleet.errors import ConfigError, NoHealthyNodeError, install_hint
+from lmfleet.jobs.adaptive import START_PER_NODE, AdaptiveConcurrency, Signals
 from lmfleet.jobs.journal import Journal, JournalMode, item_key
 from lmfleet.jobs.results import Answered, BatchResult, ItemError, Segments
 from lmfleet.transport.continuation import VERSIONS_HEADER, parse_versions
@@ -50,10 +52,19 @@ T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 - the input type
 
 DEFAULT_RETRIES = 2
+DEFAULT_MAX_CONCURRENCY = 512
+"""`concurrency="auto"`'s default bound."""
 BACKOFF = 0.2
 """Seconds before an item's first retry; doubled for each further one."""
 
 RETRY_STATUS = frozenset({408, 409, 429})
+REFUSALS = frozenset({429, 503})
+"""Answers that say a node (or the fleet) is full: `concurrency="auto"` backs off."""
+STEER_EVERY = 0.1
+"""Seconds between two looks at the fleet's signals (`concurrency="auto"`; each
+decision still waits for a new `/metrics` report)."""
+FleetSignals = tuple[tuple[tuple[float, float], ...], float]
+"""`((waiting, running) per node, report time)`: what `fleet_signals` reads."""
 """Client-error statuses worth trying again (every 5xx is too)."""
 
 
@@ -89,6 +100,8 @@ class _Progress:
     def __init__(self, total: int, desc: str, enabled: bool, resumed: int = 0) -> None:
         self._bar: Any = None
         self._resumed = resumed
+        self.concurrency: int | None = None
+        """The current in-flight limit, shown when it moves (`concurrency="auto"`)."""
         if enabled:
             try:
                 from tqdm.auto import tqdm
@@ -107,6 +120,8 @@ class _Progress:
         shown: dict[str, Any] = {"failed": failed, "tok_s": f"{rate:,.0f}"}
         if self._resumed:
             shown["resumed"] = self._resumed
+        if self.concurrency is not None:
+            shown["in_flight"] = self.concurrency
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)
 
@@ -119,18 +134,24 @@ async def run_batch(
     inputs: Sequence[I],
     call: Callable[[I], Awaitable[Answered[T]]],
     *,
-    concurrency: int = 64,
+    concurrency: int | AdaptiveConcurrency = 64,
     retries: int = DEFAULT_RETRIES,
     progress: bool = True,
     desc: str = "lmfleet",
     backoff: float = BACKOFF,
     done: Mapping[int, Answered[T]] | None = None,
     finished: Callable[[int, Answered[T] | ItemError], None] | None = None,
+    signals: Callable[[], FleetSignals] | None = None,
 ) -> BatchResult[T]:
     """Run `call(item) -> Answered` over `inputs`; see the module docstring. `done`:
     items already answered (a journal's), not asked again; `finished(index, outcome)`
-    is called as each other item ends (the journal records it)."""
-    if concurrency < 1:
+    is called as each other item ends (the journal records it). An
+    `AdaptiveConcurrency` moves the in-flight limit with what `signals()` says of the
+    fleet (jobs/adaptive.py), read every `STEER_EVERY` seconds."""
+    adaptive = concurrency if isinstance(concurrency, AdaptiveConcurrency) else None
+    if adaptive is not None and signals is None:
+        raise ConfigError("an adaptive concurrency needs the fleet's signals")
+    if isinstance(concurrency, int) and concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
     if retries < 0:
         raise ConfigError(f"retries must be >= 0, got {retries}")
@@ -141,8 +162,10 @@ async def run_batch(
         results[index], versions[index] = answer.value, answer.versions
     pending = ((i, item) for i, item in enumerate(inputs) if i not in done)
     started = time.monotonic()
-    counts = {"failed": 0, "tokens": 0}
+    counts = {"failed": 0, "tokens": 0, "refused": 0}
     bar = _Progress(len(inputs), desc, progress, resumed=len(done))
+    workers = adaptive.maximum if adaptive is not None else int(concurrency)  # type: ignore[arg-type]
+    limit = anyio.CapacityLimiter(adaptive.limit if adaptive is not None else workers)
 
     policy = tenacity.AsyncRetrying(
         stop=tenacity.stop_after_attempt(retries + 1),
@@ -158,7 +181,12 @@ async def run_batch(
         async def once() -> Answered[T]:
             nonlocal tries
             tries += 1
-            return await call(item)
+            try:
+                return await call(item)
+            except openai.APIStatusError as exc:
+                if exc.status_code in REFUSALS:  # a node saying it is full: less in flight
+                    counts["refused"] += 1
+                raise
 
         try:
             # A copy per item: a tenacity controller keeps its iteration state per
@@ -169,8 +197,13 @@ async def run_batch(
         return dataclasses.replace(answer, attempts=tries)
 
     async def worker() -> None:
-        for index, item in pending:
-            outcome = await attempt(index, item)
+        while True:
+            async with limit:
+                taken = next(pending, None)
+                if taken is None:
+                    return
+                index, item = taken
+                outcome = await attempt(index, item)
             if isinstance(outcome, ItemError):
                 counts["failed"] += 1
                 results[index] = outcome
@@ -181,10 +214,28 @@ async def run_batch(
                 finished(index, outcome)
             bar.update(counts["failed"], counts["tokens"], started)
 
+    async def steer(controller: AdaptiveConcurrency, read: Callable[[], FleetSignals]) -> None:
+        seen = 0  # refusals already told to the controller
+        while True:
+            await anyio.sleep(STEER_EVERY)
+            nodes, report = read()
+            told = Signals(nodes, counts["refused"] - seen, report)
+            before = controller.limit
+            limit.total_tokens = controller.observe(told, limit.borrowed_tokens)
+            if report > 0:
+                seen = counts["refused"]
+            if controller.limit != before:
+                bar.concurrency = controller.limit
+
     try:
-        async with anyio.create_task_group() as tg:
-            for _ in range(min(concurrency, max(len(inputs), 1))):
-                tg.start_soon(worker)
+        async with anyio.create_task_group() as outer:
+            if adaptive is not None and signals is not None:
+                bar.concurrency = adaptive.limit
+                outer.start_soon(steer, adaptive, signals)
+            async with anyio.create_task_group() as tg:
+                for _ in range(min(workers, max(len(inputs), 1))):
+                    tg.start_soon(worker)
+            outer.cancel_scope.cancel()  # the workers are done: so is the steering
     finally:
         bar.close()
     ready: list[T | ItemError] = []
@@ -255,7 +306,7 @@ class BatchOptions:
     """The options every batch method takes, as `LMFleet.achat_many` documents them."""
 
     model: str | None
-    concurrency: int
+    concurrency: int | Literal["auto"]
     retries: int
     progress: bool
     weight_version: VersionAsk
@@ -264,6 +315,8 @@ class BatchOptions:
     max_staleness: int | None = None
     journal: str | os.PathLike[str] | None = None
     journal_mode: JournalMode = "resume"
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    """The bound of `concurrency="auto"`."""
 
 
 class _Answer(Protocol):
@@ -340,7 +393,8 @@ async def run_requests(
             return await run_batch(
                 inputs,
                 call,
-                concurrency=options.concurrency,
+                concurrency=_concurrency(fleet, options),
+                signals=fleet_signals(fleet, chosen),
                 retries=options.retries,
                 progress=options.progress,
                 desc=endpoint.name,
@@ -350,6 +404,38 @@ async def run_requests(
     finally:
         if journal is not None:
             journal.close()
+
+
+def _concurrency(fleet: FleetSurface, options: BatchOptions) -> int | AdaptiveConcurrency:
+    if options.concurrency == "auto":
+        if options.max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be >= 1, got {options.max_concurrency}")
+        nodes = sum(1 for n in fleet.registry.snapshot() if n.routable)
+        return AdaptiveConcurrency(options.max_concurrency, START_PER_NODE * max(nodes, 1))
+    if isinstance(options.concurrency, bool) or not isinstance(options.concurrency, int):
+        raise ConfigError(f'concurrency must be a number or "auto", got {options.concurrency!r}')
+    return options.concurrency
+
+
+def fleet_signals(fleet: FleetSurface, model: str | None) -> Callable[[], FleetSignals]:
+    """What `concurrency="auto"` steers by: the nodes that can serve `model` now, the
+    requests waiting in their queues and when the newest of their `/metrics` reports
+    came. Nodes that export no metrics give nothing to steer by but refusals: the
+    limit then grows once a second until the maximum or a refusal."""
+
+    def read() -> FleetSignals:
+        nodes = [
+            n
+            for n in fleet.registry.snapshot()
+            if n.routable and (model is None or not n.models or model in n.models)
+        ]
+        loads = [n.load for n in nodes if n.load is not None]
+        if not loads:
+            return (), float(math.floor(time.monotonic()))
+        each = tuple((load.waiting + (load.api_waiting or 0.0), load.running) for load in loads)
+        return each, max(load.read_at for load in loads)
+
+    return read
 
 
 JOURNAL_IGNORES = frozenset({"extra_headers", "timeout"})

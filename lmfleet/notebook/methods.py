@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from lmfleet.jobs.journal import JournalMode
 from lmfleet.notebook import batch, display
-from lmfleet.notebook.batch import BatchOptions, VersionAsk
+from lmfleet.notebook.batch import DEFAULT_MAX_CONCURRENCY, BatchOptions, VersionAsk
 from lmfleet.surface import FleetSurface
 from lmfleet.sync import blocking
 
@@ -42,13 +42,14 @@ class NotebookMethods:
         messages_list: Sequence[Sequence[ChatCompletionMessageParam]],
         *,
         model: str | None = None,
-        concurrency: int = 64,
+        concurrency: int | Literal["auto"] = 64,
         retries: int = 2,
         progress: bool = True,
         weight_version: VersionAsk = None,
         max_staleness: int | None = None,
         journal: str | os.PathLike[str] | None = None,
         journal_mode: JournalMode = "resume",
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         **params: Any,
     ) -> BatchResult[ChatCompletion]:
         """Chat completions for every message list, in input order, never raising mid-batch.
@@ -69,6 +70,12 @@ class NotebookMethods:
         Ctrl-C loses only the items in flight. A journal of another batch is refused
         (`JournalMismatchError`) unless `journal_mode="reuse"` (reuse its answers item
         by item) or `"overwrite"`.
+
+        `concurrency="auto"` keeps as many requests in flight as the nodes run at once
+        and no more: it grows while no node queues them and shrinks when a queue forms
+        in their `/metrics` or a node answers 429/503 (jobs/adaptive.py), up to
+        `max_concurrency`; an interactive client beside the batch is not left waiting
+        behind a queue the batch filled.
         """
         options = BatchOptions(
             model,
@@ -80,6 +87,7 @@ class NotebookMethods:
             max_staleness,
             journal,
             journal_mode,
+            max_concurrency,
         )
         return await batch.run_requests(self._open_fleet(), batch.CHAT, messages_list, options)
 
@@ -92,13 +100,14 @@ class NotebookMethods:
         prompts: Sequence[str],
         *,
         model: str | None = None,
-        concurrency: int = 64,
+        concurrency: int | Literal["auto"] = 64,
         retries: int = 2,
         progress: bool = True,
         weight_version: VersionAsk = None,
         max_staleness: int | None = None,
         journal: str | os.PathLike[str] | None = None,
         journal_mode: JournalMode = "resume",
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         **params: Any,
     ) -> BatchResult[Completion]:
         """`achat_many` for plain prompts (`/v1/completions`); `fleet.complete_many(...)`
@@ -113,6 +122,7 @@ class NotebookMethods:
             max_staleness,
             journal,
             journal_mode,
+            max_concurrency,
         )
         return await batch.run_requests(self._open_fleet(), batch.COMPLETIONS, prompts, options)
 

@@ -1,0 +1,88 @@
+"""`concurrency="auto"`: a batch's requests in flight, from the nodes' own signals.
+
+A fixed concurrency is a guess: too low leaves GPUs idle, too high fills every
+node's queue, which adds nothing to throughput (a node decodes at most its batch
+size at once) but makes every request beside the batch wait behind it. The right
+number is "as many as the nodes run at once, and no more", and the nodes say when
+that is passed: requests start to wait in their queues (`num_requests_waiting` in
+`/metrics`), or they refuse (429/503).
+
+So the limit grows while no node queues the batch's requests and the limit is what
+holds the batch back, and shrinks when a queue forms or a node refuses:
+- **slow start**: doubling each report until the first sign of pressure (a cold
+  batch reaches the fleet's capacity in a few reports, not hundreds);
+- then **additive increase**, by one request per node per report with room;
+- **multiplicative decrease**, to 3/4, on a queue longer than a quarter of what the
+  nodes run (`QUEUE_SHARE`) or on a refusal since the last report.
+
+Each decision waits for a new `/metrics` report (the monitor reads them every probe
+round): a limit is never cut twice for one stale queue.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+QUEUE_SHARE = 0.5
+"""Waiting requests tolerated, as a share of those running, before the limit shrinks:
+a short queue keeps every slot of a node filled as requests end (without one the
+batch leaves slots idle between two requests), and an interactive request that
+arrives waits behind a quarter of a batch at most."""
+QUEUE_FLOOR = 1.0
+"""Waiting requests per node always tolerated (a queue of one is a refill)."""
+DECREASE = 0.75
+START_PER_NODE = 8
+"""The first limit, per node: fewer than any LMDeploy node decodes at once (its
+`max_batch_size` is 128 or more on a GPU), so the batch starts below every node's
+capacity and slow start finds the rest in a few reports."""
+MINIMUM = 1
+
+
+@dataclass(frozen=True)
+class Signals:
+    """The fleet as one report says it."""
+
+    nodes: tuple[tuple[float, float], ...]
+    """`(waiting, running)` of each node the batch can use now: requests waiting in
+    its queues (engine and api server), and those it decodes."""
+    refused: int
+    """429/503 answers the batch got since the last report."""
+    report: float
+    """When the newest report was read (a decision is made once per report)."""
+
+
+class AdaptiveConcurrency:
+    """The batch's in-flight limit (see the module docstring); `limit` is the current one."""
+
+    def __init__(self, maximum: int, start: int = START_PER_NODE) -> None:
+        if maximum < 1:
+            raise ValueError("the maximum concurrency must be at least 1")
+        self.maximum = maximum
+        self.limit = max(MINIMUM, min(start, maximum))
+        self.slow_start = True
+        self._report = -math.inf
+
+    def observe(self, signals: Signals, inflight: int) -> int:
+        """The new limit after one look at the fleet (`inflight`: the batch's requests
+        in flight now)."""
+        if signals.report <= self._report:
+            return self.limit  # nothing new since the last decision
+        self._report = signals.report
+        count = max(len(signals.nodes), 1)
+        full = [waiting > QUEUE_FLOOR for waiting, _ in signals.nodes]
+        if signals.refused > 0:
+            self.slow_start = False
+            self.limit = max(MINIMUM, math.floor(self.limit * DECREASE))
+        elif signals.nodes and all(full):  # every node queues: hold what they run, and a refill
+            self.slow_start = False
+            running = sum(run for _, run in signals.nodes)
+            target = max(
+                MINIMUM, math.ceil(running + max(QUEUE_FLOOR * count, QUEUE_SHARE * running))
+            )
+            if self.limit > target:
+                self.limit = max(target, math.floor(self.limit * DECREASE))
+        elif inflight >= self.limit - count:  # a node has room, and the limit holds the batch
+            grown = self.limit * 2 if self.slow_start else self.limit + count
+            self.limit = min(self.maximum, grown)
+        return self.limit

@@ -1,0 +1,93 @@
+"""`concurrency="auto"` (jobs/adaptive.py): the rule, then a batch over real sims whose
+queues it keeps short."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+from support import SimNode, StartSim, sim_stats
+
+from lmfleet import ConfigError, LMFleet
+from lmfleet.jobs.adaptive import AdaptiveConcurrency, Signals
+
+ROOM = ((0.0, 4.0), (0.0, 4.0))
+FULL = ((6.0, 8.0), (5.0, 8.0))  # both nodes queue: 16 running
+
+
+def look(
+    controller: AdaptiveConcurrency,
+    nodes: tuple[tuple[float, float], ...],
+    inflight: int,
+    report: float,
+    refused: int = 0,
+) -> int:
+    return controller.observe(Signals(nodes, refused, report), inflight)
+
+
+def test_slow_start_doubles_while_the_limit_holds_the_batch_back() -> None:
+    c = AdaptiveConcurrency(maximum=100, start=8)
+    assert look(c, ROOM, inflight=8, report=1) == 16
+    assert look(c, ROOM, inflight=16, report=1) == 16  # the same report: no new decision
+    assert look(c, ROOM, inflight=16, report=2) == 32
+    assert look(c, ROOM, inflight=5, report=3) == 32  # not binding: no growth
+    assert look(c, ROOM, inflight=32, report=4) == 64
+    assert look(c, ROOM, inflight=64, report=5) == 100  # the maximum
+
+
+def test_full_nodes_bring_the_limit_to_what_they_run_and_a_refill() -> None:
+    c = AdaptiveConcurrency(maximum=500, start=64)
+    assert look(c, FULL, inflight=64, report=1) == 48  # 3/4, not below the target
+    assert look(c, FULL, inflight=48, report=2) == 36
+    assert look(c, FULL, inflight=36, report=3) == 27
+    assert look(c, FULL, inflight=27, report=4) == 24  # 16 running + a queue of half
+    assert look(c, FULL, inflight=24, report=5) == 24  # held
+    # Out of slow start: room grows it by one per node.
+    assert look(c, ROOM, inflight=24, report=6) == 26
+
+
+def test_one_node_with_room_is_room() -> None:
+    c = AdaptiveConcurrency(maximum=500, start=20)
+    mixed = ((9.0, 8.0), (0.0, 6.0))  # the fast node queues, the other has room
+    assert look(c, mixed, inflight=20, report=1) == 40
+
+
+def test_a_refusal_cuts_the_limit() -> None:
+    c = AdaptiveConcurrency(maximum=500, start=40)
+    assert look(c, ROOM, inflight=40, report=1, refused=2) == 30
+    assert not c.slow_start
+    assert look(c, ROOM, inflight=30, report=2) == 32
+
+
+@pytest.fixture
+def sims(start_sim: StartSim) -> list[SimNode]:
+    cost = ("--max-batch", "8", "--ttft-ms", "10", "--tpot-ms", "4", "--output-tokens", "24")
+    return [start_sim(*cost, "--health-poll-interval", "0.2") for _ in range(2)]
+
+
+@pytest.fixture
+def fleet(sims: list[SimNode]) -> Iterator[LMFleet]:
+    with LMFleet.attach([s.url for s in sims], health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=30, min_ready=2)
+        yield fleet
+
+
+def prompts(n: int) -> list[list[ChatCompletionMessageParam]]:
+    return [[{"role": "user", "content": f"p{i}"}] for i in range(n)]
+
+
+def test_auto_keeps_the_nodes_full_and_their_queues_short(
+    sims: list[SimNode], fleet: LMFleet
+) -> None:
+    """Two nodes that decode 8 each: a fixed 256 would put 128 on each; `auto`
+    (bounded by the same 256) holds about what they run plus a short refill."""
+    result = fleet.chat_many(prompts(400), concurrency="auto", max_concurrency=256, progress=False)
+    assert len(result.ok) == 400
+    peaks = [sim_stats(s.url)["max_inflight"] for s in sims]
+    assert sum(peaks) <= 48, peaks  # 16 running, a refill, one slow-start overshoot
+    assert min(peaks) >= 8, peaks  # every node was kept full
+    with pytest.raises(ConfigError, match="max_concurrency"):
+        fleet.chat_many(prompts(1), concurrency="auto", max_concurrency=0, progress=False)
+    with pytest.raises(ConfigError, match='"auto"'):
+        fleet.chat_many(prompts(1), concurrency="many", progress=False)  # type: ignore[arg-type]
