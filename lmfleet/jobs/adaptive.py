@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-QUEUE_SHARE = 0.5
+QUEUE_SHARE = 0.25
 """Waiting requests tolerated, as a share of those running, before the limit shrinks:
 a short queue keeps every slot of a node filled as requests end (without one the
 batch leaves slots idle between two requests), and an interactive request that

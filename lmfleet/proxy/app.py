@@ -145,6 +145,7 @@ class ProxyApp:
                     runtime = self._runtime = self._open()
                     runtime.jobs = BatchJobs(
                         jobs_dir,
+                        self.fleet,
                         runtime.transport,
                         self.options.batch_concurrency,
                         self.options.upstream_timeout,

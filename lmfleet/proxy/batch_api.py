@@ -11,8 +11,9 @@ resumes its running batches without asking a finished line again.
 Lines are checked one by one: a malformed line (not JSON, no `custom_id`, another
 `url`, a `custom_id` used twice) goes to the batch's error file with its reason, and
 so does a line a node refuses (its status and body, as OpenAI reports it); the other
-lines run. Batch jobs run at most `batch_concurrency` lines at a time, which is what
-keeps interactive requests beside them fast until requests carry priorities.
+lines run. Batch jobs run `batch_concurrency` lines at a time; by default ("auto")
+as many as the nodes run at once, from their own `/metrics` (jobs/adaptive.py), so
+that interactive requests beside a batch do not wait behind a queue it filled.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import openai
 from anyio.abc import TaskGroup, TaskStatus
 
 from lmfleet.errors import ConfigError, UnknownObjectError
+from lmfleet.jobs.adaptive import START_PER_NODE, AdaptiveConcurrency
 from lmfleet.jobs.batches import (
     COMPLETION_WINDOWS,
     ENDPOINTS,
@@ -43,10 +45,16 @@ from lmfleet.jobs.batches import (
     parse_lines,
 )
 from lmfleet.jobs.files import FileStore
-from lmfleet.jobs.journal import Journal, item_key
+from lmfleet.jobs.journal import Entry, Journal, item_key
 from lmfleet.jobs.results import Answered, ItemError
-from lmfleet.notebook.batch import answer_versions, run_batch
+from lmfleet.notebook.batch import (
+    DEFAULT_MAX_CONCURRENCY,
+    answer_versions,
+    fleet_signals,
+    run_batch,
+)
 from lmfleet.proxy.asgi import Receive, Scope, Send, header, read_body, send_bytes, send_json
+from lmfleet.surface import FleetSurface
 from lmfleet.transport import AsyncFleetTransport
 
 log = logging.getLogger("lmfleet.proxy")
@@ -55,15 +63,23 @@ MAX_FILE_BYTES = 200 * 1024 * 1024
 """OpenAI's limit on a batch input file."""
 PLACEHOLDER = "http://lmfleet.invalid"
 FINISHED = ("completed", "failed", "expired", "cancelled")
+EXPIRED = "This request could not be executed before the completion window expired."
+"""OpenAI's message for a line its batch's window ended before."""
 
 
 class BatchJobs:
     """The proxy's files and batches under `root`, and the tasks that run the batches."""
 
     def __init__(
-        self, root: Path, transport: AsyncFleetTransport, concurrency: int, timeout: float | None
+        self,
+        root: Path,
+        fleet: FleetSurface,
+        transport: AsyncFleetTransport,
+        concurrency: int | str,
+        timeout: float | None,
     ) -> None:
         self.files = FileStore(root / "files")
+        self._fleet = fleet
         self.batches = BatchStore(root / "batches")
         self._transport = transport
         self._concurrency = concurrency
@@ -133,11 +149,13 @@ class BatchJobs:
 
     async def _run(self, batch_id: str) -> None:
         try:
-            with anyio.CancelScope() as scope:
+            batch = self.batches.get(batch_id)
+            left = batch["expires_at"] - time.time()
+            with anyio.CancelScope(deadline=anyio.current_time() + left) as scope:
                 self._running[batch_id] = scope
-                if self.batches.get(batch_id)["status"] != "cancelling":
+                if batch["status"] != "cancelling" and left > 0:
                     await self._execute(batch_id)
-            await self._finalize(batch_id)
+            await self._finalize(batch_id, expired=left <= 0 or scope.cancelled_caught)
         except Exception as exc:
             log.exception("batch %s failed", batch_id)
             self._fail(batch_id, str(exc))
@@ -187,14 +205,23 @@ class BatchJobs:
                 )
                 counts["completed"] += 1
 
-            async with self._client() as client:
+            async with self._client() as client:  # ended by a cancel or the window's end
                 await run_batch(
                     runnable,
                     _sender(client, endpoint),
-                    concurrency=self._concurrency,
+                    concurrency=self._limit(),
                     progress=False,
                     finished=finished,
+                    signals=fleet_signals(self._fleet, None),
                 )
+
+    def _limit(self) -> int | AdaptiveConcurrency:
+        """The batch's in-flight limit: the proxy's number, or one that adapts to the
+        nodes (`concurrency="auto"`, shared with `chat_many`)."""
+        if isinstance(self._concurrency, int):
+            return self._concurrency
+        nodes = sum(1 for n in self._fleet.registry.snapshot() if n.routable)
+        return AdaptiveConcurrency(DEFAULT_MAX_CONCURRENCY, START_PER_NODE * max(nodes, 1))
 
     def _client(self) -> openai.AsyncOpenAI:
         http = httpx2.AsyncClient(transport=self._transport)
@@ -206,10 +233,12 @@ class BatchJobs:
             timeout=self._timeout,
         )
 
-    async def _finalize(self, batch_id: str) -> None:
-        """Write the output and error files and mark the batch done (or cancelled)."""
+    async def _finalize(self, batch_id: str, expired: bool = False) -> None:
+        """Write the output and error files and mark the batch done, cancelled, or
+        expired (its completion window ended first: the lines not run are errors)."""
         batch = self.batches.get(batch_id)
         cancelled = batch["status"] == "cancelling"
+        expired = expired and not cancelled
         if not cancelled:
             batch.update(status="finalizing", finalizing_at=int(time.time()))
             self.batches.save(batch)
@@ -223,6 +252,9 @@ class BatchJobs:
         errors: list[bytes] = []
         for line in lines:
             entry = entries.get(line.index)
+            if entry is None and expired:
+                failure = json.loads(_error("batch_expired", EXPIRED))
+                entry = Entry(line.index, "", False, None, 0, None, json.dumps(failure), 0, 0.0)
             if entry is None:
                 continue  # not run (cancelled before it)
             request_id = (
@@ -257,6 +289,8 @@ class BatchJobs:
         }
         if cancelled:
             batch.update(status="cancelled", cancelled_at=now)
+        elif expired:
+            batch.update(status="expired", expired_at=now)
         else:
             batch.update(status="completed", completed_at=now)
         self.batches.save(batch)

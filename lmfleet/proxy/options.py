@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmfleet.config import Flag, with_values
 
 DEFAULT_PUBLIC_PATHS = ("/health", "/liveness", "/readiness", "/metrics")
 """Probes and scrapes, which orchestrators and Prometheus send without a key."""
+
+
+def count_or_auto(text: str) -> int | str:
+    """`--batch-concurrency`'s value: `auto`, or a whole number."""
+    return "auto" if text == "auto" else int(text)
 
 
 class ProxyOptions(BaseModel):
@@ -72,8 +77,23 @@ class ProxyOptions(BaseModel):
         "its state file; None: a temporary directory, removed at shutdown",
     )
     batch_concurrency: Annotated[
-        int, Flag("--batch-concurrency", help="Batch API lines in flight at once, per proxy")
-    ] = Field(default=32, ge=1, description="Batch API lines in flight at once")
+        int | Literal["auto"],
+        Flag(
+            "--batch-concurrency",
+            help="Batch API lines in flight at once per proxy: N, or auto (as many as the "
+            "nodes run, from their /metrics, up to 512)",
+            metavar="N|auto",
+            parse=count_or_auto,
+        ),
+    ] = Field(default="auto", description="Batch API lines in flight at once, or auto")
+
+    @field_validator("batch_concurrency")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if value != "auto" and (not isinstance(value, int) or value < 1):
+            raise ValueError("batch_concurrency is a number >= 1 or 'auto'")
+        return value
+
     log_level: str = Field(default="info")
     access_log: Annotated[bool, Flag("--access-log")] = Field(
         default=False, description="log every request"

@@ -105,8 +105,8 @@ def other_value(field: FieldInfo) -> Any:
         return next(choice for choice in get_args(kind) if choice != default)
     if get_origin(kind) is tuple:
         return ("k1", "k2")
-    if kind is int:
-        return (default or 0) + 2
+    if kind is int:  # `int | Literal["auto"]` defaulting to "auto" too
+        return (default if isinstance(default, int) else 0) + 2
     if kind is float:
         return (default or 1.0) + 0.5
     assert kind is str, kind

@@ -4,6 +4,7 @@ SDK against a proxy under real uvicorn over real sims."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,44 @@ def test_a_cancelled_batch_keeps_what_finished(
     assert len(rows(client, done.output_file_id)) == done.request_counts.completed
     with pytest.raises(openai.BadRequestError, match="cannot cancel"):
         client.batches.cancel(batch.id)
+
+
+def test_a_batch_past_its_window_expires_with_what_it_finished(
+    start_sim: StartSim, serve_fleet: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Resumed by a proxy after its completion window ended, a batch expires: the
+    lines it finished in the output file, the others in the error file."""
+    slow = start_sim("--ttft-ms", "5", "--tpot-ms", "40")
+    options = ProxyOptions(jobs_dir=tmp_path / "jobs", batch_concurrency=1)
+    fleet, server = serve_fleet([slow.url], serve={"options": options})
+    text = "\n".join(line(i, fleet.model, max_tokens=8) for i in range(20))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    uploaded = client.files.create(file=("in.jsonl", text.encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+    wait_until(
+        lambda: client.batches.retrieve(batch.id).request_counts,
+        30,
+        "some lines done",
+        until=lambda counts: counts is not None and counts.completed >= 2,
+    )
+    server.stop()
+    stored = tmp_path / "jobs" / "batches" / f"{batch.id}.json"
+    record = json.loads(stored.read_text())
+    assert record["status"] == "in_progress"
+    record["expires_at"] = int(time.time()) - 1  # the window ended while it was down
+    stored.write_text(json.dumps(record))
+    again = fleet.serve(port=0, options=options)
+    client = openai.OpenAI(base_url=again.url + "/v1", api_key="unused", max_retries=0)
+    done = wait_until(
+        lambda: client.batches.retrieve(batch.id),
+        30,
+        "the batch expired",
+        until=lambda b: b.status == "expired",
+    )
+    assert done.expired_at is not None and done.request_counts is not None
+    finished = done.request_counts.completed
+    assert finished >= 2 and finished + done.request_counts.failed == 20
+    errors = rows(client, done.error_file_id)
+    assert len(errors) == 20 - finished
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    again.stop()
