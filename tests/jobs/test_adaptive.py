@@ -41,10 +41,10 @@ def test_full_nodes_bring_the_limit_to_what_they_run_and_a_refill() -> None:
     assert look(c, FULL, inflight=64, report=1) == 48  # 3/4, not below the target
     assert look(c, FULL, inflight=48, report=2) == 36
     assert look(c, FULL, inflight=36, report=3) == 27
-    assert look(c, FULL, inflight=27, report=4) == 24  # 16 running + a queue of half
-    assert look(c, FULL, inflight=24, report=5) == 24  # held
+    assert look(c, FULL, inflight=27, report=4) == 20  # 16 running + a quarter
+    assert look(c, FULL, inflight=20, report=5) == 20  # held
     # Out of slow start: room grows it by one per node.
-    assert look(c, ROOM, inflight=24, report=6) == 26
+    assert look(c, ROOM, inflight=20, report=6) == 22
 
 
 def test_one_node_with_room_is_room() -> None:

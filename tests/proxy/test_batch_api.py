@@ -163,3 +163,19 @@ def test_a_batch_past_its_window_expires_with_what_it_finished(
     assert len(errors) == 20 - finished
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}
     again.stop()
+
+
+def test_keys_apply_to_the_batch_api(
+    sims: list[SimNode], serve_fleet: Callable[..., Any], tmp_path: Path
+) -> None:
+    options = ProxyOptions(jobs_dir=tmp_path / "jobs", api_keys=("right",))
+    _, server = serve_fleet([sims[0].url], serve={"options": options})
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.files.create(file=("in.jsonl", b"{}\n"), purpose="batch")
+    with pytest.raises(openai.AuthenticationError):
+        wrong.batches.list()
+    right = openai.OpenAI(base_url=server.url + "/v1", api_key="right", max_retries=0)
+    assert right.files.create(file=("in.jsonl", b"{}\n"), purpose="batch").bytes == 3
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        right.files.create(file=("in.jsonl", b"{}\n"), purpose="fine-tune")
