@@ -16,12 +16,15 @@ holds the batch back, and shrinks when a queue forms or a node refuses:
   nodes run (`QUEUE_SHARE`) or on a refusal since the last report.
 
 Each decision waits for a new `/metrics` report (the monitor reads them every probe
-round): a limit is never cut twice for one stale queue.
+round): a limit is never cut twice for one stale queue, and it grows again only on a
+report read after its last growth (on a loaded machine reports come late, and
+doubling on a report older than the last doubling overshoots).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 QUEUE_SHARE = 0.25
@@ -62,13 +65,15 @@ class AdaptiveConcurrency:
         self.limit = max(MINIMUM, min(start, maximum))
         self.slow_start = True
         self._report = -math.inf
+        self._grown = -math.inf  # when the limit last grew
 
-    def observe(self, signals: Signals, inflight: int) -> int:
+    def observe(self, signals: Signals, inflight: int, now: float | None = None) -> int:
         """The new limit after one look at the fleet (`inflight`: the batch's requests
-        in flight now)."""
+        in flight now; `now`: `time.monotonic()`, the clock of `signals.report`)."""
         if signals.report <= self._report:
             return self.limit  # nothing new since the last decision
         self._report = signals.report
+        now = time.monotonic() if now is None else now
         count = max(len(signals.nodes), 1)
         full = [waiting > QUEUE_FLOOR for waiting, _ in signals.nodes]
         if signals.refused > 0:
@@ -82,7 +87,10 @@ class AdaptiveConcurrency:
             )
             if self.limit > target:
                 self.limit = max(target, math.floor(self.limit * DECREASE))
-        elif inflight >= self.limit - count:  # a node has room, and the limit holds the batch
+        elif inflight >= self.limit - count and signals.report >= self._grown:
+            # A node has room, the limit holds the batch back, and the report was read
+            # after the last growth (an older one cannot show what that growth did).
             grown = self.limit * 2 if self.slow_start else self.limit + count
             self.limit = min(self.maximum, grown)
+            self._grown = now
         return self.limit
