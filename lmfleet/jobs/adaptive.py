@@ -9,9 +9,11 @@ that is passed: requests start to wait in their queues (`num_requests_waiting` i
 
 So the limit grows while no node queues the batch's requests and the limit is what
 holds the batch back, and shrinks when a queue forms or a node refuses:
-- **slow start**: doubling each report until the first sign of pressure (a cold
-  batch reaches the fleet's capacity in a few reports, not hundreds);
-- then **additive increase**, by one request per node per report with room;
+- **slow start**: doubling each report until a node queues (a cold batch reaches
+  the fleet's capacity in a few reports, not hundreds);
+- then **additive increase**, by one request per node per report, while a node has
+  room and the queues of the others hold less than a refill (routing prefers the
+  fastest nodes: growing for a slow node's room would only deepen their queues);
 - **multiplicative decrease**, to 3/4, on a queue longer than a quarter of what the
   nodes run (`QUEUE_SHARE`) or on a refusal since the last report.
 
@@ -32,6 +34,10 @@ QUEUE_SHARE = 0.25
 a short queue keeps every slot of a node filled as requests end (without one the
 batch leaves slots idle between two requests), and an interactive request that
 arrives waits behind a quarter of a batch at most."""
+HOLD_AT = 1.5
+"""While a node has room, growth stops once the other nodes' queues hold this many
+refills: routing prefers the fastest nodes, so growing for a slow node's room mostly
+deepens their queues (measured: bench/batch_auto.py, docs/benchmarks.md §8)."""
 QUEUE_FLOOR = 1.0
 """Waiting requests per node always tolerated (a queue of one is a refill)."""
 DECREASE = 0.75
@@ -76,17 +82,19 @@ class AdaptiveConcurrency:
         now = time.monotonic() if now is None else now
         count = max(len(signals.nodes), 1)
         full = [waiting > QUEUE_FLOOR for waiting, _ in signals.nodes]
+        running = sum(run for _, run in signals.nodes)
+        queued = sum(waiting for waiting, _ in signals.nodes)
+        refill = max(QUEUE_FLOOR * count, QUEUE_SHARE * running)
+        if any(full) or signals.refused > 0:
+            self.slow_start = False  # a node is full: from here on, one step at a time
         if signals.refused > 0:
-            self.slow_start = False
             self.limit = max(MINIMUM, math.floor(self.limit * DECREASE))
         elif signals.nodes and all(full):  # every node queues: hold what they run, and a refill
-            self.slow_start = False
-            running = sum(run for _, run in signals.nodes)
-            target = max(
-                MINIMUM, math.ceil(running + max(QUEUE_FLOOR * count, QUEUE_SHARE * running))
-            )
+            target = max(MINIMUM, math.ceil(running + refill))
             if self.limit > target:
                 self.limit = max(target, math.floor(self.limit * DECREASE))
+        elif queued > HOLD_AT * refill:
+            pass  # a node has room, but the others' queues hold enough already: hold
         elif inflight >= self.limit - count and signals.report >= self._grown:
             # A node has room, the limit holds the batch back, and the report was read
             # after the last growth (an older one cannot show what that growth did).

@@ -48,10 +48,12 @@ def test_full_nodes_bring_the_limit_to_what_they_run_and_a_refill() -> None:
     assert look(c, ROOM, inflight=20, report=6) == 22
 
 
-def test_one_node_with_room_is_room() -> None:
+def test_a_node_with_room_grows_it_one_step_unless_the_others_queue_a_refill() -> None:
     c = AdaptiveConcurrency(maximum=500, start=20)
-    mixed = ((9.0, 8.0), (0.0, 6.0))  # the fast node queues, the other has room
-    assert look(c, mixed, inflight=20, report=1) == 40
+    short = ((2.0, 8.0), (0.0, 6.0))  # the fast node queues a little, the other has room
+    assert look(c, short, inflight=20, report=1) == 22  # slow start is over: one per node
+    deep = ((9.0, 8.0), (0.0, 6.0))  # its queue is past a refill (a quarter of 14)
+    assert look(c, deep, inflight=22, report=2) == 22  # growing would only deepen it
 
 
 def test_no_growth_on_a_report_older_than_the_last_growth() -> None:
