@@ -95,6 +95,7 @@ class Entry:
 class Header:
     """What the journal says about its batch."""
 
+    schema: int
     route: str
     size: int
     fingerprint: str
@@ -110,9 +111,20 @@ class Journal:
         if not create and not self.path.exists():
             raise FileNotFoundError(f"no journal at {self.path}")
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_TABLES)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_TABLES)
+            header = self.header()
+        except sqlite3.DatabaseError as exc:  # another file, another SQLite database
+            self._db.close()
+            raise ConfigError(f"{self.path} is not an lmfleet batch journal ({exc})") from None
+        if header is not None and header.schema != SCHEMA:
+            self._db.close()
+            raise ConfigError(
+                f"{self.path} is a batch journal of another lmfleet (schema {header.schema}, "
+                f"this one reads {SCHEMA})"
+            )
 
     # -- the batch that writes it -------------------------------------------------------
 
@@ -181,7 +193,9 @@ class Journal:
     # -- reading it back ----------------------------------------------------------------
 
     def header(self) -> Header | None:
-        row = self._db.execute("SELECT route, size, fingerprint, created FROM batch").fetchone()
+        row = self._db.execute(
+            "SELECT schema, route, size, fingerprint, created FROM batch"
+        ).fetchone()
         return None if row is None else Header(*row)
 
     def entries(self) -> list[Entry]:

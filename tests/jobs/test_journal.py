@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -174,3 +175,17 @@ def test_failed_and_unfinished_items_read_back_as_item_errors(tmp_path: Path) ->
     assert isinstance(first, ItemError) and "no answer" in str(first.error)
     assert isinstance(failed, ItemError) and failed.attempts == 3
     assert "gone" in str(failed.error)
+
+
+def test_a_file_that_is_no_journal_is_a_clear_error(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database, but long enough to be read as one " * 20)
+    with pytest.raises(ConfigError, match="is not an lmfleet batch journal"):
+        Journal(text)
+    other = tmp_path / "other.sqlite"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE items (name TEXT)")  # someone else's table of that name
+    db.commit()
+    db.close()
+    with pytest.raises(ConfigError, match="is not an lmfleet batch journal"):
+        Journal(other).begin("chat", ["k"])
