@@ -45,7 +45,7 @@ from lmfleet.jobs.batches import (
     parse_lines,
 )
 from lmfleet.jobs.files import FileStore
-from lmfleet.jobs.journal import Entry, Journal, item_key
+from lmfleet.jobs.journal import Journal, item_key
 from lmfleet.jobs.results import Answered, ItemError
 from lmfleet.notebook.batch import (
     DEFAULT_MAX_CONCURRENCY,
@@ -150,12 +150,13 @@ class BatchJobs:
     async def _run(self, batch_id: str) -> None:
         try:
             batch = self.batches.get(batch_id)
+            lines = self._lines(batch)  # read once: run, then written out
             left = batch["expires_at"] - time.time()
             with anyio.CancelScope(deadline=anyio.current_time() + left) as scope:
                 self._running[batch_id] = scope
                 if batch["status"] != "cancelling" and left > 0:
-                    await self._execute(batch_id)
-            await self._finalize(batch_id, expired=left <= 0 or scope.cancelled_caught)
+                    await self._execute(batch, lines)
+            self._finalize(batch_id, lines, expired=left <= 0 or scope.cancelled_caught)
         except Exception as exc:
             log.exception("batch %s failed", batch_id)
             self._fail(batch_id, str(exc))
@@ -164,17 +165,17 @@ class BatchJobs:
             self._counts.pop(batch_id, None)
 
     def _lines(self, batch: dict[str, Any]) -> list[Line]:
-        return parse_lines(self.files.content(batch["input_file_id"]), batch["endpoint"])
-
-    async def _execute(self, batch_id: str) -> None:
-        batch = self.batches.get(batch_id)
         try:
-            lines = self._lines(batch)
+            data = self.files.content(batch["input_file_id"])
         except UnknownObjectError:
             raise ConfigError(f"the input file {batch['input_file_id']} is gone") from None
+        lines = parse_lines(data, batch["endpoint"])
         if not lines:
             raise ConfigError("the input file has no request lines")
-        endpoint = batch["endpoint"]
+        return lines
+
+    async def _execute(self, batch: dict[str, Any], lines: list[Line]) -> None:
+        batch_id, endpoint = batch["id"], batch["endpoint"]
         keys = [item_key(endpoint, None, line.raw, {}) for line in lines]
         with Journal(self.batches.journal_path(batch_id), create=True) as journal:
             done = journal.begin(endpoint, keys)
@@ -233,7 +234,7 @@ class BatchJobs:
             timeout=self._timeout,
         )
 
-    async def _finalize(self, batch_id: str, expired: bool = False) -> None:
+    def _finalize(self, batch_id: str, lines: list[Line], expired: bool = False) -> None:
         """Write the output and error files and mark the batch done, cancelled, or
         expired (its completion window ended first: the lines not run are errors)."""
         batch = self.batches.get(batch_id)
@@ -242,7 +243,6 @@ class BatchJobs:
         if not cancelled:
             batch.update(status="finalizing", finalizing_at=int(time.time()))
             self.batches.save(batch)
-        lines = self._lines(batch)
         path = self.batches.journal_path(batch_id)
         entries = {}
         if path.exists():
@@ -252,31 +252,18 @@ class BatchJobs:
         errors: list[bytes] = []
         for line in lines:
             entry = entries.get(line.index)
-            if entry is None and expired:
-                failure = json.loads(_error("batch_expired", EXPIRED))
-                entry = Entry(line.index, "", False, None, 0, None, json.dumps(failure), 0, 0.0)
-            if entry is None:
-                continue  # not run (cancelled before it)
-            request_id = (
-                "batch_req_" + hashlib.sha256(f"{batch_id}:{line.index}".encode()).hexdigest()[:24]
-            )
-            if entry.ok:
-                row = {
-                    "id": request_id,
-                    "custom_id": line.custom_id,
-                    "response": entry.answer,
-                    "error": None,
-                }
-                out.append(json.dumps(row).encode())
+            if entry is not None and entry.ok:
+                result: dict[str, Any] = {"response": entry.answer, "error": None}
+            elif entry is not None:
+                result = json.loads(entry.error or "{}")
+            elif expired:
+                result = json.loads(_error("batch_expired", EXPIRED))
             else:
-                failure = json.loads(entry.error or "{}")
-                row = {
-                    "id": request_id,
-                    "custom_id": line.custom_id,
-                    "response": failure.get("response"),
-                    "error": failure.get("error"),
-                }
-                errors.append(json.dumps(row).encode())
+                continue  # not run (cancelled before it)
+            digest = hashlib.sha256(f"{batch_id}:{line.index}".encode()).hexdigest()
+            row = {"id": "batch_req_" + digest[:24], "custom_id": line.custom_id}
+            row.update(response=result.get("response"), error=result.get("error"))
+            (out if entry is not None and entry.ok else errors).append(json.dumps(row).encode())
         if out:
             batch["output_file_id"] = self._output(batch_id, "output", out)
         if errors:
