@@ -23,6 +23,8 @@ PURPOSES = frozenset({"batch", "batch_output"})
 
 
 def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` whole or not at all (a temporary file beside it,
+    fsynced, then `os.replace`): a process killed mid-write leaves the old file."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "wb") as out:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from lmfleet.errors import ConfigError, LMFleetError
+from lmfleet.jobs.files import write_atomically
 from lmfleet.node.state import NodeRole
 
 if TYPE_CHECKING:
@@ -86,16 +86,7 @@ def save(path: Path, fleet: FleetSurface) -> str:
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, text.encode())
 
 
 def read(path: Path) -> list[dict[str, Any]]:
