@@ -148,11 +148,15 @@ async def run_batch(
     is called as each other item ends (the journal records it). An
     `AdaptiveConcurrency` moves the in-flight limit with what `signals()` says of the
     fleet (jobs/adaptive.py), read every `STEER_EVERY` seconds."""
-    adaptive = concurrency if isinstance(concurrency, AdaptiveConcurrency) else None
-    if adaptive is not None and signals is None:
-        raise ConfigError("an adaptive concurrency needs the fleet's signals")
-    if isinstance(concurrency, int) and concurrency < 1:
-        raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+    if isinstance(concurrency, AdaptiveConcurrency):
+        adaptive: AdaptiveConcurrency | None = concurrency
+        if signals is None:
+            raise ConfigError("an adaptive concurrency needs the fleet's signals")
+        workers, first = concurrency.maximum, concurrency.limit
+    else:
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        adaptive, workers, first = None, concurrency, concurrency
     if retries < 0:
         raise ConfigError(f"retries must be >= 0, got {retries}")
     done = done or {}
@@ -164,8 +168,7 @@ async def run_batch(
     started = time.monotonic()
     counts = {"failed": 0, "tokens": 0, "refused": 0}
     bar = _Progress(len(inputs), desc, progress, resumed=len(done))
-    workers = adaptive.maximum if adaptive is not None else int(concurrency)  # type: ignore[arg-type]
-    limit = anyio.CapacityLimiter(adaptive.limit if adaptive is not None else workers)
+    limit = anyio.CapacityLimiter(first)
 
     policy = tenacity.AsyncRetrying(
         stop=tenacity.stop_after_attempt(retries + 1),
