@@ -32,6 +32,31 @@ def sims(start_sim: StartSim) -> list[SimNode]:
     return [start_sim("--ttft-ms", "5", "--tpot-ms", "2") for _ in range(2)]
 
 
+def submit(client: openai.OpenAI, text: str) -> Any:
+    """Upload `text` as a batch input file and start a chat batch on it."""
+    uploaded = client.files.create(file=("in.jsonl", text.encode()), purpose="batch")
+    return client.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+
+
+def reaches(client: openai.OpenAI, batch_id: str, status: str) -> Any:
+    """The batch once it has `status`."""
+    return wait_until(
+        lambda: client.batches.retrieve(batch_id),
+        30,
+        f"the batch {status}",
+        until=lambda b: b.status == status,
+    )
+
+
+def lines_done(client: openai.OpenAI, batch_id: str, count: int) -> None:
+    wait_until(
+        lambda: client.batches.retrieve(batch_id).request_counts,
+        30,
+        f"{count} lines done",
+        until=lambda counts: counts is not None and counts.completed >= count,
+    )
+
+
 def rows(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     assert file_id is not None
     text = client.files.content(file_id).text
@@ -60,12 +85,7 @@ def test_a_batch_end_to_end_with_the_openai_sdk(
         input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h", metadata={"k": "v"}
     )
     assert batch.status in ("validating", "in_progress") and batch.metadata == {"k": "v"}
-    done = wait_until(
-        lambda: client.batches.retrieve(batch.id),
-        30,
-        "the batch to complete",
-        until=lambda b: b.status == "completed",
-    )
+    done = reaches(client, batch.id, "completed")
     assert done.request_counts is not None
     assert (done.request_counts.total, done.request_counts.completed) == (34, 30)
     assert done.request_counts.failed == 4
@@ -103,21 +123,10 @@ def test_a_cancelled_batch_keeps_what_finished(
     )
     text = "\n".join(line(i, fleet.model, max_tokens=8) for i in range(40))
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-    uploaded = client.files.create(file=("in.jsonl", text.encode()), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
-    wait_until(
-        lambda: client.batches.retrieve(batch.id).request_counts,
-        30,
-        "some lines done",
-        until=lambda counts: counts is not None and counts.completed >= 2,
-    )
+    batch = submit(client, text)
+    lines_done(client, batch.id, 2)
     assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
-    done = wait_until(
-        lambda: client.batches.retrieve(batch.id),
-        30,
-        "the batch cancelled",
-        until=lambda b: b.status == "cancelled",
-    )
+    done = reaches(client, batch.id, "cancelled")
     assert done.request_counts is not None and 2 <= done.request_counts.completed < 40
     assert len(rows(client, done.output_file_id)) == done.request_counts.completed
     with pytest.raises(openai.BadRequestError, match="cannot cancel"):
@@ -134,14 +143,8 @@ def test_a_batch_past_its_window_expires_with_what_it_finished(
     fleet, server = serve_fleet([slow.url], serve={"options": options})
     text = "\n".join(line(i, fleet.model, max_tokens=8) for i in range(20))
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-    uploaded = client.files.create(file=("in.jsonl", text.encode()), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
-    wait_until(
-        lambda: client.batches.retrieve(batch.id).request_counts,
-        30,
-        "some lines done",
-        until=lambda counts: counts is not None and counts.completed >= 2,
-    )
+    batch = submit(client, text)
+    lines_done(client, batch.id, 2)
     server.stop()
     stored = tmp_path / "jobs" / "batches" / f"{batch.id}.json"
     record = json.loads(stored.read_text())
@@ -150,12 +153,7 @@ def test_a_batch_past_its_window_expires_with_what_it_finished(
     stored.write_text(json.dumps(record))
     again = fleet.serve(port=0, options=options)
     client = openai.OpenAI(base_url=again.url + "/v1", api_key="unused", max_retries=0)
-    done = wait_until(
-        lambda: client.batches.retrieve(batch.id),
-        30,
-        "the batch expired",
-        until=lambda b: b.status == "expired",
-    )
+    done = reaches(client, batch.id, "expired")
     assert done.expired_at is not None and done.request_counts is not None
     finished = done.request_counts.completed
     assert finished >= 2 and finished + done.request_counts.failed == 20
