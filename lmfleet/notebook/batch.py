@@ -219,14 +219,15 @@ async def run_batch(
 
     async def steer(controller: AdaptiveConcurrency, read: Callable[[], FleetSignals]) -> None:
         seen = 0  # refusals already told to the controller
+        decided = -math.inf  # the report of its last decision
         while True:
             await anyio.sleep(STEER_EVERY)
             nodes, report = read()
             told = Signals(nodes, counts["refused"] - seen, report)
             before = controller.limit
             limit.total_tokens = controller.observe(told, limit.borrowed_tokens)
-            if report > 0:
-                seen = counts["refused"]
+            if report > decided:  # decided on: those refusals are told (else they wait)
+                decided, seen = report, counts["refused"]
             if controller.limit != before:
                 bar.concurrency = controller.limit
 
