@@ -38,7 +38,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from lmfleet.errors import ConfigError, NoHealthyNodeError, install_hint
 from lmfleet.jobs.adaptive import START_PER_NODE, AdaptiveConcurrency, Signals
 from lmfleet.jobs.journal import Journal, JournalMode, item_key
-from lmfleet.jobs.results import Answered, BatchResult, ItemError, Segments
+from lmfleet.jobs.results import LOADERS, Answered, BatchResult, ItemError, Segments
 from lmfleet.transport.continuation import VERSIONS_HEADER, parse_versions
 from lmfleet.transport.plan import SERVED_VERSION_HEADER
 from lmfleet.transport.router import MAX_STALENESS_HEADER, WEIGHT_VERSION_HEADER
@@ -339,8 +339,6 @@ class Endpoint(Generic[I, R]):
     """The progress bar's label, and the route a journal records."""
     send: Callable[[openai.AsyncOpenAI, str, I, dict[str, Any]], Awaitable[tuple[R, Any]]]
     """`(client, model, item, params) -> (response, the raw HTTP answer it came in)`."""
-    load: Callable[[Any], R]
-    """A response from its JSON (as a journal keeps it)."""
 
 
 async def _send_chat(
@@ -362,12 +360,10 @@ async def _send_completion(
     return raw.parse(), raw.http_response
 
 
-CHAT: Endpoint[Sequence[ChatCompletionMessageParam], ChatCompletion] = Endpoint(
-    "chat", _send_chat, ChatCompletion.model_validate
-)
-COMPLETIONS: Endpoint[str, Completion] = Endpoint(
-    "complete", _send_completion, Completion.model_validate
-)
+CHAT: Endpoint[Sequence[ChatCompletionMessageParam], ChatCompletion] = Endpoint("chat", _send_chat)
+COMPLETIONS: Endpoint[str, Completion] = Endpoint("complete", _send_completion)
+"""Their names are the routes a journal records (a recorded answer is read back by
+`jobs/results.LOADERS[name]`, with or without a fleet)."""
 
 
 async def run_requests(
@@ -456,8 +452,9 @@ def _journaled(
     journal = Journal(options.journal, create=True)
     try:
         recorded = journal.begin(endpoint.name, keys, options.journal_mode)
+        load = LOADERS[endpoint.name]
         done = {
-            i: Answered(endpoint.load(e.answer), e.tokens, e.versions, e.attempts)
+            i: Answered(load(e.answer), e.tokens, e.versions, e.attempts)
             for i, e in recorded.items()
         }
     except BaseException:
