@@ -176,6 +176,21 @@ class RoutingOptions(_Options):
     max_attempts: int = Field(
         default=3, ge=1, description="nodes tried per request before giving up"
     )
+    spill_margin: Annotated[
+        float,
+        Flag(
+            "--spill-margin",
+            help="with priority tiers: a lower tier takes a request only when its expected "
+            "wait is this many times below the best tier's (inf: only when short of "
+            "healthy nodes)",
+        ),
+    ] = Field(
+        default=2.0,
+        gt=1.0,
+        description="with node priorities (tiers): a lower tier's node takes a request "
+        "only when its expected wait is below the best tier's by this factor; inf spills "
+        "by health alone (lmfleet/routing/tiers.py)",
+    )
     retry_status: frozenset[int] = Field(
         default=frozenset({500, 502, 503, 504}),
         description="answers tried again on another node while nothing reached the caller",

@@ -43,6 +43,7 @@ from lmfleet.routing import (
     resolve_strategy,
 )
 from lmfleet.routing.base import Strategy
+from lmfleet.routing.tiers import parse_priorities, parse_priority
 from lmfleet.runtime import FleetRuntime
 from lmfleet.transport import Planner, Router, clients
 from lmfleet.transport.distserve import DistServe
@@ -74,7 +75,9 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         self._api_key = api_key
         self._strategy_name = strategy if isinstance(strategy, str) else type(strategy).__name__
         self.registry = NodeRegistry(
-            self.options.outliers, weight_version=self.options.weight_version
+            self.options.outliers,
+            weight_version=self.options.weight_version,
+            spill_margin=self.options.routing.spill_margin,
         )
         self._supervisor = Supervisor(self.registry, api_key=api_key, poke=self._poke)
         self.runtime = FleetRuntime(on_close=self._supervisor.close)
@@ -131,7 +134,8 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         api_key: str | None = None,
         options: FleetOptions | None = None,
         roles: Sequence[NodeRole | int | str] | None = None,
-        speeds: Sequence[float] | None = None,
+        speeds: Sequence[float | None] | None = None,
+        priorities: Sequence[int] | None = None,
         allow_empty: bool = False,
         **shortcuts: Unpack[FleetKeywords],
     ) -> LMFleet:
@@ -151,7 +155,10 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         (one per URL: hybrid/prefill/decode or LMDeploy's 1/2/3) say so (docs/distserve.md).
         `speeds` (one per URL, LMDeploy's `speed`: 2.0 is twice as fast) tell
         `least_load` and `prefix_affinity` how the nodes compare; without them the
-        fleet learns it from latency (docs/guide/strategies.md).
+        fleet learns it from latency (docs/guide/strategies.md). `priorities` (one
+        integer per URL, higher preferred, as Olla's) rank the nodes in tiers: a lower
+        tier gets requests only when the better one is short of healthy nodes or busy
+        (docs/guide/strategies.md, "Priority tiers").
         """
         # Everything is checked before the fleet starts its thread: a bad URL must not
         # leave a half-built fleet running.
@@ -165,9 +172,10 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         split_keywords(shortcuts, "LMFleet.attach", launch=False)
         parsed = parse_roles(roles, len(urls))
         given = parse_speeds(speeds, len(urls))
+        tiers = parse_priorities(priorities, len(urls))
         fleet = cls(strategy=strategy, api_key=api_key, options=merge_options(options, shortcuts))
-        for url, role, speed in zip(urls, parsed, given, strict=True):
-            fleet.add_node(url, role=role, speed=speed)
+        for url, role, speed, priority in zip(urls, parsed, given, tiers, strict=True):
+            fleet.add_node(url, role=role, speed=speed, priority=priority)
         return fleet
 
     async def _watch(self, *, task_status: TaskStatus[None]) -> None:
@@ -216,6 +224,7 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         role: NodeRole = NodeRole.HYBRID,
         registered: bool = False,
         speed: float | None = None,
+        priority: int | None = None,
         weight_version: int | None = None,
         origin: str | None = None,
     ) -> NodeSnapshot:
@@ -225,7 +234,8 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         *before* its port opens), so it stays `starting` until it first answers.
         `speed`: its relative speed (LMDeploy's `speed`: 2.0 is twice as fast), used
         by `least_load` and `prefix_affinity` when every candidate has one; otherwise
-        the fleet learns the nodes' speeds from their latency. `weight_version`: the
+        the fleet learns the nodes' speeds from their latency. `priority`: its tier,
+        higher preferred (default 0; a node added again keeps its own). `weight_version`: the
         version it serves, when known (a proxy's state file remembers it; default the
         fleet's). `origin`: who added it, for the log line that reports its arrival
         (default: "attached", or "registered itself" with `registered`).
@@ -239,6 +249,7 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
             role=role,
             registered=registered,
             speed=parse_speed(speed, "add_node"),
+            priority=None if priority is None else parse_priority(priority, "add_node"),
             weight_version=weight_version,
             origin=origin,
         )

@@ -11,11 +11,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import random
 import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from urllib.parse import urlsplit
 
 from lmfleet.config import OutlierOptions
@@ -24,6 +25,7 @@ from lmfleet.node import outliers
 from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeRole, NodeState, NodeStatus
 from lmfleet.routing.base import Decision, RequestInfo, Strategy, explain_pick
+from lmfleet.routing.tiers import DEFAULT_PRIORITY, TierChoice, choose_tier
 
 log = logging.getLogger("lmfleet")
 
@@ -117,7 +119,13 @@ class NodeRegistry:
     of the URL that `add` would accept ("host:port", a trailing slash or "/v1").
     """
 
-    def __init__(self, outliers: OutlierOptions | None = None, *, weight_version: int = 0) -> None:
+    def __init__(
+        self,
+        outliers: OutlierOptions | None = None,
+        *,
+        weight_version: int = 0,
+        spill_margin: float = 2.0,
+    ) -> None:
         self._lock = threading.Lock()
         self.weight_version = weight_version
         """The weight version a node starts with (`FleetOptions.weight_version`)."""
@@ -141,11 +149,19 @@ class NodeRegistry:
         self._waiting = 0
         self._bringing: dict[int, int] = {}  # weight version -> updates bringing it now
         self._sessions: dict[str, tuple[str, int]] = {}  # request id -> (node, engine session)
+        self.spill_margin = spill_margin
+        """How much lower a lower tier's expected wait must be for it to take a request
+        (`RoutingOptions.spill_margin`; lmfleet/routing/tiers.py)."""
+        self._tiered = False  # whether the nodes have more than one priority
+        self._draws = random.Random()
+        self.spills: dict[str, int] = {"health": 0, "load": 0}
+        """Requests sent below the best tier, by reason (lmfleet/routing/tiers.py)."""
 
     def _models_changed(self) -> None:
         # Called under the lock whenever membership or a node's models change, so
         # that the per-request `models()` costs no more than a list copy.
         self._models = sorted({m for s in self._nodes.values() for m in s.models})
+        self._tiered = len({s.priority for s in self._nodes.values()}) > 1
 
     # -- membership ---------------------------------------------------------------
 
@@ -159,6 +175,7 @@ class NodeRegistry:
         launched: bool = False,
         registered: bool = False,
         speed: float | None = None,
+        priority: int | None = None,
         weight_version: int | None = None,
         origin: str | None = None,
     ) -> NodeState:
@@ -167,6 +184,7 @@ class NodeRegistry:
         `launched`: this fleet started its process; `registered`: it announced itself
         (`/nodes/add`). Either way it is known to be coming up (`NodeState.announced`).
         `speed`: its relative speed, if the operator gave one (a re-add keeps the old).
+        `priority`: its tier, higher preferred (default 0; a re-add keeps the old).
         `weight_version`: the version it serves, when known (default: the fleet's
         initial one; a re-add keeps the old). `origin`: who added it, as the log line
         says it ("registered itself", "reloaded from FILE", ...; default from the flags).
@@ -183,6 +201,7 @@ class NodeRegistry:
                     launched=launched,
                     registered=registered,
                     speed=speed,
+                    priority=DEFAULT_PRIORITY if priority is None else priority,
                     weight_version=self.weight_version
                     if weight_version is None
                     else weight_version,
@@ -197,6 +216,7 @@ class NodeRegistry:
                     launched=old.launched or launched,
                     registered=old.registered or registered,
                     speed=speed if speed is not None else old.speed,
+                    priority=old.priority if priority is None else priority,
                     weight_version=old.weight_version if weight_version is None else weight_version,
                 )
             self._nodes[url] = state
@@ -256,6 +276,11 @@ class NodeRegistry:
             if avoid and eligible:
                 fresh = [s for s in eligible if s.url not in avoid]
                 eligible = fresh or eligible
+            if self._tiered and eligible:
+                tiers = self._tiers(eligible, request)
+                eligible = tiers.nodes
+                if tiers.spilled:
+                    self.spills[tiers.spilled] += 1
             chosen = strategy.pick(eligible, request) if eligible else None
             if chosen is not None:
                 chosen = chosen.evolve(inflight=chosen.inflight + 1)
@@ -271,7 +296,28 @@ class NodeRegistry:
             note = "panic mode: every eligible node is ejected" if panic else ""
             if not eligible:
                 note = "no node is eligible (healthy and serving the model)"
+            elif self._tiered:
+                tiers = self._tiers(eligible, request)
+                eligible = tiers.nodes
+                note = "; ".join(part for part in (note, tiers.note) if part)
             return explain_pick(strategy, eligible, request, note)
+
+    def _tiers(self, eligible: list[NodeState], request: RequestInfo) -> TierChoice:
+        """The tier `request` goes to among `eligible` (lmfleet/routing/tiers.py); under
+        the lock. A tier's size counts its nodes that serve the request, whatever their
+        state, but stopped and draining ones (taken out on purpose)."""
+        members = [
+            s
+            for s in self._matching(request, self._nodes.values())
+            if s.status not in (NodeStatus.STOPPED, NodeStatus.DRAINING)
+        ]
+        return choose_tier(
+            eligible,
+            members,
+            draw=self._draws.random(),
+            now=time.monotonic(),
+            spill_margin=self.spill_margin,
+        )
 
     def _eligible(self, request: RequestInfo) -> tuple[list[NodeState], bool]:
         """(the nodes `request` may go to, whether only ejected ones were left); under the lock."""
@@ -294,12 +340,13 @@ class NodeRegistry:
     def _serving(self, request: RequestInfo, status: NodeStatus) -> list[NodeState]:
         """Nodes in `status` that serve the request's model, in its role if it has one,
         with the weight version it may have (its own ask, and the fleet's floor)."""
+        return self._matching(request, [s for s in self._nodes.values() if s.status is status])
+
+    def _matching(self, request: RequestInfo, among: Iterable[NodeState]) -> list[NodeState]:
+        """The nodes of `among` that serve the request's model, in its role if it has
+        one, with the weight version it may have (its own ask, and the fleet's floor)."""
         model, role = request.model, request.role
-        nodes = [
-            s
-            for s in self._nodes.values()
-            if s.status is status and s.serves(model) and (role is None or s.role is role)
-        ]
+        nodes = [s for s in among if s.serves(model) and (role is None or s.role is role)]
         exact, floor = request.weight_version, request.min_weight_version
         if exact is not None:
             return [s for s in nodes if s.weight_version == exact]
@@ -430,7 +477,7 @@ class NodeRegistry:
                 return None
             new = change(state)
             self._nodes[key] = new
-            if new.models != state.models:
+            if new.models != state.models or new.priority != state.priority:
                 self._models_changed()
             if new.status is NodeStatus.HEALTHY and state.status is not NodeStatus.HEALTHY:
                 self._active[key] = time.monotonic()  # just started or woken: not idle yet

@@ -72,6 +72,7 @@ class FleetSurface(Protocol):
         role: NodeRole = NodeRole.HYBRID,
         registered: bool = False,
         speed: float | None = None,
+        priority: int | None = None,
         weight_version: int | None = None,
         origin: str | None = None,
     ) -> NodeSnapshot: ...

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from lmfleet.cli import serve as serve_cli
+from lmfleet.cli.node_flag import parse_node_flag
 from lmfleet.cli.serve import (
     configure_logging,
     fleet_keywords,
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args)
     options = proxy_options(args)
     stop = stop_on_signals()
+    nodes = [parse_node_flag(text) for text in args.nodes]
     common = {
         "options": fleet_options(args),
         "strategy": args.strategy,
@@ -128,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
             **common,
         )
     try:
-        for url in args.nodes:  # `--node URL`: running servers beside the launched ones
-            fleet.add_node(url)
+        for node in nodes:  # `--node URL`: running servers beside the launched ones
+            fleet.add_node(node.url, priority=node.priority, speed=node.speed)
         server = fleet.serve(options=options)
         print(f"lmfleet proxy on {server.url}; starting {args.count} node(s)", file=sys.stderr)
         if _wait_ready(fleet, args.ready_timeout, stop):

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmfleet.cli.node_flag import NODE_SETTINGS, parse_node_flag
 from lmfleet.config import SHORTCUTS, FleetOptions, add_flags, given, with_values
 from lmfleet.errors import ConfigError, require_serve
 from lmfleet.logs import configure_logging as setup_logging
@@ -56,8 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="nodes",
         action="append",
         default=[],
-        metavar="URL",
-        help="a node to route to (repeat); nodes may also register via POST /nodes/add",
+        metavar="URL[,NAME=VALUE...]",
+        help="a node to route to (repeat), with its own settings after the URL: "
+        + "; ".join(f"{name}: {what}" for name, what in NODE_SETTINGS.items())
+        + " (e.g. --node http://old-box:23333,priority=50); nodes may also register via "
+        "POST /nodes/add",
     )
     add(
         "--routing-strategy",
@@ -222,8 +226,11 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args)
     options = proxy_options(args)
     stop = stop_on_signals()
+    nodes = [parse_node_flag(text) for text in args.nodes]
     fleet = LMFleet.attach(
-        args.nodes,
+        [node.url for node in nodes],
+        priorities=[node.priority for node in nodes],
+        speeds=[node.speed for node in nodes],
         allow_empty=True,  # nodes may register later through POST /nodes/add
         options=fleet_options(args),
         strategy=args.strategy,

@@ -26,6 +26,7 @@ from lmfleet.launch.supervisor import Supervisor
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing import DEFAULT_STRATEGY
 from lmfleet.routing.base import Strategy
+from lmfleet.routing.tiers import parse_priorities
 from lmfleet.runtime import FleetRuntime
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class LaunchMethods:
         strategy: str | Strategy = DEFAULT_STRATEGY,
         options: FleetOptions | None = None,
         weight_updates: bool = False,
+        priorities: Sequence[int] | None = None,
         **keywords: Unpack[LaunchKeywords],
     ) -> Self:
         """Start `nodes` emulated LMDeploy servers (`lmfleet sim`) and route over them.
@@ -74,6 +76,7 @@ class LaunchMethods:
         fleet shortcuts of `attach` and the `LaunchOptions` of `launch`.
         `weight_updates=True` starts the sims as `launch(weight_updates=True)` starts
         LMDeploy (PyTorch backend, Ray executor), so they take weight updates.
+        `priorities`: one tier per node, higher preferred, as in `attach`.
         """
         if weight_updates:
             sim_args = (*WEIGHT_UPDATE_SIM_ARGS, *sim_args)
@@ -82,7 +85,7 @@ class LaunchMethods:
         specs = sim_specs(
             nodes, model=model, speed=speed, sim_args=sim_args, base_port=launch.base_port
         )
-        return cls._launched(specs, launch, strategy, None, options, shortcuts)
+        return cls._launched(specs, launch, strategy, None, options, shortcuts, priorities)
 
     @classmethod
     def launch(
@@ -100,6 +103,7 @@ class LaunchMethods:
         api_key: str | None = None,
         options: FleetOptions | None = None,
         weight_updates: bool = False,
+        priorities: Sequence[int] | None = None,
         **keywords: Unpack[LaunchKeywords],
     ) -> Self:
         """Start `nodes` LMDeploy `api_server`s (each on its own `tp` GPUs) and route over them.
@@ -112,7 +116,8 @@ class LaunchMethods:
         (launcher="ray", restart="on-failure", max_restarts, base_port, log_dir,
         ray_address, placement). `backend` defaults to turbomind; `weight_updates=True`
         starts servers that can take RL weight updates (`--backend pytorch
-        --distributed-executor-backend ray`, LMDeploy 0.18's precondition). See
+        --distributed-executor-backend ray`, LMDeploy 0.18's precondition).
+        `priorities`: one tier per node, higher preferred, as in `attach`. See
         docs/launch.md.
         """
         shortcuts, launch = split_keywords(keywords, "LMFleet.launch", launch=True)
@@ -128,7 +133,7 @@ class LaunchMethods:
             gpus_per_node=gpus_per_node,
             base_port=launch.base_port,
         )
-        return cls._launched(specs, launch, strategy, api_key, options, shortcuts)
+        return cls._launched(specs, launch, strategy, api_key, options, shortcuts, priorities)
 
     @classmethod
     def _launched(
@@ -139,12 +144,14 @@ class LaunchMethods:
         api_key: str | None,
         options: FleetOptions | None,
         shortcuts: dict[str, Any],
+        priorities: Sequence[int] | None = None,
     ) -> Self:
         """A fleet over `specs`, all started at once; `min_ready` defaults to all of them."""
+        tiers = parse_priorities(priorities, len(specs)) if priorities is not None else None
         merged = merge_options(options, {"min_ready": len(specs), **shortcuts})
         fleet = cls(strategy=strategy, api_key=api_key, options=merged)
         try:  # forked by the loop thread, which their PR_SET_PDEATHSIG is tied to
-            fleet._supervisor.launch(specs, launch, spawn=fleet.runtime.call)
+            fleet._supervisor.launch(specs, launch, spawn=fleet.runtime.call, priorities=tiers)
             fleet._poke()
         except BaseException:
             fleet.close()

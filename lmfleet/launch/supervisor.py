@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -73,9 +73,11 @@ class Supervisor:
     def nodes(self) -> dict[str, LaunchedNode]:
         return {url: watch.node for url, watch in self._watches.items()}
 
-    def add(self, node: LaunchedNode, policy: RestartPolicy) -> str:
-        """Track `node` and register it as a launched (`starting`) node."""
-        state = self._registry.add(node.url, api_key=self._api_key, launched=True)
+    def add(self, node: LaunchedNode, policy: RestartPolicy, priority: int | None = None) -> str:
+        """Track `node` and register it as a launched (`starting`) node of tier `priority`."""
+        state = self._registry.add(
+            node.url, api_key=self._api_key, launched=True, priority=priority
+        )
         self._watches[state.url] = _Watch(node, policy)
         return state.url
 
@@ -103,16 +105,22 @@ class Supervisor:
         return None
 
     def launch(
-        self, specs: list[NodeSpec], options: LaunchOptions, spawn: Spawner[ManagedProcess]
+        self,
+        specs: list[NodeSpec],
+        options: LaunchOptions,
+        spawn: Spawner[ManagedProcess],
+        priorities: Sequence[int] | None = None,
     ) -> None:
         """Start every node of `specs` at once and watch them; `spawn` forks local ones.
 
-        The launcher is kept until `close()`: Ray's owns the placement group.
+        `priorities`: each node's tier, in `specs` order (default: all 0). The launcher
+        is kept until `close()`: Ray's owns the placement group.
         """
         launcher = make_launcher(options, spawn=spawn)
         self._launchers.append(launcher)
-        for node in launcher.start(specs):
-            self.add(node, options.policy)
+        tiers = list(priorities) if priorities is not None else [None] * len(specs)
+        for node, priority in zip(launcher.start(specs), tiers, strict=True):
+            self.add(node, options.policy, priority)
 
     def stop_all(self, grace: float = 5.0) -> None:
         """Stop every node at once (each: SIGTERM, SIGKILL after `grace`)."""

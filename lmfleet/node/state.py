@@ -90,6 +90,8 @@ class NodeState:
     probation: bool = False
     load: NodeLoad | None = None
     speed: float | None = None
+    priority: int = 0
+    """Its tier (`attach(priorities=)`; higher is preferred: lmfleet/routing/tiers.py)."""
     weight_version: int = 0
     quarantine: str = ""
     cuts: int = 0
@@ -149,7 +151,7 @@ def parse_speed(value: object, where: str) -> float | None:
     return speed
 
 
-def parse_speeds(speeds: Sequence[float] | None, count: int) -> list[float | None]:
+def parse_speeds(speeds: Sequence[float | None] | None, count: int) -> list[float | None]:
     """One speed per node (`speeds`, or none given), checked against `count`."""
     if speeds is None:
         return [None] * count

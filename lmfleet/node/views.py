@@ -15,6 +15,7 @@ COLUMN_NAMES: dict[str, str] = {
     "url": "node",
     "state": "state",
     "models": "models",
+    "priority": "tier",
     "inflight": "in-flight",
     "served": "requests",
     "errors": "errors",
@@ -48,6 +49,7 @@ NOTEBOOK_COLUMNS = columns(
     "url",
     "state",
     "models",
+    "priority",
     "inflight",
     "queue",
     "served",
@@ -136,6 +138,8 @@ class NodeSnapshot(BaseModel):
     """KV cache in use, 0..1, by that report."""
     prefix_hit_rate: float | None = None
     speed: float | None = None
+    priority: int = 0
+    """Its tier: higher is preferred (lmfleet/routing/tiers.py)."""
     pace: float | None = None
     weight_version: int = 0
     """The weight version the fleet recorded for it (RL weight updates)."""
@@ -185,6 +189,7 @@ class NodeSnapshot(BaseModel):
             cache_usage=load.cache_usage if load is not None else None,
             prefix_hit_rate=load.prefix_hit_rate if load is not None else None,
             speed=state.speed,
+            priority=state.priority,
             weight_version=state.weight_version,
             quarantine=state.quarantine,
             pace=load.pace if load is not None else None,
@@ -213,6 +218,7 @@ class FleetStatus(BaseModel):
                     n.url,
                     n.state.value,
                     ",".join(n.models) or "-",
+                    str(n.priority),
                     str(n.inflight),
                     queue_cell(n.queue, n.queue_age, n.queue_current),
                     str(n.served),

@@ -33,6 +33,7 @@ def cells(row: NodeRow) -> list[str]:
         f"<code>{escape(row.url)}</code>",
         state_badge(row),
         escape(", ".join(row.models) or "-"),
+        str(row.priority),
         str(row.inflight),
         escape(queue_cell(row.queue, row.queue_age, row.queue_current)),
         str(row.served),

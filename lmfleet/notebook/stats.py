@@ -59,6 +59,7 @@ class NodeRow:
     recent_answers: int = 0
     """The node's last answers `error_rate` is over (`NodeSnapshot.recent_answers`)."""
     weight_version: int = 0
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class TrafficMeter:
             queue_current=node.queue_current,
             recent_answers=node.recent_answers,
             weight_version=node.weight_version,
+            priority=node.priority,
         )
 
     def view(self, status: FleetStatus) -> FleetView:

@@ -67,7 +67,13 @@ class _NodeCollector(Collector):
             "1 while a failed weight update keeps the node out of routing",
             labels=["node"],
         )
+        priority = GaugeMetricFamily(
+            "lmfleet_node_priority",
+            "the node's tier: higher is preferred (lmfleet/routing/tiers.py)",
+            labels=["node"],
+        )
         for node in nodes:
+            priority.add_metric([node.url], node.priority)
             version.add_metric([node.url], node.weight_version)
             quarantined.add_metric([node.url], 1.0 if node.quarantine else 0.0)
             inflight.add_metric([node.url], node.inflight)
@@ -80,7 +86,16 @@ class _NodeCollector(Collector):
             if node.latency is not None:
                 latency.add_metric([node.url], node.latency)
         yield from (inflight, served, errors, error_rate, ejections, state, latency)
-        yield from (version, quarantined)
+        yield from (version, quarantined, priority)
+        spills = CounterMetricFamily(
+            "lmfleet_tier_spills",
+            "requests sent below the best priority tier, by why: health (too few of its "
+            "nodes healthy) or load (its nodes busy)",
+            labels=["reason"],
+        )
+        for reason, count in self._fleet.registry.spills.items():
+            spills.add_metric([reason], count)
+        yield spills
         yield GaugeMetricFamily(
             "lmfleet_requests_waiting",
             "requests waiting for an eligible node (the admission queue), every client "

@@ -20,6 +20,7 @@ from lmfleet.node.views import NodeSnapshot
 from lmfleet.proxy import state_file
 from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_json
 from lmfleet.registry import normalize_url
+from lmfleet.routing.tiers import parse_priority
 
 if TYPE_CHECKING:
     from lmfleet.proxy.context import ProxyContext
@@ -80,6 +81,8 @@ async def add(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> N
         raise BadRequest("status.role must be 1 (Hybrid), 2 (Prefill) or 3 (Decode).") from exc
     try:
         speed = parse_speed(status.get("speed"), "status.speed")
+        given = status.get("priority")
+        priority = None if given is None else parse_priority(given, "status.priority")
     except ConfigError as exc:
         raise BadRequest(str(exc)) from exc
     # A node that registers itself does so before its port opens: it stays
@@ -88,7 +91,15 @@ async def add(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> N
     # (LMDeploy's docs: `{"url": ...}`) does not, and the log says which it was.
     itself = isinstance(body, dict) and "status" in body
     origin = "registered itself" if itself else "by an operator's POST /nodes/add"
-    rt.fleet.add_node(url, models=models, role=role, registered=True, speed=speed, origin=origin)
+    rt.fleet.add_node(
+        url,
+        models=models,
+        role=role,
+        registered=True,
+        speed=speed,
+        priority=priority,
+        origin=origin,
+    )
     _persist(rt)  # the registry logs the node's arrival or departure
     await send_json(send, 200, {"message": "Added successfully", "url": url})
 

@@ -6,7 +6,7 @@ a restarted proxy serves nothing until every node is restarted by hand. `lmfleet
 serve` keeps its list in `state_path(dir, port)` (by default under the per-user XDG
 state directory), `fleet.serve()` only when given `state_file=`.
 
-What is kept per node: URL, role, models, speed, weight version, and whether it uses
+What is kept per node: URL, role, models, speed, priority, weight version, and whether it uses
 the fleet's node key (a reference, never the key itself: keys stay in the flags and
 the environment). The file is rewritten atomically (a temporary file, then
 `os.replace`) whenever what it would hold changes: at once for `/nodes/add` and
@@ -69,6 +69,7 @@ def render(fleet: FleetSurface) -> str:
             "role": int(s.role),
             "models": list(s.models),
             "speed": s.speed,
+            "priority": s.priority,
             "weight_version": s.weight_version,
             "key": FLEET_KEY if s.api_key else None,
         }
@@ -133,6 +134,7 @@ def load(path: Path, entries: list[dict[str, Any]], fleet: FleetSurface) -> int:
                 role=NodeRole(int(entry.get("role") or 1)),
                 registered=True,
                 speed=entry.get("speed"),
+                priority=entry.get("priority"),
                 weight_version=int(version) if version is not None else None,
                 origin=origin,
             )

@@ -242,3 +242,24 @@ def test_serve_auto_sleep_puts_an_idle_node_to_sleep_and_wakes_it_on_use(
     assert reply.choices[0].message.content
     assert proxy.stop(signal.SIGTERM) == 0, proxy
     assert "Traceback" not in str(proxy)
+
+
+def test_a_node_flag_carries_its_own_priority_and_speed(
+    console: Callable[..., Console], start_sim: StartSim
+) -> None:
+    first, second = start_sim("--fast"), start_sim("--fast")
+    proxy = console(
+        "serve", "--node", first.url, "--node", f"{second.url},priority=50,speed=0.5",
+        "--port", "0", "--health-interval", "0.2",
+    )  # fmt: skip
+    url = proxy.wait_for(r"lmfleet proxy on (http://\S+)").group(1)
+    status = httpx2.get(url + "/nodes/status", timeout=5).json()
+    assert (status[first.url]["priority"], status[first.url]["speed"]) == (0, None)
+    assert (status[second.url]["priority"], status[second.url]["speed"]) == (50, 0.5)
+    assert proxy.stop(signal.SIGTERM) == 0, proxy
+
+
+def test_a_node_flag_with_an_unknown_setting_is_refused() -> None:
+    done = run_lmfleet("serve", "--node", "http://127.0.0.1:9,prio=5", "--port", "0")
+    assert done.returncode == 2
+    assert "unknown setting 'prio' (known: priority, speed" in done.stderr

@@ -104,11 +104,11 @@ def test_state_file_survives_a_restart(start_sim: StartSim, tmp_path: Path) -> N
     fleet = LMFleet.attach([], allow_empty=True, health_interval=0.2)
     try:
         server = fleet.serve(port=0, state_file=state)
-        status = {"role": 1, "speed": 2.5}
+        status = {"role": 1, "speed": 2.5, "priority": 50}
         httpx2.post(server.url + "/nodes/add", json={"url": node.url, "status": status})
         saved = json.loads(state.read_text())  # written before /nodes/add answered
         assert saved["kind"] == "lmfleet serve node list"
-        entry = {"url": node.url, "role": 1, "models": [], "speed": 2.5}
+        entry = {"url": node.url, "role": 1, "models": [], "speed": 2.5, "priority": 50}
         assert saved["nodes"] == [{**entry, "weight_version": 0, "key": None}]
         # What the fleet learns by itself reaches the file too: the models the node
         # reports, and a weight version (as a weight update records it).
@@ -125,6 +125,7 @@ def test_state_file_survives_a_restart(start_sim: StartSim, tmp_path: Path) -> N
         server = again.serve(port=0, state_file=state)
         wait_until(lambda: _healthy(again) == 1)
         assert again.nodes[0].speed == 2.5  # the speed LMDeploy's registration gave
+        assert again.nodes[0].priority == 50
         assert again.nodes[0].weight_version == 4
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         assert chat(client, MODEL, "back", max_tokens=2).choices[0].message.content
@@ -149,3 +150,26 @@ def test_a_registered_speed_is_kept_shown_and_checked(serve_fleet: Callable[...,
         refused = httpx2.post(server.url + "/nodes/add", content=body)
         assert refused.status_code == 400, bad
         assert "status.speed" in refused.json()["message"]
+
+
+def test_a_registered_priority_is_kept_shown_and_checked(
+    serve_fleet: Callable[..., Served],
+) -> None:
+    """`/nodes/add`'s `status.priority` puts the node in its tier: shown in
+    `/nodes/status` and `/metrics`, kept by a re-registration without one, and a
+    priority that is not an integer refused."""
+    fleet, server = serve_fleet([])
+    url = "http://127.0.0.1:9"  # never answers: only the registration matters here
+    added = httpx2.post(server.url + "/nodes/add", json={"url": url, "status": {"priority": 50}})
+    assert added.status_code == 200
+    assert httpx2.get(server.url + "/nodes/status").json()[url]["priority"] == 50
+    metrics = httpx2.get(server.url + "/metrics").text
+    assert f'lmfleet_node_priority{{node="{url}"}} 50.0' in metrics
+    assert 'lmfleet_tier_spills_total{reason="load"} 0.0' in metrics
+    httpx2.post(server.url + "/nodes/add", json={"url": url})
+    assert fleet.nodes[0].priority == 50
+    for bad in ("high", True, 1.5):
+        body = json.dumps({"url": url, "status": {"priority": bad}}).encode()
+        refused = httpx2.post(server.url + "/nodes/add", content=body)
+        assert refused.status_code == 400, bad
+        assert "status.priority" in refused.json()["message"]
