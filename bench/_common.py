@@ -43,10 +43,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def fast_sim_proxy(output_tokens: int = 16) -> Iterator[tuple[Any, str]]:
+def fast_sim_proxy(output_tokens: int = 16, **fleet: Any) -> Iterator[tuple[Any, str]]:
     """One `lmfleet sim --fast` node (a child process), a fleet attached to it and its
     proxy in this process: (fleet, proxy URL). For the benches that profile or time the
-    proxy's own code in-process (run as scripts with `PYTHONPATH` naming a checkout)."""
+    proxy's own code in-process (run as scripts with `PYTHONPATH` naming a checkout).
+    `fleet`: more `LMFleet.attach` keywords."""
     from lmfleet import LMFleet
     from lmfleet.launch.process import wait_for_port
 
@@ -55,7 +56,7 @@ def fast_sim_proxy(output_tokens: int = 16) -> Iterator[tuple[Any, str]]:
     sim = subprocess.Popen([*argv, "--fast", "--output-tokens", str(output_tokens)])
     try:
         wait_for_port("127.0.0.1", port, timeout=30)
-        with LMFleet.attach([f"http://127.0.0.1:{port}"], health_interval=1.0) as fleet:
+        with LMFleet.attach([f"http://127.0.0.1:{port}"], health_interval=1.0, **fleet) as fleet:
             fleet.wait_ready(timeout=30)
             proxy = fleet.serve(port=0)
             try:

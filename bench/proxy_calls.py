@@ -10,6 +10,7 @@ requests through the proxy with the profiler enabled in the fleet's loop thread
 functions whose counts differ from a saved run.
 
     .venv/bin/python bench/proxy_calls.py --save /tmp/head.json
+    .venv/bin/python bench/proxy_calls.py --alias --save /tmp/alias.json  # an alias, renamed
     (cd /path/to/base && PYTHONPATH=$PWD .venv/bin/python /path/to/bench/proxy_calls.py \\
         --save /tmp/base.json)
     .venv/bin/python bench/proxy_calls.py --diff /tmp/base.json /tmp/head.json
@@ -30,12 +31,19 @@ import httpx2
 
 from bench._common import fast_sim_proxy
 
+ALIAS = "bench-alias"
 
-def count(requests: int) -> dict[str, float]:
-    """Calls per request by function (file:name), through a fresh fleet and proxy."""
-    with fast_sim_proxy() as (fleet, proxy_url):
+
+def count(requests: int, alias: bool = False) -> dict[str, float]:
+    """Calls per request by function (file:name), through a fresh fleet and proxy;
+    with `alias`, the requests name an alias of the node's model (renamed both ways)."""
+    from lmfleet.sim.options import DEFAULT_MODEL
+
+    aliases = {ALIAS: [DEFAULT_MODEL]} if alias else {}
+    with fast_sim_proxy(aliases=aliases) as (fleet, proxy_url):
         url = proxy_url + "/v1/chat/completions"
-        body = {"model": fleet.model, "messages": [{"role": "user", "content": "hi"}]}
+        model = ALIAS if alias else fleet.model
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
         profile = cProfile.Profile()
         with httpx2.Client(timeout=10) as client:
             for _ in range(50):  # warm: connections, caches
@@ -57,6 +65,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--save", type=Path, help="write the counts here (JSON)")
     parser.add_argument("--diff", type=Path, nargs=2, metavar=("BASE", "HEAD"))
+    parser.add_argument(
+        "--alias", action="store_true", help="requests name an alias of the node's model"
+    )
     args = parser.parse_args()
     if args.diff:
         base, head = (json.loads(p.read_text()) for p in args.diff)
@@ -67,7 +78,7 @@ def main() -> None:
                 print(f"{delta:+7.2f}  {key}")
         return
     started = time.monotonic()
-    calls = count(args.requests)
+    calls = count(args.requests, args.alias)
     print(f"{sum(calls.values()):.0f} calls per request ({time.monotonic() - started:.0f} s)")
     if args.save:
         args.save.write_text(json.dumps(calls))

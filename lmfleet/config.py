@@ -11,16 +11,17 @@ A keyword shortcut of `LMFleet.attach/simulate/launch` is one line of `FleetKeyw
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, TypedDict, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.fields import FieldInfo
 
 from lmfleet.errors import ConfigError
+from lmfleet.node.names import parse_aliases
 
 ServingStrategy = Literal["Hybrid", "DistServe"]
 """LMDeploy's proxy `--serving-strategy` names (docs/distserve.md)."""
@@ -347,6 +348,30 @@ class FleetOptions(_Options):
         gt=0,
         description="seconds one weight-update call to a node (a bucket, an NCCL step) may take",
     )
+    aliases: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="model aliases: a request for the alias goes to any node serving one of "
+        "its names, under that node's own name (lmfleet/routing/aliases.py)",
+    )
+    unify_models: Annotated[
+        bool,
+        Flag(
+            "--unify-models",
+            help="served names that differ only by a directory or by case are one model "
+            "(ambiguous ones are logged, never joined)",
+        ),
+    ] = Field(
+        default=False,
+        description="names that differ only by a path prefix or case are one model; "
+        "ambiguous ones are reported, never joined (lmfleet/routing/aliases.py)",
+    )
+
+    @field_validator("aliases", mode="before")
+    @classmethod
+    def _check_aliases(cls, value: object) -> object:
+        if value is None or not isinstance(value, Mapping):
+            return value
+        return parse_aliases(value)
 
 
 class FleetKeywords(TypedDict, total=False):
@@ -377,6 +402,10 @@ class FleetKeywords(TypedDict, total=False):
     """`routing.admission_queue`."""
     weight_version: int
     """`weight_version`: the version the nodes start with."""
+    aliases: Mapping[str, Sequence[str]]
+    """`aliases`: model alias -> the names nodes serve it under."""
+    unify_models: bool
+    """`unify_models`: names that differ only by a directory or by case are one model."""
 
 
 def option_fields(model: type[BaseModel]) -> Iterator[tuple[FieldPath, FieldInfo]]:

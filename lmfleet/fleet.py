@@ -78,6 +78,8 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
             self.options.outliers,
             weight_version=self.options.weight_version,
             spill_margin=self.options.routing.spill_margin,
+            aliases=self.options.aliases,
+            unify_models=self.options.unify_models,
         )
         self._supervisor = Supervisor(self.registry, api_key=api_key, poke=self._poke)
         self.runtime = FleetRuntime(on_close=self._supervisor.close)

@@ -16,12 +16,13 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from lmfleet.config import OutlierOptions
 from lmfleet.errors import ConfigError, UnknownNodeError
 from lmfleet.node import outliers
+from lmfleet.node.names import model_names
 from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeRole, NodeState, NodeStatus
 from lmfleet.routing.base import Decision, RequestInfo, Strategy, explain_pick
@@ -125,6 +126,8 @@ class NodeRegistry:
         *,
         weight_version: int = 0,
         spill_margin: float = 2.0,
+        aliases: Mapping[str, tuple[str, ...]] | None = None,
+        unify_models: bool = False,
     ) -> None:
         self._lock = threading.Lock()
         self.weight_version = weight_version
@@ -153,6 +156,11 @@ class NodeRegistry:
         """How much lower a lower tier's expected wait must be for it to take a request
         (`RoutingOptions.spill_margin`; lmfleet/routing/tiers.py)."""
         self._tiered = False  # whether the nodes have more than one priority
+        self._aliases = dict(aliases or {})
+        self._unify = unify_models
+        self.names = model_names((), self._aliases, unify=unify_models)
+        """Which served names each requested model may go to (lmfleet/node/names.py)."""
+        self._accepted: list[str] = sorted(self._aliases)
         self._draws = random.Random()
         self.spills: dict[str, int] = {"health": 0, "load": 0}
         """Requests sent below the best tier, by reason (lmfleet/routing/tiers.py)."""
@@ -161,6 +169,14 @@ class NodeRegistry:
         # Called under the lock whenever membership or a node's models change, so
         # that the per-request `models()` costs no more than a list copy.
         self._models = sorted({m for s in self._nodes.values() for m in s.models})
+        if self._aliases or self._unify:
+            names = model_names(self._models, self._aliases, unify=self._unify)
+            for why in set(names.ambiguous) - set(self.names.ambiguous):
+                log.warning("unify_models: %s", why)
+            self.names = names
+            self._accepted = sorted({*self._models, *self._aliases})
+        else:
+            self._accepted = self._models
         self._tiered = len({s.priority for s in self._nodes.values()}) > 1
 
     # -- membership ---------------------------------------------------------------
@@ -257,6 +273,23 @@ class NodeRegistry:
         """Every model any known node serves, sorted."""
         return self._models
 
+    def accepted(self) -> list[str]:
+        """Every name a request may give: the served models and the aliases, sorted."""
+        return self._accepted
+
+    def serves(self, state: NodeState, model: str | None) -> bool:
+        """Whether `state` serves `model`, under that name or one it stands for."""
+        group = self.names.groups.get(model) if model is not None else None
+        return state.serves(model) if group is None else not group.isdisjoint(state.models)
+
+    def own_name(self, state: NodeState, model: str) -> str:
+        """The name `state` serves `model` under: `model` itself when it has that name,
+        else the first of the names it stands for that the node has."""
+        if model in state.models:
+            return model
+        group = self.names.groups.get(model, frozenset())
+        return next((m for m in state.models if m in group), model)
+
     # -- routing ------------------------------------------------------------------
 
     def lease(
@@ -346,6 +379,10 @@ class NodeRegistry:
         """The nodes of `among` that serve the request's model, in its role if it has
         one, with the weight version it may have (its own ask, and the fleet's floor)."""
         model, role = request.model, request.role
+        if model is not None and model in self.names.groups:
+            group = self.names.groups[model]
+            among = [s for s in among if not group.isdisjoint(s.models)]
+            model = None
         nodes = [s for s in among if s.serves(model) and (role is None or s.role is role)]
         exact, floor = request.weight_version, request.min_weight_version
         if exact is not None:
@@ -561,7 +598,7 @@ class NodeRegistry:
                 return f"no node has the {request.role.name.lower()} role"
         model = request.model
         if model is not None:
-            nodes = [s for s in nodes if not s.models or model in s.models]
+            nodes = [s for s in nodes if not s.models or self.serves(s, model)]
             if not nodes:
                 return f"no node serves {model!r}"
         have = sorted({s.weight_version for s in nodes})

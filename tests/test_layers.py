@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lmfleet.node.outliers",
             "lmfleet.node.views",
             "lmfleet.node.profile",
+            "lmfleet.node.names",
             "lmfleet.monitor.judge",
         ),
     ),

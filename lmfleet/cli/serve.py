@@ -19,6 +19,7 @@ from lmfleet.cli.node_flag import NODE_SETTINGS, parse_node_flag
 from lmfleet.config import SHORTCUTS, FleetOptions, add_flags, given, with_values
 from lmfleet.errors import ConfigError, require_serve
 from lmfleet.logs import configure_logging as setup_logging
+from lmfleet.node.names import parse_alias_flag
 from lmfleet.proxy.options import ProxyOptions
 from lmfleet.proxy.state_file import default_dir, state_path
 from lmfleet.routing import DEFAULT_STRATEGY
@@ -62,6 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + "; ".join(f"{name}: {what}" for name, what in NODE_SETTINGS.items())
         + " (e.g. --node http://old-box:23333,priority=50); nodes may also register via "
         "POST /nodes/add",
+    )
+    add(
+        "--model-alias",
+        dest="model_aliases",
+        action="append",
+        default=[],
+        metavar="NAME=REAL[,REAL...]",
+        help="a model alias (repeat): a request for NAME goes to any node serving one of "
+        "the REAL names, under that node's own name",
     )
     add(
         "--routing-strategy",
@@ -195,9 +205,13 @@ def fleet_options(args: argparse.Namespace) -> FleetOptions:
 
 def fleet_keywords(args: argparse.Namespace) -> dict[str, Any]:
     """The `LMFleet` keyword shortcuts from the flags (`Flag.absent` ones only if given,
-    so that `LMFleet.launch` defaults `min_ready` to its node count)."""
+    so that `LMFleet.launch` defaults `min_ready` to its node count), and the aliases
+    of `--model-alias`."""
     values = given(args, FleetOptions)
-    return {name: values[path] for name, path in SHORTCUTS.items() if path in values}
+    keywords = {name: values[path] for name, path in SHORTCUTS.items() if path in values}
+    if args.model_aliases:
+        keywords["aliases"] = dict(parse_alias_flag(text) for text in args.model_aliases)
+    return keywords
 
 
 def stop_on_signals() -> threading.Event:

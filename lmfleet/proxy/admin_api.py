@@ -18,7 +18,7 @@ from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_bytes, send
 from lmfleet.proxy.nodes_api import ADMIN_BODY_LIMIT, BadRequest
 from lmfleet.routing.base import RequestInfo
 from lmfleet.transport.models import (
-    model_card,
+    card_for,
     model_list,
     model_named,
     unknown_model_message,
@@ -120,12 +120,12 @@ async def model(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) ->
     not serve: the model's card when a node of the fleet serves it, else the 404 a
     request naming it gets (transport/models.py; the fleet's clients answer alike)."""
     name = model_named(scope["path"]) or ""
-    served = rt.fleet.registry.models()
-    if name not in served:
-        message = unknown_model_message(name, served)
+    card = card_for(rt.fleet.registry, name)
+    if card is None:
+        message = unknown_model_message(name, rt.fleet.registry)
         await rt.answer(send, answers.UNKNOWN_MODEL, message, param="model")
         return
-    await send_json(send, 200, model_card(name))
+    await send_json(send, 200, card)
 
 
 async def metrics(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:

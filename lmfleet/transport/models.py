@@ -34,9 +34,27 @@ def model_card(name: str, created: int | None = None) -> dict[str, object]:
     }
 
 
+ALIAS_OWNER = "lmfleet"
+"""An alias card's `owned_by`: the fleet's name for models the nodes serve."""
+
+
+def alias_card(alias: str, names: tuple[str, ...], created: int | None = None) -> dict[str, object]:
+    """An alias as a model card: `alias_of` lists the names it stands for (OpenAI's
+    `Model` allows more fields, and openai's client keeps them), `root` the first."""
+    return {
+        **model_card(alias, created),
+        "owned_by": ALIAS_OWNER,
+        "root": names[0],
+        "parent": None,
+        "permission": [],
+        "alias_of": list(names),
+    }
+
+
 def model_list(registry: NodeRegistry) -> dict[str, object]:
     """`GET /v1/models` for the whole fleet: every model a healthy node serves, in
-    LMDeploy's list shape (its cards also carry `root`, `parent` and `permission`).
+    LMDeploy's list shape (its cards also carry `root`, `parent` and `permission`),
+    then each alias a healthy node serves under one of its names (`alias_card`).
     A node's own list names only its models; the fleet's clients and the proxy
     answer this from the fleet so that a fleet serving several models lists them all."""
     names = sorted(
@@ -46,7 +64,19 @@ def model_list(registry: NodeRegistry) -> dict[str, object]:
     cards = [
         {**model_card(name, now), "root": name, "parent": None, "permission": []} for name in names
     ]
+    for alias, real in sorted(registry.names.aliases.items()):
+        if alias not in names and not registry.names.groups[alias].isdisjoint(names):
+            cards.append(alias_card(alias, real, now))
     return {"object": "list", "data": cards}
+
+
+def card_for(registry: NodeRegistry, name: str) -> dict[str, object] | None:
+    """`GET /v1/models/{name}`: the card of a model a node serves or of an alias;
+    None for a name the fleet does not know (its 404: `unknown_model_message`)."""
+    if name in registry.models():
+        return model_card(name)
+    real = registry.names.aliases.get(name)
+    return alias_card(name, real) if real is not None else None
 
 
 def model_named(path: str) -> str | None:
@@ -61,6 +91,15 @@ def model_named(path: str) -> str | None:
     return path[len(prefix) :]
 
 
-def unknown_model_message(model: str, served: list[str]) -> str:
-    """The 404's message for a model no node serves, naming those that are."""
-    return f"The model {model!r} does not exist; served models: {', '.join(served) or 'none yet'}"
+def unknown_model_message(model: str, registry: NodeRegistry) -> str:
+    """The 404's message for a model no node serves, naming those that are, and the
+    aliases with what each stands for."""
+    served = registry.models()
+    message = (
+        f"The model {model!r} does not exist; served models: {', '.join(served) or 'none yet'}"
+    )
+    aliases = registry.names.aliases
+    if aliases:
+        listed = "; ".join(f"{a} ({', '.join(n)})" for a, n in sorted(aliases.items()))
+        message += f"; aliases: {listed}"
+    return message

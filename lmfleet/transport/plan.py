@@ -39,6 +39,7 @@ from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeRole, NodeState
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy
+from lmfleet.transport.renaming import rename_answer, renamed_request
 from lmfleet.transport.steps import Call, Discard, Pause, Steps, T
 from lmfleet.transport.streams import Accounting, lease_response
 
@@ -411,11 +412,21 @@ class RequestPlan:
     def _send(
         self, node: NodeState, lease: Accounting, attempts: Attempts, ours: bool
     ) -> Steps[httpx2.Response]:
-        """One attempt on `node`: its answer for the caller, or `Retry`."""
-        reply = yield Call(self.request, stream=True, first_byte=True)
+        """One attempt on `node`: its answer for the caller, or `Retry`.
+
+        A request for an alias goes as a copy naming the node's own model, and its
+        answer names the alias again (lmfleet/transport/renaming.py)."""
+        request, asked = self.request, self.info.model
+        own = asked if asked is None else self.routing.registry.own_name(node, asked)
+        if own is not None and asked is not None and own != asked:
+            request = renamed_request(request, asked, own)
+        reply = yield Call(request, stream=True, first_byte=True)
         if not isinstance(reply, httpx2.Response):
             attempts.transport_failed(lease, reply, "", ours)
         reason = attempts.retryable(lease, reply, "")
+        if request is not self.request and (reason is None or attempts.exhausted()):
+            assert own is not None and asked is not None
+            rename_answer(reply, own, asked)  # the caller reads the name it asked for
         if reason is None:
             reply.headers[SERVED_VERSION_HEADER] = str(node.weight_version)
             return lease_response(reply, lease)

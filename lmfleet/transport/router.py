@@ -135,8 +135,8 @@ class Router:
         """
         self.check_open(request)
         plan: RequestPlan
-        models = self.routing.registry.models()
-        if request.method == "GET" and (answer := self._models_answer(request, models)):
+        models = self.routing.registry.accepted()  # the served models and the aliases
+        if request.method == "GET" and (answer := self._models_answer(request)):
             plan = RequestPlan(self.routing, request, RequestInfo(role=role))
             plan.immediate = answer
             return plan
@@ -167,7 +167,7 @@ class Router:
             plan = RequestPlan(self.routing, request, info)
             plan.immediate = error_answer(request, BAD_VERSION, str(exc))
             return plan
-        # With one model served every node qualifies: the strategy need not filter.
+        # With one model served (and no alias) every node qualifies: no need to filter.
         info = RequestInfo(
             model=model if len(models) > 1 else None,
             affinity_key=key,
@@ -183,10 +183,10 @@ class Router:
         else:
             plan = RequestPlan(self.routing, request, info)
         if model is not None and models and model not in models:
-            plan.immediate = _unknown_model(request, model, models)
+            plan.immediate = _unknown_model(request, model, self.registry)
         return plan
 
-    def _models_answer(self, request: httpx2.Request, served: list[str]) -> httpx2.Response | None:
+    def _models_answer(self, request: httpx2.Request) -> httpx2.Response | None:
         """The fleet's own answer to `GET /v1/models` (a node's list names only its own
         models) and `GET /v1/models/{name}` (no node has this route), or None."""
         path = request.url.path
@@ -196,9 +196,10 @@ class Router:
         name = fleet_models.model_named(path)
         if name is None:
             return None
-        if name not in served:
-            return _unknown_model(request, name, served)
-        return httpx2.Response(200, json=fleet_models.model_card(name), request=request)
+        card = fleet_models.card_for(self.registry, name)
+        if card is None:
+            return _unknown_model(request, name, self.registry)
+        return httpx2.Response(200, json=card, request=request)
 
     def check_open(self, request: httpx2.Request) -> None:
         """Raise `FleetClosedError` once the fleet is closed (`plan` asks first): its
@@ -273,7 +274,7 @@ def _version(raw: object, where: str, staleness: bool) -> int:
     return value
 
 
-def _unknown_model(request: httpx2.Request, model: str, served: list[str]) -> httpx2.Response:
+def _unknown_model(request: httpx2.Request, model: str, registry: NodeRegistry) -> httpx2.Response:
     """LMDeploy's 404 for a model no node serves, plus what the fleet does serve."""
-    message = fleet_models.unknown_model_message(model, served)
+    message = fleet_models.unknown_model_message(model, registry)
     return error_answer(request, UNKNOWN_MODEL, message, param="model")

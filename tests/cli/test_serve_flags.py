@@ -263,3 +263,14 @@ def test_a_node_flag_with_an_unknown_setting_is_refused() -> None:
     done = run_lmfleet("serve", "--node", "http://127.0.0.1:9,prio=5", "--port", "0")
     assert done.returncode == 2
     assert "unknown setting 'prio' (known: priority, speed" in done.stderr
+
+
+def test_model_alias_and_unify_flags_reach_the_fleet() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--model-alias", "i7=a/m,/data/m", "--model-alias", "q=q1", "--unify-models"]
+    )
+    keywords = fleet_keywords(args)
+    assert keywords["aliases"] == {"i7": ("a/m", "/data/m"), "q": ("q1",)}
+    assert keywords["unify_models"] is True
+    done = run_lmfleet("serve", "--model-alias", "i7", "--port", "0")
+    assert done.returncode == 2 and "expected NAME=REAL[,REAL...]" in done.stderr
