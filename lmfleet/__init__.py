@@ -1,6 +1,12 @@
 """lmfleet: run and load-balance a fleet of LMDeploy api_server nodes from Python."""
 
-from lmfleet.config import FleetOptions, HealthOptions, OutlierOptions, RoutingOptions
+from lmfleet.config import (
+    FleetOptions,
+    HealthOptions,
+    NodeOptions,
+    OutlierOptions,
+    RoutingOptions,
+)
 from lmfleet.errors import (
     BatchError,
     ConfigError,
@@ -61,6 +67,7 @@ __all__ = [
     "NoHealthyNodeError",
     "NodeCommandError",
     "NodeLoad",
+    "NodeOptions",
     "NodeRole",
     "NodeSnapshot",
     "NodeState",

@@ -11,13 +11,14 @@ A keyword shortcut of `LMFleet.attach/simulate/launch` is one line of `FleetKeyw
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, TypedDict, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
 
 from lmfleet.errors import ConfigError
@@ -290,6 +291,86 @@ class DistServeOptions(_Options):
     control_timeout: float = Field(
         default=10.0, gt=0, description="seconds for one /distserve/* control call"
     )
+
+
+class NodeOptions(_Options):
+    """One node's own settings (`attach(node_options={url: NodeOptions(...)})`,
+    `add_node(url, options=...)`, `lmfleet serve --node URL,NAME=VALUE`): Olla's
+    per-endpoint settings. Unset fields take the fleet's.
+
+    Secrets are `SecretStr` (shown as `**********` in any repr) or, better, the name of
+    the environment variable that holds them (`api_key_env`, `headers_env`): read when
+    the node is added, and all a proxy's state file keeps of them, so a restarted
+    proxy reads them again. Neither a secret nor a header's value appears in logs,
+    `/nodes/status`, `print(fleet)` or the state file.
+    """
+
+    api_key: SecretStr | None = Field(
+        default=None, description="the node's own key (Bearer), instead of the fleet's"
+    )
+    api_key_env: str | None = Field(
+        default=None, description="the environment variable holding the node's key"
+    )
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="extra headers sent to the node (values secret)"
+    )
+    headers_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra headers sent to the node: name -> the environment variable "
+        "holding its value",
+    )
+    health_path: str | None = Field(
+        default=None,
+        pattern=r"^/",
+        description="the path probed for health instead of the engine's (/health); any "
+        "200 answer is healthy",
+    )
+    health_interval: float | None = Field(
+        default=None, gt=0, description="seconds between this node's probes"
+    )
+    health_timeout: float | None = Field(
+        default=None, gt=0, description="seconds one probe (and one admin call) of it may take"
+    )
+    priority: int | None = Field(default=None, description="its tier: higher is preferred")
+    speed: float | None = Field(default=None, gt=0, description="its relative speed")
+
+    def secrets(
+        self, environ: Mapping[str, str] | None = None
+    ) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+        """(the node's key or None, its extra headers), the environment variables read
+        now (`os.environ` by default); `ConfigError` naming a variable that is not set."""
+        env = os.environ if environ is None else environ
+
+        def read(variable: str, what: str) -> str:
+            value = env.get(variable)
+            if not value:
+                raise ConfigError(f"{what}: the environment variable {variable} is not set")
+            return value
+
+        key = self.api_key.get_secret_value() if self.api_key is not None else None
+        if key is None and self.api_key_env:
+            key = read(self.api_key_env, "api_key_env")
+        headers = [(name, value.get_secret_value()) for name, value in self.headers.items()]
+        headers += [
+            (name, read(variable, f"headers_env[{name!r}]"))
+            for name, variable in self.headers_env.items()
+        ]
+        return key, tuple(headers)
+
+    def persisted(self) -> dict[str, Any]:
+        """What a state file keeps: everything but the secrets' values (their
+        environment variables are kept)."""
+        return self.model_dump(exclude={"api_key", "headers"}, exclude_defaults=True)
+
+    def shown(self) -> dict[str, Any]:
+        """What `/nodes/status` shows: `persisted()`, plus the names of the headers
+        given as values (never the values)."""
+        shown = self.persisted()
+        if self.headers:
+            shown["headers"] = sorted(self.headers)
+        if self.api_key is not None:
+            shown["api_key"] = "**********"
+        return shown
 
 
 class FleetOptions(_Options):

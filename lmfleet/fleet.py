@@ -11,7 +11,7 @@ caller's own thread or event loop and share the registry with it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ import httpx2
 import openai
 from anyio.abc import TaskStatus
 
-from lmfleet.config import FleetKeywords, FleetOptions, merge_options
+from lmfleet.config import FleetKeywords, FleetOptions, NodeOptions, merge_options
 from lmfleet.errors import ConfigError, NotReadyError, require_serve
 from lmfleet.launch.methods import LaunchMethods
 from lmfleet.launch.options import split_keywords
@@ -138,6 +138,7 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         roles: Sequence[NodeRole | int | str] | None = None,
         speeds: Sequence[float | None] | None = None,
         priorities: Sequence[int] | None = None,
+        node_options: Mapping[str, NodeOptions | Mapping[str, Any] | None] | None = None,
         allow_empty: bool = False,
         **shortcuts: Unpack[FleetKeywords],
     ) -> LMFleet:
@@ -160,7 +161,9 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         fleet learns it from latency (docs/guide/strategies.md). `priorities` (one
         integer per URL, higher preferred, as Olla's) rank the nodes in tiers: a lower
         tier gets requests only when the better one is short of healthy nodes or busy
-        (docs/guide/strategies.md, "Priority tiers").
+        (docs/guide/strategies.md, "Priority tiers"). `node_options` gives nodes
+        their own settings, by URL (`NodeOptions`: key, extra headers, health path,
+        interval and timeout; docs/guide/concepts.md, "Per-node settings").
         """
         # Everything is checked before the fleet starts its thread: a bad URL must not
         # leave a half-built fleet running.
@@ -174,10 +177,17 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         split_keywords(shortcuts, "LMFleet.attach", launch=False)
         parsed = parse_roles(roles, len(urls))
         given = parse_speeds(speeds, len(urls))
-        tiers = parse_priorities(priorities, len(urls))
+        tiers = parse_priorities(priorities, len(urls)) if priorities is not None else None
+        own = {normalize_url(u): as_node_options(o, u) for u, o in (node_options or {}).items()}
+        if unknown := own.keys() - set(urls):
+            raise ConfigError(f"node_options names URLs not attached: {', '.join(sorted(unknown))}")
+        for settings in own.values():
+            if settings is not None:
+                settings.secrets()  # a variable not set is an error before anything starts
         fleet = cls(strategy=strategy, api_key=api_key, options=merge_options(options, shortcuts))
-        for url, role, speed, priority in zip(urls, parsed, given, tiers, strict=True):
-            fleet.add_node(url, role=role, speed=speed, priority=priority)
+        for index, (url, role, speed) in enumerate(zip(urls, parsed, given, strict=True)):
+            priority = tiers[index] if tiers is not None else None  # else its options'
+            fleet.add_node(url, role=role, speed=speed, priority=priority, options=own.get(url))
         return fleet
 
     async def _watch(self, *, task_status: TaskStatus[None]) -> None:
@@ -229,6 +239,7 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         priority: int | None = None,
         weight_version: int | None = None,
         origin: str | None = None,
+        options: NodeOptions | Mapping[str, Any] | None = None,
     ) -> NodeSnapshot:
         """Attach one more server; it joins once its health check passes.
 
@@ -240,13 +251,21 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         higher preferred (default 0; a node added again keeps its own). `weight_version`: the
         version it serves, when known (a proxy's state file remembers it; default the
         fleet's). `origin`: who added it, for the log line that reports its arrival
-        (default: "attached", or "registered itself" with `registered`).
+        (default: "attached", or "registered itself" with `registered`). `options`:
+        its own settings (`NodeOptions`, or a dict of its fields): key, extra headers,
+        health path, interval and timeout, priority, speed; `api_key`, `speed` and
+        `priority` given here win over theirs.
         """
         self.runtime.check_open()
-        key = api_key or self._api_key
+        settings = as_node_options(options, url)
+        key, headers = settings.secrets() if settings is not None else (None, ())
+        if priority is None and settings is not None:
+            priority = settings.priority
+        if speed is None and settings is not None:
+            speed = settings.speed
         state = self.registry.add(
             url,
-            api_key=key,
+            api_key=api_key or key or self._api_key,
             models=tuple(models),
             role=role,
             registered=registered,
@@ -254,6 +273,8 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
             priority=None if priority is None else parse_priority(priority, "add_node"),
             weight_version=weight_version,
             origin=origin,
+            headers=headers if settings is not None else None,
+            options=settings,
         )
         self._poke()
         return NodeSnapshot.of(state)
@@ -398,6 +419,19 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         if self.runtime.closed:
             return "<LMFleet closed>"
         return self.status().table()
+
+
+def as_node_options(
+    options: NodeOptions | Mapping[str, Any] | None, url: str
+) -> NodeOptions | None:
+    """`options` as `NodeOptions` (a dict of its fields is accepted); `ConfigError`
+    naming the node for a bad one."""
+    if options is None or isinstance(options, NodeOptions):
+        return options
+    try:
+        return NodeOptions(**options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"node_options for {url}: {exc}") from None
 
 
 def _not_ready(status: FleetStatus, healthy: int, need: int, timeout: float) -> str:

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from urllib.parse import urlsplit
 
-from lmfleet.config import OutlierOptions
+from lmfleet.config import NodeOptions, OutlierOptions
 from lmfleet.errors import ConfigError, UnknownNodeError
 from lmfleet.node import outliers
 from lmfleet.node.names import model_names
@@ -194,6 +194,8 @@ class NodeRegistry:
         priority: int | None = None,
         weight_version: int | None = None,
         origin: str | None = None,
+        headers: tuple[tuple[str, str], ...] | None = None,
+        options: NodeOptions | None = None,
     ) -> NodeState:
         """Add a node as `starting`, or restart an existing one's checks (counters kept).
 
@@ -201,6 +203,8 @@ class NodeRegistry:
         (`/nodes/add`). Either way it is known to be coming up (`NodeState.announced`).
         `speed`: its relative speed, if the operator gave one (a re-add keeps the old).
         `priority`: its tier, higher preferred (default 0; a re-add keeps the old).
+        `headers`, `options`: its own extra headers and settings (`NodeOptions`; a
+        re-add without them keeps the old).
         `weight_version`: the version it serves, when known (default: the fleet's
         initial one; a re-add keeps the old). `origin`: who added it, as the log line
         says it ("registered itself", "reloaded from FILE", ...; default from the flags).
@@ -218,6 +222,8 @@ class NodeRegistry:
                     registered=registered,
                     speed=speed,
                     priority=DEFAULT_PRIORITY if priority is None else priority,
+                    headers=headers or (),
+                    options=options,
                     weight_version=self.weight_version
                     if weight_version is None
                     else weight_version,
@@ -233,6 +239,8 @@ class NodeRegistry:
                     registered=old.registered or registered,
                     speed=speed if speed is not None else old.speed,
                     priority=old.priority if priority is None else priority,
+                    headers=old.headers if headers is None else headers,
+                    options=old.options if options is None else options,
                     weight_version=old.weight_version if weight_version is None else weight_version,
                 )
             self._nodes[url] = state

@@ -9,12 +9,12 @@ front end can be read (and tested) without the fleet's constructors in mind.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import openai
 
-from lmfleet.config import FleetOptions
+from lmfleet.config import FleetOptions, NodeOptions
 from lmfleet.node.admin import FleetAdmin
 from lmfleet.node.state import NodeRole
 from lmfleet.node.views import FleetStatus, NodeSnapshot
@@ -75,6 +75,7 @@ class FleetSurface(Protocol):
         priority: int | None = None,
         weight_version: int | None = None,
         origin: str | None = None,
+        options: NodeOptions | Mapping[str, Any] | None = None,
     ) -> NodeSnapshot: ...
 
     def remove_node(self, url: str) -> NodeSnapshot: ...

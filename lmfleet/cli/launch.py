@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         )
     try:
         for node in nodes:  # `--node URL`: running servers beside the launched ones
-            fleet.add_node(node.url, priority=node.priority, speed=node.speed)
+            fleet.add_node(node.url, options=node.options())
         server = fleet.serve(options=options)
         print(f"lmfleet proxy on {server.url}; starting {args.count} node(s)", file=sys.stderr)
         if _wait_ready(fleet, args.ready_timeout, stop):

@@ -2,26 +2,36 @@
 
 Olla configures each endpoint in one place; a flag per setting and node
 (`--node-priority URL=N`, `--node-speed URL=S`) would make the reader match URLs
-across lines. So each `--node` carries its node's settings after the URL:
+across lines. So each `--node` carries its node's settings (`NodeOptions`) after
+the URL:
 
     --node http://gpu-a:23333 --node http://old-box:23333,priority=50,speed=0.5
+    --node https://team-gw:443,key-env=TEAM_GW_KEY,header-env=X-Team:TEAM_ID,health-path=/ping
 
-A URL has no comma in practice; one that does is not a node URL lmfleet accepts.
+Secrets are given only as environment variables (`key-env`, `header-env`): a value
+on the command line is visible to every user of the machine (`ps`). A URL has no
+comma in practice; one that does is not a node URL lmfleet accepts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmfleet.config import NodeOptions
 from lmfleet.errors import ConfigError
-from lmfleet.node.state import parse_speed
-from lmfleet.routing.tiers import DEFAULT_PRIORITY, parse_priority
 
 NODE_SETTINGS = {
     "priority": "its tier: higher is preferred (default 0)",
     "speed": "its relative speed, LMDeploy's `speed` (2 = twice as fast)",
+    "key-env": "the environment variable holding its own key",
+    "header-env": "NAME:VARIABLE, a header sent to it with the value of VARIABLE (repeat)",
+    "health-path": "the path probed for its health (any 200 is healthy)",
+    "health-interval": "seconds between its probes",
+    "health-timeout": "seconds one of its probes may take",
 }
 """What may follow a node's URL, and what each means (the `--node` help shows them)."""
+
+_REPEATABLE = frozenset({"header-env"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,29 +39,45 @@ class NodeFlag:
     """One `--node` flag: the URL and the settings after it, as written."""
 
     url: str
-    settings: dict[str, str] = field(default_factory=dict)
+    settings: list[tuple[str, str]] = field(default_factory=list)
 
-    @property
-    def priority(self) -> int:
-        given = self.settings.get("priority")
-        return DEFAULT_PRIORITY if given is None else parse_priority(given, f"--node {self.url}")
-
-    @property
-    def speed(self) -> float | None:
-        given = self.settings.get("speed")
-        if given is None:
+    def options(self) -> NodeOptions | None:
+        """The node's `NodeOptions` (None: it has no setting); `ConfigError` for a bad value."""
+        if not self.settings:
             return None
+        fields: dict[str, object] = {}
+        headers: dict[str, str] = {}
+        for name, value in self.settings:
+            if name == "header-env":
+                header, sep, variable = value.partition(":")
+                if not sep or not header.strip() or not variable.strip():
+                    raise ConfigError(f"--node {self.url}: header-env must be NAME:VARIABLE")
+                headers[header.strip()] = variable.strip()
+            else:
+                fields[{"key-env": "api_key_env"}.get(name, name.replace("-", "_"))] = value
+        if headers:
+            fields["headers_env"] = headers
         try:
-            return parse_speed(float(given), f"--node {self.url}")
-        except ValueError:
-            raise ConfigError(f"--node {self.url}: speed must be a number, got {given!r}") from None
+            return NodeOptions(**fields)
+        except ValueError as exc:
+            raise ConfigError(f"--node {self.url}: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValueError) -> str:
+    """A pydantic error in one line: `speed: Input should be greater than 0`."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    first = errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return f"{where.replace('_', '-')}: {first.get('msg', exc)}"
 
 
 def parse_node_flag(text: str) -> NodeFlag:
     """`URL[,NAME=VALUE...]` -> `NodeFlag`; `ConfigError` naming an unknown or repeated
     setting, or one without a value."""
     url, *parts = (part.strip() for part in text.split(","))
-    settings: dict[str, str] = {}
+    settings: list[tuple[str, str]] = []
     for part in parts:
         name, sep, value = part.partition("=")
         name = name.strip().lower().replace("_", "-")
@@ -60,7 +86,7 @@ def parse_node_flag(text: str) -> NodeFlag:
         if name not in NODE_SETTINGS:
             known = ", ".join(NODE_SETTINGS)
             raise ConfigError(f"--node {text}: unknown setting {name!r} (known: {known})")
-        if name in settings:
+        if name not in _REPEATABLE and any(name == seen for seen, _ in settings):
             raise ConfigError(f"--node {text}: {name} is given twice")
-        settings[name] = value.strip()
+        settings.append((name, value.strip()))
     return NodeFlag(url, settings)

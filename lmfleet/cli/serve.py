@@ -243,8 +243,7 @@ def run(args: argparse.Namespace) -> int:
     nodes = [parse_node_flag(text) for text in args.nodes]
     fleet = LMFleet.attach(
         [node.url for node in nodes],
-        priorities=[node.priority for node in nodes],
-        speeds=[node.speed for node in nodes],
+        node_options={node.url: node.options() for node in nodes if node.settings},
         allow_empty=True,  # nodes may register later through POST /nodes/add
         options=fleet_options(args),
         strategy=args.strategy,

@@ -92,6 +92,7 @@ class Monitor:
         self._running: set[str] = set()
         self._seen: set[str] = set()
         self._next_metrics: dict[str, float] = {}  # url -> when to read /metrics next
+        self._next_own: dict[str, float] = {}  # url -> next probe (own interval)
         self._changed = anyio.Event()
         self._tasks: TaskGroup | None = None
 
@@ -114,7 +115,9 @@ class Monitor:
         twice per node, which is most of the cost of polling many nodes (each node
         is a different server, so probing them in step burdens none). A node whose
         previous probe is still running (a hung node, up to `timeout`) is skipped
-        that round.
+        that round. A node with its own interval (`NodeOptions.health_interval`) is
+        probed on its own schedule instead, and nodes with their own timeout in a
+        round of their own.
         """
         async with anyio.create_task_group() as tg:
             self._tasks = tg
@@ -125,21 +128,32 @@ class Monitor:
                 full_round = now >= next_round
                 if full_round:
                     next_round = now + self._interval()
-                urls = [state.url for state in self._registry.snapshot()]
+                states = self._registry.snapshot()
+                urls = [state.url for state in states]
                 self._seen.intersection_update(urls)
                 for gone in self._next_metrics.keys() - self._seen:
                     del self._next_metrics[gone]
-                due = [
-                    url
-                    for url in urls
-                    if url not in self._running and (full_round or url not in self._seen)
-                ]
-                if due:
+                for gone in self._next_own.keys() - self._seen:
+                    del self._next_own[gone]
+                rounds: dict[float, list[str]] = {}
+                for state in states:
+                    url, own = state.url, state.options
+                    if url in self._running:
+                        continue
+                    if own is not None and own.health_interval is not None:
+                        if url in self._seen and now < self._next_own.get(url, 0.0):
+                            continue
+                        self._next_own[url] = now + self._interval(own.health_interval)
+                    elif url in self._seen and not full_round:
+                        continue
+                    rounds.setdefault(self._timeout(state), []).append(url)
+                for timeout, due in rounds.items():
                     self._seen.update(due)
                     self._running.update(due)
-                    tg.start_soon(self._round, due)
+                    tg.start_soon(self._round, due, timeout)
                 self._changed = anyio.Event()
-                await self._nap(next_round - time.monotonic())
+                wake = min([next_round, *self._next_own.values()])
+                await self._nap(wake - time.monotonic())
 
     async def _nap(self, seconds: float) -> None:
         """Sleep `seconds` or until poked, whichever comes first.
@@ -161,12 +175,30 @@ class Monitor:
             tg.start_soon(timer)
             tg.start_soon(poked)
 
-    def _interval(self) -> float:
+    def _interval(self, every: float | None = None) -> float:
+        """`every` seconds (the fleet's interval by default), plus the jitter."""
         options = self._options
-        return options.interval * (1.0 + options.jitter * self._rng.random())
+        every = options.interval if every is None else every
+        return every * (1.0 + options.jitter * self._rng.random())
 
-    async def _round(self, urls: list[str]) -> None:
-        """Probe `urls` together; settle each node as its answer arrives.
+    def _timeout(self, state: NodeState) -> float:
+        """Seconds a probe or a confirmation of `state` may take: its own, else the fleet's."""
+        own = state.options
+        if own is not None and own.health_timeout is not None:
+            return own.health_timeout
+        return self._options.timeout
+
+    def _paths(self, state: NodeState, metrics: bool) -> tuple[str, ...]:
+        """The paths a round asks `state`: its health path (its own, else the
+        engine's), and `/metrics` beside it when `metrics`."""
+        own = state.options
+        if own is None or own.health_path is None:
+            return self._health_and_metrics if metrics else self._health
+        return (own.health_path, self._nodes.profile.metrics) if metrics else (own.health_path,)
+
+    async def _round(self, urls: list[str], timeout: float) -> None:
+        """Probe `urls` together, each probe up to `timeout` seconds; settle each node
+        as its answer arrives.
 
         A healthy node reads `/metrics` in the same round trip when due."""
         requests = []
@@ -177,11 +209,10 @@ class Monitor:
             except LookupError:
                 self._running.discard(url)
                 continue
-            if telemetry and state.status is NodeStatus.HEALTHY and self._metrics_due(url):
+            metrics = telemetry and state.status is NodeStatus.HEALTHY and self._metrics_due(url)
+            if metrics:
                 self._metrics_read(url)
-                requests.append(self._nodes.probe(state, self._health_and_metrics))
-            else:
-                requests.append(self._nodes.probe(state, self._health))
+            requests.append(self._nodes.probe(state, self._paths(state, metrics)))
         unanswered = {r.url for r in requests}
 
         def answered(request: ProbeRequest, result: Answers | ProbeError) -> None:
@@ -189,7 +220,7 @@ class Monitor:
             self._answered(request, result)  # releases the node, or its `_confirm` will
 
         try:
-            await self._prober.gather(requests, self._options.timeout, answered)
+            await self._prober.gather(requests, timeout, answered)
         finally:
             self._running.difference_update(unanswered)
 
@@ -239,16 +270,16 @@ class Monitor:
         metrics: tuple[int, bytes] | None,
     ) -> None:
         try:
-            options = self._options
+            timeout = self._timeout(state)
             message, models = probe.message, None
             if self._asks(url, state, target, metrics)[0]:
-                asleep = await self._nodes.is_sleeping(state, options.timeout)
+                asleep = await self._nodes.is_sleeping(state, timeout)
                 if asleep is not None:
                     target = NodeStatus.SLEEPING if asleep else NodeStatus.HEALTHY
             _, ask_models, ask_load = self._asks(url, state, target, metrics)
             if ask_models:
                 try:
-                    models = await self._nodes.models(state, options.timeout)
+                    models = await self._nodes.models(state, timeout)
                 except NodeCallError as exc:
                     target, message = NodeStatus.UNHEALTHY, str(exc)
                     ask_load = False
@@ -330,7 +361,7 @@ class Monitor:
         self._metrics_read(url)
         request = self._nodes.probe(state, (self._nodes.profile.metrics,))
         try:
-            ((status, body),) = await self._prober.get_many(request, self._options.timeout)
+            ((status, body),) = await self._prober.get_many(request, self._timeout(state))
         except ProbeError:
             return
         self._apply_metrics(url, status, body)

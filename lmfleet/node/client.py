@@ -44,21 +44,34 @@ class Node(Protocol):
     @property
     def api_key(self) -> str | None: ...
 
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]: ...
+
 
 class NodeAddress:
-    """A node's URL and key where no `NodeState` is at hand (a node just removed)."""
+    """A node's URL, key and headers where no `NodeState` is at hand (a node just removed)."""
 
-    __slots__ = ("api_key", "url")
+    __slots__ = ("api_key", "headers", "url")
 
-    def __init__(self, url: str, api_key: str | None = None) -> None:
+    def __init__(
+        self, url: str, api_key: str | None = None, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self.url = url
         self.api_key = api_key
+        self.headers = headers
 
 
 @functools.lru_cache(maxsize=256)
 def auth_headers(api_key: str | None) -> tuple[tuple[str, str], ...]:
     """The node's own key as a Bearer token, or nothing: the only place it is spelt."""
     return (("Authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def node_headers(node: Node) -> tuple[tuple[str, str], ...]:
+    """What every request to `node` carries: its key, then its own extra headers
+    (`NodeOptions`; one of those may be an `Authorization` of its own gateway)."""
+    extra = node.headers
+    return auth_headers(node.api_key) + extra if extra else auth_headers(node.api_key)
 
 
 class NodeCallError(NodeCommandError):
@@ -139,7 +152,7 @@ class NodeClient:
         url = self._urls(node.url, request.url.raw_path)
         request.url = url
         request.headers["Host"] = url.netloc.decode("ascii")
-        for name, value in auth_headers(node.api_key):
+        for name, value in node_headers(node):
             request.headers[name] = value
 
     def request(
@@ -155,7 +168,7 @@ class NodeClient:
         """A command to `node`, ready to send (by `call`, or by a transport's step).
         `timeout`: seconds for every phase, or httpx2's per-phase mapping (a routed
         request's own timeouts, when the command stands in for it)."""
-        headers = dict(auth_headers(node.api_key))
+        headers = dict(node_headers(node))
         if json is not None or method == "POST":
             # LMDeploy answers /sleep and /wakeup, which have no body, 400 without it.
             headers["Content-Type"] = "application/json"
@@ -170,7 +183,7 @@ class NodeClient:
 
     def probe(self, node: Node, paths: tuple[str, ...]) -> ProbeRequest:
         """GETs of `paths` for the prober, with the node's key."""
-        return ProbeRequest(node.url, paths, auth_headers(node.api_key))
+        return ProbeRequest(node.url, paths, node_headers(node))
 
     # -- sending ----------------------------------------------------------------
 

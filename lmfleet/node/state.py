@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
+from lmfleet.config import NodeOptions
 from lmfleet.errors import ConfigError
 from lmfleet.node.load import NodeLoad
 
@@ -98,6 +99,10 @@ class NodeState:
     """Weight updates that put the node to sleep with `in_flight="continue"`: a
     generation it aborts after this grew (since its lease) goes on elsewhere."""
     api_key: str | None = field(default=None, repr=False, compare=False)
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
+    """Extra headers sent with every request to the node (`NodeOptions`; secret)."""
+    options: NodeOptions | None = field(default=None, compare=False)
+    """The node's own settings as given (secrets masked in any repr), None: the fleet's."""
 
     @property
     def announced(self) -> bool:

@@ -6,6 +6,7 @@ Node API keys never appear here: `NodeSnapshot` has no field for them.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -140,6 +141,10 @@ class NodeSnapshot(BaseModel):
     speed: float | None = None
     priority: int = 0
     """Its tier: higher is preferred (lmfleet/routing/tiers.py)."""
+    settings: dict[str, Any] = {}
+    """Its own settings (`NodeOptions.shown()`): health path, interval and timeout, the
+    environment variables its secrets come from, the names of its extra headers; never
+    a secret's value."""
     pace: float | None = None
     weight_version: int = 0
     """The weight version the fleet recorded for it (RL weight updates)."""
@@ -190,6 +195,7 @@ class NodeSnapshot(BaseModel):
             prefix_hit_rate=load.prefix_hit_rate if load is not None else None,
             speed=state.speed,
             priority=state.priority,
+            settings=state.options.shown() if state.options is not None else {},
             weight_version=state.weight_version,
             quarantine=state.quarantine,
             pace=load.pace if load is not None else None,

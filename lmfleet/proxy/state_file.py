@@ -6,14 +6,17 @@ a restarted proxy serves nothing until every node is restarted by hand. `lmfleet
 serve` keeps its list in `state_path(dir, port)` (by default under the per-user XDG
 state directory), `fleet.serve()` only when given `state_file=`.
 
-What is kept per node: URL, role, models, speed, priority, weight version, and whether it uses
-the fleet's node key (a reference, never the key itself: keys stay in the flags and
-the environment). The file is rewritten atomically (a temporary file, then
-`os.replace`) whenever what it would hold changes: at once for `/nodes/add` and
-`/nodes/remove`, within `KEEP_EVERY` seconds for what the fleet learns by itself
-(models, weight versions). A reloaded node is added as `starting` and probed before
-any request goes to it. A file that cannot be read as a node list (truncated,
-foreign) is a `ConfigError` naming it, never silently replaced.
+What is kept per node: URL, role, models, speed, priority, weight version, whether
+it uses the fleet's node key (a reference, never the key itself: keys stay in the
+flags and the environment), and its own settings (`NodeOptions.persisted()`: the
+names of the environment variables its key and headers come from, read again on
+reload, never their values; a key or header given as a value is not kept). The file
+is rewritten atomically (a temporary file, then `os.replace`) whenever what it would
+hold changes: at once for `/nodes/add` and `/nodes/remove`, within `KEEP_EVERY`
+seconds for what the fleet learns by itself (models, weight versions). A reloaded
+node is added as `starting` and probed before any request goes to it. A file that
+cannot be read as a node list (truncated, foreign) is a `ConfigError` naming it,
+never silently replaced.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from lmfleet.config import NodeOptions
 from lmfleet.errors import ConfigError, LMFleetError
 from lmfleet.jobs.files import write_atomically
 from lmfleet.node.state import NodeRole
@@ -61,6 +65,11 @@ def state_path(directory: Path, port: int) -> Path:
     return directory / f"serve-{port}.json"
 
 
+def _own_key(options: NodeOptions | None) -> bool:
+    """Whether the node's key is its own (`NodeOptions`), not the fleet's."""
+    return options is not None and (options.api_key is not None or bool(options.api_key_env))
+
+
 def render(fleet: FleetSurface) -> str:
     """The file's text for the fleet's nodes now (compared to skip needless writes)."""
     nodes = [
@@ -71,7 +80,8 @@ def render(fleet: FleetSurface) -> str:
             "speed": s.speed,
             "priority": s.priority,
             "weight_version": s.weight_version,
-            "key": FLEET_KEY if s.api_key else None,
+            "key": FLEET_KEY if s.api_key and not _own_key(s.options) else None,
+            **({"options": s.options.persisted()} if s.options is not None else {}),
         }
         for s in sorted(fleet.registry.snapshot(), key=lambda s: s.url)
     ]
@@ -135,6 +145,7 @@ def load(path: Path, entries: list[dict[str, Any]], fleet: FleetSurface) -> int:
                 registered=True,
                 speed=entry.get("speed"),
                 priority=entry.get("priority"),
+                options=entry.get("options"),
                 weight_version=int(version) if version is not None else None,
                 origin=origin,
             )

@@ -53,6 +53,7 @@ class SimApp:
         self.options = options
         self.runtime = NodeRuntime(options)
         self._keys = frozenset(k.encode() for k in options.api_keys)
+        self._recorded = tuple(name.lower().encode() for name in options.record_headers)
         self._routes: dict[str, dict[str, routes.Handler]] = {
             "/health": {"GET": routes.health},
             "/v1/models": {"GET": routes.models},
@@ -87,6 +88,10 @@ class SimApp:
         stats = self.runtime.stats
         stats.requests_total += 1
         stats.by_path[path] += 1
+        for name in self._recorded:
+            value = asgi.header(scope, name)
+            if value is not None:
+                stats.headers[name.decode()][value.decode("latin-1")] += 1
         if path in SLEEP_GATED and scope["method"] == "POST" and self.runtime.is_sleeping:
             await asgi.send_bytes(send, 503, SLEEPING)
             return

@@ -7,7 +7,7 @@ from the event loop thread, so it needs no lock.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -41,6 +41,8 @@ class Stats:
 
     requests_total: int = 0
     by_path: Counter[str] = field(default_factory=Counter)
+    headers: defaultdict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    """Requests seen with each value of each `--record-headers` header."""
     inflight: int = 0
     streaming: int = 0  # of those, streamed responses past their first chunk
     max_inflight: int = 0
@@ -201,6 +203,7 @@ class NodeRuntime:
         return {
             "requests_total": stats.requests_total,
             "by_path": dict(stats.by_path),
+            "headers": {name: dict(values) for name, values in stats.headers.items()},
             "inflight": stats.inflight,
             "streaming": stats.streaming,
             "max_inflight": stats.max_inflight,

@@ -62,6 +62,16 @@ class SimOptions(BaseModel):
             absent="default: no key needed",
         ),
     ] = ()
+    record_headers: Annotated[
+        tuple[str, ...],
+        Flag(
+            "--record-headers",
+            help="count each value of these request headers in /sim/stats' headers (tests "
+            "check what reached which node)",
+            metavar="NAME",
+            absent="default: none",
+        ),
+    ] = ()
     proxy_url: Annotated[
         str | None,
         Flag(

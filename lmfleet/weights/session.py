@@ -68,6 +68,8 @@ class UpdateTarget:
     api_key: str | None = field(repr=False)
     tp: int = 1
     """Tensor-parallel size (a launched node's `--tp`; 1 when not known)."""
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    """The node's own extra headers (`NodeOptions`), sent with its key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +115,8 @@ class UpdateSession:
         self.level = level
         self.allow_mixed = allow_mixed
         self.targets = tuple(
-            UpdateTarget(n.url, n.api_key, tp_size(updater.argv_of(n.url))) for n in nodes
+            UpdateTarget(n.url, n.api_key, tp_size(updater.argv_of(n.url)), n.headers)
+            for n in nodes
         )
         self.failed: dict[str, str] = {}
         self._verified: set[str] = set()

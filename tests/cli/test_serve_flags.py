@@ -274,3 +274,28 @@ def test_model_alias_and_unify_flags_reach_the_fleet() -> None:
     assert keywords["unify_models"] is True
     done = run_lmfleet("serve", "--model-alias", "i7", "--port", "0")
     assert done.returncode == 2 and "expected NAME=REAL[,REAL...]" in done.stderr
+
+
+def test_a_node_flag_takes_its_key_and_headers_from_the_environment(
+    console: Callable[..., Console], start_sim: StartSim
+) -> None:
+    key, team = "sk-only-this-node-42", "team-value-secret"
+    node = start_sim("--fast", "--api-keys", key, "--record-headers", "X-Team")
+    proxy = console(
+        "serve", "--node",
+        f"{node.url},key-env=THE_NODE_KEY,header-env=X-Team:THE_TEAM,health-interval=0.2",
+        "--port", "0",
+        env={"THE_NODE_KEY": key, "THE_TEAM": team},
+    )  # fmt: skip
+    url = proxy.wait_for(r"lmfleet proxy on (http://\S+)").group(1)
+    wait_until(lambda: httpx2.get(url + "/readiness", timeout=5).status_code == 200)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert reply.choices[0].message.content
+    assert team in sim_stats(node.url, key)["headers"]["x-team"]
+    status = httpx2.get(url + "/nodes/status", timeout=5).text
+    assert "THE_NODE_KEY" in status and key not in status and team not in status
+    assert proxy.stop(signal.SIGTERM) == 0, proxy
+    assert key not in str(proxy) and team not in str(proxy)

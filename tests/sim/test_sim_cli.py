@@ -81,7 +81,7 @@ def test_the_flags_and_their_lmdeploy_spellings_stay() -> None:
     sim |= {"--update-seconds-per-gb", "--output-tokens", "--output-tokens-max"}
     sim |= {"--startup-delay", "--initializing-for", "--error-rate", "--error-status", "--hang"}
     sim |= {"--hang-after-head", "--hang-health", "--crash-after", "--drop-stream-after"}
-    sim |= {"--stall-stream-after"}
+    sim |= {"--stall-stream-after", "--record-headers"}
     sim |= {"--unhealthy", "--update-weights-error", "--health-poll-interval"}
     assert names == lmdeploy | sim | {"-h", "--help", "--debug"}
 
