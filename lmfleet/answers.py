@@ -140,6 +140,8 @@ UNKNOWN_MODEL = Answer("unknown_model", 404, "not_found_error")
 """Decided by the router before any node is asked; clients get `openai.NotFoundError`."""
 BAD_VERSION = Answer("bad_version", 400, "invalid_request_error")
 """A weight-version ask that is no integer; clients get `openai.BadRequestError`."""
+BAD_PRIORITY = Answer("bad_priority", 400, "invalid_request_error")
+"""A request priority that is no integer (lmfleet/priority.py); `openai.BadRequestError`."""
 
 # -- the proxy's own: the request as it arrived, and its admin routes ----------------
 BAD_JSON = Answer("bad_json", 400, "invalid_request_error")
@@ -187,6 +189,7 @@ ROWS: tuple[Answer, ...] = (
     INTERRUPTED_TIMEOUT,
     UNKNOWN_MODEL,
     BAD_VERSION,
+    BAD_PRIORITY,
     BAD_JSON,
     BODY_TOO_LARGE,
     BODY_TIMEOUT,

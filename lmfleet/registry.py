@@ -9,6 +9,7 @@ operations; no I/O ever happens under the lock.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import math
 import random
@@ -25,6 +26,7 @@ from lmfleet.node import outliers
 from lmfleet.node.names import model_names
 from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeRole, NodeState, NodeStatus
+from lmfleet.priority import effective, rank
 from lmfleet.routing.base import Decision, RequestInfo, Strategy, explain_pick
 from lmfleet.routing.tiers import DEFAULT_PRIORITY, TierChoice, choose_tier
 
@@ -150,6 +152,10 @@ class NodeRegistry:
         # becoming healthy): one float per node, written where the lock is held anyway.
         self._active: dict[str, float] = {}
         self._waiting = 0
+        self._waiters: dict[int, tuple[float, str | None]] = {}  # ticket -> (rank, model)
+        self._tickets = itertools.count(1)
+        self.held_back = 0
+        """Times a background request found every node full and waited (lmfleet/priority.py)."""
         self._bringing: dict[int, int] = {}  # weight version -> updates bringing it now
         self._sessions: dict[str, tuple[str, int]] = {}  # request id -> (node, engine session)
         self.spill_margin = spill_margin
@@ -301,18 +307,36 @@ class NodeRegistry:
     # -- routing ------------------------------------------------------------------
 
     def lease(
-        self, strategy: Strategy, request: RequestInfo, avoid: Collection[str] = ()
+        self,
+        strategy: Strategy,
+        request: RequestInfo,
+        avoid: Collection[str] = (),
+        *,
+        ticket: int | None = None,
+        since: float | None = None,
     ) -> NodeState | None:
         """Pick an eligible node and count one more request in flight on it.
 
         Nodes in `avoid` (already tried by failover) are used only when nothing
-        else is eligible. None means no node is eligible at all.
+        else is eligible. None means no node is eligible at all, or not for this
+        request yet (lmfleet/priority.py): a waiting request of a higher effective
+        priority for the same model goes first, and a background one (negative
+        effective priority) is not sent to a full node. `ticket`: the request's
+        place in the admission queue, waiting since `since`.
         """
         readmitted: list[tuple[NodeState, NodeState]] = []
         with self._lock:
-            if self._next_readmit <= time.monotonic():
-                readmitted = self._readmit_due(time.monotonic())
+            now = time.monotonic()
+            if self._next_readmit <= now:
+                readmitted = self._readmit_due(now)
+            waited = now if since is None else since
+            if self._waiters and self._behind(request, ticket, rank(request.priority, waited)):
+                return None
             eligible, panic = self._eligible(request)
+            if request.priority < 0 and eligible and effective(request.priority, waited, now) < 0:
+                room = [s for s in eligible if not _full(s, now)]
+                self.held_back += not room
+                eligible = room
             self.panics += panic
             if avoid and eligible:
                 fresh = [s for s in eligible if s.url not in avoid]
@@ -554,19 +578,41 @@ class NodeRegistry:
         """Requests waiting for an eligible node now, over every client and the proxy."""
         return self._waiting
 
-    def enter_queue(self, limit: int) -> bool:
-        """Count one more request as waiting for a node; False (not counted) when
-        `limit` already wait. Every True must be matched by one `leave_queue()`."""
+    def enter_queue(
+        self, limit: int, request: RequestInfo | None = None, since: float = 0.0
+    ) -> int | None:
+        """Count one more request as waiting for a node, from `since`: its ticket, or
+        None (not counted) when `limit` already wait. Every ticket must be given back
+        by one `leave_queue(ticket)`."""
         with self._lock:
             if self._waiting >= limit:
-                return False
+                return None
             self._waiting += 1
-            return True
+            ticket = next(self._tickets)
+            if request is not None:
+                self._waiters[ticket] = (rank(request.priority, since), request.model)
+            return ticket
 
-    def leave_queue(self) -> None:
+    def leave_queue(self, ticket: int | None = None) -> None:
         """A waiting request got its node, gave up or was abandoned."""
         with self._lock:
             self._waiting -= 1
+            self._waiters.pop(ticket or 0, None)
+
+    def serving_now(self, request: RequestInfo) -> bool:
+        """Whether a healthy node serves `request` (full, or wanted first by a higher
+        priority, perhaps: a request that waits for its turn, not for a node)."""
+        with self._lock:
+            return bool(self._serving(request, NodeStatus.HEALTHY))
+
+    def _behind(self, request: RequestInfo, ticket: int | None, place: float) -> bool:
+        """Whether another waiting request for the same model goes before one at
+        `place` (its `priority.rank`); under the lock."""
+        model = request.model
+        return any(
+            other < place and their_model == model and their_ticket != ticket
+            for their_ticket, (other, their_model) in self._waiters.items()
+        )
 
     # -- what a waiting request may still get --------------------------------------------
 
@@ -663,6 +709,16 @@ class NodeRegistry:
 
 _WORSE = frozenset({NodeStatus.UNHEALTHY, NodeStatus.EJECTED})
 """Changes an operator must notice: logged at WARNING; every other one at INFO."""
+
+
+def _full(state: NodeState, now: float) -> bool:
+    """Whether the node holds as many requests as its batch runs (`NodeState.capacity`),
+    every client's: one more would wait in its engine's queue."""
+    capacity = state.capacity
+    if capacity is None:
+        return False
+    held = state.inflight + (state.load.others(now) if state.load is not None else 0.0)
+    return held >= capacity
 
 
 def _log_added(state: NodeState, origin: str | None) -> None:

@@ -117,6 +117,11 @@ SCENARIOS = {
         headers={"x-lmfleet-weight-version": "three"},
         client_sees=openai.BadRequestError,
     ),
+    "bad_priority": Scenario(
+        answers.BAD_PRIORITY,
+        headers={"x-lmfleet-priority": "urgent"},
+        client_sees=openai.BadRequestError,
+    ),
     "interrupted": Scenario(
         answers.INTERRUPTED,
         sim=(*FAST, "--drop-stream-after", "2", "--output-tokens", "50"),

@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lmfleet.node.views",
             "lmfleet.node.profile",
             "lmfleet.node.names",
+            "lmfleet.priority",
             "lmfleet.monitor.judge",
         ),
     ),

@@ -20,6 +20,7 @@ from lmfleet.config import SHORTCUTS, FleetOptions, add_flags, given, with_value
 from lmfleet.errors import ConfigError, require_serve
 from lmfleet.logs import configure_logging as setup_logging
 from lmfleet.node.names import parse_alias_flag
+from lmfleet.priority import parse_priority
 from lmfleet.proxy.options import ProxyOptions
 from lmfleet.proxy.state_file import default_dir, state_path
 from lmfleet.routing import DEFAULT_STRATEGY
@@ -89,6 +90,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help="keys clients must send as 'Authorization: Bearer KEY' (or LMFLEET_API_KEYS; "
         "default: none, no key needed)",
+    )
+    add(
+        "--key-priority",
+        dest="key_priorities",
+        action="append",
+        default=[],
+        metavar="KEY=N",
+        help="the default request priority of a client key (repeat): e.g. a batch job's "
+        "key at -1 waits while the nodes are full, behind interactive requests",
     )
     add(
         "--ssl",
@@ -178,6 +188,18 @@ def state_file_of(args: argparse.Namespace) -> Path | None:
     return state_path(args.state_dir or default_dir(), args.port)
 
 
+def _key_priority(text: str) -> tuple[str, int]:
+    """`--key-priority KEY=N` -> (KEY, N); `ConfigError` otherwise (the key itself is
+    never repeated in the message)."""
+    key, sep, value = text.rpartition("=")
+    try:
+        if not sep or not key:
+            raise ValueError
+        return key, parse_priority(value, "--key-priority")
+    except ValueError:
+        raise ConfigError("--key-priority expects KEY=N, N an integer priority") from None
+
+
 def proxy_options(args: argparse.Namespace) -> ProxyOptions:
     """The proxy's options from the flags (client keys also from `LMFLEET_API_KEYS`)."""
     values = given(args, ProxyOptions)
@@ -185,6 +207,7 @@ def proxy_options(args: argparse.Namespace) -> ProxyOptions:
     if keys is None and os.environ.get("LMFLEET_API_KEYS"):
         keys = os.environ["LMFLEET_API_KEYS"].split(",")
     values[("api_keys",)] = tuple(k for k in keys or () if k)
+    values[("key_priorities",)] = dict(_key_priority(text) for text in args.key_priorities)
     values[("state_file",)] = state = state_file_of(args)
     if state is not None:  # the Batch API's files and jobs, beside the node list
         values[("jobs_dir",)] = state.with_suffix(".jobs")

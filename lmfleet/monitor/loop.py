@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from lmfleet.config import HealthOptions
 from lmfleet.monitor.judge import ANSWERED, FINAL, Probe, health_answer, judge, unreachable
 from lmfleet.node.client import NodeCallError, NodeClient
-from lmfleet.node.load import parse_metrics
+from lmfleet.node.load import next_capacity, parse_metrics
 from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.registry import NodeRegistry
 from lmfleet.wire.prober import Answers, ProbeError, Prober, ProbeRequest
@@ -382,4 +382,7 @@ class Monitor:
             )
         if load is None:
             self._next_metrics[url] = time.monotonic() + NO_METRICS_RETRY
-        self._registry.modify(url, lambda state: state.evolve(load=load))
+        self._registry.modify(
+            url,
+            lambda state: state.evolve(load=load, capacity=next_capacity(state.capacity, load)),
+        )

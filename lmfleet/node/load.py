@@ -188,3 +188,16 @@ def _pace(
     made = fade * old.paced_tokens + tokens
     pace = busy / made if made >= PACE_MIN_TOKENS and busy > 0.0 else old.pace
     return pace, busy, made
+
+
+def next_capacity(old: float | None, load: NodeLoad | None) -> float | None:
+    """The node's batch capacity after `load`: the requests it ran while others waited
+    in its engine (its batch was full), or more when it runs more without a queue;
+    `old` when the report says neither."""
+    if load is None:
+        return old
+    if load.waiting > 0 and load.running > 0:
+        return load.running
+    if old is not None and load.running > old:
+        return load.running
+    return old

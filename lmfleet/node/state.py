@@ -95,6 +95,10 @@ class NodeState:
     """Its tier (`attach(priorities=)`; higher is preferred: lmfleet/routing/tiers.py)."""
     weight_version: int = 0
     quarantine: str = ""
+    capacity: float | None = None
+    """Requests the node runs at once, as its `/metrics` showed when it last had a
+    queue (`node.load.next_capacity`); None until then. A background request
+    (lmfleet/priority.py) is not sent while the node holds that many."""
     cuts: int = 0
     """Weight updates that put the node to sleep with `in_flight="continue"`: a
     generation it aborts after this grew (since its lease) goes on elsewhere."""

@@ -39,6 +39,7 @@ from lmfleet.errors import ConfigError, NoHealthyNodeError, install_hint
 from lmfleet.jobs.adaptive import START_PER_NODE, AdaptiveConcurrency, Signals
 from lmfleet.jobs.journal import Journal, JournalMode, item_key
 from lmfleet.jobs.results import LOADERS, Answered, BatchResult, ItemError, Segments
+from lmfleet.priority import PRIORITY_HEADER
 from lmfleet.transport.continuation import VERSIONS_HEADER, parse_versions
 from lmfleet.transport.plan import SERVED_VERSION_HEADER
 from lmfleet.transport.router import MAX_STALENESS_HEADER, WEIGHT_VERSION_HEADER
@@ -299,6 +300,19 @@ def bound_staleness(k: int | None, params: dict[str, Any]) -> None:
     params["extra_headers"] = {**(params.get("extra_headers") or {}), MAX_STALENESS_HEADER: str(k)}
 
 
+def ask_priority(priority: int | None, params: dict[str, Any]) -> None:
+    """Add the priority header to `params`: every request of the batch waits behind
+    higher priorities, and a negative one waits in the fleet for room in a full node."""
+    if priority is None:
+        return
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ConfigError(f"priority must be an integer (higher goes first), got {priority!r}")
+    params["extra_headers"] = {
+        **(params.get("extra_headers") or {}),
+        PRIORITY_HEADER: str(priority),
+    }
+
+
 def _node_of(url: Any) -> str:
     """The node URL (`http://host:port`) a routed response came from."""
     port = f":{url.port}" if url.port is not None else ""
@@ -321,6 +335,8 @@ class BatchOptions:
     journal_mode: JournalMode = "resume"
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     """The bound of `concurrency="auto"`."""
+    priority: int | None = None
+    """Every request's priority (lmfleet/priority.py); None: the default."""
 
 
 class _Answer(Protocol):
@@ -375,6 +391,7 @@ async def run_requests(
     params = dict(options.params)
     pin_version(fleet, options.weight_version, params)
     bound_staleness(options.max_staleness, params)
+    ask_priority(options.priority, params)
     chosen = options.model or fleet.model
     client = fleet.async_client(max_retries=0)  # the batch owns item retries
 

@@ -50,6 +50,7 @@ class NotebookMethods:
         journal: str | os.PathLike[str] | None = None,
         journal_mode: JournalMode = "resume",
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        priority: int | None = None,
         **params: Any,
     ) -> BatchResult[ChatCompletion]:
         """Chat completions for every message list, in input order, never raising mid-batch.
@@ -76,6 +77,11 @@ class NotebookMethods:
         in their `/metrics` or a node answers 429/503 (jobs/adaptive.py), up to
         `max_concurrency`; an interactive client beside the batch is not left waiting
         behind a queue the batch filled.
+
+        `priority` is every request's (lmfleet/priority.py): a batch at -1 waits in
+        the fleet while the nodes' batches are full, so that interactive requests (at
+        the default 0) beside it, from this fleet's clients or through its proxy, meet
+        no queue of the batch's in the nodes.
         """
         options = BatchOptions(
             model,
@@ -88,6 +94,7 @@ class NotebookMethods:
             journal,
             journal_mode,
             max_concurrency,
+            priority,
         )
         return await batch.run_requests(self._open_fleet(), batch.CHAT, messages_list, options)
 
@@ -108,6 +115,7 @@ class NotebookMethods:
         journal: str | os.PathLike[str] | None = None,
         journal_mode: JournalMode = "resume",
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        priority: int | None = None,
         **params: Any,
     ) -> BatchResult[Completion]:
         """`achat_many` for plain prompts (`/v1/completions`); `fleet.complete_many(...)`
@@ -123,6 +131,7 @@ class NotebookMethods:
             journal,
             journal_mode,
             max_concurrency,
+            priority,
         )
         return await batch.run_requests(self._open_fleet(), batch.COMPLETIONS, prompts, options)
 

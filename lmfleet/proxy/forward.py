@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -31,6 +32,7 @@ from lmfleet.errors import (
     FleetBusyError,
     RoutingError,
 )
+from lmfleet.priority import PRIORITY_FIELD, PRIORITY_HEADER
 from lmfleet.proxy.asgi import (
     BodyTimeout,
     BodyTooLarge,
@@ -78,9 +80,23 @@ EVENT_END = (b"\n\n", b"\r\n\r\n", b"\r\r")
 """What the last chunk ends with when it ends an event (SSE dispatches on a blank line)."""
 
 
-def _request_headers(scope: Scope, drop_auth: bool) -> list[tuple[bytes, bytes]]:
+PRIORITY_HEADER_BYTES = PRIORITY_HEADER.encode()
+
+
+def _request_headers(
+    scope: Scope, drop_auth: bool, priorities: Mapping[bytes, bytes], body: object
+) -> list[tuple[bytes, bytes]]:
+    """The caller's headers for the node: hop-by-hop ones and the proxy's own key
+    dropped, and the default priority of the caller's key (`key_priorities`) added
+    when the request gives none (no header, no field in its parsed `body`)."""
     drop = HOP_BY_HOP | {b"authorization"} if drop_auth else HOP_BY_HOP
-    return [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
+    if priorities and not (isinstance(body, dict) and PRIORITY_FIELD in body):
+        given = dict((k.lower(), v) for k, v in scope["headers"])
+        default = priorities.get(given.get(b"authorization", b""))
+        if default is not None and PRIORITY_HEADER_BYTES not in given:
+            headers.append((PRIORITY_HEADER_BYTES, default))
+    return headers
 
 
 def _parse(scope: Scope, body: bytes) -> tuple[dict[str, Any], str | None]:
@@ -145,7 +161,9 @@ async def _read_request(
     return httpx2.Request(
         scope["method"],
         _placeholder_url(rt, scope),
-        headers=_request_headers(scope, bool(rt.options.api_keys)),
+        headers=_request_headers(
+            scope, bool(rt.options.api_keys), rt.key_priorities, parsed.get(PARSED_BODY)
+        ),
         content=body,
         # The `timeout` extension is the proxy's upstream timeout; the caller's own
         # (its headers) bounds its wait for a node.

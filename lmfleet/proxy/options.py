@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 
@@ -42,6 +42,11 @@ class ProxyOptions(BaseModel):
     ] = Field(default=8000, ge=0, le=65535, description="0 picks a free port")
     api_keys: tuple[str, ...] = Field(
         default=(), description="client keys (Bearer); empty means no auth"
+    )
+    key_priorities: dict[str, int] = Field(
+        default_factory=dict,
+        description="a default request priority per client key (lmfleet/priority.py): a "
+        "request sent with that key and no priority of its own gets it",
     )
     admin_keys: Annotated[
         tuple[str, ...],
@@ -119,6 +124,8 @@ class ServeKeywords(TypedDict, total=False):
 
     api_keys: Sequence[str]
     """Keys clients must send (Bearer); the nodes' key stays the fleet's `api_key`."""
+    key_priorities: Mapping[str, int]
+    """A default request priority per client key (a batch job's key at -1)."""
     state_file: str | Path
     """JSON file that keeps registered nodes across proxy restarts."""
     max_body_bytes: int

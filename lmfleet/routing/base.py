@@ -36,7 +36,8 @@ class RequestInfo:
     must not mix versions), `min_weight_version` for at least that one, and
     `max_staleness` for nodes within that many versions of the newest in the fleet
     (asynchronous RL: rollouts keep flowing through a rolling update, off-policy by
-    at most k versions).
+    at most k versions). `priority`: the request's (lmfleet/priority.py; higher goes
+    first when requests wait, and a negative one is not sent to a full node).
     """
 
     model: str | None = None
@@ -45,6 +46,7 @@ class RequestInfo:
     weight_version: int | None = None
     min_weight_version: int | None = None
     max_staleness: int | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -226,17 +226,25 @@ class Attempts:
         proxy client does). With the queue full it is refused at once
         (`FleetBusyError`): waiting requests cost memory and a poll each, so their
         number is bounded rather than left to grow with the load.
+
+        A request that waits only for its turn (lmfleet/priority.py: a higher
+        priority goes first, a background one waits for room in a full node) has
+        healthy nodes: `wait_for_node` does not bound it, only the caller's timeout,
+        and aging sees that its turn comes.
         """
         routing = self.routing
-        queued = False
+        ticket: int | None = None
+        since: float | None = None
         try:
             while True:
-                node = routing.registry.lease(strategy, info, tried)
+                node = routing.registry.lease(strategy, info, tried, ticket=ticket, since=since)
                 if node is not None:
                     tried.append(node.url)
                     self.count += 1
                     return node, Accounting(routing.registry, node.url)
                 now = time.monotonic()
+                if since is None:
+                    since = now
                 if self._deadline is None:
                     self._deadline = now + self._wait_for(routing.options.wait_for_node)
                 if self._give_up is not None and (why := self._give_up()) is not None:
@@ -250,19 +258,27 @@ class Attempts:
                             request=self.request,
                         )
                     routing.starved(info)
-                if now >= self._deadline:
+                if now >= self._deadline and not self._in_turn(info, now, since):
                     raise NoHealthyNodeError(
                         f"no healthy {_wanted(info)} within {self._waited()}; "
                         f"nodes: {self._describe_nodes()}",
                         request=self.request,
                     )
-                if not queued:
-                    self._enter_queue(info)
-                    queued = True
+                if ticket is None:
+                    ticket = self._enter_queue(info, since)
                 yield Pause(POLL_INTERVAL)
         finally:
-            if queued:
-                routing.registry.leave_queue()
+            if ticket is not None:
+                routing.registry.leave_queue(ticket)
+
+    def _in_turn(self, info: RequestInfo, now: float, since: float) -> bool:
+        """Whether the request waits only for its turn (a node would take it, but a
+        higher priority goes first, or it is background and every node is full), and
+        the caller's own timeout has not passed: then it goes on waiting."""
+        caller = self._caller
+        if caller is not None and now >= since + caller:
+            return False
+        return self.routing.registry.serving_now(info)
 
     @functools.cached_property
     def _caller(self) -> float | None:
@@ -280,11 +296,12 @@ class Attempts:
             return f"{self._caller:g} s (the caller's timeout; wait_for_node={wait_for_node:g})"
         return f"{wait_for_node:g} s"
 
-    def _enter_queue(self, info: RequestInfo) -> None:
-        """Take a place in the admission queue, or raise `FleetBusyError`."""
+    def _enter_queue(self, info: RequestInfo, since: float) -> int:
+        """Take a place in the admission queue (its ticket), or raise `FleetBusyError`."""
         registry, limit = self.routing.registry, self.routing.options.admission_queue
-        if registry.enter_queue(limit):
-            return
+        ticket = registry.enter_queue(limit, info, since)
+        if ticket is not None:
+            return ticket
         error = FleetBusyError(
             f"the fleet is busy: the admission queue is full ({registry.waiting} request(s) "
             f"already wait for a {_wanted(info)}; routing.admission_queue={limit}); "

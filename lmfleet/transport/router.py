@@ -15,11 +15,12 @@ from typing import Any, Protocol
 
 import httpx2
 
-from lmfleet.answers import BAD_VERSION, UNKNOWN_MODEL
+from lmfleet.answers import BAD_PRIORITY, BAD_VERSION, UNKNOWN_MODEL
 from lmfleet.config import RoutingOptions
 from lmfleet.errors import FleetClosedError
 from lmfleet.node.client import NodeClient
 from lmfleet.node.state import NodeRole
+from lmfleet.priority import PRIORITY, PRIORITY_FIELD, PRIORITY_HEADER, parse_priority
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy, as_base_strategy
 from lmfleet.transport import models as fleet_models
@@ -62,6 +63,7 @@ _ASKS = tuple((field, header, header.encode()) for field, header in _VERSION_FIE
 """Each ask's field, header and header as sent (bytes), spelt out once."""
 _ASK_PREFIX = b"x-lmfleet-"
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
+_PRIORITY = PRIORITY_HEADER.encode()
 
 
 class Plan(Protocol):
@@ -167,6 +169,18 @@ class Router:
             plan = RequestPlan(self.routing, request, info)
             plan.immediate = error_answer(request, BAD_VERSION, str(exc))
             return plan
+        priority = 0
+        if (raw := asked.get(_PRIORITY)) is not None or (
+            body is not None and (raw := body.get(PRIORITY_FIELD)) is not None
+        ):
+            where = PRIORITY_HEADER if _PRIORITY in asked else PRIORITY_FIELD
+            try:
+                priority = parse_priority(raw, where)
+            except ValueError as exc:
+                plan = RequestPlan(self.routing, request, RequestInfo(role=role))
+                plan.immediate = error_answer(request, BAD_PRIORITY, str(exc))
+                return plan
+            request.extensions[PRIORITY] = priority  # the upstream pool's order
         # With one model served (and no alias) every node qualifies: no need to filter.
         info = RequestInfo(
             model=model if len(models) > 1 else None,
@@ -175,6 +189,7 @@ class Router:
             weight_version=exact,
             min_weight_version=floor,
             max_staleness=stale,
+            priority=priority,
         )
         if body is not None and wants_scoring(request, body):
             plan = ScoringPlan(self.routing, request, info, body)
@@ -233,9 +248,14 @@ def _names_model(content: bytes, model: str) -> bool:
 
 
 def _may_ask_version(content: bytes) -> bool:
-    """Whether an unparsed body may name a weight version or a staleness (a substring
-    test, as in `_names_model`: parsing every body to look would cost more than routing)."""
-    return b'weight_version"' in content or b'max_staleness"' in content
+    """Whether an unparsed body may name a weight version, a staleness or a priority (a
+    substring test, as in `_names_model`: parsing every body to look would cost more
+    than routing)."""
+    return (
+        b'weight_version"' in content
+        or b'max_staleness"' in content
+        or b'lmfleet_priority"' in content
+    )
 
 
 def _version_asks(

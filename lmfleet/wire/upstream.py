@@ -37,14 +37,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import ssl
-from collections import deque
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
 import httpx2
 
+from lmfleet.priority import PRIORITY, rank
 from lmfleet.wire.codec import Http1Error, ResponseParser, encode_request_head
 
 READ_SIZE = 64 * 1024
@@ -128,6 +131,11 @@ class _Watchdog:
         self._handle.cancel()
 
 
+_Waiter = tuple[float, int, Origin, "asyncio.Future[_Conn | None]"]
+"""A request waiting for a connection: (its `priority.rank`, its arrival, its origin,
+the future a connection or a slot is handed through)."""
+
+
 class Http11Transport(httpx2.AsyncBaseTransport):
     """Keep-alive HTTP/1.1 to a set of nodes: at most `max_connections` open at once.
 
@@ -136,7 +144,8 @@ class Http11Transport(httpx2.AsyncBaseTransport):
     `_checkout` until its response body takes it over (`_Body`), and then to the
     body until it is closed, when the connection goes back idle or is closed.
     Requests that find no slot queue in `_waiters`; a freed slot or a returned
-    connection goes to the first of them, never to a newcomer (no queue jumping).
+    connection goes to the first of them, never to a newcomer (no queue jumping):
+    first by priority, aged (lmfleet/priority.py), then in arrival order.
     Not thread-safe: one transport serves one event loop (the proxy's).
     """
 
@@ -153,7 +162,8 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         self._max_idle = max_connections if max_idle_per_origin is None else max_idle_per_origin
         self._open = 0
         self._idle: dict[Origin, list[_Conn]] = {}
-        self._waiters: deque[tuple[Origin, asyncio.Future[_Conn | None]]] = deque()
+        self._waiters: list[_Waiter] = []  # a heap: the first to serve at [0]
+        self._arrivals = itertools.count()
         self._closed = False
         self._ssl = ssl_context or ssl.create_default_context()
 
@@ -165,7 +175,7 @@ class Http11Transport(httpx2.AsyncBaseTransport):
     @property
     def waiting(self) -> int:
         """Requests queued for a connection."""
-        return sum(not waiter.done() for _, waiter in self._waiters)
+        return sum(not waiter.done() for *_, waiter in self._waiters)
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         url = request.url
@@ -228,7 +238,8 @@ class Http11Transport(httpx2.AsyncBaseTransport):
 
     async def _wait(self, request: httpx2.Request, origin: Origin) -> _Conn | None:
         waiter: asyncio.Future[_Conn | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((origin, waiter))
+        place = rank(request.extensions.get(PRIORITY, 0), time.monotonic())
+        heapq.heappush(self._waiters, (place, next(self._arrivals), origin, waiter))
         timeout = _timeout(request, "pool")
         try:
             with anyio.fail_after(timeout):
@@ -254,16 +265,16 @@ class Http11Transport(httpx2.AsyncBaseTransport):
     def _queued(self) -> bool:
         """Whether a request still waits (ones that gave up are dropped from the front)."""
         waiters = self._waiters
-        while waiters and waiters[0][1].done():
-            waiters.popleft()
+        while waiters and waiters[0][3].done():
+            heapq.heappop(waiters)
         return bool(waiters)
 
     def _next_waiter(self) -> tuple[Origin, asyncio.Future[_Conn | None]] | None:
         waiters = self._waiters
         while waiters:
-            waiter = waiters.popleft()
-            if not waiter[1].done():
-                return waiter
+            *_, origin, waiter = heapq.heappop(waiters)
+            if not waiter.done():
+                return origin, waiter
         return None
 
     def _free_slot(self) -> None:

@@ -23,7 +23,9 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 PAGES = sorted([*DOCS.glob("*.md"), *(DOCS / "guide").glob("*.md")])
 METRICS_PAGE = DOCS / "proxy.md"
 """The page that lists every metric."""
-NAME = re.compile(r"\blmfleet_[a-z_]+")
+NAME = re.compile(r"\blmfleet_(?!priority\b)[a-z_]+")
+"""A metric's name in the docs; `lmfleet_priority` is a request's body field
+(lmfleet/priority.py), not a metric."""
 KEY = "sk-client"
 
 

@@ -17,6 +17,7 @@ from support import StartSim, sim_stats, wait_until_async
 
 from lmfleet import LMFleet, NodeStatus
 from lmfleet.config import FleetOptions, RoutingOptions
+from lmfleet.priority import PRIORITY
 from lmfleet.transport import AsyncFleetTransport
 from lmfleet.wire.upstream import Http11Transport
 
@@ -36,6 +37,7 @@ class Node:
         self.open = 0
         self.most_open = 0
         self.pending = 0  # requests read, not yet answered
+        self.heads: list[bytes] = []  # the request lines, in the order they arrived
         self.release = asyncio.Event()
         self.release.set()
         self.url = ""
@@ -57,9 +59,10 @@ class Node:
         try:
             while True:
                 try:
-                    await reader.readuntil(b"\r\n\r\n")
+                    head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
+                self.heads.append(head.split(b"\r\n", 1)[0])
                 self.pending += 1
                 await self.release.wait()
                 self.pending -= 1
@@ -95,6 +98,24 @@ async def test_requests_beyond_the_cap_wait_for_a_connection(
     assert [r.text for r in replies] == ["ok"] * 6
     assert node.accepted == 2 and node.most_open == 2  # six answers over two connections
     assert transport.open_connections == 2 and transport.waiting == 0  # both idle, kept
+
+
+async def test_a_freed_connection_goes_to_the_highest_priority_first() -> None:
+    """Waiters are served by priority (lmfleet/priority.py), then in arrival order."""
+    transport = Http11Transport(max_connections=1)
+    async with httpx2.AsyncClient(transport=transport, timeout=10) as client, Node() as node:
+        node.release.clear()
+        tasks = [asyncio.create_task(client.get(node.url + "/hold"))]
+        await wait_until_async(lambda: node.pending == 1)
+        for path, priority in (("/low", -1), ("/first", 0), ("/high", 5), ("/second", 0)):
+            extensions = {PRIORITY: priority}
+            tasks.append(asyncio.create_task(client.get(node.url + path, extensions=extensions)))
+            queued = len(tasks) - 1
+            await wait_until_async(lambda n=queued: transport.waiting == n)
+        node.release.set()
+        await asyncio.gather(*tasks)
+    order = [head.split()[1] for head in node.heads]
+    assert order == [b"/hold", b"/high", b"/first", b"/second", b"/low"]
 
 
 async def test_pool_timeout_when_every_connection_stays_busy(
