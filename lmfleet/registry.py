@@ -32,6 +32,12 @@ from lmfleet.routing.tiers import DEFAULT_PRIORITY, TierChoice, choose_tier
 
 log = logging.getLogger("lmfleet")
 
+QUEUE_HEADROOM = 2
+"""Background requests a full node may still hold in its queue (lmfleet/priority.py):
+enough that a slot freed between two polls of the waiting requests is taken at once
+(a node idle until the next poll would slow the batch), few enough that a request
+of a higher priority meets a short queue."""
+
 EWMA_ALPHA = 0.2
 """Weight of the newest sample: about the last ten requests shape a node's latency."""
 
@@ -713,12 +719,13 @@ _WORSE = frozenset({NodeStatus.UNHEALTHY, NodeStatus.EJECTED})
 
 def _full(state: NodeState, now: float) -> bool:
     """Whether the node holds as many requests as its batch runs (`NodeState.capacity`),
-    every client's: one more would wait in its engine's queue."""
+    every client's, and `QUEUE_HEADROOM` more in its queue: one more would wait there
+    behind them."""
     capacity = state.capacity
     if capacity is None:
         return False
     held = state.inflight + (state.load.others(now) if state.load is not None else 0.0)
-    return held >= capacity
+    return held >= capacity + QUEUE_HEADROOM
 
 
 def _log_added(state: NodeState, origin: str | None) -> None:
