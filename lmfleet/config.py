@@ -429,7 +429,7 @@ class FleetOptions(_Options):
         gt=0,
         description="seconds one weight-update call to a node (a bucket, an NCCL step) may take",
     )
-    aliases: dict[str, tuple[str, ...]] = Field(
+    aliases: Mapping[str, Sequence[str]] = Field(
         default_factory=dict,
         description="model aliases: a request for the alias goes to any node serving one of "
         "its names, under that node's own name (lmfleet/routing/aliases.py)",

@@ -78,7 +78,7 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
             self.options.outliers,
             weight_version=self.options.weight_version,
             spill_margin=self.options.routing.spill_margin,
-            aliases=self.options.aliases,
+            aliases={alias: tuple(names) for alias, names in self.options.aliases.items()},
             unify_models=self.options.unify_models,
         )
         self._supervisor = Supervisor(self.registry, api_key=api_key, poke=self._poke)

@@ -134,6 +134,10 @@ class ProxyApp:
             transport=AsyncFleetTransport(self.fleet.planner, inner),
             metrics=ProxyMetrics(self.fleet),
             timeout={"connect": routing.connect_timeout, "read": wait, "write": wait, "pool": wait},
+            key_priorities={
+                b"Bearer " + key.encode(): str(priority).encode()
+                for key, priority in self.options.key_priorities.items()
+            },
         )
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:

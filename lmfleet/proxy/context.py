@@ -8,7 +8,6 @@ through `fleet.runtime`.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,15 +46,10 @@ class ProxyContext:
     """The forwarded requests open now, swept for late bodies and callers gone."""
     jobs: Any = None
     """The Batch API's files and jobs (`proxy/batch_api.BatchJobs`), set at startup."""
-
-    @functools.cached_property
-    def key_priorities(self) -> dict[bytes, bytes]:
-        """`ProxyOptions.key_priorities` as the forwarder matches them: the caller's
-        `Authorization` value -> the priority header's value."""
-        return {
-            b"Bearer " + key.encode(): str(priority).encode()
-            for key, priority in self.options.key_priorities.items()
-        }
+    key_priorities: dict[bytes, bytes] = field(default_factory=dict)
+    """`ProxyOptions.key_priorities` as the forwarder matches them: the caller's
+    `Authorization` value -> the priority header's value (built by the app, which
+    spells its callers' keys)."""
 
     async def answer(
         self,
