@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import openai
@@ -122,3 +123,15 @@ async def run_load(
         for i in range(total):
             tg.start_soon(one, i)
     return report
+
+
+def load_through(fleet: Any, door: Door, *, timeout: float = 10.0, **kwargs: Any) -> Report:
+    """`run_load` over `fleet.model` through `door` (the fleet's own client or its
+    proxy), with `max_retries=0` so that openai's retries cannot hide the router."""
+    client = door(fleet, timeout=timeout, max_retries=0)
+
+    async def main() -> Report:
+        async with client:
+            return await run_load(client, fleet.model, **kwargs)
+
+    return anyio.run(main)

@@ -17,7 +17,7 @@ import anyio
 import httpx2
 import openai
 import pytest
-from loadgen import Door, Report, run_load
+from loadgen import Door, Report, load_through, run_load
 from support import SimNode, StartSim, chat, sim_stats, wait_until
 
 from lmfleet import FleetOptions, ItemError, LMFleet, NodeSnapshot, NodeStatus, OutlierOptions
@@ -30,13 +30,7 @@ BLACK_HOLE = ("--error-rate", "1", "--error-status", "500")
 
 
 def load(fleet: LMFleet, door: Door, *, timeout: float = 10.0, **kwargs: object) -> Report:
-    client = door(fleet, timeout=timeout, max_retries=0)
-
-    async def main() -> Report:
-        async with client:
-            return await run_load(client, fleet.model, **kwargs)  # type: ignore[arg-type]
-
-    return anyio.run(main)
+    return load_through(fleet, door, timeout=timeout, **kwargs)
 
 
 def state_of(fleet: LMFleet, node: SimNode) -> NodeStatus:

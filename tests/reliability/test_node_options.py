@@ -8,10 +8,9 @@ import json
 import logging
 from pathlib import Path
 
-import anyio
 import httpx2
 import pytest
-from loadgen import Door, Report, run_load
+from loadgen import Door, Report, load_through
 from support import StartSim, sim_stats, wait_until
 
 from lmfleet import LMFleet, NodeOptions, NodeStatus
@@ -23,13 +22,7 @@ QUICK = ("--health-poll-interval", "0.2", "--ttft-ms", "5", "--tpot-ms", "2")
 
 
 def load(fleet: LMFleet, door: Door, **kwargs: object) -> Report:
-    client = door(fleet, timeout=20.0, max_retries=0)
-
-    async def main() -> Report:
-        async with client:
-            return await run_load(client, fleet.model, **kwargs)  # type: ignore[arg-type]
-
-    return anyio.run(main)
+    return load_through(fleet, door, timeout=20.0, **kwargs)
 
 
 def test_each_node_gets_its_own_key_and_headers_and_no_secret_shows(

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import anyio
-from loadgen import Door, Report, run_load
+from loadgen import Door, Report, load_through
 from support import SimNode, sim_served, wait_until
 
 from lmfleet import LMFleet, NodeStatus
@@ -22,13 +21,7 @@ SLOW = ("--tpot-ms", "20", "--output-tokens", "16")
 
 
 def load(fleet: LMFleet, door: Door, **kwargs: object) -> Report:
-    client = door(fleet, timeout=20.0, max_retries=0)
-
-    async def main() -> Report:
-        async with client:
-            return await run_load(client, fleet.model, **kwargs)  # type: ignore[arg-type]
-
-    return anyio.run(main)
+    return load_through(fleet, door, timeout=20.0, **kwargs)
 
 
 def state_of(fleet: LMFleet, node: SimNode) -> NodeStatus:
