@@ -176,6 +176,9 @@ class NodeRegistry:
         self._draws = random.Random()
         self.spills: dict[str, int] = {"health": 0, "load": 0}
         """Requests sent below the best tier, by reason (lmfleet/routing/tiers.py)."""
+        self.wake_asked = False
+        """A request went to a worse tier while a better one sleeps: the router asks the
+        fleet to wake one (`TierChoice.better_asleep`), then clears it."""
 
     def _models_changed(self) -> None:
         # Called under the lock whenever membership or a node's models change, so
@@ -352,6 +355,7 @@ class NodeRegistry:
                 eligible = tiers.nodes
                 if tiers.spilled:
                     self.spills[tiers.spilled] += 1
+                    self.wake_asked = self.wake_asked or tiers.better_asleep
             chosen = strategy.pick(eligible, request) if eligible else None
             if chosen is not None:
                 chosen = chosen.evolve(inflight=chosen.inflight + 1)
@@ -403,10 +407,12 @@ class NodeRegistry:
     def sleepers(self, request: RequestInfo) -> list[NodeState]:
         """Sleeping nodes that could take `request` once awake (its model, role and
         weight version, as `lease` would judge them), not held by an admin command
-        nor quarantined by a weight update: the ones wake-on-demand may wake."""
+        nor quarantined by a weight update: the ones wake-on-demand may wake, the
+        best tier's first."""
         with self._lock:
             asleep = self._serving(request, NodeStatus.SLEEPING)
-            return [s for s in asleep if s.url not in self._held and not s.quarantine]
+            free = [s for s in asleep if s.url not in self._held and not s.quarantine]
+            return sorted(free, key=lambda s: -s.priority)  # the best tier's first
 
     def _serving(self, request: RequestInfo, status: NodeStatus) -> list[NodeState]:
         """Nodes in `status` that serve the request's model, in its role if it has one,

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lmfleet.errors import ConfigError
-from lmfleet.node.state import NodeState
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.routing.least_load import expected_waits
 
 OVERPROVISIONING = 1.4
@@ -54,6 +54,10 @@ class TierChoice:
     (the tier it drew is busy); empty when it stayed in the best tier."""
     note: str = ""
     """The tiers as this request saw them, in words (`fleet.explain()`)."""
+    better_asleep: bool = False
+    """The request left its best tier by health while a node of a better tier than
+    the one it goes to sleeps: a fleet that wakes on demand wakes it (a preferred GPU
+    put to sleep by idleness must not leave the traffic on a worse tier for good)."""
 
 
 def parse_priority(value: object, where: str) -> int:
@@ -145,7 +149,8 @@ def choose_tier(
             return TierChoice(spill, "load", note)
     if tier != priorities[0]:
         note = f"spilled by health to tier {tier} ({seen})"
-        return TierChoice(by_tier[tier], "health", note)
+        asleep = any(n.status is NodeStatus.SLEEPING and n.priority > tier for n in members)
+        return TierChoice(by_tier[tier], "health", note, better_asleep=asleep)
     return TierChoice(by_tier[tier], "", f"tier {tier} ({seen})")
 
 

@@ -239,6 +239,9 @@ class Attempts:
             while True:
                 node = routing.registry.lease(strategy, info, tried, ticket=ticket, since=since)
                 if node is not None:
+                    if routing.registry.wake_asked:  # a better tier sleeps: wake it
+                        routing.registry.wake_asked = False
+                        routing.starved(info)
                     tried.append(node.url)
                     self.count += 1
                     return node, Accounting(routing.registry, node.url)

@@ -7,6 +7,7 @@ load rule spills (counted by the fleet, served by the node: /sim/stats).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from loadgen import Door, Report, load_through
@@ -65,3 +66,32 @@ def test_saturation_spills_by_the_load_rule(fleet_over: FleetOver, door: Door) -
     assert served[2] == fleet.registry.spills["load"], served
     assert 0 < served[2] < 84 * 0.3, served
     assert fleet.registry.spills["health"] == 0
+
+
+def test_a_sleeping_better_tier_is_woken_while_the_lower_one_serves(
+    fleet_over: FleetOver, door: Door
+) -> None:
+    """With wake on demand (or auto-sleep), a request that goes to tier 50 because
+    tier 100 sleeps wakes a tier-100 node: idleness must not leave the traffic on a
+    worse tier for good."""
+    fleet, nodes = fleet_over([(), (), ()], priorities=TIERS, wake_on_demand=True)
+    preferred = [nodes[0].url, nodes[1].url]
+    fleet.sleep(nodes=preferred)
+    report = load(fleet, door, total=4, concurrency=1)
+    assert report.outcomes == {"ok": 4}
+    assert sim_served(nodes[2].url) >= 1  # served at once, by the lower tier
+
+    # One tier-100 node awake is half the tier: 30 % of the requests still spill
+    # (Envoy's rule), and each spill past a sleeper asks for the next wake.
+    def awake() -> set[str]:
+        return {n.url for n in fleet.nodes if n.state is NodeStatus.HEALTHY}
+
+    wait_until(lambda: awake() & set(preferred), timeout=20)
+    deadline = time.monotonic() + 20
+    while not set(preferred) <= awake() and time.monotonic() < deadline:
+        # Traffic is what wakes them: each spill past a sleeper asks for a wake.
+        assert load(fleet, door, total=2, concurrency=1).outcomes == {"ok": 2}
+    assert set(preferred) <= awake()
+    before = sim_served(nodes[2].url)
+    assert load(fleet, door, total=6, concurrency=1).outcomes == {"ok": 6}
+    assert sim_served(nodes[2].url) == before  # back on the preferred tier
