@@ -351,7 +351,7 @@ class NodeRegistry:
                 fresh = [s for s in eligible if s.url not in avoid]
                 eligible = fresh or eligible
             if self._tiered and eligible:
-                tiers = self._tiers(eligible, request)
+                tiers = self._tiers(eligible, request, now)
                 eligible = tiers.nodes
                 if tiers.spilled:
                     self.spills[tiers.spilled] += 1
@@ -372,14 +372,14 @@ class NodeRegistry:
             if not eligible:
                 note = "no node is eligible (healthy and serving the model)"
             elif self._tiered:
-                tiers = self._tiers(eligible, request)
+                tiers = self._tiers(eligible, request, time.monotonic())
                 eligible = tiers.nodes
                 note = "; ".join(part for part in (note, tiers.note) if part)
             return explain_pick(strategy, eligible, request, note)
 
-    def _tiers(self, eligible: list[NodeState], request: RequestInfo) -> TierChoice:
-        """The tier `request` goes to among `eligible` (lmfleet/routing/tiers.py); under
-        the lock. A tier's size counts its nodes that serve the request, whatever their
+    def _tiers(self, eligible: list[NodeState], request: RequestInfo, now: float) -> TierChoice:
+        """The tier `request` goes to among `eligible` at `now` (lmfleet/routing/tiers.py);
+        under the lock. A tier's size counts its nodes that serve the request, whatever their
         state, but stopped and draining ones (taken out on purpose)."""
         members = [
             s
@@ -390,7 +390,7 @@ class NodeRegistry:
             eligible,
             members,
             draw=self._draws.random(),
-            now=time.monotonic(),
+            now=now,
             spill_margin=self.spill_margin,
         )
 
@@ -423,11 +423,7 @@ class NodeRegistry:
         """The nodes of `among` that serve the request's model, in its role if it has
         one, with the weight version it may have (its own ask, and the fleet's floor)."""
         model, role = request.model, request.role
-        if model is not None and model in self.names.groups:
-            group = self.names.groups[model]
-            among = [s for s in among if not group.isdisjoint(s.models)]
-            model = None
-        nodes = [s for s in among if s.serves(model) and (role is None or s.role is role)]
+        nodes = [s for s in among if self.serves(s, model) and (role is None or s.role is role)]
         exact, floor = request.weight_version, request.min_weight_version
         if exact is not None:
             return [s for s in nodes if s.weight_version == exact]

@@ -8,16 +8,19 @@ traceback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pydantic
 
 from lmfleet.errors import ConfigError, LMFleetError
 
 
-def validation_summary(error: pydantic.ValidationError) -> str:
-    """`field: message (got value)` for each problem, on one line."""
+def validation_summary(error: pydantic.ValidationError, spell: Callable[[str], str] = str) -> str:
+    """`field: message (got value)` for each problem, on one line; `spell` writes a
+    field's name as the user wrote it (a `--node` setting is `health-path`)."""
     parts = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or error.title
+        where = ".".join(spell(str(part)) for part in item["loc"]) or error.title
         got = f" (got {item['input']!r})" if "input" in item and item["loc"] else ""
         parts.append(f"{where}: {item['msg']}{got}")
     return "invalid option " + "; ".join(parts)

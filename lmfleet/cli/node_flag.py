@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pydantic
+
+from lmfleet.cli.failure import validation_summary
 from lmfleet.config import NodeOptions
 from lmfleet.errors import ConfigError
 
@@ -59,18 +62,9 @@ class NodeFlag:
             fields["headers_env"] = headers
         try:
             return NodeOptions(**fields)
-        except ValueError as exc:
-            raise ConfigError(f"--node {self.url}: {_first_error(exc)}") from None
-
-
-def _first_error(exc: ValueError) -> str:
-    """A pydantic error in one line: `speed: Input should be greater than 0`."""
-    errors = getattr(exc, "errors", None)
-    if not callable(errors):
-        return str(exc)
-    first = errors()[0]
-    where = ".".join(str(part) for part in first.get("loc", ()))
-    return f"{where.replace('_', '-')}: {first.get('msg', exc)}"
+        except pydantic.ValidationError as exc:
+            summary = validation_summary(exc, spell=lambda name: name.replace("_", "-"))
+            raise ConfigError(f"--node {self.url}: {summary}") from None
 
 
 def parse_node_flag(text: str) -> NodeFlag:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from lmfleet.errors import ConfigError
 from lmfleet.node.state import NodeState, NodeStatus
+from lmfleet.priority import parse_priority as parse_request_priority
 from lmfleet.routing.least_load import expected_waits
 
 OVERPROVISIONING = 1.4
@@ -61,19 +62,14 @@ class TierChoice:
 
 
 def parse_priority(value: object, where: str) -> int:
-    """A node priority as given (an integer; higher is preferred); `ConfigError` otherwise."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: a node priority must be an integer, got {value!r}")
+    """A node priority as given (an integer, or a float that is one, as JSON may carry
+    it; higher is preferred): the request priority's parse, a `ConfigError` here."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    if isinstance(value, int):
-        return value
-    raise ConfigError(f"{where}: a node priority must be an integer, got {value!r}")
+    try:
+        return parse_request_priority(value.strip() if isinstance(value, str) else value, where)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def parse_priorities(priorities: Sequence[int] | None, count: int) -> list[int]:

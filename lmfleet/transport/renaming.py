@@ -21,10 +21,11 @@ from lmfleet.transport.request import PARSED_BODY
 
 
 @functools.lru_cache(maxsize=64)
-def _fields(model: str) -> list[bytes]:
-    """`"model":"name"` as JSON encoders write it: compact or spaced, escaped or not."""
+def model_fields(model: str) -> tuple[bytes, ...]:
+    """`"model":"name"` as JSON encoders write it: compact or spaced, escaped or not
+    (also what `Router.plan` looks for to skip parsing a body)."""
     names = dict.fromkeys(json.dumps(model, ensure_ascii=a).encode() for a in (False, True))
-    return [b'"model"' + sep + name for name in names for sep in (b":", b": ")]
+    return tuple(b'"model"' + sep + name for name in names for sep in (b":", b": "))
 
 
 @functools.lru_cache(maxsize=64)
@@ -33,7 +34,7 @@ def _pairs(old: str, new: str) -> list[tuple[bytes, bytes]]:
     (padded with spaces to the old one's length when shorter)."""
     new_name = json.dumps(new).encode()
     pairs = []
-    for field in _fields(old):
+    for field in model_fields(old):
         sep = b": " if field.startswith(b'"model": ') else b":"
         written = b'"model"' + sep + new_name
         pairs.append((field, written.ljust(len(field))))

@@ -8,8 +8,6 @@ drift apart. The failover rules live in plan.py.
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -33,6 +31,7 @@ from lmfleet.transport.plan import (
     StarvedHook,
     error_answer,
 )
+from lmfleet.transport.renaming import model_fields
 from lmfleet.transport.request import (
     PARSED_BODY,
     REQUEST_ID,
@@ -228,13 +227,6 @@ class Router:
             )
 
 
-@functools.lru_cache(maxsize=64)
-def _model_fields(model: str) -> tuple[bytes, ...]:
-    """`"model":"name"` as JSON encoders write it (compact or not, escaped or not)."""
-    names = {json.dumps(model, ensure_ascii=a).encode() for a in (False, True)}
-    return tuple(b'"model"' + sep + name for name in names for sep in (b":", b": "))
-
-
 def _names_model(content: bytes, model: str) -> bool:
     """Whether the body has a `"model"` field naming `model`, the one served, unparsed.
 
@@ -244,7 +236,7 @@ def _names_model(content: bytes, model: str) -> bool:
     substring search settles the common case; a body it cannot settle is parsed.
     No body, or one not in memory (a stream), has nothing to check here.
     """
-    return not content or any(field in content for field in _model_fields(model))
+    return not content or any(field in content for field in model_fields(model))
 
 
 def _may_ask_version(content: bytes) -> bool:
