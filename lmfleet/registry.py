@@ -423,7 +423,11 @@ class NodeRegistry:
         """The nodes of `among` that serve the request's model, in its role if it has
         one, with the weight version it may have (its own ask, and the fleet's floor)."""
         model, role = request.model, request.role
-        nodes = [s for s in among if self.serves(s, model) and (role is None or s.role is role)]
+        group = self.names.groups.get(model) if model is not None else None
+        if group is not None:  # `serves`, with the alias's group looked up once per lease
+            among = [s for s in among if not group.isdisjoint(s.models)]
+            model = None
+        nodes = [s for s in among if s.serves(model) and (role is None or s.role is role)]
         exact, floor = request.weight_version, request.min_weight_version
         if exact is not None:
             return [s for s in nodes if s.weight_version == exact]
