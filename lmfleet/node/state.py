@@ -98,7 +98,8 @@ class NodeState:
     capacity: float | None = None
     """Requests the node runs at once, as its `/metrics` showed when it last had a
     queue (`node.load.next_capacity`); None until then. A background request
-    (lmfleet/priority.py) is not sent while the node holds that many."""
+    (lmfleet/priority.py) is not sent while the node holds that many, and
+    `least_load` counts each request beyond it more (lmfleet/routing/least_load.py)."""
     cuts: int = 0
     """Weight updates that put the node to sleep with `in_flight="continue"`: a
     generation it aborts after this grew (since its lease) goes on elsewhere."""

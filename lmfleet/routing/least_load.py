@@ -3,7 +3,7 @@
 `least_connections` counts only this process's requests, and counts them alike on
 a fast node and a slow one. `least_load` scores a node in time:
 
-    (requests on the node + 1) x what one request costs there
+    (requests on the node + 1 + 0.75 x those beyond its batch) x what one request costs there
 
 - *Requests on the node* = ours in flight now, plus what other clients had there
   by the node's own latest `/metrics` report (`NodeLoad.others`: the report minus
@@ -25,6 +25,16 @@ the exact speeds 1.36, the decode pace 1.31. Latency is a biased speed: it inclu
 a busy fast node's queue. Dividing it by the requests the node held was worse still
 (a batch's latency is flat until it fills, so busy nodes looked faster).
 
+*Beyond its batch*: a batching engine runs up to its capacity at once
+(`NodeState.capacity`, learned from the node's `/metrics` the first time its engine
+showed a queue) and keeps the rest waiting in arrival order. A request there waits
+for a slot and holds up every later one, so each request beyond the capacity (the
+new one included) counts `QUEUE_EXTRA` more. Without it, a fast node's queue grew
+before a slower node with free slots got a request, and the median paid: at 95 %
+load (issue 29, docs/benchmarks.md §3) p50 was 1.13x LMDeploy's
+`min_expected_latency` and p90 1.09x, with the tail level. Until a node has queued,
+nothing is beyond its batch and the score is (requests + 1) x cost.
+
 Ties rotate, as in least_connections. `explain` gives each candidate's score and
 its parts (`fleet.explain()`).
 """
@@ -39,6 +49,20 @@ from typing import ClassVar
 from lmfleet.node.state import NodeState
 from lmfleet.routing._rotation import UrlRotation
 from lmfleet.routing.base import BaseStrategy, Candidate, RequestInfo
+
+QUEUE_EXTRA = 0.75
+"""What a request beyond a node's batch capacity counts on top of one. Chosen on the
+noise-free replay of the routing benchmark (bench/routing_replay.py; 0, 0.25, 0.5,
+0.75 against LMDeploy's rule in seven cells) and checked live: 0.5-0.75 keep every
+cell's p50, p90 and p99 within a few percent of LMDeploy's or better; 0 loses the
+median at 95 % load; larger values send long requests to the slow node and cost the
+tail."""
+
+
+def beyond_batch(node: NodeState, held: float) -> float:
+    """Requests on the node, the new one included, past its batch capacity (0 while unknown)."""
+    capacity = node.capacity
+    return 0.0 if capacity is None else max(0.0, held + 1.0 - capacity)
 
 
 def cost_source(nodes: Sequence[NodeState]) -> str:
@@ -56,7 +80,8 @@ def expected_waits(nodes: Sequence[NodeState], now: float) -> list[tuple[float, 
 
     The load estimate `least_load` ranks by and `prefix_affinity` bounds by: the
     requests on the node (ours, plus the others its report shows) plus this one,
-    times what one request costs there, by the first of these every candidate has:
+    each beyond the node's batch counting `QUEUE_EXTRA` more, times what one request
+    costs there, by the first of these every candidate has:
     1 / the speed the operator gave; the node's decode pace from its `/metrics`
     (seconds per token, `NodeLoad.pace`); else its recent latency in seconds (the
     fastest measured one's for a node not measured yet).
@@ -74,7 +99,8 @@ def expected_waits(nodes: Sequence[NodeState], now: float) -> list[tuple[float, 
     parts = []
     for node, seconds in zip(nodes, per_request, strict=True):
         held = node.inflight + (node.load.others(now) if node.load is not None else 0.0)
-        parts.append(((held + 1.0) * seconds, held))
+        count = held + 1.0 + QUEUE_EXTRA * beyond_batch(node, held)
+        parts.append((count * seconds, held))
     return parts
 
 
@@ -119,9 +145,16 @@ class LeastLoad(BaseStrategy):
             else:
                 speed = "latency not measured yet (fastest candidate's assumed)"
             report = "" if node.load is not None else "; no /metrics report"
+            queued = beyond_batch(node, held)
+            batch = (
+                f"; {queued:.3g} beyond its batch of {node.capacity:.3g}, "
+                f"each x{1.0 + QUEUE_EXTRA:.3g}"
+                if queued
+                else ""
+            )
             why = (
                 f"{held:.3g} request(s) on the node (ours {node.inflight}, "
-                f"others {others:.3g}{report}); {speed}"
+                f"others {others:.3g}{report}{batch}); {speed}"
             )
             candidates.append(Candidate(node.url, score, why))
         return candidates

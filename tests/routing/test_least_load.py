@@ -78,6 +78,19 @@ def test_a_slow_node_counts_its_queue_in_seconds() -> None:
     assert strategy().pick([fast, idle_slow], RequestInfo()) == idle_slow
 
 
+def test_requests_beyond_the_batch_weigh_more() -> None:
+    """A request that would wait for a batch slot counts 1.75: it waits and holds up the rest."""
+    # a: 10 held, batch of 8: 11 + 0.75 x 3 = 13.25; b: 11 held, capacity not learned: 12
+    a = node("a", 10).evolve(capacity=8.0)
+    b = node("b", 11)
+    assert strategy().pick([a, b], RequestInfo()) == b
+    assert "3 beyond its batch of 8, each x1.75" in strategy().explain([a, b], RequestInfo())[0].why
+    # room in the batch: (held + 1) as before, 7 + 1 = 8 against 6 + 1 = 7
+    roomy = node("a", 7).evolve(capacity=8.0)
+    assert strategy().pick([roomy, node("b", 6)], RequestInfo()).url == b.url
+    assert "beyond" not in strategy().explain([roomy], RequestInfo())[0].why
+
+
 def test_an_unmeasured_node_gets_the_fastest_speed() -> None:
     """Optimistic prior: a new node is tried, not starved behind measured ones."""
     measured = node("a", 1, latency=0.2)  # 0.4 s
