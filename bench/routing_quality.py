@@ -36,6 +36,7 @@ replicas80/replicas95 (two proxy replicas in front of the same nodes).
     .venv/bin/python -m bench.routing_quality --cells single80 --seeds 10 --requests 1000 \
         --routers all --scale 8 --coarsen 4 --resume                 # one cell (~35 min)
     .venv/bin/python -m bench.routing_quality --table                # markdown from the JSON
+    .venv/bin/python -m bench.routing_quality --table --versus lmdeploy:min_expected_latency
 
 With `--resume`, runs already in `--out` are kept, so the matrix can be run a cell
 (or a few seeds, `--seed-base`) at a time.
@@ -70,7 +71,7 @@ from bench.routing_live import (
     wait_drained,
 )
 from bench.routing_replay import RULES, NodeModel, capacity, fleet, lower_bound, prepare, replay
-from bench.routing_report import ORACLE, report
+from bench.routing_report import ORACLE, report, versus
 from bench.routing_stats import summary
 from bench.routing_workload import mix_means, run_salt
 
@@ -515,6 +516,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--offline", action="store_true", help="baselines only, no processes")
     mode.add_argument("--estimate", action="store_true", help="how long the live runs take")
     mode.add_argument("--table", action="store_true", help="print the markdown of --out")
+    add("--versus", default="", help="with --table: every router / this one at p50, p90, p99")
     mode.add_argument("--check-replay", action="store_true", help="one live node vs the replay")
     return parser.parse_args(argv)
 
@@ -540,7 +542,8 @@ def _comparable(method: dict[str, Any]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.table:
-        print(report(json.loads(args.out.read_text())))
+        results = json.loads(args.out.read_text())
+        print(versus(results, args.versus) if args.versus else report(results))
         return
     if args.check_replay:
         from bench.routing_check import check_replay

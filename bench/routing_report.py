@@ -21,11 +21,11 @@ group, for docs/benchmarks.md. Columns:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bench._common import table
-from bench.routing_stats import Interval, bootstrap_ratio, within
+from bench.routing_stats import Interval, bootstrap_ratio, within, worse
 
 ORACLE = "oracle"
 IDEAL_JSQ = "jsq_speed"
@@ -66,7 +66,9 @@ def bound(cell_out: dict[str, Any], seed: str, group: str) -> dict[str, float]:
 
 
 def ratio(
-    mine: dict[str, dict[str, Any]], theirs: dict[str, dict[str, float] | None], key: str = "p99"
+    mine: Mapping[str, Mapping[str, Any]],
+    theirs: Mapping[str, Mapping[str, float] | None],
+    key: str = "p99",
 ) -> Interval | str | None:
     """Paired ratio over the seeds both have (None if they share none).
 
@@ -208,6 +210,27 @@ def overview(results: dict[str, Any], against: str = "reference") -> str:
         body.append(row)
     heads = ["router", *(n if g == "all" else f"{n} ({g})" for n, g in columns)]
     return table(heads, body)
+
+
+def versus(results: dict[str, Any], baseline: str) -> str:
+    """Every other router against `baseline` at p50, p90 and p99, one row per router
+    and cell: the paired per-seed ratio [bootstrap interval], marked "(worse)" when
+    the whole interval is above 1 (`routing_stats.worse`)."""
+    body = []
+    for name, cell_out in results["cells"].items():
+        theirs = {s: r["groups"]["all"] for s, r in done_runs(cell_out, baseline).items()}
+        routers = sorted({r for d in cell_out["seeds"].values() for r in d["runs"]} - {baseline})
+        for router in routers:
+            mine = {s: r["groups"]["all"] for s, r in done_runs(cell_out, router).items()}
+            if not set(mine) & set(theirs):
+                continue
+            row = [router, name]
+            for key in ("p50", "p90", "p99"):
+                got = ratio(mine, theirs, key)
+                mark = " (worse)" if isinstance(got, Interval) and worse(got) else ""
+                row.append(f"{got}{mark}")
+            body.append(row)
+    return table(["router", "cell", "p50 / base", "p90 / base", "p99 / base"], body)
 
 
 def report(results: dict[str, Any]) -> str:

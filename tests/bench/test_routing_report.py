@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from bench.routing_quality import group_summary, router_order
-from bench.routing_report import report
+from bench.routing_report import report, versus
 
 
 def _pcts(p99: float | None, scale: float = 1.0) -> dict[str, Any]:
@@ -91,3 +91,16 @@ def test_group_summary_counts_censored_requests_as_unbounded() -> None:
 def test_router_order_rotates_with_the_seed() -> None:
     routers = ["a", "b", "c"]
     assert [router_order(routers, s)[0] for s in range(4)] == ["a", "b", "c", "a"]
+
+
+def test_versus_pairs_every_percentile_with_the_baseline() -> None:
+    results = _results(
+        {"lmfleet:least_connections": [8.8, 8.8, 8.8], "lmdeploy:random": [12.0, 16.0, 20.0]}
+    )
+    lines = versus(results, "lmdeploy:random").splitlines()
+    row = next(ln for ln in lines if ln.startswith("| lmfleet:least_connections |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:] == ["single80", "1.00 [1.00, 1.00]", "1.00 [1.00, 1.00]", "0.56 [0.44, 0.73]"]
+    slower = versus(results, "lmfleet:least_connections").splitlines()
+    row = next(ln for ln in slower if ln.startswith("| lmdeploy:random |"))
+    assert row.endswith("| 1.78 [1.36, 2.27] (worse) |")
