@@ -74,11 +74,12 @@ from bench.routing_replay import RULES, NodeModel, capacity, fleet, lower_bound,
 from bench.routing_report import ORACLE, report, versus
 from bench.routing_stats import summary
 from bench.routing_workload import mix_means, run_salt
+from lmfleet.config import HealthOptions
 
 OUT = ROOT / "bench" / "results" / "routing_quality.json"
 SPEEDS = (1.0, 1.0, 0.333)
 MAX_BATCH = 8
-DEFAULT_HEALTH_INTERVAL = 2.0  # lmfleet's health.interval default, divided by --scale
+DEFAULT_HEALTH_INTERVAL = HealthOptions().interval  # lmfleet's default, divided by --scale
 DEADLINE_FACTOR, DEADLINE_SLACK_S = 1.5, 30.0  # a run is cut at 1.5 x reference + 30 s / scale
 
 LMFLEET = (

@@ -71,12 +71,14 @@ class HealthOptions(_Options):
     """Active health checking (docs/guide/concepts.md: node states)."""
 
     interval: Annotated[float, Flag("--health-interval")] = Field(
-        default=2.0, gt=0, description="seconds between probes of one node"
+        default=1.0,
+        gt=0,
+        description="seconds between probes of one node (and /metrics reads for least_load)",
     )
     jitter: float = Field(
         default=0.1, ge=0, le=1, description="fraction of interval added at random"
     )
-    timeout: float = Field(default=2.0, gt=0, description="seconds one probe may take")
+    timeout: float = Field(default=1.0, gt=0, description="seconds one probe may take")
     unhealthy_after: int = Field(
         default=2, ge=1, description="consecutive failures before unhealthy"
     )
