@@ -519,7 +519,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--table", action="store_true", help="print the markdown of --out")
     add("--versus", default="", help="with --table: every router / this one at p50, p90, p99")
     mode.add_argument("--check-replay", action="store_true", help="one live node vs the replay")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.versus and not args.table:
+        parser.error("--versus only shapes --table's output; add --table")
+    return args
 
 
 def selected(spec: str, known: Sequence[str], what: str) -> list[str]:

@@ -215,7 +215,10 @@ def overview(results: dict[str, Any], against: str = "reference") -> str:
 def versus(results: dict[str, Any], baseline: str) -> str:
     """Every other router against `baseline` at p50, p90 and p99, one row per router
     and cell: the paired per-seed ratio [bootstrap interval], marked "(worse)" when
-    the whole interval is above 1 (`routing_stats.worse`)."""
+    the whole interval is above 1 (`routing_stats.worse`); `ValueError` when no cell
+    has a run of `baseline` (a misspelt router would give an empty table)."""
+    if not any(done_runs(cell_out, baseline) for cell_out in results["cells"].values()):
+        raise ValueError(f"no run of {baseline!r} in these results")
     body = []
     for name, cell_out in results["cells"].items():
         theirs = {s: r["groups"]["all"] for s, r in done_runs(cell_out, baseline).items()}

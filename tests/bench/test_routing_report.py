@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bench.routing_quality import group_summary, router_order
+import pytest
+
+from bench.routing_quality import group_summary, parse_args, router_order
 from bench.routing_report import report, versus
 
 
@@ -104,3 +106,12 @@ def test_versus_pairs_every_percentile_with_the_baseline() -> None:
     slower = versus(results, "lmfleet:least_connections").splitlines()
     row = next(ln for ln in slower if ln.startswith("| lmdeploy:random |"))
     assert row.endswith("| 1.78 [1.36, 2.27] (worse) |")
+
+
+def test_versus_refuses_a_baseline_without_runs_and_a_missing_table() -> None:
+    results = _results({"lmfleet:least_connections": [8.8, 8.8, 8.8]})
+    with pytest.raises(ValueError, match="lmdeploy:typo"):
+        versus(results, "lmdeploy:typo")
+    with pytest.raises(SystemExit):
+        parse_args(["--versus", "lmdeploy:min_expected_latency"])
+    assert parse_args(["--table", "--versus", "x"]).versus == "x"
