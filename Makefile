@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs venv peer soak bench clean
+.PHONY: demo test lint docs venv peer engine-sources soak bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,17 @@ lint: $(STAMP)
 peer:
 	-PYTHON=$(PYTHON) tests/conformance/peer/setup_peer.sh
 
+# vLLM's and SGLang's released wheels (~375 MB, not installed: read as zip files by
+# tests/conformance/test_engine_sources.py); cached; a failure skips those tests.
+ENGINES := .cache/engines
+engine-sources: $(STAMP)
+	-test -n "$$(ls $(ENGINES)/vllm-0.33.0-*.whl $(ENGINES)/sglang-0.5.23-*.whl 2>/dev/null | sed -n 2p)" \
+		|| timeout 600 $(BIN)/python -m pip download -q --no-deps -d $(ENGINES) vllm==0.33.0 sglang==0.5.23
+
 # Docs build first, so that pytest's summary is the last line CI reads. Two workers
 # (pytest-xdist; one per test file, conformance together: tests/conftest.py): most
 # tests wait on node processes, so two halve the wall time on two cores.
-test: lint peer docs
+test: lint peer engine-sources docs
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # The user guide and API reference (mkdocs + mkdocstrings); warnings are errors.
@@ -43,7 +50,7 @@ soak: $(STAMP)
 	$(BIN)/python tests/reliability/soak.py --minutes $(SOAK_MINUTES)
 
 clean:
-	rm -rf $(VENV) .venv-peer .venv-peer.failed .venv-peer.log .pytest_cache .mypy_cache .ruff_cache site
+	rm -rf $(VENV) .venv-peer .venv-peer.failed .venv-peer.log .cache .pytest_cache .mypy_cache .ruff_cache site
 
 # Benchmarks (never part of `make test`): about an hour on 2 cores; each bench ends
 # every process it starts. LMDeploy's proxy comes from .venv-peer (`make peer`).

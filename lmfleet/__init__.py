@@ -10,6 +10,7 @@ from lmfleet.config import (
 from lmfleet.errors import (
     BatchError,
     ConfigError,
+    EngineCapabilityError,
     EventLoopError,
     FleetBusyError,
     FleetClosedError,
@@ -50,6 +51,7 @@ __all__ = [
     "Candidate",
     "ConfigError",
     "Decision",
+    "EngineCapabilityError",
     "EventLoopError",
     "FleetBusyError",
     "FleetClosedError",

@@ -335,6 +335,11 @@ class NodeOptions(_Options):
     )
     priority: int | None = Field(default=None, description="its tier: higher is preferred")
     speed: float | None = Field(default=None, gt=0, description="its relative speed")
+    engine: Literal["auto", "lmdeploy", "vllm", "sglang", "openai"] | None = Field(
+        default=None,
+        description="its engine (default auto: recognised from its /v1/models); openai: "
+        "any other OpenAI-compatible server, routing and health only",
+    )
 
     def secrets(
         self, environ: Mapping[str, str] | None = None

@@ -11,6 +11,8 @@
      +-- NotReadyError (TimeoutError)       wait_ready ran out of time
      +-- LaunchError (RuntimeError)         a launched node exited or failed to start
      +-- NodeCommandError (RuntimeError)    a node refused sleep / wakeup / ...
+          +-- EngineCapabilityError         the node's engine (or how it was started)
+     |                                      cannot do it: names the engine and what
      +-- EventLoopError (RuntimeError)      the fleet's event loop did not start, or a
      |                                      blocking call was made from inside it
      +-- BatchError (RuntimeError)          BatchResult.raise_for_errors: an item failed
@@ -85,6 +87,18 @@ class LaunchError(LMFleetError, RuntimeError):
 
 class NodeCommandError(LMFleetError, RuntimeError):
     """A node answered an admin command (sleep, wakeup, ...) with an error."""
+
+
+class EngineCapabilityError(NodeCommandError):
+    """The node's engine cannot do what was asked, or not as it was started: never a
+    silent no-op. `engine` names it ("vLLM"), `capability` what it lacks ("sleep"),
+    `hint` how to start it so that it can, where one exists."""
+
+    def __init__(self, engine: str, capability: str, *, node: str | None = None, hint: str = ""):
+        self.engine, self.capability, self.node, self.hint = engine, capability, node, hint
+        where = f" ({node})" if node else ""
+        message = f"{engine}{where} cannot {capability}"
+        super().__init__(f"{message}: {hint}" if hint else message)
 
 
 class EventLoopError(LMFleetError, RuntimeError):

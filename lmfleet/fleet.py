@@ -29,6 +29,7 @@ from lmfleet.monitor.autosleep import AutoSleep
 from lmfleet.monitor.loop import Monitor
 from lmfleet.node.admin import FleetAdmin
 from lmfleet.node.client import NodeClient
+from lmfleet.node.profile import parse_engine
 from lmfleet.node.state import NodeRole, NodeStatus, parse_roles, parse_speed, parse_speeds
 from lmfleet.node.views import FleetStatus, NodeSnapshot
 from lmfleet.notebook.methods import NotebookMethods
@@ -139,6 +140,7 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         speeds: Sequence[float | None] | None = None,
         priorities: Sequence[int] | None = None,
         node_options: Mapping[str, NodeOptions | Mapping[str, Any] | None] | None = None,
+        engine: str = "auto",
         allow_empty: bool = False,
         **shortcuts: Unpack[FleetKeywords],
     ) -> LMFleet:
@@ -164,6 +166,10 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         (docs/guide/strategies.md, "Priority tiers"). `node_options` gives nodes
         their own settings, by URL (`NodeOptions`: key, extra headers, health path,
         interval and timeout; docs/guide/concepts.md, "Per-node settings").
+        `engine`: the nodes' engine, "lmdeploy", "vllm", "sglang" or "openai" (any other
+        OpenAI-compatible server: routing and health only); default "auto": each node's
+        is recognised from its own `/v1/models`, so one fleet may mix engines
+        (`node_options` can name one node's; docs/guide/engines.md).
         """
         # Everything is checked before the fleet starts its thread: a bad URL must not
         # leave a half-built fleet running.
@@ -175,6 +181,7 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
                 "for a fleet whose nodes are added later"
             )
         split_keywords(shortcuts, "LMFleet.attach", launch=False)
+        forced = parse_engine(engine, "LMFleet.attach")
         parsed = parse_roles(roles, len(urls))
         given = parse_speeds(speeds, len(urls))
         tiers = parse_priorities(priorities, len(urls)) if priorities is not None else None
@@ -187,7 +194,16 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         fleet = cls(strategy=strategy, api_key=api_key, options=merge_options(options, shortcuts))
         for index, (url, role, speed) in enumerate(zip(urls, parsed, given, strict=True)):
             priority = tiers[index] if tiers is not None else None  # else its options'
-            fleet.add_node(url, role=role, speed=speed, priority=priority, options=own.get(url))
+            settings = own.get(url)
+            mine = settings.engine if settings is not None and settings.engine else None
+            fleet.add_node(
+                url,
+                role=role,
+                speed=speed,
+                priority=priority,
+                options=settings,
+                engine=mine or forced or "auto",
+            )
         return fleet
 
     async def _watch(self, *, task_status: TaskStatus[None]) -> None:
@@ -240,6 +256,7 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         weight_version: int | None = None,
         origin: str | None = None,
         options: NodeOptions | Mapping[str, Any] | None = None,
+        engine: str | None = None,
     ) -> NodeSnapshot:
         """Attach one more server; it joins once its health check passes.
 
@@ -253,11 +270,16 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         fleet's). `origin`: who added it, for the log line that reports its arrival
         (default: "attached", or "registered itself" with `registered`). `options`:
         its own settings (`NodeOptions`, or a dict of its fields): key, extra headers,
-        health path, interval and timeout, priority, speed; `api_key`, `speed` and
-        `priority` given here win over theirs.
+        health path, interval and timeout, priority, speed, engine; `api_key`,
+        `speed`, `priority` and `engine` given here win over theirs. `engine`:
+        "lmdeploy", "vllm", "sglang" or "openai" (any other OpenAI-compatible server:
+        routing and health only); default "auto", recognised from its `/v1/models`
+        when it first answers (docs/guide/engines.md).
         """
         self.runtime.check_open()
         settings = as_node_options(options, url)
+        if engine is None and settings is not None:
+            engine = settings.engine
         key, headers = settings.secrets() if settings is not None else (None, ())
         if priority is None and settings is not None:
             priority = settings.priority
@@ -275,6 +297,7 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
             origin=origin,
             headers=headers if settings is not None else None,
             options=settings,
+            engine=parse_engine(engine, "add_node"),
         )
         self._poke()
         return NodeSnapshot.of(state)

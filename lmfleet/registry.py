@@ -211,6 +211,7 @@ class NodeRegistry:
         origin: str | None = None,
         headers: tuple[tuple[str, str], ...] | None = None,
         options: NodeOptions | None = None,
+        engine: str | None = None,
     ) -> NodeState:
         """Add a node as `starting`, or restart an existing one's checks (counters kept).
 
@@ -219,7 +220,8 @@ class NodeRegistry:
         `speed`: its relative speed, if the operator gave one (a re-add keeps the old).
         `priority`: its tier, higher preferred (default 0; a re-add keeps the old).
         `headers`, `options`: its own extra headers and settings (`NodeOptions`; a
-        re-add without them keeps the old).
+        re-add without them keeps the old). `engine`: its engine's profile name when
+        given (None: recognised when it first answers; a re-add keeps the old).
         `weight_version`: the version it serves, when known (default: the fleet's
         initial one; a re-add keeps the old). `origin`: who added it, as the log line
         says it ("registered itself", "reloaded from FILE", ...; default from the flags).
@@ -239,6 +241,7 @@ class NodeRegistry:
                     priority=DEFAULT_PRIORITY if priority is None else priority,
                     headers=headers or (),
                     options=options,
+                    engine=engine,
                     weight_version=self.weight_version
                     if weight_version is None
                     else weight_version,
@@ -256,6 +259,8 @@ class NodeRegistry:
                     priority=old.priority if priority is None else priority,
                     headers=old.headers if headers is None else headers,
                     options=old.options if options is None else options,
+                    engine=old.engine if engine is None else engine,
+                    engine_version=old.engine_version if engine is None else None,
                     weight_version=old.weight_version if weight_version is None else weight_version,
                 )
             self._nodes[url] = state

@@ -76,6 +76,7 @@ class FleetSurface(Protocol):
         weight_version: int | None = None,
         origin: str | None = None,
         options: NodeOptions | Mapping[str, Any] | None = None,
+        engine: str | None = None,
     ) -> NodeSnapshot: ...
 
     def remove_node(self, url: str) -> NodeSnapshot: ...

@@ -55,10 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tensor parallelism: GPUs per node (default %(default)s)",
     )
     add(
+        "--engine",
+        default="lmdeploy",
+        choices=["lmdeploy", "vllm", "sglang"],
+        help="which server to start, with the flags that let the fleet sleep it and "
+        "read its load (default %(default)s; with --simulate: whose HTTP surface the "
+        "sims speak)",
+    )
+    add(
         "--backend",
-        default="turbomind",
+        default=None,
         choices=["turbomind", "pytorch"],
-        help="LMDeploy engine (default %(default)s)",
+        help="LMDeploy's engine backend (default turbomind)",
     )
     add(
         "--server-arg",
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             args.count,
             model=args.model,
             sim_args=server_args_to_flags(parse_server_args(args.server_args)),
+            engine=args.engine,
             **common,
         )
     else:
@@ -127,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
             server_args=parse_server_args(args.server_args),
             command=shlex.split(args.command) if args.command else None,
             api_key=node_api_key(args),
+            engine=args.engine,
             **common,
         )
     try:

@@ -7,6 +7,7 @@ the URL:
 
     --node http://gpu-a:23333 --node http://old-box:23333,priority=50,speed=0.5
     --node https://team-gw:443,key-env=TEAM_GW_KEY,header-env=X-Team:TEAM_ID,health-path=/ping
+    --node http://gpu-b:8000,engine=vllm
 
 Secrets are given only as environment variables (`key-env`, `header-env`): a value
 on the command line is visible to every user of the machine (`ps`). A URL has no
@@ -31,6 +32,7 @@ NODE_SETTINGS = {
     "health-path": "the path probed for its health (any 200 is healthy)",
     "health-interval": "seconds between its probes",
     "health-timeout": "seconds one of its probes may take",
+    "engine": "its engine: auto (default), lmdeploy, vllm, sglang or openai",
 }
 """What may follow a node's URL, and what each means (the `--node` help shows them)."""
 

@@ -35,6 +35,50 @@ LMDEPLOY_COMMAND: tuple[str, ...] = (
 )
 """`lmdeploy serve api_server`, LMDeploy's OpenAI-compatible server."""
 
+VLLM_COMMAND: tuple[str, ...] = (
+    "vllm",
+    "serve",
+    "{model}",
+    "--host",
+    "{host}",
+    "--port",
+    "{port}",
+    "--tensor-parallel-size",
+    "{tp}",
+    "--enable-sleep-mode",
+)
+"""`vllm serve` (vLLM 0.33, vllm/engine/arg_utils.py), able to sleep: with
+`VLLM_ENV`, its sleep and abort routes exist (docs/guide/engines.md)."""
+
+VLLM_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
+"""vLLM registers `/sleep`, `/wake_up`, `/is_sleeping` and `/abort_requests` only
+with this in its environment."""
+
+SGLANG_COMMAND: tuple[str, ...] = (
+    "{python}",
+    "-m",
+    "sglang.launch_server",
+    "--model-path",
+    "{model}",
+    "--host",
+    "{host}",
+    "--port",
+    "{port}",
+    "--tp-size",
+    "{tp}",
+    "--enable-memory-saver",
+    "--enable-metrics",
+)
+"""SGLang 0.5.23's server (sglang/srt/arg_groups/fields/), able to release and
+resume its memory (sleep) and exporting the `/metrics` `least_load` reads."""
+
+ENGINE_COMMANDS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "lmdeploy": (LMDEPLOY_COMMAND, {}),
+    "vllm": (VLLM_COMMAND, VLLM_ENV),
+    "sglang": (SGLANG_COMMAND, {}),
+}
+"""Each engine's command template and the environment it needs."""
+
 SIM_COMMAND: tuple[str, ...] = (
     "{python}",
     "-m",

@@ -66,9 +66,10 @@ class LaunchMethods:
         options: FleetOptions | None = None,
         weight_updates: bool = False,
         priorities: Sequence[int] | None = None,
+        engine: str | Sequence[str] = "lmdeploy",
         **keywords: Unpack[LaunchKeywords],
     ) -> Self:
-        """Start `nodes` emulated LMDeploy servers (`lmfleet sim`) and route over them.
+        """Start `nodes` emulated servers (`lmfleet sim`) and route over them.
 
         The very path `launch` takes, with the simulator's command and no GPUs.
         `speed` scales each node (one value, or one per node: 0.33 is 3x slower);
@@ -77,13 +78,20 @@ class LaunchMethods:
         `weight_updates=True` starts the sims as `launch(weight_updates=True)` starts
         LMDeploy (PyTorch backend, Ray executor), so they take weight updates.
         `priorities`: one tier per node, higher preferred, as in `attach`.
+        `engine`: whose HTTP surface each node speaks, "lmdeploy", "vllm" or "sglang"
+        (one, or one per node: a mixed fleet; docs/guide/engines.md).
         """
         if weight_updates:
             sim_args = (*WEIGHT_UPDATE_SIM_ARGS, *sim_args)
         require_serve("LMFleet.simulate()")
         shortcuts, launch = split_keywords(keywords, "LMFleet.simulate", launch=True)
         specs = sim_specs(
-            nodes, model=model, speed=speed, sim_args=sim_args, base_port=launch.base_port
+            nodes,
+            model=model,
+            speed=speed,
+            sim_args=sim_args,
+            base_port=launch.base_port,
+            engine=engine,
         )
         return cls._launched(specs, launch, strategy, None, options, shortcuts, priorities)
 
@@ -104,9 +112,10 @@ class LaunchMethods:
         options: FleetOptions | None = None,
         weight_updates: bool = False,
         priorities: Sequence[int] | None = None,
+        engine: str = "lmdeploy",
         **keywords: Unpack[LaunchKeywords],
     ) -> Self:
-        """Start `nodes` LMDeploy `api_server`s (each on its own `tp` GPUs) and route over them.
+        """Start `nodes` servers (each on its own `tp` GPUs) and route over them.
 
         Returns once every process is started; `wait_ready()` waits for them and raises
         `LaunchError` with a node's log tail if one exits first. `server_args` become
@@ -117,11 +126,15 @@ class LaunchMethods:
         ray_address, placement). `backend` defaults to turbomind; `weight_updates=True`
         starts servers that can take RL weight updates (`--backend pytorch
         --distributed-executor-backend ray`, LMDeploy 0.18's precondition).
-        `priorities`: one tier per node, higher preferred, as in `attach`. See
-        docs/launch.md.
+        `priorities`: one tier per node, higher preferred, as in `attach`.
+        `engine`: "lmdeploy" (`lmdeploy serve api_server`), "vllm" (`vllm serve ...
+        --enable-sleep-mode` with `VLLM_SERVER_DEV_MODE=1`) or "sglang" (`python -m
+        sglang.launch_server ... --enable-memory-saver --enable-metrics`): each with
+        the flags that let the fleet sleep it and read its load
+        (docs/guide/engines.md). See docs/launch.md.
         """
         shortcuts, launch = split_keywords(keywords, "LMFleet.launch", launch=True)
-        backend, server_args = weight_update_server(backend, server_args, weight_updates)
+        backend, server_args = weight_update_server(backend, server_args, weight_updates, engine)
         specs = server_specs(
             model,
             nodes,
@@ -132,6 +145,7 @@ class LaunchMethods:
             command=command,
             gpus_per_node=gpus_per_node,
             base_port=launch.base_port,
+            engine=engine,
         )
         return cls._launched(specs, launch, strategy, api_key, options, shortcuts, priorities)
 

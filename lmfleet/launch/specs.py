@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from lmfleet.errors import ConfigError
 from lmfleet.launch.base import Launcher, NodeSpec
 from lmfleet.launch.command import (
-    LMDEPLOY_COMMAND,
+    ENGINE_COMMANDS,
     SIM_COMMAND,
     CommandTemplate,
     ServerArgValue,
@@ -30,7 +30,10 @@ WEIGHT_UPDATE_SIM_ARGS = ("--backend", "pytorch", "--distributed-executor-backen
 
 
 def weight_update_server(
-    backend: str | None, server_args: Mapping[str, ServerArgValue] | None, weight_updates: bool
+    backend: str | None,
+    server_args: Mapping[str, ServerArgValue] | None,
+    weight_updates: bool,
+    engine: str = "lmdeploy",
 ) -> tuple[str, dict[str, ServerArgValue]]:
     """The backend and server args of `launch(weight_updates=...)`.
 
@@ -39,6 +42,15 @@ def weight_update_server(
     contradiction rather than start servers that will answer the push with a 500.
     """
     args = dict(server_args or {})
+    if engine != "lmdeploy":
+        if backend is not None:
+            raise ConfigError(f"backend={backend!r} is LMDeploy's; engine={engine!r} has none")
+        if weight_updates:
+            raise ConfigError(
+                f"weight_updates=True: lmfleet drives LMDeploy's weight routes only so far, "
+                f"not {engine}'s (docs/guide/engines.md)"
+            )
+        return "turbomind", args
     if not weight_updates:
         return backend or "turbomind", args
     if backend not in (None, "pytorch"):
@@ -66,8 +78,14 @@ def server_specs(
     command: CommandTemplate | None = None,
     gpus_per_node: int | None = None,
     base_port: int | None = None,
+    engine: str = "lmdeploy",
 ) -> list[NodeSpec]:
-    """`nodes` identical servers (LMDeploy's api_server unless `command` says otherwise)."""
+    """`nodes` identical servers: the `engine`'s (LMDeploy's api_server, `vllm serve`,
+    SGLang's launch_server, each with the flags and environment that let lmfleet
+    sleep and read its load) unless `command` says otherwise."""
+    if engine not in ENGINE_COMMANDS:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINE_COMMANDS)}, not {engine!r}")
+    template, needs = ENGINE_COMMANDS[engine]
     if nodes < 1:
         raise ConfigError(f"nodes must be >= 1, got {nodes}")
     if tp < 1:
@@ -79,12 +97,12 @@ def server_specs(
         NodeSpec(
             model=model,
             index=i,
-            command=LMDEPLOY_COMMAND if command is None else command,
+            command=template if command is None else command,
             tp=tp,
             backend=backend,
             gpus=gpus,
             server_args=dict(server_args or {}),
-            env=dict(env or {}),
+            env={**needs, **(env or {})},
             port=_port(base_port, i),
         )
         for i in range(nodes)
@@ -98,24 +116,35 @@ def sim_specs(
     speed: float | Sequence[float] = 1.0,
     sim_args: Sequence[str] = (),
     base_port: int | None = None,
+    engine: str | Sequence[str] = "lmdeploy",
 ) -> list[NodeSpec]:
-    """Emulated nodes: the simulator's template, no GPU, one `--speed` per node."""
+    """Emulated nodes: the simulator's template, no GPU, one `--speed` and one
+    `--engine` (whose HTTP surface it speaks) per node."""
     if nodes < 1:
         raise ConfigError(f"nodes must be >= 1, got {nodes}")
     speeds = [float(speed)] * nodes if isinstance(speed, (int, float)) else list(speed)
     if len(speeds) != nodes:
         raise ConfigError(f"speed has {len(speeds)} values for {nodes} nodes")
+    engines = [engine] * nodes if isinstance(engine, str) else list(engine)
+    if len(engines) != nodes:
+        raise ConfigError(f"engine has {len(engines)} values for {nodes} nodes")
+    if unknown := set(engines) - set(SIM_ENGINES):
+        raise ConfigError(f"the simulator speaks {', '.join(SIM_ENGINES)}, not {sorted(unknown)}")
     return [
         NodeSpec(
             model=model,
             index=i,
             command=SIM_COMMAND,
             gpus=0,
-            extra_args=("--speed", repr(node_speed), *sim_args),
+            extra_args=("--speed", repr(node_speed), "--engine", node_engine, *sim_args),
             port=_port(base_port, i),
         )
-        for i, node_speed in enumerate(speeds)
+        for i, (node_speed, node_engine) in enumerate(zip(speeds, engines, strict=True))
     ]
+
+
+SIM_ENGINES = ("lmdeploy", "vllm", "sglang")
+"""The engines `lmfleet sim --engine` speaks."""
 
 
 def make_launcher(options: LaunchOptions, *, spawn: Spawner[ManagedProcess]) -> Launcher:

@@ -1,6 +1,7 @@
 """The verdict on what a node's `/health` said: pure, no I/O, no clock.
 
-`health_answer` reads LMDeploy's answer into a `Probe`; `judge` decides the status
+`health_answer` reads LMDeploy's answer into a `Probe` (`status_answer` an engine's
+whose `/health` is a bare status code); `judge` decides the status
 the node should have next from its snapshot and that probe. The monitor's loop
 (`monitor/loop.py`) does the asking and writes the verdict into the registry,
 after confirming what `/health` may report late (`/is_sleeping`).
@@ -24,14 +25,16 @@ ANSWERED = (NodeStatus.HEALTHY, NodeStatus.EJECTED)
 
 @dataclass(frozen=True, slots=True)
 class Probe:
-    """What one `GET /health` said: `status` is LMDeploy's word, or "unreachable"."""
+    """What one health round said: `status` is LMDeploy's word ("healthy",
+    "sleeping", "unhealthy", "initializing"), "up" (answering, asleep or not: an
+    engine that cannot say), or "unreachable"."""
 
     status: str
     message: str
 
     @property
     def ok(self) -> bool:
-        return self.status in ("healthy", "sleeping")
+        return self.status in ("healthy", "sleeping", "up")
 
 
 def unreachable(error: Exception) -> Probe:
@@ -67,6 +70,12 @@ def _health_answer(status: int, raw: bytes) -> Probe:
     return Probe(word, message or f"HTTP {status} {word}")
 
 
+def status_answer(status: int, raw: bytes) -> Probe:
+    """A health route that says only its status code (SGLang's `/health`, a generic
+    server's `/v1/models`): 200 is "up", whether asleep it cannot say."""
+    return Probe("up", "HTTP 200") if status == 200 else Probe("unhealthy", f"HTTP {status}")
+
+
 def judge(state: NodeState, probe: Probe, unhealthy_after: int) -> NodeStatus:
     """The status a node should have after `probe`, before any confirmation.
 
@@ -82,6 +91,11 @@ def judge(state: NodeState, probe: Probe, unhealthy_after: int) -> NodeStatus:
         return NodeStatus.EJECTED if state.status is NodeStatus.EJECTED else NodeStatus.HEALTHY
     if probe.status == "sleeping":
         return NodeStatus.SLEEPING
+    if probe.status == "up":
+        # Up, asleep or not: what the fleet last did to it stands.
+        if state.status in (NodeStatus.SLEEPING, NodeStatus.EJECTED):
+            return state.status
+        return NodeStatus.HEALTHY
     if state.status is NodeStatus.STARTING and (state.announced or probe.status == "initializing"):
         return NodeStatus.STARTING
     if state.failures + 1 >= unhealthy_after or state.status is NodeStatus.UNHEALTHY:

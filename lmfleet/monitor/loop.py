@@ -18,7 +18,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from lmfleet.config import HealthOptions
-from lmfleet.monitor.judge import ANSWERED, FINAL, Probe, health_answer, judge, unreachable
+from lmfleet.monitor.judge import ANSWERED, FINAL, Probe, judge, status_answer, unreachable
 from lmfleet.node.client import NodeCallError, NodeClient
 from lmfleet.node.load import next_capacity, parse_metrics
 from lmfleet.node.state import NodeState, NodeStatus
@@ -84,9 +84,6 @@ class Monitor:
             )
         self._metrics_every = every
         self._nodes = nodes
-        profile = nodes.profile
-        self._health = (profile.health,)
-        self._health_and_metrics = (profile.health, profile.metrics)
         self._prober = Prober()
         self._rng = rng or random.Random()
         self._running: set[str] = set()
@@ -189,12 +186,14 @@ class Monitor:
         return self._options.timeout
 
     def _paths(self, state: NodeState, metrics: bool) -> tuple[str, ...]:
-        """The paths a round asks `state`: its health path (its own, else the
-        engine's), and `/metrics` beside it when `metrics`."""
+        """The paths a round asks `state`: its health paths (its own path, else its
+        engine's), and its engine's `/metrics` beside them when `metrics`."""
+        profile = self._nodes.profile_of(state)
         own = state.options
-        if own is None or own.health_path is None:
-            return self._health_and_metrics if metrics else self._health
-        return (own.health_path, self._nodes.profile.metrics) if metrics else (own.health_path,)
+        health = profile.health if own is None or own.health_path is None else (own.health_path,)
+        if metrics and profile.metrics is not None:
+            return (*health, profile.metrics.path)
+        return health
 
     async def _round(self, urls: list[str], timeout: float) -> None:
         """Probe `urls` together, each probe up to `timeout` seconds; settle each node
@@ -209,7 +208,12 @@ class Monitor:
             except LookupError:
                 self._running.discard(url)
                 continue
-            metrics = telemetry and state.status is NodeStatus.HEALTHY and self._metrics_due(url)
+            metrics = (
+                telemetry
+                and state.status is NodeStatus.HEALTHY
+                and self._nodes.profile_of(state).metrics is not None
+                and self._metrics_due(url)
+            )
             if metrics:
                 self._metrics_read(url)
             requests.append(self._nodes.probe(state, self._paths(state, metrics)))
@@ -236,8 +240,7 @@ class Monitor:
         if isinstance(result, ProbeError):
             probe, metrics = unreachable(result), None
         else:
-            probe = health_answer(*result[0])
-            metrics = result[1] if len(result) > 1 else None
+            probe, metrics = self._read(state, request, result)
         target = judge(state, probe, self._options.unhealthy_after)
         if any(self._asks(url, state, target, metrics)):
             assert self._tasks is not None
@@ -246,18 +249,35 @@ class Monitor:
         self._running.discard(url)
         self._settle(url, state, probe, target, None, metrics)
 
+    def _read(
+        self, state: NodeState, request: ProbeRequest, answers: Answers
+    ) -> tuple[Probe, tuple[int, bytes] | None]:
+        """The probe and the `/metrics` answer (None when not asked) of one round's
+        answers to `request`: a node's own health path answers 200 for healthy."""
+        profile = self._nodes.profile_of(state)
+        metrics = profile.metrics
+        asked = len(request.paths) - (metrics is not None and request.paths[-1] == metrics.path)
+        load = answers[asked] if asked < len(answers) else None
+        own = state.options
+        if own is not None and own.health_path is not None:
+            return status_answer(*answers[0]), load
+        return profile.read_health(answers[:asked]), load
+
     def _asks(
         self, url: str, state: NodeState, target: NodeStatus, metrics: tuple[int, bytes] | None
     ) -> tuple[bool, bool, bool]:
         """What must be asked before `target` stands: (`/is_sleeping`, `/v1/models`, `/metrics`).
 
         `/is_sleeping` when moving between healthy and sleeping (`/health` lags);
-        the models when (re)entering rotation or never read; the load when due and
-        not read beside `/health`."""
+        the models when (re)entering rotation or never read, or when the node's
+        engine is not recognised yet; the load when due and not read beside
+        `/health`."""
         healthy = target is NodeStatus.HEALTHY
+        answered = target in (NodeStatus.HEALTHY, NodeStatus.SLEEPING)
         return (
-            target in (NodeStatus.HEALTHY, NodeStatus.SLEEPING) and target is not state.status,
-            healthy and (state.status is not target or not state.models),
+            answered and target is not state.status,
+            (healthy and (state.status is not target or not state.models))
+            or (answered and state.engine is None),
             healthy and self._options.telemetry and metrics is None and self._metrics_due(url),
         )
 
@@ -279,15 +299,36 @@ class Monitor:
             _, ask_models, ask_load = self._asks(url, state, target, metrics)
             if ask_models:
                 try:
-                    models = await self._nodes.models(state, timeout)
+                    models, profile = await self._nodes.identify(state, timeout)
                 except NodeCallError as exc:
-                    target, message = NodeStatus.UNHEALTHY, str(exc)
+                    if target is NodeStatus.HEALTHY:  # asleep, its models may wait
+                        target, message = NodeStatus.UNHEALTHY, str(exc)
                     ask_load = False
+                else:
+                    if state.engine is None or state.engine_version is None:
+                        version = await self._nodes.version(state, profile, timeout)
+                        state = self._recognised(url, profile.name, version)
+                    if profile.is_sleeping is None and target is NodeStatus.HEALTHY:
+                        # Read as LMDeploy's until now; its engine cannot say it sleeps.
+                        target = judge(state, Probe("up", message), self._options.unhealthy_after)
             if ask_load:
                 await self.read_load(state)
             self._settle(url, state, probe, target, models, metrics, message)
         finally:
             self._running.discard(url)
+
+    def _recognised(self, url: str, engine: str, version: str | None) -> NodeState:
+        """Record the node's engine (and version) once it is known; its snapshot after."""
+
+        def apply(current: NodeState) -> NodeState:
+            if current.engine == engine and current.engine_version == version:
+                return current
+            if current.engine is None:
+                log.debug("%s is %s%s", url, engine, f" {version}" if version else "")
+            return current.evolve(engine=engine, engine_version=version)
+
+        new = self._registry.modify(url, apply)
+        return new if new is not None else NodeState(url=url, engine=engine)
 
     def _settle(
         self,
@@ -359,7 +400,10 @@ class Monitor:
         """
         url = state.url
         self._metrics_read(url)
-        request = self._nodes.probe(state, (self._nodes.profile.metrics,))
+        names = self._nodes.profile_of(state).metrics
+        if names is None:
+            return
+        request = self._nodes.probe(state, (names.path,))
         try:
             ((status, body),) = await self._prober.get_many(request, self._timeout(state))
         except ProbeError:
@@ -373,12 +417,18 @@ class Monitor:
                 state = self._registry.get(url)
             except LookupError:
                 return  # removed meanwhile
-            load = parse_metrics(
-                body,
-                read_at=time.monotonic(),
-                local_inflight=state.inflight,
-                fresh_for=self._options.interval,
-                previous=state.load,
+            names = self._nodes.profile_of(state).metrics
+            load = (
+                parse_metrics(
+                    body,
+                    read_at=time.monotonic(),
+                    local_inflight=state.inflight,
+                    fresh_for=self._options.interval,
+                    previous=state.load,
+                    names=names,
+                )
+                if names is not None
+                else None
             )
         if load is None:
             self._next_metrics[url] = time.monotonic() + NO_METRICS_RETRY

@@ -45,6 +45,23 @@ def _set(status: NodeStatus, message: str) -> Callable[[NodeState], NodeState]:
     return change
 
 
+async def recognise(nodes: NodeClient, registry: NodeRegistry, url: str, timeout: float) -> None:
+    """Learn the engine of a node not recognised yet (still starting when the command
+    came) and record it: the command, and the monitor's next rounds, then use its
+    own routes (an SGLang node put to sleep must not be read as awake by LMDeploy's)."""
+    if registry.get(url).engine is not None:
+        return
+    try:
+        _, profile = await nodes.identify(registry.get(url), timeout)
+    except NodeCallError:
+        return  # it does not say: the command goes to LMDeploy's routes, and may fail
+
+    def known(state: NodeState) -> NodeState:
+        return state if state.engine is not None else state.evolve(engine=profile.name)
+
+    registry.modify(url, known)
+
+
 async def sleep_node(
     nodes: NodeClient,
     registry: NodeRegistry,
@@ -54,9 +71,11 @@ async def sleep_node(
     drain_timeout: float,
     timeout: float,
 ) -> None:
-    """Take `url` out of rotation, let its requests finish, then `POST /sleep?level=`."""
+    """Take `url` out of rotation, let its requests finish, then put it to sleep
+    through its engine's route (LMDeploy `POST /sleep?level=`)."""
     registry.hold(url)
     try:
+        await recognise(nodes, registry, url, timeout)
         before = registry.get(url).status
         registry.modify(url, _set(NodeStatus.SLEEPING, "going to sleep: draining"))
         await wait_idle(registry, url, drain_timeout)
@@ -78,14 +97,16 @@ async def wakeup_node(
     *,
     timeout: float,
 ) -> None:
-    """`POST /wakeup[?tags=...]`; the node is routable again only when no tag sleeps."""
+    """Wake it through its engine's route (LMDeploy `POST /wakeup[?tags=...]`); the
+    node is routable again only when no tag sleeps."""
     registry.hold(url)
     try:
+        await recognise(nodes, registry, url, timeout)
         node = registry.get(url)
         await nodes.wakeup(node, tags, timeout)
         asleep = await nodes.is_sleeping(node, timeout)
         if asleep is None:  # no /is_sleeping: trust the wakeup only when it covered every tag
-            asleep = not nodes.profile.fully_awake(tags)
+            asleep = not nodes.profile_of(node).fully_awake(tags)
         if asleep:
             registry.modify(
                 url, _set(NodeStatus.SLEEPING, f"partly awake ({','.join(tags or ())})")
@@ -292,17 +313,21 @@ class FleetAdmin:
 
     @staticmethod
     async def _each(urls: list[str], command: Callable[[str], Awaitable[None]]) -> None:
-        """Run `command` on every node at once; report every failure together."""
-        failures: list[str] = []
+        """Run `command` on every node at once; report every failure together (one
+        failure as itself, so that its type says what went wrong: an
+        `EngineCapabilityError` stays one)."""
+        failures: list[NodeCommandError] = []
 
         async def one(url: str) -> None:
             try:
                 await command(url)
             except NodeCommandError as exc:
-                failures.append(str(exc))
+                failures.append(exc)
 
         async with anyio.create_task_group() as tg:
             for url in urls:
                 tg.start_soon(one, url)
+        if len(failures) == 1:
+            raise failures[0]
         if failures:
-            raise NodeCommandError("; ".join(failures))
+            raise NodeCommandError("; ".join(map(str, failures))) from failures[0]

@@ -21,14 +21,15 @@ Two wires carry these requests, chosen by how often they are sent (measured:
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx2
 
-from lmfleet.errors import NodeCommandError
-from lmfleet.node.profile import LMDEPLOY, EngineProfile, Params
+from lmfleet.errors import EngineCapabilityError, NodeCommandError
+from lmfleet.node.profile import Command, EngineProfile, Params, profile_named, recognise
 from lmfleet.wire.prober import ProbeRequest
 
 URL_CACHE_SIZE = 4096
@@ -47,18 +48,27 @@ class Node(Protocol):
     @property
     def headers(self) -> tuple[tuple[str, str], ...]: ...
 
+    @property
+    def engine(self) -> str | None: ...
+
 
 class NodeAddress:
-    """A node's URL, key and headers where no `NodeState` is at hand (a node just removed)."""
+    """A node's URL, key, headers and engine where no `NodeState` is at hand (a node
+    just removed)."""
 
-    __slots__ = ("api_key", "headers", "url")
+    __slots__ = ("api_key", "engine", "headers", "url")
 
     def __init__(
-        self, url: str, api_key: str | None = None, headers: tuple[tuple[str, str], ...] = ()
+        self,
+        url: str,
+        api_key: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        engine: str | None = None,
     ) -> None:
         self.url = url
         self.api_key = api_key
         self.headers = headers
+        self.engine = engine
 
 
 @functools.lru_cache(maxsize=256)
@@ -136,14 +146,18 @@ class NodeClient:
     """Requests to nodes: built with their key and timeout, sent, failures mapped.
 
     `http` carries the commands (see the module's note on the two wires); the fleet
-    owns it and closes it. One client serves every node of a fleet; `profile` is the
-    engine's (LMDeploy for every node today).
+    owns it and closes it. One client serves every node of a fleet, each through its
+    engine's profile (`profile_of`).
     """
 
-    def __init__(self, http: httpx2.AsyncClient | None = None, profile: EngineProfile = LMDEPLOY):
+    def __init__(self, http: httpx2.AsyncClient | None = None):
         self._http = http
-        self.profile = profile
         self._urls = UrlCache()
+
+    @staticmethod
+    def profile_of(node: Node) -> EngineProfile:
+        """The node's engine profile (LMDeploy's until its engine is known)."""
+        return profile_named(node.engine)
 
     # -- building ---------------------------------------------------------------
 
@@ -232,48 +246,96 @@ class NodeClient:
 
     async def is_sleeping(self, node: Node, timeout: float) -> bool | None:
         """The engine's immediate sleep flag; None where it has none or did not say."""
-        value = await self._field(node, self.profile.is_sleeping, "is_sleeping", timeout)
+        path = self.profile_of(node).is_sleeping
+        value = await self._field(node, path, "is_sleeping", timeout)
         return value if isinstance(value, bool) else None
 
     async def models(self, node: Node, timeout: float) -> tuple[str, ...]:
         """The model ids the node serves; `NodeCallError` if it cannot say."""
-        path = self.profile.models
+        return (await self.identify(node, timeout))[0]
+
+    async def identify(self, node: Node, timeout: float) -> tuple[tuple[str, ...], EngineProfile]:
+        """The model ids the node serves and the engine serving them, recognised from
+        the same `/v1/models` answer (its cards' `owned_by`) unless the node's engine
+        is given; `NodeCallError` if it cannot say."""
+        path = self.profile_of(node).models
         body = await self.call_json(node, "GET", path, timeout=timeout)
         try:
-            return tuple(str(item["id"]) for item in body["data"])
+            models = tuple(str(item["id"]) for item in body["data"])
         except (KeyError, TypeError) as exc:
             raise NodeCallError(
                 node.url, "GET", path, status=None, detail="an unexpected body"
             ) from exc
+        return models, self.profile_of(node) if node.engine else recognise(body)
+
+    async def version(self, node: Node, profile: EngineProfile, timeout: float) -> str | None:
+        """The engine's version as the node reports it; None where it does not say."""
+        if profile.version is None:
+            return None
+        path, name = profile.version
+        value = await self._field(node, path, name, timeout)
+        return str(value) if isinstance(value, str | int | float) else None
+
+    async def run(
+        self, node: Node, build: Callable[[EngineProfile], Command], timeout: float
+    ) -> httpx2.Response:
+        """Send the command `build` makes from the node's engine profile (recognised
+        first from its `/v1/models` when not known yet: a command must never go to
+        another engine's route). What the engine cannot do, or not as it was started
+        (a 404 or 405: no such route), is an `EngineCapabilityError` with the
+        profile's hint."""
+        profile = self.profile_of(node)
+        if node.engine is None:
+            # Unless it does not say: LMDeploy's routes, and the node's own answer.
+            with contextlib.suppress(NodeCallError):
+                profile = (await self.identify(node, timeout))[1]
+        try:
+            command = build(profile)
+        except EngineCapabilityError as exc:
+            raise EngineCapabilityError(
+                exc.engine, exc.capability, node=node.url, hint=exc.hint
+            ) from None
+        try:
+            return await self.call(
+                node,
+                command.method,
+                command.path,
+                params=command.params,
+                json=command.json,
+                timeout=timeout,
+            )
+        except NodeCallError as exc:
+            if exc.status in (404, 405):
+                raise EngineCapabilityError(
+                    profile.title,
+                    f"{command.method} {command.path} (HTTP {exc.status})",
+                    node=node.url,
+                    hint=f"start it with {profile.needs}" if profile.needs else "",
+                ) from exc
+            raise
 
     async def sleep(self, node: Node, level: int, timeout: float) -> None:
-        profile = self.profile
-        await self.call(
-            node, "POST", profile.sleep, params=profile.sleep_params(level), timeout=timeout
-        )
+        await self.run(node, lambda profile: profile.sleep(level), timeout)
 
     async def wakeup(self, node: Node, tags: Sequence[str] | None, timeout: float) -> None:
-        profile = self.profile
-        await self.call(
-            node, "POST", profile.wakeup, params=profile.wake_params(tags), timeout=timeout
-        )
+        await self.run(node, lambda profile: profile.wakeup(tags), timeout)
 
     async def terminate(self, node: Node, timeout: float) -> None:
-        """Ask the node's process to exit; `NodeCallError` where it won't or can't."""
-        path = _offered(node, "GET", self.profile.terminate, "/terminate")
-        await self.call(node, "GET", path, timeout=timeout)
+        """Ask the node's process to exit; `NodeCallError` where it won't,
+        `EngineCapabilityError` where its engine can't."""
+        await self.run(node, lambda p: Command("GET", p.route(p.terminate, "terminate")), timeout)
 
     async def abort(self, node: Node, session_id: int | None, timeout: float) -> None:
         """Abort one request (its engine session) or, with None, every request on the
-        node; `NodeCallError` where the engine cannot (LMDeploy: 501 without
-        `--enable-abort-handling`, 400 for a session it does not know)."""
-        profile = self.profile
-        path = _offered(node, "POST", profile.abort, "/abort")
-        await self.call(node, "POST", path, json=profile.abort_body(session_id), timeout=timeout)
+        node; `NodeCallError` where the engine refuses (LMDeploy: 501 without
+        `--enable-abort-handling`, 400 for a session it does not know),
+        `EngineCapabilityError` where it has no such route."""
+        await self.run(node, lambda profile: profile.abort(session_id), timeout)
 
     async def weights_backend(self, node: Node, timeout: float) -> str | None:
         """The backend that would load pushed weights, or None where the node does not say."""
-        value = await self._field(node, self.profile.weights_backend, "backend", timeout)
+        path = self.profile_of(node).weights_backend
+        value = await self._field(node, path, "backend", timeout)
         return value if isinstance(value, str) else None
 
     async def _field(self, node: Node, path: str | None, name: str, timeout: float) -> Any:
@@ -287,12 +349,3 @@ class NodeClient:
         except NodeCallError:
             return None
         return body.get(name) if isinstance(body, dict) else None
-
-
-def _offered(node: Node, method: str, path: str | None, what: str) -> str:
-    """The engine's path for a command it must have; `NodeCallError` where it has none."""
-    if path is None:
-        raise NodeCallError(
-            node.url, method, what, status=None, detail="the engine has no such route"
-        )
-    return path

@@ -1,4 +1,4 @@
-"""What a node says about its own load: LMDeploy's Prometheus `/metrics`, parsed.
+"""What a node says about its own load: its engine's Prometheus `/metrics`, parsed.
 
 A client sees only its own requests; a node serving several clients (notebooks, an
 eval job, a proxy replica) is busier than any one of them knows. LMDeploy 0.18's
@@ -6,7 +6,9 @@ api_server exports, per engine (`{engine="0",model_name="..."}`), the gauges
 `lmdeploy:num_requests_running`, `num_requests_waiting` (in the engine),
 `num_api_requests_waiting` (in the api server, waiting for a request handle) and
 `num_api_requests_routed`, `gpu_cache_usage_perc`, `prefix_cache_hit_rate`, and
-the counters `prompt_tokens_total` and `generation_tokens_total`.
+the counters `prompt_tokens_total` and `generation_tokens_total`. vLLM and SGLang
+export the same counts under their own names (`MetricNames`, one per engine
+profile: lmfleet/node/profile.py).
 
 The gauges lag the engine (they are set once per scheduling step, and a read can
 still count requests that have finished), and every report already includes this
@@ -22,36 +24,108 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-READ = (
-    "num_requests_running",
-    "num_requests_waiting",
-    "num_api_requests_waiting",
-    "num_api_requests_routed",
-    "gpu_cache_usage_perc",
-    "prefix_cache_hit_rate",
-    "prompt_tokens_total",
-    "generation_tokens_total",
+FIELDS = (
+    "running",
+    "waiting",
+    "api_waiting",
+    "api_routed",
+    "cache_usage",
+    "prefix_hit_rate",
+    "prompt_tokens",
+    "generation_tokens",
 )
-"""The samples read, after the `lmdeploy:` prefix (the real server's names: the
-conformance suite checks them against LMDeploy's own api_server)."""
+"""What `NodeLoad` reads from a report, whatever the engine calls it."""
 
-METRICS_PATH = "/metrics?" + urlencode([("name[]", "lmdeploy:" + n) for n in READ], safe=":")
-"""`/metrics` asking for those samples alone. LMDeploy serves `/metrics` with
-prometheus_client, which answers `name[]` with just the named samples: ~1 KB
-instead of ~10 KB (mostly latency histograms), so the monitor reads and parses a
-tenth of the bytes every round. A server that ignores the filter answers everything,
-which parses the same."""
-
-_SAMPLE = re.compile(rb"\nlmdeploy:(" + "|".join(READ).encode() + rb")(?:\{[^}\n]*\})?[ \t]+(\S+)")
-"""One sample line of a metric we read; labels (engines, model names) are ignored.
-
-It starts with a literal (a newline and `lmdeploy:`), not with `^` in multi-line
-mode: `re` then jumps from candidate to candidate instead of trying every
-position, which makes a real ~10 KB answer (mostly histograms and process
-metrics) about seven times cheaper to read."""
-
-_RATIOS = frozenset({"gpu_cache_usage_perc", "prefix_cache_hit_rate"})
+_RATIOS = frozenset({"cache_usage", "prefix_hit_rate"})
 """Per-engine fractions: averaged over engines. Everything else is summed."""
+
+
+class MetricNames:
+    """One engine's Prometheus names for the `NodeLoad` fields, and how to ask for them.
+
+    `names` maps a field of `FIELDS` to the sample name after `prefix` (LMDeploy
+    `lmdeploy:num_requests_running`, vLLM `vllm:num_requests_running`, SGLang
+    `sglang:num_running_reqs`); a field the engine does not export is left out and
+    stays None in its reports. Built once per engine (`node/profile.py`).
+    """
+
+    __slots__ = ("_fields", "_sample", "names", "path", "prefix")
+
+    def __init__(self, prefix: str, names: dict[str, str]) -> None:
+        if unknown := names.keys() - set(FIELDS):
+            raise ValueError(f"not NodeLoad fields: {sorted(unknown)}")
+        self.prefix = prefix
+        self.names = dict(names)
+        self._fields = {sample: name for name, sample in names.items()}
+        self.path = "/metrics?" + urlencode(
+            [("name[]", prefix + sample) for sample in names.values()], safe=":"
+        )
+        """`/metrics` asking for those samples alone. LMDeploy, vLLM and SGLang
+        serve `/metrics` with prometheus_client, which answers `name[]` with just
+        the named samples: ~1 KB instead of ~10 KB (mostly latency histograms), so
+        the monitor reads and parses a tenth of the bytes every round. A server
+        that ignores the filter answers everything, which parses the same."""
+        alternatives = "|".join(re.escape(sample) for sample in names.values())
+        self._sample = re.compile(
+            rb"\n" + re.escape(prefix.encode()) + rb"(" + alternatives.encode() + rb")"
+            rb"(?:\{[^}\n]*\})?[ \t]+(\S+)"
+        )
+        """One sample line of a metric we read; labels (engines, ranks, model names)
+        are ignored. It starts with a literal (a newline and the prefix), not with
+        `^` in multi-line mode: `re` then jumps from candidate to candidate instead
+        of trying every position, which makes a real ~10 KB answer (mostly
+        histograms and process metrics) about seven times cheaper to read."""
+
+    @property
+    def samples(self) -> tuple[str, ...]:
+        """The full sample names read (prefix included)."""
+        return tuple(self.prefix + sample for sample in self.names.values())
+
+    def sums(self, text: bytes) -> dict[str, float] | None:
+        """Each field's value in `text`: counts summed over the engine's series (its
+        data-parallel ranks), fractions averaged; None when it has neither queue
+        gauge (not this engine's `/metrics`, or not metrics at all)."""
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        fields = self._fields
+        for name_bytes, value_bytes in self._sample.findall(b"\n" + text):
+            try:
+                value = float(value_bytes)
+            except ValueError:
+                continue
+            if math.isnan(value):
+                continue
+            name = fields[name_bytes.decode()]
+            sums[name] = sums.get(name, 0.0) + value
+            counts[name] = counts.get(name, 0) + 1
+        if "running" not in sums and "waiting" not in sums:
+            return None
+        for name in _RATIOS & sums.keys():
+            sums[name] /= counts[name]
+        return sums
+
+
+LMDEPLOY_METRICS = MetricNames(
+    "lmdeploy:",
+    {
+        "running": "num_requests_running",
+        "waiting": "num_requests_waiting",
+        "api_waiting": "num_api_requests_waiting",
+        "api_routed": "num_api_requests_routed",
+        "cache_usage": "gpu_cache_usage_perc",
+        "prefix_hit_rate": "prefix_cache_hit_rate",
+        "prompt_tokens": "prompt_tokens_total",
+        "generation_tokens": "generation_tokens_total",
+    },
+)
+"""LMDeploy 0.18 (lmdeploy/metrics/loggers.py; the conformance suite checks them
+against the real api_server)."""
+
+READ = tuple(LMDEPLOY_METRICS.names.values())
+"""LMDeploy's samples read, after the `lmdeploy:` prefix."""
+
+METRICS_PATH = LMDEPLOY_METRICS.path
+"""LMDeploy's filtered `/metrics` (`MetricNames.path`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,41 +184,26 @@ def parse_metrics(
     local_inflight: int = 0,
     fresh_for: float = 2.0,
     previous: NodeLoad | None = None,
+    names: MetricNames = LMDEPLOY_METRICS,
 ) -> NodeLoad | None:
-    """The node's load from Prometheus text; None when it exports no queue gauge.
+    """The node's load from Prometheus text in its engine's `names`; None when it
+    exports no queue gauge.
 
     `previous`, the node's last report, gives the pace (`_pace`)."""
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for name_bytes, value_bytes in _SAMPLE.findall(b"\n" + text):
-        try:
-            value = float(value_bytes)
-        except ValueError:
-            continue
-        if math.isnan(value):
-            continue
-        name = name_bytes.decode()
-        sums[name] = sums.get(name, 0.0) + value
-        counts[name] = counts.get(name, 0) + 1
-    if "num_requests_running" not in sums and "num_requests_waiting" not in sums:
+    sums = names.sums(text)
+    if sums is None:
         return None
-
-    def get(name: str) -> float | None:
-        if name not in sums:
-            return None
-        return sums[name] / counts[name] if name in _RATIOS else sums[name]
-
-    running = sums.get("num_requests_running", 0.0)
-    generated = get("generation_tokens_total")
+    running = sums.get("running", 0.0)
+    generated = sums.get("generation_tokens")
     pace, busy, made = _pace(read_at, running, generated, previous)
     return NodeLoad(
         running=running,
-        waiting=sums.get("num_requests_waiting", 0.0),
-        api_waiting=get("num_api_requests_waiting"),
-        api_routed=get("num_api_requests_routed"),
-        cache_usage=get("gpu_cache_usage_perc"),
-        prefix_hit_rate=get("prefix_cache_hit_rate"),
-        prompt_tokens=get("prompt_tokens_total"),
+        waiting=sums.get("waiting", 0.0),
+        api_waiting=sums.get("api_waiting"),
+        api_routed=sums.get("api_routed"),
+        cache_usage=sums.get("cache_usage"),
+        prefix_hit_rate=sums.get("prefix_hit_rate"),
+        prompt_tokens=sums.get("prompt_tokens"),
         generation_tokens=generated,
         read_at=read_at,
         local_inflight=local_inflight,

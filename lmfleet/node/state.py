@@ -100,6 +100,13 @@ class NodeState:
     queue (`node.load.next_capacity`); None until then. A background request
     (lmfleet/priority.py) is not sent while the node holds that many, and
     `least_load` counts each request beyond it more (lmfleet/routing/least_load.py)."""
+    engine: str | None = None
+    """Its engine's profile name ("lmdeploy", "vllm", "sglang", "openai":
+    lmfleet/node/profile.py), given (`NodeOptions.engine`) or recognised from its
+    `/v1/models` when it first answers; None until then."""
+    engine_version: str | None = None
+    """The engine's version as the node reports it (vLLM `/version`, SGLang
+    `/server_info`); None where it does not say (LMDeploy has no such route)."""
     cuts: int = 0
     """Weight updates that put the node to sleep with `in_flight="continue"`: a
     generation it aborts after this grew (since its lease) goes on elsewhere."""

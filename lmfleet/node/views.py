@@ -15,6 +15,7 @@ from lmfleet.node.state import NodeRole, NodeState, NodeStatus
 COLUMN_NAMES: dict[str, str] = {
     "url": "node",
     "state": "state",
+    "engine": "engine",
     "models": "models",
     "priority": "tier",
     "inflight": "in-flight",
@@ -49,6 +50,7 @@ METERED_COLUMNS = columns("p50", "tokens_per_s")
 NOTEBOOK_COLUMNS = columns(
     "url",
     "state",
+    "engine",
     "models",
     "priority",
     "inflight",
@@ -81,6 +83,13 @@ def queue_cell(queue: float | None, age: float | None, current: bool) -> str:
     if current or age is None:
         return f"{queue:g}"
     return f"{queue:g} ({age:.1f}s ago)" if age < 10 else f"{queue:g} ({age:.0f}s ago)"
+
+
+def engine_cell(engine: str | None, version: str | None) -> str:
+    """The `engine` cell: `vllm 0.33.0`, `lmdeploy`, or `-` while not recognised."""
+    if engine is None:
+        return "-"
+    return f"{engine} {version}" if version else engine
 
 
 def recent_errors_cell(error_rate: float, answers: int) -> str:
@@ -150,6 +159,11 @@ class NodeSnapshot(BaseModel):
     """The weight version the fleet recorded for it (RL weight updates)."""
     quarantine: str = ""
     """Why a failed weight update left it out of routing; empty otherwise."""
+    engine: str | None = None
+    """Its engine ("lmdeploy", "vllm", "sglang", "openai"), given or recognised from
+    its `/v1/models`; None until it first answered (docs/guide/engines.md)."""
+    engine_version: str | None = None
+    """The engine's version as the node reports it; None where it does not say."""
     """Prefix cache hit rate, 0..1, by that report."""
 
     def reason(self) -> str:
@@ -199,6 +213,8 @@ class NodeSnapshot(BaseModel):
             weight_version=state.weight_version,
             quarantine=state.quarantine,
             pace=load.pace if load is not None else None,
+            engine=state.engine,
+            engine_version=state.engine_version,
         )
 
 
@@ -223,6 +239,7 @@ class FleetStatus(BaseModel):
                 (  # in TEXT_COLUMNS order
                     n.url,
                     n.state.value,
+                    engine_cell(n.engine, n.engine_version),
                     ",".join(n.models) or "-",
                     str(n.priority),
                     str(n.inflight),

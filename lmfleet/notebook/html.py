@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from html import escape
 
-from lmfleet.node.views import NOTEBOOK_COLUMNS, queue_cell, recent_errors_cell
+from lmfleet.node.views import NOTEBOOK_COLUMNS, engine_cell, queue_cell, recent_errors_cell
 from lmfleet.notebook.stats import STATE_COLOURS, FleetView, NodeRow, fmt_ms, fmt_rate
 
 COLUMNS = NOTEBOOK_COLUMNS
@@ -32,6 +32,7 @@ def cells(row: NodeRow) -> list[str]:
     return [
         f"<code>{escape(row.url)}</code>",
         state_badge(row),
+        escape(engine_cell(row.engine, row.engine_version)),
         escape(", ".join(row.models) or "-"),
         str(row.priority),
         str(row.inflight),

@@ -60,6 +60,8 @@ class NodeRow:
     """The node's last answers `error_rate` is over (`NodeSnapshot.recent_answers`)."""
     weight_version: int = 0
     priority: int = 0
+    engine: str | None = None
+    engine_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ class TrafficMeter:
             recent_answers=node.recent_answers,
             weight_version=node.weight_version,
             priority=node.priority,
+            engine=node.engine,
+            engine_version=node.engine_version,
         )
 
     def view(self, status: FleetStatus) -> FleetView:

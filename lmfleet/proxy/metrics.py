@@ -72,7 +72,13 @@ class _NodeCollector(Collector):
             "the node's tier: higher is preferred (lmfleet/routing/tiers.py)",
             labels=["node"],
         )
+        engine = GaugeMetricFamily(
+            "lmfleet_node_engine",
+            "1 for the node's engine and version (lmfleet/node/profile.py; empty until recognised)",
+            labels=["node", "engine", "version"],
+        )
         for node in nodes:
+            engine.add_metric([node.url, node.engine or "", node.engine_version or ""], 1.0)
             priority.add_metric([node.url], node.priority)
             version.add_metric([node.url], node.weight_version)
             quarantined.add_metric([node.url], 1.0 if node.quarantine else 0.0)
@@ -86,7 +92,7 @@ class _NodeCollector(Collector):
             if node.latency is not None:
                 latency.add_metric([node.url], node.latency)
         yield from (inflight, served, errors, error_rate, ejections, state, latency)
-        yield from (version, quarantined, priority)
+        yield from (version, quarantined, priority, engine)
         spills = CounterMetricFamily(
             "lmfleet_tier_spills",
             "requests sent below the best priority tier, by why: health (too few of its "

@@ -15,6 +15,7 @@ import anyio
 
 import lmfleet.answers as answers
 from lmfleet.errors import ConfigError, NodeCommandError, UnknownNodeError
+from lmfleet.node.profile import parse_engine
 from lmfleet.node.state import NodeRole, parse_speed
 from lmfleet.node.views import NodeSnapshot
 from lmfleet.proxy import state_file
@@ -83,6 +84,10 @@ async def add(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> N
         speed = parse_speed(status.get("speed"), "status.speed")
         given = status.get("priority")
         priority = None if given is None else parse_priority(given, "status.priority")
+        engine = status.get("engine")
+        parse_engine(
+            engine if isinstance(engine, str) or engine is None else repr(engine), "status"
+        )
     except ConfigError as exc:
         raise BadRequest(str(exc)) from exc
     # A node that registers itself does so before its port opens: it stays
@@ -99,6 +104,7 @@ async def add(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> N
         speed=speed,
         priority=priority,
         origin=origin,
+        engine=engine,
     )
     _persist(rt)  # the registry logs the node's arrival or departure
     await send_json(send, 200, {"message": "Added successfully", "url": url})

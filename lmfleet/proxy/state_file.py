@@ -6,7 +6,7 @@ a restarted proxy serves nothing until every node is restarted by hand. `lmfleet
 serve` keeps its list in `state_path(dir, port)` (by default under the per-user XDG
 state directory), `fleet.serve()` only when given `state_file=`.
 
-What is kept per node: URL, role, models, speed, priority, weight version, whether
+What is kept per node: URL, role, models, engine, speed, priority, weight version, whether
 it uses the fleet's node key (a reference, never the key itself: keys stay in the
 flags and the environment), and its own settings (`NodeOptions.persisted()`: the
 names of the environment variables its key and headers come from, read again on
@@ -77,6 +77,7 @@ def render(fleet: FleetSurface) -> str:
             "url": s.url,
             "role": int(s.role),
             "models": list(s.models),
+            **({"engine": s.engine} if s.engine else {}),
             "speed": s.speed,
             "priority": s.priority,
             "weight_version": s.weight_version,
@@ -148,6 +149,7 @@ def load(path: Path, entries: list[dict[str, Any]], fleet: FleetSurface) -> int:
                 options=entry.get("options"),
                 weight_version=int(version) if version is not None else None,
                 origin=origin,
+                engine=entry.get("engine"),
             )
             count += 1
         except (LMFleetError, KeyError, TypeError, ValueError) as exc:

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from lmfleet.sim import asgi, generation, routes, weight_routes
+from lmfleet.sim import asgi, dialects, generation, routes, weight_routes
 from lmfleet.sim.node import NodeRuntime
 from lmfleet.sim.options import SimOptions
 from lmfleet.sim.protocol import (
@@ -55,10 +55,20 @@ class SimApp:
         self._keys = frozenset(k.encode() for k in options.api_keys)
         self._recorded = tuple(name.lower().encode() for name in options.record_headers)
         self._routes: dict[str, dict[str, routes.Handler]] = {
-            "/health": {"GET": routes.health},
             "/v1/models": {"GET": routes.models},
             "/v1/chat/completions": {"POST": self._inference("chat")},
             "/v1/completions": {"POST": self._inference("completion")},
+            "/sim/stats": {"GET": routes.sim_stats},
+            "/sim/stats/reset": {"POST": routes.sim_stats_reset},
+            "/sim/faults": {"GET": routes.sim_faults_get, "POST": routes.sim_faults_set},
+        }
+        if options.enable_metrics:
+            self._routes["/metrics"] = {"GET": routes.metrics}
+        if options.engine != "lmdeploy":
+            self._routes.update(dialects.control_routes(self.runtime))
+            return
+        self._routes |= {
+            "/health": {"GET": routes.health},
             "/generate": {"POST": self._inference("generate")},
             "/v1/encode": {"POST": routes.encode},
             "/pooling": {"POST": routes.pooling},
@@ -68,12 +78,7 @@ class SimApp:
             "/is_sleeping": {"GET": routes.is_sleeping},
             "/abort_request": {"POST": routes.abort_request},
             "/terminate": {"GET": routes.terminate},
-            "/sim/stats": {"GET": routes.sim_stats},
-            "/sim/stats/reset": {"POST": routes.sim_stats_reset},
-            "/sim/faults": {"GET": routes.sim_faults_get, "POST": routes.sim_faults_set},
         }
-        if options.enable_metrics:
-            self._routes["/metrics"] = {"GET": routes.metrics}
         self._routes.update(weight_routes.ROUTES)
         self._routes.update(self.runtime.distserve.routes())
 
@@ -93,8 +98,10 @@ class SimApp:
             if value is not None:
                 stats.headers[name.decode()][value.decode("latin-1")] += 1
         if path in SLEEP_GATED and scope["method"] == "POST" and self.runtime.is_sleeping:
-            await asgi.send_bytes(send, 503, SLEEPING)
-            return
+            if self.options.engine == "lmdeploy":
+                await asgi.send_bytes(send, 503, SLEEPING)
+                return
+            await self.runtime.until_awake()  # vLLM: queued until the wakeup
         if self._keys and not self._authorized(scope) and not path.startswith(AUTH_FREE_PREFIXES):
             await asgi.send_bytes(send, 401, UNAUTHORIZED)
             return

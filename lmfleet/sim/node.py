@@ -6,8 +6,11 @@ from the event loop thread, so it needs no lock.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -86,6 +89,8 @@ class NodeRuntime:
         self.weights = WeightLedger()
         self.sleeping_tags: set[str] = set()
         self.sleep_level = 0
+        self._awake = asyncio.Event()
+        self._awake.set()
         self.sequences: set[Sequence] = set()
         self.inference_requests = 0
         self.started = time.monotonic()
@@ -103,13 +108,32 @@ class NodeRuntime:
         """Asleep while any tag (weights, kv_cache) is still asleep."""
         return bool(self.sleeping_tags)
 
-    def sleep(self, level: int) -> None:
+    def sleep(self, level: int, tags: Iterable[str] = SLEEP_TAGS) -> None:
         """Put every tag to sleep, abort every in-flight request and drop the KV
-        cache (so the prefix cache), as LMDeploy does."""
+        cache (so the prefix cache), as LMDeploy does (and vLLM's default "abort"
+        mode; SGLang refuses unless idle, checked by its route)."""
         self.sleep_level = level
-        self.sleeping_tags = set(SLEEP_TAGS)
+        self.sleeping_tags = set(tags)
+        self._awake.clear()
         self.abort_all()
         self.prefix_cache.clear()
+
+    def wake_tags(self, tags: Sequence_[str] | None) -> bool:
+        """vLLM's and SGLang's wakeup: the given tags (all when none) are awake
+        after, whatever else was; whether nothing sleeps any more."""
+        if tags:
+            self.sleeping_tags.difference_update(tags)
+        else:
+            self.sleeping_tags.clear()
+        if not self.sleeping_tags:
+            self.sleep_level = 0
+            self._awake.set()
+        return not self.sleeping_tags
+
+    async def until_awake(self) -> None:
+        """Return once nothing sleeps: vLLM queues a request sent to a sleeping
+        engine (its scheduler is paused) and runs it after the wakeup."""
+        await self._awake.wait()
 
     @property
     def serving(self) -> bool:
@@ -131,6 +155,7 @@ class NodeRuntime:
             self.sleeping_tags.clear()
         if not self.sleeping_tags:
             self.sleep_level = 0
+            self._awake.set()
 
     def abort_all(self) -> None:
         for seq in self.sequences:

@@ -84,6 +84,23 @@ class SimOptions(BaseModel):
         Role,
         Flag("--role", help="DistServe role announced at /nodes/add", parse=str.lower),
     ] = "hybrid"
+    engine: Annotated[
+        Literal["lmdeploy", "vllm", "sglang"],
+        Flag(
+            "--engine",
+            help="whose HTTP surface to speak (routes, answers, /metrics names, sleep): "
+            "LMDeploy 0.18, vLLM 0.33 or SGLang 0.5.23 {default}",
+            parse=str.lower,
+        ),
+    ] = "lmdeploy"
+    dev_mode: Annotated[
+        bool,
+        Flag(
+            "--no-dev-mode",
+            help="vLLM without VLLM_SERVER_DEV_MODE=1: no /sleep, /wake_up, /is_sleeping, "
+            "/abort_requests",
+        ),
+    ] = True
     allow_terminate_by_client: Annotated[
         bool,
         Flag(

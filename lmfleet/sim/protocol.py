@@ -491,8 +491,9 @@ def chat_usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> d
     }
 
 
-def model_list(model_name: str, created: int) -> dict[str, Any]:
-    """GET /v1/models: ModelList of one ModelCard with one ModelPermission."""
+def model_list(model_name: str, created: int, engine: str = "lmdeploy") -> dict[str, Any]:
+    """GET /v1/models: ModelList of one ModelCard with one ModelPermission, owned by
+    the engine (`owned_by`: "lmdeploy", "vllm", "sglang", as each one's card says)."""
     permission = {
         "id": f"modelperm-{_ID_PREFIX}",
         "object": "model_permission",
@@ -511,7 +512,7 @@ def model_list(model_name: str, created: int) -> dict[str, Any]:
         "id": model_name,
         "object": "model",
         "created": created,
-        "owned_by": "lmdeploy",
+        "owned_by": engine,
         "root": model_name,
         "parent": None,
         "permission": [permission],

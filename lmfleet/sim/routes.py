@@ -105,7 +105,7 @@ async def health(
 async def models(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
-    await asgi.send_json(send, 200, model_list(rt.model_name, rt.created))
+    await asgi.send_json(send, 200, model_list(rt.model_name, rt.created, rt.options.engine))
 
 
 async def sleep(rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:

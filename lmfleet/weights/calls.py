@@ -49,7 +49,7 @@ async def post_json(
     try:
         return await nodes.call_json(node, "POST", path, json=body, timeout=timeout)
     except NodeCallError as exc:
-        if path == nodes.profile.update_weights and exc.status == 500 and not verified:
+        if path == nodes.profile_of(node).update_weights and exc.status == 500 and not verified:
             raise unsupported(
                 node.url,
                 f"POST {path} answered HTTP 500 ({exc.text or 'no body'}), LMDeploy 0.18's "

@@ -234,7 +234,7 @@ class UpdateSession:
             await post_json(
                 self._nodes,
                 node,
-                self._nodes.profile.update_weights or "/update_weights",
+                self._nodes.profile_of(node).update_weights or "/update_weights",
                 body,
                 self._options.update_timeout,
                 verified=url in self._verified,

@@ -66,7 +66,8 @@ async def test_probes_carry_the_key(keyed: SimNode) -> None:
     nodes = NodeClient()
     prober = Prober()
     try:
-        paths = (LMDEPLOY.health, LMDEPLOY.metrics)
+        assert LMDEPLOY.metrics is not None
+        paths = (*LMDEPLOY.health, LMDEPLOY.metrics.path)
         keyless = await prober.get_many(nodes.probe(NodeAddress(keyed.url), paths), 5)
         answers = await prober.get_many(nodes.probe(NodeAddress(keyed.url, KEY), paths), 5)
     finally:
