@@ -19,7 +19,7 @@ source where it is present.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lmfleet.errors import ConfigError, EngineCapabilityError
@@ -102,6 +102,17 @@ class EngineProfile:
         body = {"abort_all": True} if session_id is None else {"session_id": session_id}
         return Command("POST", path, json=body)
 
+    def push(self, body: Mapping[str, object], version: int, *, first: bool) -> list[Command]:
+        """The calls that load one bucket of pushed weights (`body` in LMDeploy's
+        `UpdateParamsRequest` shape, `finished: true` on the last), `first`: the
+        node's first bucket of this update. LMDeploy: the body to `/update_weights`."""
+        return [Command("POST", self.route(self.update_weights, "load pushed weights"), json=body)]
+
+    @property
+    def kept_asleep(self) -> tuple[str, ...]:
+        """What stays asleep while weights load: every tag but the weights."""
+        return tuple(tag for tag in self.wake_tags if tag != "weights")
+
     def fully_awake(self, tags: Sequence[str] | None) -> bool:
         """Whether a wakeup with `tags` (None or empty: every tag) leaves nothing asleep."""
         return not tags or set(self.wake_tags) <= set(tags)
@@ -133,6 +144,21 @@ class VllmProfile(EngineProfile):
             )
         return Command("POST", path, json={})
 
+    def push(self, body: Mapping[str, object], version: int, *, first: bool) -> list[Command]:
+        """vLLM's weight transfer: `/start_weight_update` before the first bucket,
+        each bucket as `{"update_info": body}` to `/update_weights` (the body is the
+        transfer engine's: NCCL names, dtypes and shapes, or IPC handles), then
+        `/finish_weight_update` with the version after the last."""
+        path = self.route(self.update_weights, "load pushed weights")
+        info = {key: value for key, value in body.items() if key != "finished"}
+        calls = [Command("POST", "/start_weight_update", json={})] if first else []
+        calls.append(Command("POST", path, json={"update_info": info}))
+        if body.get("finished"):
+            calls.append(
+                Command("POST", "/finish_weight_update", json={"weight_version": str(version)})
+            )
+        return calls
+
 
 @dataclass(frozen=True, slots=True)
 class SglangProfile(EngineProfile):
@@ -155,6 +181,27 @@ class SglangProfile(EngineProfile):
                 self.title, "abort one request by LMDeploy session id (it aborts by rid)"
             )
         return Command("POST", path, json={"abort_all": True})
+
+    def push(self, body: Mapping[str, object], version: int, *, first: bool) -> list[Command]:
+        """SGLang's `/update_weights_from_tensor`: the serialized tensors as a list
+        (one per tensor-parallel rank), loaded as they come; the last bucket names
+        the version (`weight_version`, which SGLang then reports)."""
+        path = self.route(self.update_weights, "load pushed weights")
+        tensors = body.get(WEIGHTS_FIELD)
+        sent: dict[str, object] = {
+            WEIGHTS_FIELD: [tensors] if isinstance(tensors, str) else tensors,
+            "flush_cache": True,
+        }
+        if body.get("load_format") is not None:
+            sent["load_format"] = body["load_format"]
+        if body.get("finished"):
+            sent["weight_version"] = str(version)
+        return [Command("POST", path, json=sent)]
+
+
+WEIGHTS_FIELD = "serialized_named_tensors"
+"""The bucket's tensors, in LMDeploy's `UpdateParamsRequest` and SGLang's
+`UpdateWeightsFromTensorReqInput` alike."""
 
 
 def _vllm_health(answers: Answers) -> Probe:
@@ -224,6 +271,7 @@ VLLM = VllmProfile(
     wake_path="/wake_up",
     wake_tags=("weights", "kv_cache"),
     sleep_levels=(1, 2),
+    update_weights="/update_weights",
     abort_path="/abort_requests",
     needs="VLLM_SERVER_DEV_MODE=1 in its environment and --enable-sleep-mode",
 )
@@ -252,6 +300,7 @@ SGLANG = SglangProfile(
     sleep_path="/release_memory_occupation",
     wake_path="/resume_memory_occupation",
     wake_tags=("kv_cache", "weights", "cuda_graph"),
+    update_weights="/update_weights_from_tensor",
     abort_path="/abort_request",
     needs="--enable-memory-saver (sleep) and --enable-metrics (load)",
 )

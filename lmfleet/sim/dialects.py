@@ -8,7 +8,9 @@ files):
 - vLLM 0.33.0: `GET /health` (200, empty), `GET /version`, `GET /ping`; with
   `VLLM_SERVER_DEV_MODE=1` (the default here; `--no-dev-mode` leaves them out)
   `POST /sleep?level=&mode=`, `POST /wake_up?tags=`, `GET /is_sleeping`,
-  `POST /abort_requests`. A request sent while asleep is queued (its scheduler
+  `POST /abort_requests`, and the weight transfer's `/start_weight_update`,
+  `/update_weights {"update_info"}`, `/finish_weight_update {"weight_version"}`
+  and `GET /weight_info`. A request sent while asleep is queued (its scheduler
   is paused) and runs after the wakeup. `/metrics`: `vllm:num_requests_running`,
   `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, the token counters and
   `vllm:engine_sleep_state`, labelled `model_name` and `engine`.
@@ -16,7 +18,8 @@ files):
   (503 while starting or paused), `GET /server_info` (its `version`),
   `GET /model_info` (its `weight_version`), `POST /release_memory_occupation` and
   `/resume_memory_occupation` with `{"tags": [...] | null}` (release refuses
-  unless the server is idle), `POST /abort_request {rid | abort_all}`. No route
+  unless the server is idle), `POST /abort_request {rid | abort_all}`,
+  `POST /update_weights_from_tensor` (tensors per rank, `weight_version`). No route
   says it is asleep. `/metrics`: `sglang:num_running_reqs`, `sglang:num_queue_reqs`,
   `sglang:token_usage`, `sglang:cache_hit_rate`, `sglang:gen_throughput`, the token
   counters, labelled `model_name`, `engine_type`, `tp_rank`, `pp_rank`, `moe_ep_rank`.
@@ -111,6 +114,45 @@ async def vllm_abort_requests(
     await asgi.send_json(send, 200, {"status": "aborted", "aborted": count})
 
 
+async def vllm_start_weight_update(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    await asgi.read_body(receive)
+    rt.weights.record_call(call_line(scope))
+    rt.weights.buckets = rt.weights.crc = 0
+    await asgi.send_json(send, 200, {"message": "Weight update started"})
+
+
+async def vllm_update_weights(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    body = await object_body(receive)
+    rt.weights.record_call(call_line(scope))
+    if "update_info" not in body:
+        # FastAPI's Body(embed=True) validation.
+        detail = [{"type": "missing", "loc": ["body", "update_info"], "msg": "Field required"}]
+        await asgi.send_json(send, 422, {"detail": detail})
+        return
+    rt.weights.add_bucket(body["update_info"])
+    await asgi.send_json(send, 200, {"message": "Weights updated"})
+
+
+async def vllm_finish_weight_update(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    body = await object_body(receive)
+    rt.weights.record_call(call_line(scope))
+    version = body.get("weight_version")
+    rt.weights.finish(serving=rt.serving, weight_version=None if version is None else str(version))
+    await asgi.send_json(send, 200, {"message": "Weight update finished"})
+
+
+async def vllm_weight_info(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    await asgi.send_json(send, 200, {"weight_version": rt.weights.weight_version})
+
+
 # -- SGLang -------------------------------------------------------------------
 
 
@@ -141,7 +183,7 @@ async def sglang_model_info(
         "model_path": rt.options.model,
         "served_model_name": rt.model_name,
         "is_generation": True,
-        "weight_version": "default",
+        "weight_version": rt.weights.weight_version,
     }
     await asgi.send_json(send, 200, info)
 
@@ -174,6 +216,26 @@ async def sglang_resume(
     await asgi.send_bytes(send, 200, b"null", b"application/json")
 
 
+async def sglang_update_weights_from_tensor(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    body = await object_body(receive)
+    rt.weights.record_call(call_line(scope))
+    tensors = body.get("serialized_named_tensors")
+    if not isinstance(tensors, list):
+        message = "serialized_named_tensors: Input should be a valid list"
+        await asgi.send_json(send, 400, {"success": False, "message": message})
+        return
+    for rank in tensors:
+        rt.weights.add_bucket(rank)
+    version = body.get("weight_version")
+    if version is not None:  # lmfleet names the version on an update's last bucket
+        rt.weights.finish(serving=rt.serving, weight_version=str(version))
+    await asgi.send_json(
+        send, 200, {"success": True, "message": "Succeeded to update model weights."}
+    )
+
+
 async def sglang_abort_request(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
@@ -202,6 +264,10 @@ def control_routes(rt: NodeRuntime) -> dict[str, dict[str, Handler]]:
                 "/wake_up": {"POST": vllm_wake_up},
                 "/is_sleeping": {"GET": vllm_is_sleeping},
                 "/abort_requests": {"POST": vllm_abort_requests},
+                "/start_weight_update": {"POST": vllm_start_weight_update},
+                "/update_weights": {"POST": vllm_update_weights},
+                "/finish_weight_update": {"POST": vllm_finish_weight_update},
+                "/weight_info": {"GET": vllm_weight_info},
             }
         return table | gauges
     if engine == "sglang":
@@ -216,6 +282,7 @@ def control_routes(rt: NodeRuntime) -> dict[str, dict[str, Handler]]:
             "/release_memory_occupation": dict.fromkeys(both, sglang_release),
             "/resume_memory_occupation": dict.fromkeys(both, sglang_resume),
             "/abort_request": {"POST": sglang_abort_request},
+            "/update_weights_from_tensor": {"POST": sglang_update_weights_from_tensor},
         }
     return {}
 

@@ -76,6 +76,9 @@ class WeightLedger:
     crc: int = 0
     last_digest: str | None = None
     version: int = 0
+    weight_version: str = "default"
+    """The version the engine reports (vLLM `/weight_info`, SGLang `/model_info`),
+    as the last finished update named it; LMDeploy reports none."""
     updated_while_serving: int = 0
     groups: dict[str, Group] = field(default_factory=dict)
     admin_calls: deque[str] = field(default_factory=lambda: deque(maxlen=ADMIN_LOG_SIZE))
@@ -94,11 +97,14 @@ class WeightLedger:
         self.buckets += 1
         self.crc = zlib.crc32(payload_bytes(payload), self.crc)
 
-    def finish(self, *, serving: bool) -> None:
+    def finish(self, *, serving: bool, weight_version: str | None = None) -> None:
         """A finished update: the buckets so far are the new weights.
 
         `serving`: the KV cache was awake, so requests could have run meanwhile.
+        `weight_version`: the version the update named (vLLM, SGLang), if any.
         """
+        if weight_version is not None:
+            self.weight_version = weight_version
         self.updates += 1
         self.version += 1
         self.updated_while_serving += serving
@@ -120,5 +126,6 @@ class WeightLedger:
             "last_digest": self.last_digest,
             "groups": sorted(self.groups),
             "version": self.version,
+            "weight_version": self.weight_version,
             "updated_while_serving": self.updated_while_serving,
         }

@@ -1,4 +1,8 @@
-"""What a caller may give as weights, turned into each node's `/update_weights` bodies.
+"""What a caller may give as weights, turned into each node's bucket bodies.
+
+The bodies are in LMDeploy's shape; each engine's profile turns them into its own
+calls (`EngineProfile.push`: SGLang's `/update_weights_from_tensor`, vLLM's
+`update_info`, whose body a vLLM node's payload gives as a mapping of its own).
 
 A body is LMDeploy's `UpdateParamsRequest` (`serialized_named_tensors`, a string,
 or a list with one string per tensor-parallel rank, or a dict for the flattened
@@ -25,15 +29,17 @@ Payload = Bodies | Mapping[str, Bodies] | Callable[[UpdateTarget], Bodies]
 FIELD = "serialized_named_tensors"
 
 
-def as_body(item: object) -> dict[str, Any]:
-    """One `UpdateParamsRequest` body; `WeightUpdateError` for anything else."""
+def as_body(item: object, engine: str | None = None) -> dict[str, Any]:
+    """One bucket's body: LMDeploy's and SGLang's need the serialized tensors
+    (`UpdateParamsRequest`, `UpdateWeightsFromTensorReqInput`), vLLM's is whatever its
+    weight-transfer engine takes (`update_info`); `WeightUpdateError` for anything else."""
     if isinstance(item, str):
         return {FIELD: item}
-    if isinstance(item, Mapping) and FIELD in item:
+    if isinstance(item, Mapping) and (FIELD in item or engine == "vllm"):
         return dict(item)
     raise WeightUpdateError(
-        f"a weight-update body is a serialized string or a mapping with {FIELD!r}, "
-        f"got {type(item).__name__}"
+        f"a weight-update body is a serialized string or a mapping with {FIELD!r} "
+        f"(vLLM: its update_info mapping), got {type(item).__name__}"
     )
 
 
@@ -56,16 +62,17 @@ def node_bodies(payload: Payload, target: UpdateTarget) -> Iterator[dict[str, An
     """`target`'s bodies in order, the last one marked `finished`. Lazy: a payload
     function's generator makes each bucket only when the previous one is sent."""
     bodies = _for_node(payload, target)
-    items: Iterable[object] = [bodies] if _is_body(bodies) else bodies
+    one = _is_body(bodies) or (target.engine == "vllm" and isinstance(bodies, Mapping))
+    items: Iterable[object] = [bodies] if one else bodies
     if not isinstance(items, Iterable):
         raise WeightUpdateError(f"bodies for {target.url} must be iterable, got {items!r}")
     iterator = iter(items)
     try:
-        current = as_body(next(iterator))
+        current = as_body(next(iterator), target.engine)
     except StopIteration:
         raise WeightUpdateError(f"the payload gave no bodies for {target.url}") from None
     for item in iterator:
         yield current
-        current = as_body(item)
+        current = as_body(item, target.engine)
     current["finished"] = True
     yield current

@@ -46,10 +46,17 @@ async def post_json(
     a 500 on `/update_weights` from a node whose flags were not `verified`: what an
     executor without `update_params` answers (any crash answers the same bare 500, so
     on a node launched with the right flags it is an ordinary failure)."""
+    profile = nodes.profile_of(node)
     try:
         return await nodes.call_json(node, "POST", path, json=body, timeout=timeout)
     except NodeCallError as exc:
-        if path == nodes.profile_of(node).update_weights and exc.status == 500 and not verified:
+        if profile.name != "lmdeploy" and exc.status in (404, 405):
+            raise WeightUpdateUnsupportedError(
+                f"{node.url} cannot load pushed weights: {profile.title} has no {path} "
+                f"(HTTP {exc.status}); start it with {profile.needs}"
+            ) from exc
+        lmdeploy = profile.name == "lmdeploy"
+        if lmdeploy and path == profile.update_weights and exc.status == 500 and not verified:
             raise unsupported(
                 node.url,
                 f"POST {path} answered HTTP 500 ({exc.text or 'no body'}), LMDeploy 0.18's "

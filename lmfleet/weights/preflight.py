@@ -56,8 +56,11 @@ def preflight_error(reasons: Mapping[str, str]) -> WeightUpdateUnsupportedError:
 
 
 def tp_size(argv: Sequence[str] | None) -> int:
-    """A launched node's tensor-parallel size (`--tp N`), 1 when not known."""
-    value = flag_value(argv or (), "--tp")
+    """A launched node's tensor-parallel size (LMDeploy `--tp N`, vLLM
+    `--tensor-parallel-size N`, SGLang `--tp-size N`), 1 when not known."""
+    value = None
+    for flag in ("--tp", "--tensor-parallel-size", "--tp-size"):
+        value = flag_value(argv or (), flag) or value
     try:
         return max(1, int(value)) if value is not None else 1
     except ValueError:

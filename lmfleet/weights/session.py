@@ -8,6 +8,9 @@
     end:    `POST /wakeup?tags=kv_cache`, `/is_sleeping` confirmed false, the version
             recorded, the node back in routing
 
+(LMDeploy's routes; a vLLM or SGLang node takes the same phases through its own,
+`EngineProfile`: lmfleet/node/profile.py.)
+
 A node that fails any phase is quarantined: asleep, out of routing, left alone by
 the monitor and by wake-on-demand, with its reason in its status, until a later
 update succeeds on it. It is never put back half-updated. The KV cache sleeps for
@@ -70,6 +73,9 @@ class UpdateTarget:
     """Tensor-parallel size (a launched node's `--tp`; 1 when not known)."""
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     """The node's own extra headers (`NodeOptions`), sent with its key."""
+    engine: str | None = None
+    """Its engine ("lmdeploy", "vllm", "sglang"; None: not recognised, LMDeploy's
+    routes): a payload function makes each engine's bodies (docs/guide/engines.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +121,7 @@ class UpdateSession:
         self.level = level
         self.allow_mixed = allow_mixed
         self.targets = tuple(
-            UpdateTarget(n.url, n.api_key, tp_size(updater.argv_of(n.url)), n.headers)
+            UpdateTarget(n.url, n.api_key, tp_size(updater.argv_of(n.url)), n.headers, n.engine)
             for n in nodes
         )
         self.failed: dict[str, str] = {}
@@ -182,6 +188,8 @@ class UpdateSession:
     async def _preflight(self, target: UpdateTarget) -> str | None:
         """Why `target` cannot load pushed weights, as far as it can be known without
         touching it; None: it can, or there is no evidence (then it is tried)."""
+        if target.engine not in (None, "lmdeploy"):
+            return None  # its flags are LMDeploy's concern only: the push says
         argv = self._updater.argv_of(target.url)
         if argv is not None:
             problem = check_argv(argv)
@@ -225,22 +233,27 @@ class UpdateSession:
     # -- push -----------------------------------------------------------------------------
 
     async def push(self, url: str, body: Mapping[str, Any]) -> None:
-        """`POST /update_weights` one bucket to `url`; a failure quarantines the node
-        and is raised (`WeightUpdateUnsupportedError` when the server cannot load
-        weights at all). Never retried."""
+        """Load one bucket on `url` through its engine's route (LMDeploy `POST
+        /update_weights`; vLLM's start/update/finish; SGLang's
+        `/update_weights_from_tensor`: `EngineProfile.push`); a failure quarantines
+        the node and is raised (`WeightUpdateUnsupportedError` when the server cannot
+        load weights at all). Never retried."""
         self._check_open(url)
         node = self._registry.get(url)
+        profile = self._nodes.profile_of(node)
+        first = self._pushed[url] is _Pushed.NOTHING
         try:
-            await post_json(
-                self._nodes,
-                node,
-                self._nodes.profile_of(node).update_weights or "/update_weights",
-                body,
-                self._options.update_timeout,
-                verified=url in self._verified,
-            )
+            for call in profile.push(body, self.version, first=first):
+                await post_json(
+                    self._nodes,
+                    node,
+                    call.path,
+                    call.json if isinstance(call.json, Mapping) else {},
+                    self._options.update_timeout,
+                    verified=url in self._verified,
+                )
         except (NodeCommandError, WeightUpdateUnsupportedError) as exc:
-            self._fail(url, f"POST /update_weights: {exc}")
+            self._fail(url, f"loading weights: {exc}")
             raise
         self._pushed[url] = _Pushed.FINISHED if body.get("finished") else _Pushed.PARTIAL
 
@@ -347,13 +360,14 @@ class UpdateSession:
         options = self._options
         try:
             node = self._registry.get(url)
-            await self._nodes.wakeup(node, ["kv_cache"], options.admin_timeout)
+            rest = self._nodes.profile_of(node).kept_asleep  # LMDeploy: the KV cache
+            await self._nodes.wakeup(node, rest, options.admin_timeout)
             asleep = await self._nodes.is_sleeping(node, options.admin_timeout)
         except (NodeCommandError, LMFleetError) as exc:
             self._fail(url, f"waking the KV cache: {exc}")
             return
         if asleep:
-            self._fail(url, "still asleep after /wakeup?tags=kv_cache")
+            self._fail(url, f"still asleep after waking {', '.join(rest)}")
             return
         version = self.version
 

@@ -37,6 +37,7 @@ def test_finish_moves_the_digest_and_counts_serving_updates() -> None:
         "groups": [],
         "version": 2,
         "updated_while_serving": 1,
+        "weight_version": "default",
     }
 
 

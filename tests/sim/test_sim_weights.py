@@ -70,6 +70,7 @@ def test_rl_update_cycle_is_logged_in_order_with_a_digest(start_sim: StartSim) -
         "groups": [],
         "version": 1,
         "updated_while_serving": 0,
+        "weight_version": "default",
     }
     assert data["admin_calls"] == [
         "POST /sleep?level=1",
@@ -290,6 +291,7 @@ def test_stats_reset_keeps_the_version(start_sim: StartSim) -> None:
         "groups": ["actor"],  # a real group stays open until destroyed
         "version": 2,
         "updated_while_serving": 0,
+        "weight_version": "default",
     }
     assert reset["admin_calls"] == []
     body = {"serialized_named_tensors": "v3", "finished": True}
