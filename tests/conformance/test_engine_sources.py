@@ -91,6 +91,9 @@ def profile_routes(profile: EngineProfile) -> dict[str, str]:
     used[profile.sleep(1).path] = "POST"
     used[profile.wakeup(None).path] = "POST"
     used[profile.abort(None).path] = "POST"
+    bucket = {"serialized_named_tensors": "x", "finished": True}
+    for call in profile.push(bucket, 1, first=True):
+        used[call.path] = call.method
     return used
 
 
@@ -128,6 +131,10 @@ def test_vllm_routes(vllm: Source) -> None:
     assert "except EngineDeadError:\n        return Response(status_code=503)" in health
     protocol = vllm.text("vllm/entrypoints/serve/engine/protocol.py")
     assert 'owned_by: str = "vllm"' in protocol
+    rl = vllm.text("vllm/entrypoints/rl/online/api_router.py")
+    assert "update_info: Annotated[WeightTransferUpdatePayload, Body(embed=True)]" in rl
+    assert "weight_version: Annotated[str | None, Body(embed=True)] = None" in rl
+    assert '{"weight_version": weight_version}' in rl
 
 
 def test_vllm_metric_names(vllm: Source) -> None:
@@ -146,10 +153,21 @@ def test_sglang_routes(sglang: Source) -> None:
     assert '"version": __version__' in server
     assert "status_code = 200 if _global_state.tokenizer_manager.is_ready() else 503" in server
     io = sglang.text("sglang/srt/managers/io_struct.py")
+
+    def body(name: str) -> str:
+        start = io.index(f"class {name}(")
+        return io[start : io.index("\nclass ", start)]
+
     for request in ("ReleaseMemoryOccupationReqInput", "ResumeMemoryOccupationReqInput"):
-        block = io[io.index(f"class {request}") :][:300]
-        assert "tags: Optional[List[str]] = None" in block, request
-    assert "abort_all: bool = False" in io[io.index("class AbortReq") :][:400]
+        assert "tags: Optional[List[str]] = None" in body(request), request
+    assert "abort_all: bool = False" in body("AbortReq")
+    tensors = body("UpdateWeightsFromTensorReqInput")
+    for field in ("serialized_named_tensors: Annotated[List[bytes]", "flush_cache: bool = True"):
+        assert field in tensors, field
+    assert "weight_version: Optional[str] = None" in tensors
+    assert '"weight_version": _global_state.tokenizer_manager.config_value(' in (
+        sglang.text("sglang/srt/entrypoints/http_server.py")
+    )
     protocol = sglang.text("sglang/srt/entrypoints/openai/protocol.py")
     assert 'owned_by: str = "sglang"' in protocol
     constants = sglang.text("sglang/srt/constants.py")
