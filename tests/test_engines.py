@@ -138,3 +138,15 @@ def test_a_node_put_to_sleep_before_it_was_recognised_stays_asleep(start_sim: St
         wait_until(lambda: sim_stats(node.url)["by_path"].get("/ready", 0) >= ready + 3, timeout=10)
         assert fleet.nodes[0].state is NodeStatus.SLEEPING
         assert "/sleep" not in sim_stats(node.url)["by_path"]
+
+
+def test_auto_sleep_and_wake_on_demand_over_every_engine(mixed: dict[str, str]) -> None:
+    """Idle nodes of every engine go to sleep by themselves, each through its own
+    route, and a request wakes one: the fleet's sleep is the engines' sleep."""
+    with LMFleet.attach(list(mixed.values()), health_interval=0.2, auto_sleep_after=0.5) as fleet:
+        wait_until(lambda: all(sim_stats(url)["sleeping"] for url in mixed.values()), timeout=20)
+        wait_until(lambda: {n.state for n in fleet.nodes} == {NodeStatus.SLEEPING}, timeout=10)
+        client = fleet.client(max_retries=0)
+        assert chat(client, MODEL, "wake one", max_tokens=4).choices[0].message.content
+        awake = [url for url in mixed.values() if not sim_stats(url)["sleeping"]]
+        assert awake, "a request woke no node"
