@@ -12,6 +12,7 @@ import pytest
 from support import StartSim, chat, sim_served, sim_stats, wait_until
 
 from lmfleet import EngineCapabilityError, LMFleet, NodeStatus
+from lmfleet.notebook.dashboard import Dashboard
 
 MODEL = "internlm/internlm2_5-7b-chat"
 
@@ -40,6 +41,14 @@ def test_a_mixed_fleet_is_one_pool_through_both_doors(
     }
     table = str(fleet)
     assert "vllm 0.33.0" in table and "sglang 0.5.23" in table
+    board = Dashboard(fleet)
+    shown_on_board = {url: row.texts()["engine"] for url, row in board.rows.items()}
+    assert shown_on_board == {
+        mixed["lmdeploy"]: "lmdeploy",
+        mixed["vllm"]: "vllm 0.33.0",
+        mixed["sglang"]: "sglang 0.5.23",
+    }
+    board.stop()
     # Each node's own load, from its own /metrics names.
     wait_until(lambda: all(n.queue is not None for n in fleet.nodes), timeout=10)
 

@@ -95,3 +95,23 @@ def test_one_update_reaches_every_engine_through_its_own_routes(fleet: LMFleet) 
     )
     assert raw.headers["x-lmfleet-weight-version"] == "3"
     assert chat(client, fleet.model, "again", max_tokens=2).choices[0].message.content
+
+
+def test_a_pinned_batch_stays_on_its_version_across_engines(fleet: LMFleet) -> None:
+    """Half the engines updated: a batch pinned to the current version is served by
+    the updated nodes only, whatever their engine; an unpinned one by all."""
+    by_engine = {n.engine: n.url for n in fleet.nodes}
+    updated = [by_engine["vllm"], by_engine["sglang"]]
+    result = fleet.update_weights(
+        lambda node: BODIES[str(node.engine)], version=2, nodes=updated, allow_mixed=True
+    )
+    assert result.ok and sorted(result.updated) == sorted(updated)
+    old = {n.url: sim_stats(n.url)["completed"] for n in fleet.nodes}
+    prompts = [[{"role": "user", "content": f"p{i}"}] for i in range(12)]
+    batch = fleet.chat_many(prompts, weight_version="current", max_tokens=2, progress=False)
+    assert len(batch.ok) == 12
+    done = {n.url: sim_stats(n.url)["completed"] - old[n.url] for n in fleet.nodes}
+    assert done[by_engine["lmdeploy"]] == 0 and sum(done.values()) == 12
+    assert {segments[0][2] for segments in batch.weight_versions} == {2}
+    unpinned = fleet.chat_many(prompts, max_tokens=2, progress=False, concurrency=12)
+    assert {segments[0][2] for segments in unpinned.weight_versions if segments} == {0, 2}
