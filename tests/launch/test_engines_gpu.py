@@ -95,4 +95,3 @@ def test_real_sglang_takes_a_weight_update_with_its_version(tiny_model: Path) ->
         reported = httpx2.get(url + "/model_info", timeout=30).json()["weight_version"]
         assert reported == "2"
         assert ask(fleet) == before  # the same tensors again: the same answer
-
