@@ -31,7 +31,7 @@ from typing import Any
 
 from lmfleet.sim import asgi
 from lmfleet.sim.node import NodeRuntime
-from lmfleet.sim.routes import Handler, object_body, query
+from lmfleet.sim.routes import Handler, is_sleeping, object_body, query
 from lmfleet.sim.weights import call_line
 
 VERSIONS = {"lmdeploy": "0.18.0", "vllm": "0.33.0", "sglang": "0.5.23"}
@@ -43,21 +43,18 @@ SGLANG_TAGS = ("kv_cache", "weights", "cuda_graph")
 PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 
 
-async def _empty_ok(rt: NodeRuntime, send: asgi.Send) -> None:
-    """A bare status, as vLLM's and SGLang's health routes answer: 200 once started,
-    503 while starting (or when a health fault says the engine is not healthy)."""
+async def bare_health(
+    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
+) -> None:
+    """A bare status, as vLLM's `/health` and SGLang's `/health` and `/ready` answer:
+    200 once started, 503 while starting (or when a health fault says the engine is
+    not healthy)."""
     state = rt.faults.health or rt.live_health()
     code = 200 if state in ("healthy", "sleeping") else 503
     await asgi.send_bytes(send, code, b"", None)
 
 
 # -- vLLM ---------------------------------------------------------------------
-
-
-async def vllm_health(
-    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
-) -> None:
-    await _empty_ok(rt, send)
 
 
 async def vllm_version(
@@ -94,12 +91,6 @@ async def vllm_wake_up(
     tags = query(scope).get("tags") or None
     awake = rt.wake_tags(tags)
     await asgi.send_json(send, 200, {"status": "awake" if awake else "sleeping", "tags": tags})
-
-
-async def vllm_is_sleeping(
-    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
-) -> None:
-    await asgi.send_json(send, 200, {"is_sleeping": rt.is_sleeping})
 
 
 async def vllm_abort_requests(
@@ -154,12 +145,6 @@ async def vllm_weight_info(
 
 
 # -- SGLang -------------------------------------------------------------------
-
-
-async def sglang_health(
-    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
-) -> None:
-    await _empty_ok(rt, send)
 
 
 async def sglang_server_info(
@@ -254,15 +239,15 @@ def control_routes(rt: NodeRuntime) -> dict[str, dict[str, Handler]]:
     )
     if engine == "vllm":
         table: dict[str, dict[str, Handler]] = {
-            "/health": {"GET": vllm_health},
-            "/ping": {"GET": vllm_health, "POST": vllm_health},
+            "/health": {"GET": bare_health},
+            "/ping": {"GET": bare_health, "POST": bare_health},
             "/version": {"GET": vllm_version},
         }
         if rt.options.dev_mode:
             table |= {
                 "/sleep": {"POST": vllm_sleep},
                 "/wake_up": {"POST": vllm_wake_up},
-                "/is_sleeping": {"GET": vllm_is_sleeping},
+                "/is_sleeping": {"GET": is_sleeping},
                 "/abort_requests": {"POST": vllm_abort_requests},
                 "/start_weight_update": {"POST": vllm_start_weight_update},
                 "/update_weights": {"POST": vllm_update_weights},
@@ -273,9 +258,9 @@ def control_routes(rt: NodeRuntime) -> dict[str, dict[str, Handler]]:
     if engine == "sglang":
         both = ("GET", "POST")
         return gauges | {
-            "/health": {"GET": sglang_health},
-            "/health_generate": {"GET": sglang_health},
-            "/ready": {"GET": sglang_ready},
+            "/health": {"GET": bare_health},
+            "/health_generate": {"GET": bare_health},
+            "/ready": {"GET": bare_health},
             "/server_info": {"GET": sglang_server_info},
             "/get_server_info": {"GET": sglang_server_info},
             "/model_info": {"GET": sglang_model_info},
@@ -285,12 +270,6 @@ def control_routes(rt: NodeRuntime) -> dict[str, dict[str, Handler]]:
             "/update_weights_from_tensor": {"POST": sglang_update_weights_from_tensor},
         }
     return {}
-
-
-async def sglang_ready(
-    rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
-) -> None:
-    await _empty_ok(rt, send)
 
 
 # -- /metrics -------------------------------------------------------------------

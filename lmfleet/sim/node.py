@@ -149,13 +149,7 @@ class NodeRuntime:
         """
         if any(tag not in self.sleeping_tags for tag in tags):
             return
-        if tags:
-            self.sleeping_tags.difference_update(tags)
-        else:
-            self.sleeping_tags.clear()
-        if not self.sleeping_tags:
-            self.sleep_level = 0
-            self._awake.set()
+        self.wake_tags(tags)
 
     def abort_all(self) -> None:
         for seq in self.sequences:
