@@ -19,7 +19,10 @@ files):
   `GET /model_info` (its `weight_version`), `POST /release_memory_occupation` and
   `/resume_memory_occupation` with `{"tags": [...] | null}` (release refuses
   unless the server is idle), `POST /abort_request {rid | abort_all}`,
-  `POST /update_weights_from_tensor` (tensors per rank, `weight_version`). No route
+  `POST /update_weights_from_tensor` (tensors per rank, `weight_version`), the NCCL
+  group routes under LMDeploy's names and bodies (`/init_weights_update_group`,
+  `/update_weights_from_distributed` with `weight_version`,
+  `/destroy_weights_update_group`). No route
   says it is asleep. `/metrics`: `sglang:num_running_reqs`, `sglang:num_queue_reqs`,
   `sglang:token_usage`, `sglang:cache_hit_rate`, `sglang:gen_throughput`, the token
   counters, labelled `model_name`, `engine_type`, `tp_rank`, `pp_rank`, `moe_ep_rank`.
@@ -32,6 +35,7 @@ from typing import Any
 from lmfleet.sim import asgi
 from lmfleet.sim.node import NodeRuntime
 from lmfleet.sim.routes import Handler, is_sleeping, object_body, query
+from lmfleet.sim.weight_routes import GROUP_ROUTES
 from lmfleet.sim.weights import call_line
 
 VERSIONS = {"lmdeploy": "0.18.0", "vllm": "0.33.0", "sglang": "0.5.23"}
@@ -268,6 +272,7 @@ def control_routes(rt: NodeRuntime) -> dict[str, dict[str, Handler]]:
             "/resume_memory_occupation": dict.fromkeys(both, sglang_resume),
             "/abort_request": {"POST": sglang_abort_request},
             "/update_weights_from_tensor": {"POST": sglang_update_weights_from_tensor},
+            **GROUP_ROUTES,
         }
     return {}
 

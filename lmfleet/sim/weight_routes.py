@@ -82,6 +82,8 @@ class UpdateWeightsFromDistributedRequest(BaseModel):
     group_name: str
     load_format: str | None = None
     finished: bool = False
+    weight_version: str | None = None
+    """SGLang's: the version its last bucket names (LMDeploy ignores the field)."""
 
 
 class DestroyWeightsUpdateGroupRequest(BaseModel):
@@ -142,7 +144,7 @@ async def injected_failure(rt: NodeRuntime, send: asgi.Send) -> bool:
 async def refused_disaggregated(rt: NodeRuntime, send: asgi.Send) -> bool:
     """LMDeploy's 501 unless the backend is pytorch (`_check_pytorch_backend_...`)."""
     backend = rt.options.backend
-    if backend == "pytorch":
+    if backend == "pytorch" or rt.options.engine != "lmdeploy":
         return False
     message = f'Disaggregated weight-update endpoints require backend="pytorch", got {backend!r}.'
     await asgi.send_bytes(send, 501, dumps(error_body(501, message)))
@@ -150,18 +152,21 @@ async def refused_disaggregated(rt: NodeRuntime, send: asgi.Send) -> bool:
 
 
 async def refused_by_executor(rt: NodeRuntime, send: asgi.Send) -> bool:
-    """500 where the executor raises NotImplementedError (anything but Ray)."""
-    if rt.options.backend == "pytorch" and rt.options.executor == "ray":
+    """500 where LMDeploy's executor raises NotImplementedError (anything but Ray);
+    SGLang's group routes need no such flag."""
+    if rt.options.engine != "lmdeploy" or (
+        rt.options.backend == "pytorch" and rt.options.executor == "ray"
+    ):
         return False
     await send_internal_error(send)
     return True
 
 
-async def finish_update(rt: NodeRuntime) -> None:
+async def finish_update(rt: NodeRuntime, weight_version: str | None = None) -> None:
     """Reload cost, then the buckets so far become the node's weights."""
     if rt.options.update_seconds:
         await asyncio.sleep(rt.options.update_seconds)
-    rt.weights.finish(serving=rt.serving)
+    rt.weights.finish(serving=rt.serving, weight_version=weight_version)
 
 
 # -- routes ------------------------------------------------------------------------
@@ -262,8 +267,11 @@ async def update_weights_from_distributed(
             message = f"group {name!r} not initialized. Call init_weights_update_group first."
         else:
             rt.weights.add_bucket(request.model_dump(include={"names", "dtypes", "shapes"}))
-            if request.finished:
-                await finish_update(rt)
+            # LMDeploy finishes on `finished`; SGLang loads each bucket as it comes,
+            # and lmfleet names the version on the last one.
+            last = request.finished if rt.options.engine == "lmdeploy" else request.weight_version
+            if last:
+                await finish_update(rt, request.weight_version)
             ok, message = True, "Succeeded to update parameter online."
     await send_outcome(send, "update_weights_from_distributed", ok, message)
 
@@ -284,10 +292,15 @@ async def destroy_weights_update_group(
     await send_outcome(send, "destroy_weights_update_group", ok, message)
 
 
-ROUTES: dict[str, dict[str, Handler]] = {
-    "/update_weights": {"POST": update_weights},
-    "/update_weights_from_ipc": {"GET": ipc_status, "POST": update_weights_from_ipc},
+GROUP_ROUTES: dict[str, dict[str, Handler]] = {
     "/init_weights_update_group": {"POST": init_weights_update_group},
     "/update_weights_from_distributed": {"POST": update_weights_from_distributed},
     "/destroy_weights_update_group": {"POST": destroy_weights_update_group},
+}
+"""The NCCL group routes: LMDeploy's, and SGLang's under the same names and bodies."""
+
+ROUTES: dict[str, dict[str, Handler]] = {
+    "/update_weights": {"POST": update_weights},
+    "/update_weights_from_ipc": {"GET": ipc_status, "POST": update_weights_from_ipc},
+    **GROUP_ROUTES,
 }

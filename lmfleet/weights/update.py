@@ -236,6 +236,7 @@ class WeightUpdate:
         """`POST /init_weights_update_group` to every node at once; meanwhile
         `join_fn(world_size)` joins the trainer's side (its ranks come first). Returns
         each node's rank offset; on any failure the group is destroyed everywhere."""
+        self._nccl_capable()
         bodies, world = self._init_bodies(
             master_address, master_port, group_name, backend, trainer_ranks
         )
@@ -258,11 +259,16 @@ class WeightUpdate:
         `/update_weights_from_distributed` to every node, run `broadcast_fn(bucket)`
         while they wait for it, then collect their replies. The last bucket is sent
         `finished: true`. On any failure the group is destroyed and the error raised."""
+        self._nccl_capable()
         left = _buckets(buckets, group_name)
+        version = str(self.version)
         while (bucket := await run_beside(next, left, None)) is not None:
+            # SGLang ignores `finished` and loads each bucket as it comes: the last
+            # one names the version, which it then reports.
+            named = {**bucket, "weight_version": version} if bucket.get("finished") else bucket
             await self._beside(
                 "/update_weights_from_distributed",
-                {t.url: bucket for t in self.nodes},
+                {t.url: named if t.engine == "sglang" else bucket for t in self.nodes},
                 functools.partial(broadcast_fn, bucket),
                 group_name,
                 finishes=True,
@@ -279,6 +285,19 @@ class WeightUpdate:
 
     destroy_group = blocking(adestroy_group)
     """`adestroy_group` from sync code."""
+
+    def _nccl_capable(self) -> None:
+        """`WeightUpdateUnsupportedError` before any call when a node cannot join an
+        NCCL weights-update group: LMDeploy and SGLang share these routes; vLLM's
+        weight transfer is its own (`push` with its `update_info`)."""
+        other = [t.url for t in self.nodes if t.engine not in (None, "lmdeploy", "sglang")]
+        if other:
+            raise WeightUpdateUnsupportedError(
+                f"{', '.join(other)} cannot join an NCCL weights-update group through "
+                "/init_weights_update_group (LMDeploy's and SGLang's routes): a vLLM node "
+                "takes weights through its weight-transfer engine; push its update_info "
+                "bodies instead (docs/guide/engines.md)"
+            )
 
     async def _beside(
         self,

@@ -161,6 +161,13 @@ def test_sglang_routes(sglang: Source) -> None:
     for request in ("ReleaseMemoryOccupationReqInput", "ResumeMemoryOccupationReqInput"):
         assert "tags: Optional[List[str]] = None" in body(request), request
     assert "abort_all: bool = False" in body("AbortReq")
+    group = body("InitWeightsUpdateGroupReqInput")
+    for field in ("master_address: str", "master_port: int", "rank_offset: int", "world_size"):
+        assert field in group, field  # LMDeploy's init body, which lmfleet sends to both
+    distributed = body("UpdateWeightsFromDistributedReqInput")
+    for field in ("names: List[str]", "dtypes: List[str]", "shapes: List[List[int]]"):
+        assert field in distributed, field
+    assert "weight_version: Optional[str] = None" in distributed
     tensors = body("UpdateWeightsFromTensorReqInput")
     for field in ("serialized_named_tensors: Annotated[List[bytes]", "flush_cache: bool = True"):
         assert field in tensors, field

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from support import chat, sim_stats
 
-from lmfleet import LMFleet, NodeStatus, UpdateTarget
+from lmfleet import LMFleet, NodeStatus, UpdateTarget, WeightUpdateUnsupportedError
 from lmfleet.sim.weights import payload_digest
 
 ENGINES = ["lmdeploy", "vllm", "sglang"]
@@ -115,3 +115,29 @@ def test_a_pinned_batch_stays_on_its_version_across_engines(fleet: LMFleet) -> N
     assert {segments[0][2] for segments in batch.weight_versions} == {2}
     unpinned = fleet.chat_many(prompts, max_tokens=2, progress=False, concurrency=12)
     assert {segments[0][2] for segments in unpinned.weight_versions if segments} == {0, 2}
+
+
+def test_the_nccl_helpers_drive_lmdeploy_and_sglang_and_refuse_vllm_by_name(
+    fleet: LMFleet,
+) -> None:
+    by_engine = {str(n.engine): n.url for n in fleet.nodes}
+    nccl = [by_engine["lmdeploy"], by_engine["sglang"]]
+    buckets = [{"names": [f"w{i}"], "dtypes": ["bfloat16"], "shapes": [[2, 2]]} for i in range(2)]
+    with fleet.weight_update(version=4, nodes=nccl) as update:
+        offsets = update.init_group("127.0.0.1", 29500)
+        assert sorted(offsets.values()) == [1, 2]
+        update.update_from_distributed(buckets, lambda bucket: None)
+        update.destroy_group()
+    assert update.result is not None and update.result.ok
+    for url in nccl:
+        ledger = sim_stats(url)["weights"]
+        assert (ledger["updates"], ledger["groups"]) == (1, []), url
+        assert ledger["last_digest"] == payload_digest(buckets)
+    assert sim_stats(by_engine["sglang"])["weights"]["weight_version"] == "4"
+    assert {n.weight_version for n in fleet.nodes if n.url in nccl} == {4}
+
+    refused = pytest.raises(WeightUpdateUnsupportedError, match="vLLM node")
+    with refused as caught, fleet.weight_update(version=5) as update:
+        update.init_group("127.0.0.1", 29501)
+    assert by_engine["vllm"] in str(caught.value)
+    assert all(sim_stats(url)["weights"]["groups"] == [] for url in by_engine.values())
