@@ -159,3 +159,25 @@ def test_auto_sleep_and_wake_on_demand_over_every_engine(mixed: dict[str, str]) 
         assert chat(client, MODEL, "wake one", max_tokens=4).choices[0].message.content
         awake = [url for url in mixed.values() if not sim_stats(url)["sleeping"]]
         assert awake, "a request woke no node"
+
+
+def test_one_model_under_different_names_on_different_engines_is_one_pool(
+    start_sim: StartSim,
+) -> None:
+    """The same weights loaded by path on a vLLM node and by hub id on an SGLang node:
+    an alias makes them one pool, and each node gets its own name in the body."""
+    local = start_sim("--engine", "vllm", "--fast", "--model", "/data/models/internlm2_5-7b-chat")
+    hub = start_sim("--engine", "sglang", "--fast", "--model", MODEL)
+    names = [MODEL, "/data/models/internlm2_5-7b-chat"]
+    with LMFleet.attach(
+        [local.url, hub.url],
+        health_interval=0.2,
+        aliases={"internlm2.5-7b": names},
+        strategy="round_robin",
+    ) as fleet:
+        fleet.wait_ready(timeout=30, min_ready=2)
+        client = fleet.client(max_retries=0)
+        for i in range(4):
+            answer = chat(client, "internlm2.5-7b", f"alias {i}", max_tokens=2)
+            assert answer.model == "internlm2.5-7b"
+        assert sim_served(local.url) == 2 and sim_served(hub.url) == 2
