@@ -181,3 +181,21 @@ def test_one_model_under_different_names_on_different_engines_is_one_pool(
             answer = chat(client, "internlm2.5-7b", f"alias {i}", max_tokens=2)
             assert answer.model == "internlm2.5-7b"
         assert sim_served(local.url) == 2 and sim_served(hub.url) == 2
+
+
+def test_an_sglang_node_without_a_weights_backup_refuses_a_level_1_sleep(
+    start_sim: StartSim,
+) -> None:
+    """SGLang drops the weights it releases unless started with
+    --enable-weights-cpu-backup: a level-1 sleep (keep the weights) is refused by name,
+    before the node is touched; level 2 (discard them) is what it can do."""
+    node = start_sim("--engine", "sglang", "--fast", "--no-weights-cpu-backup")
+    with LMFleet.attach([node.url], health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=30)
+        with pytest.raises(EngineCapabilityError, match="--enable-weights-cpu-backup"):
+            fleet.sleep(level=1)
+        assert not sim_stats(node.url)["sleeping"]
+        assert fleet.nodes[0].state is NodeStatus.HEALTHY
+        fleet.sleep(level=2)
+        assert sim_stats(node.url)["sleeping"]
+        assert fleet.nodes[0].state is NodeStatus.SLEEPING

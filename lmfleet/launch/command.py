@@ -67,10 +67,13 @@ SGLANG_COMMAND: tuple[str, ...] = (
     "--tp-size",
     "{tp}",
     "--enable-memory-saver",
+    "--enable-weights-cpu-backup",
     "--enable-metrics",
 )
 """SGLang 0.5.23's server (sglang/srt/arg_groups/fields/), able to release and
-resume its memory (sleep) and exporting the `/metrics` `least_load` reads."""
+resume its memory (sleep; with its weights kept in CPU memory meanwhile, as a
+level-1 sleep does on the other engines) and exporting the `/metrics` `least_load`
+reads."""
 
 ENGINE_COMMANDS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "lmdeploy": (LMDEPLOY_COMMAND, {}),

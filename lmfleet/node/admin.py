@@ -14,7 +14,12 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from lmfleet.config import FleetOptions
-from lmfleet.errors import ConfigError, NodeCommandError, UnknownRequestError
+from lmfleet.errors import (
+    ConfigError,
+    EngineCapabilityError,
+    NodeCommandError,
+    UnknownRequestError,
+)
 from lmfleet.node.client import NodeCallError, NodeClient
 from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.registry import NodeRegistry
@@ -76,6 +81,16 @@ async def sleep_node(
     registry.hold(url)
     try:
         await recognise(nodes, registry, url, timeout)
+        node = registry.get(url)
+        if level == 1 and await nodes.keeps_weights(node, timeout) is False:
+            profile = nodes.profile_of(node)
+            raise EngineCapabilityError(
+                profile.title,
+                "sleep at level 1 and keep its weights",
+                node=url,
+                hint="it drops the weights it releases unless started with "
+                "--enable-weights-cpu-backup; level 2 discards them on purpose",
+            )
         before = registry.get(url).status
         registry.modify(url, _set(NodeStatus.SLEEPING, "going to sleep: draining"))
         await wait_idle(registry, url, drain_timeout)

@@ -276,6 +276,21 @@ class NodeClient:
         value = await self._field(node, path, name, timeout)
         return str(value) if isinstance(value, str | int | float) else None
 
+    async def keeps_weights(self, node: Node, timeout: float) -> bool | None:
+        """Whether a level-1 sleep keeps the node's weights: True where the engine
+        always does; SGLang's `enable_weights_cpu_backup` as its `/server_info` says
+        (found at any depth); None where it did not say."""
+        check = self.profile_of(node).keeps_weights
+        if check is None:
+            return True
+        path, setting = check
+        try:
+            answer = await self.call_json(node, "GET", path, timeout=timeout)
+        except NodeCallError:
+            return None
+        found = _setting(answer, setting)
+        return found if isinstance(found, bool) else None
+
     async def run(
         self, node: Node, build: Callable[[EngineProfile], Command], timeout: float
     ) -> httpx2.Response:
@@ -349,3 +364,16 @@ class NodeClient:
         except NodeCallError:
             return None
         return body.get(name) if isinstance(body, dict) else None
+
+
+def _setting(answer: Any, name: str) -> Any:
+    """The value of `name` anywhere in a JSON answer (SGLang nests its settings by
+    group); None when absent."""
+    if isinstance(answer, dict):
+        if name in answer:
+            return answer[name]
+        for value in answer.values():
+            found = _setting(value, name)
+            if found is not None:
+                return found
+    return None

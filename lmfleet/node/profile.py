@@ -79,6 +79,10 @@ class EngineProfile:
     weights_backend: str | None = None
     """A GET that names the engine backend that would load pushed weights."""
     abort_path: str | None = None
+    keeps_weights: tuple[str, str] | None = None
+    """(a GET, a setting in its JSON answer, at any depth) that must be true for a
+    level-1 sleep to keep the weights (SGLang drops the weights it releases unless
+    started with `--enable-weights-cpu-backup`); None: level 1 always keeps them."""
     needs: str = ""
     """How to start the engine so that its control routes exist (the hint of a 404)."""
 
@@ -302,7 +306,8 @@ SGLANG = SglangProfile(
     wake_tags=("kv_cache", "weights", "cuda_graph"),
     update_weights="/update_weights_from_tensor",
     abort_path="/abort_request",
-    needs="--enable-memory-saver (sleep) and --enable-metrics (load)",
+    keeps_weights=("/server_info", "enable_weights_cpu_backup"),
+    needs="--enable-memory-saver --enable-weights-cpu-backup (sleep) and --enable-metrics (load)",
 )
 """SGLang 0.5.23's HTTP server (sglang/srt/entrypoints/http_server.py)."""
 

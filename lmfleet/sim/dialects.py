@@ -157,7 +157,12 @@ async def sglang_server_info(
     info = {
         "model_path": rt.options.model,
         "served_model_name": rt.model_name,
-        "enable_memory_saver": True,
+        "exec": {
+            "features": {
+                "enable_memory_saver": True,
+                "enable_weights_cpu_backup": rt.options.weights_cpu_backup,
+            }
+        },
         "enable_metrics": rt.options.enable_metrics,
         "version": VERSIONS["sglang"],
         "frontend": "python",

@@ -101,6 +101,13 @@ class SimOptions(BaseModel):
             "/abort_requests",
         ),
     ] = True
+    weights_cpu_backup: Annotated[
+        bool,
+        Flag(
+            "--no-weights-cpu-backup",
+            help="SGLang without --enable-weights-cpu-backup (its /server_info says so)",
+        ),
+    ] = True
     allow_terminate_by_client: Annotated[
         bool,
         Flag(

@@ -177,6 +177,11 @@ def test_sglang_routes(sglang: Source) -> None:
     )
     protocol = sglang.text("sglang/srt/entrypoints/openai/protocol.py")
     assert 'owned_by: str = "sglang"' in protocol
+    features = sglang.text("sglang/srt/arg_groups/fields/exec_.py")
+    for setting in ("enable_memory_saver", "enable_weights_cpu_backup"):
+        assert f"    {setting}: A[" in features, setting  # flags launch(engine=) passes
+    updater = sglang.text("sglang/srt/managers/scheduler_components/weight_updater.py")
+    assert "self.offload_tags.remove(tag)" in updater  # resume names only released tags
     constants = sglang.text("sglang/srt/constants.py")
     for tag in SGLANG.wake_tags:
         assert f'= "{tag}"' in constants, tag

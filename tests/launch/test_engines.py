@@ -46,7 +46,7 @@ def test_each_engines_command_and_environment() -> None:
     assert render_command(sglang.command, context) == [
         sys.executable, "-m", "sglang.launch_server", "--model-path", "/m",
         "--host", "127.0.0.1", "--port", "8000", "--tp-size", "2",
-        "--enable-memory-saver", "--enable-metrics",
+        "--enable-memory-saver", "--enable-weights-cpu-backup", "--enable-metrics",
     ]  # fmt: skip
     assert sglang.env == {"X": "1"}
     with pytest.raises(ConfigError, match="engine must be one of lmdeploy, vllm, sglang"):
@@ -80,7 +80,7 @@ def stand_ins(tmp_path: Path) -> Path:
     (package / "launch_server.py").write_text(
         STAND_IN.format(
             flags=["--host", "--port", "--tp-size", "--model-path"],
-            switches=["--enable-memory-saver", "--enable-metrics"],
+            switches=["--enable-memory-saver", "--enable-weights-cpu-backup", "--enable-metrics"],
             skip=1,
             env_needed=False,
             engine="sglang",

@@ -83,7 +83,11 @@ def test_the_flags_and_their_lmdeploy_spellings_stay() -> None:
     sim |= {"--hang-after-head", "--hang-health", "--crash-after", "--drop-stream-after"}
     sim |= {"--stall-stream-after", "--record-headers"}
     sim |= {"--unhealthy", "--update-weights-error", "--health-poll-interval"}
-    sim |= {"--engine", "--no-dev-mode"}  # whose surface: vLLM's and SGLang's too
+    sim |= {
+        "--engine",
+        "--no-dev-mode",
+        "--no-weights-cpu-backup",
+    }  # whose surface: vLLM's and SGLang's too
     assert names == lmdeploy | sim | {"-h", "--help", "--debug"}
 
 
