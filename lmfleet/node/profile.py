@@ -89,7 +89,7 @@ class EngineProfile:
     # -- commands ----------------------------------------------------------------------
 
     def sleep(self, level: int) -> Command:
-        path = self._offered(self.sleep_path, "sleep")
+        path = self.route(self.sleep_path, "sleep")
         if level not in self.sleep_levels:
             levels = ", ".join(map(str, self.sleep_levels))
             raise EngineCapabilityError(self.title, f"sleep level {level} (it has {levels})")
@@ -97,12 +97,12 @@ class EngineProfile:
 
     def wakeup(self, tags: Sequence[str] | None) -> Command:
         return Command(
-            "POST", self._offered(self.wake_path, "wake up"), [("tags", t) for t in tags or ()]
+            "POST", self.route(self.wake_path, "wake up"), [("tags", t) for t in tags or ()]
         )
 
     def abort(self, session_id: int | None) -> Command:
         """Abort one request (LMDeploy: its engine session) or, with None, every request."""
-        path = self._offered(self.abort_path, "abort requests")
+        path = self.route(self.abort_path, "abort requests")
         body = {"abort_all": True} if session_id is None else {"session_id": session_id}
         return Command("POST", path, json=body)
 
@@ -123,9 +123,6 @@ class EngineProfile:
 
     def route(self, path: str | None, what: str) -> str:
         """`path`, or `EngineCapabilityError` when the engine has no route for `what`."""
-        return self._offered(path, what)
-
-    def _offered(self, path: str | None, what: str) -> str:
         if path is None:
             raise EngineCapabilityError(self.title, what)
         return path
@@ -141,7 +138,7 @@ class VllmProfile(EngineProfile):
         return Command(command.method, command.path, [*command.params, ("mode", "abort")])
 
     def abort(self, session_id: int | None) -> Command:
-        path = self._offered(self.abort_path, "abort requests")
+        path = self.route(self.abort_path, "abort requests")
         if session_id is not None:
             raise EngineCapabilityError(
                 self.title, "abort one request by LMDeploy session id (it aborts by request id)"
@@ -169,17 +166,17 @@ class SglangProfile(EngineProfile):
     """SGLang: memory released and resumed by tags in a JSON body, at any level."""
 
     def sleep(self, level: int) -> Command:
-        path = self._offered(self.sleep_path, "sleep")
+        path = self.route(self.sleep_path, "sleep")
         if level not in self.sleep_levels:
             raise EngineCapabilityError(self.title, f"sleep level {level} (it has 1, 2)")
         return Command("POST", path, json={"tags": None})
 
     def wakeup(self, tags: Sequence[str] | None) -> Command:
-        path = self._offered(self.wake_path, "wake up")
+        path = self.route(self.wake_path, "wake up")
         return Command("POST", path, json={"tags": list(tags) if tags else None})
 
     def abort(self, session_id: int | None) -> Command:
-        path = self._offered(self.abort_path, "abort requests")
+        path = self.route(self.abort_path, "abort requests")
         if session_id is not None:
             raise EngineCapabilityError(
                 self.title, "abort one request by LMDeploy session id (it aborts by rid)"

@@ -25,7 +25,8 @@ from lmfleet.sim.options import SimOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 WHEELS = Path(os.environ.get("LMFLEET_ENGINE_WHEELS", ROOT / ".cache" / "engines"))
-PINNED = {"vllm": "0.33.0", "sglang": "0.5.23"}
+PINNED = {profile.name: profile.release for profile in (VLLM, SGLANG)}
+"""The releases the profiles were read from: the wheels checked here."""
 ROUTE = re.compile(
     r"@(?:router|app)\.(get|post|put|api_route)\(\s*(?:os\.environ\.get\([^,]+,\s*)?"
     r"\"([^\"]+)\"(?:[^)]*?methods=\[([^\]]*)\])?",
