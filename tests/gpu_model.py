@@ -64,3 +64,16 @@ def random_model(tokenizer: Any, seed: int) -> Any:
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+
+
+def ready_or_close(fleet: Any, timeout: float = 900.0) -> Any:
+    """`fleet` once its launched nodes are ready; else their log tails printed (the
+    only trace a GPU run leaves), the fleet closed and the error raised."""
+    try:
+        fleet.wait_ready(timeout=timeout)
+    except Exception:
+        for node in fleet.nodes:
+            print(fleet.logs(node.url, lines=200))
+        fleet.close()
+        raise
+    return fleet

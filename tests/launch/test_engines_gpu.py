@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from gpu_model import build_tiny_llama
+from gpu_model import build_tiny_llama, ready_or_close
 from support import wait_until
 
 from lmfleet import LMFleet, NodeStatus
@@ -43,14 +43,7 @@ def launched(engine: str, model: Path) -> LMFleet:
     fleet = LMFleet.launch(
         str(model), engine=engine, server_args=SERVER_ARGS[engine], health_interval=1.0
     )
-    try:
-        fleet.wait_ready(timeout=900)
-    except Exception:
-        for node in fleet.nodes:
-            print(fleet.logs(node.url, lines=200))
-        fleet.close()
-        raise
-    return fleet
+    return ready_or_close(fleet)
 
 
 def ask(fleet: LMFleet) -> str | None:

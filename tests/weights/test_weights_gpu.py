@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gpu_model import build_tiny_llama, random_model
+from gpu_model import build_tiny_llama, random_model, ready_or_close
 
 from lmfleet import LMFleet
 from lmfleet.launch.gpus import visible_gpus
@@ -63,14 +63,7 @@ def launch(path: Path) -> LMFleet:
     fleet = LMFleet.launch(
         str(path), nodes=1, weight_updates=True, server_args=SERVER_ARGS, health_interval=1.0
     )
-    try:
-        fleet.wait_ready(timeout=900)
-    except Exception:
-        for node in fleet.nodes:
-            print(fleet.logs(node.url, lines=200))
-        fleet.close()
-        raise
-    return fleet
+    return ready_or_close(fleet)
 
 
 def test_update_weights_matches_a_fresh_server(models: tuple[Path, Path]) -> None:
