@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, unquote
 from lmfleet import FleetOptions, HealthOptions, LMFleet
 
 BODY = b'{"status": "healthy", "message": ""}'
-MODELS = b'{"object": "list", "data": [{"id": "m", "object": "model"}]}'
+MODELS = b'{"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "lmdeploy"}]}'
 
 
 def _metrics_text() -> bytes:
