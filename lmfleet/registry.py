@@ -554,6 +554,21 @@ class NodeRegistry:
 
     # -- state changes --------------------------------------------------------------
 
+    def recognised(self, url: str, engine: str, version: str | None = None) -> NodeState | None:
+        """Record the node's engine (lmfleet/node/profile.py) and, when known, its
+        version: the monitor once the node first answers, a command to a node not
+        recognised yet before it is sent. Its snapshot after (None: gone)."""
+
+        def apply(current: NodeState) -> NodeState:
+            known = version if version is not None else current.engine_version
+            if (current.engine, current.engine_version) == (engine, known):
+                return current
+            if current.engine is None:
+                log.debug("%s is %s%s", url, engine, f" {known}" if known else "")
+            return current.evolve(engine=engine, engine_version=known)
+
+        return self.modify(url, apply)
+
     def modify(self, url: str, change: Callable[[NodeState], NodeState]) -> NodeState | None:
         """Apply `change` atomically; None when the node is gone."""
         key = self._key(url)

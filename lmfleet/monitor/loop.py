@@ -268,14 +268,17 @@ class Monitor:
     ) -> tuple[bool, bool, bool]:
         """What must be asked before `target` stands: (`/is_sleeping`, `/v1/models`, `/metrics`).
 
-        `/is_sleeping` when moving between healthy and sleeping (`/health` lags);
+        `/is_sleeping` when moving between healthy and sleeping (`/health` lags)
+        and the round did not read it already;
         the models when (re)entering rotation or never read, or when the node's
         engine is not recognised yet; the load when due and not read beside
         `/health`."""
         healthy = target is NodeStatus.HEALTHY
         answered = target in (NodeStatus.HEALTHY, NodeStatus.SLEEPING)
+        # vLLM's round reads `/is_sleeping` itself: its answer needs no confirmation.
+        read = self._nodes.profile_of(state).is_sleeping in self._paths(state, False)
         return (
-            answered and target is not state.status,
+            answered and target is not state.status and not read,
             (healthy and (state.status is not target or not state.models))
             or (answered and state.engine is None),
             healthy and self._options.telemetry and metrics is None and self._metrics_due(url),
@@ -307,7 +310,7 @@ class Monitor:
                 else:
                     if state.engine is None or state.engine_version is None:
                         version = await self._nodes.version(state, profile, timeout)
-                        state = self._recognised(url, profile.name, version)
+                        state = self._registry.recognised(url, profile.name, version) or state
                     if profile.is_sleeping is None and target is NodeStatus.HEALTHY:
                         # Read as LMDeploy's until now; its engine cannot say it sleeps.
                         target = judge(state, Probe("up", message), self._options.unhealthy_after)
@@ -316,19 +319,6 @@ class Monitor:
             self._settle(url, state, probe, target, models, metrics, message)
         finally:
             self._running.discard(url)
-
-    def _recognised(self, url: str, engine: str, version: str | None) -> NodeState:
-        """Record the node's engine (and version) once it is known; its snapshot after."""
-
-        def apply(current: NodeState) -> NodeState:
-            if current.engine == engine and current.engine_version == version:
-                return current
-            if current.engine is None:
-                log.debug("%s is %s%s", url, engine, f" {version}" if version else "")
-            return current.evolve(engine=engine, engine_version=version)
-
-        new = self._registry.modify(url, apply)
-        return new if new is not None else NodeState(url=url, engine=engine)
 
     def _settle(
         self,

@@ -60,11 +60,7 @@ async def recognise(nodes: NodeClient, registry: NodeRegistry, url: str, timeout
         _, profile = await nodes.identify(registry.get(url), timeout)
     except NodeCallError:
         return  # it does not say: the command goes to LMDeploy's routes, and may fail
-
-    def known(state: NodeState) -> NodeState:
-        return state if state.engine is not None else state.evolve(engine=profile.name)
-
-    registry.modify(url, known)
+    registry.recognised(url, profile.name)
 
 
 async def sleep_node(
