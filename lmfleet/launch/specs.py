@@ -47,8 +47,9 @@ def weight_update_server(
             raise ConfigError(f"backend={backend!r} is LMDeploy's; engine={engine!r} has none")
         if weight_updates:
             raise ConfigError(
-                f"weight_updates=True: lmfleet drives LMDeploy's weight routes only so far, "
-                f"not {engine}'s (docs/guide/engines.md)"
+                f"weight_updates=True picks LMDeploy's backend and executor for its weight "
+                f"routes; {engine} takes no such flags: leave it out "
+                f"(docs/guide/engines.md says what {engine} needs to take weights)"
             )
         return "turbomind", args
     if not weight_updates:

@@ -130,7 +130,8 @@ class EngineProfile:
 
 @dataclass(frozen=True, slots=True)
 class VllmProfile(EngineProfile):
-    """vLLM: sleep levels 0-2 with a pause mode; `abort_requests` by request ids."""
+    """vLLM: sleep with a pause mode; `abort_requests` by request ids; weights through
+    its weight-transfer routes."""
 
     def sleep(self, level: int) -> Command:
         command = EngineProfile.sleep(self, level)
@@ -271,7 +272,6 @@ VLLM = VllmProfile(
     sleep_path="/sleep",
     wake_path="/wake_up",
     wake_tags=("weights", "kv_cache"),
-    sleep_levels=(1, 2),
     update_weights="/update_weights",
     abort_path="/abort_requests",
     needs="VLLM_SERVER_DEV_MODE=1 in its environment and --enable-sleep-mode",

@@ -84,10 +84,8 @@ async def add(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> N
         speed = parse_speed(status.get("speed"), "status.speed")
         given = status.get("priority")
         priority = None if given is None else parse_priority(given, "status.priority")
-        engine = status.get("engine")
-        parse_engine(
-            engine if isinstance(engine, str) or engine is None else repr(engine), "status"
-        )
+        given_engine = status.get("engine")
+        engine = parse_engine(None if given_engine is None else str(given_engine), "status")
     except ConfigError as exc:
         raise BadRequest(str(exc)) from exc
     # A node that registers itself does so before its port opens: it stays

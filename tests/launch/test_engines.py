@@ -51,7 +51,9 @@ def test_each_engines_command_and_environment() -> None:
     assert sglang.env == {"X": "1"}
     with pytest.raises(ConfigError, match="engine must be one of lmdeploy, vllm, sglang"):
         server_specs("/m", 1, engine="tgi")
-    with pytest.raises(ConfigError, match="LMDeploy's weight routes only"):
+    with pytest.raises(
+        ConfigError, match="weight_updates=True picks LMDeploy's backend and executor"
+    ):
         LMFleet.launch("/m", engine="vllm", weight_updates=True)
     with pytest.raises(ConfigError, match="backend='pytorch' is LMDeploy's"):
         LMFleet.launch("/m", engine="sglang", backend="pytorch")
