@@ -163,7 +163,7 @@ class NodeRegistry:
         self.held_back = 0
         """Times a background request found every node full and waited (lmfleet/priority.py)."""
         self._bringing: dict[int, int] = {}  # weight version -> updates bringing it now
-        self._sessions: dict[str, tuple[str, int]] = {}  # request id -> (node, engine session)
+        self._sessions: dict[str, tuple[str, int | str]] = {}  # request id -> (node, engine's id)
         self.spill_margin = spill_margin
         """How much lower a lower tier's expected wait must be for it to take a request
         (`RoutingOptions.spill_margin`; lmfleet/routing/tiers.py)."""
@@ -305,6 +305,11 @@ class NodeRegistry:
         """Every name a request may give: the served models and the aliases, sorted."""
         return self._accepted
 
+    def engines(self) -> set[str]:
+        """The engines the fleet's nodes are known to run (a token-route body that
+        either engine takes goes to the one the fleet has)."""
+        return {s.engine for s in list(self._nodes.values()) if s.engine is not None}
+
     def serves(self, state: NodeState, model: str | None) -> bool:
         """Whether `state` serves `model`, under that name or one it stands for."""
         group = self.names.groups.get(model) if model is not None else None
@@ -433,6 +438,8 @@ class NodeRegistry:
             among = [s for s in among if not group.isdisjoint(s.models)]
             model = None
         nodes = [s for s in among if s.serves(model) and (role is None or s.role is role)]
+        if request.engine is not None:
+            nodes = [s for s in nodes if s.engine in (request.engine, None)]
         exact, floor = request.weight_version, request.min_weight_version
         if exact is not None:
             return [s for s in nodes if s.weight_version == exact]
@@ -519,8 +526,9 @@ class NodeRegistry:
         with self._lock:
             return list(self._recent.get(key, ())), self._tokens.get(key, 0)
 
-    def track(self, request_id: str, url: str, session_id: int) -> None:
-        """`request_id` runs on `url` as engine session `session_id` (abortable by id)."""
+    def track(self, request_id: str, url: str, session_id: int | str) -> None:
+        """`request_id` runs on `url` as the engine's request `session_id` (LMDeploy's
+        session, SGLang's rid, vLLM's request id): abortable by the fleet's id."""
         self._sessions[request_id] = (url, session_id)
 
     def untrack(self, request_id: str) -> None:
@@ -531,7 +539,7 @@ class NodeRegistry:
         continue elsewhere, and abort by its id)."""
         return sum(1 for node, _ in list(self._sessions.values()) if node == url)
 
-    def tracked(self, request_id: str) -> tuple[str, int] | None:
+    def tracked(self, request_id: str) -> tuple[str, int | str] | None:
         """(node URL, engine session) of a request the fleet can abort by its id."""
         return self._sessions.get(request_id)
 
@@ -682,6 +690,10 @@ class NodeRegistry:
             nodes = [s for s in nodes if s.role is request.role]
             if not nodes:
                 return f"no node has the {request.role.name.lower()} role"
+        if request.engine is not None:
+            nodes = [s for s in nodes if s.engine in (request.engine, None)]
+            if not nodes:
+                return f"no node runs {request.engine} (the route asked for is {request.engine}'s)"
         model = request.model
         if model is not None:
             nodes = [s for s in nodes if not s.models or self.serves(s, model)]

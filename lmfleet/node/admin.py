@@ -266,7 +266,7 @@ class FleetAdmin:
             raise UnknownRequestError(f"no node runs session {session_id}")
         return aborted
 
-    async def _abort(self, url: str, session: int | None) -> None:
+    async def _abort(self, url: str, session: int | str | None) -> None:
         try:
             await self.nodes.abort(self._registry.get(url), session, self._options.admin_timeout)
         except NodeCallError as exc:

@@ -340,7 +340,7 @@ class NodeClient:
         `EngineCapabilityError` where its engine can't."""
         await self.run(node, lambda p: Command("GET", p.route(p.terminate, "terminate")), timeout)
 
-    async def abort(self, node: Node, session_id: int | None, timeout: float) -> None:
+    async def abort(self, node: Node, session_id: int | str | None, timeout: float) -> None:
         """Abort one request (its engine session) or, with None, every request on the
         node; `NodeCallError` where the engine refuses (LMDeploy: 501 without
         `--enable-abort-handling`, 400 for a session it does not know),

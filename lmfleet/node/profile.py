@@ -100,9 +100,12 @@ class EngineProfile:
             "POST", self.route(self.wake_path, "wake up"), [("tags", t) for t in tags or ()]
         )
 
-    def abort(self, session_id: int | None) -> Command:
-        """Abort one request (LMDeploy: its engine session) or, with None, every request."""
+    def abort(self, session_id: int | str | None) -> Command:
+        """Abort one request by the engine's id for it (LMDeploy: its engine session;
+        SGLang: its rid; vLLM: its request id) or, with None, every request."""
         path = self.route(self.abort_path, "abort requests")
+        if isinstance(session_id, str):
+            raise EngineCapabilityError(self.title, "abort one request by a string id")
         body = {"abort_all": True} if session_id is None else {"session_id": session_id}
         return Command("POST", path, json=body)
 
@@ -138,13 +141,14 @@ class VllmProfile(EngineProfile):
         # "abort" is vLLM's default too; lmfleet drains before it sleeps a node.
         return Command(command.method, command.path, [*command.params, ("mode", "abort")])
 
-    def abort(self, session_id: int | None) -> Command:
+    def abort(self, session_id: int | str | None) -> Command:
         path = self.route(self.abort_path, "abort requests")
-        if session_id is not None:
+        if isinstance(session_id, int):
             raise EngineCapabilityError(
                 self.title, "abort one request by LMDeploy session id (it aborts by request id)"
             )
-        return Command("POST", path, json={})
+        # No ids: every request in flight (vLLM's rl/online/api_router.py).
+        return Command("POST", path, json={"request_ids": [session_id]} if session_id else {})
 
     def push(self, body: Mapping[str, object], version: int, *, first: bool) -> list[Command]:
         """vLLM's weight transfer: `/start_weight_update` before the first bucket,
@@ -176,13 +180,14 @@ class SglangProfile(EngineProfile):
         path = self.route(self.wake_path, "wake up")
         return Command("POST", path, json={"tags": list(tags) if tags else None})
 
-    def abort(self, session_id: int | None) -> Command:
+    def abort(self, session_id: int | str | None) -> Command:
         path = self.route(self.abort_path, "abort requests")
-        if session_id is not None:
+        if isinstance(session_id, int):
             raise EngineCapabilityError(
                 self.title, "abort one request by LMDeploy session id (it aborts by rid)"
             )
-        return Command("POST", path, json={"abort_all": True})
+        body = {"abort_all": True} if session_id is None else {"rid": session_id}
+        return Command("POST", path, json=body)
 
     def push(self, body: Mapping[str, object], version: int, *, first: bool) -> list[Command]:
         """SGLang's `/update_weights_from_tensor`: the serialized tensors as a list

@@ -68,6 +68,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/distserve/connection_warmup": {"POST": distserve_api.connection_warmup},
     "/distserve/gc": {"POST": distserve_api.gc},
     "/generate": {"POST": forward},
+    "/inference/v1/generate": {"POST": forward},  # vLLM's token route
     "/abort_request": {"POST": admin_api.abort_request},
     "/pooling": {"POST": forward},
     "/v1/files": {"GET": batch_api.files_root, "POST": batch_api.files_root},

@@ -38,6 +38,8 @@ class RequestInfo:
     (asynchronous RL: rollouts keep flowing through a rolling update, off-policy by
     at most k versions). `priority`: the request's (lmfleet/priority.py; higher goes
     first when requests wait, and a negative one is not sent to a full node).
+    `engine` limits the candidates to nodes of that engine (a token route speaks
+    one engine's dialect); nodes not identified yet qualify.
     """
 
     model: str | None = None
@@ -47,6 +49,7 @@ class RequestInfo:
     min_weight_version: int | None = None
     max_staleness: int | None = None
     priority: int = 0
+    engine: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from lmfleet.sim import asgi, dialects, generation, routes, weight_routes
+from lmfleet.sim import asgi, dialects, generation, routes, token_routes, weight_routes
 from lmfleet.sim.node import NodeRuntime
 from lmfleet.sim.options import SimOptions
 from lmfleet.sim.protocol import (
@@ -40,7 +40,9 @@ SLEEPING = dumps(
 )
 # EngineSleepingMiddleware is LMDeploy's outermost middleware: while asleep these
 # routes answer 503 before the API key is even checked.
-SLEEP_GATED = frozenset({"/v1/chat/completions", "/v1/completions", "/generate"})
+SLEEP_GATED = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/generate", "/inference/v1/generate"}
+)
 NOT_FOUND = b'{"detail":"Not Found"}'
 NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
 CRASH_STATUS = 3
@@ -66,6 +68,8 @@ class SimApp:
             self._routes["/metrics"] = {"GET": routes.metrics}
         if options.engine != "lmdeploy":
             self._routes.update(dialects.control_routes(self.runtime))
+            path = "/generate" if options.engine == "sglang" else "/inference/v1/generate"
+            self._routes[path] = {"POST": self._inference("generate")}
             return
         self._routes |= {
             "/health": {"GET": routes.health},
@@ -150,14 +154,24 @@ class SimApp:
             if not asgi.is_json(scope):
                 await asgi.send_error(send, 400, routes.NOT_JSON)
                 return
+            engine, name, reply = rt.options.engine, None, send
             try:
-                body: Any = decode_json(await asgi.read_body(receive))
-                request = parse_generation(kind, body, rt.model_name, rt.options)
-                extra = await rt.distserve.admit(body, request)
-            except RequestError as exc:
-                await asgi.send_error(send, exc.status, exc.message, exc.param)
-                return
-            await generation.serve(rt, request, send, receive, extra)
+                try:
+                    body: Any = decode_json(await asgi.read_body(receive))
+                    if kind == "generate" and engine != "lmdeploy":  # SGLang's or vLLM's
+                        given = body
+                        body, name = token_routes.lmdeploy_body(engine, given)
+                        body["session_id"] = token_routes.session_for(rt, name)
+                        reply = token_routes.Reshaper(send, engine, name, given, rt)
+                    request = parse_generation(kind, body, rt.model_name, rt.options)
+                    extra = await rt.distserve.admit(body, request)
+                except RequestError as exc:
+                    await asgi.send_error(send, exc.status, exc.message, exc.param)
+                    return
+                await generation.serve(rt, request, reply, receive, extra)
+            finally:
+                if name is not None:
+                    rt.engine_requests.pop(name, None)
 
         return handle
 

@@ -101,8 +101,10 @@ async def vllm_abort_requests(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
     body = await object_body(receive)
-    if body.get("request_ids"):
-        await asgi.send_json(send, 200, {"status": "aborted", "aborted": 0})
+    ids = body.get("request_ids")
+    if ids:  # by the callers' request ids; one the engine does not know is skipped
+        count = sum(rt.abort_session(rt.engine_requests.get(str(i), -1)) for i in ids)
+        await asgi.send_json(send, 200, {"status": "aborted", "aborted": count})
         return
     count = len(rt.sequences)
     rt.abort_all()
@@ -236,6 +238,8 @@ async def sglang_abort_request(
     body = await object_body(receive)
     if body.get("abort_all"):
         rt.abort_all()
+    elif isinstance(body.get("rid"), str):
+        rt.abort_session(rt.engine_requests.get(body["rid"], -1))
     await asgi.send_bytes(send, 200, b"", None)
 
 

@@ -92,6 +92,7 @@ class NodeRuntime:
         self._awake = asyncio.Event()
         self._awake.set()
         self.sequences: set[Sequence] = set()
+        self.engine_requests: dict[str, int] = {}  # SGLang rid / vLLM request id -> session
         self.inference_requests = 0
         self.started = time.monotonic()
         self.created = int(time.time())

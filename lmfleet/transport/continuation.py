@@ -1,27 +1,31 @@
-"""Token-in, token-out generations (LMDeploy's `/generate`) that survive their node.
+"""Token-in, token-out generations that survive their node (LMDeploy's and
+SGLang's `/generate`, vLLM's `/inference/v1/generate`: transport/token_dialects.py).
 
 The fleet always asks the node for a stream, even when its caller did not, and
-follows the generation token by token (`output_ids` per event). When the node
-stops before the generation ended (it died, it went silent for `stall_timeout`,
-or a weight update with `in_flight="continue"` put it to sleep, which aborts
-every request on it), the fleet sends the rest to another node: the same body,
-with `input_ids` the prompt's ids plus every output id received so far and
-`max_tokens` reduced by their number. A greedy generation so continued equals
-the uninterrupted one token for token (the model sees the same sequence); the
-caller gets one answer: one uninterrupted event stream, or, when it did not ask
-for a stream, the answer assembled as LMDeploy assembles its own (`text` and
-`output_ids` concatenated, `meta_info` of the last event, logprob lists joined).
+follows the generation token by token. When the node stops before the generation
+ended (it died, it went silent for `stall_timeout`, or a weight update with
+`in_flight="continue"` put it to sleep, which aborts every request on it), the
+fleet sends the rest to another node of the same engine: the same body, with the
+prompt's ids followed by every output id received so far and the token budget
+reduced by their number. A greedy generation so continued equals the
+uninterrupted one token for token (the model sees the same sequence); the caller
+gets one answer: one uninterrupted event stream, or, when it did not ask for a
+stream, the answer assembled as its engine assembles its own (LMDeploy: `text`
+and `output_ids` concatenated, `meta_info` of the last event, logprob lists
+joined; vLLM: one choice with every `token_ids`).
 
 A generation whose tokens came from more than one weight version says so:
 `meta_info.weight_versions` (in the assembled answer and in a stream's last
-event) lists `[start, end, version]` over output tokens, and an assembled answer
+event; vLLM: the choice's own `weight_versions` spans) lists `[start, end,
+version]` over output tokens, and an assembled answer
 also carries it as the `x-lmfleet-weight-versions` header (`0-120:3,120-400:4`).
 
-Only `/generate` is continued. A text `prompt` is continued from its ids too: the
-next node's `/v1/encode` (no chat template, with BOS: how `/generate` tokenizes a
-prompt) gives them once, at the first cut; a node without that route gets the
-prompt followed by the text so far (re-tokenized there: the seam may tokenize
-differently). Scoring requests (`logprob_start_len`) are not continued. Chat and
+Only the token routes are continued. LMDeploy's text `prompt` is continued from
+its ids too: the next node's `/v1/encode` (no chat template, with BOS: how
+`/generate` tokenizes a prompt) gives them once, at the first cut; a node without
+that route (and SGLang's `text`) gets the prompt followed by the text so far
+(re-tokenized there: the seam may tokenize differently). Scoring requests
+(`logprob_start_len`), and SGLang's and vLLM's with logprobs, are not continued. Chat and
 completions keep the plain plan: a cut after the first byte is the caller's
 `StreamInterruptedError`.
 """
@@ -30,10 +34,8 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
@@ -56,202 +58,22 @@ from lmfleet.transport.plan import (
 from lmfleet.transport.request import REQUEST_ID
 from lmfleet.transport.steps import Call, Discard, Emit, Pause, Read, Reply, Steps, StepsBody
 from lmfleet.transport.streams import Accounting, lease_response
+from lmfleet.transport.token_dialects import LMDEPLOY, Generation, TokenDialect
 
-GENERATE = "/generate"
 ENCODE = "/v1/encode"
 VERSIONS_HEADER = "x-lmfleet-weight-versions"
 """On an assembled `/generate` answer: the weight versions its tokens came from."""
-DEFAULT_MAX_TOKENS = 128
-"""LMDeploy's `GenerateReqInput.max_tokens` default."""
 _DONE = b"[DONE]"
-_NOT_FINISHED = b'"finish_reason":null'
-_IDS = b'"output_ids":['
-_TEXT = '"text":'
-_STRINGS = json.JSONDecoder()
 _COMPACT = (",", ":")  # pydantic's model_dump_json, which LMDeploy's events use
 
 
-def wants_continuation(request: httpx2.Request, body: dict[str, Any] | None) -> bool:
-    """A `/generate` that makes tokens (not one that scores a prompt or reads images)."""
-    if request.method != "POST" or request.url.path != GENERATE or body is None:
+def wants_continuation(
+    request: httpx2.Request, body: dict[str, Any] | None, dialect: TokenDialect
+) -> bool:
+    """A token-route generation the fleet can continue (`TokenDialect.continuable`)."""
+    if request.method != "POST" or request.url.path != dialect.path or body is None:
         return False
-    start = body.get("logprob_start_len")
-    if isinstance(start, int) and start >= 0:
-        return False
-    return body.get("image_data") is None and (
-        _ids(body.get("input_ids")) is not None or isinstance(body.get("prompt"), str)
-    )
-
-
-def _ids(value: Any) -> list[int] | None:
-    """`input_ids` as given, when they look like ids: a long prompt is not scanned on
-    every request (the node validates them, and its refusal reaches the caller)."""
-    if isinstance(value, list) and value and type(value[0]) is int:
-        return value
-    return None
-
-
-@dataclass
-class Generation:
-    """What one generation has produced so far, over however many nodes."""
-
-    body: dict[str, Any]
-    stream: bool
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    prompt_tokens: int | None = None
-    finish: dict[str, Any] | None = None
-    logprobs: list[Any] = field(default_factory=list)
-    top_logprobs: list[Any] = field(default_factory=list)
-    routed_experts: Any = None
-    versions: list[list[int]] = field(default_factory=list)
-    offset: int = 0  # output tokens made before the current node's request
-    prompt_ids: list[int] | None = None  # a text prompt's ids, once a node encoded it
-    encoded: bool = False  # a node was asked for them (its answer may be no ids)
-    continued: int = 0
-
-    def session(self) -> int:
-        """The engine session of the next node request: the caller's own, else a
-        random one (LMDeploy aborts one request by its session: `fleet.abort`)."""
-        given = self.body.get("session_id")
-        if type(given) is int and given >= 0:
-            return given
-        return random.getrandbits(30) + 1
-
-    @property
-    def max_tokens(self) -> int:
-        given = self.body.get("max_tokens")
-        return DEFAULT_MAX_TOKENS if given is None else int(given)
-
-    def request_body(self) -> dict[str, Any]:
-        """The body for the next node: the original, or its continuation."""
-        body = {**self.body, "stream": True}
-        self.offset = len(self.output_ids)
-        if not self.offset:
-            return body
-        body["max_tokens"] = self.max_tokens - self.offset
-        ids = _ids(self.body.get("input_ids")) or self.prompt_ids
-        if ids is not None:
-            body.pop("prompt", None)
-            body["input_ids"] = ids + self.output_ids
-        else:
-            body["prompt"] = str(self.body.get("prompt") or "") + self.text
-        return body
-
-    def add(self, event: dict[str, Any], version: int) -> dict[str, Any]:
-        """Record one of the node's events; the event as the caller sees it."""
-        self.record(event.get("output_ids") or [], event.get("text") or "", version)
-        meta = event.get("meta_info") or {}
-        if self.prompt_tokens is None:
-            self.prompt_tokens = meta.get("prompt_tokens")
-        for name, into in (
-            ("output_token_logprobs", self.logprobs),
-            ("output_top_logprobs", self.top_logprobs),
-        ):
-            rows = meta.get(name)
-            if rows:
-                into.extend(rows)
-        self.finish = meta.get("finish_reason")
-        if meta.get("routed_experts") is not None:
-            self.routed_experts = meta["routed_experts"]
-        if self.offset:  # a continued segment: counts as the caller's whole generation
-            meta = {**meta, "prompt_tokens": self.prompt_tokens}
-            meta["completion_tokens"] = self.offset + int(meta.get("completion_tokens") or 0)
-        if self.finish is not None:
-            meta = {**meta, "weight_versions": self.versions}
-        return {**event, "meta_info": meta} if meta is not event.get("meta_info") else event
-
-    def plain_token(self, data: bytes, version: int) -> bool:
-        """Record an event without parsing it, where that is exact: a token of the
-        first node (nothing to rewrite), not the last event, with no logprobs to
-        keep. Only its `output_ids` and `text` matter then, and they are sliced out
-        (a parse per token cost the proxy a tenth of its `/generate` rate). False:
-        the caller parses the event."""
-        if (
-            self.offset
-            or self.prompt_tokens is None
-            or self.logprobs_asked
-            or _NOT_FINISHED not in data
-        ):
-            return False
-        start = data.find(_IDS)
-        end = data.find(b"]", start)
-        decoded = data.decode()
-        text_at = decoded.find(_TEXT)
-        if start < 0 or end < 0 or text_at < 0:
-            return False
-        try:
-            ids = [int(token) for token in data[start + len(_IDS) : end].split(b",") if token]
-            text, _ = _STRINGS.raw_decode(decoded, text_at + len(_TEXT))
-        except ValueError:
-            return False
-        if not isinstance(text, str):
-            return False
-        self.record(ids, text, version)
-        return True
-
-    @property
-    def needs_prompt_ids(self) -> bool:
-        """A cut generation of a text prompt, not yet encoded: its continuation is
-        exact only from the ids the node made of the prompt."""
-        return bool(self.output_ids) and not self.encoded and "input_ids" not in self.body
-
-    def take_encoded(self, reply: httpx2.Response) -> None:
-        """Keep the ids of a `/v1/encode` answer; none (the text rule) when it has none."""
-        self.encoded = True
-        if reply.status_code == 200:
-            try:
-                self.prompt_ids = _ids(reply.json().get("input_ids"))
-            except (ValueError, AttributeError):
-                self.prompt_ids = None
-
-    @property
-    def logprobs_asked(self) -> bool:
-        return bool(self.body.get("return_logprob"))
-
-    def record(self, ids: list[int], text: str, version: int) -> None:
-        """Add one event's tokens and text, in the version segment they belong to."""
-        start = len(self.output_ids)
-        self.output_ids.extend(ids)
-        self.text += text
-        if ids:
-            last = self.versions[-1] if self.versions else None
-            if last is not None and last[2] == version and last[1] == start:
-                last[1] = len(self.output_ids)
-            else:
-                self.versions.append([start, len(self.output_ids), version])
-
-    @property
-    def aborted(self) -> bool:
-        return (self.finish or {}).get("type") == "abort"
-
-    @property
-    def done(self) -> bool:
-        """Ended for the caller: a finish (an abort not made for a weight update
-        included: `fleet.abort`, `/abort_request`, an update that aborts), or no
-        token left to make."""
-        return self.finish is not None or len(self.output_ids) >= self.max_tokens
-
-    def assembled(self) -> dict[str, Any]:
-        """The non-streamed answer, as LMDeploy's `/generate` assembles its own."""
-        return {
-            "text": self.text,
-            "output_ids": self.output_ids,
-            "meta_info": {
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": len(self.output_ids),
-                "finish_reason": self.finish,
-                "output_token_logprobs": self.logprobs or None,
-                "input_token_logprobs": None,
-                "output_top_logprobs": self.top_logprobs or None,
-                "input_top_logprobs": None,
-                "routed_experts": self.routed_experts,
-                "weight_versions": self.versions,
-            },
-        }
-
-    def versions_header(self) -> str:
-        return ",".join(f"{a}-{b}:{v}" for a, b, v in self.versions)
+    return dialect.continuable(body)
 
 
 def _events(buffer: bytearray, chunk: bytes) -> Iterator[bytes]:
@@ -272,10 +94,15 @@ class ContinuedGeneration(RequestPlan):
     when its node stops early (see the module docstring)."""
 
     def __init__(
-        self, routing: Routing, request: httpx2.Request, info: RequestInfo, body: dict[str, Any]
+        self,
+        routing: Routing,
+        request: httpx2.Request,
+        info: RequestInfo,
+        body: dict[str, Any],
+        dialect: TokenDialect = LMDEPLOY,
     ) -> None:
         super().__init__(routing, request, info)
-        self.gen = Generation(body, stream=bool(body.get("stream")))
+        self.gen = Generation(body, stream=bool(body.get("stream")), dialect=dialect)
         # The caller's own read timeout (not the proxy's upstream one), kept before the
         # plan lowers the request's to the first-byte bound. It bounds the caller's
         # silence: between two events of a stream, or the whole wait for an assembled
@@ -321,8 +148,9 @@ class ContinuedGeneration(RequestPlan):
             reply = yield from self._encode(node, timeout)
         session = self.gen.session()
         if reply is None:
-            body = {**self.gen.request_body(), "session_id": session}
-            request = self.routing.nodes.request(node, "POST", GENERATE, json=body, timeout=timeout)
+            body = self.gen.request_body(session)
+            path = self.gen.dialect.path
+            request = self.routing.nodes.request(node, "POST", path, json=body, timeout=timeout)
             reply = yield Call(request, stream=True, first_byte=True)
         if not isinstance(reply, httpx2.Response):
             attempts.transport_failed(lease, reply, "", ours)

@@ -22,7 +22,7 @@ from lmfleet.priority import PRIORITY, PRIORITY_FIELD, PRIORITY_HEADER, parse_pr
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy, as_base_strategy
 from lmfleet.transport import models as fleet_models
-from lmfleet.transport.continuation import GENERATE, ContinuedGeneration, wants_continuation
+from lmfleet.transport.continuation import ContinuedGeneration, wants_continuation
 from lmfleet.transport.plan import (
     SERVED_VERSION_HEADER,
     Backoff,
@@ -42,6 +42,7 @@ from lmfleet.transport.request import (
 )
 from lmfleet.transport.scoring import ScoringPlan, may_score, wants_scoring
 from lmfleet.transport.steps import Steps
+from lmfleet.transport.token_dialects import TOKEN_PATHS, dialect_of
 
 WEIGHT_VERSION_HEADER = SERVED_VERSION_HEADER
 """On a request: serve it only on nodes of exactly this weight version (on an answer
@@ -150,7 +151,7 @@ class Router:
             or (models and not _names_model(content, models[0]))
             or _may_ask_version(content)
             or may_score(request, content)
-            or (self._follow and request.url.path == GENERATE)
+            or request.url.path in TOKEN_PATHS
         ):
             body = json_body(request)
         model = body.get("model") if body is not None else None
@@ -180,6 +181,10 @@ class Router:
                 plan.immediate = error_answer(request, BAD_PRIORITY, str(exc))
                 return plan
             request.extensions[PRIORITY] = priority  # the upstream pool's order
+        dialect = None
+        if request.url.path in TOKEN_PATHS and request.method == "POST":
+            # A token route speaks one engine's dialect: only its nodes can take it.
+            dialect = dialect_of(request.url.path, body, self.registry.engines())
         # With one model served (and no alias) every node qualifies: no need to filter.
         info = RequestInfo(
             model=model if len(models) > 1 else None,
@@ -189,11 +194,13 @@ class Router:
             min_weight_version=floor,
             max_staleness=stale,
             priority=priority,
+            engine=dialect.engine if dialect is not None else None,
         )
         if body is not None and wants_scoring(request, body):
             plan = ScoringPlan(self.routing, request, info, body)
-        elif self._follow and body is not None and wants_continuation(request, body):
-            plan = ContinuedGeneration(self.routing, request, info, body)
+        elif dialect and self._follow and wants_continuation(request, body, dialect):
+            assert body is not None
+            plan = ContinuedGeneration(self.routing, request, info, body, dialect)
         else:
             plan = RequestPlan(self.routing, request, info)
         if model is not None and models and model not in models:

@@ -14,6 +14,8 @@ does not forward the request as it came: on the node it leased it asks
 with theirs) and answers the completion an OpenAI server would. A node that cannot
 score (no `--logprobs-mode`) answers its own error, passed on unchanged; a node
 that fails is failed over, as for any request, before anything reaches the caller.
+A vLLM or SGLang node gets the request as it came (their completions route scores
+an echoed prompt itself).
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ class ScoringPlan(RequestPlan):
     def _send(
         self, node: NodeState, lease: Accounting, attempts: Attempts, ours: bool
     ) -> Steps[httpx2.Response]:
+        if node.engine not in (None, "lmdeploy"):
+            # vLLM and SGLang answer `echo` with logprobs themselves: the request as it came.
+            return (yield from super()._send(node, lease, attempts, ours))
         body = self._body
         top = int(body["logprobs"])
         max_tokens = body.get("max_tokens")

@@ -61,6 +61,10 @@ def test_what_an_engine_cannot_do_is_a_typed_error_naming_it() -> None:
         VLLM.abort(7)
     assert caught.value.engine == "vLLM" and "session id" in caught.value.capability
     assert VLLM.abort(None).json == {}  # every request: that it can do
+    assert VLLM.abort("r1").json == {"request_ids": ["r1"]}  # one, by its request id
+    assert SGLANG.abort("r1").json == {"rid": "r1"}
+    with pytest.raises(EngineCapabilityError, match="string id"):
+        LMDEPLOY.abort("r1")
     with pytest.raises(EngineCapabilityError, match="sleep level 3"):
         LMDEPLOY.sleep(3)
 

@@ -24,7 +24,8 @@ from support import SimNode, StartSim, sim_stats, wait_until
 from lmfleet import LMFleet
 from lmfleet.config import FleetOptions, RoutingOptions
 from lmfleet.errors import UnknownRequestError
-from lmfleet.transport.continuation import Generation, parse_versions
+from lmfleet.transport.continuation import parse_versions
+from lmfleet.transport.token_dialects import Generation
 
 PROMPT = [11, 12, 13, 14, 15]
 BODY = {"input_ids": PROMPT, "max_tokens": 400, "ignore_eos": True}
