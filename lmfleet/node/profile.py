@@ -79,6 +79,9 @@ class EngineProfile:
     weights_backend: str | None = None
     """A GET that names the engine backend that would load pushed weights."""
     abort_path: str | None = None
+    sleep_aborts: bool = True
+    """Its sleep aborts what runs (LMDeploy's, vLLM's `mode=abort`); SGLang's refuses
+    a busy server instead, so the fleet aborts first where it means to cut."""
     keeps_weights: tuple[str, str] | None = None
     """(a GET, a setting in its JSON answer, at any depth) that must be true for a
     level-1 sleep to keep the weights (SGLang drops the weights it releases unless
@@ -308,6 +311,7 @@ SGLANG = SglangProfile(
     wake_tags=("kv_cache", "weights", "cuda_graph"),
     update_weights="/update_weights_from_tensor",
     abort_path="/abort_request",
+    sleep_aborts=False,
     keeps_weights=("/server_info", "enable_weights_cpu_backup"),
     needs="--enable-memory-saver --enable-weights-cpu-backup (sleep) and --enable-metrics (load)",
 )

@@ -219,6 +219,10 @@ class UpdateSession:
             await wait_idle(self._registry, url, options.drain_timeout, continued=continued)
         try:
             node = self._registry.get(url)
+            if self.in_flight != "drain" and not self._nodes.profile_of(node).sleep_aborts:
+                # SGLang releases memory only when idle: cut what runs, then wait for it.
+                await self._nodes.abort(node, None, options.admin_timeout)
+                await wait_idle(self._registry, url, options.drain_timeout)
             # A node asleep already (auto-sleep, an earlier failed update) is not put to
             # sleep twice: its KV cache is gone, which is what the sleep is for.
             asleep = await self._nodes.is_sleeping(node, options.admin_timeout)

@@ -22,6 +22,8 @@ import pytest
 from lmfleet.node.profile import SGLANG, VLLM, EngineProfile
 from lmfleet.sim.app import SimApp
 from lmfleet.sim.options import SimOptions
+from lmfleet.transport.token_dialects import SGLANG as SGLANG_TOKENS
+from lmfleet.transport.token_dialects import VLLM as VLLM_TOKENS
 
 ROOT = Path(__file__).resolve().parents[2]
 WHEELS = Path(os.environ.get("LMFLEET_ENGINE_WHEELS", ROOT / ".cache" / "engines"))
@@ -193,3 +195,47 @@ def test_sglang_metric_names(sglang: Source) -> None:
     assert SGLANG.metrics is not None
     for sample in SGLANG.metrics.samples:
         assert f'name="{sample}"' in collector, sample
+
+
+def test_the_token_routes_the_fleet_continues(vllm: Source, sglang: Source) -> None:
+    """What transport/token_dialects.py relies on: each route, its body's fields and
+    budget default, the shape of its events, and the ids its abort route takes."""
+    assert "POST" in vllm.routes("vllm/entrypoints/").get(VLLM_TOKENS.path, set())
+    tokens = vllm.text("vllm/entrypoints/scale_out/token_in_token_out/protocol.py")
+    request = tokens[tokens.index("class GenerateRequest(") :]
+    for field in (
+        "request_id: str = Field(",
+        "token_ids: list[int] = Field(min_length=1)",
+        "sampling_params: SamplingParams",
+        "stream: bool | None = False",
+    ):
+        assert field in request, field
+    choice = tokens[tokens.index("class GenerateStreamChoiceBase(") :]
+    for field in ("finish_reason: str | None = None", "token_ids: list[int] | None = None"):
+        assert field in choice, field
+    sampling = vllm.text("vllm/sampling_params.py")
+    assert f"max_tokens: int | None = {VLLM_TOKENS.default_max_tokens}" in sampling
+    outputs = vllm.text("vllm/outputs.py")
+    span = outputs[outputs.index("class WeightVersionSpan") :]
+    assert "version: str\n    start: int\n    end: int" in span
+    rl = vllm.text("vllm/entrypoints/rl/online/api_router.py")
+    assert 'request_ids = body.get("request_ids")' in rl
+
+    assert "POST" in sglang.routes("sglang/srt/entrypoints/http_server.py")[SGLANG_TOKENS.path]
+    io = sglang.text("sglang/srt/managers/io_struct.py")
+    generate = io[io.index("class GenerateReqInput:") :]
+    for field in (
+        "rid: Optional[Union[str, List[str]]]",
+        "text: Optional[Union[List[str], str]] = None",
+        "input_ids: Annotated[",
+        "sampling_params: Optional[Union[List[Dict[str, Any]], Dict[str, Any]]] = None",
+    ):
+        assert field in generate, field
+    base = io[io.index("class BaseReq(") :]
+    assert "rid: Optional[str] = None" in base  # AbortReq's rid, beside abort_all
+    params = sglang.text("sglang/srt/sampling/sampling_params.py")
+    assert f"max_new_tokens: Optional[int] = {SGLANG_TOKENS.default_max_tokens}" in params
+    manager = sglang.text("sglang/srt/managers/tokenizer_manager.py")
+    # Cumulative events unless --incremental-streaming-output: both are read.
+    assert '"output_ids": state.output_ids.copy(),' in manager
+    assert "incremental = is_stream and self.incremental_streaming_output" in manager

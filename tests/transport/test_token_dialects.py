@@ -227,3 +227,34 @@ def test_one_generation_is_aborted_by_its_request_id(start_sim: StartSim, engine
         assert 0 < sum(len(e["choices"][0]["token_ids"]) for e in out[0]) < 400
     abort_path = "/abort_request" if engine == "sglang" else "/abort_requests"
     assert _paths(node).get(abort_path) == 1
+
+
+@pytest.mark.parametrize("engine", ["sglang", "vllm"])
+def test_a_weight_update_cuts_and_continues_the_generation(
+    start_sim: StartSim, engine: str
+) -> None:
+    nodes = [start_sim("--engine", engine, *SLOW) for _ in range(2)]
+    path, body = ("/generate", SGLANG_BODY) if engine == "sglang" else (VLLM, VLLM_BODY)
+    bucket = {"names": ["w"], "dtype_names": ["bfloat16"], "shapes": [[2]], "packed": False}
+    payload: object = "same" if engine == "sglang" else [bucket]  # vLLM's `update_info`
+    with _attach(nodes) as fleet:
+        http = fleet.client(max_retries=0)._client
+        thread, out = _in_thread(
+            lambda: http.post("http://lmfleet.invalid" + path, json=body, timeout=60)
+        )
+        _streaming(nodes)
+        result = fleet.update_weights(payload, version=1, in_flight="continue")
+        assert result.ok, result
+        assert thread.is_alive()  # the update did not wait for the generation
+        thread.join(60)
+    answer = out[0].json()
+    if engine == "sglang":
+        segments = answer["meta_info"]["weight_versions"]
+        assert len(answer["output_ids"]) == 400
+    else:
+        segments = [
+            [s["start"], s["end"], int(s["version"])]
+            for s in answer["choices"][0]["weight_versions"]
+        ]
+        assert len(answer["choices"][0]["token_ids"]) == 400
+    assert [s[2] for s in segments] == [0, 1] and segments[-1][1] == 400
