@@ -54,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(run=sim_cli.run)
 
     from lmfleet.cli import serve as serve_cli
+    from lmfleet.cli import workers as serve_workers
 
     serve = command("serve", "route over nodes as an HTTP proxy (lmdeploy serve proxy)")
     serve_cli.add_arguments(serve)
+    serve_workers.add_arguments(serve)
     serve.set_defaults(run=serve_cli.run)
 
     from lmfleet.cli import launch as launch_cli
@@ -81,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; its errors become `lmfleet: error: ...` and status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    # A command's own arguments, as given (`serve --workers` starts its workers with them).
+    args.command_argv = given[given.index("serve") + 1 :] if "serve" in given else []
     debug = bool(args.debug) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     # SIGTERM ends a command as Ctrl-C does: the `with` blocks close fleets and
     # nodes on the way out. `serve` and `launch` install their own handlers.

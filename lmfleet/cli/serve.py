@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmfleet.cli import workers
 from lmfleet.cli.node_flag import NODE_SETTINGS, parse_node_flag
 from lmfleet.config import SHORTCUTS, FleetOptions, add_flags, given, with_values
 from lmfleet.errors import ConfigError, require_serve
@@ -216,6 +217,10 @@ def proxy_options(args: argparse.Namespace) -> ProxyOptions:
         values[("access_log",)] = True
     if args.ssl:
         values[("ssl_keyfile",)], values[("ssl_certfile",)] = _ssl_files()
+    if getattr(args, "worker_hub", None) is not None:  # one worker of `--workers N`
+        values[("listen_fd",)] = args.worker_fd
+        values[("hub",)] = args.worker_hub
+        values[("worker",)] = args.worker_index
     return with_values(ProxyOptions, None, values)
 
 
@@ -261,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
 
     require_serve("lmfleet serve")
     configure_logging(args)
+    if getattr(args, "workers", 1) > 1 and args.worker_hub is None:
+        return workers.run(args, getattr(args, "command_argv", []))
     options = proxy_options(args)
     stop = stop_on_signals()
     nodes = [parse_node_flag(text) for text in args.nodes]
@@ -275,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         server = fleet.serve(options=options)
-        print(f"lmfleet proxy on {server.url} ({len(args.nodes)} node(s))", file=sys.stderr)
+        if getattr(args, "worker_hub", None) is None:  # a worker's supervisor says it once
+            print(f"lmfleet proxy on {server.url} ({len(args.nodes)} node(s))", file=sys.stderr)
         serve_until_stopped(server, stop)
     finally:
         fleet.close()

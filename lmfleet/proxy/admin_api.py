@@ -104,9 +104,12 @@ async def readiness(scope: Scope, receive: Receive, send: Send, rt: ProxyContext
             "is_healthy": n.status is NodeStatus.HEALTHY,
             "models": list(n.models),
             "message": n.message,
+            "weight_version": n.weight_version,
         }
         for n in nodes
     ]
+    if rt.shared is not None:  # `--workers`: whether this one still hears the others
+        payload["shared"] = {"worker": rt.shared.worker, "connected": rt.shared.connected}
     await send_json(send, 200 if ready else 503, payload)
 
 
@@ -132,7 +135,13 @@ async def metrics(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) 
     from lmfleet.proxy.metrics import CONTENT_TYPE
 
     headers = [(b"content-type", CONTENT_TYPE.encode())]
-    await send_bytes(send, 200, rt.metrics.render(), headers)
+    text = rt.metrics.render()
+    if rt.shared is not None:  # one view of every worker (proxy/metrics_merge.py)
+        from lmfleet.proxy.metrics_merge import merge
+
+        others = await rt.shared.scrape_others()
+        text = merge([text.decode(), *others])
+    await send_bytes(send, 200, text, headers)
 
 
 async def fleet_status(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:

@@ -39,6 +39,7 @@ from lmfleet.proxy.forward import forward
 from lmfleet.proxy.metrics import ProxyMetrics
 from lmfleet.proxy.nodes_api import BadRequest
 from lmfleet.proxy.options import ProxyOptions
+from lmfleet.proxy.shared import SharedState
 from lmfleet.surface import FleetSurface
 from lmfleet.transport import AsyncFleetTransport
 from lmfleet.transport.models import MODELS_PATH
@@ -108,6 +109,8 @@ class ProxyApp:
         self._admin_keys = [b"Bearer " + k.encode() for k in options.admin_keys]
         self._public = frozenset(options.public_paths) | ALWAYS_PUBLIC
         self._runtime: ProxyContext | None = None
+        self.shared: SharedState | None = None
+        """The facts this worker shares with the others (`--workers`), None alone."""
 
     def stop(self) -> None:
         """Begin a quiet stop (`ProxyContext.stop`); called in the proxy's loop before uvicorn's
@@ -128,12 +131,16 @@ class ProxyApp:
         routing = self.fleet.options.routing
         inner = Http11Transport(max_connections=routing.max_connections)
         wait = self.options.upstream_timeout
+        metrics = ProxyMetrics(self.fleet, None if self.shared is None else self.options.worker)
+        if self.shared is not None:
+            self.shared.render = metrics.render  # what another worker's scrape gets
         return ProxyContext(
             fleet=self.fleet,
             options=self.options,
             port=self.port,
             transport=AsyncFleetTransport(self.fleet.planner, inner),
-            metrics=ProxyMetrics(self.fleet),
+            metrics=metrics,
+            shared=self.shared,
             timeout={"connect": routing.connect_timeout, "read": wait, "write": wait, "pool": wait},
             key_priorities={
                 b"Bearer " + key.encode(): str(priority).encode()

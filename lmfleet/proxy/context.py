@@ -44,6 +44,8 @@ class ProxyContext:
     """The scopes of the streams being relayed now, for `stop()` to cut."""
     exchanges: Exchanges = field(default_factory=Exchanges)
     """The forwarded requests open now, swept for late bodies and callers gone."""
+    shared: Any = None
+    """The facts shared with the other workers (`proxy/shared.SharedState`), None alone."""
     jobs: Any = None
     """The Batch API's files and jobs (`proxy/batch_api.BatchJobs`), set at startup."""
     key_priorities: dict[bytes, bytes] = field(default_factory=dict)

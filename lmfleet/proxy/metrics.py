@@ -113,7 +113,7 @@ class _NodeCollector(Collector):
 class ProxyMetrics:
     """The proxy's metrics; one per app."""
 
-    def __init__(self, fleet: FleetSurface) -> None:
+    def __init__(self, fleet: FleetSurface, worker: int | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_NodeCollector(fleet))
         self._requests = Counter(
@@ -146,6 +146,15 @@ class ProxyMetrics:
             registry=self.registry,
         )
 
+        self._worker: Any = None
+        if worker is not None:  # `--workers`: how the kernel spread the connections
+            self._worker = Counter(
+                "lmfleet_proxy_worker_requests",
+                "requests each worker of `lmfleet serve --workers` answered",
+                ["worker"],
+                registry=self.registry,
+            ).labels(str(worker))
+
         # `labels()` takes a lock and builds a key on every call; the hot path calls
         # three of them per request, so each labelled child is looked up once.
         self._children: dict[tuple[str, str], Any] = {}
@@ -160,6 +169,8 @@ class ProxyMetrics:
 
     def request(self, route: str) -> None:
         self._child(self._requests, "requests", route).inc()
+        if self._worker is not None:
+            self._worker.inc()
 
     def error(self, kind: str) -> None:
         self._child(self._errors, "errors", kind).inc()

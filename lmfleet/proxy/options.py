@@ -108,6 +108,22 @@ class ProxyOptions(BaseModel):
         default=None, description="serve HTTPS: the certificate (chain), PEM"
     )
 
+    listen_fd: int | None = Field(
+        default=None,
+        description="serve on this already listening socket (a `lmfleet serve --workers` "
+        "worker's, inherited from the supervisor) instead of binding host and port",
+    )
+    hub: Path | None = Field(
+        default=None,
+        description="the supervisor's hub (a unix socket) through which `--workers` share "
+        "the fleet's decisions (lmfleet/proxy/shared.py); None: one process, nothing shared",
+    )
+    worker: int = Field(
+        default=0,
+        ge=0,
+        description="this worker's index under `--workers` (0 keeps the state file)",
+    )
+
     @model_validator(mode="after")
     def _ssl_pair(self) -> ProxyOptions:
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import ssl
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from lmfleet.errors import ConfigError, EventLoopError, LMFleetError
 from lmfleet.proxy import state_file
 from lmfleet.proxy.app import create_app
 from lmfleet.proxy.options import ProxyOptions
+from lmfleet.proxy.shared import SharedState
 
 if TYPE_CHECKING:
     from lmfleet.surface import FleetSurface
@@ -68,12 +70,19 @@ class ProxyServer:
         self._fleet = fleet
         self.options = options
         _check_tls(options)
-        self._sock = _bind(options.host, options.port)
+        if options.listen_fd is not None:  # a worker's: the supervisor bound it
+            self._sock = socket.socket(fileno=os.dup(options.listen_fd))
+            self._sock.setblocking(False)
+        else:
+            self._sock = _bind(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
         shown = "127.0.0.1" if options.host in ("0.0.0.0", "") else options.host
         shown = f"[{shown}]" if ":" in shown else shown
         self.url = f"{options.scheme}://{shown}:{self.port}"
         self._app = create_app(fleet, options, port=self.port)
+        self.shared: SharedState | None = None
+        if options.hub is not None:
+            self.shared = self._app.shared = SharedState(fleet, options.hub, options.worker)
         config = uvicorn.Config(
             self._app,
             lifespan="on",
@@ -177,12 +186,15 @@ def start_server(fleet: FleetSurface, options: ProxyOptions) -> ProxyServer:
                     path,
                 )
             try:
-                server._state_written = state_file.save(path, fleet)
+                if options.worker == 0:  # one writer: every worker shares the same nodes
+                    server._state_written = state_file.save(path, fleet)
             except OSError as exc:
                 raise ConfigError(
                     f"cannot write the state file {path}: {exc.strerror or exc} "
                     "(give --state-dir or --state-file elsewhere, or --disable-cache-status)"
                 ) from exc
+        if server.shared is not None:  # the others' decisions first: then serve
+            fleet.runtime.start(server.shared.run, name="lmfleet shared state")
         fleet.runtime.start(server._run, name="lmfleet proxy")
     except BaseException:
         server._sock.close()

@@ -32,7 +32,7 @@ import anyio
 from lmfleet.config import NodeOptions
 from lmfleet.errors import ConfigError, LMFleetError
 from lmfleet.jobs.files import write_atomically
-from lmfleet.node.state import NodeRole
+from lmfleet.node.state import NodeRole, NodeState
 
 if TYPE_CHECKING:
     from lmfleet.surface import FleetSurface
@@ -70,22 +70,24 @@ def _own_key(options: NodeOptions | None) -> bool:
     return options is not None and (options.api_key is not None or bool(options.api_key_env))
 
 
+def entry(s: NodeState) -> dict[str, Any]:
+    """What is kept of one node (in the file, and shared between `--workers`)."""
+    return {
+        "url": s.url,
+        "role": int(s.role),
+        "models": list(s.models),
+        **({"engine": s.engine} if s.engine else {}),
+        "speed": s.speed,
+        "priority": s.priority,
+        "weight_version": s.weight_version,
+        "key": FLEET_KEY if s.api_key and not _own_key(s.options) else None,
+        **({"options": s.options.persisted()} if s.options is not None else {}),
+    }
+
+
 def render(fleet: FleetSurface) -> str:
     """The file's text for the fleet's nodes now (compared to skip needless writes)."""
-    nodes = [
-        {
-            "url": s.url,
-            "role": int(s.role),
-            "models": list(s.models),
-            **({"engine": s.engine} if s.engine else {}),
-            "speed": s.speed,
-            "priority": s.priority,
-            "weight_version": s.weight_version,
-            "key": FLEET_KEY if s.api_key and not _own_key(s.options) else None,
-            **({"options": s.options.persisted()} if s.options is not None else {}),
-        }
-        for s in sorted(fleet.registry.snapshot(), key=lambda s: s.url)
-    ]
+    nodes = [entry(s) for s in sorted(fleet.registry.snapshot(), key=lambda s: s.url)]
     return json.dumps({"kind": KIND, "version": VERSION, "nodes": nodes}, indent=1) + "\n"
 
 
@@ -135,26 +137,31 @@ def load(path: Path, entries: list[dict[str, Any]], fleet: FleetSurface) -> int:
     and skipped; the next write leaves it out.
     """
     count = 0
-    origin = f"reloaded from {path}"
-    for entry in entries:
+    for kept in entries:
         try:
-            version = entry.get("weight_version")
-            fleet.add_node(
-                entry["url"],
-                models=[str(m) for m in entry.get("models") or []],
-                role=NodeRole(int(entry.get("role") or 1)),
-                registered=True,
-                speed=entry.get("speed"),
-                priority=entry.get("priority"),
-                options=entry.get("options"),
-                weight_version=int(version) if version is not None else None,
-                origin=origin,
-                engine=entry.get("engine"),
-            )
+            add_entry(fleet, kept, f"reloaded from {path}")
             count += 1
         except (LMFleetError, KeyError, TypeError, ValueError) as exc:
-            log.warning("state file %s: skipped %r: %s", path, entry, exc)
+            log.warning("state file %s: skipped %r: %s", path, kept, exc)
     return count
+
+
+def add_entry(fleet: FleetSurface, kept: dict[str, Any], origin: str) -> None:
+    """Add the node `kept` describes (`entry`), as starting; the fleet's error, or a
+    `KeyError`, `TypeError` or `ValueError` for an entry that is not one."""
+    version = kept.get("weight_version")
+    fleet.add_node(
+        kept["url"],
+        models=[str(m) for m in kept.get("models") or []],
+        role=NodeRole(int(kept.get("role") or 1)),
+        registered=True,
+        speed=kept.get("speed"),
+        priority=kept.get("priority"),
+        options=kept.get("options"),
+        weight_version=int(version) if version is not None else None,
+        origin=origin,
+        engine=kept.get("engine"),
+    )
 
 
 async def keep(path: Path, fleet: FleetSurface, written: str) -> None:

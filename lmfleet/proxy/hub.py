@@ -1,0 +1,127 @@
+"""The hub the `lmfleet serve --workers N` supervisor runs for its workers.
+
+It relays each fact a worker publishes (lmfleet/proxy/shared.py) to every other
+worker, and keeps the latest fact per node, the removed nodes and the fleet's
+versions, so that a worker that starts (or restarts after a crash) first gets the
+whole picture. It also gathers a `/metrics` scrape: the worker that was asked
+collects every other worker's text through it, and answers one view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import SocketStream, TaskGroup, TaskStatus
+
+from lmfleet.proxy.shared import GONE, SCRAPE_TIMEOUT, Line
+
+log = logging.getLogger("lmfleet.proxy")
+
+
+class Hub:
+    """Facts relayed between workers, and the latest of each kept."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.gone: set[str] = set()
+        self.fleet: dict[str, Any] | None = None
+        self._workers: dict[int, Line] = {}
+        self._scrapes: dict[tuple[int, int], list[str]] = {}
+        self._waits: dict[tuple[int, int], tuple[set[int], anyio.Event]] = {}
+        self._tasks: TaskGroup
+
+    @property
+    def connected(self) -> int:
+        """Workers connected now."""
+        return len(self._workers)
+
+    async def serve(self, *, task_status: TaskStatus[None]) -> None:
+        listener = await anyio.create_unix_listener(self.path)
+        async with listener, anyio.create_task_group() as tg:
+            self._tasks = tg
+            task_status.started()
+            await listener.serve(self._worker, task_group=tg)
+
+    async def _worker(self, stream: SocketStream) -> None:
+        line = Line(stream)
+        worker = -1
+        async with stream:
+            try:
+                hello = await line.receive()
+                worker = int(hello["worker"])
+                self._workers[worker] = line
+                snapshot = {"nodes": self.nodes, "gone": sorted(self.gone), "fleet": self.fleet}
+                await line.send({"op": "snapshot", **snapshot})
+                while True:
+                    await self._handle(worker, await line.receive())
+            except GONE:
+                pass  # the worker ended (or was killed): the supervisor starts another
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("hub: worker %d sent what it cannot read: %s", worker, exc)
+            finally:
+                if self._workers.get(worker) is line:
+                    del self._workers[worker]
+                for _key, (left, done) in list(self._waits.items()):
+                    left.discard(worker)  # a scrape does not wait for a worker that is gone
+                    if not left:
+                        done.set()
+
+    async def _handle(self, worker: int, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == "node":
+            self.nodes[message["url"]] = message["fact"]
+            self.gone.discard(message["url"])
+        elif op == "gone":
+            self.nodes.pop(message["url"], None)
+            self.gone.add(message["url"])
+        elif op == "fleet":
+            self.fleet = message["fact"]
+        elif op == "scrape":  # gathered beside: the asker's line goes on meanwhile
+            self._tasks.start_soon(self._gather, worker, int(message["id"]))
+            return
+        elif op == "scraped":
+            key = (int(message["asker"]), int(message["id"]))
+            if key in self._waits:
+                self._scrapes[key].append(str(message["text"]))
+                left, done = self._waits[key]
+                left.discard(worker)
+                if not left:
+                    done.set()
+            return
+        await self._relay(worker, message)
+
+    async def _relay(self, sender: int, message: dict[str, Any]) -> None:
+        for worker, line in list(self._workers.items()):
+            if worker != sender:
+                # A worker gone meanwhile: its own task cleans up.
+                with contextlib.suppress(*GONE):
+                    await line.send(message)
+
+    async def _gather(self, asker: int, key: int) -> None:
+        others = {w for w in self._workers if w != asker}
+        scrape = (asker, key)
+        done = anyio.Event()
+        self._scrapes[scrape] = []
+        self._waits[scrape] = (others, done)
+        try:
+            for worker in list(others):
+                line = self._workers.get(worker)
+                if line is not None:
+                    with contextlib.suppress(*GONE):
+                        await line.send({"op": "scrape", "id": key, "asker": asker})
+            if others:
+                with anyio.move_on_after(SCRAPE_TIMEOUT):
+                    await done.wait()
+            line = self._workers.get(asker)
+            if line is not None:
+                with contextlib.suppress(*GONE):
+                    texts = self._scrapes[scrape]
+                    await line.send({"op": "scraped_all", "id": key, "texts": texts})
+        finally:
+            self._scrapes.pop(scrape, None)
+            self._waits.pop(scrape, None)

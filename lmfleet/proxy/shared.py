@@ -1,0 +1,265 @@
+"""What the workers of one `lmfleet serve --workers N` share: the fleet's decisions.
+
+Each worker is a whole proxy: its own fleet, monitor and routing, each node's
+load read from the node's own `/metrics` (so N workers route as well together as
+one does: docs/benchmarks.md, replicas95). What one worker *decides* must hold for
+all: which nodes there are (a registration, a removal), a node put to sleep,
+drained or stopped, an ejection verdict, a weight version, a quarantine, the
+fleet's version floor. Those are "facts", shared through the hub the supervisor
+runs (lmfleet/proxy/hub.py): every `SYNC_EVERY` seconds a worker compares its
+registry with what it last shared or heard, publishes what changed, and applies
+what the others published (last writer wins, in the hub's order). What each
+worker observes (health, load, latency) stays its own: its monitor sees it too.
+
+A status is a decision when it is `sleeping`, `draining`, `stopped` or `ejected`;
+leaving one is a decision too (a wakeup, an ejection served). A node removed is
+remembered (a tombstone) so that a restarted worker does not bring it back from
+its `--node` flags. An admin route acts once, in the worker that received it; the
+others see its outcome as facts. The connection to the hub is a unix socket
+carrying one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import ByteStream, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from lmfleet.errors import LMFleetError, UnknownNodeError
+from lmfleet.node.state import NodeState, NodeStatus
+from lmfleet.proxy.state_file import add_entry, entry
+
+if TYPE_CHECKING:
+    from lmfleet.surface import FleetSurface
+
+log = logging.getLogger("lmfleet.proxy")
+
+SYNC_EVERY = 0.02
+"""Seconds between two comparisons of the registry with what was last shared."""
+DECIDED = frozenset(
+    {NodeStatus.SLEEPING, NodeStatus.DRAINING, NodeStatus.STOPPED, NodeStatus.EJECTED}
+)
+MAX_LINE = 64 * 1024 * 1024
+"""The longest message (a worker's `/metrics` text, a snapshot of many nodes)."""
+GONE = (
+    anyio.EndOfStream,
+    anyio.IncompleteRead,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+)
+"""What reading or writing a line raises once the other end is gone."""
+CONNECT_TIMEOUT = 10.0
+SCRAPE_TIMEOUT = 2.0
+
+
+def node_view(s: NodeState) -> tuple[Any, ...]:
+    """The part of a node that is decided, not observed (compared between syncs)."""
+    decided = s.status if s.status in DECIDED else None
+    return (
+        decided,
+        s.message if decided else "",
+        s.weight_version,
+        s.quarantine,
+        round(s.ejected_until, 3),
+        s.cuts,
+        s.priority,
+        s.speed,
+    )
+
+
+def node_fact(s: NodeState) -> dict[str, Any]:
+    """A node's decided state as shared (an ejection as the seconds left: `ejected_for`)."""
+    return {
+        "entry": entry(s),
+        "status": s.status.value,
+        "message": s.message,
+        "weight_version": s.weight_version,
+        "quarantine": s.quarantine,
+        "ejected_for": max(0.0, s.ejected_until - time.monotonic()),
+        "ejections": s.ejections,
+        "cuts": s.cuts,
+    }
+
+
+def apply_fact(state: NodeState, fact: dict[str, Any]) -> NodeState:
+    """`state` with a fact another worker published applied to it."""
+    status = NodeStatus(fact["status"])
+    changes: dict[str, Any] = {
+        "weight_version": int(fact["weight_version"]),
+        "quarantine": str(fact["quarantine"]),
+        "ejections": int(fact["ejections"]),
+        "ejected_until": time.monotonic() + float(fact["ejected_for"]),
+        "cuts": max(state.cuts, int(fact["cuts"])),
+    }
+    kept = fact["entry"]
+    if kept.get("priority") is not None:
+        changes["priority"] = int(kept["priority"])
+    changes["speed"] = kept.get("speed")
+    if status in DECIDED or state.status in DECIDED:
+        changes["status"], changes["message"] = status, str(fact["message"])
+    return state.evolve(**changes)
+
+
+class Line:
+    """One JSON object per line over a byte stream."""
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self._reader = BufferedByteReceiveStream(stream)
+        self._sending = anyio.Lock()  # several tasks send: one message at a time
+
+    async def send(self, message: dict[str, Any]) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        async with self._sending:
+            await self.stream.send(data)
+
+    async def receive(self) -> dict[str, Any]:
+        raw = await self._reader.receive_until(b"\n", MAX_LINE)
+        message = json.loads(raw)
+        if not isinstance(message, dict):
+            raise ValueError(f"not a message: {raw[:80]!r}")
+        return message
+
+
+class SharedState:
+    """One worker's side of the shared facts (see the module docstring)."""
+
+    def __init__(self, fleet: FleetSurface, hub: Path, worker: int) -> None:
+        self._fleet = fleet
+        self._hub = hub
+        self.worker = worker
+        self._line: Line | None = None
+        self._synced: dict[str, tuple[Any, ...]] = {}
+        self._fleet_view: tuple[Any, ...] | None = None
+        self._scrapes: dict[int, anyio.Event] = {}
+        self._scraped: dict[int, list[str]] = {}
+        self._next_scrape = 0
+        self.render: Callable[[], bytes] | None = None
+        """This worker's own `/metrics` text (set by the app), for another's scrape."""
+        self.connected = False
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        """Connect, take the hub's snapshot, then share both ways until cancelled."""
+        with anyio.fail_after(CONNECT_TIMEOUT):
+            stream = await anyio.connect_unix(self._hub)
+        line = self._line = Line(stream)
+        async with stream:
+            await line.send({"op": "hello", "worker": self.worker})
+            snapshot = await line.receive()
+            for url in snapshot.get("gone", ()):
+                self._forget(url)
+            for url, fact in (snapshot.get("nodes") or {}).items():
+                self._apply(url, fact)
+            if snapshot.get("fleet"):
+                self._apply_fleet(snapshot["fleet"])
+            self.connected = True
+            task_status.started()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._publish_changes)
+                    await self._receive(line)
+                    tg.cancel_scope.cancel()
+            finally:
+                self.connected = False
+        log.error("worker %d lost the hub: it keeps serving what it knows", self.worker)
+
+    async def _receive(self, line: Line) -> None:
+        while True:
+            try:
+                message = await line.receive()
+            except GONE:
+                return
+            op = message.get("op")
+            if op == "node":
+                self._apply(message["url"], message["fact"])
+            elif op == "gone":
+                self._forget(message["url"])
+            elif op == "fleet":
+                self._apply_fleet(message["fact"])
+            elif op == "scrape":  # another worker's /metrics wants ours
+                text = self.render().decode() if self.render is not None else ""
+                reply = {"op": "scraped", "id": message["id"], "asker": message["asker"]}
+                try:
+                    await line.send({**reply, "text": text})
+                except GONE:
+                    return
+            elif op == "scraped_all":
+                key = int(message["id"])
+                if key in self._scrapes:
+                    self._scraped[key] = list(message["texts"])
+                    self._scrapes[key].set()
+
+    async def _publish_changes(self) -> None:
+        with contextlib.suppress(*GONE):  # the hub is gone: `_receive` ends too
+            await self._publish_until_gone()
+
+    async def _publish_until_gone(self) -> None:
+        assert self._line is not None
+        registry = self._fleet.registry
+        while True:
+            await anyio.sleep(SYNC_EVERY)
+            nodes = {s.url: s for s in registry.snapshot()}
+            for url, state in nodes.items():
+                view = node_view(state)
+                if self._synced.get(url) != view:
+                    self._synced[url] = view
+                    await self._line.send({"op": "node", "url": url, "fact": node_fact(state)})
+            for url in [u for u in self._synced if u not in nodes]:
+                del self._synced[url]
+                await self._line.send({"op": "gone", "url": url})
+            fleet = (registry.weight_version, registry.version_floor)
+            if fleet != self._fleet_view:
+                self._fleet_view = fleet
+                await self._line.send(
+                    {"op": "fleet", "fact": {"weight_version": fleet[0], "floor": fleet[1]}}
+                )
+
+    def _apply(self, url: str, fact: dict[str, Any]) -> None:
+        registry = self._fleet.registry
+        try:
+            registry.get(url)
+        except UnknownNodeError:
+            try:
+                add_entry(self._fleet, fact["entry"], f"shared by another worker of {self.worker}")
+            except (LMFleetError, KeyError, TypeError, ValueError) as exc:
+                log.warning("worker %d: cannot add the shared node %s: %s", self.worker, url, exc)
+                return
+        state = registry.modify(url, lambda s: apply_fact(s, fact))
+        if state is not None:
+            self._synced[state.url] = node_view(state)  # heard, not to be echoed
+
+    def _forget(self, url: str) -> None:
+        self._synced.pop(url, None)
+        with contextlib.suppress(UnknownNodeError):
+            self._fleet.remove_node(url)
+
+    def _apply_fleet(self, fact: dict[str, Any]) -> None:
+        registry = self._fleet.registry
+        registry.weight_version = int(fact["weight_version"])
+        floor = fact.get("floor")
+        registry.version_floor = None if floor is None else int(floor)
+        self._fleet_view = (registry.weight_version, registry.version_floor)
+
+    async def scrape_others(self) -> list[str]:
+        """The other workers' `/metrics` texts (those that answered in time)."""
+        if self._line is None or not self.connected:
+            return []
+        key = self._next_scrape = self._next_scrape + 1
+        done = self._scrapes[key] = anyio.Event()
+        try:
+            await self._line.send({"op": "scrape", "id": key})
+            with anyio.move_on_after(SCRAPE_TIMEOUT):
+                await done.wait()
+            return self._scraped.pop(key, [])
+        except GONE:
+            return []
+        finally:
+            self._scrapes.pop(key, None)
