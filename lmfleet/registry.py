@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from lmfleet.config import NodeOptions, OutlierOptions
@@ -141,6 +141,10 @@ class NodeRegistry:
         self.weight_version = weight_version
         """The weight version a node starts with (`FleetOptions.weight_version`)."""
         self.version_floor: int | None = None
+        self.barrier: Callable[[], Awaitable[None]] | None = None
+        """Awaited after a decision other processes must know before it acts on a
+        node (a weight update's cut): the shared state of `lmfleet serve --workers`
+        (lmfleet/proxy/shared.py) sets it; None in one process."""
         """While set, only nodes of at least this weight version are routed to: set when
         an update that does not allow mixing starts (weights/session.py)."""
         self._nodes: dict[str, NodeState] = {}

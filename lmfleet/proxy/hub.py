@@ -3,8 +3,10 @@
 It relays each fact a worker publishes (lmfleet/proxy/shared.py) to every other
 worker, and keeps the latest fact per node, the removed nodes and the fleet's
 versions, so that a worker that starts (or restarts after a crash) first gets the
-whole picture. It also gathers a `/metrics` scrape: the worker that was asked
-collects every other worker's text through it, and answers one view.
+whole picture. It also carries a question one worker asks all the others and
+waits for (`ask`): a `/metrics` scrape (each answers its text, and the asker answers
+one view), or a `sync` (each answers once it has applied every fact sent before:
+the asker then knows its decision reached all, before it acts on a node).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class Hub:
         self.gone: set[str] = set()
         self.fleet: dict[str, Any] | None = None
         self._workers: dict[int, Line] = {}
-        self._scrapes: dict[tuple[int, int], list[str]] = {}
+        self._answers: dict[tuple[int, int], list[str]] = {}
         self._waits: dict[tuple[int, int], tuple[set[int], anyio.Event]] = {}
         self._tasks: TaskGroup
 
@@ -67,7 +69,7 @@ class Hub:
                 if self._workers.get(worker) is line:
                     del self._workers[worker]
                 for _key, (left, done) in list(self._waits.items()):
-                    left.discard(worker)  # a scrape does not wait for a worker that is gone
+                    left.discard(worker)  # a question does not wait for a worker that is gone
                     if not left:
                         done.set()
 
@@ -81,13 +83,13 @@ class Hub:
             self.gone.add(message["url"])
         elif op == "fleet":
             self.fleet = message["fact"]
-        elif op == "scrape":  # gathered beside: the asker's line goes on meanwhile
-            self._tasks.start_soon(self._gather, worker, int(message["id"]))
+        elif op == "ask":  # gathered beside: the asker's line goes on meanwhile
+            self._tasks.start_soon(self._gather, worker, int(message["id"]), str(message["kind"]))
             return
-        elif op == "scraped":
+        elif op == "answer":
             key = (int(message["asker"]), int(message["id"]))
             if key in self._waits:
-                self._scrapes[key].append(str(message["text"]))
+                self._answers[key].append(str(message.get("text", "")))
                 left, done = self._waits[key]
                 left.discard(worker)
                 if not left:
@@ -102,26 +104,28 @@ class Hub:
                 with contextlib.suppress(*GONE):
                     await line.send(message)
 
-    async def _gather(self, asker: int, key: int) -> None:
+    async def _gather(self, asker: int, key: int, kind: str) -> None:
+        """Ask every other worker `kind`; their answers to the asker once all answered
+        (or `SCRAPE_TIMEOUT` passed)."""
         others = {w for w in self._workers if w != asker}
-        scrape = (asker, key)
+        question = (asker, key)
         done = anyio.Event()
-        self._scrapes[scrape] = []
-        self._waits[scrape] = (others, done)
+        self._answers[question] = []
+        self._waits[question] = (others, done)
         try:
             for worker in list(others):
                 line = self._workers.get(worker)
                 if line is not None:
                     with contextlib.suppress(*GONE):
-                        await line.send({"op": "scrape", "id": key, "asker": asker})
+                        await line.send({"op": kind, "id": key, "asker": asker})
             if others:
                 with anyio.move_on_after(SCRAPE_TIMEOUT):
                     await done.wait()
             line = self._workers.get(asker)
             if line is not None:
                 with contextlib.suppress(*GONE):
-                    texts = self._scrapes[scrape]
-                    await line.send({"op": "scraped_all", "id": key, "texts": texts})
+                    texts = self._answers[question]
+                    await line.send({"op": "answered", "id": key, "texts": texts})
         finally:
-            self._scrapes.pop(scrape, None)
-            self._waits.pop(scrape, None)
+            self._answers.pop(question, None)
+            self._waits.pop(question, None)

@@ -139,9 +139,9 @@ class SharedState:
         self._line: Line | None = None
         self._synced: dict[str, tuple[Any, ...]] = {}
         self._fleet_view: tuple[Any, ...] | None = None
-        self._scrapes: dict[int, anyio.Event] = {}
-        self._scraped: dict[int, list[str]] = {}
-        self._next_scrape = 0
+        self._asked: dict[int, anyio.Event] = {}
+        self._answers: dict[int, list[str]] = {}
+        self._next_question = 0
         self.render: Callable[[], bytes] | None = None
         """This worker's own `/metrics` text (set by the app), for another's scrape."""
         self.connected = False
@@ -161,6 +161,7 @@ class SharedState:
             if snapshot.get("fleet"):
                 self._apply_fleet(snapshot["fleet"])
             self.connected = True
+            self._fleet.registry.barrier = self.flush
             task_status.started()
             try:
                 async with anyio.create_task_group() as tg:
@@ -169,6 +170,7 @@ class SharedState:
                     tg.cancel_scope.cancel()
             finally:
                 self.connected = False
+                self._fleet.registry.barrier = None
         log.error("worker %d lost the hub: it keeps serving what it knows", self.worker)
 
     async def _receive(self, line: Line) -> None:
@@ -184,43 +186,58 @@ class SharedState:
                 self._forget(message["url"])
             elif op == "fleet":
                 self._apply_fleet(message["fact"])
-            elif op == "scrape":  # another worker's /metrics wants ours
-                text = self.render().decode() if self.render is not None else ""
-                reply = {"op": "scraped", "id": message["id"], "asker": message["asker"]}
+            elif op in ("scrape", "sync"):  # another worker asks all (proxy/hub.py)
+                # A sync is answered here, after every fact sent before it was applied.
+                text = self.render().decode() if op == "scrape" and self.render else ""
+                reply = {"op": "answer", "id": message["id"], "asker": message["asker"]}
                 try:
                     await line.send({**reply, "text": text})
                 except GONE:
                     return
-            elif op == "scraped_all":
+            elif op == "answered":
                 key = int(message["id"])
-                if key in self._scrapes:
-                    self._scraped[key] = list(message["texts"])
-                    self._scrapes[key].set()
+                if key in self._asked:
+                    self._answers[key] = list(message["texts"])
+                    self._asked[key].set()
 
     async def _publish_changes(self) -> None:
         with contextlib.suppress(*GONE):  # the hub is gone: `_receive` ends too
             await self._publish_until_gone()
 
     async def _publish_until_gone(self) -> None:
-        assert self._line is not None
-        registry = self._fleet.registry
         while True:
             await anyio.sleep(SYNC_EVERY)
-            nodes = {s.url: s for s in registry.snapshot()}
-            for url, state in nodes.items():
-                view = node_view(state)
-                if self._synced.get(url) != view:
-                    self._synced[url] = view
-                    await self._line.send({"op": "node", "url": url, "fact": node_fact(state)})
-            for url in [u for u in self._synced if u not in nodes]:
-                del self._synced[url]
-                await self._line.send({"op": "gone", "url": url})
-            fleet = (registry.weight_version, registry.version_floor)
-            if fleet != self._fleet_view:
-                self._fleet_view = fleet
-                await self._line.send(
-                    {"op": "fleet", "fact": {"weight_version": fleet[0], "floor": fleet[1]}}
-                )
+            await self._publish_once()
+
+    async def _publish_once(self) -> None:
+        """Publish what changed in the registry since it was last shared or heard."""
+        assert self._line is not None
+        registry = self._fleet.registry
+        nodes = {s.url: s for s in registry.snapshot()}
+        for url, state in nodes.items():
+            view = node_view(state)
+            if self._synced.get(url) != view:
+                self._synced[url] = view
+                await self._line.send({"op": "node", "url": url, "fact": node_fact(state)})
+        for url in [u for u in self._synced if u not in nodes]:
+            del self._synced[url]
+            await self._line.send({"op": "gone", "url": url})
+        fleet = (registry.weight_version, registry.version_floor)
+        if fleet != self._fleet_view:
+            self._fleet_view = fleet
+            await self._line.send(
+                {"op": "fleet", "fact": {"weight_version": fleet[0], "floor": fleet[1]}}
+            )
+
+    async def flush(self) -> None:
+        """Share what changed now and wait (bounded) until every other worker applied
+        it: a decision that must be known before it acts (a weight update's cut, which
+        the others' followed generations must read as a cut to continue)."""
+        if self._line is None or not self.connected:
+            return
+        with contextlib.suppress(*GONE):
+            await self._publish_once()
+            await self._ask("sync")
 
     def _apply(self, url: str, fact: dict[str, Any]) -> None:
         registry = self._fleet.registry
@@ -252,14 +269,20 @@ class SharedState:
         """The other workers' `/metrics` texts (those that answered in time)."""
         if self._line is None or not self.connected:
             return []
-        key = self._next_scrape = self._next_scrape + 1
-        done = self._scrapes[key] = anyio.Event()
         try:
-            await self._line.send({"op": "scrape", "id": key})
-            with anyio.move_on_after(SCRAPE_TIMEOUT):
-                await done.wait()
-            return self._scraped.pop(key, [])
+            return await self._ask("scrape")
         except GONE:
             return []
+
+    async def _ask(self, kind: str) -> list[str]:
+        """Ask every other worker `kind` through the hub; their answers."""
+        assert self._line is not None
+        key = self._next_question = self._next_question + 1
+        done = self._asked[key] = anyio.Event()
+        try:
+            await self._line.send({"op": "ask", "kind": kind, "id": key})
+            with anyio.move_on_after(SCRAPE_TIMEOUT):
+                await done.wait()
+            return self._answers.pop(key, [])
         finally:
-            self._scrapes.pop(key, None)
+            self._asked.pop(key, None)

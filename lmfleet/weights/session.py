@@ -216,6 +216,8 @@ class UpdateSession:
                     status=NodeStatus.SLEEPING, message=message, cuts=s.cuts + continued
                 ),
             )
+            if continued and self._registry.barrier is not None:
+                await self._registry.barrier()  # other workers read their cuts as cuts
             await wait_idle(self._registry, url, options.drain_timeout, continued=continued)
         try:
             node = self._registry.get(url)

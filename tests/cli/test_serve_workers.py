@@ -18,7 +18,7 @@ from typing import Any
 import httpx2
 import pytest
 from cli_support import Console
-from support import StartSim, sim_served, wait_until
+from support import StartSim, sim_served, sim_stats, wait_until
 
 MODEL = "internlm/internlm2_5-7b-chat"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -163,3 +163,44 @@ def test_a_killed_worker_is_replaced_and_costs_only_what_it_held(
     assert len(failed) <= 3, failed  # at most the one request per caller the dead worker held
     assert proxy.stop(signal.SIGTERM) == 0
     assert not [pid for pid in workers[1:] if os.path.exists(f"/proc/{pid}")]
+
+
+def test_a_generation_cut_by_another_workers_update_continues(
+    console: Callable[..., Console], start_sim: StartSim
+) -> None:
+    slow = ("--ttft-ms", "5", "--tpot-ms", "4", "--output-tokens", "1000")
+    weights = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
+    nodes = [start_sim(*slow, *weights) for _ in range(2)]
+    proxy, base = _start(console, "--node", nodes[0].url, "--node", nodes[1].url)
+    wait_until(
+        lambda: all(
+            n["state"] == "healthy"
+            for a in _each_workers_readiness(base).values()
+            for n in a["workers"]
+        ),
+        20,
+        "both nodes healthy on both workers",
+    )
+    body = {"input_ids": [11, 12, 13, 14, 15], "max_tokens": 400, "ignore_eos": True}
+    answers: list[dict[str, Any]] = []
+
+    def generate() -> None:  # each on its own connection: spread over both workers
+        answer = httpx2.post(base + "/generate", json=body, headers=CLOSE, timeout=60)
+        answers.append(answer.json())
+
+    threads = [threading.Thread(target=generate, daemon=True) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    wait_until(
+        lambda: sum(sim_stats(n.url)["streaming"] for n in nodes) == 6, 20, "6 generations running"
+    )
+    update = {"version": 1, "payload": "same", "in_flight": "continue"}
+    updated = httpx2.post(base + "/fleet/update_weights", json=update, headers=CLOSE, timeout=60)
+    assert updated.status_code == 200, updated.text
+    for thread in threads:
+        thread.join(60)
+    for answer in answers:  # whichever worker followed it, none was lost to the cut
+        assert len(answer["output_ids"]) == 400, answer["meta_info"]
+        assert answer["meta_info"]["finish_reason"] == {"type": "length"}
+        assert [s[2] for s in answer["meta_info"]["weight_versions"]] == [0, 1]
+    assert proxy.stop(signal.SIGINT) == 0
