@@ -108,8 +108,13 @@ async def readiness(scope: Scope, receive: Receive, send: Send, rt: ProxyContext
         }
         for n in nodes
     ]
-    if rt.shared is not None:  # `--workers`: whether this one still hears the others
-        payload["shared"] = {"worker": rt.shared.worker, "connected": rt.shared.connected}
+    if rt.shared is not None:  # `--workers`, `--store`: whether it still hears the others
+        shared = rt.shared
+        told: dict[str, object] = {"via": shared.via, "worker": shared.worker}
+        told["connected"] = shared.connected
+        if shared.problem:
+            told["problem"] = shared.problem
+        payload["shared"] = told
     await send_json(send, 200 if ready else 503, payload)
 
 

@@ -24,7 +24,7 @@ from lmfleet.errors import ConfigError, EventLoopError, LMFleetError
 from lmfleet.proxy import state_file
 from lmfleet.proxy.app import create_app
 from lmfleet.proxy.options import ProxyOptions
-from lmfleet.proxy.shared import SharedState
+from lmfleet.proxy.shared import HubLink, SharedState
 
 if TYPE_CHECKING:
     from lmfleet.surface import FleetSurface
@@ -82,7 +82,8 @@ class ProxyServer:
         self._app = create_app(fleet, options, port=self.port)
         self.shared: SharedState | None = None
         if options.hub is not None:
-            self.shared = self._app.shared = SharedState(fleet, options.hub, options.worker)
+            link = HubLink(options.hub, options.worker)
+            self.shared = self._app.shared = SharedState(fleet, link, options.worker)
         config = uvicorn.Config(
             self._app,
             lifespan="on",

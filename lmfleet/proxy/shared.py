@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import ByteStream, TaskStatus
@@ -129,54 +129,168 @@ class Line:
         return message
 
 
-class SharedState:
-    """One worker's side of the shared facts (see the module docstring)."""
+class Link(Protocol):
+    """How facts travel between the processes of one proxy: the supervisor's hub
+    (`HubLink`, `--workers`) or a store (`lmfleet/proxy/store.py`, replicas)."""
 
-    def __init__(self, fleet: FleetSurface, hub: Path, worker: int) -> None:
-        self._fleet = fleet
-        self._hub = hub
-        self.worker = worker
+    kind: str
+
+    async def open(self) -> dict[str, Any]:
+        """Connect; the snapshot: `nodes` (url -> fact), `gone` (urls), `fleet`."""
+        ...
+
+    async def publish(self, message: dict[str, Any]) -> None: ...
+
+    async def receive(self) -> dict[str, Any]:
+        """The next fact or question from another process; `GONE` once disconnected."""
+        ...
+
+    async def answer(self, question: dict[str, Any], text: str) -> None: ...
+
+    async def ask(self, kind: str) -> list[str]:
+        """Ask every other process `kind` ("scrape", "sync"); their answers (bounded)."""
+        ...
+
+    async def beside(self) -> None:
+        """What the link runs while connected (a store's presence), or nothing."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class HubLink:
+    """A worker's line to its supervisor's hub (lmfleet/proxy/hub.py)."""
+
+    kind = "hub"
+
+    def __init__(self, path: Path, worker: int) -> None:
+        self._path = path
+        self._worker = worker
         self._line: Line | None = None
-        self._synced: dict[str, tuple[Any, ...]] = {}
-        self._fleet_view: tuple[Any, ...] | None = None
         self._asked: dict[int, anyio.Event] = {}
         self._answers: dict[int, list[str]] = {}
-        self._next_question = 0
+        self._next = 0
+
+    async def open(self) -> dict[str, Any]:
+        with anyio.fail_after(CONNECT_TIMEOUT):
+            stream = await anyio.connect_unix(self._path)
+        self._line = Line(stream)
+        await self._line.send({"op": "hello", "worker": self._worker})
+        with anyio.fail_after(CONNECT_TIMEOUT):
+            return await self._line.receive()
+
+    async def publish(self, message: dict[str, Any]) -> None:
+        assert self._line is not None
+        await self._line.send(message)
+
+    async def receive(self) -> dict[str, Any]:
+        assert self._line is not None
+        while True:
+            message = await self._line.receive()
+            if message.get("op") != "answered":
+                return message
+            key = int(message["id"])
+            if key in self._asked:
+                self._answers[key] = list(message["texts"])
+                self._asked[key].set()
+
+    async def answer(self, question: dict[str, Any], text: str) -> None:
+        reply = {"op": "answer", "id": question["id"], "asker": question["asker"]}
+        await self.publish({**reply, "text": text})
+
+    async def ask(self, kind: str) -> list[str]:
+        key = self._next = self._next + 1
+        done = self._asked[key] = anyio.Event()
+        try:
+            await self.publish({"op": "ask", "kind": kind, "id": key})
+            with anyio.move_on_after(SCRAPE_TIMEOUT):
+                await done.wait()
+            return self._answers.pop(key, [])
+        finally:
+            self._asked.pop(key, None)
+
+    async def beside(self) -> None:
+        await anyio.sleep_forever()
+
+    async def aclose(self) -> None:
+        if self._line is not None:
+            await self._line.stream.aclose()
+
+
+class SharedState:
+    """One process's side of the shared facts (see the module docstring)."""
+
+    def __init__(self, fleet: FleetSurface, link: Link, worker: int = 0) -> None:
+        self._fleet = fleet
+        self._link = link
+        self.worker = worker
+        self._synced: dict[str, tuple[Any, ...]] = {}
+        self._fleet_view: tuple[Any, ...] | None = None
         self.render: Callable[[], bytes] | None = None
         """This worker's own `/metrics` text (set by the app), for another's scrape."""
         self.connected = False
+        self.problem = ""
+        """Why it is not connected now (empty while it is)."""
+
+    @property
+    def via(self) -> str:
+        return self._link.kind
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
-        """Connect, take the hub's snapshot, then share both ways until cancelled."""
-        with anyio.fail_after(CONNECT_TIMEOUT):
-            stream = await anyio.connect_unix(self._hub)
-        line = self._line = Line(stream)
-        async with stream:
-            await line.send({"op": "hello", "worker": self.worker})
-            snapshot = await line.receive()
-            for url in snapshot.get("gone", ()):
-                self._forget(url)
-            for url, fact in (snapshot.get("nodes") or {}).items():
-                self._apply(url, fact)
-            if snapshot.get("fleet"):
-                self._apply_fleet(snapshot["fleet"])
-            self.connected = True
-            self._fleet.registry.barrier = self.flush
-            task_status.started()
+        """Connect, take the snapshot, then share both ways; after a loss, keep serving
+        with what is known and connect again (the first try, too, never stops the
+        proxy from starting)."""
+        started = False
+        pause = 0.5
+        while True:
             try:
+                snapshot = await self._link.open()
+                self._take(snapshot)
+                self.connected, self.problem, pause = True, "", 0.5
+                self._fleet.registry.barrier = self.flush
+                if not started:
+                    started = True
+                    task_status.started()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._publish_changes)
-                    await self._receive(line)
+                    tg.start_soon(self._link.beside)
+                    await self._receive()
                     tg.cancel_scope.cancel()
+                self.problem = "disconnected"
+            except (*GONE, OSError, TimeoutError, ValueError, KeyError) as exc:
+                self.problem = f"{type(exc).__name__}: {exc}"
             finally:
                 self.connected = False
                 self._fleet.registry.barrier = None
-        log.error("worker %d lost the hub: it keeps serving what it knows", self.worker)
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await self._link.aclose()
+            log.error(
+                "worker %d lost the %s (%s): it keeps serving what it knows, and tries again",
+                self.worker,
+                self.via,
+                self.problem,
+            )
+            if not started:
+                started = True
+                task_status.started()
+            await anyio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
-    async def _receive(self, line: Line) -> None:
+    def _take(self, snapshot: dict[str, Any]) -> None:
+        """Apply a snapshot; what this process knows and it lacks is published next."""
+        self._synced.clear()
+        self._fleet_view = None
+        for url in snapshot.get("gone") or ():
+            self._forget(url)
+        for url, fact in (snapshot.get("nodes") or {}).items():
+            self._apply(url, fact)
+        if snapshot.get("fleet"):
+            self._apply_fleet(snapshot["fleet"])
+
+    async def _receive(self) -> None:
         while True:
             try:
-                message = await line.receive()
+                message = await self._link.receive()
             except GONE:
                 return
             op = message.get("op")
@@ -186,58 +300,48 @@ class SharedState:
                 self._forget(message["url"])
             elif op == "fleet":
                 self._apply_fleet(message["fact"])
-            elif op in ("scrape", "sync"):  # another worker asks all (proxy/hub.py)
+            elif op in ("scrape", "sync"):  # another process asks all
                 # A sync is answered here, after every fact sent before it was applied.
                 text = self.render().decode() if op == "scrape" and self.render else ""
-                reply = {"op": "answer", "id": message["id"], "asker": message["asker"]}
                 try:
-                    await line.send({**reply, "text": text})
+                    await self._link.answer(message, text)
                 except GONE:
                     return
-            elif op == "answered":
-                key = int(message["id"])
-                if key in self._asked:
-                    self._answers[key] = list(message["texts"])
-                    self._asked[key].set()
 
     async def _publish_changes(self) -> None:
-        with contextlib.suppress(*GONE):  # the hub is gone: `_receive` ends too
-            await self._publish_until_gone()
-
-    async def _publish_until_gone(self) -> None:
-        while True:
-            await anyio.sleep(SYNC_EVERY)
-            await self._publish_once()
+        with contextlib.suppress(*GONE):  # disconnected: `_receive` ends too
+            while True:
+                await self._publish_once()
+                await anyio.sleep(SYNC_EVERY)
 
     async def _publish_once(self) -> None:
         """Publish what changed in the registry since it was last shared or heard."""
-        assert self._line is not None
         registry = self._fleet.registry
         nodes = {s.url: s for s in registry.snapshot()}
         for url, state in nodes.items():
             view = node_view(state)
             if self._synced.get(url) != view:
                 self._synced[url] = view
-                await self._line.send({"op": "node", "url": url, "fact": node_fact(state)})
+                await self._link.publish({"op": "node", "url": url, "fact": node_fact(state)})
         for url in [u for u in self._synced if u not in nodes]:
             del self._synced[url]
-            await self._line.send({"op": "gone", "url": url})
+            await self._link.publish({"op": "gone", "url": url})
         fleet = (registry.weight_version, registry.version_floor)
         if fleet != self._fleet_view:
             self._fleet_view = fleet
-            await self._line.send(
+            await self._link.publish(
                 {"op": "fleet", "fact": {"weight_version": fleet[0], "floor": fleet[1]}}
             )
 
     async def flush(self) -> None:
-        """Share what changed now and wait (bounded) until every other worker applied
+        """Share what changed now and wait (bounded) until every other process applied
         it: a decision that must be known before it acts (a weight update's cut, which
         the others' followed generations must read as a cut to continue)."""
-        if self._line is None or not self.connected:
+        if not self.connected:
             return
         with contextlib.suppress(*GONE):
             await self._publish_once()
-            await self._ask("sync")
+            await self._link.ask("sync")
 
     def _apply(self, url: str, fact: dict[str, Any]) -> None:
         registry = self._fleet.registry
@@ -245,13 +349,17 @@ class SharedState:
             registry.get(url)
         except UnknownNodeError:
             try:
-                add_entry(self._fleet, fact["entry"], f"shared by another worker of {self.worker}")
+                add_entry(self._fleet, fact["entry"], f"shared by another {self._peer}")
             except (LMFleetError, KeyError, TypeError, ValueError) as exc:
-                log.warning("worker %d: cannot add the shared node %s: %s", self.worker, url, exc)
+                log.warning("cannot add the shared node %s: %s", url, exc)
                 return
         state = registry.modify(url, lambda s: apply_fact(s, fact))
         if state is not None:
             self._synced[state.url] = node_view(state)  # heard, not to be echoed
+
+    @property
+    def _peer(self) -> str:
+        return "worker" if self.via == "hub" else "replica"
 
     def _forget(self, url: str) -> None:
         self._synced.pop(url, None)
@@ -266,23 +374,11 @@ class SharedState:
         self._fleet_view = (registry.weight_version, registry.version_floor)
 
     async def scrape_others(self) -> list[str]:
-        """The other workers' `/metrics` texts (those that answered in time)."""
-        if self._line is None or not self.connected:
+        """The other workers' `/metrics` texts (those that answered in time); none for
+        replicas, whose `/metrics` are each their own."""
+        if not self.connected or self.via != "hub":
             return []
         try:
-            return await self._ask("scrape")
+            return await self._link.ask("scrape")
         except GONE:
             return []
-
-    async def _ask(self, kind: str) -> list[str]:
-        """Ask every other worker `kind` through the hub; their answers."""
-        assert self._line is not None
-        key = self._next_question = self._next_question + 1
-        done = self._asked[key] = anyio.Event()
-        try:
-            await self._line.send({"op": "ask", "kind": kind, "id": key})
-            with anyio.move_on_after(SCRAPE_TIMEOUT):
-                await done.wait()
-            return self._answers.pop(key, [])
-        finally:
-            self._asked.pop(key, None)
