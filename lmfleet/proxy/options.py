@@ -108,6 +108,29 @@ class ProxyOptions(BaseModel):
         default=None, description="serve HTTPS: the certificate (chain), PEM"
     )
 
+    store: Annotated[
+        str | None,
+        Flag(
+            "--store",
+            help="share registrations, sleeps, versions and verdicts with the other "
+            "replicas of this proxy through Redis at this URL (redis://host:6379/0; needs "
+            "lmfleet[store])",
+            metavar="URL",
+            absent="default: none, nothing shared",
+        ),
+    ] = Field(
+        default=None,
+        description="a Redis URL through which replicas on several hosts share the fleet's "
+        "decisions (lmfleet/proxy/store.py); None: nothing shared",
+    )
+    store_name: Annotated[
+        str,
+        Flag(
+            "--store-name",
+            help="the key prefix of this proxy's replicas in the store (default {default}): "
+            "one Redis can serve several proxies",
+        ),
+    ] = Field(default="lmfleet", min_length=1, description="the store's key prefix")
     listen_fd: int | None = Field(
         default=None,
         description="serve on this already listening socket (a `lmfleet serve --workers` "

@@ -24,7 +24,7 @@ from lmfleet.errors import ConfigError, EventLoopError, LMFleetError
 from lmfleet.proxy import state_file
 from lmfleet.proxy.app import create_app
 from lmfleet.proxy.options import ProxyOptions
-from lmfleet.proxy.shared import HubLink, SharedState
+from lmfleet.proxy.shared import HubLink, Link, SharedState
 
 if TYPE_CHECKING:
     from lmfleet.surface import FleetSurface
@@ -81,8 +81,14 @@ class ProxyServer:
         self.url = f"{options.scheme}://{shown}:{self.port}"
         self._app = create_app(fleet, options, port=self.port)
         self.shared: SharedState | None = None
+        link: Link | None = None
         if options.hub is not None:
             link = HubLink(options.hub, options.worker)
+        elif options.store is not None:
+            from lmfleet.proxy.store import StoreLink
+
+            link = StoreLink(options.store, options.store_name)
+        if link is not None:
             self.shared = self._app.shared = SharedState(fleet, link, options.worker)
         config = uvicorn.Config(
             self._app,

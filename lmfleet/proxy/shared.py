@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -252,8 +252,8 @@ class SharedState:
                     started = True
                     task_status.started()
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._publish_changes)
-                    tg.start_soon(self._link.beside)
+                    tg.start_soon(self._until_gone, self._publish_changes, tg.cancel_scope)
+                    tg.start_soon(self._until_gone, self._link.beside, tg.cancel_scope)
                     await self._receive()
                     tg.cancel_scope.cancel()
                 self.problem = "disconnected"
@@ -308,11 +308,21 @@ class SharedState:
                 except GONE:
                     return
 
+    @staticmethod
+    async def _until_gone(
+        work: Callable[[], Awaitable[None]], connection: anyio.CancelScope
+    ) -> None:
+        """Run `work` beside the receiving; when it finds the link gone, end the
+        connection (the loop in `run` connects again)."""
+        try:
+            await work()
+        except GONE:
+            connection.cancel()
+
     async def _publish_changes(self) -> None:
-        with contextlib.suppress(*GONE):  # disconnected: `_receive` ends too
-            while True:
-                await self._publish_once()
-                await anyio.sleep(SYNC_EVERY)
+        while True:
+            await self._publish_once()
+            await anyio.sleep(SYNC_EVERY)
 
     async def _publish_once(self) -> None:
         """Publish what changed in the registry since it was last shared or heard."""

