@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cli_support import Console
 from hypothesis import HealthCheck, settings
 from support import SimNode, StartSim
 
@@ -118,3 +119,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         path = item.nodeid.split("::", 1)[0]
         group = "conformance" if path.startswith("tests/conformance/") else path
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture
+def console() -> Iterator[Callable[..., Console]]:
+    """Start `lmfleet` commands (tests/cli_support.py); each one still running at the
+    end is killed."""
+    started: list[Console] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Console:
+        started.append(Console(*args, env=env))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.kill()

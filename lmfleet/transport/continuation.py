@@ -45,6 +45,7 @@ from lmfleet.errors import LMFleetError, UnknownNodeError
 from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeState
 from lmfleet.routing.base import RequestInfo
+from lmfleet.transport import tracing
 from lmfleet.transport.plan import (
     OWN_TIMEOUT,
     SERVED_VERSION_HEADER,
@@ -114,6 +115,13 @@ class ContinuedGeneration(RequestPlan):
         if read is not None and not self.gen.stream:
             self._deadline = time.monotonic() + read
         self._tried: list[str] = []  # every node the generation was sent to
+        self._followed = False
+
+    def _settle(self, attempts: Attempts, lease: Accounting) -> None:
+        """A followed generation ends the request's span itself (`_follow`); a refusal
+        ends it with its answer's stream."""
+        if not self._followed:
+            attempts.settle(lease)
 
     def _send(
         self, node: NodeState, lease: Accounting, attempts: Attempts, ours: bool
@@ -124,6 +132,7 @@ class ContinuedGeneration(RequestPlan):
         opened = yield from self._open(node, lease, attempts, ours)
         if opened.status_code != 200:
             return opened  # the node's own answer (a refusal): the caller's
+        self._followed = True  # the request's span ends with the followed generation
         body = self._follow(node, lease, opened, attempts, ours)
         if not self.gen.stream:
             return (yield from self._assemble(body))
@@ -151,6 +160,8 @@ class ContinuedGeneration(RequestPlan):
             body = self.gen.request_body(session)
             path = self.gen.dialect.path
             request = self.routing.nodes.request(node, "POST", path, json=body, timeout=timeout)
+            if lease.span is not None:
+                tracing.inject(request.headers, lease.span)
             reply = yield Call(request, stream=True, first_byte=True)
         if not isinstance(reply, httpx2.Response):
             attempts.transport_failed(lease, reply, "", ours)
@@ -197,6 +208,9 @@ class ContinuedGeneration(RequestPlan):
                 if cut is None:
                     yield Emit(b"data: [DONE]\n\n")
                     return
+                if attempts.span is not None:
+                    made = {"lmfleet.reason": cut, "lmfleet.tokens": len(self.gen.output_ids)}
+                    attempts.span.add_event("continuation", made)
                 if cut is _MOVED:
                     attempts.moved()  # an update's cut is no attempt used up, and no pause
                 while True:  # the rest, on another node (`failed` raises when none is left)
@@ -221,9 +235,12 @@ class ContinuedGeneration(RequestPlan):
                     break
         except (LMFleetError, httpx2.TransportError) as exc:
             if isinstance(exc, _CallersTimeout):
+                attempts.close_span(exc)
                 raise  # the caller's own timeout: its error, as for any request
+            attempts.close_span(exc)
             yield Emit(_error_event(str(exc)))
         finally:
+            attempts.close_span()
             request_id = self.request.extensions.get(REQUEST_ID)
             if request_id is not None:
                 self.routing.registry.untrack(request_id)

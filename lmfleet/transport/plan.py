@@ -38,8 +38,10 @@ from lmfleet.node.client import NodeClient
 from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeRole, NodeState
 from lmfleet.registry import NodeRegistry
-from lmfleet.routing.base import RequestInfo, Strategy
+from lmfleet.routing.base import RequestInfo, Strategy, as_base_strategy
+from lmfleet.transport import tracing
 from lmfleet.transport.renaming import rename_answer, renamed_request
+from lmfleet.transport.request import REQUEST_ID
 from lmfleet.transport.steps import Call, Discard, Pause, Steps, T
 from lmfleet.transport.streams import Accounting, lease_response
 
@@ -133,6 +135,8 @@ class Routing:
     nodes: NodeClient
     backoff: Backoff
     on_starved: StarvedHook | None = None
+    tracer: Any = None
+    """OpenTelemetry's tracer when tracing is on (transport/tracing.py), else None."""
 
     def starved(self, request: RequestInfo) -> None:
         """No node is eligible for `request`: the fleet may wake one that would be."""
@@ -209,6 +213,55 @@ class Attempts:
         self._nudge = 0.0  # when to tell the fleet again that this request is starved
         self._timeout = request.extensions.get("timeout") or {}  # the caller's, kept
         self._give_up = request.extensions.get(GIVE_UP)
+        self.span: Any = None
+        """The request's span while tracing (`trace`), else None."""
+
+    def trace(self, info: RequestInfo) -> None:
+        """Open the request's span, when tracing is on (transport/tracing.py)."""
+        tracer = self.routing.tracer
+        if tracer is None:
+            return
+        request = self.request
+        self.span = tracing.start_request(
+            tracer,
+            request.method,
+            request.url.path,
+            request.headers,
+            **{
+                "lmfleet.request_id": request.extensions.get(REQUEST_ID),
+                "lmfleet.model": info.model,
+                "lmfleet.strategy": as_base_strategy(self.routing.strategy).name,
+            },
+        )
+
+    def _trace_lease(
+        self, strategy: Strategy, info: RequestInfo, node: NodeState, lease: Accounting
+    ) -> None:
+        """The routing decision as an event, and the attempt's own span, whose context
+        the node receives."""
+        decision = self.routing.registry.explain(strategy, info)
+        candidates = [f"{c.url} {c.score:.4g}" for c in decision.candidates if c.score is not None]
+        self.span.add_event(
+            "route",
+            {
+                "lmfleet.node": node.url,
+                "lmfleet.strategy": decision.strategy,
+                "lmfleet.candidates": candidates or [c.url for c in decision.candidates],
+            },
+        )
+        lease.span = tracing.start_attempt(self.routing.tracer, self.span, node.url, self.count)
+        tracing.inject(self.request.headers, lease.span)
+
+    def settle(self, lease: Accounting) -> None:
+        """The request's answer holds `lease`: its span ends with that stream."""
+        if self.span is not None:
+            lease.request_span, self.span = self.span, None
+
+    def close_span(self, error: BaseException | str | None = None) -> None:
+        """End the request's span now (an error, or a plan that ends it itself)."""
+        if self.span is not None:
+            span, self.span = self.span, None
+            tracing.end(span, None if error is None else str(error) or type(error).__name__)
 
     def lease(
         self, strategy: Strategy, info: RequestInfo, tried: list[str]
@@ -244,7 +297,10 @@ class Attempts:
                         routing.starved(info)
                     tried.append(node.url)
                     self.count += 1
-                    return node, Accounting(routing.registry, node.url)
+                    lease = Accounting(routing.registry, node.url)
+                    if self.span is not None:
+                        self._trace_lease(strategy, info, node, lease)
+                    return node, lease
                 now = time.monotonic()
                 if since is None:
                     since = now
@@ -354,6 +410,8 @@ class Attempts:
         `NodeUnavailableError` naming every attempt's node and reason.
         """
         self._reasons.append(reason)
+        if self.span is not None:
+            self.span.add_event("failover", {"lmfleet.reason": reason})
         if self.exhausted():
             raise NodeUnavailableError(
                 f"{self._label}{self.count} attempt(s) failed: {'; '.join(self._reasons)}",
@@ -419,15 +477,27 @@ class RequestPlan:
             return self.immediate
         routing = self.routing
         attempts = Attempts(routing, self.request)
+        attempts.trace(self.info)
         ours = first_byte_bound(self.request, routing.options.first_byte_timeout)
         tried: list[str] = []
-        while True:
-            node, lease = yield from attempts.lease(routing.strategy, self.info, tried)
-            routing.nodes.aim(self.request, node)
-            try:
-                return (yield from holding(lease, self._send(node, lease, attempts, ours)))
-            except Retry as retry:
-                yield Pause(attempts.failed(retry.reason))
+        try:
+            while True:
+                node, lease = yield from attempts.lease(routing.strategy, self.info, tried)
+                routing.nodes.aim(self.request, node)
+                try:
+                    answer = yield from holding(lease, self._send(node, lease, attempts, ours))
+                except Retry as retry:
+                    yield Pause(attempts.failed(retry.reason))
+                    continue
+                self._settle(attempts, lease)
+                return answer
+        except BaseException as exc:
+            attempts.close_span(exc)
+            raise
+
+    def _settle(self, attempts: Attempts, lease: Accounting) -> None:
+        """The answer holds `lease`: the request's span ends with its stream."""
+        attempts.settle(lease)
 
     def _send(
         self, node: NodeState, lease: Accounting, attempts: Attempts, ours: bool

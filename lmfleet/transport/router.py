@@ -22,6 +22,7 @@ from lmfleet.priority import PRIORITY, PRIORITY_FIELD, PRIORITY_HEADER, parse_pr
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo, Strategy, as_base_strategy
 from lmfleet.transport import models as fleet_models
+from lmfleet.transport import tracing
 from lmfleet.transport.continuation import ContinuedGeneration, wants_continuation
 from lmfleet.transport.plan import (
     SERVED_VERSION_HEADER,
@@ -103,7 +104,13 @@ class Router:
         self._follow = options.follow_generations
         self._affinity_key = affinity_key if as_base_strategy(strategy).uses_affinity_key else None
         self.routing = Routing(
-            registry, strategy, options, nodes or NodeClient(), Backoff.of(options), on_starved
+            registry,
+            strategy,
+            options,
+            nodes or NodeClient(),
+            Backoff.of(options),
+            on_starved,
+            tracing.tracer(),
         )
         """What each plan routes with (failover pauses: exponential from `backoff`,
         capped, with jitter)."""

@@ -22,12 +22,24 @@ import httpx2
 from lmfleet.errors import StreamInterruptedError
 from lmfleet.node.outliers import Outcome, outcome_of_status
 from lmfleet.registry import NodeRegistry
+from lmfleet.transport import tracing
 
 
 class Accounting:
     """One request's lease on one node: ends exactly once, with the request's outcome."""
 
-    __slots__ = ("_chunks", "_done", "_first", "_registry", "complete", "sse", "started", "url")
+    __slots__ = (
+        "_chunks",
+        "_done",
+        "_first",
+        "_registry",
+        "complete",
+        "request_span",
+        "span",
+        "sse",
+        "started",
+        "url",
+    )
 
     def __init__(self, registry: NodeRegistry, url: str) -> None:
         self._registry = registry
@@ -38,11 +50,15 @@ class Accounting:
         self._chunks = 0
         self.sse = False  # set for event streams: their chunks count as tokens
         self.complete = False  # the body was read to its end
+        self.span: Any = None  # the attempt's span while tracing (transport/tracing.py)
+        self.request_span: Any = None  # the request's, when this lease holds its answer
 
     def chunk(self) -> None:
         self._chunks += 1
         if self._first is None:
             self._first = time.monotonic()
+            if self.span is not None:
+                self.span.add_event("first_byte")
 
     def finish(self, outcome: Outcome) -> None:
         if self._done:
@@ -53,6 +69,11 @@ class Accounting:
         latency = time.monotonic() - self.started if success and self.complete else None
         tokens = self._chunks if self.sse else 0  # LMDeploy streams about a token per chunk
         self._registry.release(self.url, outcome, latency=latency, ttft=ttft, tokens=tokens)
+        if self.span is not None:
+            failed = "the node failed" if outcome is Outcome.FAILURE else None
+            tracing.end(self.span, failed, **{"lmfleet.outcome": outcome.name.lower()})
+            if self.request_span is not None:
+                tracing.end(self.request_span, failed)
 
     def interrupted(self, exc: Exception) -> Exception:
         """Account the failure and say what the caller gets instead of `exc`."""
