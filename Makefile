@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs venv peer engine-sources soak bench clean
+.PHONY: demo test lint docs venv peer smg engine-sources soak bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,12 +50,18 @@ soak: $(STAMP)
 	$(BIN)/python tests/reliability/soak.py --minutes $(SOAK_MINUTES)
 
 clean:
-	rm -rf $(VENV) .venv-peer .venv-peer.failed .venv-peer.log .cache .pytest_cache .mypy_cache .ruff_cache site
+	rm -rf $(VENV) .venv-peer .venv-peer.failed .venv-peer.log .venv-smg .cache .pytest_cache .mypy_cache .ruff_cache site
+
+# Shepherd Model Gateway (Rust) for bench/proxy_overhead.py, in a venv of its own.
+SMG_VERSION := 1.13.0
+smg:
+	test -x .venv-smg/bin/smg || ($(PYTHON) -m venv .venv-smg && \
+		timeout 600 .venv-smg/bin/python -m pip install -q smg==$(SMG_VERSION))
 
 # Benchmarks (never part of `make test`): about an hour on 2 cores; each bench ends
 # every process it starts. LMDeploy's proxy comes from .venv-peer (`make peer`).
 # Results: bench/results/*.json, docs/bench_*.png; docs/benchmarks.md explains them.
-bench: $(STAMP)
+bench: $(STAMP) smg
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q matplotlib
 	$(BIN)/python bench/routing_pick.py
 	$(BIN)/python bench/monitor_cpu.py --nodes 64 --seconds 20

@@ -47,6 +47,8 @@ from bench._common import (
 
 CONCURRENCY = (1, 32, 128)
 LMDEPLOY_PY = os.environ.get("LMDEPLOY_PYTHON", str(ROOT / ".venv-peer" / "bin" / "python"))
+SMG = os.environ.get("SMG", str(ROOT / ".venv-smg" / "bin" / "smg"))
+"""Shepherd Model Gateway (Rust), `make smg`."""
 NGINX_CONF = """worker_processes 1;
 worker_cpu_affinity {mask};
 pid {dir}/nginx.pid;
@@ -88,6 +90,18 @@ def start_lmfleet(group: Procs, nodes: list[str], workers: int = 1) -> tuple[int
     wait_http(url + "/health", status=503)  # up, no node yet
     register(url, nodes)
     wait_http(url + "/health")
+    return proc.pid, url
+
+
+def start_smg(group: Procs, nodes: list[str]) -> tuple[int, str]:
+    """SMG's HTTP router over the nodes, round robin (its fastest policy), all its
+    threads pinned to the proxy's core as every proxy here is."""
+    port = free_port()
+    argv = [SMG, "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin"]
+    argv += ["--log-level", "error", "--worker-urls", *nodes]
+    proc = group.start(argv, PROXY_CPU)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/readiness", timeout=60)
     return proc.pid, url
 
 
@@ -231,8 +245,8 @@ def main() -> None:
     parser.add_argument("--ttft", type=int, default=200, help="sequential streams for TTFT")
     parser.add_argument(
         "--only",
-        default="direct,lmfleet,lmdeploy,lmdeploy+uvloop,nginx",
-        help="comma list of: direct, lmfleet, lmfleet-w2, lmdeploy, lmdeploy+uvloop, nginx",
+        default="direct,lmfleet,smg,lmdeploy,lmdeploy+uvloop,nginx",
+        help="comma list of: direct, lmfleet, lmfleet-w2, smg, lmdeploy, lmdeploy+uvloop, nginx",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "proxy.json")
     args = parser.parse_args()
@@ -244,6 +258,9 @@ def main() -> None:
         for name in args.only.split(","):
             if name.startswith("lmdeploy") and not Path(LMDEPLOY_PY).exists():
                 print(f"  skipping {name}: no {LMDEPLOY_PY} (make peer builds it)", flush=True)
+                continue
+            if name == "smg" and not Path(SMG).exists():
+                print(f"  skipping smg: no {SMG} (make smg builds it)", flush=True)
                 continue
             if name == "direct":
                 rows += measure(name, None, nodes[0], args.seconds, args.ttft)
@@ -258,6 +275,8 @@ def main() -> None:
                 )
             elif name == "nginx":
                 pid, url = start_nginx(group, nodes, tmp)
+            elif name == "smg":
+                pid, url = start_smg(group, nodes)
             else:
                 raise SystemExit(f"unknown proxy {name!r}")
             rows += measure(name, pid, url, args.seconds, args.ttft)
