@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import json
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -153,3 +155,35 @@ async def wait_until_async(
         if time.monotonic() > deadline:
             raise AssertionError(_timed_out(what, probe, until, timeout, value))
         await anyio.sleep(step)
+
+
+def sse_events(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """The JSON payloads of an event stream's `data:` lines (`[DONE]` left out)."""
+    return [
+        json.loads(line[6:])
+        for line in lines
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+
+
+def alive(node: SimNode) -> bool:
+    return node.process.returncode is None
+
+
+def streaming_node(nodes: Sequence[SimNode]) -> SimNode:
+    """The live node that is streaming a generation now (its own counter says so)."""
+    found = wait_until(
+        lambda: [n for n in nodes if alive(n) and sim_stats(n.url)["streaming"]],
+        20,
+        "a node streaming the generation",
+        step=0.005,
+    )
+    return found[0]
+
+
+def in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run `work` in a daemon thread; its result lands in the list."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(work()), daemon=True)
+    thread.start()
+    return thread, out

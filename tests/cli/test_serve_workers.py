@@ -181,7 +181,7 @@ def test_a_generation_cut_by_another_workers_update_continues(
         20,
         "both nodes healthy on both workers",
     )
-    body = {"input_ids": [11, 12, 13, 14, 15], "max_tokens": 400, "ignore_eos": True}
+    body = {"input_ids": [11, 12, 13, 14, 15], "max_tokens": 250, "ignore_eos": True}
     answers: list[dict[str, Any]] = []
 
     def generate() -> None:  # each on its own connection: spread over both workers
@@ -200,7 +200,7 @@ def test_a_generation_cut_by_another_workers_update_continues(
     for thread in threads:
         thread.join(60)
     for answer in answers:  # whichever worker followed it, none was lost to the cut
-        assert len(answer["output_ids"]) == 400, answer["meta_info"]
+        assert len(answer["output_ids"]) == 250, answer["meta_info"]
         assert answer["meta_info"]["finish_reason"] == {"type": "length"}
         assert [s[2] for s in answer["meta_info"]["weight_versions"]] == [0, 1]
     assert proxy.stop(signal.SIGINT) == 0

@@ -11,15 +11,23 @@ wrong ids would show as different tokens.
 
 from __future__ import annotations
 
-import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
 import openai
 import pytest
-from support import SimNode, StartSim, sim_stats, wait_until
+from support import (
+    SimNode,
+    StartSim,
+    alive,
+    in_thread,
+    sim_stats,
+    sse_events,
+    streaming_node,
+    wait_until,
+)
 
 from lmfleet import LMFleet
 from lmfleet.config import FleetOptions, RoutingOptions
@@ -29,6 +37,8 @@ from lmfleet.transport.token_dialects import Generation
 
 PROMPT = [11, 12, 13, 14, 15]
 BODY = {"input_ids": PROMPT, "max_tokens": 400, "ignore_eos": True}
+SHORT = {**BODY, "max_tokens": 150}
+"""For the tests that cut several generations one after another (stalls)."""
 URL = "http://lmfleet.invalid/generate"
 SLOW = ("--ttft-ms", "5", "--tpot-ms", "4", "--output-tokens", "1000")
 WEIGHTS = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
@@ -36,31 +46,8 @@ WEIGHTS = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
 pytestmark = pytest.mark.xdist_group("continuation")
 
 
-def _events(lines: Iterator[str]) -> list[dict[str, Any]]:
-    events = []
-    for line in lines:
-        if line.startswith("data: ") and line != "data: [DONE]":
-            events.append(json.loads(line[6:]))
-    return events
-
-
 def _ids(events: list[dict[str, Any]]) -> list[int]:
     return [token for event in events for token in event["output_ids"]]
-
-
-def _alive(node: SimNode) -> bool:
-    return node.process.returncode is None
-
-
-def _streaming(nodes: list[SimNode]) -> SimNode:
-    """The node that is streaming a generation now (its own counter says so)."""
-    found = wait_until(
-        lambda: [n for n in nodes if _alive(n) and sim_stats(n.url)["streaming"]],
-        20,
-        "a node streaming the generation",
-        step=0.005,
-    )
-    return found[0]
 
 
 def _reference(node: SimNode, body: dict[str, Any] = BODY) -> dict[str, Any]:
@@ -85,13 +72,6 @@ def _attach(nodes: list[SimNode], strategy: str = "least_load", **routing: Any) 
     return fleet
 
 
-def _in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.append(work()), daemon=True)
-    thread.start()
-    return thread, out
-
-
 def test_the_sim_continues_its_own_greedy_output(two: list[SimNode]) -> None:
     whole = _reference(two[0])["output_ids"]
     rest = _reference(two[1], {**BODY, "input_ids": PROMPT + whole[:150], "max_tokens": 250})
@@ -107,10 +87,10 @@ def test_a_stream_cut_by_a_killed_node_continues_on_another(two: list[SimNode]) 
         def stream() -> list[dict[str, Any]]:
             with client._client.stream("POST", URL, json={**BODY, "stream": True}) as answer:
                 assert answer.status_code == 200
-                return _events(answer.iter_lines())
+                return sse_events(answer.iter_lines())
 
-        thread, out = _in_thread(stream)
-        _streaming(two).process.kill()
+        thread, out = in_thread(stream)
+        streaming_node(two).process.kill()
         thread.join(60)
     events = out[0]
     assert _ids(events) == expected
@@ -118,7 +98,7 @@ def test_a_stream_cut_by_a_killed_node_continues_on_another(two: list[SimNode]) 
     assert last["finish_reason"] == {"type": "length"}
     assert last["completion_tokens"] == 400 and last["prompt_tokens"] == len(PROMPT)
     assert last["weight_versions"] == [[0, 400, 0]]
-    survivor = next(n for n in two if _alive(n))
+    survivor = next(n for n in two if alive(n))
     assert sim_stats(survivor.url)["by_path"]["/generate"] >= 1
 
 
@@ -126,8 +106,8 @@ def test_a_non_streamed_generation_survives_a_killed_node(two: list[SimNode]) ->
     expected = _reference(two[0])
     with _attach(two) as fleet:
         client = fleet.client(max_retries=0)
-        thread, out = _in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
-        _streaming(two).process.kill()  # the fleet streams it from the node regardless
+        thread, out = in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
+        streaming_node(two).process.kill()  # the fleet streams it from the node regardless
         thread.join(60)
     answer = out[0]
     assert answer["output_ids"] == expected["output_ids"]
@@ -150,14 +130,14 @@ def test_a_cut_text_prompt_continues_exactly_from_its_ids(two: list[SimNode]) ->
     expected = _reference(two[0], TEXT_BODY)
     with _attach(two) as fleet:
         client = fleet.client(max_retries=0)
-        thread, out = _in_thread(lambda: client.post(URL, body=TEXT_BODY, cast_to=object))
-        _streaming(two).process.kill()
+        thread, out = in_thread(lambda: client.post(URL, body=TEXT_BODY, cast_to=object))
+        streaming_node(two).process.kill()
         thread.join(60)
     answer = out[0]
     assert answer["output_ids"] == expected["output_ids"]
     assert answer["text"] == expected["text"]
     assert answer["meta_info"]["prompt_tokens"] == expected["meta_info"]["prompt_tokens"]
-    survivor = next(n for n in two if _alive(n))
+    survivor = next(n for n in two if alive(n))
     assert sim_stats(survivor.url)["by_path"]["/v1/encode"] == 1
 
 
@@ -186,10 +166,10 @@ def test_through_the_proxy_a_killed_node_costs_the_caller_nothing(
     def stream() -> list[dict[str, Any]]:
         body = {**BODY, "stream": True}
         with httpx2.stream("POST", server.url + "/generate", json=body, timeout=60) as answer:
-            return _events(answer.iter_lines())
+            return sse_events(answer.iter_lines())
 
-    thread, out = _in_thread(stream)
-    _streaming(two).process.kill()
+    thread, out = in_thread(stream)
+    streaming_node(two).process.kill()
     thread.join(60)
     assert _ids(out[0]) == expected
 
@@ -204,8 +184,8 @@ def test_continue_through_a_weight_update_with_the_same_weights(weighted: list[S
         fleet.update_weights("same", version=1)
         expected = _reference(weighted[0])["output_ids"]
         client = fleet.client(max_retries=0)
-        thread, out = _in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
-        _streaming(weighted)
+        thread, out = in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
+        streaming_node(weighted)
         result = fleet.update_weights("same", version=2, in_flight="continue")
         assert result.ok
         # The update did not wait for the generation: it is still running.
@@ -224,10 +204,10 @@ def test_continue_with_new_weights_records_the_segments(weighted: list[SimNode])
 
         def stream() -> list[dict[str, Any]]:
             with client._client.stream("POST", URL, json={**BODY, "stream": True}) as answer:
-                return _events(answer.iter_lines())
+                return sse_events(answer.iter_lines())
 
-        thread, out = _in_thread(stream)
-        _streaming(weighted)
+        thread, out = in_thread(stream)
+        streaming_node(weighted)
         assert fleet.update_weights("new", version=1, in_flight="continue").ok
         thread.join(60)
         events = out[0]
@@ -243,8 +223,8 @@ def test_continue_with_new_weights_records_the_segments(weighted: list[SimNode])
 def test_abort_gives_the_caller_the_partial_answer(weighted: list[SimNode]) -> None:
     with _attach(weighted) as fleet:
         client = fleet.client(max_retries=0)
-        thread, out = _in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
-        _streaming(weighted)
+        thread, out = in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
+        streaming_node(weighted)
         assert fleet.update_weights("x", version=1, in_flight="abort").ok
         thread.join(60)
     answer = out[0]
@@ -273,9 +253,9 @@ def _open_stream(
         with client.stream("POST", url, json=body, headers=headers or {}) as answer:
             ids.append(answer.headers["x-lmfleet-request-id"])
             head.set()
-            return _events(answer.iter_lines())
+            return sse_events(answer.iter_lines())
 
-    thread, out = _in_thread(run)
+    thread, out = in_thread(run)
     return thread, out, head, ids
 
 
@@ -360,8 +340,8 @@ def test_an_updates_cut_uses_up_no_attempt(weighted: list[SimNode]) -> None:
     # by a rolling update (node by node, maybe twice) still ends whole.
     with _attach(weighted, max_attempts=1) as fleet:
         client = fleet.client(max_retries=0)
-        thread, out = _in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
-        _streaming(weighted)
+        thread, out = in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
+        streaming_node(weighted)
         assert fleet.update_weights("w", version=1, rolling=1, in_flight="continue").ok
         thread.join(60)
     answer = out[0]
@@ -375,7 +355,7 @@ def test_continue_drains_what_it_cannot_continue(weighted: list[SimNode]) -> Non
     # waits for it, while a /generate on the same fleet is cut and continued.
     with _attach(weighted, "round_robin") as fleet:
         client = fleet.client(max_retries=0)
-        chat, chat_out = _in_thread(
+        chat, chat_out = in_thread(
             lambda: client.chat.completions.create(
                 model=fleet.model,
                 messages=[{"role": "user", "content": "hi"}],
@@ -383,7 +363,7 @@ def test_continue_drains_what_it_cannot_continue(weighted: list[SimNode]) -> Non
                 extra_body={"ignore_eos": True},
             )
         )
-        generation, gen_out = _in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
+        generation, gen_out = in_thread(lambda: client.post(URL, body=BODY, cast_to=object))
         wait_until(lambda: sum(sim_stats(n.url)["streaming"] for n in weighted) >= 1, 20)
         wait_until(lambda: sum(sim_stats(n.url)["inflight"] for n in weighted) == 2, 20)
         assert fleet.update_weights("w", version=1).ok  # the default: continue
@@ -400,17 +380,17 @@ def test_continue_drains_what_it_cannot_continue(weighted: list[SimNode]) -> Non
 def test_the_sync_client_leaves_a_stalled_node_too(two: list[SimNode]) -> None:
     # A blocking read gets the stall bound (transport/read_bound.py): without it the
     # stalled read would wait for the caller's 20 s timeout, and the call would fail.
-    expected = _reference(two[0])["output_ids"]
-    httpx2.post(two[0].url + "/sim/faults", json={"stall_stream_after": 120}).raise_for_status()
+    expected = _reference(two[0], SHORT)["output_ids"]
+    httpx2.post(two[0].url + "/sim/faults", json={"stall_stream_after": 60}).raise_for_status()
     with _attach(two, "round_robin", stall_timeout=1.0, first_byte_timeout=60.0) as fleet:
         client = fleet.client(max_retries=0, timeout=20)
         for stream in (False, True):
             for _ in range(2):  # round robin over two nodes: one lands on the staller
                 if stream:
-                    with client._client.stream("POST", URL, json={**BODY, "stream": True}) as r:
-                        ids = _ids(_events(r.iter_lines()))
+                    with client._client.stream("POST", URL, json={**SHORT, "stream": True}) as r:
+                        ids = _ids(sse_events(r.iter_lines()))
                 else:
-                    ids = client.post(URL, body=BODY, cast_to=object)["output_ids"]
+                    ids = client.post(URL, body=SHORT, cast_to=object)["output_ids"]
                 assert ids == expected
     assert sim_stats(two[0].url)["by_path"]["/generate"] >= 3
 
@@ -427,16 +407,16 @@ def test_a_fleet_that_does_not_follow_relays_generate_as_it_came(two: list[SimNo
 async def test_through_the_proxy_a_stalled_node_is_left(
     two: list[SimNode], serve_fleet: Callable[..., Any]
 ) -> None:
-    expected = _reference(two[0])["output_ids"]
-    httpx2.post(two[0].url + "/sim/faults", json={"stall_stream_after": 120}).raise_for_status()
+    expected = _reference(two[0], SHORT)["output_ids"]
+    httpx2.post(two[0].url + "/sim/faults", json={"stall_stream_after": 60}).raise_for_status()
     options = FleetOptions(routing=RoutingOptions(stall_timeout=1.0, wait_for_node=10.0))
     _, server = serve_fleet([n.url for n in two], options=options, strategy="round_robin")
     async with httpx2.AsyncClient(base_url=server.url, timeout=60) as proxy:
         for stream in (False, True):  # round robin: one of each pair lands on the staller
             for _ in range(2):
-                answer = await proxy.post("/generate", json={**BODY, "stream": stream})
+                answer = await proxy.post("/generate", json={**SHORT, "stream": stream})
                 lines = answer.text.splitlines()
-                ids = _ids(_events(iter(lines))) if stream else answer.json()["output_ids"]
+                ids = _ids(sse_events(iter(lines))) if stream else answer.json()["output_ids"]
                 assert ids == expected
     assert sim_stats(two[0].url)["by_path"]["/generate"] >= 2
 

@@ -7,14 +7,22 @@ the engine's own abort route."""
 
 from __future__ import annotations
 
-import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
 import pytest
-from support import SimNode, StartSim, sim_stats, wait_until
+from support import (
+    SimNode,
+    StartSim,
+    alive,
+    in_thread,
+    sim_stats,
+    sse_events,
+    streaming_node,
+    wait_until,
+)
 
 from lmfleet import LMFleet
 from lmfleet.config import FleetOptions, RoutingOptions
@@ -31,41 +39,12 @@ VLLM = "/inference/v1/generate"
 pytestmark = pytest.mark.xdist_group("continuation")
 
 
-def _events(lines: Iterator[str]) -> list[dict[str, Any]]:
-    return [
-        json.loads(line[6:])
-        for line in lines
-        if line.startswith("data: ") and line != "data: [DONE]"
-    ]
-
-
-def _alive(node: SimNode) -> bool:
-    return node.process.returncode is None
-
-
-def _streaming(nodes: list[SimNode]) -> SimNode:
-    found = wait_until(
-        lambda: [n for n in nodes if _alive(n) and sim_stats(n.url)["streaming"]],
-        20,
-        "a node streaming the generation",
-        step=0.005,
-    )
-    return found[0]
-
-
 def _attach(nodes: list[SimNode]) -> LMFleet:
     options = FleetOptions(routing=RoutingOptions(wait_for_node=10.0))
     fleet = LMFleet.attach([n.url for n in nodes], options=options, health_interval=0.2)
     fleet.wait_ready(timeout=30)
     wait_until(lambda: all(n.engine for n in fleet.nodes), 10, "every node recognised")
     return fleet
-
-
-def _in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.append(work()), daemon=True)
-    thread.start()
-    return thread, out
 
 
 def _paths(node: SimNode) -> dict[str, int]:
@@ -145,10 +124,10 @@ def test_an_sglang_stream_cut_by_a_killed_node_continues_on_the_other(
             body = {**SGLANG_BODY, "stream": True}
             with http.stream("POST", "http://lmfleet.invalid/generate", json=body) as answer:
                 assert answer.status_code == 200
-                return _events(answer.iter_lines())
+                return sse_events(answer.iter_lines())
 
-        thread, out = _in_thread(stream)
-        _streaming(sglang).process.kill()
+        thread, out = in_thread(stream)
+        streaming_node(sglang).process.kill()
         thread.join(60)
     events = out[0]
     last = events[-1]
@@ -161,7 +140,7 @@ def test_an_sglang_stream_cut_by_a_killed_node_continues_on_the_other(
     assert last["meta_info"]["completion_tokens"] == 400
     assert last["meta_info"]["prompt_tokens"] == len(PROMPT)
     assert last["meta_info"]["weight_versions"] == [[0, 400, 0]]
-    survivor = next(n for n in sglang if _alive(n))
+    survivor = next(n for n in sglang if alive(n))
     assert _paths(survivor).get("/generate", 0) >= 1
     assert "/generate" not in _paths(lmdeploy)  # never continued on another engine
 
@@ -172,10 +151,10 @@ def test_a_vllm_generation_survives_a_killed_node_streamed_and_not(start_sim: St
     whole = expected["choices"][0]["token_ids"]
     with _attach(nodes) as fleet:
         http = fleet.client(max_retries=0)._client
-        thread, out = _in_thread(
+        thread, out = in_thread(
             lambda: http.post("http://lmfleet.invalid" + VLLM, json=VLLM_BODY, timeout=60)
         )
-        _streaming(nodes).process.kill()  # the fleet streams it from the node regardless
+        streaming_node(nodes).process.kill()  # the fleet streams it from the node regardless
         thread.join(60)
         answer = out[0].json()
         assert answer["choices"][0]["token_ids"] == whole
@@ -186,10 +165,10 @@ def test_a_vllm_generation_survives_a_killed_node_streamed_and_not(start_sim: St
         def stream() -> list[dict[str, Any]]:
             body = {**VLLM_BODY, "stream": True}
             with http.stream("POST", "http://lmfleet.invalid" + VLLM, json=body) as reply:
-                return _events(reply.iter_lines())
+                return sse_events(reply.iter_lines())
 
-        thread, out = _in_thread(stream)
-        _streaming([n for n in nodes if _alive(n)]).process.kill()
+        thread, out = in_thread(stream)
+        streaming_node([n for n in nodes if alive(n)]).process.kill()
         thread.join(60)
     streamed = [t for e in out[0] for c in e["choices"] for t in c["token_ids"]]
     assert streamed == whole
@@ -211,9 +190,9 @@ def test_one_generation_is_aborted_by_its_request_id(start_sim: StartSim, engine
             ) as reply:
                 ids.append(reply.headers["x-lmfleet-request-id"])
                 head.set()
-                return _events(reply.iter_lines())
+                return sse_events(reply.iter_lines())
 
-        thread, out = _in_thread(stream)
+        thread, out = in_thread(stream)
         assert head.wait(20)
         wait_until(lambda: sim_stats(node.url)["streaming"] == 1, 20)
         assert fleet.abort(ids[0]) == [node.url]
@@ -239,10 +218,10 @@ def test_a_weight_update_cuts_and_continues_the_generation(
     payload: object = "same" if engine == "sglang" else [bucket]  # vLLM's `update_info`
     with _attach(nodes) as fleet:
         http = fleet.client(max_retries=0)._client
-        thread, out = _in_thread(
+        thread, out = in_thread(
             lambda: http.post("http://lmfleet.invalid" + path, json=body, timeout=60)
         )
-        _streaming(nodes)
+        streaming_node(nodes)
         result = fleet.update_weights(payload, version=1, in_flight="continue")
         assert result.ok, result
         assert thread.is_alive()  # the update did not wait for the generation

@@ -172,7 +172,7 @@ from opentelemetry import trace
 from lmfleet import LMFleet
 
 with LMFleet.attach(sys.argv[1:], strategy="round_robin", health_interval=0.2) as fleet:
-    fleet.wait_ready(timeout=20)
+    fleet.wait_ready(timeout=20, min_ready=2)  # both: round robin meets the failing one
     client = fleet.client(max_retries=0)
     for _ in range(2):  # round robin: one of the two starts on the failing node
         client.chat.completions.create(
