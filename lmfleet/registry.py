@@ -615,6 +615,14 @@ class NodeRegistry:
         became healthy (whichever is latest); None for a node not in the fleet."""
         return self._active.get(self._key(url))
 
+    def saw_activity(self, url: str, at: float) -> None:
+        """Another process served the node at `at` (`time.monotonic()` here): auto-sleep
+        must count it (the workers of one proxy, lmfleet/proxy/shared.py)."""
+        key = self._key(url)
+        with self._lock:
+            if key in self._active and at > self._active[key]:
+                self._active[key] = at
+
     # -- the admission queue: requests waiting for an eligible node ---------------------
 
     @property

@@ -291,14 +291,19 @@ def run(args: argparse.Namespace) -> int:
     options = proxy_options(args)
     stop = stop_on_signals()
     nodes = [parse_node_flag(text) for text in args.nodes]
+    settings, keywords = fleet_options(args), fleet_keywords(args)
+    if args.worker_index > 0 and keywords.pop("auto_sleep_after", None) is not None:
+        # One auto-sleeper per proxy (worker 0, which hears every worker's activity
+        # through the shared facts); every worker still wakes a node on demand.
+        settings = with_values(FleetOptions, settings, {("routing", "wake_on_demand"): True})
     fleet = LMFleet.attach(
         [node.url for node in nodes],
         node_options={node.url: node.options() for node in nodes if node.settings},
         allow_empty=True,  # nodes may register later through POST /nodes/add
-        options=fleet_options(args),
+        options=settings,
         strategy=args.strategy,
         api_key=node_api_key(args),
-        **fleet_keywords(args),
+        **keywords,
     )
     try:
         server = fleet.serve(options=options)

@@ -119,11 +119,6 @@ class Worker:
 
 def run(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
     """Supervise `args.workers` workers until Ctrl-C or SIGTERM; the exit status."""
-    if getattr(args, "auto_sleep_after", None):
-        raise ConfigError(
-            "--auto-sleep-after with --workers: each worker sees only its share of the "
-            "traffic and would put nodes to sleep that the others keep busy; run one worker"
-        )
     from lmfleet.proxy.hub import Hub  # the `[serve]` extra's, as `lmfleet serve` checked
     from lmfleet.proxy.server import _bind
 

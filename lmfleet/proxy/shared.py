@@ -9,7 +9,9 @@ fleet's version floor. Those are "facts", shared through the hub the supervisor
 runs (lmfleet/proxy/hub.py): every `SYNC_EVERY` seconds a worker compares its
 registry with what it last shared or heard, publishes what changed, and applies
 what the others published (last writer wins, in the hub's order). What each
-worker observes (health, load, latency) stays its own: its monitor sees it too.
+worker observes (health, load, latency) stays its own: its monitor sees it too; but
+each node's last activity (to the second) goes with its facts, so that the one
+auto-sleeper (worker 0) does not put to sleep a node the other workers keep busy.
 
 A status is a decision when it is `sleeping`, `draining`, `stopped` or `ejected`;
 leaving one is a decision too (a wakeup, an ejection served). A node removed is
@@ -60,8 +62,9 @@ CONNECT_TIMEOUT = 10.0
 SCRAPE_TIMEOUT = 2.0
 
 
-def node_view(s: NodeState) -> tuple[Any, ...]:
-    """The part of a node that is decided, not observed (compared between syncs)."""
+def node_view(s: NodeState, active: float | None) -> tuple[Any, ...]:
+    """The part of a node that is decided, not observed (compared between syncs), and
+    the whole second of its last activity (`active`, for the auto-sleeper)."""
     decided = s.status if s.status in DECIDED else None
     return (
         decided,
@@ -72,20 +75,24 @@ def node_view(s: NodeState) -> tuple[Any, ...]:
         s.cuts,
         s.priority,
         s.speed,
+        None if active is None else int(active),
     )
 
 
-def node_fact(s: NodeState) -> dict[str, Any]:
-    """A node's decided state as shared (an ejection as the seconds left: `ejected_for`)."""
+def node_fact(s: NodeState, active: float | None) -> dict[str, Any]:
+    """A node's decided state as shared (an ejection as the seconds left, `ejected_for`;
+    its last activity as the seconds since, `idle_for`)."""
+    now = time.monotonic()
     return {
         "entry": entry(s),
         "status": s.status.value,
         "message": s.message,
         "weight_version": s.weight_version,
         "quarantine": s.quarantine,
-        "ejected_for": max(0.0, s.ejected_until - time.monotonic()),
+        "ejected_for": max(0.0, s.ejected_until - now),
         "ejections": s.ejections,
         "cuts": s.cuts,
+        "idle_for": None if active is None else max(0.0, now - active),
     }
 
 
@@ -329,10 +336,12 @@ class SharedState:
         registry = self._fleet.registry
         nodes = {s.url: s for s in registry.snapshot()}
         for url, state in nodes.items():
-            view = node_view(state)
+            active = registry.last_active(url)
+            view = node_view(state, active)
             if self._synced.get(url) != view:
                 self._synced[url] = view
-                await self._link.publish({"op": "node", "url": url, "fact": node_fact(state)})
+                fact = node_fact(state, active)
+                await self._link.publish({"op": "node", "url": url, "fact": fact})
         for url in [u for u in self._synced if u not in nodes]:
             del self._synced[url]
             await self._link.publish({"op": "gone", "url": url})
@@ -364,8 +373,11 @@ class SharedState:
                 log.warning("cannot add the shared node %s: %s", url, exc)
                 return
         state = registry.modify(url, lambda s: apply_fact(s, fact))
-        if state is not None:
-            self._synced[state.url] = node_view(state)  # heard, not to be echoed
+        if state is None:
+            return
+        if fact.get("idle_for") is not None:
+            registry.saw_activity(state.url, time.monotonic() - float(fact["idle_for"]))
+        self._synced[state.url] = node_view(state, registry.last_active(state.url))  # heard
 
     @property
     def _peer(self) -> str:

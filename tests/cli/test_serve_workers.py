@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -203,4 +204,42 @@ def test_a_generation_cut_by_another_workers_update_continues(
         assert len(answer["output_ids"]) == 250, answer["meta_info"]
         assert answer["meta_info"]["finish_reason"] == {"type": "length"}
         assert [s[2] for s in answer["meta_info"]["weight_versions"]] == [0, 1]
+    assert proxy.stop(signal.SIGINT) == 0
+
+
+def test_one_auto_sleeper_hears_every_workers_traffic(
+    console: Callable[..., Console], start_sim: StartSim
+) -> None:
+    node = start_sim("--fast")
+    flags = ("--node", node.url, "--auto-sleep-after", "1.5", "--health-interval", "0.2")
+    proxy, base = _start(console, *flags)
+    wait_until(
+        lambda: all(
+            _node(a, node.url)["state"] == "healthy" for a in _each_workers_readiness(base).values()
+        ),
+        20,
+        "the node healthy on both workers",
+    )
+    # One kept-alive connection to worker 1, which does not auto-sleep: worker 0 sees
+    # none of this traffic itself, only through the shared facts.
+    for _ in range(50):
+        client = httpx2.Client(base_url=base, timeout=10)
+        if client.get("/readiness").json()["shared"]["worker"] == 1:
+            break
+        client.close()
+    else:
+        pytest.fail("no connection landed on worker 1")
+    try:
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:  # busy for 2.7 x --auto-sleep-after
+            assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+            time.sleep(0.1)  # the pace of the traffic, not a wait for a state
+        assert sim_stats(node.url)["by_path"].get("/sleep", 0) == 0, "slept while busy"
+        wait_until(
+            lambda: sim_stats(node.url)["by_path"].get("/sleep", 0) >= 1, 20, "the idle node asleep"
+        )
+        answer = client.post("/v1/chat/completions", json=CHAT)  # woken on demand by worker 1
+        assert answer.status_code == 200, answer.text
+    finally:
+        client.close()
     assert proxy.stop(signal.SIGINT) == 0
