@@ -10,6 +10,7 @@ fact tells); a removal too. A replica that loses Redis keeps serving, says so in
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from support import StartSim, wait_until
+from support import StartSim, sim_stats, wait_until
 
 from lmfleet.proxy.options import ProxyOptions
 
@@ -139,3 +140,39 @@ def test_a_replica_that_loses_the_store_keeps_serving_and_says_so(
         lambda: node.url.encode() in client.hgetall(f"{name}:nodes"), 10, "the node in the store"
     )
     client.close()
+
+
+def test_a_generation_one_replica_follows_survives_the_others_update(
+    redis_server: RedisServer, serve_fleet: Callable[..., Any], start_sim: StartSim
+) -> None:
+    slow = ("--ttft-ms", "5", "--tpot-ms", "4", "--output-tokens", "1000")
+    weights = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
+    nodes = [start_sim(*slow, *weights) for _ in range(2)]
+    name = f"t{uuid.uuid4().hex[:8]}"
+    a, b = (_replica(serve_fleet, redis_server.url, name) for _ in range(2))
+    for node in nodes:
+        assert httpx2.post(a + "/nodes/add", json={"url": node.url}, timeout=10).status_code == 200
+    for replica in (a, b):
+        wait_until(
+            lambda r=replica: all(_state(r, n.url) == "healthy" for n in nodes),
+            20,
+            "both nodes healthy on both replicas",
+        )
+    body = {"input_ids": [11, 12, 13, 14, 15], "max_tokens": 250, "ignore_eos": True}
+    answers: list[dict[str, Any]] = []
+
+    def generate() -> None:  # followed by replica b
+        answers.append(httpx2.post(b + "/generate", json=body, timeout=60).json())
+
+    threads = [threading.Thread(target=generate, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: sum(sim_stats(n.url)["streaming"] for n in nodes) == 3, 20, "3 generations")
+    update = {"version": 1, "payload": "same", "in_flight": "continue"}
+    updated = httpx2.post(a + "/fleet/update_weights", json=update, timeout=60)  # replica a
+    assert updated.status_code == 200, updated.text
+    for thread in threads:
+        thread.join(60)
+    for answer in answers:  # replica b read each cut as a cut (the sync), and continued it
+        assert len(answer["output_ids"]) == 250, answer["meta_info"]
+        assert [s[2] for s in answer["meta_info"]["weight_versions"]] == [0, 1]
