@@ -84,13 +84,23 @@ def start_lmfleet(group: Procs, nodes: list[str], workers: int = 1) -> tuple[int
     argv.append("--disable-cache-status")  # as LMDeploy's here: nothing kept on disk
     if workers > 1:
         argv += ["--workers", str(workers)]
-    cpu = PROXY_CPU if workers == 1 else f"{PROXY_CPU},{LOAD_CPU}"
+    cpu = PROXY_CPU if workers == 1 else _worker_cpus(workers)
     proc = group.start(argv, cpu)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", status=503)  # up, no node yet
     register(url, nodes)
     wait_http(url + "/health")
     return proc.pid, url
+
+
+def _worker_cpus(workers: int) -> str:
+    """The cores N workers run on: N cores other than the load's when the machine has
+    them, else every core (then the workers share one with wrk and the sims, and the
+    sweep is no scaling measurement: the report says how many cores there were)."""
+    cores = sorted(os.sched_getaffinity(0))
+    free = [c for c in cores if str(c) != LOAD_CPU]
+    chosen = free[:workers] if len(free) >= workers else cores
+    return ",".join(map(str, chosen))
 
 
 def start_smg(group: Procs, nodes: list[str]) -> tuple[int, str]:
@@ -246,7 +256,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="direct,lmfleet,smg,lmdeploy,lmdeploy+uvloop,nginx",
-        help="comma list of: direct, lmfleet, lmfleet-w2, smg, lmdeploy, lmdeploy+uvloop, nginx",
+        help="comma list of: direct, lmfleet, lmfleet-wN (N workers: the --workers sweep, "
+        "e.g. lmfleet-w2,lmfleet-w4), smg, lmdeploy, lmdeploy+uvloop, nginx",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "proxy.json")
     args = parser.parse_args()
@@ -267,8 +278,8 @@ def main() -> None:
                 continue
             if name == "lmfleet":
                 pid, url = start_lmfleet(group, nodes)
-            elif name == "lmfleet-w2":
-                pid, url = start_lmfleet(group, nodes, workers=2)
+            elif name.startswith("lmfleet-w"):  # the --workers sweep: lmfleet-w2, -w4, ...
+                pid, url = start_lmfleet(group, nodes, workers=int(name.removeprefix("lmfleet-w")))
             elif name.startswith("lmdeploy"):
                 pid, url = start_lmdeploy(
                     group, nodes, "min_expected_latency", uvloop=name.endswith("uvloop")
