@@ -27,7 +27,14 @@ from lmfleet.node.names import model_names
 from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeRole, NodeState, NodeStatus
 from lmfleet.priority import effective, rank
-from lmfleet.routing.base import Decision, RequestInfo, Strategy, explain_pick
+from lmfleet.routing.base import (
+    Candidate,
+    Decision,
+    RequestInfo,
+    Strategy,
+    as_base_strategy,
+    explain_pick,
+)
 from lmfleet.routing.tiers import DEFAULT_PRIORITY, TierChoice, choose_tier
 
 log = logging.getLogger("lmfleet")
@@ -390,6 +397,13 @@ class NodeRegistry:
                 eligible = tiers.nodes
                 note = "; ".join(part for part in (note, tiers.note) if part)
             return explain_pick(strategy, eligible, request, note)
+
+    def candidates(self, strategy: Strategy, request: RequestInfo) -> list[Candidate]:
+        """The nodes `request` may go to now, as `strategy` scores them, without a pick
+        (a rotation's cursor stays) or a tier draw: what a trace records of a lease."""
+        with self._lock:
+            eligible, _ = self._eligible(request)
+            return as_base_strategy(strategy).explain(eligible, request) if eligible else []
 
     def _tiers(self, eligible: list[NodeState], request: RequestInfo, now: float) -> TierChoice:
         """The tier `request` goes to among `eligible` at `now` (lmfleet/routing/tiers.py);

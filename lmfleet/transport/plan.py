@@ -239,14 +239,15 @@ class Attempts:
     ) -> None:
         """The routing decision as an event, and the attempt's own span, whose context
         the node receives."""
-        decision = self.routing.registry.explain(strategy, info)
-        candidates = [f"{c.url} {c.score:.4g}" for c in decision.candidates if c.score is not None]
+        scored = self.routing.registry.candidates(strategy, info)  # no second pick
         self.span.add_event(
             "route",
             {
                 "lmfleet.node": node.url,
-                "lmfleet.strategy": decision.strategy,
-                "lmfleet.candidates": candidates or [c.url for c in decision.candidates],
+                "lmfleet.strategy": as_base_strategy(strategy).name,
+                "lmfleet.candidates": [
+                    c.url if c.score is None else f"{c.url} {c.score:.4g}" for c in scored
+                ],
             },
         )
         lease.span = tracing.start_attempt(self.routing.tracer, self.span, node.url, self.count)
