@@ -75,9 +75,10 @@ class Hub:
 
     async def _handle(self, worker: int, message: dict[str, Any]) -> None:
         op = message["op"]
-        if op == "node":
-            self.nodes[message["url"]] = message["fact"]
-            self.gone.discard(message["url"])
+        if op == "node":  # the parts it carries over what was known (per part, last wins)
+            url = message["url"]
+            self.nodes[url] = {**self.nodes.get(url, {}), **message["fact"]}
+            self.gone.discard(url)
         elif op == "gone":
             self.nodes.pop(message["url"], None)
             self.gone.add(message["url"])

@@ -27,7 +27,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -62,57 +62,63 @@ CONNECT_TIMEOUT = 10.0
 SCRAPE_TIMEOUT = 2.0
 
 
-def node_view(s: NodeState, active: float | None) -> tuple[Any, ...]:
-    """The part of a node that is decided, not observed (compared between syncs), and
-    the whole second of its last activity (`active`, for the auto-sleeper)."""
+def node_parts(s: NodeState, active: float | None) -> dict[str, Any]:
+    """The node's shared parts, each compared on its own between syncs: a process
+    publishes only the parts it changed, so one that saw a node wake does not send
+    back the weight version it had before another process's update (per part, last
+    writer wins). `active`: the whole second of its last activity (for the
+    auto-sleeper)."""
     decided = s.status if s.status in DECIDED else None
-    return (
-        decided,
-        s.message if decided else "",
-        s.weight_version,
-        s.quarantine,
-        round(s.ejected_until, 3),
-        s.cuts,
-        s.priority,
-        s.speed,
-        None if active is None else int(active),
-    )
-
-
-def node_fact(s: NodeState, active: float | None) -> dict[str, Any]:
-    """A node's decided state as shared (an ejection as the seconds left, `ejected_for`;
-    its last activity as the seconds since, `idle_for`)."""
-    now = time.monotonic()
     return {
-        "entry": entry(s),
-        "status": s.status.value,
-        "message": s.message,
+        "status": (decided, s.message if decided else ""),
         "weight_version": s.weight_version,
         "quarantine": s.quarantine,
-        "ejected_for": max(0.0, s.ejected_until - now),
-        "ejections": s.ejections,
+        "ejection": (round(s.ejected_until, 3), s.ejections),
         "cuts": s.cuts,
-        "idle_for": None if active is None else max(0.0, now - active),
+        "tier": (s.priority, s.speed),
+        "active": None if active is None else int(active),
     }
 
 
-def apply_fact(state: NodeState, fact: dict[str, Any]) -> NodeState:
-    """`state` with a fact another worker published applied to it."""
-    status = NodeStatus(fact["status"])
-    changes: dict[str, Any] = {
-        "weight_version": int(fact["weight_version"]),
-        "quarantine": str(fact["quarantine"]),
-        "ejections": int(fact["ejections"]),
-        "ejected_until": time.monotonic() + float(fact["ejected_for"]),
-        "cuts": max(state.cuts, int(fact["cuts"])),
+def node_fact(s: NodeState, active: float | None, parts: Iterable[str]) -> dict[str, Any]:
+    """The `parts` of a node as shared (an ejection as the seconds left; the last
+    activity as the seconds since), with its entry (to add it where it is unknown)."""
+    now = time.monotonic()
+    values: dict[str, Any] = {
+        "status": {"status": s.status.value, "message": s.message},
+        "weight_version": s.weight_version,
+        "quarantine": s.quarantine,
+        "ejection": {"for": max(0.0, s.ejected_until - now), "count": s.ejections},
+        "cuts": s.cuts,
+        "tier": {"priority": s.priority, "speed": s.speed},
+        "active": None if active is None else max(0.0, now - active),
     }
-    kept = fact["entry"]
-    if kept.get("priority") is not None:
-        changes["priority"] = int(kept["priority"])
-    changes["speed"] = kept.get("speed")
-    if status in DECIDED or state.status in DECIDED:
-        changes["status"], changes["message"] = status, str(fact["message"])
-    return state.evolve(**changes)
+    return {"entry": entry(s), **{part: values[part] for part in parts}}
+
+
+def apply_fact(state: NodeState, fact: dict[str, Any], held: bool = False) -> NodeState:
+    """`state` with the parts of a fact another process published. A status is taken
+    when it is a decision, or leaves one this process holds, unless a command of this
+    process is running on the node (`held`: its own decision stands meanwhile)."""
+    changes: dict[str, Any] = {}
+    if "weight_version" in fact:
+        changes["weight_version"] = int(fact["weight_version"])
+    if "quarantine" in fact:
+        changes["quarantine"] = str(fact["quarantine"])
+    if "ejection" in fact:
+        changes["ejected_until"] = time.monotonic() + float(fact["ejection"]["for"])
+        changes["ejections"] = int(fact["ejection"]["count"])
+    if "cuts" in fact:
+        changes["cuts"] = max(state.cuts, int(fact["cuts"]))
+    if "tier" in fact:
+        if fact["tier"].get("priority") is not None:
+            changes["priority"] = int(fact["tier"]["priority"])
+        changes["speed"] = fact["tier"].get("speed")
+    if "status" in fact and not held:
+        status = NodeStatus(fact["status"]["status"])
+        if status in DECIDED or state.status in DECIDED:
+            changes["status"], changes["message"] = status, str(fact["status"]["message"])
+    return state.evolve(**changes) if changes else state
 
 
 class Line:
@@ -231,7 +237,7 @@ class SharedState:
         self._fleet = fleet
         self._link = link
         self.worker = worker
-        self._synced: dict[str, tuple[Any, ...]] = {}
+        self._synced: dict[str, dict[str, Any]] = {}
         self._fleet_view: tuple[Any, ...] | None = None
         self.render: Callable[[], bytes] | None = None
         """This worker's own `/metrics` text (set by the app), for another's scrape."""
@@ -337,10 +343,12 @@ class SharedState:
         nodes = {s.url: s for s in registry.snapshot()}
         for url, state in nodes.items():
             active = registry.last_active(url)
-            view = node_view(state, active)
-            if self._synced.get(url) != view:
-                self._synced[url] = view
-                fact = node_fact(state, active)
+            parts = node_parts(state, active)
+            synced = self._synced.get(url)
+            changed = [k for k, v in parts.items() if synced is None or synced.get(k) != v]
+            if changed:
+                self._synced[url] = parts
+                fact = node_fact(state, active, changed)
                 await self._link.publish({"op": "node", "url": url, "fact": fact})
         for url in [u for u in self._synced if u not in nodes]:
             del self._synced[url]
@@ -364,6 +372,7 @@ class SharedState:
 
     def _apply(self, url: str, fact: dict[str, Any]) -> None:
         registry = self._fleet.registry
+        new = False
         try:
             registry.get(url)
         except UnknownNodeError:
@@ -372,12 +381,21 @@ class SharedState:
             except (LMFleetError, KeyError, TypeError, ValueError) as exc:
                 log.warning("cannot add the shared node %s: %s", url, exc)
                 return
-        state = registry.modify(url, lambda s: apply_fact(s, fact))
+            new = True
+        held = registry.is_held(url)
+        state = registry.modify(url, lambda s: apply_fact(s, fact, held))
         if state is None:
             return
-        if fact.get("idle_for") is not None:
-            registry.saw_activity(state.url, time.monotonic() - float(fact["idle_for"]))
-        self._synced[state.url] = node_view(state, registry.last_active(state.url))  # heard
+        if fact.get("active") is not None:
+            registry.saw_activity(state.url, time.monotonic() - float(fact["active"]))
+        # What was heard is not to be echoed: the parts it carried (all, for a node
+        # it just added), and not the parts this process changed and has yet to send.
+        parts = node_parts(state, registry.last_active(state.url))
+        synced = self._synced.get(state.url)
+        if new or synced is None:
+            self._synced[state.url] = parts
+        else:
+            synced.update({k: parts[k] for k in fact if k in parts})
 
     @property
     def _peer(self) -> str:

@@ -7,9 +7,10 @@ here: keys for the current picture and pub/sub for changes as they happen. The
 facts are lmfleet/proxy/shared.py's, under `NAME:` (`--store-name`, default
 "lmfleet", so several proxies can share one Redis):
 
-- `NAME:nodes` a hash, node URL -> its latest fact (JSON); `NAME:gone` a set of
-  removed URLs; `NAME:fleet` the fleet's versions: the snapshot a replica takes when
-  it connects (or connects again);
+- `NAME:nodes` the set of node URLs, `NAME:node:URL` a hash of each node's parts
+  (status, weight version, ..., each JSON, each the latest any replica published);
+  `NAME:gone` a set of removed URLs; `NAME:fleet` the fleet's versions: the snapshot
+  a replica takes when it connects (or connects again);
 - `NAME:facts` the channel every change is published on, with the sender's id (a
   replica ignores its own);
 - `NAME:replica:ID` a key each replica refreshes every second (expiring after
@@ -80,13 +81,18 @@ class StoreLink:
                 self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                 await self._pubsub.subscribe(self._key("facts"))
                 await self._present()
-                nodes = await self._client.hgetall(self._key("nodes"))
+                urls = [_text(url) for url in await self._client.smembers(self._key("nodes"))]
+                nodes = {}
+                for url in urls:
+                    parts = await self._client.hgetall(self._key(f"node:{url}"))
+                    if parts:
+                        nodes[url] = {_text(k): json.loads(v) for k, v in parts.items()}
                 gone = await self._client.smembers(self._key("gone"))
                 fleet = await self._client.get(self._key("fleet"))
         except errors as exc:
             raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
         return {
-            "nodes": {_text(url): json.loads(fact) for url, fact in nodes.items()},
+            "nodes": nodes,
             "gone": [_text(url) for url in gone],
             "fleet": json.loads(fleet) if fleet else None,
         }
@@ -101,12 +107,16 @@ class StoreLink:
         try:
             with anyio.fail_after(CALL_TIMEOUT):
                 async with self._client.pipeline(transaction=True) as pipe:
-                    if op == "node":
-                        pipe.hset(self._key("nodes"), message["url"], json.dumps(message["fact"]))
-                        pipe.srem(self._key("gone"), message["url"])
+                    url = message.get("url")
+                    if op == "node":  # its parts over the others (per part, last wins)
+                        parts = {k: json.dumps(v) for k, v in message["fact"].items()}
+                        pipe.hset(self._key(f"node:{url}"), mapping=parts)
+                        pipe.sadd(self._key("nodes"), url)
+                        pipe.srem(self._key("gone"), url)
                     elif op == "gone":
-                        pipe.hdel(self._key("nodes"), message["url"])
-                        pipe.sadd(self._key("gone"), message["url"])
+                        pipe.delete(self._key(f"node:{url}"))
+                        pipe.srem(self._key("nodes"), url)
+                        pipe.sadd(self._key("gone"), url)
                     elif op == "fleet":
                         pipe.set(self._key("fleet"), json.dumps(message["fact"]))
                     pipe.publish(self._key("facts"), data)

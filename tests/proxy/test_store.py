@@ -137,7 +137,7 @@ def test_a_replica_that_loses_the_store_keeps_serving_and_says_so(
     wait_until(lambda: _shared(a)["shared"]["connected"], 30, "connected again")
     client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
     wait_until(
-        lambda: node.url.encode() in client.hgetall(f"{name}:nodes"), 10, "the node in the store"
+        lambda: node.url.encode() in client.smembers(f"{name}:nodes"), 10, "the node in the store"
     )
     client.close()
 
@@ -174,5 +174,5 @@ def test_a_generation_one_replica_follows_survives_the_others_update(
     for thread in threads:
         thread.join(60)
     for answer in answers:  # replica b read each cut as a cut (the sync), and continued it
-        assert len(answer["output_ids"]) == 250, answer["meta_info"]
+        assert len(answer.get("output_ids", ())) == 250, answer
         assert [s[2] for s in answer["meta_info"]["weight_versions"]] == [0, 1]
