@@ -98,23 +98,23 @@ class Worker:
 
     def __init__(self, index: int, argv: list[str], fd: int) -> None:
         self.index = index
-        self.started = time.monotonic()
+        self._argv = [*argv, "--worker-index", str(index)]
+        self._fd = fd
         self.quick_exits = 0
-        self.process = self._spawn(argv, fd)
+        self.start()
 
-    def _spawn(self, argv: list[str], fd: int) -> subprocess.Popen[bytes]:
+    def start(self) -> None:
         self.started = time.monotonic()
-        return subprocess.Popen(
-            [*argv, "--worker-index", str(self.index)],
-            pass_fds=(fd,),
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
+        self.process = subprocess.Popen(
+            self._argv, pass_fds=(self._fd,), stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
         )
 
-    def restart(self, argv: list[str], fd: int) -> None:
+    def failed_to_start(self) -> bool:
+        """Count the exit just seen: whether it is the `QUICK_EXITS`-th in a row that came
+        within `QUICK_EXIT` of its start (a setting every start fails on, not a crash)."""
         quick = time.monotonic() - self.started < QUICK_EXIT
         self.quick_exits = self.quick_exits + 1 if quick else 0
-        self.process = self._spawn(argv, fd)
+        return self.quick_exits >= QUICK_EXITS
 
 
 def run(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
@@ -173,9 +173,7 @@ async def _supervise(
                     code = worker.process.poll()
                     if code is None:
                         continue
-                    if worker.quick_exits + 1 >= QUICK_EXITS and (
-                        time.monotonic() - worker.started < QUICK_EXIT
-                    ):
+                    if worker.failed_to_start():
                         print(
                             f"lmfleet: error: worker {worker.index} failed to start "
                             f"{QUICK_EXITS} times (exit status {code}); see its error above",
@@ -190,7 +188,7 @@ async def _supervise(
                         worker.process.pid,
                         code,
                     )
-                    worker.restart(argv, fd)
+                    worker.start()
                 with anyio.move_on_after(0.2):
                     await stop.wait()
         await _stop(workers)

@@ -7,8 +7,8 @@ all: which nodes there are (a registration, a removal), a node put to sleep,
 drained or stopped, an ejection verdict, a weight version, a quarantine, the
 fleet's version floor. Those are "facts", shared through the hub the supervisor
 runs (lmfleet/proxy/hub.py): every `SYNC_EVERY` seconds a worker compares its
-registry with what it last shared or heard, publishes what changed, and applies
-what the others published (last writer wins, in the hub's order). What each
+registry with what it last shared or heard, publishes the parts that changed, and
+applies what the others published (per part, last writer wins, in the link's order). What each
 worker observes (health, load, latency) stays its own: its monitor sees it too; but
 each node's last activity (to the second) goes with its facts, so that the one
 auto-sleeper (worker 0) does not put to sleep a node the other workers keep busy.

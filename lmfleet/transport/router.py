@@ -191,7 +191,7 @@ class Router:
         dialect = None
         if request.url.path in TOKEN_PATHS and request.method == "POST":
             # A token route speaks one engine's dialect: only its nodes can take it.
-            dialect = dialect_of(request.url.path, body, self.registry.engines())
+            dialect = dialect_of(request.url.path, body, self.registry.engines)
         # With one model served (and no alias) every node qualifies: no need to filter.
         info = RequestInfo(
             model=model if len(models) > 1 else None,

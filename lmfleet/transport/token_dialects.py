@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -288,26 +288,30 @@ class VllmDialect(TokenDialect):
         if gen.prompt_tokens is None:
             gen.prompt_tokens = len(self.prompt_ids(gen.body) or ())
         gen.last = event
-        shown = dict(event)
+        shown = event  # the node's own event (and bytes) unless the fleet changes it
         usage = event.get("usage")
         if gen.offset and isinstance(usage, dict):  # counts of the caller's whole generation
             made = gen.offset + int(usage.get("completion_tokens") or 0)
-            shown["usage"] = {
-                **usage,
-                "prompt_tokens": gen.prompt_tokens,
-                "completion_tokens": made,
-                "total_tokens": gen.prompt_tokens + made,
+            shown = {
+                **event,
+                "usage": {
+                    **usage,
+                    "prompt_tokens": gen.prompt_tokens,
+                    "completion_tokens": made,
+                    "total_tokens": gen.prompt_tokens + made,
+                },
             }
         choices = event.get("choices") or []
         if not choices:
-            return shown if gen.offset else event
+            return shown
         choice = choices[0]
         gen.record(choice.get("token_ids") or [], choice.get("text") or "", version)
         reason = choice.get("finish_reason")
         gen.finish = {"type": reason} if isinstance(reason, str) else None
         if gen.finish is not None:
-            shown["choices"] = [{**choice, "weight_versions": self.spans(gen)}, *choices[1:]]
-        return shown if (gen.offset or gen.finish is not None) else event
+            spanned = {**choice, "weight_versions": self.spans(gen)}
+            shown = {**shown, "choices": [spanned, *choices[1:]]}
+        return shown
 
     @staticmethod
     def spans(gen: Generation) -> list[dict[str, Any]]:
@@ -469,9 +473,12 @@ class Generation:
         return ",".join(f"{a}-{b}:{v}" for a, b, v in self.versions)
 
 
-def dialect_of(path: str, body: dict[str, Any] | None, engines: Collection[str]) -> TokenDialect:
+def dialect_of(
+    path: str, body: dict[str, Any] | None, engines: Callable[[], Collection[str]]
+) -> TokenDialect:
     """The dialect a token-route request is written in (see the module docstring);
-    `engines`: the engines the fleet's nodes run, for a body either engine takes."""
+    `engines()`: the engines the fleet's nodes run, asked only for a body either
+    engine takes."""
     if path == VLLM_GENERATE:
         return VLLM
     if body is not None:
@@ -479,4 +486,5 @@ def dialect_of(path: str, body: dict[str, Any] | None, engines: Collection[str])
             return SGLANG
         if any(key in body for key in _LMDEPLOY_ONLY):
             return LMDEPLOY
-    return SGLANG if "sglang" in engines and "lmdeploy" not in engines else LMDEPLOY
+    running = engines()
+    return SGLANG if "sglang" in running and "lmdeploy" not in running else LMDEPLOY
