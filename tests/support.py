@@ -157,6 +157,12 @@ async def wait_until_async(
         await anyio.sleep(step)
 
 
+GENERATING = ("--ttft-ms", "5", "--tpot-ms", "4", "--output-tokens", "1000")
+"""Sim flags for greedy generations slow enough (4 ms a token) to be cut mid-way."""
+LOADS_WEIGHTS = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
+"""LMDeploy's flags under which a node loads pushed weights (`/update_weights`)."""
+
+
 def sse_events(lines: Iterable[str]) -> list[dict[str, Any]]:
     """The JSON payloads of an event stream's `data:` lines (`[DONE]` left out)."""
     return [

@@ -15,7 +15,7 @@ from typing import Any
 import httpx2
 import openai
 import pytest
-from support import StartSim, wait_until
+from support import LOADS_WEIGHTS, StartSim, wait_until
 
 import lmfleet.answers as answers
 from lmfleet import LMFleet
@@ -284,8 +284,7 @@ def test_the_proxys_own_rows(start_sim: StartSim) -> None:
 
 def test_the_admin_rows(start_sim: StartSim) -> None:
     """A weight update every node fails (502), a node that refuses to terminate (502)."""
-    ray = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
-    node = start_sim(*FAST, *ray, "--update-weights-error", "503")
+    node = start_sim(*FAST, *LOADS_WEIGHTS, "--update-weights-error", "503")
     with LMFleet.attach([node.url], health_interval=0.2) as fleet:
         fleet.wait_ready(timeout=30)
         server = fleet.serve(port=0)

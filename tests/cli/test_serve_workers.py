@@ -19,7 +19,7 @@ from typing import Any
 import httpx2
 import pytest
 from cli_support import Console
-from support import StartSim, sim_served, sim_stats, wait_until
+from support import GENERATING, LOADS_WEIGHTS, StartSim, sim_served, sim_stats, wait_until
 
 MODEL = "internlm/internlm2_5-7b-chat"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -169,9 +169,7 @@ def test_a_killed_worker_is_replaced_and_costs_only_what_it_held(
 def test_a_generation_cut_by_another_workers_update_continues(
     console: Callable[..., Console], start_sim: StartSim
 ) -> None:
-    slow = ("--ttft-ms", "5", "--tpot-ms", "4", "--output-tokens", "1000")
-    weights = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
-    nodes = [start_sim(*slow, *weights) for _ in range(2)]
+    nodes = [start_sim(*GENERATING, *LOADS_WEIGHTS) for _ in range(2)]
     proxy, base = _start(console, "--node", nodes[0].url, "--node", nodes[1].url)
     wait_until(
         lambda: all(
@@ -233,7 +231,6 @@ def test_one_auto_sleeper_hears_every_workers_traffic(
         deadline = time.monotonic() + 4.0
         while time.monotonic() < deadline:  # busy for 2.7 x --auto-sleep-after
             assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
-            time.sleep(0.1)  # the pace of the traffic, not a wait for a state
         assert sim_stats(node.url)["by_path"].get("/sleep", 0) == 0, "slept while busy"
         wait_until(
             lambda: sim_stats(node.url)["by_path"].get("/sleep", 0) >= 1, 20, "the idle node asleep"

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from support import StartSim, sim_stats, wait_until
+from support import GENERATING, LOADS_WEIGHTS, StartSim, sim_stats, wait_until
 
 from lmfleet.proxy.options import ProxyOptions
 
@@ -145,9 +145,7 @@ def test_a_replica_that_loses_the_store_keeps_serving_and_says_so(
 def test_a_generation_one_replica_follows_survives_the_others_update(
     redis_server: RedisServer, serve_fleet: Callable[..., Any], start_sim: StartSim
 ) -> None:
-    slow = ("--ttft-ms", "5", "--tpot-ms", "4", "--output-tokens", "1000")
-    weights = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
-    nodes = [start_sim(*slow, *weights) for _ in range(2)]
+    nodes = [start_sim(*GENERATING, *LOADS_WEIGHTS) for _ in range(2)]
     name = f"t{uuid.uuid4().hex[:8]}"
     a, b = (_replica(serve_fleet, redis_server.url, name) for _ in range(2))
     for node in nodes:

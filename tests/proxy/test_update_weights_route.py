@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 import httpx2
 from conftest import Served
-from support import StartSim, sim_stats
+from support import LOADS_WEIGHTS, StartSim, sim_stats
 
 from lmfleet.proxy import ProxyOptions
 
-RAY = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
+RAY = LOADS_WEIGHTS
 FAST = ("--health-poll-interval", "0.2", "--fast")
 
 

@@ -11,14 +11,14 @@ from typing import Any
 
 import httpx2
 import pytest
-from support import BUCKET, GROUP, SimNode, StartSim, wait_until
+from support import BUCKET, GROUP, LOADS_WEIGHTS, SimNode, StartSim, wait_until
 
 from lmfleet.launch.process import wait_for_port
 from lmfleet.sim.weights import payload_digest
 from tests.sim.conftest import chat_body
 
 JSON = {"content-type": "application/json"}
-RAY = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
+RAY = LOADS_WEIGHTS
 
 
 def post(node: SimNode, path: str, body: Any = None) -> httpx2.Response:

@@ -19,6 +19,8 @@ import httpx2
 import openai
 import pytest
 from support import (
+    GENERATING,
+    LOADS_WEIGHTS,
     SimNode,
     StartSim,
     alive,
@@ -40,8 +42,8 @@ BODY = {"input_ids": PROMPT, "max_tokens": 400, "ignore_eos": True}
 SHORT = {**BODY, "max_tokens": 150}
 """For the tests that cut several generations one after another (stalls)."""
 URL = "http://lmfleet.invalid/generate"
-SLOW = ("--ttft-ms", "5", "--tpot-ms", "4", "--output-tokens", "1000")
-WEIGHTS = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
+SLOW = GENERATING
+WEIGHTS = LOADS_WEIGHTS
 
 pytestmark = pytest.mark.xdist_group("continuation")
 

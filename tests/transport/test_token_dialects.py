@@ -14,6 +14,7 @@ from typing import Any
 import httpx2
 import pytest
 from support import (
+    GENERATING,
     SimNode,
     StartSim,
     alive,
@@ -28,7 +29,7 @@ from lmfleet import LMFleet
 from lmfleet.config import FleetOptions, RoutingOptions
 
 PROMPT = [11, 12, 13, 14, 15]
-SLOW = ("--ttft-ms", "5", "--tpot-ms", "4", "--output-tokens", "1000")
+SLOW = GENERATING
 SGLANG_BODY = {
     "input_ids": PROMPT,
     "sampling_params": {"max_new_tokens": 400, "ignore_eos": True},

@@ -18,7 +18,7 @@ import anyio
 import httpx2
 import openai
 import pytest
-from support import StartSim, chat, sim_stats, wait_until
+from support import LOADS_WEIGHTS, StartSim, chat, sim_stats, wait_until
 
 from lmfleet import LMFleet, NodeStatus, UpdateTarget
 from lmfleet.errors import ConfigError, NodeCommandError, NoHealthyNodeError, WeightUpdateError
@@ -30,7 +30,7 @@ UPDATE = [
 ]
 FINISH = ["POST /wakeup?tags=kv_cache"]
 _versions = itertools.count(1)
-WEIGHT_FLAGS = ("--backend", "pytorch", "--distributed-executor-backend", "ray")
+WEIGHT_FLAGS = LOADS_WEIGHTS
 
 
 @pytest.fixture(scope="module")
