@@ -158,17 +158,24 @@ async def _read_request(
     if problem is not None:
         await rt.answer(send, answers.BAD_JSON, problem)
         return None
-    return httpx2.Request(
+    headers = _request_headers(
+        scope, bool(rt.options.api_keys), rt.key_priorities, parsed.get(PARSED_BODY)
+    )
+    headers.append((b"content-length", str(len(body)).encode()))
+    # Built from a stream with its length given, as a server builds one: httpx2's
+    # `content=` path encodes the body again and rebuilds the headers twice to add
+    # Host and Content-Length (the Host is the node's, set when it is picked).
+    request = httpx2.Request(
         scope["method"],
         _placeholder_url(rt, scope),
-        headers=_request_headers(
-            scope, bool(rt.options.api_keys), rt.key_priorities, parsed.get(PARSED_BODY)
-        ),
-        content=body,
+        headers=headers,
+        stream=httpx2.ByteStream(body),
         # The `timeout` extension is the proxy's upstream timeout; the caller's own
         # (its headers) bounds its wait for a node.
         extensions={"timeout": rt.timeout, GIVE_UP: rt.give_up, OWN_TIMEOUT: True, **parsed},
     )
+    request.read()  # `content` for the router (a ByteStream: no copy)
+    return request
 
 
 async def _route(request: httpx2.Request, send: Send, rt: ProxyContext) -> httpx2.Response | None:

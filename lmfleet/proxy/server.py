@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus
 from lmfleet.errors import ConfigError, EventLoopError, LMFleetError
 from lmfleet.proxy import state_file
 from lmfleet.proxy.app import create_app
+from lmfleet.proxy.front_door import FrontDoor
 from lmfleet.proxy.options import ProxyOptions
 from lmfleet.proxy.shared import HubLink, Link, SharedState
 
@@ -94,6 +95,7 @@ class ProxyServer:
             self._app,
             lifespan="on",
             interface="asgi3",
+            http=FrontDoor,
             log_config=None,
             log_level=options.log_level.lower(),
             access_log=options.access_log,

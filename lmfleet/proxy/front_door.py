@@ -1,0 +1,513 @@
+"""The proxy's front door: HTTP/1.1 read and written directly on an asyncio protocol.
+
+uvicorn serves the proxy's ASGI app (lifespan, TLS, the socket, the graceful
+shutdown), but each connection starts with this protocol instead of uvicorn's own
+(`uvicorn.Config(http=FrontDoor)`). What it saves per request, on the paths every
+caller takes (measured in docs/benchmarks.md, "The front door"):
+
+- one write per sized answer: the head waits for the body and both leave in one
+  `transport.write` (uvicorn writes them apart: two `send` system calls, and on a
+  VM a system call is a good part of what a proxied request costs);
+- the request parsed by one `bytes.find` and a split per header line, no parser
+  callbacks, and an ASGI cycle without the machinery for what the proxy never
+  sees from its callers (pipelining queues, WebSocket upgrades).
+
+A request it does not take is handed over, with the connection, to uvicorn's own
+protocol at the request's first byte: a chunked request body, `Expect:
+100-continue`, an upgrade, `HEAD`, HTTP/1.0, a head it cannot read (uvicorn
+answers that one with its 400). The connection then stays with uvicorn. So every HTTP/1.1
+feature still works, and the common case (a JSON body of declared length, kept-alive
+connections) takes the short way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from lmfleet.proxy.asgi import Message, Scope
+
+log = logging.getLogger("uvicorn.error")
+access_log = logging.getLogger("uvicorn.access")
+
+MAX_HEAD = 64 * 1024
+"""Bytes of request line and headers read before the request is handed over (uvicorn
+then answers 431/400 as it does for any request)."""
+
+READ_AHEAD = 256 * 1024
+"""Bytes of the next requests buffered while one is answered; beyond, reading pauses."""
+
+HANDED_OVER = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+"""Request headers that send the request to uvicorn's protocol."""
+
+ASGI = {"version": "3.0", "spec_version": "2.3"}
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode()
+
+
+STATUS_LINES = {status.value: _status_line(status.value) for status in http.HTTPStatus}
+
+
+class _Head:
+    """One parsed request head."""
+
+    __slots__ = (
+        "headers",
+        "keep_alive",
+        "length",
+        "method",
+        "path",
+        "query",
+        "raw_path",
+    )
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.length = 0
+        self.keep_alive = True
+        self.method = ""
+        self.raw_path = b""
+        self.path = ""
+        self.query = b""
+
+
+def parse_head(head: bytes) -> _Head | None:
+    """The request head (without its blank line), or None for one this door does not
+    take (uvicorn's protocol then reads it, and answers it if it is malformed)."""
+    lines = head.split(b"\r\n")
+    breaks = len(lines) - 1
+    if head.count(b"\n") != breaks or head.count(b"\r") != breaks or b"\0" in head:
+        return None  # a bare CR or LF, a NUL (header injection): uvicorn's 400
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+        return None  # HTTP/1.0 (no chunked answers, other keep-alive rules): uvicorn's
+    method, target, _ = parts
+    if method not in (b"GET", b"POST", b"DELETE", b"PUT", b"PATCH", b"OPTIONS"):
+        return None  # HEAD (a body that is not sent) and the rare ones: uvicorn's
+    if not target.startswith(b"/"):
+        return None
+    found = _Head()
+    found.method = method.decode("ascii")
+    raw_path, _, found.query = target.partition(b"?")
+    if b"%" in raw_path:
+        return None  # percent-decoding: uvicorn's
+    found.raw_path = raw_path
+    try:
+        found.path = raw_path.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    length: int | None = None
+    headers = found.headers
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip() or b" " in name:
+            return None
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name in HANDED_OVER:
+            return None
+        if name == b"content-length":
+            if not value.isdigit() or (length is not None and int(value) != length):
+                return None
+            length = int(value)
+        elif name == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            if b"close" in tokens:
+                found.keep_alive = False
+        headers.append((name, value))
+    found.length = length or 0
+    return found
+
+
+class _Cycle:
+    """One request and its answer: the ASGI `receive` and `send` of one exchange."""
+
+    __slots__ = (
+        "_arrived",
+        "_body_done",
+        "_chunks",
+        "_door",
+        "_head",
+        "_length",
+        "_started",
+        "complete",
+        "gone",
+        "keep_alive",
+        "left",
+        "status",
+    )
+
+    def __init__(self, door: FrontDoor, length: int, keep_alive: bool) -> None:
+        self._door = door
+        self.left = length
+        """Body bytes still to come from the caller."""
+        self._chunks: list[bytes] = []
+        self._arrived: asyncio.Event | None = None
+        self.keep_alive = keep_alive
+        self._started = False
+        self._head = b""
+        """The answer's head while it waits for the first body bytes (a sized answer)."""
+        self._length: int | None = None
+        """The answer's declared length (None: chunked)."""
+        self._body_done = False
+        """Every body message was received (the next `receive` waits for the end)."""
+        self.complete = False
+        self.gone = False
+        self.status = 0
+
+    # -- the caller's body ------------------------------------------------------
+
+    def take(self, data: bytes | bytearray) -> int:
+        """Body bytes from the connection; how many of `data` belonged to the body."""
+        used = min(self.left, len(data))
+        if used:
+            self._chunks.append(bytes(data[:used]))
+            self.left -= used
+            if self._arrived is not None:
+                self._arrived.set()
+        return used
+
+    def wake(self) -> None:
+        """The caller went away, or the answer is complete: wake a waiting `receive`."""
+        if self._arrived is not None:
+            self._arrived.set()
+
+    async def receive(self) -> Message:
+        while True:
+            if self._chunks:
+                body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+                self._chunks.clear()
+                self._body_done = self.left == 0
+                return {"type": "http.request", "body": body, "more_body": not self._body_done}
+            if self.gone:
+                return {"type": "http.disconnect"}
+            if self.left == 0 and not self._body_done:  # an empty body: one empty message
+                self._body_done = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            if self.complete:
+                return {"type": "http.disconnect"}
+            if self._arrived is None:
+                self._arrived = asyncio.Event()
+            self._arrived.clear()
+            if self.left:
+                self._door.want_body()
+            await self._arrived.wait()
+
+    # -- the answer -------------------------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        door = self._door
+        if door.writing is not None:
+            await door.writing.wait()
+        if self.gone:
+            return
+        if not self._started:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(f"expected http.response.start, got {message['type']!r}")
+            self._start(message)
+            return
+        if self.complete or message["type"] != "http.response.body":
+            raise RuntimeError(f"unexpected ASGI message {message['type']!r}")
+        body: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        if self._length is None:  # chunked
+            out = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+            if not more:
+                out += b"0\r\n\r\n"
+        else:
+            if len(body) > self._length:
+                raise RuntimeError("response content longer than content-length")
+            self._length -= len(body)
+            if not more and self._length:
+                raise RuntimeError("response content shorter than content-length")
+            out = body
+        if self._head:
+            out = self._head + out
+            self._head = b""
+        if out:
+            door.transport.write(out)
+        if not more:
+            self._finish()
+
+    def _start(self, message: Message) -> None:
+        self._started = True
+        status = self.status = int(message["status"])
+        line = STATUS_LINES.get(status) or _status_line(status)
+        parts = [line]
+        for name, value in (*self._door.default_headers, *message.get("headers", ())):
+            lower = name.lower()
+            if lower == b"content-length":
+                self._length = int(value)
+            elif lower == b"transfer-encoding":
+                continue  # chunked below, when no length is given
+            elif lower == b"connection" and b"close" in value.lower():
+                self.keep_alive = False
+            parts += (name, b": ", value, b"\r\n")
+        if self._length is None:
+            if status in (204, 304) or status < 200:
+                self._length = 0
+            else:
+                parts.append(b"transfer-encoding: chunked\r\n")
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        head = b"".join(parts)
+        if self._length is None:
+            self._door.transport.write(head)  # a stream: its head now, not with its first event
+        else:
+            self._head = head
+
+    def _finish(self) -> None:
+        self.complete = True
+        self.wake()
+        self._door.answered(self)
+
+    async def fail(self) -> None:
+        """The app raised, or returned without answering: a 500 if nothing was sent,
+        else the connection is closed (the answer cannot be completed)."""
+        if self.gone:
+            return
+        if not self._started:
+            self.keep_alive = False
+            head = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21")]
+            await self.send({"type": "http.response.start", "status": 500, "headers": head})
+            await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+        elif not self.complete:
+            self._door.transport.close()
+
+
+class FrontDoor(asyncio.Protocol):
+    """The protocol each caller's connection starts with (see the module docstring).
+
+    Built by uvicorn with its config, server state and the lifespan's state, like its
+    own protocols; it registers with the server's connections and tasks so that
+    uvicorn's graceful shutdown waits for its requests as for any other."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.config = config
+        self.app: Callable[..., Awaitable[None]] = config.loaded_app
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = _loop or asyncio.get_event_loop()
+        self.default_headers = server_state.default_headers
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.buffer = bytearray()
+        self.cycle: _Cycle | None = None
+        self.writing: asyncio.Event | None = None
+        """Set while the transport accepts writes; None when it never pushed back."""
+        self._reading = True
+        self._idle: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._server: tuple[str, int] | None = None
+        self._client: tuple[str, int] | None = None
+        self._scheme = "http"
+
+    # -- the connection ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server_state.connections.add(self)  # type: ignore[arg-type]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                self._server = sock.getsockname()[:2]
+                self._client = sock.getpeername()[:2]
+            except OSError:
+                pass
+        self._scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server_state.connections.discard(self)
+        self._disarm_idle()
+        cycle = self.cycle
+        if cycle is not None and not cycle.complete:
+            cycle.gone = True
+            cycle.wake()
+        if self.writing is not None:
+            self.writing.set()
+
+    def eof_received(self) -> bool | None:
+        return None  # close: a caller that half-closes is gone
+
+    def pause_writing(self) -> None:
+        if self.writing is None:
+            self.writing = asyncio.Event()
+        self.writing.clear()
+
+    def resume_writing(self) -> None:
+        if self.writing is not None:
+            self.writing.set()
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown: close now if idle, else after this answer."""
+        self._closing = True
+        if self.cycle is None:
+            self.transport.close()
+        else:
+            self.cycle.keep_alive = False
+
+    # -- requests ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._disarm_idle()
+        cycle = self.cycle
+        if cycle is not None and cycle.left:
+            used = cycle.take(data)
+            if used == len(data):
+                return
+            data = data[used:]
+        self.buffer += data
+        if self.cycle is None:
+            self._next()
+        elif len(self.buffer) > READ_AHEAD and self._reading:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def want_body(self) -> None:
+        """A `receive` waits for body bytes: read even when the buffer is full."""
+        if not self._reading:
+            self._reading = True
+            self.transport.resume_reading()
+
+    def _next(self) -> None:
+        """Start the buffered request, if its head is in."""
+        buffer = self.buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                self._hand_over()
+            return
+        head = parse_head(bytes(buffer[:end]))
+        if head is None:
+            self._hand_over()
+            return
+        del buffer[: end + 4]
+        cycle = self.cycle = _Cycle(self, head.length, head.keep_alive and not self._closing)
+        if cycle.left and buffer:
+            used = cycle.take(buffer)
+            del buffer[:used]
+        scope: Scope = {
+            "type": "http",
+            "asgi": ASGI,
+            "http_version": "1.1",
+            "server": self._server,
+            "client": self._client,
+            "scheme": self._scheme,
+            "method": head.method,
+            "root_path": "",
+            "path": head.path,
+            "raw_path": head.raw_path,
+            "query_string": head.query,
+            "headers": head.headers,
+            "state": self.app_state.copy(),
+        }
+        task = self.loop.create_task(self._run(scope, cycle))
+        tasks = self.server_state.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _run(self, scope: Scope, cycle: _Cycle) -> None:
+        try:
+            await self.app(scope, cycle.receive, cycle.send)
+        except Exception as exc:
+            log.error("Exception in ASGI application\n", exc_info=exc)
+            await cycle.fail()
+        except BaseException:  # cancelled (a forced shutdown): nothing more can be sent
+            if not cycle.complete:
+                self.transport.close()
+            raise
+        else:
+            if not cycle.complete and not cycle.gone:
+                log.error("ASGI callable returned without completing the response.")
+                await cycle.fail()
+        if self.config.access_log and cycle.status:
+            query = scope["query_string"]
+            path = scope["path"] + ("?" + query.decode("ascii") if query else "")
+            client = f"{self._client[0]}:{self._client[1]}" if self._client else ""
+            access_log.info(
+                '%s - "%s %s HTTP/%s" %d',
+                client,
+                scope["method"],
+                path,
+                scope["http_version"],
+                cycle.status,
+            )
+
+    def answered(self, cycle: _Cycle) -> None:
+        """The answer's last bytes are written: keep the connection for the next."""
+        self.server_state.total_requests += 1
+        if cycle.left or not cycle.keep_alive:  # an unread body cannot be skipped safely
+            self.transport.close()
+            return
+        self.cycle = None
+        if not self._reading:
+            self._reading = True
+            self.transport.resume_reading()
+        if self.buffer:
+            self._next()
+        else:
+            self._arm_idle()
+
+    def _hand_over(self) -> None:
+        """Give the connection, with what it sent since the last answer, to uvicorn's
+        own protocol; it keeps it from now on."""
+        self._disarm_idle()
+        self.server_state.connections.discard(self)
+        protocol = _uvicorn_protocol()(
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.app_state,
+            _loop=self.loop,
+        )
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        if not self._reading:
+            self._reading = True
+            self.transport.resume_reading()
+        data, self.buffer = bytes(self.buffer), bytearray()
+        protocol.data_received(data)
+
+    # -- the idle connection ----------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        self._idle = self.loop.call_later(self.config.timeout_keep_alive, self._idle_timeout)
+
+    def _disarm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _idle_timeout(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _uvicorn_protocol() -> Callable[..., asyncio.Protocol]:
+    """uvicorn's HTTP/1.1 protocol: httptools' when installed (lmfleet[serve]), else h11's."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return HttpToolsProtocol
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return H11Protocol
