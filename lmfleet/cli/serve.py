@@ -219,6 +219,8 @@ def proxy_options(args: argparse.Namespace) -> ProxyOptions:
     if args.ssl:
         values[("ssl_keyfile",)], values[("ssl_certfile",)] = _ssl_files()
     if getattr(args, "worker_hub", None) is not None:  # one worker of `--workers N`
+        if state is None:  # one temporary jobs directory for all: the supervisor's
+            values[("jobs_dir",)] = args.worker_hub.parent / "jobs"
         values[("listen_fd",)] = args.worker_fd
         values[("hub",)] = args.worker_hub
         values[("worker",)] = args.worker_index

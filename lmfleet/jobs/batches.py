@@ -4,11 +4,18 @@ A batch is `<id>.json` (its OpenAI `batch` object, rewritten atomically at every
 change of status or counts) and `<id>.sqlite` (its journal: each line's answer as it
 finishes). A restarted proxy finds every batch that was not finished and runs it
 again from its journal, so no finished line is asked twice.
+
+Several processes may share the directory (`lmfleet serve --workers N`): a batch
+runs in the one process that holds its lock (`<id>.lock`, an flock the kernel drops
+when that process dies, so another can claim it and resume from the journal), and
+only that process writes the batch's object; the others ask it to cancel through a
+`<id>.cancel` file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -17,6 +24,11 @@ from typing import Any
 
 from lmfleet.errors import UnknownObjectError
 from lmfleet.jobs.files import write_atomically
+
+try:
+    import fcntl
+except ImportError:  # Windows: one process, no lock needed
+    fcntl = None  # type: ignore[assignment]
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 """What a batch may call here (OpenAI's list, less `/v1/responses`: LMDeploy 0.18's
@@ -60,6 +72,8 @@ class BatchStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self._held: dict[str, int] = {}
+        """Batches this process runs -> their lock's file descriptor."""
 
     def save(self, batch: dict[str, Any]) -> None:
         write_atomically(self.root / f"{batch['id']}.json", json.dumps(batch).encode())
@@ -75,6 +89,40 @@ class BatchStore:
 
     def journal_path(self, batch_id: str) -> Path:
         return self.root / f"{batch_id}.sqlite"
+
+    def claim(self, batch_id: str) -> bool:
+        """Take the batch's lock for this process (False: another process runs it)."""
+        if batch_id in self._held:
+            return True
+        if fcntl is None:
+            self._held[batch_id] = -1
+            return True
+        fd = os.open(self.root / f"{batch_id}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._held[batch_id] = fd
+        return True
+
+    def release(self, batch_id: str) -> None:
+        fd = self._held.pop(batch_id, -1)
+        if fd >= 0:
+            os.close(fd)
+
+    def holds(self, batch_id: str) -> bool:
+        return batch_id in self._held
+
+    def ask_cancel(self, batch_id: str) -> None:
+        """Ask the process that runs the batch to cancel it."""
+        (self.root / f"{batch_id}.cancel").touch()
+
+    def cancel_asked(self, batch_id: str) -> bool:
+        return (self.root / f"{batch_id}.cancel").exists()
+
+    def cancel_answered(self, batch_id: str) -> None:
+        (self.root / f"{batch_id}.cancel").unlink(missing_ok=True)
 
     def list(self) -> list[dict[str, Any]]:
         found = []

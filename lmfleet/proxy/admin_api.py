@@ -8,6 +8,7 @@ Handlers run in the fleet's own event loop: they await the fleet's async interna
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -111,6 +112,7 @@ async def readiness(scope: Scope, receive: Receive, send: Send, rt: ProxyContext
     if rt.shared is not None:  # `--workers`, `--store`: whether it still hears the others
         shared = rt.shared
         told: dict[str, object] = {"via": shared.via, "worker": shared.worker}
+        told["pid"] = os.getpid()  # which process answered (a worker restarted: another)
         told["connected"] = shared.connected
         if shared.problem:
             told["problem"] = shared.problem

@@ -161,6 +161,7 @@ class ProxyApp:
                         runtime.transport,
                         self.options.batch_concurrency,
                         self.options.upstream_timeout,
+                        shared=self.options.hub is not None,  # the workers share jobs_dir
                     )
                     await group.start(runtime.jobs.run)
                     scope["state"][STATE_KEY] = runtime

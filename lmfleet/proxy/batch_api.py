@@ -63,6 +63,8 @@ MAX_FILE_BYTES = 200 * 1024 * 1024
 """OpenAI's limit on a batch input file."""
 PLACEHOLDER = "http://lmfleet.invalid"
 FINISHED = ("completed", "failed", "expired", "cancelled")
+WATCH_EVERY = 1.0
+"""Seconds between two looks at the shared directory (`BatchJobs._watch`, `--workers`)."""
 EXPIRED = "This request could not be executed before the completion window expired."
 """OpenAI's message for a line its batch's window ended before."""
 
@@ -77,6 +79,8 @@ class BatchJobs:
         transport: AsyncFleetTransport,
         concurrency: int | str,
         timeout: float | None,
+        *,
+        shared: bool = False,
     ) -> None:
         self.files = FileStore(root / "files")
         self._fleet = fleet
@@ -87,18 +91,56 @@ class BatchJobs:
         self._group: TaskGroup | None = None
         self._running: dict[str, anyio.CancelScope] = {}
         self._counts: dict[str, dict[str, int]] = {}
+        self._shared = shared
+        """Other processes share `root` (`--workers`): see `_watch`."""
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve batch jobs until cancelled (the proxy's lifespan): first resume every
         batch a previous run of the proxy left unfinished."""
         async with anyio.create_task_group() as group:
             self._group = group
-            for batch in self.batches.list():
-                if batch["status"] in RUNNING:
-                    log.info("resuming batch %s (%s)", batch["id"], batch["status"])
-                    group.start_soon(self._run, batch["id"])
+            self._adopt()
+            if self._shared:
+                group.start_soon(self._watch)
             task_status.started()
             await anyio.sleep_forever()
+
+    def _adopt(self) -> None:
+        """Run every unfinished batch no process runs (a previous run of the proxy's,
+        or a worker's that died): its journal says which lines are done."""
+        assert self._group is not None
+        for batch in self.batches.list():
+            batch_id = batch["id"]
+            if batch["status"] not in RUNNING or self.batches.holds(batch_id):
+                continue
+            if not self.batches.claim(batch_id):
+                continue  # another worker runs it
+            if self.batches.get(batch_id)["status"] not in RUNNING:  # finished meanwhile
+                self.batches.release(batch_id)
+                continue
+            log.info("resuming batch %s (%s)", batch_id, batch["status"])
+            self._group.start_soon(self._run, batch_id)
+
+    async def _watch(self) -> None:
+        """With other workers on the same directory, every `WATCH_EVERY` s: publish the
+        live counts of the batches run here (the others answer from the files), cancel
+        those another worker was asked to cancel, adopt those a dead worker left."""
+        shown: dict[str, dict[str, int]] = {}
+        while True:
+            await anyio.sleep(WATCH_EVERY)
+            for batch_id in list(self._running):
+                if self.batches.cancel_asked(batch_id):
+                    self._cancel_here(batch_id)
+                    continue
+                live = self._counts.get(batch_id)
+                if live is not None and shown.get(batch_id) != live:
+                    batch = self.batches.get(batch_id)
+                    if batch["status"] == "in_progress":
+                        batch["request_counts"] = shown[batch_id] = dict(live)
+                        self.batches.save(batch)
+            for gone in set(shown) - set(self._running):
+                del shown[gone]
+            self._adopt()
 
     # -- the routes' side -------------------------------------------------------------
 
@@ -120,6 +162,7 @@ class BatchJobs:
         if metadata is not None and not isinstance(metadata, dict):
             raise ConfigError("metadata must be an object")
         batch = new_batch(file_id, endpoint, window, metadata)
+        self.batches.claim(batch["id"])  # before the file exists: no other worker adopts it
         self.batches.save(batch)
         assert self._group is not None, "BatchJobs.run is the proxy's lifespan task"
         self._group.start_soon(self._run, batch["id"])
@@ -131,24 +174,40 @@ class BatchJobs:
         live = self._counts.get(batch_id)
         if live is not None and batch["status"] not in FINISHED:
             batch["request_counts"] = dict(live)
+        if batch["status"] in RUNNING and self.batches.cancel_asked(batch_id):
+            batch["status"] = "cancelling"  # asked through another worker: on its way
         return batch
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
-        batch = self.batches.get(batch_id)
+        batch = self.get(batch_id)
         if batch["status"] in FINISHED or batch["status"] == "cancelling":
             raise ConfigError(f"cannot cancel a batch that is {batch['status']}")
-        batch["status"] = "cancelling"
-        batch["cancelling_at"] = int(time.time())
-        self.batches.save(batch)
+        if self.batches.holds(batch_id) or not self._shared:
+            self._cancel_here(batch_id)
+            return self.get(batch_id)
+        # Another worker runs it: ask, and answer as OpenAI does (it is cancelling).
+        self.batches.ask_cancel(batch_id)
+        batch.update(status="cancelling", cancelling_at=int(time.time()))
+        return batch
+
+    def _cancel_here(self, batch_id: str) -> None:
+        """Cancel a batch this process runs (or that nobody runs: it ends as cancelled
+        when it is next run)."""
+        batch = self.batches.get(batch_id)
+        if batch["status"] != "cancelling":
+            batch["status"] = "cancelling"
+            batch["cancelling_at"] = int(time.time())
+            self.batches.save(batch)
         scope = self._running.get(batch_id)
         if scope is not None:
             scope.cancel()  # its task finalizes it as cancelled
-        return self.get(batch_id)
 
     # -- running one batch --------------------------------------------------------------
 
     async def _run(self, batch_id: str) -> None:
         try:
+            if self.batches.cancel_asked(batch_id):  # asked while no process ran it
+                self._cancel_here(batch_id)
             batch = self.batches.get(batch_id)
             lines = self._lines(batch)  # read once: run, then written out
             left = batch["expires_at"] - time.time()
@@ -163,6 +222,7 @@ class BatchJobs:
         finally:
             self._running.pop(batch_id, None)
             self._counts.pop(batch_id, None)
+            self.batches.release(batch_id)
 
     def _lines(self, batch: dict[str, Any]) -> list[Line]:
         try:
@@ -276,6 +336,7 @@ class BatchJobs:
         }
         if cancelled:
             batch.update(status="cancelled", cancelled_at=now)
+            self.batches.cancel_answered(batch_id)
         elif expired:
             batch.update(status="expired", expired_at=now)
         else:

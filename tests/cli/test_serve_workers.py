@@ -8,6 +8,7 @@ a SIGKILLed worker is replaced while the other keeps serving."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx2
+import openai
 import pytest
 from cli_support import Console
 from support import GENERATING, LOADS_WEIGHTS, StartSim, sim_served, sim_stats, wait_until
@@ -246,4 +248,72 @@ def test_one_auto_sleeper_hears_every_workers_traffic(
         assert answer.status_code == 200, answer.text
     finally:
         client.close()
+    assert proxy.stop(signal.SIGINT) == 0
+
+
+def _pinned(base: str, worker: int) -> tuple[httpx2.Client, int]:
+    """A kept-alive connection that landed on `worker`, and that worker's pid."""
+    for _ in range(100):
+        client = httpx2.Client(base_url=base, timeout=30)
+        shared = client.get("/readiness").json()["shared"]
+        if shared["worker"] == worker:
+            return client, int(shared["pid"])
+        client.close()
+    pytest.fail(f"no connection landed on worker {worker}")
+
+
+SLOW = {**CHAT, "max_tokens": 10}  # 0.4 s a line on the sims below
+
+
+def _batch_lines(count: int) -> bytes:
+    rows = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": SLOW}
+        for i in range(count)
+    ]
+    return "\n".join(json.dumps(row) for row in rows).encode()
+
+
+def test_a_batch_is_one_job_for_every_worker_and_outlives_the_one_that_ran_it(
+    console: Callable[..., Console], start_sim: StartSim
+) -> None:
+    nodes = [start_sim("--ttft-ms", "5", "--tpot-ms", "40") for _ in range(2)]
+    flags = ("--node", nodes[0].url, "--node", nodes[1].url, "--batch-concurrency", "2")
+    proxy, base = _start(console, *flags)  # --disable-cache-status: a temporary jobs dir
+    (http0, pid0), (http1, _) = _pinned(base, 0), _pinned(base, 1)
+    zero = openai.OpenAI(base_url=base + "/v1", api_key="x", http_client=http0, max_retries=0)
+    one = openai.OpenAI(base_url=base + "/v1", api_key="x", http_client=http1, max_retries=0)
+
+    def seen_by_one(batch_id: str, what: str, until: Callable[[Any], bool]) -> Any:
+        return wait_until(lambda: one.batches.retrieve(batch_id), 30, what, until=until)
+
+    # Uploaded and started through worker 0; followed, cancelled and read through 1.
+    uploaded = zero.files.create(file=("a.jsonl", _batch_lines(40)), purpose="batch")
+    batch = zero.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    seen_by_one(
+        batch.id, "counts from the worker running it", lambda b: b.request_counts.completed >= 2
+    )
+    assert one.batches.cancel(batch.id).status == "cancelling"
+    cancelled = seen_by_one(batch.id, "the batch cancelled", lambda b: b.status == "cancelled")
+    assert zero.batches.retrieve(batch.id).status == "cancelled"
+    done = [json.loads(r) for r in one.files.content(cancelled.output_file_id).text.splitlines()]
+    assert 2 <= len(done) < 40
+
+    # Its worker SIGKILLed half-way: another takes it over from its journal.
+    served = sum(sim_served(n.url) for n in nodes)
+    uploaded = one.files.create(file=("b.jsonl", _batch_lines(16)), purpose="batch")
+    batch = zero.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    seen_by_one(batch.id, "3 lines done", lambda b: b.request_counts.completed >= 3)
+    os.kill(pid0, signal.SIGKILL)
+    finished = seen_by_one(batch.id, "the batch completed", lambda b: b.status == "completed")
+    rows = [json.loads(r) for r in one.files.content(finished.output_file_id).text.splitlines()]
+    assert sorted(int(r["custom_id"][1:]) for r in rows) == list(range(16))
+    assert finished.request_counts.completed == 16 and finished.error_file_id is None
+    # Only the lines in flight when the worker died were asked again (2 at a time).
+    assert sum(sim_served(n.url) for n in nodes) - served <= 16 + 2
+    http0.close()
+    http1.close()
     assert proxy.stop(signal.SIGINT) == 0
