@@ -9,6 +9,7 @@ fact tells); a removal too. A replica that loses Redis keeps serving, says so in
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -99,7 +100,8 @@ def test_two_replicas_share_registrations_sleeps_and_removals(
 ) -> None:
     name = f"t{uuid.uuid4().hex[:8]}"
     a, b = (_replica(serve_fleet, redis_server.url, name) for _ in range(2))
-    assert _shared(a)["shared"] == {"via": "store", "worker": 0, "connected": True}
+    shared = _shared(a)["shared"]
+    assert shared == {"via": "store", "worker": 0, "connected": True, "pid": os.getpid()}
     sglang = start_sim("--engine", "sglang", "--fast")
     added = httpx2.post(a + "/nodes/add", json={"url": sglang.url}, timeout=10)
     assert added.status_code == 200, added.text
