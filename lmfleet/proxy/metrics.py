@@ -1,17 +1,20 @@
 """Prometheus metrics for one proxy app, in its own `CollectorRegistry`.
 
 Node counters and states are read from registry snapshots at scrape time (a
-custom collector: nothing to update per request); latency and TTFT histograms
-are observed per request by the hot path, labelled by node.
+custom collector: nothing to update per request); the proxy's own counters and its
+latency and TTFT histograms (labelled by node) are plain numbers the hot path adds
+to, turned into Prometheus families at scrape time too (`_Tallies`).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from lmfleet.node.state import NodeStatus
@@ -21,7 +24,7 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_CHILDREN = 4096
-"""Labelled metric children kept looked up (routes, error kinds, node URLs)."""
+"""Node histograms kept at most (node URLs come and go)."""
 
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -110,77 +113,136 @@ class _NodeCollector(Collector):
         )
 
 
+class _Histogram:
+    """One labelled histogram's counts: a bisect and two additions per observation.
+
+    prometheus_client's `Histogram.observe` walks the buckets and takes a lock per
+    value it adds (the bucket, the sum); the proxy observes two per request in its
+    one event loop thread, where nothing else touches them until the scrape."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        rows: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*map(str, map(float, BUCKETS)), "+Inf"), self.counts, strict=True):
+            running += count
+            rows.append((bound, running))
+        return rows
+
+
+class _Tallies(Collector):
+    """What the hot path counts per request, kept as plain numbers and turned into
+    Prometheus families at scrape time (same names and labels as before)."""
+
+    def __init__(self, worker: int | None) -> None:
+        self.requests: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.inflight = 0
+        self.latency: dict[str, _Histogram] = {}
+        self.ttft: dict[str, _Histogram] = {}
+        self.worker = worker
+        self.answered = 0  # requests this worker answered (`--workers`)
+
+    def collect(self) -> Iterator[Metric]:
+        yield _counter(
+            "lmfleet_proxy_requests", "requests the proxy answered", "route", self.requests
+        )
+        errors = "requests the proxy answered with an error"
+        yield _counter("lmfleet_proxy_errors", errors, "kind", self.errors)
+        yield GaugeMetricFamily(
+            "lmfleet_proxy_inflight", "requests in flight in the proxy", value=self.inflight
+        )
+        yield _histogram(
+            "lmfleet_proxy_request_duration_seconds",
+            "time from forwarding to the last byte, per node",
+            self.latency,
+        )
+        yield _histogram(
+            "lmfleet_proxy_ttft_seconds",
+            "time from forwarding to the first body byte, per node",
+            self.ttft,
+        )
+        if self.worker is not None:  # `--workers`: how the kernel spread the connections
+            yield _counter(
+                "lmfleet_proxy_worker_requests",
+                "requests each worker of `lmfleet serve --workers` answered",
+                "worker",
+                {str(self.worker): self.answered},
+            )
+
+
+def _counter(name: str, documentation: str, label: str, counts: dict[str, int]) -> Metric:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
+    return family
+
+
+def _histogram(name: str, documentation: str, by_node: dict[str, _Histogram]) -> Metric:
+    family = HistogramMetricFamily(name, documentation, labels=["node"])
+    for node, histogram in by_node.items():
+        family.add_metric([node], histogram.cumulative(), histogram.total)
+    return family
+
+
+class _Inflight:
+    """`ProxyMetrics.inflight`: the gauge's `inc`/`dec`, on a plain number."""
+
+    __slots__ = ("_tallies",)
+
+    def __init__(self, tallies: _Tallies) -> None:
+        self._tallies = tallies
+
+    def inc(self) -> None:
+        self._tallies.inflight += 1
+
+    def dec(self) -> None:
+        self._tallies.inflight -= 1
+
+
 class ProxyMetrics:
-    """The proxy's metrics; one per app."""
+    """The proxy's metrics; one per app. Updated from the proxy's event loop thread only."""
 
     def __init__(self, fleet: FleetSurface, worker: int | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_NodeCollector(fleet))
-        self._requests = Counter(
-            "lmfleet_proxy_requests",
-            "requests the proxy answered",
-            ["route"],
-            registry=self.registry,
-        )
-        self._errors = Counter(
-            "lmfleet_proxy_errors",
-            "requests the proxy answered with an error",
-            ["kind"],
-            registry=self.registry,
-        )
-        self.inflight = Gauge(
-            "lmfleet_proxy_inflight", "requests in flight in the proxy", registry=self.registry
-        )
-        self._latency = Histogram(
-            "lmfleet_proxy_request_duration_seconds",
-            "time from forwarding to the last byte, per node",
-            ["node"],
-            buckets=BUCKETS,
-            registry=self.registry,
-        )
-        self._ttft = Histogram(
-            "lmfleet_proxy_ttft_seconds",
-            "time from forwarding to the first body byte, per node",
-            ["node"],
-            buckets=BUCKETS,
-            registry=self.registry,
-        )
-
-        self._worker: Any = None
-        if worker is not None:  # `--workers`: how the kernel spread the connections
-            self._worker = Counter(
-                "lmfleet_proxy_worker_requests",
-                "requests each worker of `lmfleet serve --workers` answered",
-                ["worker"],
-                registry=self.registry,
-            ).labels(str(worker))
-
-        # `labels()` takes a lock and builds a key on every call; the hot path calls
-        # three of them per request, so each labelled child is looked up once.
-        self._children: dict[tuple[str, str], Any] = {}
-
-    def _child(self, metric: Any, name: str, label: str) -> Any:
-        child = self._children.get((name, label))
-        if child is None:
-            if len(self._children) >= MAX_CHILDREN:  # node URLs come and go
-                self._children.clear()
-            child = self._children[(name, label)] = metric.labels(label)
-        return child
+        self._tallies = _Tallies(worker)
+        self.registry.register(self._tallies)
+        self.inflight = _Inflight(self._tallies)
 
     def request(self, route: str) -> None:
-        self._child(self._requests, "requests", route).inc()
-        if self._worker is not None:
-            self._worker.inc()
+        tallies = self._tallies
+        tallies.requests[route] = tallies.requests.get(route, 0) + 1
+        tallies.answered += 1
 
     def error(self, kind: str) -> None:
-        self._child(self._errors, "errors", kind).inc()
+        errors = self._tallies.errors
+        errors[kind] = errors.get(kind, 0) + 1
 
     def latency(self, node: str, seconds: float) -> None:
-        self._child(self._latency, "latency", node).observe(seconds)
+        _observe(self._tallies.latency, node, seconds)
 
     def ttft(self, node: str, seconds: float) -> None:
-        self._child(self._ttft, "ttft", node).observe(seconds)
+        _observe(self._tallies.ttft, node, seconds)
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)
         return data
+
+
+def _observe(by_node: dict[str, _Histogram], node: str, seconds: float) -> None:
+    histogram = by_node.get(node)
+    if histogram is None:
+        if len(by_node) >= MAX_CHILDREN:  # node URLs come and go
+            by_node.clear()
+        histogram = by_node[node] = _Histogram()
+    histogram.observe(seconds)
