@@ -4,7 +4,7 @@ Profiling the proxy showed httpx2's general-purpose pool (connection bookkeeping
 that is linear in open connections, URL re-parsing, several layers of stream
 wrappers) taking three quarters of its CPU per request. Talking to a fleet node
 needs far less: plain HTTP/1.1 over keep-alive connections, content-length or
-chunked bodies. This transport does exactly that on asyncio streams and plugs
+chunked bodies. This transport does exactly that on an asyncio protocol and plugs
 in under `AsyncFleetTransport` like any httpx2 transport, so routing, leasing and
 failover stay the one shared implementation. The bytes on the wire are written and
 read by the shared HTTP/1.1 codec (`lmfleet/wire/codec.py`, the health prober's too);
@@ -50,7 +50,8 @@ import httpx2
 from lmfleet.priority import PRIORITY, rank
 from lmfleet.wire.codec import Http1Error, ResponseParser, encode_request_head
 
-READ_SIZE = 64 * 1024
+HIGH_WATER = 256 * 1024
+"""Unread bytes from a node beyond which its connection stops being read."""
 
 DEFAULT_MAX_CONNECTIONS = 1024
 """`RoutingOptions.max_connections`'s default."""
@@ -65,19 +66,112 @@ class StaleConnection(httpx2.RemoteProtocolError):
     the dropped connection it is (a `RemoteProtocolError`)."""
 
 
-class _Conn:
-    __slots__ = ("reader", "writer")
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection to a node, read as the bytes arrive.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    A protocol rather than asyncio's streams: what arrives is kept as the bytes
+    objects the loop hands over (a `StreamReader` copies them into its buffer and out
+    again) and a read is one future. Reading pauses while `HIGH_WATER` bytes wait
+    unread (a caller slower than its node), as a `StreamReader`'s does."""
+
+    __slots__ = (
+        "_chunks",
+        "_drained",
+        "_eof",
+        "_error",
+        "_paused",
+        "_size",
+        "_waiter",
+        "transport",
+    )
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._eof = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # -- the loop's side ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > HIGH_WATER and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False  # close: a node that ends its side is done with the connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._error = exc
+        self._wake()
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the transport's side -------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._drained is not None:
+            await self._drained
+        if self._error is not None:
+            raise self._error
+
+    async def read(self) -> bytes:
+        """What arrived since the last read (waiting for some); b"" at the end."""
+        if not self._chunks and not self._eof:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunks = self._chunks
+        if chunks:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            self._size = 0
+            if self._paused:
+                self._paused = False
+                self.transport.resume_reading()
+            return data
+        if self._error is not None:
+            raise self._error
+        return b""
 
     @property
     def usable(self) -> bool:
-        return not self.writer.is_closing() and not self.reader.at_eof()
+        return not self._eof and not self.transport.is_closing()
 
     def close(self) -> None:
-        self.writer.close()
+        self.transport.close()
 
 
 def _timeout(request: httpx2.Request, key: str) -> float | None:
@@ -125,7 +219,7 @@ class _Watchdog:
             self._handle = self._loop.call_at(self.expires, self._check)
             return
         self.fired = True
-        self._conn.writer.transport.abort()
+        self._conn.transport.abort()
 
     def cancel(self) -> None:
         self._handle.cancel()
@@ -313,8 +407,9 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         scheme, host, port = origin
         with _mapped(request, "connect"), anyio.fail_after(_timeout(request, "connect")):
             tls = self._ssl if scheme == "https" else None
-            reader, writer = await asyncio.open_connection(host, port, ssl=tls)
-        return _Conn(reader, writer)
+            loop = asyncio.get_running_loop()
+            _, conn = await loop.create_connection(_Conn, host, port, ssl=tls)
+        return conn
 
     async def _exchange(
         self, request: httpx2.Request, origin: Origin, conn: _Conn, payload: bytes
@@ -326,11 +421,11 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         first: list[bytes] = []  # body bytes that arrived with the head
         try:
             with _mapped(request, "write"):
-                conn.writer.write(payload)
-                await conn.writer.drain()
+                conn.write(payload)
+                await conn.drain()
             with _mapped(request, "read"):
                 while parser.head is None:
-                    data = await conn.reader.read(READ_SIZE)
+                    data = await conn.read()
                     if not data:
                         parser.feed_eof()  # raises: the head is incomplete
                     first = parser.feed(data)
@@ -397,11 +492,11 @@ class _Body(httpx2.AsyncByteStream):
         parser = self._parser
         if parser.done or self._conn is None:
             return
-        reader = self._conn.reader
+        conn = self._conn
         try:
             with _mapped(self._request, "body"):
                 while not parser.done:
-                    data = await self._read(reader)
+                    data = await self._read(conn)
                     if not data:
                         if self._watchdog is not None and self._watchdog.fired:
                             raise TimeoutError
@@ -415,8 +510,8 @@ class _Body(httpx2.AsyncByteStream):
         if self._watchdog is not None:
             self._watchdog.cancel()
 
-    async def _read(self, reader: asyncio.StreamReader) -> bytes:
-        data = await reader.read(READ_SIZE)
+    async def _read(self, conn: _Conn) -> bytes:
+        data = await conn.read()
         if self._watchdog is not None:
             self._watchdog.renew()
         return data
