@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from hypothesis import HealthCheck, settings
 from support import SimNode, StartSim
 
 from lmfleet import LMFleet
+from lmfleet.errors import LaunchError
 from lmfleet.launch.process import ManagedProcess, free_port, wait_for_port
 from lmfleet.proxy import ProxyServer
 
@@ -32,6 +35,18 @@ def start_sim(tmp_path: Path) -> Iterator[StartSim]:
     started: list[SimNode] = []
 
     def start(*args: str, port: int | None = None, wait: bool = True) -> SimNode:
+        if wait and port is None:
+            # The sim binds a port of its own and says which once it listens: a port
+            # picked here could be taken by another test's process before the sim binds
+            # it (the sim then fails, and the port answers for someone else's node).
+            argv = [sys.executable, "-m", "lmfleet.sim", "--host", "127.0.0.1", "--port", "0"]
+            log = tmp_path / f"sim-{len(started)}.log"
+            proc = ManagedProcess([*argv, *args], log_path=log)
+            node = SimNode(url="", port=0, process=proc)
+            started.append(node)
+            node.url = _announced(proc, log)
+            node.port = int(node.url.rsplit(":", 1)[1])
+            return node
         port = port or free_port()
         argv = [sys.executable, "-m", "lmfleet.sim", "--host", "127.0.0.1", "--port", str(port)]
         proc = ManagedProcess([*argv, *args], log_path=tmp_path / f"sim-{port}.log")
@@ -44,6 +59,23 @@ def start_sim(tmp_path: Path) -> Iterator[StartSim]:
     yield start
     for node in started:
         node.process.terminate(grace=3.0)
+
+
+ANNOUNCED = re.compile(r"lmfleet sim: .* on (http://127\.0\.0\.1:\d+)")
+
+
+def _announced(proc: ManagedProcess, log: Path, timeout: float = 30) -> str:
+    """The URL a sim started with `--port 0` prints once it accepts connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = ANNOUNCED.search(log.read_text(errors="replace")) if log.exists() else None
+        if found:
+            return found.group(1)
+        if proc.returncode is not None:
+            raise LaunchError(f"the sim exited with status {proc.returncode}:\n{proc.log_tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the sim did not announce its URL within {timeout} s")
+        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=options.log_level.upper(), format="%(levelname)s %(message)s")
     sock = _bind(options.host, options.port)
     port = sock.getsockname()[1]
+    # `--port 0`: the port bound is the node's (its registration, its GPU uuids).
+    options = options.model_copy(update={"port": port})
     config = uvicorn.Config(
         create_app(options),
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
