@@ -103,6 +103,15 @@ def _worker_cpus(workers: int) -> str:
     return ",".join(map(str, chosen))
 
 
+def start_floor(group: Procs, nodes: list[str]) -> tuple[int, str]:
+    """bench/_floor_proxy.py: a floor for a Python proxy, nothing of lmfleet's."""
+    port = free_port()
+    proc = group.start([PY, str(ROOT / "bench" / "_floor_proxy.py"), str(port), *nodes], PROXY_CPU)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health")
+    return proc.pid, url
+
+
 def start_smg(group: Procs, nodes: list[str]) -> tuple[int, str]:
     """SMG's HTTP router over the nodes, round robin (its fastest policy), all its
     threads pinned to the proxy's core as every proxy here is."""
@@ -257,7 +266,8 @@ def main() -> None:
         "--only",
         default="direct,lmfleet,smg,lmdeploy,lmdeploy+uvloop,nginx",
         help="comma list of: direct, lmfleet, lmfleet-wN (N workers: the --workers sweep, "
-        "e.g. lmfleet-w2,lmfleet-w4), smg, lmdeploy, lmdeploy+uvloop, nginx",
+        "e.g. lmfleet-w2,lmfleet-w4), smg, lmdeploy, lmdeploy+uvloop, nginx, floor (a "
+        "60-line uvloop proxy: what Python itself costs, bench/_floor_proxy.py)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "proxy.json")
     args = parser.parse_args()
@@ -288,6 +298,8 @@ def main() -> None:
                 pid, url = start_nginx(group, nodes, tmp)
             elif name == "smg":
                 pid, url = start_smg(group, nodes)
+            elif name == "floor":
+                pid, url = start_floor(group, nodes)
             else:
                 raise SystemExit(f"unknown proxy {name!r}")
             rows += measure(name, pid, url, args.seconds, args.ttft)

@@ -43,6 +43,10 @@ then answers 431/400 as it does for any request)."""
 READ_AHEAD = 256 * 1024
 """Bytes of the next requests buffered while one is answered; beyond, reading pauses."""
 
+MAX_SKIP = 1024 * 1024
+"""Body bytes still to come that a connection answered before them reads and drops to
+stay open (as uvicorn's protocol does); beyond, the answer says `connection: close`."""
+
 HANDED_OVER = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 """Request headers that send the request to uvicorn's protocol."""
 
@@ -243,6 +247,8 @@ class _Cycle:
 
     def _start(self, message: Message) -> None:
         self._started = True
+        if self.left > MAX_SKIP:  # answered before a big body came: close, not read it all
+            self.keep_alive = False
         status = self.status = int(message["status"])
         line = STATUS_LINES.get(status) or _status_line(status)
         parts = [line]
@@ -314,6 +320,8 @@ class FrontDoor(asyncio.Protocol):
         self.writing: asyncio.Event | None = None
         """Set while the transport accepts writes; None when it never pushed back."""
         self._reading = True
+        self._skip = 0
+        """Body bytes of an answered request still to come, dropped as they arrive."""
         self._idle: asyncio.TimerHandle | None = None
         self._closing = False
         self._server: tuple[str, int] | None = None
@@ -369,6 +377,12 @@ class FrontDoor(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._disarm_idle()
+        if self._skip:  # the rest of a body answered without being read
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+            if not data:
+                return
         cycle = self.cycle
         if cycle is not None and cycle.left:
             used = cycle.take(data)
@@ -455,9 +469,10 @@ class FrontDoor(asyncio.Protocol):
     def answered(self, cycle: _Cycle) -> None:
         """The answer's last bytes are written: keep the connection for the next."""
         self.server_state.total_requests += 1
-        if cycle.left or not cycle.keep_alive:  # an unread body cannot be skipped safely
+        if not cycle.keep_alive:
             self.transport.close()
             return
+        self._skip = cycle.left  # answered before its body was read (a 401, a 413)
         self.cycle = None
         if not self._reading:
             self._reading = True

@@ -14,7 +14,7 @@ import pytest
 from support import sim_served
 
 from lmfleet import LMFleet
-from lmfleet.proxy import ProxyServer
+from lmfleet.proxy import ProxyOptions, ProxyServer
 
 Served = tuple[LMFleet, ProxyServer]
 MODEL = "internlm/internlm2_5-7b-chat"
@@ -178,5 +178,31 @@ def test_an_http_1_0_caller_gets_its_answer_and_the_connection_ends(proxy: Serve
         status, headers, body = wire.answer()
         assert status == 200 and json.loads(body)["object"] == "chat.completion"
         assert headers["connection"] == "close" and wire.closed()
+    finally:
+        wire.close()
+
+
+def test_a_body_answered_before_it_arrived_is_skipped_and_the_connection_kept(
+    serve_fleet: Callable[..., Served], two_nodes: list[str]
+) -> None:
+    options = ProxyOptions(max_body_bytes=1000)
+    _, server = serve_fleet(two_nodes, serve={"options": options})
+    wire = Wire(server.url)
+    try:
+        big = b"x" * 3000
+        request = _post("/v1/chat/completions", big)
+        wire.send(request[: len(request) - 2500])  # the head and 500 bytes of the body
+        status, headers, _ = wire.answer()
+        assert status == 413 and "connection" not in headers
+        wire.send(request[len(request) - 2500 :] + _post("/v1/chat/completions", CHAT))
+        status, _, body = wire.answer()  # the rest was dropped, the next one read
+        assert status == 200 and json.loads(body)["object"] == "chat.completion"
+        # A body too big to read and drop: the answer ends the connection.
+        wire.send(
+            _post("/v1/chat/completions", b"")[:-4].replace(b"length: 0", b"length: 9999999")
+            + b"\r\n\r\n"
+        )
+        status, headers, _ = wire.answer()
+        assert status == 413 and headers["connection"] == "close" and wire.closed()
     finally:
         wire.close()
