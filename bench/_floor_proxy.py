@@ -1,10 +1,12 @@
 """A floor for a Python proxy: the least one can do per request on uvloop protocols.
 
 Round robin over the nodes, one kept-alive upstream connection per request in
-flight, no parsing beyond the heads' lengths, no routing, no metrics, no timeouts,
-no errors handled. Not a product: `bench/proxy_overhead.py --only floor` measures
-it beside `lmfleet serve` to say how much of lmfleet's CPU per request is Python's
-and the loop's, and how much is lmfleet's own work.
+flight (one the node closed while idle is dropped), no parsing beyond the heads'
+lengths, no routing, no metrics, no timeouts, no errors handled. Not a product:
+`bench/proxy_overhead.py --only floor` measures it beside `lmfleet serve` to say how
+much of lmfleet's CPU per non-streamed request is Python's and the loop's, and how
+much is lmfleet's own work. (Its streams relay each chunk as it comes, with a
+write per chunk: no floor for streaming.)
 
     python bench/_floor_proxy.py PORT NODE_URL [NODE_URL ...]
 """
@@ -77,7 +79,9 @@ class Upstream(asyncio.Protocol):
 
 
 class Front(asyncio.Protocol):
-    def __init__(self, nodes: itertools.cycle[tuple[str, int]], pools: dict) -> None:
+    def __init__(
+        self, nodes: itertools.cycle[tuple[str, int]], pools: dict[tuple[str, int], list[Upstream]]
+    ) -> None:
         self.nodes, self.pools = nodes, pools
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
@@ -101,6 +105,8 @@ class Front(asyncio.Protocol):
     async def forward(self, request: bytes) -> None:
         node = next(self.nodes)
         idle = self.pools[node]
+        while idle and idle[-1].transport.is_closing():  # closed by the node while idle
+            idle.pop()
         if idle:
             upstream = idle.pop()
         else:
