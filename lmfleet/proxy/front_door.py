@@ -376,7 +376,6 @@ class FrontDoor(asyncio.Protocol):
     # -- requests ---------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self._disarm_idle()
         if self._skip:  # the rest of a body answered without being read
             dropped = min(self._skip, len(data))
             self._skip -= dropped
@@ -415,6 +414,7 @@ class FrontDoor(asyncio.Protocol):
             self._hand_over()
             return
         del buffer[: end + 4]
+        self._disarm_idle()  # armed while idle or reading a head: a head must come whole in time
         cycle = self.cycle = _Cycle(self, head.length, head.keep_alive and not self._closing)
         if cycle.left and buffer:
             used = cycle.take(buffer)
@@ -477,10 +477,9 @@ class FrontDoor(asyncio.Protocol):
         if not self._reading:
             self._reading = True
             self.transport.resume_reading()
+        self._arm_idle()
         if self.buffer:
             self._next()
-        else:
-            self._arm_idle()
 
     def _hand_over(self) -> None:
         """Give the connection, with what it sent since the last answer, to uvicorn's
@@ -504,6 +503,7 @@ class FrontDoor(asyncio.Protocol):
     # -- the idle connection ----------------------------------------------------
 
     def _arm_idle(self) -> None:
+        self._disarm_idle()
         self._idle = self.loop.call_later(self.config.timeout_keep_alive, self._idle_timeout)
 
     def _disarm_idle(self) -> None:
@@ -512,6 +512,9 @@ class FrontDoor(asyncio.Protocol):
             self._idle = None
 
     def _idle_timeout(self) -> None:
+        """`timeout_keep_alive` (uvicorn's setting, 5 s) since the connection opened or
+        its last answer, and no whole request head: closed (a head sent byte by byte
+        holds nothing open)."""
         if self.cycle is None and not self.transport.is_closing():
             self.transport.close()
 

@@ -206,3 +206,14 @@ def test_a_body_answered_before_it_arrived_is_skipped_and_the_connection_kept(
         assert status == 413 and headers["connection"] == "close" and wire.closed()
     finally:
         wire.close()
+
+
+def test_a_head_that_never_ends_does_not_hold_the_connection(proxy: Served) -> None:
+    _, server = proxy
+    wire = Wire(server.url)
+    try:
+        wire.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: p\r\n")  # and nothing more
+        wire.sock.settimeout(15)  # a recv that times out fails the test
+        assert wire.closed()  # uvicorn's keep-alive timeout (5 s) from the connection's start
+    finally:
+        wire.close()
