@@ -29,6 +29,7 @@ import httpx2
 from lmfleet.node.outliers import Outcome, outcome_of_status
 from lmfleet.node.state import NodeState
 from lmfleet.routing.base import RequestInfo
+from lmfleet.transport import tracing
 from lmfleet.transport.plan import SERVED_VERSION_HEADER, Attempts, RequestPlan, Retry, Routing
 from lmfleet.transport.steps import Call, Steps
 from lmfleet.transport.streams import Accounting
@@ -154,6 +155,7 @@ class ScoringPlan(RequestPlan):
         # The routed request's timeouts (the first-byte bound applied), not a command's.
         timeout = self.request.extensions.get("timeout", {})
         request = self.routing.nodes.request(node, "POST", GENERATE, json=body, timeout=timeout)
+        tracing.carry(self.request.headers, request.headers)
         reply = yield Call(request)
         if not isinstance(reply, httpx2.Response):
             attempts.transport_failed(lease, reply, "", ours)

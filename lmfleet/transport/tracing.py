@@ -96,7 +96,7 @@ def start_request(tracer: Any, method: str, path: str, headers: Any, **attribute
     """The span of one routed request, child of the caller's trace context."""
     from opentelemetry import context, propagate
 
-    carrier = {k: v for k, v in headers.items() if k.lower() in ("traceparent", "tracestate")}
+    carrier = {k: v for k, v in headers.items() if k.lower() in TRACE_HEADERS}
     parent = propagate.extract(carrier) if carrier else context.get_current()
     shown = {k: v for k, v in attributes.items() if v is not None}
     return tracer.start_span(
@@ -127,6 +127,19 @@ def inject(headers: MutableMapping[str, str], span: Any) -> None:
     propagate.inject(carrier, context=trace.set_span_in_context(span))
     for name, value in carrier.items():
         headers[name] = value
+
+
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def carry(source: Any, target: MutableMapping[str, str]) -> None:
+    """Copy the trace context `source` (a routed request's headers: the caller's, or
+    its attempt's once injected) holds onto a call the plan makes for it on the same
+    node (a scoring `/generate`, a DistServe phase): the node sees one trace."""
+    for name in TRACE_HEADERS:
+        value = source.get(name)
+        if value is not None:
+            target[name] = value
 
 
 def end(span: Any, error: str | None = None, **attributes: Any) -> None:

@@ -27,6 +27,8 @@ from tests.sim.test_sim_lm_eval import (
     parse_logprobs,
 )
 
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
 
 def test_lm_eval_loglikelihood_through_both_doors(
     start_sim: StartSim, serve_fleet: Callable[..., Served]
@@ -65,15 +67,19 @@ def test_lm_eval_loglikelihood_through_both_doors(
 def test_text_prompts_are_scored_too(
     start_sim: StartSim, serve_fleet: Callable[..., Served]
 ) -> None:
-    """lm-eval with `tokenized_requests=False` sends text; the echo starts with it."""
-    node = start_sim(*RAW)
+    """lm-eval with `tokenized_requests=False` sends text; the echo starts with it. The
+    node's `/generate` calls carry the caller's trace context, as a forwarded request's
+    headers do."""
+    node = start_sim(*RAW, "--record-headers", "traceparent")
     _, proxy = serve_fleet([node.url])
     answer = httpx2.post(
         proxy.url + "/v1/completions",
         json=lm_eval_payload(CONTEXT + CONTINUATION),
+        headers={"traceparent": TRACEPARENT},
         timeout=10,
     )
     assert answer.status_code == 200, answer.text
+    assert sim_stats(node.url)["headers"]["traceparent"] == {TRACEPARENT: 2}  # score, step
     choice = answer.json()["choices"][0]
     assert choice["text"].startswith(CONTEXT + CONTINUATION)
     rows = choice["logprobs"]["token_logprobs"]

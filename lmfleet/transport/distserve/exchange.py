@@ -36,6 +36,7 @@ from lmfleet.errors import MigrationError
 from lmfleet.node.outliers import Outcome, outcome_of_status
 from lmfleet.node.state import NodeRole, NodeState
 from lmfleet.routing.base import RequestInfo, Strategy
+from lmfleet.transport import tracing
 from lmfleet.transport.distserve import protocol
 from lmfleet.transport.distserve.links import PairLinks
 from lmfleet.transport.plan import (
@@ -197,6 +198,7 @@ class DistServePlan:
             extensions={"timeout": self._timeout},
         )
         request.headers["Content-Type"] = "application/json"
+        tracing.carry(self.request.headers, request.headers)  # the attempt's, once injected
         self._routing.nodes.aim(request, node)
         return request
 
