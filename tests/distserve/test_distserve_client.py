@@ -160,3 +160,15 @@ def test_hybrid_strategy_is_the_default(start_pd: Callable[..., PD]) -> None:
         fleet.wait_ready(timeout=30, min_ready=4)
         assert fleet.distserve is None
         assert chat(fleet.client(), fleet.model, "q", n=2).choices
+
+
+def test_both_phases_carry_the_callers_trace_context(start_pd: Callable[..., PD]) -> None:
+    record = ("--record-headers", "traceparent")
+    pd = start_pd({i: record for i in range(4)})
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with _fleet(pd) as fleet:
+        client = fleet.client(max_retries=0).with_options(default_headers={"traceparent": trace})
+        assert chat(client, fleet.model, "traced").choices[0].message.content
+    for role in ("prefill", "decode"):  # one node of each got the request, with the trace
+        seen = [sim_stats(url)["headers"].get("traceparent", {}) for url in pd.of(role)]
+        assert sum(s.get(trace, 0) for s in seen) == 1, (role, seen)

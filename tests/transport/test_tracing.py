@@ -228,3 +228,54 @@ def test_without_the_variables_nothing_is_traced(collector: Collector) -> None:
     finally:
         for name in env:
             del os.environ[name]
+
+
+def test_both_distserve_phases_are_attempts_of_one_traced_request(
+    collector: Collector, start_sim: StartSim, console: Callable[..., Console]
+) -> None:
+    """A DistServe request: one request span, an attempt span for its prefill node and
+    one for its decode node, and each node receives its own attempt's context."""
+    record = ("--record-headers", "traceparent")
+    prefill = start_sim("--fast", "--role", "prefill", *record)
+    decode = start_sim("--fast", "--role", "decode", *record)
+    proxy = console(
+        "serve",
+        "--port",
+        "0",
+        "--disable-cache-status",
+        "--serving-strategy",
+        "DistServe",
+        env=_environment(collector),
+    )
+    base = proxy.wait_for(r"lmfleet proxy on (http://127\.0\.0\.1:\d+)").group(1)
+    for node, role in ((prefill, 2), (decode, 3)):
+        status = {"models": [MODEL], "role": role}
+        added = httpx2.post(base + "/nodes/add", json={"url": node.url, "status": status})
+        assert added.status_code == 200, added.text
+    wait_until(
+        lambda: httpx2.get(base + "/readiness", timeout=5).json()["healthy_workers"] == 2,
+        20,
+        "both nodes healthy",
+    )
+    headers = {"traceparent": TRACEPARENT}
+    answer = httpx2.post(base + "/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
+    assert answer.status_code == 200, answer.text
+    (request,) = wait_until(lambda: collector.named("lmfleet.request"), 20, "the request span")
+    assert request.trace_id.hex() == TRACE_ID
+
+    def attempts() -> list[Any]:
+        return [
+            s for s in collector.named("lmfleet.attempt") if s.parent_span_id == request.span_id
+        ]
+
+    wait_until(lambda: len(attempts()) == 2, 20, "an attempt span per phase")
+    for node in (prefill, decode):
+        (span,) = [
+            s
+            for s in attempts()
+            if any(
+                a.key == "server.address" and a.value.string_value == node.url for a in s.attributes
+            )
+        ]
+        sent = sim_stats(node.url)["headers"]["traceparent"]
+        assert sent == {f"00-{TRACE_ID}-{span.span_id.hex()}-01": 1}, (node.url, sent)

@@ -86,14 +86,28 @@ class DistServePlan:
         self._attempts = Attempts(self._routing, self.request, label="DistServe: ")
         self._ours = first_byte_bound(self.request, self._routing.options.first_byte_timeout)
         self._timeout = self.request.extensions.get("timeout", {})
+        self._holder: Accounting | None = None
+        """The lease the answer holds (the decode node's stream), once there is one."""
 
     def steps(self) -> Steps[httpx2.Response]:
         attempts = self._attempts
-        while True:
-            try:
-                return (yield from self._attempt())
-            except Retry as retry:
-                yield Pause(attempts.failed(retry.reason))
+        attempts.trace(self._prefill_info)  # one request span; an attempt span per phase
+        try:
+            while True:
+                self._holder = None
+                try:
+                    answer = yield from self._attempt()
+                except Retry as retry:
+                    yield Pause(attempts.failed(retry.reason))
+                    continue
+                if self._holder is not None:
+                    attempts.settle(self._holder)  # the span ends with the decode's stream
+                else:
+                    attempts.close_span()
+                return answer
+        except BaseException as exc:
+            attempts.close_span(exc)
+            raise
 
     def _attempt(self) -> Steps[httpx2.Response]:
         if self._links.options.dummy_prefill:
@@ -171,6 +185,7 @@ class DistServePlan:
             # mean the decode node forgot the pair (a restart): free and drop.
             yield from ds.drop(pair, also_free=prefilled.session_id)
         reply.headers[SERVED_VERSION_HEADER] = str(node.weight_version)
+        self._holder = lease
         return lease_response(reply, lease)
 
     def _decode_dummy(self, node: NodeState, lease: Accounting) -> Steps[httpx2.Response]:
@@ -185,6 +200,7 @@ class DistServePlan:
             lease.finish(Outcome.FAILURE)
             raise Retry(reason)
         reply.headers[SERVED_VERSION_HEADER] = str(node.weight_version)
+        self._holder = lease
         return lease_response(reply, lease)
 
     # -- helpers --------------------------------------------------------------------
