@@ -252,6 +252,7 @@ class _Cycle:
         status = self.status = int(message["status"])
         line = STATUS_LINES.get(status) or _status_line(status)
         parts = [line]
+        said_close = False
         for name, value in (*self._door.default_headers, *message.get("headers", ())):
             lower = name.lower()
             if lower == b"content-length":
@@ -260,13 +261,14 @@ class _Cycle:
                 continue  # chunked below, when no length is given
             elif lower == b"connection" and b"close" in value.lower():
                 self.keep_alive = False
+                said_close = True
             parts += (name, b": ", value, b"\r\n")
         if self._length is None:
             if status in (204, 304) or status < 200:
                 self._length = 0
             else:
                 parts.append(b"transfer-encoding: chunked\r\n")
-        if not self.keep_alive:
+        if not self.keep_alive and not said_close:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
         head = b"".join(parts)
