@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import re
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cli_support import Console
 from hypothesis import HealthCheck, settings
-from support import SimNode, StartSim
+from support import SimNode, StartSim, wait_until
 
 from lmfleet import LMFleet
 from lmfleet.errors import LaunchError
@@ -66,16 +65,16 @@ ANNOUNCED = re.compile(r"lmfleet sim: .* on (http://127\.0\.0\.1:\d+)")
 
 def _announced(proc: ManagedProcess, log: Path, timeout: float = 30) -> str:
     """The URL a sim started with `--port 0` prints once it accepts connections."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def announced() -> re.Match[str] | None:
         found = ANNOUNCED.search(log.read_text(errors="replace")) if log.exists() else None
-        if found:
-            return found.group(1)
-        if proc.returncode is not None:
+        if found is None and proc.returncode is not None:
             raise LaunchError(f"the sim exited with status {proc.returncode}:\n{proc.log_tail()}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the sim did not announce its URL within {timeout} s")
-        time.sleep(0.02)
+        return found
+
+    found = wait_until(announced, timeout, "the sim announcing its URL")
+    assert found is not None
+    return found.group(1)
 
 
 @pytest.fixture

@@ -54,6 +54,17 @@ def _each_workers_readiness(base: str) -> dict[int, dict[str, Any]]:
     return seen
 
 
+def _pinned(base: str, worker: int, timeout: float = 30) -> tuple[httpx2.Client, int]:
+    """A kept-alive connection that landed on `worker`, and that worker's pid."""
+    for _ in range(50):
+        client = httpx2.Client(base_url=base, timeout=timeout)
+        shared = client.get("/readiness").json()["shared"]
+        if shared["worker"] == worker:
+            return client, int(shared["pid"])
+        client.close()
+    pytest.fail(f"no connection landed on worker {worker}")
+
+
 def _node(answer: dict[str, Any], url: str) -> dict[str, Any]:
     return next(n for n in answer["workers"] if n["url"] == url)
 
@@ -225,13 +236,7 @@ def test_one_auto_sleeper_hears_every_workers_traffic(
     )
     # One kept-alive connection to worker 1, which does not auto-sleep: worker 0 sees
     # none of this traffic itself, only through the shared facts.
-    for _ in range(50):
-        client = httpx2.Client(base_url=base, timeout=10)
-        if client.get("/readiness").json()["shared"]["worker"] == 1:
-            break
-        client.close()
-    else:
-        pytest.fail("no connection landed on worker 1")
+    client, _ = _pinned(base, 1, timeout=10)
     try:
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200  # awake now
         slept = sim_stats(node.url)["by_path"].get("/sleep", 0)
@@ -249,17 +254,6 @@ def test_one_auto_sleeper_hears_every_workers_traffic(
     finally:
         client.close()
     assert proxy.stop(signal.SIGINT) == 0
-
-
-def _pinned(base: str, worker: int) -> tuple[httpx2.Client, int]:
-    """A kept-alive connection that landed on `worker`, and that worker's pid."""
-    for _ in range(100):
-        client = httpx2.Client(base_url=base, timeout=30)
-        shared = client.get("/readiness").json()["shared"]
-        if shared["worker"] == worker:
-            return client, int(shared["pid"])
-        client.close()
-    pytest.fail(f"no connection landed on worker {worker}")
 
 
 SLOW = {**CHAT, "max_tokens": 10}  # 0.4 s a line on the sims below
