@@ -215,11 +215,11 @@ class ProxyApp:
             return
         rt.metrics.request(_route_label(path, methods))
         if handler is forward:
-            rt.metrics.inflight.inc()
+            rt.metrics.forwarding(+1)
             try:
                 await self._guarded(handler, scope, receive, send, rt)
             finally:
-                rt.metrics.inflight.dec()
+                rt.metrics.forwarding(-1)
         else:
             await self._guarded(handler, scope, receive, send, rt)
 

@@ -150,7 +150,6 @@ class _Tallies(Collector):
         self.latency: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
         self.worker = worker
-        self.answered = 0  # requests this worker answered (`--workers`)
 
     def collect(self) -> Iterator[Metric]:
         yield _counter(
@@ -176,7 +175,7 @@ class _Tallies(Collector):
                 "lmfleet_proxy_worker_requests",
                 "requests each worker of `lmfleet serve --workers` answered",
                 "worker",
-                {str(self.worker): self.answered},
+                {str(self.worker): sum(self.requests.values())},
             )
 
 
@@ -194,21 +193,6 @@ def _histogram(name: str, documentation: str, by_node: dict[str, _Histogram]) ->
     return family
 
 
-class _Inflight:
-    """`ProxyMetrics.inflight`: the gauge's `inc`/`dec`, on a plain number."""
-
-    __slots__ = ("_tallies",)
-
-    def __init__(self, tallies: _Tallies) -> None:
-        self._tallies = tallies
-
-    def inc(self) -> None:
-        self._tallies.inflight += 1
-
-    def dec(self) -> None:
-        self._tallies.inflight -= 1
-
-
 class ProxyMetrics:
     """The proxy's metrics; one per app. Updated from the proxy's event loop thread only."""
 
@@ -217,12 +201,14 @@ class ProxyMetrics:
         self.registry.register(_NodeCollector(fleet))
         self._tallies = _Tallies(worker)
         self.registry.register(self._tallies)
-        self.inflight = _Inflight(self._tallies)
 
     def request(self, route: str) -> None:
-        tallies = self._tallies
-        tallies.requests[route] = tallies.requests.get(route, 0) + 1
-        tallies.answered += 1
+        requests = self._tallies.requests
+        requests[route] = requests.get(route, 0) + 1
+
+    def forwarding(self, change: int) -> None:
+        """A forwarded request starts (+1) or ends (-1): `lmfleet_proxy_inflight`."""
+        self._tallies.inflight += change
 
     def error(self, kind: str) -> None:
         errors = self._tallies.errors
