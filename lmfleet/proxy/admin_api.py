@@ -106,6 +106,8 @@ async def readiness(scope: Scope, receive: Receive, send: Send, rt: ProxyContext
             "models": list(n.models),
             "message": n.message,
             "weight_version": n.weight_version,
+            "inflight": n.inflight,
+            "peers": n.peers,  # the other workers' or replicas' requests, as shared
         }
         for n in nodes
     ]

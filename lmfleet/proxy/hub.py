@@ -1,7 +1,8 @@
 """The hub the `lmfleet serve --workers N` supervisor runs for its workers.
 
 It relays each fact a worker publishes (lmfleet/proxy/shared.py) to every other
-worker, and keeps the latest fact per node, the removed nodes and the fleet's
+worker (each worker's requests in flight per node, `held`, too, without keeping
+them), and keeps the latest fact per node, the removed nodes and the fleet's
 versions, so that a worker that starts (or restarts after a crash) first gets the
 whole picture. It also carries a question one worker asks all the others and
 waits for (`ask`): a `/metrics` scrape (each answers its text, and the asker answers

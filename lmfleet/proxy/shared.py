@@ -13,6 +13,15 @@ worker observes (health, load, latency) stays its own: its monitor sees it too; 
 each node's last activity (to the second) goes with its facts, so that the one
 auto-sleeper (worker 0) does not put to sleep a node the other workers keep busy.
 
+Beside the facts, each process shares its requests in flight per node (`held`):
+the counts that changed every `SYNC_EVERY`, all of them every `HELD_EVERY`. A node's
+`/metrics` shows every process's requests, but only as of its last read (up to a
+health interval old); between reads, processes that know only their own requests
+crowd the same node. With the counts, `least_load` ranks by ours + the peers' (as
+they shared them, milliseconds old) + the report's rest (`NodeState.held`). A
+peer's counts are dropped when it is not heard for `HELD_FOR` seconds (it died, or
+the link is lost): the nodes' reports then carry its requests again.
+
 A status is a decision when it is `sleeping`, `draining`, `stopped` or `ejected`;
 leaving one is a decision too (a wakeup, an ejection served). A node removed is
 remembered (a tombstone) so that a restarted worker does not bring it back from
@@ -27,7 +36,9 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -58,6 +69,11 @@ GONE = (
     anyio.ClosedResourceError,
 )
 """What reading or writing a line raises once the other end is gone."""
+HELD_EVERY = 1.0
+"""Seconds between two messages with all of a process's counts (the ones between
+carry what changed)."""
+HELD_FOR = 3.0
+"""Seconds a peer's counts stand after it was last heard."""
 CONNECT_TIMEOUT = 10.0
 SCRAPE_TIMEOUT = 2.0
 
@@ -244,6 +260,12 @@ class SharedState:
         self.connected = False
         self.problem = ""
         """Why it is not connected now (empty while it is)."""
+        self._id = uuid.uuid4().hex[:12]
+        self._told: dict[str, int] = {}
+        """Our counts as last shared (`held` messages)."""
+        self._told_at = 0.0
+        self._peers: dict[str, tuple[float, dict[str, int]]] = {}
+        """Each peer's counts: (when heard, url -> requests)."""
 
     @property
     def via(self) -> str:
@@ -275,6 +297,9 @@ class SharedState:
             finally:
                 self.connected = False
                 self._fleet.registry.barrier = None
+                self._peers.clear()  # not heard any more: the nodes' reports count them
+                self._told.clear()
+                self._recount()
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await self._link.aclose()
             log.error(
@@ -313,6 +338,8 @@ class SharedState:
                 self._forget(message["url"])
             elif op == "fleet":
                 self._apply_fleet(message["fact"])
+            elif op == "held":
+                self._heard(message)
             elif op in ("scrape", "sync"):  # another process asks all
                 # A sync is answered here, after every fact sent before it was applied.
                 text = self.render().decode() if op == "scrape" and self.render else ""
@@ -359,6 +386,46 @@ class SharedState:
             await self._link.publish(
                 {"op": "fleet", "fact": {"weight_version": fleet[0], "floor": fleet[1]}}
             )
+        await self._share_held(nodes)
+
+    async def _share_held(self, nodes: dict[str, NodeState]) -> None:
+        """Send our counts that changed (all of them every `HELD_EVERY`), and drop
+        the peers not heard for `HELD_FOR`."""
+        now = time.monotonic()
+        counts = {url: state.inflight for url, state in nodes.items()}
+        whole = now - self._told_at >= HELD_EVERY
+        told = self._told
+        changed = counts if whole else {u: n for u, n in counts.items() if told.get(u) != n}
+        if changed:
+            self._told, self._told_at = counts, now if whole else self._told_at
+            message = {"op": "held", "by": self._id, "counts": changed, "whole": whole}
+            await self._link.publish(message)
+        silent = [peer for peer, (heard, _) in self._peers.items() if now - heard > HELD_FOR]
+        for peer in silent:
+            del self._peers[peer]
+        if silent:
+            self._recount()
+
+    def _heard(self, message: dict[str, Any]) -> None:
+        """A peer's counts: all of them (`whole`), or those that changed."""
+        peer = str(message["by"])
+        counts = {str(url): int(n) for url, n in message["counts"].items()}
+        known = self._peers.get(peer)
+        if known is not None and not message.get("whole"):
+            counts = {**known[1], **counts}
+        self._peers[peer] = (time.monotonic(), counts)
+        self._recount()
+
+    def _recount(self) -> None:
+        """Each node's `peers`: the sum of the peers' counts there."""
+        sums: dict[str, int] = {}
+        for _, counts in self._peers.values():
+            for url, n in counts.items():
+                sums[url] = sums.get(url, 0) + n
+        registry = self._fleet.registry
+        for state in registry.snapshot():
+            if state.peers != sums.get(state.url, 0):
+                registry.modify(state.url, partial(_with_peers, sums=sums))
 
     async def flush(self) -> None:
         """Share what changed now and wait (bounded) until every other process applied
@@ -422,3 +489,7 @@ class SharedState:
             return await self._link.ask("scrape")
         except GONE:
             return []
+
+
+def _with_peers(state: NodeState, sums: dict[str, int]) -> NodeState:
+    return state.evolve(peers=sums.get(state.url, 0))

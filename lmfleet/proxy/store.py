@@ -12,7 +12,8 @@ facts are lmfleet/proxy/shared.py's, under `NAME:` (`--store-name`, default
   `NAME:gone` a set of removed URLs; `NAME:fleet` the fleet's versions: the snapshot
   a replica takes when it connects (or connects again);
 - `NAME:facts` the channel every change is published on, with the sender's id (a
-  replica ignores its own);
+  replica ignores its own); each replica's requests in flight per node (`held`)
+  travel on it too, and only there (they are current or worthless);
 - `NAME:replica:ID` a key each replica refreshes every second (expiring after
   `PRESENCE_TTL`): who must answer a question (a `sync` before a weight update cuts
   a node's generations).
@@ -103,6 +104,9 @@ class StoreLink:
     async def publish(self, message: dict[str, Any]) -> None:
         """Keep the fact (the snapshot's) and send it to the other replicas, at once."""
         op = message["op"]
+        if op not in ("node", "gone", "fleet"):  # counts (`held`): sent, never kept
+            await self._send(message)
+            return
         data = json.dumps({**message, "from": self.id}, separators=(",", ":"))
         try:
             with anyio.fail_after(CALL_TIMEOUT):

@@ -5,11 +5,13 @@ a fast node and a slow one. `least_load` scores a node in time:
 
     (requests on the node + 1 + 0.75 x those beyond its batch) x what one request costs there
 
-- *Requests on the node* = ours in flight now, plus what other clients had there
-  by the node's own latest `/metrics` report (`NodeLoad.others`: the report minus
-  our requests at the time of the read, so ours are not counted twice; it fades
-  once older than a health interval, so a node that stops reporting falls back to
-  what we know).
+- *Requests on the node* (`NodeState.held`) = ours in flight now, plus our peers'
+  (the other workers of one `lmfleet serve`, or replicas sharing a store: each
+  shares its counts within milliseconds, lmfleet/proxy/shared.py), plus what other
+  clients had there by the node's own latest `/metrics` report (`NodeLoad.others`:
+  the report minus ours and our peers' at the time of the read, so none is counted
+  twice; it fades once older than a health interval, so a node that stops
+  reporting falls back to what we know).
 - *What one request costs* (`expected_waits`), from the first source every
   candidate has: 1 / the speed the operator gave (`attach(speeds=)`,
   `add_node(speed=)`, LMDeploy's `status.speed` at `/nodes/add`); the node's decode
@@ -98,7 +100,7 @@ def expected_waits(nodes: Sequence[NodeState], now: float) -> list[tuple[float, 
         per_request = [prior if n.latency is None else n.latency for n in nodes]
     parts = []
     for node, seconds in zip(nodes, per_request, strict=True):
-        held = node.inflight + (node.load.others(now) if node.load is not None else 0.0)
+        held = node.held(now)
         count = held + 1.0 + QUEUE_EXTRA * beyond_batch(node, held)
         parts.append((count * seconds, held))
     return parts
@@ -134,7 +136,7 @@ class LeastLoad(BaseStrategy):
         candidates = []
         source = cost_source(nodes)
         for node, (score, held) in zip(nodes, self._parts(nodes), strict=True):
-            others = held - node.inflight
+            others = held - node.inflight - node.peers
             if source == "speed":
                 speed = f"speed {node.speed:.3g} (given)"
             elif source == "pace":
@@ -152,8 +154,9 @@ class LeastLoad(BaseStrategy):
                 if queued
                 else ""
             )
+            peers = f", our peers' {node.peers}" if node.peers else ""
             why = (
-                f"{held:.3g} request(s) on the node (ours {node.inflight}, "
+                f"{held:.3g} request(s) on the node (ours {node.inflight}{peers}, "
                 f"others {others:.3g}{report}{batch}); {speed}"
             )
             candidates.append(Candidate(node.url, score, why))

@@ -3,7 +3,8 @@ as its operators run it: one port, two worker processes, real sims behind them.
 
 A node registered through one connection is used by both workers; a sleep and a
 weight update sent to one hold for both (an SGLang node: its own routes cannot say
-it sleeps, so only the shared facts can tell the other worker); `/metrics` adds up;
+it sleeps, so only the shared facts can tell the other worker); each worker routes
+around the others' requests as they share them; `/metrics` adds up;
 a SIGKILLed worker is replaced while the other keeps serving."""
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ import httpx2
 import openai
 import pytest
 from cli_support import Console
-from support import GENERATING, LOADS_WEIGHTS, StartSim, sim_served, sim_stats, wait_until
+from support import (
+    GENERATING,
+    LOADS_WEIGHTS,
+    StartSim,
+    peers_on,
+    routes_around_a_peers_stream,
+    sim_served,
+    sim_stats,
+    wait_until,
+)
 
 MODEL = "internlm/internlm2_5-7b-chat"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -55,8 +65,11 @@ def _each_workers_readiness(base: str) -> dict[int, dict[str, Any]]:
 
 
 def _pinned(base: str, worker: int, timeout: float = 30) -> tuple[httpx2.Client, int]:
-    """A kept-alive connection that landed on `worker`, and that worker's pid."""
-    for _ in range(50):
+    """A kept-alive connection that landed on `worker`, and that worker's pid. The
+    kernel hands a fresh connection to whichever worker accepts first: the same one,
+    many times over, while the other is busy (so: a deadline, not a count)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
         client = httpx2.Client(base_url=base, timeout=timeout)
         shared = client.get("/readiness").json()["shared"]
         if shared["worker"] == worker:
@@ -177,6 +190,45 @@ def test_a_killed_worker_is_replaced_and_costs_only_what_it_held(
     assert len(failed) <= 3, failed  # at most the one request per caller the dead worker held
     assert proxy.stop(signal.SIGTERM) == 0
     assert not [pid for pid in workers[1:] if os.path.exists(f"/proc/{pid}")]
+
+
+def test_each_worker_counts_the_others_requests_on_every_node(
+    console: Callable[..., Console], start_sim: StartSim
+) -> None:
+    nodes = [start_sim(*GENERATING) for _ in range(2)]
+    # Given speeds: the cost of a request is the same on both, whatever latencies
+    # were measured; the 30 s interval keeps the nodes' own reports out of it.
+    flags = [f for n in nodes for f in ("--node", f"{n.url},speed=1,health-interval=30")]
+    proxy, base = _start(console, *flags)
+    wait_until(
+        lambda: all(
+            n["state"] == "healthy"
+            for a in _each_workers_readiness(base).values()
+            for n in a["workers"]
+        ),
+        20,
+        "both nodes healthy on both workers",
+    )
+
+    def on(worker: int) -> Callable[[], httpx2.Client]:
+        return lambda: _pinned(base, worker)[0]
+
+    routes_around_a_peers_stream(on(0), on(1), nodes, MODEL)
+    routes_around_a_peers_stream(on(1), on(0), nodes, MODEL)
+
+    # A worker killed with a generation running: the other drops its counts (it is
+    # not heard any more), where they would otherwise stand for ever.
+    holder, pid = _pinned(base, 0)
+    survivor, _ = _pinned(base, 1)
+    long = {**CHAT, "max_tokens": 1000, "stream": True}
+    with holder.stream("POST", "/v1/chat/completions", json=long) as stream:
+        next(stream.iter_lines())
+        wait_until(lambda: sum(peers_on(survivor).values()) == 1, 10, "the stream shared")
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: sum(peers_on(survivor).values()) == 0, 10, "the dead worker's count gone")
+    holder.close()
+    survivor.close()
+    assert proxy.stop(signal.SIGINT) == 0
 
 
 def test_a_generation_cut_by_another_workers_update_continues(

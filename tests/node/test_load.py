@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlsplit
 
 from lmfleet.node.load import METRICS_PATH, PACE_MIN_TOKENS, NodeLoad, parse_metrics
+from lmfleet.node.state import NodeState
 
 LMDEPLOY = b"""# HELP lmdeploy:num_requests_running Number of requests in model execution batches.
 # TYPE lmdeploy:num_requests_running gauge
@@ -83,6 +84,17 @@ def test_unparsable_values_are_skipped() -> None:
 def test_others_fade_by_half_each_interval_once_stale() -> None:
     load = NodeLoad(running=8, waiting=0, read_at=0.0, local_inflight=0, fresh_for=2.0)
     assert [load.others(t) for t in (1.0, 2.0, 4.0, 6.0)] == [8.0, 8.0, 4.0, 2.0]
+
+
+def test_the_peers_requests_count_as_they_are_now_not_as_reported() -> None:
+    # Read when ours were 1 and our peers' 3: 6 reported, so 2 are other clients'.
+    load = NodeLoad(running=6, waiting=0, read_at=0.0, local_inflight=1, peer_inflight=3)
+    assert load.others(0.5) == 2.0
+    # Since the read, the peers started 4 more (7) and we finished ours: held is
+    # ours now + the peers' now + the report's rest, none counted twice.
+    node = NodeState(url="http://n", inflight=0, peers=7, load=load)
+    assert node.held(0.5) == 9.0
+    assert NodeState(url="http://n", inflight=2, peers=1).held(0.5) == 3.0  # no report
 
 
 def _read(at: float, running: float, tokens: float | None, previous: NodeLoad | None) -> NodeLoad:

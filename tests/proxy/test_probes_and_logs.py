@@ -66,7 +66,16 @@ def test_liveness_and_readiness_with_zero_one_and_two_healthy_nodes(
     assert status == 503 and body["status"] == "not_ready", body  # one of min_ready=2
     assert body["reason"] == "1 of 1 node(s) healthy; 2 needed"
     (worker,) = body["workers"]
-    assert set(worker) == {"url", "state", "is_healthy", "models", "message", "weight_version"}
+    assert set(worker) == {
+        "url",
+        "state",
+        "is_healthy",
+        "models",
+        "message",
+        "weight_version",
+        "inflight",
+        "peers",
+    }
     assert (worker["url"], worker["state"], worker["is_healthy"]) == (a.url, "healthy", True)
     assert worker["models"] == [MODEL]
     assert _probe(url, "/health")[0] == 200  # /health: one healthy node can serve

@@ -20,7 +20,14 @@ from typing import Any
 
 import httpx2
 import pytest
-from support import GENERATING, LOADS_WEIGHTS, StartSim, sim_stats, wait_until
+from support import (
+    GENERATING,
+    LOADS_WEIGHTS,
+    StartSim,
+    routes_around_a_peers_stream,
+    sim_stats,
+    wait_until,
+)
 
 from lmfleet.proxy.options import ProxyOptions
 
@@ -117,6 +124,26 @@ def test_two_replicas_share_registrations_sleeps_and_removals(
     removed = httpx2.post(b + "/nodes/remove", json={"url": sglang.url}, timeout=10)
     assert removed.status_code == 200, removed.text
     wait_until(lambda: _state(a, sglang.url) is None, 10, "the removal on replica a")
+
+
+def test_replicas_route_around_each_others_requests(
+    redis_server: RedisServer, serve_fleet: Callable[..., Any], start_sim: StartSim
+) -> None:
+    name = f"t{uuid.uuid4().hex[:8]}"
+    nodes = [start_sim(*GENERATING) for _ in range(2)]
+    urls = [n.url for n in nodes]
+    options = ProxyOptions(port=0, store=redis_server.url, store_name=name)
+    # Given speeds, and nodes' reports too rare to matter (see the helper).
+    a, b = (
+        serve_fleet(urls, speeds=[1, 1], health_interval=30, serve={"options": options})[1].url
+        for _ in range(2)
+    )
+
+    def on(replica: str) -> Callable[[], httpx2.Client]:
+        return lambda: httpx2.Client(base_url=replica, timeout=30)
+
+    routes_around_a_peers_stream(on(a), on(b), nodes, MODEL)
+    routes_around_a_peers_stream(on(b), on(a), nodes, MODEL)
 
 
 def test_a_replica_that_loses_the_store_keeps_serving_and_says_so(
