@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from lmfleet.errors import ConfigError
 from lmfleet.launch.process import die_with_parent
 
 if TYPE_CHECKING:
@@ -122,11 +121,6 @@ def run(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
     from lmfleet.proxy.hub import Hub  # the `[serve]` extra's, as `lmfleet serve` checked
     from lmfleet.proxy.server import _bind
 
-    if getattr(args, "store", None):
-        raise ConfigError(
-            "--store with --workers is not offered yet: run one worker per replica, or "
-            "several workers without the store"
-        )
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="lmfleet-hub-") as folder:

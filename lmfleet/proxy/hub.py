@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 from anyio.abc import SocketStream, TaskGroup, TaskStatus
 
-from lmfleet.proxy.shared import GONE, SCRAPE_TIMEOUT, Line
+from lmfleet.proxy.shared import GONE, SCRAPE_TIMEOUT, Line, encode
 
 log = logging.getLogger("lmfleet.proxy")
 
@@ -100,11 +100,12 @@ class Hub:
         await self._relay(worker, message)
 
     async def _relay(self, sender: int, message: dict[str, Any]) -> None:
+        data = encode(message)  # once for all: N workers' counts make N x (N - 1) sends
         for worker, line in list(self._workers.items()):
             if worker != sender:
                 # A worker gone meanwhile: its own task cleans up.
                 with contextlib.suppress(*GONE):
-                    await line.send(message)
+                    await line.send_encoded(data)
 
     async def _gather(self, asker: int, key: int, kind: str) -> None:
         """Ask every other worker `kind`; their answers to the asker once all answered

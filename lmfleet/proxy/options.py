@@ -139,7 +139,8 @@ class ProxyOptions(BaseModel):
     hub: Path | None = Field(
         default=None,
         description="the supervisor's hub (a unix socket) through which `--workers` share "
-        "the fleet's decisions (lmfleet/proxy/shared.py); None: one process, nothing shared",
+        "the fleet's decisions (lmfleet/proxy/shared.py; with `store`, only one `/metrics`); "
+        "None: one process, nothing shared",
     )
     worker: int = Field(
         default=0,

@@ -83,14 +83,15 @@ class ProxyServer:
         self._app = create_app(fleet, options, port=self.port)
         self.shared: SharedState | None = None
         link: Link | None = None
-        if options.hub is not None:
-            link = HubLink(options.hub, options.worker)
-        elif options.store is not None:
+        hub = None if options.hub is None else HubLink(options.hub, options.worker)
+        if options.store is not None:  # a replica's (each worker of one, with `--workers`)
             from lmfleet.proxy.store import StoreLink
 
             link = StoreLink(options.store, options.store_name)
+        else:
+            link, hub = hub, None
         if link is not None:
-            self.shared = self._app.shared = SharedState(fleet, link, options.worker)
+            self.shared = self._app.shared = SharedState(fleet, link, options.worker, hub)
         config = uvicorn.Config(
             self._app,
             lifespan="on",

@@ -137,6 +137,11 @@ def apply_fact(state: NodeState, fact: dict[str, Any], held: bool = False) -> No
     return state.evolve(**changes) if changes else state
 
 
+def encode(message: dict[str, Any]) -> bytes:
+    """A message as one line."""
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
 class Line:
     """One JSON object per line over a byte stream."""
 
@@ -146,7 +151,10 @@ class Line:
         self._sending = anyio.Lock()  # several tasks send: one message at a time
 
     async def send(self, message: dict[str, Any]) -> None:
-        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        await self.send_encoded(encode(message))
+
+    async def send_encoded(self, data: bytes) -> None:
+        """A message `encode`d before (the hub relays one to many)."""
         async with self._sending:
             await self.stream.send(data)
 
@@ -249,10 +257,17 @@ class HubLink:
 class SharedState:
     """One process's side of the shared facts (see the module docstring)."""
 
-    def __init__(self, fleet: FleetSurface, link: Link, worker: int = 0) -> None:
+    def __init__(
+        self, fleet: FleetSurface, link: Link, worker: int = 0, siblings: HubLink | None = None
+    ) -> None:
         self._fleet = fleet
         self._link = link
         self.worker = worker
+        self._siblings = siblings
+        """With `--workers` and `--store`: the hub, for what only this proxy's workers
+        share (one `/metrics`); the facts and counts go through the store, to every
+        worker of every replica alike."""
+        self._siblings_up = False
         self._synced: dict[str, dict[str, Any]] = {}
         self._fleet_view: tuple[Any, ...] | None = None
         self.render: Callable[[], bytes] | None = None
@@ -264,8 +279,7 @@ class SharedState:
         self._told: dict[str, int] = {}
         """Our counts as last shared (`held` messages)."""
         self._told_at = 0.0
-        self._peers: dict[str, tuple[float, dict[str, int]]] = {}
-        """Each peer's counts: (when heard, url -> requests)."""
+        self._peers = PeerCounts()
 
     @property
     def via(self) -> str:
@@ -275,6 +289,12 @@ class SharedState:
         """Connect, take the snapshot, then share both ways; after a loss, keep serving
         with what is known and connect again (the first try, too, never stops the
         proxy from starting)."""
+        async with anyio.create_task_group() as tg:
+            if self._siblings is not None:
+                tg.start_soon(self._answer_siblings, self._siblings)
+            await self._share(task_status=task_status)
+
+    async def _share(self, *, task_status: TaskStatus[None]) -> None:
         started = False
         pause = 0.5
         while True:
@@ -297,9 +317,9 @@ class SharedState:
             finally:
                 self.connected = False
                 self._fleet.registry.barrier = None
-                self._peers.clear()  # not heard any more: the nodes' reports count them
+                # Not heard any more: the nodes' reports count their requests again.
+                self._set_peers(self._peers.clear())
                 self._told.clear()
-                self._recount()
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await self._link.aclose()
             log.error(
@@ -342,11 +362,33 @@ class SharedState:
                 self._heard(message)
             elif op in ("scrape", "sync"):  # another process asks all
                 # A sync is answered here, after every fact sent before it was applied.
-                text = self.render().decode() if op == "scrape" and self.render else ""
                 try:
-                    await self._link.answer(message, text)
+                    await self._answer(self._link, message)
                 except GONE:
                     return
+
+    async def _answer(self, link: Link, question: dict[str, Any]) -> None:
+        text = self.render().decode() if question["op"] == "scrape" and self.render else ""
+        await link.answer(question, text)
+
+    async def _answer_siblings(self, hub: HubLink) -> None:
+        """Beside a store: stay on the hub to answer the other workers' scrapes (and to
+        ask them, `scrape_others`); connect again after a loss."""
+        while True:
+            try:
+                await hub.open()  # its snapshot is empty: facts go through the store
+                self._siblings_up = True
+                while True:
+                    question = await hub.receive()
+                    if question.get("op") in ("scrape", "sync"):
+                        await self._answer(hub, question)
+            except (*GONE, OSError, TimeoutError, ValueError, KeyError) as exc:
+                log.warning("worker %d lost the hub (%s); it tries again", self.worker, exc)
+            finally:
+                self._siblings_up = False
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await hub.aclose()
+            await anyio.sleep(1.0)
 
     @staticmethod
     async def _until_gone(
@@ -400,32 +442,18 @@ class SharedState:
             self._told, self._told_at = counts, now if whole else self._told_at
             message = {"op": "held", "by": self._id, "counts": changed, "whole": whole}
             await self._link.publish(message)
-        silent = [peer for peer, (heard, _) in self._peers.items() if now - heard > HELD_FOR]
-        for peer in silent:
-            del self._peers[peer]
-        if silent:
-            self._recount()
+        self._set_peers(self._peers.expire(now))
 
     def _heard(self, message: dict[str, Any]) -> None:
-        """A peer's counts: all of them (`whole`), or those that changed."""
-        peer = str(message["by"])
         counts = {str(url): int(n) for url, n in message["counts"].items()}
-        known = self._peers.get(peer)
-        if known is not None and not message.get("whole"):
-            counts = {**known[1], **counts}
-        self._peers[peer] = (time.monotonic(), counts)
-        self._recount()
+        changed = self._peers.heard(str(message["by"]), counts, bool(message.get("whole")))
+        self._set_peers(changed)
 
-    def _recount(self) -> None:
-        """Each node's `peers`: the sum of the peers' counts there."""
-        sums: dict[str, int] = {}
-        for _, counts in self._peers.values():
-            for url, n in counts.items():
-                sums[url] = sums.get(url, 0) + n
+    def _set_peers(self, sums: dict[str, int]) -> None:
+        """Each node's `peers` where the sum changed."""
         registry = self._fleet.registry
-        for state in registry.snapshot():
-            if state.peers != sums.get(state.url, 0):
-                registry.modify(state.url, partial(_with_peers, sums=sums))
+        for url, peers in sums.items():
+            registry.modify(url, partial(NodeState.evolve, peers=peers))
 
     async def flush(self) -> None:
         """Share what changed now and wait (bounded) until every other process applied
@@ -483,13 +511,64 @@ class SharedState:
     async def scrape_others(self) -> list[str]:
         """The other workers' `/metrics` texts (those that answered in time); none for
         replicas, whose `/metrics` are each their own."""
-        if not self.connected or self.via != "hub":
+        link: Link
+        if self._siblings is not None:
+            link, up = self._siblings, self._siblings_up
+        else:
+            link, up = self._link, self.connected and self.via == "hub"
+        if not up:
             return []
         try:
-            return await self._link.ask("scrape")
+            return await link.ask("scrape")
         except GONE:
             return []
 
 
-def _with_peers(state: NodeState, sums: dict[str, int]) -> NodeState:
-    return state.evolve(peers=sums.get(state.url, 0))
+class PeerCounts:
+    """The peers' requests in flight per node, as each last shared them, and their sum
+    per node. Each change returns the nodes whose sum changed (url -> new sum): a
+    message costs what it changed, not the fleet's size times the peers."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, dict[str, int]] = {}
+        self._heard: dict[str, float] = {}
+        self._sums: dict[str, int] = {}
+
+    def heard(
+        self, peer: str, counts: dict[str, int], whole: bool, now: float | None = None
+    ) -> dict[str, int]:
+        """A peer's counts: all of them (`whole`: a node it left out has none), or
+        those that changed."""
+        self._heard[peer] = time.monotonic() if now is None else now
+        known = self._counts.setdefault(peer, {})
+        deltas: dict[str, int] = {}
+        if whole:
+            for url in known.keys() - counts.keys():
+                deltas[url] = -known.pop(url)
+        for url, n in counts.items():
+            delta = n - known.get(url, 0)
+            if delta:
+                deltas[url] = delta
+                known[url] = n
+        return self._add(deltas)
+
+    def expire(self, now: float) -> dict[str, int]:
+        """Drop the peers not heard for `HELD_FOR` seconds."""
+        changed: dict[str, int] = {}
+        for peer in [p for p, heard in self._heard.items() if now - heard > HELD_FOR]:
+            del self._heard[peer]
+            changed |= self._add({url: -n for url, n in self._counts.pop(peer).items()})
+        return changed
+
+    def clear(self) -> dict[str, int]:
+        """Forget every peer (the link is lost)."""
+        changed = {url: 0 for url, n in self._sums.items() if n}
+        self._counts.clear()
+        self._heard.clear()
+        self._sums.clear()
+        return changed
+
+    def _add(self, deltas: dict[str, int]) -> dict[str, int]:
+        for url, delta in deltas.items():
+            self._sums[url] = self._sums.get(url, 0) + delta
+        return {url: self._sums[url] for url in deltas}

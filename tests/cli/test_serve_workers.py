@@ -214,7 +214,6 @@ def test_each_worker_counts_the_others_requests_on_every_node(
         return lambda: _pinned(base, worker)[0]
 
     routes_around_a_peers_stream(on(0), on(1), nodes, MODEL)
-    routes_around_a_peers_stream(on(1), on(0), nodes, MODEL)
 
     # A worker killed with a generation running: the other drops its counts (it is
     # not heard any more), where they would otherwise stand for ever.

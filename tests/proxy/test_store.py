@@ -4,12 +4,16 @@ wheel bundles; skipped with the reason where it is missing) and real sims.
 
 A registration with one replica is used by the other; a sleep decided by one holds
 for the other (an SGLang node, whose routes cannot say it sleeps: only the shared
-fact tells); a removal too. A replica that loses Redis keeps serving, says so in
-`/readiness`, and shares what it knows again once Redis is back."""
+fact tells); a removal too. Replicas route around each other's requests in flight.
+A replica with `--workers 2` is two processes on the store and one `/metrics`. A
+replica that loses Redis keeps serving, says so in `/readiness`, and shares what it
+knows again once Redis is back."""
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import threading
 import time
@@ -20,6 +24,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from cli_support import Console
 from support import (
     GENERATING,
     LOADS_WEIGHTS,
@@ -33,6 +38,7 @@ from lmfleet.proxy.options import ProxyOptions
 
 MODEL = "internlm/internlm2_5-7b-chat"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+CLOSE = {"connection": "close"}  # a fresh connection per request: the kernel picks a worker
 
 
 def _redis_binary() -> Path:
@@ -94,6 +100,11 @@ def _replica(serve_fleet: Callable[..., Any], store: str, name: str) -> str:
     return url
 
 
+def _sample(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def _shared(url: str) -> dict[str, Any]:
     return dict(httpx2.get(url + "/readiness", timeout=10).json())
 
@@ -143,7 +154,6 @@ def test_replicas_route_around_each_others_requests(
         return lambda: httpx2.Client(base_url=replica, timeout=30)
 
     routes_around_a_peers_stream(on(a), on(b), nodes, MODEL)
-    routes_around_a_peers_stream(on(b), on(a), nodes, MODEL)
 
 
 def test_a_replica_that_loses_the_store_keeps_serving_and_says_so(
@@ -169,6 +179,45 @@ def test_a_replica_that_loses_the_store_keeps_serving_and_says_so(
         lambda: node.url.encode() in client.smembers(f"{name}:nodes"), 10, "the node in the store"
     )
     client.close()
+
+
+def test_a_replica_of_two_workers_is_two_processes_on_the_store_and_one_metrics_view(
+    redis_server: RedisServer,
+    serve_fleet: Callable[..., Any],
+    start_sim: StartSim,
+    console: Callable[..., Console],
+) -> None:
+    name = f"t{uuid.uuid4().hex[:8]}"
+    one = _replica(serve_fleet, redis_server.url, name)
+    flags = ("--store", redis_server.url, "--store-name", name, "--disable-cache-status")
+    proxy = console("serve", "--workers", "2", "--port", "0", *flags)
+    workers = proxy.wait_for(r"lmfleet proxy on (http://127\.0\.0\.1:\d+) \(2 workers\)").group(1)
+    node = start_sim(*GENERATING)
+    assert httpx2.post(one + "/nodes/add", json={"url": node.url}, timeout=10).status_code == 200
+    seen: dict[int, dict[str, Any]] = {}
+
+    def each_worker_sees(check: Callable[[dict[str, Any]], bool]) -> bool:
+        answer = httpx2.get(workers + "/readiness", headers=CLOSE, timeout=10).json()
+        if any(n["url"] == node.url and check(n) for n in answer["workers"]):
+            seen[answer["shared"]["worker"]] = answer["shared"]
+        return len(seen) == 2
+
+    wait_until(lambda: each_worker_sees(lambda n: n["state"] == "healthy"), 20, "both workers")
+    assert all(s["via"] == "store" and s["connected"] for s in seen.values()), seen
+
+    long = {**CHAT, "max_tokens": 1000, "stream": True}
+    with httpx2.stream("POST", one + "/v1/chat/completions", json=long, timeout=30) as stream:
+        next(stream.iter_lines())  # the other replica's generation, in each worker's counts
+        seen.clear()
+        wait_until(lambda: each_worker_sees(lambda n: n["peers"] == 1), 20, "the count shared")
+
+    for _ in range(4):
+        answer = httpx2.post(workers + "/v1/chat/completions", json=CHAT, headers=CLOSE, timeout=10)
+        assert answer.status_code == 200, answer.text
+    text = httpx2.get(workers + "/metrics", timeout=10).text
+    assert _sample(text, "lmfleet_proxy_workers") == 2  # its own workers', not the replica's
+    assert _sample(text, 'lmfleet_proxy_requests_total{route="/v1/chat/completions"}') == 4
+    assert proxy.stop(signal.SIGINT) == 0
 
 
 def test_a_generation_one_replica_follows_survives_the_others_update(
