@@ -188,6 +188,21 @@ def streaming_node(nodes: Sequence[SimNode]) -> SimNode:
     return found[0]
 
 
+def pinned(base: str, worker: int, timeout: float = 30) -> tuple[httpx2.Client, int]:
+    """A kept-alive connection to `lmfleet serve --workers N` that landed on `worker`,
+    and that worker's pid. The kernel hands a fresh connection to whichever worker
+    accepts first: the same one, many times over, while the other is busy (so: a
+    deadline, not a count). Keep it busy: the proxy closes it after 5 s idle."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        client = httpx2.Client(base_url=base, timeout=timeout)
+        shared = client.get("/readiness").json()["shared"]
+        if shared["worker"] == worker:
+            return client, int(shared["pid"])
+        client.close()
+    raise AssertionError(f"no connection landed on worker {worker}")
+
+
 def peers_on(proxy: httpx2.Client) -> dict[str, int]:
     """Each node's requests of the proxy's peers (other workers or replicas), as the
     process answering on `proxy`'s connection knows them (`/readiness`)."""

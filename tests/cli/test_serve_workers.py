@@ -27,6 +27,7 @@ from support import (
     LOADS_WEIGHTS,
     StartSim,
     peers_on,
+    pinned,
     routes_around_a_peers_stream,
     sim_served,
     sim_stats,
@@ -62,20 +63,6 @@ def _each_workers_readiness(base: str) -> dict[int, dict[str, Any]]:
 
     wait_until(both, 20, "both workers answering /readiness", step=0.01)
     return seen
-
-
-def _pinned(base: str, worker: int, timeout: float = 30) -> tuple[httpx2.Client, int]:
-    """A kept-alive connection that landed on `worker`, and that worker's pid. The
-    kernel hands a fresh connection to whichever worker accepts first: the same one,
-    many times over, while the other is busy (so: a deadline, not a count)."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        client = httpx2.Client(base_url=base, timeout=timeout)
-        shared = client.get("/readiness").json()["shared"]
-        if shared["worker"] == worker:
-            return client, int(shared["pid"])
-        client.close()
-    pytest.fail(f"no connection landed on worker {worker}")
 
 
 def _node(answer: dict[str, Any], url: str) -> dict[str, Any]:
@@ -211,14 +198,14 @@ def test_each_worker_counts_the_others_requests_on_every_node(
     )
 
     def on(worker: int) -> Callable[[], httpx2.Client]:
-        return lambda: _pinned(base, worker)[0]
+        return lambda: pinned(base, worker)[0]
 
     routes_around_a_peers_stream(on(0), on(1), nodes, MODEL)
 
     # A worker killed with a generation running: the other drops its counts (it is
     # not heard any more), where they would otherwise stand for ever.
-    holder, pid = _pinned(base, 0)
-    survivor, _ = _pinned(base, 1)
+    holder, pid = pinned(base, 0)
+    survivor, _ = pinned(base, 1)
     long = {**CHAT, "max_tokens": 1000, "stream": True}
     with holder.stream("POST", "/v1/chat/completions", json=long) as stream:
         next(stream.iter_lines())
@@ -287,7 +274,7 @@ def test_one_auto_sleeper_hears_every_workers_traffic(
     )
     # One kept-alive connection to worker 1, which does not auto-sleep: worker 0 sees
     # none of this traffic itself, only through the shared facts.
-    client, _ = _pinned(base, 1, timeout=10)
+    client, _ = pinned(base, 1, timeout=10)
     try:
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200  # awake now
         slept = sim_stats(node.url)["by_path"].get("/sleep", 0)
@@ -324,7 +311,7 @@ def test_a_batch_is_one_job_for_every_worker_and_outlives_the_one_that_ran_it(
     nodes = [start_sim("--ttft-ms", "5", "--tpot-ms", "40") for _ in range(2)]
     flags = ("--node", nodes[0].url, "--node", nodes[1].url, "--batch-concurrency", "2")
     proxy, base = _start(console, *flags)  # --disable-cache-status: a temporary jobs dir
-    (http0, pid0), (http1, _) = _pinned(base, 0), _pinned(base, 1)
+    (http0, pid0), (http1, _) = pinned(base, 0), pinned(base, 1)
     zero = openai.OpenAI(base_url=base + "/v1", api_key="x", http_client=http0, max_retries=0)
     one = openai.OpenAI(base_url=base + "/v1", api_key="x", http_client=http1, max_retries=0)
 

@@ -29,6 +29,7 @@ from support import (
     GENERATING,
     LOADS_WEIGHTS,
     StartSim,
+    pinned,
     routes_around_a_peers_stream,
     sim_stats,
     wait_until,
@@ -39,6 +40,7 @@ from lmfleet.proxy.options import ProxyOptions
 MODEL = "internlm/internlm2_5-7b-chat"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 CLOSE = {"connection": "close"}  # a fresh connection per request: the kernel picks a worker
+GO = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "stream": True}
 
 
 def _redis_binary() -> Path:
@@ -192,24 +194,25 @@ def test_a_replica_of_two_workers_is_two_processes_on_the_store_and_one_metrics_
     flags = ("--store", redis_server.url, "--store-name", name, "--disable-cache-status")
     proxy = console("serve", "--workers", "2", "--port", "0", *flags)
     workers = proxy.wait_for(r"lmfleet proxy on (http://127\.0\.0\.1:\d+) \(2 workers\)").group(1)
-    node = start_sim(*GENERATING)
+    node = start_sim("--ttft-ms", "5", "--tpot-ms", "20", "--output-tokens", "1000")  # 20 s
     assert httpx2.post(one + "/nodes/add", json={"url": node.url}, timeout=10).status_code == 200
-    seen: dict[int, dict[str, Any]] = {}
+    clients = [pinned(workers, w)[0] for w in (0, 1)]
 
     def each_worker_sees(check: Callable[[dict[str, Any]], bool]) -> bool:
-        answer = httpx2.get(workers + "/readiness", headers=CLOSE, timeout=10).json()
-        if any(n["url"] == node.url and check(n) for n in answer["workers"]):
-            seen[answer["shared"]["worker"]] = answer["shared"]
-        return len(seen) == 2
+        answers = [c.get("/readiness").json() for c in clients]
+        nodes = [n for a in answers for n in a["workers"] if n["url"] == node.url]
+        return len(nodes) == 2 and all(check(n) for n in nodes)
 
     wait_until(lambda: each_worker_sees(lambda n: n["state"] == "healthy"), 20, "both workers")
-    assert all(s["via"] == "store" and s["connected"] for s in seen.values()), seen
+    for client in clients:
+        shared = client.get("/readiness").json()["shared"]
+        assert shared["via"] == "store" and shared["connected"], shared
 
-    long = {**CHAT, "max_tokens": 1000, "stream": True}
-    with httpx2.stream("POST", one + "/v1/chat/completions", json=long, timeout=30) as stream:
+    with httpx2.stream("POST", one + "/v1/chat/completions", json=GO, timeout=30) as stream:
         next(stream.iter_lines())  # the other replica's generation, in each worker's counts
-        seen.clear()
-        wait_until(lambda: each_worker_sees(lambda n: n["peers"] == 1), 20, "the count shared")
+        wait_until(lambda: each_worker_sees(lambda n: n["peers"] == 1), 10, "the count shared")
+    for client in clients:
+        client.close()
 
     for _ in range(4):
         answer = httpx2.post(workers + "/v1/chat/completions", json=CHAT, headers=CLOSE, timeout=10)
