@@ -65,6 +65,18 @@ def _each_workers_readiness(base: str) -> dict[int, dict[str, Any]]:
     return seen
 
 
+def _wait_all_healthy(base: str) -> None:
+    wait_until(
+        lambda: all(
+            n["state"] == "healthy"
+            for a in _each_workers_readiness(base).values()
+            for n in a["workers"]
+        ),
+        20,
+        "every node healthy on both workers",
+    )
+
+
 def _node(answer: dict[str, Any], url: str) -> dict[str, Any]:
     return next(n for n in answer["workers"] if n["url"] == url)
 
@@ -187,15 +199,7 @@ def test_each_worker_counts_the_others_requests_on_every_node(
     # were measured; the 30 s interval keeps the nodes' own reports out of it.
     flags = [f for n in nodes for f in ("--node", f"{n.url},speed=1,health-interval=30")]
     proxy, base = _start(console, *flags)
-    wait_until(
-        lambda: all(
-            n["state"] == "healthy"
-            for a in _each_workers_readiness(base).values()
-            for n in a["workers"]
-        ),
-        20,
-        "both nodes healthy on both workers",
-    )
+    _wait_all_healthy(base)
 
     def on(worker: int) -> Callable[[], httpx2.Client]:
         return lambda: pinned(base, worker)[0]
@@ -222,15 +226,7 @@ def test_a_generation_cut_by_another_workers_update_continues(
 ) -> None:
     nodes = [start_sim(*GENERATING, *LOADS_WEIGHTS) for _ in range(2)]
     proxy, base = _start(console, "--node", nodes[0].url, "--node", nodes[1].url)
-    wait_until(
-        lambda: all(
-            n["state"] == "healthy"
-            for a in _each_workers_readiness(base).values()
-            for n in a["workers"]
-        ),
-        20,
-        "both nodes healthy on both workers",
-    )
+    _wait_all_healthy(base)
     body = {"input_ids": [11, 12, 13, 14, 15], "max_tokens": 250, "ignore_eos": True}
     answers: list[dict[str, Any]] = []
 
