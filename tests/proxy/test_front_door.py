@@ -74,7 +74,10 @@ class Wire:
         """True once the proxy closed the connection (after what was read)."""
         return not self.buffer and not self._fill()
 
-    def close(self) -> None:
+    def __enter__(self) -> Wire:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.sock.close()
 
 
@@ -93,8 +96,7 @@ def test_kept_alive_and_pipelined_requests_are_answered_in_order(
     proxy: Served, two_nodes: list[str]
 ) -> None:
     _, server = proxy
-    wire = Wire(server.url)
-    try:
+    with Wire(server.url) as wire:
         # Three requests in one write, then one whose head and body come apart.
         wire.send(_post("/v1/chat/completions", CHAT) * 2 + b"GET /health HTTP/1.1\r\n\r\n")
         for _ in range(2):
@@ -116,8 +118,6 @@ def test_kept_alive_and_pipelined_requests_are_answered_in_order(
         status, headers, body = wire.answer()
         assert status == 404 and json.loads(body)["object"] == "error"
         assert headers["connection"] == "close" and wire.closed()
-    finally:
-        wire.close()
     assert sum(sim_served(url) for url in two_nodes) == 3
 
 
@@ -125,8 +125,7 @@ def test_requests_the_door_does_not_take_go_to_uvicorn_on_the_same_connection(
     proxy: Served, two_nodes: list[str]
 ) -> None:
     _, server = proxy
-    wire = Wire(server.url)
-    try:
+    with Wire(server.url) as wire:
         # A chunked body: uvicorn's protocol reads it; the connection stays with it.
         head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: p\r\n"
         head += b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -147,39 +146,28 @@ def test_requests_the_door_does_not_take_go_to_uvicorn_on_the_same_connection(
         assert status == 405 and headers["allow"] == "GET"
         wire.send(_post("/v1/chat/completions", CHAT))  # no body came after that head
         assert wire.answer()[0] == 200
-    finally:
-        wire.close()
 
-    wire = Wire(server.url)
-    try:
+    with Wire(server.url) as wire:
         wire.send(_post("/v1/chat/completions", CHAT, b"expect: 100-continue")[: -len(CHAT)])
         assert wire.answer()[0] == 100  # uvicorn asks for the body
         wire.send(CHAT)
         assert wire.answer()[0] == 200
-    finally:
-        wire.close()
 
-    wire = Wire(server.url)
-    try:
+    with Wire(server.url) as wire:
         wire.send(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: x\r\n\r\n")
         assert wire.answer()[0] == 400  # malformed: uvicorn's 400, then the connection ends
         assert wire.closed()
-    finally:
-        wire.close()
     assert sum(sim_served(url) for url in two_nodes) == 4
 
 
 def test_an_http_1_0_caller_gets_its_answer_and_the_connection_ends(proxy: Served) -> None:
     _, server = proxy
-    wire = Wire(server.url)
-    try:
+    with Wire(server.url) as wire:
         request = _post("/v1/chat/completions", CHAT).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
         wire.send(request)
         status, headers, body = wire.answer()
         assert status == 200 and json.loads(body)["object"] == "chat.completion"
         assert headers["connection"] == "close" and wire.closed()
-    finally:
-        wire.close()
 
 
 def test_a_body_answered_before_it_arrived_is_skipped_and_the_connection_kept(
@@ -187,8 +175,7 @@ def test_a_body_answered_before_it_arrived_is_skipped_and_the_connection_kept(
 ) -> None:
     options = ProxyOptions(max_body_bytes=1000)
     _, server = serve_fleet(two_nodes, serve={"options": options})
-    wire = Wire(server.url)
-    try:
+    with Wire(server.url) as wire:
         big = b"x" * 3000
         request = _post("/v1/chat/completions", big)
         wire.send(request[: len(request) - 2500])  # the head and 500 bytes of the body
@@ -204,16 +191,11 @@ def test_a_body_answered_before_it_arrived_is_skipped_and_the_connection_kept(
         )
         status, headers, _ = wire.answer()
         assert status == 413 and headers["connection"] == "close" and wire.closed()
-    finally:
-        wire.close()
 
 
 def test_a_head_that_never_ends_does_not_hold_the_connection(proxy: Served) -> None:
     _, server = proxy
-    wire = Wire(server.url)
-    try:
+    with Wire(server.url) as wire:
         wire.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: p\r\n")  # and nothing more
         wire.sock.settimeout(15)  # a recv that times out fails the test
         assert wire.closed()  # uvicorn's keep-alive timeout (5 s) from the connection's start
-    finally:
-        wire.close()
