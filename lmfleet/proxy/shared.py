@@ -319,7 +319,7 @@ class SharedState:
                 self._fleet.registry.barrier = None
                 # Not heard any more: the nodes' reports count their requests again.
                 self._set_peers(self._peers.clear())
-                self._told.clear()
+                self._told, self._told_at = {}, 0.0  # the first message after: all of them
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await self._link.aclose()
             log.error(
