@@ -233,6 +233,7 @@ class NodeRuntime:
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.completion_tokens,
             "cached_tokens": stats.cached_tokens,
+            "generated_tokens": stats.generated_tokens,
             "running": self.scheduler.running,
             "waiting": self.scheduler.waiting,
             "sleeping": self.is_sleeping,

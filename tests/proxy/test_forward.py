@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from collections.abc import Callable
 
 import anyio
@@ -125,3 +128,46 @@ def test_fleet_close_stops_the_proxy(start_sim: StartSim) -> None:
     with pytest.raises(httpx2.ConnectError):
         httpx2.get(server.url + "/health")
     server.stop()  # after close: a no-op
+
+
+def _steady(probe: Callable[[], int], quiet: float = 1.0, timeout: float = 30.0) -> int:
+    """`probe`'s value once it has not changed for `quiet` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    value, since = probe(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"still changing after {timeout} s: {value}"
+        time.sleep(0.05)
+        now = probe()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
+def test_a_caller_that_stops_reading_holds_its_node_back_and_one_that_leaves_frees_it(
+    serve_fleet: Callable[..., Served], start_sim: StartSim
+) -> None:
+    """Backpressure end to end: a caller that reads nothing more of a long stream stops
+    the node's generation within a few MB (the proxy waits for the caller's socket
+    before reading the node further, and stops reading the node past HIGH_WATER), not
+    after the whole answer sat in the proxy's memory; the caller then hangs up and the
+    node's generation is aborted."""
+    tokens = 200_000  # ~40 MB of events: the kernel's buffers and ours hold a few MB
+    node = start_sim("--ttft-ms", "1", "--tpot-ms", "0.01", "--output-tokens", str(tokens)).url
+    _, server = serve_fleet([node])
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "long"}], "stream": True}
+    ).encode()
+    with socket.socket() as caller:
+        caller.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        caller.settimeout(10)
+        caller.connect((host, int(port)))
+        caller.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        assert caller.recv(1024).startswith(b"HTTP/1.1 200 ")  # then reads nothing more
+        generated = _steady(lambda: int(sim_stats(node)["generated_tokens"]))
+        assert generated < tokens // 2, "the node was read on while the caller read nothing"
+    stats = wait_until(lambda: sim_stats(node), until=lambda s: s["inflight"] == 0)
+    assert stats["aborted"] == 1 and stats["generated_tokens"] < tokens // 2
