@@ -4,10 +4,13 @@ It relays each fact a worker publishes (lmfleet/proxy/shared.py) to every other
 worker (each worker's requests in flight per node, `held`, too, without keeping
 them), and keeps the latest fact per node, the removed nodes and the fleet's
 versions, so that a worker that starts (or restarts after a crash) first gets the
-whole picture. It also carries a question one worker asks all the others and
-waits for (`ask`): a `/metrics` scrape (each answers its text, and the asker answers
-one view), or a `sync` (each answers once it has applied every fact sent before:
-the asker then knows its decision reached all, before it acts on a node).
+whole picture. When a worker's line closes (it ended, or was killed), the hub tells
+the others at once that its requests in flight are none, rather than leaving them
+to stand until they expire (`HELD_FOR`). It also carries a question one worker asks
+all the others and waits for (`ask`): a `/metrics` scrape (each answers its text,
+and the asker answers one view), or a `sync` (each answers once it has applied
+every fact sent before: the asker then knows its decision reached all, before it
+acts on a node).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Hub:
     async def _worker(self, stream: SocketStream) -> None:
         line = Line(stream)
         worker = -1
+        held_by: str | None = None  # its id in its `held` messages
         async with stream:
             try:
                 hello = await line.receive()
@@ -61,7 +65,10 @@ class Hub:
                 snapshot = {"nodes": self.nodes, "gone": sorted(self.gone), "fleet": self.fleet}
                 await line.send({"op": "snapshot", **snapshot})
                 while True:
-                    await self._handle(worker, await line.receive())
+                    message = await line.receive()
+                    if message.get("op") == "held":
+                        held_by = str(message["by"])
+                    await self._handle(worker, message)
             except GONE:
                 pass  # the worker ended (or was killed): the supervisor starts another
             except (ValueError, KeyError, TypeError) as exc:
@@ -73,6 +80,8 @@ class Hub:
                     left.discard(worker)  # a question does not wait for a worker that is gone
                     if not left:
                         done.set()
+                if held_by is not None:
+                    await self._left(held_by)
 
     async def _handle(self, worker: int, message: dict[str, Any]) -> None:
         op = message["op"]
@@ -98,6 +107,11 @@ class Hub:
                     done.set()
             return
         await self._relay(worker, message)
+
+    async def _left(self, by: str) -> None:
+        """A worker's line closed: its requests in flight ended with it. A whole, empty
+        `held` message in its name (`by`) makes every other worker drop its counts."""
+        await self._relay(-1, {"op": "held", "by": by, "counts": {}, "whole": True})
 
     async def _relay(self, sender: int, message: dict[str, Any]) -> None:
         data = encode(message)  # once for all: N workers' counts make N x (N - 1) sends

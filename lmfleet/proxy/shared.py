@@ -20,7 +20,8 @@ health interval old); between reads, processes that know only their own requests
 crowd the same node. With the counts, `least_load` ranks by ours + the peers' (as
 they shared them, milliseconds old) + the report's rest (`NodeState.held`). A
 peer's counts are dropped when it is not heard for `HELD_FOR` seconds (it died, or
-the link is lost): the nodes' reports then carry its requests again.
+the link is lost; a worker's at once, when the hub sees its line close): the nodes'
+reports then carry its requests again.
 
 A status is a decision when it is `sleeping`, `draining`, `stopped` or `ejected`;
 leaving one is a decision too (a wakeup, an ejection served). A node removed is
