@@ -1,29 +1,39 @@
 """The hub the `lmfleet serve --workers N` supervisor runs for its workers.
 
 It relays each fact a worker publishes (lmfleet/proxy/shared.py) to every other
-worker (each worker's requests in flight per node, `held`, too, without keeping
-them), and keeps the latest fact per node, the removed nodes and the fleet's
+worker, and keeps the latest fact per node, the removed nodes and the fleet's
 versions, so that a worker that starts (or restarts after a crash) first gets the
-whole picture. When a worker's line closes (it ended, or was killed), the hub tells
-the others at once that its requests in flight are none, rather than leaving them
-to stand until they expire (`HELD_FOR`). It also carries a question one worker asks
-all the others and waits for (`ask`): a `/metrics` scrape (each answers its text,
-and the asker answers one view), or a `sync` (each answers once it has applied
-every fact sent before: the asker then knows its decision reached all, before it
-acts on a node).
+whole picture. Each worker's requests in flight per node (`held`) it sums instead
+(`HeldTotals`): every `SYNC_EVERY` each worker is told the others' sums that
+changed, as one peer named `hub` (N messages a tick for N workers, where a relay of
+every worker's counts to every other was N x (N - 1)). A worker whose line closes
+(it ended, or was killed) counts for nothing from then on. It also carries a
+question one worker asks all the others and waits for (`ask`): a `/metrics` scrape
+(each answers its text, and the asker answers one view), or a `sync` (each answers
+once it has applied every fact sent before: the asker then knows its decision
+reached all, before it acts on a node).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 from anyio.abc import SocketStream, TaskGroup, TaskStatus
 
-from lmfleet.proxy.shared import GONE, SCRAPE_TIMEOUT, Line, encode
+from lmfleet.proxy.shared import (
+    GONE,
+    HELD_EVERY,
+    SCRAPE_TIMEOUT,
+    SYNC_EVERY,
+    HeldTotals,
+    Line,
+    encode,
+)
 
 log = logging.getLogger("lmfleet.proxy")
 
@@ -37,6 +47,11 @@ class Hub:
         self.gone: set[str] = set()
         self.fleet: dict[str, Any] | None = None
         self._workers: dict[int, Line] = {}
+        self.held = HeldTotals()
+        self._told: dict[Line, dict[str, int]] = {}
+        """What each worker's line was last told of the others' requests in flight."""
+        self._held_by: dict[Line, str] = {}
+        """Each worker's id in its `held` messages, by its line."""
         self._answers: dict[tuple[int, int], list[str]] = {}
         self._waits: dict[tuple[int, int], tuple[set[int], anyio.Event]] = {}
         self._tasks: TaskGroup
@@ -50,13 +65,13 @@ class Hub:
         listener = await anyio.create_unix_listener(self.path)
         async with listener, anyio.create_task_group() as tg:
             self._tasks = tg
+            tg.start_soon(self._share_held)
             task_status.started()
             await listener.serve(self._worker, task_group=tg)
 
     async def _worker(self, stream: SocketStream) -> None:
         line = Line(stream)
         worker = -1
-        held_by: str | None = None  # its id in its `held` messages
         async with stream:
             try:
                 hello = await line.receive()
@@ -66,9 +81,10 @@ class Hub:
                 await line.send({"op": "snapshot", **snapshot})
                 while True:
                     message = await line.receive()
-                    if message.get("op") == "held":
-                        held_by = str(message["by"])
-                    await self._handle(worker, message)
+                    if message["op"] == "held":
+                        self._held(line, message)
+                    else:
+                        await self._handle(worker, message)
             except GONE:
                 pass  # the worker ended (or was killed): the supervisor starts another
             except (ValueError, KeyError, TypeError) as exc:
@@ -80,8 +96,10 @@ class Hub:
                     left.discard(worker)  # a question does not wait for a worker that is gone
                     if not left:
                         done.set()
-                if held_by is not None:
-                    await self._left(held_by)
+                self._told.pop(line, None)
+                by = self._held_by.pop(line, None)
+                if by is not None:
+                    self.held.left(by)
 
     async def _handle(self, worker: int, message: dict[str, Any]) -> None:
         op = message["op"]
@@ -108,13 +126,36 @@ class Hub:
             return
         await self._relay(worker, message)
 
-    async def _left(self, by: str) -> None:
-        """A worker's line closed: its requests in flight ended with it. A whole, empty
-        `held` message in its name (`by`) makes every other worker drop its counts."""
-        await self._relay(-1, {"op": "held", "by": by, "counts": {}, "whole": True})
+    def _held(self, line: Line, message: dict[str, Any]) -> None:
+        by = self._held_by[line] = str(message["by"])
+        counts = {str(url): int(n) for url, n in message["counts"].items()}
+        self.held.heard(by, counts, bool(message.get("whole")))
+
+    async def _share_held(self) -> None:
+        """Every `SYNC_EVERY`: each worker hears the others' sums that changed for it
+        (all of them every `HELD_EVERY`, and in a worker's first message)."""
+        told_all = 0.0
+        while True:
+            await anyio.sleep(SYNC_EVERY)
+            now = time.monotonic()
+            whole = now - told_all >= HELD_EVERY
+            if whole:
+                told_all = now
+            changed = self.held.take_changed()
+            if not changed and not whole:
+                continue
+            for line in list(self._workers.values()):
+                first = line not in self._told
+                told = self._told.setdefault(line, {})
+                by = self._held_by.get(line)
+                counts = self.held.others(by, told, None if whole or first else changed)
+                if counts is not None:
+                    message = {"op": "held", "by": "hub", "counts": counts, "whole": whole or first}
+                    with contextlib.suppress(*GONE):  # a worker gone: its own task cleans up
+                        await line.send(message)
 
     async def _relay(self, sender: int, message: dict[str, Any]) -> None:
-        data = encode(message)  # once for all: N workers' counts make N x (N - 1) sends
+        data = encode(message)  # once for all workers
         for worker, line in list(self._workers.items()):
             if worker != sender:
                 # A worker gone meanwhile: its own task cleans up.

@@ -573,3 +573,76 @@ class PeerCounts:
         for url, delta in deltas.items():
             self._sums[url] = self._sums.get(url, 0) + delta
         return {url: self._sums[url] for url in deltas}
+
+
+class HeldTotals:
+    """The hub's sum of every worker's requests in flight per node, and what each
+    worker is told of it: the *others'* sum per node, in one message a tick (a
+    relay of each worker's counts to each other worker was N x (N - 1) messages a
+    tick; this is N, each carrying only the sums that changed for its worker).
+
+    Workers are known by the id their `held` messages carry (`by`); what a worker
+    was last told is the caller's to keep (`told`), one dict per connection."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, dict[str, int]] = {}
+        self._totals: dict[str, int] = {}
+        self._dirty: set[str] = set()
+
+    def heard(self, by: str, counts: dict[str, int], whole: bool) -> None:
+        """A worker's counts: all of them (`whole`: a node left out has none), or
+        those that changed."""
+        known = self._counts.setdefault(by, {})
+        if whole:
+            for url in known.keys() - counts.keys():
+                self._add(url, -known.pop(url))
+        for url, n in counts.items():
+            delta = n - known.get(url, 0)
+            if delta:
+                self._add(url, delta)
+                if n:
+                    known[url] = n
+                else:
+                    del known[url]
+
+    def left(self, by: str) -> None:
+        """A worker is gone: its requests in flight ended with it."""
+        for url, n in self._counts.pop(by, {}).items():
+            self._add(url, -n)
+
+    def take_changed(self) -> set[str]:
+        """The nodes whose sum changed since the last call."""
+        changed, self._dirty = self._dirty, set()
+        return changed
+
+    def others(
+        self, by: str | None, told: dict[str, int], changed: set[str] | None
+    ) -> dict[str, int] | None:
+        """What to tell worker `by` (None: it shared nothing yet) of the others' sums:
+        every node's that is not 0 (`changed` None: a whole message), else those of
+        `changed` that differ from what it was `told` (updated here); None for
+        nothing to tell."""
+        own = self._counts.get(by, {}) if by is not None else {}
+        if changed is None:
+            sums = {url: n - own.get(url, 0) for url, n in self._totals.items()}
+            told.clear()
+            told.update((url, n) for url, n in sums.items() if n)
+            return dict(told)
+        news: dict[str, int] = {}
+        for url in changed:
+            n = self._totals.get(url, 0) - own.get(url, 0)
+            if told.get(url, 0) != n:
+                news[url] = n
+                if n:
+                    told[url] = n
+                else:
+                    told.pop(url, None)
+        return news or None
+
+    def _add(self, url: str, delta: int) -> None:
+        total = self._totals.get(url, 0) + delta
+        if total:
+            self._totals[url] = total
+        else:
+            self._totals.pop(url, None)
+        self._dirty.add(url)
