@@ -44,6 +44,7 @@ from lmfleet.proxy.asgi import (
 )
 from lmfleet.transport.plan import ANSWER_KIND, GIVE_UP, OWN_TIMEOUT
 from lmfleet.transport.request import PARSED_BODY, parse_json
+from lmfleet.wire.headers import Triples, headers_from
 
 if TYPE_CHECKING:
     from lmfleet.proxy.context import ProxyContext
@@ -70,6 +71,9 @@ HOP_BY_HOP = frozenset(
 )
 """Request headers that describe one hop, never forwarded (content-length is recomputed)."""
 
+HOP_BY_HOP_AND_KEY = HOP_BY_HOP | {b"authorization"}
+"""With `--api-keys`, the caller's key is the proxy's, not the node's: dropped too."""
+
 RESPONSE_DROP = frozenset(HOP_BY_HOP - {b"content-length"})
 """The body is forwarded raw, so the node's content-length stays true and is kept."""
 
@@ -85,17 +89,18 @@ PRIORITY_HEADER_BYTES = PRIORITY_HEADER.encode()
 
 def _request_headers(
     scope: Scope, drop_auth: bool, priorities: Mapping[bytes, bytes], body: object
-) -> list[tuple[bytes, bytes]]:
-    """The caller's headers for the node: hop-by-hop ones and the proxy's own key
+) -> Triples:
+    """The caller's headers for the node, as httpx2 keeps them (lmfleet/wire/headers.py;
+    ASGI names are lowercase already): hop-by-hop ones and the proxy's own key
     dropped, and the default priority of the caller's key (`key_priorities`) added
     when the request gives none (no header, no field in its parsed `body`)."""
-    drop = HOP_BY_HOP | {b"authorization"} if drop_auth else HOP_BY_HOP
-    headers = [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
+    drop = HOP_BY_HOP_AND_KEY if drop_auth else HOP_BY_HOP
+    headers = [(k, k, v) for k, v in scope["headers"] if k not in drop]
     if priorities and not (isinstance(body, dict) and PRIORITY_FIELD in body):
-        given = dict((k.lower(), v) for k, v in scope["headers"])
+        given = dict(scope["headers"])
         default = priorities.get(given.get(b"authorization", b""))
         if default is not None and PRIORITY_HEADER_BYTES not in given:
-            headers.append((PRIORITY_HEADER_BYTES, default))
+            headers.append((PRIORITY_HEADER_BYTES, PRIORITY_HEADER_BYTES, default))
     return headers
 
 
@@ -106,7 +111,7 @@ def _parse(scope: Scope, body: bytes) -> tuple[dict[str, Any], str | None]:
     if not body:
         return {}, None
     for key, value in scope["headers"]:
-        if key.lower() == b"content-type" and b"json" not in value.lower():
+        if key == b"content-type" and b"json" not in value.lower():
             return {}, None  # multipart, octet-stream: forwarded as is
     parsed, problem = parse_json(body)
     return {PARSED_BODY: parsed}, problem
@@ -161,14 +166,14 @@ async def _read_request(
     headers = _request_headers(
         scope, bool(rt.options.api_keys), rt.key_priorities, parsed.get(PARSED_BODY)
     )
-    headers.append((b"content-length", str(len(body)).encode()))
+    headers.append((b"content-length", b"content-length", b"%d" % len(body)))
     # Built from a stream with its length given, as a server builds one: httpx2's
     # `content=` path encodes the body again and rebuilds the headers twice to add
     # Host and Content-Length (the Host is the node's, set when it is picked).
     request = httpx2.Request(
         scope["method"],
         _placeholder_url(rt, scope),
-        headers=headers,
+        headers=headers_from(headers),
         stream=httpx2.ByteStream(body),
         # The `timeout` extension is the proxy's upstream timeout; the caller's own
         # (its headers) bounds its wait for a node.

@@ -84,8 +84,9 @@ class ResponseHead(NamedTuple):
     reason: bytes
     http_version: bytes
     """b"1.1" or b"1.0"."""
-    headers: list[tuple[bytes, bytes]]
-    """As received (name case kept, values without surrounding whitespace)."""
+    headers: list[tuple[bytes, bytes, bytes]]
+    """As received: (name, its case kept; name lowercased; value without surrounding
+    whitespace), the shape httpx2 keeps headers in (lmfleet/wire/headers.py)."""
     framing: Framing
     content_length: int
     """The body's size for `framing == "length"`, else -1."""
@@ -107,15 +108,15 @@ def parse_response_head(head: bytes, *, head_request: bool = False) -> ResponseH
     version = status_line[5:8]
     status = int(status_line[9:12])
     reason = status_line[13:]
-    headers: list[tuple[bytes, bytes]] = []
+    headers: list[tuple[bytes, bytes, bytes]] = []
     length = -1
     encodings = b""
     connection = b""
     for line in lines[1:-2]:
         name, _, value = line.partition(b":")
         value = value.strip(_WS)
-        headers.append((name, value))
         lower = name.lower()
+        headers.append((name, lower, value))
         if lower == b"content-length":
             if not value.isdigit() or len(value) > 18 or (length >= 0 and int(value) != length):
                 raise Http1Error(f"bad or conflicting content-length: {value[:40]!r}")
