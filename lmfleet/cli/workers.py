@@ -124,7 +124,8 @@ def run(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="lmfleet-hub-") as folder:
-        hub = Hub(Path(folder) / "hub.sock")
+        store = None if args.store is None else (args.store, args.store_name)
+        hub = Hub(Path(folder) / "hub.sock", store)
         argv = [
             sys.executable,
             "-m",

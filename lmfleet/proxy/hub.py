@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from lmfleet.proxy.shared import (
     SYNC_EVERY,
     HeldTotals,
     Line,
+    PeerCounts,
     encode,
 )
 
@@ -41,8 +43,11 @@ log = logging.getLogger("lmfleet.proxy")
 class Hub:
     """Facts relayed between workers, and the latest of each kept."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, store: tuple[str, str] | None = None) -> None:
+        """`store`: (URL, name) of the store the workers' replica shares (`--store`):
+        the hub is the replica's one voice there for the requests in flight."""
         self.path = path
+        self._store = store
         self.nodes: dict[str, dict[str, Any]] = {}
         self.gone: set[str] = set()
         self.fleet: dict[str, Any] | None = None
@@ -66,6 +71,8 @@ class Hub:
         async with listener, anyio.create_task_group() as tg:
             self._tasks = tg
             tg.start_soon(self._share_held)
+            if self._store is not None:
+                tg.start_soon(self._replica_counts, *self._store)
             task_status.started()
             await listener.serve(self._worker, task_group=tg)
 
@@ -153,6 +160,71 @@ class Hub:
                     message = {"op": "held", "by": "hub", "counts": counts, "whole": whole or first}
                     with contextlib.suppress(*GONE):  # a worker gone: its own task cleans up
                         await line.send(message)
+
+    async def _replica_counts(self, url: str, name: str) -> None:
+        """With a store: publish the workers' sum as this replica's counts and hear the
+        other replicas' (`outside`, in what each worker is told); after a loss, they
+        count for nothing until the store is back (each worker's own view of the
+        nodes' `/metrics` still carries them)."""
+        from lmfleet.proxy.store import StoreLink
+
+        me = uuid.uuid4().hex[:12]  # one name across reconnections
+        pause = 0.5
+        while True:
+            link = StoreLink(url, name, facts=False)
+            peers = PeerCounts()
+            try:
+                await link.open()
+                pause = 0.5
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._publish_totals, link, me, peers, tg.cancel_scope)
+                    await self._hear_replicas(link, me, peers)
+                    tg.cancel_scope.cancel()
+                log.warning("hub: lost the store's counts; it tries again")
+            except (*GONE, OSError, TimeoutError, ValueError, KeyError) as exc:
+                log.warning("hub: lost the store's counts (%s); it tries again", exc)
+            finally:
+                self.held.outside(peers.clear())
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await link.aclose()
+            await anyio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+    async def _hear_replicas(self, link: Any, me: str, peers: PeerCounts) -> None:
+        """The other replicas' counts, until the store is lost."""
+        while True:
+            try:
+                message = await link.receive()
+            except GONE:
+                return
+            if message.get("op") == "held" and message.get("by") != me:
+                counts = {str(u): int(n) for u, n in message["counts"].items()}
+                whole = bool(message.get("whole"))
+                self.held.outside(peers.heard(str(message["by"]), counts, whole))
+
+    async def _publish_totals(
+        self, link: Any, me: str, peers: PeerCounts, connection: anyio.CancelScope
+    ) -> None:
+        """The workers' sum on the store every `SYNC_EVERY` when it changed (all of it
+        every `HELD_EVERY`); the other replicas not heard for `HELD_FOR` dropped."""
+        told: dict[str, int] = {}
+        told_at = 0.0
+        try:
+            while True:
+                await anyio.sleep(SYNC_EVERY)
+                now = time.monotonic()
+                totals = self.held.totals
+                whole = now - told_at >= HELD_EVERY
+                urls = totals if whole else told.keys() | totals.keys()
+                changed = {
+                    u: totals.get(u, 0) for u in urls if whole or told.get(u) != totals.get(u)
+                }
+                if changed or whole:
+                    told, told_at = totals, now if whole else told_at
+                    await link.publish({"op": "held", "by": me, "counts": changed, "whole": whole})
+                self.held.outside(peers.expire(now))
+        except GONE:
+            connection.cancel()
 
     async def _relay(self, sender: int, message: dict[str, Any]) -> None:
         data = encode(message)  # once for all workers

@@ -87,7 +87,8 @@ class ProxyServer:
         if options.store is not None:  # a replica's (each worker of one, with `--workers`)
             from lmfleet.proxy.store import StoreLink
 
-            link = StoreLink(options.store, options.store_name)
+            # A worker's requests in flight go to its hub, which speaks for the replica.
+            link = StoreLink(options.store, options.store_name, counts=hub is None)
         else:
             link, hub = hub, None
         if link is not None:

@@ -265,8 +265,9 @@ class SharedState:
         self._link = link
         self.worker = worker
         self._siblings = siblings
-        """With `--workers` and `--store`: the hub, for what only this proxy's workers
-        share (one `/metrics`); the facts and counts go through the store, to every
+        """With `--workers` and `--store`: the hub, for what this proxy's workers
+        share among themselves (one `/metrics`) and the requests in flight (the hub
+        speaks for all of them on the store); the facts go through the store, to every
         worker of every replica alike."""
         self._siblings_up = False
         self._synced: dict[str, dict[str, Any]] = {}
@@ -318,9 +319,10 @@ class SharedState:
             finally:
                 self.connected = False
                 self._fleet.registry.barrier = None
-                # Not heard any more: the nodes' reports count their requests again.
-                self._set_peers(self._peers.clear())
-                self._told, self._told_at = {}, 0.0  # the first message after: all of them
+                if self._siblings is None:  # else the counts go through the hub
+                    # Not heard any more: the nodes' reports count their requests again.
+                    self._set_peers(self._peers.clear())
+                    self._told, self._told_at = {}, 0.0  # the first message after: all
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await self._link.aclose()
             log.error(
@@ -374,22 +376,37 @@ class SharedState:
 
     async def _answer_siblings(self, hub: HubLink) -> None:
         """Beside a store: stay on the hub to answer the other workers' scrapes (and to
-        ask them, `scrape_others`); connect again after a loss."""
+        ask them, `scrape_others`), and to share the requests in flight (the hub sums
+        its workers' and speaks for them on the store); connect again after a loss."""
         while True:
             try:
                 await hub.open()  # its snapshot is empty: facts go through the store
                 self._siblings_up = True
-                while True:
-                    question = await hub.receive()
-                    if question.get("op") in ("scrape", "sync"):
-                        await self._answer(hub, question)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(
+                        self._until_gone, partial(self._share_held_on, hub), tg.cancel_scope
+                    )
+                    while True:
+                        message = await hub.receive()
+                        if message.get("op") in ("scrape", "sync"):
+                            await self._answer(hub, message)
+                        elif message.get("op") == "held":
+                            self._heard(message)
             except (*GONE, OSError, TimeoutError, ValueError, KeyError) as exc:
                 log.warning("worker %d lost the hub (%s); it tries again", self.worker, exc)
             finally:
                 self._siblings_up = False
+                self._set_peers(self._peers.clear())
+                self._told, self._told_at = {}, 0.0
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await hub.aclose()
             await anyio.sleep(1.0)
+
+    async def _share_held_on(self, link: Link) -> None:
+        """Our counts over `link`, every `SYNC_EVERY`."""
+        while True:
+            await self._share_held(link, {s.url: s for s in self._fleet.registry.snapshot()})
+            await anyio.sleep(SYNC_EVERY)
 
     @staticmethod
     async def _until_gone(
@@ -429,9 +446,10 @@ class SharedState:
             await self._link.publish(
                 {"op": "fleet", "fact": {"weight_version": fleet[0], "floor": fleet[1]}}
             )
-        await self._share_held(nodes)
+        if self._siblings is None:  # beside a store, the counts go through the hub
+            await self._share_held(self._link, nodes)
 
-    async def _share_held(self, nodes: dict[str, NodeState]) -> None:
+    async def _share_held(self, link: Link, nodes: dict[str, NodeState]) -> None:
         """Send our counts that changed (all of them every `HELD_EVERY`), and drop
         the peers not heard for `HELD_FOR`."""
         now = time.monotonic()
@@ -442,7 +460,7 @@ class SharedState:
         if changed:
             self._told, self._told_at = counts, now if whole else self._told_at
             message = {"op": "held", "by": self._id, "counts": changed, "whole": whole}
-            await self._link.publish(message)
+            await link.publish(message)
         self._set_peers(self._peers.expire(now))
 
     def _heard(self, message: dict[str, Any]) -> None:
@@ -582,12 +600,30 @@ class HeldTotals:
     tick; this is N, each carrying only the sums that changed for its worker).
 
     Workers are known by the id their `held` messages carry (`by`); what a worker
-    was last told is the caller's to keep (`told`), one dict per connection."""
+    was last told is the caller's to keep (`told`), one dict per connection. With a
+    store, the other replicas' sums (`outside`) are part of what every worker is
+    told, and the workers' own sum (`totals`) is what the replica publishes."""
 
     def __init__(self) -> None:
         self._counts: dict[str, dict[str, int]] = {}
         self._totals: dict[str, int] = {}
+        self._outside: dict[str, int] = {}
         self._dirty: set[str] = set()
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Every worker's requests in flight summed per node (nodes with none left out)."""
+        return dict(self._totals)
+
+    def outside(self, sums: dict[str, int]) -> None:
+        """The other replicas' sums for the nodes in `sums` (0: none any more)."""
+        for url, n in sums.items():
+            if self._outside.get(url, 0) != n:
+                if n:
+                    self._outside[url] = n
+                else:
+                    self._outside.pop(url, None)
+                self._dirty.add(url)
 
     def heard(self, by: str, counts: dict[str, int], whole: bool) -> None:
         """A worker's counts: all of them (`whole`: a node left out has none), or
@@ -623,14 +659,16 @@ class HeldTotals:
         `changed` that differ from what it was `told` (updated here); None for
         nothing to tell."""
         own = self._counts.get(by, {}) if by is not None else {}
+        outside = self._outside
         if changed is None:
-            sums = {url: n - own.get(url, 0) for url, n in self._totals.items()}
+            urls = self._totals.keys() | outside.keys()
+            sums = {u: self._totals.get(u, 0) - own.get(u, 0) + outside.get(u, 0) for u in urls}
             told.clear()
             told.update((url, n) for url, n in sums.items() if n)
             return dict(told)
         news: dict[str, int] = {}
         for url in changed:
-            n = self._totals.get(url, 0) - own.get(url, 0)
+            n = self._totals.get(url, 0) - own.get(url, 0) + outside.get(url, 0)
             if told.get(url, 0) != n:
                 news[url] = n
                 if n:

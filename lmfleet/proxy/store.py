@@ -12,8 +12,13 @@ facts are lmfleet/proxy/shared.py's, under `NAME:` (`--store-name`, default
   `NAME:gone` a set of removed URLs; `NAME:fleet` the fleet's versions: the snapshot
   a replica takes when it connects (or connects again);
 - `NAME:facts` the channel every change is published on, with the sender's id (a
-  replica ignores its own); each replica's requests in flight per node (`held`)
-  travel on it too, and only there (they are current or worthless);
+  replica ignores its own);
+- `NAME:held` the channel each replica's requests in flight per node travel on, and
+  only there (they are current or worthless). A replica of several workers
+  (`--workers N`) is one voice there: its supervisor's hub sums its workers' counts,
+  publishes the sum and tells each worker what the other replicas hold
+  (lmfleet/proxy/hub.py), so the channel carries one message a tick per replica,
+  not per process, and the workers subscribe to the facts only;
 - `NAME:replica:ID` a key each replica refreshes every second (expiring after
   `PRESENCE_TTL`): who must answer a question (a `sync` before a weight update cuts
   a node's generations).
@@ -55,7 +60,13 @@ class StoreLink:
 
     kind = "store"
 
-    def __init__(self, url: str, name: str = "lmfleet") -> None:
+    def __init__(
+        self, url: str, name: str = "lmfleet", *, facts: bool = True, counts: bool = True
+    ) -> None:
+        """`facts`: take the snapshot, share the facts and answer questions (a
+        replica's process); `counts`: send and hear the requests in flight (`held`).
+        A worker of `--workers N` has only the facts, its supervisor's hub only the
+        counts."""
         self._redis = require_redis()
         from redis.exceptions import RedisError
 
@@ -68,6 +79,8 @@ class StoreLink:
         self._client: Any = None
         self._pubsub: Any = None
         self._asked: dict[str, tuple[set[str], list[str], anyio.Event]] = {}
+        self._channels = [self._key(c) for c, on in (("facts", facts), ("held", counts)) if on]
+        self._facts = facts
 
     def _key(self, part: str) -> str:
         return f"{self._name}:{part}"
@@ -80,7 +93,9 @@ class StoreLink:
             )
             with anyio.fail_after(CALL_TIMEOUT):
                 self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-                await self._pubsub.subscribe(self._key("facts"))
+                await self._pubsub.subscribe(*self._channels)
+                if not self._facts:
+                    return {"nodes": {}, "gone": [], "fleet": None}
                 await self._present()
                 urls = [_text(url) for url in await self._client.smembers(self._key("nodes"))]
                 nodes = {}
@@ -156,9 +171,10 @@ class StoreLink:
 
     async def _send(self, message: dict[str, Any]) -> None:
         data = json.dumps({**message, "from": self.id}, separators=(",", ":"))
+        channel = self._key("held" if message["op"] == "held" else "facts")
         try:
             with anyio.fail_after(CALL_TIMEOUT):
-                await self._client.publish(self._key("facts"), data)
+                await self._client.publish(channel, data)
         except self._errors() as exc:
             raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
 
@@ -189,6 +205,8 @@ class StoreLink:
 
     async def beside(self) -> None:
         """Say this replica is present, every second, while connected."""
+        if not self._facts:  # the counts' link answers no questions
+            await anyio.sleep_forever()
         while True:
             await anyio.sleep(1.0)
             try:

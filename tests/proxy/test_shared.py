@@ -65,3 +65,16 @@ def test_a_worker_that_leaves_counts_for_nothing_and_a_whole_message_drops_the_r
     assert totals.others("w2", told, totals.take_changed()) == {A: 0}
     assert totals.others("w2", told, None) == {}  # w2's own requests are not news to it
     assert totals.others(None, {}, None) == {A: 1}  # a worker that shared nothing yet
+
+
+def test_the_other_replicas_sums_reach_every_worker_but_not_the_replicas_own_total() -> None:
+    totals = HeldTotals()
+    told: dict[str, int] = {}
+    totals.heard("w1", {A: 1}, whole=True)
+    totals.heard("w2", {A: 2}, whole=True)
+    totals.outside({A: 5, B: 1})  # what the other replicas hold, as the store said
+    assert totals.others("w1", told, None) == {A: 7, B: 1}
+    assert totals.totals == {A: 3}  # what this replica publishes: its own workers' only
+    totals.take_changed()
+    totals.outside({B: 0})  # gone there
+    assert totals.others("w1", told, totals.take_changed()) == {B: 0}

@@ -111,6 +111,13 @@ def _shared(url: str) -> dict[str, Any]:
     return dict(httpx2.get(url + "/readiness", timeout=10).json())
 
 
+def _peers(where: str | httpx2.Client, node: str) -> int:
+    """The other processes' requests in flight on `node`, as one process counts them."""
+    answer = where.get("/readiness") if isinstance(where, httpx2.Client) else None
+    shared = answer.json() if answer is not None else _shared(str(where))
+    return int(next(n["peers"] for n in shared["workers"] if n["url"] == node))
+
+
 def _state(url: str, node: str) -> str | None:
     return next((n["state"] for n in _shared(url)["workers"] if n["url"] == node), None)
 
@@ -211,6 +218,21 @@ def test_a_replica_of_two_workers_is_two_processes_on_the_store_and_one_metrics_
     with httpx2.stream("POST", one + "/v1/chat/completions", json=GO, timeout=30) as stream:
         next(stream.iter_lines())  # the other replica's generation, in each worker's counts
         wait_until(lambda: each_worker_sees(lambda n: n["peers"] == 1), 10, "the count shared")
+    wait_until(lambda: each_worker_sees(lambda n: n["peers"] == 0), 10, "the count back to 0")
+    # A generation through worker 0: its sibling hears it through the hub, the other
+    # replica through the hub's one voice on the store.
+    with clients[0].stream("POST", "/v1/chat/completions", json=GO) as stream:
+        next(stream.iter_lines())
+        wait_until(lambda: _peers(clients[1], node.url) == 1, 10, "the sibling's count")
+        wait_until(lambda: _peers(one, node.url) == 1, 10, "the replica's count on the store")
+    wait_until(lambda: _peers(one, node.url) == 0, 10, "the replica's count back to 0")
+    # One voice per replica on the counts' channel (the other replica, this one's hub);
+    # the facts' channel has every process.
+    import redis
+
+    with redis.Redis.from_url(redis_server.url, socket_timeout=5) as store:
+        subscribers = dict(store.pubsub_numsub(f"{name}:held", f"{name}:facts"))
+    assert subscribers == {f"{name}:held".encode(): 2, f"{name}:facts".encode(): 3}
     for client in clients:
         client.close()
 
@@ -219,7 +241,8 @@ def test_a_replica_of_two_workers_is_two_processes_on_the_store_and_one_metrics_
         assert answer.status_code == 200, answer.text
     text = httpx2.get(workers + "/metrics", timeout=10).text
     assert _sample(text, "lmfleet_proxy_workers") == 2  # its own workers', not the replica's
-    assert _sample(text, 'lmfleet_proxy_requests_total{route="/v1/chat/completions"}') == 4
+    # The four, and the generation through worker 0.
+    assert _sample(text, 'lmfleet_proxy_requests_total{route="/v1/chat/completions"}') == 5
     assert proxy.stop(signal.SIGINT) == 0
 
 
