@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,11 +35,44 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child before ex
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+"""Where Linux says which ports it hands out itself (`bind(0)`, outgoing connections)."""
+
+LOWEST_PORT = 10_000
+"""The lowest port `free_port` picks below the kernel's range."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the child binds it right after)."""
+    """A port that was free a moment ago (the child binds it right after).
+
+    Picked at random below the kernel's ephemeral range when there is room: a port
+    in that range may be handed to any process's outgoing connection or `bind(0)`
+    between this check and the child's bind (a launched node then exits with "port
+    in use": it happened to a test beside others making connections). Below it,
+    only another process choosing a port by hand can take it first.
+    """
+    low = _ephemeral_low()
+    if low - LOWEST_PORT >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(50):
+            port = rng.randrange(LOWEST_PORT, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (0 where it cannot be read)."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class ManagedProcess:
