@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,13 @@ from lmfleet.proxy.shared import (
     HELD_EVERY,
     SCRAPE_TIMEOUT,
     SYNC_EVERY,
+    HeldNews,
     HeldTotals,
     Line,
     PeerCounts,
     encode,
+    read_held,
+    until_gone,
 )
 
 log = logging.getLogger("lmfleet.proxy")
@@ -134,9 +138,9 @@ class Hub:
         await self._relay(worker, message)
 
     def _held(self, line: Line, message: dict[str, Any]) -> None:
-        by = self._held_by[line] = str(message["by"])
-        counts = {str(url): int(n) for url, n in message["counts"].items()}
-        self.held.heard(by, counts, bool(message.get("whole")))
+        by, counts, whole = read_held(message)
+        self._held_by[line] = by
+        self.held.heard(by, counts, whole)
 
     async def _share_held(self) -> None:
         """Every `SYNC_EVERY`: each worker hears the others' sums that changed for it
@@ -177,7 +181,8 @@ class Hub:
                 await link.open()
                 pause = 0.5
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._publish_totals, link, me, peers, tg.cancel_scope)
+                    publish = partial(self._publish_totals, link, me, peers)
+                    tg.start_soon(until_gone, publish, tg.cancel_scope)
                     await self._hear_replicas(link, me, peers)
                     tg.cancel_scope.cancel()
                 log.warning("hub: lost the store's counts; it tries again")
@@ -198,33 +203,19 @@ class Hub:
             except GONE:
                 return
             if message.get("op") == "held" and message.get("by") != me:
-                counts = {str(u): int(n) for u, n in message["counts"].items()}
-                whole = bool(message.get("whole"))
-                self.held.outside(peers.heard(str(message["by"]), counts, whole))
+                self.held.outside(peers.heard(*read_held(message)))
 
-    async def _publish_totals(
-        self, link: Any, me: str, peers: PeerCounts, connection: anyio.CancelScope
-    ) -> None:
+    async def _publish_totals(self, link: Any, me: str, peers: PeerCounts) -> None:
         """The workers' sum on the store every `SYNC_EVERY` when it changed (all of it
         every `HELD_EVERY`); the other replicas not heard for `HELD_FOR` dropped."""
-        told: dict[str, int] = {}
-        told_at = 0.0
-        try:
-            while True:
-                await anyio.sleep(SYNC_EVERY)
-                now = time.monotonic()
-                totals = self.held.totals
-                whole = now - told_at >= HELD_EVERY
-                urls = totals if whole else told.keys() | totals.keys()
-                changed = {
-                    u: totals.get(u, 0) for u in urls if whole or told.get(u) != totals.get(u)
-                }
-                if changed or whole:
-                    told, told_at = totals, now if whole else told_at
-                    await link.publish({"op": "held", "by": me, "counts": changed, "whole": whole})
-                self.held.outside(peers.expire(now))
-        except GONE:
-            connection.cancel()
+        news = HeldNews()
+        while True:
+            await anyio.sleep(SYNC_EVERY)
+            now = time.monotonic()
+            message = news.tell(me, self.held.totals, now)
+            if message is not None:
+                await link.publish(message)
+            self.held.outside(peers.expire(now))
 
     async def _relay(self, sender: int, message: dict[str, Any]) -> None:
         data = encode(message)  # once for all workers

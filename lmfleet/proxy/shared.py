@@ -278,9 +278,8 @@ class SharedState:
         self.problem = ""
         """Why it is not connected now (empty while it is)."""
         self._id = uuid.uuid4().hex[:12]
-        self._told: dict[str, int] = {}
+        self._news = HeldNews()
         """Our counts as last shared (`held` messages)."""
-        self._told_at = 0.0
         self._peers = PeerCounts()
 
     @property
@@ -309,8 +308,8 @@ class SharedState:
                     started = True
                     task_status.started()
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._until_gone, self._publish_changes, tg.cancel_scope)
-                    tg.start_soon(self._until_gone, self._link.beside, tg.cancel_scope)
+                    tg.start_soon(until_gone, self._publish_changes, tg.cancel_scope)
+                    tg.start_soon(until_gone, self._link.beside, tg.cancel_scope)
                     await self._receive()
                     tg.cancel_scope.cancel()
                 self.problem = "disconnected"
@@ -320,9 +319,7 @@ class SharedState:
                 self.connected = False
                 self._fleet.registry.barrier = None
                 if self._siblings is None:  # else the counts go through the hub
-                    # Not heard any more: the nodes' reports count their requests again.
-                    self._set_peers(self._peers.clear())
-                    self._told, self._told_at = {}, 0.0  # the first message after: all
+                    self._forget_peers()
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await self._link.aclose()
             log.error(
@@ -383,9 +380,7 @@ class SharedState:
                 await hub.open()  # its snapshot is empty: facts go through the store
                 self._siblings_up = True
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(
-                        self._until_gone, partial(self._share_held_on, hub), tg.cancel_scope
-                    )
+                    tg.start_soon(until_gone, partial(self._share_held_on, hub), tg.cancel_scope)
                     while True:
                         message = await hub.receive()
                         if message.get("op") in ("scrape", "sync"):
@@ -396,8 +391,7 @@ class SharedState:
                 log.warning("worker %d lost the hub (%s); it tries again", self.worker, exc)
             finally:
                 self._siblings_up = False
-                self._set_peers(self._peers.clear())
-                self._told, self._told_at = {}, 0.0
+                self._forget_peers()
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await hub.aclose()
             await anyio.sleep(1.0)
@@ -407,17 +401,6 @@ class SharedState:
         while True:
             await self._share_held(link, {s.url: s for s in self._fleet.registry.snapshot()})
             await anyio.sleep(SYNC_EVERY)
-
-    @staticmethod
-    async def _until_gone(
-        work: Callable[[], Awaitable[None]], connection: anyio.CancelScope
-    ) -> None:
-        """Run `work` beside the receiving; when it finds the link gone, end the
-        connection (the loop in `run` connects again)."""
-        try:
-            await work()
-        except GONE:
-            connection.cancel()
 
     async def _publish_changes(self) -> None:
         while True:
@@ -453,20 +436,19 @@ class SharedState:
         """Send our counts that changed (all of them every `HELD_EVERY`), and drop
         the peers not heard for `HELD_FOR`."""
         now = time.monotonic()
-        counts = {url: state.inflight for url, state in nodes.items()}
-        whole = now - self._told_at >= HELD_EVERY
-        told = self._told
-        changed = counts if whole else {u: n for u, n in counts.items() if told.get(u) != n}
-        if changed:
-            self._told, self._told_at = counts, now if whole else self._told_at
-            message = {"op": "held", "by": self._id, "counts": changed, "whole": whole}
+        message = self._news.tell(self._id, {url: s.inflight for url, s in nodes.items()}, now)
+        if message is not None:
             await link.publish(message)
         self._set_peers(self._peers.expire(now))
 
     def _heard(self, message: dict[str, Any]) -> None:
-        counts = {str(url): int(n) for url, n in message["counts"].items()}
-        changed = self._peers.heard(str(message["by"]), counts, bool(message.get("whole")))
-        self._set_peers(changed)
+        self._set_peers(self._peers.heard(*read_held(message)))
+
+    def _forget_peers(self) -> None:
+        """The link that carried the counts is lost: the peers' count for nothing (the
+        nodes' reports count their requests again), and our next message is whole."""
+        self._set_peers(self._peers.clear())
+        self._news = HeldNews()
 
     def _set_peers(self, sums: dict[str, int]) -> None:
         """Each node's `peers` where the sum changed."""
@@ -543,6 +525,47 @@ class SharedState:
             return []
 
 
+async def until_gone(work: Callable[[], Awaitable[None]], connection: anyio.CancelScope) -> None:
+    """Run `work` beside a link's receiving; when it finds the link gone, end the
+    connection (the loop around it connects again)."""
+    try:
+        await work()
+    except GONE:
+        connection.cancel()
+
+
+def read_held(message: dict[str, Any]) -> tuple[str, dict[str, int], bool]:
+    """A `held` message's sender, counts per node and whether they are all of them."""
+    counts = {str(url): int(n) for url, n in message["counts"].items()}
+    return str(message["by"]), counts, bool(message.get("whole"))
+
+
+class HeldNews:
+    """What one process (or a hub, for its replica) last told the others of its
+    requests in flight, and the `held` message each tick calls for: the counts that
+    changed (a node no longer counted as 0), all of them every `HELD_EVERY`."""
+
+    def __init__(self) -> None:
+        self._told: dict[str, int] = {}
+        self._at = 0.0
+
+    def tell(self, by: str, counts: dict[str, int], now: float) -> dict[str, Any] | None:
+        """The message for `counts` now, as `by`; None when there is nothing new."""
+        whole = now - self._at >= HELD_EVERY
+        told = self._told
+        if whole:
+            changed = counts
+        else:
+            urls = told.keys() | counts.keys()
+            changed = {u: counts.get(u, 0) for u in urls if told.get(u) != counts.get(u)}
+        if not changed and not whole:
+            return None
+        self._told = counts
+        if whole:
+            self._at = now
+        return {"op": "held", "by": by, "counts": changed, "whole": whole}
+
+
 class PeerCounts:
     """The peers' requests in flight per node, as each last shared them, and their sum
     per node. Each change returns the nodes whose sum changed (url -> new sum): a
@@ -575,9 +598,22 @@ class PeerCounts:
         """Drop the peers not heard for `HELD_FOR` seconds."""
         changed: dict[str, int] = {}
         for peer in [p for p, heard in self._heard.items() if now - heard > HELD_FOR]:
-            del self._heard[peer]
-            changed |= self._add({url: -n for url, n in self._counts.pop(peer).items()})
+            changed |= self.forget(peer)
         return changed
+
+    def forget(self, peer: str) -> dict[str, int]:
+        """Drop one peer (it is gone)."""
+        self._heard.pop(peer, None)
+        return self._add({url: -n for url, n in self._counts.pop(peer, {}).items()})
+
+    def of(self, peer: str | None) -> dict[str, int]:
+        """One peer's counts as it last shared them (none for an unknown one)."""
+        return self._counts.get(peer, {}) if peer is not None else {}
+
+    @property
+    def sums(self) -> dict[str, int]:
+        """Every peer's counts summed per node (0 for a node all of them left)."""
+        return self._sums
 
     def clear(self) -> dict[str, int]:
         """Forget every peer (the link is lost)."""
@@ -599,21 +635,21 @@ class HeldTotals:
     relay of each worker's counts to each other worker was N x (N - 1) messages a
     tick; this is N, each carrying only the sums that changed for its worker).
 
-    Workers are known by the id their `held` messages carry (`by`); what a worker
-    was last told is the caller's to keep (`told`), one dict per connection. With a
-    store, the other replicas' sums (`outside`) are part of what every worker is
-    told, and the workers' own sum (`totals`) is what the replica publishes."""
+    The workers are the hub's peers (`PeerCounts`), known by the id their `held`
+    messages carry (`by`); what a worker was last told is the caller's to keep
+    (`told`), one dict per connection. With a store, the other replicas' sums
+    (`outside`) are part of what every worker is told, and the workers' own sum
+    (`totals`) is what the replica publishes."""
 
     def __init__(self) -> None:
-        self._counts: dict[str, dict[str, int]] = {}
-        self._totals: dict[str, int] = {}
+        self._workers = PeerCounts()
         self._outside: dict[str, int] = {}
         self._dirty: set[str] = set()
 
     @property
     def totals(self) -> dict[str, int]:
         """Every worker's requests in flight summed per node (nodes with none left out)."""
-        return dict(self._totals)
+        return {url: n for url, n in self._workers.sums.items() if n}
 
     def outside(self, sums: dict[str, int]) -> None:
         """The other replicas' sums for the nodes in `sums` (0: none any more)."""
@@ -628,23 +664,11 @@ class HeldTotals:
     def heard(self, by: str, counts: dict[str, int], whole: bool) -> None:
         """A worker's counts: all of them (`whole`: a node left out has none), or
         those that changed."""
-        known = self._counts.setdefault(by, {})
-        if whole:
-            for url in known.keys() - counts.keys():
-                self._add(url, -known.pop(url))
-        for url, n in counts.items():
-            delta = n - known.get(url, 0)
-            if delta:
-                self._add(url, delta)
-                if n:
-                    known[url] = n
-                else:
-                    del known[url]
+        self._dirty.update(self._workers.heard(by, counts, whole))
 
     def left(self, by: str) -> None:
         """A worker is gone: its requests in flight ended with it."""
-        for url, n in self._counts.pop(by, {}).items():
-            self._add(url, -n)
+        self._dirty.update(self._workers.forget(by))
 
     def take_changed(self) -> set[str]:
         """The nodes whose sum changed since the last call."""
@@ -658,17 +682,16 @@ class HeldTotals:
         every node's that is not 0 (`changed` None: a whole message), else those of
         `changed` that differ from what it was `told` (updated here); None for
         nothing to tell."""
-        own = self._counts.get(by, {}) if by is not None else {}
-        outside = self._outside
+        own, totals, outside = self._workers.of(by), self._workers.sums, self._outside
         if changed is None:
-            urls = self._totals.keys() | outside.keys()
-            sums = {u: self._totals.get(u, 0) - own.get(u, 0) + outside.get(u, 0) for u in urls}
+            urls = totals.keys() | outside.keys()
+            sums = {u: totals.get(u, 0) - own.get(u, 0) + outside.get(u, 0) for u in urls}
             told.clear()
             told.update((url, n) for url, n in sums.items() if n)
             return dict(told)
         news: dict[str, int] = {}
         for url in changed:
-            n = self._totals.get(url, 0) - own.get(url, 0) + outside.get(url, 0)
+            n = totals.get(url, 0) - own.get(url, 0) + outside.get(url, 0)
             if told.get(url, 0) != n:
                 news[url] = n
                 if n:
@@ -676,11 +699,3 @@ class HeldTotals:
                 else:
                     told.pop(url, None)
         return news or None
-
-    def _add(self, url: str, delta: int) -> None:
-        total = self._totals.get(url, 0) + delta
-        if total:
-            self._totals[url] = total
-        else:
-            self._totals.pop(url, None)
-        self._dirty.add(url)

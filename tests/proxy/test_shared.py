@@ -6,7 +6,7 @@ tests/proxy/test_store.py)."""
 
 from __future__ import annotations
 
-from lmfleet.proxy.shared import HELD_FOR, HeldTotals, PeerCounts
+from lmfleet.proxy.shared import HELD_FOR, HeldNews, HeldTotals, PeerCounts
 
 A, B = "http://a", "http://b"
 
@@ -78,3 +78,17 @@ def test_the_other_replicas_sums_reach_every_worker_but_not_the_replicas_own_tot
     totals.take_changed()
     totals.outside({B: 0})  # gone there
     assert totals.others("w1", told, totals.take_changed()) == {B: 0}
+
+
+def test_a_process_tells_what_changed_and_all_of_it_every_second() -> None:
+    news = HeldNews()
+    first = news.tell("p", {A: 1, B: 0}, now=10.0)
+    assert first == {"op": "held", "by": "p", "counts": {A: 1, B: 0}, "whole": True}
+    assert news.tell("p", {A: 1, B: 0}, now=10.1) is None  # nothing new
+    assert news.tell("p", {A: 2}, now=10.2) == {  # B no longer counted: 0
+        "op": "held",
+        "by": "p",
+        "counts": {A: 2, B: 0},
+        "whole": False,
+    }
+    assert news.tell("p", {}, now=11.0) == {"op": "held", "by": "p", "counts": {}, "whole": True}
