@@ -132,15 +132,15 @@ def test_fleet_close_stops_the_proxy(start_sim: StartSim) -> None:
 
 def _steady(probe: Callable[[], int], quiet: float = 1.0, timeout: float = 30.0) -> int:
     """`probe`'s value once it has not changed for `quiet` seconds (polled)."""
-    deadline = time.monotonic() + timeout
-    value, since = probe(), time.monotonic()
-    while time.monotonic() - since < quiet:
-        assert time.monotonic() < deadline, f"still changing after {timeout} s: {value}"
-        time.sleep(0.05)
-        now = probe()
-        if now != value:
-            value, since = now, time.monotonic()
-    return value
+    last: list[tuple[int, float]] = []  # (value, since when it was seen)
+
+    def settled(value: int) -> bool:
+        now = time.monotonic()
+        if not last or last[0][0] != value:
+            last[:] = [(value, now)]
+        return now - last[0][1] >= quiet
+
+    return wait_until(probe, timeout, "the node's generation to stop", until=settled, step=0.05)
 
 
 def test_a_caller_that_stops_reading_holds_its_node_back_and_one_that_leaves_frees_it(

@@ -29,6 +29,7 @@ from support import (
     GENERATING,
     LOADS_WEIGHTS,
     StartSim,
+    peers_on,
     pinned,
     routes_around_a_peers_stream,
     sim_stats,
@@ -109,13 +110,6 @@ def _sample(text: str, name: str) -> float:
 
 def _shared(url: str) -> dict[str, Any]:
     return dict(httpx2.get(url + "/readiness", timeout=10).json())
-
-
-def _peers(where: str | httpx2.Client, node: str) -> int:
-    """The other processes' requests in flight on `node`, as one process counts them."""
-    answer = where.get("/readiness") if isinstance(where, httpx2.Client) else None
-    shared = answer.json() if answer is not None else _shared(str(where))
-    return int(next(n["peers"] for n in shared["workers"] if n["url"] == node))
 
 
 def _state(url: str, node: str) -> str | None:
@@ -204,6 +198,7 @@ def test_a_replica_of_two_workers_is_two_processes_on_the_store_and_one_metrics_
     node = start_sim("--ttft-ms", "5", "--tpot-ms", "20", "--output-tokens", "1000")  # 20 s
     assert httpx2.post(one + "/nodes/add", json={"url": node.url}, timeout=10).status_code == 200
     clients = [pinned(workers, w)[0] for w in (0, 1)]
+    other = httpx2.Client(base_url=one, timeout=10)  # the other replica
 
     def each_worker_sees(check: Callable[[dict[str, Any]], bool]) -> bool:
         answers = [c.get("/readiness").json() for c in clients]
@@ -223,9 +218,9 @@ def test_a_replica_of_two_workers_is_two_processes_on_the_store_and_one_metrics_
     # replica through the hub's one voice on the store.
     with clients[0].stream("POST", "/v1/chat/completions", json=GO) as stream:
         next(stream.iter_lines())
-        wait_until(lambda: _peers(clients[1], node.url) == 1, 10, "the sibling's count")
-        wait_until(lambda: _peers(one, node.url) == 1, 10, "the replica's count on the store")
-    wait_until(lambda: _peers(one, node.url) == 0, 10, "the replica's count back to 0")
+        wait_until(lambda: peers_on(clients[1])[node.url] == 1, 10, "the sibling's count")
+        wait_until(lambda: peers_on(other)[node.url] == 1, 10, "the replica's count on the store")
+    wait_until(lambda: peers_on(other)[node.url] == 0, 10, "the replica's count back to 0")
     # One voice per replica on the counts' channel (the other replica, this one's hub);
     # the facts' channel has every process.
     import redis
@@ -233,7 +228,7 @@ def test_a_replica_of_two_workers_is_two_processes_on_the_store_and_one_metrics_
     with redis.Redis.from_url(redis_server.url, socket_timeout=5) as store:
         subscribers = dict(store.pubsub_numsub(f"{name}:held", f"{name}:facts"))
     assert subscribers == {f"{name}:held".encode(): 2, f"{name}:facts".encode(): 3}
-    for client in clients:
+    for client in (*clients, other):
         client.close()
 
     for _ in range(4):
