@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmfleet.launch.process import die_with_parent
+from lmfleet.launch.process import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -34,12 +33,6 @@ LOAD_CPU = "1"
 MODEL = "internlm/internlm2_5-7b-chat"
 TICKS = os.sysconf("SC_CLK_TCK")
 WRK_LUA = ROOT / "bench" / "wrk" / "post.lua"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
