@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,26 +46,39 @@ LOWEST_PORT = 10_000
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (the child binds it right after).
 
-    Picked at random below the kernel's ephemeral range when there is room: a port
-    in that range may be handed to any process's outgoing connection or `bind(0)`
-    between this check and the child's bind (a launched node then exits with "port
-    in use": it happened to a test beside others making connections). Below it,
-    only another process choosing a port by hand can take it first.
+    Taken below the kernel's ephemeral range when there is room: a port in that
+    range may be handed to any process's outgoing connection or `bind(0)` between
+    this check and the child's bind (a launched node then exits with "port in use":
+    it happened to a test beside others making connections). Below it, ports are
+    handed out in turn from a random start (`_next_port`), so that two calls of this
+    process never return the same port while the first child is still starting (a
+    random pick each time did, once in a full test run: two nodes on one port), and
+    another process walking from its own start rarely meets this one.
     """
+    global _next_port
     low = _ephemeral_low()
-    if low - LOWEST_PORT >= 1000:
-        rng = random.SystemRandom()
-        for _ in range(50):
-            port = rng.randrange(LOWEST_PORT, low)
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                try:
-                    sock.bind((host, port))
-                except OSError:
-                    continue
+    room = low - LOWEST_PORT
+    if room >= 1000:
+        with _NEXT:
+            start = _next_port if _next_port is not None else random.randrange(room)
+            for step in range(min(room, 1000)):
+                port = LOWEST_PORT + (start + step) % room
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    try:
+                        sock.bind((host, port))
+                    except OSError:
+                        continue
+                _next_port = (port - LOWEST_PORT + 1) % room
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+_NEXT = threading.Lock()
+"""Guards `_next_port`: fleets launch nodes from several threads."""
+_next_port: int | None = None
+"""Where the next `free_port` looks first, as an offset from `LOWEST_PORT`."""
 
 
 def _ephemeral_low() -> int:

@@ -29,6 +29,15 @@ def test_a_free_port_is_below_the_kernels_own_range_when_there_is_room() -> None
     assert all(process.LOWEST_PORT <= p < low and _bindable(p) for p in ports), ports
 
 
+def test_ports_handed_out_one_after_another_are_all_different() -> None:
+    """Nodes launched together each get their own port, though none is bound yet (a
+    random pick each time gave two nodes one port in a full test run)."""
+    if process._ephemeral_low() - process.LOWEST_PORT < 1000:
+        pytest.skip("no room below the kernel's range: the kernel picks")
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
+
+
 def test_without_room_below_the_range_the_kernel_picks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
