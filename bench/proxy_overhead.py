@@ -78,10 +78,11 @@ def register(proxy: str, nodes: list[str]) -> None:
         post_json(proxy + "/nodes/add", {"url": node, "status": {"models": [MODEL], "role": 1}})
 
 
-def start_lmfleet(group: Procs, nodes: list[str], workers: int = 1) -> tuple[int, str]:
+def start_lmfleet(group: Procs, nodes: list[str], workers: int = 1, *flags: str) -> tuple[int, str]:
     port = free_port()
     argv = [PY, "-m", "lmfleet.cli", "serve", "--port", str(port), "--log-level", "WARNING"]
     argv.append("--disable-cache-status")  # as LMDeploy's here: nothing kept on disk
+    argv += flags
     if workers > 1:
         argv += ["--workers", str(workers)]
     cpu = PROXY_CPU if workers == 1 else _worker_cpus(workers)

@@ -11,6 +11,7 @@ and sleeping (or back into rotation) the monitor asks `/is_sleeping` first.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 
@@ -89,6 +90,9 @@ class Monitor:
         self._running: set[str] = set()
         self._seen: set[str] = set()
         self._next_metrics: dict[str, float] = {}  # url -> when to read /metrics next
+        self._mine: dict[str, float] = {}
+        """url -> `read_at` of the last report this monitor read: a later one was read
+        by another worker and shared (`_metrics_due`)."""
         self._next_own: dict[str, float] = {}  # url -> next probe (own interval)
         self._changed = anyio.Event()
         self._tasks: TaskGroup | None = None
@@ -130,6 +134,8 @@ class Monitor:
                 self._seen.intersection_update(urls)
                 for gone in self._next_metrics.keys() - self._seen:
                     del self._next_metrics[gone]
+                for gone in self._mine.keys() - self._seen:
+                    del self._mine[gone]
                 for gone in self._next_own.keys() - self._seen:
                     del self._next_own[gone]
                 rounds: dict[float, list[str]] = {}
@@ -212,7 +218,7 @@ class Monitor:
                 telemetry
                 and state.status is NodeStatus.HEALTHY
                 and self._nodes.profile_of(state).metrics is not None
-                and self._metrics_due(url)
+                and self._metrics_due(state)
             )
             if metrics:
                 self._metrics_read(url)
@@ -281,7 +287,7 @@ class Monitor:
             answered and target is not state.status and not read,
             (healthy and (state.status is not target or not state.models))
             or (answered and state.engine is None),
-            healthy and self._options.telemetry and metrics is None and self._metrics_due(url),
+            healthy and self._options.telemetry and metrics is None and self._metrics_due(state),
         )
 
     async def _confirm(
@@ -371,8 +377,18 @@ class Monitor:
 
         registry.modify(url, apply)
 
-    def _metrics_due(self, url: str) -> bool:
-        return self._next_metrics.get(url, 0.0) <= time.monotonic()
+    def _metrics_due(self, state: NodeState) -> bool:
+        """Due by this monitor's schedule, unless another worker of the proxy read the
+        node since and shared its report (lmfleet/proxy/shared.py): then due once that
+        report is as old as ours would be. One read per interval serves every worker,
+        and a worker that stops sharing (it died) is covered by the others' schedules."""
+        now = time.monotonic()
+        if self._next_metrics.get(state.url, 0.0) > now:
+            return False
+        load = state.load
+        if load is None or load.read_at <= self._mine.get(state.url, -math.inf):
+            return True
+        return load.read_at + 0.9 * self._metrics_every <= now
 
     def _metrics_read(self, url: str) -> None:
         """Schedule the next `/metrics` read; due again within a round's jitter of the
@@ -423,6 +439,8 @@ class Monitor:
             )
         if load is None:
             self._next_metrics[url] = time.monotonic() + NO_METRICS_RETRY
+        else:
+            self._mine[url] = load.read_at
         self._registry.modify(
             url,
             lambda state: state.evolve(load=load, capacity=next_capacity(state.capacity, load)),

@@ -181,6 +181,11 @@ class NodeLoad:
         return theirs * math.pow(0.5, halvings)
 
 
+def report_of(load: NodeLoad) -> dict[str, float]:
+    """The `FIELDS` a report gave (`load_of` makes the same load of them again)."""
+    return {name: value for name in FIELDS if (value := getattr(load, name)) is not None}
+
+
 def parse_metrics(
     text: bytes,
     *,
@@ -198,6 +203,28 @@ def parse_metrics(
     sums = names.sums(text)
     if sums is None:
         return None
+    return load_of(
+        sums,
+        read_at=read_at,
+        local_inflight=local_inflight,
+        peer_inflight=peer_inflight,
+        fresh_for=fresh_for,
+        previous=previous,
+    )
+
+
+def load_of(
+    sums: dict[str, float],
+    *,
+    read_at: float,
+    local_inflight: int = 0,
+    peer_inflight: int = 0,
+    fresh_for: float = 2.0,
+    previous: NodeLoad | None = None,
+) -> NodeLoad:
+    """The `NodeLoad` of one report's `FIELDS` (`MetricNames.sums`): read here, or by
+    another worker of this proxy and shared (lmfleet/proxy/shared.py), in which
+    case the pace is still this process's, from its own `previous`."""
     running = sums.get("running", 0.0)
     generated = sums.get("generation_tokens")
     pace, busy, made = _pace(read_at, running, generated, previous)

@@ -3,7 +3,8 @@
 It relays each fact a worker publishes (lmfleet/proxy/shared.py) to every other
 worker, and keeps the latest fact per node, the removed nodes and the fleet's
 versions, so that a worker that starts (or restarts after a crash) first gets the
-whole picture. Each worker's requests in flight per node (`held`) it sums instead
+whole picture; the nodes' `/metrics` reports one worker read (`loads`) it relays
+without keeping them. Each worker's requests in flight per node (`held`) it sums instead
 (`HeldTotals`): every `SYNC_EVERY` each worker is told the others' sums that
 changed, as one peer named `hub` (N messages a tick for N workers, where a relay of
 every worker's counts to every other was N x (N - 1)). A worker whose line closes

@@ -9,9 +9,12 @@ fleet's version floor. Those are "facts", shared through the hub the supervisor
 runs (lmfleet/proxy/hub.py): every `SYNC_EVERY` seconds a worker compares its
 registry with what it last shared or heard, publishes the parts that changed, and
 applies what the others published (per part, last writer wins, in the link's order). What each
-worker observes (health, load, latency) stays its own: its monitor sees it too; but
+worker observes (health, latency) stays its own: its monitor sees it too; but
 each node's last activity (to the second) goes with its facts, so that the one
 auto-sleeper (worker 0) does not put to sleep a node the other workers keep busy.
+A node's `/metrics` report is read once per interval for all the workers of one
+host (`loads`): whoever's round comes first reads it and passes it on through the
+hub, and the others' monitors skip their read while it is fresh (`Monitor._metrics_due`).
 
 Beside the facts, each process shares its requests in flight per node (`held`):
 the counts that changed every `SYNC_EVERY`, all of them every `HELD_EVERY`. A node's
@@ -36,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -48,6 +52,7 @@ from anyio.abc import ByteStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from lmfleet.errors import LMFleetError, UnknownNodeError
+from lmfleet.node.load import NodeLoad, load_of, next_capacity, report_of
 from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.proxy.state_file import add_entry, entry
 
@@ -136,6 +141,35 @@ def apply_fact(state: NodeState, fact: dict[str, Any], held: bool = False) -> No
         if status in DECIDED or state.status in DECIDED:
             changes["status"], changes["message"] = status, str(fact["status"]["message"])
     return state.evolve(**changes) if changes else state
+
+
+def shared_load(load: NodeLoad) -> dict[str, Any]:
+    """A node's report as a worker shares it with its siblings: its fields, when it
+    was read, and the proxy's requests on the node then (the reader's and its peers':
+    the report's rest is other clients')."""
+    return {
+        "at": load.read_at,
+        "ours": load.local_inflight + load.peer_inflight,
+        "fresh_for": load.fresh_for,
+        "report": report_of(load),
+    }
+
+
+def take_load(shared: dict[str, Any], read_at: float, state: NodeState) -> NodeState:
+    """`state` with a sibling's report of it, unless its own is as new, or it is not
+    healthy here (the monitor keeps loads of healthy nodes only). The pace is
+    reckoned from this worker's previous report, as for a report it reads."""
+    old = state.load
+    if state.status is not NodeStatus.HEALTHY or (old is not None and old.read_at >= read_at):
+        return state
+    load = load_of(
+        {k: float(v) for k, v in shared["report"].items()},
+        read_at=read_at,
+        peer_inflight=int(shared["ours"]),
+        fresh_for=float(shared["fresh_for"]),
+        previous=old,
+    )
+    return state.evolve(load=load, capacity=next_capacity(state.capacity, load))
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -280,6 +314,8 @@ class SharedState:
         self._id = uuid.uuid4().hex[:12]
         self._news = HeldNews()
         """Our counts as last shared (`held` messages)."""
+        self._loads_known: dict[str, float] = {}
+        """Each node's newest report (`read_at`) this worker shared or heard."""
         self._peers = PeerCounts()
 
     @property
@@ -360,6 +396,8 @@ class SharedState:
                 self._apply_fleet(message["fact"])
             elif op == "held":
                 self._heard(message)
+            elif op == "loads":
+                self._heard_loads(message)
             elif op in ("scrape", "sync"):  # another process asks all
                 # A sync is answered here, after every fact sent before it was applied.
                 try:
@@ -380,13 +418,15 @@ class SharedState:
                 await hub.open()  # its snapshot is empty: facts go through the store
                 self._siblings_up = True
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(until_gone, partial(self._share_held_on, hub), tg.cancel_scope)
+                    tg.start_soon(until_gone, partial(self._share_beside, hub), tg.cancel_scope)
                     while True:
                         message = await hub.receive()
                         if message.get("op") in ("scrape", "sync"):
                             await self._answer(hub, message)
                         elif message.get("op") == "held":
                             self._heard(message)
+                        elif message.get("op") == "loads":
+                            self._heard_loads(message)
             except (*GONE, OSError, TimeoutError, ValueError, KeyError) as exc:
                 log.warning("worker %d lost the hub (%s); it tries again", self.worker, exc)
             finally:
@@ -396,10 +436,13 @@ class SharedState:
                     await hub.aclose()
             await anyio.sleep(1.0)
 
-    async def _share_held_on(self, link: Link) -> None:
-        """Our counts over `link`, every `SYNC_EVERY`."""
+    async def _share_beside(self, hub: HubLink) -> None:
+        """Beside a store: our counts and the reports we read over the hub, every
+        `SYNC_EVERY`."""
         while True:
-            await self._share_held(link, {s.url: s for s in self._fleet.registry.snapshot()})
+            nodes = {s.url: s for s in self._fleet.registry.snapshot()}
+            await self._share_held(hub, nodes)
+            await self._share_loads(hub, nodes)
             await anyio.sleep(SYNC_EVERY)
 
     async def _publish_changes(self) -> None:
@@ -429,8 +472,10 @@ class SharedState:
             await self._link.publish(
                 {"op": "fleet", "fact": {"weight_version": fleet[0], "floor": fleet[1]}}
             )
-        if self._siblings is None:  # beside a store, the counts go through the hub
+        if self._siblings is None:  # beside a store, the hub carries them (`_share_beside`)
             await self._share_held(self._link, nodes)
+            if self.via == "hub":
+                await self._share_loads(self._link, nodes)
 
     async def _share_held(self, link: Link, nodes: dict[str, NodeState]) -> None:
         """Send our counts that changed (all of them every `HELD_EVERY`), and drop
@@ -440,6 +485,31 @@ class SharedState:
         if message is not None:
             await link.publish(message)
         self._set_peers(self._peers.expire(now))
+
+    async def _share_loads(self, hub: Link, nodes: dict[str, NodeState]) -> None:
+        """The nodes' reports this worker read since the last tick (not those it heard),
+        for its siblings: one `/metrics` read per node and interval serves them all
+        (each monitor skips a read while a shared report is fresh)."""
+        loads: dict[str, Any] = {}
+        known = self._loads_known
+        for url, state in nodes.items():
+            load = state.load
+            if load is not None and load.read_at > known.get(url, -math.inf):
+                known[url] = load.read_at
+                loads[url] = shared_load(load)
+        for url in known.keys() - nodes.keys():
+            del known[url]
+        if loads:
+            await hub.publish({"op": "loads", "loads": loads})
+
+    def _heard_loads(self, message: dict[str, Any]) -> None:
+        """A sibling's reports: each taken where it is newer than the node's own (the
+        workers share one host, so one monotonic clock)."""
+        registry = self._fleet.registry
+        for url, shared in message["loads"].items():
+            read_at = float(shared["at"])
+            self._loads_known[url] = max(read_at, self._loads_known.get(url, -math.inf))
+            registry.modify(url, partial(take_load, shared, read_at))
 
     def _heard(self, message: dict[str, Any]) -> None:
         self._set_peers(self._peers.heard(*read_held(message)))

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import httpx2
@@ -224,6 +225,41 @@ def test_each_worker_counts_the_others_requests_on_every_node(
     )
     holder.close()
     survivor.close()
+    assert proxy.stop(signal.SIGINT) == 0
+
+
+def test_one_metrics_read_a_round_serves_both_workers(
+    console: Callable[..., Console], start_sim: StartSim
+) -> None:
+    nodes = [start_sim("--fast") for _ in range(2)]
+    interval = 0.5
+    flags = [f for n in nodes for f in ("--node", n.url)]
+    proxy, base = _start(console, *flags, "--health-interval", str(interval))
+    _wait_all_healthy(base)
+
+    def knows_both_loads(client: httpx2.Client) -> bool:
+        return all(n["queue_current"] for n in client.get("/nodes/status").json().values())
+
+    for worker in (0, 1):  # each knows each node's load as current, whoever read it
+        client, _ = pinned(base, worker)
+        try:
+            wait_until(partial(knows_both_loads, client), 10, f"worker {worker} knowing the loads")
+        finally:
+            client.close()
+
+    def reads() -> list[int]:
+        return [sim_stats(n.url)["by_path"].get("/metrics", 0) for n in nodes]
+
+    before, started = reads(), time.monotonic()
+    wait_until(
+        lambda: min(now - then for now, then in zip(reads(), before, strict=True)) >= 8,
+        30,
+        "8 more reads of each node's /metrics",
+    )
+    elapsed = time.monotonic() - started
+    # Each worker reading for itself makes 8 reads in ~4 rounds (~2.1 s); one read
+    # a round for both, 8 rounds or more (a busy machine only makes it slower).
+    assert elapsed >= 0.75 * 8 * interval, (elapsed, before, reads())
     assert proxy.stop(signal.SIGINT) == 0
 
 

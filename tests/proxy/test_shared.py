@@ -1,12 +1,25 @@
 """The peers' counts of requests in flight (lmfleet/proxy/shared.py `PeerCounts`): what
-each node's `peers` becomes as messages arrive, are partial, or stop; and the hub's
-sums of its workers' counts (`HeldTotals`): what each worker is told. The processes
-that send them are tested over the hub and the store (tests/cli/test_serve_workers.py,
-tests/proxy/test_store.py)."""
+each node's `peers` becomes as messages arrive, are partial, or stop; the hub's
+sums of its workers' counts (`HeldTotals`): what each worker is told; and a node's
+report as one worker passes it to the others (`shared_load`, `take_load`). The
+processes that send them are tested over the hub and the store
+(tests/cli/test_serve_workers.py, tests/proxy/test_store.py)."""
 
 from __future__ import annotations
 
-from lmfleet.proxy.shared import HELD_FOR, HeldNews, HeldTotals, PeerCounts
+import json
+
+from lmfleet.node.load import parse_metrics
+from lmfleet.node.state import NodeState, NodeStatus
+from lmfleet.proxy.shared import (
+    HELD_FOR,
+    HeldNews,
+    HeldTotals,
+    PeerCounts,
+    encode,
+    shared_load,
+    take_load,
+)
 
 A, B = "http://a", "http://b"
 
@@ -92,3 +105,41 @@ def test_a_process_tells_what_changed_and_all_of_it_every_second() -> None:
         "whole": False,
     }
     assert news.tell("p", {}, now=11.0) == {"op": "held", "by": "p", "counts": {}, "whole": True}
+
+
+REPORT = b"""lmdeploy:num_requests_running{engine="0"} 6
+lmdeploy:num_requests_waiting{engine="0"} 3
+lmdeploy:gpu_cache_usage_perc{engine="0"} 0.5
+lmdeploy:generation_tokens_total{engine="0"} 900
+"""
+
+
+def test_a_report_passed_on_reads_the_same_to_the_worker_that_hears_it() -> None:
+    # The reader had 2 requests on the node, its peers 3: the report's rest (9 - 5) is
+    # other clients'; the worker that hears it holds 1 of the 5 itself now.
+    read = parse_metrics(REPORT, read_at=100.0, local_inflight=2, peer_inflight=3, fresh_for=1.0)
+    assert read is not None
+    wire = json.loads(encode(shared_load(read)))  # as it travels through the hub
+    here = NodeState(url=A, status=NodeStatus.HEALTHY, inflight=1, peers=4)
+    heard = take_load(wire, wire["at"], here)
+    assert heard.load is not None
+    assert heard.load.others(100.5) == read.others(100.5) == 4.0
+    assert heard.held(100.5) == 1 + 4 + 4.0  # ours, the peers', the other clients'
+    assert (heard.load.outstanding, heard.load.cache_usage) == (9.0, 0.5)
+    assert heard.capacity == 6.0  # a queue behind a full batch: its size
+    assert heard.load.others(103.0) == read.others(103.0) < 4.0  # it fades alike
+
+
+def test_a_report_heard_is_taken_only_when_newer_and_the_node_healthy_here() -> None:
+    old = parse_metrics(REPORT, read_at=100.0)
+    new = parse_metrics(REPORT.replace(b"900", b"1000"), read_at=101.0)
+    assert old is not None and new is not None
+    wire = shared_load(old)
+    mine = NodeState(url=A, status=NodeStatus.HEALTHY, load=new)
+    assert take_load(wire, old.read_at, mine) is mine  # ours is newer
+    asleep = NodeState(url=A, status=NodeStatus.SLEEPING)
+    assert take_load(wire, old.read_at, asleep) is asleep
+    # The pace is this worker's, from its previous report: 100 tokens in 1 s of 6 running.
+    paced = take_load(shared_load(new), new.read_at, NodeState(A, NodeStatus.HEALTHY, load=old))
+    assert paced.load is not None and paced.load.generation_tokens == 1000.0
+    assert paced.load.busy_seconds == 6.0 and paced.load.paced_tokens == 100.0
