@@ -33,6 +33,7 @@ from lmfleet.proxy.shared import (
     HELD_EVERY,
     SCRAPE_TIMEOUT,
     SYNC_EVERY,
+    Backoff,
     HeldNews,
     HeldTotals,
     Line,
@@ -174,13 +175,13 @@ class Hub:
         from lmfleet.proxy.store import StoreLink
 
         me = uuid.uuid4().hex[:12]  # one name across reconnections
-        pause = 0.5
+        backoff = Backoff()
         while True:
             link = StoreLink(url, name, facts=False)
             peers = PeerCounts()
             try:
                 await link.open()
-                pause = 0.5
+                backoff.reset()
                 async with anyio.create_task_group() as tg:
                     publish = partial(self._publish_totals, link, me, peers)
                     tg.start_soon(until_gone, publish, tg.cancel_scope)
@@ -193,8 +194,7 @@ class Hub:
                 self.held.outside(peers.clear())
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await link.aclose()
-            await anyio.sleep(pause)
-            pause = min(pause * 2, 5.0)
+            await backoff.pause()
 
     async def _hear_replicas(self, link: Any, me: str, peers: PeerCounts) -> None:
         """The other replicas' counts, until the store is lost."""

@@ -333,12 +333,13 @@ class SharedState:
 
     async def _share(self, *, task_status: TaskStatus[None]) -> None:
         started = False
-        pause = 0.5
+        backoff = Backoff()
         while True:
             try:
                 snapshot = await self._link.open()
                 self._take(snapshot)
-                self.connected, self.problem, pause = True, "", 0.5
+                self.connected, self.problem = True, ""
+                backoff.reset()
                 self._fleet.registry.barrier = self.flush
                 if not started:
                     started = True
@@ -367,8 +368,7 @@ class SharedState:
             if not started:
                 started = True
                 task_status.started()
-            await anyio.sleep(pause)
-            pause = min(pause * 2, 5.0)
+            await backoff.pause()
 
     def _take(self, snapshot: dict[str, Any]) -> None:
         """Apply a snapshot; what this process knows and it lacks is published next."""
@@ -413,10 +413,12 @@ class SharedState:
         """Beside a store: stay on the hub to answer the other workers' scrapes (and to
         ask them, `scrape_others`), and to share the requests in flight (the hub sums
         its workers' and speaks for them on the store); connect again after a loss."""
+        backoff = Backoff()
         while True:
             try:
                 await hub.open()  # its snapshot is empty: facts go through the store
                 self._siblings_up = True
+                backoff.reset()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(until_gone, partial(self._share_beside, hub), tg.cancel_scope)
                     while True:
@@ -434,7 +436,7 @@ class SharedState:
                 self._forget_peers()
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await hub.aclose()
-            await anyio.sleep(1.0)
+            await backoff.pause()
 
     async def _share_beside(self, hub: HubLink) -> None:
         """Beside a store: our counts and the reports we read over the hub, every
@@ -593,6 +595,23 @@ class SharedState:
             return await link.ask("scrape")
         except GONE:
             return []
+
+
+class Backoff:
+    """The pauses between a lost link's reconnections: `first` seconds, doubling up to
+    `longest`, and from `first` again once connected (a store restarted for a minute
+    is not asked ten times a second meanwhile, and is found within `longest` after)."""
+
+    def __init__(self, first: float = 0.5, longest: float = 5.0) -> None:
+        self._first, self._longest = first, longest
+        self._next = first
+
+    def reset(self) -> None:
+        self._next = self._first
+
+    async def pause(self) -> None:
+        await anyio.sleep(self._next)
+        self._next = min(self._next * 2, self._longest)
 
 
 async def until_gone(work: Callable[[], Awaitable[None]], connection: anyio.CancelScope) -> None:
