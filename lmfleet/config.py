@@ -21,8 +21,8 @@ from typing import Annotated, Any, Literal, TypedDict, TypeVar, Union, get_args,
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
 
-from lmfleet.errors import ConfigError
 from lmfleet.node.names import parse_aliases
+from lmfleet.plain_errors import ConfigError
 
 ServingStrategy = Literal["Hybrid", "DistServe"]
 """LMDeploy's proxy `--serving-strategy` names (docs/distserve.md)."""

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "vocabulary",
         (
             "lmfleet.errors",
+            "lmfleet.plain_errors",
             "lmfleet.answers",
             "lmfleet.config",
             "lmfleet.logs",

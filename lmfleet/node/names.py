@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from lmfleet.errors import ConfigError
+from lmfleet.plain_errors import ConfigError
 
 Aliases = Mapping[str, Sequence[str]]
 """Alias -> the names nodes serve it under, as `attach(aliases=...)` takes them."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from lmfleet.config import NodeOptions
-from lmfleet.errors import ConfigError
+from lmfleet.plain_errors import ConfigError
 from lmfleet.node.load import NodeLoad
 
 

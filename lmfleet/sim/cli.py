@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from lmfleet.config import add_flags, given, with_values
-from lmfleet.errors import ConfigError, require_serve
+from lmfleet.plain_errors import ConfigError, require_serve
 from lmfleet.sim.options import COST, FAULTS, SimOptions
 
 
