@@ -1,7 +1,8 @@
 """The package's public names (lmfleet/__init__.py): each imported when first used, so
 that `import lmfleet.sim` (a simulated node, in its own process) does not import the
-fleet, nor openai (lmfleet/plain_errors.py). The names stand in three lists there (the type checker's
-imports, `_HOME`, `__all__`): these tests hold them to one another."""
+fleet, nor openai (lmfleet/plain_errors.py). The names stand in three lists there
+(the type checker's imports, `_HOME`, `__all__`): these tests hold them to one
+another."""
 
 from __future__ import annotations
 

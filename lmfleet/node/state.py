@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from lmfleet.config import NodeOptions
-from lmfleet.plain_errors import ConfigError
 from lmfleet.node.load import NodeLoad
+from lmfleet.plain_errors import ConfigError
 
 
 class NodeStatus(str, Enum):
