@@ -30,6 +30,7 @@ import httpx2
 
 from lmfleet.errors import EngineCapabilityError, NodeCommandError
 from lmfleet.node.profile import Command, EngineProfile, Params, profile_named, recognise
+from lmfleet.wire.headers import set_header
 from lmfleet.wire.prober import ProbeRequest
 
 URL_CACHE_SIZE = 4096
@@ -165,7 +166,7 @@ class NodeClient:
         """Point a routed `request` at `node`: its URL, Host and the node's own key."""
         url = self._urls(node.url, request.url.raw_path)
         request.url = url
-        request.headers["Host"] = url.netloc.decode("ascii")
+        set_header(request.headers, b"Host", url.netloc)
         for name, value in node_headers(node):
             request.headers[name] = value
 

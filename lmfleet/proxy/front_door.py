@@ -325,6 +325,10 @@ class FrontDoor(asyncio.Protocol):
         self._skip = 0
         """Body bytes of an answered request still to come, dropped as they arrive."""
         self._idle: asyncio.TimerHandle | None = None
+        self._idle_at: float | None = None
+        """When the connection closes unless a whole request head came; None while a
+        request is served. One timer checks it (`_idle_check`): a deadline moved on
+        is a float stored, not a timer cancelled and made again for every request."""
         self._closing = False
         self._server: tuple[str, int] | None = None
         self._client: tuple[str, int] | None = None
@@ -347,7 +351,7 @@ class FrontDoor(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
-        self._disarm_idle()
+        self._stop_idle()
         cycle = self.cycle
         if cycle is not None and not cycle.complete:
             cycle.gone = True
@@ -486,7 +490,7 @@ class FrontDoor(asyncio.Protocol):
     def _hand_over(self) -> None:
         """Give the connection, with what it sent since the last answer, to uvicorn's
         own protocol; it keeps it from now on."""
-        self._disarm_idle()
+        self._stop_idle()
         self.server_state.connections.discard(self)
         protocol = _uvicorn_protocol()(
             config=self.config,
@@ -505,13 +509,28 @@ class FrontDoor(asyncio.Protocol):
     # -- the idle connection ----------------------------------------------------
 
     def _arm_idle(self) -> None:
-        self._disarm_idle()
-        self._idle = self.loop.call_later(self.config.timeout_keep_alive, self._idle_timeout)
+        self._idle_at = self.loop.time() + self.config.timeout_keep_alive
+        if self._idle is None:
+            self._idle = self.loop.call_at(self._idle_at, self._idle_check)
 
     def _disarm_idle(self) -> None:
+        self._idle_at = None  # a timer still set finds nothing to do
+
+    def _stop_idle(self) -> None:
+        self._idle_at = None
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
+
+    def _idle_check(self) -> None:
+        self._idle = None
+        at = self._idle_at
+        if at is None:
+            return
+        if self.loop.time() < at:  # armed again since this timer was set
+            self._idle = self.loop.call_at(at, self._idle_check)
+            return
+        self._idle_timeout()
 
     def _idle_timeout(self) -> None:
         """`timeout_keep_alive` (uvicorn's setting, 5 s) since the connection opened or

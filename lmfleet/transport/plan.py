@@ -44,6 +44,7 @@ from lmfleet.transport.renaming import rename_answer, renamed_request
 from lmfleet.transport.request import REQUEST_ID
 from lmfleet.transport.steps import Call, Discard, Pause, Steps, T
 from lmfleet.transport.streams import Accounting, lease_response
+from lmfleet.wire.headers import set_header
 
 UNREACHED_ERRORS: tuple[type[Exception], ...] = (httpx2.ConnectError, httpx2.ConnectTimeout)
 """The node was never reached: it is down, so the circuit opens at once."""
@@ -60,6 +61,7 @@ PASSIVE_STATUS = frozenset({502, 503})
 monitor probes the node back, asking `/is_sleeping`."""
 
 SERVED_VERSION_HEADER = "x-lmfleet-weight-version"
+SERVED_VERSION_NAME = SERVED_VERSION_HEADER.encode()
 """On an answer: the weight version of the node that served it (transport/router.py
 reads the same header on a request as an ask for that version)."""
 
@@ -519,7 +521,7 @@ class RequestPlan:
             assert own is not None and asked is not None
             rename_answer(reply, own, asked)  # the caller reads the name it asked for
         if reason is None:
-            reply.headers[SERVED_VERSION_HEADER] = str(node.weight_version)
+            set_header(reply.headers, SERVED_VERSION_NAME, b"%d" % node.weight_version)
             return lease_response(reply, lease)
         if attempts.exhausted():
             return final_answer(reply, lease)

@@ -18,10 +18,13 @@ from typing import Any
 
 import httpx2
 
+from lmfleet.wire.headers import set_header
+
 PARSED_BODY = "lmfleet.parsed_body"
 """Request extension: the body as parsed JSON (any JSON value), present once parsed."""
 
 REQUEST_ID_HEADER = "x-lmfleet-request-id"
+REQUEST_ID_NAME = REQUEST_ID_HEADER.encode()
 """On every routed answer: the fleet's id of the request (`fleet.abort(request_id)`).
 A caller may choose it by sending the same header."""
 REQUEST_ID = "lmfleet.request_id"
@@ -40,7 +43,7 @@ def with_request_id(request: httpx2.Request, response: httpx2.Response) -> httpx
     """`response`, carrying the request's id (`REQUEST_ID_HEADER`) when it has one."""
     found = request.extensions.get(REQUEST_ID)
     if found is not None:
-        response.headers[REQUEST_ID_HEADER] = found
+        set_header(response.headers, REQUEST_ID_NAME, found.encode())
     return response
 
 

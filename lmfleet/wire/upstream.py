@@ -26,9 +26,10 @@ A kept-alive connection that turns out to be closed by the node before any
 response byte arrives is retried once on a new connection (the node never saw the
 request).
 
-Read timeouts are one lazily checked timer per exchange (`_Watchdog`), renewed by
+Read timeouts are one lazily checked timer per connection (`_Watchdog`), renewed by
 each read, rather than a cancel scope around every read: on SSE that scope cost
-more CPU than the rest of the relay. Responses are read in bulk and fed to the
+more CPU than the rest of the relay (and a timer made and cancelled per request
+was 2 % of a proxied chat request's CPU). Responses are read in bulk and fed to the
 codec, so a burst of chunks that arrived together costs one read, not two per
 chunk, and a small response costs one read for head and body together.
 """
@@ -84,6 +85,7 @@ class _Conn(asyncio.Protocol):
         "_size",
         "_waiter",
         "transport",
+        "watchdog",
     )
 
     def __init__(self) -> None:
@@ -95,6 +97,8 @@ class _Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._paused = False
+        self.watchdog: _Watchdog | None = None
+        """The read deadline of its exchanges (made by the first that has one)."""
 
     # -- the loop's side ----------------------------------------------------------
 
@@ -118,6 +122,8 @@ class _Conn(asyncio.Protocol):
         self._eof = True
         self._error = exc
         self._wake()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         drained, self._drained = self._drained, None
         if drained is not None and not drained.done():
             drained.set_result(None)
@@ -206,34 +212,69 @@ def _mapped(request: httpx2.Request, phase: str) -> Iterator[None]:
 
 
 class _Watchdog:
-    """A read deadline that each read renews, checked by one timer.
+    """A connection's read deadline, which each read of an exchange renews, checked
+    by one timer that lives as long as the connection is used.
 
     When the node sends nothing for `timeout` seconds the connection is aborted, so
     the pending read ends; `fired` tells the reader to report a `ReadTimeout`.
+    Between exchanges it is disarmed (no deadline): a timer still set finds nothing
+    to do and ends, and the next exchange keeps it when it falls due no later than
+    its own deadline (the same timeout each time: one timer per `timeout` seconds
+    of use, not one made and cancelled per request).
     """
 
-    __slots__ = ("_conn", "_handle", "_loop", "_timeout", "expires", "fired")
+    __slots__ = ("_at", "_conn", "_handle", "_loop", "_timeout", "expires", "fired")
 
-    def __init__(self, conn: _Conn, timeout: float) -> None:
+    def __init__(self, conn: _Conn) -> None:
         self._loop = asyncio.get_running_loop()
         self._conn = conn
+        self._timeout = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0
+        """When the timer set falls due."""
+        self.fired = False
+        self.expires: float | None = None
+
+    def arm(self, timeout: float) -> _Watchdog:
+        """An exchange's deadline, `timeout` seconds from now and from each read."""
         self._timeout = timeout
         self.fired = False
-        self.expires = self._loop.time() + timeout
-        self._handle = self._loop.call_at(self.expires, self._check)
+        self.expires = expires = self._loop.time() + timeout
+        if self._handle is None or expires < self._at:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._set(expires)
+        return self
 
     def renew(self) -> None:
-        self.expires = self._loop.time() + self._timeout
+        if self.expires is not None:
+            self.expires = self._loop.time() + self._timeout
+
+    def disarm(self) -> None:
+        """The exchange is over (the connection may serve another)."""
+        self.expires = None
+
+    def stop(self) -> None:
+        """The connection is closed."""
+        self.expires = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _set(self, at: float) -> None:
+        self._at = at
+        self._handle = self._loop.call_at(at, self._check)
 
     def _check(self) -> None:
-        if self._loop.time() < self.expires:
-            self._handle = self._loop.call_at(self.expires, self._check)
+        self._handle = None
+        expires = self.expires
+        if expires is None:
+            return
+        if self._loop.time() < expires:
+            self._set(expires)
             return
         self.fired = True
         self._conn.transport.abort()
-
-    def cancel(self) -> None:
-        self._handle.cancel()
 
 
 _Waiter = tuple[float, int, Origin, "asyncio.Future[_Conn | None]"]
@@ -427,7 +468,10 @@ class Http11Transport(httpx2.AsyncBaseTransport):
     ) -> httpx2.Response:
         """Send and read the head; on failure the connection is closed, its slot kept."""
         read_timeout = _timeout(request, "read")
-        watchdog = None if read_timeout is None else _Watchdog(conn, read_timeout)
+        watchdog = None
+        if read_timeout is not None:
+            watchdog = (conn.watchdog or _Watchdog(conn)).arm(read_timeout)
+            conn.watchdog = watchdog
         parser = ResponseParser(head_request=request.method == "HEAD")
         first: list[bytes] = []  # body bytes that arrived with the head
         phase = "write"
@@ -448,7 +492,7 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         except httpx2.TransportError as exc:
             conn.close()
             if watchdog is not None:
-                watchdog.cancel()
+                watchdog.disarm()
                 if watchdog.fired:
                     raise httpx2.ReadTimeout("read timed out", request=request) from exc
             if isinstance(exc, httpx2.RemoteProtocolError) and not parser.started:
@@ -457,7 +501,7 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         except BaseException:
             conn.close()
             if watchdog is not None:
-                watchdog.cancel()
+                watchdog.disarm()
             raise
         head = parser.head
         stream = _Body(self, origin, conn, request, parser, first, watchdog)
@@ -497,7 +541,7 @@ class _Body(httpx2.AsyncByteStream):
         self._first = first
         self._watchdog = watchdog
         if parser.done and watchdog is not None:
-            watchdog.cancel()
+            watchdog.disarm()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         first, self._first = self._first, []
@@ -522,7 +566,7 @@ class _Body(httpx2.AsyncByteStream):
                 raise httpx2.ReadTimeout("body: read timed out", request=self._request) from exc
             raise
         if self._watchdog is not None:
-            self._watchdog.cancel()
+            self._watchdog.disarm()
 
     async def _read(self, conn: _Conn) -> bytes:
         data = await conn.read()
@@ -531,8 +575,9 @@ class _Body(httpx2.AsyncByteStream):
         return data
 
     async def aclose(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        watchdog, self._watchdog = self._watchdog, None  # the connection may serve another
+        if watchdog is not None:
+            watchdog.disarm()
         conn, self._conn = self._conn, None
         if conn is None:
             return

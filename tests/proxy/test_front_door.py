@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Callable
 
 import pytest
@@ -199,3 +200,18 @@ def test_a_head_that_never_ends_does_not_hold_the_connection(proxy: Served) -> N
         wire.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: p\r\n")  # and nothing more
         wire.sock.settimeout(15)  # a recv that times out fails the test
         assert wire.closed()  # uvicorn's keep-alive timeout (5 s) from the connection's start
+
+
+def test_a_connection_in_use_outlives_the_keep_alive_timeout_counted_from_its_start(
+    proxy: Served,
+) -> None:
+    """The idle deadline moves on with each answer (one timer per connection checks it,
+    `FrontDoor._idle_check`): requests 3.5 s apart on one connection are answered past
+    the 5 s counted from the first, which a timer that was not moved would have cut."""
+    _, server = proxy
+    with Wire(server.url) as wire:
+        for _ in range(3):
+            wire.send(_post("/v1/chat/completions", CHAT))
+            status, _, _ = wire.answer()
+            assert status == 200
+            time.sleep(3.5)  # idle, but less than uvicorn's keep-alive timeout (5 s)

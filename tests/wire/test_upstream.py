@@ -201,3 +201,39 @@ async def test_malformed_response_head_is_a_remote_protocol_error(
     async with server:
         with pytest.raises(httpx2.RemoteProtocolError, match="bad header line"):
             await client.get(url + "/")
+
+
+async def test_a_kept_alive_connection_times_out_each_exchange_by_its_own_timeout(
+    client: httpx2.AsyncClient,
+) -> None:
+    """One read deadline per connection (`_Watchdog`), kept between exchanges: a
+    later exchange with a shorter timeout than the timer left set by the one before
+    (30 s) still times out on time, and the one after that is not cut by it."""
+    connections = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                request = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if b"/hang" in request:
+                await asyncio.sleep(10)  # never answers in time
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server, url = await serve(script)
+    async with server:
+        assert (await client.get(url + "/", timeout=30)).text == "ok"
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(httpx2.ReadTimeout):
+            await client.get(url + "/hang", timeout=0.3)
+        assert asyncio.get_running_loop().time() - started < 5  # not the first one's 30 s
+        assert connections == 1  # it was the kept-alive connection
+        for _ in range(3):  # a new connection; each answer in time, none cut
+            assert (await client.get(url + "/", timeout=0.5)).text == "ok"
+            await asyncio.sleep(0.3)
+        assert connections == 2
