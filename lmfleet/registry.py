@@ -148,12 +148,17 @@ class NodeRegistry:
         self.weight_version = weight_version
         """The weight version a node starts with (`FleetOptions.weight_version`)."""
         self.version_floor: int | None = None
+        """While set, only nodes of at least this weight version are routed to: set when
+        an update that does not allow mixing starts (weights/session.py)."""
         self.barrier: Callable[[], Awaitable[None]] | None = None
         """Awaited after a decision other processes must know before it acts on a
         node (a weight update's cut): the shared state of `lmfleet serve --workers`
         (lmfleet/proxy/shared.py) sets it; None in one process."""
-        """While set, only nodes of at least this weight version are routed to: set when
-        an update that does not allow mixing starts (weights/session.py)."""
+        self.metrics_standby = False
+        """True in a worker of `lmfleet serve --workers` other than worker 0, which
+        reads the nodes' `/metrics` and shares the reports (lmfleet/proxy/shared.py):
+        this process's monitor reads a node's only when its latest report is late
+        (`Monitor._metrics_due`)."""
         self._nodes: dict[str, NodeState] = {}
         self._held: set[str] = set()
         self._models: list[str] = []

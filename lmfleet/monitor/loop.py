@@ -11,7 +11,6 @@ and sleeping (or back into rotation) the monitor asks `/is_sleeping` first.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 
@@ -30,6 +29,11 @@ log = logging.getLogger("lmfleet")
 
 NO_METRICS_RETRY = 60.0
 """Seconds before asking again a node that has no `/metrics` (started without it)."""
+
+STANDBY_AFTER = 1.5
+"""Intervals after which a standby worker reads a node's `/metrics` itself: worker 0
+reads every round (at most 1.1 intervals apart, the jitter), so its reports come
+first unless it is down or far behind."""
 
 VIEW_METRICS_INTERVAL = 10.0
 """Seconds between `/metrics` reads when only the status views show them: reading a
@@ -90,9 +94,6 @@ class Monitor:
         self._running: set[str] = set()
         self._seen: set[str] = set()
         self._next_metrics: dict[str, float] = {}  # url -> when to read /metrics next
-        self._mine: dict[str, float] = {}
-        """url -> `read_at` of the last report this monitor read: a later one was read
-        by another worker and shared (`_metrics_due`)."""
         self._next_own: dict[str, float] = {}  # url -> next probe (own interval)
         self._changed = anyio.Event()
         self._tasks: TaskGroup | None = None
@@ -134,8 +135,6 @@ class Monitor:
                 self._seen.intersection_update(urls)
                 for gone in self._next_metrics.keys() - self._seen:
                     del self._next_metrics[gone]
-                for gone in self._mine.keys() - self._seen:
-                    del self._mine[gone]
                 for gone in self._next_own.keys() - self._seen:
                     del self._next_own[gone]
                 rounds: dict[float, list[str]] = {}
@@ -378,17 +377,18 @@ class Monitor:
         registry.modify(url, apply)
 
     def _metrics_due(self, state: NodeState) -> bool:
-        """Due by this monitor's schedule, unless another worker of the proxy read the
-        node since and shared its report (lmfleet/proxy/shared.py): then due once that
-        report is as old as ours would be. One read per interval serves every worker,
-        and a worker that stops sharing (it died) is covered by the others' schedules."""
+        """Due by this monitor's schedule; in a standby worker of `lmfleet serve
+        --workers` (`NodeRegistry.metrics_standby`), only once the node's latest
+        report, which worker 0 reads every round and shares (lmfleet/proxy/shared.py),
+        is `STANDBY_AFTER` intervals old: one reader per node whatever the workers, and
+        while worker 0 is down (restarting) the others read for themselves."""
         now = time.monotonic()
         if self._next_metrics.get(state.url, 0.0) > now:
             return False
         load = state.load
-        if load is None or load.read_at <= self._mine.get(state.url, -math.inf):
+        if load is None or not self._registry.metrics_standby:
             return True
-        return load.read_at + 0.9 * self._metrics_every <= now
+        return load.read_at + STANDBY_AFTER * self._metrics_every <= now
 
     def _metrics_read(self, url: str) -> None:
         """Schedule the next `/metrics` read; due again within a round's jitter of the
@@ -439,8 +439,6 @@ class Monitor:
             )
         if load is None:
             self._next_metrics[url] = time.monotonic() + NO_METRICS_RETRY
-        else:
-            self._mine[url] = load.read_at
         self._registry.modify(
             url,
             lambda state: state.evolve(load=load, capacity=next_capacity(state.capacity, load)),

@@ -13,8 +13,10 @@ worker observes (health, latency) stays its own: its monitor sees it too; but
 each node's last activity (to the second) goes with its facts, so that the one
 auto-sleeper (worker 0) does not put to sleep a node the other workers keep busy.
 A node's `/metrics` report is read once per interval for all the workers of one
-host (`loads`): whoever's round comes first reads it and passes it on through the
-hub, and the others' monitors skip their read while it is fresh (`Monitor._metrics_due`).
+host (`loads`): worker 0 reads it every round and passes it on through the hub, and
+the others' monitors stand by (`NodeRegistry.metrics_standby`), reading a node's
+only when its latest report is late (worker 0 down or far behind:
+`Monitor._metrics_due`).
 
 Beside the facts, each process shares its requests in flight per node (`held`):
 the counts that changed every `SYNC_EVERY`, all of them every `HELD_EVERY`. A node's
@@ -316,6 +318,7 @@ class SharedState:
         """Our counts as last shared (`held` messages)."""
         self._loads_known: dict[str, float] = {}
         """Each node's newest report (`read_at`) this worker shared or heard."""
+        fleet.registry.metrics_standby = worker > 0  # worker 0 reads, the others hear
         self._peers = PeerCounts()
 
     @property
@@ -491,7 +494,7 @@ class SharedState:
     async def _share_loads(self, hub: Link, nodes: dict[str, NodeState]) -> None:
         """The nodes' reports this worker read since the last tick (not those it heard),
         for its siblings: one `/metrics` read per node and interval serves them all
-        (each monitor skips a read while a shared report is fresh)."""
+        (worker 0's, while the others' monitors stand by)."""
         loads: dict[str, Any] = {}
         known = self._loads_known
         for url, state in nodes.items():

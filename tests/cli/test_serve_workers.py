@@ -257,8 +257,8 @@ def test_one_metrics_read_a_round_serves_both_workers(
         "8 more reads of each node's /metrics",
     )
     elapsed = time.monotonic() - started
-    # Each worker reading for itself makes 8 reads in ~4 rounds (~2.1 s); one read
-    # a round for both, 8 rounds or more (a busy machine only makes it slower).
+    # Each worker reading for itself makes 8 reads in ~4 rounds (~2.1 s); worker 0
+    # reading for both, 8 rounds or more (a busy machine only makes it slower).
     assert elapsed >= 0.75 * 8 * interval, (elapsed, before, reads())
     assert proxy.stop(signal.SIGINT) == 0
 

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import httpx2
 import pytest
-from support import StartSim, wait_until
+from support import StartSim, sim_stats, wait_until
 
 from lmfleet import FleetOptions, HealthOptions, LMFleet
 from lmfleet.monitor.loop import Probe, judge
@@ -72,3 +75,31 @@ def test_a_node_that_stops_answering_loses_its_load_report(start_sim: StartSim) 
         node.process.kill()
         wait_until(lambda: fleet.registry.get(node.url).status is NodeStatus.UNHEALTHY)
         assert fleet.registry.get(node.url).load is None
+
+
+def test_a_standby_monitor_reads_metrics_only_when_the_shared_report_is_late(
+    start_sim: StartSim,
+) -> None:
+    """A worker of `lmfleet serve --workers` other than worker 0 hears worker 0's
+    reports (here: put into the registry as the shared state does, lmfleet/proxy/shared.py)
+    and reads a node's `/metrics` itself only once the latest report is
+    `STANDBY_AFTER` intervals old: while they keep coming, never; once they stop, again."""
+    node = start_sim("--fast")
+    with LMFleet.attach([node.url], health_interval=0.5) as fleet:  # least_load reads /metrics
+        wait_until(lambda: fleet.registry.get(node.url).load, what="a first load report")
+        fleet.registry.metrics_standby = True
+
+        def reads() -> int:
+            return int(sim_stats(node.url)["by_path"].get("/metrics", 0))
+
+        def heard(state: NodeState) -> NodeState:  # a fresh report, read by "worker 0"
+            assert state.load is not None
+            return state.evolve(load=dataclasses.replace(state.load, read_at=time.monotonic()))
+
+        fleet.registry.modify(node.url, heard)
+        before, until = reads(), time.monotonic() + 3.0  # 6 rounds: 6 reads of its own
+        while time.monotonic() < until:
+            fleet.registry.modify(node.url, heard)
+            time.sleep(0.05)
+        assert reads() - before <= 1  # one at most, should this thread be held up 0.75 s
+        wait_until(lambda: reads() >= before + 3, 10, "reads again once the reports stopped")
