@@ -153,34 +153,47 @@ async def test_request_bytes_reach_the_server_unchanged(client: httpx2.AsyncClie
     assert body == raw
 
 
-async def test_reuse_follows_the_codec(client: httpx2.AsyncClient) -> None:
-    """HEAD and 204 answers are complete at once; bytes after a body end the connection."""
-    connections = 0
+class KeptAlive:
+    """A scripted server answering each request of a kept-alive connection with what
+    `answer` gives (None: it ends the connection), counting the connections."""
 
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    def __init__(self, answer: Callable[[bytes], Awaitable[bytes | None]]) -> None:
+        self.answer = answer
+        self.connections = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         while True:
             try:
                 request = await read_request(reader)
             except asyncio.IncompleteReadError:
                 return
-            if request.startswith(b"HEAD"):
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n")
-            elif b"/interim" in request:
-                writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
-            else:
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokGARBAGE")
+            reply = await self.answer(request)
+            if reply is None:
+                return
+            writer.write(reply)
             await writer.drain()
 
+
+async def test_reuse_follows_the_codec(client: httpx2.AsyncClient) -> None:
+    """HEAD and 204 answers are complete at once; bytes after a body end the connection."""
+
+    async def answer(request: bytes) -> bytes:
+        if request.startswith(b"HEAD"):
+            return b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n"
+        if b"/interim" in request:
+            return b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokGARBAGE"
+
+    script = KeptAlive(answer)
     server, url = await serve(script)
     async with server:
         assert (await client.head(url + "/")).headers["content-length"] == "99"
         assert (await client.get(url + "/interim")).status_code == 204
-        assert connections == 1  # both answers left the connection reusable
+        assert script.connections == 1  # both answers left the connection reusable
         assert (await client.get(url + "/")).text == "ok"
         assert (await client.get(url + "/")).text == "ok"
-        assert connections == 2  # the trailing bytes made the first one unusable
+        assert script.connections == 2  # the trailing bytes made the first one unusable
 
 
 async def test_line_breaks_in_request_headers_are_refused(client: httpx2.AsyncClient) -> None:
@@ -209,22 +222,14 @@ async def test_a_kept_alive_connection_times_out_each_exchange_by_its_own_timeou
     """One read deadline per connection (`_Watchdog`), kept between exchanges: a
     later exchange with a shorter timeout than the timer left set by the one before
     (30 s) still times out on time, and the one after that is not cut by it."""
-    connections = 0
 
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        while True:
-            try:
-                request = await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            if b"/hang" in request:
-                await asyncio.sleep(10)  # never answers in time
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-            await writer.drain()
+    async def answer(request: bytes) -> bytes | None:
+        if b"/hang" in request:
+            await asyncio.sleep(10)  # never answers in time
+            return None
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 
+    script = KeptAlive(answer)
     server, url = await serve(script)
     async with server:
         assert (await client.get(url + "/", timeout=30)).text == "ok"
@@ -232,8 +237,8 @@ async def test_a_kept_alive_connection_times_out_each_exchange_by_its_own_timeou
         with pytest.raises(httpx2.ReadTimeout):
             await client.get(url + "/hang", timeout=0.3)
         assert asyncio.get_running_loop().time() - started < 5  # not the first one's 30 s
-        assert connections == 1  # it was the kept-alive connection
+        assert script.connections == 1  # it was the kept-alive connection
         for _ in range(3):  # a new connection; each answer in time, none cut
             assert (await client.get(url + "/", timeout=0.5)).text == "ok"
             await asyncio.sleep(0.3)
-        assert connections == 2
+        assert script.connections == 2
