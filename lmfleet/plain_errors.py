@@ -3,7 +3,7 @@
 The whole tree, and where each error is raised, is `lmfleet.errors` (which exports
 these too): they stand apart only so that a process which raises none of openai's
 (a simulated node, option parsing) does not import openai, most of the time
-`python -m lmfleet.sim` or `lmfleet --help` took to start.
+`python -m lmfleet.sim` took to start.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from lmfleet.proxy.asgi import Message, Scope
+from lmfleet.wire.deadline import Deadline
 
 log = logging.getLogger("uvicorn.error")
 access_log = logging.getLogger("uvicorn.access")
@@ -324,11 +325,9 @@ class FrontDoor(asyncio.Protocol):
         self._reading = True
         self._skip = 0
         """Body bytes of an answered request still to come, dropped as they arrive."""
-        self._idle: asyncio.TimerHandle | None = None
-        self._idle_at: float | None = None
-        """When the connection closes unless a whole request head came; None while a
-        request is served. One timer checks it (`_idle_check`): a deadline moved on
-        is a float stored, not a timer cancelled and made again for every request."""
+        self._idle = Deadline(self.loop, self._idle_timeout)
+        """When the connection closes unless a whole request head came; disarmed while
+        a request is served (moved on with each answer: lmfleet/wire/deadline.py)."""
         self._closing = False
         self._server: tuple[str, int] | None = None
         self._client: tuple[str, int] | None = None
@@ -347,11 +346,11 @@ class FrontDoor(asyncio.Protocol):
             except OSError:
                 pass
         self._scheme = "https" if transport.get_extra_info("sslcontext") else "http"
-        self._arm_idle()
+        self._idle.arm(self.config.timeout_keep_alive)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
-        self._stop_idle()
+        self._idle.stop()
         cycle = self.cycle
         if cycle is not None and not cycle.complete:
             cycle.gone = True
@@ -420,7 +419,7 @@ class FrontDoor(asyncio.Protocol):
             self._hand_over()
             return
         del buffer[: end + 4]
-        self._disarm_idle()  # armed while idle or reading a head: a head must come whole in time
+        self._idle.disarm()  # armed while idle or reading a head: a head must come whole in time
         cycle = self.cycle = _Cycle(self, head.length, head.keep_alive and not self._closing)
         if cycle.left and buffer:
             used = cycle.take(buffer)
@@ -483,14 +482,14 @@ class FrontDoor(asyncio.Protocol):
         if not self._reading:
             self._reading = True
             self.transport.resume_reading()
-        self._arm_idle()
+        self._idle.arm(self.config.timeout_keep_alive)
         if self.buffer:
             self._next()
 
     def _hand_over(self) -> None:
         """Give the connection, with what it sent since the last answer, to uvicorn's
         own protocol; it keeps it from now on."""
-        self._stop_idle()
+        self._idle.stop()
         self.server_state.connections.discard(self)
         protocol = _uvicorn_protocol()(
             config=self.config,
@@ -507,30 +506,6 @@ class FrontDoor(asyncio.Protocol):
         protocol.data_received(data)
 
     # -- the idle connection ----------------------------------------------------
-
-    def _arm_idle(self) -> None:
-        self._idle_at = self.loop.time() + self.config.timeout_keep_alive
-        if self._idle is None:
-            self._idle = self.loop.call_at(self._idle_at, self._idle_check)
-
-    def _disarm_idle(self) -> None:
-        self._idle_at = None  # a timer still set finds nothing to do
-
-    def _stop_idle(self) -> None:
-        self._idle_at = None
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-
-    def _idle_check(self) -> None:
-        self._idle = None
-        at = self._idle_at
-        if at is None:
-            return
-        if self.loop.time() < at:  # armed again since this timer was set
-            self._idle = self.loop.call_at(at, self._idle_check)
-            return
-        self._idle_timeout()
 
     def _idle_timeout(self) -> None:
         """`timeout_keep_alive` (uvicorn's setting, 5 s) since the connection opened or

@@ -50,6 +50,7 @@ import httpx2
 
 from lmfleet.priority import PRIORITY, rank
 from lmfleet.wire.codec import Http1Error, ResponseParser, encode_request_head
+from lmfleet.wire.deadline import Deadline
 from lmfleet.wire.headers import headers_from
 
 HIGH_WATER = 256 * 1024
@@ -123,7 +124,7 @@ class _Conn(asyncio.Protocol):
         self._error = exc
         self._wake()
         if self.watchdog is not None:
-            self.watchdog.stop()
+            self.watchdog.deadline.stop()
         drained, self._drained = self._drained, None
         if drained is not None and not drained.done():
             drained.set_result(None)
@@ -213,66 +214,39 @@ def _mapped(request: httpx2.Request, phase: str) -> Iterator[None]:
 
 class _Watchdog:
     """A connection's read deadline, which each read of an exchange renews, checked
-    by one timer that lives as long as the connection is used.
+    by one timer that lives as long as the connection is used (`Deadline`).
 
     When the node sends nothing for `timeout` seconds the connection is aborted, so
     the pending read ends; `fired` tells the reader to report a `ReadTimeout`.
-    Between exchanges it is disarmed (no deadline): a timer still set finds nothing
-    to do and ends, and the next exchange keeps it when it falls due no later than
-    its own deadline (the same timeout each time: one timer per `timeout` seconds
-    of use, not one made and cancelled per request).
+    Between exchanges it is disarmed: the next exchange keeps the timer when it falls
+    due no later than its own deadline (the same timeout each time: one timer per
+    `timeout` seconds of use, not one made and cancelled per request).
     """
 
-    __slots__ = ("_at", "_conn", "_handle", "_loop", "_timeout", "expires", "fired")
+    __slots__ = ("_conn", "_timeout", "deadline", "fired")
 
     def __init__(self, conn: _Conn) -> None:
-        self._loop = asyncio.get_running_loop()
         self._conn = conn
         self._timeout = 0.0
-        self._handle: asyncio.TimerHandle | None = None
-        self._at = 0.0
-        """When the timer set falls due."""
         self.fired = False
-        self.expires: float | None = None
+        self.deadline = Deadline(asyncio.get_running_loop(), self._fire)
 
     def arm(self, timeout: float) -> _Watchdog:
         """An exchange's deadline, `timeout` seconds from now and from each read."""
         self._timeout = timeout
         self.fired = False
-        self.expires = expires = self._loop.time() + timeout
-        if self._handle is None or expires < self._at:
-            if self._handle is not None:
-                self._handle.cancel()
-            self._set(expires)
+        self.deadline.arm(timeout)
         return self
 
     def renew(self) -> None:
-        if self.expires is not None:
-            self.expires = self._loop.time() + self._timeout
+        if self.deadline.when is not None:
+            self.deadline.arm(self._timeout)
 
     def disarm(self) -> None:
         """The exchange is over (the connection may serve another)."""
-        self.expires = None
+        self.deadline.disarm()
 
-    def stop(self) -> None:
-        """The connection is closed."""
-        self.expires = None
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _set(self, at: float) -> None:
-        self._at = at
-        self._handle = self._loop.call_at(at, self._check)
-
-    def _check(self) -> None:
-        self._handle = None
-        expires = self.expires
-        if expires is None:
-            return
-        if self._loop.time() < expires:
-            self._set(expires)
-            return
+    def _fire(self) -> None:
         self.fired = True
         self._conn.transport.abort()
 
