@@ -89,6 +89,12 @@ GIVE_UP = "lmfleet.give_up"
 """Request extension: a callable that returns why a waiting request should stop
 waiting now (the proxy is stopping), or None; read on every poll of the wait."""
 
+FIRST_ATTEMPT = "lmfleet.first_attempt"
+"""Request extension: an attempt already made on a node before the plan started
+(the proxy's fast lane, lmfleet/proxy/fast_lane.py): (the node, its lease, what it
+answered: a response or the transport's error). The plan judges it by its own rules
+first, as if it had made it, and fails over from there."""
+
 ANSWER_KIND = "lmfleet.answer"
 """Response extension of an answer decided without a node: its row's `kind`, for the
 proxy's error counter."""
@@ -154,6 +160,15 @@ class Retry(Exception):
         self.reason = reason
 
 
+def read_bound(read: float | None, first_byte: float | None) -> tuple[float | None, bool]:
+    """The read timeout an attempt runs with: the caller's `read`, or `first_byte`
+    when that is tighter; and whether the bound is ours (its expiry is then the node's
+    failure, tried elsewhere, rather than the caller's timeout)."""
+    if first_byte is None or (read is not None and read <= first_byte):
+        return read, False
+    return first_byte, True
+
+
 def first_byte_bound(request: httpx2.Request, first_byte: float | None) -> bool:
     """Lower the request's read timeout to `first_byte`; True when that bound is ours.
 
@@ -161,14 +176,11 @@ def first_byte_bound(request: httpx2.Request, first_byte: float | None) -> bool:
     and, with `Call(first_byte=True)`, a stream's first body chunk. Later gaps in a
     stream get the same bound (a node silent that long mid-stream is as hung).
     """
-    if first_byte is None:
-        return False
     timeout = request.extensions.get("timeout") or {}
-    read = timeout.get("read")
-    if read is not None and read <= first_byte:
-        return False  # the caller's own bound is the tighter one
-    request.extensions["timeout"] = {**timeout, "read": first_byte}
-    return True
+    bound, ours = read_bound(timeout.get("read"), first_byte)
+    if ours:
+        request.extensions["timeout"] = {**timeout, "read": bound}
+    return ours
 
 
 def header_timeout(headers: httpx2.Headers) -> float | None:
@@ -422,6 +434,11 @@ class Attempts:
             )
         return self.routing.backoff(max(1, self.count))
 
+    def made(self, url: str, tried: list[str]) -> None:
+        """Count an attempt on `url` made before the plan started (`FIRST_ATTEMPT`)."""
+        tried.append(url)
+        self.count += 1
+
     def moved(self) -> None:
         """The last attempt's node was taken away (a weight update put it to sleep), not
         failed: it does not count against `max_attempts`."""
@@ -483,12 +500,20 @@ class RequestPlan:
         attempts.trace(self.info)
         ours = first_byte_bound(self.request, routing.options.first_byte_timeout)
         tried: list[str] = []
+        made = self.request.extensions.pop(FIRST_ATTEMPT, None)
         try:
             while True:
-                node, lease = yield from attempts.lease(routing.strategy, self.info, tried)
-                routing.nodes.aim(self.request, node)
+                if made is not None:  # judged first, as if this plan had made it
+                    node, lease, reply = made
+                    made = None
+                    attempts.made(node.url, tried)
+                    phase = self._judge(node, lease, attempts, ours, reply, self.request)
+                else:
+                    node, lease = yield from attempts.lease(routing.strategy, self.info, tried)
+                    routing.nodes.aim(self.request, node)
+                    phase = self._send(node, lease, attempts, ours)
                 try:
-                    answer = yield from holding(lease, self._send(node, lease, attempts, ours))
+                    answer = yield from holding(lease, phase)
                 except Retry as retry:
                     yield Pause(attempts.failed(retry.reason))
                     continue
@@ -514,6 +539,22 @@ class RequestPlan:
         if own is not None and asked is not None and own != asked:
             request = renamed_request(request, asked, own)
         reply = yield Call(request, stream=True, first_byte=True)
+        return (yield from self._judge(node, lease, attempts, ours, reply, request, own))
+
+    def _judge(
+        self,
+        node: NodeState,
+        lease: Accounting,
+        attempts: Attempts,
+        ours: bool,
+        reply: Any,
+        request: httpx2.Request,
+        own: str | None = None,
+    ) -> Steps[httpx2.Response]:
+        """What `reply` from `node` (a response, or the transport's error) makes of the
+        attempt: the caller's answer, or `Retry`. `request` is what was sent: a copy
+        naming the node's `own` name for the model when the caller asked for an alias."""
+        asked = self.info.model
         if not isinstance(reply, httpx2.Response):
             attempts.transport_failed(lease, reply, "", ours)
         reason = attempts.retryable(lease, reply, "")

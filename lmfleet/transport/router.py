@@ -26,6 +26,7 @@ from lmfleet.transport import tracing
 from lmfleet.transport.continuation import ContinuedGeneration, wants_continuation
 from lmfleet.transport.plan import (
     SERVED_VERSION_HEADER,
+    TIMEOUT_HEADER,
     Backoff,
     RequestPlan,
     Routing,
@@ -62,7 +63,14 @@ _VERSION_FIELDS = (
 LMDeploy ignores fields it does not know."""
 _ASKS = tuple((field, header, header.encode()) for field, header in _VERSION_FIELDS)
 """Each ask's field, header and header as sent (bytes), spelt out once."""
-_ASK_PREFIX = b"x-lmfleet-"
+ASK_PREFIX = b"x-lmfleet-"
+PLAIN_ASKS = frozenset({REQUEST_ID_HEADER.encode(), TIMEOUT_HEADER.encode()})
+"""The `x-lmfleet-*` request headers a plain request may have (`Router.plain_info`):
+its id and its timeout; any other one asks routing for something."""
+PLAIN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+"""The routes `Router.plain_info` may find plain."""
+_PLAIN_FIELDS = frozenset({field for field, _ in _VERSION_FIELDS} | {PRIORITY_FIELD})
+"""Body fields that ask routing for something (a weight version, a priority)."""
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
 _PRIORITY = PRIORITY_HEADER.encode()
 
@@ -166,7 +174,7 @@ class Router:
         key = None
         if self._affinity_key is not None:
             key = self._affinity_key(request.headers, body)
-        asked = {k.lower(): v for k, v in request.headers.raw if k[:10].lower() == _ASK_PREFIX}
+        asked = {k.lower(): v for k, v in request.headers.raw if k[:10].lower() == ASK_PREFIX}
         given = asked.get(_REQUEST_ID)
         request.extensions[REQUEST_ID] = given.decode("latin-1") if given else new_request_id()
         try:
@@ -213,6 +221,31 @@ class Router:
         if model is not None and models and model not in models:
             plan.immediate = _unknown_model(request, model, self.registry)
         return plan
+
+    def plain_info(self, path: str, body: dict[str, Any]) -> RequestInfo | None:
+        """What routing knows of a request that needs nothing but a node, or None when
+        `plan` would do more (the proxy's fast lane takes only the first kind:
+        lmfleet/proxy/fast_lane.py). `body` is its parsed JSON object; the caller has
+        checked that its headers ask for nothing (`PLAIN_ASKS`).
+
+        Plain: a chat or completions request naming a model served under that very
+        name (no alias to rename, no unified group), without weight-version asks or a
+        priority in its body, not a prompt to score; a fleet that is open, routes
+        without an affinity key and traces nothing. Everything else goes by `plan`.
+        """
+        if path not in PLAIN_PATHS or self._affinity_key is not None:
+            return None
+        if self.routing.tracer is not None or (self._closed is not None and self._closed()):
+            return None
+        model = body.get("model")
+        models = self.routing.registry.accepted()
+        if not isinstance(model, str) or model not in models:
+            return None  # the fleet's 404, or a body `plan` must look at
+        if model in self.routing.registry.names.groups or body.get("echo") is not None:
+            return None  # renamed on its way (an alias), or maybe scored
+        if not _PLAIN_FIELDS.isdisjoint(body):
+            return None
+        return RequestInfo(model=model if len(models) > 1 else None)
 
     def _models_answer(self, request: httpx2.Request) -> httpx2.Response | None:
         """The fleet's own answer to `GET /v1/models` (a node's list names only its own

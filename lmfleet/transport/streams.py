@@ -60,6 +60,16 @@ class Accounting:
             if self.span is not None:
                 self.span.add_event("first_byte")
 
+    def pieces(self, count: int) -> bool:
+        """`count` chunks arrived at once (the proxy's fast lane relays them so); True
+        when they are the first."""
+        first = self._first is None
+        if first:
+            self.chunk()
+            count -= 1
+        self._chunks += count
+        return first
+
     def finish(self, outcome: Outcome) -> None:
         if self._done:
             return

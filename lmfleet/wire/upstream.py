@@ -191,25 +191,26 @@ SOCKET_ERRORS = (TimeoutError, Http1Error, ValueError, OSError)
 """What a socket or the codec raises, mapped to httpx2's types (`_error_of`)."""
 
 
-def _error_of(exc: Exception, request: httpx2.Request, phase: str) -> httpx2.TransportError:
-    """A socket-level failure as httpx2's type, by phase of the exchange."""
+def _error_of(exc: Exception, phase: str) -> httpx2.TransportError:
+    """A socket-level failure as httpx2's type, by phase of the exchange (without its
+    request: the httpx2 adapter sets it, `Http11Transport.handle_async_request`)."""
     if isinstance(exc, TimeoutError):
         kind = {"connect": httpx2.ConnectTimeout, "write": httpx2.WriteTimeout}
-        return kind.get(phase, httpx2.ReadTimeout)(f"{phase} timed out", request=request)
+        return kind.get(phase, httpx2.ReadTimeout)(f"{phase} timed out")
     if isinstance(exc, (Http1Error, ValueError)):
-        return httpx2.RemoteProtocolError(f"{phase}: {exc}", request=request)
+        return httpx2.RemoteProtocolError(f"{phase}: {exc}")
     failed = {"connect": httpx2.ConnectError, "write": httpx2.WriteError}
-    return failed.get(phase, httpx2.ReadError)(f"{phase}: {exc!r}", request=request)
+    return failed.get(phase, httpx2.ReadError)(f"{phase}: {exc!r}")
 
 
 @contextlib.contextmanager
-def _mapped(request: httpx2.Request, phase: str) -> Iterator[None]:
-    """`_error_of` around a block (the paths taken once per connection or stream; the
-    exchange itself maps inline: a context manager costs ~4 calls)."""
+def _mapped(phase: str) -> Iterator[None]:
+    """`_error_of` around a block (the paths taken once per connection; the exchange
+    itself maps inline: a context manager costs ~4 calls)."""
     try:
         yield
     except SOCKET_ERRORS as exc:
-        raise _error_of(exc, request, phase) from exc
+        raise _error_of(exc, phase) from exc
 
 
 class _Watchdog:
@@ -302,20 +303,66 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         await request.aread()
         try:
-            head = encode_request_head(request.method.encode(), url.raw_path, request.headers.raw)
+            sent = encode_request_head(request.method.encode(), url.raw_path, request.headers.raw)
         except Http1Error as exc:
             raise httpx2.LocalProtocolError(str(exc), request=request) from exc
-        payload = head + request.content
         pooled = await self._checkout(request, origin)
-        # From here the slot is this request's until `_exchange` hands it to the body.
+        try:
+            answer = await self.exchange(
+                origin,
+                pooled,
+                sent + request.content,
+                read_timeout=_timeout(request, "read"),
+                connect_timeout=_timeout(request, "connect"),
+                head_request=request.method == "HEAD",
+            )
+        except httpx2.TransportError as exc:
+            exc.request = request
+            raise
+        head = answer.head
+        return httpx2.Response(
+            head.status,
+            headers=headers_from(head.headers),
+            stream=answer.stream(request),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": head.reason},
+        )
+
+    def checkout_now(self, origin: Origin) -> tuple[bool, _Conn | None]:
+        """A slot for `origin` without waiting: (True, an idle connection or None to
+        open one), or (False, None) when a request would have to queue for one (the
+        caller then goes the way that may wait: `handle_async_request`)."""
+        if self._queued():
+            return False, None
+        conn = self._take(origin)
+        if conn is not None:
+            return True, conn
+        if self._open < self._max:
+            self._open += 1
+            return True, None
+        return self._evict_idle(), None
+
+    async def exchange(
+        self,
+        origin: Origin,
+        pooled: _Conn | None,
+        payload: bytes,
+        *,
+        read_timeout: float | None,
+        connect_timeout: float | None,
+        head_request: bool = False,
+    ) -> Exchanged:
+        """Send `payload` (a request's head and body) on the slot taken by a checkout
+        (`pooled`: its idle connection, or None to open one) and read the answer's
+        head; httpx2's error types (without a request) on failure, the slot freed.
+        A pooled connection the node had closed is replaced once (`StaleConnection`)."""
         try:
             if pooled is not None:
                 try:
-                    return await self._exchange(request, origin, pooled, payload)
+                    return await self._exchange(origin, pooled, payload, read_timeout, head_request)
                 except StaleConnection:
                     pass  # its slot carries over to a new connection
-            conn = await self._connect(request, origin)
-            return await self._exchange(request, origin, conn, payload)
+            conn = await self._connect(origin, connect_timeout)
+            return await self._exchange(origin, conn, payload, read_timeout, head_request)
         except BaseException:
             self._free_slot()
             raise
@@ -328,16 +375,8 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         Waits, queued behind earlier requests, while all `max_connections` are busy;
         `httpx2.PoolTimeout` after the request's `pool` timeout.
         """
-        if not self._queued():  # with requests queued, a newcomer queues behind them
-            conn = self._take(origin)
-            if conn is not None:
-                return conn
-            if self._open < self._max:
-                self._open += 1
-                return None
-            if self._evict_idle():
-                return None
-        return await self._wait(request, origin)
+        got, conn = self.checkout_now(origin)
+        return conn if got else await self._wait(request, origin)
 
     def _take(self, origin: Origin) -> _Conn | None:
         idle = self._idle.get(origin)
@@ -429,24 +468,28 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         else:
             self._discard(conn)
 
-    async def _connect(self, request: httpx2.Request, origin: Origin) -> _Conn:
+    async def _connect(self, origin: Origin, timeout: float | None) -> _Conn:
         scheme, host, port = origin
-        with _mapped(request, "connect"), anyio.fail_after(_timeout(request, "connect")):
+        with _mapped("connect"), anyio.fail_after(timeout):
             tls = self._ssl if scheme == "https" else None
             loop = asyncio.get_running_loop()
             _, conn = await loop.create_connection(_Conn, host, port, ssl=tls)
         return conn
 
     async def _exchange(
-        self, request: httpx2.Request, origin: Origin, conn: _Conn, payload: bytes
-    ) -> httpx2.Response:
+        self,
+        origin: Origin,
+        conn: _Conn,
+        payload: bytes,
+        read_timeout: float | None,
+        head_request: bool,
+    ) -> Exchanged:
         """Send and read the head; on failure the connection is closed, its slot kept."""
-        read_timeout = _timeout(request, "read")
         watchdog = None
         if read_timeout is not None:
             watchdog = (conn.watchdog or _Watchdog(conn)).arm(read_timeout)
             conn.watchdog = watchdog
-        parser = ResponseParser(head_request=request.method == "HEAD")
+        parser = ResponseParser(head_request=head_request)
         first: list[bytes] = []  # body bytes that arrived with the head
         phase = "write"
         try:
@@ -460,7 +503,7 @@ class Http11Transport(httpx2.AsyncBaseTransport):
                         parser.feed_eof()  # raises: the head is incomplete
                     first = parser.feed(data)
             except SOCKET_ERRORS as exc:
-                raise _error_of(exc, request, phase) from exc
+                raise _error_of(exc, phase) from exc
             if watchdog is not None:
                 watchdog.renew()
         except httpx2.TransportError as exc:
@@ -468,23 +511,16 @@ class Http11Transport(httpx2.AsyncBaseTransport):
             if watchdog is not None:
                 watchdog.disarm()
                 if watchdog.fired:
-                    raise httpx2.ReadTimeout("read timed out", request=request) from exc
+                    raise httpx2.ReadTimeout("read timed out") from exc
             if isinstance(exc, httpx2.RemoteProtocolError) and not parser.started:
-                raise StaleConnection(str(exc), request=request) from exc
+                raise StaleConnection(str(exc)) from exc
             raise
         except BaseException:
             conn.close()
             if watchdog is not None:
                 watchdog.disarm()
             raise
-        head = parser.head
-        stream = _Body(self, origin, conn, request, parser, first, watchdog)
-        return httpx2.Response(
-            head.status,
-            headers=headers_from(head.headers),
-            stream=stream,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": head.reason},
-        )
+        return Exchanged(self, origin, conn, parser, first, watchdog)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -494,68 +530,105 @@ class Http11Transport(httpx2.AsyncBaseTransport):
                 self._discard(conn)
 
 
-class _Body(httpx2.AsyncByteStream):
-    """The response body, read as it arrives; the connection is reused only when complete."""
+class Exchanged:
+    """An answer whose head was read: its body still arriving on the connection, which
+    it holds (with its slot) until `close`, and gives back when the body was read whole.
+
+    What both readers of an answer share: httpx2's (`_Body`, for the pipeline) and
+    the proxy's fast lane (lmfleet/proxy/fast_lane.py), which relays the pieces as
+    they come without an httpx2 response around them."""
+
+    __slots__ = ("_origin", "_pool", "conn", "first", "head", "parser", "watchdog")
 
     def __init__(
         self,
         pool: Http11Transport,
         origin: Origin,
         conn: _Conn,
-        request: httpx2.Request,
         parser: ResponseParser,
         first: list[bytes],
         watchdog: _Watchdog | None,
     ) -> None:
         self._pool = pool
         self._origin = origin
-        self._conn: _Conn | None = conn
-        self._request = request
-        self._parser = parser
-        self._first = first
-        self._watchdog = watchdog
+        self.conn: _Conn | None = conn
+        self.parser = parser
+        head = parser.head
+        assert head is not None
+        self.head = head
+        self.first = first
+        """Body pieces that arrived with the head (the whole body of most small answers)."""
+        self.watchdog = watchdog
         if parser.done and watchdog is not None:
             watchdog.disarm()
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        first, self._first = self._first, []
-        for data in first:
-            yield data
-        parser = self._parser
-        if parser.done or self._conn is None:
-            return
-        conn = self._conn
+    async def more(self) -> list[bytes]:
+        """The body pieces that arrive next (one read's worth, not empty), or [] once
+        the body is complete; httpx2's `ReadTimeout` when the node went silent for the
+        read timeout, its other types (no request set) when the body was cut."""
+        parser, conn, watchdog = self.parser, self.conn, self.watchdog
+        if conn is None:
+            return []
         try:
-            with _mapped(self._request, "body"):
-                while not parser.done:
-                    data = await self._read(conn)
-                    if not data:
-                        if self._watchdog is not None and self._watchdog.fired:
-                            raise TimeoutError
-                        parser.feed_eof()
-                    for piece in parser.feed(data):
-                        yield piece
-        except httpx2.TransportError as exc:
-            if self._watchdog is not None and self._watchdog.fired:
-                raise httpx2.ReadTimeout("body: read timed out", request=self._request) from exc
-            raise
-        if self._watchdog is not None:
-            self._watchdog.disarm()
-
-    async def _read(self, conn: _Conn) -> bytes:
-        data = await conn.read()
-        if self._watchdog is not None:
-            self._watchdog.renew()
-        return data
-
-    async def aclose(self) -> None:
-        watchdog, self._watchdog = self._watchdog, None  # the connection may serve another
+            while not parser.done:
+                data = await conn.read()
+                if watchdog is not None:
+                    watchdog.renew()
+                if not data:
+                    if watchdog is not None and watchdog.fired:
+                        raise TimeoutError
+                    parser.feed_eof()
+                pieces = parser.feed(data)
+                if pieces:
+                    return pieces
+        except SOCKET_ERRORS as exc:
+            if watchdog is not None and watchdog.fired:
+                raise httpx2.ReadTimeout("body: read timed out") from exc
+            raise _error_of(exc, "body") from exc
         if watchdog is not None:
             watchdog.disarm()
-        conn, self._conn = self._conn, None
+        return []
+
+    def stream(self, request: httpx2.Request | None = None) -> httpx2.AsyncByteStream:
+        """The body as httpx2's stream (errors carry `request`)."""
+        return _Body(self, request)
+
+    def close(self) -> None:
+        """Give the connection back (the body was read whole) or close it; once."""
+        watchdog, self.watchdog = self.watchdog, None  # the connection may serve another
+        if watchdog is not None:
+            watchdog.disarm()
+        conn, self.conn = self.conn, None
         if conn is None:
             return
-        if self._parser.keep_alive:
+        if self.parser.keep_alive:
             self._pool._give_back(self._origin, conn)
         else:
             self._pool._discard(conn)
+
+
+class _Body(httpx2.AsyncByteStream):
+    """An `Exchanged` answer's body as httpx2's stream (the pipeline's reader)."""
+
+    __slots__ = ("_answer", "_request")
+
+    def __init__(self, answer: Exchanged, request: httpx2.Request | None) -> None:
+        self._answer = answer
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        answer = self._answer
+        first, answer.first = answer.first, []
+        for data in first:
+            yield data
+        try:
+            while pieces := await answer.more():
+                for piece in pieces:
+                    yield piece
+        except httpx2.TransportError as exc:
+            if self._request is not None:
+                exc.request = self._request
+            raise
+
+    async def aclose(self) -> None:
+        self._answer.close()
