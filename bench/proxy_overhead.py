@@ -8,7 +8,10 @@ connections, then time to first token from a sequential Python streaming client.
 Proxy CPU per request is the utime+stime delta of its process tree over the wrk
 run divided by the requests wrk completed.
 
-    .venv/bin/python bench/proxy_overhead.py [--seconds 5] [--only lmfleet,direct]
+    .venv/bin/python -m bench.proxy_overhead [--seconds 5] [--only lmfleet,direct]
+
+From a worktree, run it with `-m` from the worktree's root: run as a file, it imports
+`bench` (and so serves the proxy) from the checkout the venv was installed from.
 """
 
 from __future__ import annotations
@@ -266,8 +269,9 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="direct,lmfleet,smg,lmdeploy,lmdeploy+uvloop,nginx",
-        help="comma list of: direct, lmfleet, lmfleet-wN (N workers: the --workers sweep, "
-        "e.g. lmfleet-w2,lmfleet-w4), smg, lmdeploy, lmdeploy+uvloop, nginx, floor (a "
+        help="comma list of: direct, lmfleet, lmfleet-pipeline (--no-fast-lane), lmfleet-wN "
+        "(N workers: the --workers sweep, e.g. lmfleet-w2,lmfleet-w4), smg, lmdeploy, "
+        "lmdeploy+uvloop, nginx, floor (a "
         "60-line uvloop proxy: what Python itself costs, bench/_floor_proxy.py)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "proxy.json")
@@ -289,6 +293,8 @@ def main() -> None:
                 continue
             if name == "lmfleet":
                 pid, url = start_lmfleet(group, nodes)
+            elif name == "lmfleet-pipeline":  # every request through the pipeline
+                pid, url = start_lmfleet(group, nodes, 1, "--no-fast-lane")
             elif name.startswith("lmfleet-w"):  # the --workers sweep: lmfleet-w2, -w4, ...
                 pid, url = start_lmfleet(group, nodes, workers=int(name.removeprefix("lmfleet-w")))
             elif name.startswith("lmdeploy"):

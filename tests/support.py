@@ -230,7 +230,8 @@ def routes_around_a_peers_stream(
         with closing(holder()) as first, closing(other()) as second:
             with first.stream("POST", "/v1/chat/completions", json=long) as stream:
                 assert stream.status_code == 200, stream.read()
-                next(stream.iter_lines())  # its first chunk: it runs on its node
+                lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+                next(lines)  # its first chunk: it runs on its node
                 held = wait_until(
                     lambda: [u for u, n in peers_on(second).items() if n == 1],
                     10,

@@ -8,7 +8,6 @@ transport, the metrics) live in the lifespan state, never in module globals.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -34,7 +33,8 @@ from lmfleet.proxy.asgi import (
     Send,
 )
 from lmfleet.proxy.batch_api import BatchJobs
-from lmfleet.proxy.context import Handler, ProxyContext
+from lmfleet.proxy.context import FAST_LANE, STATE_KEY, Handler, ProxyContext, key_accepted
+from lmfleet.proxy.fast_lane import FastLane
 from lmfleet.proxy.forward import forward
 from lmfleet.proxy.metrics import ProxyMetrics
 from lmfleet.proxy.nodes_api import BadRequest
@@ -43,10 +43,10 @@ from lmfleet.proxy.shared import SharedState
 from lmfleet.surface import FleetSurface
 from lmfleet.transport import AsyncFleetTransport
 from lmfleet.transport.models import MODELS_PATH
+from lmfleet.transport.router import Router
 from lmfleet.wire.upstream import Http11Transport
 
 log = logging.getLogger("lmfleet.proxy")
-STATE_KEY = "lmfleet.proxy"
 
 ROUTES: dict[str, dict[str, Handler]] = {
     "/health": {"GET": admin_api.health},
@@ -127,6 +127,21 @@ class ProxyApp:
 
     # -- lifespan -------------------------------------------------------------------
 
+    def _fast_lane(self, rt: ProxyContext) -> FastLane | None:
+        """The front door's fast lane, where the fleet routes with a `Router` (not
+        DistServe's two phases) and `fast_lane` is on."""
+        planner = self.fleet.planner
+        if not self.options.fast_lane or not isinstance(planner, Router):
+            return None
+        return FastLane(
+            rt,
+            planner,
+            rt.upstream,
+            keys=self._keys,
+            public=self._public,
+            key_priorities=frozenset(rt.key_priorities),
+        )
+
     def _open(self) -> ProxyContext:
         routing = self.fleet.options.routing
         inner = Http11Transport(max_connections=routing.max_connections)
@@ -139,6 +154,7 @@ class ProxyApp:
             options=self.options,
             port=self.port,
             transport=AsyncFleetTransport(self.fleet.planner, inner),
+            upstream=inner,
             metrics=metrics,
             shared=self.shared,
             timeout={"connect": routing.connect_timeout, "read": wait, "write": wait, "pool": wait},
@@ -165,6 +181,9 @@ class ProxyApp:
                     )
                     await group.start(runtime.jobs.run)
                     scope["state"][STATE_KEY] = runtime
+                    lane = self._fast_lane(runtime)
+                    if lane is not None:
+                        scope["state"][FAST_LANE] = lane
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     group.cancel_scope.cancel()  # batch jobs: resumed by the next start
@@ -270,10 +289,7 @@ def _has_key(scope: Scope, keys: list[bytes]) -> bool:
         if key.lower() == b"authorization":
             given = bytes(value)
             break
-    ok = False
-    for accepted in keys:
-        ok |= hmac.compare_digest(given, accepted)
-    return ok
+    return key_accepted(given, keys)
 
 
 def create_app(

@@ -8,11 +8,11 @@ through `fleet.runtime`.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import anyio
 import httpx2
 
 from lmfleet.answers import Answer
@@ -23,6 +23,21 @@ from lmfleet.proxy.metrics import ProxyMetrics
 from lmfleet.proxy.options import ProxyOptions
 from lmfleet.surface import FleetSurface
 from lmfleet.transport import AsyncFleetTransport
+from lmfleet.wire.upstream import Http11Transport
+
+STATE_KEY = "lmfleet.proxy"
+"""The lifespan state's key for the app's `ProxyContext`."""
+
+FAST_LANE = "lmfleet.fast_lane"
+"""The lifespan state's key for the front door's fast lane (lmfleet/proxy/fast_lane.py),
+absent when the proxy has none."""
+
+
+class Cuttable(Protocol):
+    """A stream being relayed, as `ProxyContext.stop` cuts it (an anyio cancel scope,
+    or the fast lane's relay)."""
+
+    def cancel(self) -> None: ...
 
 
 @dataclass
@@ -33,6 +48,8 @@ class ProxyContext:
     options: ProxyOptions
     port: int
     transport: AsyncFleetTransport
+    upstream: Http11Transport
+    """The pool under `transport`, which the fast lane sends on too."""
     metrics: ProxyMetrics
     timeout: dict[str, float | None]
     urls: UrlCache = field(default_factory=UrlCache)
@@ -40,8 +57,8 @@ class ProxyContext:
     """The DistServe admin routes' own upstream pool, off the hot path's; made on first use."""
     stopping: bool = False
     """Set by `stop()`: the proxy is shutting down."""
-    streams: set[anyio.CancelScope] = field(default_factory=set)
-    """The scopes of the streams being relayed now, for `stop()` to cut."""
+    streams: set[Cuttable] = field(default_factory=set)
+    """The streams being relayed now (their cancel scopes), for `stop()` to cut."""
     exchanges: Exchanges = field(default_factory=Exchanges)
     """The forwarded requests open now, swept for late bodies and callers gone."""
     shared: Any = None
@@ -96,3 +113,12 @@ STOPPING = "the proxy is shutting down; try again once it is back"
 
 Handler = Callable[[Scope, Receive, Send, ProxyContext], Awaitable[None]]
 """Every route: the ASGI triple plus the app's `ProxyContext`."""
+
+
+def key_accepted(given: bytes, keys: list[bytes]) -> bool:
+    """Whether `given` (an `Authorization` value) is one of `keys`, compared in
+    constant time against every one."""
+    ok = False
+    for accepted in keys:
+        ok |= hmac.compare_digest(given, accepted)
+    return ok

@@ -32,6 +32,7 @@ from lmfleet.errors import (
     FleetBusyError,
     RoutingError,
 )
+from lmfleet.node.outliers import Outcome
 from lmfleet.priority import PRIORITY_FIELD, PRIORITY_HEADER
 from lmfleet.proxy.asgi import (
     BodyTimeout,
@@ -42,7 +43,7 @@ from lmfleet.proxy.asgi import (
     Send,
     read_body,
 )
-from lmfleet.transport.plan import ANSWER_KIND, GIVE_UP, OWN_TIMEOUT
+from lmfleet.transport.plan import ANSWER_KIND, FIRST_ATTEMPT, GIVE_UP, OWN_TIMEOUT
 from lmfleet.transport.request import PARSED_BODY, parse_json
 from lmfleet.wire.headers import Triples, headers_from
 
@@ -142,8 +143,23 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) 
     finally:
         if response is not None:  # outside the exchange's scope: never cut short
             await response.aclose()
+        if FIRST_ATTEMPT in scope:
+            await _unjudged(scope, request)
     if exchange.body_late:
         raise BodyTimeout
+
+
+async def _unjudged(scope: Scope, request: httpx2.Request | None) -> None:
+    """Let go of the fast lane's attempt when no plan judged it (the request was
+    answered before routing, or went to a plan that does not take one): its lease
+    ends neutral and its answer, if any, is closed."""
+    made = scope.pop(FIRST_ATTEMPT)
+    if request is not None and FIRST_ATTEMPT not in request.extensions:
+        return  # judged by the plan (it pops it)
+    _, lease, reply = made
+    lease.finish(Outcome.NEUTRAL)
+    if isinstance(reply, httpx2.Response):
+        await reply.aclose()
 
 
 async def _read_request(
@@ -179,6 +195,12 @@ async def _read_request(
         # (its headers) bounds its wait for a node.
         extensions={"timeout": rt.timeout, GIVE_UP: rt.give_up, OWN_TIMEOUT: True, **parsed},
     )
+    made = scope.get(FIRST_ATTEMPT)
+    if made is not None:  # the fast lane's attempt, for the plan to judge first
+        request.extensions[FIRST_ATTEMPT] = made
+        reply = made[2]
+        if isinstance(reply, (httpx2.RequestError, httpx2.Response)):
+            reply.request = request  # made without one
     request.read()  # `content` for the router (a ByteStream: no copy)
     return request
 
@@ -240,7 +262,7 @@ async def _relay(
         rt.metrics.error(row.kind)
         # Where the cut fell is not known here: start with a blank line, which ends
         # an event cut half-way and dispatches nothing after a whole one.
-        tail = _error_event(row, STREAM_STOPPED, inside_event=True) if sse else b""
+        tail = error_event(row, STREAM_STOPPED, inside_event=True) if sse else b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
@@ -275,7 +297,7 @@ async def _copy(
         log.warning("stream from %s cut after it started: %r", node, exc)
         if length < 0:  # see the module docstring; a sized body cannot end early
             inside = bool(last) and not last.endswith(EVENT_END)
-            tail = _error_event(row, row.message(exc), inside_event=inside) if sse else b""
+            tail = error_event(row, row.message(exc), inside_event=inside) if sse else b""
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         return
     if more:
@@ -286,7 +308,7 @@ async def _copy(
 STREAM_STOPPED = "The proxy is shutting down; this stream was cut. Try again."
 
 
-def _error_event(row: answers.Answer, message: str, *, inside_event: bool) -> bytes:
+def error_event(row: answers.Answer, message: str, *, inside_event: bool) -> bytes:
     """The event that ends a cut event stream: `data: {"error": {...}}`, as vLLM and
     SGLang send mid-stream errors and openai clients raise them. A blank line first
     when the cut fell inside an event, so that this one is parsed on its own."""

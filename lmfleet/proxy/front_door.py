@@ -18,6 +18,12 @@ protocol at the request's first byte: a chunked request body, `Expect:
 answers that one with its 400). The connection then stays with uvicorn. So every HTTP/1.1
 feature still works, and the common case (a JSON body of declared length, kept-alive
 connections) takes the short way.
+
+A POST to a plain route (chat, completions) goes first to the fast lane
+(lmfleet/proxy/fast_lane.py), once its body is in: the lane answers through the
+`Cycle`'s own writes (`whole`, `stream`, `pieces`) or hands the request, nothing
+sent, to the ASGI app. A caller who leaves while the lane serves it has the lane's
+task cancelled at once.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Protocol
 
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from lmfleet.proxy.asgi import Message, Scope
+from lmfleet.proxy.context import FAST_LANE
+from lmfleet.transport.router import PLAIN_PATHS
 from lmfleet.wire.deadline import Deadline
 
 log = logging.getLogger("uvicorn.error")
@@ -136,8 +144,26 @@ def parse_head(head: bytes) -> _Head | None:
     return found
 
 
-class _Cycle:
-    """One request and its answer: the ASGI `receive` and `send` of one exchange."""
+class Lane(Protocol):
+    """Where the door sends plain requests first (lmfleet/proxy/fast_lane.py)."""
+
+    max_body: int
+    """Bodies above this go to the app (its 413)."""
+    body_timeout: float
+    """Seconds a held request's body may take to arrive."""
+
+    async def serve(self, scope: Scope, cycle: Cycle, body: bytes) -> bool:
+        """Answer the request, or False (nothing sent) for the app to take it."""
+        ...
+
+    async def late(self, scope: Scope, cycle: Cycle) -> None:
+        """Answer a request whose body missed `body_timeout`."""
+        ...
+
+
+class Cycle:
+    """One request and its answer: the ASGI `receive` and `send` of one exchange, or
+    the fast lane's writes."""
 
     __slots__ = (
         "_arrived",
@@ -152,6 +178,8 @@ class _Cycle:
         "keep_alive",
         "left",
         "status",
+        "task",
+        "waiting",
     )
 
     def __init__(self, door: FrontDoor, length: int, keep_alive: bool) -> None:
@@ -171,6 +199,11 @@ class _Cycle:
         self.complete = False
         self.gone = False
         self.status = 0
+        self.task: asyncio.Task[None] | None = None
+        """The fast lane's task while it serves this request: cancelled when the caller
+        goes (the pipeline notices by its own sweep: lmfleet/proxy/exchanges.py)."""
+        self.waiting: tuple[Lane, Scope] | None = None
+        """A request for the fast lane whose body is still coming (no task yet)."""
 
     # -- the caller's body ------------------------------------------------------
 
@@ -188,6 +221,11 @@ class _Cycle:
         """The caller went away, or the answer is complete: wake a waiting `receive`."""
         if self._arrived is not None:
             self._arrived.set()
+
+    def body(self) -> bytes:
+        """The whole body, once it is in (`left` is 0), kept for `receive`."""
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def receive(self) -> Message:
         while True:
@@ -221,7 +259,7 @@ class _Cycle:
         if not self._started:
             if message["type"] != "http.response.start":
                 raise RuntimeError(f"expected http.response.start, got {message['type']!r}")
-            self._start(message)
+            self._start(int(message["status"]), message.get("headers", ()))
             return
         if self.complete or message["type"] != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {message['type']!r}")
@@ -246,15 +284,15 @@ class _Cycle:
         if not more:
             self._finish()
 
-    def _start(self, message: Message) -> None:
+    def _start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         self._started = True
         if self.left > MAX_SKIP:  # answered before a big body came: close, not read it all
             self.keep_alive = False
-        status = self.status = int(message["status"])
+        self.status = status
         line = STATUS_LINES.get(status) or _status_line(status)
         parts = [line]
         said_close = False
-        for name, value in (*self._door.default_headers, *message.get("headers", ())):
+        for name, value in (*self._door.default_headers, *headers):
             lower = name.lower()
             if lower == b"content-length":
                 self._length = int(value)
@@ -277,6 +315,46 @@ class _Cycle:
             self._door.transport.write(head)  # a stream: its head now, not with its first event
         else:
             self._head = head
+
+    # -- the answer, written by the fast lane (lmfleet/proxy/fast_lane.py) ----------
+
+    async def writable(self) -> bool:
+        """Wait while the caller's connection pushes back; False once the caller is gone."""
+        writing = self._door.writing
+        if writing is not None and not writing.is_set():
+            await writing.wait()
+        return not self.gone
+
+    def whole(self, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> None:
+        """A whole answer: head and body in one write (`headers` give its length)."""
+        if self.gone:
+            return
+        self._start(status, headers)
+        out, self._head = self._head + body, b""
+        self._door.transport.write(out)
+        self._finish()
+
+    def stream(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Start an answer of unknown length (chunked): its head goes now."""
+        if not self.gone:
+            self._start(status, headers)
+
+    def pieces(self, pieces: list[bytes], *, last: bool = False) -> None:
+        """Body pieces of a streamed answer, in one write; `last` ends the answer."""
+        if self.gone:
+            return
+        out = b"".join([b"%x\r\n%b\r\n" % (len(p), p) for p in pieces if p])
+        if last:
+            out += b"0\r\n\r\n"
+        if out:
+            self._door.transport.write(out)
+        if last:
+            self._finish()
+
+    def drop(self) -> None:
+        """End an answer that cannot be completed: the connection is closed."""
+        if not self.gone:
+            self._door.transport.close()
 
     def _finish(self) -> None:
         self.complete = True
@@ -319,7 +397,7 @@ class FrontDoor(asyncio.Protocol):
         self.default_headers = server_state.default_headers
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.buffer = bytearray()
-        self.cycle: _Cycle | None = None
+        self.cycle: Cycle | None = None
         self.writing: asyncio.Event | None = None
         """Set while the transport accepts writes; None when it never pushed back."""
         self._reading = True
@@ -328,6 +406,8 @@ class FrontDoor(asyncio.Protocol):
         self._idle = Deadline(self.loop, self._idle_timeout)
         """When the connection closes unless a whole request head came; disarmed while
         a request is served (moved on with each answer: lmfleet/wire/deadline.py)."""
+        self._body_wait = Deadline(self.loop, self._body_late)
+        """While a request held for the fast lane waits for its body (`Cycle.waiting`)."""
         self._closing = False
         self._server: tuple[str, int] | None = None
         self._client: tuple[str, int] | None = None
@@ -351,10 +431,13 @@ class FrontDoor(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
         self._idle.stop()
+        self._body_wait.stop()
         cycle = self.cycle
         if cycle is not None and not cycle.complete:
             cycle.gone = True
             cycle.wake()
+            if cycle.task is not None:
+                cycle.task.cancel()
         if self.writing is not None:
             self.writing.set()
 
@@ -390,6 +473,8 @@ class FrontDoor(asyncio.Protocol):
         cycle = self.cycle
         if cycle is not None and cycle.left:
             used = cycle.take(data)
+            if not cycle.left and cycle.waiting is not None:
+                self._body_in(cycle)
             if used == len(data):
                 return
             data = data[used:]
@@ -420,7 +505,7 @@ class FrontDoor(asyncio.Protocol):
             return
         del buffer[: end + 4]
         self._idle.disarm()  # armed while idle or reading a head: a head must come whole in time
-        cycle = self.cycle = _Cycle(self, head.length, head.keep_alive and not self._closing)
+        cycle = self.cycle = Cycle(self, head.length, head.keep_alive and not self._closing)
         if cycle.left and buffer:
             used = cycle.take(buffer)
             del buffer[:used]
@@ -439,12 +524,66 @@ class FrontDoor(asyncio.Protocol):
             "headers": head.headers,
             "state": self.app_state.copy(),
         }
-        task = self.loop.create_task(self._run(scope, cycle))
+        lane: Lane | None = self.app_state.get(FAST_LANE)
+        if (
+            lane is not None
+            and head.method == "POST"
+            and head.path in PLAIN_PATHS
+            and head.length <= lane.max_body  # else the pipeline's 413, before the body
+        ):
+            if cycle.left:  # the lane starts once the body is in (`data_received`)
+                cycle.waiting = (lane, scope)
+                self._body_wait.arm(lane.body_timeout)
+                return
+            cycle.task = self._start(self._fast(lane, scope, cycle))
+        else:
+            self._start(self._run(scope, cycle))
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Serve a request in its own task, which uvicorn's shutdown waits for."""
+        task = self.loop.create_task(work)
         tasks = self.server_state.tasks
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        return task
 
-    async def _run(self, scope: Scope, cycle: _Cycle) -> None:
+    def _body_in(self, cycle: Cycle) -> None:
+        """The body of a request held for the fast lane is in: the lane takes it."""
+        self._body_wait.disarm()
+        assert cycle.waiting is not None
+        (lane, scope), cycle.waiting = cycle.waiting, None
+        cycle.task = self._start(self._fast(lane, scope, cycle))
+
+    def _body_late(self) -> None:
+        """A request held for the fast lane missed `body_timeout`: its 408, as the
+        pipeline's (the rest of its body is not read: the connection closes)."""
+        cycle = self.cycle
+        if cycle is None or cycle.waiting is None or cycle.gone:
+            return
+        (lane, scope), cycle.waiting = cycle.waiting, None
+        cycle.keep_alive = False
+        self._start(lane.late(scope, cycle))
+
+    async def _fast(self, lane: Lane, scope: Scope, cycle: Cycle) -> None:
+        """A plain request: the fast lane answers it, or hands it to the app (nothing
+        sent yet; `scope` then says what the lane tried)."""
+        try:
+            taken = await lane.serve(scope, cycle, cycle.body())
+        except Exception as exc:
+            log.error("Exception in the proxy's fast lane\n", exc_info=exc)
+            await cycle.fail()
+            taken = True
+        except BaseException:  # the caller went away, or a forced shutdown
+            if not cycle.complete:
+                self.transport.close()
+            raise
+        if taken:
+            self._log(scope, cycle)
+        else:
+            cycle.task = None  # the pipeline watches for the caller its own way
+            await self._run(scope, cycle)
+
+    async def _run(self, scope: Scope, cycle: Cycle) -> None:
         try:
             await self.app(scope, cycle.receive, cycle.send)
         except Exception as exc:
@@ -458,6 +597,10 @@ class FrontDoor(asyncio.Protocol):
             if not cycle.complete and not cycle.gone:
                 log.error("ASGI callable returned without completing the response.")
                 await cycle.fail()
+        self._log(scope, cycle)
+
+    def _log(self, scope: Scope, cycle: Cycle) -> None:
+        """The access log's line for an answered request (uvicorn's format)."""
         if self.config.access_log and cycle.status:
             query = scope["query_string"]
             path = scope["path"] + ("?" + query.decode("ascii") if query else "")
@@ -471,7 +614,7 @@ class FrontDoor(asyncio.Protocol):
                 cycle.status,
             )
 
-    def answered(self, cycle: _Cycle) -> None:
+    def answered(self, cycle: Cycle) -> None:
         """The answer's last bytes are written: keep the connection for the next."""
         self.server_state.total_requests += 1
         if not cycle.keep_alive:

@@ -146,6 +146,7 @@ class _Tallies(Collector):
     def __init__(self, worker: int | None) -> None:
         self.requests: dict[str, int] = {}
         self.errors: dict[str, int] = {}
+        self.lane: dict[str, int] = {}
         self.inflight = 0
         self.latency: dict[str, _Histogram] = {}
         self.ttft: dict[str, _Histogram] = {}
@@ -157,6 +158,13 @@ class _Tallies(Collector):
         )
         errors = "requests the proxy answered with an error"
         yield _counter("lmfleet_proxy_errors", errors, "kind", self.errors)
+        yield _counter(
+            "lmfleet_proxy_fast_lane",
+            "plain requests whose first attempt the front door made itself "
+            "(lmfleet/proxy/fast_lane.py): answered there, or failed over by the pipeline",
+            "outcome",
+            self.lane,
+        )
         yield GaugeMetricFamily(
             "lmfleet_proxy_inflight", "requests in flight in the proxy", value=self.inflight
         )
@@ -213,6 +221,12 @@ class ProxyMetrics:
     def error(self, kind: str) -> None:
         errors = self._tallies.errors
         errors[kind] = errors.get(kind, 0) + 1
+
+    def lane(self, outcome: str) -> None:
+        """A fast-lane attempt's `outcome`: `answered`, or `failed_over` (the pipeline
+        took it on)."""
+        lane = self._tallies.lane
+        lane[outcome] = lane.get(outcome, 0) + 1
 
     def latency(self, node: str, seconds: float) -> None:
         _observe(self._tallies.latency, node, seconds)

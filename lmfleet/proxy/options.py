@@ -75,6 +75,19 @@ class ProxyOptions(BaseModel):
         default=30.0, gt=0, description="seconds a client may take to send its body (408 after)"
     )
     terminate_timeout: float = Field(default=10.0, gt=0, description="node /terminate timeout")
+    fast_lane: Annotated[
+        bool,
+        Flag(
+            "--no-fast-lane",
+            help="send every request through the pipeline, plain chat and completions "
+            "requests too (the fast lane makes their first attempt itself: "
+            "lmfleet/proxy/fast_lane.py); for comparisons and as an escape hatch",
+        ),
+    ] = Field(
+        default=True,
+        description="plain chat and completions requests make their first attempt on the "
+        "front door's fast lane (lmfleet/proxy/fast_lane.py), not through the pipeline",
+    )
     state_file: Path | None = Field(default=None, description="JSON file of registered nodes")
     jobs_dir: Path | None = Field(
         default=None,

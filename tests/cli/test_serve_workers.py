@@ -215,7 +215,8 @@ def test_each_worker_counts_the_others_requests_on_every_node(
     survivor, _ = pinned(base, 1)
     long = {**CHAT, "max_tokens": 1000, "stream": True}
     with holder.stream("POST", "/v1/chat/completions", json=long) as stream:
-        next(stream.iter_lines())
+        lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+        next(lines)
         wait_until(lambda: sum(peers_on(survivor).values()) == 1, 10, "the stream shared")
         os.kill(pid, signal.SIGKILL)
     wait_until(

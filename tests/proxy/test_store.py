@@ -211,13 +211,15 @@ def test_a_replica_of_two_workers_is_two_processes_on_the_store_and_one_metrics_
         assert shared["via"] == "store" and shared["connected"], shared
 
     with httpx2.stream("POST", one + "/v1/chat/completions", json=GO, timeout=30) as stream:
-        next(stream.iter_lines())  # the other replica's generation, in each worker's counts
+        lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+        next(lines)  # the other replica's generation, in each worker's counts
         wait_until(lambda: each_worker_sees(lambda n: n["peers"] == 1), 10, "the count shared")
     wait_until(lambda: each_worker_sees(lambda n: n["peers"] == 0), 10, "the count back to 0")
     # A generation through worker 0: its sibling hears it through the hub, the other
     # replica through the hub's one voice on the store.
     with clients[0].stream("POST", "/v1/chat/completions", json=GO) as stream:
-        next(stream.iter_lines())
+        lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+        next(lines)
         wait_until(lambda: peers_on(clients[1])[node.url] == 1, 10, "the sibling's count")
         wait_until(lambda: peers_on(other)[node.url] == 1, 10, "the replica's count on the store")
     wait_until(lambda: peers_on(other)[node.url] == 0, 10, "the replica's count back to 0")
