@@ -11,6 +11,7 @@ functions whose counts differ from a saved run.
 
     .venv/bin/python bench/proxy_calls.py --save /tmp/head.json
     .venv/bin/python bench/proxy_calls.py --alias --save /tmp/alias.json  # an alias, renamed
+    .venv/bin/python bench/proxy_calls.py --stream  # SSE streams of 16 chunks
     (cd /path/to/base && PYTHONPATH=$PWD .venv/bin/python /path/to/bench/proxy_calls.py \\
         --save /tmp/base.json)
     .venv/bin/python bench/proxy_calls.py --diff /tmp/base.json /tmp/head.json
@@ -34,16 +35,19 @@ from bench._common import fast_sim_proxy
 ALIAS = "bench-alias"
 
 
-def count(requests: int, alias: bool = False) -> dict[str, float]:
+def count(requests: int, alias: bool = False, stream: bool = False) -> dict[str, float]:
     """Calls per request by function (file:name), through a fresh fleet and proxy;
-    with `alias`, the requests name an alias of the node's model (renamed both ways)."""
+    with `alias`, the requests name an alias of the node's model (renamed both ways);
+    with `stream`, each is a stream of 16 chunks."""
     from lmfleet.sim.options import DEFAULT_MODEL
 
     aliases = {ALIAS: [DEFAULT_MODEL]} if alias else {}
     with fast_sim_proxy(aliases=aliases) as (fleet, proxy_url):
         url = proxy_url + "/v1/chat/completions"
         model = ALIAS if alias else fleet.model
-        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        body: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        if stream:
+            body.update(stream=True, max_tokens=16)
         profile = cProfile.Profile()
         with httpx2.Client(timeout=10) as client:
             for _ in range(50):  # warm: connections, caches
@@ -68,6 +72,7 @@ def main() -> None:
     parser.add_argument(
         "--alias", action="store_true", help="requests name an alias of the node's model"
     )
+    parser.add_argument("--stream", action="store_true", help="SSE streams of 16 chunks")
     args = parser.parse_args()
     if args.diff:
         base, head = (json.loads(p.read_text()) for p in args.diff)
@@ -78,7 +83,7 @@ def main() -> None:
                 print(f"{delta:+7.2f}  {key}")
         return
     started = time.monotonic()
-    calls = count(args.requests, args.alias)
+    calls = count(args.requests, args.alias, args.stream)
     print(f"{sum(calls.values()):.0f} calls per request ({time.monotonic() - started:.0f} s)")
     if args.save:
         args.save.write_text(json.dumps(calls))

@@ -266,9 +266,13 @@ def test_every_answer_carries_a_request_id_and_one_generation_is_aborted_by_it(
 ) -> None:
     with _attach(abortable, "round_robin") as fleet:
         http = fleet.client(max_retries=0)._client
-        chat = http.post(
+        chat = http.post(  # short: this client reads with httpx2's default 5 s timeout
             "http://lmfleet.invalid/v1/chat/completions",
-            json={"model": fleet.model, "messages": [{"role": "user", "content": "hi"}]},
+            json={
+                "model": fleet.model,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 8,
+            },
         )
         assert chat.status_code == 200 and chat.headers["x-lmfleet-request-id"]
         stream = {**BODY, "stream": True}
