@@ -139,7 +139,6 @@ class ProxyApp:
             rt.upstream,
             keys=self._keys,
             public=self._public,
-            key_priorities=frozenset(rt.key_priorities),
         )
 
     def _open(self) -> ProxyContext:

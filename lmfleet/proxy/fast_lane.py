@@ -48,15 +48,14 @@ from lmfleet.node.state import NodeState
 from lmfleet.proxy.asgi import BodyTimeout, Scope
 from lmfleet.proxy.context import key_accepted
 from lmfleet.proxy.forward import (
-    EVENT_END,
     EVENT_STREAM,
     HOP_BY_HOP,
     RESPONSE_DROP,
     STREAM_STOPPED,
-    error_event,
+    cut_tail,
 )
 from lmfleet.routing.base import RequestInfo
-from lmfleet.transport.plan import FIRST_ATTEMPT, SERVED_VERSION_NAME, read_bound
+from lmfleet.transport.plan import FIRST_ATTEMPT, SERVED_VERSION_NAME, attempt_read_timeout
 from lmfleet.transport.request import REQUEST_ID_NAME, new_request_id
 from lmfleet.transport.router import ASK_PREFIX, PLAIN_ASKS, Router
 from lmfleet.transport.streams import Accounting
@@ -105,11 +104,9 @@ class FastLane:
         *,
         keys: list[bytes],
         public: frozenset[str],
-        key_priorities: frozenset[bytes],
     ) -> None:
         """`keys`: the `Authorization` values the proxy accepts (empty: any), except on
-        `public` paths; `key_priorities`: those that give their requests a priority
-        (the pipeline's to add)."""
+        `public` paths."""
         self._rt = rt
         self._router = router
         self._registry = router.registry
@@ -117,13 +114,14 @@ class FastLane:
         self._pool = pool
         self._keys = keys
         self._public = public
-        self._key_priorities = key_priorities
         self.max_body = rt.options.max_body_bytes
         self.body_timeout = rt.options.body_timeout
         """Seconds a caller may take to send its body (the front door holds a request
         for the lane until it is in)."""
         self._retry_status = router.options.retry_status
-        self._read, _ = read_bound(rt.timeout.get("read"), router.options.first_byte_timeout)
+        self._read, _ = attempt_read_timeout(
+            rt.timeout.get("read"), router.options.first_byte_timeout
+        )
         self._aims: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], _Aim] = {}
 
     async def late(self, scope: Scope, cycle: Cycle) -> None:
@@ -196,7 +194,7 @@ class FastLane:
         keyed = self._keys and scope["path"] not in self._public
         if keyed and not key_accepted(given, self._keys):
             return None  # the app's 401
-        if given in self._key_priorities or len(body) > self.max_body:
+        if given in self._rt.key_priorities or len(body) > self.max_body:
             return None  # a priority for the pipeline to add; the pipeline's 413
         try:
             parsed = json.loads(body)
@@ -285,13 +283,15 @@ class FastLane:
         """Relay the node's answer to the caller; the lease ends with its outcome, and
         gives a latency sample only when the answer was relayed whole."""
         rt, url, head = self._rt, node.url, answer.head
-        headers = [(n, v) for n, lower, v in head.headers if lower not in RESPONSE_DROP]
+        headers = []
+        sse = False
+        for name, lower, value in head.headers:
+            if lower not in RESPONSE_DROP:
+                headers.append((name, value))
+                if lower == _CONTENT_TYPE:
+                    sse = lease.sse = value.lower().startswith(EVENT_STREAM)
         headers.append((SERVED_VERSION_NAME, b"%d" % node.weight_version))
         headers.append((REQUEST_ID_NAME, request_id))
-        sse = False
-        for _, lower, value in head.headers:
-            if lower == _CONTENT_TYPE:
-                sse = lease.sse = value.lower().startswith(EVENT_STREAM)
         cut: _Cut | None = None
         last = b""  # the last piece relayed: did the cut fall inside an event?
         try:
@@ -324,13 +324,11 @@ class FastLane:
         except httpx2.TransportError as exc:
             error = lease.interrupted(exc)  # the node's failure, or the read timeout's
             row = answers.cut(error)
-            rt.metrics.error(row.kind)
             log.warning("stream from %s cut after it started: %r", url, error)
+            tail = cut_tail(rt, row, row.message(error), sse=sse, last=last)
             if cut is None:
                 cycle.drop()  # a sized answer cannot end early (see forward.py)
             else:
-                inside = bool(last) and not last.endswith(EVENT_END)
-                tail = error_event(row, row.message(error), inside_event=inside) if sse else b""
                 cycle.pieces([tail], last=True)
             return
         except asyncio.CancelledError:
@@ -339,9 +337,7 @@ class FastLane:
             uncancel = getattr(cut.task, "uncancel", None)  # 3.11+: no longer cancelling
             if uncancel is not None:
                 uncancel()
-            row = answers.SHUTTING_DOWN
-            rt.metrics.error(row.kind)
-            tail = error_event(row, STREAM_STOPPED, inside_event=True) if sse else b""
+            tail = cut_tail(rt, answers.SHUTTING_DOWN, STREAM_STOPPED, sse=sse, last=None)
             cycle.pieces([tail], last=True)
             return
         finally:

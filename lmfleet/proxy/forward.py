@@ -126,6 +126,7 @@ def _placeholder_url(rt: ProxyContext, scope: Scope) -> httpx2.URL:
 
 
 async def forward(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
+    request: httpx2.Request | None = None
     response: httpx2.Response | None = None
     try:
         # The whole exchange runs in one scope that the proxy's sweep cancels when
@@ -258,11 +259,8 @@ async def _relay(
         finally:
             rt.streams.discard(stop)
     if stop.cancelled_caught:
-        row = answers.SHUTTING_DOWN
-        rt.metrics.error(row.kind)
-        # Where the cut fell is not known here: start with a blank line, which ends
-        # an event cut half-way and dispatches nothing after a whole one.
-        tail = error_event(row, STREAM_STOPPED, inside_event=True) if sse else b""
+        # Where the cut fell is not known here (`last` None).
+        tail = cut_tail(rt, answers.SHUTTING_DOWN, STREAM_STOPPED, sse=sse, last=None)
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
@@ -293,11 +291,9 @@ async def _copy(
             last = chunk
     except (httpx2.TransportError, RoutingError) as exc:
         row = answers.cut(exc)
-        rt.metrics.error(row.kind)
         log.warning("stream from %s cut after it started: %r", node, exc)
+        tail = cut_tail(rt, row, row.message(exc), sse=sse, last=last)
         if length < 0:  # see the module docstring; a sized body cannot end early
-            inside = bool(last) and not last.endswith(EVENT_END)
-            tail = error_event(row, row.message(exc), inside_event=inside) if sse else b""
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         return
     if more:
@@ -306,6 +302,20 @@ async def _copy(
 
 
 STREAM_STOPPED = "The proxy is shutting down; this stream was cut. Try again."
+
+
+def cut_tail(
+    rt: ProxyContext, row: answers.Answer, message: str, *, sse: bool, last: bytes | None
+) -> bytes:
+    """Count a stream cut as `row`, and the bytes that end it: for an event stream,
+    the error event (`error_event`), after a blank line when the cut fell inside an
+    event (`last`, the last chunk relayed, does not end one) or where that is not
+    known (`last` None); nothing for another body."""
+    rt.metrics.error(row.kind)
+    if not sse:
+        return b""
+    inside = last is None or (bool(last) and not last.endswith(EVENT_END))
+    return error_event(row, message, inside_event=inside)
 
 
 def error_event(row: answers.Answer, message: str, *, inside_event: bool) -> bytes:

@@ -160,7 +160,7 @@ class Retry(Exception):
         self.reason = reason
 
 
-def read_bound(read: float | None, first_byte: float | None) -> tuple[float | None, bool]:
+def attempt_read_timeout(read: float | None, first_byte: float | None) -> tuple[float | None, bool]:
     """The read timeout an attempt runs with: the caller's `read`, or `first_byte`
     when that is tighter; and whether the bound is ours (its expiry is then the node's
     failure, tried elsewhere, rather than the caller's timeout)."""
@@ -177,7 +177,7 @@ def first_byte_bound(request: httpx2.Request, first_byte: float | None) -> bool:
     stream get the same bound (a node silent that long mid-stream is as hung).
     """
     timeout = request.extensions.get("timeout") or {}
-    bound, ours = read_bound(timeout.get("read"), first_byte)
+    bound, ours = attempt_read_timeout(timeout.get("read"), first_byte)
     if ours:
         request.extensions["timeout"] = {**timeout, "read": bound}
     return ours
