@@ -20,7 +20,12 @@ holds the batch back, and shrinks when a queue forms or a node refuses:
 Each decision waits for a new `/metrics` report (the monitor reads them every probe
 round): a limit is never cut twice for one stale queue, and it grows again only on a
 report read after its last growth (on a loaded machine reports come late, and
-doubling on a report older than the last doubling overshoots).
+doubling on a report older than the last doubling overshoots). A report read after a
+doubling can still predate the requests it let out (they were in transit, or the node
+wrote its report before they came), so slow start doubles again only once the nodes
+report more requests than the limit held before that doubling: its requests reached
+them. Without that, one late report doubles a limit its nodes never saw, and two
+put a batch at eight times what they run before the first queue is reported.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class Signals:
     """429/503 answers the batch got since the last report."""
     report: float
     """When the newest report was read (a decision is made once per report)."""
+    complete: bool = True
+    """Whether every node the batch can use reported (`nodes` holds them all): only
+    then can the reports show where all of the batch's requests are."""
 
 
 class AdaptiveConcurrency:
@@ -72,6 +80,7 @@ class AdaptiveConcurrency:
         self.slow_start = True
         self._report = -math.inf
         self._grown = -math.inf  # when the limit last grew
+        self._before = 0  # the limit before its last growth
 
     def observe(self, signals: Signals, inflight: int, now: float | None = None) -> int:
         """The new limit after one look at the fleet (`inflight`: the batch's requests
@@ -95,10 +104,23 @@ class AdaptiveConcurrency:
                 self.limit = max(target, math.floor(self.limit * DECREASE))
         elif queued > HOLD_AT * refill:
             pass  # a node has room, but the others' queues hold enough already: hold
-        elif inflight >= self.limit - count and signals.report >= self._grown:
-            # A node has room, the limit holds the batch back, and the report was read
-            # after the last growth (an older one cannot show what that growth did).
+        elif inflight >= self.limit - count and self._shows_last_growth(signals, running):
+            # A node has room, the limit holds the batch back, and the report can show
+            # what the last growth did.
             grown = self.limit * 2 if self.slow_start else self.limit + count
-            self.limit = min(self.maximum, grown)
+            self._before, self.limit = self.limit, min(self.maximum, grown)
             self._grown = now
         return self.limit
+
+    def _shows_last_growth(self, signals: Signals, running: float) -> bool:
+        """Whether the report was read after the last growth and, in slow start, the
+        nodes hold more requests than the limit did before it (see the module
+        docstring). An additive step waits for the timing alone: it overshoots by one
+        request per node at most, and between two requests of a batch a node always
+        holds a few fewer than it was sent, so asking for all of them could stall it."""
+        if signals.report < self._grown:
+            return False
+        if not self.slow_start or not signals.nodes or not signals.complete:
+            return True
+        waiting = sum(wait for wait, _ in signals.nodes)
+        return waiting + running > self._before

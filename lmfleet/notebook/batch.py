@@ -64,8 +64,9 @@ REFUSALS = frozenset({429, 503})
 STEER_EVERY = 0.1
 """Seconds between two looks at the fleet's signals (`concurrency="auto"`; each
 decision still waits for a new `/metrics` report)."""
-FleetSignals = tuple[tuple[tuple[float, float], ...], float]
-"""`((waiting, running) per node, report time)`: what `fleet_signals` reads."""
+FleetSignals = tuple[tuple[tuple[float, float], ...], float, bool]
+"""`((waiting, running) per node, report time, every node reported)`: what
+`fleet_signals` reads."""
 """Client-error statuses worth trying again (every 5xx is too)."""
 
 
@@ -223,8 +224,8 @@ async def run_batch(
         decided = -math.inf  # the report of its last decision
         while True:
             await anyio.sleep(STEER_EVERY)
-            nodes, report = read()
-            told = Signals(nodes, counts["refused"] - seen, report)
+            nodes, report, complete = read()
+            told = Signals(nodes, counts["refused"] - seen, report, complete)
             before = controller.limit
             limit.total_tokens = controller.observe(told, limit.borrowed_tokens)
             if report > decided:  # decided on: those refusals are told (else they wait)
@@ -448,9 +449,9 @@ def fleet_signals(fleet: FleetSurface, model: str | None) -> Callable[[], FleetS
         ]
         loads = [n.load for n in nodes if n.load is not None]
         if not loads:
-            return (), float(math.floor(time.monotonic()))
+            return (), float(math.floor(time.monotonic())), False
         each = tuple((load.waiting + (load.api_waiting or 0.0), load.running) for load in loads)
-        return each, max(load.read_at for load in loads)
+        return each, max(load.read_at for load in loads), len(loads) == len(nodes)
 
     return read
 
