@@ -231,6 +231,12 @@ class NodeRegistry:
     ) -> NodeState:
         """Add a node as `starting`, or restart an existing one's checks (counters kept).
 
+        A node re-added while healthy or asleep keeps that status: both are what the
+        node itself said, and the monitor's next probe sees a change (a node that
+        restarted awake). Sending a sleeping node back to `starting` would take it out
+        of wake-on-demand's reach until that probe, and log a flap for every node a
+        proxy reloads from its state file that its flags had already added.
+
         `launched`: this fleet started its process; `registered`: it announced itself
         (`/nodes/add`). Either way it is known to be coming up (`NodeState.announced`).
         `speed`: its relative speed, if the operator gave one (a re-add keeps the old).
@@ -264,7 +270,7 @@ class NodeRegistry:
                 )
             else:
                 state = old.evolve(
-                    status=NodeStatus.STARTING if not old.routable else old.status,
+                    status=old.status if old.status in _KEPT_BY_READDING else NodeStatus.STARTING,
                     models=models or old.models,
                     role=role,
                     api_key=api_key if api_key is not None else old.api_key,
@@ -821,6 +827,10 @@ def _log_removed(state: NodeState) -> None:
         state.status.value,
         extra={"node": state.url, "previous": state.status.value, "state": "removed"},
     )
+
+
+_KEPT_BY_READDING = frozenset({NodeStatus.HEALTHY, NodeStatus.SLEEPING})
+"""Statuses a re-added node keeps (`NodeRegistry.add`)."""
 
 
 def _log_change(old: NodeState, new: NodeState, detail: str | None = None) -> None:

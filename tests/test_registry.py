@@ -129,6 +129,20 @@ def test_re_adding_keeps_counters_and_restarts_checks() -> None:
     assert "sk-node-key" not in repr(state)
 
 
+def test_re_adding_a_healthy_or_sleeping_node_keeps_what_it_said() -> None:
+    """A proxy's state file re-adds the nodes its flags added: a sleeping node must not
+    flap through `starting` (out of wake-on-demand's reach) until its next probe."""
+    registry = NodeRegistry()
+    healthy(registry, "http://a:1")
+    registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.SLEEPING))
+    assert registry.add("http://a:1", origin="reloaded").status is NodeStatus.SLEEPING
+    registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.HEALTHY))
+    assert registry.add("http://a:1").status is NodeStatus.HEALTHY
+    for gone in (NodeStatus.UNHEALTHY, NodeStatus.EJECTED, NodeStatus.DRAINING):
+        registry.modify("http://a:1", lambda s, gone=gone: s.evolve(status=gone))
+        assert registry.add("http://a:1").status is NodeStatus.STARTING, gone
+
+
 def test_hopeless_names_what_no_node_could_ever_give() -> None:
     registry = NodeRegistry()
     assert registry.hopeless(RequestInfo(weight_version=7)) is None  # nodes may register

@@ -302,8 +302,10 @@ class Monitor:
             message, models = probe.message, None
             if self._asks(url, state, target, metrics)[0]:
                 asleep = await self._nodes.is_sleeping(state, timeout)
-                if asleep is not None:
+                if asleep is not None and (target is NodeStatus.SLEEPING) is not asleep:
+                    # `/health` lags a sleep or a wakeup: the message it gave is stale.
                     target = NodeStatus.SLEEPING if asleep else NodeStatus.HEALTHY
+                    message = "asleep (/is_sleeping)" if asleep else "awake (/is_sleeping)"
             _, ask_models, ask_load = self._asks(url, state, target, metrics)
             if ask_models:
                 try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx2
 import openai
+import pytest
 from support import StartSim, chat, sim_served, sim_stats, wait_until
 
 from lmfleet import LMFleet, NodeStatus
@@ -133,6 +134,29 @@ def test_state_file_survives_a_restart(start_sim: StartSim, tmp_path: Path) -> N
         assert json.loads(state.read_text())["nodes"] == []
     finally:
         again.close()
+
+
+def test_a_state_file_reload_leaves_a_sleeping_node_asleep(
+    start_sim: StartSim, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`lmfleet serve --node URL` over a state file that lists URL too (every restart):
+    the reload re-adds a node the flags added and the monitor found asleep. It stays
+    asleep, with no `sleeping -> starting` flap, and wake-on-demand can still wake it."""
+    node = start_sim(*FAST)
+    state = tmp_path / "nodes.json"
+    entry = {"url": node.url, "role": 1, "models": [MODEL], "weight_version": 0, "key": None}
+    listed = {"kind": "lmfleet serve node list", "version": 2, "nodes": [entry]}
+    state.write_text(json.dumps(listed))
+    with LMFleet.attach([node.url], health_interval=0.2, wake_on_demand=True) as fleet:
+        fleet.wait_ready(timeout=30)
+        fleet.sleep()
+        assert fleet.nodes[0].state is NodeStatus.SLEEPING
+        server = fleet.serve(port=0, state_file=state)
+        assert fleet.nodes[0].state is NodeStatus.SLEEPING
+        assert not [r for r in caplog.records if "-> starting" in r.getMessage()]
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        assert chat(client, MODEL, "wake", max_tokens=2).choices[0].message.content
+        assert sim_served(node.url) == 1
 
 
 def test_a_registered_speed_is_kept_shown_and_checked(serve_fleet: Callable[..., Served]) -> None:
