@@ -9,7 +9,8 @@ symbol, and DWARF call graphs give each sample's stack. Each sample is charged t
 its innermost Python function (with the C and kernel work it caused: a socket
 write's system call is charged to the function that wrote). This starts the bench's
 setup (two `--fast` sims and wrk on core 1, the proxy alone on core 0), records
-the proxy for `--seconds` under wrk's chat load (c=32), and prints the top
+the proxy for `--seconds` under wrk's chat load (c=32; `--stream`: SSE streams of 16
+chunks), and prints the top
 functions and files by share, with the proxy's CPU per request in that run.
 
 Needs `perf` (linux-perf) and a Python >= 3.12 venv with lmfleet installed, e.g.
@@ -31,14 +32,15 @@ import bench.proxy_overhead as overhead
 from bench._common import LOAD_CPU, cpu_seconds, procs, start_sims, table, wrk
 
 
-def record(python: str, seconds: float, data: Path) -> float:
-    """Record the proxy under load into `data`; its CPU ms per request in that run."""
+def record(python: str, seconds: float, data: Path, stream: bool = False) -> float:
+    """Record the proxy under load into `data`; its CPU ms per request in that run
+    (`stream`: wrk's SSE load, 16 chunks per answer, instead of chat)."""
     os.environ["PYTHONPERFSUPPORT"] = "1"  # inherited by the proxy's process
     overhead.PY = python
     with procs() as group:
         nodes = start_sims(group, 2, LOAD_CPU, "--fast", "--output-tokens", "16")
         pid, url = overhead.start_lmfleet(group, nodes)
-        wrk(url, 32, 3, stream=False)  # warm: connections, caches
+        wrk(url, 32, 3, stream=stream)  # warm: connections, caches
         argv = ["perf", "record", "-F", "999", "--call-graph", "dwarf,16384", "-o", str(data)]
         perf = subprocess.Popen(
             [*argv, "-p", str(pid), "--", "sleep", f"{seconds:g}"],
@@ -46,7 +48,7 @@ def record(python: str, seconds: float, data: Path) -> float:
             stderr=subprocess.DEVNULL,
         )
         before = cpu_seconds(pid)
-        result = wrk(url, 32, seconds, stream=False)
+        result = wrk(url, 32, seconds, stream=stream)
         spent = cpu_seconds(pid) - before
         perf.wait(timeout=seconds + 120)
     return spent / result.requests * 1e3
@@ -93,12 +95,14 @@ def main() -> None:
     parser.add_argument("--python", required=True, help="a Python >= 3.12 with lmfleet[serve]")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--stream", action="store_true", help="SSE streams, not chat")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         data = Path(workdir) / "perf.data"
-        per_request = record(args.python, args.seconds, data)
+        per_request = record(args.python, args.seconds, data, args.stream)
         total, functions, files = shares(data)
-    print(f"{total} samples; the proxy's CPU: {per_request:.3f} ms per chat request\n")
+    what = "stream" if args.stream else "chat request"
+    print(f"{total} samples; the proxy's CPU: {per_request:.3f} ms per {what}\n")
     by_file = [[f, f"{100 * n / total:.1f} %"] for f, n in files.most_common(15)]
     print(table(["file", "share"], by_file))
     print()
