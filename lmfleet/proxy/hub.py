@@ -33,12 +33,15 @@ from lmfleet.proxy.shared import (
     HELD_EVERY,
     SCRAPE_TIMEOUT,
     SYNC_EVERY,
+    UNREADABLE,
     Backoff,
     HeldNews,
     HeldTotals,
     Line,
     PeerCounts,
+    Unreadable,
     encode,
+    link_lost,
     read_held,
     until_gone,
 )
@@ -188,8 +191,11 @@ class Hub:
                     await self._hear_replicas(link, me, peers)
                     tg.cancel_scope.cancel()
                 log.warning("hub: lost the store's counts; it tries again")
-            except (*GONE, OSError, TimeoutError, ValueError, KeyError) as exc:
-                log.warning("hub: lost the store's counts (%s); it tries again", exc)
+            except BaseException as exc:
+                why = link_lost(exc)
+                if why is None:
+                    raise
+                log.warning("hub: lost the store's counts (%r); it tries again", why)
             finally:
                 self.held.outside(peers.clear())
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
@@ -198,13 +204,17 @@ class Hub:
 
     async def _hear_replicas(self, link: Any, me: str, peers: PeerCounts) -> None:
         """The other replicas' counts, until the store is lost."""
+        unreadable = Unreadable("the hub")
         while True:
             try:
                 message = await link.receive()
             except GONE:
                 return
             if message.get("op") == "held" and message.get("by") != me:
-                self.held.outside(peers.heard(*read_held(message)))
+                try:
+                    self.held.outside(peers.heard(*read_held(message)))
+                except UNREADABLE as exc:
+                    unreadable.skip(message, exc)
 
     async def _publish_totals(self, link: Any, me: str, peers: PeerCounts) -> None:
         """The workers' sum on the store every `SYNC_EVERY` when it changed (all of it

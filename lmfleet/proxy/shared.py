@@ -320,6 +320,7 @@ class SharedState:
         """Each node's newest report (`read_at`) this worker shared or heard."""
         fleet.registry.metrics_standby = worker > 0  # worker 0 reads, the others hear
         self._peers = PeerCounts()
+        self._unreadable = Unreadable(f"worker {worker}")
 
     @property
     def via(self) -> str:
@@ -353,8 +354,11 @@ class SharedState:
                     await self._receive()
                     tg.cancel_scope.cancel()
                 self.problem = "disconnected"
-            except (*GONE, OSError, TimeoutError, ValueError, KeyError) as exc:
-                self.problem = f"{type(exc).__name__}: {exc}"
+            except BaseException as exc:
+                why = link_lost(exc)
+                if why is None:
+                    raise
+                self.problem = f"{type(why).__name__}: {why}"
             finally:
                 self.connected = False
                 self._fleet.registry.barrier = None
@@ -380,9 +384,15 @@ class SharedState:
         for url in snapshot.get("gone") or ():
             self._forget(url)
         for url, fact in (snapshot.get("nodes") or {}).items():
-            self._apply(url, fact)
+            try:
+                self._apply(url, fact)
+            except UNREADABLE as exc:  # kept in the store: it would fail every connection
+                self._unreadable.skip(fact, exc)
         if snapshot.get("fleet"):
-            self._apply_fleet(snapshot["fleet"])
+            try:
+                self._apply_fleet(snapshot["fleet"])
+            except UNREADABLE as exc:
+                self._unreadable.skip(snapshot["fleet"], exc)
 
     async def _receive(self) -> None:
         while True:
@@ -390,23 +400,30 @@ class SharedState:
                 message = await self._link.receive()
             except GONE:
                 return
-            op = message.get("op")
-            if op == "node":
-                self._apply(message["url"], message["fact"])
-            elif op == "gone":
-                self._forget(message["url"])
-            elif op == "fleet":
-                self._apply_fleet(message["fact"])
-            elif op == "held":
-                self._heard(message)
-            elif op == "loads":
-                self._heard_loads(message)
-            elif op in ("scrape", "sync"):  # another process asks all
-                # A sync is answered here, after every fact sent before it was applied.
-                try:
-                    await self._answer(self._link, message)
-                except GONE:
-                    return
+            try:
+                await self._take_message(message)
+            except GONE:
+                return
+            except UNREADABLE as exc:
+                self._unreadable.skip(message, exc)
+
+    async def _take_message(self, message: dict[str, Any]) -> None:
+        """Apply one message of the others (unknown kinds are ignored: a newer
+        version's)."""
+        op = message.get("op")
+        if op == "node":
+            self._apply(message["url"], message["fact"])
+        elif op == "gone":
+            self._forget(message["url"])
+        elif op == "fleet":
+            self._apply_fleet(message["fact"])
+        elif op == "held":
+            self._heard(message)
+        elif op == "loads":
+            self._heard_loads(message)
+        elif op in ("scrape", "sync"):  # another process asks all
+            # A sync is answered here, after every fact sent before it was applied.
+            await self._answer(self._link, message)
 
     async def _answer(self, link: Link, question: dict[str, Any]) -> None:
         text = self.render().decode() if question["op"] == "scrape" and self.render else ""
@@ -432,8 +449,11 @@ class SharedState:
                             self._heard(message)
                         elif message.get("op") == "loads":
                             self._heard_loads(message)
-            except (*GONE, OSError, TimeoutError, ValueError, KeyError) as exc:
-                log.warning("worker %d lost the hub (%s); it tries again", self.worker, exc)
+            except BaseException as exc:
+                why = link_lost(exc)
+                if why is None:
+                    raise
+                log.warning("worker %d lost the hub (%r); it tries again", self.worker, why)
             finally:
                 self._siblings_up = False
                 self._forget_peers()
@@ -547,6 +567,7 @@ class SharedState:
         try:
             registry.get(url)
         except UnknownNodeError:
+            apply_fact(NodeState(url), fact)  # a fact it cannot read adds no node
             try:
                 add_entry(self._fleet, fact["entry"], f"shared by another {self._peer}")
             except (LMFleetError, KeyError, TypeError, ValueError) as exc:
@@ -617,6 +638,21 @@ class Backoff:
         self._next = min(self._next * 2, self._longest)
 
 
+LOST = (*GONE, OSError, TimeoutError, ValueError, KeyError)
+"""What ends a link (the loop around it connects again), rather than the proxy."""
+
+
+def link_lost(exc: BaseException) -> BaseException | None:
+    """The exception that says why a link was lost, if `exc` is one of `LOST` or a task
+    group's group of them only (anyio's task groups raise every error, even one, as a
+    group: caught as itself, such an error would end the proxy, not the link)."""
+    group = getattr(exc, "exceptions", None)  # a BaseExceptionGroup (3.10: the backport's)
+    if isinstance(group, tuple) and group:
+        found = [link_lost(e) for e in group]
+        return None if None in found else found[0]
+    return exc if isinstance(exc, LOST) else None
+
+
 async def until_gone(work: Callable[[], Awaitable[None]], connection: anyio.CancelScope) -> None:
     """Run `work` beside a link's receiving; when it finds the link gone, end the
     connection (the loop around it connects again)."""
@@ -624,6 +660,38 @@ async def until_gone(work: Callable[[], Awaitable[None]], connection: anyio.Canc
         await work()
     except GONE:
         connection.cancel()
+
+
+UNREADABLE = (KeyError, TypeError, ValueError, AttributeError)
+"""What reading a message that is not as this version writes them raises."""
+
+
+class Unreadable:
+    """Messages from the store that this process cannot read: a replica of another
+    lmfleet version during a rolling upgrade, or something else publishing on the
+    channel. Each is skipped: dropping the link for one would reconnect (a snapshot,
+    a second without the counts) on every message such a replica sends. Logged the
+    first time and then at most once a minute, with the count."""
+
+    def __init__(self, where: str) -> None:
+        self._where = where
+        self._count = 0
+        self._next_log = -math.inf
+
+    def skip(self, message: object, exc: BaseException) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now >= self._next_log:
+            self._next_log = now + 60.0
+            log.warning(
+                "%s skipped a message it cannot read (%d so far: a replica of another "
+                "lmfleet version, or not lmfleet's): %s %s in %.200r",
+                self._where,
+                self._count,
+                type(exc).__name__,
+                exc,
+                message,
+            )
 
 
 def read_held(message: dict[str, Any]) -> tuple[str, dict[str, int], bool]:

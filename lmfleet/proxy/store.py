@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 
 from lmfleet.errors import ConfigError
-from lmfleet.proxy.shared import SCRAPE_TIMEOUT
+from lmfleet.proxy.shared import SCRAPE_TIMEOUT, Unreadable
 
 PRESENCE_TTL = 5
 """Seconds a replica counts as present after its last refresh (every second)."""
@@ -81,6 +81,7 @@ class StoreLink:
         self._asked: dict[str, tuple[set[str], list[str], anyio.Event]] = {}
         self._channels = [self._key(c) for c, on in (("facts", facts), ("held", counts)) if on]
         self._facts = facts
+        self._unreadable = Unreadable("the store link" if facts else "the hub's store link")
 
     def _key(self, part: str) -> str:
         return f"{self._name}:{part}"
@@ -102,7 +103,7 @@ class StoreLink:
                 for url in urls:
                     parts = await self._client.hgetall(self._key(f"node:{url}"))
                     if parts:
-                        nodes[url] = {_text(k): json.loads(v) for k, v in parts.items()}
+                        nodes[url] = self._parts(parts)
                 gone = await self._client.smembers(self._key("gone"))
                 fleet = await self._client.get(self._key("fleet"))
         except errors as exc:
@@ -110,8 +111,18 @@ class StoreLink:
         return {
             "nodes": nodes,
             "gone": [_text(url) for url in gone],
-            "fleet": json.loads(fleet) if fleet else None,
+            "fleet": self._parts({"fleet": fleet}).get("fleet") if fleet else None,
         }
+
+    def _parts(self, parts: dict[Any, Any]) -> dict[str, Any]:
+        """A hash's fields, each JSON; one that is not is left out (and said)."""
+        read: dict[str, Any] = {}
+        for key, value in parts.items():
+            try:
+                read[_text(key)] = json.loads(value)
+            except ValueError as exc:
+                self._unreadable.skip(value, exc)
+        return read
 
     def _errors(self) -> tuple[type[BaseException], ...]:
         return self._failures
@@ -151,14 +162,21 @@ class StoreLink:
                 raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
             if raw is None or raw.get("type") != "message":
                 continue
-            message = json.loads(raw["data"])
-            if not isinstance(message, dict) or message.get("from") == self.id:
+            try:
+                message = json.loads(raw["data"])
+            except ValueError as exc:
+                self._unreadable.skip(raw["data"], exc)
+                continue
+            if not isinstance(message, dict):
+                self._unreadable.skip(message, TypeError("not a JSON object"))
+                continue
+            if message.get("from") == self.id:
                 continue
             if message.get("op") == "answer":
                 asked = self._asked.get(str(message.get("id")))
                 if asked is not None and message.get("asker") == self.id:
                     left, texts, done = asked
-                    left.discard(str(message["from"]))
+                    left.discard(str(message.get("from")))
                     texts.append(str(message.get("text", "")))
                     if not left:
                         done.set()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 
+import anyio
+import pytest
+
 from lmfleet.node.load import parse_metrics
 from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.proxy.shared import (
@@ -17,6 +20,7 @@ from lmfleet.proxy.shared import (
     HeldTotals,
     PeerCounts,
     encode,
+    link_lost,
     shared_load,
     take_load,
 )
@@ -143,3 +147,27 @@ def test_a_report_heard_is_taken_only_when_newer_and_the_node_healthy_here() -> 
     paced = take_load(shared_load(new), new.read_at, NodeState(A, NodeStatus.HEALTHY, load=old))
     assert paced.load is not None and paced.load.generation_tokens == 1000.0
     assert paced.load.busy_seconds == 6.0 and paced.load.paced_tokens == 100.0
+
+
+def test_a_task_groups_error_of_a_lost_link_ends_the_link_and_any_other_is_raised() -> None:
+    """anyio's task groups raise even one error as a group: a loss caught by its type
+    alone would end the proxy instead of the link (a store's non-JSON message did)."""
+
+    async def fail(exc: Exception) -> None:
+        raise exc
+
+    async def run_group(exc: Exception) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fail, exc)
+
+    def group_of(exc: Exception) -> BaseException:
+        with pytest.raises(BaseException) as raised:
+            anyio.run(run_group, exc)
+        return raised.value
+
+    gone = anyio.BrokenResourceError("the store went away")
+    grouped = group_of(gone)
+    assert not isinstance(grouped, anyio.BrokenResourceError)  # a group, not the error
+    assert link_lost(grouped) is gone
+    assert link_lost(ValueError("not JSON")) is not None
+    assert link_lost(group_of(RuntimeError("a bug"))) is None

@@ -11,6 +11,7 @@ knows again once Redis is back."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -182,6 +183,48 @@ def test_a_replica_that_loses_the_store_keeps_serving_and_says_so(
         lambda: node.url.encode() in client.smembers(f"{name}:nodes"), 10, "the node in the store"
     )
     client.close()
+
+
+def test_a_replica_skips_what_it_cannot_read_and_stays_connected(
+    redis_server: RedisServer,
+    serve_fleet: Callable[..., Any],
+    start_sim: StartSim,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A replica of another lmfleet version (a rolling upgrade), or anything else on
+    the store, writes what this one cannot read: in the snapshot and on the channel.
+    Each is skipped and said once; the link stays up (no reconnection per message),
+    no node comes of it, and the next fact is applied."""
+    import redis
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    junk_node = "http://127.0.0.1:9"
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    client.sadd(f"{name}:nodes", junk_node)
+    client.hset(f"{name}:node:{junk_node}", mapping={"status": "{not json", "tier": "[]"})
+    a, b = (_replica(serve_fleet, redis_server.url, name) for _ in range(2))
+    assert _shared(a)["shared"]["connected"]
+    fact = {"entry": {"url": junk_node}, "status": {"status": "dreaming", "message": ""}}
+    for junk in (
+        b"not json",
+        b"[1, 2]",
+        json.dumps({"op": "node", "url": junk_node, "from": "x"}),
+        json.dumps({"op": "node", "url": junk_node, "fact": fact, "from": "x"}),
+        json.dumps({"op": "held", "from": "x"}),
+        json.dumps({"op": "fleet", "fact": {}, "from": "x"}),
+        json.dumps({"op": "a newer kind", "from": "x"}),
+    ):
+        client.publish(f"{name}:facts", junk)
+        client.publish(f"{name}:held", junk)
+    client.close()
+    node = start_sim("--fast")
+    assert httpx2.post(b + "/nodes/add", json={"url": node.url}, timeout=10).status_code == 200
+    wait_until(lambda: _state(a, node.url) == "healthy", 10, "b's registration on replica a")
+    assert _state(a, junk_node) is None
+    assert _shared(a)["shared"]["connected"]
+    said = [r.getMessage() for r in caplog.records]
+    assert not [line for line in said if "lost the store" in line], said
+    assert [line for line in said if "cannot read" in line]
 
 
 def test_a_replica_of_two_workers_is_two_processes_on_the_store_and_one_metrics_view(
