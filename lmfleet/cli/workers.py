@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from lmfleet.cli.cores import usable_cores
 from lmfleet.launch.process import die_with_parent
 
 if TYPE_CHECKING:
@@ -44,11 +44,10 @@ WORKER_FLAGS = ("--worker-fd", "--worker-hub", "--worker-index")
 
 
 def worker_count(text: str) -> int:
-    """`--workers`: a number >= 1, or `auto` (the cores this process may run on)."""
+    """`--workers`: a number >= 1, or `auto` (the cores this process may use: its
+    affinity, capped by its container's CPU limit: lmfleet/cli/cores.py)."""
     if text == "auto":
-        if hasattr(os, "sched_getaffinity"):
-            return len(os.sched_getaffinity(0))
-        return os.cpu_count() or 1
+        return usable_cores()
     try:
         count = int(text)
     except ValueError:
@@ -64,7 +63,8 @@ def add_arguments(add: argparse._ActionsContainer) -> None:
         type=worker_count,
         default=1,
         metavar="N|auto",
-        help="proxy processes on the one port (default 1; auto: one per core), sharing "
+        help="proxy processes on the one port (default 1; auto: one per core it may use, "
+        "within a container's CPU limit), sharing "
         "registrations, sleeps, versions and verdicts (docs/proxy.md, Workers)",
     )
     internal = "(internal: what the supervisor of --workers gives each worker)"
