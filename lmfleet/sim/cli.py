@@ -62,10 +62,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
     The socket is bound but not listening: uvicorn listens after the app's start-up
     (and `--startup-delay`), so the port still opens only when the node is up.
+    `SO_REUSEADDR` (a node restarted on its port while its old connections linger)
+    only for a port given: two sockets that both set it may bind one port while
+    neither listens, so a port the kernel picks (`--port 0`) is taken without it.
     """
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
