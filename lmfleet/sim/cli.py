@@ -62,14 +62,16 @@ def _bind(host: str, port: int) -> socket.socket:
 
     The socket is bound but not listening: uvicorn listens after the app's start-up
     (and `--startup-delay`), so the port still opens only when the node is up.
-    `SO_REUSEADDR` (a node restarted on its port while its old connections linger)
-    only for a port given: two sockets that both set it may bind one port while
-    neither listens, so a port the kernel picks (`--port 0`) is taken without it.
+    `SO_REUSEADDR` always, `--port 0` too: a node restarted on its port binds over
+    its old connections in TIME_WAIT only when the old socket set it as well (tried
+    without it for a kernel-picked port: tests/test_fleet.py's restart then failed
+    with "address already in use"). Its cost: two sockets that both set it may bind
+    one port while neither listens; the kernel picks a port no socket holds when it
+    can, so for `--port 0` that takes an exhausted port range.
     """
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        if port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
