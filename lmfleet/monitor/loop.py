@@ -297,6 +297,7 @@ class Monitor:
         target: NodeStatus,
         metrics: tuple[int, bytes] | None,
     ) -> None:
+        probed = (state.status, state.message)  # what the probe judged (for `_settle`)
         try:
             timeout = self._timeout(state)
             message, models = probe.message, None
@@ -323,7 +324,7 @@ class Monitor:
                         target = judge(state, Probe("up", message), self._options.unhealthy_after)
             if ask_load:
                 await self.read_load(state)
-            self._settle(url, state, probe, target, models, metrics, message)
+            self._settle(url, state, probe, target, models, metrics, message, probed)
         finally:
             self._running.discard(url)
 
@@ -336,10 +337,14 @@ class Monitor:
         models: tuple[str, ...] | None,
         metrics: tuple[int, bytes] | None,
         message: str | None = None,
+        probed: tuple[NodeStatus, str] | None = None,
     ) -> None:
-        """Write what the probe decided into the registry (nothing, in the common case)."""
+        """Write what the probe decided into the registry (nothing, in the common case).
+        `probed`: the node's status and message when the probe began (default
+        `state`'s), against which a change made while it ran is seen."""
         registry = self._registry
         message = probe.message if message is None else message
+        probed = (state.status, state.message) if probed is None else probed
         if target is NodeStatus.HEALTHY and metrics is not None:
             self._apply_metrics(url, *metrics)
 
@@ -354,6 +359,12 @@ class Monitor:
             if current.status in FINAL or registry.is_held(url) or current.quarantine:
                 # Drained, held by an admin command, or quarantined by a weight update:
                 # only the command (or a later update) decides its status.
+                return current.evolve(failures=failures)
+            if (current.status, current.message) != probed:
+                # Changed while the probe ran: an admin command that ended meanwhile
+                # (a sleep: its /is_sleeping read before the engine slept, its models
+                # read after the command let go), or another verdict. What the probe
+                # read may predate it: the next probe judges the node as it is now.
                 return current.evolve(failures=failures)
             if target in ANSWERED and current.status in ANSWERED:
                 # Healthy by /health; whether it is ejected is the answers' call, and

@@ -24,6 +24,9 @@ class Faults:
     hang: bool = False
     hang_after_head: bool = False
     hang_health: bool = False
+    models_delay: float = 0.0
+    """Seconds `/v1/models` takes to answer (a node slow to list its models, as a
+    loaded one is: the fleet's probe of it stays in flight that long)."""
     crash_after: int | None = None
     drop_stream_after: int | None = None
     stall_stream_after: int | None = None
@@ -78,6 +81,8 @@ def _check(key: str, value: Any) -> None:
         ok = isinstance(value, int) and 400 <= value <= 599
     elif key in ("hang", "hang_after_head", "hang_health"):
         ok = isinstance(value, bool)
+    elif key == "models_delay":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 60
     elif key == "update_weights_error":
         ok = value is None or (
             isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599

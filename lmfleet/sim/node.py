@@ -56,6 +56,7 @@ class Stats:
     completion_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0  # counted per decode step, as LMDeploy's metrics count them
+    models_answered: int = 0  # `/v1/models` answers sent (a delayed one counts once sent)
 
     def reset(self) -> None:
         """Zero every counter except what is in flight right now."""
@@ -234,6 +235,7 @@ class NodeRuntime:
             "completion_tokens": stats.completion_tokens,
             "cached_tokens": stats.cached_tokens,
             "generated_tokens": stats.generated_tokens,
+            "models_answered": stats.models_answered,
             "running": self.scheduler.running,
             "waiting": self.scheduler.waiting,
             "sleeping": self.is_sleeping,

@@ -105,7 +105,10 @@ async def health(
 async def models(
     rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send
 ) -> None:
+    if rt.faults.models_delay:
+        await asyncio.sleep(rt.faults.models_delay)
     await asgi.send_json(send, 200, model_list(rt.model_name, rt.created, rt.options.engine))
+    rt.stats.models_answered += 1
 
 
 async def sleep(rt: NodeRuntime, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:

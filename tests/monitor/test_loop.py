@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
 import time
 
 import httpx2
@@ -103,3 +105,45 @@ def test_a_standby_monitor_reads_metrics_only_when_the_shared_report_is_late(
             time.sleep(0.05)
         assert reads() - before <= 1  # one at most, should this thread be held up 0.75 s
         wait_until(lambda: reads() >= before + 3, 10, "reads again once the reports stopped")
+
+
+def test_a_probe_that_read_a_node_before_its_sleep_does_not_wake_it_after(
+    start_sim: StartSim, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A probe of a node being put to sleep reads `/health` (which lags a sleep, as
+    LMDeploy's does) and `/is_sleeping` while the node still drains, then its models
+    (slow here: 1.5 s) and settles after the sleep command has let go of the node.
+    What it read predates the sleep: the node stays asleep, with no flap. (The full
+    suite's real-LMDeploy conformance test lost this race once on a loaded machine.)"""
+    caplog.set_level(logging.INFO, logger="lmfleet")  # the status lines
+    node = start_sim("--health-poll-interval", "30", "--tpot-ms", "20", "--output-tokens", "40")
+    options = FleetOptions(health=HealthOptions(interval=0.1, timeout=5))
+    with LMFleet.attach([node.url], options=options) as fleet:
+        fleet.wait_ready(timeout=30)
+        httpx2.post(node.url + "/sim/faults", json={"models_delay": 1.5}, timeout=10)
+        answered = sim_stats(node.url)["models_answered"]
+        client = fleet.client(max_retries=0)
+        draining = threading.Thread(  # ~0.8 s of generation for the sleep to drain
+            target=lambda: client.chat.completions.create(
+                model=fleet.model, messages=[{"role": "user", "content": "hi"}], max_tokens=40
+            )
+        )
+        draining.start()
+        wait_until(lambda: sim_stats(node.url)["inflight"] == 1, 10, "the request on the node")
+        fleet.sleep(nodes=[node.url])
+        draining.join(30)
+        # The probe that asked for the models during the drain has its answer now,
+        # and the monitor probes a node again only once its last probe settled.
+        wait_until(
+            lambda: sim_stats(node.url)["models_answered"] > answered, 10, "the slow models read"
+        )
+        probes = sim_stats(node.url)["by_path"].get("/health", 0)
+        wait_until(
+            lambda: sim_stats(node.url)["by_path"].get("/health", 0) > probes,
+            10,
+            "the next probe (that one settled)",
+        )
+        assert {n.url: n.state for n in fleet.nodes}[node.url] is NodeStatus.SLEEPING
+    said = [r.getMessage() for r in caplog.records]
+    assert [line for line in said if "-> sleeping" in line], said
+    assert not [line for line in said if "sleeping ->" in line], said

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,6 +143,7 @@ def test_a_state_file_reload_leaves_a_sleeping_node_asleep(
     """`lmfleet serve --node URL` over a state file that lists URL too (every restart):
     the reload re-adds a node the flags added and the monitor found asleep. It stays
     asleep, with no `sleeping -> starting` flap, and wake-on-demand can still wake it."""
+    caplog.set_level(logging.INFO, logger="lmfleet")  # the status lines
     node = start_sim(*FAST)
     state = tmp_path / "nodes.json"
     entry = {"url": node.url, "role": 1, "models": [MODEL], "weight_version": 0, "key": None}
