@@ -25,6 +25,8 @@ hands the request to the pipeline, with nothing sent to the caller, when:
 So failover, waiting and every answer of the table stay the pipeline's, once. What
 the lane does itself is what every answered request needs: the lease released
 with its outcome, the weight-version and request-id headers, the proxy's metrics,
+its traces when OpenTelemetry is on (the plan's request and attempt spans, opened
+by the same functions; a request handed over takes its span along, `REQUEST_SPAN`),
 the caller's disconnect (the front door cancels the lane's task: the node's
 connection is closed, which frees its slot), a stream cut by the node or by a
 stopping proxy ending with the same error event as forward.py's.
@@ -55,7 +57,15 @@ from lmfleet.proxy.forward import (
     cut_tail,
 )
 from lmfleet.routing.base import RequestInfo
-from lmfleet.transport.plan import FIRST_ATTEMPT, SERVED_VERSION_NAME, attempt_read_timeout
+from lmfleet.transport import tracing
+from lmfleet.transport.plan import (
+    FIRST_ATTEMPT,
+    REQUEST_SPAN,
+    SERVED_VERSION_NAME,
+    attempt_read_timeout,
+    open_attempt_span,
+    open_request_span,
+)
 from lmfleet.transport.request import REQUEST_ID_NAME, new_request_id
 from lmfleet.transport.router import ASK_PREFIX, PLAIN_ASKS, Router
 from lmfleet.transport.streams import Accounting
@@ -71,6 +81,7 @@ log = logging.getLogger("lmfleet.proxy")
 
 _AUTHORIZATION = b"authorization"
 _CONTENT_TYPE = b"content-type"
+_TRACE_HEADERS = frozenset(name.encode() for name in tracing.TRACE_HEADERS)
 
 _Aim = tuple[Origin, list[tuple[bytes, bytes]], frozenset[bytes]]
 """Where a node is reached, the headers every request to it carries (its Host, its
@@ -123,6 +134,8 @@ class FastLane:
             rt.timeout.get("read"), router.options.first_byte_timeout
         )
         self._aims: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], _Aim] = {}
+        self._routing = router.routing
+        self._tracing = router.routing.tracer is not None
 
     async def late(self, scope: Scope, cycle: Cycle) -> None:
         """The 408 of a request whose body missed `body_timeout`, as the pipeline's."""
@@ -146,27 +159,65 @@ class FastLane:
             registry.wake_asked = False
             self._router.routing.starved(info)
         lease = Accounting(registry, node.url)
+        rid = request_id or new_request_id().encode()
+        span = self._trace(scope, info, node, lease, headers, rid) if self._tracing else None
         rt.metrics.forwarding(+1)
         try:
             try:
                 answer = await self._attempt(scope, node, headers, body)
             except BaseException:
                 lease.finish(Outcome.NEUTRAL)  # the caller went away: no mark on the node
+                if span is not None:
+                    tracing.end(span, "the caller went away")
                 raise
             if answer is None:
                 lease.finish(Outcome.NEUTRAL)
+                self._hand_over(scope, span, request_id, rid)
                 return False  # not sent: the pipeline queues for a connection
             if not isinstance(answer, Exchanged):  # failed while no byte reached the caller
                 scope[FIRST_ATTEMPT] = (node, lease, answer)
+                self._hand_over(scope, span, request_id, rid)
                 rt.metrics.lane("failed_over")
                 return False
             rt.metrics.request(scope["path"])
             rt.metrics.lane("answered")
-            rid = request_id or new_request_id().encode()
+            lease.request_span = span  # ended with the answer, as the plan's (settle)
             await self._relay(cycle, answer, node, lease, rid, started)
             return True
         finally:
             rt.metrics.forwarding(-1)
+
+    @staticmethod
+    def _hand_over(scope: Scope, span: Any, given: bytes | None, request_id: bytes) -> None:
+        """Leave the request's span to the pipeline's plan, which goes on with it, with
+        the id the span names (the caller's, or the one the lane chose)."""
+        if span is None:
+            return
+        scope[REQUEST_SPAN] = span
+        if given is None:
+            scope["headers"].append((REQUEST_ID_NAME, request_id))
+
+    def _trace(
+        self,
+        scope: Scope,
+        info: RequestInfo,
+        node: NodeState,
+        lease: Accounting,
+        headers: list[tuple[bytes, bytes]],
+        request_id: bytes,
+    ) -> Any:
+        """The request's span and its first attempt's, as the plan opens them
+        (transport/plan.py); the node gets the attempt's context in place of the
+        caller's (`_plain` kept the caller's apart, in the scope)."""
+        given = {n.decode("latin-1"): v.decode("latin-1") for n, v in scope["headers"]}
+        span = open_request_span(
+            self._routing, "POST", scope["path"], given, request_id.decode("latin-1"), info
+        )
+        lease.span = open_attempt_span(self._routing, span, self._strategy, info, node, 1)
+        carrier: dict[str, str] = {}
+        tracing.inject(carrier, lease.span)
+        headers += [(n.encode(), v.encode("latin-1")) for n, v in carrier.items()]
+        return span
 
     def _plain(
         self, scope: Scope, body: bytes
@@ -190,6 +241,8 @@ class FastLane:
                     return None  # an ask of routing's
                 if name == REQUEST_ID_NAME:
                     request_id = value
+            elif name in _TRACE_HEADERS and self._tracing:
+                continue  # the node gets the attempt's own context (`_trace`)
             headers.append((name, value))
         keyed = self._keys and scope["path"] not in self._public
         if keyed and not key_accepted(given, self._keys):

@@ -43,7 +43,14 @@ from lmfleet.proxy.asgi import (
     Send,
     read_body,
 )
-from lmfleet.transport.plan import ANSWER_KIND, FIRST_ATTEMPT, GIVE_UP, OWN_TIMEOUT
+from lmfleet.transport import tracing
+from lmfleet.transport.plan import (
+    ANSWER_KIND,
+    FIRST_ATTEMPT,
+    GIVE_UP,
+    OWN_TIMEOUT,
+    REQUEST_SPAN,
+)
 from lmfleet.transport.request import PARSED_BODY, parse_json
 from lmfleet.wire.headers import Triples, headers_from
 
@@ -146,6 +153,8 @@ async def forward(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) 
             await response.aclose()
         if FIRST_ATTEMPT in scope:
             await _unjudged(scope, request)
+        if REQUEST_SPAN in scope:
+            _unadopted(scope, request)
     if exchange.body_late:
         raise BodyTimeout
 
@@ -161,6 +170,14 @@ async def _unjudged(scope: Scope, request: httpx2.Request | None) -> None:
     lease.finish(Outcome.NEUTRAL)
     if isinstance(reply, httpx2.Response):
         await reply.aclose()
+
+
+def _unadopted(scope: Scope, request: httpx2.Request | None) -> None:
+    """End the fast lane's request span when no plan went on with it (the request was
+    answered before routing)."""
+    span = scope.pop(REQUEST_SPAN)
+    if request is None or REQUEST_SPAN in request.extensions:
+        tracing.end(span, "answered before routing")
 
 
 async def _read_request(
@@ -196,6 +213,9 @@ async def _read_request(
         # (its headers) bounds its wait for a node.
         extensions={"timeout": rt.timeout, GIVE_UP: rt.give_up, OWN_TIMEOUT: True, **parsed},
     )
+    span = scope.get(REQUEST_SPAN)
+    if span is not None:  # the fast lane's request span, for the plan to go on with
+        request.extensions[REQUEST_SPAN] = span
     made = scope.get(FIRST_ATTEMPT)
     if made is not None:  # the fast lane's attempt, for the plan to judge first
         request.extensions[FIRST_ATTEMPT] = made

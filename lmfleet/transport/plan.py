@@ -95,6 +95,10 @@ FIRST_ATTEMPT = "lmfleet.first_attempt"
 answered: a response or the transport's error). The plan judges it by its own rules
 first, as if it had made it, and fails over from there."""
 
+REQUEST_SPAN = "lmfleet.request_span"
+"""Request extension: the request's span, opened before the plan started (the fast
+lane traced its attempt): the plan goes on with it rather than opening another."""
+
 ANSWER_KIND = "lmfleet.answer"
 """Response extension of an answer decided without a node: its row's `kind`, for the
 proxy's error counter."""
@@ -231,21 +235,20 @@ class Attempts:
         """The request's span while tracing (`trace`), else None."""
 
     def trace(self, info: RequestInfo) -> None:
-        """Open the request's span, when tracing is on (transport/tracing.py)."""
-        tracer = self.routing.tracer
-        if tracer is None:
-            return
+        """Open the request's span, when tracing is on (transport/tracing.py), or go
+        on with the one the fast lane opened (`REQUEST_SPAN`)."""
         request = self.request
-        self.span = tracing.start_request(
-            tracer,
+        adopted = request.extensions.pop(REQUEST_SPAN, None)
+        if adopted is not None or self.routing.tracer is None:
+            self.span = adopted
+            return
+        self.span = open_request_span(
+            self.routing,
             request.method,
             request.url.path,
             request.headers,
-            **{
-                "lmfleet.request_id": request.extensions.get(REQUEST_ID),
-                "lmfleet.model": info.model,
-                "lmfleet.strategy": as_base_strategy(self.routing.strategy).name,
-            },
+            request.extensions.get(REQUEST_ID),
+            info,
         )
 
     def _trace_lease(
@@ -253,18 +256,7 @@ class Attempts:
     ) -> None:
         """The routing decision as an event, and the attempt's own span, whose context
         the node receives."""
-        scored = self.routing.registry.candidates(strategy, info)  # no second pick
-        self.span.add_event(
-            "route",
-            {
-                "lmfleet.node": node.url,
-                "lmfleet.strategy": as_base_strategy(strategy).name,
-                "lmfleet.candidates": [
-                    c.url if c.score is None else f"{c.url} {c.score:.4g}" for c in scored
-                ],
-            },
-        )
-        lease.span = tracing.start_attempt(self.routing.tracer, self.span, node.url, self.count)
+        lease.span = open_attempt_span(self.routing, self.span, strategy, info, node, self.count)
         tracing.inject(self.request.headers, lease.span)
 
     def settle(self, lease: Accounting) -> None:
@@ -454,6 +446,53 @@ class Attempts:
         return ", ".join(
             f"{n.url} {n.status.value}" + (f" ({n.message})" if n.message else "") for n in nodes
         )
+
+
+def open_request_span(
+    routing: Routing,
+    method: str,
+    path: str,
+    headers: Any,
+    request_id: object,
+    info: RequestInfo,
+) -> Any:
+    """A routed request's span (`routing.tracer` set), child of the trace context in
+    the caller's `headers`: the plan's, and the fast lane's (one shape for both)."""
+    return tracing.start_request(
+        routing.tracer,
+        method,
+        path,
+        headers,
+        **{
+            "lmfleet.request_id": request_id,
+            "lmfleet.model": info.model,
+            "lmfleet.strategy": as_base_strategy(routing.strategy).name,
+        },
+    )
+
+
+def open_attempt_span(
+    routing: Routing,
+    span: Any,
+    strategy: Strategy,
+    info: RequestInfo,
+    node: NodeState,
+    number: int,
+) -> Any:
+    """The routing decision as an event of the request's `span`, and the attempt's
+    own span (whose context the node receives)."""
+    scored = routing.registry.candidates(strategy, info)  # no second pick
+    span.add_event(
+        "route",
+        {
+            "lmfleet.node": node.url,
+            "lmfleet.strategy": as_base_strategy(strategy).name,
+            "lmfleet.candidates": [
+                c.url if c.score is None else f"{c.url} {c.score:.4g}" for c in scored
+            ],
+        },
+    )
+    return tracing.start_attempt(routing.tracer, span, node.url, number)
 
 
 def holding(lease: Accounting, steps: Steps[T]) -> Steps[T]:

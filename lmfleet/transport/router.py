@@ -230,12 +230,12 @@ class Router:
 
         Plain: a chat or completions request naming a model served under that very
         name (no alias to rename, no unified group), without weight-version asks or a
-        priority in its body, not a prompt to score; a fleet that is open, routes
-        without an affinity key and traces nothing. Everything else goes by `plan`.
+        priority in its body, not a prompt to score; a fleet that is open and routes
+        without an affinity key. Everything else goes by `plan`.
         """
         if path not in PLAIN_PATHS or self._affinity_key is not None:
             return None
-        if self.routing.tracer is not None or (self._closed is not None and self._closed()):
+        if self._closed is not None and self._closed():
             return None
         model = body.get("model")
         models = self.routing.registry.accepted()

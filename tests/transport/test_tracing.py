@@ -164,6 +164,60 @@ def test_a_request_that_failed_over_through_the_proxy(
     else:
         pytest.fail("no request went to the failing node first")
     _check_trace(collector, bad, good)
+    # The proxy's fast lane made that first attempt, traced, and the plan went on
+    # with the lane's span (one request span with both attempts: `_check_trace`).
+    metrics = httpx2.get(base + "/metrics", timeout=5).text
+    assert 'lmfleet_proxy_fast_lane_total{outcome="failed_over"} 1.0' in metrics, metrics
+
+
+def test_a_request_the_proxys_fast_lane_answers_is_traced_as_the_plan_traces(
+    collector: Collector, start_sim: StartSim, console: Callable[..., Console]
+) -> None:
+    """A plain chat and a plain stream, answered by the fast lane (lmfleet/proxy/
+    fast_lane.py): each one request span in the caller's trace with its `route`
+    event, one attempt span with its `first_byte`, and the node given the attempt's
+    own context (not the caller's)."""
+    node = start_sim("--fast", "--record-headers", "traceparent")
+    proxy = console(
+        "serve", "--port", "0", "--disable-cache-status", "--node", node.url,
+        env=_environment(collector),
+    )  # fmt: skip
+    base = proxy.wait_for(r"lmfleet proxy on (http://127\.0\.0\.1:\d+)").group(1)
+    wait_until(
+        lambda: httpx2.get(base + "/readiness", timeout=5).json()["healthy_workers"] == 1,
+        20,
+        "the node healthy",
+    )
+    for body in (CHAT, {**CHAT, "stream": True}):
+        answer = httpx2.post(
+            base + "/v1/chat/completions",
+            json=body,
+            headers={"traceparent": TRACEPARENT},
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+    metrics = httpx2.get(base + "/metrics", timeout=5).text
+    assert 'lmfleet_proxy_fast_lane_total{outcome="answered"} 2.0' in metrics, metrics
+
+    def attempts_of(request: Any) -> list[Any]:
+        return [
+            s for s in collector.named("lmfleet.attempt") if s.parent_span_id == request.span_id
+        ]
+
+    def traced() -> list[Any]:
+        requests = collector.named("lmfleet.request")
+        return requests if len(requests) == 2 and all(attempts_of(r) for r in requests) else []
+
+    wait_until(traced, 20, "two request spans with their attempts exported")
+    sent = sim_stats(node.url)["headers"]["traceparent"]
+    for request in traced():
+        assert request.trace_id.hex() == TRACE_ID
+        assert request.parent_span_id.hex() == TRACEPARENT.split("-")[2]
+        assert "route" in {event.name for event in request.events}
+        (attempt,) = attempts_of(request)
+        assert "first_byte" in {event.name for event in attempt.events}
+        assert f"00-{TRACE_ID}-{attempt.span_id.hex()}-01" in sent, sent
+    assert TRACEPARENT not in sent  # the caller's own context is not the node's
 
 
 CLIENT = """
