@@ -125,6 +125,14 @@ def _check_trace(collector: Collector, bad: SimNode, good: SimNode) -> None:
         assert expected in sent, (node.url, sent, expected)
 
 
+def _post_traced(base: str, body: dict[str, Any]) -> None:
+    """A chat through the proxy at `base`, in the caller's trace (`TRACEPARENT`)."""
+    answer = httpx2.post(
+        base + "/v1/chat/completions", json=body, headers={"traceparent": TRACEPARENT}, timeout=10
+    )
+    assert answer.status_code == 200, answer.text
+
+
 def _chats(node: SimNode) -> int:
     return int(sim_stats(node.url)["by_path"].get("/v1/chat/completions", 0))
 
@@ -152,13 +160,7 @@ def test_a_request_that_failed_over_through_the_proxy(
     )
     for _ in range(20):  # until a request is routed to the failing node first
         before = _chats(bad)
-        answer = httpx2.post(
-            base + "/v1/chat/completions",
-            json=CHAT,
-            headers={"traceparent": TRACEPARENT},
-            timeout=10,
-        )
-        assert answer.status_code == 200, answer.text
+        _post_traced(base, CHAT)
         if _chats(bad) > before:
             break
     else:
@@ -189,13 +191,7 @@ def test_a_request_the_proxys_fast_lane_answers_is_traced_as_the_plan_traces(
         "the node healthy",
     )
     for body in (CHAT, {**CHAT, "stream": True}):
-        answer = httpx2.post(
-            base + "/v1/chat/completions",
-            json=body,
-            headers={"traceparent": TRACEPARENT},
-            timeout=10,
-        )
-        assert answer.status_code == 200, answer.text
+        _post_traced(base, body)
     metrics = httpx2.get(base + "/metrics", timeout=5).text
     assert 'lmfleet_proxy_fast_lane_total{outcome="answered"} 2.0' in metrics, metrics
 
