@@ -59,7 +59,8 @@ def _cpu_folders(root: Path, membership: str) -> Iterator[Path]:
         if controllers == "":  # cgroup v2: one hierarchy (beside v1's: `unified`)
             mounts = [root if (root / "cgroup.controllers").exists() else root / "unified"]
         elif "cpu" in controllers.split(","):
-            mounts = [root / controllers, root / "cpu"]
+            # Mounted under its controllers (`cpu,cpuacct`) or `cpu`: one folder when both.
+            mounts = list(dict.fromkeys([root / controllers, root / "cpu"]))
         else:
             continue
         for mount in mounts:

@@ -157,7 +157,7 @@ class FastLane:
             return False  # the pipeline waits for one
         if registry.wake_asked:  # a better tier sleeps: wake it (as `Attempts.lease` does)
             registry.wake_asked = False
-            self._router.routing.starved(info)
+            self._routing.starved(info)
         lease = Accounting(registry, node.url)
         rid = request_id or new_request_id().encode()
         span = self._trace(scope, info, node, lease, headers, rid) if self._tracing else None
@@ -209,7 +209,11 @@ class FastLane:
         """The request's span and its first attempt's, as the plan opens them
         (transport/plan.py); the node gets the attempt's context in place of the
         caller's (`_plain` kept the caller's apart, in the scope)."""
-        given = {n.decode("latin-1"): v.decode("latin-1") for n, v in scope["headers"]}
+        given = {
+            n.decode("latin-1"): v.decode("latin-1")
+            for n, v in scope["headers"]
+            if n in _TRACE_HEADERS
+        }
         span = open_request_span(
             self._routing, "POST", scope["path"], given, request_id.decode("latin-1"), info
         )
