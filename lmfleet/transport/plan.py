@@ -233,6 +233,22 @@ class Attempts:
         self._give_up = request.extensions.get(GIVE_UP)
         self.span: Any = None
         """The request's span while tracing (`trace`), else None."""
+        self.callers_read = False
+        """Whether the read timeout in force is the caller's own (`bound`): its
+        expiry is the caller giving up, no mark against the node."""
+
+    def bound(self, first_byte: float | None) -> bool:
+        """Lower the request's read timeout to the `first_byte` bound where that is
+        tighter (`first_byte_bound`); True when the bound in force is then ours.
+
+        Otherwise the read timeout in force is the caller's (`callers_read`), unless
+        the front door set it (`OWN_TIMEOUT`: the proxy's `--timeout` is the fleet's
+        bound on its nodes, so its expiry counts against the node)."""
+        ours = first_byte_bound(self.request, first_byte)
+        read = (self.request.extensions.get("timeout") or {}).get("read")
+        own = self.request.extensions.get(OWN_TIMEOUT)
+        self.callers_read = not ours and read is not None and not own
+        return ours
 
     def trace(self, info: RequestInfo) -> None:
         """Open the request's span, when tracing is on (transport/tracing.py), or go
@@ -305,6 +321,7 @@ class Attempts:
                     tried.append(node.url)
                     self.count += 1
                     lease = Accounting(routing.registry, node.url)
+                    lease.callers_read = self.callers_read
                     if self.span is not None:
                         self._trace_lease(strategy, info, node, lease)
                     return node, lease
@@ -385,9 +402,14 @@ class Attempts:
         `ours`: the read timeout in force was the first-byte bound, not the caller's.
         A `PoolTimeout` (every connection of our own pool stayed busy: the
         `max_connections` cap) never reached the node, so it is no mark against it,
-        and another node would wait on the same pool: it goes to the caller.
+        and another node would wait on the same pool: it goes to the caller. Nor is
+        the caller's own read timeout (`callers_read`): a caller that asks for an
+        answer sooner than the node can give it has given up on a node that may be
+        fine (five such in a row would eject it), as a caller that disconnects has.
         """
-        if isinstance(exc, httpx2.PoolTimeout):
+        if isinstance(exc, httpx2.PoolTimeout) or (
+            isinstance(exc, httpx2.ReadTimeout) and lease.callers_read
+        ):
             lease.finish(Outcome.NEUTRAL)
             raise exc
         lease.finish(Outcome.FAILURE)
@@ -537,7 +559,7 @@ class RequestPlan:
         routing = self.routing
         attempts = Attempts(routing, self.request)
         attempts.trace(self.info)
-        ours = first_byte_bound(self.request, routing.options.first_byte_timeout)
+        ours = attempts.bound(routing.options.first_byte_timeout)
         tried: list[str] = []
         made = self.request.extensions.pop(FIRST_ATTEMPT, None)
         try:

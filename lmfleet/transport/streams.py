@@ -33,6 +33,7 @@ class Accounting:
         "_done",
         "_first",
         "_registry",
+        "callers_read",
         "complete",
         "request_span",
         "span",
@@ -50,6 +51,7 @@ class Accounting:
         self._chunks = 0
         self.sse = False  # set for event streams: their chunks count as tokens
         self.complete = False  # the body was read to its end
+        self.callers_read = False  # a read timeout is the caller's: no mark (plan.py)
         self.span: Any = None  # the attempt's span while tracing (transport/tracing.py)
         self.request_span: Any = None  # the request's, when this lease holds its answer
 
@@ -86,10 +88,13 @@ class Accounting:
                 tracing.end(self.request_span, failed)
 
     def interrupted(self, exc: Exception) -> Exception:
-        """Account the failure and say what the caller gets instead of `exc`."""
-        self.finish(Outcome.FAILURE)
+        """Account the failure and say what the caller gets instead of `exc`: a gap
+        past the caller's own read timeout is the caller giving up, not the node
+        failing (`callers_read`), and any timeout keeps its type."""
+        callers = self.callers_read and isinstance(exc, httpx2.ReadTimeout)
+        self.finish(Outcome.NEUTRAL if callers else Outcome.FAILURE)
         if isinstance(exc, httpx2.TimeoutException):
-            return exc  # the caller's own timeout: keep its type
+            return exc
         return StreamInterruptedError(
             f"node {self.url} failed after the response had started; "
             f"a started response is never replayed: {exc!r}"

@@ -45,7 +45,6 @@ from lmfleet.transport.plan import (
     RequestPlan,
     Retry,
     error_answer,
-    first_byte_bound,
     holding,
 )
 from lmfleet.transport.steps import Call, Discard, Pause, Steps
@@ -84,7 +83,7 @@ class DistServePlan:
         ]
         self._tried: dict[NodeRole, list[str]] = {NodeRole.PREFILL: [], NodeRole.DECODE: []}
         self._attempts = Attempts(self._routing, self.request, label="DistServe: ")
-        self._ours = first_byte_bound(self.request, self._routing.options.first_byte_timeout)
+        self._ours = self._attempts.bound(self._routing.options.first_byte_timeout)
         self._timeout = self.request.extensions.get("timeout", {})
         self._holder: Accounting | None = None
         """The lease the answer holds (the decode node's stream), once there is one."""
