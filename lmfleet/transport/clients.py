@@ -14,6 +14,7 @@ import openai
 
 from lmfleet.config import RoutingOptions
 from lmfleet.transport import AsyncFleetTransport, FleetTransport, Planner
+from lmfleet.transport.per_loop import PerLoopTransport
 from lmfleet.transport.read_bound import bounded_transport
 
 PLACEHOLDER_BASE_URL = "http://lmfleet.invalid/v1"
@@ -47,6 +48,7 @@ def sync_client(
 def async_client(
     planner: Planner, options: RoutingOptions, *, timeout: float | None, max_retries: int
 ) -> openai.AsyncOpenAI:
-    inner = httpx2.AsyncHTTPTransport(limits=_limits(options))
+    limits = _limits(options)
+    inner = PerLoopTransport(lambda: httpx2.AsyncHTTPTransport(limits=limits))
     http_client = httpx2.AsyncClient(transport=AsyncFleetTransport(planner, inner))
     return openai.AsyncOpenAI(http_client=http_client, **_settings(timeout, max_retries))
