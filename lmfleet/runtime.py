@@ -10,6 +10,7 @@ touch the portal or the task group themselves.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401 - its exit hook goes in before ours (below)
 import functools
 import importlib.util
 import threading
@@ -95,12 +96,29 @@ class BackgroundLoop:
 _OPEN: weakref.WeakSet[FleetRuntime] = weakref.WeakSet()
 
 
-@atexit.register
 def _close_open_runtimes() -> None:
-    """Interpreter exit (a script that forgot `close()`, a kernel shutdown): end every
-    fleet's nodes. The loop threads are daemons, so exit never waits for them first."""
+    """Interpreter exit (a script that forgot `close()`, a Ctrl-C, a kernel shutdown):
+    end every fleet's nodes. The loop threads are daemons, so exit never waits for
+    them first."""
     for runtime in list(_OPEN):
         runtime.close()
+
+
+def _close_at_exit() -> None:
+    """Close the fleets left open before the interpreter joins its threads.
+
+    A plain `atexit` hook runs too late: by then Python 3.12 refuses new threads and
+    concurrent.futures' pools refuse work (their own exit hook has run), and closing
+    a fleet stops its nodes side by side. `threading`'s exit hooks run first, newest
+    first, so this one runs before the pools'; `atexit` stays for an interpreter
+    without them (then a close falls back to one node at a time)."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(_close_open_runtimes)
+    atexit.register(_close_open_runtimes)
+
+
+_close_at_exit()
 
 
 class FleetRuntime:

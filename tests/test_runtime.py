@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import anyio
+import httpx2
 import pytest
 from anyio.abc import TaskStatus
+from support import wait_until
 
 from lmfleet import EventLoopError, FleetClosedError, FleetRuntime
 
@@ -84,3 +88,35 @@ def test_start_soon_from_inside_the_loop() -> None:
         assert done.wait(10)
     finally:
         runtime.close()
+
+
+# A script that never closes its fleet (or is stopped by Ctrl-C): its nodes end at
+# exit, and the exit says nothing more than the script did.
+NEVER_CLOSED = """
+from lmfleet import LMFleet
+fleet = LMFleet.simulate(nodes=2)
+fleet.wait_ready(timeout=60)
+print(" ".join(node.url for node in fleet.nodes), flush=True)
+fleet.client(max_retries=0).chat.completions.create(
+    model=fleet.model, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+"""
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx2.get(url + "/health", timeout=5)
+    except httpx2.ConnectError:
+        return True
+    return False
+
+
+def test_a_fleet_never_closed_ends_its_nodes_quietly_at_exit() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", NEVER_CLOSED], capture_output=True, text=True, timeout=120
+    )
+    # Closing at exit stops the nodes side by side: it must run while threads start.
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    urls = done.stdout.split()
+    assert len(urls) == 2
+    for url in urls:
+        wait_until(lambda url=url: _refused(url), what=f"{url} ended with the script")

@@ -127,8 +127,17 @@ class Supervisor:
         nodes = [watch.node for watch in self._watches.values()]
         if not nodes:
             return
-        with ThreadPoolExecutor(max_workers=min(32, len(nodes))) as pool:
-            list(pool.map(lambda node: node.stop(grace), nodes))
+        try:
+            pool = ThreadPoolExecutor(max_workers=min(32, len(nodes)))
+            first = pool.submit(nodes[0].stop, grace)
+        except RuntimeError:  # an exiting interpreter starts no thread (runtime.py)
+            for node in nodes:
+                node.stop(grace)
+            return
+        with pool:
+            stops = [first, *(pool.submit(node.stop, grace) for node in nodes[1:])]
+            for stop in stops:
+                stop.result()
 
     def close(self, grace: float = 5.0) -> None:
         """Stop every node, then release the launchers (Ray placement groups)."""
