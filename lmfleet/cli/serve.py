@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
         server = fleet.serve(options=options)
         settle_garbage_collector()
         if getattr(args, "worker_hub", None) is None:  # a worker's supervisor says it once
-            print(f"lmfleet proxy on {server.url} ({len(args.nodes)} node(s))", file=sys.stderr)
+            print(f"lmfleet proxy on {server.url} ({len(fleet.nodes)} node(s))", file=sys.stderr)
         serve_until_stopped(server, stop)
     finally:
         fleet.close()

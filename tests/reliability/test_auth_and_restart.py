@@ -160,6 +160,8 @@ def test_a_killed_proxy_restarted_with_the_same_flags_serves_registered_nodes(
         assert f"node {node} added (reloaded from {kept}" in log, log
         assert "1 node(s) reloaded" in log, log
         assert "registered itself" not in log, log  # the node never registered again
+        # The banner counts the nodes it serves, the reloaded one included.
+        wait_until(second.log_path.read_text, until=lambda log: f"on {url} (1 node(s))" in log)
     finally:
         second.terminate()
 
