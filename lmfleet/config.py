@@ -461,6 +461,13 @@ class FleetOptions(_Options):
             return value
         return parse_aliases(value)
 
+    @property
+    def wakes_on_demand(self) -> bool:
+        """Whether a request that finds no awake node wakes a sleeping one: asked for
+        (`routing.wake_on_demand`), or implied by auto-sleep (a fleet that sleeps by
+        itself must wake on use)."""
+        return self.routing.wake_on_demand or self.auto_sleep_after is not None
+
 
 class FleetKeywords(TypedDict, total=False):
     """Keyword shortcuts for the most used `FleetOptions` fields.

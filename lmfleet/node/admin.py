@@ -300,8 +300,7 @@ class FleetAdmin:
         use). A waiting request calls this again every second or so; while a node is
         being woken those calls cost nothing here.
         """
-        options, runtime = self._options, self._runtime
-        wakes = options.routing.wake_on_demand or options.auto_sleep_after is not None
+        runtime, wakes = self._runtime, self._options.wakes_on_demand
         if wakes and runtime is not None and not runtime.closed and not self._waking:
             runtime.start_soon(self.wake_one, request, name="lmfleet wake")
 

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs
 
 import lmfleet.answers as answers
 from lmfleet.errors import WeightUpdateError, WeightUpdateUnsupportedError
-from lmfleet.node.state import NodeStatus
+from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.proxy.asgi import Receive, Scope, Send, read_json, send_bytes, send_json
 from lmfleet.proxy.nodes_api import ADMIN_BODY_LIMIT, BadRequest
 from lmfleet.routing.base import RequestInfo
@@ -40,7 +40,7 @@ def _query(scope: Scope) -> dict[str, list[str]]:
 
 async def health(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
     """`/health`: can this proxy answer an inference request now? 200 while at least
-    one node is healthy, else 503.
+    one node is healthy, or asleep and woken by the first request (`_able`), else 503.
 
     The meaning of an LMDeploy api_server's own `/health` (503 while it cannot serve),
     so that a proxy can stand where a node stood: behind another lmfleet or LMDeploy
@@ -49,13 +49,28 @@ async def health(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -
     probes `/liveness`; one that gates traffic on `min_ready` nodes, `/readiness`.
     """
     nodes = rt.fleet.registry.snapshot()
-    healthy = sum(1 for n in nodes if n.status is NodeStatus.HEALTHY)
+    healthy, woken = _able(nodes, rt)
     payload = {
-        "status": "healthy" if healthy else "unhealthy",
+        "status": "healthy" if healthy or woken else "unhealthy",
         "healthy": healthy,
+        "wakes_on_demand": woken,
         "nodes": [{"url": n.url, "state": n.status.value} for n in nodes],
     }
-    await send_json(send, 200 if healthy else 503, payload)
+    await send_json(send, 200 if healthy or woken else 503, payload)
+
+
+def _able(nodes: list[NodeState], rt: ProxyContext) -> tuple[int, int]:
+    """How many of `nodes` can take a request: healthy now, and asleep but woken by
+    the first request that finds no awake node (where the fleet wakes on demand;
+    `NodeRegistry.sleepers`: not quarantined, not held by an admin command).
+
+    Those count as able: an idle fleet that put itself to sleep (auto-sleep) must not
+    look dead to what stands in front of it (a readiness probe would hold back the
+    very traffic that wakes it, and it would sleep for ever)."""
+    healthy = sum(1 for n in nodes if n.status is NodeStatus.HEALTHY)
+    fleet = rt.fleet
+    woken = len(fleet.registry.sleepers(RequestInfo())) if fleet.options.wakes_on_demand else 0
+    return healthy, woken
 
 
 LIVE = b'{"status":"alive"}'
@@ -73,8 +88,9 @@ async def liveness(scope: Scope, receive: Receive, send: Send, rt: ProxyContext)
 
 
 async def readiness(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -> None:
-    """`/readiness`: 200 once `min_ready` nodes are healthy (the fleet's `min_ready`,
-    what `wait_ready` waits for), else 503; the body says why either way.
+    """`/readiness`: 200 once `min_ready` nodes are healthy, or asleep and woken by the
+    first request (`_able`), else 503 (`min_ready`: the fleet's, what `wait_ready`
+    waits for); the body says why either way.
 
     For an orchestrator's readiness probe, which holds traffic back until it passes.
     The body uses the names of SGLang's model gateway (`status` "ready" or
@@ -83,18 +99,20 @@ async def readiness(scope: Scope, receive: Receive, send: Send, rt: ProxyContext
     entry per node in `workers`: its URL, state and the reason for it.
     """
     nodes = rt.fleet.registry.snapshot()
-    healthy = sum(1 for n in nodes if n.status is NodeStatus.HEALTHY)
+    healthy, woken = _able(nodes, rt)
     wanted = rt.fleet.options.min_ready
-    ready = healthy >= wanted
+    ready = healthy + woken >= wanted
     payload: dict[str, object] = {
         "status": "ready" if ready else "not_ready",
         "healthy_workers": healthy,
+        "wakes_on_demand": woken,
         "total_workers": len(nodes),
         "min_ready": wanted,
     }
     if not ready:
+        asleep = f" (and {woken} asleep, woken on demand)" if woken else ""
         payload["reason"] = (
-            f"{healthy} of {len(nodes)} node(s) healthy; {wanted} needed"
+            f"{healthy} of {len(nodes)} node(s) healthy{asleep}; {wanted} needed"
             if nodes
             else f"no node registered yet; {wanted} healthy needed"
         )

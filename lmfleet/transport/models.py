@@ -51,14 +51,27 @@ def alias_card(alias: str, names: tuple[str, ...], created: int | None = None) -
     }
 
 
+LISTED = frozenset({NodeStatus.HEALTHY, NodeStatus.EJECTED, NodeStatus.SLEEPING})
+"""The nodes whose models `GET /v1/models` lists: up, if maybe not routable this
+instant. A sleeping node wakes on demand or on command (an idle fleet that slept by
+itself must not look as if it served nothing: a client that picks its model from the
+list would find none), and an ejected one serves again after its probation."""
+
+
 def model_list(registry: NodeRegistry) -> dict[str, object]:
-    """`GET /v1/models` for the whole fleet: every model a healthy node serves, in
-    LMDeploy's list shape (its cards also carry `root`, `parent` and `permission`),
-    then each alias a healthy node serves under one of its names (`alias_card`).
-    A node's own list names only its models; the fleet's clients and the proxy
-    answer this from the fleet so that a fleet serving several models lists them all."""
+    """`GET /v1/models` for the whole fleet: every model a node that is up serves
+    (`LISTED`; not one quarantined by a failed weight update), in LMDeploy's list
+    shape (its cards also carry `root`, `parent` and `permission`), then each alias
+    such a node serves under one of its names (`alias_card`). A node's own list
+    names only its models; the fleet's clients and the proxy answer this from the
+    fleet so that a fleet serving several models lists them all."""
     names = sorted(
-        {m for n in registry.snapshot() if n.status is NodeStatus.HEALTHY for m in n.models}
+        {
+            model
+            for node in registry.snapshot()
+            if node.status in LISTED and not node.quarantine
+            for model in node.models
+        }
     )
     now = int(time.time())
     cards = [

@@ -99,6 +99,53 @@ def test_liveness_and_readiness_with_zero_one_and_two_healthy_nodes(
     assert _probe(url, "/liveness") == (200, {"status": "alive"})
 
 
+def test_a_fleet_asleep_by_itself_stays_ready_and_lists_its_models(
+    serve_fleet: Callable[..., Served], start_sim: StartSim
+) -> None:
+    """Auto-sleep put every node to sleep: the first request wakes one, so the proxy
+    can serve. A readiness probe that said 503 now would hold back the very traffic
+    that wakes it (and a client reading /v1/models would find nothing to ask for)."""
+    nodes = [start_sim(*FAST).url, start_sim(*FAST).url]
+    _, server = serve_fleet(nodes, auto_sleep_after=0.5, min_ready=2)
+    url = server.url
+    wait_until(
+        lambda: _readiness(url)[1],
+        until=lambda b: set(_states(b).values()) == {"sleeping"},
+        what="both nodes asleep by themselves",
+    )
+    status, body = _readiness(url)
+    assert status == 200 and body["status"] == "ready", body
+    assert (body["healthy_workers"], body["wakes_on_demand"]) == (0, 2)
+    assert _probe(url, "/health") == (
+        200,
+        {
+            "status": "healthy",
+            "healthy": 0,
+            "wakes_on_demand": 2,
+            "nodes": [{"url": n, "state": "sleeping"} for n in nodes],
+        },
+    )
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    answer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "wake up"}], max_tokens=2
+    )
+    assert answer.choices[0].finish_reason == "length"  # it woke a node to answer
+
+
+def test_nodes_put_to_sleep_where_nothing_wakes_them_cannot_serve(
+    serve_fleet: Callable[..., Served], two_nodes: list[str]
+) -> None:
+    fleet, server = serve_fleet(two_nodes)  # no wake on demand
+    fleet.sleep()
+    status, body = _readiness(server.url)
+    assert status == 503 and body["wakes_on_demand"] == 0, body
+    assert body["reason"] == "0 of 2 node(s) healthy; 1 needed"
+    assert _probe(server.url, "/health")[0] == 503
+    # The fleet still serves the model (a wake brings it back): it stays listed.
+    assert [m["id"] for m in _probe(server.url, "/v1/models")[1]["data"]] == [MODEL]
+
+
 def test_liveness_needs_no_key_even_when_nothing_else_is_public(
     serve_fleet: Callable[..., Served], two_nodes: list[str]
 ) -> None:
