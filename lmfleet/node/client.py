@@ -97,7 +97,14 @@ class NodeCallError(NodeCommandError):
         self.status, self.text = status, detail if status is not None else ""
         what = f"{method} {node}{path}"
         said = "failed:" if status is None else f"answered HTTP {status}:"
-        super().__init__(f"{what} {said} {detail}")
+        hint = _KEY_HINT if status in (401, 403) else ""
+        super().__init__(f"{what} {said} {detail}{hint}")
+
+
+_KEY_HINT = (
+    " (check the key the fleet sends the node: LMFleet.attach(api_key=...), "
+    "lmfleet serve --node-api-key, or the node's own key-env=)"
+)
 
 
 def call_failed(node: str, request: httpx2.Request, outcome: Any) -> NodeCallError | None:

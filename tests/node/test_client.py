@@ -86,6 +86,9 @@ async def test_one_error_mapping(keyed: SimNode) -> None:
             await nodes.models(NodeAddress(keyed.url, "wrong"), 5)
         assert refused.value.status == 401
         assert str(refused.value).startswith(f"GET {keyed.url}/v1/models answered HTTP 401: ")
+        assert str(refused.value).endswith(
+            "LMFleet.attach(api_key=...), lmfleet serve --node-api-key, or the node's own key-env=)"
+        )
         assert isinstance(refused.value, NodeCommandError)  # what admin callers catch
 
         dead = f"http://127.0.0.1:{free_port()}"
