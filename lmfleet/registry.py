@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from lmfleet.config import NodeOptions, OutlierOptions
+from lmfleet.doorbell import Doorbell
 from lmfleet.errors import ConfigError, UnknownNodeError
 from lmfleet.node import outliers
 from lmfleet.node.names import model_names
@@ -159,6 +160,8 @@ class NodeRegistry:
         reads the nodes' `/metrics` and shares the reports (lmfleet/proxy/shared.py):
         this process's monitor reads a node's only when its latest report is late
         (`Monitor._metrics_due`)."""
+        self.doorbell = Doorbell()
+        """Rung when a node becomes able to take requests: waiting ones look at once."""
         self._nodes: dict[str, NodeState] = {}
         self._held: set[str] = set()
         self._models: list[str] = []
@@ -292,7 +295,16 @@ class NodeRegistry:
             _log_added(state, origin)
         else:
             _log_change(old, state, f"added again ({origin})" if origin else "added again")
+            if _opens(old, state):
+                self.doorbell.ring()
         return state
+
+    def _changed(self, changes: list[tuple[NodeState, NodeState]]) -> None:
+        """Log each node's change of status, and ring the doorbell when one of them
+        opened the node to requests it did not take before (out of the lock)."""
+        _log_changes(changes)
+        if any(_opens(old, new) for old, new in changes):
+            self.doorbell.ring()
 
     def remove(self, url: str) -> NodeState:
         key = self._key(url)
@@ -316,7 +328,7 @@ class NodeRegistry:
         with self._lock:
             readmitted = self._readmit_due(time.monotonic())
             nodes = list(self._nodes.values())
-        _log_changes(readmitted)
+        self._changed(readmitted)
         return nodes
 
     def models(self) -> list[str]:
@@ -393,7 +405,7 @@ class NodeRegistry:
                 chosen = chosen.evolve(inflight=chosen.inflight + 1)
                 self._nodes[chosen.url] = chosen
                 self._active[chosen.url] = time.monotonic()
-        _log_changes(readmitted)
+        self._changed(readmitted)
         return chosen
 
     def explain(self, strategy: Strategy, request: RequestInfo) -> Decision:
@@ -619,8 +631,7 @@ class NodeRegistry:
                 self._models_changed()
             if new.status is NodeStatus.HEALTHY and state.status is not NodeStatus.HEALTHY:
                 self._active[key] = time.monotonic()  # just started or woken: not idle yet
-        if new.status is not state.status:
-            _log_change(state, new)
+        self._changed([(state, new)])
         return new
 
     def hold(self, url: str) -> None:
@@ -850,6 +861,18 @@ def _log_change(old: NodeState, new: NodeState, detail: str | None = None) -> No
         new.status.value,
         why,
         extra={"node": new.url, "previous": old.status.value, "state": new.status.value},
+    )
+
+
+def _opens(old: NodeState, new: NodeState) -> bool:
+    """Whether `new` takes requests that `old` did not: it became healthy, or a healthy
+    node's weight version or models changed (what a waiting request may ask for)."""
+    if new.status is not NodeStatus.HEALTHY:
+        return False
+    return (
+        old.status is not NodeStatus.HEALTHY
+        or new.weight_version != old.weight_version
+        or new.models != old.models
     )
 
 

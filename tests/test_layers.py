@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("jobs", ("lmfleet.jobs",)),
     ("simulator", ("lmfleet.sim",)),
     ("wire", ("lmfleet.wire",)),
-    ("loop", ("lmfleet.runtime", "lmfleet.sync")),
+    ("loop", ("lmfleet.runtime", "lmfleet.sync", "lmfleet.doorbell")),
     ("routing", ("lmfleet.routing",)),
     ("registry", ("lmfleet.registry",)),
     ("node client", ("lmfleet.node", "lmfleet.node.client")),

@@ -185,3 +185,22 @@ def test_max_staleness_counts_from_the_newest_node() -> None:
     # A stopped node's version is not the fleet's newest.
     registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.STOPPED))
     assert eligible(RequestInfo(max_staleness=0)) == ["http://b:1"]
+
+
+def test_the_doorbell_rings_when_a_node_opens_to_requests_and_only_then() -> None:
+    registry = NodeRegistry()
+    bell = registry.doorbell
+    registry.add("http://a:1", models=("m",))  # starting: takes nothing yet
+    assert bell.rings == 0
+    healthy(registry, "http://a:1")
+    assert bell.rings == 1  # became healthy
+    registry.modify("http://a:1", lambda s: s.evolve(message="still fine"))
+    registry.lease(resolve_strategy("round_robin"), RequestInfo())
+    registry.release("http://a:1", Outcome.SUCCESS)
+    assert bell.rings == 1  # nothing new to take
+    registry.modify("http://a:1", lambda s: s.evolve(weight_version=1))
+    assert bell.rings == 2  # a version a waiting request may ask for
+    registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.SLEEPING))
+    assert bell.rings == 2
+    registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.HEALTHY))
+    assert bell.rings == 3  # woken

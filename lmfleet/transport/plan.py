@@ -66,7 +66,17 @@ SERVED_VERSION_NAME = SERVED_VERSION_HEADER.encode()
 reads the same header on a request as an ask for that version)."""
 
 POLL_INTERVAL = 0.05
-"""How often a starved request looks for an eligible node again (seconds)."""
+"""How often a waiting request looks for a node again while one could take it (its
+turn, room in a full node), and the first pause of any wait (seconds)."""
+
+MAX_POLL_INTERVAL = 1.0
+"""The longest pause between looks while no node could take the request (all asleep,
+waking, down, updating their weights): the pause doubles up to it. Each look wakes
+the caller's loop (a thousand requests waiting through a weight update cost half a
+core at `POLL_INTERVAL`, bench/waiting_cost.py). A node that becomes healthy rings
+the registry's doorbell (lmfleet/doorbell.py), which ends every pause at once; this
+bounds the wait for what rings nothing (an ejection whose time is up is seen by the
+next look, the monitor's or a request's)."""
 
 STARVED_EVERY = 1.0
 """How often a waiting request tells the fleet again that it is starved (seconds): one
@@ -311,8 +321,11 @@ class Attempts:
         routing = self.routing
         ticket: int | None = None
         since: float | None = None
+        pause = POLL_INTERVAL
+        bell = routing.registry.doorbell
         try:
             while True:
+                seen = bell.rings  # before the look: a node that comes after it rings
                 node = routing.registry.lease(strategy, info, tried, ticket=ticket, since=since)
                 if node is not None:
                     if routing.registry.wake_asked:  # a better tier sleeps: wake it
@@ -349,7 +362,8 @@ class Attempts:
                     )
                 if ticket is None:
                     ticket = self._enter_queue(info, since)
-                yield Pause(POLL_INTERVAL)
+                yield Pause(pause, bell, seen)
+                pause = next_pause(pause, routing.registry.serving_now(info))
         finally:
             if ticket is not None:
                 routing.registry.leave_queue(ticket)
@@ -527,6 +541,13 @@ def holding(lease: Accounting, steps: Steps[T]) -> Steps[T]:
     except BaseException:
         lease.finish(Outcome.NEUTRAL)  # leases end once: a no-op when already ended
         raise
+
+
+def next_pause(pause: float, served: bool) -> float:
+    """The pause before a waiting request's next look: `POLL_INTERVAL` while a node
+    serves it (it waits for its turn or for room, which any answer may bring), else
+    twice the last, up to `MAX_POLL_INTERVAL` (it waits for a node to come back)."""
+    return POLL_INTERVAL if served else min(2 * pause, MAX_POLL_INTERVAL)
 
 
 def _wanted(info: RequestInfo) -> str:

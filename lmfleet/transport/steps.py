@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import anyio
 import httpx2
 
+from lmfleet.doorbell import Doorbell
 from lmfleet.transport.read_bound import read_bound
 
 T = TypeVar("T")
@@ -59,7 +60,11 @@ class Call:
 
 @dataclass(frozen=True, slots=True)
 class Pause:
+    """Wait `seconds`; with a `bell`, less when it rings after its `seen` rings."""
+
     seconds: float
+    bell: Doorbell | None = None
+    seen: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +207,10 @@ def _one_sync(step: Step, inner: httpx2.BaseTransport, reading: SyncReading) -> 
     if isinstance(step, Read):
         return _read_sync(step, reading)
     if isinstance(step, Pause):
-        time.sleep(step.seconds)
+        if step.bell is None:
+            time.sleep(step.seconds)
+        else:
+            step.bell.wait(step.seen, step.seconds)
     elif isinstance(step, WaitFor):
         step.event.wait(step.timeout)
     elif isinstance(step, Discard):
@@ -230,7 +238,10 @@ async def _one_async(step: Step, inner: httpx2.AsyncBaseTransport, reading: Asyn
     if isinstance(step, Read):
         return await _read_async(step, reading)
     if isinstance(step, Pause):
-        await anyio.sleep(step.seconds)
+        if step.bell is None:
+            await anyio.sleep(step.seconds)
+        else:
+            await step.bell.wait_async(step.seen, step.seconds)
     elif isinstance(step, WaitFor):
         deadline = time.monotonic() + step.timeout
         while not step.event.is_set() and time.monotonic() < deadline:
