@@ -252,7 +252,7 @@ class Attempts:
         tighter (`first_byte_bound`); True when the bound in force is then ours.
 
         Otherwise the read timeout in force is the caller's (`callers_read`), unless
-        the front door set it (`OWN_TIMEOUT`: the proxy's `--timeout` is the fleet's
+        the front door set it (`OWN_TIMEOUT`: the proxy's `--upstream-timeout` is the fleet's
         bound on its nodes, so its expiry counts against the node)."""
         ours = first_byte_bound(self.request, first_byte)
         read = (self.request.extensions.get("timeout") or {}).get("read")
