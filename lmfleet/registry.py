@@ -310,8 +310,8 @@ class NodeRegistry:
         key = self._key(url)
         with self._lock:
             state = self._nodes.pop(key, None)
-            self._answers.pop(key, None)
-            self._active.pop(key, None)
+            for kept in (self._answers, self._active, self._recent, self._tokens):
+                kept.pop(key, None)  # a node removed leaves nothing behind
             self._models_changed()
         if state is None:
             raise UnknownNodeError(f"no node {url!r} in this fleet")

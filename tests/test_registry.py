@@ -109,6 +109,9 @@ def test_mark_failed_opens_the_circuit_only_for_healthy_nodes() -> None:
 def test_remove_and_unknown_nodes() -> None:
     registry = NodeRegistry()
     healthy(registry, "http://a:1")
+    registry.lease(resolve_strategy("round_robin"), RequestInfo())
+    registry.release("http://a:1", Outcome.SUCCESS, latency=0.1, tokens=5)
+    assert registry.traffic("http://a:1") == ([0.1], 5)
     assert registry.remove("http://a:1").status is NodeStatus.STOPPED
     assert registry.models() == []
     with pytest.raises(UnknownNodeError):
@@ -116,6 +119,10 @@ def test_remove_and_unknown_nodes() -> None:
     with pytest.raises(UnknownNodeError):
         registry.remove("http://a:1")
     assert registry.modify("http://a:1", lambda s: s) is None
+    # Nothing of it is kept (a proxy whose nodes come and go under new URLs keeps
+    # no row per node it ever saw); added again, it starts afresh.
+    healthy(registry, "http://a:1")
+    assert registry.traffic("http://a:1") == ([], 0)
 
 
 def test_re_adding_keeps_counters_and_restarts_checks() -> None:

@@ -117,6 +117,8 @@ class TrafficMeter:
     def _rate(self, url: str, now: float, tokens: int) -> float | None:
         with self._lock:
             samples = self._samples.setdefault(url, deque())
+            if samples and tokens < samples[-1][1]:
+                samples.clear()  # the node was removed and added again: counts anew
             samples.append((now, tokens))
             while len(samples) > 2 and now - samples[1][0] >= self._window:
                 samples.popleft()

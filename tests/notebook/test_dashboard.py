@@ -155,6 +155,15 @@ def test_tokens_per_second_window() -> None:
     meter.view(status())
     now[0] = 111.0
     assert meter.view(status()).rows[0].tokens_per_s == 0
+    # Removed and added again, the node counts its tokens anew: no negative rate.
+    registry.remove("http://127.0.0.1:1")
+    registry.add("http://127.0.0.1:1")
+    registry.modify("http://127.0.0.1:1", lambda s: s.evolve(status=NodeStatus.HEALTHY))
+    now[0] = 112.0
+    assert meter.view(status()).rows[0].tokens_per_s is None  # one sample again
+    registry.release("http://127.0.0.1:1", Outcome.SUCCESS, latency=0.1, tokens=20)
+    now[0] = 114.0
+    assert meter.view(status()).rows[0].tokens_per_s == pytest.approx(10.0)
 
 
 def test_every_rendering_names_columns_from_one_set(fleet: LMFleet) -> None:
