@@ -8,6 +8,7 @@ from a `/health` that lags the truth.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -25,6 +26,8 @@ from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing.base import RequestInfo
 from lmfleet.runtime import FleetRuntime
+
+log = logging.getLogger("lmfleet")
 
 
 async def wait_idle(
@@ -139,6 +142,11 @@ async def wakeup_node(
         registry.unhold(url)
 
 
+WAKE_RETRY_AFTER = 60.0
+"""Seconds a node whose wake-on-demand failed goes after the other sleepers (and is
+not counted as able to serve by the proxy's probes)."""
+
+
 async def drain_node(registry: NodeRegistry, url: str, timeout: float) -> bool:
     """No new requests for `url`; wait for its in-flight ones; then it is `stopped`."""
     registry.modify(url, _set(NodeStatus.DRAINING, "draining"))
@@ -171,6 +179,8 @@ class FleetAdmin:
         self.nodes = nodes
         self._runtime = runtime
         self._waking: set[str] = set()
+        self._wake_failed: dict[str, float] = {}
+        """When each node's last wake-on-demand failed (cleared when one succeeds)."""
 
     def targets(self, nodes: Sequence[str] | None) -> list[str]:
         """The URLs of `nodes`, or of every node not stopped."""
@@ -304,20 +314,51 @@ class FleetAdmin:
         if wakes and runtime is not None and not runtime.closed and not self._waking:
             runtime.start_soon(self.wake_one, request, name="lmfleet wake")
 
+    def wakeable(self, request: RequestInfo) -> list[NodeState]:
+        """The sleeping nodes wake-on-demand would wake for `request`, the best first:
+        the best tier's (`NodeRegistry.sleepers`), and those whose last wake-up failed
+        within `WAKE_RETRY_AFTER` after all the others, the longest ago first (a node
+        that cannot wake, tried first every time, would keep every other asleep)."""
+        failed = self._failed_lately()
+        sleepers = self._registry.sleepers(request)
+        fresh = [s for s in sleepers if s.url not in failed]
+        return fresh + sorted((s for s in sleepers if s.url in failed), key=lambda s: failed[s.url])
+
+    def wakes(self, request: RequestInfo) -> int:
+        """How many sleeping nodes a request like `request` would wake, leaving out
+        those whose last wake-up failed within `WAKE_RETRY_AFTER` (0 where the fleet
+        does not wake on demand): what the proxy's probes count as able to serve."""
+        if not self._options.wakes_on_demand:
+            return 0
+        failed = self._failed_lately()
+        return sum(1 for s in self._registry.sleepers(request) if s.url not in failed)
+
+    def _failed_lately(self) -> dict[str, float]:
+        """The nodes whose last wake-up failed within `WAKE_RETRY_AFTER`, and when."""
+        since = time.monotonic() - WAKE_RETRY_AFTER
+        return {url: at for url, at in self._wake_failed.items() if at > since}
+
     async def wake_one(self, request: RequestInfo) -> None:
-        """Wake-on-demand: wake one sleeping node that can take `request`, one at a time."""
+        """Wake-on-demand: wake one sleeping node that can take `request`, one at a time
+        (`wakeable`'s first)."""
         if self._waking:
             return
-        registry = self._registry
-        sleepers = registry.sleepers(request)
+        sleepers = self.wakeable(request)
         if not sleepers:
             return
         url = sleepers[0].url
         self._waking.add(url)
         try:
-            await wakeup_node(self.nodes, registry, url, None, timeout=self._options.admin_timeout)
-        except NodeCommandError:
-            pass  # the waiting requests end with NoHealthyNodeError, which lists node states
+            await wakeup_node(
+                self.nodes, self._registry, url, None, timeout=self._options.admin_timeout
+            )
+        except NodeCommandError as exc:
+            # The waiting requests end with NoHealthyNodeError, which lists node states;
+            # the next starved call tries another sleeper first.
+            self._wake_failed[url] = time.monotonic()
+            log.warning("wake on demand: %s did not wake (%s); other sleepers go first", url, exc)
+        else:
+            self._wake_failed.pop(url, None)
         finally:
             self._waking.discard(url)
 

@@ -62,15 +62,14 @@ async def health(scope: Scope, receive: Receive, send: Send, rt: ProxyContext) -
 def _able(nodes: list[NodeState], rt: ProxyContext) -> tuple[int, int]:
     """How many of `nodes` can take a request: healthy now, and asleep but woken by
     the first request that finds no awake node (where the fleet wakes on demand;
-    `NodeRegistry.sleepers`: not quarantined, not held by an admin command).
+    `FleetAdmin.wakes`: not quarantined, not held by an admin command, and not one
+    whose last wake-up failed a moment ago).
 
     Those count as able: an idle fleet that put itself to sleep (auto-sleep) must not
     look dead to what stands in front of it (a readiness probe would hold back the
     very traffic that wakes it, and it would sleep for ever)."""
     healthy = sum(1 for n in nodes if n.status is NodeStatus.HEALTHY)
-    fleet = rt.fleet
-    woken = len(fleet.registry.sleepers(RequestInfo())) if fleet.options.wakes_on_demand else 0
-    return healthy, woken
+    return healthy, rt.fleet.admin.wakes(RequestInfo())
 
 
 LIVE = b'{"status":"alive"}'

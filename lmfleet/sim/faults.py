@@ -33,6 +33,9 @@ class Faults:
     health: str | None = None
     # /update_weights (and /update_weights_from_distributed) answer this status.
     update_weights_error: int | None = None
+    # /wakeup answers this status and the node stays asleep (a GPU that cannot take
+    # the weights back, say): set through POST /sim/faults.
+    wakeup_error: int | None = None
     rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
 
     @classmethod
@@ -83,7 +86,7 @@ def _check(key: str, value: Any) -> None:
         ok = isinstance(value, bool)
     elif key == "models_delay":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 60
-    elif key == "update_weights_error":
+    elif key in ("update_weights_error", "wakeup_error"):
         ok = value is None or (
             isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599
         )

@@ -132,6 +132,10 @@ async def wakeup(
 ) -> None:
     await json_body(scope, receive, model=False)
     rt.weights.record_call(call_line(scope))
+    if rt.faults.wakeup_error is not None:  # the node stays asleep
+        rt.stats.errors_injected += 1
+        await asgi.send_error(send, rt.faults.wakeup_error, "injected wakeup failure")
+        return
     rt.wakeup(query(scope).get("tags", []))
     await asgi.send_bytes(send, 200, b"", None)
 

@@ -7,6 +7,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx2
 import pytest
 from support import StartSim, chat, sim_stats, wait_until
 
@@ -146,3 +147,30 @@ def test_a_request_that_came_while_the_node_was_going_to_sleep_still_wakes_it(
             fleet.registry.unhold(url)
             assert reply.result(timeout=20).choices[0].message.content
         assert fleet.registry.waiting == 0
+
+
+def test_a_node_that_cannot_wake_does_not_keep_the_others_asleep(
+    start_sim: StartSim, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Wake-on-demand tries the first sleeper; it cannot wake (its `/wakeup` fails).
+    The request asks again while it waits, and the next try is another sleeper:
+    served. The failure is logged, and the broken node is not counted as able to
+    serve (what the proxy's probes report) until `WAKE_RETRY_AFTER` has passed."""
+    caplog.set_level(logging.WARNING, logger="lmfleet")
+    broken, good = (start_sim(*FAST).url for _ in range(2))
+    with LMFleet.attach(
+        [broken, good], health_interval=0.2, wake_on_demand=True, wait_for_node=20
+    ) as fleet:
+        fleet.wait_ready(timeout=30, min_ready=2)
+        fleet.sleep()
+        assert fleet.admin.wakes(RequestInfo()) == 2
+        assert [s.url for s in fleet.admin.wakeable(RequestInfo())] == [broken, good]
+        faults = httpx2.post(broken + "/sim/faults", json={"wakeup_error": 500}, timeout=5)
+        assert faults.status_code == 200
+
+        reply = chat(fleet.client(max_retries=0), fleet.model, "wake up", max_tokens=2)
+        assert reply.choices[0].message.content
+        assert sim_stats(good)["completed"] == 1 and asleep(broken)
+        assert sim_stats(broken)["errors_injected"] >= 1  # it was tried first
+        assert f"wake on demand: {broken} did not wake" in caplog.text
+        assert fleet.admin.wakes(RequestInfo()) == 0  # the good one is awake now
