@@ -106,7 +106,8 @@ def test_a_fleet_asleep_by_itself_stays_ready_and_lists_its_models(
     can serve. A readiness probe that said 503 now would hold back the very traffic
     that wakes it (and a client reading /v1/models would find nothing to ask for)."""
     nodes = [start_sim(*FAST).url, start_sim(*FAST).url]
-    _, server = serve_fleet(nodes, auto_sleep_after=0.5, min_ready=2)
+    # Ready once one is healthy: the first may fall asleep before the second is up.
+    _, server = serve_fleet(nodes, ready=1, auto_sleep_after=0.5, min_ready=2)
     url = server.url
     wait_until(
         lambda: _readiness(url)[1],

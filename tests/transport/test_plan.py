@@ -28,10 +28,10 @@ def test_a_callers_own_timeout_leaves_no_mark_against_the_node(start_sim: StartS
             with pytest.raises(openai.APITimeoutError):
                 client.chat.completions.create(model=fleet.model, messages=MESSAGES)
         for _ in range(6):
-            stream = client.chat.completions.create(
-                model=fleet.model, messages=MESSAGES, stream=True
-            )
             with pytest.raises(openai.APITimeoutError):
+                stream = client.chat.completions.create(
+                    model=fleet.model, messages=MESSAGES, stream=True
+                )
                 for _chunk in stream:  # the first chunk comes; the second is late
                     pass
         node = wait_until(lambda: fleet.nodes[0], until=lambda n: n.inflight == 0)
