@@ -362,7 +362,8 @@ class Attempts:
                     )
                 if ticket is None:
                     ticket = self._enter_queue(info, since)
-                yield Pause(pause, bell, seen)
+                # Never past the deadline: a caller's timeout of 2 s gives up at 2 s.
+                yield Pause(min(pause, max(self._deadline - now, 0.001)), bell, seen)
                 pause = next_pause(pause, routing.registry.serving_now(info))
         finally:
             if ticket is not None:

@@ -20,7 +20,10 @@ from lmfleet.config import RoutingOptions
 from lmfleet.errors import FleetBusyError, NoHealthyNodeError
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing import resolve_strategy
+from lmfleet.routing.base import RequestInfo
 from lmfleet.transport import AsyncFleetTransport, FleetTransport, Router
+from lmfleet.transport.plan import Attempts
+from lmfleet.transport.steps import Pause
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 URL = "http://placeholder/v1/chat/completions"
@@ -154,6 +157,26 @@ def test_the_callers_timeout_bounds_the_wait_on_both_clients(start_sim: StartSim
 
         assert anyio.run(one) < 5.0
         assert fleet.registry.waiting == 0
+
+
+def test_a_waiting_requests_pauses_never_run_past_the_callers_timeout() -> None:
+    """The pauses between looks grow while no node could take the request (0.05,
+    0.1, 0.2 s, ...), but the last one stops at the caller's deadline: the pauses the
+    plan asks for add up to no more than the caller's 0.3 s (uncapped: 0.35 s)."""
+    router = starved_router(wait_for_node=60.0)
+    request = httpx2.Request("POST", URL, content=BODY)
+    request.extensions["timeout"] = {"read": 0.3, "pool": 0.3}
+    steps = Attempts(router.routing, request).lease(router.strategy, RequestInfo(), [])
+    pauses: list[float] = []
+    with pytest.raises(NoHealthyNodeError, match="the caller's timeout"):
+        step = next(steps)
+        while True:
+            assert isinstance(step, Pause)
+            pauses.append(step.seconds)
+            time.sleep(step.seconds)
+            step = steps.send(None)
+    assert pauses[:2] == [0.05, 0.1] and sum(pauses) <= 0.3 + 0.001 * len(pauses), pauses
+    assert router.registry.waiting == 0
 
 
 def test_a_version_no_node_has_fails_at_once(start_sim: StartSim) -> None:
