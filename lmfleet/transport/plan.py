@@ -362,12 +362,21 @@ class Attempts:
                     )
                 if ticket is None:
                     ticket = self._enter_queue(info, since)
-                # Never past the deadline: a caller's timeout of 2 s gives up at 2 s.
-                yield Pause(min(pause, max(self._deadline - now, 0.001)), bell, seen)
+                yield Pause(min(pause, self._until_deadline(now, since)), bell, seen)
                 pause = next_pause(pause, routing.registry.serving_now(info))
         finally:
             if ticket is not None:
                 routing.registry.leave_queue(ticket)
+
+    def _until_deadline(self, now: float, since: float) -> float:
+        """Seconds until the wait must be judged again: the wait's deadline, or past it
+        (a request waiting for its turn) the caller's own timeout; a pause never runs
+        past it (a caller's timeout of 2 s gives up at 2 s)."""
+        assert self._deadline is not None
+        if now < self._deadline:
+            return self._deadline - now
+        caller = self._caller
+        return math.inf if caller is None else max(since + caller - now, 0.0)
 
     def _in_turn(self, info: RequestInfo, now: float, since: float) -> bool:
         """Whether the request waits only for its turn (a node would take it, but a

@@ -18,6 +18,7 @@ from support import StartSim, chat, sim_stats, wait_until, wait_until_async
 from lmfleet import LMFleet, NodeStatus
 from lmfleet.config import RoutingOptions
 from lmfleet.errors import FleetBusyError, NoHealthyNodeError
+from lmfleet.node.outliers import Outcome
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing import resolve_strategy
 from lmfleet.routing.base import RequestInfo
@@ -176,6 +177,34 @@ def test_a_waiting_requests_pauses_never_run_past_the_callers_timeout() -> None:
             time.sleep(step.seconds)
             step = steps.send(None)
     assert pauses[:2] == [0.05, 0.1] and sum(pauses) <= 0.3 + 0.001 * len(pauses), pauses
+    assert router.registry.waiting == 0
+
+
+def test_a_request_waiting_for_its_turn_past_wait_for_node_keeps_its_pace() -> None:
+    """A healthy node serves it, but a request of a higher priority waits before it:
+    it waits for its turn beyond `wait_for_node` (only its caller's timeout bounds
+    that), looking every 50 ms, never spinning once the deadline is behind it."""
+    router = starved_router(wait_for_node=0.1)
+    router.registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.HEALTHY))
+    first = router.registry.enter_queue(10, RequestInfo(priority=5), time.monotonic())
+    request = httpx2.Request("POST", URL, content=BODY)
+    steps = Attempts(router.routing, request).lease(router.strategy, RequestInfo(), [])
+    pauses: list[float] = []
+    step = next(steps)
+    started = time.monotonic()
+    while time.monotonic() - started < 0.4:  # well past wait_for_node
+        assert isinstance(step, Pause)
+        pauses.append(step.seconds)
+        time.sleep(step.seconds)
+        step = steps.send(None)
+    router.registry.leave_queue(first)  # its turn: the next look leases the node
+    with pytest.raises(StopIteration) as leased:
+        steps.send(None)
+    node, lease = leased.value.value
+    assert node.url == "http://a:1"
+    lease.finish(Outcome.NEUTRAL)
+    # 50 ms each, but the one cut short to end at `wait_for_node`: no spinning loop.
+    assert max(pauses) == 0.05 and sum(1 for p in pauses if p < 0.05) <= 1, pauses
     assert router.registry.waiting == 0
 
 
