@@ -405,7 +405,8 @@ class NodeRegistry:
                 chosen = chosen.evolve(inflight=chosen.inflight + 1)
                 self._nodes[chosen.url] = chosen
                 self._active[chosen.url] = time.monotonic()
-        self._changed(readmitted)
+        if readmitted:  # rare: this is every request's path
+            self._changed(readmitted)
         return chosen
 
     def explain(self, strategy: Strategy, request: RequestInfo) -> Decision:

@@ -319,24 +319,24 @@ class FleetAdmin:
         the best tier's (`NodeRegistry.sleepers`), and those whose last wake-up failed
         within `WAKE_RETRY_AFTER` after all the others, the longest ago first (a node
         that cannot wake, tried first every time, would keep every other asleep)."""
-        failed = self._failed_lately()
-        sleepers = self._registry.sleepers(request)
-        fresh = [s for s in sleepers if s.url not in failed]
-        return fresh + sorted((s for s in sleepers if s.url in failed), key=lambda s: failed[s.url])
+        fresh, failed = self._sleepers(request)
+        return fresh + failed
 
     def wakes(self, request: RequestInfo) -> int:
         """How many sleeping nodes a request like `request` would wake, leaving out
         those whose last wake-up failed within `WAKE_RETRY_AFTER` (0 where the fleet
         does not wake on demand): what the proxy's probes count as able to serve."""
-        if not self._options.wakes_on_demand:
-            return 0
-        failed = self._failed_lately()
-        return sum(1 for s in self._registry.sleepers(request) if s.url not in failed)
+        return len(self._sleepers(request)[0]) if self._options.wakes_on_demand else 0
 
-    def _failed_lately(self) -> dict[str, float]:
-        """The nodes whose last wake-up failed within `WAKE_RETRY_AFTER`, and when."""
+    def _sleepers(self, request: RequestInfo) -> tuple[list[NodeState], list[NodeState]]:
+        """The sleepers that could take `request`: those that did not fail to wake
+        within `WAKE_RETRY_AFTER`, best first; then those that did, longest ago first."""
         since = time.monotonic() - WAKE_RETRY_AFTER
-        return {url: at for url, at in self._wake_failed.items() if at > since}
+        failed = {url: at for url, at in self._wake_failed.items() if at > since}
+        sleepers = self._registry.sleepers(request)
+        fresh = [s for s in sleepers if s.url not in failed]
+        late = sorted((s for s in sleepers if s.url in failed), key=lambda s: failed[s.url])
+        return fresh, late
 
     async def wake_one(self, request: RequestInfo) -> None:
         """Wake-on-demand: wake one sleeping node that can take `request`, one at a time

@@ -431,9 +431,7 @@ class Attempts:
         answer sooner than the node can give it has given up on a node that may be
         fine (five such in a row would eject it), as a caller that disconnects has.
         """
-        if isinstance(exc, httpx2.PoolTimeout) or (
-            isinstance(exc, httpx2.ReadTimeout) and lease.callers_read
-        ):
+        if isinstance(exc, httpx2.PoolTimeout) or lease.gave_up(exc):
             lease.finish(Outcome.NEUTRAL)
             raise exc
         lease.finish(Outcome.FAILURE)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 import httpx2
 
@@ -87,12 +87,16 @@ class Accounting:
             if self.request_span is not None:
                 tracing.end(self.request_span, failed)
 
+    def gave_up(self, exc: object) -> TypeGuard[httpx2.ReadTimeout]:
+        """Whether `exc` is the caller giving up: its own read timeout expired
+        (`callers_read`), no mark against the node (plan.py `transport_failed`)."""
+        return self.callers_read and isinstance(exc, httpx2.ReadTimeout)
+
     def interrupted(self, exc: Exception) -> Exception:
         """Account the failure and say what the caller gets instead of `exc`: a gap
         past the caller's own read timeout is the caller giving up, not the node
-        failing (`callers_read`), and any timeout keeps its type."""
-        callers = self.callers_read and isinstance(exc, httpx2.ReadTimeout)
-        self.finish(Outcome.NEUTRAL if callers else Outcome.FAILURE)
+        failing (`gave_up`), and any timeout keeps its type."""
+        self.finish(Outcome.NEUTRAL if self.gave_up(exc) else Outcome.FAILURE)
         if isinstance(exc, httpx2.TimeoutException):
             return exc
         return StreamInterruptedError(
