@@ -142,6 +142,8 @@ BAD_VERSION = Answer("bad_version", 400, "invalid_request_error")
 """A weight-version ask that is no integer; clients get `openai.BadRequestError`."""
 BAD_PRIORITY = Answer("bad_priority", 400, "invalid_request_error")
 """A request priority that is no integer (lmfleet/priority.py); `openai.BadRequestError`."""
+BAD_TIMEOUT = Answer("bad_timeout", 400, "invalid_request_error")
+"""An `x-lmfleet-timeout` that is no positive number of seconds; `openai.BadRequestError`."""
 
 # -- the proxy's own: the request as it arrived, and its admin routes ----------------
 BAD_JSON = Answer("bad_json", 400, "invalid_request_error")
@@ -190,6 +192,7 @@ ROWS: tuple[Answer, ...] = (
     UNKNOWN_MODEL,
     BAD_VERSION,
     BAD_PRIORITY,
+    BAD_TIMEOUT,
     BAD_JSON,
     BODY_TOO_LARGE,
     BODY_TIMEOUT,

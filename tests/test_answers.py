@@ -122,6 +122,11 @@ SCENARIOS = {
         headers={"x-lmfleet-priority": "urgent"},
         client_sees=openai.BadRequestError,
     ),
+    "bad_timeout": Scenario(
+        answers.BAD_TIMEOUT,
+        headers={"x-lmfleet-timeout": "-1"},
+        client_sees=openai.BadRequestError,
+    ),
     "interrupted": Scenario(
         answers.INTERRUPTED,
         sim=(*FAST, "--drop-stream-after", "2", "--output-tokens", "50"),

@@ -65,6 +65,7 @@ from lmfleet.transport.plan import (
     attempt_read_timeout,
     open_attempt_span,
     open_request_span,
+    parse_timeout,
 )
 from lmfleet.transport.request import REQUEST_ID_NAME, new_request_id
 from lmfleet.transport.router import ASK_PREFIX, PLAIN_ASKS, Router
@@ -245,6 +246,8 @@ class FastLane:
                     return None  # an ask of routing's
                 if name == REQUEST_ID_NAME:
                     request_id = value
+                elif not _is_timeout(value):
+                    return None  # the pipeline's `bad_timeout`
             elif name in _TRACE_HEADERS and self._tracing:
                 continue  # the node gets the attempt's own context (`_trace`)
             headers.append((name, value))
@@ -418,3 +421,12 @@ class FastLane:
         """Body pieces came; the first ones give the proxy's TTFT of the node."""
         if pieces and lease.pieces(len(pieces)):
             self._rt.metrics.ttft(url, time.monotonic() - started)
+
+
+def _is_timeout(value: bytes) -> bool:
+    """Whether an `x-lmfleet-timeout` value reads as one (`parse_timeout`)."""
+    try:
+        parse_timeout(value)
+    except ValueError:
+        return False
+    return True

@@ -198,18 +198,36 @@ def first_byte_bound(request: httpx2.Request, first_byte: float | None) -> bool:
 
 
 def header_timeout(headers: httpx2.Headers) -> float | None:
-    """The caller's timeout from its headers: lmfleet's own, else the openai SDK's."""
+    """The caller's timeout from its headers: lmfleet's own, else the openai SDK's.
+
+    A malformed `x-lmfleet-timeout` never gets this far (the router answers it with
+    `bad_timeout`); a malformed SDK header is not the caller's doing, so it is skipped.
+    """
     for name in (TIMEOUT_HEADER, SDK_TIMEOUT_HEADER):
         raw = headers.get(name)
         if raw is None:
             continue
         try:
-            seconds = float(raw)
+            return parse_timeout(raw)
         except ValueError:
             continue
-        if seconds > 0 and math.isfinite(seconds):
-            return seconds
     return None
+
+
+def parse_timeout(raw: str | bytes) -> float:
+    """A timeout header's value as seconds; ValueError naming the header otherwise.
+
+    A wait must end: zero, negative, infinite and NaN are refused, not taken to mean
+    "no timeout" (which is what a caller who sends none gets).
+    """
+    text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{TIMEOUT_HEADER} must be a positive number of seconds, got {text!r}")
+    return seconds
 
 
 def caller_timeout(request: httpx2.Request, timeout: Any) -> float | None:

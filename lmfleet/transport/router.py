@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import httpx2
 
-from lmfleet.answers import BAD_PRIORITY, BAD_VERSION, UNKNOWN_MODEL
+from lmfleet.answers import BAD_PRIORITY, BAD_TIMEOUT, BAD_VERSION, UNKNOWN_MODEL, Answer
 from lmfleet.config import RoutingOptions
 from lmfleet.errors import FleetClosedError
 from lmfleet.node.client import NodeClient
@@ -32,6 +32,7 @@ from lmfleet.transport.plan import (
     Routing,
     StarvedHook,
     error_answer,
+    parse_timeout,
 )
 from lmfleet.transport.renaming import model_fields
 from lmfleet.transport.request import (
@@ -73,6 +74,7 @@ _PLAIN_FIELDS = frozenset({field for field, _ in _VERSION_FIELDS} | {PRIORITY_FI
 """Body fields that ask routing for something (a weight version, a priority)."""
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
 _PRIORITY = PRIORITY_HEADER.encode()
+_TIMEOUT = TIMEOUT_HEADER.encode()
 
 
 class Plan(Protocol):
@@ -180,10 +182,12 @@ class Router:
         try:
             exact, floor, stale = _version_asks(asked, body)
         except ValueError as exc:
-            info = RequestInfo(role=role)
-            plan = RequestPlan(self.routing, request, info)
-            plan.immediate = error_answer(request, BAD_VERSION, str(exc))
-            return plan
+            return self._refused(request, role, BAD_VERSION, exc)
+        if (timeout := asked.get(_TIMEOUT)) is not None:
+            try:
+                parse_timeout(timeout)
+            except ValueError as exc:
+                return self._refused(request, role, BAD_TIMEOUT, exc)
         priority = 0
         if (raw := asked.get(_PRIORITY)) is not None or (
             body is not None and (raw := body.get(PRIORITY_FIELD)) is not None
@@ -192,9 +196,7 @@ class Router:
             try:
                 priority = parse_priority(raw, where)
             except ValueError as exc:
-                plan = RequestPlan(self.routing, request, RequestInfo(role=role))
-                plan.immediate = error_answer(request, BAD_PRIORITY, str(exc))
-                return plan
+                return self._refused(request, role, BAD_PRIORITY, exc)
             request.extensions[PRIORITY] = priority  # the upstream pool's order
         dialect = None
         if request.url.path in TOKEN_PATHS and request.method == "POST":
@@ -220,6 +222,14 @@ class Router:
             plan = RequestPlan(self.routing, request, info)
         if model is not None and models and model not in models:
             plan.immediate = _unknown_model(request, model, self.registry)
+        return plan
+
+    def _refused(
+        self, request: httpx2.Request, role: NodeRole | None, row: Answer, exc: ValueError
+    ) -> RequestPlan:
+        """A plan that answers at once with `row`: an ask the router cannot read."""
+        plan = RequestPlan(self.routing, request, RequestInfo(role=role))
+        plan.immediate = error_answer(request, row, str(exc))
         return plan
 
     def plain_info(self, path: str, body: dict[str, Any]) -> RequestInfo | None:

@@ -5,12 +5,14 @@ first-byte bound is the node failing. Against a real slow `lmfleet sim`."""
 from __future__ import annotations
 
 import anyio
+import httpx2
 import openai
 import pytest
 from support import StartSim, sim_stats, wait_until, wait_until_async
 
 from lmfleet import LMFleet, NodeStatus
 from lmfleet.errors import NodeUnavailableError
+from lmfleet.transport.plan import header_timeout, parse_timeout
 
 # The first token at once, then one every 0.8 s: a stream's gaps and an assembled
 # answer (40 s) both outlast a caller's 0.3 s read timeout.
@@ -66,3 +68,17 @@ def test_the_fleets_first_byte_bound_still_marks_the_node(start_sim: StartSim) -
         with pytest.raises(NodeUnavailableError, match=r"no first byte within 0\.3 s"):
             client.chat.completions.create(model=fleet.model, messages=MESSAGES)
         assert wait_until(lambda: fleet.nodes[0], until=lambda n: n.inflight == 0).errors > 0
+
+
+@pytest.mark.parametrize("bad", ["-1", "0", "nan", "inf", "soon", ""])
+def test_a_timeout_header_must_be_a_positive_number_of_seconds(bad: str) -> None:
+    """lmfleet's header is the caller's word: one that is no wait is refused, naming the
+    header (the router answers `bad_timeout`, tests/test_answers.py); openai's own
+    header, which no caller writes by hand, is skipped when malformed."""
+    with pytest.raises(ValueError, match="x-lmfleet-timeout must be a positive number"):
+        parse_timeout(bad)
+    assert header_timeout(httpx2.Headers({"x-stainless-read-timeout": bad})) is None
+    assert parse_timeout(b"2.5") == 2.5
+    sdk = {"x-stainless-read-timeout": "600"}
+    assert header_timeout(httpx2.Headers(sdk)) == 600
+    assert header_timeout(httpx2.Headers({**sdk, "x-lmfleet-timeout": "3"})) == 3
