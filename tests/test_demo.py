@@ -8,8 +8,9 @@ import sys
 
 
 def test_demo_routes_serves_and_moves_traffic_off_a_sleeping_node() -> None:
+    # `python -m lmfleet` (the package's own __main__), as a notebook's `!` line runs it.
     result = subprocess.run(
-        [sys.executable, "-m", "lmfleet.cli", "demo", "--requests", "24", "--concurrency", "6"],
+        [sys.executable, "-m", "lmfleet", "demo", "--requests", "24", "--concurrency", "6"],
         capture_output=True,
         text=True,
         timeout=120,
