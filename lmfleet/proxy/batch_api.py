@@ -216,6 +216,9 @@ class BatchJobs:
                 if batch["status"] != "cancelling" and left > 0:
                     await self._execute(batch, lines)
             self._finalize(batch_id, lines, expired=left <= 0 or scope.cancelled_caught)
+        except ConfigError as exc:  # its input's doing: one line, no traceback
+            log.warning("batch %s failed: %s", batch_id, exc)
+            self._fail(batch_id, str(exc))
         except Exception as exc:
             log.exception("batch %s failed", batch_id)
             self._fail(batch_id, str(exc))

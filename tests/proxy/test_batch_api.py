@@ -4,6 +4,7 @@ SDK against a proxy under real uvicorn over real sims."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +112,29 @@ def test_a_batch_end_to_end_with_the_openai_sdk(
     assert client.files.delete(uploaded.id).deleted
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(uploaded.id)
+
+
+def test_an_input_with_no_lines_fails_its_batch_in_one_log_line(
+    sims: list[SimNode],
+    serve_fleet: Callable[..., Any],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An empty input is the caller's mistake: the batch fails saying so (as OpenAI's
+    do, in `errors`), and the proxy's log gets one WARNING, not a traceback."""
+    caplog.set_level(logging.INFO, logger="lmfleet")
+    _, server = serve_fleet(
+        [sims[0].url], serve={"options": ProxyOptions(jobs_dir=tmp_path / "jobs")}
+    )
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    batch = submit(client, "\n\n")
+    failed = reaches(client, batch.id, "failed")
+    assert failed.errors is not None and failed.errors.data is not None
+    assert failed.errors.data[0].message == "the input file has no request lines"
+    said = [r for r in caplog.records if batch.id in r.getMessage()]
+    assert [(r.levelno, r.exc_info) for r in said if "failed" in r.getMessage()] == [
+        (logging.WARNING, None)
+    ]
 
 
 def test_a_cancelled_batch_keeps_what_finished(
