@@ -483,3 +483,19 @@ def test_unknown_model_404_lists_the_served_models() -> None:
         asked = sim_stats(fleet.nodes[0].url)["by_path"]
         assert "/v1/chat/completions" not in asked  # the fleet answered, not the node
         assert chat(client, MODEL, "hi", max_tokens=1).choices  # the served one still routes
+
+
+def test_the_batch_api_on_a_fleets_client_points_to_the_proxy(start_sim: StartSim) -> None:
+    """Files and batches live in one place, the proxy: a fleet's client answers them
+    with a 404 saying where they are, and asks no node (whose own would be a bare
+    404, or an SGLang node's files unknown to the next node)."""
+    url = start_sim(*FAST).url
+    with LMFleet.attach([url], health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=30)
+        client = fleet.client(max_retries=0)
+        with pytest.raises(openai.NotFoundError, match=r"fleet.serve\(\), lmfleet serve"):
+            client.files.create(file=("in.jsonl", b"{}"), purpose="batch")
+        with pytest.raises(openai.NotFoundError, match="chat_many"):
+            client.batches.list()
+        asked = sim_stats(url)["by_path"]
+        assert not [path for path in asked if path.startswith(("/v1/files", "/v1/batches"))]

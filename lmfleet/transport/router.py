@@ -13,7 +13,14 @@ from typing import Any, Protocol
 
 import httpx2
 
-from lmfleet.answers import BAD_PRIORITY, BAD_TIMEOUT, BAD_VERSION, UNKNOWN_MODEL, Answer
+from lmfleet.answers import (
+    BAD_PRIORITY,
+    BAD_TIMEOUT,
+    BAD_VERSION,
+    NO_ROUTE,
+    UNKNOWN_MODEL,
+    Answer,
+)
 from lmfleet.config import RoutingOptions
 from lmfleet.errors import FleetClosedError
 from lmfleet.node.client import NodeClient
@@ -72,6 +79,15 @@ PLAIN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 """The routes `Router.plain_info` may find plain."""
 _PLAIN_FIELDS = frozenset({field for field, _ in _VERSION_FIELDS} | {PRIORITY_FIELD})
 """Body fields that ask routing for something (a weight version, a priority)."""
+_PROXY_ONLY = ("/v1/files", "/v1/batches")
+"""Routes only the proxy serves: files and batches live in one place, so a fleet's
+client must not spread them over nodes (an SGLang node has its own, unknown to the
+next node; LMDeploy's and vLLM's have none)."""
+_PROXY_ONLY_MESSAGE = (
+    "The Batch API (/v1/files, /v1/batches) is served by the lmfleet proxy "
+    "(fleet.serve(), lmfleet serve), not by a fleet's client: point an openai client "
+    "at the proxy's /v1, or run the requests with fleet.chat_many(..., journal=PATH)."
+)
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
 _PRIORITY = PRIORITY_HEADER.encode()
 _TIMEOUT = TIMEOUT_HEADER.encode()
@@ -158,6 +174,10 @@ class Router:
         if request.method == "GET" and (answer := self._models_answer(request)):
             plan = RequestPlan(self.routing, request, RequestInfo(role=role))
             plan.immediate = answer
+            return plan
+        if request.url.path.startswith(_PROXY_ONLY):
+            plan = RequestPlan(self.routing, request, RequestInfo(role=role))
+            plan.immediate = error_answer(request, NO_ROUTE, _PROXY_ONLY_MESSAGE)
             return plan
         body = None
         content = body_bytes(request)  # unparsed: substring tests settle most requests
