@@ -56,6 +56,7 @@ from lmfleet.notebook.batch import (
 from lmfleet.proxy.asgi import Receive, Scope, Send, header, read_body, send_bytes, send_json
 from lmfleet.surface import FleetSurface
 from lmfleet.transport import AsyncFleetTransport
+from lmfleet.transport.plan import OWN_TIMEOUT
 
 log = logging.getLogger("lmfleet.proxy")
 
@@ -288,7 +289,7 @@ class BatchJobs:
         return AdaptiveConcurrency(DEFAULT_MAX_CONCURRENCY, START_PER_NODE * max(nodes, 1))
 
     def _client(self) -> openai.AsyncOpenAI:
-        http = httpx2.AsyncClient(transport=self._transport)
+        http = httpx2.AsyncClient(transport=_LineTransport(self._transport))
         return openai.AsyncOpenAI(
             base_url=PLACEHOLDER + "/v1",
             api_key="lmfleet",
@@ -362,6 +363,28 @@ class BatchJobs:
             "data": [{"code": "batch_failed", "message": message, "param": None, "line": None}],
         }
         self.batches.save(batch)
+
+
+class _LineTransport(httpx2.AsyncBaseTransport):
+    """The proxy's own transport, as a batch's lines go by it.
+
+    Its timeout is the proxy's (`--upstream-timeout`), the fleet's bound on its
+    nodes, not a caller's: a line that runs past it counts against its node
+    (`OWN_TIMEOUT`), as a forwarded request's does. And it is shared: a batch's
+    client, closed when the batch ends, must not close the proxy's upstream pool
+    (which would stop keeping connections alive for every later request); the
+    proxy closes it when it stops.
+    """
+
+    def __init__(self, shared: AsyncFleetTransport) -> None:
+        self._shared = shared
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        request.extensions[OWN_TIMEOUT] = True
+        return await self._shared.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        """Nothing to close here: the transport is the proxy's."""
 
 
 def _sender(

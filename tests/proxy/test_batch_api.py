@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import openai
+import psutil
 import pytest
 from support import SimNode, StartSim, sim_stats, wait_until
 
@@ -135,6 +137,59 @@ def test_an_input_with_no_lines_fails_its_batch_in_one_log_line(
     assert [(r.levelno, r.exc_info) for r in said if "failed" in r.getMessage()] == [
         (logging.WARNING, None)
     ]
+
+
+def _closed_by_us(port: int) -> int:
+    """Connections to `port` that this machine closed first and waits out (TIME_WAIT):
+    the proxy's, where it did not keep a connection to that node alive."""
+    return sum(
+        1
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_TIME_WAIT and c.raddr and c.raddr.port == port
+    )
+
+
+def test_a_finished_batch_leaves_the_upstream_connections_kept_alive(
+    sims: list[SimNode], serve_fleet: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A batch's client is closed when the batch ends; the transport it went by is
+    the proxy's own, which must go on keeping its node connections alive (it did
+    not: every request after the first batch opened and closed a connection)."""
+    node = sims[0]
+    fleet, server = serve_fleet(
+        [node.url], serve={"options": ProxyOptions(jobs_dir=tmp_path / "jobs")}
+    )
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    batch = submit(client, "\n".join(line(i, fleet.model) for i in range(3)))
+    reaches(client, batch.id, "completed")
+    port = int(node.url.rsplit(":", 1)[1])
+    before = _closed_by_us(port)
+    body = {"model": fleet.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with httpx2.Client(base_url=server.url, timeout=10) as caller:
+        for _ in range(12):
+            assert caller.post("/v1/chat/completions", json=body).status_code == 200
+    assert _closed_by_us(port) - before < 3
+
+
+def test_a_line_past_the_proxys_upstream_timeout_counts_against_its_node(
+    start_sim: StartSim, serve_fleet: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A batch runs with the proxy's `--upstream-timeout`, the fleet's bound on its
+    nodes (not a caller's, which would be no mark against the node): a line that
+    runs past it is the node's failure, as a forwarded request's would be."""
+    hung = start_sim("--ttft-ms", "5", "--tpot-ms", "2", "--hang")
+    fleet, server = serve_fleet(
+        [hung.url],
+        serve={
+            "upstream_timeout": 0.3,
+            "options": ProxyOptions(jobs_dir=tmp_path / "jobs", batch_concurrency=1),
+        },
+    )
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    batch = submit(client, line(0, fleet.model))
+    done = reaches(client, batch.id, "completed")
+    assert done.request_counts is not None and done.request_counts.failed == 1
+    assert fleet.status().nodes[0].errors >= 1
 
 
 def test_a_cancelled_batch_keeps_what_finished(
