@@ -176,9 +176,7 @@ class Router:
             plan.immediate = answer
             return plan
         if request.url.path.startswith(_PROXY_ONLY):
-            plan = RequestPlan(self.routing, request, RequestInfo(role=role))
-            plan.immediate = error_answer(request, NO_ROUTE, _PROXY_ONLY_MESSAGE)
-            return plan
+            return self._refused(request, role, NO_ROUTE, _PROXY_ONLY_MESSAGE)
         body = None
         content = body_bytes(request)  # unparsed: substring tests settle most requests
         if (
@@ -202,12 +200,12 @@ class Router:
         try:
             exact, floor, stale = _version_asks(asked, body)
         except ValueError as exc:
-            return self._refused(request, role, BAD_VERSION, exc)
+            return self._refused(request, role, BAD_VERSION, str(exc))
         if (timeout := asked.get(_TIMEOUT)) is not None:
             try:
                 parse_timeout(timeout)
             except ValueError as exc:
-                return self._refused(request, role, BAD_TIMEOUT, exc)
+                return self._refused(request, role, BAD_TIMEOUT, str(exc))
         priority = 0
         if (raw := asked.get(_PRIORITY)) is not None or (
             body is not None and (raw := body.get(PRIORITY_FIELD)) is not None
@@ -216,7 +214,7 @@ class Router:
             try:
                 priority = parse_priority(raw, where)
             except ValueError as exc:
-                return self._refused(request, role, BAD_PRIORITY, exc)
+                return self._refused(request, role, BAD_PRIORITY, str(exc))
             request.extensions[PRIORITY] = priority  # the upstream pool's order
         dialect = None
         if request.url.path in TOKEN_PATHS and request.method == "POST":
@@ -245,11 +243,12 @@ class Router:
         return plan
 
     def _refused(
-        self, request: httpx2.Request, role: NodeRole | None, row: Answer, exc: ValueError
+        self, request: httpx2.Request, role: NodeRole | None, row: Answer, message: str
     ) -> RequestPlan:
-        """A plan that answers at once with `row`: an ask the router cannot read."""
+        """A plan that answers at once with `row`, sending nothing to a node: an ask the
+        router cannot read, a route no node should get."""
         plan = RequestPlan(self.routing, request, RequestInfo(role=role))
-        plan.immediate = error_answer(request, row, str(exc))
+        plan.immediate = error_answer(request, row, message)
         return plan
 
     def plain_info(self, path: str, body: dict[str, Any]) -> RequestInfo | None:
