@@ -84,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "'vllm serve {model} --host {host} --port {port} -tp {tp}' "
         "(default: lmdeploy serve api_server)",
     )
+    add(
+        "--weight-updates",
+        action="store_true",
+        help="start servers that take RL weight updates (POST /fleet/update_weights): "
+        "LMDeploy's PyTorch backend with the Ray executor, as "
+        "LMFleet.launch(weight_updates=True); with --simulate, sims that do (default off)",
+    )
     add("--simulate", action="store_true", help="start emulated nodes (no GPU) instead")
     add(
         "--ready-timeout",
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             model=args.model,
             sim_args=server_args_to_flags(parse_server_args(args.server_args)),
             engine=args.engine,
+            weight_updates=args.weight_updates,
             **common,
         )
     else:
@@ -137,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             command=shlex.split(args.command) if args.command else None,
             api_key=node_api_key(args),
             engine=args.engine,
+            weight_updates=args.weight_updates,
             **common,
         )
     try:

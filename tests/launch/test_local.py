@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import httpx2
 import psutil
 import pytest
 from launch.helpers import FAST, alive, all_dead
@@ -176,6 +177,7 @@ def test_cli_launch_serves_the_proxy_and_stops_its_nodes(tmp_path: Path) -> None
 
     port = free_port()
     argv = [sys.executable, "-m", "lmfleet.cli", "launch", MODEL, "--simulate", "--nodes", "2"]
+    argv.append("--weight-updates")  # nodes that take them (without: the proxy's 501)
     proc = ManagedProcess(
         [*argv, "--port", str(port), "--health-interval", "0.2"], log_path=tmp_path / "cli.log"
     )
@@ -188,6 +190,13 @@ def test_cli_launch_serves_the_proxy_and_stops_its_nodes(tmp_path: Path) -> None
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
         assert reply.choices[0].message.content
+        update = httpx2.post(
+            f"http://127.0.0.1:{port}/fleet/update_weights",
+            json={"version": 1, "payload": "w"},
+            timeout=60,
+        )
+        assert update.status_code == 200, update.text
+        assert len(update.json()["updated"]) == 2
         nodes = [p.pid for p in psutil.Process(proc.pid).children() if "lmfleet.sim" in p.cmdline()]
         assert len(nodes) == 2
         os.kill(proc.pid, signal.SIGTERM)
