@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from lmfleet.errors import WeightUpdateError
+from lmfleet.errors import ConfigError, WeightUpdateError
 from lmfleet.registry import normalize_url
 from lmfleet.weights.session import UpdateTarget
 
@@ -61,7 +61,27 @@ def _for_node(payload: Payload, target: UpdateTarget) -> Bodies:
 def node_bodies(payload: Payload, target: UpdateTarget) -> Iterator[dict[str, Any]]:
     """`target`'s bodies in order, the last one marked `finished`. Lazy: a payload
     function's generator makes each bucket only when the previous one is sent."""
-    bodies = _for_node(payload, target)
+    return _in_order(_for_node(payload, target), target)
+
+
+def check_payload(payload: Payload, targets: Iterable[UpdateTarget]) -> None:
+    """Refuse, before an update touches any node, a payload given as data that has
+    no bodies for one of `targets` or a body that is none (`ConfigError`): its nodes
+    would be put to sleep for nothing, then quarantined. A payload function, or a
+    one-pass iterable, is made as it is sent and judged then, node by node."""
+    if callable(payload):
+        return
+    for target in targets:
+        try:
+            bodies = _for_node(payload, target)
+            if isinstance(bodies, (str, Mapping, list, tuple)):
+                for _ in _in_order(bodies, target):
+                    pass
+        except WeightUpdateError as exc:
+            raise ConfigError(f"the weight-update payload is not usable: {exc}") from None
+
+
+def _in_order(bodies: Bodies, target: UpdateTarget) -> Iterator[dict[str, Any]]:
     one = _is_body(bodies) or (target.engine == "vllm" and isinstance(bodies, Mapping))
     items: Iterable[object] = [bodies] if one else bodies
     if not isinstance(items, Iterable):

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 
 from lmfleet.runtime import FleetRuntime
 from lmfleet.sync import blocking, in_fleet_loop
-from lmfleet.weights.bodies import Payload
+from lmfleet.weights.bodies import Payload, check_payload
 from lmfleet.weights.rolling import combine, groups
 from lmfleet.weights.session import InFlight, UpdateResult, WeightUpdater
 from lmfleet.weights.update import WeightUpdate
@@ -74,10 +74,13 @@ class WeightMethods:
         a list of bodies (buckets), `{url: bodies}`, or `node -> bodies`. All nodes
         together (an RL sync step), or `rolling=k` nodes at a time while the others
         serve (mixing versions meanwhile, unless `allow_mixed=False`). `in_flight` as
-        for `weight_update`. Never retried.
+        for `weight_update`. Never retried. A payload given as data (not a function)
+        that has no bodies for one of the nodes, or a body that is none, raises
+        `ConfigError` before any node is touched.
         """
         results = []
-        for update in self._rolling(version, nodes, rolling, level, allow_mixed, in_flight):
+        updates = self._rolling(version, nodes, rolling, level, allow_mixed, in_flight, payload)
+        for update in updates:
             async with update:
                 await update.apush(payload)
             results.append(_result(update))
@@ -94,12 +97,17 @@ class WeightMethods:
         level: int,
         allow_mixed: bool | None,
         in_flight: InFlight,
+        payload: Payload,
     ) -> Iterator[WeightUpdate]:
         """One `WeightUpdate` per group, made when the previous group is done (the
-        nodes are chosen once, up front); rolling allows mixing unless told not to."""
+        nodes are chosen once, up front, and a payload given as data is checked for
+        each of them before any is touched); rolling allows mixing unless told not to."""
         self.runtime.check_open()
         mixed = bool(rolling) if allow_mixed is None else allow_mixed
-        for group in groups(self._updater.updatable(nodes), rolling):
+        urls = self._updater.updatable(nodes)
+        chosen = groups(urls, rolling)
+        check_payload(payload, self._updater.targets(urls))
+        for group in chosen:
             yield self.weight_update(
                 version, nodes=group, level=level, allow_mixed=mixed, in_flight=in_flight
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lmfleet.errors import WeightUpdateError
+from lmfleet.errors import ConfigError
 from lmfleet.weights.session import UpdateResult
 
 
@@ -19,7 +19,7 @@ def groups(urls: Sequence[str], rolling: bool | int) -> list[list[str]]:
         return [list(urls)]
     size = 1 if rolling is True else rolling
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise WeightUpdateError(f"rolling must be False or a number of nodes >= 1, got {rolling!r}")
+        raise ConfigError(f"rolling must be False or a number of nodes >= 1, got {rolling!r}")
     return [list(urls[i : i + size]) for i in range(0, len(urls), size)]
 
 

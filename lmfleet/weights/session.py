@@ -31,6 +31,7 @@ import anyio
 
 from lmfleet.config import FleetOptions
 from lmfleet.errors import (
+    ConfigError,
     LMFleetError,
     NodeCommandError,
     WeightUpdateError,
@@ -120,10 +121,7 @@ class UpdateSession:
         self.version = version
         self.level = level
         self.allow_mixed = allow_mixed
-        self.targets = tuple(
-            UpdateTarget(n.url, n.api_key, tp_size(updater.argv_of(n.url)), n.headers, n.engine)
-            for n in nodes
-        )
+        self.targets = tuple(updater.target_of(n) for n in nodes)
         self.failed: dict[str, str] = {}
         self._verified: set[str] = set()
         """Nodes whose own command line shows the flags (launched here)."""
@@ -433,9 +431,17 @@ class WeightUpdater:
     ) -> UpdateSession:
         """A new update of `nodes` (default: every node up) to `version`; `begin()` it."""
         if isinstance(version, bool) or not isinstance(version, int):
-            raise WeightUpdateError(f"a weight version is an integer, got {version!r}")
+            raise ConfigError(f"a weight version is an integer, got {version!r}")
         if level not in (1, 2):
-            raise WeightUpdateError(f"sleep level must be 1 or 2, got {level}")
+            raise ConfigError(f"sleep level must be 1 or 2, got {level}")
+        floor = self.registry.version_floor
+        if floor is not None and version < floor:
+            raise ConfigError(
+                f"weight version {version} is older than {floor}, the fleet's floor since "
+                f"an update that did not allow mixing: a node updated to it would get no "
+                f"request. Versions only go forward; give a rollback a new number "
+                f"({floor + 1} or more)"
+            )
         states = [self.registry.get(url) for url in self.updatable(nodes)]
         if not states:
             raise WeightUpdateError("no node to update (none is healthy or asleep)")
@@ -444,10 +450,18 @@ class WeightUpdater:
             raise WeightUpdateError(f"a weight update is already running on {', '.join(busy)}")
         self._busy.update(s.url for s in states)
         if in_flight not in IN_FLIGHT:
-            raise WeightUpdateError(f"in_flight must be one of {IN_FLIGHT}, got {in_flight!r}")
+            raise ConfigError(f"in_flight must be one of {IN_FLIGHT}, got {in_flight!r}")
         return UpdateSession(
             self, version, states, level=level, allow_mixed=allow_mixed, in_flight=in_flight
         )
+
+    def targets(self, urls: Sequence[str]) -> list[UpdateTarget]:
+        """The nodes at `urls` as an update would give them to a payload."""
+        return [self.target_of(self.registry.get(url)) for url in urls]
+
+    def target_of(self, node: NodeState) -> UpdateTarget:
+        argv = self.argv_of(node.url)
+        return UpdateTarget(node.url, node.api_key, tp_size(argv), node.headers, node.engine)
 
     def updatable(self, nodes: Sequence[str] | None) -> list[str]:
         """The URLs an update of `nodes` (None: every node up) would take."""

@@ -48,9 +48,18 @@ def test_update_weights_route(start_sim: StartSim, serve_fleet: Callable[..., Se
         ({"payload": "x"}, "version"),
         ({"version": 8}, "payload"),
         ({"version": 8, "payload": "x", "rolling": "two"}, "rolling"),
+        ({"version": 8, "payload": "x", "rolling": 0}, "rolling must be"),
+        ({"version": 8, "payload": "x", "level": 7}, "sleep level"),
+        ({"version": 8, "payload": {}}, f"no bodies for {urls[0]}"),
+        ({"version": 8, "payload": [1]}, "a weight-update body is"),
+        ({"version": 8, "payload": []}, "gave no bodies"),
     ):
-        answer = httpx2.post(route, json=bad, headers=admin)
-        assert answer.status_code == 400 and why in answer.json()["message"]
+        answer = httpx2.post(route, json=bad, headers=admin, timeout=60)
+        assert answer.status_code == 400 and why in answer.json()["message"], answer.text
+    # Refused before any node was touched: none asleep, none quarantined, none pushed.
+    status = httpx2.get(server.url + "/nodes/status", headers=admin).json()
+    assert [(n["state"], n["quarantine"]) for n in status.values()] == [("healthy", "")] * 2
+    assert all(sim_stats(u)["weights"]["updates"] == 1 for u in urls)
 
 
 def test_update_weights_route_names_the_missing_flag(

@@ -30,6 +30,9 @@ UPDATE = [
 ]
 FINISH = ["POST /wakeup?tags=kv_cache"]
 _versions = itertools.count(1)
+VERSIONS_PER_TEST = 10_000
+"""Each test's versions are its `version` and above, below the next test's: versions
+only go forward past an update that set the fleet's floor."""
 WEIGHT_FLAGS = LOADS_WEIGHTS
 
 
@@ -52,7 +55,7 @@ def version(fleet: LMFleet) -> int:
     """A version newer than any the fleet has, with every node's call log cleared."""
     for node in fleet.nodes:
         httpx2.post(node.url + "/sim/stats/reset", timeout=5).raise_for_status()
-    return next(_versions)
+    return next(_versions) * VERSIONS_PER_TEST
 
 
 def calls(url: str) -> list[str]:
@@ -139,6 +142,7 @@ def test_rolling_update_under_traffic_fails_no_request(fleet: LMFleet, version: 
     threads.append(threading.Thread(target=watch))
     for thread in threads:
         thread.start()
+    previous = {str(n.weight_version) for n in fleet.nodes}
     try:
         wait_until(lambda: len(served) >= 20, what="traffic before the update")
         result = fleet.update_weights("w", version=version, rolling=1)
@@ -151,7 +155,7 @@ def test_rolling_update_under_traffic_fails_no_request(fleet: LMFleet, version: 
     assert failures == []
     assert result.ok and len(result.updated) == 3
     assert max(out_at_once) == 1  # one node at a time left routing; the others served
-    assert {str(version - 1), str(version)} <= set(served)  # both versions served meanwhile
+    assert str(version) in served and previous & set(served)  # both served meanwhile
     assert all(weights(n.url)["updated_while_serving"] == 0 for n in fleet.nodes)
 
 
@@ -187,7 +191,38 @@ def test_a_failing_node_is_quarantined_with_its_reason_and_the_rest_update(
     assert result.ok
     node = {n.url: n for n in fleet.nodes}[bad]
     assert node.state is NodeStatus.HEALTHY and node.quarantine == ""
-    fleet.update_weights("level", version=next(_versions) + 100)  # every node level again
+    fleet.update_weights("level", version=version + 200)  # every node level again
+
+
+def test_a_payload_that_is_no_use_is_refused_before_any_node_sleeps(
+    fleet: LMFleet, version: int
+) -> None:
+    """A payload given as data that misses a node, or holds no body, is the caller's
+    mistake: `ConfigError` at once, every node still serving at its version (it put
+    every node to sleep, then quarantined it: the fleet served nothing after one
+    typo). A payload function is still judged node by node as it is sent."""
+    before = {n.url: n.weight_version for n in fleet.nodes}
+    first = fleet.nodes[0].url
+    for payload, says in (
+        ({first: "only this one"}, "no bodies for"),
+        ([{"tensors": "misnamed"}], "a weight-update body is"),
+        ((), "gave no bodies"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            fleet.update_weights(payload, version=version)
+    with pytest.raises(ConfigError, match="rolling must be"):
+        fleet.update_weights("w", version=version, rolling=0)
+    assert all(calls(n.url) == [] for n in fleet.nodes)  # no sleep, no push
+    assert {n.url: n.weight_version for n in fleet.nodes} == before
+    assert all(n.state is NodeStatus.HEALTHY and not n.quarantine for n in fleet.nodes)
+    every = {n.url: [f"w-{n.url}"] for n in fleet.nodes}  # one body list per node: fine
+    assert fleet.update_weights(every, version=version).ok
+    # Past an update that did not allow mixing, requests need `version` or newer: an
+    # update to an older one would leave its nodes serving nothing.
+    with pytest.raises(ConfigError, match=f"older than {version}.*{version + 1} or more"):
+        fleet.update_weights("rollback", version=version - 1)
+    assert all(n.weight_version == version and n.state is NodeStatus.HEALTHY for n in fleet.nodes)
+    assert chat(fleet.client(max_retries=0), fleet.model, "still served", max_tokens=2)
 
 
 def test_a_pinned_batch_never_mixes_versions(fleet: LMFleet, version: int) -> None:
@@ -263,13 +298,13 @@ def test_without_mixing_new_requests_go_only_to_the_new_version(
     for _ in range(6):
         chat(client, fleet.model, "new only", max_tokens=2)
     assert all(sim_stats(url)["completed"] == old[url] for url in rest)
-    with pytest.raises(NoHealthyNodeError, match="weight version >= 99999"):
+    with pytest.raises(NoHealthyNodeError, match="weight version >= 999999999"):
         chat(
             client,
             fleet.model,
             "too new",
             max_tokens=2,
-            extra_headers={"x-lmfleet-min-weight-version": "99999"},
+            extra_headers={"x-lmfleet-min-weight-version": "999999999"},
         )
     with pytest.raises(openai.BadRequestError, match="integer weight version"):
         chat(client, fleet.model, "bad", extra_body={"min_weight_version": "soon"})
