@@ -78,7 +78,7 @@ def check_payload(payload: Payload, targets: Iterable[UpdateTarget]) -> None:
                 for _ in _in_order(bodies, target):
                     pass
         except WeightUpdateError as exc:
-            raise ConfigError(f"the weight-update payload is not usable: {exc}") from None
+            raise ConfigError(f"{exc}; no node was touched") from None
 
 
 def _in_order(bodies: Bodies, target: UpdateTarget) -> Iterator[dict[str, Any]]:
