@@ -316,18 +316,18 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         self.runtime.check_open()
         return self._admin
 
-    def sleep(self, level: int = 1, *, nodes: Sequence[str] | None = None) -> None:
+    def sleep(self, level: int = 1, *, nodes: Sequence[str] | str | None = None) -> None:
         """Drain, then put nodes to sleep (all, or `nodes`). LMDeploy level 1 or 2."""
         self.runtime.run(self.admin.sleep, level, nodes)
 
     def wakeup(
-        self, tags: Sequence[str] | None = None, *, nodes: Sequence[str] | None = None
+        self, tags: Sequence[str] | str | None = None, *, nodes: Sequence[str] | str | None = None
     ) -> None:
         """Wake nodes (all, or `nodes`); `tags` ("weights", "kv_cache") for RL weight updates."""
         self.runtime.run(self.admin.wakeup, tags, nodes)
 
     def abort(
-        self, request_id: str | None = None, *, nodes: Sequence[str] | None = None
+        self, request_id: str | None = None, *, nodes: Sequence[str] | str | None = None
     ) -> list[str]:
         """Abort one request (`request_id`: its answer's `x-lmfleet-request-id`; a
         `/generate` the fleet follows) or every request in flight on nodes (all, or

@@ -86,7 +86,7 @@ class FleetSurface(Protocol):
         payload: Payload,
         *,
         version: int,
-        nodes: Sequence[str] | None = None,
+        nodes: Sequence[str] | str | None = None,
         rolling: bool | int = False,
         level: int = 1,
         allow_mixed: bool | None = None,

@@ -147,7 +147,7 @@ def test_sleeping_node_gets_nothing_until_woken(
     fleet = fleet_of("round_robin")
     client = fleet.client()
     sleeper = three_nodes[0]
-    fleet.sleep(level=1, nodes=[sleeper])
+    fleet.sleep(level=1, nodes=sleeper)  # one URL alone: that node, not its characters
     assert httpx2.get(sleeper + "/is_sleeping").json() == {"is_sleeping": True}
     before = sim_served(sleeper)
     probes = sim_stats(sleeper)["by_path"].get("/health", 0)
@@ -165,6 +165,11 @@ def test_sleeping_node_gets_nothing_until_woken(
     assert sim_served(sleeper) == before
     assert {n.url: n.state for n in fleet.nodes}[sleeper] is NodeStatus.SLEEPING
 
+    # A tag the engine does not know would be ignored by it, leaving the node asleep
+    # with no word said: refused before any node is called.
+    with pytest.raises(ConfigError, match="no wake-up tag 'weight'; its tags: weights, kv_cache"):
+        fleet.wakeup(tags="weight", nodes=sleeper)
+    assert "/wakeup" not in sim_stats(sleeper)["by_path"]
     fleet.wakeup(nodes=[sleeper])
     assert {n.url: n.state for n in fleet.nodes}[sleeper] is NodeStatus.HEALTHY
     for i in range(9):

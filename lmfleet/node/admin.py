@@ -182,13 +182,14 @@ class FleetAdmin:
         self._wake_failed: dict[str, float] = {}
         """When each node's last wake-on-demand failed (cleared when one succeeds)."""
 
-    def targets(self, nodes: Sequence[str] | None) -> list[str]:
-        """The URLs of `nodes`, or of every node not stopped."""
+    def targets(self, nodes: Sequence[str] | str | None) -> list[str]:
+        """The URLs of `nodes` (one URL may be given as a string), or of every node
+        not stopped."""
         if nodes is None:
             return [s.url for s in self._registry.snapshot() if s.status is not NodeStatus.STOPPED]
-        return [self._registry.get(url).url for url in nodes]
+        return [self._registry.get(url).url for url in one_or_many(nodes)]
 
-    async def sleep(self, level: int = 1, nodes: Sequence[str] | None = None) -> None:
+    async def sleep(self, level: int = 1, nodes: Sequence[str] | str | None = None) -> None:
         """Drain, then put nodes to sleep (all, or `nodes`). LMDeploy level 1 or 2."""
         if level not in (1, 2):
             raise ConfigError(f"sleep level must be 1 or 2, got {level}")
@@ -207,9 +208,22 @@ class FleetAdmin:
         await self._each(self.targets(nodes), one)
 
     async def wakeup(
-        self, tags: Sequence[str] | None = None, nodes: Sequence[str] | None = None
+        self, tags: Sequence[str] | str | None = None, nodes: Sequence[str] | str | None = None
     ) -> None:
-        """Wake nodes (all, or `nodes`); `tags` ("weights", "kv_cache") for RL weight updates."""
+        """Wake nodes (all, or `nodes`); `tags` ("weights", "kv_cache") for RL weight updates.
+
+        A tag a node's engine does not know is refused before any node is called: the
+        engines ignore it, so the node would stay asleep with no word said."""
+        urls = self.targets(nodes)
+        tags = one_or_many(tags) if tags is not None else None
+        for url in urls:
+            profile = self.nodes.profile_of(self._registry.get(url))
+            unknown = [t for t in tags or () if profile.wake_tags and t not in profile.wake_tags]
+            if unknown:
+                raise ConfigError(
+                    f"{url} ({profile.title}) has no wake-up tag {', '.join(map(repr, unknown))}; "
+                    f"its tags: {', '.join(profile.wake_tags)}"
+                )
 
         async def one(url: str) -> None:
             reason = self._registry.get(url).quarantine
@@ -222,10 +236,10 @@ class FleetAdmin:
                 self.nodes, self._registry, url, tags, timeout=self._options.admin_timeout
             )
 
-        await self._each(self.targets(nodes), one)
+        await self._each(urls, one)
 
     async def abort(
-        self, nodes: Sequence[str] | None = None, request_id: str | None = None
+        self, nodes: Sequence[str] | str | None = None, request_id: str | None = None
     ) -> list[str]:
         """Abort one request (`request_id`, from its answer's `x-lmfleet-request-id`)
         or every request in flight on nodes (all, or `nodes`) through the engine's
@@ -382,3 +396,9 @@ class FleetAdmin:
             raise failures[0]
         if failures:
             raise NodeCommandError("; ".join(map(str, failures))) from failures[0]
+
+
+def one_or_many(items: Sequence[str] | str) -> Sequence[str]:
+    """A list of names or URLs where one may be given alone: a string is one item,
+    not a sequence of characters."""
+    return [items] if isinstance(items, str) else items

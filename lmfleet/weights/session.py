@@ -37,7 +37,7 @@ from lmfleet.errors import (
     WeightUpdateError,
     WeightUpdateUnsupportedError,
 )
-from lmfleet.node.admin import wait_idle
+from lmfleet.node.admin import one_or_many, wait_idle
 from lmfleet.node.client import NodeClient
 from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.registry import NodeRegistry
@@ -423,7 +423,7 @@ class WeightUpdater:
     def open(
         self,
         version: int,
-        nodes: Sequence[str] | None,
+        nodes: Sequence[str] | str | None,
         *,
         level: int = 1,
         allow_mixed: bool = False,
@@ -463,11 +463,12 @@ class WeightUpdater:
         argv = self.argv_of(node.url)
         return UpdateTarget(node.url, node.api_key, tp_size(argv), node.headers, node.engine)
 
-    def updatable(self, nodes: Sequence[str] | None) -> list[str]:
-        """The URLs an update of `nodes` (None: every node up) would take."""
+    def updatable(self, nodes: Sequence[str] | str | None) -> list[str]:
+        """The URLs an update of `nodes` (None: every node up; one URL may be given as
+        a string) would take."""
         if nodes is None:
             return [s.url for s in self.registry.snapshot() if s.status in UPDATABLE]
-        return [self.registry.get(url).url for url in nodes]
+        return [self.registry.get(url).url for url in one_or_many(nodes)]
 
     def release(self, session: UpdateSession) -> None:
         self._busy.difference_update(t.url for t in session.targets)

@@ -58,7 +58,7 @@ class WeightUpdate:
         runtime: FleetRuntime,
         updater: WeightUpdater,
         version: int,
-        nodes: Sequence[str] | None,
+        nodes: Sequence[str] | str | None,
         *,
         level: int = 1,
         allow_mixed: bool = False,
