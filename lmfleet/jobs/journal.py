@@ -110,7 +110,14 @@ class Journal:
         self.path = Path(path)
         if not create and not self.path.exists():
             raise FileNotFoundError(f"no journal at {self.path}")
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if self.path.is_dir():
+            raise ConfigError(f"the journal {self.path} is a directory: give a file's path")
+        try:
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # journal="runs/7/j.db"
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.OperationalError) as exc:  # not a place SQLite may write
+            raise ConfigError(f"cannot open the journal {self.path}: {exc}") from None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")

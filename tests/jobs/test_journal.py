@@ -189,3 +189,18 @@ def test_a_file_that_is_no_journal_is_a_clear_error(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(ConfigError, match="is not an lmfleet batch journal"):
         Journal(other).begin("chat", ["k"])
+
+
+def test_a_journal_path_is_made_or_refused_by_name(tmp_path: Path) -> None:
+    """`journal="runs/7/j.db"` makes its folders, as a run's outputs would; a folder,
+    or a place SQLite cannot write, is a `ConfigError` naming the path (it was
+    SQLite's bare "unable to open database file")."""
+    nested = tmp_path / "runs" / "7" / "j.db"
+    Journal(nested, create=True).begin("chat", ["k"])
+    assert nested.is_file()
+    with pytest.raises(ConfigError, match=f"the journal {tmp_path} is a directory"):
+        Journal(tmp_path, create=True)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"cannot open the journal .*a-file/j\.db"):
+        Journal(blocker / "j.db", create=True)
