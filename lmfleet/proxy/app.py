@@ -220,9 +220,14 @@ class ProxyApp:
             return
         if self._admin_keys and path.startswith(ADMIN_PREFIXES):
             if not _has_key(scope, self._admin_keys):
+                _refused_registration(scope, "it must send an admin key")
                 await rt.answer(send, answers.UNAUTHORIZED, "Unauthorized.")
                 return
         elif self._keys and path not in self._public and not _has_key(scope, self._keys):
+            _refused_registration(
+                scope,
+                "LMDeploy nodes register without one: --public-paths with /nodes/add lets them in",
+            )
             await rt.answer(send, answers.UNAUTHORIZED, "Unauthorized.")
             return
         handler = methods.get(scope["method"])
@@ -279,6 +284,14 @@ def _route_label(path: str, methods: dict[str, Handler]) -> str:
     if methods is FORWARD and path not in KNOWN_FORWARDS:
         return "/v1/*"
     return path
+
+
+def _refused_registration(scope: Scope, hint: str) -> None:
+    """Say in the log why a node could not register: the node's own log is on another
+    host, and its registration is made once, at its start."""
+    if scope["path"] == "/nodes/add":
+        client = scope.get("client") or ("?", 0)
+        log.warning("POST /nodes/add from %s refused: no valid key (%s)", client[0], hint)
 
 
 def _has_key(scope: Scope, keys: list[bytes]) -> bool:

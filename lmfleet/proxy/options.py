@@ -61,9 +61,18 @@ class ProxyOptions(BaseModel):
         description="keys for /nodes/* and /fleet/* (register, remove, sleep...); when set, "
         "client keys no longer open those routes, so no client can register a node",
     )
-    public_paths: tuple[str, ...] = Field(
-        default=DEFAULT_PUBLIC_PATHS, description="paths that need no client key"
-    )
+    public_paths: Annotated[
+        tuple[str, ...],
+        Flag(
+            "--public-paths",
+            help="every path that needs no client key: '--public-paths /health "
+            "/readiness /metrics /nodes/add' lets LMDeploy nodes started with "
+            "--proxy-url register without one, as LMDeploy's proxy does (with "
+            "--admin-keys, /nodes/* always needs an admin key)",
+            metavar="PATH",
+            absent="default: /health /liveness /readiness /metrics",
+        ),
+    ] = Field(default=DEFAULT_PUBLIC_PATHS, description="paths that need no client key")
     max_body_bytes: Annotated[
         int, Flag("--max-body-bytes", help="request bodies above N bytes get a 413")
     ] = Field(default=100 * 1024 * 1024, ge=1, description="413 above this")

@@ -166,6 +166,48 @@ def test_a_killed_proxy_restarted_with_the_same_flags_serves_registered_nodes(
         second.terminate()
 
 
+def test_self_registration_past_client_keys_is_the_operators_choice(
+    start_sim: StartSim, tmp_path: Path
+) -> None:
+    """`lmdeploy serve proxy --api-keys` lets nodes register keyless (it leaves
+    /nodes open); `lmfleet serve --api-keys` does not (a client could register a
+    node that steals traffic). The refusal is said in the proxy's log, where the
+    operator looks, and `--public-paths ... /nodes/add` opens registration alone."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "lmfleet.cli", "serve", "--port", str(port)]
+    argv += ["--api-keys", "team-key", "--disable-cache-status", "--health-interval", "0.2"]
+    keyed = {"Authorization": "Bearer team-key"}
+
+    def start(run: int, *flags: str) -> ManagedProcess:
+        proc = ManagedProcess([*argv, *flags], log_path=tmp_path / f"proxy-{run}.log")
+        wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
+        return proc
+
+    closed = start(1)
+    try:
+        start_sim(*QUICK, "--proxy-url", url)
+        said = "POST /nodes/add from 127.0.0.1 refused: no valid key (LMDeploy nodes register"
+        wait_until(closed.log_path.read_text, until=lambda log: said in log)
+        assert httpx2.get(url + "/nodes/status", headers=keyed, timeout=10).json() == {}
+    finally:
+        closed.terminate()
+    opened = start(2, "--public-paths", "/health", "/readiness", "/metrics", "/nodes/add")
+    try:
+        node = start_sim(*QUICK, "--proxy-url", url).url
+        wait_until(
+            lambda: httpx2.get(url + "/nodes/status", headers=keyed, timeout=10).json(),
+            timeout=30,
+            until=lambda nodes: nodes.get(node, {}).get("state") == "healthy",
+        )
+        client = openai.OpenAI(base_url=url + "/v1", api_key="team-key", max_retries=0)
+        assert chat(client, MODEL, "registered keyless", max_tokens=1).choices
+        assert httpx2.get(url + "/v1/models", timeout=10).status_code == 401  # still keyed
+        assert httpx2.get(url + "/nodes/status", timeout=10).status_code == 401
+    finally:
+        opened.terminate()
+
+
 def test_nothing_left_behind_after_close(start_sim: StartSim) -> None:
     node = start_sim(*QUICK).url
     me = psutil.Process()
