@@ -448,9 +448,9 @@ class WeightUpdater:
         busy = [s.url for s in states if s.url in self._busy]
         if busy:
             raise WeightUpdateError(f"a weight update is already running on {', '.join(busy)}")
-        self._busy.update(s.url for s in states)
-        if in_flight not in IN_FLIGHT:
+        if in_flight not in IN_FLIGHT:  # before the nodes are held, or they would stay held
             raise ConfigError(f"in_flight must be one of {IN_FLIGHT}, got {in_flight!r}")
+        self._busy.update(s.url for s in states)
         return UpdateSession(
             self, version, states, level=level, allow_mixed=allow_mixed, in_flight=in_flight
         )

@@ -212,6 +212,8 @@ def test_a_payload_that_is_no_use_is_refused_before_any_node_sleeps(
             fleet.update_weights(payload, version=version)
     with pytest.raises(ConfigError, match="rolling must be"):
         fleet.update_weights("w", version=version, rolling=0)
+    with pytest.raises(ConfigError, match="in_flight must be one of"):
+        fleet.update_weights("w", version=version, in_flight="maybe")  # type: ignore[arg-type]
     assert all(calls(n.url) == [] for n in fleet.nodes)  # no sleep, no push
     assert {n.url: n.weight_version for n in fleet.nodes} == before
     assert all(n.state is NodeStatus.HEALTHY and not n.quarantine for n in fleet.nodes)
