@@ -356,7 +356,8 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         """Serve this fleet as an HTTP proxy (a drop-in for `lmdeploy serve proxy`).
 
         Runs in the fleet's background loop (in a notebook the cell returns at once);
-        returns a handle with `.url` and `.stop()`. `port` defaults to 8000 (0 picks a
+        returns a handle with `.url` and `.stop()` (or `with fleet.serve() as server:`,
+        stopped at the block's end). `port` defaults to 8000 (0 picks a
         free one), `host` to 127.0.0.1; `keywords` (`api_keys`, `state_file`,
         `max_body_bytes`, `upstream_timeout`) override `options`. `api_keys` are the
         keys *clients* must send; the nodes' key stays the fleet's `api_key`.

@@ -65,7 +65,7 @@ def _check_tls(options: ProxyOptions) -> None:
 
 
 class ProxyServer:
-    """A running proxy: `url`, `stop()` (idempotent)."""
+    """A running proxy: `url`, `stop()` (idempotent); a `with` block stops it too."""
 
     def __init__(self, fleet: FleetSurface, options: ProxyOptions) -> None:
         self._fleet = fleet
@@ -172,6 +172,14 @@ class ProxyServer:
                 await self._finished.wait()
 
         runtime.run(stop)
+
+    def __enter__(self) -> ProxyServer:
+        """`with fleet.serve(port=8000) as server:`: stopped when the block ends, as
+        the fleet's own `with` closes it."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def __repr__(self) -> str:
         return f"<ProxyServer {self.url} {'running' if self.running else 'stopped'}>"

@@ -118,6 +118,10 @@ def test_port_in_use_is_a_clear_error(
     server.stop()  # idempotent
     with pytest.raises(httpx2.ConnectError):
         httpx2.get(server.url + "/health")
+    with fleet.serve(port=0) as block:  # a `with` block stops it at its end
+        assert httpx2.get(block.url + "/health").status_code == 200
+    with pytest.raises(httpx2.ConnectError):
+        httpx2.get(block.url + "/health")
 
 
 def test_fleet_close_stops_the_proxy(start_sim: StartSim) -> None:
