@@ -87,7 +87,11 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         """The fleet's event loop and task group: run your own background work beside
         the monitor with `fleet.runtime.start_soon(...)` (lmfleet/runtime.py)."""
         limits = httpx2.Limits(max_connections=256, max_keepalive_connections=64)
-        self._http = httpx2.AsyncClient(timeout=self.options.health.timeout, limits=limits)
+        # Straight to the nodes, as the routed requests go (their transports read no
+        # environment): a cluster's `http_proxy` must not make healthy nodes look dead.
+        self._http = httpx2.AsyncClient(
+            timeout=self.options.health.timeout, limits=limits, trust_env=False
+        )
         nodes = NodeClient(self._http)
         # Built in the loop thread: they create anyio primitives bound to that loop.
         self._admin = self.runtime.call(

@@ -504,3 +504,19 @@ def test_the_batch_api_on_a_fleets_client_points_to_the_proxy(start_sim: StartSi
             client.batches.list()
         asked = sim_stats(url)["by_path"]
         assert not [path for path in asked if path.startswith(("/v1/files", "/v1/batches"))]
+
+
+def test_an_http_proxy_in_the_environment_does_not_hide_the_nodes(
+    start_sim: StartSim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clusters often set `http_proxy`: the routed requests never read it (their
+    transports are the fleet's), and the fleet's own probes must not either, or
+    every node looks unreachable while it serves (they went through the proxy)."""
+    url = start_sim(*FAST).url
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    with LMFleet.attach([url], health_interval=0.2) as fleet:
+        fleet.wait_ready(timeout=30)
+        assert chat(fleet.client(max_retries=0), MODEL, "direct", max_tokens=1).choices
