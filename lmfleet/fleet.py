@@ -87,10 +87,12 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         """The fleet's event loop and task group: run your own background work beside
         the monitor with `fleet.runtime.start_soon(...)` (lmfleet/runtime.py)."""
         limits = httpx2.Limits(max_connections=256, max_keepalive_connections=64)
-        # Straight to the nodes, as the routed requests go (their transports read no
-        # environment): a cluster's `http_proxy` must not make healthy nodes look dead.
+        # Straight to the nodes, as the routed requests go: a client given its
+        # transport reads no proxy from the environment (a cluster's `http_proxy`
+        # must not make healthy nodes look dead), while the transport still reads
+        # `SSL_CERT_FILE` for nodes served over HTTPS, as the routed ones do.
         self._http = httpx2.AsyncClient(
-            timeout=self.options.health.timeout, limits=limits, trust_env=False
+            timeout=self.options.health.timeout, transport=httpx2.AsyncHTTPTransport(limits=limits)
         )
         nodes = NodeClient(self._http)
         # Built in the loop thread: they create anyio primitives bound to that loop.
