@@ -83,6 +83,15 @@ class StoreLink:
         self._facts = facts
         self._unreadable = Unreadable("the store link" if facts else "the hub's store link")
 
+    def _broken(self, exc: BaseException) -> anyio.BrokenResourceError:
+        """The store's failure as `/readiness` shows it: a call that timed out says so
+        (its exception has no message of its own)."""
+        if isinstance(exc, TimeoutError) and not str(exc):
+            why = f"no answer within {CALL_TIMEOUT:g} s"
+        else:
+            why = str(exc) or type(exc).__name__
+        return anyio.BrokenResourceError(f"the store at {self._url}: {why}")
+
     def _key(self, part: str) -> str:
         return f"{self._name}:{part}"
 
@@ -107,7 +116,7 @@ class StoreLink:
                 gone = await self._client.smembers(self._key("gone"))
                 fleet = await self._client.get(self._key("fleet"))
         except errors as exc:
-            raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
+            raise self._broken(exc) from exc
         return {
             "nodes": nodes,
             "gone": [_text(url) for url in gone],
@@ -152,14 +161,14 @@ class StoreLink:
                     pipe.publish(self._key("facts"), data)
                     await pipe.execute()
         except self._errors() as exc:
-            raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
+            raise self._broken(exc) from exc
 
     async def receive(self) -> dict[str, Any]:
         while True:
             try:
                 raw = await self._pubsub.get_message(timeout=1.0)
             except self._errors() as exc:
-                raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
+                raise self._broken(exc) from exc
             if raw is None or raw.get("type") != "message":
                 continue
             try:
@@ -194,7 +203,7 @@ class StoreLink:
             with anyio.fail_after(CALL_TIMEOUT):
                 await self._client.publish(channel, data)
         except self._errors() as exc:
-            raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
+            raise self._broken(exc) from exc
 
     async def ask(self, kind: str) -> list[str]:
         """Ask every other present replica `kind`; their answers (bounded)."""
@@ -202,7 +211,7 @@ class StoreLink:
             with anyio.fail_after(CALL_TIMEOUT):
                 keys = [_text(k) async for k in self._client.scan_iter(self._key("replica:*"))]
         except self._errors() as exc:
-            raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
+            raise self._broken(exc) from exc
         others = {k.rsplit(":", 1)[-1] for k in keys} - {self.id}
         if not others:
             return []
@@ -231,7 +240,7 @@ class StoreLink:
                 with anyio.fail_after(CALL_TIMEOUT):
                     await self._present()
             except self._errors() as exc:
-                raise anyio.BrokenResourceError(f"the store at {self._url}: {exc}") from exc
+                raise self._broken(exc) from exc
 
     async def aclose(self) -> None:
         client, self._client = self._client, None

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -183,6 +184,31 @@ def test_a_replica_that_loses_the_store_keeps_serving_and_says_so(
         lambda: node.url.encode() in client.smembers(f"{name}:nodes"), 10, "the node in the store"
     )
     client.close()
+
+
+def test_a_store_that_never_answers_is_named_as_such(
+    serve_fleet: Callable[..., Any], start_sim: StartSim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that takes the connection and then says nothing (a wrong port, a
+    firewall's black hole): the replica starts after the call's timeout, serves with
+    what it knows, and /readiness says the store gave no answer (it said nothing
+    after the colon: the timeout's message is empty)."""
+    monkeypatch.setattr("lmfleet.proxy.store.CALL_TIMEOUT", 0.5)
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)  # accepted by the kernel, never read
+    try:
+        port = hole.getsockname()[1]
+        a = _replica(serve_fleet, f"redis://127.0.0.1:{port}/0", f"t{uuid.uuid4().hex[:8]}")
+        shared = _shared(a)["shared"]
+        assert not shared["connected"]
+        assert shared["problem"].endswith(f"redis://127.0.0.1:{port}/0: no answer within 0.5 s")
+        node = start_sim("--fast")
+        assert httpx2.post(a + "/nodes/add", json={"url": node.url}, timeout=10).status_code == 200
+        wait_until(lambda: _state(a, node.url) == "healthy", 10, "the node healthy")
+        assert httpx2.post(a + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+    finally:
+        hole.close()
 
 
 def test_a_replica_skips_what_it_cannot_read_and_stays_connected(
