@@ -190,6 +190,10 @@ def test_cli_launch_serves_the_proxy_and_stops_its_nodes(tmp_path: Path) -> None
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
         assert reply.choices[0].message.content
+        wait_until(  # the proxy answers once one node is up; the update takes those up
+            lambda: httpx2.get(f"http://127.0.0.1:{port}/readiness", timeout=10).json(),
+            until=lambda ready: ready["healthy_workers"] == 2,
+        )
         update = httpx2.post(
             f"http://127.0.0.1:{port}/fleet/update_weights",
             json={"version": 1, "payload": "w"},
