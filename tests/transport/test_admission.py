@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -24,7 +25,7 @@ from lmfleet.routing import resolve_strategy
 from lmfleet.routing.base import RequestInfo
 from lmfleet.transport import AsyncFleetTransport, FleetTransport, Router
 from lmfleet.transport.plan import Attempts
-from lmfleet.transport.steps import Pause
+from lmfleet.transport.steps import Pause, Steps, T, drive_sync
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 URL = "http://placeholder/v1/chat/completions"
@@ -41,6 +42,23 @@ def starved_router(**options: object) -> Router:
 
 def ok(request: httpx2.Request) -> httpx2.Response:
     return httpx2.Response(200, json={"ok": True})
+
+
+def recording(
+    steps: Steps[T], pauses: list[float], each: Callable[[], None] = lambda: None
+) -> Steps[T]:
+    """`steps` as the transport drives them (`drive_sync` performs each pause, as
+    for a real request), noting each pause's length and calling `each` before it."""
+    step = next(steps)
+    while True:
+        assert isinstance(step, Pause), step
+        pauses.append(step.seconds)
+        each()
+        reply = yield step
+        try:
+            step = steps.send(reply)
+        except StopIteration as done:
+            return done.value
 
 
 def test_a_full_queue_refuses_at_once_and_the_count_drains_as_waiters_give_up() -> None:
@@ -170,12 +188,7 @@ def test_a_waiting_requests_pauses_never_run_past_the_callers_timeout() -> None:
     steps = Attempts(router.routing, request).lease(router.strategy, RequestInfo(), [])
     pauses: list[float] = []
     with pytest.raises(NoHealthyNodeError, match="the caller's timeout"):
-        step = next(steps)
-        while True:
-            assert isinstance(step, Pause)
-            pauses.append(step.seconds)
-            time.sleep(step.seconds)
-            step = steps.send(None)
+        drive_sync(recording(steps, pauses), httpx2.MockTransport(ok))
     assert pauses[:2] == [0.05, 0.1] and sum(pauses) <= 0.3 + 0.001 * len(pauses), pauses
     assert router.registry.waiting == 0
 
@@ -190,18 +203,18 @@ def test_a_request_waiting_for_its_turn_past_wait_for_node_keeps_its_pace() -> N
     request = httpx2.Request("POST", URL, content=BODY)
     steps = Attempts(router.routing, request).lease(router.strategy, RequestInfo(), [])
     pauses: list[float] = []
-    step = next(steps)
     started = time.monotonic()
-    while time.monotonic() - started < 0.4:  # well past wait_for_node
-        assert isinstance(step, Pause)
-        pauses.append(step.seconds)
-        time.sleep(step.seconds)
-        step = steps.send(None)
-    router.registry.leave_queue(first)  # its turn: the next look leases the node
-    with pytest.raises(StopIteration) as leased:
-        steps.send(None)
-    node, lease = leased.value.value
-    assert node.url == "http://a:1"
+
+    left: list[float] = []
+
+    def its_turn() -> None:  # well past wait_for_node, the one before it leaves
+        if not left and time.monotonic() - started > 0.4:
+            router.registry.leave_queue(first)
+            left.append(time.monotonic())
+
+    looks = recording(steps, pauses, each=its_turn)
+    node, lease = drive_sync(looks, httpx2.MockTransport(ok))  # the next look leases it
+    assert node.url == "http://a:1" and left
     lease.finish(Outcome.NEUTRAL)
     # 50 ms each, but the one cut short to end at `wait_for_node`: no spinning loop.
     assert max(pauses) == 0.05 and sum(1 for p in pauses if p < 0.05) <= 1, pauses
