@@ -119,7 +119,13 @@ class Procs:
         self.started: list[subprocess.Popen[bytes]] = []
 
     def start(
-        self, argv: Sequence[str], cpu: str, *, env: dict[str, str] | None = None, log: str = ""
+        self,
+        argv: Sequence[str],
+        cpu: str,
+        *,
+        env: dict[str, str] | None = None,
+        log: str = "",
+        cwd: Path = ROOT,
     ) -> subprocess.Popen[bytes]:
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - lives with the process
         proc = subprocess.Popen(
@@ -127,7 +133,7 @@ class Procs:
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            cwd=ROOT,
+            cwd=cwd,
             start_new_session=True,
             preexec_fn=die_with_parent,
         )

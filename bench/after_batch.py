@@ -10,34 +10,22 @@ the nodes that this machine closed first meanwhile (TIME_WAIT).
     .venv/bin/python -m bench.after_batch [--checkout PATH] [--seconds 5]
 
 For another checkout (a worktree of an older commit), the proxy is started with
-`-m lmfleet.cli` from that directory, so its package is the one imported.
+`-m lmfleet.cli` from that directory (`start_lmfleet(checkout=...)`), so its package
+is the one imported.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import openai
 import psutil
 
-from bench._common import (
-    LOAD_CPU,
-    MODEL,
-    PROXY_CPU,
-    PY,
-    ROOT,
-    free_port,
-    pin_self,
-    post_json,
-    procs,
-    start_sims,
-    wait_http,
-    wrk,
-)
+from bench._common import LOAD_CPU, MODEL, ROOT, pin_self, procs, start_sims, wrk
+from bench.proxy_overhead import start_lmfleet
 
 
 def closed_by_us(ports: set[int]) -> int:
@@ -74,22 +62,7 @@ def main() -> None:
     with procs() as group:
         nodes = start_sims(group, 2, LOAD_CPU, "--fast", "--output-tokens", "16")
         ports = {int(node.rsplit(":", 1)[1]) for node in nodes}
-        port = free_port()
-        argv = [PY, "-m", "lmfleet.cli", "serve", "--port", str(port), "--log-level", "WARNING"]
-        argv.append("--disable-cache-status")
-        proc = subprocess.Popen(
-            ["taskset", "-c", PROXY_CPU, *argv],
-            cwd=args.checkout,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        group.started.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/health", status=503)
-        for node in nodes:
-            post_json(url + "/nodes/add", {"url": node, "status": {"models": [MODEL], "role": 1}})
-        wait_http(url + "/health")
+        url = start_lmfleet(group, nodes, checkout=args.checkout)[1]
         before = wrk(url, 32, args.seconds, stream=False)
         run_batch(url)
         waits = closed_by_us(ports)

@@ -81,7 +81,11 @@ def register(proxy: str, nodes: list[str]) -> None:
         post_json(proxy + "/nodes/add", {"url": node, "status": {"models": [MODEL], "role": 1}})
 
 
-def start_lmfleet(group: Procs, nodes: list[str], workers: int = 1, *flags: str) -> tuple[int, str]:
+def start_lmfleet(
+    group: Procs, nodes: list[str], workers: int = 1, *flags: str, checkout: Path = ROOT
+) -> tuple[int, str]:
+    """`lmfleet serve` over `nodes`, registered as LMDeploy's nodes register; started
+    with `-m` from `checkout`, whose package it then runs (another commit's worktree)."""
     port = free_port()
     argv = [PY, "-m", "lmfleet.cli", "serve", "--port", str(port), "--log-level", "WARNING"]
     argv.append("--disable-cache-status")  # as LMDeploy's here: nothing kept on disk
@@ -89,7 +93,7 @@ def start_lmfleet(group: Procs, nodes: list[str], workers: int = 1, *flags: str)
     if workers > 1:
         argv += ["--workers", str(workers)]
     cpu = PROXY_CPU if workers == 1 else _worker_cpus(workers)
-    proc = group.start(argv, cpu)
+    proc = group.start(argv, cpu, cwd=checkout)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", status=503)  # up, no node yet
     register(url, nodes)
