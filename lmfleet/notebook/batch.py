@@ -59,6 +59,7 @@ BACKOFF = 0.2
 """Seconds before an item's first retry; doubled for each further one."""
 
 RETRY_STATUS = frozenset({408, 409, 429})
+"""Client-error statuses worth trying again (every 5xx is too)."""
 REFUSALS = frozenset({429, 503})
 """Answers that say a node (or the fleet) is full: `concurrency="auto"` backs off."""
 STEER_EVERY = 0.1
@@ -67,7 +68,6 @@ decision still waits for a new `/metrics` report)."""
 FleetSignals = tuple[tuple[tuple[float, float], ...], float, bool]
 """`((waiting, running) per node, report time, every node reported)`: what
 `fleet_signals` reads."""
-"""Client-error statuses worth trying again (every 5xx is too)."""
 
 
 def retryable(exc: BaseException) -> bool:
@@ -354,6 +354,9 @@ class Endpoint(Generic[I, R]):
 
     name: str
     """The progress bar's label, and the route a journal records."""
+    items: Callable[[Sequence[Any]], list[I]]
+    """The batch's inputs as this endpoint sends them, checked before any request: a
+    mistake the caller made once is one `ConfigError`, not an `ItemError` per item."""
     send: Callable[[openai.AsyncOpenAI, str, I, dict[str, Any]], Awaitable[tuple[R, Any]]]
     """`(client, model, item, params) -> (response, the raw HTTP answer it came in)`."""
 
@@ -377,18 +380,74 @@ async def _send_completion(
     return raw.parse(), raw.http_response
 
 
-CHAT: Endpoint[Sequence[ChatCompletionMessageParam], ChatCompletion] = Endpoint("chat", _send_chat)
-COMPLETIONS: Endpoint[str, Completion] = Endpoint("complete", _send_completion)
+def _not_one(inputs: Sequence[Any], method: str, what: str) -> None:
+    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
+        raise ConfigError(
+            f"{method} takes a list of {what}, got {type(inputs).__name__}: "
+            f"for one, give a list of one"
+        )
+
+
+def _conversations(inputs: Sequence[Any]) -> list[Sequence[ChatCompletionMessageParam]]:
+    """Each item a conversation (a list of messages) or a string, which is the user's
+    one message: the README's `chat_many(prompts)`, which `list()` would otherwise
+    have split into one-letter messages for every node to refuse."""
+    _not_one(inputs, "chat_many", "conversations (each a list of messages) or of strings")
+    conversations: list[Sequence[ChatCompletionMessageParam]] = []
+    for index, item in enumerate(inputs):
+        if isinstance(item, str):
+            conversations.append([{"role": "user", "content": item}])
+            continue
+        if isinstance(item, Mapping):
+            problem = "one message, not a conversation: wrap it in a list"
+        elif isinstance(item, Sequence) and not isinstance(item, bytes):
+            if all(isinstance(message, Mapping) for message in item):
+                conversations.append(item)
+                continue
+            problem = "a list whose messages are not all dicts"
+        else:
+            problem = f"a {type(item).__name__}"
+        raise ConfigError(
+            f"chat_many: item {index} is {problem}; each item is a list of messages "
+            f'([{{"role": "user", "content": ...}}]) or a string (the user\'s message)'
+        )
+    return conversations
+
+
+def _prompts(inputs: Sequence[Any]) -> list[str]:
+    """Each item a prompt as `/v1/completions` takes it (a string, or token ids)."""
+    _not_one(inputs, "complete_many", "prompts")
+    for index, item in enumerate(inputs):
+        if isinstance(item, str):
+            continue
+        if isinstance(item, Sequence) and all(isinstance(token, int) for token in item):
+            continue
+        talk = isinstance(item, Mapping) or (
+            isinstance(item, Sequence) and any(isinstance(part, Mapping) for part in item)
+        )
+        hint = " (messages: use chat_many)" if talk else ""
+        raise ConfigError(
+            f"complete_many: item {index} is a {type(item).__name__}{hint}; each item is "
+            "a prompt string (or a list of token ids)"
+        )
+    return list(inputs)
+
+
+CHAT: Endpoint[Sequence[ChatCompletionMessageParam], ChatCompletion] = Endpoint(
+    "chat", _conversations, _send_chat
+)
+COMPLETIONS: Endpoint[str, Completion] = Endpoint("complete", _prompts, _send_completion)
 """Their names are the routes a journal records (a recorded answer is read back by
 `jobs/results.LOADERS[name]`, with or without a fleet)."""
 
 
 async def run_requests(
-    fleet: FleetSurface, endpoint: Endpoint[I, R], inputs: Sequence[I], options: BatchOptions
+    fleet: FleetSurface, endpoint: Endpoint[I, R], given: Sequence[Any], options: BatchOptions
 ) -> BatchResult[R]:
-    """Send every item of `inputs` to `endpoint` through the fleet, as `run_batch` does:
+    """Send every item of `given` to `endpoint` through the fleet, as `run_batch` does:
     the one body of `chat_many`, `complete_many` and their async twins."""
     _check_params(options.params)
+    inputs = endpoint.items(given)
     params = dict(options.params)
     pin_version(fleet, options.weight_version, params)
     bound_staleness(options.max_staleness, params)

@@ -39,7 +39,7 @@ class NotebookMethods:
     async def achat_many(
         self,
         /,
-        messages_list: Sequence[Sequence[ChatCompletionMessageParam]],
+        messages_list: Sequence[Sequence[ChatCompletionMessageParam] | str],
         *,
         model: str | None = None,
         concurrency: int | Literal["auto"] = 64,
@@ -54,6 +54,9 @@ class NotebookMethods:
         **params: Any,
     ) -> BatchResult[ChatCompletion]:
         """Chat completions for every message list, in input order, never raising mid-batch.
+
+        An item is a conversation (a list of messages) or a string, the user's one
+        message; an item that is neither is a `ConfigError` before any request.
 
         `fleet.chat_many(...)` waits for the batch, run in the fleet's loop (so it
         works inside Jupyter; Ctrl-C cancels it); `await fleet.achat_many(...)` runs it

@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
-from support import SimNode, StartSim, wait_until
+from support import SimNode, StartSim, sim_served, wait_until
 
 from lmfleet import ConfigError, ItemError, LMFleet
 from lmfleet.jobs.results import Answered
@@ -111,6 +111,36 @@ def test_complete_many_and_async_twins(fleet: LMFleet) -> None:
     assert anyio.run(main) == (20, 10)
     with pytest.raises(ConfigError):
         fleet.chat_many(conversations(1), stream=True)
+
+
+def test_a_string_is_the_users_message_and_a_wrong_shape_sends_nothing(
+    sims: list[SimNode], fleet: LMFleet
+) -> None:
+    # The README's `chat_many(prompts)`: each string is one user message, as the
+    # equivalent conversation (the sims count its words as prompt tokens), not a
+    # list of one-letter messages that every node refuses.
+    texts = ["word", "word word word", "word word"]
+    given = fleet.chat_many(texts, progress=False, max_tokens=2)
+    wrapped = fleet.chat_many([[{"role": "user", "content": t}] for t in texts], progress=False)
+    assert not given.errors, given.summary()
+    assert [c.usage.prompt_tokens for c in given] == [c.usage.prompt_tokens for c in wrapped]  # type: ignore[union-attr]
+    assert len({c.usage.prompt_tokens for c in given}) == 3  # type: ignore[union-attr]
+
+    served = [sim_served(s.url) for s in sims]
+    wrong: list[tuple[object, str]] = [
+        ("hello", "for one, give a list of one"),  # the whole batch as one string
+        ([{"role": "user", "content": "hi"}], "item 0 is one message"),
+        ([[{"role": "user", "content": "hi"}], None], "item 1 is a NoneType"),
+        ([["hi"]], "item 0 is a list whose messages are not all dicts"),
+    ]
+    for inputs, said in wrong:
+        with pytest.raises(ConfigError, match=said):
+            fleet.chat_many(inputs, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"item 0 is a list \(messages: use chat_many\)"):
+        fleet.complete_many([[{"role": "user", "content": "hi"}]], progress=False)  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="complete_many takes a list of prompts"):
+        fleet.complete_many("a prompt", progress=False)
+    assert [sim_served(s.url) for s in sims] == served  # refused before any request
 
 
 def test_run_batch_retries_then_reports() -> None:
