@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmfleet.errors import ConfigError, UnknownObjectError
+from lmfleet.jobs.owners import OWNER, shown, visible
 
 PURPOSES = frozenset({"batch", "batch_output"})
 """What a file may be for here: batch inputs, and the outputs the batches write."""
@@ -38,13 +39,17 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 class FileStore:
-    """OpenAI file objects and their bytes under `root`."""
+    """OpenAI file objects and their bytes under `root`. Every method takes the
+    caller's `owner` (lmfleet/jobs/owners.py; None: anyone's) and answers objects as
+    OpenAI's API shows them."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
-    def create(self, data: bytes, *, filename: str, purpose: str) -> dict[str, Any]:
+    def create(
+        self, data: bytes, *, filename: str, purpose: str, owner: str | None = None
+    ) -> dict[str, Any]:
         if purpose not in PURPOSES:
             raise ConfigError(
                 f"purpose must be 'batch' here (the Batch API's files), got {purpose!r}"
@@ -62,36 +67,40 @@ class FileStore:
             "status": "processed",
             "status_details": None,
         }
+        if owner is not None:
+            meta[OWNER] = owner
         write_atomically(self.root / f"{file_id}.json", json.dumps(meta).encode())
-        return meta
+        return shown(meta)
 
-    def get(self, file_id: str) -> dict[str, Any]:
+    def get(self, file_id: str, owner: str | None = None) -> dict[str, Any]:
         meta = self._meta_path(file_id)
         try:
             found: dict[str, Any] = json.loads(meta.read_text())
         except (FileNotFoundError, ValueError):
-            raise UnknownObjectError(f"No such File object: {file_id}") from None
-        return found
+            found = {}
+        if not found or not visible(found, owner):
+            raise UnknownObjectError(f"No such File object: {file_id}")
+        return shown(found)
 
-    def content(self, file_id: str) -> bytes:
-        self.get(file_id)
+    def content(self, file_id: str, owner: str | None = None) -> bytes:
+        self.get(file_id, owner)
         return (self.root / file_id).read_bytes()
 
-    def delete(self, file_id: str) -> dict[str, Any]:
-        self.get(file_id)
+    def delete(self, file_id: str, owner: str | None = None) -> dict[str, Any]:
+        self.get(file_id, owner)
         self._meta_path(file_id).unlink(missing_ok=True)
         (self.root / file_id).unlink(missing_ok=True)
         return {"id": file_id, "object": "file", "deleted": True}
 
-    def list(self, purpose: str | None = None) -> list[dict[str, Any]]:
+    def list(self, purpose: str | None = None, owner: str | None = None) -> list[dict[str, Any]]:
         found = []
         for meta in self.root.glob("file-*.json"):
             try:
                 item = json.loads(meta.read_text())
             except ValueError:
                 continue
-            if purpose is None or item.get("purpose") == purpose:
-                found.append(item)
+            if (purpose is None or item.get("purpose") == purpose) and visible(item, owner):
+                found.append(shown(item))
         return sorted(found, key=lambda item: item["created_at"], reverse=True)
 
     def _meta_path(self, file_id: str) -> Path:

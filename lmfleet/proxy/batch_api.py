@@ -46,6 +46,7 @@ from lmfleet.jobs.batches import (
 )
 from lmfleet.jobs.files import FileStore
 from lmfleet.jobs.journal import Journal, item_key
+from lmfleet.jobs.owners import OWNER, owner_of, shown, visible
 from lmfleet.jobs.results import Answered, ItemError
 from lmfleet.notebook.batch import (
     DEFAULT_MAX_CONCURRENCY,
@@ -145,7 +146,8 @@ class BatchJobs:
 
     # -- the routes' side -------------------------------------------------------------
 
-    def create(self, asked: Any) -> dict[str, Any]:
+    def create(self, asked: Any, owner: str | None = None) -> dict[str, Any]:
+        """A new batch of `owner`'s (lmfleet/jobs/owners.py), on a file of theirs."""
         if not isinstance(asked, dict):
             raise ConfigError("the body must be a JSON object")
         file_id, endpoint = asked.get("input_file_id"), asked.get("endpoint")
@@ -156,22 +158,26 @@ class BatchJobs:
             raise ConfigError(f"completion_window must be '24h', got {window!r}")
         if not isinstance(file_id, str):
             raise ConfigError("input_file_id must be the id of an uploaded file")
-        purpose = self.files.get(file_id)["purpose"]
+        purpose = self.files.get(file_id, owner)["purpose"]
         if purpose != "batch":
             raise ConfigError(f"the input file must have purpose 'batch', not {purpose!r}")
         metadata = asked.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise ConfigError("metadata must be an object")
         batch = new_batch(file_id, endpoint, window, metadata)
+        if owner is not None:
+            batch[OWNER] = owner  # its output and error files are theirs too (`_output`)
         self.batches.claim(batch["id"])  # before the file exists: no other worker adopts it
         self.batches.save(batch)
         assert self._group is not None, "BatchJobs.run is the proxy's lifespan task"
         self._group.start_soon(self._run, batch["id"])
         return batch
 
-    def get(self, batch_id: str) -> dict[str, Any]:
-        """The batch, its counts live while it runs."""
+    def get(self, batch_id: str, owner: str | None = None) -> dict[str, Any]:
+        """The batch, its counts live while it runs; another owner's is unknown."""
         batch = self.batches.get(batch_id)
+        if not visible(batch, owner):
+            raise UnknownObjectError(f"No such Batch object: {batch_id}")
         live = self._counts.get(batch_id)
         if live is not None and batch["status"] not in FINISHED:
             batch["request_counts"] = dict(live)
@@ -179,8 +185,8 @@ class BatchJobs:
             batch["status"] = "cancelling"  # asked through another worker: on its way
         return batch
 
-    def cancel(self, batch_id: str) -> dict[str, Any]:
-        batch = self.get(batch_id)
+    def cancel(self, batch_id: str, owner: str | None = None) -> dict[str, Any]:
+        batch = self.get(batch_id, owner)
         if batch["status"] in FINISHED or batch["status"] == "cancelling":
             raise ConfigError(f"cannot cancel a batch that is {batch['status']}")
         if self.batches.holds(batch_id) or not self._shared:
@@ -329,9 +335,9 @@ class BatchJobs:
             row.update(response=result.get("response"), error=result.get("error"))
             (out if entry is not None and entry.ok else errors).append(json.dumps(row).encode())
         if out:
-            batch["output_file_id"] = self._output(batch_id, "output", out)
+            batch["output_file_id"] = self._output(batch, "output", out)
         if errors:
-            batch["error_file_id"] = self._output(batch_id, "error", errors)
+            batch["error_file_id"] = self._output(batch, "error", errors)
         now = int(time.time())
         batch["request_counts"] = {
             "total": len(lines),
@@ -347,9 +353,12 @@ class BatchJobs:
             batch.update(status="completed", completed_at=now)
         self.batches.save(batch)
 
-    def _output(self, batch_id: str, kind: str, rows: list[bytes]) -> str:
+    def _output(self, batch: dict[str, Any], kind: str, rows: list[bytes]) -> str:
         data = b"\n".join(rows) + b"\n"
-        made = self.files.create(data, filename=f"{batch_id}_{kind}.jsonl", purpose="batch_output")
+        name = f"{batch['id']}_{kind}.jsonl"
+        made = self.files.create(
+            data, filename=name, purpose="batch_output", owner=batch.get(OWNER)
+        )
         return str(made["id"])
 
     def _fail(self, batch_id: str, message: str) -> None:
@@ -439,53 +448,58 @@ def _tail(scope: Scope, prefix: str) -> list[str]:
     return [part for part in scope["path"][len(prefix) :].split("/") if part]
 
 
+def _owner(scope: Scope, rt: Any) -> str | None:
+    """Whom the request acts for (lmfleet/jobs/owners.py): its client key's owner."""
+    return owner_of(header(scope, b"authorization"), bool(rt.options.api_keys))
+
+
 async def files_root(scope: Scope, receive: Receive, send: Send, rt: Any) -> None:
-    jobs = _jobs(rt)
+    jobs, owner = _jobs(rt), _owner(scope, rt)
     if scope["method"] == "GET":
-        purpose = _query(scope).get("purpose")
-        await send_json(
-            send, 200, {"object": "list", "data": jobs.files.list(purpose), "has_more": False}
-        )
+        found = jobs.files.list(_query(scope).get("purpose"), owner)
+        await send_json(send, 200, {"object": "list", "data": found, "has_more": False})
         return
     data, filename, purpose = _upload(scope, await read_body(scope, receive, MAX_FILE_BYTES))
-    await send_json(send, 200, jobs.files.create(data, filename=filename, purpose=purpose))
+    made = jobs.files.create(data, filename=filename, purpose=purpose, owner=owner)
+    await send_json(send, 200, made)
 
 
 async def one_file(scope: Scope, receive: Receive, send: Send, rt: Any) -> None:
-    jobs = _jobs(rt)
+    jobs, owner = _jobs(rt), _owner(scope, rt)
     parts = _tail(scope, "/v1/files/")
     file_id = parts[0]
     if len(parts) == 2 and parts[1] == "content" and scope["method"] == "GET":
-        data = jobs.files.content(file_id)
+        data = jobs.files.content(file_id, owner)
         await send_bytes(send, 200, data, [(b"content-type", b"application/octet-stream")])
     elif len(parts) == 1 and scope["method"] == "GET":
-        await send_json(send, 200, jobs.files.get(file_id))
+        await send_json(send, 200, jobs.files.get(file_id, owner))
     elif len(parts) == 1 and scope["method"] == "DELETE":
-        await send_json(send, 200, jobs.files.delete(file_id))
+        await send_json(send, 200, jobs.files.delete(file_id, owner))
     else:
         raise UnknownObjectError(f"No route {scope['method']} {scope['path']}")
 
 
 async def batches_root(scope: Scope, receive: Receive, send: Send, rt: Any) -> None:
-    jobs = _jobs(rt)
+    jobs, owner = _jobs(rt), _owner(scope, rt)
     if scope["method"] == "GET":
-        await send_json(send, 200, _page([jobs.get(b["id"]) for b in jobs.batches.list()], scope))
+        mine = [shown(jobs.get(b["id"])) for b in jobs.batches.list() if visible(b, owner)]
+        await send_json(send, 200, _page(mine, scope))
         return
     body = await read_body(scope, receive, rt.options.max_body_bytes)
     try:
         asked = json.loads(body)
     except ValueError:
         raise ConfigError("the body is not JSON") from None
-    await send_json(send, 200, jobs.create(asked))
+    await send_json(send, 200, shown(jobs.create(asked, owner)))
 
 
 async def one_batch(scope: Scope, receive: Receive, send: Send, rt: Any) -> None:
-    jobs = _jobs(rt)
+    jobs, owner = _jobs(rt), _owner(scope, rt)
     parts = _tail(scope, "/v1/batches/")
     if len(parts) == 2 and parts[1] == "cancel" and scope["method"] == "POST":
-        await send_json(send, 200, jobs.cancel(parts[0]))
+        await send_json(send, 200, shown(jobs.cancel(parts[0], owner)))
     elif len(parts) == 1 and scope["method"] == "GET":
-        await send_json(send, 200, jobs.get(parts[0]))
+        await send_json(send, 200, shown(jobs.get(parts[0], owner)))
     else:
         raise UnknownObjectError(f"No route {scope['method']} {scope['path']}")
 

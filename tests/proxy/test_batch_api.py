@@ -256,3 +256,48 @@ def test_keys_apply_to_the_batch_api(
     assert right.files.create(file=("in.jsonl", b"{}\n"), purpose="batch").bytes == 3
     with pytest.raises(openai.BadRequestError, match="purpose"):
         right.files.create(file=("in.jsonl", b"{}\n"), purpose="fine-tune")
+
+
+def test_each_client_key_sees_only_its_own_files_and_batches(
+    sims: list[SimNode], serve_fleet: Callable[..., Any], tmp_path: Path
+) -> None:
+    # A proxy for a team: a batch's input and output hold one member's prompts and
+    # answers, which another member's key must not list, read, cancel or delete.
+    jobs = tmp_path / "jobs"
+    options = ProxyOptions(jobs_dir=jobs, api_keys=("alice-key", "bob-key"))
+    fleet, server = serve_fleet([sims[0].url], serve={"options": options})
+    alice, bob = (
+        openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+        for key in ("alice-key", "bob-key")
+    )
+    batch = submit(alice, "\n".join(line(i, fleet.model) for i in range(3)))
+    done = reaches(alice, batch.id, "completed")
+    assert len(rows(alice, done.output_file_id)) == 3
+    mine = {f.id for f in alice.files.list()}
+    assert mine == {batch.input_file_id, done.output_file_id}
+    assert [b.id for b in alice.batches.list()] == [batch.id]
+    assert (
+        not hasattr(done, "owner")
+        and "owner" not in alice.files.retrieve(batch.input_file_id).model_extra
+    )  # type: ignore[operator]
+
+    assert bob.files.list().data == [] and bob.batches.list().data == []
+    for file_id in mine:
+        with pytest.raises(openai.NotFoundError, match="No such File object"):
+            bob.files.retrieve(file_id)
+        with pytest.raises(openai.NotFoundError):
+            bob.files.content(file_id)
+        with pytest.raises(openai.NotFoundError):
+            bob.files.delete(file_id)
+    with pytest.raises(openai.NotFoundError, match="No such Batch object"):
+        bob.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.batches.cancel(batch.id)
+    with pytest.raises(openai.NotFoundError, match="No such File object"):
+        bob.batches.create(
+            input_file_id=batch.input_file_id, endpoint=CHAT, completion_window="24h"
+        )
+    assert {f.id for f in alice.files.list()} == mine  # nothing of alice's went
+
+    stored = b"".join(p.read_bytes() for p in jobs.rglob("*.json"))
+    assert b"alice-key" not in stored and b"bob-key" not in stored  # a digest, not the key
