@@ -54,7 +54,13 @@ async def _burst(
     client = (
         fleet.async_client(max_retries=0)  # the router alone fails over
         if base_url is None
-        else openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
+        else openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key="none",
+            max_retries=0,
+            # The proxy is on 127.0.0.1: not through an `http_proxy` the shell may set.
+            http_client=openai.DefaultAsyncHttpxClient(trust_env=False),
+        )
     )
     limiter = anyio.Semaphore(concurrency)
     ok = 0
@@ -203,7 +209,9 @@ def _demo(
         hole = fleet.nodes[1].url
         print(f"\n{hole} now answers every generation with HTTP 500; its /health stays green.")
         faults = {"error_rate": 1.0, "error_status": 500}
-        httpx2.post(hole + "/sim/faults", json=faults, timeout=10).raise_for_status()
+        httpx2.post(
+            hole + "/sim/faults", json=faults, timeout=10, trust_env=False
+        ).raise_for_status()
         before, failed = _served(fleet.status()), _failed(fleet.status())
         ok, took = anyio.run(_burst, fleet, args.requests // 2, args.concurrency, None, stop)
         _report(
