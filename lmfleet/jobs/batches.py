@@ -90,6 +90,13 @@ class BatchStore:
     def journal_path(self, batch_id: str) -> Path:
         return self.root / f"{batch_id}.sqlite"
 
+    def drop_journal(self, batch_id: str) -> None:
+        """Delete a finished batch's journal (and SQLite's WAL files beside it): its
+        answers are in its output and error files now."""
+        path = self.journal_path(batch_id)
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+
     def claim(self, batch_id: str) -> bool:
         """Take the batch's lock for this process (False: another process runs it)."""
         if batch_id in self._held:

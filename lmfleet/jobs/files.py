@@ -4,6 +4,11 @@ One file is two entries in `root`: `<id>` (its bytes) and `<id>.json` (its OpenA
 `file` object). Both are written atomically (a temporary file, then `os.replace`),
 the bytes first, so a proxy killed mid-upload leaves no file that lists bytes it
 does not have.
+
+Files expire as OpenAI's do: 30 days after they are made unless their
+`expires_after` says otherwise (one hour to 30 days), so that a proxy that runs for
+months does not keep every batch's prompts and answers for ever. An expired file is
+gone for its callers at once; `expire` deletes its bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,34 @@ from lmfleet.jobs.owners import OWNER, shown, visible
 
 PURPOSES = frozenset({"batch", "batch_output"})
 """What a file may be for here: batch inputs, and the outputs the batches write."""
+KEEP_SECONDS = 30 * 24 * 3600
+"""How long a file is kept when nobody says (OpenAI's default for batch files)."""
+SHORTEST_KEEP = 3600
+"""The shortest `expires_after` OpenAI allows (and the longest is `KEEP_SECONDS`)."""
+
+
+def expiry(asked: object, what: str = "expires_after") -> int:
+    """Seconds a file is kept, from an OpenAI expiration policy
+    (`{"anchor": "created_at", "seconds": N}`; None: the default)."""
+    if asked is None:
+        return KEEP_SECONDS
+    if not isinstance(asked, dict) or asked.get("anchor") != "created_at":
+        raise ConfigError(f'{what} must be {{"anchor": "created_at", "seconds": N}}')
+    seconds = asked.get("seconds")
+    if isinstance(seconds, str) and seconds.isdigit():  # a form field's (an upload)
+        seconds = int(seconds)
+    if not isinstance(seconds, int) or not SHORTEST_KEEP <= seconds <= KEEP_SECONDS:
+        raise ConfigError(
+            f"{what}.seconds must be a number from {SHORTEST_KEEP} (one hour) to "
+            f"{KEEP_SECONDS} (30 days), got {seconds!r}"
+        )
+    return seconds
+
+
+def expired(item: dict[str, Any], now: float) -> bool:
+    """Whether the file's time is up (a file made before files expired never is)."""
+    expires_at = item.get("expires_at")
+    return isinstance(expires_at, int) and expires_at <= now
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -48,20 +81,28 @@ class FileStore:
         root.mkdir(parents=True, exist_ok=True)
 
     def create(
-        self, data: bytes, *, filename: str, purpose: str, owner: str | None = None
+        self,
+        data: bytes,
+        *,
+        filename: str,
+        purpose: str,
+        owner: str | None = None,
+        keep: int = KEEP_SECONDS,
     ) -> dict[str, Any]:
+        """A new file, kept `keep` seconds (`expiry`)."""
         if purpose not in PURPOSES:
             raise ConfigError(
                 f"purpose must be 'batch' here (the Batch API's files), got {purpose!r}"
             )
         file_id = "file-" + secrets.token_hex(12)
         write_atomically(self.root / file_id, data)
+        now = int(time.time())
         meta = {
             "id": file_id,
             "object": "file",
             "bytes": len(data),
-            "created_at": int(time.time()),
-            "expires_at": None,
+            "created_at": now,
+            "expires_at": now + keep,
             "filename": filename,
             "purpose": purpose,
             "status": "processed",
@@ -72,19 +113,29 @@ class FileStore:
         write_atomically(self.root / f"{file_id}.json", json.dumps(meta).encode())
         return shown(meta)
 
-    def get(self, file_id: str, owner: str | None = None) -> dict[str, Any]:
+    def get(
+        self, file_id: str, owner: str | None = None, *, expired_too: bool = False
+    ) -> dict[str, Any]:
+        """The file object; `expired_too`: even past its time (a running batch's
+        input, which `expire` keeps until the batch ends)."""
         meta = self._meta_path(file_id)
         try:
             found: dict[str, Any] = json.loads(meta.read_text())
         except (FileNotFoundError, ValueError):
             found = {}
-        if not found or not visible(found, owner):
+        gone = not found or (not expired_too and expired(found, time.time()))
+        if gone or not visible(found, owner):
             raise UnknownObjectError(f"No such File object: {file_id}")
         return shown(found)
 
-    def content(self, file_id: str, owner: str | None = None) -> bytes:
-        self.get(file_id, owner)
-        return (self.root / file_id).read_bytes()
+    def content(
+        self, file_id: str, owner: str | None = None, *, expired_too: bool = False
+    ) -> bytes:
+        self.get(file_id, owner, expired_too=expired_too)
+        try:
+            return (self.root / file_id).read_bytes()
+        except FileNotFoundError:  # expired and deleted between the two reads
+            raise UnknownObjectError(f"No such File object: {file_id}") from None
 
     def delete(self, file_id: str, owner: str | None = None) -> dict[str, Any]:
         self.get(file_id, owner)
@@ -93,15 +144,32 @@ class FileStore:
         return {"id": file_id, "object": "file", "deleted": True}
 
     def list(self, purpose: str | None = None, owner: str | None = None) -> list[dict[str, Any]]:
-        found = []
+        found, now = [], time.time()
         for meta in self.root.glob("file-*.json"):
             try:
                 item = json.loads(meta.read_text())
             except ValueError:
                 continue
-            if (purpose is None or item.get("purpose") == purpose) and visible(item, owner):
+            if purpose is not None and item.get("purpose") != purpose:
+                continue
+            if visible(item, owner) and not expired(item, now):
                 found.append(shown(item))
         return sorted(found, key=lambda item: item["created_at"], reverse=True)
+
+    def expire(self, keep: frozenset[str] = frozenset()) -> tuple[str, ...]:
+        """Delete every file past its time but those in `keep` (running batches'
+        inputs); the ids deleted."""
+        now, deleted = time.time(), set[str]()
+        for meta in self.root.glob("file-*.json"):
+            try:
+                item = json.loads(meta.read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+            if expired(item, now) and item.get("id") not in keep:
+                meta.unlink(missing_ok=True)  # the object first: never bytes without it
+                (self.root / meta.name.removesuffix(".json")).unlink(missing_ok=True)
+                deleted.add(str(item.get("id")))
+        return tuple(sorted(deleted))
 
     def _meta_path(self, file_id: str) -> Path:
         if not file_id.startswith("file-") or not file_id[5:].isalnum():

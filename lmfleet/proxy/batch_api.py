@@ -44,7 +44,7 @@ from lmfleet.jobs.batches import (
     new_batch,
     parse_lines,
 )
-from lmfleet.jobs.files import FileStore
+from lmfleet.jobs.files import FileStore, expiry
 from lmfleet.jobs.journal import Journal, item_key
 from lmfleet.jobs.owners import OWNER, owner_of, shown, visible
 from lmfleet.jobs.results import Answered, ItemError
@@ -67,6 +67,8 @@ PLACEHOLDER = "http://lmfleet.invalid"
 FINISHED = ("completed", "failed", "expired", "cancelled")
 WATCH_EVERY = 1.0
 """Seconds between two looks at the shared directory (`BatchJobs._watch`, `--workers`)."""
+SWEEP_EVERY = 60.0
+"""Seconds between two deletions of expired files (`BatchJobs._sweep`)."""
 EXPIRED = "This request could not be executed before the completion window expired."
 """OpenAI's message for a line its batch's window ended before."""
 
@@ -104,6 +106,7 @@ class BatchJobs:
             self._adopt()
             if self._shared:
                 group.start_soon(self._watch)
+            group.start_soon(self._sweep)
             task_status.started()
             await anyio.sleep_forever()
 
@@ -144,6 +147,23 @@ class BatchJobs:
                 del shown[gone]
             self._adopt()
 
+    async def _sweep(self) -> None:
+        """Delete the files past their time (lmfleet/jobs/files.py) now and every
+        `SWEEP_EVERY` s, but the inputs of the batches that still run (a restart
+        reads them again), and the journals finished batches left behind (a proxy
+        killed between a batch's end and its journal's deletion)."""
+        while True:
+            running: set[str] = set()
+            for batch in self.batches.list():
+                if batch["status"] in RUNNING:
+                    running.add(batch["input_file_id"])
+                elif self.batches.journal_path(batch["id"]).exists():
+                    self.batches.drop_journal(batch["id"])
+            gone = self.files.expire(keep=frozenset(running))
+            if gone:
+                log.info("deleted %d expired file(s): %s", len(gone), ", ".join(gone))
+            await anyio.sleep(SWEEP_EVERY)
+
     # -- the routes' side -------------------------------------------------------------
 
     def create(self, asked: Any, owner: str | None = None) -> dict[str, Any]:
@@ -164,7 +184,11 @@ class BatchJobs:
         metadata = asked.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise ConfigError("metadata must be an object")
+        keep = asked.get("output_expires_after")
+        expiry(keep, "output_expires_after")  # checked now; its files are made at the end
         batch = new_batch(file_id, endpoint, window, metadata)
+        if keep is not None:
+            batch["output_expires_after"] = keep
         if owner is not None:
             batch[OWNER] = owner  # its output and error files are theirs too (`_output`)
         self.batches.claim(batch["id"])  # before the file exists: no other worker adopts it
@@ -236,7 +260,7 @@ class BatchJobs:
 
     def _lines(self, batch: dict[str, Any]) -> list[Line]:
         try:
-            data = self.files.content(batch["input_file_id"])
+            data = self.files.content(batch["input_file_id"], expired_too=True)
         except UnknownObjectError:
             raise ConfigError(f"the input file {batch['input_file_id']} is gone") from None
         lines = parse_lines(data, batch["endpoint"])
@@ -352,12 +376,14 @@ class BatchJobs:
         else:
             batch.update(status="completed", completed_at=now)
         self.batches.save(batch)
+        self.batches.drop_journal(batch_id)  # after the save: a restart before it resumes
 
     def _output(self, batch: dict[str, Any], kind: str, rows: list[bytes]) -> str:
         data = b"\n".join(rows) + b"\n"
         name = f"{batch['id']}_{kind}.jsonl"
+        keep = expiry(batch.get("output_expires_after"))
         made = self.files.create(
-            data, filename=name, purpose="batch_output", owner=batch.get(OWNER)
+            data, filename=name, purpose="batch_output", owner=batch.get(OWNER), keep=keep
         )
         return str(made["id"])
 
@@ -459,8 +485,8 @@ async def files_root(scope: Scope, receive: Receive, send: Send, rt: Any) -> Non
         found = jobs.files.list(_query(scope).get("purpose"), owner)
         await send_json(send, 200, {"object": "list", "data": found, "has_more": False})
         return
-    data, filename, purpose = _upload(scope, await read_body(scope, receive, MAX_FILE_BYTES))
-    made = jobs.files.create(data, filename=filename, purpose=purpose, owner=owner)
+    data, filename, purpose, keep = _upload(scope, await read_body(scope, receive, MAX_FILE_BYTES))
+    made = jobs.files.create(data, filename=filename, purpose=purpose, owner=owner, keep=keep)
     await send_json(send, 200, made)
 
 
@@ -531,8 +557,10 @@ def _page(batches: list[dict[str, Any]], scope: Scope) -> dict[str, Any]:
     }
 
 
-def _upload(scope: Scope, body: bytes) -> tuple[bytes, str, str]:
-    """The file and purpose of a `multipart/form-data` upload (`client.files.create`)."""
+def _upload(scope: Scope, body: bytes) -> tuple[bytes, str, str, int]:
+    """The file, purpose and seconds to keep of a `multipart/form-data` upload
+    (`client.files.create`; `expires_after` comes as `expires_after[anchor]` and
+    `expires_after[seconds]` fields)."""
     kind = header(scope, b"content-type") or b""
     if not kind.lower().startswith(b"multipart/form-data"):
         raise ConfigError("upload a file as multipart/form-data (file, purpose)")
@@ -541,6 +569,7 @@ def _upload(scope: Scope, body: bytes) -> tuple[bytes, str, str]:
     )
     data: bytes | None = None
     filename, purpose = "upload.jsonl", None
+    expires: dict[str, Any] = {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         payload = part.get_payload(decode=True)
@@ -549,8 +578,11 @@ def _upload(scope: Scope, body: bytes) -> tuple[bytes, str, str]:
             filename = part.get_filename() or filename
         elif name == "purpose" and isinstance(payload, bytes):
             purpose = payload.decode().strip()
+        elif isinstance(name, str) and name.startswith("expires_after["):
+            field = name.removeprefix("expires_after[").removesuffix("]")
+            expires[field] = payload.decode().strip() if isinstance(payload, bytes) else None
     if data is None:
         raise ConfigError("the upload has no 'file' part")
     if purpose is None:
         raise ConfigError("the upload has no 'purpose' part")
-    return data, filename, purpose
+    return data, filename, purpose, expiry(expires or None)

@@ -301,3 +301,88 @@ def test_each_client_key_sees_only_its_own_files_and_batches(
 
     stored = b"".join(p.read_bytes() for p in jobs.rglob("*.json"))
     assert b"alice-key" not in stored and b"bob-key" not in stored  # a digest, not the key
+
+
+def _age(jobs: Path, file_id: str) -> None:
+    """Make a file's time run out, as 30 days would (its object, as the proxy wrote it)."""
+    stored = jobs / "files" / f"{file_id}.json"
+    record = json.loads(stored.read_text())
+    record["expires_at"] = int(time.time()) - 1
+    stored.write_text(json.dumps(record))
+
+
+def test_files_expire_as_openais_do_and_finished_batches_keep_no_journal(
+    start_sim: StartSim, serve_fleet: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A proxy that runs for months must not keep every batch's prompts and answers:
+    files expire (30 days, or their `expires_after`), expired ones are gone at once
+    and deleted by the proxy's sweep (at its start, then every minute), but for the
+    input of a batch that still runs; a finished batch's journal is deleted."""
+    slow = start_sim("--ttft-ms", "5", "--tpot-ms", "40")
+    jobs = tmp_path / "jobs"
+    options = ProxyOptions(jobs_dir=jobs, batch_concurrency=1)
+    fleet, server = serve_fleet([slow.url], serve={"options": options})
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    plain = client.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
+    assert plain.expires_at == plain.created_at + 30 * 24 * 3600
+    hour = client.files.create(
+        file=("b.jsonl", b"{}\n"),
+        purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 3600},
+    )
+    assert hour.expires_at == hour.created_at + 3600
+    for wrong in (60, 31 * 24 * 3600):
+        with pytest.raises(openai.BadRequestError, match="from 3600"):
+            client.files.create(
+                file=("c.jsonl", b"{}\n"),
+                purpose="batch",
+                expires_after={"anchor": "created_at", "seconds": wrong},
+            )
+
+    short = client.batches.create(
+        input_file_id=client.files.create(
+            file=("d.jsonl", line(0, fleet.model).encode()), purpose="batch"
+        ).id,
+        endpoint=CHAT,
+        completion_window="24h",
+        output_expires_after={"anchor": "created_at", "seconds": 7200},
+    )
+    done = reaches(client, short.id, "completed")
+    assert done.output_file_id is not None
+    output = client.files.retrieve(done.output_file_id)
+    assert output.expires_at == output.created_at + 7200
+    assert not list((jobs / "batches").glob("*.sqlite*"))  # its answers are in the output
+    with pytest.raises(openai.BadRequestError, match="output_expires_after"):
+        client.batches.create(
+            input_file_id=plain.id,
+            endpoint=CHAT,
+            completion_window="24h",
+            output_expires_after={"anchor": "now", "seconds": 7200},  # type: ignore[typeddict-item]
+        )
+
+    running = submit(client, "\n".join(line(i, fleet.model, max_tokens=8) for i in range(20)))
+    lines_done(client, running.id, 1)
+    server.stop()  # while the batch runs
+    for file_id in (hour.id, done.output_file_id, running.input_file_id):
+        _age(jobs, file_id)
+    again = fleet.serve(port=0, options=options)
+    client = openai.OpenAI(base_url=again.url + "/v1", api_key="unused", max_retries=0)
+    for file_id in (hour.id, done.output_file_id):
+        with pytest.raises(openai.NotFoundError):
+            client.files.retrieve(file_id)
+    listed = {f.id for f in client.files.list()}
+    assert plain.id in listed and hour.id not in listed and done.output_file_id not in listed
+    assert (jobs / "files" / plain.id).exists()
+    wait_until(
+        lambda: (
+            not (jobs / "files" / hour.id).exists()
+            and not (jobs / "files" / done.output_file_id).exists()
+        ),  # type: ignore[operator]
+        10,
+        "the sweep deleting the expired files",
+    )
+    # The same sweep kept the running batch's expired input for it, and it completes.
+    assert (jobs / "files" / running.input_file_id).exists()
+    resumed = reaches(client, running.id, "completed")
+    assert resumed.request_counts is not None and resumed.request_counts.completed == 20
+    again.stop()
