@@ -95,6 +95,15 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def children(pid: int) -> list[int]:
+    """`pid`'s own child processes (e.g. the workers of `lmfleet serve --workers`)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of `pid` and its live descendants, in seconds."""
     total = 0

@@ -16,6 +16,7 @@ import random
 import re
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from urllib.parse import urlsplit
@@ -155,11 +156,12 @@ class NodeRegistry:
         """Awaited after a decision other processes must know before it acts on a
         node (a weight update's cut): the shared state of `lmfleet serve --workers`
         (lmfleet/proxy/shared.py) sets it; None in one process."""
-        self.metrics_standby = False
-        """True in a worker of `lmfleet serve --workers` other than worker 0, which
-        reads the nodes' `/metrics` and shares the reports (lmfleet/proxy/shared.py):
-        this process's monitor reads a node's only when its latest report is late
-        (`Monitor._metrics_due`)."""
+        self.metrics_share: tuple[int, int] | None = None
+        """In a worker of `lmfleet serve --workers`: (its index, how many workers).
+        Each node's `/metrics` is read by one worker and the report shared
+        (lmfleet/proxy/shared.py), each worker reading its share of the nodes
+        (`reads_metrics`); the others read it only when its latest report is late
+        (`Monitor._metrics_due`). None: this process reads every node's."""
         self.doorbell = Doorbell()
         """Rung when a node becomes able to take requests: waiting ones look at once."""
         self._nodes: dict[str, NodeState] = {}
@@ -198,6 +200,16 @@ class NodeRegistry:
         self.wake_asked = False
         """A request went to a worse tier while a better one sleeps: the router asks the
         fleet to wake one (`TierChoice.better_asleep`), then clears it."""
+
+    def reads_metrics(self, url: str) -> bool:
+        """Whether this process reads `url`'s `/metrics` every round (`metrics_share`):
+        a hash of the URL picks the worker, the same in every worker with no
+        agreement needed, and spreads a large fleet's reports (each a parse of up to
+        ~100 KB of Prometheus text for a vLLM node) evenly over the workers."""
+        if self.metrics_share is None:
+            return True
+        index, count = self.metrics_share
+        return zlib.crc32(url.encode()) % count == index
 
     def _models_changed(self) -> None:
         # Called under the lock whenever membership or a node's models change, so

@@ -224,6 +224,7 @@ def proxy_options(args: argparse.Namespace) -> ProxyOptions:
         values[("listen_fd",)] = args.worker_fd
         values[("hub",)] = args.worker_hub
         values[("worker",)] = args.worker_index
+        values[("workers",)] = args.worker_count
     return with_values(ProxyOptions, None, values)
 
 

@@ -40,7 +40,7 @@ QUICK_EXITS = 3
 fails on, not a crash)."""
 STOP_GRACE = 20.0
 """Seconds workers get to stop quietly before they are killed."""
-WORKER_FLAGS = ("--worker-fd", "--worker-hub", "--worker-index")
+WORKER_FLAGS = ("--worker-fd", "--worker-hub", "--worker-index", "--worker-count")
 
 
 def worker_count(text: str) -> int:
@@ -72,6 +72,9 @@ def add_arguments(add: argparse._ActionsContainer) -> None:
     add.add_argument("--worker-hub", type=Path, default=None, help=f"the hub's socket {internal}")
     add.add_argument(
         "--worker-index", type=int, default=0, help=f"this worker's number, default 0 {internal}"
+    )
+    add.add_argument(
+        "--worker-count", type=int, default=1, help=f"how many workers, default 1 {internal}"
     )
 
 
@@ -136,6 +139,8 @@ def run(args: argparse.Namespace, serve_argv: Sequence[str]) -> int:
             str(sock.fileno()),
             "--worker-hub",
             str(hub.path),
+            "--worker-count",
+            str(args.workers),
         ]
         try:
             scheme = "https" if args.ssl else "http"

@@ -390,16 +390,16 @@ class Monitor:
         registry.modify(url, apply)
 
     def _metrics_due(self, state: NodeState) -> bool:
-        """Due by this monitor's schedule; in a standby worker of `lmfleet serve
-        --workers` (`NodeRegistry.metrics_standby`), only once the node's latest
-        report, which worker 0 reads every round and shares (lmfleet/proxy/shared.py),
-        is `STANDBY_AFTER` intervals old: one reader per node whatever the workers, and
-        while worker 0 is down (restarting) the others read for themselves."""
+        """Due by this monitor's schedule; in a worker of `lmfleet serve --workers`
+        for a node another worker reads every round and shares
+        (`NodeRegistry.reads_metrics`, lmfleet/proxy/shared.py), only once the node's
+        latest report is `STANDBY_AFTER` intervals old: one reader per node whatever
+        the workers, and while its reader is down (restarting) another reads it."""
         now = time.monotonic()
         if self._next_metrics.get(state.url, 0.0) > now:
             return False
         load = state.load
-        if load is None or not self._registry.metrics_standby:
+        if load is None or self._registry.reads_metrics(state.url):
             return True
         return load.read_at + STANDBY_AFTER * self._metrics_every <= now
 

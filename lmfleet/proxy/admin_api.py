@@ -133,6 +133,9 @@ async def readiness(scope: Scope, receive: Receive, send: Send, rt: ProxyContext
         told: dict[str, object] = {"via": shared.via, "worker": shared.worker}
         told["pid"] = os.getpid()  # which process answered (a worker restarted: another)
         told["connected"] = shared.connected
+        registry = rt.fleet.registry
+        if registry.metrics_share is not None:  # whose `/metrics` this worker reads
+            told["reads_metrics"] = [n.url for n in nodes if registry.reads_metrics(n.url)]
         if shared.problem:
             told["problem"] = shared.problem
         payload["shared"] = told

@@ -169,6 +169,12 @@ class ProxyOptions(BaseModel):
         ge=0,
         description="this worker's index under `--workers` (0 keeps the state file)",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="how many workers `--workers` runs (each reads its share of the "
+        "nodes' `/metrics`: lmfleet/proxy/shared.py)",
+    )
 
     @model_validator(mode="after")
     def _ssl_pair(self) -> ProxyOptions:

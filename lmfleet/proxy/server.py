@@ -92,7 +92,9 @@ class ProxyServer:
         else:
             link, hub = hub, None
         if link is not None:
-            self.shared = self._app.shared = SharedState(fleet, link, options.worker, hub)
+            self.shared = self._app.shared = SharedState(
+                fleet, link, options.worker, hub, options.workers
+            )
         config = uvicorn.Config(
             self._app,
             lifespan="on",

@@ -13,10 +13,11 @@ worker observes (health, latency) stays its own: its monitor sees it too; but
 each node's last activity (to the second) goes with its facts, so that the one
 auto-sleeper (worker 0) does not put to sleep a node the other workers keep busy.
 A node's `/metrics` report is read once per interval for all the workers of one
-host (`loads`): worker 0 reads it every round and passes it on through the hub, and
-the others' monitors stand by (`NodeRegistry.metrics_standby`), reading a node's
-only when its latest report is late (worker 0 down or far behind:
-`Monitor._metrics_due`).
+host (`loads`): one worker, picked by a hash of the node's URL
+(`NodeRegistry.reads_metrics`), reads it every round and passes it on through the
+hub, and the others stand by for that node, reading it only when its latest report
+is late (its reader down or far behind: `Monitor._metrics_due`). So each worker
+parses its share of a large fleet's reports, not worker 0 all of them.
 
 Beside the facts, each process shares its requests in flight per node (`held`):
 the counts that changed every `SYNC_EVERY`, all of them every `HELD_EVERY`. A node's
@@ -295,8 +296,14 @@ class SharedState:
     """One process's side of the shared facts (see the module docstring)."""
 
     def __init__(
-        self, fleet: FleetSurface, link: Link, worker: int = 0, siblings: HubLink | None = None
+        self,
+        fleet: FleetSurface,
+        link: Link,
+        worker: int = 0,
+        siblings: HubLink | None = None,
+        workers: int = 1,
     ) -> None:
+        """`worker` is this process's index of `workers` (`lmfleet serve --workers`)."""
         self._fleet = fleet
         self._link = link
         self.worker = worker
@@ -318,7 +325,8 @@ class SharedState:
         """Our counts as last shared (`held` messages)."""
         self._loads_known: dict[str, float] = {}
         """Each node's newest report (`read_at`) this worker shared or heard."""
-        fleet.registry.metrics_standby = worker > 0  # worker 0 reads, the others hear
+        if workers > 1:  # each reads its share of the nodes' reports, and hears the rest
+            fleet.registry.metrics_share = (worker, workers)
         self._peers = PeerCounts()
         self._unreadable = Unreadable(f"worker {worker}")
 

@@ -237,6 +237,9 @@ def test_one_metrics_read_a_round_serves_both_workers(
     flags = [f for n in nodes for f in ("--node", n.url)]
     proxy, base = _start(console, *flags, "--health-interval", str(interval))
     _wait_all_healthy(base)
+    # Each node is read by one worker, not all by worker 0: the shares split the nodes.
+    shares = [set(a["shared"]["reads_metrics"]) for a in _each_workers_readiness(base).values()]
+    assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == {n.url for n in nodes}
 
     def knows_both_loads(client: httpx2.Client) -> bool:
         return all(n["queue_current"] for n in client.get("/nodes/status").json().values())

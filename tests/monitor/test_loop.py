@@ -4,6 +4,7 @@ import dataclasses
 import logging
 import threading
 import time
+import zlib
 
 import httpx2
 import pytest
@@ -82,14 +83,15 @@ def test_a_node_that_stops_answering_loses_its_load_report(start_sim: StartSim) 
 def test_a_standby_monitor_reads_metrics_only_when_the_shared_report_is_late(
     start_sim: StartSim,
 ) -> None:
-    """A worker of `lmfleet serve --workers` other than worker 0 hears worker 0's
-    reports (here: put into the registry as the shared state does, lmfleet/proxy/shared.py)
+    """A worker of `lmfleet serve --workers` hears another's reports of a node that
+    worker reads (here: put into the registry as the shared state does, lmfleet/proxy/shared.py)
     and reads a node's `/metrics` itself only once the latest report is
     `STANDBY_AFTER` intervals old: while they keep coming, never; once they stop, again."""
     node = start_sim("--fast")
     with LMFleet.attach([node.url], health_interval=0.5) as fleet:  # least_load reads /metrics
         wait_until(lambda: fleet.registry.get(node.url).load, what="a first load report")
-        fleet.registry.metrics_standby = True
+        fleet.registry.metrics_share = (1 - zlib.crc32(node.url.encode()) % 2, 2)  # not ours
+        assert not fleet.registry.reads_metrics(node.url)
 
         def reads() -> int:
             return int(sim_stats(node.url)["by_path"].get("/metrics", 0))
