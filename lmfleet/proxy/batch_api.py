@@ -153,16 +153,22 @@ class BatchJobs:
         reads them again), and the journals finished batches left behind (a proxy
         killed between a batch's end and its journal's deletion)."""
         while True:
-            running: set[str] = set()
-            for batch in self.batches.list():
-                if batch["status"] in RUNNING:
-                    running.add(batch["input_file_id"])
-                elif self.batches.journal_path(batch["id"]).exists():
-                    self.batches.drop_journal(batch["id"])
-            gone = self.files.expire(keep=frozenset(running))
-            if gone:
-                log.info("deleted %d expired file(s): %s", len(gone), ", ".join(gone))
+            try:
+                self._sweep_once()
+            except (OSError, KeyError, TypeError) as exc:  # a disk's or a hand-edited file's
+                log.warning("could not delete expired Batch API files: %r", exc)
             await anyio.sleep(SWEEP_EVERY)
+
+    def _sweep_once(self) -> None:
+        running: set[str] = set()
+        for batch in self.batches.list():
+            if batch["status"] in RUNNING:
+                running.add(batch["input_file_id"])
+            elif self.batches.journal_path(batch["id"]).exists():
+                self.batches.drop_journal(batch["id"])
+        gone = self.files.expire(keep=frozenset(running))
+        if gone:
+            log.info("deleted %d expired file(s): %s", len(gone), ", ".join(gone))
 
     # -- the routes' side -------------------------------------------------------------
 
