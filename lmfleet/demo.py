@@ -16,16 +16,20 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 import httpx2
-import openai
-from openai.types.chat import ChatCompletionMessageParam
 
-from lmfleet.errors import require_serve
-from lmfleet.fleet import LMFleet
-from lmfleet.node.views import FleetStatus
+from lmfleet.plain_errors import require_serve
 from lmfleet.routing import DEFAULT_STRATEGY
+
+if TYPE_CHECKING:  # the fleet and openai are imported by the demo's run, not by the
+    # parser every `lmfleet` command builds (`lmfleet sim` starts without them)
+    from openai.types.chat import ChatCompletionMessageParam
+
+    from lmfleet.fleet import LMFleet
+    from lmfleet.node.views import FleetStatus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +55,8 @@ async def _burst(
     Routed in-process by default; with `base_url`, through the proxy at that URL.
     Once `stop` is set no new request starts, and `_Stopped` ends the demo.
     """
+    import openai
+
     client = (
         fleet.async_client(max_retries=0)  # the router alone fails over
         if base_url is None
@@ -162,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
 def _demo(
     args: argparse.Namespace, started: Callable[[LMFleet], None], stop: threading.Event
 ) -> None:
+    from lmfleet.fleet import LMFleet
+
     nodes = max(2, args.nodes)
     speeds = [1.0] * (nodes - 1) + [1 / 3]
     print(f"Starting {nodes} simulated LMDeploy nodes (the last one 3x slower)...")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pydantic
 
-from lmfleet.errors import ConfigError, LMFleetError
+from lmfleet.plain_errors import ConfigError, LMFleetError
 
 
 def validation_summary(error: pydantic.ValidationError, spell: Callable[[str], str] = str) -> str:

@@ -27,9 +27,9 @@ from lmfleet.cli.serve import (
     stop_on_signals,
 )
 from lmfleet.config import add_flags, given
-from lmfleet.errors import NotReadyError, require_serve
 from lmfleet.launch.command import ServerArgValue, server_args_to_flags
 from lmfleet.launch.options import LaunchOptions
+from lmfleet.plain_errors import NotReadyError, require_serve
 
 if TYPE_CHECKING:
     from lmfleet.fleet import LMFleet

@@ -22,7 +22,7 @@ import pydantic
 
 from lmfleet.cli.failure import validation_summary
 from lmfleet.config import NodeOptions
-from lmfleet.errors import ConfigError
+from lmfleet.plain_errors import ConfigError
 
 NODE_SETTINGS = {
     "priority": "its tier: higher is preferred (default 0)",

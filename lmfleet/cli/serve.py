@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 from lmfleet.cli import workers
 from lmfleet.cli.node_flag import NODE_SETTINGS, parse_node_flag
 from lmfleet.config import SHORTCUTS, FleetOptions, add_flags, given, with_values
-from lmfleet.errors import ConfigError, require_serve
 from lmfleet.logs import configure_logging as setup_logging
 from lmfleet.node.names import parse_alias_flag
+from lmfleet.plain_errors import ConfigError, require_serve
 from lmfleet.priority import parse_priority
 from lmfleet.proxy.options import ProxyOptions
 from lmfleet.proxy.state_file import default_dir, state_path

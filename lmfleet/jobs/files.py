@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmfleet.errors import ConfigError, UnknownObjectError
 from lmfleet.jobs.owners import OWNER, shown, visible
+from lmfleet.plain_errors import ConfigError, UnknownObjectError
 
 PURPOSES = frozenset({"batch", "batch_output"})
 """What a file may be for here: batch inputs, and the outputs the batches write."""

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-from lmfleet.errors import ConfigError
 from lmfleet.launch.command import (
     LMDEPLOY_COMMAND,
     CommandContext,
@@ -20,6 +19,7 @@ from lmfleet.launch.command import (
     ServerArgValue,
     render_command,
 )
+from lmfleet.plain_errors import ConfigError
 
 RestartMode = Literal["no", "on-failure"]
 Placement = Literal["spread", "pack"]

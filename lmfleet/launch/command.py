@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
-from lmfleet.errors import ConfigError
+from lmfleet.plain_errors import ConfigError
 
 LMDEPLOY_COMMAND: tuple[str, ...] = (
     "lmdeploy",

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 
-from lmfleet.errors import ConfigError
+from lmfleet.plain_errors import ConfigError
 
 _SMI_LINE = re.compile(r"^GPU (\d+):", re.MULTILINE)
 

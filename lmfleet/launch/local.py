@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from lmfleet.errors import LaunchError
 from lmfleet.launch.base import LaunchedNode, NodeSpec
 from lmfleet.launch.gpus import assign_gpus, visible_gpus
 from lmfleet.launch.process import ManagedProcess, free_port
+from lmfleet.plain_errors import LaunchError
 
 T = TypeVar("T")
 Spawner = Callable[[Callable[[], T]], T]

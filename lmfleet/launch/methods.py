@@ -11,7 +11,6 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from lmfleet.config import FleetOptions, merge_options
-from lmfleet.errors import require_serve
 from lmfleet.launch.base import LaunchedNode, NodeSpec
 from lmfleet.launch.command import CommandTemplate, ServerArgValue
 from lmfleet.launch.options import LaunchKeywords, LaunchOptions, split_keywords
@@ -23,6 +22,7 @@ from lmfleet.launch.specs import (
     weight_update_server,
 )
 from lmfleet.launch.supervisor import Supervisor
+from lmfleet.plain_errors import require_serve
 from lmfleet.registry import NodeRegistry
 from lmfleet.routing import DEFAULT_STRATEGY
 from lmfleet.routing.base import Strategy

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lmfleet.errors import LaunchError
+from lmfleet.plain_errors import LaunchError
 
 _PR_SET_PDEATHSIG = 1
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from lmfleet.errors import ConfigError, LaunchError, install_hint
 from lmfleet.launch.base import LaunchedNode, NodeSpec, Placement
 from lmfleet.launch.process import ManagedProcess, free_port
+from lmfleet.plain_errors import ConfigError, LaunchError, install_hint
 
 ACTOR_DIED = -1
 """`poll()` status of a node whose actor is dead for good."""

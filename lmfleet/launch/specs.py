@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from lmfleet.errors import ConfigError
 from lmfleet.launch.base import Launcher, NodeSpec
 from lmfleet.launch.command import (
     ENGINE_COMMANDS,
@@ -19,6 +18,7 @@ from lmfleet.launch.command import (
 from lmfleet.launch.local import LocalLauncher, Spawner
 from lmfleet.launch.options import LaunchOptions
 from lmfleet.launch.process import ManagedProcess
+from lmfleet.plain_errors import ConfigError
 
 
 def _port(base_port: int | None, index: int) -> int | None:

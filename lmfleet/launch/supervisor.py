@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import anyio
 
-from lmfleet.errors import LaunchError, UnknownNodeError
 from lmfleet.launch.base import LaunchedNode, Launcher, NodeSpec, RestartPolicy
 from lmfleet.launch.local import Spawner
 from lmfleet.launch.options import LaunchOptions
 from lmfleet.launch.process import ManagedProcess
 from lmfleet.launch.specs import make_launcher
 from lmfleet.node.state import NodeState, NodeStatus
+from lmfleet.plain_errors import LaunchError, UnknownNodeError
 from lmfleet.registry import NodeRegistry
 
 

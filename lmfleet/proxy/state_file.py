@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from lmfleet.config import NodeOptions
-from lmfleet.errors import ConfigError, LMFleetError
 from lmfleet.jobs.files import write_atomically
 from lmfleet.node.state import NodeRole, NodeState
+from lmfleet.plain_errors import ConfigError, LMFleetError
 
 if TYPE_CHECKING:
     from lmfleet.surface import FleetSurface

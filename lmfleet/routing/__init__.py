@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from lmfleet.errors import ConfigError
+from lmfleet.plain_errors import ConfigError
 from lmfleet.routing.affinity import affinity_key
 from lmfleet.routing.base import (
     CAPABILITIES,

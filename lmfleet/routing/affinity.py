@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lmfleet.errors import ConfigError
+from lmfleet.plain_errors import ConfigError
 
 AFFINITY_HEADERS = ("x-lmfleet-affinity", "x-session-id")
 """Headers read for an explicit key, most specific first."""

@@ -29,8 +29,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
-from lmfleet.errors import ConfigError
 from lmfleet.node.state import NodeState
+from lmfleet.plain_errors import ConfigError
 from lmfleet.routing._ring import HashRing
 from lmfleet.routing.base import BaseStrategy, Candidate, RequestInfo
 from lmfleet.routing.least_load import LeastLoad, expected_waits
