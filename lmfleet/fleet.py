@@ -376,12 +376,19 @@ class LMFleet(LaunchMethods, NotebookMethods, WeightMethods):
         return start_server(self, serve_options(options, port=port, host=host, **keywords))
 
     def wait_ready(self, timeout: float = 600.0, *, min_ready: int | None = None) -> FleetStatus:
-        """Block until at least `min_ready` nodes are healthy; raise with the reason if not."""
+        """Block until at least `min_ready` nodes are healthy; raise with the reason if not.
+
+        A `min_ready` given here is waited for even beyond the nodes the fleet has
+        now: nodes that register (`allow_empty`, `/nodes/add`) or are added count.
+        The fleet's own (`FleetOptions.min_ready`) is capped at its node count, so a
+        fleet whose node was removed is still ready with the rest."""
         self.runtime.check_open()
+        if min_ready is not None and min_ready < 1:
+            raise ConfigError(f"min_ready must be >= 1, got {min_ready}")
         deadline = time.monotonic() + timeout
         while True:
             nodes = self.registry.snapshot()
-            need = min(min_ready or self.options.min_ready, max(len(nodes), 1))
+            need = min_ready or min(self.options.min_ready, max(len(nodes), 1))
             healthy = sum(1 for n in nodes if n.status is NodeStatus.HEALTHY)
             if healthy >= need:
                 return self.status()

@@ -457,6 +457,26 @@ def test_attach_empty_when_allowed_then_nodes_join(start_sim: StartSim) -> None:
             fleet.wait_ready(timeout=0.1)
         fleet.add_node(start_sim(*FAST).url)
         fleet.wait_ready(timeout=30)
+        # The number asked for is waited for, beyond the nodes there are now (it
+        # returned with one of two before: a caller waiting for its nodes to join).
+        with pytest.raises(NotReadyError, match=r"1 of 1 nodes healthy .*\(2 needed\)"):
+            fleet.wait_ready(timeout=0.5, min_ready=2)
+        second = start_sim(*FAST).url
+        joining = threading.Timer(0.3, fleet.add_node, (second,))
+        joining.start()
+        try:
+            ready = fleet.wait_ready(timeout=30, min_ready=2)
+        finally:
+            joining.join()
+        assert sum(n.state is NodeStatus.HEALTHY for n in ready.nodes) == 2
+        with pytest.raises(ConfigError, match="min_ready must be >= 1"):
+            fleet.wait_ready(min_ready=0)
+
+
+def test_simulated_speeds_must_be_positive() -> None:
+    for speed in (0, -1.0, [1.0, float("nan")]):
+        with pytest.raises(ConfigError, match="speed must be a number > 0"):
+            LMFleet.simulate(nodes=2, speed=speed)
 
 
 def test_attach_takes_one_url_as_a_string(start_sim: StartSim) -> None:

@@ -6,6 +6,7 @@ builder: the simulator is only another command template with `gpus=0`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from lmfleet.launch.base import Launcher, NodeSpec
@@ -126,6 +127,8 @@ def sim_specs(
     speeds = [float(speed)] * nodes if isinstance(speed, (int, float)) else list(speed)
     if len(speeds) != nodes:
         raise ConfigError(f"speed has {len(speeds)} values for {nodes} nodes")
+    if not all(math.isfinite(s) and s > 0 for s in speeds):
+        raise ConfigError(f"speed must be a number > 0 (0.33: 3x slower), got {speed!r}")
     engines = [engine] * nodes if isinstance(engine, str) else list(engine)
     if len(engines) != nodes:
         raise ConfigError(f"engine has {len(engines)} values for {nodes} nodes")
