@@ -144,6 +144,9 @@ BAD_PRIORITY = Answer("bad_priority", 400, "invalid_request_error")
 """A request priority that is no integer (lmfleet/priority.py); `openai.BadRequestError`."""
 BAD_TIMEOUT = Answer("bad_timeout", 400, "invalid_request_error")
 """An `x-lmfleet-timeout` that is no positive number of seconds; `openai.BadRequestError`."""
+UNKNOWN_ASK = Answer("unknown_ask", 400, "invalid_request_error")
+"""An `x-lmfleet-*` request header lmfleet does not read: a misspelt ask (a
+staleness bound, a version) would otherwise be served as if never made."""
 
 # -- the proxy's own: the request as it arrived, and its admin routes ----------------
 BAD_JSON = Answer("bad_json", 400, "invalid_request_error")
@@ -193,6 +196,7 @@ ROWS: tuple[Answer, ...] = (
     BAD_VERSION,
     BAD_PRIORITY,
     BAD_TIMEOUT,
+    UNKNOWN_ASK,
     BAD_JSON,
     BODY_TOO_LARGE,
     BODY_TIMEOUT,

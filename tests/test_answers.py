@@ -127,6 +127,11 @@ SCENARIOS = {
         headers={"x-lmfleet-timeout": "-1"},
         client_sees=openai.BadRequestError,
     ),
+    "unknown_ask": Scenario(
+        answers.UNKNOWN_ASK,
+        headers={"x-lmfleet-max-stalenes": "0"},  # a typo: no bound would have held
+        client_sees=openai.BadRequestError,
+    ),
     "interrupted": Scenario(
         answers.INTERRUPTED,
         sim=(*FAST, "--drop-stream-after", "2", "--output-tokens", "50"),

@@ -8,7 +8,7 @@ drift apart. The failover rules live in plan.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import httpx2
@@ -18,6 +18,7 @@ from lmfleet.answers import (
     BAD_TIMEOUT,
     BAD_VERSION,
     NO_ROUTE,
+    UNKNOWN_ASK,
     UNKNOWN_MODEL,
     Answer,
 )
@@ -27,6 +28,7 @@ from lmfleet.node.client import NodeClient
 from lmfleet.node.state import NodeRole
 from lmfleet.priority import PRIORITY, PRIORITY_FIELD, PRIORITY_HEADER, parse_priority
 from lmfleet.registry import NodeRegistry
+from lmfleet.routing.affinity import AFFINITY_HEADERS
 from lmfleet.routing.base import RequestInfo, Strategy, as_base_strategy
 from lmfleet.transport import models as fleet_models
 from lmfleet.transport import tracing
@@ -91,6 +93,23 @@ _PROXY_ONLY_MESSAGE = (
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
 _PRIORITY = PRIORITY_HEADER.encode()
 _TIMEOUT = TIMEOUT_HEADER.encode()
+KNOWN_ASKS = frozenset(
+    {
+        _REQUEST_ID,
+        _PRIORITY,
+        _TIMEOUT,
+        *(header for _, _, header in _ASKS),
+        *(name.encode() for name in AFFINITY_HEADERS if name.encode().startswith(ASK_PREFIX)),
+    }
+)
+"""Every `x-lmfleet-*` request header lmfleet reads; any other is refused
+(`UNKNOWN_ASK`): a typo in an ask must not go unnoticed."""
+
+
+def _unknown_asks(names: Iterable[bytes]) -> str:
+    known = ", ".join(sorted(name.decode() for name in KNOWN_ASKS))
+    given = ", ".join(sorted(name.decode("latin-1") for name in names))
+    return f"unknown lmfleet header(s) {given}; lmfleet reads {known}"
 
 
 class Plan(Protocol):
@@ -195,6 +214,8 @@ class Router:
         if self._affinity_key is not None:
             key = self._affinity_key(request.headers, body)
         asked = {k.lower(): v for k, v in request.headers.raw if k[:10].lower() == ASK_PREFIX}
+        if unknown := asked.keys() - KNOWN_ASKS:
+            return self._refused(request, role, UNKNOWN_ASK, _unknown_asks(unknown))
         given = asked.get(_REQUEST_ID)
         request.extensions[REQUEST_ID] = given.decode("latin-1") if given else new_request_id()
         try:
