@@ -88,21 +88,27 @@ def expected_waits(nodes: Sequence[NodeState], now: float) -> list[tuple[float, 
     (seconds per token, `NodeLoad.pace`); else its recent latency in seconds (the
     fastest measured one's for a node not measured yet).
     """
+    # One pass, the node's `held` and `beyond_batch` written out: this runs for every
+    # candidate of every request, under the registry's lock (bench/routing_pick.py).
     source = cost_source(nodes)
-    per_request: list[float]
-    if source == "speed":
-        per_request = [1.0 / n.speed for n in nodes if n.speed is not None]
-    elif source == "pace":
-        per_request = [n.load.pace for n in nodes if n.load is not None and n.load.pace is not None]
-    else:
-        measured = [n.latency for n in nodes if n.latency is not None]
-        prior = min(measured) if measured else 1.0
-        per_request = [prior if n.latency is None else n.latency for n in nodes]
+    prior = 1.0
+    if source == "latency":
+        prior = min((n.latency for n in nodes if n.latency is not None), default=1.0)
     parts = []
-    for node, seconds in zip(nodes, per_request, strict=True):
-        held = node.held(now)
-        count = held + 1.0 + QUEUE_EXTRA * beyond_batch(node, held)
-        parts.append((count * seconds, held))
+    for node in nodes:
+        load = node.load
+        if source == "speed":
+            seconds = 1.0 / node.speed  # type: ignore[operator]  # every node has one
+        elif source == "pace":
+            seconds = load.pace  # type: ignore[union-attr,assignment]  # every node has one
+        else:
+            seconds = prior if node.latency is None else node.latency
+        held = float(node.inflight + node.peers)
+        if load is not None:
+            held += load.others(now)
+        capacity = node.capacity
+        beyond = 0.0 if capacity is None or held + 1.0 <= capacity else held + 1.0 - capacity
+        parts.append(((held + 1.0 + QUEUE_EXTRA * beyond) * seconds, held))
     return parts
 
 
