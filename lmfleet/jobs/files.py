@@ -154,7 +154,7 @@ class FileStore:
                 continue
             if visible(item, owner) and not expired(item, now):
                 found.append(shown(item))
-        return sorted(found, key=lambda item: item["created_at"], reverse=True)
+        return sorted(found, key=lambda item: (item["created_at"], item["id"]), reverse=True)
 
     def expire(self, keep: frozenset[str] = frozenset()) -> tuple[str, ...]:
         """Delete every file past its time but those in `keep` (running batches'

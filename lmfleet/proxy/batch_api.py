@@ -489,7 +489,7 @@ async def files_root(scope: Scope, receive: Receive, send: Send, rt: Any) -> Non
     jobs, owner = _jobs(rt), _owner(scope, rt)
     if scope["method"] == "GET":
         found = jobs.files.list(_query(scope).get("purpose"), owner)
-        await send_json(send, 200, {"object": "list", "data": found, "has_more": False})
+        await send_json(send, 200, _page(found, scope, limit=10_000, most=10_000, ordered=True))
         return
     data, filename, purpose, keep = _upload(scope, await read_body(scope, receive, MAX_FILE_BYTES))
     made = jobs.files.create(data, filename=filename, purpose=purpose, owner=owner, keep=keep)
@@ -542,24 +542,38 @@ def _query(scope: Scope) -> dict[str, str]:
     return dict(parse_qsl(scope.get("query_string", b"").decode()))
 
 
-def _page(batches: list[dict[str, Any]], scope: Scope) -> dict[str, Any]:
-    """OpenAI's cursor page: newest first, `after` an id, `limit` (20)."""
+def _page(
+    items: list[dict[str, Any]],
+    scope: Scope,
+    *,
+    limit: int = 20,
+    most: int = 100,
+    ordered: bool = False,
+) -> dict[str, Any]:
+    """OpenAI's cursor page of `items` (newest first): `after` an id, `limit` (1 to
+    `most`); with `ordered`, `order=asc` for oldest first (the files list's)."""
     query = _query(scope)
+    if ordered:
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise ConfigError(f"order must be 'asc' or 'desc', got {order!r}")
+        if order == "asc":
+            items = items[::-1]
     after = query.get("after")
     if after is not None:
-        ids = [b["id"] for b in batches]
-        batches = batches[ids.index(after) + 1 :] if after in ids else []
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
     try:
-        limit = max(1, min(100, int(query.get("limit", "20"))))
+        limit = max(1, min(most, int(query.get("limit", str(limit)))))
     except ValueError:
         raise ConfigError("limit must be a number") from None
-    page = batches[:limit]
+    page = items[:limit]
     return {
         "object": "list",
         "data": page,
         "first_id": page[0]["id"] if page else None,
         "last_id": page[-1]["id"] if page else None,
-        "has_more": len(batches) > limit,
+        "has_more": len(items) > limit,
     }
 
 

@@ -386,3 +386,20 @@ def test_files_expire_as_openais_do_and_finished_batches_keep_no_journal(
     resumed = reaches(client, running.id, "completed")
     assert resumed.request_counts is not None and resumed.request_counts.completed == 20
     again.stop()
+
+
+def test_the_files_list_pages_as_openais_does(
+    sims: list[SimNode], serve_fleet: Callable[..., Any], tmp_path: Path
+) -> None:
+    """`limit`, `after` and `order` (a month of a team's batch files is thousands):
+    the SDK's auto-pagination walks every file once."""
+    _, server = serve_fleet([sims[0].url], serve={"options": ProxyOptions(jobs_dir=tmp_path)})
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    made = [client.files.create(file=(f"{i}.jsonl", b"{}\n"), purpose="batch").id for i in range(5)]
+    first = client.files.list(limit=2)
+    assert len(first.data) == 2 and first.has_more
+    walked = [f.id for f in client.files.list(limit=2)]  # the SDK follows `after`
+    assert sorted(walked) == sorted(made) and len(walked) == 5
+    assert [f.id for f in client.files.list(order="asc")] == walked[::-1]
+    with pytest.raises(openai.BadRequestError, match="order must be"):
+        client.files.list(order="sideways")  # type: ignore[arg-type]
