@@ -11,6 +11,7 @@ from lmfleet import LMFleet
 from lmfleet.node.load import NodeLoad
 from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.routing import LeastLoad, RequestInfo, resolve_strategy
+from lmfleet.routing.least_load import QUEUE_EXTRA, beyond_batch, expected_waits
 from lmfleet.sim.options import DEFAULT_MODEL
 
 NOW = 100.0
@@ -119,6 +120,22 @@ def test_stale_reports_fade() -> None:
     load = stale.load
     assert load is not None and abs(load.others(NOW) - 0.75) < 1e-9
     assert strategy().pick([fresh, stale], RequestInfo()) == stale
+
+
+def test_the_one_pass_scores_are_the_named_rules() -> None:
+    """`expected_waits` writes `NodeState.held` and `beyond_batch` out for speed (it
+    runs per candidate per request): it must give what they give, or the pick and
+    the registry's notion of a full node (`NodeState.held`) drift apart."""
+    nodes = [
+        node("a", 3, latency=0.5, queue=9, ours_then=2).evolve(capacity=8.0, peers=2),
+        node("b", 1, latency=0.2, queue=4, age=3.5),  # a fading report
+        node("c", 12, latency=0.3).evolve(capacity=4.0),  # no report, beyond its batch
+        node("d", 0),  # nothing known: the fastest measured latency assumed
+    ]
+    for one, (score, held) in zip(nodes, expected_waits(nodes, NOW), strict=True):
+        assert held == one.held(NOW)
+        seconds = one.latency if one.latency is not None else 0.2
+        assert score == (held + 1.0 + QUEUE_EXTRA * beyond_batch(one, held)) * seconds
 
 
 def test_ties_rotate() -> None:
