@@ -208,10 +208,15 @@ class BatchJobs:
         batch = self.batches.get(batch_id)
         if not visible(batch, owner):
             raise UnknownObjectError(f"No such Batch object: {batch_id}")
-        live = self._counts.get(batch_id)
+        return self.live(batch)
+
+    def live(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` as read from its file, with what is newer than the file: the counts
+        of a batch run here, a cancel asked through another worker."""
+        live = self._counts.get(batch["id"])
         if live is not None and batch["status"] not in FINISHED:
             batch["request_counts"] = dict(live)
-        if batch["status"] in RUNNING and self.batches.cancel_asked(batch_id):
+        if batch["status"] in RUNNING and self.batches.cancel_asked(batch["id"]):
             batch["status"] = "cancelling"  # asked through another worker: on its way
         return batch
 
@@ -514,7 +519,7 @@ async def one_file(scope: Scope, receive: Receive, send: Send, rt: Any) -> None:
 async def batches_root(scope: Scope, receive: Receive, send: Send, rt: Any) -> None:
     jobs, owner = _jobs(rt), _owner(scope, rt)
     if scope["method"] == "GET":
-        mine = [shown(jobs.get(b["id"])) for b in jobs.batches.list() if visible(b, owner)]
+        mine = [shown(jobs.live(b)) for b in jobs.batches.list() if visible(b, owner)]
         await send_json(send, 200, _page(mine, scope))
         return
     body = await read_body(scope, receive, rt.options.max_body_bytes)
