@@ -4,6 +4,10 @@ The router calls `pick` while holding the registry lock, so it must stay cheap
 (target: under 5 us). Run: `python bench/routing_pick.py [--nodes 64] [--picks N]`.
 Each pick sees fresh snapshots (varied in-flight counts and latencies, a few
 never measured), as the registry hands them over.
+
+`--lease` measures a whole `NodeRegistry.lease` and `release` with `least_load`
+instead (the eligibility filter over every node, the pick, the accounting), over
+a registry of healthy nodes that each hold up to 4 requests.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import argparse
 import random
 import time
 
+from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeState, NodeStatus
+from lmfleet.registry import NodeRegistry
 from lmfleet.routing import STRATEGIES, RequestInfo
 
 TARGET_US = 5.0
@@ -60,11 +66,43 @@ def bench(name: str, fleets: list[list[NodeState]], picks: int, keyed: bool) -> 
     return sorted(runs)[2]
 
 
+def lease_us(count: int, leases: int) -> float:
+    """Median over 3 runs of microseconds per `lease` + `release`, least_load."""
+    rng = random.Random(0)
+    registry = NodeRegistry()
+    for i in range(count):
+        url = f"http://10.0.{i // 250}.{i % 250}:23333"
+        registry.add(url, models=("m",))
+        latency = rng.uniform(0.1, 2.0)
+        registry.modify(
+            url, lambda s, t=latency: s.evolve(status=NodeStatus.HEALTHY, latency=t, capacity=8.0)
+        )
+    strategy = STRATEGIES["least_load"](random.Random(1))
+    request = RequestInfo(model="m")
+    held: list[str] = []
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter_ns()
+        for _ in range(leases):
+            node = registry.lease(strategy, request)
+            assert node is not None
+            held.append(node.url)
+            if len(held) > 4 * count:
+                registry.release(held.pop(0), Outcome.SUCCESS, latency=0.5)
+        runs.append((time.perf_counter_ns() - start) / leases / 1000)
+    return sorted(runs)[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=64)
     parser.add_argument("--picks", type=int, default=50_000)
+    parser.add_argument("--lease", action="store_true", help="a whole lease, least_load")
     args = parser.parse_args()
+    if args.lease:
+        us = lease_us(args.nodes, 5000)
+        print(f"{args.nodes} nodes: least_load lease + release {us:.1f} us (median of 3 x 5,000)")
+        return
     steady = make_fleets(args.nodes, 16, random.Random(0), unmeasured=False)
     joined = make_fleets(args.nodes, 16, random.Random(0), unmeasured=True)
     cases = [(name, False, steady, "") for name in STRATEGIES]

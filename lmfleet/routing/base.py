@@ -131,6 +131,11 @@ class BaseStrategy(ABC):
         """
         return [Candidate(n.url, None, f"{n.inflight} of our requests in flight") for n in nodes]
 
+    def explain_note(self, nodes: Sequence[NodeState]) -> str:
+        """What a reader of `fleet.explain()` must know about how a pick among `nodes`
+        is made beyond the scores (a sampled pick need not be the lowest); "" if nothing."""
+        return ""
+
 
 CAPABILITIES: Final[frozenset[str]] = frozenset(
     attr for attr in BaseStrategy.__annotations__ if attr.startswith("uses_")
@@ -224,6 +229,8 @@ def explain_pick(
     declared = as_base_strategy(strategy)
     chosen = declared.pick(nodes, request) if nodes else None
     candidates = tuple(declared.explain(nodes, request)) if nodes else ()
+    how = declared.explain_note(nodes) if nodes else ""
+    note = "; ".join(part for part in (note, how) if part)
     return Decision(declared.name, chosen.url if chosen is not None else None, candidates, note)
 
 

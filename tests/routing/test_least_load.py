@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import random
 import threading
 
 import httpx2
@@ -11,7 +13,14 @@ from lmfleet import LMFleet
 from lmfleet.node.load import NodeLoad
 from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.routing import LeastLoad, RequestInfo, resolve_strategy
-from lmfleet.routing.least_load import QUEUE_EXTRA, beyond_batch, expected_waits
+from lmfleet.routing.base import explain_pick
+from lmfleet.routing.least_load import (
+    QUEUE_EXTRA,
+    SAMPLE,
+    SAMPLE_ABOVE,
+    beyond_batch,
+    expected_waits,
+)
 from lmfleet.sim.options import DEFAULT_MODEL
 
 NOW = 100.0
@@ -153,6 +162,72 @@ def test_explain_gives_each_score_and_its_parts() -> None:
     assert "ours 2, others 3" in a.why and "0.1 s recent latency" in a.why
     assert b.score is not None and abs(b.score - 2 * 0.1) < 1e-9  # the fastest as prior
     assert "not measured yet" in b.why and "no /metrics report" in b.why
+
+
+class _Counted(list[NodeState]):
+    """Candidates that count how many of them a pick reads."""
+
+    reads = 0
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def,override]
+        self.reads += 1
+        return super().__getitem__(index)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.reads += len(self)
+        return super().__iter__()
+
+
+def test_over_many_nodes_a_pick_ranks_a_random_sample() -> None:
+    """Over `SAMPLE_ABOVE` candidates a pick reads `SAMPLE` of them (and the last
+    pick's best two), not every one: the best of a random sample, so nearly always
+    among the best few nodes but not always the very best (power of d choices)."""
+    assert SAMPLE < SAMPLE_ABOVE
+    count = 4 * SAMPLE_ABOVE
+    nodes = _Counted(node(f"n{i:03d}", i) for i in range(count))  # node i holds i requests
+    picks = []
+    for seed in range(2000):  # a first pick each: no memory yet
+        chooser = LeastLoad(clock=lambda: NOW, rng=random.Random(seed))
+        picks.append(int(chooser.pick(nodes, RequestInfo()).url[8:11]))
+    assert nodes.reads == 2000 * SAMPLE
+    # The best of 32 draws out of 256 is past the middle with odds 2^-32.
+    assert max(picks) < count // 2
+    # The least loaded node is in the sample with odds 1 - (255/256)^32 = 11.8 %.
+    assert 0.07 < picks.count(0) / len(picks) < 0.17
+    assert len(set(picks)) > 10
+    # At most SAMPLE_ABOVE candidates, or sampling off: every node is ranked.
+    every = LeastLoad(clock=lambda: NOW, sample_above=math.inf)
+    assert {every.pick(nodes, RequestInfo()).url for _ in range(50)} == {nodes[0].url}
+    few = list(reversed(nodes[:SAMPLE_ABOVE]))
+    assert {chooser.pick(few, RequestInfo()).url for _ in range(50)} == {nodes[0].url}
+
+
+def test_a_sampled_pick_remembers_the_best_it_saw() -> None:
+    """The last pick's best two are ranked again: a light node found once is not
+    forgotten by the next draw (power of d choices with memory)."""
+    count = 4 * SAMPLE_ABOVE
+    nodes = _Counted(node(f"n{i:03d}", i) for i in range(count))
+    chooser = LeastLoad(clock=lambda: NOW, rng=random.Random(3))
+    picks = [int(chooser.pick(nodes, RequestInfo()).url[8:11]) for _ in range(200)]
+    assert picks == sorted(picks, reverse=True)  # never worse than the one kept
+    assert picks[-1] == 0
+    assert nodes.reads == SAMPLE + 199 * (SAMPLE + 2)  # each sample, and the kept two
+    # Fewer candidates than a kept position: it is left out, not an IndexError.
+    backwards = list(reversed(nodes))
+    last = [chooser.pick(backwards, RequestInfo()) for _ in range(200)][-1]
+    assert last is backwards[-1]  # kept: positions 255 and another high one
+    assert chooser.pick(backwards[: SAMPLE_ABOVE + 1], RequestInfo()) is not None
+
+
+def test_explain_says_a_pick_over_many_nodes_is_sampled() -> None:
+    nodes = [node(f"n{i:03d}", i % 5) for i in range(SAMPLE_ABOVE + 1)]
+    decision = explain_pick(strategy(), nodes, RequestInfo(), "tier 0")
+    assert decision.note == (
+        f"tier 0; a pick ranks a random sample of {SAMPLE} of the {SAMPLE_ABOVE + 1} "
+        "candidates (every one is scored here)"
+    )
+    assert len(decision.candidates) == SAMPLE_ABOVE + 1
+    assert explain_pick(strategy(), nodes[:SAMPLE_ABOVE], RequestInfo()).note == ""
 
 
 # -- live: real sims, another client's load, a node without /metrics ------------------
