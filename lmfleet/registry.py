@@ -54,6 +54,10 @@ LATENCY_WINDOW = 64
 """Recent latencies kept per node for percentiles (the dashboard's p50)."""
 
 
+SERVING_SHAPES = 64
+"""How many request shapes (model, role, engine, weight version asks, the fleet's
+floor) `NodeRegistry` keeps eligible nodes for: more are cleared, not grown."""
+
 URL_FORM = "http(s)://host[:port], e.g. http://127.0.0.1:23333 or http://[::1]:23333"
 """The node URL form every error about a bad node URL shows."""
 
@@ -195,6 +199,10 @@ class NodeRegistry:
         """Which served names each requested model may go to (lmfleet/node/names.py)."""
         self._accepted: list[str] = sorted(self._aliases)
         self._draws = random.Random()
+        self._serving_cache: dict[tuple[object, ...], tuple[list[NodeState], dict[str, int]]] = {}
+        """`_serving`'s answers by request shape: (the nodes, each one's position). A
+        node's new snapshot replaces its entry in place (`_put`); a change to what
+        decides eligibility (`_shape`), or to the fleet's members or names, clears it."""
         self.spills: dict[str, int] = {"health": 0, "load": 0}
         """Requests sent below the best tier, by reason (lmfleet/routing/tiers.py)."""
         self.wake_asked = False
@@ -214,6 +222,7 @@ class NodeRegistry:
     def _models_changed(self) -> None:
         # Called under the lock whenever membership or a node's models change, so
         # that the per-request `models()` costs no more than a list copy.
+        self._serving_cache.clear()
         self._models = sorted({m for s in self._nodes.values() for m in s.models})
         if self._aliases or self._unify:
             names = model_names(self._models, self._aliases, unify=self._unify)
@@ -300,7 +309,7 @@ class NodeRegistry:
                     engine_version=old.engine_version if engine is None else None,
                     weight_version=old.weight_version if weight_version is None else weight_version,
                 )
-            self._nodes[url] = state
+            self._put(url, state)
             self._active.setdefault(url, time.monotonic())
             self._models_changed()
         if old is None:
@@ -415,7 +424,7 @@ class NodeRegistry:
             chosen = strategy.pick(eligible, request) if eligible else None
             if chosen is not None:
                 chosen = chosen.evolve(inflight=chosen.inflight + 1)
-                self._nodes[chosen.url] = chosen
+                self._put(chosen.url, chosen)
                 self._active[chosen.url] = time.monotonic()
         if readmitted:  # rare: this is every request's path
             self._changed(readmitted)
@@ -481,7 +490,39 @@ class NodeRegistry:
     def _serving(self, request: RequestInfo, status: NodeStatus) -> list[NodeState]:
         """Nodes in `status` that serve the request's model, in its role if it has one,
         with the weight version it may have (its own ask, and the fleet's floor)."""
-        return self._matching(request, self._nodes.values(), status)
+        if request.max_staleness is not None:  # relative to the newest version: not kept
+            return self._matching(request, self._nodes.values(), status)
+        key = (
+            status,
+            request.model,
+            request.role,
+            request.engine,
+            request.weight_version,
+            request.min_weight_version,
+            self.version_floor,
+        )
+        kept = self._serving_cache.get(key)
+        if kept is None:
+            if len(self._serving_cache) >= SERVING_SHAPES:
+                self._serving_cache.clear()  # e.g. one exact weight version per RL step
+            nodes = self._matching(request, self._nodes.values(), status)
+            kept = self._serving_cache[key] = (nodes, {s.url: i for i, s in enumerate(nodes)})
+        return kept[0]
+
+    def _put(self, url: str, state: NodeState) -> None:
+        """Store a node's new snapshot; under the lock. `_serving`'s kept answers get
+        it in place, or are dropped when it changed what decides eligibility."""
+        old = self._nodes.get(url)
+        self._nodes[url] = state
+        if not self._serving_cache:
+            return
+        if old is None or _shape(old) != _shape(state):
+            self._serving_cache.clear()
+            return
+        for nodes, positions in self._serving_cache.values():
+            at = positions.get(url)
+            if at is not None:
+                nodes[at] = state
 
     def _matching(
         self,
@@ -578,7 +619,7 @@ class NodeRegistry:
                     state = outliers.eject(state, reason, time.monotonic(), self._outliers)
                     window.clear()
                     self._next_readmit = min(self._next_readmit, state.ejected_until)
-            self._nodes[url] = state
+            self._put(url, state)
         if state.status is not before.status:
             _log_change(before, state)
 
@@ -653,7 +694,7 @@ class NodeRegistry:
             if state is None:
                 return None
             new = change(state)
-            self._nodes[key] = new
+            self._put(key, new)
             if new.models != state.models or new.priority != state.priority:
                 self._models_changed()
             if new.status is NodeStatus.HEALTHY and state.status is not NodeStatus.HEALTHY:
@@ -801,7 +842,7 @@ class NodeRegistry:
             if state.status is not NodeStatus.EJECTED:
                 continue
             if state.ejected_until <= now:
-                self._nodes[url] = outliers.readmit(state)
+                self._put(url, outliers.readmit(state))
                 self._active[url] = now
                 readmitted.append((state, self._nodes[url]))
             else:
@@ -828,6 +869,11 @@ class NodeRegistry:
 
 _WORSE = frozenset({NodeStatus.UNHEALTHY, NodeStatus.EJECTED})
 """Changes an operator must notice: logged at WARNING; every other one at INFO."""
+
+
+def _shape(state: NodeState) -> tuple[object, ...]:
+    """What `NodeRegistry._matching` judges a node by: a change here re-runs it."""
+    return (state.status, state.models, state.role, state.engine, state.weight_version)
 
 
 def _full(state: NodeState, now: float) -> bool:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from lmfleet.errors import ConfigError, UnknownNodeError
@@ -7,7 +9,7 @@ from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeRole, NodeStatus
 from lmfleet.registry import NodeRegistry, normalize_url
 from lmfleet.routing import resolve_strategy
-from lmfleet.routing.base import RequestInfo
+from lmfleet.routing.base import Candidate, RequestInfo
 
 
 def healthy(registry: NodeRegistry, url: str, models: tuple[str, ...] = ("m",)) -> None:
@@ -211,3 +213,80 @@ def test_the_doorbell_rings_when_a_node_opens_to_requests_and_only_then() -> Non
     assert bell.rings == 2
     registry.modify("http://a:1", lambda s: s.evolve(status=NodeStatus.HEALTHY))
     assert bell.rings == 3  # woken
+
+
+class _Seen:
+    """A strategy that explains each candidate as (URL, its requests in flight)."""
+
+    def pick(self, nodes, request):  # type: ignore[no-untyped-def]
+        return nodes[0]
+
+    def explain(self, nodes, request):  # type: ignore[no-untyped-def]
+        return [Candidate(n.url, float(n.inflight), "") for n in nodes]
+
+
+def _eligible_by_hand(registry: NodeRegistry, request: RequestInfo) -> list[tuple[str, float]]:
+    """The rule, from the snapshot: an exact version ask wins over every floor."""
+    asks = (request.min_weight_version, registry.version_floor, -1)
+    floor = max(v for v in asks if v is not None)
+    return [
+        (s.url, float(s.inflight))
+        for s in registry.snapshot()
+        if s.status is NodeStatus.HEALTHY
+        and (request.model is None or request.model in s.models)
+        and (
+            s.weight_version >= floor
+            if request.weight_version is None
+            else s.weight_version == request.weight_version
+        )
+    ]
+
+
+STATUSES = [*[NodeStatus.HEALTHY] * 3, NodeStatus.UNHEALTHY, NodeStatus.SLEEPING]
+
+
+def test_eligible_nodes_kept_between_requests_follow_every_change() -> None:
+    """The registry keeps each request shape's eligible nodes between leases (a pick
+    over many nodes must not filter all of them per request): after any sequence of
+    adds, removals, status, model and version changes, leases, releases and floors,
+    what a request may go to is what the snapshot says, with current counts."""
+    rng = random.Random(5)
+    registry = NodeRegistry()
+    strategy = resolve_strategy("least_load")
+    seen = _Seen()
+    shapes = [
+        RequestInfo(model=m, weight_version=v, min_weight_version=f)
+        for m in ("a", "b", None)
+        for v in (None, 1)
+        for f in (None, 2)
+    ]
+    urls = [f"http://n{i}:1" for i in range(12)]
+    leased: list[str] = []
+    for step in range(2000):
+        present = [s.url for s in registry.snapshot()]
+        action = rng.randrange(9)
+        url = rng.choice(urls)
+        if action == 0 or not present:
+            registry.add(url, models=rng.choice([("a",), ("b",), ("a", "b")]))
+        elif action == 1 and len(present) > 3:
+            registry.remove(rng.choice(present))
+        elif action == 2:
+            status = rng.choice(STATUSES)
+            registry.modify(rng.choice(present), lambda s, t=status: s.evolve(status=t))
+        elif action == 3:
+            models = rng.choice([("a",), ("b",), ("a", "b")])
+            registry.modify(rng.choice(present), lambda s, m=models: s.evolve(models=m))
+        elif action == 4:
+            version = rng.randrange(4)
+            registry.modify(rng.choice(present), lambda s, v=version: s.evolve(weight_version=v))
+        elif action == 5:
+            registry.version_floor = rng.choice([None, None, 1, 3])
+        elif action in (6, 7):
+            node = registry.lease(strategy, rng.choice(shapes))
+            if node is not None:
+                leased.append(node.url)
+        elif leased:
+            registry.release(leased.pop(rng.randrange(len(leased))), Outcome.SUCCESS, latency=0.1)
+        for request in shapes:
+            got = [(c.url, c.score) for c in registry.candidates(seen, request)]
+            assert got == _eligible_by_hand(registry, request), (step, action, request)
