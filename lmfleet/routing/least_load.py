@@ -59,6 +59,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
+from lmfleet.errors import ConfigError
 from lmfleet.node.state import NodeState
 from lmfleet.routing._rotation import UrlRotation
 from lmfleet.routing.base import BaseStrategy, Candidate, RequestInfo
@@ -149,6 +150,11 @@ class LeastLoad(BaseStrategy):
     ) -> None:
         """`sample_above`, `sample`: rank a random `sample` of the candidates when
         there are more than `sample_above` (`math.inf`: always every one)."""
+        if sample < 1 or not sample_above >= 0:
+            raise ConfigError(
+                f"least_load: sample must be at least 1 and sample_above at least 0, "
+                f"got {sample!r} and {sample_above!r}"
+            )
         self._rotation = UrlRotation()
         self._clock = clock
         self._rng = rng or random.Random()
@@ -181,9 +187,9 @@ class LeastLoad(BaseStrategy):
         sample = [nodes[i] for i in positions]
         waits = [score for score, _ in self._parts(sample)]
         # A stable sort: ties keep the sample's random order, a fair tie-break.
-        best, second = sorted(range(len(waits)), key=waits.__getitem__)[:2]
-        self._kept = [positions[best], positions[second]]
-        return sample[best]
+        ranked = sorted(range(len(waits)), key=waits.__getitem__)[:2]
+        self._kept = [positions[i] for i in ranked]
+        return sample[ranked[0]]
 
     def explain_note(self, nodes: Sequence[NodeState]) -> str:
         if len(nodes) <= self._sample_above:

@@ -7,9 +7,11 @@ import random
 import threading
 
 import httpx2
+import pytest
 from support import StartSim, chat, wait_until
 
 from lmfleet import LMFleet
+from lmfleet.errors import ConfigError
 from lmfleet.node.load import NodeLoad
 from lmfleet.node.state import NodeState, NodeStatus
 from lmfleet.routing import LeastLoad, RequestInfo, resolve_strategy
@@ -217,6 +219,15 @@ def test_a_sampled_pick_remembers_the_best_it_saw() -> None:
     last = [chooser.pick(backwards, RequestInfo()) for _ in range(200)][-1]
     assert last is backwards[-1]  # kept: positions 255 and another high one
     assert chooser.pick(backwards[: SAMPLE_ABOVE + 1], RequestInfo()) is not None
+
+
+def test_a_sample_of_one_is_a_random_pick_and_nonsense_sizes_are_refused() -> None:
+    nodes = [node(f"n{i:03d}", i) for i in range(8)]
+    lone = LeastLoad(clock=lambda: NOW, rng=random.Random(1), sample_above=2, sample=1)
+    assert len({lone.pick(nodes, RequestInfo()).url for _ in range(50)}) > 1
+    for bad in ({"sample": 0}, {"sample_above": -1}, {"sample_above": math.nan}):
+        with pytest.raises(ConfigError, match="least_load: sample"):
+            LeastLoad(**bad)  # type: ignore[arg-type]
 
 
 def test_explain_says_a_pick_over_many_nodes_is_sampled() -> None:
