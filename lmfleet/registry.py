@@ -489,7 +489,10 @@ class NodeRegistry:
 
     def _serving(self, request: RequestInfo, status: NodeStatus) -> list[NodeState]:
         """Nodes in `status` that serve the request's model, in its role if it has one,
-        with the weight version it may have (its own ask, and the fleet's floor)."""
+        with the weight version it may have (its own ask, and the fleet's floor).
+
+        The list is kept for the next request of the same shape (`_put` keeps it up
+        to date): callers read it and build their own lists from it."""
         if request.max_staleness is not None:  # relative to the newest version: not kept
             return self._matching(request, self._nodes.values(), status)
         key = (
@@ -538,8 +541,8 @@ class NodeRegistry:
         if group is not None:  # `serves`, with the alias's group looked up once per lease
             among = [s for s in among if not group.isdisjoint(s.models)]
             model = None
-        # One pass, `NodeState.serves` written out: this runs over every node for
-        # every request, under the lock (71 -> 41 µs over 512 nodes).
+        # One pass, `NodeState.serves` written out: over every node, under the lock,
+        # whenever `_serving` has no kept answer (71 -> 41 µs over 512 nodes).
         nodes = [
             s
             for s in among

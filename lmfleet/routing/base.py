@@ -76,6 +76,8 @@ class Decision:
 class Strategy(Protocol):
     """Pick one node among `nodes` (never empty) for `request`.
 
+    `nodes` is the registry's own list, kept between requests: read it, never change it.
+
     Returning None means "none of these is acceptable right now" and makes the
     router wait as if no node were eligible. Any object with this method routes;
     inherit `BaseStrategy` to declare what else it needs.
@@ -131,9 +133,10 @@ class BaseStrategy(ABC):
         """
         return [Candidate(n.url, None, f"{n.inflight} of our requests in flight") for n in nodes]
 
-    def explain_note(self, nodes: Sequence[NodeState]) -> str:
-        """What a reader of `fleet.explain()` must know about how a pick among `nodes`
-        is made beyond the scores (a sampled pick need not be the lowest); "" if nothing."""
+    def explain_note(self, nodes: Sequence[NodeState], request: RequestInfo) -> str:
+        """What a reader of `fleet.explain()` must know about how a pick of `request`
+        among `nodes` is made beyond the scores (a sampled pick need not be the
+        lowest); "" if nothing."""
         return ""
 
 
@@ -229,7 +232,7 @@ def explain_pick(
     declared = as_base_strategy(strategy)
     chosen = declared.pick(nodes, request) if nodes else None
     candidates = tuple(declared.explain(nodes, request)) if nodes else ()
-    how = declared.explain_note(nodes) if nodes else ""
+    how = declared.explain_note(nodes, request) if nodes else ""
     note = "; ".join(part for part in (note, how) if part)
     return Decision(declared.name, chosen.url if chosen is not None else None, candidates, note)
 

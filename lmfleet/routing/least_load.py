@@ -191,7 +191,7 @@ class LeastLoad(BaseStrategy):
         self._kept = [positions[i] for i in ranked]
         return sample[ranked[0]]
 
-    def explain_note(self, nodes: Sequence[NodeState]) -> str:
+    def explain_note(self, nodes: Sequence[NodeState], request: RequestInfo) -> str:
         if len(nodes) <= self._sample_above:
             return ""
         return (

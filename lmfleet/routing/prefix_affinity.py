@@ -83,6 +83,11 @@ class PrefixAffinity(BaseStrategy):
                 return nodes[position]
         return self._fallback.pick(nodes, request)  # unreachable: see module docstring
 
+    def explain_note(self, nodes: Sequence[NodeState], request: RequestInfo) -> str:
+        # Without a key the pick is least_load's, sampled over many nodes like its own.
+        key = request.affinity_key
+        return self._fallback.explain_note(nodes, request) if key is None else ""
+
     def explain(self, nodes: Sequence[NodeState], request: RequestInfo) -> list[Candidate]:
         """Each node's expected wait, its place in this key's walk and the bound."""
         key = request.affinity_key

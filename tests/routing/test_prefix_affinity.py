@@ -205,3 +205,13 @@ def test_explain_names_the_walk_and_the_bound() -> None:
     assert "within the bound" in by_url[decision.chosen or ""].why
     keyless = explain_pick(strategy, nodes, RequestInfo())
     assert all(c.why.startswith("no affinity key, least_load") for c in keyless.candidates)
+
+
+def test_explain_says_when_a_keyless_pick_over_many_nodes_is_sampled() -> None:
+    """Without a key the pick is least_load's, sampled over more than 64 candidates:
+    `fleet.explain()` must say so, as least_load's own does; a keyed pick walks the
+    ring over every node and says nothing of a sample."""
+    nodes = [node(i, i % 5) for i in range(100)]
+    keyless = explain_pick(affinity(), nodes, RequestInfo())
+    assert "a pick ranks a random sample of 32 of the 100 candidates" in keyless.note
+    assert explain_pick(affinity(), nodes, RequestInfo(affinity_key="s1")).note == ""
