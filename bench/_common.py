@@ -199,6 +199,22 @@ def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
         time.sleep(0.1)
 
 
+def wait_all_healthy(proxy: str, nodes: Sequence[str], timeout: float = 60.0) -> None:
+    """Until the proxy at `proxy` shows every one of `nodes` healthy (`/nodes/status`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status = get_json(proxy + "/nodes/status", timeout=2)
+        except (OSError, ValueError):
+            status = {}
+        states = {u: s.get("state") for u, s in status.items()} if isinstance(status, dict) else {}
+        if all(states.get(n) == "healthy" for n in nodes):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{proxy}: nodes not all healthy after {timeout:g} s: {states}")
+        time.sleep(0.05)
+
+
 def post_json(url: str, body: object, timeout: float = 10.0) -> bytes:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}

@@ -74,6 +74,7 @@ from bench._common import (
     publish,
     sim_argv,
     table,
+    wait_all_healthy,
     wait_http,
 )
 from bench.proxy_overhead import LMDEPLOY_PY, register
@@ -166,23 +167,6 @@ def stop_all(group: Procs) -> None:
     group.close()
 
 
-def wait_all_healthy(proxy: str, nodes: Sequence[str]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        try:
-            status = get_json(proxy + "/nodes/status", timeout=2)
-        except (OSError, ValueError):
-            status = {}
-        states = {u: s.get("state") for u, s in status.items()} if isinstance(status, dict) else {}
-        if all(states.get(n) == "healthy" for n in nodes):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"{proxy}: nodes not all healthy after {READY_TIMEOUT:g} s: {states}"
-            )
-        time.sleep(0.05)
-
-
 def start_lmdeploy(group: Procs, strategy: str, first_byte_timeout: float) -> str:
     """LMDeploy's proxy with no node yet; its own per-request bound: AIOHTTP_TIMEOUT."""
     port = free_port()
@@ -221,7 +205,7 @@ def start_lmfleet_proxy(
         argv += ["--node", node]
     group.start(argv, PROXY_CPU)
     url = f"http://127.0.0.1:{port}"
-    wait_all_healthy(url, nodes)
+    wait_all_healthy(url, nodes, READY_TIMEOUT)
     return url
 
 

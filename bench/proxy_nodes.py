@@ -24,9 +24,9 @@ from bench._common import (
     PY,
     cpu_seconds,
     free_port,
-    get_json,
     machine,
     procs,
+    wait_all_healthy,
     wrk,
 )
 
@@ -46,12 +46,13 @@ def _first_line(path: Path, timeout: float = 120.0) -> str:
 
 def run(count: int, seconds: float) -> str:
     with procs() as group:
-        per = min(count, PER_PROCESS)
+        sizes = [PER_PROCESS] * (count // PER_PROCESS)
+        sizes += [count % PER_PROCESS] if count % PER_PROCESS else []
         urls: list[str] = []
         with tempfile.TemporaryDirectory() as logs:
-            names = [f"{logs}/sims{i}.txt" for i in range(max(1, count // per))]
-            for name in names:  # each prints its ports on one line once all accept
-                argv = [PY, "-m", "bench.multi_sim", "--nodes", str(per), *SIM_FLAGS]
+            names = [f"{logs}/sims{i}.txt" for i in range(len(sizes))]
+            for name, size in zip(names, sizes, strict=True):  # each prints its ports
+                argv = [PY, "-m", "bench.multi_sim", "--nodes", str(size), *SIM_FLAGS]
                 group.start(argv, LOAD_CPU, log=name)
             for name in names:
                 urls += [f"http://127.0.0.1:{port}" for port in _first_line(Path(name)).split()]
@@ -62,17 +63,7 @@ def run(count: int, seconds: float) -> str:
             argv += ["--node", url]
         proxy = group.start(argv, PROXY_CPU)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                nodes = get_json(base + "/nodes/status")
-            except OSError:
-                nodes = {}
-            if sum('"healthy"' in str(v).replace("'", '"') for v in dict(nodes).values()) >= count:
-                break
-            time.sleep(0.5)
-        else:
-            raise SystemExit(f"the proxy did not see {count} healthy nodes in 120 s")
+        wait_all_healthy(base, urls, timeout=120.0)
         before, started = cpu_seconds(proxy.pid), time.monotonic()
         time.sleep(seconds)
         idle = (cpu_seconds(proxy.pid) - before) / (time.monotonic() - started)
