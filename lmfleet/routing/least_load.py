@@ -59,8 +59,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
-from lmfleet.errors import ConfigError
 from lmfleet.node.state import NodeState
+from lmfleet.plain_errors import ConfigError
 from lmfleet.routing._rotation import UrlRotation
 from lmfleet.routing.base import BaseStrategy, Candidate, RequestInfo
 
