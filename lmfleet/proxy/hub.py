@@ -121,6 +121,8 @@ class Hub:
         op = message["op"]
         if op == "node":  # the parts it carries over what was known (per part, last wins)
             url = message["url"]
+            if url not in self.nodes and "entry" not in message["fact"]:
+                return  # news of a node removed meanwhile: only an introduction adds one
             self.nodes[url] = {**self.nodes.get(url, {}), **message["fact"]}
             self.gone.discard(url)
         elif op == "gone":

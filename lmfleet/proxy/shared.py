@@ -32,9 +32,15 @@ reports then carry its requests again.
 A status is a decision when it is `sleeping`, `draining`, `stopped` or `ejected`;
 leaving one is a decision too (a wakeup, an ejection served). A node removed is
 remembered (a tombstone) so that a restarted worker does not bring it back from
-its `--node` flags. An admin route acts once, in the worker that received it; the
-others see its outcome as facts. The connection to the hub is a unix socket
-carrying one JSON object per line.
+its `--node` flags. Only a node's introduction (the first time a process shares
+it: its `entry`) adds it where it is unknown; a later fact about a node this
+process does not know is dropped, by the hub and the store too. Otherwise a fact
+from a process that had not yet heard of a removal (sent in the same few
+milliseconds) would bring the node back, everywhere, for good.
+
+An admin route acts once, in the worker that received it; the others see its
+outcome as facts. The connection to the hub is a unix socket carrying one JSON
+object per line.
 """
 
 from __future__ import annotations
@@ -105,9 +111,13 @@ def node_parts(s: NodeState, active: float | None) -> dict[str, Any]:
     }
 
 
-def node_fact(s: NodeState, active: float | None, parts: Iterable[str]) -> dict[str, Any]:
+def node_fact(
+    s: NodeState, active: float | None, parts: Iterable[str], *, intro: bool
+) -> dict[str, Any]:
     """The `parts` of a node as shared (an ejection as the seconds left; the last
-    activity as the seconds since), with its entry (to add it where it is unknown)."""
+    activity as the seconds since); an introduction carries the node's entry too, to
+    add it where it is unknown (and only an introduction adds a node: see the module
+    docstring)."""
     now = time.monotonic()
     values: dict[str, Any] = {
         "status": {"status": s.status.value, "message": s.message},
@@ -118,7 +128,8 @@ def node_fact(s: NodeState, active: float | None, parts: Iterable[str]) -> dict[
         "tier": {"priority": s.priority, "speed": s.speed},
         "active": None if active is None else max(0.0, now - active),
     }
-    return {"entry": entry(s), **{part: values[part] for part in parts}}
+    fact = {part: values[part] for part in parts}
+    return {"entry": entry(s), **fact} if intro else fact
 
 
 def apply_fact(state: NodeState, fact: dict[str, Any], held: bool = False) -> NodeState:
@@ -484,9 +495,12 @@ class SharedState:
             await anyio.sleep(SYNC_EVERY)
 
     async def _publish_once(self) -> None:
-        """Publish what changed in the registry since it was last shared or heard."""
+        """Publish what changed in the registry since it was last shared or heard.
+        The messages are all made before the first is sent: a removal heard while
+        they go must not make a node this process knew look new (an introduction)."""
         registry = self._fleet.registry
         nodes = {s.url: s for s in registry.snapshot()}
+        messages: list[dict[str, Any]] = []
         for url, state in nodes.items():
             active = registry.last_active(url)
             parts = node_parts(state, active)
@@ -494,11 +508,13 @@ class SharedState:
             changed = [k for k, v in parts.items() if synced is None or synced.get(k) != v]
             if changed:
                 self._synced[url] = parts
-                fact = node_fact(state, active, changed)
-                await self._link.publish({"op": "node", "url": url, "fact": fact})
+                fact = node_fact(state, active, changed, intro=synced is None)
+                messages.append({"op": "node", "url": url, "fact": fact})
         for url in [u for u in self._synced if u not in nodes]:
             del self._synced[url]
-            await self._link.publish({"op": "gone", "url": url})
+            messages.append({"op": "gone", "url": url})
+        for message in messages:
+            await self._link.publish(message)
         fleet = (registry.weight_version, registry.version_floor)
         if fleet != self._fleet_view:
             self._fleet_view = fleet
@@ -575,6 +591,8 @@ class SharedState:
         try:
             registry.get(url)
         except UnknownNodeError:
+            if "entry" not in fact:  # news of a node this process removed (or never had)
+                return
             apply_fact(NodeState(url), fact)  # a fact it cannot read adds no node
             try:
                 add_entry(self._fleet, fact["entry"], f"shared by another {self._peer}")

@@ -8,7 +8,9 @@ facts are lmfleet/proxy/shared.py's, under `NAME:` (`--store-name`, default
 "lmfleet", so several proxies can share one Redis):
 
 - `NAME:nodes` the set of node URLs, `NAME:node:URL` a hash of each node's parts
-  (status, weight version, ..., each JSON, each the latest any replica published);
+  (status, weight version, ..., each JSON, each the latest any replica published;
+  a fact about a node no longer in the set is dropped: only its introduction, with
+  its entry, adds one, `PUT_NODE`);
   `NAME:gone` a set of removed URLs; `NAME:fleet` the fleet's versions: the snapshot
   a replica takes when it connects (or connects again);
 - `NAME:facts` the channel every change is published on, with the sender's id (a
@@ -39,6 +41,19 @@ import anyio
 from lmfleet.errors import ConfigError
 from lmfleet.proxy.shared import SCRAPE_TIMEOUT, Unreadable
 
+PUT_NODE = """
+if ARGV[2] ~= '1' and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('PUBLISH', KEYS[4], ARGV[3])
+return 1
+"""
+"""A node's fact, kept and sent in one step: an introduction (ARGV[2] '1') adds the
+node; any other fact about a node not in the set (removed meanwhile) is dropped, so
+that it cannot bring the node back (lmfleet/proxy/shared.py)."""
 PRESENCE_TTL = 5
 """Seconds a replica counts as present after its last refresh (every second)."""
 CALL_TIMEOUT = 5.0
@@ -145,14 +160,12 @@ class StoreLink:
         data = json.dumps({**message, "from": self.id}, separators=(",", ":"))
         try:
             with anyio.fail_after(CALL_TIMEOUT):
+                if op == "node":  # its parts over the others (per part, last wins)
+                    await self._put_node(message["url"], message["fact"], data)
+                    return
                 async with self._client.pipeline(transaction=True) as pipe:
                     url = message.get("url")
-                    if op == "node":  # its parts over the others (per part, last wins)
-                        parts = {k: json.dumps(v) for k, v in message["fact"].items()}
-                        pipe.hset(self._key(f"node:{url}"), mapping=parts)
-                        pipe.sadd(self._key("nodes"), url)
-                        pipe.srem(self._key("gone"), url)
-                    elif op == "gone":
+                    if op == "gone":
                         pipe.delete(self._key(f"node:{url}"))
                         pipe.srem(self._key("nodes"), url)
                         pipe.sadd(self._key("gone"), url)
@@ -162,6 +175,12 @@ class StoreLink:
                     await pipe.execute()
         except self._errors() as exc:
             raise self._broken(exc) from exc
+
+    async def _put_node(self, url: str, fact: dict[str, Any], data: str) -> None:
+        keys = [self._key(f"node:{url}"), self._key("nodes"), self._key("gone")]
+        parts = [item for k, v in fact.items() for item in (k, json.dumps(v))]
+        intro = "1" if "entry" in fact else "0"
+        await self._client.eval(PUT_NODE, 4, *keys, self._key("facts"), url, intro, data, *parts)
 
     async def receive(self) -> dict[str, Any]:
         while True:

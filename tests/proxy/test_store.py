@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 from cli_support import Console
@@ -140,6 +141,55 @@ def test_two_replicas_share_registrations_sleeps_and_removals(
     removed = httpx2.post(b + "/nodes/remove", json={"url": sglang.url}, timeout=10)
     assert removed.status_code == 200, removed.text
     wait_until(lambda: _state(a, sglang.url) is None, 10, "the removal on replica a")
+
+
+def test_news_of_a_removed_node_does_not_bring_it_back(
+    redis_server: RedisServer, serve_fleet: Callable[..., Any], start_sim: StartSim
+) -> None:
+    """A replica that had not yet heard of a removal sends a fact about the node in the
+    same few milliseconds (its monitor saw it fall asleep): neither the store nor any
+    replica takes that for the node's return (it did, and the node came back for good:
+    a flaky CI run of the test above). Only an introduction adds a node."""
+    import redis
+
+    from lmfleet.proxy.store import StoreLink
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    a, b = (_replica(serve_fleet, redis_server.url, name) for _ in range(2))
+    removed, later = start_sim("--fast"), start_sim("--fast")
+    assert httpx2.post(a + "/nodes/add", json={"url": removed.url}, timeout=10).status_code == 200
+    wait_until(lambda: _state(b, removed.url) == "healthy", 10, "the node on replica b")
+    gone = httpx2.post(b + "/nodes/remove", json={"url": removed.url}, timeout=10)
+    assert gone.status_code == 200, gone.text
+    wait_until(lambda: _state(a, removed.url) is None, 10, "the removal on replica a")
+
+    async def late_news() -> None:
+        link = StoreLink(redis_server.url, name)
+        await link.open()
+        try:
+            fact = {"status": {"status": "sleeping", "message": ""}}
+            await link.publish({"op": "node", "url": removed.url, "fact": fact})
+        finally:
+            await link.aclose()
+
+    anyio.run(late_news)
+    # Sent after the late news, so heard after it: once b has `later`, it heard both.
+    assert httpx2.post(a + "/nodes/add", json={"url": later.url}, timeout=10).status_code == 200
+    wait_until(lambda: _state(b, later.url) is not None, 10, "a's next registration on b")
+    assert _state(b, removed.url) is None
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    try:
+        assert not client.sismember(f"{name}:nodes", removed.url)
+        assert not client.exists(f"{name}:node:{removed.url}")
+        assert client.sismember(f"{name}:gone", removed.url)
+    finally:
+        client.close()
+    c = _replica(serve_fleet, redis_server.url, name)
+    assert _state(c, later.url) is not None and _state(c, removed.url) is None
+    # Registered again, it is back everywhere.
+    assert httpx2.post(b + "/nodes/add", json={"url": removed.url}, timeout=10).status_code == 200
+    for replica in (a, c):
+        wait_until(lambda r=replica: _state(r, removed.url) is not None, 10, "the return")
 
 
 def test_replicas_route_around_each_others_requests(
