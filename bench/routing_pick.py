@@ -5,9 +5,12 @@ The router calls `pick` while holding the registry lock, so it must stay cheap
 Each pick sees fresh snapshots (varied in-flight counts and latencies, a few
 never measured), as the registry hands them over.
 
-`--lease` measures a whole `NodeRegistry.lease` and `release` with `least_load`
-instead (the eligibility filter over every node, the pick, the accounting), over
-a registry of healthy nodes that each hold up to 4 requests.
+`--lease` measures a whole `NodeRegistry.lease` and `release` instead (the
+eligibility filter over every node, the pick, the accounting), over a registry of
+healthy nodes that each hold up to 4 requests, with `least_load` or `--strategy`
+(`prefix_affinity`: each request with one of 997 session keys). There the strategy
+gets the registry's kept list of eligible nodes, as in the router, not a new list
+each pick.
 """
 
 from __future__ import annotations
@@ -66,8 +69,8 @@ def bench(name: str, fleets: list[list[NodeState]], picks: int, keyed: bool) -> 
     return sorted(runs)[2]
 
 
-def lease_us(count: int, leases: int) -> float:
-    """Median over 3 runs of microseconds per `lease` + `release`, least_load."""
+def lease_us(count: int, leases: int, name: str = "least_load") -> float:
+    """Median over 3 runs of microseconds per `lease` + `release` with strategy `name`."""
     rng = random.Random(0)
     registry = NodeRegistry()
     for i in range(count):
@@ -77,14 +80,17 @@ def lease_us(count: int, leases: int) -> float:
         registry.modify(
             url, lambda s, t=latency: s.evolve(status=NodeStatus.HEALTHY, latency=t, capacity=8.0)
         )
-    strategy = STRATEGIES["least_load"](random.Random(1))
-    request = RequestInfo(model="m")
+    strategy = STRATEGIES[name](random.Random(1))
+    keyed = strategy.uses_affinity_key
+    requests = [
+        RequestInfo(model="m", affinity_key=f"session-{i}" if keyed else None) for i in range(997)
+    ]
     held: list[str] = []
     runs = []
     for _ in range(3):
         start = time.perf_counter_ns()
-        for _ in range(leases):
-            node = registry.lease(strategy, request)
+        for i in range(leases):
+            node = registry.lease(strategy, requests[i % 997])
             assert node is not None
             held.append(node.url)
             if len(held) > 4 * count:
@@ -97,11 +103,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=64)
     parser.add_argument("--picks", type=int, default=50_000)
-    parser.add_argument("--lease", action="store_true", help="a whole lease, least_load")
+    parser.add_argument("--lease", action="store_true", help="a whole lease and release")
+    parser.add_argument("--strategy", default="least_load", choices=sorted(STRATEGIES))
     args = parser.parse_args()
     if args.lease:
-        us = lease_us(args.nodes, 5000)
-        print(f"{args.nodes} nodes: least_load lease + release {us:.1f} us (median of 3 x 5,000)")
+        us = lease_us(args.nodes, 5000, args.strategy)
+        print(
+            f"{args.nodes} nodes: {args.strategy} lease + release {us:.1f} us (median of 3 x 5,000)"
+        )
         return
     steady = make_fleets(args.nodes, 16, random.Random(0), unmeasured=False)
     joined = make_fleets(args.nodes, 16, random.Random(0), unmeasured=True)

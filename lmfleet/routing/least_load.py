@@ -98,7 +98,20 @@ def cost_source(nodes: Sequence[NodeState]) -> str:
     return "latency"
 
 
-def expected_waits(nodes: Sequence[NodeState], now: float) -> list[tuple[float, float]]:
+def cost_basis(nodes: Sequence[NodeState]) -> tuple[str, float]:
+    """What `expected_waits` reads from all the candidates together: the cost source
+    (`cost_source`) and, for "latency", the prior of a node not measured yet (the
+    fastest measured one's)."""
+    source = cost_source(nodes)
+    prior = 1.0
+    if source == "latency":
+        prior = min((n.latency for n in nodes if n.latency is not None), default=1.0)
+    return source, prior
+
+
+def expected_waits(
+    nodes: Sequence[NodeState], now: float, basis: tuple[str, float] | None = None
+) -> list[tuple[float, float]]:
     """(expected wait for one more request, requests on the node) per node.
 
     The load estimate `least_load` ranks by and `prefix_affinity` bounds by: the
@@ -107,14 +120,12 @@ def expected_waits(nodes: Sequence[NodeState], now: float) -> list[tuple[float, 
     costs there, by the first of these every candidate has:
     1 / the speed the operator gave; the node's decode pace from its `/metrics`
     (seconds per token, `NodeLoad.pace`); else its recent latency in seconds (the
-    fastest measured one's for a node not measured yet).
+    fastest measured one's for a node not measured yet). `basis`: `cost_basis` of
+    the whole candidate list, where `nodes` are some of them.
     """
     # One pass, the node's `held` and `beyond_batch` written out: this runs for every
     # candidate of every request, under the registry's lock (bench/routing_pick.py).
-    source = cost_source(nodes)
-    prior = 1.0
-    if source == "latency":
-        prior = min((n.latency for n in nodes if n.latency is not None), default=1.0)
+    source, prior = cost_basis(nodes) if basis is None else basis
     parts = []
     for node in nodes:
         load = node.load

@@ -19,6 +19,21 @@ process's requests would show.
 The bound is always reachable: the candidate with the least expected wait is at
 or below the mean, so the walk always ends. Requests without a key go to
 `least_load`.
+
+*Many nodes*: the mean costs a score of every candidate (about 0.2 µs each, under
+the registry's lock), and the walk usually ends at the first or second node. Above
+`MEAN_EVERY_ABOVE` candidates the mean (and the cost basis, `cost_basis`) is kept
+for one pick per `NODES_PER_PICK` candidates or `MEAN_SECONDS`, whichever ends
+first, and only the nodes the walk visits are scored, each fresh. A request leased
+or released moves the mean by one request's cost over the number of nodes, so a
+kept mean moves by at most 1/8 of a request's cost per lease and release a pick
+(64 picks over 512 nodes): a bound as good as the exact one. A walk that meets
+`MEAN_STALE_AFTER` nodes over a kept bound (a hot key's, whose first nodes are
+full, or a mean gone stale) scores every node, takes the mean anew and walks again
+as the exact pick does: it ends as surely, and costs what the exact pick costs,
+not a node's score per step of a long walk. The node list the registry hands over
+is the same object between leases (its kept eligibility): its URL index is kept by
+identity, checked against the node picked.
 """
 
 from __future__ import annotations
@@ -33,10 +48,20 @@ from lmfleet.node.state import NodeState
 from lmfleet.plain_errors import ConfigError
 from lmfleet.routing._ring import HashRing
 from lmfleet.routing.base import BaseStrategy, Candidate, RequestInfo
-from lmfleet.routing.least_load import LeastLoad, expected_waits
+from lmfleet.routing.least_load import SAMPLE_ABOVE, LeastLoad, cost_basis, expected_waits
 
 _MAX_INDEXES = 64
 """Node-set indexes kept (one per model subset / failover subset seen)."""
+MEAN_EVERY_ABOVE = SAMPLE_ABOVE
+"""Up to this many candidates every keyed pick takes the exact mean."""
+NODES_PER_PICK = 8
+"""One mean serves a keyed pick per this many candidates, at most (over more than
+`MEAN_EVERY_ABOVE`), so that it moves by no more than 1/8 of a request's cost per
+lease or release a pick before it is taken anew."""
+MEAN_SECONDS = 0.05
+"""Seconds one mean serves, at most: the nodes' reports and latencies move it too."""
+MEAN_STALE_AFTER = 4
+"""Nodes over the bound a walk meets before it takes the mean anew."""
 
 
 class PrefixAffinity(BaseStrategy):
@@ -57,36 +82,108 @@ class PrefixAffinity(BaseStrategy):
         vnodes: int = 100,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        mean_every_above: float = MEAN_EVERY_ABOVE,
     ) -> None:
+        """`mean_every_above`: up to this many candidates a keyed pick takes the
+        exact mean (`math.inf`: always)."""
         if not load_factor >= 1.0:
             raise ConfigError(f"load_factor must be >= 1.0, got {load_factor!r}")
         if vnodes < 1:
             raise ConfigError(f"vnodes must be >= 1, got {vnodes!r}")
+        if not mean_every_above >= 0:
+            raise ConfigError(f"mean_every_above must be >= 0, got {mean_every_above!r}")
         self.load_factor = load_factor
         self._ring = HashRing(vnodes)
         self._indexes: dict[tuple[str, ...], dict[str, int]] = {}
         self._clock = clock
+        self._mean_every_above = mean_every_above
         self._fallback = LeastLoad(rng=rng, clock=clock)
+        self._listed: tuple[Sequence[NodeState], dict[str, int]] | None = None
+        """The last node list a keyed pick over many nodes saw, and its URL index."""
+        self._mean: tuple[tuple[str, float], float, float, int] | None = None
+        """(cost basis, bound, when taken, picks left) over the listed nodes."""
 
     def pick(self, nodes: Sequence[NodeState], request: RequestInfo) -> NodeState | None:
         key = request.affinity_key
         if key is None:
             return self._fallback.pick(nodes, request)
+        if len(nodes) > self._mean_every_above:
+            return self._pick_many(nodes, request, key)
         urls = tuple([node.url for node in nodes])
         index = self._indexes.get(urls)
         if index is None:
             index = self._index(urls)
-        waits, limit = self._bound(nodes)
+        chosen = self._walk(nodes, key, index, *self._bound(nodes))
+        return chosen or self._fallback.pick(nodes, request)  # None: see module docstring
+
+    def _walk(
+        self,
+        nodes: Sequence[NodeState],
+        key: str,
+        index: dict[str, int],
+        waits: list[float],
+        limit: float,
+    ) -> NodeState | None:
+        """The first node on the key's walk within the bound (every node scored); None
+        is unreachable (the least expected wait is within the bound)."""
         for url in self._ring.walk(key):
             position = index.get(url)
             if position is not None and waits[position] <= limit:
                 return nodes[position]
-        return self._fallback.pick(nodes, request)  # unreachable: see module docstring
+        return None
+
+    def _pick_many(
+        self, nodes: Sequence[NodeState], request: RequestInfo, key: str
+    ) -> NodeState | None:
+        """A keyed pick over many nodes: with the kept mean, scoring the nodes the walk
+        visits; with a mean taken now (every node scored), when none is kept or the
+        walk met `MEAN_STALE_AFTER` nodes over the kept bound."""
+        index = self._listed_index(nodes)
+        now = self._clock()
+        kept = self._mean
+        if kept is not None and kept[3] > 0 and now - kept[2] < MEAN_SECONDS:
+            basis, limit = kept[0], kept[1]
+            self._mean = (basis, limit, kept[2], kept[3] - 1)
+            over = 0
+            for url in self._ring.walk(key):
+                position = index.get(url)
+                if position is None:
+                    continue
+                node = nodes[position]
+                if node.url != url:  # the list changed under its index: not the registry's
+                    self._listed = None
+                    return self._pick_many(nodes, request, key)
+                if expected_waits([node], now, basis)[0][0] <= limit:
+                    return node
+                over += 1
+                if over >= MEAN_STALE_AFTER:
+                    break  # a hot key's walk, or a stale mean: every node scored
+        basis = cost_basis(nodes)
+        waits, limit = self._bound(nodes, basis)
+        self._mean = (basis, limit, now, len(nodes) // NODES_PER_PICK - 1)
+        return self._walk(nodes, key, index, waits, limit) or self._fallback.pick(nodes, request)
+
+    def _listed_index(self, nodes: Sequence[NodeState]) -> dict[str, int]:
+        listed = self._listed
+        if listed is not None and listed[0] is nodes and len(listed[1]) == len(nodes):
+            return listed[1]
+        urls = tuple([node.url for node in nodes])
+        index = self._indexes.get(urls) or self._index(urls)
+        self._listed, self._mean = (nodes, index), None
+        return index
 
     def explain_note(self, nodes: Sequence[NodeState], request: RequestInfo) -> str:
         # Without a key the pick is least_load's, sampled over many nodes like its own.
         key = request.affinity_key
-        return self._fallback.explain_note(nodes, request) if key is None else ""
+        if key is None:
+            return self._fallback.explain_note(nodes, request)
+        if len(nodes) > self._mean_every_above:
+            return (
+                f"over {len(nodes)} candidates a pick's bound is a mean up to "
+                f"{len(nodes) // NODES_PER_PICK} "
+                f"picks or {MEAN_SECONDS * 1000:g} ms old (the one here is taken now)"
+            )
+        return ""
 
     def explain(self, nodes: Sequence[NodeState], request: RequestInfo) -> list[Candidate]:
         """Each node's expected wait, its place in this key's walk and the bound."""
@@ -115,9 +212,11 @@ class PrefixAffinity(BaseStrategy):
             candidates.append(Candidate(node.url, wait, why))
         return candidates
 
-    def _bound(self, nodes: Sequence[NodeState]) -> tuple[list[float], float]:
+    def _bound(
+        self, nodes: Sequence[NodeState], basis: tuple[str, float] | None = None
+    ) -> tuple[list[float], float]:
         """Each node's expected wait and the most a node may have and keep its keys."""
-        waits = [wait for wait, _ in expected_waits(nodes, self._clock())]
+        waits = [wait for wait, _ in expected_waits(nodes, self._clock(), basis)]
         mean = math.fsum(waits) / len(waits)
         return waits, self.load_factor * mean * (1.0 + 1e-9)  # the 1e-9 absorbs rounding
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+import time
 from collections import Counter
 
 import pytest
@@ -10,7 +13,9 @@ from hypothesis import strategies as st
 
 from lmfleet.errors import ConfigError
 from lmfleet.node.load import NodeLoad
+from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeState, NodeStatus
+from lmfleet.registry import NodeRegistry
 from lmfleet.routing import (
     PrefixAffinity,
     RequestInfo,
@@ -20,6 +25,7 @@ from lmfleet.routing import (
 )
 from lmfleet.routing._ring import stable_hash
 from lmfleet.routing.least_load import expected_waits
+from lmfleet.routing.prefix_affinity import NODES_PER_PICK
 
 
 def node(
@@ -214,4 +220,92 @@ def test_explain_says_when_a_keyless_pick_over_many_nodes_is_sampled() -> None:
     nodes = [node(i, i % 5) for i in range(100)]
     keyless = explain_pick(affinity(), nodes, RequestInfo())
     assert "a pick ranks a random sample of 32 of the 100 candidates" in keyless.note
-    assert explain_pick(affinity(), nodes, RequestInfo(affinity_key="s1")).note == ""
+    keyed = explain_pick(affinity(), nodes, RequestInfo(affinity_key="s1")).note
+    assert "sample" not in keyed and "a mean up to 12 picks or 50 ms old" in keyed
+    few = nodes[:64]
+    assert explain_pick(affinity(), few, RequestInfo(affinity_key="s1")).note == ""
+
+
+def _registry(count: int, rng: random.Random) -> NodeRegistry:
+    registry = NodeRegistry()
+    for i in range(count):
+        url = f"http://10.0.{i // 250}.{i % 250}:23333"
+        registry.add(url, models=("m",))
+        latency = rng.uniform(0.5, 2.0)
+        registry.modify(url, lambda s, t=latency: s.evolve(status=NodeStatus.HEALTHY, latency=t))
+    return registry
+
+
+@pytest.mark.parametrize("hot", [True, False], ids=["hot-keys", "many-keys"])
+def test_a_keyed_pick_over_many_nodes_bounds_as_the_exact_mean_does(hot: bool) -> None:
+    """Over more than 64 candidates the mean is kept for up to 16 picks (of 128 nodes),
+    and only the nodes the walk visits are scored. Through a real registry (its kept list of
+    eligible nodes, leases and releases, load rising and draining; hot keys, whose
+    walks mostly score every node, or many, whose walks mostly keep the mean), the
+    picks are the exact mean's nearly always, and a pick is within the bound of a
+    mean that moved as far as the leases and releases since it was taken can move
+    it (one request's cost, at most 2 s here, over the 128 nodes, each)."""
+    rng = random.Random(3)
+    count = 128
+    registry = _registry(count, rng)
+    kept = PrefixAffinity(rng=random.Random(1))
+    exact = PrefixAffinity(mean_every_above=math.inf)
+    held: list[str] = []
+    same = picks = 0
+    for phase in range(6):
+        draining = phase % 2 == 1
+        for _ in range(400):
+            session = int(rng.paretovariate(1.2)) if hot else rng.randrange(10_000)
+            request = RequestInfo(model="m", affinity_key=f"s{session}")
+            nodes = registry.snapshot()
+            expected = exact.pick(nodes, request)
+            waits = [wait for wait, _ in expected_waits(nodes, time.monotonic())]
+            mean = math.fsum(waits) / len(waits)
+            chosen = registry.lease(kept, request)
+            assert chosen is not None and expected is not None
+            picks += 1
+            same += chosen.url == expected.url
+            wait = waits[[n.url for n in nodes].index(chosen.url)]
+            moved = 3 * 2.0 / NODES_PER_PICK  # a lease and up to two releases a pick
+            assert wait <= exact.load_factor * (mean + moved) * (1 + 1e-9), (wait, mean)
+            held.append(chosen.url)
+            for _ in range(2 if draining else int(rng.random() < 0.2)):
+                if held:
+                    registry.release(held.pop(rng.randrange(len(held))), Outcome.SUCCESS)
+    assert same >= 0.95 * picks, (same, picks)
+
+
+def test_a_kept_index_follows_the_node_list_it_was_made_for() -> None:
+    """The URL index is kept by the list's identity (the registry's kept list): another
+    list, one more node, or a list changed under it, is indexed anew, never picked
+    from stale (a node the index lacks would never be picked)."""
+    strategy, exact = affinity(), affinity(mean_every_above=math.inf)
+    first = [node(i) for i in range(100)]
+    second = [node(100 + i) for i in range(100)]
+    for i in range(50):
+        for nodes in (first, second):
+            assert pick(strategy, nodes, f"k{i}") in nodes
+    grown = [*first, node(200)]  # its keys go to the new node (all are idle)
+    newcomer = next(k for k in map(str, range(10_000)) if pick(exact, grown, k) == grown[-1])
+    pick(strategy, first, newcomer)
+    assert pick(strategy, grown, newcomer) == grown[-1]
+    first[:] = [node(300 + i) for i in range(100)]  # the same list, other nodes
+    for i in range(50):
+        assert pick(strategy, first, f"k{i}") in first
+
+
+def test_a_walk_over_a_stale_mean_takes_it_anew_and_picks_as_the_exact_mean() -> None:
+    """Every node got busier than the kept bound since the mean was taken: the walk
+    takes the mean anew and picks what the exact mean picks (it never walks the
+    whole ring, nor falls back)."""
+    strategy, exact = affinity(), affinity(mean_every_above=math.inf)
+    nodes = [node(i, latency=1.0) for i in range(100)]
+    pick(strategy, nodes, "warm")  # the mean of idle nodes, kept
+    nodes[:] = [node(i, 10 + i % 7, latency=1.0) for i in range(100)]
+    for key in (f"k{i}" for i in range(20)):
+        assert pick(strategy, nodes, key) == pick(exact, nodes, key)
+
+
+def test_a_negative_exact_mean_threshold_is_refused() -> None:
+    with pytest.raises(ConfigError, match="mean_every_above"):
+        PrefixAffinity(mean_every_above=-1)
