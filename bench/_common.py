@@ -259,12 +259,20 @@ class WrkResult:
 
 
 def wrk(
-    url: str, connections: int, seconds: float, *, stream: bool, max_tokens: int = 16
+    url: str,
+    connections: int,
+    seconds: float,
+    *,
+    stream: bool,
+    max_tokens: int = 16,
+    sessions: int = 0,
 ) -> WrkResult:
-    """One wrk run (pinned to LOAD_CPU) of POST /v1/chat/completions; parsed summary."""
+    """One wrk run (pinned to LOAD_CPU) of POST /v1/chat/completions; parsed summary.
+    `sessions`: each request has one of that many `x-session-id`s, at random."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     env = {**os.environ, "WRK_STREAM": "1" if stream else "0", "WRK_MAX_TOKENS": str(max_tokens)}
+    env["WRK_SESSIONS"] = str(sessions)
     argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s"]
     argv += ["--timeout", "10s", "-s", str(WRK_LUA), url + "/v1/chat/completions"]
     out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=seconds + 60)

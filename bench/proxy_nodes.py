@@ -9,6 +9,7 @@ bound by them at small N; CPU per request is the proxy's own cost.
 
     .venv/bin/python -m bench.proxy_nodes                 # 16 and 512 nodes, ~2 min
     .venv/bin/python -m bench.proxy_nodes --nodes 64,256,512 --seconds 10
+    .venv/bin/python -m bench.proxy_nodes --strategy prefix_affinity --sessions 10000
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _first_line(path: Path, timeout: float = 120.0) -> str:
     raise SystemExit(f"{path}: no ports printed in {timeout:g} s")
 
 
-def run(count: int, seconds: float) -> str:
+def run(count: int, seconds: float, strategy: str = "least_load", sessions: int = 0) -> str:
     with procs() as group:
         sizes = [PER_PROCESS] * (count // PER_PROCESS)
         sizes += [count % PER_PROCESS] if count % PER_PROCESS else []
@@ -58,7 +59,7 @@ def run(count: int, seconds: float) -> str:
                 urls += [f"http://127.0.0.1:{port}" for port in _first_line(Path(name)).split()]
         port = free_port()
         argv = [PY, "-m", "lmfleet", "serve", "--server-port", str(port)]
-        argv += ["--disable-cache-status", "--log-level", "WARNING"]
+        argv += ["--disable-cache-status", "--log-level", "WARNING", "--strategy", strategy]
         for url in urls:
             argv += ["--node", url]
         proxy = group.start(argv, PROXY_CPU)
@@ -70,7 +71,7 @@ def run(count: int, seconds: float) -> str:
         rows = []
         for _ in range(2):
             before, started = cpu_seconds(proxy.pid), time.monotonic()
-            result = wrk(base, 32, seconds, stream=False, max_tokens=4)
+            result = wrk(base, 32, seconds, stream=False, max_tokens=4, sessions=sessions)
             used, wall = cpu_seconds(proxy.pid) - before, time.monotonic() - started
             per_request = (used - idle * wall) / max(1, result.requests) * 1000
             rows.append(
@@ -84,12 +85,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", default="16,512", help="node counts, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--strategy", default="least_load", help="the proxy's --strategy")
+    parser.add_argument(
+        "--sessions", type=int, default=0, help="x-session-ids drawn per request (affinity keys)"
+    )
     args = parser.parse_args()
     print(machine())
     print("| nodes | requests/s | p99 ms | proxy CPU ms/request | proxy idle | errors |")
     print("|---|---|---|---|---|---|")
     for count in (int(x) for x in args.nodes.split(",")):
-        print(run(count, args.seconds), flush=True)
+        print(run(count, args.seconds, args.strategy, args.sessions), flush=True)
 
 
 if __name__ == "__main__":

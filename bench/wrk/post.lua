@@ -8,6 +8,17 @@ wrk.body = '{"model":"internlm/internlm2_5-7b-chat",' ..
            '"messages":[{"role":"user","content":"Hello, how are you?"}],' ..
            '"max_tokens":' .. max_tokens .. ',"stream":' .. tostring(stream) .. '}'
 
+-- WRK_SESSIONS=N: each request carries one of N session ids (x-session-id, the
+-- affinity key of prefix_affinity), drawn at random.
+local sessions = tonumber(os.getenv("WRK_SESSIONS") or "0")
+if sessions > 0 then
+  request = function()
+    local headers = {["Content-Type"] = "application/json",
+                     ["x-session-id"] = "s" .. math.random(sessions)}
+    return wrk.format(nil, nil, headers, nil)
+  end
+end
+
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
