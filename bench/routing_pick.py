@@ -69,13 +69,13 @@ def bench(name: str, fleets: list[list[NodeState]], picks: int, keyed: bool) -> 
     return sorted(runs)[2]
 
 
-def lease_us(count: int, leases: int, name: str = "least_load") -> float:
+def lease_us(count: int, leases: int, name: str = "least_load", tiers: bool = False) -> float:
     """Median over 3 runs of microseconds per `lease` + `release` with strategy `name`."""
     rng = random.Random(0)
     registry = NodeRegistry()
     for i in range(count):
         url = f"http://10.0.{i // 250}.{i % 250}:23333"
-        registry.add(url, models=("m",))
+        registry.add(url, models=("m",), priority=i % 2 if tiers else None)
         latency = rng.uniform(0.1, 2.0)
         registry.modify(
             url, lambda s, t=latency: s.evolve(status=NodeStatus.HEALTHY, latency=t, capacity=8.0)
@@ -105,11 +105,14 @@ def main() -> None:
     parser.add_argument("--picks", type=int, default=50_000)
     parser.add_argument("--lease", action="store_true", help="a whole lease and release")
     parser.add_argument("--strategy", default="least_load", choices=sorted(STRATEGIES))
+    parser.add_argument("--tiers", action="store_true", help="half the nodes priority 1, half 0")
     args = parser.parse_args()
     if args.lease:
-        us = lease_us(args.nodes, 5000, args.strategy)
+        us = lease_us(args.nodes, 5000, args.strategy, args.tiers)
+        tiered = " in 2 tiers" if args.tiers else ""
         print(
-            f"{args.nodes} nodes: {args.strategy} lease + release {us:.1f} us (median of 3 x 5,000)"
+            f"{args.nodes} nodes{tiered}: {args.strategy} lease + release {us:.1f} us "
+            "(median of 3 x 5,000)"
         )
         return
     steady = make_fleets(args.nodes, 16, random.Random(0), unmeasured=False)
