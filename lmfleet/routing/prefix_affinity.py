@@ -32,8 +32,9 @@ kept mean moves by at most 1/8 of a request's cost per lease and release a pick
 full, or a mean gone stale) scores every node, takes the mean anew and walks again
 as the exact pick does: it ends as surely, and costs what the exact pick costs,
 not a node's score per step of a long walk. The node list the registry hands over
-is the same object between leases (its kept eligibility): its URL index is kept by
-identity, checked against the node picked.
+is the same object between leases (its kept eligibility, one per request shape):
+each list's URL index and mean are kept by its identity, checked against the node
+picked.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 from lmfleet.node.state import NodeState
@@ -60,8 +62,24 @@ NODES_PER_PICK = 8
 lease or release a pick before it is taken anew."""
 MEAN_SECONDS = 0.05
 """Seconds one mean serves, at most: the nodes' reports and latencies move it too."""
+_MAX_LISTED = 8
+"""Node lists (request shapes) whose index and mean are kept at once."""
 MEAN_STALE_AFTER = 4
 """Nodes over the bound a walk meets before it takes the mean anew."""
+
+
+@dataclass(slots=True, eq=False)
+class _Listed:
+    """One node list's URL index and kept mean (`PrefixAffinity._pick_many`)."""
+
+    nodes: Sequence[NodeState]
+    index: dict[str, int]
+    basis: tuple[str, float] = ("latency", 1.0)
+    limit: float = 0.0
+    taken: float = -math.inf
+    """When the mean was taken (the clock's time)."""
+    left: int = 0
+    """Picks the kept mean still serves."""
 
 
 class PrefixAffinity(BaseStrategy):
@@ -98,10 +116,11 @@ class PrefixAffinity(BaseStrategy):
         self._clock = clock
         self._mean_every_above = mean_every_above
         self._fallback = LeastLoad(rng=rng, clock=clock)
-        self._listed: tuple[Sequence[NodeState], dict[str, int]] | None = None
-        """The last node list a keyed pick over many nodes saw, and its URL index."""
-        self._mean: tuple[tuple[str, float], float, float, int] | None = None
-        """(cost basis, bound, when taken, picks left) over the listed nodes."""
+        self._listed: dict[int, _Listed] = {}
+        """The node lists keyed picks over many nodes saw lately, by identity (one per
+        request shape the registry keeps: a model, a version ask), each with its URL
+        index and its kept mean. Each entry holds its list, so no other list can have
+        its id meanwhile."""
 
     def pick(self, nodes: Sequence[NodeState], request: RequestInfo) -> NodeState | None:
         key = request.affinity_key
@@ -138,12 +157,12 @@ class PrefixAffinity(BaseStrategy):
         """A keyed pick over many nodes: with the kept mean, scoring the nodes the walk
         visits; with a mean taken now (every node scored), when none is kept or the
         walk met `MEAN_STALE_AFTER` nodes over the kept bound."""
-        index = self._listed_index(nodes)
+        listed = self._listed_for(nodes)
+        index = listed.index
         now = self._clock()
-        kept = self._mean
-        if kept is not None and kept[3] > 0 and now - kept[2] < MEAN_SECONDS:
-            basis, limit = kept[0], kept[1]
-            self._mean = (basis, limit, kept[2], kept[3] - 1)
+        if listed.left > 0 and now - listed.taken < MEAN_SECONDS:
+            listed.left -= 1
+            basis, limit = listed.basis, listed.limit
             over = 0
             for url in self._ring.walk(key):
                 position = index.get(url)
@@ -151,7 +170,7 @@ class PrefixAffinity(BaseStrategy):
                     continue
                 node = nodes[position]
                 if node.url != url:  # the list changed under its index: not the registry's
-                    self._listed = None
+                    del self._listed[id(nodes)]
                     return self._pick_many(nodes, request, key)
                 if expected_waits([node], now, basis)[0][0] <= limit:
                     return node
@@ -160,17 +179,20 @@ class PrefixAffinity(BaseStrategy):
                     break  # a hot key's walk, or a stale mean: every node scored
         basis = cost_basis(nodes)
         waits, limit = self._bound(nodes, basis)
-        self._mean = (basis, limit, now, len(nodes) // NODES_PER_PICK - 1)
+        listed.basis, listed.limit = basis, limit
+        listed.taken, listed.left = now, len(nodes) // NODES_PER_PICK - 1
         return self._walk(nodes, key, index, waits, limit) or self._fallback.pick(nodes, request)
 
-    def _listed_index(self, nodes: Sequence[NodeState]) -> dict[str, int]:
-        listed = self._listed
-        if listed is not None and listed[0] is nodes and len(listed[1]) == len(nodes):
-            return listed[1]
+    def _listed_for(self, nodes: Sequence[NodeState]) -> _Listed:
+        listed = self._listed.get(id(nodes))
+        if listed is not None and listed.nodes is nodes and len(listed.index) == len(nodes):
+            return listed
         urls = tuple([node.url for node in nodes])
         index = self._indexes.get(urls) or self._index(urls)
-        self._listed, self._mean = (nodes, index), None
-        return index
+        if len(self._listed) >= _MAX_LISTED:
+            self._listed.clear()
+        listed = self._listed[id(nodes)] = _Listed(nodes, index)
+        return listed
 
     def explain_note(self, nodes: Sequence[NodeState], request: RequestInfo) -> str:
         # Without a key the pick is least_load's, sampled over many nodes like its own.

@@ -309,3 +309,19 @@ def test_a_walk_over_a_stale_mean_takes_it_anew_and_picks_as_the_exact_mean() ->
 def test_a_negative_exact_mean_threshold_is_refused() -> None:
     with pytest.raises(ConfigError, match="mean_every_above"):
         PrefixAffinity(mean_every_above=-1)
+
+
+def test_each_node_list_keeps_its_own_mean() -> None:
+    """Requests of two models alternate over two kept lists: each list keeps its own
+    mean (one list's picks do not make the other's mean be taken anew each time).
+    Seen where the kept mean and the exact one disagree: every node of `first` was
+    busy when its mean was taken, then all but the key's owner went idle in place;
+    the kept bound still holds the owner, the exact one passes it by."""
+    strategy, exact = affinity(), affinity(mean_every_above=math.inf)
+    first = [node(i, 1, latency=1.0) for i in range(100)]
+    second = [node(100 + i, latency=1.0) for i in range(100)]
+    owner = pick(strategy, first, "key")
+    pick(strategy, second, "other")
+    first[:] = [node(i, 1 if n.url == owner.url else 0, latency=1.0) for i, n in enumerate(first)]
+    assert pick(exact, first, "key") != owner
+    assert pick(strategy, first, "key") == owner
