@@ -31,15 +31,21 @@ from lmfleet.routing import PrefixAffinity, RequestInfo
 from lmfleet.routing.least_load import expected_waits
 
 
-def run(count: int, hot: bool, seed: int) -> tuple[float, int, float]:
-    """(share of picks the exact mean's, picks, worst wait / exact bound)."""
-    rng = random.Random(seed)
+def make_registry(count: int, rng: random.Random) -> NodeRegistry:
+    """`count` healthy nodes serving "m", each with a latency in [0.5, 2] s."""
     registry = NodeRegistry()
     for i in range(count):
         url = f"http://10.0.{i // 250}.{i % 250}:23333"
         registry.add(url, models=("m",))
         latency = rng.uniform(0.5, 2.0)
         registry.modify(url, lambda s, t=latency: s.evolve(status=NodeStatus.HEALTHY, latency=t))
+    return registry
+
+
+def run(count: int, hot: bool, seed: int) -> tuple[float, int, float]:
+    """(share of picks the exact mean's, picks, worst wait / exact bound)."""
+    rng = random.Random(seed)
+    registry = make_registry(count, rng)
     kept = PrefixAffinity(rng=random.Random(seed))
     exact = PrefixAffinity(mean_every_above=math.inf)
     held: list[str] = []

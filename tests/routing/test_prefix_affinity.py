@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.affinity_mean import make_registry
 from lmfleet.errors import ConfigError
 from lmfleet.node.load import NodeLoad
 from lmfleet.node.outliers import Outcome
 from lmfleet.node.state import NodeState, NodeStatus
-from lmfleet.registry import NodeRegistry
 from lmfleet.routing import (
     PrefixAffinity,
     RequestInfo,
@@ -226,16 +226,6 @@ def test_explain_says_when_a_keyless_pick_over_many_nodes_is_sampled() -> None:
     assert explain_pick(affinity(), few, RequestInfo(affinity_key="s1")).note == ""
 
 
-def _registry(count: int, rng: random.Random) -> NodeRegistry:
-    registry = NodeRegistry()
-    for i in range(count):
-        url = f"http://10.0.{i // 250}.{i % 250}:23333"
-        registry.add(url, models=("m",))
-        latency = rng.uniform(0.5, 2.0)
-        registry.modify(url, lambda s, t=latency: s.evolve(status=NodeStatus.HEALTHY, latency=t))
-    return registry
-
-
 @pytest.mark.parametrize("hot", [True, False], ids=["hot-keys", "many-keys"])
 def test_a_keyed_pick_over_many_nodes_bounds_as_the_exact_mean_does(hot: bool) -> None:
     """Over more than 64 candidates the mean is kept for up to 16 picks (of 128 nodes),
@@ -247,7 +237,7 @@ def test_a_keyed_pick_over_many_nodes_bounds_as_the_exact_mean_does(hot: bool) -
     it (one request's cost, at most 2 s here, over the 128 nodes, each)."""
     rng = random.Random(3)
     count = 128
-    registry = _registry(count, rng)
+    registry = make_registry(count, rng)
     kept = PrefixAffinity(rng=random.Random(1))
     exact = PrefixAffinity(mean_every_above=math.inf)
     held: list[str] = []
