@@ -454,14 +454,9 @@ class NodeRegistry:
         """The tier `request` goes to among `eligible` at `now` (lmfleet/routing/tiers.py);
         under the lock. A tier's size counts its nodes that serve the request, whatever their
         state, but stopped and draining ones (taken out on purpose)."""
-        members = [
-            s
-            for s in self._matching(request, self._nodes.values())
-            if s.status not in (NodeStatus.STOPPED, NodeStatus.DRAINING)
-        ]
         return choose_tier(
             eligible,
-            members,
+            self._serving(request, None),
             draw=self._draws.random(),
             now=now,
             spill_margin=self.spill_margin,
@@ -487,9 +482,10 @@ class NodeRegistry:
             free = [s for s in asleep if s.url not in self._held and not s.quarantine]
             return sorted(free, key=lambda s: -s.priority)  # the best tier's first
 
-    def _serving(self, request: RequestInfo, status: NodeStatus) -> list[NodeState]:
-        """Nodes in `status` that serve the request's model, in its role if it has one,
-        with the weight version it may have (its own ask, and the fleet's floor).
+    def _serving(self, request: RequestInfo, status: NodeStatus | None) -> list[NodeState]:
+        """Nodes in `status` (None: any) that serve the request's model, in its role if
+        it has one, with the weight version it may have (its own ask, and the fleet's
+        floor).
 
         The list is kept for the next request of the same shape (`_put` keeps it up
         to date): callers read it and build their own lists from it."""

@@ -290,3 +290,24 @@ def test_eligible_nodes_kept_between_requests_follow_every_change() -> None:
         for request in shapes:
             got = [(c.url, c.score) for c in registry.candidates(seen, request)]
             assert got == _eligible_by_hand(registry, request), (step, action, request)
+
+
+def test_a_tier_s_size_leaves_out_its_stopped_and_draining_nodes() -> None:
+    """Two healthy preferred nodes beside five stopped or draining ones keep every
+    request (2 of 2 healthy); counted, 2 of 7 would send 60 % down a tier."""
+    registry = NodeRegistry()
+    for i in range(8):
+        url = f"http://n{i}:1"
+        registry.add(url, models=("m",), priority=0 if i == 7 else 1)
+        status = NodeStatus.HEALTHY if i in (0, 1, 7) else NodeStatus.STOPPED
+        status = NodeStatus.DRAINING if i in (5, 6) else status
+        registry.modify(url, lambda s, st=status: s.evolve(status=st, latency=1.0))
+    strategy = resolve_strategy("least_load")
+    request = RequestInfo(model="m")
+    picked = []
+    for _ in range(200):
+        node = registry.lease(strategy, request)
+        assert node is not None
+        picked.append(node.url)
+        registry.release(node.url, Outcome.SUCCESS)
+    assert "http://n7:1" not in picked and set(picked) == {"http://n0:1", "http://n1:1"}

@@ -41,6 +41,10 @@ OVERPROVISIONING = 1.4
 """Envoy's overprovisioning factor: a tier with at least 1/1.4 (~71 %) of its nodes
 healthy keeps all its traffic."""
 
+OUT_OF_TIERS = frozenset({NodeStatus.STOPPED, NodeStatus.DRAINING})
+"""Nodes taken out on purpose: they count in no tier's size (every other state of a
+node that serves the request does, healthy or not)."""
+
 DEFAULT_PRIORITY = 0
 """The priority of a node given none."""
 
@@ -108,16 +112,24 @@ def choose_tier(
     """The candidates one request may go to, by the module's two rules.
 
     `candidates`: the nodes the request may go to now (healthy, serving it, not
-    avoided by its failover); `members`: every node that serves it and is not
-    stopped or draining (the tiers' sizes); `draw`: uniform in [0, 1).
+    avoided by its failover); `members`: every node that serves it (those stopped or
+    draining, `OUT_OF_TIERS`, count in no tier's size); `draw`: uniform in [0, 1).
     """
-    priorities = sorted({n.priority for n in (*candidates, *members)}, reverse=True)
+    # One pass over each list: this runs for every request of a tiered fleet, under
+    # the registry's lock (bench/routing_pick.py --lease --tiers).
+    sizes: dict[int, int] = {}
+    for node in members:
+        if node.status not in OUT_OF_TIERS:
+            sizes[node.priority] = sizes.get(node.priority, 0) + 1
+    by_tier: dict[int, list[NodeState]] = {}
+    for node in candidates:
+        by_tier.setdefault(node.priority, []).append(node)
+    priorities = sorted(sizes.keys() | by_tier.keys(), reverse=True)
     if len(priorities) < 2:
         return TierChoice(list(candidates))
-    by_tier = {p: [n for n in candidates if n.priority == p] for p in priorities}
-    sizes = {p: 0 for p in priorities}
-    for node in members:
-        sizes[node.priority] += 1
+    for p in priorities:
+        sizes.setdefault(p, 0)
+        by_tier.setdefault(p, [])
     counts = [(len(by_tier[p]), max(sizes[p], len(by_tier[p]))) for p in priorities]
     shares = health_shares(counts)
     index = _drawn(shares, draw)

@@ -94,3 +94,18 @@ def test_priorities_are_integers() -> None:
             parse_priority(bad, "x")
     with pytest.raises(ConfigError, match="one integer per URL"):
         parse_priorities([1], 2)
+
+
+def test_nodes_taken_out_on_purpose_count_in_no_tier() -> None:
+    """Stopped and draining nodes are out of their tier's size (its health is 2 of 2
+    here, not 2 of 7), and a priority only they have is no tier at all."""
+    nodes = [node("a", 1), node("b", 1), node("low", 0)]
+    nodes += [node(f"s{i}", 1, status=NodeStatus.STOPPED) for i in range(3)]
+    nodes += [node(f"d{i}", 1, status=NodeStatus.DRAINING) for i in range(2)]
+    nodes += [node("gone", 5, status=NodeStatus.STOPPED)]
+    assert pick(nodes, draw=0.9) == ["a", "b"]
+    healthy = [n for n in nodes if n.status is NodeStatus.HEALTHY]
+    note = choose_tier(healthy, nodes, draw=0.9, now=0.0, spill_margin=2.0).note
+    assert "tier 5" not in note and "2/2 healthy" in note, note
+    asleep = [*nodes, node("z", 1, status=NodeStatus.SLEEPING)]  # asleep counts: 2 of 3
+    assert pick(asleep, draw=0.99) == ["low"]
